@@ -1,0 +1,781 @@
+//! Configuration: the TOML file format, environment overrides, and the validated runtime
+//! [`Config`] the gateway runs on.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file, a `.env` file in the working
+//! directory, the process environment. The file format ([`FileConfig`]) is kept apart from the
+//! runtime config so that every value is checked once, here, and a mistake names its field.
+
+pub mod env;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// The configuration shipped in `conf/gemgate.toml`, used when the default path is absent.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../../conf/gemgate.toml");
+/// Where `gemgate` looks for its config when `--config` is not given.
+pub const DEFAULT_PATH: &str = "conf/gemgate.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(path: &str, message: impl Into<String>) -> ConfigError {
+    let field = match env::OVERRIDES.iter().find(|(_, p, _)| *p == path) {
+        Some((name, ..)) => format!("{path} ({name})"),
+        None => path.to_owned(),
+    };
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A secret (API key or token). Its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Box<str>);
+
+impl Secret {
+    pub fn new(s: impl Into<Box<str>>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret in clear. Call only where it is sent on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// First 6 and last 4 characters, the rest hidden: safe for logs and pages.
+    pub fn masked(&self) -> String {
+        mask(&self.0)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({})", self.masked())
+    }
+}
+
+/// Masks a secret for display: `AIzaSy…abcd`.
+pub fn mask(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= 12 {
+        // Too short to show 10 characters of it: show only its end.
+        let tail: String = chars[chars.len().saturating_sub(2)..].iter().collect();
+        return format!("…{tail}");
+    }
+    let head: String = chars[..6].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
+}
+
+/// A short stable identifier derived from a secret, never revealing it.
+pub fn stable_id(prefix: &str, secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    let mut id = String::with_capacity(prefix.len() + 12);
+    id.push_str(prefix);
+    for b in &digest[..6] {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file format
+// ---------------------------------------------------------------------------------------------
+
+/// The TOML file, field for field. Unknown fields are errors, so a typo never goes unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub upstream: UpstreamSection,
+    pub keys: KeysSection,
+    pub auth: AuthSection,
+    pub models: ModelsSection,
+    pub images: ImagesSection,
+    pub stream: StreamSection,
+    pub tts: TtsSection,
+    pub logs: LogsSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// Worker threads; 0 means one per CPU.
+    pub threads: usize,
+    pub max_body_bytes: u64,
+    /// How long in-flight requests may run after SIGTERM.
+    pub grace_period_s: u64,
+    pub log_level: String,
+    pub timezone: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "0.0.0.0:8000".into(),
+            data_dir: "data".into(),
+            threads: 0,
+            max_body_bytes: 20 * 1024 * 1024,
+            grace_period_s: 30,
+            log_level: "info".into(),
+            timezone: "UTC".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSection {
+    pub base_url: String,
+    /// Seconds to wait for the upstream's answer to start, and between two of its reads.
+    pub timeout_s: f64,
+    pub connect_timeout_s: f64,
+    /// Attempts per request, across different keys.
+    pub max_retries: u32,
+    pub proxies: Vec<String>,
+    pub proxies_use_consistency_hash_by_api_key: bool,
+    pub custom_headers: BTreeMap<String, String>,
+    /// Idle upstream connections kept per worker pool.
+    pub pool_size: usize,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        UpstreamSection {
+            base_url: "https://generativelanguage.googleapis.com/v1beta".into(),
+            timeout_s: 300.0,
+            connect_timeout_s: 10.0,
+            max_retries: 3,
+            proxies: Vec::new(),
+            proxies_use_consistency_hash_by_api_key: true,
+            custom_headers: BTreeMap::new(),
+            pool_size: 256,
+        }
+    }
+}
+
+/// A key is a plain string, or a table that also gives a label, tags and a weight.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum KeyEntry {
+    Plain(String),
+    Detailed {
+        key: String,
+        #[serde(default)]
+        label: Option<String>,
+        #[serde(default)]
+        tags: Vec<String>,
+        #[serde(default)]
+        weight: Option<u32>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysSection {
+    pub api_keys: Vec<KeyEntry>,
+    pub max_failures: u32,
+    pub check_interval_hours: f64,
+    pub test_model: String,
+    pub paid_key: String,
+}
+
+impl Default for KeysSection {
+    fn default() -> Self {
+        KeysSection {
+            api_keys: Vec::new(),
+            max_failures: 3,
+            check_interval_hours: 1.0,
+            test_model: "gemini-2.5-flash-lite".into(),
+            paid_key: String::new(),
+        }
+    }
+}
+
+/// A client token is a plain string, or a table that also names it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TokenEntry {
+    Plain(String),
+    Named { name: String, token: String },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    pub allowed_tokens: Vec<TokenEntry>,
+    /// The admin token. Never defaults to a client token.
+    pub auth_token: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsSection {
+    pub filtered: Vec<String>,
+    pub search: Vec<String>,
+    pub image: Vec<String>,
+    pub thinking: Vec<String>,
+    pub thinking_budget_map: BTreeMap<String, i64>,
+    pub show_search_link: bool,
+    pub show_thinking_process: bool,
+    pub code_execution: bool,
+    pub url_context: bool,
+    pub url_context_models: Vec<String>,
+    pub safety_settings: Option<toml::Value>,
+}
+
+impl Default for ModelsSection {
+    fn default() -> Self {
+        ModelsSection {
+            filtered: Vec::new(),
+            search: vec!["gemini-2.5-flash".into(), "gemini-2.5-pro".into()],
+            image: vec!["gemini-2.0-flash-exp".into()],
+            thinking: Vec::new(),
+            thinking_budget_map: BTreeMap::new(),
+            show_search_link: true,
+            show_thinking_process: true,
+            code_execution: false,
+            url_context: false,
+            url_context_models: Vec::new(),
+            safety_settings: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesSection {
+    pub create_image_model: String,
+    pub upload_provider: String,
+    pub smms_secret_token: String,
+    pub picgo_api_key: String,
+    pub cloudflare_imgbed_url: String,
+    pub cloudflare_imgbed_auth_code: String,
+}
+
+impl Default for ImagesSection {
+    fn default() -> Self {
+        ImagesSection {
+            create_image_model: "imagen-3.0-generate-002".into(),
+            upload_provider: "smms".into(),
+            smms_secret_token: String::new(),
+            picgo_api_key: String::new(),
+            cloudflare_imgbed_url: String::new(),
+            cloudflare_imgbed_auth_code: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamSection {
+    pub optimizer_enabled: bool,
+    pub min_delay: f64,
+    pub max_delay: f64,
+    pub short_text_threshold: u64,
+    pub long_text_threshold: u64,
+    pub chunk_size: u64,
+    pub fake_stream_enabled: bool,
+    pub fake_stream_empty_data_interval_s: f64,
+}
+
+impl Default for StreamSection {
+    fn default() -> Self {
+        StreamSection {
+            optimizer_enabled: false,
+            min_delay: 0.016,
+            max_delay: 0.024,
+            short_text_threshold: 10,
+            long_text_threshold: 50,
+            chunk_size: 5,
+            fake_stream_enabled: false,
+            fake_stream_empty_data_interval_s: 5.0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtsSection {
+    pub model: String,
+    pub voice_name: String,
+    pub speed: String,
+}
+
+impl Default for TtsSection {
+    fn default() -> Self {
+        TtsSection {
+            model: "gemini-2.5-flash-preview-tts".into(),
+            voice_name: "Zephyr".into(),
+            speed: "normal".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsSection {
+    pub auto_delete_error_logs_enabled: bool,
+    pub auto_delete_error_logs_days: u32,
+    pub auto_delete_request_logs_enabled: bool,
+    pub auto_delete_request_logs_days: u32,
+    pub error_log_record_request_body: bool,
+}
+
+impl Default for LogsSection {
+    fn default() -> Self {
+        LogsSection {
+            auto_delete_error_logs_enabled: true,
+            auto_delete_error_logs_days: 7,
+            auto_delete_request_logs_enabled: false,
+            auto_delete_request_logs_days: 30,
+            error_log_record_request_body: false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The runtime config
+// ---------------------------------------------------------------------------------------------
+
+/// Where upstream requests go, parsed from `BASE_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// The path prefix without a trailing slash, e.g. `/v1beta`.
+    pub path: String,
+    /// The `Host` header value: the host, and the port when it is not the scheme's default.
+    pub authority: String,
+}
+
+impl BaseUrl {
+    pub fn parse(raw: &str) -> Result<BaseUrl, String> {
+        let uri: http::Uri = raw
+            .trim()
+            .parse()
+            .map_err(|e| format!("not a URL ({e}): {raw:?}"))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("must start with http:// or https://, got {raw:?}")),
+        };
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("no host in {raw:?}"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        if uri.query().is_some() {
+            return Err(format!("must not have a query string: {raw:?}"));
+        }
+        let path = uri.path().trim_end_matches('/').to_owned();
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_else(|| host.clone());
+        Ok(BaseUrl {
+            tls,
+            host,
+            port,
+            path,
+            authority,
+        })
+    }
+}
+
+/// One Gemini API key of the pool, as configured.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    /// Stable id derived from the secret: `k` + 12 hex digits.
+    pub id: String,
+    pub secret: Secret,
+    pub label: String,
+    pub tags: Vec<String>,
+    pub weight: u32,
+}
+
+/// A client token accepted on the proxy routes.
+#[derive(Debug, Clone)]
+pub struct ClientToken {
+    pub name: String,
+    pub secret: Secret,
+}
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it was read from (`None`: the embedded defaults).
+    pub path: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub threads: usize,
+    pub max_body_bytes: u64,
+    pub grace_period: Duration,
+    pub log_level: String,
+    pub base_url: BaseUrl,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_retries: u32,
+    pub pool_size: usize,
+    pub custom_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub keys: Vec<KeySpec>,
+    pub max_failures: u32,
+    pub tokens: Vec<ClientToken>,
+    pub auth_token: Option<Secret>,
+    pub filtered_models: HashSet<String>,
+    /// Every section as read, for the features that consume them.
+    pub file: FileConfig,
+}
+
+/// The variables of the process environment and of `.env`, environment winning.
+pub fn gather_env(dotenv_dir: &Path) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    if let Ok(iter) = dotenvy::from_path_iter(dotenv_dir.join(".env")) {
+        for (k, v) in iter.flatten() {
+            vars.insert(k, v);
+        }
+    }
+    for (k, v) in std::env::vars() {
+        vars.insert(k, v);
+    }
+    vars
+}
+
+/// Reads and validates the config at `path` (or the embedded defaults when `path` is the
+/// default path and does not exist), with `vars` as environment overrides.
+pub fn load(
+    path: &Path,
+    explicit: bool,
+    vars: &BTreeMap<String, String>,
+) -> Result<Config, ConfigError> {
+    let (text, source) = match std::fs::read_to_string(path) {
+        Ok(text) => (text, Some(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            (EMBEDDED_DEFAULTS.to_owned(), None)
+        }
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let shown = source
+        .as_ref()
+        .map_or("embedded defaults".to_owned(), |p| p.display().to_string());
+    from_str(&text, &shown, vars).map(|mut c| {
+        c.path = source;
+        c
+    })
+}
+
+/// Parses and validates config text; `origin` names it in errors.
+pub fn from_str(
+    text: &str,
+    origin: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<Config, ConfigError> {
+    let parse_err = |e: toml::de::Error| ConfigError::Parse {
+        path: origin.to_owned(),
+        message: e.to_string(),
+    };
+    // Parse the file alone first, so its errors point at its own lines.
+    toml::from_str::<FileConfig>(text).map_err(parse_err)?;
+    let mut tree: toml::Value = toml::from_str(text).map_err(parse_err)?;
+    env::apply(&mut tree, vars)?;
+    let file: FileConfig = tree
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: "environment".to_owned(),
+            message: e.to_string(),
+        })?;
+    validate(file)
+}
+
+fn validate(file: FileConfig) -> Result<Config, ConfigError> {
+    let server = &file.server;
+    let listen: SocketAddr = server.listen.parse().map_err(|_| {
+        invalid(
+            "server.listen",
+            format!(
+                "expected host:port like 0.0.0.0:8000, got {:?}",
+                server.listen
+            ),
+        )
+    })?;
+    if server.max_body_bytes < 1024 {
+        return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+    }
+    let log_level = normalize_log_level(&server.log_level).ok_or_else(|| {
+        invalid(
+            "server.log_level",
+            format!("unknown level {:?}", server.log_level),
+        )
+    })?;
+
+    let up = &file.upstream;
+    let base_url = BaseUrl::parse(&up.base_url).map_err(|m| invalid("upstream.base_url", m))?;
+    let timeout = positive_secs(up.timeout_s)
+        .ok_or_else(|| invalid("upstream.timeout_s", "must be a positive number of seconds"))?;
+    let connect_timeout = positive_secs(up.connect_timeout_s).ok_or_else(|| {
+        invalid(
+            "upstream.connect_timeout_s",
+            "must be a positive number of seconds",
+        )
+    })?;
+    if up.max_retries == 0 {
+        return Err(invalid("upstream.max_retries", "must be at least 1"));
+    }
+    for proxy in &up.proxies {
+        if !["http://", "https://", "socks5://", "socks5h://"]
+            .iter()
+            .any(|s| proxy.starts_with(s))
+        {
+            return Err(invalid(
+                "upstream.proxies",
+                format!("{proxy:?} is not an http:// or socks5:// URL"),
+            ));
+        }
+    }
+    let mut custom_headers = Vec::new();
+    for (name, value) in &up.custom_headers {
+        let name = http::HeaderName::try_from(name.as_str()).map_err(|_| {
+            invalid(
+                "upstream.custom_headers",
+                format!("{name:?} is not a header name"),
+            )
+        })?;
+        let value = http::HeaderValue::try_from(value.as_str()).map_err(|_| {
+            invalid(
+                "upstream.custom_headers",
+                format!("the value of {name} is not a header value"),
+            )
+        })?;
+        custom_headers.push((name, value));
+    }
+
+    let mut keys = Vec::new();
+    let mut seen = HashSet::new();
+    for entry in &file.keys.api_keys {
+        let (secret, label, tags, weight) = match entry {
+            KeyEntry::Plain(k) => (k.trim(), None, Vec::new(), None),
+            KeyEntry::Detailed {
+                key,
+                label,
+                tags,
+                weight,
+            } => (key.trim(), label.clone(), tags.clone(), *weight),
+        };
+        if secret.is_empty() {
+            continue;
+        }
+        if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                "keys.api_keys",
+                format!("key {} contains whitespace", mask(secret)),
+            ));
+        }
+        if !seen.insert(secret.to_owned()) {
+            continue; // the same key twice is one key
+        }
+        keys.push(KeySpec {
+            id: stable_id("k", secret),
+            secret: Secret::new(secret),
+            label: label.unwrap_or_else(|| mask(secret)),
+            tags,
+            weight: weight.unwrap_or(1),
+        });
+    }
+    if file.keys.check_interval_hours < 0.0 {
+        return Err(invalid("keys.check_interval_hours", "must not be negative"));
+    }
+
+    let mut tokens = Vec::new();
+    let mut names = HashMap::new();
+    for entry in &file.auth.allowed_tokens {
+        let (name, secret) = match entry {
+            TokenEntry::Plain(t) => (stable_id("token-", t.trim()), t.trim()),
+            TokenEntry::Named { name, token } => (name.clone(), token.trim()),
+        };
+        if secret.is_empty() {
+            continue;
+        }
+        if names.insert(name.clone(), ()).is_some() {
+            return Err(invalid(
+                "auth.allowed_tokens",
+                format!("the name {name:?} is used twice"),
+            ));
+        }
+        tokens.push(ClientToken {
+            name,
+            secret: Secret::new(secret),
+        });
+    }
+    let auth_token = Some(file.auth.auth_token.trim())
+        .filter(|t| !t.is_empty())
+        .map(Secret::new);
+
+    let filtered_models = file
+        .models
+        .filtered
+        .iter()
+        .map(|m| model_name(m).to_owned())
+        .collect();
+    let threads = if server.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        server.threads
+    };
+    Ok(Config {
+        path: None,
+        listen,
+        data_dir: server.data_dir.clone(),
+        threads,
+        max_body_bytes: server.max_body_bytes,
+        grace_period: Duration::from_secs(server.grace_period_s),
+        log_level,
+        base_url,
+        timeout,
+        connect_timeout,
+        max_retries: up.max_retries,
+        pool_size: up.pool_size,
+        custom_headers,
+        keys,
+        max_failures: file.keys.max_failures.max(1),
+        tokens,
+        auth_token,
+        filtered_models,
+        file,
+    })
+}
+
+/// `models/gemini-2.5-flash` → `gemini-2.5-flash`.
+pub fn model_name(m: &str) -> &str {
+    m.trim().strip_prefix("models/").unwrap_or(m.trim())
+}
+
+fn positive_secs(s: f64) -> Option<Duration> {
+    (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s))
+}
+
+/// Accepts gemini-balance's level names (`DEBUG`, `WARNING`, `CRITICAL`, …) and tracing
+/// filter directives (`info,gemgate=debug`).
+fn normalize_log_level(raw: &str) -> Option<String> {
+    let lower = raw.trim().to_ascii_lowercase();
+    let level = match lower.as_str() {
+        "" => "info",
+        "trace" | "debug" | "info" | "warn" | "error" | "off" => lower.as_str(),
+        "warning" => "warn",
+        "critical" | "fatal" => "error",
+        _ if raw.contains(['=', ','])
+            && tracing_subscriber::EnvFilter::try_new(raw.trim()).is_ok() =>
+        {
+            return Some(raw.trim().to_owned())
+        }
+        _ => return None,
+    };
+    Some(level.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = from_str(EMBEDDED_DEFAULTS, "defaults", &BTreeMap::new()).unwrap();
+        assert!(c.keys.is_empty());
+        assert_eq!(c.listen.port(), 8000);
+        assert_eq!(c.max_retries, 3);
+    }
+
+    #[test]
+    fn env_wins_over_file() {
+        let text = "[upstream]\nmax_retries = 5\n";
+        let c = from_str(
+            text,
+            "t",
+            &vars(&[("MAX_RETRIES", "7"), ("API_KEYS", r#"["a1","b2","a1"]"#)]),
+        )
+        .unwrap();
+        assert_eq!(c.max_retries, 7);
+        assert_eq!(c.keys.len(), 2, "duplicates are merged");
+        assert_ne!(c.keys[0].id, c.keys[1].id);
+        assert!(!c.keys[0].id.contains("a1"));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = from_str("[upstream]\nmax_retrie = 5\n", "t", &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_retrie"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let err = from_str("", "t", &vars(&[("BASE_URL", "ftp://x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("BASE_URL"), "{err}");
+        let err = from_str("[server]\nlisten = \"nope\"\n", "t", &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn base_url_keeps_its_path() {
+        let b = BaseUrl::parse("http://127.0.0.1:9000/v1beta/").unwrap();
+        assert_eq!(
+            (b.tls, b.port, b.path.as_str(), b.authority.as_str()),
+            (false, 9000, "/v1beta", "127.0.0.1:9000")
+        );
+        let b = BaseUrl::parse("https://generativelanguage.googleapis.com/v1beta").unwrap();
+        assert_eq!((b.tls, b.port), (true, 443));
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("AIzaSyA1234567890abcdefghijklmnopqrstu");
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("1234567890"), "{shown}");
+        assert_eq!(s.masked(), "AIzaSy…rstu");
+    }
+
+    #[test]
+    fn gemini_balance_log_levels() {
+        assert_eq!(normalize_log_level("WARNING").as_deref(), Some("warn"));
+        assert_eq!(normalize_log_level("CRITICAL").as_deref(), Some("error"));
+        assert!(normalize_log_level("loud!!").is_none());
+    }
+}

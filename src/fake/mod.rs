@@ -1,0 +1,862 @@
+//! A fake Gemini API for tests, benchmarks and offline demos.
+//!
+//! It serves the shapes of Google's REST API (models, generateContent, streamGenerateContent in
+//! SSE and JSON-array form, countTokens, embedContent, batchEmbedContents, Imagen `:predict`)
+//! and answers from the request, so a test can check what came back. Each API key behaves as
+//! its prefix says ([`Behaviour::from_key`]), or as set at run time through `POST
+//! /_fake/behaviour`. It counts requests and TCP connections per key, and keeps the last
+//! requests it received (`GET /_fake/stats`, `GET /_fake/requests`).
+//!
+//! Per-request controls, as request headers: `x-fake-chunks: N` (stream chunks),
+//! `x-fake-delay-ms: N` (pause between chunks), `x-fake-hold: NAME` (hold the last chunk until
+//! `POST /_fake/release/NAME`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// How a key answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Behaviour {
+    Valid,
+    /// 400 `API_KEY_INVALID`.
+    Invalid,
+    /// 403 `PERMISSION_DENIED` (consumer suspended), naming the key as Google does.
+    Suspended,
+    /// 429 with a per-minute `QuotaFailure` and a `RetryInfo`.
+    MinuteExhausted,
+    /// 429 with a per-day `QuotaFailure`.
+    DayExhausted,
+    /// 429 with no details.
+    Bare429,
+    /// 503 a fraction of the time (`FakeConfig::flaky_rate`).
+    Flaky,
+    /// 503 always.
+    Overloaded,
+    /// Answers after `FakeConfig::slow`.
+    Slow,
+    /// Streams break off half-way.
+    CutStream,
+}
+
+impl Behaviour {
+    /// The behaviour a key's prefix names: `invalid-…`, `suspended-…`, `minute-…`, `day-…`,
+    /// `bare429-…`, `flaky-…`, `overloaded-…`, `slow-…`, `cut-…`; anything else is valid.
+    pub fn from_key(key: &str) -> Behaviour {
+        let prefix = key.split(['-', '_']).next().unwrap_or_default();
+        match prefix {
+            "invalid" => Behaviour::Invalid,
+            "suspended" => Behaviour::Suspended,
+            "minute" => Behaviour::MinuteExhausted,
+            "day" => Behaviour::DayExhausted,
+            "bare429" => Behaviour::Bare429,
+            "flaky" => Behaviour::Flaky,
+            "overloaded" => Behaviour::Overloaded,
+            "slow" => Behaviour::Slow,
+            "cut" => Behaviour::CutStream,
+            _ => Behaviour::Valid,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeConfig {
+    /// Models per page when the client does not ask for a page size.
+    pub page_size: usize,
+    /// Chunks per streamed answer.
+    pub chunks: usize,
+    /// Pause between streamed chunks.
+    pub chunk_delay: Duration,
+    pub flaky_rate: f64,
+    pub slow: Duration,
+    /// The `RetryInfo.retryDelay` of per-minute quota errors, in seconds.
+    pub retry_delay_s: u64,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        FakeConfig {
+            page_size: 5,
+            chunks: 3,
+            chunk_delay: Duration::ZERO,
+            flaky_rate: 0.5,
+            slow: Duration::from_secs(2),
+            retry_delay_s: 47,
+        }
+    }
+}
+
+/// What one key saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KeyStats {
+    pub requests: u64,
+    /// TCP connections that carried at least one request with this key.
+    pub connections: u64,
+}
+
+/// One request as the fake received it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub key: Option<String>,
+    #[serde(skip)]
+    pub body: Bytes,
+    pub body_len: usize,
+}
+
+/// The fake's shared state; tests read it directly.
+#[derive(Debug, Default)]
+pub struct FakeState {
+    pub config: FakeConfig,
+    overrides: Mutex<HashMap<String, Behaviour>>,
+    keys: Mutex<HashMap<String, KeyStats>>,
+    connections: AtomicU64,
+    received: Mutex<VecDeque<Received>>,
+    holds: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+const KEEP_RECEIVED: usize = 64;
+
+impl FakeState {
+    pub fn new(config: FakeConfig) -> FakeState {
+        FakeState {
+            config,
+            ..FakeState::default()
+        }
+    }
+
+    pub fn behaviour(&self, key: &str) -> Behaviour {
+        self.overrides
+            .lock()
+            .unwrap()
+            .get(key)
+            .copied()
+            .unwrap_or_else(|| Behaviour::from_key(key))
+    }
+
+    pub fn set_behaviour(&self, key: &str, b: Behaviour) {
+        self.overrides.lock().unwrap().insert(key.to_owned(), b);
+    }
+
+    pub fn key_stats(&self, key: &str) -> KeyStats {
+        self.keys
+            .lock()
+            .unwrap()
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Requests per key.
+    pub fn requests_by_key(&self) -> HashMap<String, u64> {
+        self.keys
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.requests))
+            .collect()
+    }
+
+    pub fn total_requests(&self) -> u64 {
+        self.keys.lock().unwrap().values().map(|s| s.requests).sum()
+    }
+
+    /// TCP connections accepted (control calls included).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Relaxed)
+    }
+
+    /// The last requests received, oldest first.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().iter().cloned().collect()
+    }
+
+    pub fn last_received(&self) -> Option<Received> {
+        self.received.lock().unwrap().back().cloned()
+    }
+
+    /// Lets a held stream send its last chunk.
+    pub fn release(&self, name: &str) {
+        self.hold(name).notify_one();
+    }
+
+    pub fn reset(&self) {
+        self.overrides.lock().unwrap().clear();
+        self.keys.lock().unwrap().clear();
+        self.received.lock().unwrap().clear();
+        self.connections.store(0, Relaxed);
+    }
+
+    fn hold(&self, name: &str) -> Arc<Notify> {
+        self.holds
+            .lock()
+            .unwrap()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn count(&self, key: &str, new_on_connection: bool) {
+        let mut keys = self.keys.lock().unwrap();
+        let stats = keys.entry(key.to_owned()).or_default();
+        stats.requests += 1;
+        if new_on_connection {
+            stats.connections += 1;
+        }
+    }
+}
+
+/// A running fake upstream.
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<FakeState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeUpstream {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start(config: FakeConfig) -> std::io::Result<FakeUpstream> {
+        Self::bind("127.0.0.1:0".parse().expect("literal address"), config).await
+    }
+
+    pub async fn bind(addr: SocketAddr, config: FakeConfig) -> std::io::Result<FakeUpstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(FakeState::new(config));
+        let task = tokio::spawn(serve(listener, state.clone()));
+        Ok(FakeUpstream { addr, state, task })
+    }
+
+    /// The `BASE_URL` that points gemgate here.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1beta", self.addr)
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<FakeState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        state.connections.fetch_add(1, Relaxed);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+            let service = service_fn(move |req| {
+                let (state, seen) = (state.clone(), seen.clone());
+                async move { Ok::<_, Infallible>(handle(state, seen, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(
+            Full::new(body.into())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("valid response")
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    full(status, "application/json; charset=UTF-8", v.to_string())
+}
+
+/// Google's error envelope.
+fn google_error(code: u16, status: &str, message: &str, details: Value) -> Response<Body> {
+    let mut error = json!({ "code": code, "message": message, "status": status });
+    if !details.is_null() {
+        error["details"] = details;
+    }
+    json_response(
+        StatusCode::from_u16(code).expect("valid status"),
+        &json!({ "error": error }),
+    )
+}
+
+fn quota_error(per: &str, model: &str, retry_delay_s: Option<u64>) -> Response<Body> {
+    let mut details = vec![json!({
+        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+        "violations": [{
+            "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+            "quotaId": format!("GenerateRequestsPer{per}PerProjectPerModel-FreeTier"),
+            "quotaDimensions": { "location": "global", "model": model },
+            "quotaValue": "10"
+        }]
+    })];
+    if let Some(s) = retry_delay_s {
+        details.push(json!({ "@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": format!("{s}s") }));
+    }
+    google_error(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "You exceeded your current quota, please check your plan and billing details.",
+        Value::Array(details),
+    )
+}
+
+const MODELS: &[(&str, &str, &[&str])] = &[
+    (
+        "gemini-2.5-flash",
+        "Gemini 2.5 Flash",
+        &["generateContent", "countTokens"],
+    ),
+    (
+        "gemini-2.5-pro",
+        "Gemini 2.5 Pro",
+        &["generateContent", "countTokens"],
+    ),
+    (
+        "gemini-2.5-flash-lite",
+        "Gemini 2.5 Flash-Lite",
+        &["generateContent", "countTokens"],
+    ),
+    (
+        "gemini-2.0-flash",
+        "Gemini 2.0 Flash",
+        &["generateContent", "countTokens"],
+    ),
+    (
+        "gemini-2.0-flash-exp",
+        "Gemini 2.0 Flash Experimental",
+        &["generateContent", "countTokens"],
+    ),
+    (
+        "gemini-1.5-flash",
+        "Gemini 1.5 Flash",
+        &["generateContent", "countTokens"],
+    ),
+    (
+        "gemini-1.5-pro",
+        "Gemini 1.5 Pro",
+        &["generateContent", "countTokens"],
+    ),
+    (
+        "gemini-2.5-flash-preview-tts",
+        "Gemini 2.5 Flash TTS",
+        &["generateContent"],
+    ),
+    (
+        "gemma-3-27b-it",
+        "Gemma 3 27B",
+        &["generateContent", "countTokens"],
+    ),
+    (
+        "text-embedding-004",
+        "Text Embedding 004",
+        &["embedContent", "batchEmbedContents"],
+    ),
+    (
+        "gemini-embedding-001",
+        "Gemini Embedding 001",
+        &["embedContent", "batchEmbedContents"],
+    ),
+    ("imagen-3.0-generate-002", "Imagen 3.0", &["predict"]),
+];
+
+fn model_json(name: &str, display: &str, methods: &[&str]) -> Value {
+    json!({
+        "name": format!("models/{name}"),
+        "version": "001",
+        "displayName": display,
+        "inputTokenLimit": 1_048_576,
+        "outputTokenLimit": 65_536,
+        "supportedGenerationMethods": methods,
+        "thinking": name.starts_with("gemini-2.5"),
+    })
+}
+
+fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+async fn handle(
+    state: Arc<FakeState>,
+    seen: Arc<Mutex<HashSet<String>>>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return full(StatusCode::BAD_REQUEST, "text/plain", "unreadable body"),
+    };
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or_default().to_owned();
+    if let Some(control) = path.strip_prefix("/_fake/") {
+        return control_call(&state, &parts.method, control, &body);
+    }
+    let key = parts
+        .headers
+        .get("x-goog-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| query_value(&query, "key").map(str::to_owned));
+    {
+        let mut received = state.received.lock().unwrap();
+        if received.len() == KEEP_RECEIVED {
+            received.pop_front();
+        }
+        received.push_back(Received {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            key: key.clone(),
+            body_len: body.len(),
+            body: body.clone(),
+        });
+    }
+    let Some(key) = key else {
+        return google_error(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.", Value::Null);
+    };
+    let first_on_connection = seen.lock().unwrap().insert(key.clone());
+    state.count(&key, first_on_connection);
+
+    let Some(rest) = path.strip_prefix("/v1beta/") else {
+        return google_error(
+            404,
+            "NOT_FOUND",
+            &format!("{path} is not found"),
+            Value::Null,
+        );
+    };
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (model, action) = match rest.strip_prefix("models/") {
+        Some(name) => match name.split_once(':') {
+            Some((m, a)) => (m.to_owned(), Some(a.to_owned())),
+            None => (name.to_owned(), None),
+        },
+        None if rest == "models" => (String::new(), None),
+        None => {
+            return google_error(
+                404,
+                "NOT_FOUND",
+                &format!("{path} is not found"),
+                Value::Null,
+            )
+        }
+    };
+
+    let behaviour = state.behaviour(&key);
+    match behaviour {
+        Behaviour::Invalid => {
+            return google_error(
+                400,
+                "INVALID_ARGUMENT",
+                "API key not valid. Please pass a valid API key.",
+                json!([{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                    "domain": "googleapis.com", "metadata": { "service": "generativelanguage.googleapis.com" }
+                }]),
+            )
+        }
+        Behaviour::Suspended => {
+            return google_error(
+                403,
+                "PERMISSION_DENIED",
+                &format!("Permission denied: Consumer 'api_key:{key}' has been suspended."),
+                json!([{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "CONSUMER_SUSPENDED", "domain": "googleapis.com"
+                }]),
+            )
+        }
+        Behaviour::MinuteExhausted => {
+            return quota_error("Minute", &model, Some(state.config.retry_delay_s))
+        }
+        Behaviour::DayExhausted => return quota_error("Day", &model, None),
+        Behaviour::Bare429 => {
+            return google_error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "Resource has been exhausted (e.g. check quota).",
+                Value::Null,
+            )
+        }
+        Behaviour::Overloaded => return overloaded(),
+        Behaviour::Flaky if fastrand::f64() < state.config.flaky_rate => return overloaded(),
+        Behaviour::Slow => tokio::time::sleep(state.config.slow).await,
+        _ => {}
+    }
+
+    if model.is_empty() {
+        return list_models(&state, &query);
+    }
+    let Some(&(name, display, methods)) = MODELS.iter().find(|(n, ..)| *n == model) else {
+        let what = action.as_deref().unwrap_or("generateContent");
+        return google_error(404, "NOT_FOUND", &format!("models/{model} is not found for API version v1beta, or is not supported for {what}. Call ListModels to see the list of available models and their supported methods."), Value::Null);
+    };
+    let Some(action) = action else {
+        return json_response(StatusCode::OK, &model_json(name, display, methods));
+    };
+    if parts.method != http::Method::POST {
+        return google_error(405, "UNIMPLEMENTED", "Method not allowed", Value::Null);
+    }
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return google_error(
+                400,
+                "INVALID_ARGUMENT",
+                &format!("Invalid JSON payload received. {e}"),
+                Value::Null,
+            )
+        }
+    };
+    match action.as_str() {
+        "generateContent" | "streamGenerateContent" => {
+            let Some(contents) = request
+                .get("contents")
+                .and_then(Value::as_array)
+                .filter(|c| !c.is_empty())
+            else {
+                return google_error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "* GenerateContentRequest.contents: contents is not specified\n",
+                    Value::Null,
+                );
+            };
+            let prompt = last_text(contents);
+            let answer = format!("echo: {prompt}");
+            if action == "generateContent" {
+                let resp = content_response(&model, &answer, true, words(&prompt), words(&answer));
+                return json_response(StatusCode::OK, &resp);
+            }
+            let chunks = header("x-fake-chunks")
+                .map_or(state.config.chunks, |n| n as usize)
+                .max(1);
+            let delay =
+                header("x-fake-delay-ms").map_or(state.config.chunk_delay, Duration::from_millis);
+            let hold = parts
+                .headers
+                .get("x-fake-hold")
+                .and_then(|v| v.to_str().ok())
+                .map(|n| state.hold(n));
+            let sse = query_value(&query, "alt") == Some("sse");
+            let cut = behaviour == Behaviour::CutStream;
+            stream_response(model, prompt, answer, chunks, delay, hold, sse, cut)
+        }
+        "countTokens" => {
+            let n = request
+                .get("contents")
+                .and_then(Value::as_array)
+                .map_or(0, |c| {
+                    c.iter().map(|c| words(&parts_text(c))).sum::<usize>()
+                });
+            json_response(StatusCode::OK, &json!({ "totalTokens": n }))
+        }
+        "embedContent" => {
+            let dims = request
+                .get("outputDimensionality")
+                .and_then(Value::as_u64)
+                .unwrap_or(8) as usize;
+            let text = request.get("content").map(parts_text).unwrap_or_default();
+            json_response(
+                StatusCode::OK,
+                &json!({ "embedding": { "values": embedding(&text, dims) } }),
+            )
+        }
+        "batchEmbedContents" => {
+            let Some(requests) = request.get("requests").and_then(Value::as_array) else {
+                return google_error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "* BatchEmbedContentsRequest.requests: requests is not specified\n",
+                    Value::Null,
+                );
+            };
+            let embeddings: Vec<Value> = requests
+                .iter()
+                .map(|r| {
+                    let dims = r.get("outputDimensionality").and_then(Value::as_u64).unwrap_or(8) as usize;
+                    json!({ "values": embedding(&r.get("content").map(parts_text).unwrap_or_default(), dims) })
+                })
+                .collect();
+            json_response(StatusCode::OK, &json!({ "embeddings": embeddings }))
+        }
+        "predict" => {
+            let n = request
+                .pointer("/parameters/sampleCount")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .clamp(1, 8);
+            let predictions: Vec<Value> = (0..n)
+                .map(|_| json!({ "bytesBase64Encoded": TINY_PNG_BASE64, "mimeType": "image/png" }))
+                .collect();
+            json_response(StatusCode::OK, &json!({ "predictions": predictions }))
+        }
+        other => google_error(
+            404,
+            "NOT_FOUND",
+            &format!("Method {other} is not found"),
+            Value::Null,
+        ),
+    }
+}
+
+fn overloaded() -> Response<Body> {
+    google_error(
+        503,
+        "UNAVAILABLE",
+        "The model is overloaded. Please try again later.",
+        Value::Null,
+    )
+}
+
+/// A 1×1 transparent PNG.
+const TINY_PNG_BASE64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+fn list_models(state: &FakeState, query: &str) -> Response<Body> {
+    let size = query_value(query, "pageSize")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(state.config.page_size)
+        .clamp(1, 1000);
+    let start: usize = query_value(query, "pageToken")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let page: Vec<Value> = MODELS
+        .iter()
+        .skip(start)
+        .take(size)
+        .map(|(n, d, m)| model_json(n, d, m))
+        .collect();
+    let mut body = json!({ "models": page });
+    if start + size < MODELS.len() {
+        body["nextPageToken"] = json!((start + size).to_string());
+    }
+    json_response(StatusCode::OK, &body)
+}
+
+fn parts_text(content: &Value) -> String {
+    content
+        .get("parts")
+        .and_then(Value::as_array)
+        .map(|parts| {
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+fn last_text(contents: &[Value]) -> String {
+    contents.last().map(parts_text).unwrap_or_default()
+}
+
+fn words(s: &str) -> usize {
+    s.split_whitespace().count()
+}
+
+fn embedding(text: &str, dims: usize) -> Vec<f64> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    (0..dims.min(4096))
+        .map(|i| {
+            let x = h.rotate_left(i as u32 % 64) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            ((x % 2000) as f64 / 1000.0) - 1.0
+        })
+        .collect()
+}
+
+fn content_response(
+    model: &str,
+    text: &str,
+    last: bool,
+    prompt_tokens: usize,
+    out_tokens: usize,
+) -> Value {
+    let mut candidate =
+        json!({ "content": { "role": "model", "parts": [{ "text": text }] }, "index": 0 });
+    let mut resp = json!({ "candidates": [], "modelVersion": model, "responseId": format!("fake-{:08x}", fastrand::u32(..)) });
+    if last {
+        candidate["finishReason"] = json!("STOP");
+        resp["usageMetadata"] = json!({
+            "promptTokenCount": prompt_tokens,
+            "candidatesTokenCount": out_tokens,
+            "totalTokenCount": prompt_tokens + out_tokens,
+        });
+    }
+    resp["candidates"] = json!([candidate]);
+    resp
+}
+
+/// A streamed body fed through a channel; an `Err` item breaks the connection off.
+struct ChannelBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|item| item.map(|r| r.map(Frame::data)))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream_response(
+    model: String,
+    prompt: String,
+    answer: String,
+    chunks: usize,
+    delay: Duration,
+    hold: Option<Arc<Notify>>,
+    sse: bool,
+    cut: bool,
+) -> Response<Body> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let chars: Vec<char> = answer.chars().collect();
+        let per = chars.len().div_ceil(chunks).max(1);
+        let pieces: Vec<String> = chars.chunks(per).map(|c| c.iter().collect()).collect();
+        let n = pieces.len();
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if cut && i >= n / 2 {
+                // Let hyper write out what was sent before breaking the connection off.
+                while tx.capacity() < tx.max_capacity() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tx.send(Err(std::io::Error::other("cut"))).await;
+                return;
+            }
+            let last = i + 1 == n;
+            if last {
+                if let Some(hold) = &hold {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), hold.notified()).await;
+                }
+            }
+            let event =
+                content_response(&model, piece, last, words(&prompt), words(&answer)).to_string();
+            let frame = match (sse, i, last) {
+                (true, ..) => format!("data: {event}\r\n\r\n"),
+                (false, 0, true) => format!("[{event}]"),
+                (false, 0, false) => format!("[{event}"),
+                (false, _, true) => format!(",\r\n{event}]"),
+                (false, _, false) => format!(",\r\n{event}"),
+            };
+            if tx.send(Ok(Bytes::from(frame))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/json; charset=UTF-8"
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", content_type)
+        .body(BodyExt::boxed(ChannelBody(rx)))
+        .expect("valid response")
+}
+
+#[derive(Deserialize)]
+struct SetBehaviour {
+    key: String,
+    behaviour: Behaviour,
+}
+
+fn control_call(
+    state: &FakeState,
+    method: &http::Method,
+    call: &str,
+    body: &[u8],
+) -> Response<Body> {
+    match (method.as_str(), call) {
+        ("GET", "stats") => {
+            let keys = state.keys.lock().unwrap().clone();
+            json_response(
+                StatusCode::OK,
+                &json!({ "connections": state.connections(), "keys": keys }),
+            )
+        }
+        ("GET", "requests") => json_response(StatusCode::OK, &json!(state.received())),
+        ("POST", "behaviour") => match serde_json::from_slice::<SetBehaviour>(body) {
+            Ok(b) => {
+                state.set_behaviour(&b.key, b.behaviour);
+                json_response(StatusCode::OK, &json!({ "ok": true }))
+            }
+            Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({ "error": e.to_string() })),
+        },
+        ("POST", "reset") => {
+            state.reset();
+            json_response(StatusCode::OK, &json!({ "ok": true }))
+        }
+        ("POST", name) if name.starts_with("release/") => {
+            state.release(&name["release/".len()..]);
+            json_response(StatusCode::OK, &json!({ "ok": true }))
+        }
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": "unknown control call" }),
+        ),
+    }
+}

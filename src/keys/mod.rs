@@ -1,0 +1,427 @@
+//! The key pool: which Gemini API keys exist, which may be used now, and what each failure
+//! does to a key.
+//!
+//! Key *state* (failure counts, cooldowns, the disabled flag) is kept in [`KeyState`], owned by
+//! the [`KeyRegistry`] by stable key id, so a config reload that rebuilds the pool never forgets
+//! a cooldown. The request path touches only atomics and lock-free snapshots; the mutex in
+//! [`KeyState`] is taken only when a key fails.
+
+pub mod clock;
+pub mod taxonomy;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::config::KeySpec;
+use taxonomy::{ErrorClass, KeyVerdict};
+
+/// A (key, model) cooldown after a quota answer.
+#[derive(Debug, Clone)]
+pub struct Cooldown {
+    /// The model whose quota ran out (`""` for calls without a model).
+    pub model: Box<str>,
+    pub until_ms: u64,
+    pub class: &'static str,
+}
+
+/// Why a key is disabled, and its last error.
+#[derive(Debug, Clone, Default)]
+pub struct KeyDetail {
+    pub disabled_reason: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// The health of one key. Survives config reloads.
+#[derive(Debug, Default)]
+pub struct KeyState {
+    consecutive_failures: AtomicU32,
+    disabled: AtomicBool,
+    in_flight: AtomicU32,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    last_used_ms: AtomicU64,
+    cooldowns: ArcSwap<Vec<Cooldown>>,
+    detail: Mutex<KeyDetail>,
+}
+
+impl KeyState {
+    pub fn is_disabled(&self) -> bool {
+        self.disabled.load(Relaxed)
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Relaxed)
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+
+    pub fn successes(&self) -> u64 {
+        self.successes.load(Relaxed)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Relaxed)
+    }
+
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Relaxed)
+    }
+
+    pub fn detail(&self) -> KeyDetail {
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The end of this key's cooldown for `model`, if it is cooling at `now_ms`.
+    pub fn cooling_until(&self, model: &str, now_ms: u64) -> Option<u64> {
+        self.cooldowns
+            .load()
+            .iter()
+            .filter(|c| &*c.model == model && c.until_ms > now_ms)
+            .map(|c| c.until_ms)
+            .max()
+    }
+
+    /// Every cooldown still running at `now_ms`.
+    pub fn cooldowns(&self, now_ms: u64) -> Vec<Cooldown> {
+        self.cooldowns
+            .load()
+            .iter()
+            .filter(|c| c.until_ms > now_ms)
+            .cloned()
+            .collect()
+    }
+
+    fn cool(&self, model: &str, until_ms: u64, class: &'static str, now_ms: u64) {
+        self.cooldowns.rcu(|old| {
+            let mut next: Vec<Cooldown> = old
+                .iter()
+                .filter(|c| c.until_ms > now_ms && &*c.model != model)
+                .cloned()
+                .collect();
+            next.push(Cooldown {
+                model: model.into(),
+                until_ms,
+                class,
+            });
+            next
+        });
+    }
+
+    fn record_success(&self) {
+        self.successes.fetch_add(1, Relaxed);
+        // Avoid a store (and a cache-line bounce) when there is nothing to reset.
+        if self.consecutive_failures.load(Relaxed) != 0 {
+            self.consecutive_failures.store(0, Relaxed);
+        }
+    }
+
+    /// Marks the key disabled with `reason`.
+    pub fn disable(&self, reason: impl Into<String>) {
+        self.disabled.store(true, Relaxed);
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disabled_reason = Some(reason.into());
+    }
+
+    /// Returns a disabled or cooling key to the pool.
+    pub fn enable(&self) {
+        self.disabled.store(false, Relaxed);
+        self.consecutive_failures.store(0, Relaxed);
+        self.cooldowns.store(Arc::new(Vec::new()));
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disabled_reason = None;
+    }
+}
+
+/// Key state by stable key id, kept across reloads for the life of the process.
+#[derive(Debug, Default)]
+pub struct KeyRegistry {
+    states: Mutex<HashMap<String, Arc<KeyState>>>,
+}
+
+impl KeyRegistry {
+    /// The state of key `id`, created on first sight.
+    pub fn state(&self, id: &str) -> Arc<KeyState> {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states.entry(id.to_owned()).or_default().clone()
+    }
+}
+
+/// One key of the current pool.
+#[derive(Debug)]
+pub struct Key {
+    pub spec: KeySpec,
+    pub state: Arc<KeyState>,
+}
+
+/// The outcome of looking for a key.
+#[derive(Debug, PartialEq)]
+pub enum Pick {
+    /// Use the key at this index.
+    Key(usize),
+    /// The pool has no key at all.
+    Empty,
+    /// Every key is disabled, cooling for this model, or already tried for this request.
+    /// `retry_at_ms` is the earliest cooldown end, if any key is cooling.
+    Exhausted {
+        retry_at_ms: Option<u64>,
+        cooling: usize,
+        disabled: usize,
+    },
+}
+
+/// The keys of one configuration generation, with a round-robin cursor.
+#[derive(Debug)]
+pub struct KeyPool {
+    keys: Vec<Key>,
+    cursor: AtomicUsize,
+    max_failures: u32,
+}
+
+/// Holds a key "in flight" until dropped.
+#[derive(Debug)]
+pub struct Lease {
+    state: Arc<KeyState>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+impl KeyPool {
+    pub fn new(specs: &[KeySpec], registry: &KeyRegistry, max_failures: u32) -> KeyPool {
+        let keys = specs
+            .iter()
+            .map(|spec| Key {
+                spec: spec.clone(),
+                state: registry.state(&spec.id),
+            })
+            .collect();
+        KeyPool {
+            keys,
+            cursor: AtomicUsize::new(0),
+            max_failures: max_failures.max(1),
+        }
+    }
+
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    pub fn get(&self, index: usize) -> &Key {
+        &self.keys[index]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Whether key `index` may serve `model` at `now_ms`.
+    pub fn usable(&self, index: usize, model: &str, now_ms: u64) -> bool {
+        let state = &self.keys[index].state;
+        !state.is_disabled() && state.cooling_until(model, now_ms).is_none()
+    }
+
+    /// Round-robin: the next usable key for `model` not in `tried`.
+    pub fn pick(&self, model: &str, tried: &[usize], now_ms: u64) -> Pick {
+        let n = self.keys.len();
+        if n == 0 {
+            return Pick::Empty;
+        }
+        let start = self.cursor.fetch_add(1, Relaxed);
+        for step in 0..n {
+            let index = (start + step) % n;
+            if !tried.contains(&index) && self.usable(index, model, now_ms) {
+                return Pick::Key(index);
+            }
+        }
+        let (mut retry_at_ms, mut cooling, mut disabled) = (None::<u64>, 0, 0);
+        for key in &self.keys {
+            if key.state.is_disabled() {
+                disabled += 1;
+            } else if let Some(until) = key.state.cooling_until(model, now_ms) {
+                cooling += 1;
+                retry_at_ms = Some(retry_at_ms.map_or(until, |r| r.min(until)));
+            }
+        }
+        Pick::Exhausted {
+            retry_at_ms,
+            cooling,
+            disabled,
+        }
+    }
+
+    /// Marks key `index` in use until the lease is dropped.
+    pub fn lease(&self, index: usize, now_ms: u64) -> Lease {
+        let state = self.keys[index].state.clone();
+        state.in_flight.fetch_add(1, Relaxed);
+        state.last_used_ms.store(now_ms, Relaxed);
+        Lease { state }
+    }
+
+    pub fn record_success(&self, index: usize) {
+        self.keys[index].state.record_success();
+    }
+
+    /// Applies the taxonomy's verdict for a failed attempt of key `index` on `model`.
+    /// Returns what was done, for the log.
+    pub fn record_failure(
+        &self,
+        index: usize,
+        model: &str,
+        class: ErrorClass,
+        message: &str,
+        now_ms: u64,
+    ) -> KeyVerdict {
+        let key = &self.keys[index];
+        let state = &key.state;
+        state.failures.fetch_add(1, Relaxed);
+        let verdict = class.verdict();
+        if verdict != KeyVerdict::NoPenalty {
+            state
+                .detail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .last_error = Some(format!("{}: {}", class.as_str(), truncate(message, 300)));
+        }
+        match verdict {
+            KeyVerdict::Fault => {
+                let count = state.consecutive_failures.fetch_add(1, Relaxed) + 1;
+                if count >= self.max_failures && !state.is_disabled() {
+                    state.disable(format!(
+                        "{} after {count} consecutive failures",
+                        class.as_str()
+                    ));
+                    tracing::warn!(key = %key.spec.id, label = %key.spec.label, class = class.as_str(), "key disabled");
+                }
+            }
+            KeyVerdict::CoolFor(d) => {
+                let until = now_ms + d.as_millis() as u64;
+                state.cool(model, until, class.as_str(), now_ms);
+            }
+            KeyVerdict::CoolUntilDailyReset => {
+                let until = clock::next_pacific_midnight_ms(now_ms);
+                state.cool(model, until, class.as_str(), now_ms);
+            }
+            KeyVerdict::NoPenalty => {}
+        }
+        verdict
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Seconds from `now_ms` until `until_ms`, rounded up, at least 1.
+pub fn seconds_until(until_ms: u64, now_ms: u64) -> u64 {
+    Duration::from_millis(until_ms.saturating_sub(now_ms))
+        .as_secs_f64()
+        .ceil()
+        .max(1.0) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{stable_id, Secret};
+
+    fn pool(n: usize, max_failures: u32) -> KeyPool {
+        let specs: Vec<KeySpec> = (0..n)
+            .map(|i| {
+                let secret = format!("key-{i}");
+                KeySpec {
+                    id: stable_id("k", &secret),
+                    secret: Secret::new(secret.clone()),
+                    label: secret,
+                    tags: vec![],
+                    weight: 1,
+                }
+            })
+            .collect();
+        KeyPool::new(&specs, &KeyRegistry::default(), max_failures)
+    }
+
+    #[test]
+    fn round_robin_skips_tried_keys() {
+        let p = pool(3, 3);
+        let picks: Vec<_> = (0..3).map(|_| p.pick("m", &[], 0)).collect();
+        assert_eq!(picks, vec![Pick::Key(0), Pick::Key(1), Pick::Key(2)]);
+        assert_eq!(p.pick("m", &[0, 1], 0), Pick::Key(2));
+        assert!(matches!(p.pick("m", &[0, 1, 2], 0), Pick::Exhausted { .. }));
+    }
+
+    #[test]
+    fn cooldown_is_per_model() {
+        let p = pool(1, 3);
+        p.record_failure(
+            0,
+            "flash",
+            ErrorClass::RateLimited {
+                retry_after: Duration::from_secs(10),
+            },
+            "",
+            1_000,
+        );
+        assert_eq!(
+            p.pick("flash", &[], 2_000),
+            Pick::Exhausted {
+                retry_at_ms: Some(11_000),
+                cooling: 1,
+                disabled: 0
+            }
+        );
+        assert_eq!(p.pick("pro", &[], 2_000), Pick::Key(0));
+        assert_eq!(p.pick("flash", &[], 11_000), Pick::Key(0));
+    }
+
+    #[test]
+    fn consecutive_faults_disable_and_success_resets() {
+        let p = pool(1, 2);
+        p.record_failure(0, "m", ErrorClass::KeyInvalid, "bad", 0);
+        p.record_success(0);
+        p.record_failure(0, "m", ErrorClass::KeyInvalid, "bad", 0);
+        assert!(!p.get(0).state.is_disabled());
+        p.record_failure(0, "m", ErrorClass::KeyInvalid, "bad", 0);
+        assert!(p.get(0).state.is_disabled());
+        p.record_failure(0, "m", ErrorClass::Upstream, "503", 0);
+        assert_eq!(
+            p.get(0).state.consecutive_failures(),
+            2,
+            "5xx is no key fault"
+        );
+    }
+
+    #[test]
+    fn state_survives_a_rebuilt_pool() {
+        let registry = KeyRegistry::default();
+        let spec = KeySpec {
+            id: "k1".into(),
+            secret: Secret::new("s"),
+            label: "s".into(),
+            tags: vec![],
+            weight: 1,
+        };
+        let first = KeyPool::new(std::slice::from_ref(&spec), &registry, 1);
+        first.record_failure(0, "m", ErrorClass::KeyForbidden, "", 0);
+        let second = KeyPool::new(&[spec], &registry, 1);
+        assert!(second.get(0).state.is_disabled());
+    }
+}

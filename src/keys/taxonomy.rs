@@ -1,0 +1,203 @@
+//! What an upstream error means for the key that got it, and for the request.
+//!
+//! This is DESIGN.md's table, in code. It reads the status *and* the body: a 400 is a dead key
+//! when Google's `ErrorInfo.reason` says `API_KEY_INVALID`, and the client's mistake otherwise.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The class of a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ErrorClass {
+    /// The key is invalid or expired (400 `API_KEY_INVALID`, 401).
+    KeyInvalid,
+    /// The key's project is suspended or lacks permission (403).
+    KeyForbidden,
+    /// A per-minute (or unspecified) quota of this key's project for this model.
+    RateLimited { retry_after: Duration },
+    /// A per-day quota: it resets at midnight Pacific time.
+    DailyQuota,
+    /// Google's fault (500, 503, 504, other 5xx): no penalty.
+    Upstream,
+    /// No answer in time.
+    Timeout,
+    /// Connecting, sending or reading failed.
+    Network,
+    /// The client's request is wrong (other 4xx): passed through, no retry, no penalty.
+    Client,
+}
+
+/// What the attempt loop does with a failed attempt's key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KeyVerdict {
+    /// Count one consecutive key fault (disable at `MAX_FAILURES`).
+    Fault,
+    /// Cool the key for this model for this long.
+    CoolFor(Duration),
+    /// Cool the key for this model until the next daily quota reset.
+    CoolUntilDailyReset,
+    /// The key is not to blame.
+    NoPenalty,
+}
+
+impl ErrorClass {
+    /// A short stable name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::KeyInvalid => "key_invalid",
+            ErrorClass::KeyForbidden => "key_forbidden",
+            ErrorClass::RateLimited { .. } => "rate_limited",
+            ErrorClass::DailyQuota => "daily_quota",
+            ErrorClass::Upstream => "upstream_error",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Network => "network",
+            ErrorClass::Client => "client_error",
+        }
+    }
+
+    /// Whether another key may succeed where this one failed.
+    pub fn retryable(self) -> bool {
+        !matches!(self, ErrorClass::Client)
+    }
+
+    pub fn verdict(self) -> KeyVerdict {
+        match self {
+            ErrorClass::KeyInvalid | ErrorClass::KeyForbidden => KeyVerdict::Fault,
+            ErrorClass::RateLimited { retry_after } => KeyVerdict::CoolFor(retry_after),
+            ErrorClass::DailyQuota => KeyVerdict::CoolUntilDailyReset,
+            ErrorClass::Upstream
+            | ErrorClass::Timeout
+            | ErrorClass::Network
+            | ErrorClass::Client => KeyVerdict::NoPenalty,
+        }
+    }
+}
+
+/// The cooldown after a 429 that does not say how long to wait.
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+#[derive(Deserialize, Default)]
+struct Envelope {
+    #[serde(default)]
+    error: ErrorBody,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorBody {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    details: Vec<Detail>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Detail {
+    #[serde(rename = "@type", default)]
+    kind: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    violations: Vec<Violation>,
+    #[serde(default)]
+    retry_delay: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Violation {
+    #[serde(default)]
+    quota_id: String,
+}
+
+/// Classifies an upstream answer with an error status from its status and body.
+pub fn classify(status: u16, body: &[u8]) -> ErrorClass {
+    let parsed: Envelope = serde_json::from_slice(body).unwrap_or_default();
+    let err = parsed.error;
+    let reason = |r: &str| err.details.iter().any(|d| d.reason == r);
+    match status {
+        400 if reason("API_KEY_INVALID")
+            || err.message.contains("API key expired")
+            || err.message.contains("API key not valid") =>
+        {
+            ErrorClass::KeyInvalid
+        }
+        401 => ErrorClass::KeyInvalid,
+        403 => ErrorClass::KeyForbidden,
+        429 => {
+            let daily = err
+                .details
+                .iter()
+                .flat_map(|d| &d.violations)
+                .any(|v| v.quota_id.contains("PerDay"));
+            if daily {
+                return ErrorClass::DailyQuota;
+            }
+            let retry_after = err
+                .details
+                .iter()
+                .filter(|d| d.kind.ends_with("RetryInfo"))
+                .find_map(|d| d.retry_delay.as_deref().and_then(parse_duration))
+                .unwrap_or(DEFAULT_RETRY_DELAY);
+            ErrorClass::RateLimited { retry_after }
+        }
+        408 => ErrorClass::Timeout,
+        s if s >= 500 => ErrorClass::Upstream,
+        _ => {
+            let _ = err.status;
+            ErrorClass::Client
+        }
+    }
+}
+
+/// Parses a protobuf JSON duration such as `"47s"` or `"1.5s"`.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let secs: f64 = s.trim().strip_suffix('s')?.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_design_table() {
+        let invalid = br#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#;
+        assert_eq!(classify(400, invalid), ErrorClass::KeyInvalid);
+        let bad_request = br#"{"error":{"code":400,"message":"* GenerateContentRequest.contents: contents is not specified\n","status":"INVALID_ARGUMENT"}}"#;
+        assert_eq!(classify(400, bad_request), ErrorClass::Client);
+        assert_eq!(classify(404, b"{}"), ErrorClass::Client);
+        let suspended = br#"{"error":{"code":403,"message":"Permission denied","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CONSUMER_SUSPENDED"}]}}"#;
+        assert_eq!(classify(403, suspended), ErrorClass::KeyForbidden);
+        let minute = br#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"47s"}]}}"#;
+        assert_eq!(
+            classify(429, minute),
+            ErrorClass::RateLimited {
+                retry_after: Duration::from_secs(47)
+            }
+        );
+        let day = br#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]}]}}"#;
+        assert_eq!(classify(429, day), ErrorClass::DailyQuota);
+        let bare = br#"{"error":{"code":429,"message":"Resource has been exhausted (e.g. check quota).","status":"RESOURCE_EXHAUSTED"}}"#;
+        assert_eq!(
+            classify(429, bare),
+            ErrorClass::RateLimited {
+                retry_after: DEFAULT_RETRY_DELAY
+            }
+        );
+        for s in [500, 503, 504] {
+            assert_eq!(classify(s, b"not json"), ErrorClass::Upstream);
+        }
+    }
+
+    #[test]
+    fn only_key_faults_penalise_and_only_client_errors_stop() {
+        assert_eq!(ErrorClass::KeyInvalid.verdict(), KeyVerdict::Fault);
+        assert_eq!(ErrorClass::Upstream.verdict(), KeyVerdict::NoPenalty);
+        assert!(!ErrorClass::Client.retryable());
+        assert!(ErrorClass::Network.retryable());
+    }
+}

@@ -1,0 +1,105 @@
+//! gemgate: a gateway for Google's Gemini API.
+//!
+//! Clients call gemgate with gemgate's own tokens; gemgate spreads their requests over a pool
+//! of Gemini API keys, retries on another key when one is rate-limited or dead, and streams the
+//! answers through as they arrive. See `README.md` for the architecture.
+//!
+//! `main.rs` only parses arguments; [`run`] builds and runs the pingora server from a validated
+//! [`config::Config`], so tests and the binary take the same path.
+
+pub mod config;
+pub mod fake;
+pub mod keys;
+pub mod proxy;
+pub mod telemetry;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pingora::server::configuration::ServerConf;
+use pingora::server::{ExecutionPhase, Server};
+use pingora::services::listening::Service;
+
+use config::Config;
+use proxy::Gateway;
+
+/// Runs gemgate until SIGTERM or SIGINT. Never returns.
+///
+/// On SIGTERM the listener stops accepting, requests in flight run to their end (at most
+/// `grace_period`), then the process exits.
+pub fn run(config: Config) -> ! {
+    let listen = config.listen.to_string();
+    let grace = config.grace_period;
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    tracing::info!(
+        listen = %listen,
+        keys = config.keys.len(),
+        tokens = config.tokens.len(),
+        upstream = %format!("{}://{}{}", if config.base_url.tls { "https" } else { "http" }, config.base_url.authority, config.base_url.path),
+        config = %config.path.as_ref().map_or("embedded defaults".into(), |p| p.display().to_string()),
+        "gemgate starting"
+    );
+    if config.keys.is_empty() {
+        tracing::warn!(
+            "no Gemini API key is configured: proxy calls will answer 503 until API_KEYS is set"
+        );
+    }
+    if config.tokens.is_empty() {
+        tracing::warn!("no client token is configured: proxy calls will answer 401 until ALLOWED_TOKENS is set");
+    }
+
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let gateway = Gateway::new(config);
+    let in_flight = gateway.in_flight();
+    let mut service = Service::new("gemgate".to_owned(), gateway);
+    service.add_tcp(&listen);
+    server.add_service(service);
+
+    let phases = server.watch_execution_phase();
+    std::thread::Builder::new()
+        .name("gemgate-drain".into())
+        .spawn(move || exit_when_drained(phases, in_flight, grace))
+        .expect("spawn the drain watcher");
+    server.run_forever()
+}
+
+/// NOTE: pingora always sleeps the whole grace period after SIGTERM, even with nothing in
+/// flight. An operator expects a prompt exit once the last request is done, so this watcher
+/// ends the process as soon as in-flight requests reach zero (or the grace period is over).
+fn exit_when_drained(
+    mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
+    in_flight: Arc<AtomicUsize>,
+    grace: Duration,
+) {
+    loop {
+        match phases.blocking_recv() {
+            Ok(ExecutionPhase::GracefulTerminate) => break,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        }
+    }
+    let started = Instant::now();
+    // Let the listeners close before counting.
+    std::thread::sleep(Duration::from_millis(100));
+    while in_flight.load(Ordering::Acquire) > 0 && started.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = in_flight.load(Ordering::Acquire);
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "grace period over: exiting with requests still in flight"
+        );
+    } else {
+        tracing::info!("all requests finished: exiting");
+    }
+    telemetry::flush();
+    std::process::exit(0);
+}

@@ -1,0 +1,73 @@
+//! The `gemgate` command: argument parsing and start-up only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gemgate::config;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A gateway for Google's Gemini API: one endpoint over many keys"
+)]
+struct Cli {
+    /// The config file (TOML). Settings in the environment or `.env` override it.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the config (file, `.env` and environment) and exit.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let explicit = cli.config.is_some();
+    let path = cli
+        .config
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    let vars = config::gather_env(std::path::Path::new("."));
+    let config = match config::load(&path, explicit, &vars) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gemgate: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            println!(
+                "configuration OK: {} (listen {}, {} keys, {} client tokens, upstream {}{})",
+                config
+                    .path
+                    .as_ref()
+                    .map_or("embedded defaults".into(), |p| p.display().to_string()),
+                config.listen,
+                config.keys.len(),
+                config.tokens.len(),
+                config.base_url.authority,
+                config.base_url.path,
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            for name in config::env::IGNORED {
+                if vars.contains_key(*name) {
+                    eprintln!(
+                        "gemgate: note: {name} is ignored; gemgate keeps its state in {}",
+                        config.data_dir.display()
+                    );
+                }
+            }
+            gemgate::telemetry::init(&config.log_level);
+            gemgate::run(config)
+        }
+    }
+}

@@ -1,0 +1,1006 @@
+//! The request path: route, authenticate, read the body, then gemgate's own attempt loop over
+//! pingora's pooled upstream sessions, relaying the answer chunk by chunk.
+//!
+//! The attempt loop is ours rather than pingora's `ProxyHttp` retry because a retry decision
+//! needs the error's *body* (DESIGN.md, "Errors from Gemini"), and a retry must resend a body of
+//! any size.
+
+pub mod auth;
+pub mod reply;
+pub mod route;
+pub mod sse;
+pub mod upstream;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use pingora::ErrorType;
+
+use crate::config::{self, Config};
+use crate::keys::clock::now_ms;
+use crate::keys::taxonomy::{classify, ErrorClass};
+use crate::keys::{seconds_until, KeyPool, KeyRegistry, Pick};
+use auth::Tokens;
+use reply::GateError;
+use route::{NativeCall, Route};
+use upstream::{Target, IDLE_TIMEOUT};
+
+/// Largest upstream error body read for classification and relay.
+const ERROR_BODY_LIMIT: usize = 256 * 1024;
+/// Largest upstream answer gemgate buffers itself (model lists).
+const COLLECT_LIMIT: usize = 64 * 1024 * 1024;
+/// Upper bound on model-list pages walked for one request.
+const MAX_MODEL_PAGES: usize = 50;
+
+/// Everything one configuration makes: swapped whole on reload; each request keeps the one it
+/// started with.
+pub struct Generation {
+    pub config: Arc<Config>,
+    pub pool: KeyPool,
+    pub tokens: Tokens,
+    pub target: Arc<Target>,
+}
+
+impl Generation {
+    pub fn new(config: Arc<Config>, registry: &KeyRegistry) -> Generation {
+        Generation {
+            pool: KeyPool::new(&config.keys, registry, config.max_failures),
+            tokens: Tokens::new(&config.tokens),
+            target: Arc::new(Target::new(&config)),
+            config,
+        }
+    }
+}
+
+/// gemgate's HTTP application, served by a pingora listening service.
+pub struct Gateway {
+    current: ArcSwap<Generation>,
+    registry: KeyRegistry,
+    connector: Connector,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Whether the downstream connection may serve another request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Reuse,
+    Close,
+}
+
+/// What one request did, for its log line.
+struct Exchange {
+    id: String,
+    started: Instant,
+    client: Option<String>,
+    model: String,
+    action: String,
+    key: Option<String>,
+    attempts: u32,
+    status: u16,
+    class: Option<&'static str>,
+    ttfb: Option<Duration>,
+}
+
+/// A failed attempt that sent nothing to the client.
+#[derive(Debug)]
+struct Failure {
+    class: ErrorClass,
+    /// The upstream's status, or 0 when there was no answer.
+    status: u16,
+    body: Bytes,
+    content_type: Option<HeaderValue>,
+    message: String,
+}
+
+/// How an attempt loop ended.
+enum Finished {
+    /// The answer went to the client.
+    Relayed(Outcome),
+    /// The answer was collected for gemgate to process (model lists).
+    Collected(Bytes),
+    /// Nothing was sent: answer with this.
+    Refused(Refusal),
+}
+
+enum Refusal {
+    Gate(GateError),
+    Upstream(Failure),
+}
+
+/// One request to the upstream, ready to be sent with any key.
+struct UpstreamRequest {
+    header: RequestHeader,
+    body: Bytes,
+    model: String,
+    /// `streamGenerateContent`: never buffered, no content-length.
+    stream: bool,
+    /// Server-sent events (`alt=sse`): relayed on event boundaries.
+    sse: bool,
+}
+
+/// Where an attempt's successful answer goes.
+enum Sink<'a> {
+    Client(&'a mut ServerSession),
+    Collect,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Gateway {
+        let registry = KeyRegistry::default();
+        let config = Arc::new(config);
+        let options = pingora::connectors::ConnectorOptions {
+            keepalive_pool_size: config.pool_size.max(1),
+            ..pingora::connectors::ConnectorOptions::new(1)
+        };
+        Gateway {
+            current: ArcSwap::from_pointee(Generation::new(config, &registry)),
+            registry,
+            connector: Connector::new(Some(options)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Requests being served now (for graceful shutdown).
+    pub fn in_flight(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
+    }
+
+    /// Makes `config` current; requests already running keep theirs.
+    pub fn swap(&self, config: Config) {
+        self.current
+            .store(Arc::new(Generation::new(Arc::new(config), &self.registry)));
+    }
+
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
+        let gen = self.current.load_full();
+        let path = s.req_header().uri.path().to_owned();
+        match route::route(&path) {
+            Route::Health => {
+                x.action = "health".into();
+                let body = format!(r#"{{"status":"ok","keys":{}}}"#, gen.pool.keys().len());
+                send(s, x, 200, Bytes::from(body)).await
+            }
+            Route::NotFound => {
+                let e = GateError::new(404, format!("gemgate does not serve {path}"));
+                send_gate(s, x, &e).await
+            }
+            Route::Native(call) => {
+                x.model = call.model().to_owned();
+                x.action = call.action().to_owned();
+                match self.native(&gen, s, call, x).await {
+                    Ok(outcome) => outcome,
+                    Err(refusal) => self.refuse(&gen, s, x, refusal).await,
+                }
+            }
+        }
+    }
+
+    /// A Gemini-native call: checks, then the attempt loop.
+    async fn native(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        call: NativeCall,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let req = s.req_header();
+        if gen.pool.is_empty() {
+            return Err(Refusal::Gate(GateError::new(
+                503,
+                "no Gemini API key is configured: set API_KEYS (or [keys] api_keys in gemgate.toml)",
+            )));
+        }
+        x.client = Some(authenticate(gen, req)?.to_owned());
+        if req.method != call.method() {
+            return Err(Refusal::Gate(GateError::new(
+                405,
+                format!("{} is not allowed here; use {}", req.method, call.method()),
+            )));
+        }
+        let model = call.model();
+        if gen.config.filtered_models.contains(model) {
+            return Err(Refusal::Gate(GateError::new(
+                404,
+                format!("models/{model} is not available through this gateway (FILTERED_MODELS)"),
+            )));
+        }
+        let query = req.uri.query().map(strip_key_param).unwrap_or_default();
+        let sse = call.is_stream() && auth::query_param(&query, "alt").is_some_and(|v| v == "sse");
+        let base = &gen.target.base.path;
+        let body = if call.method() == http::Method::POST {
+            read_body(s, gen.config.max_body_bytes).await?
+        } else {
+            Bytes::new()
+        };
+        let path = match &call {
+            NativeCall::ListModels => format!("{base}/models"),
+            NativeCall::GetModel { model } => format!("{base}/models/{model}"),
+            NativeCall::Action { model, action } => format!("{base}/models/{model}:{action}"),
+        };
+        let mut up = UpstreamRequest {
+            header: upstream_header(gen, s.req_header(), &path, &query, body.len())?,
+            body,
+            model: model.to_owned(),
+            stream: call.is_stream(),
+            sse,
+        };
+        if call == NativeCall::ListModels && auth::query_param(&query, "pageToken").is_none() {
+            return self.list_all_models(gen, s, &mut up, &path, x).await;
+        }
+        if call == NativeCall::ListModels {
+            let page = match self.attempts(gen, &up, Sink::Collect, x).await {
+                Finished::Collected(page) => page,
+                Finished::Refused(r) => return Err(r),
+                Finished::Relayed(o) => return Ok(o),
+            };
+            let page = filter_models(gen, &page).unwrap_or(page);
+            return Ok(send(s, x, 200, page).await);
+        }
+        match self.attempts(gen, &up, Sink::Client(s), x).await {
+            Finished::Relayed(outcome) => Ok(outcome),
+            Finished::Collected(body) => Ok(send(s, x, 200, body).await),
+            Finished::Refused(r) => Err(r),
+        }
+    }
+
+    /// `GET models` without a page token: every page, merged, filtered.
+    async fn list_all_models(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        up: &mut UpstreamRequest,
+        path: &str,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let mut models = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_MODEL_PAGES {
+            let mut target = format!("{path}?pageSize=1000");
+            if let Some(t) = &token {
+                target.push_str("&pageToken=");
+                target.push_str(t);
+            }
+            up.header.set_raw_path(target.as_bytes()).map_err(|_| {
+                Refusal::Gate(GateError::new(502, "invalid page token from upstream"))
+            })?;
+            let page = match self.attempts(gen, up, Sink::Collect, x).await {
+                Finished::Collected(page) => page,
+                Finished::Refused(r) => return Err(r),
+                Finished::Relayed(o) => return Ok(o),
+            };
+            let mut page: serde_json::Value = serde_json::from_slice(&page).map_err(|e| {
+                Refusal::Gate(GateError::new(
+                    502,
+                    format!("the upstream's model list is not JSON: {e}"),
+                ))
+            })?;
+            if let Some(serde_json::Value::Array(list)) =
+                page.get_mut("models").map(serde_json::Value::take)
+            {
+                models.extend(list);
+            }
+            token = page
+                .get("nextPageToken")
+                .and_then(|t| t.as_str())
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    t.bytes()
+                        .map(|b| {
+                            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                                (b as char).to_string()
+                            } else {
+                                format!("%{b:02X}")
+                            }
+                        })
+                        .collect()
+                });
+            if token.is_none() {
+                break;
+            }
+        }
+        models.retain(|m| !is_filtered(gen, m));
+        let body = serde_json::json!({ "models": models });
+        Ok(send(s, x, 200, Bytes::from(body.to_string())).await)
+    }
+
+    /// The attempt loop: up to `MAX_RETRIES` attempts, each on a different usable key.
+    async fn attempts(
+        &self,
+        gen: &Generation,
+        req: &UpstreamRequest,
+        mut sink: Sink<'_>,
+        x: &mut Exchange,
+    ) -> Finished {
+        let max = gen.config.max_retries as usize;
+        let mut tried: Vec<usize> = Vec::with_capacity(max);
+        let mut last: Option<Failure> = None;
+        while tried.len() < max {
+            let now = now_ms();
+            let index = match gen.pool.pick(&req.model, &tried, now) {
+                Pick::Key(index) => index,
+                Pick::Empty => {
+                    return Finished::Refused(Refusal::Gate(GateError::new(
+                        503,
+                        "no Gemini API key is configured",
+                    )))
+                }
+                Pick::Exhausted {
+                    retry_at_ms,
+                    cooling,
+                    disabled,
+                } => match last {
+                    Some(f) => return Finished::Refused(Refusal::Upstream(f)),
+                    None => {
+                        let what = if req.model.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" for {}", req.model)
+                        };
+                        let e = GateError::new(503, format!("no usable Gemini API key{what}: {cooling} cooling down after quota errors, {disabled} disabled"))
+                            .retry_after(retry_at_ms.map(|at| seconds_until(at, now)));
+                        return Finished::Refused(Refusal::Gate(e));
+                    }
+                },
+            };
+            tried.push(index);
+            let key = gen.pool.get(index);
+            x.attempts += 1;
+            x.key = Some(key.spec.id.clone());
+            let _lease = gen.pool.lease(index, now);
+            let sink_now = match &mut sink {
+                Sink::Client(s) => Sink::Client(s),
+                Sink::Collect => Sink::Collect,
+            };
+            match self.attempt(gen, req, index, sink_now, x).await {
+                Ok(finished) => return finished,
+                Err(failure) => {
+                    let verdict = gen.pool.record_failure(
+                        index,
+                        &req.model,
+                        failure.class,
+                        &failure.message,
+                        now_ms(),
+                    );
+                    tracing::debug!(id = %x.id, key = %key.spec.id, attempt = x.attempts, status = failure.status, class = failure.class.as_str(), ?verdict, message = %failure.message, "attempt failed");
+                    x.class = Some(failure.class.as_str());
+                    if !failure.class.retryable() {
+                        return Finished::Refused(Refusal::Upstream(failure));
+                    }
+                    last = Some(failure);
+                }
+            }
+        }
+        match last {
+            Some(f) => Finished::Refused(Refusal::Upstream(f)),
+            None => Finished::Refused(Refusal::Gate(GateError::new(
+                503,
+                "no attempt was possible",
+            ))),
+        }
+    }
+
+    /// One attempt with key `index`. `Err` means nothing reached the client and the caller may
+    /// try another key.
+    async fn attempt(
+        &self,
+        gen: &Generation,
+        req: &UpstreamRequest,
+        index: usize,
+        sink: Sink<'_>,
+        x: &mut Exchange,
+    ) -> Result<Finished, Failure> {
+        let peer = gen
+            .target
+            .peer()
+            .await
+            .map_err(|m| Failure::network(ErrorClass::Network, m))?;
+        let key = &gen.pool.get(index).spec;
+        let mut header = req.header.clone();
+        header
+            .insert_header("x-goog-api-key", key.secret.expose())
+            .map_err(|_| {
+                Failure::network(
+                    ErrorClass::Network,
+                    format!("key {} is not a valid header value", key.id),
+                )
+            })?;
+        let mut fresh_retry = true;
+        let mut up = loop {
+            let (mut up, reused) = self
+                .connector
+                .get_http_session(&*peer)
+                .await
+                .map_err(Failure::from_pingora)?;
+            // NOTE: pingora's connector does not apply the peer's read/write timeouts to the
+            // session it hands out; its proxy sets them per request, and so do we.
+            up.set_read_timeout(Some(gen.config.timeout));
+            up.set_write_timeout(Some(gen.config.timeout));
+            match send_request(&mut up, &header, &req.body).await {
+                Ok(()) => break up,
+                // A pooled connection the server closed meanwhile: not the key's fault, and not
+                // an attempt; try once more on a fresh connection.
+                Err(e) if reused && fresh_retry && e.etype() != &ErrorType::ReadTimedout => {
+                    fresh_retry = false
+                }
+                Err(e) => return Err(Failure::from_pingora(e)),
+            }
+        };
+        let status = up.response_header().map_or(0, |h| h.status.as_u16());
+        if !(200..300).contains(&status) {
+            let (body, _) = read_to_end(&mut up, ERROR_BODY_LIMIT).await;
+            let content_type = up
+                .response_header()
+                .and_then(|h| h.headers.get(header::CONTENT_TYPE).cloned());
+            self.connector
+                .release_http_session(up, &*peer, Some(IDLE_TIMEOUT))
+                .await;
+            let body = redact(body, key.secret.expose());
+            return Err(Failure {
+                class: classify(status, &body),
+                status,
+                message: error_message(&body).unwrap_or_else(|| format!("HTTP {status}")),
+                body,
+                content_type,
+            });
+        }
+        gen.pool.record_success(index);
+        x.status = status;
+        x.class = None;
+        let result = match sink {
+            Sink::Collect => {
+                let (body, complete) = read_to_end(&mut up, COLLECT_LIMIT).await;
+                if !complete {
+                    return Err(Failure::network(
+                        ErrorClass::Network,
+                        "the upstream's answer broke off",
+                    ));
+                }
+                Ok(Finished::Collected(body))
+            }
+            Sink::Client(s) => relay(s, &mut up, req, x).await,
+        };
+        self.connector
+            .release_http_session(up, &*peer, Some(IDLE_TIMEOUT))
+            .await;
+        result
+    }
+
+    /// Answers a refused request: gemgate's own error, or the upstream's, as Google sent it.
+    async fn refuse(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+        refusal: Refusal,
+    ) -> Outcome {
+        match refusal {
+            Refusal::Gate(e) => send_gate(s, x, &e).await,
+            Refusal::Upstream(f) if f.status != 0 && !f.body.is_empty() => {
+                x.class = Some(f.class.as_str());
+                let mut h = response_header(f.status, x);
+                let ct = f
+                    .content_type
+                    .unwrap_or(HeaderValue::from_static("application/json; charset=UTF-8"));
+                let _ = h.insert_header(header::CONTENT_TYPE, ct);
+                if f.status == 429 {
+                    if let Pick::Exhausted {
+                        retry_at_ms: Some(at),
+                        ..
+                    } = gen.pool.pick(
+                        x.model.as_str(),
+                        &(0..gen.pool.keys().len()).collect::<Vec<_>>(),
+                        now_ms(),
+                    ) {
+                        let _ = h.insert_header(header::RETRY_AFTER, seconds_until(at, now_ms()));
+                    }
+                }
+                write_full(s, h, f.body).await
+            }
+            Refusal::Upstream(f) => {
+                x.class = Some(f.class.as_str());
+                let e = match f.class {
+                    ErrorClass::Timeout => GateError::new(
+                        504,
+                        format!("the Gemini API did not answer in time ({})", f.message),
+                    ),
+                    _ if f.status != 0 => GateError::new(f.status, f.message),
+                    _ => GateError::new(502, format!("cannot reach the Gemini API: {}", f.message)),
+                };
+                send_gate(s, x, &e).await
+            }
+        }
+    }
+}
+
+impl Failure {
+    fn network(class: ErrorClass, message: impl Into<String>) -> Failure {
+        Failure {
+            class,
+            status: 0,
+            body: Bytes::new(),
+            content_type: None,
+            message: message.into(),
+        }
+    }
+
+    fn from_pingora(e: Box<pingora::Error>) -> Failure {
+        let class = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => ErrorClass::Timeout,
+            _ => ErrorClass::Network,
+        };
+        Failure::network(class, e.to_string().trim())
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for Gateway {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut s: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match s.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                tracing::debug!("bad request from client: {e}");
+                return None;
+            }
+        }
+        s.set_keepalive(if *shutdown.borrow() { None } else { Some(75) });
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let mut x = Exchange::new(s.req_header());
+        let outcome = self.handle(&mut s, &mut x).await;
+        x.log();
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if outcome == Outcome::Close {
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&s);
+        match s.finish().await {
+            Ok(stream) => stream.map(|st| ReusedHttpStream::from_reusable_stream(st, settings)),
+            Err(_) => None,
+        }
+    }
+}
+
+impl Exchange {
+    fn new(req: &RequestHeader) -> Exchange {
+        let id = req
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map_or_else(|| format!("{:016x}", fastrand::u64(..)), str::to_owned);
+        Exchange {
+            id,
+            started: Instant::now(),
+            client: None,
+            model: String::new(),
+            action: String::new(),
+            key: None,
+            attempts: 0,
+            status: 0,
+            class: None,
+            ttfb: None,
+        }
+    }
+
+    fn log(&self) {
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let ttfb_ms = self.ttfb.map(|t| t.as_secs_f64() * 1000.0);
+        if self.action == "health" {
+            tracing::debug!(target: "gemgate::access", id = %self.id, status = self.status, "health");
+            return;
+        }
+        tracing::info!(
+            target: "gemgate::access",
+            id = %self.id,
+            client = self.client.as_deref().unwrap_or("-"),
+            model = %self.model,
+            action = %self.action,
+            key = self.key.as_deref().unwrap_or("-"),
+            status = self.status,
+            class = self.class.unwrap_or("-"),
+            attempts = self.attempts,
+            latency_ms = format_args!("{latency_ms:.2}"),
+            ttfb_ms = ttfb_ms.map(|t| format!("{t:.2}")).as_deref().unwrap_or("-"),
+            "request"
+        );
+    }
+}
+
+/// Checks the client's token; returns its name.
+fn authenticate<'g>(gen: &'g Generation, req: &RequestHeader) -> Result<&'g str, Refusal> {
+    let deny = |m: &str| Refusal::Gate(GateError::new(401, m));
+    if gen.tokens.is_empty() {
+        return Err(deny(
+            "no client token is configured on this gateway: set ALLOWED_TOKENS",
+        ));
+    }
+    let presented = auth::credential(
+        req.uri.query(),
+        req.headers.get("x-goog-api-key").map(HeaderValue::as_bytes),
+        req.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+    )
+    .ok_or_else(|| deny("missing API key: pass your gemgate token as ?key=, x-goog-api-key or Authorization: Bearer"))?;
+    gen.tokens
+        .check(&presented)
+        .ok_or_else(|| deny("API key not valid. Please pass a valid gemgate token."))
+}
+
+/// Reads the whole request body, refusing it with 413 past `limit`.
+async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> {
+    let too_large = |s: &mut ServerSession| {
+        // The rest of the body stays unread: the connection cannot be reused.
+        s.set_keepalive(None);
+        Refusal::Gate(GateError::new(
+            413,
+            format!("request body is larger than the limit of {limit} bytes"),
+        ))
+    };
+    let declared = s
+        .req_header()
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large(s));
+    }
+    let expects_continue = s
+        .req_header()
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        let _ = s.write_continue_response().await;
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    loop {
+        match s.read_request_body().await {
+            Ok(Some(chunk)) => {
+                let have = first.as_ref().map_or(0, Bytes::len) + buf.len();
+                if (have + chunk.len()) as u64 > limit {
+                    return Err(too_large(s));
+                }
+                match first.take() {
+                    None if buf.is_empty() => first = Some(chunk),
+                    Some(f) => {
+                        buf.extend_from_slice(&f);
+                        buf.extend_from_slice(&chunk);
+                    }
+                    None => buf.extend_from_slice(&chunk),
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                s.set_keepalive(None);
+                return Err(Refusal::Gate(GateError::new(
+                    400,
+                    format!("cannot read the request body: {e}"),
+                )));
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// Hop-by-hop and credential headers: never forwarded upstream.
+fn skip_request_header(name: &str) -> bool {
+    matches!(
+        name,
+        "host"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "expect"
+            | "content-length"
+            | "authorization"
+            | "x-goog-api-key"
+            | "cookie"
+            // The answer must stay readable by gemgate (error classification, usage).
+            | "accept-encoding"
+    )
+}
+
+/// The upstream request header without a key: built once per request, cloned per attempt.
+fn upstream_header(
+    gen: &Generation,
+    client: &RequestHeader,
+    path: &str,
+    query: &str,
+    body_len: usize,
+) -> Result<RequestHeader, Refusal> {
+    let target = if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    };
+    let bad = |_| Refusal::Gate(GateError::new(400, "the request path cannot be forwarded"));
+    let mut h = RequestHeader::build(
+        client.method.clone(),
+        target.as_bytes(),
+        Some(client.headers.len() + 4),
+    )
+    .map_err(bad)?;
+    let _ = h.insert_header(header::HOST, gen.target.base.authority.as_str());
+    for (name, value) in client.headers.iter() {
+        if !skip_request_header(name.as_str()) {
+            let _ = h.append_header(name.clone(), value.clone());
+        }
+    }
+    if client.method == http::Method::POST || body_len > 0 {
+        let _ = h.insert_header(header::CONTENT_LENGTH, body_len);
+    }
+    for (name, value) in &gen.config.custom_headers {
+        let _ = h.insert_header(name.clone(), value.clone());
+    }
+    Ok(h)
+}
+
+/// Removes the client's `key=` credential from a query string.
+fn strip_key_param(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("key="))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+async fn send_request(
+    up: &mut HttpSession,
+    header: &RequestHeader,
+    body: &Bytes,
+) -> pingora::Result<()> {
+    up.write_request_header(Box::new(header.clone())).await?;
+    if !body.is_empty() {
+        up.write_request_body(body.clone(), true).await?;
+    }
+    up.finish_request_body().await?;
+    up.read_response_header().await
+}
+
+/// Reads an upstream body up to `limit` bytes; the flag says whether it was read to its end.
+async fn read_to_end(up: &mut HttpSession, limit: usize) -> (Bytes, bool) {
+    let mut buf = BytesMut::new();
+    loop {
+        match up.read_response_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return (buf.freeze(), false);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return (buf.freeze(), true),
+            Err(_) => return (buf.freeze(), false),
+        }
+    }
+}
+
+/// Relays a 2xx answer to the client as it arrives. Nothing is written to the client until the
+/// first chunk is in hand, so an upstream that fails before that is retried on another key.
+async fn relay(
+    s: &mut ServerSession,
+    up: &mut HttpSession,
+    req: &UpstreamRequest,
+    x: &mut Exchange,
+) -> Result<Finished, Failure> {
+    let upstream = up.response_header().expect("the response header was read");
+    let mut head = response_header(upstream.status.as_u16(), x);
+    for (name, value) in upstream.headers.iter() {
+        let n = name.as_str();
+        let hop = matches!(
+            n,
+            "connection"
+                | "keep-alive"
+                | "transfer-encoding"
+                | "proxy-connection"
+                | "upgrade"
+                | "te"
+                | "trailer"
+        );
+        if !(hop || req.stream && n == "content-length" || n == "x-request-id") {
+            let _ = head.append_header(name.clone(), value.clone());
+        }
+    }
+    if head.headers.get(header::CONTENT_LENGTH).is_none() {
+        // NOTE: pingora falls back to a close-delimited body when a response has neither
+        // length nor chunking; say chunked so the connection stays reusable.
+        let _ = head.insert_header(header::TRANSFER_ENCODING, "chunked");
+    }
+    let mut head = Some(head);
+    let mut framer = req.sse.then(sse::EventFramer::default);
+    loop {
+        match up.read_response_body().await {
+            Ok(Some(chunk)) => {
+                let ready = match &mut framer {
+                    Some(f) => f.push(chunk),
+                    None => chunk,
+                };
+                if ready.is_empty() {
+                    continue;
+                }
+                if let Some(h) = head.take() {
+                    x.ttfb = Some(x.started.elapsed());
+                    if s.write_response_header(Box::new(h)).await.is_err() {
+                        return Ok(Finished::Relayed(Outcome::Close));
+                    }
+                }
+                if s.write_response_body(ready, false).await.is_err() {
+                    x.class = Some("client_gone");
+                    return Ok(Finished::Relayed(Outcome::Close));
+                }
+            }
+            Ok(None) => {
+                let rest = framer
+                    .as_mut()
+                    .map(sse::EventFramer::finish)
+                    .unwrap_or_default();
+                if head.is_some() && req.stream && rest.is_empty() {
+                    return Err(Failure::network(
+                        ErrorClass::Network,
+                        "the upstream ended the stream before sending anything",
+                    ));
+                }
+                if let Some(h) = head.take() {
+                    x.ttfb = Some(x.started.elapsed());
+                    if s.write_response_header(Box::new(h)).await.is_err() {
+                        return Ok(Finished::Relayed(Outcome::Close));
+                    }
+                }
+                let done = s.write_response_body(rest, true).await;
+                return Ok(Finished::Relayed(if done.is_ok() {
+                    Outcome::Reuse
+                } else {
+                    Outcome::Close
+                }));
+            }
+            Err(e) => {
+                if head.is_some() {
+                    return Err(Failure::from_pingora(e));
+                }
+                // Bytes have gone out: never start the answer again. SSE clients get an error
+                // event and a clean end; other clients see the connection break off.
+                x.class = Some("stream_interrupted");
+                tracing::warn!(id = %x.id, "upstream stream interrupted: {}", e.to_string().trim());
+                if !req.sse {
+                    return Ok(Finished::Relayed(Outcome::Close));
+                }
+                let event = GateError::new(
+                    502,
+                    format!(
+                        "the upstream stream was interrupted: {}",
+                        e.etype().as_str()
+                    ),
+                );
+                let mut data = BytesMut::from(&b"data: "[..]);
+                data.extend_from_slice(&event.gemini_body());
+                data.extend_from_slice(b"\r\n\r\n");
+                let done = s.write_response_body(data.freeze(), true).await;
+                return Ok(Finished::Relayed(if done.is_ok() {
+                    Outcome::Reuse
+                } else {
+                    Outcome::Close
+                }));
+            }
+        }
+    }
+}
+
+fn response_header(status: u16, x: &mut Exchange) -> ResponseHeader {
+    x.status = status;
+    let mut h = ResponseHeader::build(status, Some(8)).expect("valid status");
+    let _ = h.insert_header("x-request-id", x.id.as_str());
+    h
+}
+
+async fn send_gate(s: &mut ServerSession, x: &mut Exchange, e: &GateError) -> Outcome {
+    let mut h = response_header(e.status, x);
+    let _ = h.insert_header(header::CONTENT_TYPE, "application/json; charset=UTF-8");
+    if let Some(secs) = e.retry_after_s {
+        let _ = h.insert_header(header::RETRY_AFTER, secs);
+    }
+    write_full(s, h, e.gemini_body()).await
+}
+
+async fn send(s: &mut ServerSession, x: &mut Exchange, status: u16, json: Bytes) -> Outcome {
+    let mut h = response_header(status, x);
+    let _ = h.insert_header(header::CONTENT_TYPE, "application/json; charset=UTF-8");
+    write_full(s, h, json).await
+}
+
+async fn write_full(s: &mut ServerSession, mut h: ResponseHeader, body: Bytes) -> Outcome {
+    let _ = h.insert_header(header::CONTENT_LENGTH, body.len());
+    if s.write_response_header(Box::new(h)).await.is_err()
+        || s.write_response_body(body, true).await.is_err()
+    {
+        return Outcome::Close;
+    }
+    Outcome::Reuse
+}
+
+/// Replaces any occurrence of `secret` in an upstream error body with its masked form: Google
+/// sometimes names the key in its message.
+fn redact(body: Bytes, secret: &str) -> Bytes {
+    if secret.is_empty() || memchr::memmem::find(&body, secret.as_bytes()).is_none() {
+        return body;
+    }
+    let masked = config::mask(secret);
+    let text = String::from_utf8_lossy(&body).replace(secret, &masked);
+    Bytes::from(text)
+}
+
+/// Google's `error.message`, for logs.
+fn error_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.pointer("/error/message")?.as_str().map(str::to_owned)
+}
+
+fn is_filtered(gen: &Generation, model: &serde_json::Value) -> bool {
+    let name = model
+        .get("name")
+        .and_then(|n| n.as_str())
+        .unwrap_or_default();
+    gen.config
+        .filtered_models
+        .contains(config::model_name(name))
+}
+
+/// Removes filtered models from one page of a model list.
+fn filter_models(gen: &Generation, page: &[u8]) -> Option<Bytes> {
+    if gen.config.filtered_models.is_empty() {
+        return None;
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(page).ok()?;
+    v.get_mut("models")?
+        .as_array_mut()?
+        .retain(|m| !is_filtered(gen, m));
+    Some(Bytes::from(v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_param_is_stripped() {
+        assert_eq!(strip_key_param("alt=sse&key=sk-1"), "alt=sse");
+        assert_eq!(strip_key_param("key=sk-1"), "");
+        assert_eq!(
+            strip_key_param("pageSize=5&monkey=1"),
+            "pageSize=5&monkey=1"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_error_bodies() {
+        let body =
+            Bytes::from_static(b"Consumer 'api_key:AIzaSyABCDEFGHIJKLMNOP' has been suspended.");
+        let out = redact(body, "AIzaSyABCDEFGHIJKLMNOP");
+        assert_eq!(
+            &out[..],
+            "Consumer 'api_key:AIzaSy…MNOP' has been suspended.".as_bytes()
+        );
+    }
+}

@@ -1,0 +1,124 @@
+//! Routing: which gemgate route a request path names.
+
+use http::Method;
+
+/// A Gemini-native call, with the path prefix (`/v1beta` or `/gemini/v1beta`) removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NativeCall {
+    /// `GET models`
+    ListModels,
+    /// `GET models/{model}`
+    GetModel { model: String },
+    /// `POST models/{model}:{action}`
+    Action { model: String, action: String },
+}
+
+impl NativeCall {
+    pub fn model(&self) -> &str {
+        match self {
+            NativeCall::ListModels => "",
+            NativeCall::GetModel { model } | NativeCall::Action { model, .. } => model,
+        }
+    }
+
+    /// Whether the answer is a stream of events.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, NativeCall::Action { action, .. } if action == "streamGenerateContent")
+    }
+
+    pub fn method(&self) -> Method {
+        match self {
+            NativeCall::ListModels | NativeCall::GetModel { .. } => Method::GET,
+            NativeCall::Action { .. } => Method::POST,
+        }
+    }
+
+    /// The action's name, for logs (`models.list`, `generateContent`, …).
+    pub fn action(&self) -> &str {
+        match self {
+            NativeCall::ListModels => "models.list",
+            NativeCall::GetModel { .. } => "models.get",
+            NativeCall::Action { action, .. } => action,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    Native(NativeCall),
+    /// A path gemgate does not serve.
+    NotFound,
+}
+
+/// Maps a request path (without the query) to a route.
+pub fn route(path: &str) -> Route {
+    if path == "/health" {
+        return Route::Health;
+    }
+    let rest = path.strip_prefix("/gemini").unwrap_or(path);
+    let Some(rest) = rest.strip_prefix("/v1beta/") else {
+        return Route::NotFound;
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest == "models" {
+        return Route::Native(NativeCall::ListModels);
+    }
+    let Some(name) = rest.strip_prefix("models/") else {
+        return Route::NotFound;
+    };
+    // Some clients escape the colon.
+    let name = name.replace("%3A", ":").replace("%3a", ":");
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    };
+    match name.split_once(':') {
+        None if valid(&name) => Route::Native(NativeCall::GetModel { model: name }),
+        Some((model, action))
+            if valid(model)
+                && !action.is_empty()
+                && action.bytes().all(|b| b.is_ascii_alphabetic()) =>
+        {
+            Route::Native(NativeCall::Action {
+                model: model.to_owned(),
+                action: action.to_owned(),
+            })
+        }
+        _ => Route::NotFound,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_paths() {
+        assert_eq!(
+            route("/v1beta/models"),
+            Route::Native(NativeCall::ListModels)
+        );
+        assert_eq!(
+            route("/gemini/v1beta/models/"),
+            Route::Native(NativeCall::ListModels)
+        );
+        assert_eq!(
+            route("/v1beta/models/gemini-2.5-flash"),
+            Route::Native(NativeCall::GetModel {
+                model: "gemini-2.5-flash".into()
+            })
+        );
+        let call = route("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent");
+        assert!(
+            matches!(&call, Route::Native(c) if c.is_stream() && c.model() == "gemini-2.5-flash")
+        );
+        assert_eq!(route("/health"), Route::Health);
+        assert_eq!(
+            route("/v1beta/models/../x:generateContent"),
+            Route::NotFound
+        );
+        assert_eq!(route("/v2/models"), Route::NotFound);
+    }
+}

@@ -1,0 +1,243 @@
+//! Test harness: the fake Gemini upstream in-process, gemgate as a child process (started as a
+//! user would start it), both on loopback ports.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use gemgate::fake::{Behaviour, FakeConfig, FakeUpstream};
+pub use serde_json::{json, Value};
+
+pub const TOKEN: &str = "sk-test-token";
+
+/// A gemgate process with its own working directory.
+pub struct Gate {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// How to start gemgate: config text, environment, and an optional `.env` file.
+pub struct GateBuilder {
+    toml: String,
+    env: Vec<(String, String)>,
+    dotenv: Option<String>,
+}
+
+pub fn gate() -> GateBuilder {
+    GateBuilder {
+        toml: String::new(),
+        env: vec![("ALLOWED_TOKENS".into(), TOKEN.into())],
+        dotenv: None,
+    }
+}
+
+impl GateBuilder {
+    /// Points gemgate at `fake` with these keys.
+    pub fn upstream(self, fake: &FakeUpstream, keys: &[&str]) -> Self {
+        self.env("BASE_URL", &fake.base_url())
+            .env("API_KEYS", &serde_json::to_string(keys).unwrap())
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn without_env(mut self, name: &str) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self
+    }
+
+    pub fn toml(mut self, text: &str) -> Self {
+        self.toml = text.into();
+        self
+    }
+
+    pub fn dotenv(mut self, text: &str) -> Self {
+        self.dotenv = Some(text.into());
+        self
+    }
+
+    pub async fn start(self) -> Gate {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gemgate.toml"), &self.toml).unwrap();
+        if let Some(text) = &self.dotenv {
+            std::fs::write(dir.path().join(".env"), text).unwrap();
+        }
+        let addr = free_addr();
+        let log = std::fs::File::create(dir.path().join("gemgate.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gemgate"))
+            .arg("--config")
+            .arg(dir.path().join("gemgate.toml"))
+            .current_dir(dir.path())
+            .env_clear()
+            .env("GEMGATE_LISTEN", addr.to_string())
+            .env("GEMGATE_THREADS", "2")
+            .env("GEMGATE_DATA_DIR", dir.path().join("data"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start gemgate");
+        let mut gate = Gate {
+            addr,
+            dir,
+            child: Some(child),
+        };
+        gate.wait_ready().await;
+        gate
+    }
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+impl Gate {
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gemgate exited early ({status}):\n{}", self.logs());
+            }
+            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("gemgate did not start listening:\n{}", self.logs());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gemgate.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (log lines are written asynchronously).
+    pub async fn wait_log(&self, needle: &str) -> String {
+        for _ in 0..100 {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("log never showed {needle:?}:\n{}", self.logs());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("gemgate did not exit within {within:?}:\n{}", self.logs());
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gemgate.toml")
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A generateContent body asking for `text`.
+pub fn ask(text: &str) -> Value {
+    json!({ "contents": [{ "role": "user", "parts": [{ "text": text }] }] })
+}
+
+/// The answer text of a generateContent response.
+pub fn answer_text(v: &Value) -> String {
+    v["candidates"][0]["content"]["parts"]
+        .as_array()
+        .map(|parts| parts.iter().filter_map(|p| p["text"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+pub async fn fake() -> FakeUpstream {
+    FakeUpstream::start(FakeConfig::default()).await.unwrap()
+}
+
+pub async fn fake_with(config: FakeConfig) -> FakeUpstream {
+    FakeUpstream::start(config).await.unwrap()
+}
+
+/// POSTs `body` to `path` with the test token; returns status, headers and parsed JSON.
+pub async fn post(
+    gate: &Gate,
+    path: &str,
+    body: &Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let resp = client()
+        .post(gate.url(path))
+        .header("x-goog-api-key", TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, headers, v)
+}
+
+pub async fn get(gate: &Gate, path: &str) -> (u16, Value) {
+    let resp = client()
+        .get(gate.url(path))
+        .header("x-goog-api-key", TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")),
+    )
+}
+
+pub const GENERATE: &str = "/v1beta/models/gemini-2.5-flash:generateContent";

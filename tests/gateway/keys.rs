@@ -1,0 +1,271 @@
+//! The key pool and DESIGN.md's error taxonomy, row by row.
+
+use crate::common::*;
+
+/// Sends `n` generateContent requests for `model`; all must succeed.
+async fn succeed(gate: &Gate, model: &str, n: usize) {
+    for _ in 0..n {
+        let (status, _, v) = post(
+            gate,
+            &format!("/v1beta/models/{model}:generateContent"),
+            &ask("hi"),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}\n{}", gate.logs());
+    }
+}
+
+#[tokio::test]
+async fn round_robin_spreads_requests() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1", "good-2", "good-3"])
+        .start()
+        .await;
+    succeed(&gate, "gemini-2.5-flash", 9).await;
+    for key in ["good-1", "good-2", "good-3"] {
+        assert_eq!(fake.state.key_stats(key).requests, 3, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn invalid_keys_are_retried_elsewhere_then_disabled() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["invalid-1", "good-2"])
+        .env("MAX_FAILURES", "2")
+        .start()
+        .await;
+    succeed(&gate, "gemini-2.5-flash", 8).await;
+    // Two consecutive key faults disable it: it is never tried again, for any model.
+    assert_eq!(fake.state.key_stats("invalid-1").requests, 2);
+    succeed(&gate, "gemini-2.5-pro", 4).await;
+    assert_eq!(fake.state.key_stats("invalid-1").requests, 2);
+    assert_eq!(fake.state.key_stats("good-2").requests, 12);
+}
+
+#[tokio::test]
+async fn a_success_resets_the_failure_count() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["flip-1"])
+        .env("MAX_FAILURES", "2")
+        .env("MAX_RETRIES", "1")
+        .start()
+        .await;
+    // Faults that never come twice in a row never disable the key.
+    for (behaviour, expect) in [
+        (Behaviour::Invalid, 400),
+        (Behaviour::Valid, 200),
+        (Behaviour::Invalid, 400),
+        (Behaviour::Valid, 200),
+    ] {
+        fake.state.set_behaviour("flip-1", behaviour);
+        let (status, _, _) = post(&gate, GENERATE, &ask("hi")).await;
+        assert_eq!(status, expect);
+    }
+    // Two in a row do.
+    fake.state.set_behaviour("flip-1", Behaviour::Invalid);
+    for expect in [400, 400, 503] {
+        let (status, _, _) = post(&gate, GENERATE, &ask("hi")).await;
+        assert_eq!(status, expect);
+    }
+    assert_eq!(fake.state.key_stats("flip-1").requests, 6);
+}
+
+#[tokio::test]
+async fn suspended_keys_are_disabled_and_never_echoed() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["suspended-AIzaSyVerySecretKey0001"])
+        .env("MAX_FAILURES", "1")
+        .start()
+        .await;
+    let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 403, "Google's status after the last attempt");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("has been suspended"),
+        "Google's message is kept: {message}"
+    );
+    assert!(
+        !v.to_string().contains("VerySecretKey0001"),
+        "the key was echoed: {v}"
+    );
+    // Disabled now: no key is usable.
+    let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 503);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 disabled"),
+        "{v}"
+    );
+    assert_eq!(
+        fake.state
+            .key_stats("suspended-AIzaSyVerySecretKey0001")
+            .requests,
+        1
+    );
+}
+
+#[tokio::test]
+async fn minute_quota_cools_the_key_for_that_model_only() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["minute-1", "good-2"])
+        .start()
+        .await;
+    succeed(&gate, "gemini-2.5-flash", 6).await;
+    assert_eq!(
+        fake.state.key_stats("minute-1").requests,
+        1,
+        "cooling for gemini-2.5-flash"
+    );
+    // Another model's quota is separate: the key is tried for it.
+    succeed(&gate, "gemini-2.5-pro", 2).await;
+    assert_eq!(fake.state.key_stats("minute-1").requests, 2);
+    // MAX_FAILURES does not count quota answers: the key is cooling, not disabled.
+    assert!(!gate.logs().contains("key disabled"));
+}
+
+#[tokio::test]
+async fn no_usable_key_answers_503_with_retry_after() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["minute-1"]).start().await;
+    let (status, headers, v) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 429, "the last upstream status: {v}");
+    assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED");
+    let (status, headers2, v) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 503, "{v}");
+    for h in [&headers, &headers2] {
+        let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(
+            (40..=47).contains(&retry),
+            "Retry-After {retry} should follow RetryInfo's 47s"
+        );
+    }
+    assert_eq!(fake.state.key_stats("minute-1").requests, 1);
+}
+
+#[tokio::test]
+async fn daily_quota_cools_until_midnight_pacific() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["day-1"]).start().await;
+    let (status, _, _) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 429);
+    let (status, headers, _) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 503);
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        retry > 60 && retry <= 25 * 3600,
+        "Retry-After {retry}s should reach the next Pacific midnight"
+    );
+}
+
+#[tokio::test]
+async fn bare_429_cools_for_a_minute() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["bare429-1"]).start().await;
+    post(&gate, GENERATE, &ask("hi")).await;
+    let (status, headers, _) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 503);
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((55..=60).contains(&retry), "{retry}");
+}
+
+#[tokio::test]
+async fn server_errors_retry_without_penalty() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["overloaded-1", "good-2"])
+        .env("MAX_FAILURES", "1")
+        .start()
+        .await;
+    succeed(&gate, "gemini-2.5-flash", 6).await;
+    // Still tried: a 503 is Google's fault, not the key's.
+    assert!(
+        fake.state.key_stats("overloaded-1").requests >= 3,
+        "{:?}",
+        fake.state.requests_by_key()
+    );
+}
+
+#[tokio::test]
+async fn the_last_failure_reaches_the_client_as_google_sent_it() {
+    let fake = fake().await;
+    let keys = [
+        "overloaded-1",
+        "overloaded-2",
+        "overloaded-3",
+        "overloaded-4",
+        "overloaded-5",
+    ];
+    let gate = gate()
+        .upstream(&fake, &keys)
+        .env("MAX_RETRIES", "3")
+        .start()
+        .await;
+    let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        v["error"]["message"],
+        "The model is overloaded. Please try again later."
+    );
+    assert_eq!(
+        fake.state.total_requests(),
+        3,
+        "MAX_RETRIES bounds the attempts"
+    );
+}
+
+#[tokio::test]
+async fn client_errors_pass_straight_through() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1", "good-2"])
+        .env("MAX_FAILURES", "1")
+        .start()
+        .await;
+    let (status, _, v) = post(&gate, GENERATE, &json!({ "contents": [] })).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        v["error"]["message"],
+        "* GenerateContentRequest.contents: contents is not specified\n"
+    );
+    let (status, _, v) = post(
+        &gate,
+        "/v1beta/models/gemini-9-ultra:generateContent",
+        &ask("hi"),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("models/gemini-9-ultra is not found"));
+    assert_eq!(fake.state.total_requests(), 2, "no retry");
+    // No penalty: with MAX_FAILURES=1 a single penalty would have disabled a key.
+    succeed(&gate, "gemini-2.5-flash", 4).await;
+    assert_eq!(fake.state.key_stats("good-1").requests, 3);
+    assert_eq!(fake.state.key_stats("good-2").requests, 3);
+}
+
+#[tokio::test]
+async fn large_bodies_are_resent_whole_on_retry() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["overloaded-1", "good-2"])
+        .start()
+        .await;
+    let big = "x".repeat(1536 * 1024);
+    let (status, _, v) = post(&gate, GENERATE, &ask(&big)).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer_text(&v).len(), big.len() + "echo: ".len());
+    let received = fake.state.received();
+    assert_eq!(received.len(), 2, "one failed attempt, one retry");
+    assert_eq!(received[0].key.as_deref(), Some("overloaded-1"));
+    assert!(received[0].body_len > 1536 * 1024);
+    assert_eq!(received[0].body, received[1].body);
+}

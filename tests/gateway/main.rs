@@ -1,0 +1,8 @@
+//! Integration tests over real sockets: gemgate (a child process, started as a user starts it)
+//! in front of the fake Gemini upstream (in-process), both on loopback.
+
+mod common;
+mod first_run;
+mod keys;
+mod proxying;
+mod streaming;
