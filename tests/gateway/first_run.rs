@@ -42,7 +42,8 @@ async fn shipped_config_is_valid() {
 async fn check_names_the_bad_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("[upstream]\nmax_retries = \"three\"\n", &[], "max_retries"),
         ("[upstream]\nmax_retrys = 3\n", &[], "max_retrys"),
         ("[server]\nlisten = \"localhost\"\n", &[], "server.listen"),
