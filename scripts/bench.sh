@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Benchmark: requests/s and p50/p99 latency of native generateContent and SSE
+# streamGenerateContent calls, at concurrency 1 and 64, measured
+#   - directly against the fake Gemini upstream,
+#   - through gemgate,
+#   - through nginx proxy_pass (when nginx is installed), the bar gemgate aims for,
+# all on loopback, in one run. Bounded: each measurement lasts $DURATION seconds (default 5),
+# the whole run about 12 × $DURATION seconds plus the build.
+#
+#   scripts/bench.sh            # DURATION=10 scripts/bench.sh for steadier figures
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5}
+FAKE_PORT=${FAKE_PORT:-19100}
+GATE_PORT=${GATE_PORT:-18100}
+NGINX_PORT=${NGINX_PORT:-18200}
+TOKEN=bench-token
+
+scripts/bootstrap.sh
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "bench: installing wrk" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >/dev/null
+fi
+cargo build --release --locked --bins -q
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "bench: nothing listens on port $1" >&2
+  exit 1
+}
+
+target/release/gemgate-fake-upstream --listen "127.0.0.1:$FAKE_PORT" --threads 2 >"$work/fake.log" 2>&1 &
+pids+=($!)
+(
+  cd "$work"
+  GEMGATE_LISTEN="127.0.0.1:$GATE_PORT" GEMGATE_DATA_DIR="$work/data" \
+    API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS="$TOKEN" \
+    BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" LOG_LEVEL=info \
+    exec "$OLDPWD/target/release/gemgate"
+) >/dev/null 2>"$work/gemgate.log" &
+pids+=($!)
+
+have_nginx=0
+if command -v nginx >/dev/null 2>&1; then
+  have_nginx=1
+  cat >"$work/nginx.conf" <<NGINX
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx-body;
+  proxy_temp_path $work/nginx-proxy;
+  upstream fake { server 127.0.0.1:$FAKE_PORT; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://fake;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+NGINX
+  nginx -c "$work/nginx.conf" -p "$work" -g 'daemon on;' 2>/dev/null || have_nginx=0
+fi
+
+wait_port "$FAKE_PORT"
+wait_port "$GATE_PORT"
+[ "$have_nginx" = 1 ] && wait_port "$NGINX_PORT"
+
+body='{"contents":[{"role":"user","parts":[{"text":"Say hello to the benchmark"}]}]}'
+for mode in generate sse; do
+  for who in direct gemgate; do
+    key=bench-1; [ "$who" = gemgate ] && key=$TOKEN
+    path=/v1beta/models/gemini-2.5-flash:generateContent
+    [ "$mode" = sse ] && path="/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    cat >"$work/$mode-$who.lua" <<LUA
+wrk.method = "POST"
+wrk.path = "$path"
+wrk.body = '$body'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-goog-api-key"] = "$key"
+LUA
+  done
+done
+
+# Prints "req/s p50_ms p99_ms" for one wrk run.
+measure() { # port script connections
+  local threads=1; [ "$3" -gt 1 ] && threads=2
+  wrk -t"$threads" -c"$3" -d"${DURATION}s" --latency -s "$2" "http://127.0.0.1:$1" 2>&1 | awk '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
+    /Non-2xx/ { bad = $NF }
+    END { if (bad) printf "ERROR: %s non-2xx answers\n", bad; printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
+}
+
+declare -A R
+printf '\n%-9s %-8s %4s %10s %9s %9s\n' target call conc 'req/s' 'p50 ms' 'p99 ms'
+for mode in generate sse; do
+  for conc in 1 64; do
+    targets="direct gemgate"; [ "$have_nginx" = 1 ] && targets="$targets nginx"
+    for who in $targets; do
+      case $who in
+        direct) port=$FAKE_PORT; script="$work/$mode-direct.lua" ;;
+        gemgate) port=$GATE_PORT; script="$work/$mode-gemgate.lua" ;;
+        nginx) port=$NGINX_PORT; script="$work/$mode-direct.lua" ;;
+      esac
+      out=$(measure "$port" "$script" "$conc")
+      case $out in ERROR*) echo "$out" >&2; exit 1 ;; esac
+      R[$who-$mode-$conc]=$out
+      read -r rps p50 p99 <<<"$out"
+      printf '%-9s %-8s %4s %10s %9s %9s\n' "$who" "$mode" "$conc" "$rps" "$p50" "$p99"
+    done
+  done
+done
+
+echo
+echo "gemgate compared with calling the fake upstream directly:"
+for mode in generate sse; do
+  read -r _ d50 d99 <<<"${R[direct-$mode-1]}"
+  read -r _ g50 g99 <<<"${R[gemgate-$mode-1]}"
+  read -r drps _ _ <<<"${R[direct-$mode-64]}"
+  read -r grps _ _ <<<"${R[gemgate-$mode-64]}"
+  awk -v m="$mode" -v d50="$d50" -v d99="$d99" -v g50="$g50" -v g99="$g99" -v drps="$drps" -v grps="$grps" 'BEGIN {
+    printf "  %-8s added latency at c=1: p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %.0f%% of direct\n",
+      m, g50 - d50, g99 - d99, 100 * grps / drps }'
+  if [ "$have_nginx" = 1 ]; then
+    read -r n50 n99 <<<"$(echo "${R[nginx-$mode-1]}" | awk '{print $2, $3}')"
+    read -r nrps _ _ <<<"${R[nginx-$mode-64]}"
+    awk -v m="$mode" -v n50="$n50" -v n99="$n99" -v d50="$d50" -v d99="$d99" -v nrps="$nrps" -v drps="$drps" 'BEGIN {
+      printf "  %-8s nginx proxy_pass:       p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %.0f%% of direct\n",
+        m, n50 - d50, n99 - d99, 100 * nrps / drps }'
+  fi
+done
