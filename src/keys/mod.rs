@@ -249,6 +249,17 @@ impl KeyPool {
                 return Pick::Key(index);
             }
         }
+        let (retry_at_ms, cooling, disabled) = self.unavailable(model, now_ms);
+        Pick::Exhausted {
+            retry_at_ms,
+            cooling,
+            disabled,
+        }
+    }
+
+    /// Why keys cannot serve `model` now: the earliest cooldown end, how many keys are
+    /// cooling, and how many are disabled.
+    pub fn unavailable(&self, model: &str, now_ms: u64) -> (Option<u64>, usize, usize) {
         let (mut retry_at_ms, mut cooling, mut disabled) = (None::<u64>, 0, 0);
         for key in &self.keys {
             if key.state.is_disabled() {
@@ -258,11 +269,7 @@ impl KeyPool {
                 retry_at_ms = Some(retry_at_ms.map_or(until, |r| r.min(until)));
             }
         }
-        Pick::Exhausted {
-            retry_at_ms,
-            cooling,
-            disabled,
-        }
+        (retry_at_ms, cooling, disabled)
     }
 
     /// Marks key `index` in use until the lease is dropped.

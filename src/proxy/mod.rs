@@ -498,15 +498,9 @@ impl Gateway {
                     .unwrap_or(HeaderValue::from_static("application/json; charset=UTF-8"));
                 let _ = h.insert_header(header::CONTENT_TYPE, ct);
                 if f.status == 429 {
-                    if let Pick::Exhausted {
-                        retry_at_ms: Some(at),
-                        ..
-                    } = gen.pool.pick(
-                        x.model.as_str(),
-                        &(0..gen.pool.keys().len()).collect::<Vec<_>>(),
-                        now_ms(),
-                    ) {
-                        let _ = h.insert_header(header::RETRY_AFTER, seconds_until(at, now_ms()));
+                    let now = now_ms();
+                    if let (Some(at), ..) = gen.pool.unavailable(&x.model, now) {
+                        let _ = h.insert_header(header::RETRY_AFTER, seconds_until(at, now));
                     }
                 }
                 write_full(s, h, f.body).await

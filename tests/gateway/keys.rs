@@ -269,3 +269,44 @@ async fn large_bodies_are_resent_whole_on_retry() {
     assert!(received[0].body_len > 1536 * 1024);
     assert_eq!(received[0].body, received[1].body);
 }
+
+#[tokio::test]
+async fn timeouts_retry_elsewhere_without_penalty() {
+    let fake = fake_with(FakeConfig {
+        slow: std::time::Duration::from_secs(3),
+        ..FakeConfig::default()
+    })
+    .await;
+    let gate = gate()
+        .upstream(&fake, &["slow-1", "good-2"])
+        .env("TIME_OUT", "0.5")
+        .env("MAX_FAILURES", "1")
+        .start()
+        .await;
+    succeed(&gate, "gemini-2.5-flash", 3).await;
+    // Round-robin starts every request on slow-1: it stays in the pool.
+    assert_eq!(
+        fake.state.key_stats("slow-1").requests,
+        3,
+        "a timeout is no key fault"
+    );
+}
+
+#[tokio::test]
+async fn flaky_keys_keep_serving() {
+    let fake = fake_with(FakeConfig {
+        flaky_rate: 0.5,
+        ..FakeConfig::default()
+    })
+    .await;
+    let gate = gate()
+        .upstream(&fake, &["flaky-1", "flaky-2", "good-3"])
+        .env("MAX_FAILURES", "1")
+        .start()
+        .await;
+    succeed(&gate, "gemini-2.5-flash", 12).await;
+    assert!(
+        fake.state.key_stats("flaky-1").requests >= 4
+            && fake.state.key_stats("flaky-2").requests >= 4
+    );
+}
