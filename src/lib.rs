@@ -30,6 +30,13 @@ use proxy::Gateway;
 /// `grace_period`), then the process exits.
 pub fn run(config: Config) -> ! {
     let listen = config.listen.to_string();
+    // NOTE: pingora retries a busy address for a long while, quietly; an operator wants to be
+    // told at once. Probe the address first (and release it for pingora).
+    if let Err(e) = std::net::TcpListener::bind(config.listen) {
+        tracing::error!("cannot listen on {listen}: {e}");
+        telemetry::flush();
+        std::process::exit(1);
+    }
     let grace = config.grace_period;
     let conf = ServerConf {
         threads: config.threads,

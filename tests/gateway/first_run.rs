@@ -107,3 +107,23 @@ async fn settings_come_from_env_then_dotenv_then_file() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_busy_listen_address_fails_fast_and_says_so() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_gemgate"))
+        .env_clear()
+        .env("GEMGATE_LISTEN", &addr)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("cannot listen on") && text.contains(&addr),
+        "{text}"
+    );
+}

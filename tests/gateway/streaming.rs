@@ -258,3 +258,17 @@ async fn sigterm_lets_requests_in_flight_finish() {
         "exit waited for the whole grace period"
     );
 }
+
+#[tokio::test]
+async fn a_failed_tls_handshake_is_a_clear_502() {
+    // An https BASE_URL whose server speaks plain HTTP: the TLS path runs and fails cleanly.
+    let fake = fake().await;
+    let gate = gate()
+        .env("BASE_URL", &format!("https://{}/v1beta", fake.addr))
+        .env("API_KEYS", "good-1")
+        .start()
+        .await;
+    let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 502, "{v}");
+    assert_eq!(v["error"]["status"], "UNAVAILABLE");
+}
