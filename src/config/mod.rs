@@ -591,10 +591,10 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         if secret.is_empty() {
             continue;
         }
-        if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(invalid(
                 "keys.api_keys",
-                format!("key {} contains whitespace", mask(secret)),
+                format!("key {} has characters an API key cannot have", mask(secret)),
             ));
         }
         if !seen.insert(secret.to_owned()) {

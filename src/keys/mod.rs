@@ -164,6 +164,8 @@ impl KeyRegistry {
 pub struct Key {
     pub spec: KeySpec,
     pub state: Arc<KeyState>,
+    /// The secret as a ready `x-goog-api-key` value (marked sensitive).
+    pub header: http::HeaderValue,
 }
 
 /// The outcome of looking for a key.
@@ -206,9 +208,15 @@ impl KeyPool {
     pub fn new(specs: &[KeySpec], registry: &KeyRegistry, max_failures: u32) -> KeyPool {
         let keys = specs
             .iter()
-            .map(|spec| Key {
-                spec: spec.clone(),
-                state: registry.state(&spec.id),
+            .map(|spec| {
+                let mut header = http::HeaderValue::from_str(spec.secret.expose())
+                    .expect("config validation keeps keys to visible ASCII");
+                header.set_sensitive(true);
+                Key {
+                    spec: spec.clone(),
+                    state: registry.state(&spec.id),
+                    header,
+                }
             })
             .collect();
         KeyPool {
