@@ -40,6 +40,8 @@ use upstream::{Target, IDLE_TIMEOUT};
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
 /// Largest upstream answer gemgate buffers itself (model lists).
 const COLLECT_LIMIT: usize = 64 * 1024 * 1024;
+/// How long an oversized request body is drained after its 413.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound on model-list pages walked for one request.
 const MAX_MODEL_PAGES: usize = 50;
 
@@ -654,8 +656,9 @@ fn authenticate<'g>(gen: &'g Generation, req: &RequestHeader) -> Result<&'g str,
 /// Reads the whole request body, refusing it with 413 past `limit`.
 async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> {
     let too_large = |s: &mut ServerSession| {
-        // The rest of the body stays unread: the connection cannot be reused.
-        s.set_keepalive(None);
+        // Read and discard the rest after answering (bounded in time), so the client is not
+        // cut off mid-upload and gets to read the 413; pingora drains it in `finish`.
+        s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
         Refusal::Gate(GateError::new(
             413,
             format!("request body is larger than the limit of {limit} bytes"),
