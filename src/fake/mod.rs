@@ -135,6 +135,8 @@ pub struct FakeState {
     connections: AtomicU64,
     received: Mutex<VecDeque<Received>>,
     holds: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Bumped to close every open connection (as a server closing idle keep-alives does).
+    closer: Mutex<Option<tokio::sync::watch::Sender<u64>>>,
 }
 
 const KEEP_RECEIVED: usize = 64;
@@ -209,6 +211,20 @@ impl FakeState {
         self.connections.store(0, Relaxed);
     }
 
+    /// Closes every open connection, idle or not.
+    pub fn drop_connections(&self) {
+        if let Some(tx) = self.closer.lock().unwrap().as_ref() {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn closed_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        let mut closer = self.closer.lock().unwrap();
+        closer
+            .get_or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
     fn hold(&self, name: &str) -> Arc<Notify> {
         self.holds
             .lock()
@@ -269,15 +285,20 @@ async fn serve(listener: TcpListener, state: Arc<FakeState>) {
         let _ = stream.set_nodelay(true);
         state.connections.fetch_add(1, Relaxed);
         let state = state.clone();
+        let state_closer = state.clone();
         tokio::spawn(async move {
             let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
             let service = service_fn(move |req| {
                 let (state, seen) = (state.clone(), seen.clone());
                 async move { Ok::<_, Infallible>(handle(state, seen, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let mut closed = state_closer.closed_signal();
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = closed.changed() => {}
+            }
         });
     }
 }

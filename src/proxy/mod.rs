@@ -34,7 +34,7 @@ use crate::keys::{seconds_until, KeyPool, KeyRegistry, Pick};
 use auth::Tokens;
 use reply::GateError;
 use route::{NativeCall, Route};
-use upstream::{Target, IDLE_TIMEOUT};
+use upstream::Target;
 
 /// Largest upstream error body read for classification and relay.
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
@@ -414,9 +414,9 @@ impl Gateway {
         let key = gen.pool.get(index);
         let mut fresh_retry = true;
         let mut up = loop {
-            let (mut up, reused) = self
-                .connector
-                .get_http_session(&*peer)
+            let (mut up, reused) = gen
+                .target
+                .session(&self.connector, &peer)
                 .await
                 .map_err(Failure::from_pingora)?;
             // NOTE: pingora's connector does not apply the peer's read/write timeouts to the
@@ -443,9 +443,7 @@ impl Gateway {
             let content_type = up
                 .response_header()
                 .and_then(|h| h.headers.get(header::CONTENT_TYPE).cloned());
-            self.connector
-                .release_http_session(up, &*peer, Some(IDLE_TIMEOUT))
-                .await;
+            gen.target.release(up).await;
             let body = redact(body, key.spec.secret.expose());
             return Err(Failure {
                 class: classify(status, &body),
@@ -471,9 +469,7 @@ impl Gateway {
             }
             Sink::Client(s) => relay(s, &mut up, req, x).await,
         };
-        self.connector
-            .release_http_session(up, &*peer, Some(IDLE_TIMEOUT))
-            .await;
+        gen.target.release(up).await;
         result
     }
 

@@ -2,11 +2,14 @@
 //! request to it.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use pingora::protocols::ALPN;
+use pingora::connectors::http::Connector;
+use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::HttpSession as Http1Session;
+use pingora::protocols::{Stream, ALPN};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{BaseUrl, Config};
@@ -21,11 +24,21 @@ struct Resolved {
     at: Instant,
 }
 
-/// The upstream endpoint of one configuration: its URL and a cached, ready-to-use peer.
+/// The upstream endpoint of one configuration: its URL, a cached, ready-to-use peer, and its
+/// idle keep-alive connections.
 pub struct Target {
     pub base: BaseUrl,
     connect_timeout: Duration,
     resolved: ArcSwapOption<Resolved>,
+    /// Idle connections, most recently used last.
+    ///
+    /// NOTE: pingora's connector pool spawns a watcher task and a timer for every connection
+    /// it takes back, and wakes it again on reuse: that cost more CPU per request than all of
+    /// gemgate's own work. A plain stack is enough here: there is one upstream per generation,
+    /// a connection found closed on reuse is retried on a fresh one (see `Gateway::attempt`),
+    /// and connections idle past `IDLE_TIMEOUT` are dropped.
+    idle: Mutex<Vec<(Stream, Instant)>>,
+    pool_size: usize,
 }
 
 impl Target {
@@ -34,6 +47,8 @@ impl Target {
             base: config.base_url.clone(),
             connect_timeout: config.connect_timeout,
             resolved: ArcSwapOption::empty(),
+            idle: Mutex::new(Vec::new()),
+            pool_size: config.pool_size.max(1),
         };
         if let Ok(ip) = target.base.host.parse::<IpAddr>() {
             target.store(SocketAddr::new(ip, target.base.port));
@@ -93,5 +108,49 @@ impl Target {
             .next()
             .ok_or_else(|| format!("{} has no address", self.base.host))?;
         Ok(self.store(addr))
+    }
+}
+
+impl Target {
+    /// An upstream session: an idle pooled connection if there is one (`true`), else a new one.
+    pub async fn session(
+        &self,
+        connector: &Connector,
+        peer: &HttpPeer,
+    ) -> pingora::Result<(HttpSession, bool)> {
+        loop {
+            let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match popped {
+                Some((stream, since)) if since.elapsed() < IDLE_TIMEOUT => {
+                    return Ok((
+                        HttpSession::H1(Http1Session::new_with_options(stream, peer)),
+                        true,
+                    ));
+                }
+                Some(_) => continue, // idle too long: drop it
+                None => return connector.get_http_session(peer).await,
+            }
+        }
+    }
+
+    /// Takes a session back once its answer was read to the end; anything else is closed.
+    pub async fn release(&self, session: HttpSession) {
+        let HttpSession::H1(mut h1) = session else {
+            return;
+        };
+        h1.respect_keepalive();
+        let Some(stream) = h1.reuse().await else {
+            return;
+        };
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle
+            .first()
+            .is_some_and(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
+        {
+            idle.remove(0);
+        }
+        if idle.len() < self.pool_size {
+            idle.push((stream, Instant::now()));
+        }
     }
 }

@@ -146,6 +146,28 @@ async fn upstream_connections_are_pooled() {
 }
 
 #[tokio::test]
+async fn a_pooled_connection_closed_by_the_upstream_is_replaced_quietly() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("MAX_RETRIES", "1")
+        .env("MAX_FAILURES", "1")
+        .start()
+        .await;
+    let (status, _, _) = post(&gate, GENERATE, &ask("one")).await;
+    assert_eq!(status, 200);
+    fake.state.drop_connections();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let (status, _, v) = post(&gate, GENERATE, &ask("two")).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(fake.state.key_stats("good-1").requests, 4);
+    let logs = gate.wait_log("attempts=1").await;
+    assert!(!logs.contains("attempts=2"));
+}
+
+#[tokio::test]
 async fn oversized_bodies_get_413() {
     let fake = fake().await;
     let gate = gate()
