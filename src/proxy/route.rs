@@ -68,14 +68,20 @@ pub fn route(path: &str) -> Route {
         return Route::NotFound;
     };
     // Some clients escape the colon.
-    let name = name.replace("%3A", ":").replace("%3a", ":");
+    let name: std::borrow::Cow<str> = if name.contains('%') {
+        name.replace("%3A", ":").replace("%3a", ":").into()
+    } else {
+        name.into()
+    };
     let valid = |s: &str| {
         !s.is_empty()
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
     };
     match name.split_once(':') {
-        None if valid(&name) => Route::Native(NativeCall::GetModel { model: name }),
+        None if valid(&name) => Route::Native(NativeCall::GetModel {
+            model: name.into_owned(),
+        }),
         Some((model, action))
             if valid(model)
                 && !action.is_empty()
