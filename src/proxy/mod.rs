@@ -11,6 +11,7 @@ pub mod route;
 pub mod sse;
 pub mod upstream;
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -780,12 +781,52 @@ async fn send_request(
     header: Box<RequestHeader>,
     body: &Bytes,
 ) -> pingora::Result<()> {
+    // NOTE: pingora flushes the request header on its own, before the body. Corking the socket
+    // for the two writes sends header and body in one segment, which the upstream reads at once.
+    let plain_tcp = up.stream().and_then(|s| {
+        s.as_any()
+            .downcast_ref::<pingora::protocols::l4::stream::Stream>()
+    });
+    let cork = plain_tcp
+        .filter(|_| !body.is_empty())
+        .map(|s| Cork::new(s.as_raw_fd()));
     up.write_request_header(header).await?;
     if !body.is_empty() {
         up.write_request_body(body.clone(), true).await?;
     }
     up.finish_request_body().await?;
+    drop(cork);
     up.read_response_header().await
+}
+
+/// Holds `TCP_CORK` on a socket while alive: writes are sent as full segments, the rest when
+/// dropped.
+struct Cork(std::os::fd::RawFd);
+
+impl Cork {
+    fn new(fd: std::os::fd::RawFd) -> Cork {
+        set_cork(fd, 1);
+        Cork(fd)
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        set_cork(self.0, 0);
+    }
+}
+
+fn set_cork(fd: std::os::fd::RawFd, on: libc::c_int) {
+    // SAFETY: `fd` is the open socket of the session being written; the option is an int.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Reads an upstream body up to `limit` bytes; the flag says whether it was read to its end.
