@@ -879,8 +879,9 @@ async fn relay(
     }
     let mut head = Some(head);
     let mut framer = req.sse.then(sse::EventFramer::default);
+    let mut batches = upstream::BodyBatches::default();
     loop {
-        match up.read_response_body().await {
+        match batches.next(up).await {
             Ok(Some(chunk)) => {
                 let ready = match &mut framer {
                     Some(f) => f.push(chunk),

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::HttpSession as Http1Session;
@@ -152,5 +153,60 @@ impl Target {
         if idle.len() < self.pool_size {
             idle.push((stream, Instant::now()));
         }
+    }
+}
+
+/// Largest batch of already-received body chunks sent to the client in one write.
+const BATCH_LIMIT: usize = 64 * 1024;
+
+/// Reads an upstream body in batches: the next chunk (waiting for it), together with every
+/// chunk that has already arrived. Relaying a batch takes one write where relaying its chunks
+/// one by one would take several; nothing waits that could have been sent.
+#[derive(Default)]
+pub struct BodyBatches {
+    ended: bool,
+    error: Option<Box<pingora::Error>>,
+}
+
+impl BodyBatches {
+    pub async fn next(&mut self, up: &mut HttpSession) -> pingora::Result<Option<Bytes>> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if self.ended {
+            return Ok(None);
+        }
+        let Some(first) = up.read_response_body().await? else {
+            return Ok(None);
+        };
+        let mut batch: Option<BytesMut> = None;
+        while batch.as_ref().map_or(first.len(), BytesMut::len) < BATCH_LIMIT {
+            // NOTE: reading is cancel-safe (pingora's own proxy selects over it), so a read
+            // that is not ready yet is simply dropped.
+            match poll_once(up.read_response_body()) {
+                None => break,
+                Some(Ok(Some(more))) => batch
+                    .get_or_insert_with(|| BytesMut::from(&first[..]))
+                    .extend_from_slice(&more),
+                Some(Ok(None)) => {
+                    self.ended = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    self.error = Some(e);
+                    break;
+                }
+            }
+        }
+        Ok(Some(batch.map_or(first, BytesMut::freeze)))
+    }
+}
+
+/// Polls a future once: its output if it is ready now.
+fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let fut = std::pin::pin!(fut);
+    match fut.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
     }
 }
