@@ -57,6 +57,9 @@ pub fn run(config: Config) -> ! {
             "no Gemini API key is configured: proxy calls will answer 503 until API_KEYS is set"
         );
     }
+    if !config.file.upstream.proxies.is_empty() {
+        tracing::warn!("PROXIES is not supported yet: requests go to BASE_URL directly");
+    }
     if config.tokens.is_empty() {
         tracing::warn!("no client token is configured: proxy calls will answer 401 until ALLOWED_TOKENS is set");
     }

@@ -387,6 +387,11 @@ impl BaseUrl {
             .trim_end_matches(']')
             .to_owned();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(
+                "must not carry credentials (user:password@): the pool's keys authenticate".into(),
+            );
+        }
         if uri.query().is_some() {
             return Err(format!("must not have a query string: {raw:?}"));
         }

@@ -100,18 +100,30 @@ impl KeyState {
             .collect()
     }
 
+    /// Cools the key for `model` until `until_ms`; an existing longer cooldown (a daily quota
+    /// answered by a concurrent request) is kept.
     fn cool(&self, model: &str, until_ms: u64, class: &'static str, now_ms: u64) {
         self.cooldowns.rcu(|old| {
             let mut next: Vec<Cooldown> = old
                 .iter()
-                .filter(|c| c.until_ms > now_ms && &*c.model != model)
+                .filter(|c| c.until_ms > now_ms)
                 .cloned()
                 .collect();
-            next.push(Cooldown {
-                model: model.into(),
-                until_ms,
-                class,
-            });
+            match next.iter_mut().find(|c| &*c.model == model) {
+                Some(c) if c.until_ms >= until_ms => {}
+                Some(c) => {
+                    *c = Cooldown {
+                        model: model.into(),
+                        until_ms,
+                        class,
+                    }
+                }
+                None => next.push(Cooldown {
+                    model: model.into(),
+                    until_ms,
+                    class,
+                }),
+            }
             next
         });
     }
@@ -405,6 +417,23 @@ mod tests {
         );
         assert_eq!(p.pick("pro", &[], 2_000), Pick::Key(0));
         assert_eq!(p.pick("flash", &[], 11_000), Pick::Key(0));
+    }
+
+    #[test]
+    fn a_short_cooldown_never_shortens_a_long_one() {
+        let p = pool(1, 3);
+        p.record_failure(0, "m", ErrorClass::DailyQuota, "", 0);
+        let daily = p.get(0).state.cooling_until("m", 1).unwrap();
+        p.record_failure(
+            0,
+            "m",
+            ErrorClass::RateLimited {
+                retry_after: Duration::from_secs(5),
+            },
+            "",
+            0,
+        );
+        assert_eq!(p.get(0).state.cooling_until("m", 1), Some(daily));
     }
 
     #[test]

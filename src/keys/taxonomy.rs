@@ -10,7 +10,7 @@ use serde::Deserialize;
 /// The class of a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ErrorClass {
-    /// The key is invalid or expired (400 `API_KEY_INVALID`, 401).
+    /// The key is invalid or expired (400 `API_KEY_INVALID`).
     KeyInvalid,
     /// The key's project is suspended or lacks permission (403).
     KeyForbidden,
@@ -88,8 +88,6 @@ struct ErrorBody {
     #[serde(default)]
     message: String,
     #[serde(default)]
-    status: String,
-    #[serde(default)]
     details: Vec<Detail>,
 }
 
@@ -125,7 +123,6 @@ pub fn classify(status: u16, body: &[u8]) -> ErrorClass {
         {
             ErrorClass::KeyInvalid
         }
-        401 => ErrorClass::KeyInvalid,
         403 => ErrorClass::KeyForbidden,
         429 => {
             let daily = err
@@ -146,10 +143,9 @@ pub fn classify(status: u16, body: &[u8]) -> ErrorClass {
         }
         408 => ErrorClass::Timeout,
         s if s >= 500 => ErrorClass::Upstream,
-        _ => {
-            let _ = err.status;
-            ErrorClass::Client
-        }
+        // 401 included: Google answers it when the call itself needs other credentials
+        // ("API keys are not supported by this API"), whatever the key.
+        _ => ErrorClass::Client,
     }
 }
 
@@ -170,6 +166,7 @@ mod tests {
         let bad_request = br#"{"error":{"code":400,"message":"* GenerateContentRequest.contents: contents is not specified\n","status":"INVALID_ARGUMENT"}}"#;
         assert_eq!(classify(400, bad_request), ErrorClass::Client);
         assert_eq!(classify(404, b"{}"), ErrorClass::Client);
+        assert_eq!(classify(401, b"{}"), ErrorClass::Client);
         let suspended = br#"{"error":{"code":403,"message":"Permission denied","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CONSUMER_SUSPENDED"}]}}"#;
         assert_eq!(classify(403, suspended), ErrorClass::KeyForbidden);
         let minute = br#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"47s"}]}}"#;

@@ -69,7 +69,6 @@ impl Generation {
 /// gemgate's HTTP application, served by a pingora listening service.
 pub struct Gateway {
     current: ArcSwap<Generation>,
-    registry: KeyRegistry,
     connector: Connector,
     in_flight: Arc<AtomicUsize>,
 }
@@ -148,7 +147,6 @@ impl Gateway {
         };
         Gateway {
             current: ArcSwap::from_pointee(Generation::new(config, &registry)),
-            registry,
             connector: Connector::new(Some(options)),
             in_flight: Arc::new(AtomicUsize::new(0)),
         }
@@ -157,16 +155,6 @@ impl Gateway {
     /// Requests being served now (for graceful shutdown).
     pub fn in_flight(&self) -> Arc<AtomicUsize> {
         self.in_flight.clone()
-    }
-
-    /// Makes `config` current; requests already running keep theirs.
-    pub fn swap(&self, config: Config) {
-        self.current
-            .store(Arc::new(Generation::new(Arc::new(config), &self.registry)));
-    }
-
-    pub fn generation(&self) -> Arc<Generation> {
-        self.current.load_full()
     }
 
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
@@ -413,11 +401,11 @@ impl Gateway {
             .await
             .map_err(|m| Failure::network(ErrorClass::Network, m))?;
         let key = gen.pool.get(index);
-        let mut fresh_retry = true;
+        let mut reuse_idle = true;
         let mut up = loop {
             let (mut up, reused) = gen
                 .target
-                .session(&self.connector, &peer)
+                .session(&self.connector, &peer, reuse_idle)
                 .await
                 .map_err(Failure::from_pingora)?;
             // NOTE: pingora's connector does not apply the peer's read/write timeouts to the
@@ -430,10 +418,12 @@ impl Gateway {
                 .expect("a valid header name");
             match send_request(&mut up, Box::new(header), &req.body).await {
                 Ok(()) => break up,
-                // A pooled connection the server closed meanwhile: not the key's fault, and not
-                // an attempt; try once more on a fresh connection.
-                Err(e) if reused && fresh_retry && e.etype() != &ErrorType::ReadTimedout => {
-                    fresh_retry = false
+                // An idle connection the server closed meanwhile: not the key's fault, and not an
+                // attempt. The other idle ones are likely closed too (an upstream restart, an
+                // idle timeout): drop them all and try once more on a new connection.
+                Err(e) if reused && e.etype() != &ErrorType::ReadTimedout => {
+                    gen.target.drop_idle();
+                    reuse_idle = false;
                 }
                 Err(e) => return Err(Failure::from_pingora(e)),
             }
@@ -551,11 +541,14 @@ impl HttpServerApp for Gateway {
             }
         }
         s.set_keepalive(if *shutdown.borrow() { None } else { Some(75) });
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        // A client that stops reading must not hold a request (and its key) forever; a body
+        // left unread by an early answer is drained for a bounded time only.
+        s.set_write_timeout(Some(self.current.load().config.timeout));
+        s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
+        let _in_flight = InFlight::enter(&self.in_flight);
         let mut x = Exchange::new(s.req_header());
         let outcome = self.handle(&mut s, &mut x).await;
         x.log();
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
         if outcome == Outcome::Close {
             return None;
         }
@@ -564,6 +557,22 @@ impl HttpServerApp for Gateway {
             Ok(stream) => stream.map(|st| ReusedHttpStream::from_reusable_stream(st, settings)),
             Err(_) => None,
         }
+    }
+}
+
+/// Counts a request in flight until dropped, however the request ends.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -652,10 +661,9 @@ fn authenticate<'g>(gen: &'g Generation, req: &RequestHeader) -> Result<&'g str,
 
 /// Reads the whole request body, refusing it with 413 past `limit`.
 async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> {
-    let too_large = |s: &mut ServerSession| {
-        // Read and discard the rest after answering (bounded in time), so the client is not
-        // cut off mid-upload and gets to read the 413; pingora drains it in `finish`.
-        s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
+    // The rest of the body is read and discarded after answering (for a bounded time: see
+    // `process_new_http`), so the client is not cut off mid-upload and gets to read the 413.
+    let too_large = || {
         Refusal::Gate(GateError::new(
             413,
             format!("request body is larger than the limit of {limit} bytes"),
@@ -667,7 +675,7 @@ async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(too_large(s));
+        return Err(too_large());
     }
     let expects_continue = s
         .req_header()
@@ -684,7 +692,7 @@ async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> 
             Ok(Some(chunk)) => {
                 let have = first.as_ref().map_or(0, Bytes::len) + buf.len();
                 if (have + chunk.len()) as u64 > limit {
-                    return Err(too_large(s));
+                    return Err(too_large());
                 }
                 match first.take() {
                     None if buf.is_empty() => first = Some(chunk),
@@ -708,19 +716,27 @@ async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> 
     Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
-/// Hop-by-hop and credential headers: never forwarded upstream.
-fn skip_request_header(name: &str) -> bool {
+/// Headers that describe one connection, not the message: never relayed either way.
+fn is_hop_by_hop(name: &str) -> bool {
     matches!(
         name,
-        "host"
-            | "connection"
+        "connection"
             | "keep-alive"
             | "proxy-connection"
-            | "proxy-authorization"
             | "te"
             | "trailer"
             | "transfer-encoding"
             | "upgrade"
+    )
+}
+
+/// Hop-by-hop and credential headers: never forwarded upstream.
+fn skip_request_header(name: &str) -> bool {
+    is_hop_by_hop(name)
+        || matches!(
+            name,
+            "host"
+            | "proxy-authorization"
             | "expect"
             | "content-length"
             | "authorization"
@@ -728,7 +744,7 @@ fn skip_request_header(name: &str) -> bool {
             | "cookie"
             // The answer must stay readable by gemgate (error classification, usage).
             | "accept-encoding"
-    )
+        )
 }
 
 /// The upstream request header without a key: built once per request; each attempt adds its key.
@@ -858,23 +874,19 @@ async fn relay(
     let mut head = response_header(upstream.status.as_u16(), x);
     for (name, value) in upstream.headers.iter() {
         let n = name.as_str();
-        let hop = matches!(
-            n,
-            "connection"
-                | "keep-alive"
-                | "transfer-encoding"
-                | "proxy-connection"
-                | "upgrade"
-                | "te"
-                | "trailer"
-        );
+        let hop = is_hop_by_hop(n);
         if !(hop || req.stream && n == "content-length" || n == "x-request-id") {
             let _ = head.append_header(name.clone(), value.clone());
         }
     }
-    if head.headers.get(header::CONTENT_LENGTH).is_none() {
+    let has_body = !matches!(upstream.status.as_u16(), 204 | 304);
+    if has_body
+        && head.headers.get(header::CONTENT_LENGTH).is_none()
+        && s.req_header().version == http::Version::HTTP_11
+    {
         // NOTE: pingora falls back to a close-delimited body when a response has neither
-        // length nor chunking; say chunked so the connection stays reusable.
+        // length nor chunking; say chunked so the connection stays reusable. (HTTP/1.0 clients
+        // get the close-delimited body.)
         let _ = head.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
     let mut head = Some(head);

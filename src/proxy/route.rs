@@ -74,7 +74,7 @@ pub fn route(path: &str) -> Route {
         name.into()
     };
     let valid = |s: &str| {
-        !s.is_empty()
+        s.starts_with(|c: char| c.is_ascii_alphanumeric())
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
     };
@@ -126,5 +126,6 @@ mod tests {
             Route::NotFound
         );
         assert_eq!(route("/v2/models"), Route::NotFound);
+        assert_eq!(route("/v1beta/models/.."), Route::NotFound);
     }
 }

@@ -113,25 +113,31 @@ impl Target {
 }
 
 impl Target {
-    /// An upstream session: an idle pooled connection if there is one (`true`), else a new one.
+    /// An upstream session: an idle connection if there is one and `reuse_idle` allows it
+    /// (then `true`), else a new one.
     pub async fn session(
         &self,
         connector: &Connector,
         peer: &HttpPeer,
+        reuse_idle: bool,
     ) -> pingora::Result<(HttpSession, bool)> {
-        loop {
-            let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            match popped {
-                Some((stream, since)) if since.elapsed() < IDLE_TIMEOUT => {
-                    return Ok((
-                        HttpSession::H1(Http1Session::new_with_options(stream, peer)),
-                        true,
-                    ));
+        if reuse_idle {
+            while let Some((stream, since)) =
+                self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+            {
+                // One idle past IDLE_TIMEOUT is dropped (closed) and the next one tried.
+                if since.elapsed() < IDLE_TIMEOUT {
+                    let session = Http1Session::new_with_options(stream, peer);
+                    return Ok((HttpSession::H1(session), true));
                 }
-                Some(_) => continue, // idle too long: drop it
-                None => return connector.get_http_session(peer).await,
             }
         }
+        connector.get_http_session(peer).await
+    }
+
+    /// Closes every idle connection.
+    pub fn drop_idle(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Takes a session back once its answer was read to the end; anything else is closed.
