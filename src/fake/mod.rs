@@ -52,6 +52,10 @@ pub enum Behaviour {
     Flaky,
     /// 503 always.
     Overloaded,
+    /// 500 always.
+    Internal,
+    /// 504 always.
+    Deadline,
     /// Answers after `FakeConfig::slow`.
     Slow,
     /// Streams break off half-way.
@@ -60,7 +64,8 @@ pub enum Behaviour {
 
 impl Behaviour {
     /// The behaviour a key's prefix names: `invalid-…`, `suspended-…`, `minute-…`, `day-…`,
-    /// `bare429-…`, `flaky-…`, `overloaded-…`, `slow-…`, `cut-…`; anything else is valid.
+    /// `bare429-…`, `flaky-…`, `overloaded-…`, `internal-…`, `deadline-…`, `slow-…`, `cut-…`;
+    /// anything else is valid.
     pub fn from_key(key: &str) -> Behaviour {
         let prefix = key.split(['-', '_']).next().unwrap_or_default();
         match prefix {
@@ -71,6 +76,8 @@ impl Behaviour {
             "bare429" => Behaviour::Bare429,
             "flaky" => Behaviour::Flaky,
             "overloaded" => Behaviour::Overloaded,
+            "internal" => Behaviour::Internal,
+            "deadline" => Behaviour::Deadline,
             "slow" => Behaviour::Slow,
             "cut" => Behaviour::CutStream,
             _ => Behaviour::Valid,
@@ -549,6 +556,12 @@ async fn handle(
             )
         }
         Behaviour::Overloaded => return overloaded(),
+        Behaviour::Internal => {
+            return google_error(500, "INTERNAL", "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting", Value::Null)
+        }
+        Behaviour::Deadline => {
+            return google_error(504, "DEADLINE_EXCEEDED", "Deadline expired before operation could complete.", Value::Null)
+        }
         Behaviour::Flaky if fastrand::f64() < state.config.flaky_rate => return overloaded(),
         Behaviour::Slow => tokio::time::sleep(state.config.slow).await,
         _ => {}

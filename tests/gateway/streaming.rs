@@ -294,3 +294,51 @@ async fn a_failed_tls_handshake_is_a_clear_502() {
     assert_eq!(status, 502, "{v}");
     assert_eq!(v["error"]["status"], "UNAVAILABLE");
 }
+
+#[tokio::test]
+async fn sigterm_waits_no_longer_than_the_grace_period() {
+    let fake = fake().await;
+    let mut gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_GRACE_PERIOD_SECONDS", "1")
+        .start()
+        .await;
+    let url = gate.url(STREAM_SSE);
+    let _stuck = tokio::spawn(async move {
+        let resp = client()
+            .post(url)
+            .header("x-goog-api-key", TOKEN)
+            .header("x-fake-hold", "never-released")
+            .json(&ask("a b c"))
+            .send()
+            .await;
+        if let Ok(resp) = resp {
+            let _ = resp.text().await;
+        }
+    });
+    while fake.state.total_requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    gate.signal("TERM");
+    assert_eq!(gate.wait_exit(Duration::from_secs(10)).await, Some(0));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "exited after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn log_level_sets_what_is_logged() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("LOG_LEVEL", "WARNING")
+        .start()
+        .await;
+    let (status, _, _) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!gate.logs().contains("gemgate::access"), "{}", gate.logs());
+}
