@@ -289,17 +289,7 @@ impl Gateway {
                 .get("nextPageToken")
                 .and_then(|t| t.as_str())
                 .filter(|t| !t.is_empty())
-                .map(|t| {
-                    t.bytes()
-                        .map(|b| {
-                            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                                (b as char).to_string()
-                            } else {
-                                format!("%{b:02X}")
-                            }
-                        })
-                        .collect()
-                });
+                .map(encode_query_value);
             if token.is_none() {
                 break;
             }
@@ -783,6 +773,20 @@ fn upstream_header(
     Ok(h)
 }
 
+/// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
+fn encode_query_value(value: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// Removes the client's `key=` credential from a query string.
 fn strip_key_param(query: &str) -> String {
     query
@@ -1049,6 +1053,11 @@ mod tests {
         assert_eq!(millis(Some(Duration::from_micros(1_234_567))), "1234.56");
         assert_eq!(millis(Some(Duration::from_micros(5))), "0.00");
         assert_eq!(millis(None), "-");
+    }
+
+    #[test]
+    fn page_tokens_are_encoded() {
+        assert_eq!(encode_query_value("ab/c=+d"), "ab%2Fc%3D%2Bd");
     }
 
     #[test]
