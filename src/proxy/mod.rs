@@ -131,12 +131,6 @@ struct UpstreamRequest {
     sse: bool,
 }
 
-/// Where an attempt's successful answer goes.
-enum Sink<'a> {
-    Client(&'a mut ServerSession),
-    Collect,
-}
-
 impl Gateway {
     pub fn new(config: Config) -> Gateway {
         let registry = KeyRegistry::default();
@@ -234,7 +228,7 @@ impl Gateway {
             return self.list_all_models(gen, s, &mut up, &path, x).await;
         }
         if call == NativeCall::ListModels {
-            let page = match self.attempts(gen, &up, Sink::Collect, x).await {
+            let page = match self.attempts(gen, &up, None, x).await {
                 Finished::Collected(page) => page,
                 Finished::Refused(r) => return Err(r),
                 Finished::Relayed(o) => return Ok(o),
@@ -242,7 +236,7 @@ impl Gateway {
             let page = filter_models(gen, &page).unwrap_or(page);
             return Ok(send(s, x, 200, page).await);
         }
-        match self.attempts(gen, &up, Sink::Client(s), x).await {
+        match self.attempts(gen, &up, Some(s), x).await {
             Finished::Relayed(outcome) => Ok(outcome),
             Finished::Collected(body) => Ok(send(s, x, 200, body).await),
             Finished::Refused(r) => Err(r),
@@ -269,7 +263,7 @@ impl Gateway {
             up.header.set_raw_path(target.as_bytes()).map_err(|_| {
                 Refusal::Gate(GateError::new(502, "invalid page token from upstream"))
             })?;
-            let page = match self.attempts(gen, up, Sink::Collect, x).await {
+            let page = match self.attempts(gen, up, None, x).await {
                 Finished::Collected(page) => page,
                 Finished::Refused(r) => return Err(r),
                 Finished::Relayed(o) => return Ok(o),
@@ -304,7 +298,7 @@ impl Gateway {
         &self,
         gen: &Generation,
         req: &UpstreamRequest,
-        mut sink: Sink<'_>,
+        mut client: Option<&mut ServerSession>,
         x: &mut Exchange,
     ) -> Finished {
         let max = gen.config.max_retries as usize;
@@ -343,11 +337,10 @@ impl Gateway {
             x.attempts += 1;
             x.key = Some(key.spec.id.clone());
             let _lease = gen.pool.lease(index, now);
-            let sink_now = match &mut sink {
-                Sink::Client(s) => Sink::Client(s),
-                Sink::Collect => Sink::Collect,
-            };
-            match self.attempt(gen, req, index, sink_now, x).await {
+            match self
+                .attempt(gen, req, index, client.as_deref_mut(), x)
+                .await
+            {
                 Ok(finished) => return finished,
                 Err(failure) => {
                     let verdict = gen.pool.record_failure(
@@ -382,7 +375,7 @@ impl Gateway {
         gen: &Generation,
         req: &UpstreamRequest,
         index: usize,
-        sink: Sink<'_>,
+        client: Option<&mut ServerSession>,
         x: &mut Exchange,
     ) -> Result<Finished, Failure> {
         let peer = gen
@@ -437,8 +430,8 @@ impl Gateway {
         gen.pool.record_success(index);
         x.status = status;
         x.class = None;
-        let result = match sink {
-            Sink::Collect => {
+        let result = match client {
+            None => {
                 let (body, complete) = read_to_end(&mut up, COLLECT_LIMIT).await;
                 if !complete {
                     return Err(Failure::network(
@@ -448,7 +441,7 @@ impl Gateway {
                 }
                 Ok(Finished::Collected(body))
             }
-            Sink::Client(s) => relay(s, &mut up, req, x).await,
+            Some(s) => relay(s, &mut up, req, x).await,
         };
         gen.target.release(up).await;
         result
