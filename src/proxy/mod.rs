@@ -92,6 +92,8 @@ struct Exchange {
     status: u16,
     class: Option<&'static str>,
     ttfb: Option<Duration>,
+    /// The request came from a browser page (it has an `Origin`): answers carry CORS headers.
+    cors: bool,
 }
 
 /// A failed attempt that sent nothing to the client.
@@ -153,6 +155,9 @@ impl Gateway {
 
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
         let gen = self.current.load_full();
+        if s.req_header().method == http::Method::OPTIONS {
+            return preflight(s, x).await;
+        }
         let path = s.req_header().uri.path().to_owned();
         match route::route(&path) {
             Route::Health => {
@@ -578,6 +583,7 @@ impl Exchange {
             status: 0,
             class: None,
             ttfb: None,
+            cors: req.headers.contains_key(header::ORIGIN),
         }
     }
 
@@ -872,7 +878,11 @@ async fn relay(
     for (name, value) in upstream.headers.iter() {
         let n = name.as_str();
         let hop = is_hop_by_hop(n);
-        if !(hop || req.stream && n == "content-length" || n == "x-request-id") {
+        if !(hop
+            || req.stream && n == "content-length"
+            || n == "x-request-id"
+            || x.cors && n.starts_with("access-control-"))
+        {
             let _ = head.append_header(name.clone(), value.clone());
         }
     }
@@ -970,7 +980,34 @@ fn response_header(status: u16, x: &mut Exchange) -> ResponseHeader {
     x.status = status;
     let mut h = ResponseHeader::build_no_case(status, Some(8)).expect("valid status");
     let _ = h.insert_header("x-request-id", x.id.as_str());
+    if x.cors {
+        // Browser-based clients call gemgate from their own origin, as they could gemini-balance.
+        let _ = h.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");
+        let _ = h.insert_header(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            "x-request-id, retry-after",
+        );
+    }
     h
+}
+
+/// Answers a CORS preflight: any origin may call with the methods and headers it asks for.
+async fn preflight(s: &mut ServerSession, x: &mut Exchange) -> Outcome {
+    x.action = "preflight".into();
+    let asked = s
+        .req_header()
+        .headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned();
+    let mut h = response_header(204, x);
+    let _ = h.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");
+    let _ = h.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS");
+    let allow = asked.unwrap_or(HeaderValue::from_static(
+        "authorization, content-type, x-goog-api-key",
+    ));
+    let _ = h.insert_header(header::ACCESS_CONTROL_ALLOW_HEADERS, allow);
+    let _ = h.insert_header(header::ACCESS_CONTROL_MAX_AGE, "86400");
+    write_full(s, h, Bytes::new()).await
 }
 
 async fn send_gate(s: &mut ServerSession, x: &mut Exchange, e: &GateError) -> Outcome {

@@ -268,3 +268,42 @@ async fn unknown_paths_and_methods_get_json_errors() {
     let (status, v) = get(&gate, GENERATE).await;
     assert_eq!((status, v["error"]["code"].as_u64()), (405, Some(405)));
 }
+
+#[tokio::test]
+async fn browser_clients_get_cors() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let c = client();
+    let pre = c
+        .request(reqwest::Method::OPTIONS, gate.url(GENERATE))
+        .header("origin", "https://chat.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "x-goog-api-key, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    assert_eq!(pre.headers()["access-control-allow-origin"], "*");
+    assert_eq!(
+        pre.headers()["access-control-allow-headers"],
+        "x-goog-api-key, content-type"
+    );
+    let resp = c
+        .post(gate.url(GENERATE))
+        .header("origin", "https://chat.example")
+        .header("x-goog-api-key", TOKEN)
+        .json(&ask("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    assert_eq!(
+        fake.state.total_requests(),
+        1,
+        "the preflight never reaches Google"
+    );
+}
