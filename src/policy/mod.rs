@@ -1,0 +1,522 @@
+//! Lua policy plugins: the sandboxed VM, its limits, the host table and plugin loading.
+//!
+//! This is the engine the plugin hooks run on (DESIGN.md, "Lua policy"). A [`Vm`] is a Lua 5.4
+//! state with only the `string`, `table`, `math` and `utf8` libraries and the `gemgate` host
+//! table; every call into it runs under an instruction budget, a time limit and a memory limit,
+//! and a call that breaks one fails with a [`PolicyError`] naming the plugin and the line.
+//!
+//! NOTE: the request path does not call plugins yet; the built-in behaviours (round-robin,
+//! `FILTERED_MODELS`) are in Rust until the hooks are wired in.
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mlua::{HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, Table, Value, VmState};
+use sha2::{Digest, Sha256};
+
+/// The hooks a plugin may define.
+pub const HOOKS: &[&str] = &[
+    "init",
+    "on_request",
+    "filter_models",
+    "select_key",
+    "on_response",
+    "on_error",
+    "on_log",
+];
+
+/// How often (in VM instructions) the budget and the clock are checked.
+const CHECK_EVERY: u32 = 1000;
+
+/// What one hook call may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub instructions: u64,
+    pub time: Duration,
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            instructions: 1_000_000,
+            time: Duration::from_millis(50),
+            memory_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// A plugin call or load that failed; `plugin` and `hook` say where, the message has the line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("plugin {plugin}, {hook}: {message}")]
+pub struct PolicyError {
+    pub plugin: String,
+    pub hook: String,
+    pub message: String,
+}
+
+/// A plugin file as read from disk.
+#[derive(Debug, Clone)]
+pub struct PluginSource {
+    /// The file name without `.lua`.
+    pub name: String,
+    pub path: PathBuf,
+    pub code: String,
+}
+
+/// Reads every `*.lua` file of `dir`, in name order.
+pub fn read_dir(dir: &Path) -> std::io::Result<Vec<PluginSource>> {
+    let mut sources = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("lua") || !path.is_file() {
+            continue;
+        }
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let code = std::fs::read_to_string(&path)?;
+        sources.push(PluginSource { name, path, code });
+    }
+    sources.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(sources)
+}
+
+/// A plugin loaded into a [`Vm`].
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pub name: String,
+    pub priority: i64,
+    /// The plugin's own default; `[plugins.<name>] enabled` overrides it.
+    pub enabled: bool,
+    /// The hooks it defines, in [`HOOKS`] order.
+    pub hooks: Vec<&'static str>,
+    table: Table,
+}
+
+/// Per-call budget, shared with the VM's instruction hook.
+#[derive(Clone, Copy)]
+struct Budget {
+    left: i64,
+    deadline: Instant,
+}
+
+/// A sandboxed Lua state.
+pub struct Vm {
+    lua: Lua,
+    limits: Limits,
+    budget: Rc<Cell<Budget>>,
+}
+
+impl Vm {
+    pub fn new(limits: Limits) -> Result<Vm, PolicyError> {
+        let fail = |e: mlua::Error| PolicyError {
+            plugin: "-".into(),
+            hook: "vm".into(),
+            message: e.to_string(),
+        };
+        let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8;
+        let lua = Lua::new_with(libs, LuaOptions::default()).map_err(fail)?;
+        let globals = lua.globals();
+        // The base library is always there; take out what reaches outside the sandbox or
+        // compiles code at run time.
+        for name in [
+            "dofile",
+            "loadfile",
+            "load",
+            "require",
+            "collectgarbage",
+            "print",
+            "loadstring",
+        ] {
+            globals.set(name, Value::Nil).map_err(fail)?;
+        }
+        let string: Table = globals.get("string").map_err(fail)?;
+        string.set("dump", Value::Nil).map_err(fail)?;
+        globals
+            .set("gemgate", host_table(&lua).map_err(fail)?)
+            .map_err(fail)?;
+        lua.set_memory_limit(limits.memory_bytes).map_err(fail)?;
+
+        let budget = Rc::new(Cell::new(Budget {
+            left: i64::MAX,
+            deadline: Instant::now() + Duration::from_secs(3600),
+        }));
+        let watched = budget.clone();
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(CHECK_EVERY),
+            move |_, _| {
+                let mut b = watched.get();
+                b.left -= i64::from(CHECK_EVERY);
+                watched.set(b);
+                if b.left < 0 {
+                    return Err(mlua::Error::runtime("instruction budget exceeded"));
+                }
+                if Instant::now() > b.deadline {
+                    return Err(mlua::Error::runtime("time limit exceeded"));
+                }
+                Ok(VmState::Continue)
+            },
+        )
+        .map_err(fail)?;
+        Ok(Vm {
+            lua,
+            limits,
+            budget,
+        })
+    }
+
+    pub fn lua(&self) -> &Lua {
+        &self.lua
+    }
+
+    /// Compiles and runs a plugin file under the limits and checks the table it returns.
+    pub fn load(&self, src: &PluginSource) -> Result<Plugin, PolicyError> {
+        let fail = |message: String| PolicyError {
+            plugin: src.name.clone(),
+            hook: "load".into(),
+            message,
+        };
+        let chunk = self
+            .lua
+            .load(&src.code)
+            .set_name(format!("@{}", src.path.display()));
+        let value: Value = self.guarded(|| chunk.eval()).map_err(|e| fail(clean(&e)))?;
+        let Value::Table(table) = value else {
+            return Err(fail("the file must return a table".into()));
+        };
+        let name: String = table
+            .get("name")
+            .map_err(|_| fail("`name` must be a string".into()))?;
+        if name != src.name {
+            return Err(fail(format!(
+                "`name` is {name:?}, but the file is {}.lua",
+                src.name
+            )));
+        }
+        let priority: i64 = table
+            .get::<Option<i64>>("priority")
+            .map_err(|_| fail("`priority` must be an integer".into()))?
+            .unwrap_or(0);
+        let enabled: bool = table
+            .get::<Option<bool>>("enabled")
+            .map_err(|_| fail("`enabled` must be a boolean".into()))?
+            .unwrap_or(true);
+        let mut hooks = Vec::new();
+        for &hook in HOOKS {
+            match table.get::<Value>(hook) {
+                Ok(Value::Function(_)) => hooks.push(hook),
+                Ok(Value::Nil) => {}
+                _ => return Err(fail(format!("`{hook}` must be a function"))),
+            }
+        }
+        Ok(Plugin {
+            name,
+            priority,
+            enabled,
+            hooks,
+            table,
+        })
+    }
+
+    /// Calls `hook` of `plugin` under the limits.
+    pub fn call<R: mlua::FromLuaMulti>(
+        &self,
+        plugin: &Plugin,
+        hook: &str,
+        args: impl mlua::IntoLuaMulti,
+    ) -> Result<R, PolicyError> {
+        let fail = |message: String| PolicyError {
+            plugin: plugin.name.clone(),
+            hook: hook.into(),
+            message,
+        };
+        let f: mlua::Function = plugin.table.get(hook).map_err(|e| fail(clean(&e)))?;
+        self.guarded(|| f.call(args)).map_err(|e| fail(clean(&e)))
+    }
+
+    /// Runs `f` with a fresh budget; after a failure, frees what the call left behind.
+    fn guarded<T>(&self, f: impl FnOnce() -> mlua::Result<T>) -> mlua::Result<T> {
+        self.budget.set(Budget {
+            left: self.limits.instructions as i64,
+            deadline: Instant::now() + self.limits.time,
+        });
+        let result = f();
+        if result.is_err() {
+            let _ = self.lua.gc_collect();
+        }
+        result
+    }
+}
+
+/// The first line of an error: Lua's own message with its `file:line:`, without the traceback.
+fn clean(e: &mlua::Error) -> String {
+    let text = match e {
+        mlua::Error::CallbackError { cause, .. } => return clean(cause),
+        mlua::Error::MemoryError(_) => return "memory limit exceeded".into(),
+        other => other.to_string(),
+    };
+    text.lines().next().unwrap_or_default().trim().to_owned()
+}
+
+/// The `gemgate` host table: log, clock, JSON, hashing and the decision constructors.
+fn host_table(lua: &Lua) -> mlua::Result<Table> {
+    let host = lua.create_table()?;
+    let log = lua.create_table()?;
+    log.set(
+        "info",
+        lua.create_function(|_, m: String| {
+            tracing::info!(target: "gemgate::plugin", "{m}");
+            Ok(())
+        })?,
+    )?;
+    log.set(
+        "warn",
+        lua.create_function(|_, m: String| {
+            tracing::warn!(target: "gemgate::plugin", "{m}");
+            Ok(())
+        })?,
+    )?;
+    log.set(
+        "error",
+        lua.create_function(|_, m: String| {
+            tracing::error!(target: "gemgate::plugin", "{m}");
+            Ok(())
+        })?,
+    )?;
+    host.set("log", log)?;
+    host.set(
+        "now_ms",
+        lua.create_function(|_, ()| Ok(crate::keys::clock::now_ms()))?,
+    )?;
+    let json = lua.create_table()?;
+    json.set(
+        "encode",
+        lua.create_function(|lua, v: Value| {
+            let v: serde_json::Value = lua.from_value(v)?;
+            Ok(v.to_string())
+        })?,
+    )?;
+    json.set(
+        "decode",
+        lua.create_function(|lua, s: String| {
+            let v: serde_json::Value = serde_json::from_str(&s).map_err(mlua::Error::external)?;
+            lua.to_value(&v)
+        })?,
+    )?;
+    host.set("json", json)?;
+    host.set(
+        "hash",
+        lua.create_function(|_, s: mlua::String| {
+            let digest = Sha256::digest(s.as_bytes());
+            Ok(i64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) & i64::MAX)
+        })?,
+    )?;
+    // Decisions are plain tables tagged with `decision`; the host reads them back.
+    host.set(
+        "deny",
+        lua.create_function(|lua, (status, message): (u16, String)| {
+            let t = lua.create_table()?;
+            t.set("decision", "deny")?;
+            t.set("status", status)?;
+            t.set("message", message)?;
+            Ok(t)
+        })?,
+    )?;
+    host.set(
+        "rewrite",
+        lua.create_function(|_, t: Table| {
+            t.set("decision", "rewrite")?;
+            Ok(t)
+        })?,
+    )?;
+    host.set(
+        "retry",
+        lua.create_function(|lua, ()| {
+            let t = lua.create_table()?;
+            t.set("decision", "retry")?;
+            Ok(t)
+        })?,
+    )?;
+    host.set(
+        "cool",
+        lua.create_function(|lua, seconds: f64| {
+            let t = lua.create_table()?;
+            t.set("decision", "cool")?;
+            t.set("seconds", seconds)?;
+            Ok(t)
+        })?,
+    )?;
+    host.set(
+        "disable",
+        lua.create_function(|lua, reason: String| {
+            let t = lua.create_table()?;
+            t.set("decision", "disable")?;
+            t.set("reason", reason)?;
+            Ok(t)
+        })?,
+    )?;
+    Ok(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(name: &str, code: &str) -> PluginSource {
+        PluginSource {
+            name: name.into(),
+            path: PathBuf::from(format!("plugins/{name}.lua")),
+            code: code.into(),
+        }
+    }
+
+    fn vm() -> Vm {
+        Vm::new(Limits {
+            instructions: 200_000,
+            time: Duration::from_millis(200),
+            memory_bytes: 4 * 1024 * 1024,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_sandbox_has_no_way_out() {
+        let vm = vm();
+        let p = vm
+            .load(&source("probe", "return { name = 'probe', on_request = function() return type(io), type(os), type(require), type(load), type(dofile), type(string.dump), type(gemgate.json) end }"))
+            .unwrap();
+        let seen: (String, String, String, String, String, String, String) =
+            vm.call(&p, "on_request", ()).unwrap();
+        assert_eq!(
+            seen,
+            (
+                "nil".into(),
+                "nil".into(),
+                "nil".into(),
+                "nil".into(),
+                "nil".into(),
+                "nil".into(),
+                "table".into()
+            )
+        );
+    }
+
+    #[test]
+    fn plugins_declare_name_priority_and_hooks() {
+        let vm = vm();
+        let p = vm.load(&source("pin", "return { name = 'pin', priority = 100, select_key = function(pool) return 'k1' end }")).unwrap();
+        assert_eq!(
+            (p.priority, p.enabled, p.hooks.clone()),
+            (100, true, vec!["select_key"])
+        );
+        let err = vm
+            .load(&source("other", "return { name = 'pin' }"))
+            .unwrap_err();
+        assert!(err.message.contains("other.lua"), "{err}");
+        let err = vm
+            .load(&source("bad", "return { name = 'bad', on_request = 3 }"))
+            .unwrap_err();
+        assert!(err.message.contains("on_request"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        let vm = vm();
+        let err = vm
+            .load(&source("broken", "return {\n name = 'broken',\n x = = 1 }"))
+            .unwrap_err();
+        assert!(err.message.contains("plugins/broken.lua:3:"), "{err}");
+        let p = vm
+            .load(&source(
+                "oops",
+                "return { name = 'oops', on_log = function()\n  local t = nil\n  return t.x\nend }",
+            ))
+            .unwrap();
+        let err = vm.call::<()>(&p, "on_log", ()).unwrap_err();
+        assert_eq!((err.plugin.as_str(), err.hook.as_str()), ("oops", "on_log"));
+        assert!(err.message.contains("plugins/oops.lua:3:"), "{err}");
+    }
+
+    #[test]
+    fn runaway_scripts_are_stopped_and_the_vm_keeps_working() {
+        let vm = vm();
+        let p = vm
+            .load(&source(
+                "bad",
+                "return { name = 'bad', on_request = function() while true do end end, \
+                 on_error = function() local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1024) end end, \
+                 on_log = function() return 42 end }",
+            ))
+            .unwrap();
+        let err = vm.call::<()>(&p, "on_request", ()).unwrap_err();
+        assert!(err.message.contains("instruction budget"), "{err}");
+        let err = vm.call::<()>(&p, "on_error", ()).unwrap_err();
+        assert!(
+            err.message.contains("memory") || err.message.contains("budget"),
+            "{err}"
+        );
+        assert_eq!(vm.call::<i64>(&p, "on_log", ()).unwrap(), 42);
+    }
+
+    #[test]
+    fn slow_calls_hit_the_time_limit() {
+        let vm = Vm::new(Limits {
+            instructions: u64::MAX / 2,
+            time: Duration::from_millis(20),
+            ..Limits::default()
+        })
+        .unwrap();
+        let p = vm
+            .load(&source(
+                "slow",
+                "return { name = 'slow', on_request = function() while true do end end }",
+            ))
+            .unwrap();
+        let started = Instant::now();
+        let err = vm.call::<()>(&p, "on_request", ()).unwrap_err();
+        assert!(err.message.contains("time limit"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_host_table_builds_decisions_and_speaks_json() {
+        let vm = vm();
+        let p = vm
+            .load(&source(
+                "host",
+                "return { name = 'host', on_request = function(req) \
+                   local v = gemgate.json.decode(gemgate.json.encode({ a = req.n })) \
+                   if v.a > 1 then return gemgate.deny(429, 'slow down') end \
+                   return gemgate.rewrite{ model = 'm-' .. gemgate.hash('x') % 10 } end }",
+            ))
+            .unwrap();
+        let req = vm.lua().create_table().unwrap();
+        req.set("n", 2).unwrap();
+        let d: Table = vm.call(&p, "on_request", req.clone()).unwrap();
+        assert_eq!(d.get::<String>("decision").unwrap(), "deny");
+        assert_eq!(d.get::<u16>("status").unwrap(), 429);
+        req.set("n", 1).unwrap();
+        let d: Table = vm.call(&p, "on_request", req).unwrap();
+        assert_eq!(d.get::<String>("decision").unwrap(), "rewrite");
+        assert!(d.get::<String>("model").unwrap().starts_with("m-"));
+    }
+
+    #[test]
+    fn reads_only_lua_files_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.lua"), "return { name = 'b' }").unwrap();
+        std::fs::write(dir.path().join("a.lua"), "return { name = 'a' }").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        let names: Vec<String> = read_dir(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+}
