@@ -533,6 +533,9 @@ impl HttpServerApp for Gateway {
         // left unread by an early answer is drained for a bounded time only.
         s.set_write_timeout(Some(self.current.load().config.timeout));
         s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
+        // NOTE: by default pingora closes a connection answered before its request body was
+        // read, so a client still uploading gets a broken pipe instead of our 413 or 401.
+        s.set_close_on_response_before_downstream_finish(false);
         let _in_flight = InFlight::enter(&self.in_flight);
         let mut x = Exchange::new(s.req_header());
         let outcome = self.handle(&mut s, &mut x).await;
