@@ -265,29 +265,24 @@ fn clean(e: &mlua::Error) -> String {
 
 /// The `gemgate` host table: log, clock, JSON, hashing and the decision constructors.
 fn host_table(lua: &Lua) -> mlua::Result<Table> {
+    use tracing::Level;
     let host = lua.create_table()?;
     let log = lua.create_table()?;
-    log.set(
-        "info",
-        lua.create_function(|_, m: String| {
-            tracing::info!(target: "gemgate::plugin", "{m}");
+    for (name, level) in [
+        ("info", Level::INFO),
+        ("warn", Level::WARN),
+        ("error", Level::ERROR),
+    ] {
+        let f = lua.create_function(move |_, m: String| {
+            match level {
+                Level::ERROR => tracing::error!(target: "gemgate::plugin", "{m}"),
+                Level::WARN => tracing::warn!(target: "gemgate::plugin", "{m}"),
+                _ => tracing::info!(target: "gemgate::plugin", "{m}"),
+            }
             Ok(())
-        })?,
-    )?;
-    log.set(
-        "warn",
-        lua.create_function(|_, m: String| {
-            tracing::warn!(target: "gemgate::plugin", "{m}");
-            Ok(())
-        })?,
-    )?;
-    log.set(
-        "error",
-        lua.create_function(|_, m: String| {
-            tracing::error!(target: "gemgate::plugin", "{m}");
-            Ok(())
-        })?,
-    )?;
+        })?;
+        log.set(name, f)?;
+    }
     host.set("log", log)?;
     host.set(
         "now_ms",
@@ -317,11 +312,15 @@ fn host_table(lua: &Lua) -> mlua::Result<Table> {
         })?,
     )?;
     // Decisions are plain tables tagged with `decision`; the host reads them back.
+    let decision = |lua: &Lua, kind: &str| -> mlua::Result<Table> {
+        let t = lua.create_table()?;
+        t.set("decision", kind)?;
+        Ok(t)
+    };
     host.set(
         "deny",
-        lua.create_function(|lua, (status, message): (u16, String)| {
-            let t = lua.create_table()?;
-            t.set("decision", "deny")?;
+        lua.create_function(move |lua, (status, message): (u16, String)| {
+            let t = decision(lua, "deny")?;
             t.set("status", status)?;
             t.set("message", message)?;
             Ok(t)
@@ -336,26 +335,20 @@ fn host_table(lua: &Lua) -> mlua::Result<Table> {
     )?;
     host.set(
         "retry",
-        lua.create_function(|lua, ()| {
-            let t = lua.create_table()?;
-            t.set("decision", "retry")?;
-            Ok(t)
-        })?,
+        lua.create_function(move |lua, ()| decision(lua, "retry"))?,
     )?;
     host.set(
         "cool",
-        lua.create_function(|lua, seconds: f64| {
-            let t = lua.create_table()?;
-            t.set("decision", "cool")?;
+        lua.create_function(move |lua, seconds: f64| {
+            let t = decision(lua, "cool")?;
             t.set("seconds", seconds)?;
             Ok(t)
         })?,
     )?;
     host.set(
         "disable",
-        lua.create_function(|lua, reason: String| {
-            let t = lua.create_table()?;
-            t.set("decision", "disable")?;
+        lua.create_function(move |lua, reason: String| {
+            let t = decision(lua, "disable")?;
             t.set("reason", reason)?;
             Ok(t)
         })?,
