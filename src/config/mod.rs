@@ -152,7 +152,7 @@ pub struct UpstreamSection {
     pub proxies: Vec<String>,
     pub proxies_use_consistency_hash_by_api_key: bool,
     pub custom_headers: BTreeMap<String, String>,
-    /// Idle upstream connections kept per worker pool.
+    /// Idle upstream connections kept for reuse.
     pub pool_size: usize,
 }
 

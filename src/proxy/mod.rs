@@ -137,13 +137,10 @@ impl Gateway {
     pub fn new(config: Config) -> Gateway {
         let registry = KeyRegistry::default();
         let config = Arc::new(config);
-        let options = pingora::connectors::ConnectorOptions {
-            keepalive_pool_size: config.pool_size.max(1),
-            ..pingora::connectors::ConnectorOptions::new(1)
-        };
         Gateway {
             current: ArcSwap::from_pointee(Generation::new(config, &registry)),
-            connector: Connector::new(Some(options)),
+            // Only makes new connections: idle ones are kept by `Target`.
+            connector: Connector::new(None),
             in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -233,11 +230,7 @@ impl Gateway {
             return self.list_all_models(gen, s, &mut up, &path, x).await;
         }
         if call == NativeCall::ListModels {
-            let page = match self.attempts(gen, &up, None, x).await {
-                Finished::Collected(page) => page,
-                Finished::Refused(r) => return Err(r),
-                Finished::Relayed(o) => return Ok(o),
-            };
+            let page = self.collect(gen, &up, x).await?;
             let page = filter_models(gen, &page).unwrap_or(page);
             return Ok(send(s, x, 200, page).await);
         }
@@ -268,11 +261,7 @@ impl Gateway {
             up.header.set_raw_path(target.as_bytes()).map_err(|_| {
                 Refusal::Gate(GateError::new(502, "invalid page token from upstream"))
             })?;
-            let page = match self.attempts(gen, up, None, x).await {
-                Finished::Collected(page) => page,
-                Finished::Refused(r) => return Err(r),
-                Finished::Relayed(o) => return Ok(o),
-            };
+            let page = self.collect(gen, up, x).await?;
             let mut page: serde_json::Value = serde_json::from_slice(&page).map_err(|e| {
                 Refusal::Gate(GateError::new(
                     502,
@@ -296,6 +285,21 @@ impl Gateway {
         models.retain(|m| !is_filtered(gen, m));
         let body = serde_json::json!({ "models": models });
         Ok(send(s, x, 200, Bytes::from(body.to_string())).await)
+    }
+
+    /// The attempt loop for an answer gemgate processes itself (model lists).
+    async fn collect(
+        &self,
+        gen: &Generation,
+        req: &UpstreamRequest,
+        x: &mut Exchange,
+    ) -> Result<Bytes, Refusal> {
+        match self.attempts(gen, req, None, x).await {
+            Finished::Collected(body) => Ok(body),
+            Finished::Refused(r) => Err(r),
+            // Without a client session nothing can have been relayed.
+            Finished::Relayed(_) => Err(Refusal::Gate(GateError::new(500, "nothing to collect"))),
+        }
     }
 
     /// The attempt loop: up to `MAX_RETRIES` attempts, each on a different usable key.

@@ -62,7 +62,6 @@ impl Target {
         let o = &mut peer.options;
         o.connection_timeout = Some(self.connect_timeout);
         o.total_connection_timeout = Some(self.connect_timeout * 2);
-        o.idle_timeout = Some(IDLE_TIMEOUT);
         o.alpn = ALPN::H1;
         o.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
             idle: Duration::from_secs(60),
