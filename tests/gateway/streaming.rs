@@ -233,6 +233,33 @@ async fn an_unreachable_upstream_gets_502() {
     );
 }
 
+/// Starts an SSE request whose last chunk the fake holds back until `release(hold)`; returns
+/// once the upstream has it. The task yields the answer's text, or `None` if it broke off.
+async fn held_stream(
+    gate: &Gate,
+    fake: &FakeUpstream,
+    hold: &'static str,
+    text: &'static str,
+) -> tokio::task::JoinHandle<Option<String>> {
+    let before = fake.state.total_requests();
+    let url = gate.url(STREAM_SSE);
+    let task = tokio::spawn(async move {
+        let resp = client()
+            .post(url)
+            .header("x-goog-api-key", TOKEN)
+            .header("x-fake-hold", hold)
+            .json(&ask(text))
+            .send()
+            .await
+            .ok()?;
+        resp.text().await.ok()
+    });
+    while fake.state.total_requests() == before {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task
+}
+
 #[tokio::test]
 async fn sigterm_lets_requests_in_flight_finish() {
     let fake = fake().await;
@@ -241,22 +268,7 @@ async fn sigterm_lets_requests_in_flight_finish() {
         .env("GEMGATE_GRACE_PERIOD_SECONDS", "20")
         .start()
         .await;
-    let url = gate.url(STREAM_SSE);
-    let in_flight = tokio::spawn(async move {
-        let resp = client()
-            .post(url)
-            .header("x-goog-api-key", TOKEN)
-            .header("x-fake-hold", "term-test")
-            .json(&ask("still here"))
-            .send()
-            .await
-            .unwrap();
-        resp.text().await.unwrap()
-    });
-    // Wait until the stream is under way, then ask gemgate to stop.
-    while fake.state.total_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let in_flight = held_stream(&gate, &fake, "term-test", "still here").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     gate.signal("TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -265,7 +277,10 @@ async fn sigterm_lets_requests_in_flight_finish() {
         "still accepting after SIGTERM"
     );
     fake.state.release("term-test");
-    let text = in_flight.await.unwrap();
+    let text = in_flight
+        .await
+        .unwrap()
+        .expect("the stream in flight was cut");
     assert_eq!(
         sse_events(&text)
             .iter()
@@ -303,22 +318,7 @@ async fn sigterm_waits_no_longer_than_the_grace_period() {
         .env("GEMGATE_GRACE_PERIOD_SECONDS", "1")
         .start()
         .await;
-    let url = gate.url(STREAM_SSE);
-    let _stuck = tokio::spawn(async move {
-        let resp = client()
-            .post(url)
-            .header("x-goog-api-key", TOKEN)
-            .header("x-fake-hold", "never-released")
-            .json(&ask("a b c"))
-            .send()
-            .await;
-        if let Ok(resp) = resp {
-            let _ = resp.text().await;
-        }
-    });
-    while fake.state.total_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let _stuck = held_stream(&gate, &fake, "never-released", "a b c").await;
     let started = Instant::now();
     gate.signal("TERM");
     assert_eq!(gate.wait_exit(Duration::from_secs(10)).await, Some(0));
