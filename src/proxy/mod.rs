@@ -152,6 +152,8 @@ impl Gateway {
 
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
         let gen = self.current.load_full();
+        // A client that stops reading must not hold a request (and its key) forever.
+        s.set_write_timeout(Some(gen.config.timeout));
         if s.req_header().method == http::Method::OPTIONS {
             return preflight(s, x).await;
         }
@@ -533,9 +535,7 @@ impl HttpServerApp for Gateway {
             }
         }
         s.set_keepalive(if *shutdown.borrow() { None } else { Some(75) });
-        // A client that stops reading must not hold a request (and its key) forever; a body
-        // left unread by an early answer is drained for a bounded time only.
-        s.set_write_timeout(Some(self.current.load().config.timeout));
+        // A body left unread by an early answer is drained for a bounded time only.
         s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
         // NOTE: by default pingora closes a connection answered before its request body was
         // read, so a client still uploading gets a broken pipe instead of our 413 or 401.
