@@ -12,6 +12,7 @@ pub mod fake;
 pub mod keys;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod telemetry;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,13 +24,15 @@ use pingora::server::{ExecutionPhase, Server};
 use pingora::services::listening::Service;
 
 use config::Config;
-use proxy::Gateway;
+use proxy::{Gateway, State};
+use reload::Source;
 
 /// Runs gemgate until SIGTERM or SIGINT. Never returns.
 ///
 /// On SIGTERM the listener stops accepting, requests in flight run to their end (at most
-/// `grace_period`), then the process exits.
-pub fn run(config: Config) -> ! {
+/// `grace_period`), then the process exits. Changes to the files `source` names (and to the
+/// plugins and templates) are applied while it runs.
+pub fn run(config: Config, source: Source) -> ! {
     let listen = config.listen.to_string();
     // NOTE: pingora retries a busy address for a long while, quietly; an operator wants to be
     // told at once. Probe the address first (and release it for pingora).
@@ -65,10 +68,21 @@ pub fn run(config: Config) -> ! {
         tracing::warn!("no client token is configured: proxy calls will answer 401 until ALLOWED_TOKENS is set");
     }
 
+    let state = match State::new(config, source) {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            telemetry::flush();
+            std::process::exit(2);
+        }
+    };
+    log_plugins(&state);
+    reload::watch(state.clone());
+    let in_flight = state.in_flight();
+
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let gateway = Gateway::new(config);
-    let in_flight = gateway.in_flight();
+    let gateway = Gateway::new(state);
     let mut service = Service::new("gemgate".to_owned(), gateway);
     service.add_tcp(&listen);
     server.add_service(service);
@@ -79,6 +93,16 @@ pub fn run(config: Config) -> ! {
         .spawn(move || exit_when_drained(phases, in_flight, grace))
         .expect("spawn the drain watcher");
     server.run_forever()
+}
+
+fn log_plugins(state: &State) {
+    let gen = state.current.load();
+    let names: Vec<&str> = gen.policy.enabled().map(|p| p.name.as_str()).collect();
+    tracing::info!(
+        dir = %gen.policy.dir.as_ref().map_or("built-in".into(), |d| d.display().to_string()),
+        plugins = %names.join(","),
+        "policy plugins loaded"
+    );
 }
 
 /// NOTE: pingora always sleeps the whole grace period after SIGTERM, even with nothing in

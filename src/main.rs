@@ -34,7 +34,8 @@ fn main() -> ExitCode {
         .config
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
     let vars = config::gather_env(std::path::Path::new("."));
-    let config = match config::load(&path, explicit, &vars) {
+    let source = gemgate::reload::Source { path, explicit };
+    let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gemgate: invalid configuration: {e}");
@@ -43,6 +44,30 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
+            let policy = match gemgate::policy::engine::Policy::compile(
+                &config,
+                0,
+                Default::default(),
+                Default::default(),
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("gemgate: invalid plugin: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let plugins: Vec<String> = policy
+                .enabled()
+                .map(|p| format!("{} ({})", p.name, p.priority))
+                .collect();
+            println!(
+                "plugins OK: {} from {}",
+                plugins.join(", "),
+                policy
+                    .dir
+                    .as_ref()
+                    .map_or("built-in".into(), |d| d.display().to_string())
+            );
             println!(
                 "configuration OK: {} (listen {}, {} keys, {} client tokens, upstream {}{})",
                 config
@@ -67,7 +92,7 @@ fn main() -> ExitCode {
                 }
             }
             gemgate::telemetry::init(&config.log_level);
-            gemgate::run(config)
+            gemgate::run(config, source)
         }
     }
 }

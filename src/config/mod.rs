@@ -110,6 +110,39 @@ pub struct FileConfig {
     pub stream: StreamSection,
     pub tts: TtsSection,
     pub logs: LogsSection,
+    pub policy: PolicySection,
+    /// `[plugins.<name>]`: each plugin's own config (`enabled` and `priority` are gemgate's).
+    pub plugins: BTreeMap<String, toml::Table>,
+}
+
+/// `[policy]`: where plugins live and what a failing plugin does.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySection {
+    /// The plugins folder; relative paths are relative to the config file's folder. Unset:
+    /// `plugins/` beside the config file, else `plugins/` in the working directory, else the
+    /// plugins built into gemgate.
+    pub dir: Option<PathBuf>,
+    /// `"fallback"` (a failing plugin is skipped) or `"deny"` (the request gets a 500).
+    pub on_error: String,
+    /// VM instructions one hook call may run.
+    pub instruction_limit: u64,
+    /// Wall-clock time one hook call may take.
+    pub time_limit_ms: u64,
+    /// Memory all plugins of one worker thread's VM may hold.
+    pub memory_limit_mb: u64,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            dir: None,
+            on_error: "fallback".into(),
+            instruction_limit: 1_000_000,
+            time_limit_ms: 50,
+            memory_limit_mb: 16,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -449,7 +482,7 @@ pub struct Config {
     pub max_failures: u32,
     pub tokens: Vec<ClientToken>,
     pub auth_token: Option<Secret>,
-    pub filtered_models: HashSet<String>,
+    pub policy: PolicyConfig,
     /// Every section as read, for the features that consume them.
     pub file: FileConfig,
 }
@@ -642,12 +675,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         .filter(|t| !t.is_empty())
         .map(Secret::new);
 
-    let filtered_models = file
-        .models
-        .filtered
-        .iter()
-        .map(|m| model_name(m).to_owned())
-        .collect();
+    let policy = validate_policy(&file.policy)?;
     let threads = if server.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -671,8 +699,75 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         max_failures: file.keys.max_failures.max(1),
         tokens,
         auth_token,
-        filtered_models,
+        policy,
         file,
+    })
+}
+
+/// What a plugin failure does to the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Skip the failing plugin: the request goes on with the built-in behaviour.
+    Fallback,
+    /// Refuse the request with a 500.
+    Deny,
+}
+
+/// The validated `[policy]` section.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub dir: Option<PathBuf>,
+    pub on_error: OnError,
+    pub limits: crate::policy::Limits,
+}
+
+impl Config {
+    /// The plugins folder in use: `[policy] dir`, else `plugins/` beside the config file, else
+    /// `plugins/` in the working directory. `None`: the plugins built into gemgate.
+    pub fn plugin_dir(&self) -> Option<PathBuf> {
+        let base = self
+            .path
+            .as_ref()
+            .and_then(|p| p.parent())
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        if let Some(dir) = &self.policy.dir {
+            return Some(base.join(dir));
+        }
+        [base.join("plugins"), PathBuf::from("plugins")]
+            .into_iter()
+            .find(|d| d.is_dir())
+    }
+}
+
+fn validate_policy(p: &PolicySection) -> Result<PolicyConfig, ConfigError> {
+    let on_error = match p.on_error.as_str() {
+        "fallback" => OnError::Fallback,
+        "deny" => OnError::Deny,
+        other => {
+            return Err(invalid(
+                "policy.on_error",
+                format!("expected \"fallback\" or \"deny\", got {other:?}"),
+            ))
+        }
+    };
+    if p.instruction_limit < 1000 {
+        return Err(invalid("policy.instruction_limit", "must be at least 1000"));
+    }
+    if p.time_limit_ms == 0 {
+        return Err(invalid("policy.time_limit_ms", "must be at least 1"));
+    }
+    if p.memory_limit_mb == 0 {
+        return Err(invalid("policy.memory_limit_mb", "must be at least 1"));
+    }
+    Ok(PolicyConfig {
+        dir: p.dir.clone(),
+        on_error,
+        limits: crate::policy::Limits {
+            instructions: p.instruction_limit,
+            time: Duration::from_millis(p.time_limit_ms),
+            memory_bytes: (p.memory_limit_mb as usize).saturating_mul(1024 * 1024),
+        },
     })
 }
 

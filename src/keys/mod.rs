@@ -10,7 +10,7 @@ pub mod clock;
 pub mod taxonomy;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -196,11 +196,11 @@ pub enum Pick {
     },
 }
 
-/// The keys of one configuration generation, with a round-robin cursor.
+/// The keys of one configuration generation.
 #[derive(Debug)]
 pub struct KeyPool {
     keys: Vec<Key>,
-    cursor: AtomicUsize,
+    by_id: HashMap<String, usize>,
     max_failures: u32,
 }
 
@@ -231,9 +231,14 @@ impl KeyPool {
                 }
             })
             .collect();
+        let by_id = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.clone(), i))
+            .collect();
         KeyPool {
             keys,
-            cursor: AtomicUsize::new(0),
+            by_id,
             max_failures: max_failures.max(1),
         }
     }
@@ -250,25 +255,39 @@ impl KeyPool {
         self.keys.is_empty()
     }
 
+    /// The index of the key with this id.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.by_id.get(id).copied()
+    }
+
     /// Whether key `index` may serve `model` at `now_ms`.
     pub fn usable(&self, index: usize, model: &str, now_ms: u64) -> bool {
         let state = &self.keys[index].state;
         !state.is_disabled() && state.cooling_until(model, now_ms).is_none()
     }
 
-    /// Round-robin: the next usable key for `model` not in `tried`.
+    /// The built-in choice: the first usable key for `model` not in `tried`, in config order.
+    /// (Round-robin and the other strategies are plugins.)
     pub fn pick(&self, model: &str, tried: &[usize], now_ms: u64) -> Pick {
-        let n = self.keys.len();
-        if n == 0 {
+        if self.keys.is_empty() {
             return Pick::Empty;
         }
-        let start = self.cursor.fetch_add(1, Relaxed);
-        for step in 0..n {
-            let index = (start + step) % n;
-            if !tried.contains(&index) && self.usable(index, model, now_ms) {
-                return Pick::Key(index);
-            }
+        match (0..self.keys.len()).find(|&i| !tried.contains(&i) && self.usable(i, model, now_ms)) {
+            Some(index) => Pick::Key(index),
+            None => self.exhausted(model, now_ms),
         }
+    }
+
+    /// Every key that may serve `model` now and is not in `tried`, in config order.
+    pub fn candidates(&self, model: &str, tried: &[usize], now_ms: u64) -> Vec<u32> {
+        (0..self.keys.len())
+            .filter(|&i| !tried.contains(&i) && self.usable(i, model, now_ms))
+            .map(|i| i as u32)
+            .collect()
+    }
+
+    /// Why no key can serve `model`.
+    pub fn exhausted(&self, model: &str, now_ms: u64) -> Pick {
         let (retry_at_ms, cooling, disabled) = self.unavailable(model, now_ms);
         Pick::Exhausted {
             retry_at_ms,
@@ -298,6 +317,12 @@ impl KeyPool {
         state.in_flight.fetch_add(1, Relaxed);
         state.last_used_ms.store(now_ms, Relaxed);
         Lease { state }
+    }
+
+    /// Cools key `index` for `model` for `seconds` (a plugin's `gemgate.cool`).
+    pub fn cool(&self, index: usize, model: &str, seconds: f64, now_ms: u64) {
+        let until = now_ms + (seconds * 1000.0) as u64;
+        self.keys[index].state.cool(model, until, "policy", now_ms);
     }
 
     pub fn record_success(&self, index: usize) {
@@ -387,10 +412,13 @@ mod tests {
     }
 
     #[test]
-    fn round_robin_skips_tried_keys() {
-        let p = pool(3, 3);
-        let picks: Vec<_> = (0..3).map(|_| p.pick("m", &[], 0)).collect();
-        assert_eq!(picks, vec![Pick::Key(0), Pick::Key(1), Pick::Key(2)]);
+    fn the_built_in_choice_skips_tried_and_unusable_keys() {
+        let p = pool(3, 1);
+        assert_eq!(p.pick("m", &[], 0), Pick::Key(0));
+        assert_eq!(p.pick("m", &[0], 0), Pick::Key(1));
+        p.record_failure(1, "m", ErrorClass::KeyInvalid, "bad", 0);
+        assert_eq!(p.pick("m", &[0], 0), Pick::Key(2));
+        assert_eq!(p.candidates("m", &[], 0), vec![0, 2]);
         assert_eq!(p.pick("m", &[0, 1], 0), Pick::Key(2));
         assert!(matches!(p.pick("m", &[0, 1, 2], 0), Pick::Exhausted { .. }));
     }

@@ -5,16 +5,26 @@
 //! table; every call into it runs under an instruction budget, a time limit and a memory limit,
 //! and a call that breaks one fails with a [`PolicyError`] naming the plugin and the line.
 //!
-//! NOTE: the request path does not call plugins yet; the built-in behaviours (round-robin,
-//! `FILTERED_MODELS`) are in Rust until the hooks are wired in.
+//! [`engine`] gives each generation's plugins to the request path: one VM per worker thread,
+//! the hooks in priority order, failures counted and turned into the built-in behaviour.
 
-use std::cell::Cell;
+pub mod counters;
+pub mod embedded;
+pub mod engine;
+
+use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mlua::{HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, Table, Value, VmState};
+use mlua::{
+    HookTriggers, Lua, LuaOptions, LuaSerdeExt, StdLib, Table, UserData, UserDataMethods, Value,
+    VmState,
+};
 use sha2::{Digest, Sha256};
+
+use counters::Counters;
 
 /// The hooks a plugin may define.
 pub const HOOKS: &[&str] = &[
@@ -89,7 +99,7 @@ pub fn read_dir(dir: &Path) -> std::io::Result<Vec<PluginSource>> {
 /// A plugin loaded into a [`Vm`].
 #[derive(Debug, Clone)]
 pub struct Plugin {
-    pub name: String,
+    pub name: Rc<str>,
     pub priority: i64,
     /// The plugin's own default; `[plugins.<name>] enabled` overrides it.
     pub enabled: bool,
@@ -97,6 +107,44 @@ pub struct Plugin {
     pub hooks: Vec<&'static str>,
     table: Table,
 }
+
+impl Plugin {
+    pub fn has(&self, hook: &str) -> bool {
+        self.hooks.contains(&hook)
+    }
+
+    /// The plugin's `schema`: config field → type name.
+    pub fn schema(&self) -> Result<Option<Vec<(String, String)>>, PolicyError> {
+        let fail = |message: String| PolicyError {
+            plugin: self.name.to_string(),
+            hook: "schema".into(),
+            message,
+        };
+        match self.table.get::<Value>("schema") {
+            Ok(Value::Nil) => Ok(None),
+            Ok(Value::Table(t)) => {
+                let mut fields = Vec::new();
+                for pair in t.pairs::<String, String>() {
+                    let (k, v) = pair
+                        .map_err(|_| fail("`schema` must map field names to type names".into()))?;
+                    if !SCHEMA_TYPES.contains(&v.as_str()) {
+                        return Err(fail(format!(
+                            "field {k:?} has type {v:?}; use one of {}",
+                            SCHEMA_TYPES.join(", ")
+                        )));
+                    }
+                    fields.push((k, v));
+                }
+                fields.sort();
+                Ok(Some(fields))
+            }
+            _ => Err(fail("`schema` must be a table".into())),
+        }
+    }
+}
+
+/// The type names a plugin's `schema` may use.
+pub const SCHEMA_TYPES: &[&str] = &["string", "number", "integer", "boolean", "list", "table"];
 
 /// Per-call budget, shared with the VM's instruction hook.
 #[derive(Clone, Copy)]
@@ -110,10 +158,32 @@ pub struct Vm {
     lua: Lua,
     limits: Limits,
     budget: Rc<Cell<Budget>>,
+    /// The plugin being called: counters are kept per plugin.
+    current: Rc<RefCell<Rc<str>>>,
+}
+
+/// What the host table serves: the shared counters and the settings plugins may read.
+pub struct Host {
+    pub counters: Arc<Counters>,
+    /// `gemgate.settings`: the model settings of the config (no secrets).
+    pub settings: serde_json::Value,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host {
+            counters: Arc::default(),
+            settings: serde_json::json!({}),
+        }
+    }
 }
 
 impl Vm {
     pub fn new(limits: Limits) -> Result<Vm, PolicyError> {
+        Vm::with_host(limits, Host::default())
+    }
+
+    pub fn with_host(limits: Limits, host: Host) -> Result<Vm, PolicyError> {
         let fail = |e: mlua::Error| PolicyError {
             plugin: "-".into(),
             hook: "vm".into(),
@@ -137,8 +207,12 @@ impl Vm {
         }
         let string: Table = globals.get("string").map_err(fail)?;
         string.set("dump", Value::Nil).map_err(fail)?;
+        let current: Rc<RefCell<Rc<str>>> = Rc::new(RefCell::new(Rc::from("-")));
         globals
-            .set("gemgate", host_table(&lua).map_err(fail)?)
+            .set(
+                "gemgate",
+                host_table(&lua, host, current.clone()).map_err(fail)?,
+            )
             .map_err(fail)?;
         lua.set_memory_limit(limits.memory_bytes).map_err(fail)?;
 
@@ -167,6 +241,7 @@ impl Vm {
             lua,
             limits,
             budget,
+            current,
         })
     }
 
@@ -192,7 +267,7 @@ impl Vm {
         let name: String = table
             .get("name")
             .map_err(|_| fail("`name` must be a string".into()))?;
-        if name != src.name {
+        if *name != *src.name {
             return Err(fail(format!(
                 "`name` is {name:?}, but the file is {}.lua",
                 src.name
@@ -215,7 +290,7 @@ impl Vm {
             }
         }
         Ok(Plugin {
-            name,
+            name: Rc::from(name),
             priority,
             enabled,
             hooks,
@@ -231,11 +306,12 @@ impl Vm {
         args: impl mlua::IntoLuaMulti,
     ) -> Result<R, PolicyError> {
         let fail = |message: String| PolicyError {
-            plugin: plugin.name.clone(),
+            plugin: plugin.name.to_string(),
             hook: hook.into(),
             message,
         };
         let f: mlua::Function = plugin.table.get(hook).map_err(|e| fail(clean(&e)))?;
+        *self.current.borrow_mut() = plugin.name.clone();
         self.guarded(|| f.call(args)).map_err(|e| fail(clean(&e)))
     }
 
@@ -263,21 +339,76 @@ fn clean(e: &mlua::Error) -> String {
     text.lines().next().unwrap_or_default().trim().to_owned()
 }
 
-/// The `gemgate` host table: log, clock, JSON, hashing and the decision constructors.
-fn host_table(lua: &Lua) -> mlua::Result<Table> {
+/// A handle on one counter, as `gemgate.counter(name)` returns it.
+struct CounterHandle {
+    counters: Arc<Counters>,
+    plugin: Rc<str>,
+    name: String,
+}
+
+impl UserData for CounterHandle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method(
+            "incr",
+            |_, this, (n, window_s): (Option<i64>, Option<f64>)| {
+                this.counters
+                    .incr(
+                        &this.plugin,
+                        &this.name,
+                        n.unwrap_or(1),
+                        window_s,
+                        crate::keys::clock::now_ms(),
+                    )
+                    .map_err(mlua::Error::runtime)
+            },
+        );
+        methods.add_method("get", |_, this, ()| {
+            Ok(this
+                .counters
+                .get(&this.plugin, &this.name, crate::keys::clock::now_ms()))
+        });
+    }
+}
+
+/// The `gemgate` host table: log, clock, JSON, hashing, counters, settings and the decision
+/// constructors.
+fn host_table(lua: &Lua, h: Host, current: Rc<RefCell<Rc<str>>>) -> mlua::Result<Table> {
     use tracing::Level;
     let host = lua.create_table()?;
+    let counters = h.counters;
+    host.set(
+        "counter",
+        lua.create_function(move |_, name: String| {
+            Ok(CounterHandle {
+                counters: counters.clone(),
+                plugin: current.borrow().clone(),
+                name,
+            })
+        })?,
+    )?;
+    host.set("settings", lua.to_value(&h.settings)?)?;
     let log = lua.create_table()?;
     for (name, level) in [
         ("info", Level::INFO),
         ("warn", Level::WARN),
         ("error", Level::ERROR),
     ] {
-        let f = lua.create_function(move |_, m: String| {
+        let f = lua.create_function(move |lua, m: String| {
+            // Name the plugin (and its line) that logged.
+            let at = lua
+                .inspect_stack(1, |d| {
+                    let s = d.source();
+                    format!(
+                        "{}:{}",
+                        s.short_src.as_deref().unwrap_or("?"),
+                        d.current_line().unwrap_or(0)
+                    )
+                })
+                .unwrap_or_default();
             match level {
-                Level::ERROR => tracing::error!(target: "gemgate::plugin", "{m}"),
-                Level::WARN => tracing::warn!(target: "gemgate::plugin", "{m}"),
-                _ => tracing::info!(target: "gemgate::plugin", "{m}"),
+                Level::ERROR => tracing::error!(target: "gemgate::plugin", at = %at, "{m}"),
+                Level::WARN => tracing::warn!(target: "gemgate::plugin", at = %at, "{m}"),
+                _ => tracing::info!(target: "gemgate::plugin", at = %at, "{m}"),
             }
             Ok(())
         })?;

@@ -44,6 +44,13 @@ impl Tokens {
     }
 }
 
+/// Whether `presented` is `secret`, compared as SHA-256 digests in constant time.
+pub fn same_secret(presented: &str, secret: &str) -> bool {
+    let a: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let b: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+    bool::from(a.ct_eq(&b))
+}
+
 /// Finds the client's credential: `?key=`, `x-goog-api-key`, or `Authorization: Bearer`.
 pub fn credential<'a>(
     query: Option<&'a str>,

@@ -12,8 +12,8 @@ pub mod sse;
 pub mod upstream;
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -32,9 +32,16 @@ use crate::config::{self, Config};
 use crate::keys::clock::now_ms;
 use crate::keys::taxonomy::{classify, ErrorClass};
 use crate::keys::{seconds_until, KeyPool, KeyRegistry, Pick};
+use crate::policy::counters::Counters;
+use crate::policy::engine::{
+    AttemptDecision, AttemptInfo, Denial, Policy, PolicyStats, RequestInfo, Rewrite,
+    Shared as PluginShared,
+};
+use crate::policy::PolicyError;
+use crate::reload::{self, ReloadStatus, Source};
 use auth::Tokens;
 use reply::GateError;
-use route::{NativeCall, Route};
+use route::{AdminCall, NativeCall, Route};
 use upstream::Target;
 
 /// Largest upstream error body read for classification and relay.
@@ -49,28 +56,113 @@ const MAX_MODEL_PAGES: usize = 50;
 /// Everything one configuration makes: swapped whole on reload; each request keeps the one it
 /// started with.
 pub struct Generation {
+    /// Counts up from 1 with every successful reload.
+    pub id: u64,
     pub config: Arc<Config>,
-    pub pool: KeyPool,
+    pub pool: Arc<KeyPool>,
     pub tokens: Tokens,
     pub target: Arc<Target>,
+    pub policy: Arc<Policy>,
 }
 
 impl Generation {
-    pub fn new(config: Arc<Config>, registry: &KeyRegistry) -> Generation {
-        Generation {
-            pool: KeyPool::new(&config.keys, registry, config.max_failures),
+    /// Builds generation `id` from `config`: compiles its plugins (running every `init`) and
+    /// makes its pool over the key state kept in `parts`. Upstream connections of `previous`
+    /// are kept when the upstream did not change.
+    pub fn build(
+        config: Config,
+        id: u64,
+        parts: &Lasting,
+        previous: Option<&Generation>,
+    ) -> Result<Generation, PolicyError> {
+        let policy = Policy::compile(&config, id, parts.counters.clone(), parts.stats.clone())?;
+        let target = match previous {
+            Some(p)
+                if p.config.base_url == config.base_url
+                    && p.config.connect_timeout == config.connect_timeout
+                    && p.config.pool_size == config.pool_size =>
+            {
+                p.target.clone()
+            }
+            _ => Arc::new(Target::new(&config)),
+        };
+        Ok(Generation {
+            id,
+            pool: Arc::new(KeyPool::new(
+                &config.keys,
+                &parts.registry,
+                config.max_failures,
+            )),
             tokens: Tokens::new(&config.tokens),
-            target: Arc::new(Target::new(&config)),
-            config,
-        }
+            target,
+            policy: Arc::new(policy),
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// What generations are built over and what outlives them: key state, plugin counters and
+/// plugin failure counts.
+#[derive(Default)]
+pub struct Lasting {
+    pub registry: KeyRegistry,
+    pub counters: Arc<Counters>,
+    pub stats: Arc<PolicyStats>,
+}
+
+/// The gateway's state across generations.
+pub struct State {
+    pub current: ArcSwap<Generation>,
+    pub lasting: Lasting,
+    pub source: Source,
+    in_flight: Arc<AtomicUsize>,
+    generations: AtomicU64,
+    reload: Mutex<ReloadStatus>,
+}
+
+impl State {
+    /// The state of a starting gateway, serving generation 1 built from `config`.
+    pub fn new(config: Config, source: Source) -> Result<Arc<State>, PolicyError> {
+        let lasting = Lasting::default();
+        let first = Generation::build(config, 1, &lasting, None)?;
+        Ok(Arc::new(State {
+            current: ArcSwap::from_pointee(first),
+            lasting,
+            source,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            generations: AtomicU64::new(1),
+            reload: Mutex::new(ReloadStatus {
+                generation: 1,
+                ..ReloadStatus::default()
+            }),
+        }))
+    }
+
+    /// Requests being served now (for graceful shutdown).
+    pub fn in_flight(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
+    }
+
+    pub fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_reload_status(&self, status: ReloadStatus) {
+        *self.reload.lock().unwrap_or_else(|e| e.into_inner()) = status;
     }
 }
 
 /// gemgate's HTTP application, served by a pingora listening service.
 pub struct Gateway {
-    current: ArcSwap<Generation>,
+    state: Arc<State>,
     connector: Connector,
-    in_flight: Arc<AtomicUsize>,
 }
 
 /// Whether the downstream connection may serve another request.
@@ -94,6 +186,8 @@ struct Exchange {
     ttfb: Option<Duration>,
     /// The request came from a browser page (it has an `Origin`): answers carry CORS headers.
     cors: bool,
+    /// What plugins share within this request (`ctx.shared`).
+    shared: PluginShared,
 }
 
 /// A failed attempt that sent nothing to the client.
@@ -102,6 +196,8 @@ struct Failure {
     class: ErrorClass,
     /// The upstream's status, or 0 when there was no answer.
     status: u16,
+    /// `RetryInfo.retryDelay` of a 429, for plugins.
+    retry_delay_s: Option<f64>,
     body: Bytes,
     content_type: Option<HeaderValue>,
     message: String,
@@ -119,7 +215,7 @@ enum Finished {
 
 enum Refusal {
     Gate(GateError),
-    Upstream(Failure),
+    Upstream(Box<Failure>),
 }
 
 /// One request to the upstream, ready to be sent with any key.
@@ -134,24 +230,31 @@ struct UpstreamRequest {
 }
 
 impl Gateway {
-    pub fn new(config: Config) -> Gateway {
-        let registry = KeyRegistry::default();
-        let config = Arc::new(config);
+    pub fn new(state: Arc<State>) -> Gateway {
         Gateway {
-            current: ArcSwap::from_pointee(Generation::new(config, &registry)),
+            state,
             // Only makes new connections: idle ones are kept by `Target`.
             connector: Connector::new(None),
-            in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// Requests being served now (for graceful shutdown).
-    pub fn in_flight(&self) -> Arc<AtomicUsize> {
-        self.in_flight.clone()
+    async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
+        let gen = self.state.current.load_full();
+        let outcome = self.serve(&gen, s, x).await;
+        if gen.policy.has_on_log() && x.action != "health" && x.action != "preflight" {
+            let entry = x.entry();
+            let client = x.client.clone().unwrap_or_default();
+            gen.policy.on_log(&entry, &client, &x.id, &mut x.shared);
+        }
+        outcome
     }
 
-    async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
-        let gen = self.current.load_full();
+    async fn serve(
+        &self,
+        gen: &Arc<Generation>,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+    ) -> Outcome {
         // A client that stops reading must not hold a request (and its key) forever.
         s.set_write_timeout(Some(gen.config.timeout));
         if s.req_header().method == http::Method::OPTIONS {
@@ -168,15 +271,74 @@ impl Gateway {
                 let e = GateError::new(404, format!("gemgate does not serve {path}"));
                 send_gate(s, x, &e).await
             }
+            Route::Admin(call) => {
+                x.action = "admin".into();
+                match self.admin(gen, s, call).await {
+                    Ok(body) => send(s, x, 200, body).await,
+                    Err(e) => send_gate(s, x, &e).await,
+                }
+            }
             Route::Native(call) => {
                 x.model = call.model().to_owned();
                 x.action = call.action().to_owned();
-                match self.native(&gen, s, call, x).await {
+                match self.native(gen, s, call, x).await {
                     Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(&gen, s, x, refusal).await,
+                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
                 }
             }
         }
+    }
+
+    /// The admin JSON API. Needs `Authorization: Bearer <AUTH_TOKEN>`.
+    async fn admin(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        call: AdminCall,
+    ) -> Result<Bytes, GateError> {
+        let req = s.req_header();
+        let Some(admin) = &gen.config.auth_token else {
+            return Err(GateError::new(
+                403,
+                "the admin API is off: set AUTH_TOKEN to turn it on",
+            ));
+        };
+        let presented = req
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !auth::same_secret(presented.trim(), admin.expose()) {
+            return Err(GateError::new(
+                401,
+                "the admin API needs Authorization: Bearer <AUTH_TOKEN>",
+            ));
+        }
+        match (call, &req.method) {
+            (AdminCall::Reload, &http::Method::GET) => {}
+            (AdminCall::Reload, &http::Method::POST) => {
+                let state = self.state.clone();
+                // Reading files and compiling plugins is blocking work.
+                let _ = tokio::task::spawn_blocking(move || reload::reload(&state)).await;
+            }
+            (AdminCall::Reload, m) => {
+                return Err(GateError::new(
+                    405,
+                    format!("{m} is not allowed here; use GET or POST"),
+                ))
+            }
+        }
+        let current = self.state.current.load();
+        let body = serde_json::json!({
+            "generation": current.id,
+            "reload": self.state.reload_status(),
+            "plugins": current.policy.plugins,
+            "plugin_errors": self.state.lasting.stats.snapshot().into_iter()
+                .map(|(plugin, hook, count)| serde_json::json!({"plugin": plugin, "hook": hook, "count": count}))
+                .collect::<Vec<_>>(),
+        });
+        Ok(Bytes::from(body.to_string()))
     }
 
     /// A Gemini-native call: checks, then the attempt loop.
@@ -201,30 +363,50 @@ impl Gateway {
                 format!("{} is not allowed here; use {}", req.method, call.method()),
             )));
         }
-        let model = call.model();
-        if gen.config.filtered_models.contains(model) {
-            return Err(Refusal::Gate(GateError::new(
-                404,
-                format!("models/{model} is not available through this gateway (FILTERED_MODELS)"),
-            )));
-        }
+        let rewrite = if gen.policy.has_on_request() {
+            let info = RequestInfo {
+                id: &x.id,
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                protocol: "gemini",
+                model: call.model(),
+                action: call.action(),
+                stream: call.is_stream(),
+                client: x.client.as_deref().unwrap_or_default(),
+                headers: &req.headers,
+            };
+            gen.policy
+                .on_request(&info, &mut x.shared)
+                .map_err(denied)?
+        } else {
+            Rewrite::default()
+        };
+        let model = rewrite.model.as_deref().unwrap_or(call.model()).to_owned();
+        x.model.clone_from(&model);
         let query = req.uri.query().map(strip_key_param).unwrap_or_default();
         let sse = call.is_stream() && auth::query_param(&query, "alt").is_some_and(|v| v == "sse");
         let base = &gen.target.base.path;
-        let body = if call.method() == http::Method::POST {
+        let mut body = if call.method() == http::Method::POST {
             read_body(s, gen.config.max_body_bytes).await?
         } else {
             Bytes::new()
         };
+        if rewrite.touches_body() && call.method() == http::Method::POST {
+            body = rewrite_body(&body, &rewrite)?;
+        }
         let path = match &call {
             NativeCall::ListModels => format!("{base}/models"),
-            NativeCall::GetModel { model } => format!("{base}/models/{model}"),
-            NativeCall::Action { model, action } => format!("{base}/models/{model}:{action}"),
+            NativeCall::GetModel { .. } => format!("{base}/models/{model}"),
+            NativeCall::Action { action, .. } => format!("{base}/models/{model}:{action}"),
         };
+        let mut header = upstream_header(gen, s.req_header(), &path, &query, body.len())?;
+        for (name, value) in rewrite.headers {
+            let _ = header.insert_header(name, value);
+        }
         let mut up = UpstreamRequest {
-            header: upstream_header(gen, s.req_header(), &path, &query, body.len())?,
+            header,
             body,
-            model: model.to_owned(),
+            model,
             stream: call.is_stream(),
             sse,
         };
@@ -233,7 +415,7 @@ impl Gateway {
         }
         if call == NativeCall::ListModels {
             let page = self.collect(gen, &up, x).await?;
-            let page = filter_models(gen, &page).unwrap_or(page);
+            let page = filter_page(gen, page, x)?;
             return Ok(send(s, x, 200, page).await);
         }
         match self.attempts(gen, &up, Some(s), x).await {
@@ -284,7 +466,7 @@ impl Gateway {
                 break;
             }
         }
-        models.retain(|m| !is_filtered(gen, m));
+        let models = filter_models(gen, models, x)?;
         let body = serde_json::json!({ "models": models });
         Ok(send(s, x, 200, Bytes::from(body.to_string())).await)
     }
@@ -317,7 +499,11 @@ impl Gateway {
         let mut last: Option<Failure> = None;
         while tried.len() < max {
             let now = now_ms();
-            let index = match gen.pool.pick(&req.model, &tried, now) {
+            let pick = match self.choose_key(gen, req, &tried, now, x) {
+                Ok(pick) => pick,
+                Err(d) => return Finished::Refused(denied(d)),
+            };
+            let index = match pick {
                 Pick::Key(index) => index,
                 Pick::Empty => {
                     return Finished::Refused(Refusal::Gate(GateError::new(
@@ -330,7 +516,7 @@ impl Gateway {
                     cooling,
                     disabled,
                 } => match last {
-                    Some(f) => return Finished::Refused(Refusal::Upstream(f)),
+                    Some(f) => return Finished::Refused(Refusal::Upstream(Box::new(f))),
                     None => {
                         let what = if req.model.is_empty() {
                             String::new()
@@ -363,20 +549,89 @@ impl Gateway {
                     );
                     tracing::debug!(id = %x.id, key = %key.spec.id, attempt = x.attempts, status = failure.status, class = failure.class.as_str(), ?verdict, message = %failure.message, "attempt failed");
                     x.class = Some(failure.class.as_str());
-                    if !failure.class.retryable() {
-                        return Finished::Refused(Refusal::Upstream(failure));
+                    let mut retry = failure.class.retryable();
+                    if gen.policy.has_attempt_hook(false) {
+                        match self.after_attempt(gen, index, req, &failure, x) {
+                            Ok(Some(AttemptDecision::Retry)) => retry = true,
+                            Ok(_) => {}
+                            Err(d) => return Finished::Refused(denied(d)),
+                        }
+                    }
+                    if !retry {
+                        return Finished::Refused(Refusal::Upstream(Box::new(failure)));
                     }
                     last = Some(failure);
                 }
             }
         }
         match last {
-            Some(f) => Finished::Refused(Refusal::Upstream(f)),
+            Some(f) => Finished::Refused(Refusal::Upstream(Box::new(f))),
             None => Finished::Refused(Refusal::Gate(GateError::new(
                 503,
                 "no attempt was possible",
             ))),
         }
+    }
+
+    /// The key for the next attempt: the first `select_key` plugin that names one, else the
+    /// built-in choice.
+    fn choose_key(
+        &self,
+        gen: &Generation,
+        req: &UpstreamRequest,
+        tried: &[usize],
+        now: u64,
+        x: &mut Exchange,
+    ) -> Result<Pick, Denial> {
+        if !gen.policy.has_select_key() || gen.pool.is_empty() {
+            return Ok(gen.pool.pick(&req.model, tried, now));
+        }
+        let candidates = gen.pool.candidates(&req.model, tried, now);
+        let Some(&first) = candidates.first() else {
+            return Ok(gen.pool.exhausted(&req.model, now));
+        };
+        let client = x.client.as_deref().unwrap_or_default();
+        let chosen = gen
+            .policy
+            .select_key(&gen.pool, candidates, client, &x.id, &mut x.shared)?;
+        Ok(Pick::Key(chosen.unwrap_or(first as usize)))
+    }
+
+    /// Tells `on_response` / `on_error` plugins how an attempt went and applies what they
+    /// decide about its key.
+    fn after_attempt(
+        &self,
+        gen: &Generation,
+        index: usize,
+        req: &UpstreamRequest,
+        failure: &Failure,
+        x: &mut Exchange,
+    ) -> Result<Option<AttemptDecision>, Denial> {
+        let key = gen.pool.get(index);
+        let client = x.client.clone().unwrap_or_default();
+        let info = AttemptInfo {
+            id: &x.id,
+            client: &client,
+            model: &req.model,
+            status: failure.status,
+            class: failure.class.as_str(),
+            key_id: &key.spec.id,
+            attempt: x.attempts,
+            retry_delay_s: failure.retry_delay_s,
+            message: &failure.message,
+        };
+        let decision = gen.policy.after_attempt(&info, &mut x.shared)?;
+        match &decision {
+            Some(AttemptDecision::Cool(seconds)) => {
+                gen.pool.cool(index, &req.model, *seconds, now_ms());
+            }
+            Some(AttemptDecision::Disable(reason)) => {
+                tracing::warn!(key = %key.spec.id, reason = %reason, "key disabled by a plugin");
+                key.state.disable(format!("policy: {reason}"));
+            }
+            _ => {}
+        }
+        Ok(decision)
     }
 
     /// One attempt with key `index`. `Err` means nothing reached the client and the caller may
@@ -430,8 +685,13 @@ impl Gateway {
                 .and_then(|h| h.headers.get(header::CONTENT_TYPE).cloned());
             gen.target.release(up).await;
             let body = redact(body, key.spec.secret.expose());
+            let class = classify(status, &body);
             return Err(Failure {
-                class: classify(status, &body),
+                class,
+                retry_delay_s: match class {
+                    ErrorClass::RateLimited { retry_after } => Some(retry_after.as_secs_f64()),
+                    _ => None,
+                },
                 status,
                 message: error_message(&body).unwrap_or_else(|| format!("HTTP {status}")),
                 body,
@@ -441,6 +701,49 @@ impl Gateway {
         gen.pool.record_success(index);
         x.status = status;
         x.class = None;
+        if gen.policy.has_attempt_hook(true) {
+            let ok = Failure {
+                class: ErrorClass::Upstream,
+                status,
+                retry_delay_s: None,
+                body: Bytes::new(),
+                content_type: None,
+                message: String::new(),
+            };
+            let key = gen.pool.get(index);
+            let client = x.client.clone().unwrap_or_default();
+            let info = AttemptInfo {
+                id: &x.id,
+                client: &client,
+                model: &req.model,
+                status,
+                class: "ok",
+                key_id: &key.spec.id,
+                attempt: x.attempts,
+                retry_delay_s: None,
+                message: "",
+            };
+            match gen.policy.after_attempt(&info, &mut x.shared) {
+                Ok(Some(AttemptDecision::Retry)) => {
+                    // The answer is dropped with its connection.
+                    return Err(Failure {
+                        message: "a plugin asked for another key".into(),
+                        ..ok
+                    });
+                }
+                Ok(Some(AttemptDecision::Cool(seconds))) => {
+                    gen.pool.cool(index, &req.model, seconds, now_ms())
+                }
+                Ok(Some(AttemptDecision::Disable(reason))) => {
+                    key.state.disable(format!("policy: {reason}"))
+                }
+                Ok(None) => {}
+                Err(d) => {
+                    gen.target.release(up).await;
+                    return Ok(Finished::Refused(denied(d)));
+                }
+            }
+        }
         let result = match client {
             None => {
                 let (body, complete) = read_to_end(&mut up, COLLECT_LIMIT).await;
@@ -504,6 +807,7 @@ impl Failure {
         Failure {
             class,
             status: 0,
+            retry_delay_s: None,
             body: Bytes::new(),
             content_type: None,
             message: message.into(),
@@ -540,7 +844,7 @@ impl HttpServerApp for Gateway {
         // NOTE: by default pingora closes a connection answered before its request body was
         // read, so a client still uploading gets a broken pipe instead of our 413 or 401.
         s.set_close_on_response_before_downstream_finish(false);
-        let _in_flight = InFlight::enter(&self.in_flight);
+        let _in_flight = InFlight::enter(&self.state.in_flight);
         let mut x = Exchange::new(s.req_header());
         let outcome = self.handle(&mut s, &mut x).await;
         x.log();
@@ -591,7 +895,24 @@ impl Exchange {
             class: None,
             ttfb: None,
             cors: req.headers.contains_key(header::ORIGIN),
+            shared: PluginShared::default(),
         }
+    }
+
+    /// The finished request's record, as `on_log` plugins get it.
+    fn entry(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "client": self.client,
+            "model": self.model,
+            "action": self.action,
+            "key_id": self.key,
+            "status": self.status,
+            "class": self.class,
+            "attempts": self.attempts,
+            "latency_ms": self.started.elapsed().as_secs_f64() * 1000.0,
+            "ttfb_ms": self.ttfb.map(|d| d.as_secs_f64() * 1000.0),
+        })
     }
 
     fn log(&self) {
@@ -1059,26 +1380,90 @@ fn error_message(body: &[u8]) -> Option<String> {
     v.pointer("/error/message")?.as_str().map(str::to_owned)
 }
 
-fn is_filtered(gen: &Generation, model: &serde_json::Value) -> bool {
-    let name = model
-        .get("name")
-        .and_then(|n| n.as_str())
-        .unwrap_or_default();
-    gen.config
-        .filtered_models
-        .contains(config::model_name(name))
+/// A policy refusal as the client's error.
+fn denied(d: Denial) -> Refusal {
+    Refusal::Gate(GateError::new(d.status, d.message))
 }
 
-/// Removes filtered models from one page of a model list.
-fn filter_models(gen: &Generation, page: &[u8]) -> Option<Bytes> {
-    if gen.config.filtered_models.is_empty() {
-        return None;
+/// The model list as `filter_models` plugins leave it.
+fn filter_models(
+    gen: &Generation,
+    models: Vec<serde_json::Value>,
+    x: &mut Exchange,
+) -> Result<Vec<serde_json::Value>, Refusal> {
+    if !gen.policy.has_filter_models() {
+        return Ok(models);
     }
-    let mut v: serde_json::Value = serde_json::from_slice(page).ok()?;
-    v.get_mut("models")?
-        .as_array_mut()?
-        .retain(|m| !is_filtered(gen, m));
-    Some(Bytes::from(v.to_string()))
+    let client = x.client.clone().unwrap_or_default();
+    gen.policy
+        .filter_models(models, &client, &x.id, &mut x.shared)
+        .map_err(denied)
+}
+
+/// One page of a model list (a request with `pageToken`), through `filter_models`.
+fn filter_page(gen: &Generation, page: Bytes, x: &mut Exchange) -> Result<Bytes, Refusal> {
+    if !gen.policy.has_filter_models() {
+        return Ok(page);
+    }
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&page) else {
+        return Ok(page);
+    };
+    let Some(serde_json::Value::Array(models)) = v.get_mut("models").map(serde_json::Value::take)
+    else {
+        return Ok(page);
+    };
+    v["models"] = serde_json::Value::Array(filter_models(gen, models, x)?);
+    Ok(Bytes::from(v.to_string()))
+}
+
+/// Applies a plugin rewrite to a JSON request body.
+fn rewrite_body(body: &[u8], rewrite: &Rewrite) -> Result<Bytes, Refusal> {
+    let bad = |m: &str| Refusal::Gate(GateError::new(400, m));
+    let mut v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| bad("the request body must be a JSON object"))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| bad("the request body must be a JSON object"))?;
+    if rewrite.generation_config.is_some() || rewrite.generation_config_defaults.is_some() {
+        let slot = obj
+            .entry("generationConfig")
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(defaults) = &rewrite.generation_config_defaults {
+            let mut merged = defaults.clone();
+            crate::policy::engine::merge(&mut merged, slot.take());
+            *slot = merged;
+        }
+        if let Some(over) = &rewrite.generation_config {
+            crate::policy::engine::merge(slot, over.clone());
+        }
+    }
+    if !rewrite.tools.is_empty() {
+        let tools = obj.entry("tools").or_insert_with(|| serde_json::json!([]));
+        if !tools.is_array() {
+            return Err(bad("`tools` in the request body must be a list"));
+        }
+        let list = tools.as_array_mut().expect("checked");
+        for tool in &rewrite.tools {
+            // A tool of the same kind (`googleSearch`, `codeExecution`, …) is not added twice.
+            let kind = tool.as_object().and_then(|t| t.keys().next());
+            let present = list.iter().any(|t| {
+                t.as_object()
+                    .is_some_and(|t| kind.is_some_and(|k| t.contains_key(k)))
+            });
+            if !present {
+                list.push(tool.clone());
+            }
+        }
+    }
+    Ok(Bytes::from(
+        serde_json::to_vec(&v).expect("a JSON value serialises"),
+    ))
+}
+
+/// Headers a plugin's rewrite may not set: the upstream's credential and the message framing
+/// belong to gemgate.
+pub fn is_protected_header(name: &str) -> bool {
+    skip_request_header(name)
 }
 
 #[cfg(test)]

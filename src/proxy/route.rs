@@ -43,9 +43,17 @@ impl NativeCall {
     }
 }
 
+/// A route of the admin JSON API (`/admin/api/...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCall {
+    /// `GET`: the current generation and the last reload; `POST`: reload now.
+    Reload,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Health,
+    Admin(AdminCall),
     Native(NativeCall),
     /// A path gemgate does not serve.
     NotFound,
@@ -55,6 +63,12 @@ pub enum Route {
 pub fn route(path: &str) -> Route {
     if path == "/health" {
         return Route::Health;
+    }
+    if let Some(call) = path.strip_prefix("/admin/api/") {
+        return match call.trim_end_matches('/') {
+            "reload" => Route::Admin(AdminCall::Reload),
+            _ => Route::NotFound,
+        };
     }
     let rest = path.strip_prefix("/gemini").unwrap_or(path);
     let Some(rest) = rest.strip_prefix("/v1beta/") else {

@@ -2,6 +2,22 @@
 
 use crate::common::*;
 
+fn model_names(list: &Value) -> Vec<String> {
+    list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A model the model_suffixes plugin derives (`-search`, `-image`, `-non-thinking`).
+fn is_derived(name: &str) -> bool {
+    ["-search", "-image", "-non-thinking"]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
 #[tokio::test]
 async fn every_native_call_on_both_prefixes() {
     let fake = fake().await;
@@ -9,11 +25,14 @@ async fn every_native_call_on_both_prefixes() {
     for prefix in ["/v1beta", "/gemini/v1beta"] {
         let (status, models) = get(&gate, &format!("{prefix}/models")).await;
         assert_eq!(status, 200);
+        let names = model_names(&models);
         assert_eq!(
-            models["models"].as_array().unwrap().len(),
+            names.iter().filter(|n| !is_derived(n)).count(),
             12,
             "all pages of the fake (5 per page)"
         );
+        // The model_suffixes plugin lists the derived models of SEARCH_MODELS.
+        assert!(names.contains(&"models/gemini-2.5-flash-search".to_owned()));
         assert!(models.get("nextPageToken").is_none());
 
         let (status, model) = get(&gate, &format!("{prefix}/models/gemini-2.5-pro")).await;
@@ -184,14 +203,15 @@ async fn filtered_models_are_hidden_and_refused() {
         .start()
         .await;
     let (_, models) = get(&gate, "/v1beta/models").await;
-    let names: Vec<&str> = models["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names.len(), 10);
-    assert!(!names.contains(&"models/gemini-2.5-pro") && !names.contains(&"models/gemini-1.5-pro"));
+    let names = model_names(&models);
+    assert_eq!(names.iter().filter(|n| !is_derived(n)).count(), 10);
+    for gone in [
+        "models/gemini-2.5-pro",
+        "models/gemini-1.5-pro",
+        "models/gemini-2.5-pro-search",
+    ] {
+        assert!(!names.contains(&gone.to_owned()), "{gone} in {names:?}");
+    }
     let before = fake.state.total_requests();
     let (status, _, v) = post(
         &gate,

@@ -1,0 +1,941 @@
+//! A generation's plugins, and the per-thread VMs that run them for the request path.
+//!
+//! [`Policy::compile`] reads the plugin files of a configuration, checks each plugin's config
+//! against its schema, orders the plugins by priority and runs every `init` once in a scratch
+//! VM: a reload whose plugins fail any of this is rejected before it can serve.
+//!
+//! Lua states are not `Send`, and a request may move between worker threads at every `.await`.
+//! Hooks are plain synchronous calls, so each worker thread keeps its own VM per generation
+//! ([`Engine`], built on the thread's first call) and a request holds no Lua value across an
+//! await: what plugins share within a request (`ctx.shared`) travels between hooks as JSON.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use mlua::{LuaSerdeExt, MetaMethod, Table, UserData, UserDataMethods, Value};
+
+use super::counters::Counters;
+use super::{embedded, read_dir, Host, Limits, Plugin, PluginSource, PolicyError, Vm};
+use crate::config::{Config, OnError};
+use crate::keys::KeyPool;
+
+/// How many generations' VMs a worker thread keeps: the current one and the one before it, for
+/// requests that started before a reload.
+const ENGINES_PER_THREAD: usize = 2;
+
+/// A plugin as the admin page and the logs describe it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub priority: i64,
+    pub hooks: Vec<&'static str>,
+    pub enabled: bool,
+    /// The file, or `built-in:<name>.lua` for the plugins compiled into gemgate.
+    pub file: String,
+}
+
+/// Plugin failures by (plugin, hook), for the admin page; kept across reloads.
+#[derive(Debug, Default)]
+pub struct PolicyStats {
+    errors: Mutex<BTreeMap<(String, String), u64>>,
+}
+
+impl PolicyStats {
+    fn count(&self, e: &PolicyError) {
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        *errors
+            .entry((e.plugin.clone(), e.hook.clone()))
+            .or_default() += 1;
+    }
+
+    /// `(plugin, hook, failures)`.
+    pub fn snapshot(&self) -> Vec<(String, String, u64)> {
+        let errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        errors
+            .iter()
+            .map(|((p, h), n)| (p.clone(), h.clone(), *n))
+            .collect()
+    }
+}
+
+/// One enabled plugin, ready to load into a VM.
+struct Entry {
+    source: PluginSource,
+    conf: serde_json::Value,
+}
+
+/// Which hooks any enabled plugin defines: the request path skips the others entirely.
+#[derive(Debug, Clone, Copy, Default)]
+struct HookSet {
+    on_request: bool,
+    filter_models: bool,
+    select_key: bool,
+    on_response: bool,
+    on_error: bool,
+    on_log: bool,
+}
+
+/// The compiled plugins of one generation.
+pub struct Policy {
+    /// The generation this policy belongs to.
+    pub id: u64,
+    /// The plugins folder (`None`: the plugins built into gemgate).
+    pub dir: Option<PathBuf>,
+    /// Every plugin found, enabled ones first in the order they run.
+    pub plugins: Vec<PluginInfo>,
+    pub on_error: OnError,
+    entries: Vec<Entry>,
+    settings: serde_json::Value,
+    limits: Limits,
+    hooks: HookSet,
+    counters: Arc<Counters>,
+    pub stats: Arc<PolicyStats>,
+}
+
+/// What plugins shared within one request (`ctx.shared`), carried between hooks.
+#[derive(Debug, Default)]
+pub struct Shared(Option<serde_json::Value>);
+
+/// The facts `on_request` sees.
+pub struct RequestInfo<'a> {
+    pub id: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// `"gemini"` or `"openai"`.
+    pub protocol: &'static str,
+    pub model: &'a str,
+    pub action: &'a str,
+    pub stream: bool,
+    pub client: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// The changes `on_request` plugins asked for, merged in priority order.
+#[derive(Debug, Default)]
+pub struct Rewrite {
+    pub model: Option<String>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Merged over the request's `generationConfig` (the plugin wins).
+    pub generation_config: Option<serde_json::Value>,
+    /// Merged under the request's `generationConfig` (the client wins).
+    pub generation_config_defaults: Option<serde_json::Value>,
+    /// Added to the request's `tools` (a tool of the same kind is not added twice).
+    pub tools: Vec<serde_json::Value>,
+}
+
+impl Rewrite {
+    /// Whether the request body must change.
+    pub fn touches_body(&self) -> bool {
+        self.generation_config.is_some()
+            || self.generation_config_defaults.is_some()
+            || !self.tools.is_empty()
+    }
+}
+
+/// A request refused by policy: answer with this status and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub status: u16,
+    pub message: String,
+}
+
+/// What `on_response` / `on_error` decided about an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptDecision {
+    Retry,
+    Cool(f64),
+    Disable(String),
+}
+
+/// The facts `on_response` / `on_error` see.
+pub struct AttemptInfo<'a> {
+    pub id: &'a str,
+    pub client: &'a str,
+    pub model: &'a str,
+    pub status: u16,
+    /// The taxonomy class (`"ok"` for a success).
+    pub class: &'a str,
+    pub key_id: &'a str,
+    pub attempt: u32,
+    pub retry_delay_s: Option<f64>,
+    pub message: &'a str,
+}
+
+impl Policy {
+    /// Reads, checks and orders the plugins `config` names, and runs their `init` once.
+    pub fn compile(
+        config: &Config,
+        id: u64,
+        counters: Arc<Counters>,
+        stats: Arc<PolicyStats>,
+    ) -> Result<Policy, PolicyError> {
+        let dir = config.plugin_dir();
+        let sources = match &dir {
+            Some(d) => read_dir(d).map_err(|e| PolicyError {
+                plugin: "-".into(),
+                hook: "load".into(),
+                message: format!("cannot read the plugins folder {}: {e}", d.display()),
+            })?,
+            None => embedded::sources(),
+        };
+        let settings = settings(config);
+        let scratch = Vm::with_host(
+            config.policy.limits,
+            Host {
+                counters: counters.clone(),
+                settings: settings.clone(),
+            },
+        )?;
+        let mut found = Vec::new();
+        for source in sources {
+            let plugin = scratch.load(&source)?;
+            let mut conf = config
+                .file
+                .plugins
+                .get(&*plugin.name)
+                .cloned()
+                .unwrap_or_default();
+            let fail = |message: String| PolicyError {
+                plugin: plugin.name.to_string(),
+                hook: "config".into(),
+                message,
+            };
+            let enabled = match conf.remove("enabled") {
+                None => plugin.enabled,
+                Some(toml::Value::Boolean(b)) => b,
+                Some(_) => return Err(fail("`enabled` must be true or false".into())),
+            };
+            let priority = match conf.remove("priority") {
+                None => plugin.priority,
+                Some(toml::Value::Integer(p)) => p,
+                Some(_) => return Err(fail("`priority` must be an integer".into())),
+            };
+            let conf = serde_json::to_value(&conf).map_err(|e| fail(e.to_string()))?;
+            check_schema(&plugin, &conf)?;
+            let info = PluginInfo {
+                name: plugin.name.to_string(),
+                priority,
+                hooks: plugin.hooks.clone(),
+                enabled,
+                file: match &dir {
+                    Some(_) => source.path.display().to_string(),
+                    None => format!("built-in:{}.lua", plugin.name),
+                },
+            };
+            found.push((info, Entry { source, conf }));
+        }
+        for name in config.file.plugins.keys() {
+            if !found.iter().any(|(info, _)| &info.name == name) {
+                tracing::warn!(plugin = %name, "[plugins.{name}] is set, but there is no such plugin");
+            }
+        }
+        // Higher priority first; equal priorities run in name order.
+        found.sort_by(|(a, _), (b, _)| {
+            (!a.enabled, -a.priority, &a.name).cmp(&(!b.enabled, -b.priority, &b.name))
+        });
+        let mut hooks = HookSet::default();
+        for (info, _) in found.iter().filter(|(i, _)| i.enabled) {
+            for hook in &info.hooks {
+                match *hook {
+                    "on_request" => hooks.on_request = true,
+                    "filter_models" => hooks.filter_models = true,
+                    "select_key" => hooks.select_key = true,
+                    "on_response" => hooks.on_response = true,
+                    "on_error" => hooks.on_error = true,
+                    "on_log" => hooks.on_log = true,
+                    _ => {}
+                }
+            }
+        }
+        let (plugins, entries): (Vec<_>, Vec<_>) = found.into_iter().unzip();
+        let entries = plugins
+            .iter()
+            .zip(entries)
+            .filter(|(info, _)| info.enabled)
+            .map(|(_, e)| e)
+            .collect();
+        let policy = Policy {
+            id,
+            dir,
+            plugins,
+            on_error: config.policy.on_error,
+            entries,
+            settings,
+            limits: config.policy.limits,
+            hooks,
+            counters,
+            stats,
+        };
+        // Every `init` must pass before this generation may serve.
+        Engine::build(&policy)?;
+        Ok(policy)
+    }
+
+    /// The enabled plugins, in the order they run.
+    pub fn enabled(&self) -> impl Iterator<Item = &PluginInfo> {
+        self.plugins.iter().filter(|p| p.enabled)
+    }
+
+    pub fn has_on_request(&self) -> bool {
+        self.hooks.on_request
+    }
+
+    pub fn has_select_key(&self) -> bool {
+        self.hooks.select_key
+    }
+
+    pub fn has_filter_models(&self) -> bool {
+        self.hooks.filter_models
+    }
+
+    pub fn has_on_log(&self) -> bool {
+        self.hooks.on_log
+    }
+
+    /// Whether an attempt's outcome goes to plugins (`on_response` for a success).
+    pub fn has_attempt_hook(&self, success: bool) -> bool {
+        if success {
+            self.hooks.on_response
+        } else {
+            self.hooks.on_error
+        }
+    }
+
+    /// Logs and counts a plugin failure; with `on_error = "deny"`, the request's refusal.
+    fn failed(&self, e: &PolicyError) -> Option<Denial> {
+        tracing::warn!(plugin = %e.plugin, hook = %e.hook, "plugin failed: {}", e.message);
+        self.stats.count(e);
+        (self.on_error == OnError::Deny).then(|| Denial {
+            status: 500,
+            message: format!("policy plugin {} failed in {}", e.plugin, e.hook),
+        })
+    }
+
+    /// Runs `f` with this thread's VM for this policy, building it on first use.
+    fn with_engine<R>(
+        &self,
+        f: impl FnOnce(&Engine) -> Result<R, Denial>,
+    ) -> Result<Option<R>, Denial> {
+        ENGINES.with(|cell| {
+            let mut engines = cell.borrow_mut();
+            let at = match engines.iter().position(|e| e.id == self.id) {
+                Some(at) => at,
+                None => match Engine::build(self) {
+                    Ok(engine) => {
+                        if engines.len() >= ENGINES_PER_THREAD {
+                            engines.remove(0);
+                        }
+                        engines.push(engine);
+                        engines.len() - 1
+                    }
+                    Err(e) => return self.failed(&e).map_or(Ok(None), Err),
+                },
+            };
+            f(&engines[at]).map(Some)
+        })
+    }
+
+    /// `on_request` of every plugin, in order: the first denial ends it; rewrites accumulate
+    /// (each plugin sees the model as the ones before it left it).
+    pub fn on_request(&self, req: &RequestInfo, shared: &mut Shared) -> Result<Rewrite, Denial> {
+        let out = self.with_engine(|engine| {
+            let lua = engine.vm.lua();
+            let mut rewrite = Rewrite::default();
+            let result = (|| -> mlua::Result<(Table, Table)> {
+                let t = lua.create_table_with_capacity(0, 10)?;
+                t.set("id", req.id)?;
+                t.set("method", req.method)?;
+                t.set("path", req.path)?;
+                t.set("protocol", req.protocol)?;
+                t.set("model", req.model)?;
+                t.set("requested_model", req.model)?;
+                t.set("action", req.action)?;
+                t.set("stream", req.stream)?;
+                t.set("client", req.client)?;
+                let headers = lua.create_table_with_capacity(0, req.headers.len())?;
+                for (name, value) in req.headers {
+                    if let Ok(v) = value.to_str() {
+                        headers.set(name.as_str(), v)?;
+                    }
+                }
+                t.set("headers", headers)?;
+                let ctx = engine.ctx(req.client, req.id, shared)?;
+                Ok((t, ctx))
+            })();
+            let (t, ctx) = result.map_err(|e| host_failure("on_request", &e))?;
+            for live in engine.with_hook("on_request") {
+                live.enter(&ctx);
+                let value: Value = match engine.vm.call(&live.plugin, "on_request", (&t, &ctx)) {
+                    Ok(v) => v,
+                    Err(e) => match self.failed(&e) {
+                        Some(d) => return Err(d),
+                        None => continue,
+                    },
+                };
+                match read_request_decision(lua, &live.plugin, value, &mut rewrite) {
+                    Ok(Some(denial)) => return Err(denial),
+                    Ok(None) => {
+                        if let Some(m) = &rewrite.model {
+                            let _ = t.set("model", m.as_str());
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(d) = self.failed(&e) {
+                            return Err(d);
+                        }
+                    }
+                }
+            }
+            engine.keep_shared(&ctx, shared);
+            Ok(rewrite)
+        })?;
+        Ok(out.unwrap_or_default())
+    }
+
+    /// `filter_models` of every plugin, in order, each given the list the one before returned.
+    pub fn filter_models(
+        &self,
+        models: Vec<serde_json::Value>,
+        client: &str,
+        id: &str,
+        shared: &mut Shared,
+    ) -> Result<Vec<serde_json::Value>, Denial> {
+        let out = self.with_engine(|engine| {
+            let lua = engine.vm.lua();
+            let mut list = models.clone();
+            let ctx = engine
+                .ctx(client, id, shared)
+                .map_err(|e| host_failure("filter_models", &e))?;
+            for live in engine.with_hook("filter_models") {
+                live.enter(&ctx);
+                let arg = lua
+                    .to_value(&list)
+                    .map_err(|e| host_failure("filter_models", &e))?;
+                let answer = engine
+                    .vm
+                    .call::<Value>(&live.plugin, "filter_models", (arg, &ctx))
+                    .and_then(|v| {
+                        if let Value::Nil = v {
+                            return Ok(None);
+                        }
+                        lua.from_value::<Vec<serde_json::Value>>(v)
+                            .map(Some)
+                            .map_err(|e| PolicyError {
+                                plugin: live.plugin.name.to_string(),
+                                hook: "filter_models".into(),
+                                message: format!("must return a list of models: {e}"),
+                            })
+                    });
+                match answer {
+                    Ok(Some(next)) => list = next,
+                    Ok(None) => {}
+                    Err(e) => {
+                        if let Some(d) = self.failed(&e) {
+                            return Err(d);
+                        }
+                    }
+                }
+            }
+            engine.keep_shared(&ctx, shared);
+            Ok(list)
+        })?;
+        Ok(out.unwrap_or(models))
+    }
+
+    /// `select_key` of every plugin, in order, until one names a key. `candidates` are indices
+    /// into `pool` of the keys that may serve this attempt. `None`: the built-in choice.
+    pub fn select_key(
+        &self,
+        pool: &Arc<KeyPool>,
+        candidates: Vec<u32>,
+        client: &str,
+        id: &str,
+        shared: &mut Shared,
+    ) -> Result<Option<usize>, Denial> {
+        let out = self.with_engine(|engine| {
+            let lua = engine.vm.lua();
+            let allowed = candidates.clone();
+            let view = lua
+                .create_userdata(PoolView {
+                    pool: pool.clone(),
+                    candidates,
+                })
+                .map_err(|e| host_failure("select_key", &e))?;
+            let ctx = engine
+                .ctx(client, id, shared)
+                .map_err(|e| host_failure("select_key", &e))?;
+            let mut chosen = None;
+            for live in engine.with_hook("select_key") {
+                live.enter(&ctx);
+                let answer = engine
+                    .vm
+                    .call::<Option<String>>(&live.plugin, "select_key", (&view, &ctx))
+                    .and_then(|id| {
+                        let Some(id) = id else { return Ok(None) };
+                        match pool.index_of(&id) {
+                            Some(i) if allowed.contains(&(i as u32)) => Ok(Some(i)),
+                            found => Err(PolicyError {
+                                plugin: live.plugin.name.to_string(),
+                                hook: "select_key".into(),
+                                message: if found.is_some() {
+                                    format!("key {id} is not usable for this attempt")
+                                } else {
+                                    format!("key {id} is not in the pool")
+                                },
+                            }),
+                        }
+                    });
+                match answer {
+                    Ok(Some(i)) => {
+                        chosen = Some(i);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        if let Some(d) = self.failed(&e) {
+                            return Err(d);
+                        }
+                    }
+                }
+            }
+            engine.keep_shared(&ctx, shared);
+            Ok(chosen)
+        })?;
+        Ok(out.flatten())
+    }
+
+    /// `on_response` (success) or `on_error` (failure) of every plugin until one decides.
+    pub fn after_attempt(
+        &self,
+        info: &AttemptInfo,
+        shared: &mut Shared,
+    ) -> Result<Option<AttemptDecision>, Denial> {
+        let hook = if info.class == "ok" {
+            "on_response"
+        } else {
+            "on_error"
+        };
+        let out = self.with_engine(|engine| {
+            let lua = engine.vm.lua();
+            let made = (|| -> mlua::Result<(Table, Table)> {
+                let t = lua.create_table_with_capacity(0, 8)?;
+                t.set("status", info.status)?;
+                t.set("class", info.class)?;
+                t.set("key_id", info.key_id)?;
+                t.set("attempt", info.attempt)?;
+                t.set("model", info.model)?;
+                t.set("retry_delay_s", info.retry_delay_s)?;
+                t.set("message", info.message)?;
+                Ok((t, engine.ctx(info.client, info.id, shared)?))
+            })();
+            let (t, ctx) = made.map_err(|e| host_failure(hook, &e))?;
+            let mut decision = None;
+            for live in engine.with_hook(hook) {
+                live.enter(&ctx);
+                let answer = engine
+                    .vm
+                    .call::<Value>(&live.plugin, hook, (&t, &ctx))
+                    .and_then(|v| read_attempt_decision(&live.plugin, hook, v));
+                match answer {
+                    Ok(Some(d)) => {
+                        decision = Some(d);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        if let Some(d) = self.failed(&e) {
+                            return Err(d);
+                        }
+                    }
+                }
+            }
+            engine.keep_shared(&ctx, shared);
+            Ok(decision)
+        })?;
+        Ok(out.flatten())
+    }
+
+    /// `on_log` of every plugin with the finished request's record.
+    pub fn on_log(&self, entry: &serde_json::Value, client: &str, id: &str, shared: &mut Shared) {
+        let _ = self.with_engine(|engine| {
+            let lua = engine.vm.lua();
+            let (Ok(arg), Ok(ctx)) = (lua.to_value(entry), engine.ctx(client, id, shared)) else {
+                return Ok(());
+            };
+            for live in engine.with_hook("on_log") {
+                live.enter(&ctx);
+                if let Err(e) = engine.vm.call::<()>(&live.plugin, "on_log", (&arg, &ctx)) {
+                    self.failed(&e);
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+thread_local! {
+    static ENGINES: RefCell<Vec<Engine>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One plugin loaded into a thread's VM, with its config table.
+struct Live {
+    plugin: Plugin,
+    conf: Table,
+}
+
+impl Live {
+    /// Points the request's `ctx.conf` at this plugin's config.
+    fn enter(&self, ctx: &Table) {
+        let _ = ctx.raw_set("conf", &self.conf);
+    }
+}
+
+/// A worker thread's VM with one generation's plugins loaded and initialised.
+struct Engine {
+    id: u64,
+    vm: Vm,
+    live: Vec<Live>,
+}
+
+impl Engine {
+    fn build(policy: &Policy) -> Result<Engine, PolicyError> {
+        let vm = Vm::with_host(
+            policy.limits,
+            Host {
+                counters: policy.counters.clone(),
+                settings: policy.settings.clone(),
+            },
+        )?;
+        let mut live = Vec::with_capacity(policy.entries.len());
+        for entry in &policy.entries {
+            let plugin = vm.load(&entry.source)?;
+            let conf = vm.lua().to_value(&entry.conf).map_err(|e| PolicyError {
+                plugin: plugin.name.to_string(),
+                hook: "config".into(),
+                message: e.to_string(),
+            })?;
+            let Value::Table(conf) = conf else {
+                unreachable!("a plugin's config is a table")
+            };
+            if plugin.has("init") {
+                vm.call::<()>(&plugin, "init", &conf)?;
+            }
+            live.push(Live { plugin, conf });
+        }
+        Ok(Engine {
+            id: policy.id,
+            vm,
+            live,
+        })
+    }
+
+    fn with_hook<'a>(&'a self, hook: &'a str) -> impl Iterator<Item = &'a Live> + 'a {
+        self.live.iter().filter(move |l| l.plugin.has(hook))
+    }
+
+    /// A fresh `ctx` for one hook chain: `client`, `id`, and `shared` as the request left it.
+    fn ctx(&self, client: &str, id: &str, shared: &Shared) -> mlua::Result<Table> {
+        let lua = self.vm.lua();
+        let ctx = lua.create_table_with_capacity(0, 4)?;
+        ctx.raw_set("client", client)?;
+        ctx.raw_set("id", id)?;
+        let table = match &shared.0 {
+            Some(v) => lua.to_value(v)?,
+            None => Value::Table(lua.create_table()?),
+        };
+        ctx.raw_set("shared", table)?;
+        Ok(ctx)
+    }
+
+    /// Keeps what plugins put in `ctx.shared` for the request's next hooks.
+    fn keep_shared(&self, ctx: &Table, shared: &mut Shared) {
+        let Ok(Value::Table(t)) = ctx.raw_get::<Value>("shared") else {
+            return;
+        };
+        if t.pairs::<Value, Value>().next().is_none() {
+            shared.0 = None;
+            return;
+        }
+        shared.0 = self.vm.lua().from_value(Value::Table(t)).ok();
+    }
+}
+
+/// A failure of gemgate's own side of a call (building argument tables): answered as the
+/// built-in behaviour, never blamed on a plugin.
+fn host_failure(hook: &str, e: &mlua::Error) -> Denial {
+    tracing::error!(hook, "policy host error: {e}");
+    Denial {
+        status: 500,
+        message: format!("policy engine error in {hook}"),
+    }
+}
+
+/// The candidate keys `select_key` sees: `#pool`, `pool[i]` and `ipairs(pool)` work; each
+/// entry is built when read.
+struct PoolView {
+    pool: Arc<KeyPool>,
+    candidates: Vec<u32>,
+}
+
+impl PoolView {
+    fn entry(&self, lua: &mlua::Lua, at: usize) -> mlua::Result<Value> {
+        let Some(&index) = self.candidates.get(at) else {
+            return Ok(Value::Nil);
+        };
+        let key = self.pool.get(index as usize);
+        let t = lua.create_table_with_capacity(0, 10)?;
+        t.set("id", key.spec.id.as_str())?;
+        t.set("position", index + 1)?;
+        t.set("label", key.spec.label.as_str())?;
+        t.set(
+            "tags",
+            lua.create_sequence_from(key.spec.tags.iter().map(String::as_str))?,
+        )?;
+        t.set("weight", key.spec.weight)?;
+        t.set("in_flight", key.state.in_flight())?;
+        t.set("successes", key.state.successes())?;
+        t.set("failures", key.state.failures())?;
+        t.set("consecutive_failures", key.state.consecutive_failures())?;
+        t.set("last_used_ms", key.state.last_used_ms())?;
+        Ok(Value::Table(t))
+    }
+}
+
+impl UserData for PoolView {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        // `pool:size()`: how many keys the whole pool has (usable or not).
+        methods.add_method("size", |_, this, ()| Ok(this.pool.keys().len()));
+        // `pool:from(position)`: the first candidate at or after `position` in config order,
+        // wrapping around: a rotation over the whole pool that skips the keys that are out.
+        methods.add_method("from", |lua, this, position: i64| {
+            let want = position.max(1) - 1;
+            let at = this.candidates.partition_point(|&i| i64::from(i) < want);
+            this.entry(lua, if at < this.candidates.len() { at } else { 0 })
+        });
+        methods.add_meta_method(MetaMethod::Len, |_, this, ()| Ok(this.candidates.len()));
+        methods.add_meta_method(MetaMethod::Index, |lua, this, i: Value| {
+            match i.as_integer().and_then(|i| usize::try_from(i - 1).ok()) {
+                Some(at) => this.entry(lua, at),
+                None => Ok(Value::Nil),
+            }
+        });
+    }
+}
+
+fn is_decision(t: &Table, kind: &str) -> bool {
+    t.raw_get::<Option<String>>("decision")
+        .ok()
+        .flatten()
+        .is_some_and(|d| d == kind)
+}
+
+/// Reads an `on_request` answer into `rewrite`; `Some` is a denial.
+fn read_request_decision(
+    lua: &mlua::Lua,
+    plugin: &Plugin,
+    value: Value,
+    rewrite: &mut Rewrite,
+) -> Result<Option<Denial>, PolicyError> {
+    let fail = |message: String| PolicyError {
+        plugin: plugin.name.to_string(),
+        hook: "on_request".into(),
+        message,
+    };
+    let t = match value {
+        Value::Nil => return Ok(None),
+        Value::Table(t) => t,
+        other => {
+            return Err(fail(format!(
+                "must return nil, gemgate.deny(...) or gemgate.rewrite{{...}}, not a {}",
+                other.type_name()
+            )))
+        }
+    };
+    if is_decision(&t, "deny") {
+        let status: u16 = t.get("status").map_err(|e| fail(e.to_string()))?;
+        if !(400..=599).contains(&status) {
+            return Err(fail(format!(
+                "gemgate.deny needs a 4xx or 5xx status, not {status}"
+            )));
+        }
+        let message: String = t.get("message").map_err(|e| fail(e.to_string()))?;
+        return Ok(Some(Denial { status, message }));
+    }
+    if !is_decision(&t, "rewrite") {
+        return Err(fail(
+            "must return nil, gemgate.deny(...) or gemgate.rewrite{...}".into(),
+        ));
+    }
+    for pair in t.pairs::<String, Value>() {
+        let (field, value) = pair.map_err(|e| fail(e.to_string()))?;
+        let json = |v: Value| -> Result<serde_json::Value, PolicyError> {
+            lua.from_value(v)
+                .map_err(|e| fail(format!("rewrite.{field}: {e}")))
+        };
+        match field.as_str() {
+            "decision" => {}
+            "model" => {
+                let Value::String(s) = value else {
+                    return Err(fail("rewrite.model must be a string".into()));
+                };
+                let m = s.to_str().map_err(|e| fail(e.to_string()))?.to_owned();
+                if m.is_empty() || m.contains(['/', '?', '#', ':', ' ']) {
+                    return Err(fail(format!("rewrite.model {m:?} is not a model name")));
+                }
+                rewrite.model = Some(m);
+            }
+            "headers" => {
+                let Value::Table(h) = value else {
+                    return Err(fail("rewrite.headers must be a table".into()));
+                };
+                for pair in h.pairs::<String, String>() {
+                    let (name, value) = pair.map_err(|e| fail(e.to_string()))?;
+                    let name = HeaderName::try_from(name.as_str())
+                        .map_err(|_| fail(format!("{name:?} is not a header name")))?;
+                    if super::super::proxy::is_protected_header(name.as_str()) {
+                        return Err(fail(format!("the header {name} cannot be rewritten")));
+                    }
+                    let value = HeaderValue::try_from(value.as_str())
+                        .map_err(|_| fail(format!("the value of {name} is not valid")))?;
+                    rewrite.headers.push((name, value));
+                }
+            }
+            "generation_config" | "generation_config_defaults" => {
+                let v = json(value)?;
+                if !v.is_object() {
+                    return Err(fail(format!("rewrite.{field} must be a table")));
+                }
+                let slot = if field == "generation_config" {
+                    &mut rewrite.generation_config
+                } else {
+                    &mut rewrite.generation_config_defaults
+                };
+                match slot {
+                    Some(old) => merge(old, v),
+                    None => *slot = Some(v),
+                }
+            }
+            "tools" => match json(value)? {
+                serde_json::Value::Array(tools) => rewrite.tools.extend(tools),
+                serde_json::Value::Object(m) if m.is_empty() => {}
+                tool @ serde_json::Value::Object(_) => rewrite.tools.push(tool),
+                _ => return Err(fail("rewrite.tools must be a list of tools".into())),
+            },
+            other => return Err(fail(format!("rewrite has no field {other:?}"))),
+        }
+    }
+    Ok(None)
+}
+
+fn read_attempt_decision(
+    plugin: &Plugin,
+    hook: &str,
+    value: Value,
+) -> Result<Option<AttemptDecision>, PolicyError> {
+    let fail = |message: String| PolicyError {
+        plugin: plugin.name.to_string(),
+        hook: hook.into(),
+        message,
+    };
+    let t = match value {
+        Value::Nil => return Ok(None),
+        Value::Table(t) => t,
+        other => {
+            return Err(fail(format!(
+                "must return nil, gemgate.retry(), gemgate.cool(s) or gemgate.disable(r), not a {}",
+                other.type_name()
+            )))
+        }
+    };
+    if is_decision(&t, "retry") {
+        Ok(Some(AttemptDecision::Retry))
+    } else if is_decision(&t, "cool") {
+        let s: f64 = t.get("seconds").map_err(|e| fail(e.to_string()))?;
+        if !(s.is_finite() && s > 0.0) {
+            return Err(fail(format!(
+                "gemgate.cool needs a positive number of seconds, not {s}"
+            )));
+        }
+        Ok(Some(AttemptDecision::Cool(s)))
+    } else if is_decision(&t, "disable") {
+        let r: String = t.get("reason").map_err(|e| fail(e.to_string()))?;
+        Ok(Some(AttemptDecision::Disable(r)))
+    } else {
+        Err(fail(
+            "must return nil, gemgate.retry(), gemgate.cool(s) or gemgate.disable(r)".into(),
+        ))
+    }
+}
+
+/// Merges `over` into `base`, objects field by field, `over` winning.
+pub fn merge(base: &mut serde_json::Value, over: serde_json::Value) {
+    match (base, over) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Checks a plugin's config against its `schema`.
+fn check_schema(plugin: &Plugin, conf: &serde_json::Value) -> Result<(), PolicyError> {
+    let Some(schema) = plugin.schema()? else {
+        return Ok(());
+    };
+    let fail = |message: String| PolicyError {
+        plugin: plugin.name.to_string(),
+        hook: "config".into(),
+        message: format!("[plugins.{}] {message}", plugin.name),
+    };
+    let Some(fields) = conf.as_object() else {
+        return Ok(());
+    };
+    for (field, value) in fields {
+        let Some((_, ty)) = schema.iter().find(|(f, _)| f == field) else {
+            let known: Vec<&str> = schema.iter().map(|(f, _)| f.as_str()).collect();
+            return Err(fail(format!(
+                "{field}: not a setting of this plugin (it has: {})",
+                known.join(", ")
+            )));
+        };
+        let ok = match ty.as_str() {
+            "string" => value.is_string(),
+            "number" => value.is_number(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "boolean" => value.is_boolean(),
+            "list" => value.is_array(),
+            _ => value.is_object() || value.is_array(),
+        };
+        if !ok {
+            return Err(fail(format!("{field}: must be a {ty}")));
+        }
+    }
+    Ok(())
+}
+
+/// `gemgate.settings`: the config's model settings, which the shipped plugins read. No secrets.
+fn settings(config: &Config) -> serde_json::Value {
+    let m = &config.file.models;
+    serde_json::json!({
+        "filtered_models": m.filtered.iter().map(|s| crate::config::model_name(s)).collect::<Vec<_>>(),
+        "search_models": m.search,
+        "image_models": m.image,
+        "thinking_models": m.thinking,
+        "thinking_budget_map": m.thinking_budget_map,
+        "show_search_link": m.show_search_link,
+        "show_thinking_process": m.show_thinking_process,
+        "code_execution": m.code_execution,
+        "url_context": m.url_context,
+        "url_context_models": m.url_context_models,
+    })
+}
