@@ -2,7 +2,9 @@
 --
 -- Clients are named by their token's name (`{ name = "alice", token = "…" }` in
 -- [auth] allowed_tokens). A client with no entry may use every model, unless `default` lists
--- what such clients may use. Model lists show each client only its models.
+-- what such clients may use. Model lists show each client only its models. Derived models
+-- (`<m>-search`, …) follow their base model: this plugin runs after model_suffixes has
+-- rewritten the request to the base model.
 --
 --   # gemgate.toml:
 --   #   [plugins.model_allowlist]
@@ -19,13 +21,20 @@ local function set_of(list)
   return s
 end
 
+local function base_of(model)
+  for _, suffix in ipairs({ "-search", "-image", "-non-thinking" }) do
+    if model:sub(-#suffix) == suffix then return model:sub(1, -#suffix - 1) end
+  end
+  return model
+end
+
 local function allowed(client)
   return clients[client] or default
 end
 
 return {
   name = "model_allowlist",
-  priority = 150,
+  priority = 40,
   enabled = false,
   schema = { clients = "table", default = "list" },
 
@@ -48,7 +57,8 @@ return {
     if models == nil then return nil end
     local kept = {}
     for _, m in ipairs(list) do
-      if models[((m.name or ""):gsub("^models/", ""))] then kept[#kept + 1] = m end
+      local name = (m.name or ""):gsub("^models/", "")
+      if models[name] or models[base_of(name)] then kept[#kept + 1] = m end
     end
     return kept
   end,

@@ -12,6 +12,8 @@ pub use gemgate::fake::{Behaviour, FakeConfig, FakeUpstream};
 pub use serde_json::{json, Value};
 
 pub const TOKEN: &str = "sk-test-token";
+/// The admin token tests set as `AUTH_TOKEN` when they use the admin API.
+pub const ADMIN: &str = "admin-test-secret";
 
 /// A gemgate process with its own working directory.
 pub struct Gate {
@@ -25,6 +27,8 @@ pub struct GateBuilder {
     toml: String,
     env: Vec<(String, String)>,
     dotenv: Option<String>,
+    /// Files of `plugins/` beside the config: (name without `.lua`, code).
+    plugins: Option<Vec<(String, String)>>,
 }
 
 pub fn gate() -> GateBuilder {
@@ -32,7 +36,22 @@ pub fn gate() -> GateBuilder {
         toml: String::new(),
         env: vec![("ALLOWED_TOKENS".into(), TOKEN.into())],
         dotenv: None,
+        plugins: None,
     }
+}
+
+/// The plugins shipped in the repository's `plugins/`.
+pub fn shipped_plugins() -> Vec<(String, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "lua") {
+            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+            out.push((name, std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    out
 }
 
 impl GateBuilder {
@@ -63,11 +82,36 @@ impl GateBuilder {
         self
     }
 
+    /// Gives gemgate a `plugins/` folder beside its config, holding the shipped plugins.
+    pub fn shipped_plugins(mut self) -> Self {
+        self.plugins = Some(shipped_plugins());
+        self
+    }
+
+    /// Adds a plugin file to the `plugins/` folder (which otherwise starts empty).
+    pub fn plugin(mut self, name: &str, code: &str) -> Self {
+        self.plugins
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), code.into()));
+        self
+    }
+
+    /// Turns the admin API on with [`ADMIN`].
+    pub fn admin(self) -> Self {
+        self.env("AUTH_TOKEN", ADMIN)
+    }
+
     pub async fn start(self) -> Gate {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("gemgate.toml"), &self.toml).unwrap();
         if let Some(text) = &self.dotenv {
             std::fs::write(dir.path().join(".env"), text).unwrap();
+        }
+        if let Some(plugins) = &self.plugins {
+            std::fs::create_dir(dir.path().join("plugins")).unwrap();
+            for (name, code) in plugins {
+                std::fs::write(dir.path().join(format!("plugins/{name}.lua")), code).unwrap();
+            }
         }
         let addr = free_addr();
         let log = std::fs::File::create(dir.path().join("gemgate.log")).unwrap();
@@ -165,6 +209,45 @@ impl Gate {
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("gemgate.toml")
+    }
+
+    /// Saves `text` as the file `rel` of gemgate's folder the way editors do: written to a
+    /// temporary file, then renamed over the old one.
+    pub fn save(&self, rel: &str, text: &str) {
+        let path = self.dir.path().join(rel);
+        let tmp = path.with_extension("swp~");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    pub fn remove(&self, rel: &str) {
+        std::fs::remove_file(self.dir.path().join(rel)).unwrap();
+    }
+
+    /// `GET /admin/api/reload` (needs [`GateBuilder::admin`]).
+    pub async fn reload_status(&self) -> Value {
+        let resp = client()
+            .get(self.url("/admin/api/reload"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    /// Waits until the reload count reaches `n` (successful or not); returns the status.
+    pub async fn wait_reloads(&self, since: &Value) -> Value {
+        let before = since["reload"]["last_reload_ms"].clone();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let status = self.reload_status().await;
+            if status["reload"]["last_reload_ms"] != before {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no reload happened:\n{}", self.logs());
     }
 }
 

@@ -4,5 +4,7 @@
 mod common;
 mod first_run;
 mod keys;
+mod plugins;
 mod proxying;
+mod reload;
 mod streaming;

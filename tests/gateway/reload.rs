@@ -1,0 +1,265 @@
+//! Hot reload: config and plugin changes apply live, broken files change nothing, requests
+//! keep their generation, key state survives.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn keys_toml(keys: &[&str]) -> String {
+    format!(
+        "[keys]\napi_keys = {}\n",
+        serde_json::to_string(keys).unwrap()
+    )
+}
+
+#[tokio::test]
+async fn a_saved_config_applies_within_a_second() {
+    let fake = fake().await;
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .toml(&keys_toml(&["good-1"]))
+        .admin()
+        .start()
+        .await;
+    let status = gate.reload_status().await;
+    assert_eq!(status["generation"], 1);
+    assert!(status["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "round_robin" && p["file"] == "built-in:round_robin.lua"));
+    let pro = "/v1beta/models/gemini-2.5-pro:generateContent";
+    assert_eq!(post(&gate, pro, &ask("x")).await.0, 200);
+
+    let saved = Instant::now();
+    gate.save(
+        "gemgate.toml",
+        &format!(
+            "{}[models]\nfiltered = [\"gemini-2.5-pro\"]\n",
+            keys_toml(&["good-1", "good-2"])
+        ),
+    );
+    // Poll the effect itself, not the admin API.
+    loop {
+        let (status, _, _) = post(&gate, pro, &ask("x")).await;
+        if status == 404 {
+            break;
+        }
+        assert!(
+            saved.elapsed() < Duration::from_secs(1),
+            "not applied within 1 s:\n{}",
+            gate.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = gate.reload_status().await;
+    assert_eq!(status["generation"], 2, "{status}");
+    assert_eq!(status["reload"]["last_result"], "ok");
+    // The added key joined the pool.
+    fake.state.reset();
+    for _ in 0..4 {
+        post(&gate, GENERATE, &ask("x")).await;
+    }
+    assert_eq!(fake.state.key_stats("good-2").requests, 2);
+}
+
+#[tokio::test]
+async fn a_broken_file_changes_nothing_and_says_where() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .admin()
+        .plugin(
+            "deny_pro",
+            "return { name = 'deny_pro', on_request = function(req) if req.model == 'gemini-2.5-pro' then return gemgate.deny(403, 'no pro') end end }",
+        )
+        .start()
+        .await;
+    let pro = "/v1beta/models/gemini-2.5-pro:generateContent";
+    assert_eq!(post(&gate, pro, &ask("x")).await.0, 403);
+
+    // A syntax error.
+    let before = gate.reload_status().await;
+    gate.save(
+        "plugins/deny_pro.lua",
+        "return {\n  name = 'deny_pro',\n  on_request = function(req) if then end,\n}\n",
+    );
+    let status = gate.wait_reloads(&before).await;
+    assert_eq!(status["generation"], 1, "{status}");
+    assert_eq!(status["reload"]["last_result"], "error");
+    let error = &status["reload"]["last_error"];
+    assert!(
+        error["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("plugins/deny_pro.lua"),
+        "{error}"
+    );
+    assert_eq!(error["line"], 3, "{error}");
+    assert_eq!(
+        post(&gate, pro, &ask("x")).await.0,
+        403,
+        "the old plugin serves on"
+    );
+
+    // An init that fails.
+    let before = gate.reload_status().await;
+    gate.save(
+        "plugins/deny_pro.lua",
+        "return {\n  name = 'deny_pro',\n  init = function(conf)\n    error('needs a list')\n  end,\n}\n",
+    );
+    let status = gate.wait_reloads(&before).await;
+    assert_eq!(status["reload"]["last_result"], "error");
+    assert_eq!(status["reload"]["last_error"]["line"], 4, "{status}");
+    assert!(status["reload"]["last_error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("needs a list"));
+
+    // An invalid config.
+    let before = gate.reload_status().await;
+    gate.save("gemgate.toml", "[upstream]\nmax_retries = 0\n");
+    let status = gate.wait_reloads(&before).await;
+    assert_eq!(status["reload"]["last_result"], "error");
+    assert!(status["reload"]["last_error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("upstream.max_retries"));
+    assert_eq!(post(&gate, pro, &ask("x")).await.0, 403);
+    assert!(gate.logs().contains("reload rejected"));
+
+    // Fixed: the next save applies.
+    let before = gate.reload_status().await;
+    gate.save("gemgate.toml", "");
+    gate.save(
+        "plugins/deny_pro.lua",
+        "return { name = 'deny_pro', on_request = function(req) if req.model == 'gemini-2.5-pro' then return gemgate.deny(418, 'teapot') end end }",
+    );
+    let status = gate.wait_reloads(&before).await;
+    let status = if status["reload"]["last_result"] == "ok"
+        && status["plugins"].to_string().contains("deny_pro")
+    {
+        status
+    } else {
+        gate.wait_reloads(&status).await
+    };
+    assert_eq!(status["reload"]["last_result"], "ok", "{status}");
+    assert_eq!(post(&gate, pro, &ask("x")).await.0, 418);
+}
+
+#[tokio::test]
+async fn a_stream_in_flight_finishes_on_the_generation_it_started_with() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .admin()
+        .plugin("a", "return { name = 'a' }")
+        .start()
+        .await;
+    let before = fake.state.total_requests();
+    let url = gate.url("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse");
+    let stream = tokio::spawn(async move {
+        let resp = client()
+            .post(url)
+            .header("x-goog-api-key", TOKEN)
+            .header("x-fake-hold", "reload-test")
+            .header("x-fake-chunks", "4")
+            .json(&ask("one two three four"))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    });
+    while fake.state.total_requests() == before {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = gate.reload_status().await;
+    gate.save(
+        "plugins/a.lua",
+        "return { name = 'a', on_request = function() return gemgate.deny(503, 'closed') end }",
+    );
+    gate.save("gemgate.toml", "[upstream]\nmax_retries = 2\n");
+    gate.wait_reloads(&status).await;
+    assert_eq!(
+        post(&gate, GENERATE, &ask("x")).await.0,
+        503,
+        "new requests: new plugins"
+    );
+    fake.state.release("reload-test");
+    let (status, text) = stream.await.unwrap();
+    assert_eq!(status, 200);
+    let events = text.matches("data: ").count();
+    assert_eq!(events, 4, "{text}");
+    assert!(!text.contains("error"), "{text}");
+}
+
+#[tokio::test]
+async fn key_state_survives_reloads_and_restart_settings_are_reported() {
+    let fake = fake().await;
+    let toml = |extra: &str| {
+        format!(
+            "{}[keys]\napi_keys = [\"invalid-1\", \"minute-2\", \"good-3\"]\nmax_failures = 1\n",
+            extra
+        )
+    };
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .toml(&toml(""))
+        .admin()
+        .start()
+        .await;
+    assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+    assert_eq!(fake.state.total_requests(), 3);
+
+    let before = gate.reload_status().await;
+    gate.save("gemgate.toml", &toml("[server]\ngrace_period_s = 5\n"));
+    let status = gate.wait_reloads(&before).await;
+    assert_eq!(status["reload"]["last_result"], "ok");
+    assert!(status["reload"]["restart_needed"]
+        .to_string()
+        .contains("server.grace_period_s"));
+    // The disabled and the cooling key stay out.
+    fake.state.reset();
+    for _ in 0..3 {
+        assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+    }
+    assert_eq!(fake.state.key_stats("good-3").requests, 3);
+    assert_eq!(fake.state.total_requests(), 3);
+}
+
+#[tokio::test]
+async fn the_admin_reload_api_needs_the_admin_token() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).admin().start().await;
+    for token in [None, Some(TOKEN), Some("wrong")] {
+        let mut req = client().get(gate.url("/admin/api/reload"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{token:?}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["status"], "UNAUTHENTICATED");
+    }
+    let resp = client()
+        .post(gate.url("/admin/api/reload"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["generation"], 2, "{v}");
+
+    let off = crate::common::gate()
+        .upstream(&fake, &["good-1"])
+        .start()
+        .await;
+    let resp = client()
+        .get(off.url("/admin/api/reload"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "no AUTH_TOKEN: the admin API is off");
+}
