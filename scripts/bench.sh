@@ -4,6 +4,7 @@
 #   - directly against the fake Gemini upstream,
 #   - through gemgate,
 #   - through nginx proxy_pass (when nginx is installed), the bar gemgate aims for,
+#   - through gemgate with no plugins ("bare"), for the cost of the shipped policy plugins,
 # all on loopback, in one run. Bounded: each measurement lasts $DURATION seconds (default 5),
 # the whole run about 12 × $DURATION seconds plus the build.
 #
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
 FAKE_PORT=${FAKE_PORT:-19100}
 GATE_PORT=${GATE_PORT:-18100}
+BARE_PORT=${BARE_PORT:-18101}
 NGINX_PORT=${NGINX_PORT:-18200}
 TOKEN=bench-token
 
@@ -53,6 +55,17 @@ pids+=($!)
     exec "$OLDPWD/target/release/gemgate"
 ) >/dev/null 2>"$work/gemgate.log" &
 pids+=($!)
+# The same gateway with an empty plugins folder: the built-in behaviour, no Lua at all.
+mkdir -p "$work/bare/no-plugins"
+(
+  cd "$work/bare"
+  GEMGATE_LISTEN="127.0.0.1:$BARE_PORT" GEMGATE_DATA_DIR="$work/bare/data" \
+    GEMGATE_PLUGINS_DIR="$work/bare/no-plugins" \
+    API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS="$TOKEN" \
+    BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" LOG_LEVEL=info \
+    exec "$OLDPWD/target/release/gemgate"
+) >/dev/null 2>"$work/bare.log" &
+pids+=($!)
 
 have_nginx=0
 if command -v nginx >/dev/null 2>&1; then
@@ -83,6 +96,7 @@ fi
 
 wait_port "$FAKE_PORT"
 wait_port "$GATE_PORT"
+wait_port "$BARE_PORT"
 [ "$have_nginx" = 1 ] && wait_port "$NGINX_PORT"
 
 body='{"contents":[{"role":"user","parts":[{"text":"Say hello to the benchmark"}]}]}'
@@ -115,11 +129,12 @@ declare -A R
 printf '\n%-9s %-8s %4s %10s %9s %9s\n' target call conc 'req/s' 'p50 ms' 'p99 ms'
 for mode in generate sse; do
   for conc in 1 64; do
-    targets="direct gemgate"; [ "$have_nginx" = 1 ] && targets="$targets nginx"
+    targets="direct gemgate bare"; [ "$have_nginx" = 1 ] && targets="$targets nginx"
     for who in $targets; do
       case $who in
         direct) port=$FAKE_PORT; script="$work/$mode-direct.lua" ;;
         gemgate) port=$GATE_PORT; script="$work/$mode-gemgate.lua" ;;
+        bare) port=$BARE_PORT; script="$work/$mode-gemgate.lua" ;;
         nginx) port=$NGINX_PORT; script="$work/$mode-direct.lua" ;;
       esac
       out=$(measure "$port" "$script" "$conc")
@@ -148,4 +163,16 @@ for mode in generate sse; do
       printf "  %-8s nginx proxy_pass:       p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %.0f%% of direct\n",
         m, n50 - d50, n99 - d99, 100 * nrps / drps }'
   fi
+done
+
+echo
+echo "the policy layer (gemgate with the shipped plugins, compared with no plugins):"
+for mode in generate sse; do
+  read -r _ b50 _ <<<"${R[bare-$mode-1]}"
+  read -r _ g50 _ <<<"${R[gemgate-$mode-1]}"
+  read -r brps _ _ <<<"${R[bare-$mode-64]}"
+  read -r grps _ _ <<<"${R[gemgate-$mode-64]}"
+  awk -v m="$mode" -v b50="$b50" -v g50="$g50" -v brps="$brps" -v grps="$grps" 'BEGIN {
+    printf "  %-8s added p50 at c=1: %+.0f us per request; throughput at c=64: %.0f%% of no plugins\n",
+      m, (g50 - b50) * 1000, 100 * grps / brps }'
 done

@@ -44,9 +44,12 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
+            let pool =
+                gemgate::keys::KeyPool::new(&config.keys, &Default::default(), config.max_failures);
             let policy = match gemgate::policy::engine::Policy::compile(
                 &config,
                 0,
+                std::sync::Arc::new(pool),
                 Default::default(),
                 Default::default(),
             ) {

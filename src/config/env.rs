@@ -35,6 +35,7 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
         "server.grace_period_s",
         Kind::Int,
     ),
+    ("GEMGATE_PLUGINS_DIR", "policy.dir", Kind::Str),
     ("LOG_LEVEL", "server.log_level", Kind::Str),
     ("TIMEZONE", "server.timezone", Kind::Str),
     // keys and tokens

@@ -15,13 +15,16 @@ struct Cell {
     window_end_ms: u64,
 }
 
-/// (plugin, counter name).
-type CounterId = (Box<str>, Box<str>);
-
-/// Plugin counters by (plugin, name).
+/// Plugin counters by plugin, then name (looked up by `&str`: no allocation per call).
 #[derive(Debug, Default)]
 pub struct Counters {
-    cells: Mutex<HashMap<CounterId, Cell>>,
+    cells: Mutex<Cells>,
+}
+
+#[derive(Debug, Default)]
+struct Cells {
+    by_plugin: HashMap<String, HashMap<String, Cell>>,
+    count: usize,
 }
 
 impl Counters {
@@ -35,18 +38,41 @@ impl Counters {
         window_s: Option<f64>,
         now_ms: u64,
     ) -> Result<i64, &'static str> {
-        let mut cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (Box::from(plugin), Box::from(name));
-        if !cells.contains_key(&key) && cells.len() >= MAX_COUNTERS {
-            cells.retain(|_, c| c.window_end_ms == 0 || c.window_end_ms > now_ms);
-            if cells.len() >= MAX_COUNTERS {
-                return Err("too many counters");
+        let mut guard = self.cells.lock().unwrap_or_else(|e| e.into_inner());
+        let cells = &mut *guard;
+        let exists = cells
+            .by_plugin
+            .get(plugin)
+            .is_some_and(|m| m.contains_key(name));
+        if !exists {
+            if cells.count >= MAX_COUNTERS {
+                let live = |c: &Cell| c.window_end_ms == 0 || c.window_end_ms > now_ms;
+                for m in cells.by_plugin.values_mut() {
+                    m.retain(|_, c| live(c));
+                }
+                cells.count = cells.by_plugin.values().map(HashMap::len).sum();
+                if cells.count >= MAX_COUNTERS {
+                    return Err("too many counters");
+                }
             }
+            cells.count += 1;
+            cells
+                .by_plugin
+                .entry(plugin.to_owned())
+                .or_default()
+                .insert(
+                    name.to_owned(),
+                    Cell {
+                        value: 0,
+                        window_end_ms: 0,
+                    },
+                );
         }
-        let cell = cells.entry(key).or_insert(Cell {
-            value: 0,
-            window_end_ms: 0,
-        });
+        let cell = cells
+            .by_plugin
+            .get_mut(plugin)
+            .and_then(|m| m.get_mut(name))
+            .expect("inserted above");
         if let Some(w) = window_s.filter(|w| w.is_finite() && *w > 0.0) {
             if cell.window_end_ms <= now_ms {
                 cell.value = 0;
@@ -61,7 +87,9 @@ impl Counters {
     pub fn get(&self, plugin: &str, name: &str, now_ms: u64) -> i64 {
         let cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
         cells
-            .get(&(Box::from(plugin), Box::from(name)))
+            .by_plugin
+            .get(plugin)
+            .and_then(|m| m.get(name))
             .filter(|c| c.window_end_ms == 0 || c.window_end_ms > now_ms)
             .map_or(0, |c| c.value)
     }

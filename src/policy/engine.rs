@@ -12,6 +12,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -91,6 +92,8 @@ pub struct Policy {
     settings: serde_json::Value,
     limits: Limits,
     hooks: HookSet,
+    /// The generation's key pool, which `select_key` sees.
+    pool: Arc<KeyPool>,
     counters: Arc<Counters>,
     pub stats: Arc<PolicyStats>,
 }
@@ -169,6 +172,7 @@ impl Policy {
     pub fn compile(
         config: &Config,
         id: u64,
+        pool: Arc<KeyPool>,
         counters: Arc<Counters>,
         stats: Arc<PolicyStats>,
     ) -> Result<Policy, PolicyError> {
@@ -266,6 +270,7 @@ impl Policy {
             settings,
             limits: config.policy.limits,
             hooks,
+            pool,
             counters,
             stats,
         };
@@ -314,7 +319,8 @@ impl Policy {
         })
     }
 
-    /// Runs `f` with this thread's VM for this policy, building it on first use.
+    /// Runs `f` with this thread's VM for this policy, building it on first use. `None`: the
+    /// VM could not be built (counted as a failure), so the built-in behaviour applies.
     fn with_engine<R>(
         &self,
         f: impl FnOnce(&Engine) -> Result<R, Denial>,
@@ -343,54 +349,39 @@ impl Policy {
     pub fn on_request(&self, req: &RequestInfo, shared: &mut Shared) -> Result<Rewrite, Denial> {
         let out = self.with_engine(|engine| {
             let lua = engine.vm.lua();
+            let p = &engine.prelude;
+            let made: mlua::Result<(Table, Table)> = p.request.call((
+                req.method,
+                req.path,
+                req.protocol,
+                req.model,
+                req.action,
+                req.stream,
+                req.client,
+                req.id,
+            ));
+            let (t, ctx) = made.map_err(|e| host_failure("on_request", &e))?;
+            *engine.headers.borrow_mut() = Some((req.id.into(), req.headers.clone()));
+            engine.restore_shared(&ctx, shared);
             let mut rewrite = Rewrite::default();
-            let result = (|| -> mlua::Result<(Table, Table)> {
-                let t = lua.create_table_with_capacity(0, 10)?;
-                t.set("id", req.id)?;
-                t.set("method", req.method)?;
-                t.set("path", req.path)?;
-                t.set("protocol", req.protocol)?;
-                t.set("model", req.model)?;
-                t.set("requested_model", req.model)?;
-                t.set("action", req.action)?;
-                t.set("stream", req.stream)?;
-                t.set("client", req.client)?;
-                let headers = lua.create_table_with_capacity(0, req.headers.len())?;
-                for (name, value) in req.headers {
-                    if let Ok(v) = value.to_str() {
-                        headers.set(name.as_str(), v)?;
+            let arg = Value::Table(t.clone());
+            let denial = engine.each(self, "on_request", &arg, &ctx, |live, value| {
+                let denial = read_request_decision(lua, &live.plugin, value, &mut rewrite)?;
+                if denial.is_none() {
+                    if let Some(m) = &rewrite.model {
+                        let _ = t.raw_set("model", m.as_str());
                     }
                 }
-                t.set("headers", headers)?;
-                let ctx = engine.ctx(req.client, req.id, shared)?;
-                Ok((t, ctx))
-            })();
-            let (t, ctx) = result.map_err(|e| host_failure("on_request", &e))?;
-            for live in engine.with_hook("on_request") {
-                live.enter(&ctx);
-                let value: Value = match engine.vm.call(&live.plugin, "on_request", (&t, &ctx)) {
-                    Ok(v) => v,
-                    Err(e) => match self.failed(&e) {
-                        Some(d) => return Err(d),
-                        None => continue,
-                    },
-                };
-                match read_request_decision(lua, &live.plugin, value, &mut rewrite) {
-                    Ok(Some(denial)) => return Err(denial),
-                    Ok(None) => {
-                        if let Some(m) = &rewrite.model {
-                            let _ = t.set("model", m.as_str());
-                        }
-                    }
-                    Err(e) => {
-                        if let Some(d) = self.failed(&e) {
-                            return Err(d);
-                        }
-                    }
+                Ok(denial)
+            });
+            *engine.headers.borrow_mut() = None;
+            match denial? {
+                Some(d) => Err(d),
+                None => {
+                    engine.keep_shared(&ctx, shared);
+                    Ok(rewrite)
                 }
             }
-            engine.keep_shared(&ctx, shared);
-            Ok(rewrite)
         })?;
         Ok(out.unwrap_or_default())
     }
@@ -405,102 +396,112 @@ impl Policy {
     ) -> Result<Vec<serde_json::Value>, Denial> {
         let out = self.with_engine(|engine| {
             let lua = engine.vm.lua();
-            let mut list = models.clone();
-            let ctx = engine
-                .ctx(client, id, shared)
+            let ctx = engine.ctx(client, id, shared)?;
+            let list = lua
+                .to_value(&models)
                 .map_err(|e| host_failure("filter_models", &e))?;
-            for live in engine.with_hook("filter_models") {
-                live.enter(&ctx);
-                let arg = lua
-                    .to_value(&list)
-                    .map_err(|e| host_failure("filter_models", &e))?;
-                let answer = engine
-                    .vm
-                    .call::<Value>(&live.plugin, "filter_models", (arg, &ctx))
-                    .and_then(|v| {
-                        if let Value::Nil = v {
-                            return Ok(None);
+            let list = RefCell::new(list);
+            let mut last = None;
+            engine.each_with(
+                self,
+                "filter_models",
+                || list.borrow().clone(),
+                &ctx,
+                |live, value| {
+                    match value {
+                        Value::Nil => {}
+                        Value::Table(_) => {
+                            *list.borrow_mut() = value;
+                            last = Some(live.plugin.name.clone());
                         }
-                        lua.from_value::<Vec<serde_json::Value>>(v)
-                            .map(Some)
-                            .map_err(|e| PolicyError {
+                        other => {
+                            return Err(PolicyError {
                                 plugin: live.plugin.name.to_string(),
                                 hook: "filter_models".into(),
-                                message: format!("must return a list of models: {e}"),
+                                message: format!(
+                                    "must return a list of models, not a {}",
+                                    other.type_name()
+                                ),
                             })
-                    });
-                match answer {
-                    Ok(Some(next)) => list = next,
-                    Ok(None) => {}
-                    Err(e) => {
-                        if let Some(d) = self.failed(&e) {
-                            return Err(d);
                         }
                     }
+                    Ok(None::<()>)
+                },
+            )?;
+            engine.keep_shared(&ctx, shared);
+            let Some(last) = last else {
+                return Ok(None);
+            };
+            match lua.from_value::<Vec<serde_json::Value>>(list.into_inner()) {
+                Ok(list) => Ok(Some(list)),
+                Err(e) => {
+                    let e = PolicyError {
+                        plugin: last.to_string(),
+                        hook: "filter_models".into(),
+                        message: format!("must return a list of models: {e}"),
+                    };
+                    self.failed(&e).map_or(Ok(None), Err)
                 }
             }
-            engine.keep_shared(&ctx, shared);
-            Ok(list)
         })?;
-        Ok(out.unwrap_or(models))
+        Ok(out.flatten().unwrap_or(models))
     }
 
     /// `select_key` of every plugin, in order, until one names a key. `candidates` are indices
-    /// into `pool` of the keys that may serve this attempt. `None`: the built-in choice.
+    /// into the pool of the keys that may serve this attempt, in order. `None`: the built-in
+    /// choice.
     pub fn select_key(
         &self,
-        pool: &Arc<KeyPool>,
         candidates: Vec<u32>,
         client: &str,
         id: &str,
         shared: &mut Shared,
     ) -> Result<Option<usize>, Denial> {
         let out = self.with_engine(|engine| {
-            let lua = engine.vm.lua();
+            let ctx = engine.ctx(client, id, shared)?;
             let allowed = candidates.clone();
-            let view = lua
+            let view = engine
+                .vm
+                .lua()
                 .create_userdata(PoolView {
-                    pool: pool.clone(),
+                    keys: engine.keys.clone(),
                     candidates,
                 })
                 .map_err(|e| host_failure("select_key", &e))?;
-            let ctx = engine
-                .ctx(client, id, shared)
-                .map_err(|e| host_failure("select_key", &e))?;
-            let mut chosen = None;
-            for live in engine.with_hook("select_key") {
-                live.enter(&ctx);
-                let answer = engine
-                    .vm
-                    .call::<Option<String>>(&live.plugin, "select_key", (&view, &ctx))
-                    .and_then(|id| {
-                        let Some(id) = id else { return Ok(None) };
-                        match pool.index_of(&id) {
-                            Some(i) if allowed.contains(&(i as u32)) => Ok(Some(i)),
-                            found => Err(PolicyError {
+            let chosen = engine.each(
+                self,
+                "select_key",
+                &Value::UserData(view),
+                &ctx,
+                |live, value| {
+                    let id = match value {
+                        Value::Nil => return Ok(None),
+                        Value::String(s) => s.to_string_lossy(),
+                        other => {
+                            return Err(PolicyError {
                                 plugin: live.plugin.name.to_string(),
                                 hook: "select_key".into(),
-                                message: if found.is_some() {
-                                    format!("key {id} is not usable for this attempt")
-                                } else {
-                                    format!("key {id} is not in the pool")
-                                },
-                            }),
+                                message: format!(
+                                    "must return a key id or nil, not a {}",
+                                    other.type_name()
+                                ),
+                            })
                         }
-                    });
-                match answer {
-                    Ok(Some(i)) => {
-                        chosen = Some(i);
-                        break;
+                    };
+                    match self.pool.index_of(&id) {
+                        Some(i) if allowed.binary_search(&(i as u32)).is_ok() => Ok(Some(i)),
+                        found => Err(PolicyError {
+                            plugin: live.plugin.name.to_string(),
+                            hook: "select_key".into(),
+                            message: if found.is_some() {
+                                format!("key {id} is not usable for this attempt")
+                            } else {
+                                format!("key {id} is not in the pool")
+                            },
+                        }),
                     }
-                    Ok(None) => {}
-                    Err(e) => {
-                        if let Some(d) = self.failed(&e) {
-                            return Err(d);
-                        }
-                    }
-                }
-            }
+                },
+            )?;
             engine.keep_shared(&ctx, shared);
             Ok(chosen)
         })?;
@@ -520,38 +521,22 @@ impl Policy {
         };
         let out = self.with_engine(|engine| {
             let lua = engine.vm.lua();
-            let made = (|| -> mlua::Result<(Table, Table)> {
+            let made = (|| -> mlua::Result<Table> {
                 let t = lua.create_table_with_capacity(0, 8)?;
-                t.set("status", info.status)?;
-                t.set("class", info.class)?;
-                t.set("key_id", info.key_id)?;
-                t.set("attempt", info.attempt)?;
-                t.set("model", info.model)?;
-                t.set("retry_delay_s", info.retry_delay_s)?;
-                t.set("message", info.message)?;
-                Ok((t, engine.ctx(info.client, info.id, shared)?))
+                t.raw_set("status", info.status)?;
+                t.raw_set("class", info.class)?;
+                t.raw_set("key_id", info.key_id)?;
+                t.raw_set("attempt", info.attempt)?;
+                t.raw_set("model", info.model)?;
+                t.raw_set("retry_delay_s", info.retry_delay_s)?;
+                t.raw_set("message", info.message)?;
+                Ok(t)
             })();
-            let (t, ctx) = made.map_err(|e| host_failure(hook, &e))?;
-            let mut decision = None;
-            for live in engine.with_hook(hook) {
-                live.enter(&ctx);
-                let answer = engine
-                    .vm
-                    .call::<Value>(&live.plugin, hook, (&t, &ctx))
-                    .and_then(|v| read_attempt_decision(&live.plugin, hook, v));
-                match answer {
-                    Ok(Some(d)) => {
-                        decision = Some(d);
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        if let Some(d) = self.failed(&e) {
-                            return Err(d);
-                        }
-                    }
-                }
-            }
+            let t = made.map_err(|e| host_failure(hook, &e))?;
+            let ctx = engine.ctx(info.client, info.id, shared)?;
+            let decision = engine.each(self, hook, &Value::Table(t), &ctx, |live, value| {
+                read_attempt_decision(&live.plugin, hook, value)
+            })?;
             engine.keep_shared(&ctx, shared);
             Ok(decision)
         })?;
@@ -561,17 +546,13 @@ impl Policy {
     /// `on_log` of every plugin with the finished request's record.
     pub fn on_log(&self, entry: &serde_json::Value, client: &str, id: &str, shared: &mut Shared) {
         let _ = self.with_engine(|engine| {
-            let lua = engine.vm.lua();
-            let (Ok(arg), Ok(ctx)) = (lua.to_value(entry), engine.ctx(client, id, shared)) else {
-                return Ok(());
-            };
-            for live in engine.with_hook("on_log") {
-                live.enter(&ctx);
-                if let Err(e) = engine.vm.call::<()>(&live.plugin, "on_log", (&arg, &ctx)) {
-                    self.failed(&e);
-                }
-            }
-            Ok(())
+            let arg = engine
+                .vm
+                .lua()
+                .to_value(entry)
+                .map_err(|e| host_failure("on_log", &e))?;
+            let ctx = engine.ctx(client, id, shared)?;
+            engine.each(self, "on_log", &arg, &ctx, |_, _| Ok(None::<()>))
         });
     }
 }
@@ -580,16 +561,66 @@ thread_local! {
     static ENGINES: RefCell<Vec<Engine>> = const { RefCell::new(Vec::new()) };
 }
 
-/// One plugin loaded into a thread's VM, with its config table.
+/// The host side of every VM, in Lua: building a request's tables and calling a hook with its
+/// plugin's `ctx.conf` cost one call into the VM each, rather than one per field.
+const PRELUDE: &str = r#"
+local headers_of = ...
+local setmetatable, rawget, rawset, next, type = setmetatable, rawget, rawset, next, type
+-- `req.headers` is built on first use: most plugins never read it.
+local request_mt = {
+  __index = function(t, k)
+    if k == "headers" then
+      local h = headers_of(rawget(t, "id"))
+      rawset(t, "headers", h)
+      return h
+    end
+  end,
+}
+-- A key's health is read when a plugin reads it, never before.
+local P = {}
+function P.request(method, path, protocol, model, action, stream, client, id)
+  local req = {
+    method = method, path = path, protocol = protocol, model = model,
+    requested_model = model, action = action, stream = stream, client = client, id = id,
+  }
+  return setmetatable(req, request_mt), { client = client, id = id, shared = {} }
+end
+function P.ctx(client, id)
+  return { client = client, id = id, shared = {} }
+end
+function P.invoke(f, conf, a, ctx)
+  ctx.conf = conf
+  return f(a, ctx)
+end
+function P.shared(ctx)
+  local s = rawget(ctx, "shared")
+  if type(s) == "table" and next(s) ~= nil then return s end
+  return nil
+end
+function P.key(meta, id, position, label, tags, weight)
+  return setmetatable({ id = id, position = position, label = label, tags = tags, weight = weight }, meta)
+end
+return P
+"#;
+
+/// The prelude's functions.
+struct Prelude {
+    request: mlua::Function,
+    ctx: mlua::Function,
+    invoke: mlua::Function,
+    shared: mlua::Function,
+}
+
+/// One plugin loaded into a thread's VM: its config table and its hook functions.
 struct Live {
     plugin: Plugin,
     conf: Table,
+    hooks: Vec<(&'static str, mlua::Function)>,
 }
 
 impl Live {
-    /// Points the request's `ctx.conf` at this plugin's config.
-    fn enter(&self, ctx: &Table) {
-        let _ = ctx.raw_set("conf", &self.conf);
+    fn hook(&self, hook: &str) -> Option<&mlua::Function> {
+        self.hooks.iter().find(|(h, _)| *h == hook).map(|(_, f)| f)
     }
 }
 
@@ -598,6 +629,10 @@ struct Engine {
     id: u64,
     vm: Vm,
     live: Vec<Live>,
+    prelude: Prelude,
+    /// The headers of the request whose `on_request` chain is running: `req.headers`.
+    headers: Rc<RefCell<Option<(Box<str>, HeaderMap)>>>,
+    keys: Rc<KeyTables>,
 }
 
 impl Engine {
@@ -609,6 +644,13 @@ impl Engine {
                 settings: policy.settings.clone(),
             },
         )?;
+        let headers: Rc<RefCell<Option<(Box<str>, HeaderMap)>>> = Rc::default();
+        let (prelude, key_fn, key_meta) = Engine::prelude(&vm, headers.clone(), &policy.pool)
+            .map_err(|e| PolicyError {
+                plugin: "-".into(),
+                hook: "prelude".into(),
+                message: e.to_string(),
+            })?;
         let mut live = Vec::with_capacity(policy.entries.len());
         for entry in &policy.entries {
             let plugin = vm.load(&entry.source)?;
@@ -623,43 +665,155 @@ impl Engine {
             if plugin.has("init") {
                 vm.call::<()>(&plugin, "init", &conf)?;
             }
-            live.push(Live { plugin, conf });
+            let hooks = plugin
+                .hooks
+                .iter()
+                .filter_map(|&h| Some((h, plugin.hook(h)?)))
+                .collect();
+            live.push(Live {
+                plugin,
+                conf,
+                hooks,
+            });
         }
         Ok(Engine {
             id: policy.id,
             vm,
             live,
+            prelude,
+            headers,
+            keys: Rc::new(KeyTables {
+                pool: policy.pool.clone(),
+                tables: RefCell::new(vec![None; policy.pool.keys().len()]),
+                make: key_fn,
+                meta: key_meta,
+            }),
         })
     }
 
-    fn with_hook<'a>(&'a self, hook: &'a str) -> impl Iterator<Item = &'a Live> + 'a {
-        self.live.iter().filter(move |l| l.plugin.has(hook))
+    /// Loads the prelude; also returns its key constructor and the key metatable.
+    fn prelude(
+        vm: &Vm,
+        headers: Rc<RefCell<Option<(Box<str>, HeaderMap)>>>,
+        pool: &Arc<KeyPool>,
+    ) -> mlua::Result<(Prelude, mlua::Function, Table)> {
+        let lua = vm.lua();
+        let headers_of = lua.create_function(move |lua, id: mlua::String| {
+            let t = lua.create_table()?;
+            if let Some((current, map)) = &*headers.borrow() {
+                // Only the request being served: a table kept from an older request reads empty.
+                if id.as_bytes() == current.as_bytes() {
+                    for (name, value) in map {
+                        if let Ok(v) = value.to_str() {
+                            t.raw_set(name.as_str(), v)?;
+                        }
+                    }
+                }
+            }
+            Ok(t)
+        })?;
+        let p: Table = lua.load(PRELUDE).set_name("=gemgate").call(headers_of)?;
+        let pool = pool.clone();
+        let meta = lua.create_table()?;
+        meta.raw_set(
+            "__index",
+            lua.create_function(move |_, (t, field): (Table, mlua::String)| {
+                let position: usize = t.raw_get("position")?;
+                let Some(key) = position.checked_sub(1).and_then(|i| pool.keys().get(i)) else {
+                    return Ok(None);
+                };
+                let s = &key.state;
+                Ok(Some(match &*field.as_bytes() {
+                    b"in_flight" => u64::from(s.in_flight()),
+                    b"successes" => s.successes(),
+                    b"failures" => s.failures(),
+                    b"consecutive_failures" => u64::from(s.consecutive_failures()),
+                    b"last_used_ms" => s.last_used_ms(),
+                    _ => return Ok(None),
+                }))
+            })?,
+        )?;
+        let prelude = Prelude {
+            request: p.raw_get("request")?,
+            ctx: p.raw_get("ctx")?,
+            invoke: p.raw_get("invoke")?,
+            shared: p.raw_get("shared")?,
+        };
+        Ok((prelude, p.raw_get("key")?, meta))
     }
 
-    /// A fresh `ctx` for one hook chain: `client`, `id`, and `shared` as the request left it.
-    fn ctx(&self, client: &str, id: &str, shared: &Shared) -> mlua::Result<Table> {
-        let lua = self.vm.lua();
-        let ctx = lua.create_table_with_capacity(0, 4)?;
-        ctx.raw_set("client", client)?;
-        ctx.raw_set("id", id)?;
-        let table = match &shared.0 {
-            Some(v) => lua.to_value(v)?,
-            None => Value::Table(lua.create_table()?),
-        };
-        ctx.raw_set("shared", table)?;
+    /// Calls `hook` of every plugin that has it, in order, with `(arg, ctx)`; `answer` reads
+    /// each result, and the first `Some` ends the chain. A failing plugin is skipped (or, with
+    /// `on_error = "deny"`, ends the chain with a denial).
+    fn each<T>(
+        &self,
+        policy: &Policy,
+        hook: &str,
+        arg: &Value,
+        ctx: &Table,
+        answer: impl FnMut(&Live, Value) -> Result<Option<T>, PolicyError>,
+    ) -> Result<Option<T>, Denial> {
+        self.each_with(policy, hook, || arg.clone(), ctx, answer)
+    }
+
+    /// [`Engine::each`] with the argument made anew for each plugin.
+    fn each_with<T>(
+        &self,
+        policy: &Policy,
+        hook: &str,
+        arg: impl Fn() -> Value,
+        ctx: &Table,
+        mut answer: impl FnMut(&Live, Value) -> Result<Option<T>, PolicyError>,
+    ) -> Result<Option<T>, Denial> {
+        for live in &self.live {
+            let Some(f) = live.hook(hook) else { continue };
+            let result = self
+                .vm
+                .invoke::<Value>(
+                    &live.plugin.name,
+                    hook,
+                    &self.prelude.invoke,
+                    (f, &live.conf, arg(), ctx),
+                )
+                .and_then(|value| answer(live, value));
+            match result {
+                Ok(Some(t)) => return Ok(Some(t)),
+                Ok(None) => {}
+                Err(e) => {
+                    if let Some(d) = policy.failed(&e) {
+                        return Err(d);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A fresh `ctx` for one hook chain, with `shared` as the request left it.
+    fn ctx(&self, client: &str, id: &str, shared: &Shared) -> Result<Table, Denial> {
+        let ctx: Table = self
+            .prelude
+            .ctx
+            .call((client, id))
+            .map_err(|e| host_failure("ctx", &e))?;
+        self.restore_shared(&ctx, shared);
         Ok(ctx)
+    }
+
+    fn restore_shared(&self, ctx: &Table, shared: &Shared) {
+        if let Some(v) = &shared.0 {
+            if let Ok(t) = self.vm.lua().to_value(v) {
+                let _ = ctx.raw_set("shared", t);
+            }
+        }
     }
 
     /// Keeps what plugins put in `ctx.shared` for the request's next hooks.
     fn keep_shared(&self, ctx: &Table, shared: &mut Shared) {
-        let Ok(Value::Table(t)) = ctx.raw_get::<Value>("shared") else {
-            return;
+        shared.0 = match self.prelude.shared.call::<Value>(ctx) {
+            Ok(Value::Nil) | Err(_) => None,
+            Ok(t) => self.vm.lua().from_value(t).ok(),
         };
-        if t.pairs::<Value, Value>().next().is_none() {
-            shared.0 = None;
-            return;
-        }
-        shared.0 = self.vm.lua().from_value(Value::Table(t)).ok();
     }
 }
 
@@ -673,43 +827,59 @@ fn host_failure(hook: &str, e: &mlua::Error) -> Denial {
     }
 }
 
-/// The candidate keys `select_key` sees: `#pool`, `pool[i]` and `ipairs(pool)` work; each
-/// entry is built when read.
-struct PoolView {
+/// The Lua tables of a VM's keys, made on first use and kept: a key's id, label, tags and
+/// weight never change within a generation, and its health is read through the metatable.
+struct KeyTables {
     pool: Arc<KeyPool>,
+    tables: RefCell<Vec<Option<Table>>>,
+    make: mlua::Function,
+    meta: Table,
+}
+
+impl KeyTables {
+    fn get(&self, lua: &mlua::Lua, index: usize) -> mlua::Result<Value> {
+        if let Some(Some(t)) = self.tables.borrow().get(index) {
+            return Ok(Value::Table(t.clone()));
+        }
+        let key = self.pool.get(index);
+        let tags = lua.create_sequence_from(key.spec.tags.iter().map(String::as_str))?;
+        let t: Table = self.make.call((
+            &self.meta,
+            key.spec.id.as_str(),
+            index + 1,
+            key.spec.label.as_str(),
+            tags,
+            key.spec.weight,
+        ))?;
+        if let Some(slot) = self.tables.borrow_mut().get_mut(index) {
+            *slot = Some(t.clone());
+        }
+        Ok(Value::Table(t))
+    }
+}
+
+/// The candidate keys `select_key` sees: `#pool`, `pool[i]`, `ipairs(pool)`, `pool:size()` and
+/// `pool:from(position)`.
+struct PoolView {
+    keys: Rc<KeyTables>,
     candidates: Vec<u32>,
 }
 
 impl PoolView {
     fn entry(&self, lua: &mlua::Lua, at: usize) -> mlua::Result<Value> {
-        let Some(&index) = self.candidates.get(at) else {
-            return Ok(Value::Nil);
-        };
-        let key = self.pool.get(index as usize);
-        let t = lua.create_table_with_capacity(0, 10)?;
-        t.set("id", key.spec.id.as_str())?;
-        t.set("position", index + 1)?;
-        t.set("label", key.spec.label.as_str())?;
-        t.set(
-            "tags",
-            lua.create_sequence_from(key.spec.tags.iter().map(String::as_str))?,
-        )?;
-        t.set("weight", key.spec.weight)?;
-        t.set("in_flight", key.state.in_flight())?;
-        t.set("successes", key.state.successes())?;
-        t.set("failures", key.state.failures())?;
-        t.set("consecutive_failures", key.state.consecutive_failures())?;
-        t.set("last_used_ms", key.state.last_used_ms())?;
-        Ok(Value::Table(t))
+        match self.candidates.get(at) {
+            Some(&index) => self.keys.get(lua, index as usize),
+            None => Ok(Value::Nil),
+        }
     }
 }
 
 impl UserData for PoolView {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        // `pool:size()`: how many keys the whole pool has (usable or not).
-        methods.add_method("size", |_, this, ()| Ok(this.pool.keys().len()));
-        // `pool:from(position)`: the first candidate at or after `position` in config order,
-        // wrapping around: a rotation over the whole pool that skips the keys that are out.
+        // How many keys the whole pool has (usable or not).
+        methods.add_method("size", |_, this, ()| Ok(this.keys.pool.keys().len()));
+        // The first candidate at or after `position` in config order, wrapping around: a
+        // rotation over the whole pool that skips the keys that are out.
         methods.add_method("from", |lua, this, position: i64| {
             let want = position.max(1) - 1;
             let at = this.candidates.partition_point(|&i| i64::from(i) < want);

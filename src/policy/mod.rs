@@ -113,6 +113,14 @@ impl Plugin {
         self.hooks.contains(&hook)
     }
 
+    /// The function of `hook`, if the plugin defines it.
+    pub fn hook(&self, hook: &str) -> Option<mlua::Function> {
+        self.table
+            .raw_get::<Option<mlua::Function>>(hook)
+            .ok()
+            .flatten()
+    }
+
     /// The plugin's `schema`: config field → type name.
     pub fn schema(&self) -> Result<Option<Vec<(String, String)>>, PolicyError> {
         let fail = |message: String| PolicyError {
@@ -305,14 +313,30 @@ impl Vm {
         hook: &str,
         args: impl mlua::IntoLuaMulti,
     ) -> Result<R, PolicyError> {
-        let fail = |message: String| PolicyError {
+        let f = plugin.hook(hook).ok_or_else(|| PolicyError {
             plugin: plugin.name.to_string(),
             hook: hook.into(),
-            message,
-        };
-        let f: mlua::Function = plugin.table.get(hook).map_err(|e| fail(clean(&e)))?;
-        *self.current.borrow_mut() = plugin.name.clone();
-        self.guarded(|| f.call(args)).map_err(|e| fail(clean(&e)))
+            message: format!("the plugin has no {hook}"),
+        })?;
+        self.invoke(&plugin.name, hook, &f, args)
+    }
+
+    /// Calls `f` on behalf of `hook` of plugin `name`, under the limits.
+    pub fn invoke<R: mlua::FromLuaMulti>(
+        &self,
+        name: &Rc<str>,
+        hook: &str,
+        f: &mlua::Function,
+        args: impl mlua::IntoLuaMulti,
+    ) -> Result<R, PolicyError> {
+        if !Rc::ptr_eq(&self.current.borrow(), name) {
+            *self.current.borrow_mut() = name.clone();
+        }
+        self.guarded(|| f.call(args)).map_err(|e| PolicyError {
+            plugin: name.to_string(),
+            hook: hook.into(),
+            message: clean(&e),
+        })
     }
 
     /// Runs `f` with a fresh budget; after a failure, frees what the call left behind.

@@ -75,7 +75,18 @@ impl Generation {
         parts: &Lasting,
         previous: Option<&Generation>,
     ) -> Result<Generation, PolicyError> {
-        let policy = Policy::compile(&config, id, parts.counters.clone(), parts.stats.clone())?;
+        let pool = Arc::new(KeyPool::new(
+            &config.keys,
+            &parts.registry,
+            config.max_failures,
+        ));
+        let policy = Policy::compile(
+            &config,
+            id,
+            pool.clone(),
+            parts.counters.clone(),
+            parts.stats.clone(),
+        )?;
         let target = match previous {
             Some(p)
                 if p.config.base_url == config.base_url
@@ -88,11 +99,7 @@ impl Generation {
         };
         Ok(Generation {
             id,
-            pool: Arc::new(KeyPool::new(
-                &config.keys,
-                &parts.registry,
-                config.max_failures,
-            )),
+            pool,
             tokens: Tokens::new(&config.tokens),
             target,
             policy: Arc::new(policy),
@@ -593,7 +600,7 @@ impl Gateway {
         let client = x.client.as_deref().unwrap_or_default();
         let chosen = gen
             .policy
-            .select_key(&gen.pool, candidates, client, &x.id, &mut x.shared)?;
+            .select_key(candidates, client, &x.id, &mut x.shared)?;
         Ok(Pick::Key(chosen.unwrap_or(first as usize)))
     }
 
