@@ -603,6 +603,9 @@ end
 return P
 "#;
 
+/// The id and headers of the request whose `on_request` chain runs now.
+type CurrentHeaders = Rc<RefCell<Option<(Box<str>, HeaderMap)>>>;
+
 /// The prelude's functions.
 struct Prelude {
     request: mlua::Function,
@@ -631,7 +634,7 @@ struct Engine {
     live: Vec<Live>,
     prelude: Prelude,
     /// The headers of the request whose `on_request` chain is running: `req.headers`.
-    headers: Rc<RefCell<Option<(Box<str>, HeaderMap)>>>,
+    headers: CurrentHeaders,
     keys: Rc<KeyTables>,
 }
 
@@ -644,7 +647,7 @@ impl Engine {
                 settings: policy.settings.clone(),
             },
         )?;
-        let headers: Rc<RefCell<Option<(Box<str>, HeaderMap)>>> = Rc::default();
+        let headers: CurrentHeaders = Rc::default();
         let (prelude, key_fn, key_meta) = Engine::prelude(&vm, headers.clone(), &policy.pool)
             .map_err(|e| PolicyError {
                 plugin: "-".into(),
@@ -694,7 +697,7 @@ impl Engine {
     /// Loads the prelude; also returns its key constructor and the key metatable.
     fn prelude(
         vm: &Vm,
-        headers: Rc<RefCell<Option<(Box<str>, HeaderMap)>>>,
+        headers: CurrentHeaders,
         pool: &Arc<KeyPool>,
     ) -> mlua::Result<(Prelude, mlua::Function, Table)> {
         let lua = vm.lua();
