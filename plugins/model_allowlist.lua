@@ -21,9 +21,12 @@ local function set_of(list)
   return s
 end
 
+local find, sub = string.find, string.sub
+local SUFFIXES = { "-search", "-image", "-non-thinking" }
+
 local function base_of(model)
-  for _, suffix in ipairs({ "-search", "-image", "-non-thinking" }) do
-    if model:sub(-#suffix) == suffix then return model:sub(1, -#suffix - 1) end
+  for _, suffix in ipairs(SUFFIXES) do
+    if find(model, suffix, -#suffix, true) then return sub(model, 1, -#suffix - 1) end
   end
   return model
 end

@@ -7,10 +7,12 @@
 --     -H "x-goog-api-key: $TOKEN" -d '{"contents":[{"parts":[{"text":"hi"}]}]}'
 --   # → 404 "models/gemini-1.5-pro is not available through this gateway"
 local filtered = {}
+local find, sub = string.find, string.sub
+local SUFFIXES = { "-search", "-image", "-non-thinking" }
 
 local function base_of(model)
-  for _, suffix in ipairs({ "-search", "-image", "-non-thinking" }) do
-    if model:sub(-#suffix) == suffix then return model:sub(1, -#suffix - 1) end
+  for _, suffix in ipairs(SUFFIXES) do
+    if find(model, suffix, -#suffix, true) then return sub(model, 1, -#suffix - 1) end
   end
   return model
 end
@@ -30,7 +32,7 @@ return {
   end,
 
   on_request = function(req, ctx)
-    if req.model == "" then return nil end
+    if next(filtered) == nil or req.model == "" then return nil end
     if is_filtered(req.requested_model) or is_filtered(req.model) then
       return gemgate.deny(404, "models/" .. req.requested_model ..
         " is not available through this gateway (FILTERED_MODELS)")

@@ -9,6 +9,7 @@
 --   curl -s localhost:8000/v1beta/models/gemini-2.5-flash-search:generateContent \
 --     -H "x-goog-api-key: $TOKEN" -d '{"contents":[{"parts":[{"text":"news today?"}]}]}'
 --   # Google receives gemini-2.5-flash with "tools": [{"googleSearch": {}}]
+local find, sub = string.find, string.sub
 local search, image, thinking = {}, {}, {}
 
 local function set_of(list)
@@ -60,10 +61,14 @@ return {
 
   on_request = function(req, ctx)
     local model = req.model
-    if model == "" then return nil end
+    -- Every derived name ends in "-search", "-image" or "-thinking": most requests stop here.
+    if not (find(model, "-search", -7, true) or find(model, "-image", -6, true)
+        or find(model, "-thinking", -9, true)) then
+      return nil
+    end
     for _, s in ipairs(suffixes) do
-      if model:sub(-#s.suffix) == s.suffix then
-        local base = model:sub(1, -#s.suffix - 1)
+      if find(model, s.suffix, -#s.suffix, true) then
+        local base = sub(model, 1, -#s.suffix - 1)
         if base ~= "" and s.allowed(base) then return s.rewrite(base) end
         return nil
       end

@@ -9,13 +9,18 @@
 --   curl -s localhost:8000/v1beta/models/gemini-2.5-flash:generateContent \
 --     -H "x-goog-api-key: $TOKEN" -d '{"contents":[{"parts":[{"text":"hi"}]}]}'
 --   # the access log's key= field changes from one request to the next
+local cursor
+
 return {
   name = "round_robin",
   priority = 10,
 
+  init = function(conf)
+    cursor = gemgate.counter("cursor")
+  end,
+
   select_key = function(pool, ctx)
-    if #pool == 0 then return nil end
-    local turn = gemgate.counter("cursor"):incr(1)
+    local turn = cursor:incr(1)
     return pool:from((turn - 1) % pool:size() + 1).id
   end,
 }

@@ -340,7 +340,10 @@ impl Policy {
                     Err(e) => return self.failed(&e).map_or(Ok(None), Err),
                 },
             };
-            f(&engines[at]).map(Some)
+            let engine = &engines[at];
+            let result = f(engine);
+            engine.end();
+            result.map(Some)
         })
     }
 
@@ -350,18 +353,19 @@ impl Policy {
         let out = self.with_engine(|engine| {
             let lua = engine.vm.lua();
             let p = &engine.prelude;
-            let made: mlua::Result<(Table, Table)> = p.request.call((
-                req.method,
-                req.path,
-                req.protocol,
-                req.model,
-                req.action,
-                req.stream,
-                req.client,
-                req.id,
-            ));
+            let made = (|| -> mlua::Result<(Table, Table)> {
+                p.request.call((
+                    engine.intern(req.method)?,
+                    engine.intern(req.path)?,
+                    engine.intern(req.protocol)?,
+                    engine.intern(req.model)?,
+                    engine.intern(req.action)?,
+                    req.stream,
+                    engine.intern(req.client)?,
+                ))
+            })();
             let (t, ctx) = made.map_err(|e| host_failure("on_request", &e))?;
-            *engine.headers.borrow_mut() = Some((req.id.into(), req.headers.clone()));
+            engine.begin(req.id, Some(req.headers));
             engine.restore_shared(&ctx, shared);
             let mut rewrite = Rewrite::default();
             let arg = Value::Table(t.clone());
@@ -374,7 +378,6 @@ impl Policy {
                 }
                 Ok(denial)
             });
-            *engine.headers.borrow_mut() = None;
             match denial? {
                 Some(d) => Err(d),
                 None => {
@@ -564,29 +567,27 @@ thread_local! {
 /// The host side of every VM, in Lua: building a request's tables and calling a hook with its
 /// plugin's `ctx.conf` cost one call into the VM each, rather than one per field.
 const PRELUDE: &str = r#"
-local headers_of = ...
+local current = ...
 local setmetatable, rawget, rawset, next, type = setmetatable, rawget, rawset, next, type
--- `req.headers` is built on first use: most plugins never read it.
-local request_mt = {
-  __index = function(t, k)
-    if k == "headers" then
-      local h = headers_of(rawget(t, "id"))
-      rawset(t, "headers", h)
-      return h
-    end
-  end,
-}
--- A key's health is read when a plugin reads it, never before.
+-- `id` and `headers` are fetched when first read: most plugins never read them.
+local function lazy(t, k)
+  if k == "id" or k == "headers" then
+    local v = current(k)
+    rawset(t, k, v)
+    return v
+  end
+end
+local request_mt, ctx_mt = { __index = lazy }, { __index = lazy }
 local P = {}
-function P.request(method, path, protocol, model, action, stream, client, id)
+function P.request(method, path, protocol, model, action, stream, client)
   local req = {
     method = method, path = path, protocol = protocol, model = model,
-    requested_model = model, action = action, stream = stream, client = client, id = id,
+    requested_model = model, action = action, stream = stream, client = client,
   }
-  return setmetatable(req, request_mt), { client = client, id = id, shared = {} }
+  return setmetatable(req, request_mt), setmetatable({ client = client, shared = {} }, ctx_mt)
 end
-function P.ctx(client, id)
-  return { client = client, id = id, shared = {} }
+function P.ctx(client)
+  return setmetatable({ client = client, shared = {} }, ctx_mt)
 end
 function P.invoke(f, conf, a, ctx)
   ctx.conf = conf
@@ -603,8 +604,12 @@ end
 return P
 "#;
 
-/// The id and headers of the request whose `on_request` chain runs now.
-type CurrentHeaders = Rc<RefCell<Option<(Box<str>, HeaderMap)>>>;
+/// The request whose hooks run now: its id, and its headers while `on_request` runs.
+type CurrentRequest = Rc<RefCell<Option<(Box<str>, Option<HeaderMap>)>>>;
+
+/// Interned strings kept per VM: a model, client or action name pushed as a kept Lua string
+/// costs no allocation and no protected call. Cleared when it grows past this.
+const INTERNED_MAX: usize = 4096;
 
 /// The prelude's functions.
 struct Prelude {
@@ -633,8 +638,9 @@ struct Engine {
     vm: Vm,
     live: Vec<Live>,
     prelude: Prelude,
-    /// The headers of the request whose `on_request` chain is running: `req.headers`.
-    headers: CurrentHeaders,
+    /// The request whose hooks run now (`req.id`, `ctx.id`, `req.headers`).
+    current: CurrentRequest,
+    interned: RefCell<std::collections::HashMap<Box<str>, mlua::String>>,
     keys: Rc<KeyTables>,
 }
 
@@ -647,8 +653,8 @@ impl Engine {
                 settings: policy.settings.clone(),
             },
         )?;
-        let headers: CurrentHeaders = Rc::default();
-        let (prelude, key_fn, key_meta) = Engine::prelude(&vm, headers.clone(), &policy.pool)
+        let current: CurrentRequest = Rc::default();
+        let (prelude, key_fn, key_meta) = Engine::prelude(&vm, current.clone(), &policy.pool)
             .map_err(|e| PolicyError {
                 plugin: "-".into(),
                 hook: "prelude".into(),
@@ -684,7 +690,8 @@ impl Engine {
             vm,
             live,
             prelude,
-            headers,
+            current,
+            interned: RefCell::default(),
             keys: Rc::new(KeyTables {
                 pool: policy.pool.clone(),
                 tables: RefCell::new(vec![None; policy.pool.keys().len()]),
@@ -697,25 +704,27 @@ impl Engine {
     /// Loads the prelude; also returns its key constructor and the key metatable.
     fn prelude(
         vm: &Vm,
-        headers: CurrentHeaders,
+        current: CurrentRequest,
         pool: &Arc<KeyPool>,
     ) -> mlua::Result<(Prelude, mlua::Function, Table)> {
         let lua = vm.lua();
-        let headers_of = lua.create_function(move |lua, id: mlua::String| {
+        let fetch = lua.create_function(move |lua, field: mlua::String| {
+            let now = current.borrow();
+            let Some((id, headers)) = &*now else {
+                return Ok(Value::Nil);
+            };
+            if &*field.as_bytes() == b"id" {
+                return Ok(Value::String(lua.create_string(&**id)?));
+            }
             let t = lua.create_table()?;
-            if let Some((current, map)) = &*headers.borrow() {
-                // Only the request being served: a table kept from an older request reads empty.
-                if id.as_bytes() == current.as_bytes() {
-                    for (name, value) in map {
-                        if let Ok(v) = value.to_str() {
-                            t.raw_set(name.as_str(), v)?;
-                        }
-                    }
+            for (name, value) in headers.iter().flatten() {
+                if let Ok(v) = value.to_str() {
+                    t.raw_set(name.as_str(), v)?;
                 }
             }
-            Ok(t)
+            Ok(Value::Table(t))
         })?;
-        let p: Table = lua.load(PRELUDE).set_name("=gemgate").call(headers_of)?;
+        let p: Table = lua.load(PRELUDE).set_name("=gemgate").call(fetch)?;
         let pool = pool.clone();
         let meta = lua.create_table()?;
         meta.raw_set(
@@ -792,15 +801,38 @@ impl Engine {
         Ok(None)
     }
 
-    /// A fresh `ctx` for one hook chain, with `shared` as the request left it.
+    /// A fresh `ctx` for one hook chain of request `id`, with `shared` as the request left it.
     fn ctx(&self, client: &str, id: &str, shared: &Shared) -> Result<Table, Denial> {
         let ctx: Table = self
-            .prelude
-            .ctx
-            .call((client, id))
+            .intern(client)
+            .and_then(|c| self.prelude.ctx.call(c))
             .map_err(|e| host_failure("ctx", &e))?;
+        self.begin(id, None);
         self.restore_shared(&ctx, shared);
         Ok(ctx)
+    }
+
+    /// Makes request `id` the one whose hooks run now.
+    fn begin(&self, id: &str, headers: Option<&HeaderMap>) {
+        *self.current.borrow_mut() = Some((id.into(), headers.cloned()));
+    }
+
+    fn end(&self) {
+        *self.current.borrow_mut() = None;
+    }
+
+    /// `s` as a Lua string kept by this VM.
+    fn intern(&self, s: &str) -> mlua::Result<mlua::String> {
+        if let Some(v) = self.interned.borrow().get(s) {
+            return Ok(v.clone());
+        }
+        let v = self.vm.lua().create_string(s)?;
+        let mut interned = self.interned.borrow_mut();
+        if interned.len() >= INTERNED_MAX {
+            interned.clear();
+        }
+        interned.insert(s.into(), v.clone());
+        Ok(v)
     }
 
     fn restore_shared(&self, ctx: &Table, shared: &Shared) {
