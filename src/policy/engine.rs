@@ -365,7 +365,7 @@ impl Policy {
                 ))
             })();
             let (t, ctx) = made.map_err(|e| host_failure("on_request", &e))?;
-            engine.begin(req.id, Some(req.headers));
+            engine.begin(req.id, Some((req.headers, t.to_pointer())));
             engine.restore_shared(&ctx, shared);
             let mut rewrite = Rewrite::default();
             let arg = Value::Table(t.clone());
@@ -463,18 +463,15 @@ impl Policy {
         let out = self.with_engine(|engine| {
             let ctx = engine.ctx(client, id, shared)?;
             let allowed = candidates.clone();
-            let view = engine
-                .vm
-                .lua()
-                .create_userdata(PoolView {
-                    keys: engine.keys.clone(),
-                    candidates,
-                })
-                .map_err(|e| host_failure("select_key", &e))?;
+            engine
+                .pool_view
+                .borrow_mut::<PoolView>()
+                .map_err(|e| host_failure("select_key", &e))?
+                .candidates = candidates;
             let chosen = engine.each(
                 self,
                 "select_key",
-                &Value::UserData(view),
+                &Value::UserData(engine.pool_view.clone()),
                 &ctx,
                 |live, value| {
                     let id = match value {
@@ -572,7 +569,11 @@ local setmetatable, rawget, rawset, next, type = setmetatable, rawget, rawset, n
 -- `id` and `headers` are fetched when first read: most plugins never read them.
 local function lazy(t, k)
   if k == "id" or k == "headers" then
-    local v = current(k)
+    local v = current(t, k)
+    rawset(t, k, v)
+    return v
+  elseif k == "shared" then
+    local v = {}
     rawset(t, k, v)
     return v
   end
@@ -584,10 +585,10 @@ function P.request(method, path, protocol, model, action, stream, client)
     method = method, path = path, protocol = protocol, model = model,
     requested_model = model, action = action, stream = stream, client = client,
   }
-  return setmetatable(req, request_mt), setmetatable({ client = client, shared = {} }, ctx_mt)
+  return setmetatable(req, request_mt), setmetatable({ client = client }, ctx_mt)
 end
 function P.ctx(client)
-  return setmetatable({ client = client, shared = {} }, ctx_mt)
+  return setmetatable({ client = client }, ctx_mt)
 end
 function P.invoke(f, conf, a, ctx)
   ctx.conf = conf
@@ -604,8 +605,17 @@ end
 return P
 "#;
 
-/// The request whose hooks run now: its id, and its headers while `on_request` runs.
-type CurrentRequest = Rc<RefCell<Option<(Box<str>, Option<HeaderMap>)>>>;
+/// The request whose hooks run now: its id, and while `on_request` runs, its headers and its
+/// `req` table.
+type CurrentRequest = Rc<RefCell<Option<Current>>>;
+
+struct Current {
+    id: Box<str>,
+    /// SAFETY: set by `Engine::begin` from a `&HeaderMap` that outlives the hook chain, and
+    /// cleared by `Engine::end` when `Policy::with_engine` returns, before that borrow ends.
+    /// Only read by the prelude's `current` function, which runs inside the chain's calls.
+    headers: Option<(std::ptr::NonNull<HeaderMap>, *const std::ffi::c_void)>,
+}
 
 /// Interned strings kept per VM: a model, client or action name pushed as a kept Lua string
 /// costs no allocation and no protected call. Cleared when it grows past this.
@@ -641,7 +651,10 @@ struct Engine {
     /// The request whose hooks run now (`req.id`, `ctx.id`, `req.headers`).
     current: CurrentRequest,
     interned: RefCell<std::collections::HashMap<Box<str>, mlua::String>>,
-    keys: Rc<KeyTables>,
+    /// `"shared"`, kept for reading `ctx.shared` without a protected call.
+    shared_key: mlua::String,
+    /// The `pool` argument of `select_key`, made once and given new candidates each call.
+    pool_view: mlua::AnyUserData,
 }
 
 impl Engine {
@@ -685,19 +698,33 @@ impl Engine {
                 hooks,
             });
         }
+        let host_error = |e: mlua::Error| PolicyError {
+            plugin: "-".into(),
+            hook: "prelude".into(),
+            message: e.to_string(),
+        };
+        let keys = Rc::new(KeyTables {
+            pool: policy.pool.clone(),
+            tables: RefCell::new(vec![None; policy.pool.keys().len()]),
+            make: key_fn,
+            meta: key_meta,
+        });
+        let pool_view = vm
+            .lua()
+            .create_userdata(PoolView {
+                keys,
+                candidates: Vec::new(),
+            })
+            .map_err(host_error)?;
         Ok(Engine {
             id: policy.id,
+            shared_key: vm.lua().create_string("shared").map_err(host_error)?,
             vm,
             live,
             prelude,
             current,
             interned: RefCell::default(),
-            keys: Rc::new(KeyTables {
-                pool: policy.pool.clone(),
-                tables: RefCell::new(vec![None; policy.pool.keys().len()]),
-                make: key_fn,
-                meta: key_meta,
-            }),
+            pool_view,
         })
     }
 
@@ -708,19 +735,28 @@ impl Engine {
         pool: &Arc<KeyPool>,
     ) -> mlua::Result<(Prelude, mlua::Function, Table)> {
         let lua = vm.lua();
-        let fetch = lua.create_function(move |lua, field: mlua::String| {
+        let fetch = lua.create_function(move |lua, (req, field): (Table, mlua::String)| {
             let now = current.borrow();
-            let Some((id, headers)) = &*now else {
+            let Some(now) = &*now else {
                 return Ok(Value::Nil);
             };
             if &*field.as_bytes() == b"id" {
-                return Ok(Value::String(lua.create_string(&**id)?));
+                return Ok(Value::String(lua.create_string(&*now.id)?));
             }
             let t = lua.create_table()?;
-            for (name, value) in headers.iter().flatten() {
-                if let Ok(v) = value.to_str() {
-                    t.raw_set(name.as_str(), v)?;
+            match now.headers {
+                // Only for the `req` of the chain running now: one kept from an earlier
+                // request reads empty.
+                Some((map, table)) if table == req.to_pointer() => {
+                    // SAFETY: see `Current::headers`; this runs inside the chain.
+                    let map = unsafe { map.as_ref() };
+                    for (name, value) in map {
+                        if let Ok(v) = value.to_str() {
+                            t.raw_set(name.as_str(), v)?;
+                        }
+                    }
                 }
+                _ => {}
             }
             Ok(Value::Table(t))
         })?;
@@ -812,9 +848,13 @@ impl Engine {
         Ok(ctx)
     }
 
-    /// Makes request `id` the one whose hooks run now.
-    fn begin(&self, id: &str, headers: Option<&HeaderMap>) {
-        *self.current.borrow_mut() = Some((id.into(), headers.cloned()));
+    /// Makes request `id` the one whose hooks run now; `headers` are its headers and its `req`
+    /// table, for `on_request`.
+    fn begin(&self, id: &str, headers: Option<(&HeaderMap, *const std::ffi::c_void)>) {
+        *self.current.borrow_mut() = Some(Current {
+            id: id.into(),
+            headers: headers.map(|(map, table)| (std::ptr::NonNull::from(map), table)),
+        });
     }
 
     fn end(&self) {
@@ -845,6 +885,11 @@ impl Engine {
 
     /// Keeps what plugins put in `ctx.shared` for the request's next hooks.
     fn keep_shared(&self, ctx: &Table, shared: &mut Shared) {
+        // `ctx.shared` is made when first read: usually it was not.
+        if let Ok(Value::Nil) = ctx.raw_get::<Value>(&self.shared_key) {
+            shared.0 = None;
+            return;
+        }
         shared.0 = match self.prelude.shared.call::<Value>(ctx) {
             Ok(Value::Nil) | Err(_) => None,
             Ok(t) => self.vm.lua().from_value(t).ok(),

@@ -26,7 +26,10 @@ return {
     if req.model == "forbidden" then return gemgate.deny(451, "not for " .. req.client) end
     if req.model == "alias" then
       ctx.shared.aliased = true
-      return gemgate.rewrite { model = "gemini-2.5-flash", headers = { ["x-team"] = "blue" } }
+      return gemgate.rewrite {
+        model = "gemini-2.5-flash",
+        headers = { ["x-team"] = req.headers["x-client-team"] or "none" },
+      }
     end
   end,
   select_key = function(pool, ctx)
@@ -49,8 +52,15 @@ return {
     );
     assert_eq!(fake.state.total_requests(), 0);
 
-    let (status, _, v) = post(&gate, "/v1beta/models/alias:generateContent", &ask("x")).await;
-    assert_eq!(status, 200, "{v}");
+    let resp = client()
+        .post(gate.url("/v1beta/models/alias:generateContent"))
+        .header("x-goog-api-key", TOKEN)
+        .header("x-client-team", "blue")
+        .json(&ask("x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
     let seen = fake.state.last_received().unwrap();
     assert_eq!(seen.path, "/v1beta/models/gemini-2.5-flash:generateContent");
     assert_eq!(seen.key.as_deref(), Some("good-3"));
