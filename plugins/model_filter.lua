@@ -21,7 +21,8 @@ local function is_filtered(model)
   return filtered[model] or filtered[base_of(model)] or false
 end
 
-return {
+local plugin
+plugin = {
   name = "model_filter",
   -- Runs after model_suffixes: it sees the derived models that one adds to the list.
   priority = 50,
@@ -29,10 +30,14 @@ return {
   init = function(conf)
     filtered = {}
     for _, m in ipairs(gemgate.settings.filtered_models) do filtered[m] = true end
+    -- Nothing filtered: no hooks, no cost per request.
+    if next(filtered) == nil then
+      plugin.on_request, plugin.filter_models = nil, nil
+    end
   end,
 
   on_request = function(req, ctx)
-    if next(filtered) == nil or req.model == "" then return nil end
+    if req.model == "" then return nil end
     if is_filtered(req.requested_model) or is_filtered(req.model) then
       return gemgate.deny(404, "models/" .. req.requested_model ..
         " is not available through this gateway (FILTERED_MODELS)")
@@ -40,7 +45,6 @@ return {
   end,
 
   filter_models = function(models, ctx)
-    if next(filtered) == nil then return nil end
     local kept = {}
     for _, m in ipairs(models) do
       local name = (m.name or ""):gsub("^models/", "")
@@ -49,3 +53,5 @@ return {
     return kept
   end,
 }
+
+return plugin

@@ -7,22 +7,26 @@
 --   # Google receives "generationConfig": {"thinkingConfig": {"thinkingBudget": 1024}}
 local budgets = {}
 
-return {
+local plugin = {
   name = "thinking_budget",
   priority = 90,
-
-  init = function(conf)
-    budgets = {}
-    for model, budget in pairs(gemgate.settings.thinking_budget_map) do
-      budgets[(model:gsub("^models/", ""))] = budget
-    end
-  end,
-
-  on_request = function(req, ctx)
-    local budget = budgets[req.model]
-    if budget == nil then return nil end
-    return gemgate.rewrite {
-      generation_config_defaults = { thinkingConfig = { thinkingBudget = budget } },
-    }
-  end,
 }
+
+function plugin.on_request(req, ctx)
+  local budget = budgets[req.model]
+  if budget == nil then return nil end
+  return gemgate.rewrite {
+    generation_config_defaults = { thinkingConfig = { thinkingBudget = budget } },
+  }
+end
+
+function plugin.init(conf)
+  budgets = {}
+  for model, budget in pairs(gemgate.settings.thinking_budget_map) do
+    budgets[(model:gsub("^models/", ""))] = budget
+  end
+  -- With an empty map there is nothing to do: no hook, no cost per request.
+  if next(budgets) == nil then plugin.on_request = nil end
+end
+
+return plugin

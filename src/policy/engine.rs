@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use mlua::{LuaSerdeExt, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::counters::Counters;
-use super::{embedded, read_dir, Host, Limits, Plugin, PluginSource, PolicyError, Vm};
+use super::{embedded, read_dir, Host, Limits, Plugin, PluginSource, PolicyError, Vm, HOOKS};
 use crate::config::{Config, OnError};
 use crate::keys::KeyPool;
 
@@ -240,20 +240,6 @@ impl Policy {
         found.sort_by(|(a, _), (b, _)| {
             (!a.enabled, -a.priority, &a.name).cmp(&(!b.enabled, -b.priority, &b.name))
         });
-        let mut hooks = HookSet::default();
-        for (info, _) in found.iter().filter(|(i, _)| i.enabled) {
-            for hook in &info.hooks {
-                match *hook {
-                    "on_request" => hooks.on_request = true,
-                    "filter_models" => hooks.filter_models = true,
-                    "select_key" => hooks.select_key = true,
-                    "on_response" => hooks.on_response = true,
-                    "on_error" => hooks.on_error = true,
-                    "on_log" => hooks.on_log = true,
-                    _ => {}
-                }
-            }
-        }
         let (plugins, entries): (Vec<_>, Vec<_>) = found.into_iter().unzip();
         let entries = plugins
             .iter()
@@ -261,7 +247,7 @@ impl Policy {
             .filter(|(info, _)| info.enabled)
             .map(|(_, e)| e)
             .collect();
-        let policy = Policy {
+        let mut policy = Policy {
             id,
             dir,
             plugins,
@@ -269,13 +255,35 @@ impl Policy {
             entries,
             settings,
             limits: config.policy.limits,
-            hooks,
+            hooks: HookSet::default(),
             pool,
             counters,
             stats,
         };
-        // Every `init` must pass before this generation may serve.
-        Engine::build(&policy)?;
+        // Every `init` must pass before this generation may serve. An `init` may also remove
+        // hooks its settings make needless: what is left after it is what runs.
+        let engine = Engine::build(&policy)?;
+        for live in &engine.live {
+            let hooks: Vec<&'static str> = live.hooks.iter().map(|(h, _)| *h).collect();
+            for hook in &hooks {
+                match *hook {
+                    "on_request" => policy.hooks.on_request = true,
+                    "filter_models" => policy.hooks.filter_models = true,
+                    "select_key" => policy.hooks.select_key = true,
+                    "on_response" => policy.hooks.on_response = true,
+                    "on_error" => policy.hooks.on_error = true,
+                    "on_log" => policy.hooks.on_log = true,
+                    _ => {}
+                }
+            }
+            if let Some(info) = policy
+                .plugins
+                .iter_mut()
+                .find(|p| *p.name == *live.plugin.name)
+            {
+                info.hooks = hooks;
+            }
+        }
         Ok(policy)
     }
 
@@ -687,9 +695,10 @@ impl Engine {
             if plugin.has("init") {
                 vm.call::<()>(&plugin, "init", &conf)?;
             }
-            let hooks = plugin
-                .hooks
+            // Read after `init`, which may have removed some.
+            let hooks = HOOKS
                 .iter()
+                .filter(|&&h| h != "init")
                 .filter_map(|&h| Some((h, plugin.hook(h)?)))
                 .collect();
             live.push(Live {

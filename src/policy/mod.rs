@@ -216,11 +216,14 @@ impl Vm {
         let string: Table = globals.get("string").map_err(fail)?;
         string.set("dump", Value::Nil).map_err(fail)?;
         let current: Rc<RefCell<Rc<str>>> = Rc::new(RefCell::new(Rc::from("-")));
+        let host = host_table(&lua, host, current.clone()).map_err(fail)?;
+        let readonly: mlua::Function = lua
+            .load(READONLY)
+            .set_name("=gemgate")
+            .eval()
+            .map_err(fail)?;
         globals
-            .set(
-                "gemgate",
-                host_table(&lua, host, current.clone()).map_err(fail)?,
-            )
+            .set("gemgate", readonly.call::<Table>(host).map_err(fail)?)
             .map_err(fail)?;
         lua.set_memory_limit(limits.memory_bytes).map_err(fail)?;
 
@@ -264,10 +267,19 @@ impl Vm {
             hook: "load".into(),
             message,
         };
+        // Each plugin has its own globals, reading through to the shared libraries: a global
+        // one plugin sets is not another's.
+        let env = self.lua.create_table().map_err(|e| fail(e.to_string()))?;
+        let meta = self.lua.create_table().map_err(|e| fail(e.to_string()))?;
+        meta.raw_set("__index", self.lua.globals())
+            .map_err(|e| fail(e.to_string()))?;
+        env.set_metatable(Some(meta))
+            .map_err(|e| fail(e.to_string()))?;
         let chunk = self
             .lua
             .load(&src.code)
-            .set_name(format!("@{}", src.path.display()));
+            .set_name(format!("@{}", src.path.display()))
+            .set_environment(env);
         let value: Value = self.guarded(|| chunk.eval()).map_err(|e| fail(clean(&e)))?;
         let Value::Table(table) = value else {
             return Err(fail("the file must return a table".into()));
@@ -352,6 +364,24 @@ impl Vm {
         result
     }
 }
+
+/// Wraps the host table (and the tables in it) so that scripts can read it but not change it.
+const READONLY: &str = r#"
+local setmetatable, pairs, type, next, error = setmetatable, pairs, type, next, error
+local function readonly(t)
+  for k, v in pairs(t) do
+    if type(v) == "table" then t[k] = readonly(v) end
+  end
+  return setmetatable({}, {
+    __index = t,
+    __newindex = function() error("the gemgate table is read-only", 2) end,
+    __len = function() return #t end,
+    __pairs = function() return next, t, nil end,
+    __metatable = false,
+  })
+end
+return readonly
+"#;
 
 /// The first line of an error: Lua's own message with its `file:line:`, without the traceback.
 fn clean(e: &mlua::Error) -> String {
@@ -552,6 +582,31 @@ mod tests {
                 "table".into()
             )
         );
+    }
+
+    #[test]
+    fn plugins_keep_their_own_globals_and_cannot_change_the_host_table() {
+        let vm = vm();
+        let a = vm
+            .load(&source(
+                "a",
+                "x = 'mine' return { name = 'a', on_log = function() return x end }",
+            ))
+            .unwrap();
+        let b = vm
+            .load(&source(
+                "b",
+                "return { name = 'b', on_log = function() return tostring(x) end, \
+                 on_error = function() gemgate.now_ms = nil end, \
+                 on_request = function() gemgate.settings.extra = 1 end }",
+            ))
+            .unwrap();
+        assert_eq!(vm.call::<String>(&a, "on_log", ()).unwrap(), "mine");
+        assert_eq!(vm.call::<String>(&b, "on_log", ()).unwrap(), "nil");
+        for hook in ["on_error", "on_request"] {
+            let err = vm.call::<()>(&b, hook, ()).unwrap_err();
+            assert!(err.message.contains("read-only"), "{err}");
+        }
     }
 
     #[test]
