@@ -54,6 +54,8 @@ pub struct ReloadStatus {
     pub generation: u64,
     /// When the last reload ran (ms since the epoch); `None`: none since the start.
     pub last_reload_ms: Option<u64>,
+    /// The same, as an RFC 3339 UTC time.
+    pub last_reload_at: Option<String>,
     pub last_result: Option<&'static str>,
     pub last_error: Option<ReloadError>,
     /// Settings changed in the file that take effect only after a restart.
@@ -75,7 +77,9 @@ pub fn reload(state: &State) -> Result<u64, ReloadError> {
                 .map_err(|e| policy_error(&e))
         });
     let mut status = state.reload_status();
-    status.last_reload_ms = Some(now_ms());
+    let now = now_ms();
+    status.last_reload_ms = Some(now);
+    status.last_reload_at = Some(crate::keys::clock::rfc3339(now));
     match result {
         Ok(next) => {
             let restart = restart_needed(&current.config, &next.config);
@@ -268,7 +272,7 @@ fn relevant(event: &notify::Event, state: &State) -> bool {
         let name = p.file_name();
         let ext = p.extension().and_then(|e| e.to_str());
         name == config_name
-            || name.is_some_and(|n| n == ".env")
+            || name.is_some_and(|n| n == ".env" || n == "plugins" || n == "templates")
             || matches!(ext, Some("lua" | "hbs" | "html" | "css" | "js"))
     })
 }

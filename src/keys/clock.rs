@@ -13,6 +13,20 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `ms` as an RFC 3339 UTC time with milliseconds: `2026-11-26T09:01:20.123Z`.
+pub fn rfc3339(ms: u64) -> String {
+    let ms = ms as i64;
+    let (y, m, d) = civil_from_days(ms.div_euclid(DAY_MS));
+    let in_day = ms.rem_euclid(DAY_MS);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        in_day / HOUR_MS,
+        in_day / 60_000 % 60,
+        in_day / 1000 % 60,
+        in_day % 1000
+    )
+}
+
 /// The first instant after `now_ms` at which it is midnight in Pacific time.
 pub fn next_pacific_midnight_ms(now_ms: u64) -> u64 {
     let now = now_ms as i64;
@@ -76,6 +90,12 @@ pub(crate) fn civil_from_days(z: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1795683680123), "2026-11-26T09:01:20.123Z");
+    }
 
     fn utc(y: i64, mo: i64, d: i64, h: i64) -> u64 {
         (days_from_civil(y, mo, d) * DAY_MS + h * HOUR_MS) as u64

@@ -44,6 +44,9 @@ pub struct KeyState {
     successes: AtomicU64,
     failures: AtomicU64,
     last_used_ms: AtomicU64,
+    /// The latest end of any cooldown: past it, the key cools for nothing, and the snapshot
+    /// need not be read.
+    cooling_until_max: AtomicU64,
     cooldowns: ArcSwap<Vec<Cooldown>>,
     detail: Mutex<KeyDetail>,
 }
@@ -82,6 +85,9 @@ impl KeyState {
 
     /// The end of this key's cooldown for `model`, if it is cooling at `now_ms`.
     pub fn cooling_until(&self, model: &str, now_ms: u64) -> Option<u64> {
+        if self.cooling_until_max.load(Relaxed) <= now_ms {
+            return None;
+        }
         self.cooldowns
             .load()
             .iter()
@@ -103,6 +109,7 @@ impl KeyState {
     /// Cools the key for `model` until `until_ms`; an existing longer cooldown (a daily quota
     /// answered by a concurrent request) is kept.
     fn cool(&self, model: &str, until_ms: u64, class: &'static str, now_ms: u64) {
+        self.cooling_until_max.fetch_max(until_ms, Relaxed);
         self.cooldowns.rcu(|old| {
             let mut next: Vec<Cooldown> = old
                 .iter()
@@ -150,6 +157,7 @@ impl KeyState {
         self.disabled.store(false, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         self.cooldowns.store(Arc::new(Vec::new()));
+        self.cooling_until_max.store(0, Relaxed);
         self.detail
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -470,7 +470,6 @@ impl Policy {
     ) -> Result<Option<usize>, Denial> {
         let out = self.with_engine(|engine| {
             let ctx = engine.ctx(client, id, shared)?;
-            let allowed = candidates.clone();
             engine
                 .pool_view
                 .borrow_mut::<PoolView>()
@@ -496,8 +495,14 @@ impl Policy {
                             })
                         }
                     };
+                    let candidate = |i: usize| {
+                        engine
+                            .pool_view
+                            .borrow::<PoolView>()
+                            .is_ok_and(|v| v.candidates.binary_search(&(i as u32)).is_ok())
+                    };
                     match self.pool.index_of(&id) {
-                        Some(i) if allowed.binary_search(&(i as u32)).is_ok() => Ok(Some(i)),
+                        Some(i) if candidate(i) => Ok(Some(i)),
                         found => Err(PolicyError {
                             plugin: live.plugin.name.to_string(),
                             hook: "select_key".into(),
