@@ -152,8 +152,10 @@ fn config_error(e: &config::ConfigError, source: &Source) -> ReloadError {
 
 fn policy_error(e: &crate::policy::PolicyError) -> ReloadError {
     // Lua names the place as `path/to/plugin.lua:LINE:`.
-    let located = e.message.split_once(".lua:").and_then(|(file, rest)| {
+    let located = e.message.split_once(".lua:").and_then(|(before, rest)| {
         let line = rest.split(':').next()?.parse().ok()?;
+        // The path is the last word before `.lua:` (mlua may say "syntax error: " first).
+        let file = before.rsplit([' ', '\t']).next()?;
         Some((format!("{file}.lua"), line))
     });
     ReloadError {
@@ -292,6 +294,15 @@ mod tests {
         assert_eq!(
             (r.file.as_deref(), r.line),
             (Some("plugins/x.lua"), Some(7))
+        );
+        let e = crate::policy::PolicyError {
+            message: "syntax error: /srv/plugins/x.lua:1: unexpected symbol near 'then'".into(),
+            ..e
+        };
+        let r = policy_error(&e);
+        assert_eq!(
+            (r.file.as_deref(), r.line),
+            (Some("/srv/plugins/x.lua"), Some(1))
         );
         assert_eq!(
             number_after("TOML parse error at line 3, column 5", "line "),
