@@ -3,6 +3,7 @@
 # and templates, runs as a non-root user and keeps its state in the /app/data volume.
 #   docker build -t gemgate .
 #   docker run -p 8000:8000 --env-file .env -v gemgate-data:/app/data gemgate
+# To edit plugins while it runs, mount your own folder over them: -v ./plugins:/app/plugins
 
 FROM rust:1-bookworm AS build
 # pingora's zlib-ng is built with cmake.
@@ -12,7 +13,10 @@ RUN apt-get update \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The shipped config, plugins and templates are compiled into the binary as its defaults.
 COPY conf ./conf
+COPY plugins ./plugins
+COPY templates ./templates
 RUN cargo build --release --locked --bin gemgate \
  && strip target/release/gemgate
 

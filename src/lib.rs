@@ -14,6 +14,7 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod telemetry;
+pub mod templates;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

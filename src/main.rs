@@ -59,6 +59,21 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let templates = match gemgate::templates::Templates::load(&config) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("gemgate: invalid {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            println!(
+                "templates OK: {} from {}",
+                templates.names.join(", "),
+                templates
+                    .dir
+                    .as_ref()
+                    .map_or("built-in".into(), |d| d.display().to_string())
+            );
             let plugins: Vec<String> = policy
                 .enabled()
                 .map(|p| format!("{} ({})", p.name, p.priority))

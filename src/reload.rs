@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::{self, Config};
 use crate::keys::clock::now_ms;
-use crate::proxy::{Generation, State};
+use crate::proxy::{BuildError, Generation, State};
 
 /// How long the watched folders must be quiet before a reload starts.
 const SETTLE: Duration = Duration::from_millis(120);
@@ -73,8 +73,14 @@ pub fn reload(state: &State) -> Result<u64, ReloadError> {
         .map_err(|e| config_error(&e, &state.source))
         .and_then(|config| {
             let id = state.next_generation();
-            Generation::build(config, id, &state.lasting, Some(&current))
-                .map_err(|e| policy_error(&e))
+            Generation::build(config, id, &state.lasting, Some(&current)).map_err(|e| match e {
+                BuildError::Policy(e) => policy_error(&e),
+                BuildError::Template(e) => ReloadError {
+                    message: e.to_string(),
+                    file: Some(e.file),
+                    line: e.line.map(|l| l as u32),
+                },
+            })
         });
     let mut status = state.reload_status();
     let now = now_ms();
@@ -233,11 +239,11 @@ fn folders(state: &State) -> Vec<PathBuf> {
         dirs.push(parent.join("templates"));
     }
     dirs.push(PathBuf::from("templates"));
-    if let Some(dir) = &gen.policy.dir {
-        dirs.push(dir.clone());
-    }
-    // The folder plugins would be read from, once it is created.
+    dirs.extend(gen.policy.dir.clone());
+    dirs.extend(gen.templates.dir.clone());
+    // The folders plugins and templates would be read from, once they are created.
     dirs.extend(gen.config.plugin_dir());
+    dirs.extend(gen.config.template_dir());
     dirs.into_iter()
         .filter(|d| d.is_dir())
         .filter_map(|d| d.canonicalize().ok())

@@ -36,6 +36,7 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
         Kind::Int,
     ),
     ("GEMGATE_PLUGINS_DIR", "policy.dir", Kind::Str),
+    ("GEMGATE_TEMPLATES_DIR", "server.templates_dir", Kind::Str),
     ("LOG_LEVEL", "server.log_level", Kind::Str),
     ("TIMEZONE", "server.timezone", Kind::Str),
     // keys and tokens

@@ -157,6 +157,10 @@ pub struct ServerSection {
     pub grace_period_s: u64,
     pub log_level: String,
     pub timezone: String,
+    /// The admin page templates; relative paths are relative to the config file's folder.
+    /// Unset: `templates/` beside the config file, else in the working directory, else the
+    /// templates built into gemgate.
+    pub templates_dir: Option<PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -169,6 +173,7 @@ impl Default for ServerSection {
             grace_period_s: 30,
             log_level: "info".into(),
             timezone: "UTC".into(),
+            templates_dir: None,
         }
     }
 }
@@ -722,21 +727,32 @@ pub struct PolicyConfig {
 }
 
 impl Config {
-    /// The plugins folder in use: `[policy] dir`, else `plugins/` beside the config file, else
-    /// `plugins/` in the working directory. `None`: the plugins built into gemgate.
-    pub fn plugin_dir(&self) -> Option<PathBuf> {
+    /// The templates folder in use, found as [`Config::plugin_dir`] finds plugins.
+    pub fn template_dir(&self) -> Option<PathBuf> {
+        self.find_dir(self.file.server.templates_dir.as_deref(), "templates")
+    }
+
+    /// `configured` (relative to the config file's folder), else `name/` beside the config
+    /// file, else `name/` in the working directory.
+    fn find_dir(&self, configured: Option<&Path>, name: &str) -> Option<PathBuf> {
         let base = self
             .path
             .as_ref()
             .and_then(|p| p.parent())
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        if let Some(dir) = &self.policy.dir {
+        if let Some(dir) = configured {
             return Some(base.join(dir));
         }
-        [base.join("plugins"), PathBuf::from("plugins")]
+        [base.join(name), PathBuf::from(name)]
             .into_iter()
             .find(|d| d.is_dir())
+    }
+
+    /// The plugins folder in use: `[policy] dir`, else `plugins/` beside the config file, else
+    /// `plugins/` in the working directory. `None`: the plugins built into gemgate.
+    pub fn plugin_dir(&self) -> Option<PathBuf> {
+        self.find_dir(self.policy.dir.as_deref(), "plugins")
     }
 }
 

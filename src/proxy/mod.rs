@@ -39,6 +39,7 @@ use crate::policy::engine::{
 };
 use crate::policy::PolicyError;
 use crate::reload::{self, ReloadStatus, Source};
+use crate::templates::{TemplateError, Templates};
 use auth::Tokens;
 use reply::GateError;
 use route::{AdminCall, NativeCall, Route};
@@ -63,6 +64,16 @@ pub struct Generation {
     pub tokens: Tokens,
     pub target: Arc<Target>,
     pub policy: Arc<Policy>,
+    pub templates: Arc<Templates>,
+}
+
+/// Why a generation could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
 }
 
 impl Generation {
@@ -74,7 +85,8 @@ impl Generation {
         id: u64,
         parts: &Lasting,
         previous: Option<&Generation>,
-    ) -> Result<Generation, PolicyError> {
+    ) -> Result<Generation, BuildError> {
+        let templates = Templates::load(&config)?;
         let pool = Arc::new(KeyPool::new(
             &config.keys,
             &parts.registry,
@@ -103,6 +115,7 @@ impl Generation {
             tokens: Tokens::new(&config.tokens),
             target,
             policy: Arc::new(policy),
+            templates: Arc::new(templates),
             config: Arc::new(config),
         })
     }
@@ -129,7 +142,7 @@ pub struct State {
 
 impl State {
     /// The state of a starting gateway, serving generation 1 built from `config`.
-    pub fn new(config: Config, source: Source) -> Result<Arc<State>, PolicyError> {
+    pub fn new(config: Config, source: Source) -> Result<Arc<State>, BuildError> {
         let lasting = Lasting::default();
         let first = Generation::build(config, 1, &lasting, None)?;
         Ok(Arc::new(State {
@@ -341,6 +354,7 @@ impl Gateway {
             "generation": current.id,
             "reload": self.state.reload_status(),
             "plugins": current.policy.plugins,
+            "templates": current.templates.names,
             "plugin_errors": self.state.lasting.stats.snapshot().into_iter()
                 .map(|(plugin, hook, count)| serde_json::json!({"plugin": plugin, "hook": hook, "count": count}))
                 .collect::<Vec<_>>(),

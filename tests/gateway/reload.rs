@@ -263,3 +263,37 @@ async fn the_admin_reload_api_needs_the_admin_token() {
         .unwrap();
     assert_eq!(resp.status(), 403, "no AUTH_TOKEN: the admin API is off");
 }
+
+#[tokio::test]
+async fn templates_reload_like_plugins() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).admin().start().await;
+    let status = gate.reload_status().await;
+    assert_eq!(status["templates"], json!(["layout"]), "built in: {status}");
+
+    // A templates folder appears beside the config: it is noticed, then watched.
+    std::fs::create_dir(gate.dir.path().join("templates")).unwrap();
+    let status = gate.wait_reloads(&status).await;
+    assert_eq!(status["templates"], json!([]), "{status}");
+    gate.save("templates/keys.hbs", "<h1>{{title}}</h1>\n");
+    let status = gate.wait_reloads(&status).await;
+    assert_eq!(status["templates"], json!(["keys"]), "{status}");
+
+    gate.save(
+        "templates/keys.hbs",
+        "<h1>{{title}}</h1>\n{{#if x}}\nunclosed\n",
+    );
+    let status = gate.wait_reloads(&status).await;
+    assert_eq!(status["reload"]["last_result"], "error", "{status}");
+    let error = &status["reload"]["last_error"];
+    assert!(
+        error["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("templates/keys.hbs"),
+        "{error}"
+    );
+    assert!(error["line"].as_u64().is_some(), "{error}");
+    assert_eq!(status["generation"], 3, "unchanged");
+    assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+}

@@ -1,0 +1,118 @@
+//! The admin pages' Handlebars templates: read from the templates folder (or the ones built
+//! into the binary), compiled whole, part of a generation like config and plugins.
+
+use std::path::{Path, PathBuf};
+
+use handlebars::Handlebars;
+
+use crate::config::Config;
+
+/// The shipped templates, compiled in: used when there is no templates folder.
+const SHIPPED: &[(&str, &str)] = &[("layout", include_str!("../templates/layout.hbs"))];
+
+/// A template that failed to load or compile.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("template {file}: {message}")]
+pub struct TemplateError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// One generation's compiled templates.
+pub struct Templates {
+    registry: Handlebars<'static>,
+    /// The folder they came from (`None`: built in).
+    pub dir: Option<PathBuf>,
+    pub names: Vec<String>,
+}
+
+impl Templates {
+    /// Reads and compiles every `*.hbs` of the templates folder `config` names.
+    pub fn load(config: &Config) -> Result<Templates, TemplateError> {
+        let dir = config.template_dir();
+        let sources = match &dir {
+            Some(d) => read_dir(d)?,
+            None => SHIPPED
+                .iter()
+                .map(|(n, t)| {
+                    (
+                        (*n).to_owned(),
+                        format!("built-in:{n}.hbs"),
+                        (*t).to_owned(),
+                    )
+                })
+                .collect(),
+        };
+        let mut registry = Handlebars::new();
+        registry.set_strict_mode(true);
+        let mut names = Vec::new();
+        for (name, file, text) in sources {
+            registry
+                .register_template_string(&name, text)
+                .map_err(|e| TemplateError {
+                    line: e.pos().map(|(line, _)| line),
+                    message: e.reason().to_string(),
+                    file,
+                })?;
+            names.push(name);
+        }
+        Ok(Templates {
+            registry,
+            dir,
+            names,
+        })
+    }
+
+    /// Renders template `name` with `data`.
+    pub fn render(&self, name: &str, data: &serde_json::Value) -> Result<String, String> {
+        self.registry.render(name, data).map_err(|e| e.to_string())
+    }
+}
+
+/// (name, file, text) of every `*.hbs` in `dir`, in name order.
+fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, TemplateError> {
+    let fail = |message: String| TemplateError {
+        file: dir.display().to_string(),
+        line: None,
+        message,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| fail(e.to_string()))? {
+        let path = entry.map_err(|e| fail(e.to_string()))?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("hbs") || !path.is_file() {
+            continue;
+        }
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let text = std::fs::read_to_string(&path).map_err(|e| TemplateError {
+            file: path.display().to_string(),
+            line: None,
+            message: e.to_string(),
+        })?;
+        out.push((name, path.display().to_string(), text));
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_layout_renders() {
+        let config = crate::config::from_str("", "test", &Default::default()).unwrap();
+        let t = Templates::load(&config).unwrap();
+        let html = t
+            .render(
+                "layout",
+                &serde_json::json!({ "title": "Keys", "body": "<p>x</p>", "version": "1", "generation": 3 }),
+            )
+            .unwrap();
+        assert!(html.contains("<p>x</p>") && html.contains("generation 3"));
+    }
+}
