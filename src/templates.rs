@@ -72,31 +72,15 @@ impl Templates {
 
 /// (name, file, text) of every `*.hbs` in `dir`, in name order.
 fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, TemplateError> {
-    let fail = |message: String| TemplateError {
+    let found = crate::config::read_folder(dir, "hbs").map_err(|e| TemplateError {
         file: dir.display().to_string(),
         line: None,
-        message,
-    };
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| fail(e.to_string()))? {
-        let path = entry.map_err(|e| fail(e.to_string()))?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("hbs") || !path.is_file() {
-            continue;
-        }
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        let text = std::fs::read_to_string(&path).map_err(|e| TemplateError {
-            file: path.display().to_string(),
-            line: None,
-            message: e.to_string(),
-        })?;
-        out.push((name, path.display().to_string(), text));
-    }
-    out.sort();
-    Ok(out)
+        message: e.to_string(),
+    })?;
+    Ok(found
+        .into_iter()
+        .map(|(name, path, text)| (name, path.display().to_string(), text))
+        .collect())
 }
 
 #[cfg(test)]

@@ -787,6 +787,27 @@ fn validate_policy(p: &PolicySection) -> Result<PolicyConfig, ConfigError> {
     })
 }
 
+/// Every file of `dir` named `*.{ext}`, in name order: (name without the extension, path, text).
+/// Plugins and templates are read this way.
+pub fn read_folder(dir: &Path, ext: &str) -> std::io::Result<Vec<(String, PathBuf, String)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some(ext) || !path.is_file() {
+            continue;
+        }
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let text = std::fs::read_to_string(&path)?;
+        out.push((name, path, text));
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// `models/gemini-2.5-flash` → `gemini-2.5-flash`.
 pub fn model_name(m: &str) -> &str {
     m.trim().strip_prefix("models/").unwrap_or(m.trim())

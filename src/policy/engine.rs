@@ -989,6 +989,22 @@ impl UserData for PoolView {
     }
 }
 
+/// A hook's answer: `nil`, or a decision table; anything else is the plugin's error.
+fn decision_table(
+    value: Value,
+    expected: &str,
+    fail: &dyn Fn(String) -> PolicyError,
+) -> Result<Option<Table>, PolicyError> {
+    match value {
+        Value::Nil => Ok(None),
+        Value::Table(t) => Ok(Some(t)),
+        other => Err(fail(format!(
+            "must return nil or {expected}, not a {}",
+            other.type_name()
+        ))),
+    }
+}
+
 fn is_decision(t: &Table, kind: &str) -> bool {
     t.raw_get::<Option<String>>("decision")
         .ok()
@@ -1008,15 +1024,8 @@ fn read_request_decision(
         hook: "on_request".into(),
         message,
     };
-    let t = match value {
-        Value::Nil => return Ok(None),
-        Value::Table(t) => t,
-        other => {
-            return Err(fail(format!(
-                "must return nil, gemgate.deny(...) or gemgate.rewrite{{...}}, not a {}",
-                other.type_name()
-            )))
-        }
+    let Some(t) = decision_table(value, "gemgate.deny(...) or gemgate.rewrite{...}", &fail)? else {
+        return Ok(None);
     };
     if is_decision(&t, "deny") {
         let status: u16 = t.get("status").map_err(|e| fail(e.to_string()))?;
@@ -1104,15 +1113,9 @@ fn read_attempt_decision(
         hook: hook.into(),
         message,
     };
-    let t = match value {
-        Value::Nil => return Ok(None),
-        Value::Table(t) => t,
-        other => {
-            return Err(fail(format!(
-                "must return nil, gemgate.retry(), gemgate.cool(s) or gemgate.disable(r), not a {}",
-                other.type_name()
-            )))
-        }
+    let expected = "gemgate.retry(), gemgate.cool(s) or gemgate.disable(r)";
+    let Some(t) = decision_table(value, expected, &fail)? else {
+        return Ok(None);
     };
     if is_decision(&t, "retry") {
         Ok(Some(AttemptDecision::Retry))

@@ -78,22 +78,10 @@ pub struct PluginSource {
 
 /// Reads every `*.lua` file of `dir`, in name order.
 pub fn read_dir(dir: &Path) -> std::io::Result<Vec<PluginSource>> {
-    let mut sources = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("lua") || !path.is_file() {
-            continue;
-        }
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        let code = std::fs::read_to_string(&path)?;
-        sources.push(PluginSource { name, path, code });
-    }
-    sources.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(sources)
+    Ok(crate::config::read_folder(dir, "lua")?
+        .into_iter()
+        .map(|(name, path, code)| PluginSource { name, path, code })
+        .collect())
 }
 
 /// A plugin loaded into a [`Vm`].

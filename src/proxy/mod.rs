@@ -572,7 +572,7 @@ impl Gateway {
                     x.class = Some(failure.class.as_str());
                     let mut retry = failure.class.retryable();
                     if gen.policy.has_attempt_hook(false) {
-                        match self.after_attempt(gen, index, req, &failure, x) {
+                        match self.after_attempt(gen, index, &req.model, &failure, x) {
                             Ok(Some(AttemptDecision::Retry)) => retry = true,
                             Ok(_) => {}
                             Err(d) => return Finished::Refused(denied(d)),
@@ -619,32 +619,38 @@ impl Gateway {
     }
 
     /// Tells `on_response` / `on_error` plugins how an attempt went and applies what they
-    /// decide about its key.
+    /// decide about its key. `outcome` is the failure, or for a success (2xx `status`) only
+    /// the status.
     fn after_attempt(
         &self,
         gen: &Generation,
         index: usize,
-        req: &UpstreamRequest,
-        failure: &Failure,
+        model: &str,
+        outcome: &Failure,
         x: &mut Exchange,
     ) -> Result<Option<AttemptDecision>, Denial> {
         let key = gen.pool.get(index);
         let client = x.client.clone().unwrap_or_default();
+        let success = (200..300).contains(&outcome.status);
         let info = AttemptInfo {
             id: &x.id,
             client: &client,
-            model: &req.model,
-            status: failure.status,
-            class: failure.class.as_str(),
+            model,
+            status: outcome.status,
+            class: if success {
+                "ok"
+            } else {
+                outcome.class.as_str()
+            },
             key_id: &key.spec.id,
             attempt: x.attempts,
-            retry_delay_s: failure.retry_delay_s,
-            message: &failure.message,
+            retry_delay_s: outcome.retry_delay_s,
+            message: &outcome.message,
         };
         let decision = gen.policy.after_attempt(&info, &mut x.shared)?;
         match &decision {
             Some(AttemptDecision::Cool(seconds)) => {
-                gen.pool.cool(index, &req.model, *seconds, now_ms());
+                gen.pool.cool(index, model, *seconds, now_ms());
             }
             Some(AttemptDecision::Disable(reason)) => {
                 tracing::warn!(key = %key.spec.id, reason = %reason, "key disabled by a plugin");
@@ -723,42 +729,16 @@ impl Gateway {
         x.status = status;
         x.class = None;
         if gen.policy.has_attempt_hook(true) {
-            let ok = Failure {
-                class: ErrorClass::Upstream,
-                status,
-                retry_delay_s: None,
-                body: Bytes::new(),
-                content_type: None,
-                message: String::new(),
-            };
-            let key = gen.pool.get(index);
-            let client = x.client.clone().unwrap_or_default();
-            let info = AttemptInfo {
-                id: &x.id,
-                client: &client,
-                model: &req.model,
-                status,
-                class: "ok",
-                key_id: &key.spec.id,
-                attempt: x.attempts,
-                retry_delay_s: None,
-                message: "",
-            };
-            match gen.policy.after_attempt(&info, &mut x.shared) {
+            let ok = Failure::network(ErrorClass::Upstream, "");
+            match self.after_attempt(gen, index, &req.model, &Failure { status, ..ok }, x) {
                 Ok(Some(AttemptDecision::Retry)) => {
                     // The answer is dropped with its connection.
-                    return Err(Failure {
-                        message: "a plugin asked for another key".into(),
-                        ..ok
-                    });
+                    return Err(Failure::network(
+                        ErrorClass::Upstream,
+                        "a plugin asked for another key",
+                    ));
                 }
-                Ok(Some(AttemptDecision::Cool(seconds))) => {
-                    gen.pool.cool(index, &req.model, seconds, now_ms())
-                }
-                Ok(Some(AttemptDecision::Disable(reason))) => {
-                    key.state.disable(format!("policy: {reason}"))
-                }
-                Ok(None) => {}
+                Ok(_) => {}
                 Err(d) => {
                     gen.target.release(up).await;
                     return Ok(Finished::Refused(denied(d)));

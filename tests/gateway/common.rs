@@ -294,9 +294,19 @@ pub async fn post(
     path: &str,
     body: &Value,
 ) -> (u16, reqwest::header::HeaderMap, Value) {
+    post_as(gate, TOKEN, path, body).await
+}
+
+/// [`post`] with another client token.
+pub async fn post_as(
+    gate: &Gate,
+    token: &str,
+    path: &str,
+    body: &Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let resp = client()
         .post(gate.url(path))
-        .header("x-goog-api-key", TOKEN)
+        .header("x-goog-api-key", token)
         .json(body)
         .send()
         .await
@@ -309,9 +319,14 @@ pub async fn post(
 }
 
 pub async fn get(gate: &Gate, path: &str) -> (u16, Value) {
+    get_as(gate, TOKEN, path).await
+}
+
+/// [`get`] with another client token.
+pub async fn get_as(gate: &Gate, token: &str, path: &str) -> (u16, Value) {
     let resp = client()
         .get(gate.url(path))
-        .header("x-goog-api-key", TOKEN)
+        .header("x-goog-api-key", token)
         .send()
         .await
         .unwrap();

@@ -429,14 +429,7 @@ async fn sticky_keys_stay_with_their_client() {
     for token in ["tok-a", "tok-b", "tok-c"] {
         fake.state.reset();
         for _ in 0..5 {
-            let resp = client()
-                .post(gate.url(GENERATE))
-                .bearer_auth(token)
-                .json(&ask("x"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200);
+            assert_eq!(post_as(&gate, token, GENERATE, &ask("x")).await.0, 200);
         }
         let by_key = fake.state.requests_by_key();
         assert_eq!(by_key.len(), 1, "{token}: {by_key:?}");
@@ -478,17 +471,11 @@ async fn allowlists_and_rate_limits_per_client() {
         .start()
         .await;
     let call = |token: &'static str, model: &'static str| {
-        let url = gate.url(&format!("/v1beta/models/{model}:generateContent"));
+        let gate = &gate;
         async move {
-            let resp = client()
-                .post(url)
-                .bearer_auth(token)
-                .json(&ask("x"))
-                .send()
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap())
+            let path = format!("/v1beta/models/{model}:generateContent");
+            let (status, _, v) = post_as(gate, token, &path, &ask("x")).await;
+            (status, v)
         }
     };
     assert_eq!(call("tok-alice", "gemini-2.5-flash").await.0, 200);
@@ -498,13 +485,7 @@ async fn allowlists_and_rate_limits_per_client() {
         v["error"]["message"],
         "client alice may not use gemini-2.5-pro"
     );
-    let resp = client()
-        .get(gate.url("/v1beta/models"))
-        .bearer_auth("tok-alice")
-        .send()
-        .await
-        .unwrap();
-    let list: Value = resp.json().await.unwrap();
+    let (_, list) = get_as(&gate, "tok-alice", "/v1beta/models").await;
     let names: Vec<&str> = list["models"]
         .as_array()
         .unwrap()
