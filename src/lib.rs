@@ -10,6 +10,7 @@
 pub mod config;
 pub mod fake;
 pub mod keys;
+pub mod openai;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

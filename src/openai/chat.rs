@@ -1,0 +1,840 @@
+//! `POST /v1/chat/completions` ⇄ `generateContent` / `streamGenerateContent`.
+//!
+//! The request keeps everything the client said and adds nothing of its own; the answer keeps
+//! every part of every candidate. Streams are translated event by event as they arrive.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+
+use super::{schema, BadRequest};
+
+/// Operator settings that shape answers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Thoughts go to `reasoning_content` (else they are dropped).
+    pub show_thinking: bool,
+    /// Grounding sources are appended as markdown links.
+    pub show_search_link: bool,
+}
+
+/// A translated chat request.
+#[derive(Debug)]
+pub struct ChatCall {
+    pub model: String,
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// The `generateContent` body.
+    pub body: Value,
+}
+
+/// Translates an OpenAI chat request into a Gemini request.
+pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| BadRequest::new("body", "the request body must be a JSON object"))?;
+    let model = super::model_of(body)?;
+    let messages = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| BadRequest::new("messages", "`messages` must be a non-empty list"))?;
+
+    let mut system: Vec<Value> = Vec::new();
+    let mut contents: Vec<Value> = Vec::new();
+    // Tool call ids → function names, for `tool` messages (which name only the id).
+    let mut call_names: HashMap<String, String> = HashMap::new();
+    for (i, m) in messages.iter().enumerate() {
+        let at = |field: &str| format!("messages[{i}].{field}");
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| BadRequest::new(&at("role"), "every message needs a role"))?;
+        match role {
+            "system" | "developer" => system.extend(parts(m.get("content"), &at("content"))?),
+            "user" => push(
+                &mut contents,
+                "user",
+                parts(m.get("content"), &at("content"))?,
+            ),
+            "assistant" => {
+                let mut p = match m.get("content") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(c) => parts(Some(c), &at("content"))?,
+                };
+                for (j, call) in m
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    let field = at(&format!("tool_calls[{j}]"));
+                    let f = call
+                        .get("function")
+                        .ok_or_else(|| BadRequest::new(&field, "needs a function"))?;
+                    let name = f
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| BadRequest::new(&field, "needs a function name"))?;
+                    let args = match f.get("arguments") {
+                        Some(Value::String(s)) if s.trim().is_empty() => json!({}),
+                        Some(Value::String(s)) => serde_json::from_str(s).map_err(|_| {
+                            BadRequest::new(&field, "`arguments` must be a JSON object")
+                        })?,
+                        Some(v @ Value::Object(_)) => v.clone(),
+                        _ => json!({}),
+                    };
+                    if let Some(id) = call.get("id").and_then(Value::as_str) {
+                        call_names.insert(id.to_owned(), name.to_owned());
+                    }
+                    let mut part = json!({ "functionCall": { "name": name, "args": args } });
+                    if let Some(sig) = call.pointer("/extra_content/google/thought_signature") {
+                        part["thoughtSignature"] = sig.clone();
+                    }
+                    p.push(part);
+                }
+                push(&mut contents, "model", p);
+            }
+            "tool" | "function" => {
+                let name = m
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .and_then(|id| call_names.get(id).cloned())
+                    .or_else(|| m.get("name").and_then(Value::as_str).map(str::to_owned))
+                    .ok_or_else(|| {
+                        BadRequest::new(
+                            &at("tool_call_id"),
+                            "names no tool call of an earlier assistant message",
+                        )
+                    })?;
+                let text = text_of(m.get("content"));
+                let response = match serde_json::from_str::<Value>(&text) {
+                    Ok(v @ Value::Object(_)) => v,
+                    Ok(v) => json!({ "result": v }),
+                    Err(_) => json!({ "result": text }),
+                };
+                push(
+                    &mut contents,
+                    "user",
+                    vec![json!({ "functionResponse": { "name": name, "response": response } })],
+                );
+            }
+            other => {
+                return Err(BadRequest::new(
+                    &at("role"),
+                    format!("unknown role {other:?}"),
+                ))
+            }
+        }
+    }
+    if contents.is_empty() {
+        return Err(BadRequest::new(
+            "messages",
+            "`messages` needs at least one user or assistant message",
+        ));
+    }
+
+    let mut out = Map::new();
+    out.insert("contents".into(), Value::Array(contents));
+    if !system.is_empty() {
+        out.insert("systemInstruction".into(), json!({ "parts": system }));
+    }
+    let config = generation_config(obj)?;
+    if !config.is_empty() {
+        out.insert("generationConfig".into(), Value::Object(config));
+    }
+    if let Some(tools) = obj.get("tools").and_then(Value::as_array) {
+        let mut decls = Vec::new();
+        for (i, t) in tools.iter().enumerate() {
+            let f = t
+                .get("function")
+                .ok_or_else(|| BadRequest::new(&format!("tools[{i}]"), "needs a function"))?;
+            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+                BadRequest::new(&format!("tools[{i}].function.name"), "is required")
+            })?;
+            let mut d = json!({ "name": name });
+            if let Some(desc) = f.get("description") {
+                d["description"] = desc.clone();
+            }
+            if let Some(p) = f.get("parameters") {
+                d["parameters"] = schema::clean(p);
+            }
+            decls.push(d);
+        }
+        if !decls.is_empty() {
+            out.insert("tools".into(), json!([{ "functionDeclarations": decls }]));
+        }
+    }
+    if let Some(choice) = obj.get("tool_choice") {
+        let config = match choice {
+            Value::String(s) if s == "none" => json!({ "mode": "NONE" }),
+            Value::String(s) if s == "auto" => json!({ "mode": "AUTO" }),
+            Value::String(s) if s == "required" => json!({ "mode": "ANY" }),
+            Value::Object(_) => match choice.pointer("/function/name").and_then(Value::as_str) {
+                Some(name) => json!({ "mode": "ANY", "allowedFunctionNames": [name] }),
+                None => return Err(BadRequest::new("tool_choice", "needs function.name")),
+            },
+            _ => {
+                return Err(BadRequest::new(
+                    "tool_choice",
+                    "must be none, auto, required or a function",
+                ))
+            }
+        };
+        out.insert(
+            "toolConfig".into(),
+            json!({ "functionCallingConfig": config }),
+        );
+    }
+    Ok(ChatCall {
+        model,
+        stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        body: Value::Object(out),
+    })
+}
+
+/// Appends parts as a turn of `role`, joining a turn of the same role before it (Gemini wants
+/// a function's responses together, after the call).
+fn push(contents: &mut Vec<Value>, role: &str, parts: Vec<Value>) {
+    if parts.is_empty() {
+        return;
+    }
+    if let Some(last) = contents.last_mut() {
+        if last["role"] == role {
+            if let Some(p) = last["parts"].as_array_mut() {
+                p.extend(parts);
+                return;
+            }
+        }
+    }
+    contents.push(json!({ "role": role, "parts": parts }));
+}
+
+fn text_of(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// A message's content as Gemini parts.
+fn parts(content: Option<&Value>, field: &str) -> Result<Vec<Value>, BadRequest> {
+    match content {
+        Some(Value::String(s)) => Ok(vec![json!({ "text": s })]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, p)| part(p, &format!("{field}[{i}]")))
+            .collect(),
+        Some(Value::Null) | None => Ok(Vec::new()),
+        Some(_) => Err(BadRequest::new(
+            field,
+            "must be a string or a list of parts",
+        )),
+    }
+}
+
+fn part(p: &Value, field: &str) -> Result<Value, BadRequest> {
+    let kind = p.get("type").and_then(Value::as_str).unwrap_or("text");
+    match kind {
+        "text" => Ok(json!({ "text": p.get("text").and_then(Value::as_str).unwrap_or_default() })),
+        "image_url" => {
+            let url = p
+                .pointer("/image_url/url")
+                .or_else(|| p.get("image_url"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| BadRequest::new(field, "needs image_url.url"))?;
+            data_url_part(url, field)
+        }
+        "input_audio" => {
+            let data = p
+                .pointer("/input_audio/data")
+                .and_then(Value::as_str)
+                .ok_or_else(|| BadRequest::new(field, "needs input_audio.data"))?;
+            let format = p
+                .pointer("/input_audio/format")
+                .and_then(Value::as_str)
+                .unwrap_or("wav");
+            Ok(json!({ "inlineData": { "mimeType": format!("audio/{format}"), "data": data } }))
+        }
+        "file" => {
+            let data = p
+                .pointer("/file/file_data")
+                .and_then(Value::as_str)
+                .ok_or_else(|| BadRequest::new(field, "needs file.file_data (a data: URL)"))?;
+            data_url_part(data, field)
+        }
+        other => Err(BadRequest::new(
+            field,
+            format!("unknown content part type {other:?}"),
+        )),
+    }
+}
+
+/// `data:<mime>;base64,<data>` → `inlineData`. Other URLs are refused with a clear message.
+fn data_url_part(url: &str, field: &str) -> Result<Value, BadRequest> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| BadRequest::new(field, "a data: URL needs a comma"))?;
+        let mime = meta
+            .strip_suffix(";base64")
+            .ok_or_else(|| BadRequest::new(field, "only base64 data: URLs are supported"))?;
+        return Ok(json!({ "inlineData": { "mimeType": mime, "data": data } }));
+    }
+    if url.starts_with("gs://") || url.starts_with("https://generativelanguage.googleapis.com/") {
+        return Ok(json!({ "fileData": { "fileUri": url } }));
+    }
+    Err(BadRequest::new(
+        field,
+        "images must be given as data: URLs (fetching http(s) URLs is not supported yet)",
+    ))
+}
+
+/// Sampling and output settings → `generationConfig`; only what the client sent.
+fn generation_config(obj: &Map<String, Value>) -> Result<Map<String, Value>, BadRequest> {
+    let mut c = Map::new();
+    let number = |name: &str| -> Result<Option<Value>, BadRequest> {
+        match obj.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) if v.is_number() => Ok(Some(v.clone())),
+            Some(_) => Err(BadRequest::new(name, "must be a number")),
+        }
+    };
+    for (from, to) in [
+        ("temperature", "temperature"),
+        ("top_p", "topP"),
+        ("top_k", "topK"),
+        ("n", "candidateCount"),
+        ("seed", "seed"),
+        ("presence_penalty", "presencePenalty"),
+        ("frequency_penalty", "frequencyPenalty"),
+        ("max_tokens", "maxOutputTokens"),
+        ("max_completion_tokens", "maxOutputTokens"),
+    ] {
+        if let Some(v) = number(from)? {
+            c.insert(to.into(), v);
+        }
+    }
+    match obj.get("stop") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            c.insert("stopSequences".into(), json!([s]));
+        }
+        Some(Value::Array(list)) if list.iter().all(Value::is_string) => {
+            c.insert("stopSequences".into(), Value::Array(list.clone()));
+        }
+        Some(_) => {
+            return Err(BadRequest::new(
+                "stop",
+                "must be a string or a list of strings",
+            ))
+        }
+    }
+    if let Some(format) = obj.get("response_format").filter(|f| !f.is_null()) {
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => {
+                c.insert("responseMimeType".into(), json!("application/json"));
+            }
+            Some("json_schema") => {
+                c.insert("responseMimeType".into(), json!("application/json"));
+                if let Some(s) = format.pointer("/json_schema/schema") {
+                    c.insert("responseSchema".into(), schema::clean(s));
+                }
+            }
+            _ => {
+                return Err(BadRequest::new(
+                    "response_format",
+                    "type must be text, json_object or json_schema",
+                ))
+            }
+        }
+    }
+    if let Some(effort) = obj.get("reasoning_effort").and_then(Value::as_str) {
+        let budget = match effort {
+            "none" | "minimal" => 0,
+            "low" => 1024,
+            "medium" => 8192,
+            "high" => 24576,
+            other => {
+                return Err(BadRequest::new(
+                    "reasoning_effort",
+                    format!("{other:?} is not none, minimal, low, medium or high"),
+                ))
+            }
+        };
+        c.insert(
+            "thinkingConfig".into(),
+            json!({ "thinkingBudget": budget, "includeThoughts": budget > 0 }),
+        );
+    }
+    Ok(c)
+}
+
+/// Gemini's `finishReason` → OpenAI's `finish_reason`.
+fn finish_reason(gemini: &str, called_tools: bool) -> &'static str {
+    match gemini {
+        "MAX_TOKENS" => "length",
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
+            "content_filter"
+        }
+        _ if called_tools => "tool_calls",
+        _ => "stop",
+    }
+}
+
+/// What one candidate's parts say, in OpenAI's terms.
+#[derive(Default)]
+struct Said {
+    content: String,
+    reasoning: String,
+    tool_calls: Vec<Value>,
+}
+
+/// Reads the parts of one candidate. `next_call` numbers tool calls across a whole answer.
+fn read_parts(candidate: &Value, options: Options, next_call: &mut usize, id: &str) -> Said {
+    let mut said = Said::default();
+    for p in candidate
+        .pointer("/content/parts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(text) = p.get("text").and_then(Value::as_str) {
+            if p.get("thought").and_then(Value::as_bool) == Some(true) {
+                if options.show_thinking {
+                    said.reasoning.push_str(text);
+                }
+            } else {
+                said.content.push_str(text);
+            }
+        } else if let Some(call) = p.get("functionCall") {
+            let mut tc = json!({
+                "index": *next_call,
+                "id": format!("call_{id}_{}", *next_call),
+                "type": "function",
+                "function": {
+                    "name": call.get("name").cloned().unwrap_or(json!("")),
+                    "arguments": call.get("args").map_or("{}".into(), Value::to_string),
+                },
+            });
+            if let Some(sig) = p.get("thoughtSignature") {
+                tc["extra_content"] = json!({ "google": { "thought_signature": sig } });
+            }
+            *next_call += 1;
+            said.tool_calls.push(tc);
+        } else if let Some(data) = p.get("inlineData") {
+            let mime = data
+                .get("mimeType")
+                .and_then(Value::as_str)
+                .unwrap_or("image/png");
+            let b64 = data.get("data").and_then(Value::as_str).unwrap_or_default();
+            said.content
+                .push_str(&format!("\n\n![image](data:{mime};base64,{b64})\n\n"));
+        } else if let Some(code) = p.get("executableCode") {
+            let lang = code
+                .get("language")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            let src = code.get("code").and_then(Value::as_str).unwrap_or_default();
+            said.content.push_str(&format!("\n```{lang}\n{src}\n```\n"));
+        } else if let Some(result) = p.get("codeExecutionResult") {
+            let out = result
+                .get("output")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            said.content.push_str(&format!("\n```\n{out}\n```\n"));
+        }
+    }
+    if options.show_search_link {
+        said.content.push_str(&sources(candidate));
+    }
+    said
+}
+
+/// Grounding sources as markdown links (empty when the model did not search).
+fn sources(candidate: &Value) -> String {
+    let links: Vec<String> = candidate
+        .pointer("/groundingMetadata/groundingChunks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let web = c.get("web")?;
+            let uri = web.get("uri")?.as_str()?;
+            let title = web.get("title").and_then(Value::as_str).unwrap_or(uri);
+            Some(format!("- [{title}]({uri})"))
+        })
+        .collect();
+    if links.is_empty() {
+        String::new()
+    } else {
+        format!("\n\n**Sources:**\n{}\n", links.join("\n"))
+    }
+}
+
+fn usage(answer: &Value) -> Option<Value> {
+    let u = answer.get("usageMetadata")?;
+    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let prompt = n("promptTokenCount");
+    let completion = n("candidatesTokenCount") + n("thoughtsTokenCount");
+    Some(json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": n("totalTokenCount").max(prompt + completion),
+        "completion_tokens_details": { "reasoning_tokens": n("thoughtsTokenCount") },
+    }))
+}
+
+/// Why Gemini refused the prompt, if it did.
+fn blocked(answer: &Value) -> Option<String> {
+    let reason = answer.pointer("/promptFeedback/blockReason")?.as_str()?;
+    Some(format!("The prompt was blocked by Gemini ({reason})."))
+}
+
+/// A whole `generateContent` answer as a `chat.completion`.
+pub fn response(answer: &Value, model: &str, id: &str, created: u64, options: Options) -> Value {
+    let mut next_call = 0;
+    let mut choices: Vec<Value> = answer
+        .get("candidates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, c)| {
+            let said = read_parts(c, options, &mut next_call, id);
+            let called = !said.tool_calls.is_empty();
+            let mut message = json!({
+                "role": "assistant",
+                "content": if said.content.is_empty() && called { Value::Null } else { json!(said.content) },
+            });
+            if !said.reasoning.is_empty() {
+                message["reasoning_content"] = json!(said.reasoning);
+            }
+            if called {
+                message["tool_calls"] = Value::Array(said.tool_calls);
+            }
+            let reason = c.get("finishReason").and_then(Value::as_str).unwrap_or("STOP");
+            json!({
+                "index": c.get("index").and_then(Value::as_u64).unwrap_or(i as u64),
+                "message": message,
+                "finish_reason": finish_reason(reason, called),
+                "logprobs": null,
+            })
+        })
+        .collect();
+    if choices.is_empty() {
+        let why = blocked(answer).unwrap_or_else(|| "Gemini sent no answer.".into());
+        choices.push(json!({
+            "index": 0,
+            "message": { "role": "assistant", "content": null, "refusal": why },
+            "finish_reason": "content_filter",
+            "logprobs": null,
+        }));
+    }
+    let mut out = json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    });
+    if let Some(u) = usage(answer) {
+        out["usage"] = u;
+    }
+    out
+}
+
+/// Translates a `streamGenerateContent?alt=sse` stream into `chat.completion.chunk` events.
+pub struct ChatStream {
+    id: String,
+    model: String,
+    created: u64,
+    options: Options,
+    include_usage: bool,
+    /// Choices that have had their first delta (which carries the role).
+    started: Vec<u64>,
+    next_call: usize,
+    called_tools: bool,
+    finished: bool,
+    usage: Option<Value>,
+}
+
+impl ChatStream {
+    pub fn new(model: &str, id: &str, created: u64, include_usage: bool, options: Options) -> Self {
+        ChatStream {
+            id: format!("chatcmpl-{id}"),
+            model: model.to_owned(),
+            created,
+            options,
+            include_usage,
+            started: Vec::new(),
+            next_call: 0,
+            called_tools: false,
+            finished: false,
+            usage: None,
+        }
+    }
+
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> String {
+        let mut c = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        format!("data: {c}\n\n")
+    }
+
+    /// Complete SSE events from Gemini → the OpenAI events they make.
+    pub fn push(&mut self, events: &[u8]) -> String {
+        let mut out = String::new();
+        let text = String::from_utf8_lossy(events);
+        for line in text.lines() {
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let Ok(answer) = serde_json::from_str::<Value>(data.trim()) else {
+                continue;
+            };
+            out.push_str(&self.event(&answer));
+        }
+        out
+    }
+
+    fn event(&mut self, answer: &Value) -> String {
+        if let Some(u) = usage(answer) {
+            self.usage = Some(u);
+        }
+        let mut out = String::new();
+        let candidates = answer.get("candidates").and_then(Value::as_array);
+        if candidates.is_none_or(Vec::is_empty) {
+            if let Some(why) = blocked(answer) {
+                self.finished = true;
+                out.push_str(&self.chunk(
+                    json!([{ "index": 0, "delta": { "role": "assistant", "refusal": why }, "finish_reason": "content_filter" }]),
+                    None,
+                ));
+            }
+            return out;
+        }
+        for (i, c) in candidates.into_iter().flatten().enumerate() {
+            let index = c.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
+            let said = read_parts(c, self.options, &mut self.next_call, &self.id);
+            let mut delta = Map::new();
+            if !self.started.contains(&index) {
+                self.started.push(index);
+                delta.insert("role".into(), json!("assistant"));
+            }
+            if !said.content.is_empty() {
+                delta.insert("content".into(), json!(said.content));
+            }
+            if !said.reasoning.is_empty() {
+                delta.insert("reasoning_content".into(), json!(said.reasoning));
+            }
+            if !said.tool_calls.is_empty() {
+                self.called_tools = true;
+                delta.insert("tool_calls".into(), Value::Array(said.tool_calls));
+            }
+            let finish = c
+                .get("finishReason")
+                .and_then(Value::as_str)
+                .map(|r| finish_reason(r, self.called_tools));
+            if finish.is_some() {
+                self.finished = true;
+            }
+            if delta.is_empty() && finish.is_none() {
+                continue;
+            }
+            out.push_str(&self.chunk(
+                json!([{ "index": index, "delta": delta, "finish_reason": finish }]),
+                None,
+            ));
+        }
+        out
+    }
+
+    /// The stream's end: a final chunk if Gemini gave no finish reason, the usage chunk when
+    /// asked for, then `[DONE]`.
+    pub fn finish(&mut self) -> String {
+        let mut out = String::new();
+        if !self.finished {
+            let reason = if self.called_tools {
+                "tool_calls"
+            } else {
+                "stop"
+            };
+            out.push_str(&self.chunk(
+                json!([{ "index": 0, "delta": {}, "finish_reason": reason }]),
+                None,
+            ));
+        }
+        if self.include_usage {
+            let usage = self.usage.take().unwrap_or(
+                json!({ "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0 }),
+            );
+            out.push_str(&self.chunk(json!([]), Some(usage)));
+        }
+        out.push_str("data: [DONE]\n\n");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_become_contents() {
+        let call = request(&json!({
+            "model": "gemini-2.5-flash",
+            "messages": [
+                { "role": "system", "content": "be brief" },
+                { "role": "user", "content": [
+                    { "type": "text", "text": "what is this?" },
+                    { "type": "image_url", "image_url": { "url": "data:image/png;base64,AAAA" } }
+                ]},
+                { "role": "assistant", "content": null, "tool_calls": [
+                    { "id": "c1", "type": "function", "function": { "name": "look", "arguments": "{\"q\":1}" },
+                      "extra_content": { "google": { "thought_signature": "sig" } } }
+                ]},
+                { "role": "tool", "tool_call_id": "c1", "content": "{\"found\":true}" }
+            ],
+            "temperature": 0.2, "max_completion_tokens": 50, "stop": "END", "seed": 7,
+            "tools": [{ "type": "function", "function": { "name": "look", "parameters": { "type": "object", "additionalProperties": false, "properties": {} } } }],
+            "tool_choice": "required",
+            "stream": true, "stream_options": { "include_usage": true }
+        }))
+        .unwrap();
+        assert!(call.stream && call.include_usage);
+        let b = &call.body;
+        assert_eq!(b["systemInstruction"]["parts"][0]["text"], "be brief");
+        assert_eq!(
+            b["contents"][0]["parts"][1]["inlineData"]["mimeType"],
+            "image/png"
+        );
+        assert_eq!(b["contents"][1]["role"], "model");
+        assert_eq!(b["contents"][1]["parts"][0]["functionCall"]["args"]["q"], 1);
+        assert_eq!(b["contents"][1]["parts"][0]["thoughtSignature"], "sig");
+        assert_eq!(
+            b["contents"][2]["parts"][0]["functionResponse"]["name"],
+            "look"
+        );
+        assert_eq!(
+            b["generationConfig"],
+            json!({ "temperature": 0.2, "maxOutputTokens": 50, "stopSequences": ["END"], "seed": 7 })
+        );
+        assert_eq!(
+            b["tools"][0]["functionDeclarations"][0]["parameters"],
+            json!({ "type": "object", "properties": {} })
+        );
+        assert_eq!(b["toolConfig"]["functionCallingConfig"]["mode"], "ANY");
+    }
+
+    #[test]
+    fn nothing_is_added_that_the_client_did_not_send() {
+        let call =
+            request(&json!({ "model": "m", "messages": [{ "role": "user", "content": "hi" }] }))
+                .unwrap();
+        assert_eq!(
+            call.body,
+            json!({ "contents": [{ "role": "user", "parts": [{ "text": "hi" }] }] })
+        );
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let e =
+            request(&json!({ "model": "m", "messages": [{ "role": "robot", "content": "x" }] }))
+                .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = request(&json!({ "model": "m", "messages": [{ "role": "user", "content": "x" }], "temperature": "hot" }))
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+    }
+
+    #[test]
+    fn answers_keep_every_part() {
+        let answer = json!({
+            "candidates": [{
+                "content": { "parts": [
+                    { "text": "thinking…", "thought": true },
+                    { "text": "Hello" },
+                    { "functionCall": { "name": "f", "args": { "a": 1 } }, "thoughtSignature": "s" }
+                ]},
+                "finishReason": "STOP"
+            }],
+            "usageMetadata": { "promptTokenCount": 3, "candidatesTokenCount": 2, "thoughtsTokenCount": 4, "totalTokenCount": 9 }
+        });
+        let options = Options {
+            show_thinking: true,
+            show_search_link: true,
+        };
+        let r = response(&answer, "m", "x1", 1, options);
+        let m = &r["choices"][0]["message"];
+        assert_eq!(m["content"], "Hello");
+        assert_eq!(m["reasoning_content"], "thinking…");
+        assert_eq!(m["tool_calls"][0]["function"]["arguments"], "{\"a\":1}");
+        assert_eq!(
+            m["tool_calls"][0]["extra_content"]["google"]["thought_signature"],
+            "s"
+        );
+        assert_eq!(r["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(r["usage"]["completion_tokens"], 6);
+        let blocked = response(
+            &json!({ "promptFeedback": { "blockReason": "SAFETY" } }),
+            "m",
+            "x",
+            1,
+            options,
+        );
+        assert_eq!(blocked["choices"][0]["finish_reason"], "content_filter");
+    }
+
+    #[test]
+    fn streams_have_one_role_a_finish_and_done() {
+        let mut s = ChatStream::new("m", "x", 1, true, Options::default());
+        let mut out = s.push(
+            b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"He\"}]}}]}\r\n\r\n",
+        );
+        out.push_str(&s.push(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"llo\"}]},\"finishReason\":\"MAX_TOKENS\"}],\"usageMetadata\":{\"promptTokenCount\":1,\"candidatesTokenCount\":2}}\n\n"));
+        out.push_str(&s.finish());
+        let events: Vec<Value> = out
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|e| *e != "[DONE]")
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        assert_eq!(events.len(), 3);
+        assert_eq!(
+            events[0]["choices"][0]["delta"],
+            json!({ "role": "assistant", "content": "He" })
+        );
+        assert_eq!(
+            events[1]["choices"][0]["delta"],
+            json!({ "content": "llo" })
+        );
+        assert_eq!(events[1]["choices"][0]["finish_reason"], "length");
+        assert_eq!(events[2]["usage"]["total_tokens"], 3);
+        assert!(out.ends_with("data: [DONE]\n\n"));
+        assert!(events.iter().all(|e| e["id"] == "chatcmpl-x"));
+    }
+}
