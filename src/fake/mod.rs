@@ -458,7 +458,12 @@ async fn handle(
         .get("x-goog-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .or_else(|| query_value(&query, "key").map(str::to_owned));
+        .or_else(|| query_value(&query, "key").map(str::to_owned))
+        .or_else(|| {
+            // Google's OpenAI-compatible API takes the key as a bearer token.
+            let auth = parts.headers.get("authorization")?.to_str().ok()?;
+            auth.strip_prefix("Bearer ").map(str::to_owned)
+        });
     {
         let mut received = state.received.lock().unwrap();
         if received.len() == KEEP_RECEIVED {
@@ -504,6 +509,12 @@ async fn handle(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
     };
+    if let Some(call) = rest.strip_prefix("openai/") {
+        if state.behaviour(&key) == Behaviour::Invalid {
+            return openai_error(400, "API key not valid. Please pass a valid API key.");
+        }
+        return openai_compat(call, &body);
+    }
     let (model, action) = match rest.strip_prefix("models/") {
         Some(name) => match name.split_once(':') {
             Some((m, a)) => (m.to_owned(), Some(a.to_owned())),
@@ -606,6 +617,18 @@ async fn handle(
                 );
             };
             let prompt = last_text(contents);
+            if let Some(call) = function_call(&request, contents) {
+                let mut resp = content_response(&model, "", true, words(&prompt), 1);
+                resp["candidates"][0]["content"]["parts"] = json!([call]);
+                if action == "generateContent" {
+                    return json_response(StatusCode::OK, &resp);
+                }
+                return full(
+                    StatusCode::OK,
+                    "text/event-stream",
+                    format!("data: {resp}\r\n\r\n"),
+                );
+            }
             let answer = format!("echo: {prompt}");
             if action == "generateContent" {
                 let resp = content_response(&model, &answer, true, words(&prompt), words(&answer));
@@ -731,7 +754,102 @@ fn parts_text(content: &Value) -> String {
 }
 
 fn last_text(contents: &[Value]) -> String {
-    contents.last().map(parts_text).unwrap_or_default()
+    let Some(last) = contents.last() else {
+        return String::new();
+    };
+    // A function's result is answered by echoing it.
+    let results: Vec<String> = last["parts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("functionResponse"))
+        .map(|r| {
+            format!(
+                "{} returned {}",
+                r["name"].as_str().unwrap_or("?"),
+                r["response"]
+            )
+        })
+        .collect();
+    if results.is_empty() {
+        parts_text(last)
+    } else {
+        results.join("; ")
+    }
+}
+
+/// With function declarations and a user turn that is not a function's result, the model calls
+/// the first declared function with `{"query": <the prompt>}` (and a thought signature).
+fn function_call(request: &Value, contents: &[Value]) -> Option<Value> {
+    let decl = request.pointer("/tools/0/functionDeclarations/0")?;
+    let last = contents.last()?;
+    let answering = last["parts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|p| p.get("functionResponse").is_some());
+    if answering
+        || request.pointer("/toolConfig/functionCallingConfig/mode") == Some(&json!("NONE"))
+    {
+        return None;
+    }
+    Some(json!({
+        "functionCall": { "name": decl["name"], "args": { "query": parts_text(last) } },
+        "thoughtSignature": "fake-signature",
+    }))
+}
+
+fn openai_error(status: u16, message: &str) -> Response<Body> {
+    let body =
+        json!([{ "error": { "code": status, "message": message, "status": "INVALID_ARGUMENT" } }]);
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        &body,
+    )
+}
+
+/// Google's OpenAI-compatible API (`/v1beta/openai/...`), in brief: models and chat
+/// completions (whole or streamed), answering `echo: <last user text>`.
+fn openai_compat(call: &str, body: &[u8]) -> Response<Body> {
+    match call {
+        "models" => json_response(
+            StatusCode::OK,
+            &json!({ "object": "list", "data": MODELS.iter().map(|(n, ..)| json!({ "id": format!("models/{n}"), "object": "model", "owned_by": "google" })).collect::<Vec<_>>() }),
+        ),
+        "chat/completions" => {
+            let Ok(req) = serde_json::from_slice::<Value>(body) else {
+                return openai_error(400, "Invalid JSON payload received.");
+            };
+            let model = req["model"].as_str().unwrap_or_default().to_owned();
+            let prompt = req["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default();
+            let answer = format!("echo: {prompt}");
+            if req["stream"].as_bool() == Some(true) {
+                let mut out = String::new();
+                for (i, word) in answer.split_inclusive(' ').enumerate() {
+                    let finish = if i + 1 == answer.split_inclusive(' ').count() {
+                        json!("stop")
+                    } else {
+                        Value::Null
+                    };
+                    let chunk = json!({ "id": "fake-chat", "object": "chat.completion.chunk", "model": model, "choices": [{ "index": 0, "delta": { "role": "assistant", "content": word }, "finish_reason": finish }] });
+                    out.push_str(&format!("data: {chunk}\n\n"));
+                }
+                out.push_str("data: [DONE]\n\n");
+                return full(StatusCode::OK, "text/event-stream", out);
+            }
+            json_response(
+                StatusCode::OK,
+                &json!({ "id": "fake-chat", "object": "chat.completion", "model": model, "created": 0,
+                         "choices": [{ "index": 0, "message": { "role": "assistant", "content": answer }, "finish_reason": "stop" }],
+                         "usage": { "prompt_tokens": words(prompt), "completion_tokens": words(&answer), "total_tokens": words(prompt) + words(&answer) } }),
+            )
+        }
+        _ => openai_error(404, &format!("openai/{call} is not found")),
+    }
 }
 
 fn words(s: &str) -> usize {

@@ -6,6 +6,7 @@
 //! any size.
 
 pub mod auth;
+mod openai;
 pub mod reply;
 pub mod route;
 pub mod sse;
@@ -41,7 +42,7 @@ use crate::policy::PolicyError;
 use crate::reload::{self, ReloadStatus, Source};
 use crate::templates::{TemplateError, Templates};
 use auth::Tokens;
-use reply::GateError;
+use reply::{GateError, Protocol};
 use route::{AdminCall, NativeCall, Route};
 use upstream::Target;
 
@@ -208,6 +209,8 @@ struct Exchange {
     cors: bool,
     /// What plugins share within this request (`ctx.shared`).
     shared: PluginShared,
+    /// The API the client speaks: errors are answered in its shape.
+    protocol: Protocol,
 }
 
 /// A failed attempt that sent nothing to the client.
@@ -247,6 +250,11 @@ struct UpstreamRequest {
     stream: bool,
     /// Server-sent events (`alt=sse`): relayed on event boundaries.
     sse: bool,
+    /// The key goes as `Authorization: Bearer` (Google's OpenAI-compatible API) rather than
+    /// `x-goog-api-key`.
+    bearer: bool,
+    /// The stream is translated into OpenAI chat chunks on its way to the client.
+    chat: Option<openai::ChatStreamSpec>,
 }
 
 impl Gateway {
@@ -306,7 +314,76 @@ impl Gateway {
                     Err(refusal) => self.refuse(gen, s, x, refusal).await,
                 }
             }
+            Route::OpenAi(call) => {
+                x.protocol = Protocol::OpenAi;
+                x.action = call.action().to_owned();
+                match self.openai(gen, s, call, x).await {
+                    Ok(outcome) => outcome,
+                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
+                }
+            }
+            Route::GoogleOpenAi(rest) => {
+                x.protocol = Protocol::GoogleOpenAi;
+                x.action = format!("openai/{rest}");
+                match self.google_openai(gen, s, &rest, x).await {
+                    Ok(outcome) => outcome,
+                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
+                }
+            }
         }
+    }
+
+    /// The checks every proxied call passes first: a key pool, the client's token, the method.
+    fn admit(
+        &self,
+        gen: &Generation,
+        s: &ServerSession,
+        method: http::Method,
+        x: &mut Exchange,
+    ) -> Result<(), Refusal> {
+        let req = s.req_header();
+        if gen.pool.is_empty() {
+            return Err(Refusal::Gate(GateError::new(
+                503,
+                "no Gemini API key is configured: set API_KEYS (or [keys] api_keys in gemgate.toml)",
+            )));
+        }
+        x.client = Some(authenticate(gen, req)?.to_owned());
+        if req.method != method {
+            return Err(Refusal::Gate(GateError::new(
+                405,
+                format!("{} is not allowed here; use {method}", req.method),
+            )));
+        }
+        Ok(())
+    }
+
+    /// The `on_request` plugins' verdict on a call of `action` on `model`.
+    fn on_request(
+        &self,
+        gen: &Generation,
+        s: &ServerSession,
+        model: &str,
+        action: &str,
+        stream: bool,
+        x: &mut Exchange,
+    ) -> Result<Rewrite, Refusal> {
+        if !gen.policy.has_on_request() {
+            return Ok(Rewrite::default());
+        }
+        let req = s.req_header();
+        let info = RequestInfo {
+            id: &x.id,
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            protocol: x.protocol.as_str(),
+            model,
+            action,
+            stream,
+            client: x.client.as_deref().unwrap_or_default(),
+            headers: &req.headers,
+        };
+        gen.policy.on_request(&info, &mut x.shared).map_err(denied)
     }
 
     /// The admin JSON API. Needs `Authorization: Bearer <AUTH_TOKEN>`.
@@ -370,38 +447,9 @@ impl Gateway {
         call: NativeCall,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
+        self.admit(gen, s, call.method(), x)?;
+        let rewrite = self.on_request(gen, s, call.model(), call.action(), call.is_stream(), x)?;
         let req = s.req_header();
-        if gen.pool.is_empty() {
-            return Err(Refusal::Gate(GateError::new(
-                503,
-                "no Gemini API key is configured: set API_KEYS (or [keys] api_keys in gemgate.toml)",
-            )));
-        }
-        x.client = Some(authenticate(gen, req)?.to_owned());
-        if req.method != call.method() {
-            return Err(Refusal::Gate(GateError::new(
-                405,
-                format!("{} is not allowed here; use {}", req.method, call.method()),
-            )));
-        }
-        let rewrite = if gen.policy.has_on_request() {
-            let info = RequestInfo {
-                id: &x.id,
-                method: req.method.as_str(),
-                path: req.uri.path(),
-                protocol: "gemini",
-                model: call.model(),
-                action: call.action(),
-                stream: call.is_stream(),
-                client: x.client.as_deref().unwrap_or_default(),
-                headers: &req.headers,
-            };
-            gen.policy
-                .on_request(&info, &mut x.shared)
-                .map_err(denied)?
-        } else {
-            Rewrite::default()
-        };
         let model = rewrite.model.as_deref().unwrap_or(call.model()).to_owned();
         x.model.clone_from(&model);
         let query = req.uri.query().map(strip_key_param).unwrap_or_default();
@@ -430,9 +478,13 @@ impl Gateway {
             model,
             stream: call.is_stream(),
             sse,
+            bearer: false,
+            chat: None,
         };
         if call == NativeCall::ListModels && auth::query_param(&query, "pageToken").is_none() {
-            return self.list_all_models(gen, s, &mut up, &path, x).await;
+            let models = self.all_models(gen, &mut up, &path, x).await?;
+            let body = serde_json::json!({ "models": models });
+            return Ok(send(s, x, 200, Bytes::from(body.to_string())).await);
         }
         if call == NativeCall::ListModels {
             let page = self.collect(gen, &up, x).await?;
@@ -446,15 +498,14 @@ impl Gateway {
         }
     }
 
-    /// `GET models` without a page token: every page, merged, filtered.
-    async fn list_all_models(
+    /// Every page of `GET models`, merged, through the `filter_models` plugins.
+    async fn all_models(
         &self,
         gen: &Generation,
-        s: &mut ServerSession,
         up: &mut UpstreamRequest,
         path: &str,
         x: &mut Exchange,
-    ) -> Result<Outcome, Refusal> {
+    ) -> Result<Vec<serde_json::Value>, Refusal> {
         let mut models = Vec::new();
         let mut token: Option<String> = None;
         for _ in 0..MAX_MODEL_PAGES {
@@ -487,9 +538,7 @@ impl Gateway {
                 break;
             }
         }
-        let models = filter_models(gen, models, x)?;
-        let body = serde_json::json!({ "models": models });
-        Ok(send(s, x, 200, Bytes::from(body.to_string())).await)
+        filter_models(gen, models, x)
     }
 
     /// The attempt loop for an answer gemgate processes itself (model lists).
@@ -689,9 +738,15 @@ impl Gateway {
             up.set_read_timeout(Some(gen.config.timeout));
             up.set_write_timeout(Some(gen.config.timeout));
             let mut header = req.header.clone();
-            header
-                .insert_header("x-goog-api-key", key.header.clone())
-                .expect("a valid header name");
+            if req.bearer {
+                header
+                    .insert_header(header::AUTHORIZATION, key.bearer())
+                    .expect("a valid header");
+            } else {
+                header
+                    .insert_header("x-goog-api-key", key.header.clone())
+                    .expect("a valid header name");
+            }
             match send_request(&mut up, Box::new(header), &req.body).await {
                 Ok(()) => break up,
                 // An idle connection the server closed meanwhile: not the key's fault, and not an
@@ -772,6 +827,23 @@ impl Gateway {
     ) -> Outcome {
         match refusal {
             Refusal::Gate(e) => send_gate(s, x, &e).await,
+            // OpenAI clients get Google's status and message in OpenAI's shape.
+            Refusal::Upstream(f)
+                if x.protocol == Protocol::OpenAi && f.status != 0 && !f.body.is_empty() =>
+            {
+                x.class = Some(f.class.as_str());
+                let mut e = GateError::new(f.status, f.message.clone());
+                if f.status == 429 {
+                    let now = now_ms();
+                    e = e.retry_after(
+                        gen.pool
+                            .unavailable(&x.model, now)
+                            .0
+                            .map(|at| seconds_until(at, now)),
+                    );
+                }
+                send_gate(s, x, &e).await
+            }
             Refusal::Upstream(f) if f.status != 0 && !f.body.is_empty() => {
                 x.class = Some(f.class.as_str());
                 let mut h = response_header(f.status, x);
@@ -897,6 +969,7 @@ impl Exchange {
             ttfb: None,
             cors: req.headers.contains_key(header::ORIGIN),
             shared: PluginShared::default(),
+            protocol: Protocol::Gemini,
         }
     }
 
@@ -1204,7 +1277,13 @@ async fn relay(
 ) -> Result<Finished, Failure> {
     let upstream = up.response_header().expect("the response header was read");
     let mut head = response_header(upstream.status.as_u16(), x);
-    for (name, value) in upstream.headers.iter() {
+    // A translated stream is gemgate's own answer: none of Google's headers apply to it.
+    let mut chat = req.chat.as_ref().map(|c| c.start(&x.id));
+    if chat.is_some() {
+        let _ = head.insert_header(header::CONTENT_TYPE, "text/event-stream");
+        let _ = head.insert_header(header::CACHE_CONTROL, "no-cache");
+    }
+    for (name, value) in upstream.headers.iter().filter(|_| chat.is_none()) {
         let n = name.as_str();
         let hop = is_hop_by_hop(n);
         if !(hop
@@ -1231,10 +1310,13 @@ async fn relay(
     loop {
         match batches.next(up).await {
             Ok(Some(chunk)) => {
-                let ready = match &mut framer {
+                let mut ready = match &mut framer {
                     Some(f) => f.push(chunk),
                     None => chunk,
                 };
+                if let Some(c) = &mut chat {
+                    ready = Bytes::from(c.push(&ready));
+                }
                 if ready.is_empty() {
                     continue;
                 }
@@ -1250,10 +1332,20 @@ async fn relay(
                 }
             }
             Ok(None) => {
-                let rest = framer
+                let mut rest = framer
                     .as_mut()
                     .map(sse::EventFramer::finish)
                     .unwrap_or_default();
+                if let Some(c) = &mut chat {
+                    let translated = c.push(&rest);
+                    if head.is_some() && translated.is_empty() {
+                        return Err(Failure::network(
+                            ErrorClass::Network,
+                            "the upstream ended the stream before sending anything",
+                        ));
+                    }
+                    rest = Bytes::from(translated + &c.finish());
+                }
                 if head.is_some() && req.stream && rest.is_empty() {
                     return Err(Failure::network(
                         ErrorClass::Network,
@@ -1292,8 +1384,11 @@ async fn relay(
                     ),
                 );
                 let mut data = BytesMut::from(&b"data: "[..]);
-                data.extend_from_slice(&event.gemini_body());
+                data.extend_from_slice(&event.body(x.protocol));
                 data.extend_from_slice(b"\r\n\r\n");
+                if chat.is_some() {
+                    data.extend_from_slice(b"data: [DONE]\n\n");
+                }
                 let done = s.write_response_body(data.freeze(), true).await;
                 return Ok(Finished::Relayed(if done.is_ok() {
                     Outcome::Reuse
@@ -1345,7 +1440,7 @@ async fn send_gate(s: &mut ServerSession, x: &mut Exchange, e: &GateError) -> Ou
     if let Some(secs) = e.retry_after_s {
         let _ = h.insert_header(header::RETRY_AFTER, secs);
     }
-    write_full(s, h, e.gemini_body()).await
+    write_full(s, h, e.body(x.protocol)).await
 }
 
 async fn send(s: &mut ServerSession, x: &mut Exchange, status: u16, json: Bytes) -> Outcome {
@@ -1419,9 +1514,25 @@ fn filter_page(gen: &Generation, page: Bytes, x: &mut Exchange) -> Result<Bytes,
 
 /// Applies a plugin rewrite to a JSON request body.
 fn rewrite_body(body: &[u8], rewrite: &Rewrite) -> Result<Bytes, Refusal> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
+        Refusal::Gate(GateError::new(
+            400,
+            "the request body must be a JSON object",
+        ))
+    })?;
+    rewrite_value(&mut v, rewrite)?;
+    Ok(Bytes::from(
+        serde_json::to_vec(&v).expect("a JSON value serialises"),
+    ))
+}
+
+/// Applies a plugin rewrite (`generation_config`, `generation_config_defaults`, `tools`) to a
+/// Gemini request.
+fn rewrite_value(v: &mut serde_json::Value, rewrite: &Rewrite) -> Result<(), Refusal> {
+    if !rewrite.touches_body() {
+        return Ok(());
+    }
     let bad = |m: &str| Refusal::Gate(GateError::new(400, m));
-    let mut v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| bad("the request body must be a JSON object"))?;
     let obj = v
         .as_object_mut()
         .ok_or_else(|| bad("the request body must be a JSON object"))?;
@@ -1440,10 +1551,9 @@ fn rewrite_body(body: &[u8], rewrite: &Rewrite) -> Result<Bytes, Refusal> {
     }
     if !rewrite.tools.is_empty() {
         let tools = obj.entry("tools").or_insert_with(|| serde_json::json!([]));
-        if !tools.is_array() {
-            return Err(bad("`tools` in the request body must be a list"));
-        }
-        let list = tools.as_array_mut().expect("checked");
+        let list = tools
+            .as_array_mut()
+            .ok_or_else(|| bad("`tools` in the request body must be a list"))?;
         for tool in &rewrite.tools {
             // A tool of the same kind (`googleSearch`, `codeExecution`, …) is not added twice.
             let kind = tool.as_object().and_then(|t| t.keys().next());
@@ -1456,9 +1566,7 @@ fn rewrite_body(body: &[u8], rewrite: &Rewrite) -> Result<Bytes, Refusal> {
             }
         }
     }
-    Ok(Bytes::from(
-        serde_json::to_vec(&v).expect("a JSON value serialises"),
-    ))
+    Ok(())
 }
 
 /// Headers a plugin's rewrite may not set: the upstream's credential and the message framing

@@ -2,6 +2,27 @@
 
 use bytes::Bytes;
 
+/// Which API a client speaks: errors are answered in its shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Google's native API (`/v1beta`).
+    Gemini,
+    /// OpenAI's API, translated by gemgate (`/v1`, `/hf/v1`).
+    OpenAi,
+    /// Google's own OpenAI-compatible API, passed through (`/openai/v1`).
+    GoogleOpenAi,
+}
+
+impl Protocol {
+    /// The name plugins see in `req.protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Gemini => "gemini",
+            Protocol::OpenAi | Protocol::GoogleOpenAi => "openai",
+        }
+    }
+}
+
 /// An error answered by gemgate (not relayed from Google).
 #[derive(Debug, Clone)]
 pub struct GateError {
@@ -9,6 +30,8 @@ pub struct GateError {
     pub message: String,
     /// Seconds for a `Retry-After` header.
     pub retry_after_s: Option<u64>,
+    /// The request field at fault (OpenAI's `param`).
+    pub param: Option<String>,
 }
 
 impl GateError {
@@ -17,6 +40,26 @@ impl GateError {
             status,
             message: message.into(),
             retry_after_s: None,
+            param: None,
+        }
+    }
+
+    /// A 400 naming the request field at fault.
+    pub fn bad_request(e: crate::openai::BadRequest) -> Self {
+        GateError {
+            param: e.param,
+            ..GateError::new(400, e.message)
+        }
+    }
+
+    /// The body in the client's protocol.
+    pub fn body(&self, protocol: Protocol) -> Bytes {
+        match protocol {
+            Protocol::Gemini => self.gemini_body(),
+            Protocol::OpenAi | Protocol::GoogleOpenAi => Bytes::from(
+                crate::openai::error_body(self.status, &self.message, self.param.as_deref())
+                    .to_string(),
+            ),
         }
     }
 

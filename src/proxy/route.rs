@@ -50,10 +50,38 @@ pub enum AdminCall {
     Reload,
 }
 
+/// A route of the OpenAI-compatible API gemgate translates (`/v1`, `/hf/v1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenAiCall {
+    Chat,
+    Models,
+    Embeddings,
+}
+
+impl OpenAiCall {
+    pub fn method(self) -> Method {
+        match self {
+            OpenAiCall::Models => Method::GET,
+            OpenAiCall::Chat | OpenAiCall::Embeddings => Method::POST,
+        }
+    }
+
+    pub fn action(self) -> &'static str {
+        match self {
+            OpenAiCall::Chat => "chat.completions",
+            OpenAiCall::Models => "models.list",
+            OpenAiCall::Embeddings => "embeddings",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Health,
     Admin(AdminCall),
+    OpenAi(OpenAiCall),
+    /// `/openai/v1/{rest}`: Google's OpenAI-compatible API, passed through.
+    GoogleOpenAi(String),
     Native(NativeCall),
     /// A path gemgate does not serve.
     NotFound,
@@ -63,6 +91,30 @@ pub enum Route {
 pub fn route(path: &str) -> Route {
     if path == "/health" {
         return Route::Health;
+    }
+    for prefix in ["/v1/", "/hf/v1/"] {
+        if let Some(rest) = path.strip_prefix(prefix) {
+            return match rest.trim_end_matches('/') {
+                "chat/completions" => Route::OpenAi(OpenAiCall::Chat),
+                "models" => Route::OpenAi(OpenAiCall::Models),
+                "embeddings" => Route::OpenAi(OpenAiCall::Embeddings),
+                _ => Route::NotFound,
+            };
+        }
+    }
+    if let Some(rest) = path.strip_prefix("/openai/v1/") {
+        let valid = !rest.is_empty()
+            && rest
+                .split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._/:".contains(&b));
+        return if valid {
+            Route::GoogleOpenAi(rest.to_owned())
+        } else {
+            Route::NotFound
+        };
     }
     if let Some(call) = path.strip_prefix("/admin/api/") {
         return match call.trim_end_matches('/') {
@@ -141,5 +193,15 @@ mod tests {
         );
         assert_eq!(route("/v2/models"), Route::NotFound);
         assert_eq!(route("/v1beta/models/.."), Route::NotFound);
+        assert_eq!(
+            route("/hf/v1/chat/completions"),
+            Route::OpenAi(OpenAiCall::Chat)
+        );
+        assert_eq!(route("/v1/models"), Route::OpenAi(OpenAiCall::Models));
+        assert_eq!(
+            route("/openai/v1/chat/completions"),
+            Route::GoogleOpenAi("chat/completions".into())
+        );
+        assert_eq!(route("/openai/v1/../x"), Route::NotFound);
     }
 }

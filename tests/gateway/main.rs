@@ -4,6 +4,7 @@
 mod common;
 mod first_run;
 mod keys;
+mod openai;
 mod plugins;
 mod proxying;
 mod reload;

@@ -1,0 +1,263 @@
+//! The OpenAI-compatible routes: `/v1` and `/hf/v1` (translated to Gemini's native calls by
+//! [`crate::openai`]) and `/openai/v1` (Google's own OpenAI-compatible API, passed through).
+//! Both run over the same key pool, plugins and attempt loop as native calls.
+
+use bytes::Bytes;
+use http::header;
+use pingora::protocols::http::ServerSession;
+use serde_json::Value;
+
+use super::{
+    read_body, rewrite_value, send, strip_key_param, upstream_header, Exchange, Finished, Gateway,
+    Generation, Outcome, Refusal, UpstreamRequest,
+};
+use crate::keys::clock::now_ms;
+use crate::openai::{self, chat, embeddings};
+use crate::proxy::reply::GateError;
+use crate::proxy::route::OpenAiCall;
+
+/// What a translated stream needs to know before it starts.
+pub(super) struct ChatStreamSpec {
+    model: String,
+    created: u64,
+    include_usage: bool,
+    options: chat::Options,
+}
+
+impl ChatStreamSpec {
+    pub(super) fn start(&self, id: &str) -> chat::ChatStream {
+        chat::ChatStream::new(
+            &self.model,
+            id,
+            self.created,
+            self.include_usage,
+            self.options,
+        )
+    }
+}
+
+/// Parses a JSON request body, or says what is wrong with it.
+fn json_body(raw: &[u8]) -> Result<Value, Refusal> {
+    serde_json::from_slice(raw).map_err(|e| {
+        Refusal::Gate(GateError::new(
+            400,
+            format!("the request body is not valid JSON: {e}"),
+        ))
+    })
+}
+
+fn bad(e: openai::BadRequest) -> Refusal {
+    Refusal::Gate(GateError::bad_request(e))
+}
+
+impl Gateway {
+    /// `/v1/...` and `/hf/v1/...`.
+    pub(super) async fn openai(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        call: OpenAiCall,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        self.admit(gen, s, call.method(), x)?;
+        match call {
+            OpenAiCall::Models => {
+                let rewrite = self.on_request(gen, s, "", "models.list", false, x)?;
+                let path = format!("{}/models", gen.target.base.path);
+                let mut up = self.gemini_call(gen, s, &path, "", Bytes::new(), &rewrite)?;
+                let models = self.all_models(gen, &mut up, &path, x).await?;
+                let body = openai::models_list(&models).to_string();
+                Ok(send(s, x, 200, Bytes::from(body)).await)
+            }
+            OpenAiCall::Chat => self.chat(gen, s, x).await,
+            OpenAiCall::Embeddings => self.embeddings(gen, s, x).await,
+        }
+    }
+
+    async fn chat(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let raw = read_body(s, gen.config.max_body_bytes).await?;
+        let request = chat::request(&json_body(&raw)?).map_err(bad)?;
+        let action = if request.stream {
+            "streamGenerateContent"
+        } else {
+            "generateContent"
+        };
+        x.model.clone_from(&request.model);
+        let rewrite = self.on_request(gen, s, &request.model, action, request.stream, x)?;
+        let model = rewrite.model.clone().unwrap_or(request.model);
+        x.model.clone_from(&model);
+        let mut body = request.body;
+        rewrite_value(&mut body, &rewrite)?;
+        let path = format!("{}/models/{model}:{action}", gen.target.base.path);
+        let query = if request.stream { "alt=sse" } else { "" };
+        let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
+        let mut up = self.gemini_call(gen, s, &path, query, body, &rewrite)?;
+        let models = &gen.config.file.models;
+        let options = chat::Options {
+            show_thinking: models.show_thinking_process,
+            show_search_link: models.show_search_link,
+        };
+        let created = now_ms() / 1000;
+        if request.stream {
+            up.stream = true;
+            up.sse = true;
+            up.chat = Some(ChatStreamSpec {
+                model: model.clone(),
+                created,
+                include_usage: request.include_usage,
+                options,
+            });
+            return match self.attempts(gen, &up, Some(s), x).await {
+                Finished::Relayed(outcome) => Ok(outcome),
+                Finished::Collected(body) => Ok(send(s, x, 200, body).await),
+                Finished::Refused(r) => Err(r),
+            };
+        }
+        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        let out = chat::response(&answer, &model, &x.id, created, options);
+        Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
+    }
+
+    async fn embeddings(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let raw = read_body(s, gen.config.max_body_bytes).await?;
+        let mut call = embeddings::request(&json_body(&raw)?).map_err(bad)?;
+        x.model.clone_from(&call.model);
+        let rewrite = self.on_request(gen, s, &call.model, call.action, false, x)?;
+        if let Some(m) = &rewrite.model {
+            call.model.clone_from(m);
+            x.model.clone_from(m);
+        }
+        let path = format!(
+            "{}/models/{}:{}",
+            gen.target.base.path, call.model, call.action
+        );
+        let body = Bytes::from(serde_json::to_vec(&call.body).expect("JSON serialises"));
+        let up = self.gemini_call(gen, s, &path, "", body, &rewrite)?;
+        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        let out = embeddings::response(&call, &answer);
+        Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
+    }
+
+    /// An upstream request for a translated call: `path` and `query` on the Gemini API, `body`
+    /// as gemgate made it, with the plugins' headers.
+    fn gemini_call(
+        &self,
+        gen: &Generation,
+        s: &ServerSession,
+        path: &str,
+        query: &str,
+        body: Bytes,
+        rewrite: &crate::policy::engine::Rewrite,
+    ) -> Result<UpstreamRequest, Refusal> {
+        let mut header = upstream_header(gen, s.req_header(), path, query, body.len())?;
+        if !body.is_empty() {
+            let _ = header.insert_header(header::CONTENT_TYPE, "application/json");
+        }
+        for (name, value) in &rewrite.headers {
+            let _ = header.insert_header(name.clone(), value.clone());
+        }
+        Ok(UpstreamRequest {
+            header,
+            body,
+            model: model_in_path(path),
+            stream: false,
+            sse: false,
+            bearer: false,
+            chat: None,
+        })
+    }
+
+    /// `/openai/v1/{rest}`: passed to `{BASE_URL}/openai/{rest}` with a pool key as
+    /// `Authorization: Bearer`; answers and streams come back as Google sends them.
+    pub(super) async fn google_openai(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        rest: &str,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let method = s.req_header().method.clone();
+        if method != http::Method::GET && method != http::Method::POST {
+            return Err(Refusal::Gate(GateError::new(
+                405,
+                format!("{method} is not allowed here; use GET or POST"),
+            )));
+        }
+        self.admit(gen, s, method.clone(), x)?;
+        let body = if method == http::Method::POST {
+            read_body(s, gen.config.max_body_bytes).await?
+        } else {
+            Bytes::new()
+        };
+        let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+        let model = parsed
+            .as_ref()
+            .and_then(|v| openai::model_of(v).ok())
+            .unwrap_or_default();
+        let stream = parsed
+            .as_ref()
+            .and_then(|v| v.get("stream"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        x.model.clone_from(&model);
+        let rewrite = self.on_request(gen, s, &model, rest, stream, x)?;
+        if rewrite.model.is_some() || rewrite.touches_body() {
+            return Err(Refusal::Gate(GateError::new(
+                500,
+                "a plugin rewrote a request to Google's OpenAI-compatible API, which gemgate passes through unchanged",
+            )));
+        }
+        let query = s
+            .req_header()
+            .uri
+            .query()
+            .map(strip_key_param)
+            .unwrap_or_default();
+        let path = format!("{}/openai/{rest}", gen.target.base.path);
+        let mut header = upstream_header(gen, s.req_header(), &path, &query, body.len())?;
+        for (name, value) in rewrite.headers {
+            let _ = header.insert_header(name, value);
+        }
+        let up = UpstreamRequest {
+            header,
+            body,
+            model,
+            stream,
+            sse: stream,
+            bearer: true,
+            chat: None,
+        };
+        match self.attempts(gen, &up, Some(s), x).await {
+            Finished::Relayed(outcome) => Ok(outcome),
+            Finished::Collected(body) => Ok(send(s, x, 200, body).await),
+            Finished::Refused(r) => Err(r),
+        }
+    }
+}
+
+/// The model a Gemini path names (`…/models/{model}:action`), for per-model cooldowns.
+fn model_in_path(path: &str) -> String {
+    path.rsplit_once("/models/")
+        .map(|(_, rest)| rest.split(':').next().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+/// Google's answer as JSON, or a 502 saying it was not.
+fn json_answer(body: &[u8]) -> Result<Value, Refusal> {
+    serde_json::from_slice(body).map_err(|e| {
+        Refusal::Gate(GateError::new(
+            502,
+            format!("the Gemini API answered with something that is not JSON: {e}"),
+        ))
+    })
+}

@@ -1,0 +1,349 @@
+//! The OpenAI-compatible API: `/v1` and `/hf/v1` translated, `/openai/v1` passed through.
+
+use crate::common::*;
+
+const CHAT: &str = "/v1/chat/completions";
+
+async fn chat(gate: &Gate, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+    let resp = client()
+        .post(gate.url(CHAT))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.json().await.unwrap())
+}
+
+/// The `data:` events of an SSE body, `[DONE]` kept as a string.
+fn events(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap_or(Value::String(d.to_owned())))
+        .collect()
+}
+
+fn last_body(fake: &FakeUpstream) -> Value {
+    serde_json::from_slice(&fake.state.last_received().unwrap().body).unwrap()
+}
+
+#[tokio::test]
+async fn chat_completions_translate_both_ways() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let (status, _, v) = chat(
+        &gate,
+        &json!({
+            "model": "gemini-2.5-flash",
+            "messages": [
+                { "role": "system", "content": "be brief" },
+                { "role": "user", "content": "hello there" }
+            ]
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: hello there");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["total_tokens"], 5);
+    let seen = fake.state.last_received().unwrap();
+    assert_eq!(seen.path, "/v1beta/models/gemini-2.5-flash:generateContent");
+    assert_eq!(seen.key.as_deref(), Some("good-1"));
+    // Exactly what the client said, nothing more.
+    assert_eq!(
+        last_body(&fake),
+        json!({
+            "contents": [{ "role": "user", "parts": [{ "text": "hello there" }] }],
+            "systemInstruction": { "parts": [{ "text": "be brief" }] }
+        })
+    );
+
+    // /hf/v1 is the same API.
+    let resp = client()
+        .post(gate.url("/hf/v1/chat/completions"))
+        .header("x-goog-api-key", TOKEN)
+        .json(&json!({ "model": "gemini-2.5-pro", "messages": [{ "role": "user", "content": "x" }], "max_tokens": 9, "stop": ["a", "b"], "response_format": { "type": "json_object" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        last_body(&fake)["generationConfig"],
+        json!({ "maxOutputTokens": 9, "stopSequences": ["a", "b"], "responseMimeType": "application/json" })
+    );
+}
+
+#[tokio::test]
+async fn streams_arrive_as_chat_chunks() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let resp = client()
+        .post(gate.url(CHAT))
+        .bearer_auth(TOKEN)
+        .json(&json!({
+            "model": "gemini-2.5-flash",
+            "stream": true,
+            "stream_options": { "include_usage": true },
+            "messages": [{ "role": "user", "content": "one two three four" }]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let events = events(&text);
+    assert_eq!(events.last(), Some(&json!("[DONE]")), "{text}");
+    let chunks = &events[..events.len() - 1];
+    let ids: Vec<&Value> = chunks.iter().map(|c| &c["id"]).collect();
+    assert!(ids.iter().all(|i| *i == ids[0]), "one id: {text}");
+    let roles = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"].get("role").is_some())
+        .count();
+    assert_eq!(roles, 1, "role only in the first delta: {text}");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "echo: one two three four");
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .map(|c| &c["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes, [&json!("stop")]);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert!(usage["usage"]["total_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn tool_calls_round_trip_with_their_signature() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let tools = json!([{ "type": "function", "function": {
+        "name": "lookup", "description": "look it up",
+        "parameters": { "type": "object", "additionalProperties": false,
+                        "properties": { "query": { "type": "string" } }, "required": ["query"] } } }]);
+    let (status, _, v) = chat(
+        &gate,
+        &json!({ "model": "gemini-2.5-flash", "tools": tools, "tool_choice": "auto",
+                 "messages": [{ "role": "user", "content": "weather in Paris" }] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "lookup");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({ "query": "weather in Paris" }));
+    let sent = last_body(&fake);
+    assert_eq!(
+        sent["tools"][0]["functionDeclarations"][0]["parameters"],
+        json!({ "type": "object", "properties": { "query": { "type": "string" } }, "required": ["query"] }),
+        "the schema is cleaned of what Gemini rejects"
+    );
+    assert_eq!(sent["toolConfig"]["functionCallingConfig"]["mode"], "AUTO");
+
+    let (status, _, v) = chat(
+        &gate,
+        &json!({ "model": "gemini-2.5-flash", "tools": tools,
+                 "messages": [
+                    { "role": "user", "content": "weather in Paris" },
+                    { "role": "assistant", "content": null, "tool_calls": [call] },
+                    { "role": "tool", "tool_call_id": call["id"], "content": "{\"sky\":\"clear\"}" }
+                 ] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "echo: lookup returned {\"sky\":\"clear\"}"
+    );
+    let sent = last_body(&fake);
+    assert_eq!(
+        sent["contents"][1]["parts"][0]["thoughtSignature"],
+        "fake-signature"
+    );
+    assert_eq!(
+        sent["contents"][2]["parts"][0]["functionResponse"],
+        json!({ "name": "lookup", "response": { "sky": "clear" } })
+    );
+
+    // Streamed, the call arrives as one indexed tool-call delta.
+    let resp = client()
+        .post(gate.url(CHAT))
+        .bearer_auth(TOKEN)
+        .json(
+            &json!({ "model": "gemini-2.5-flash", "tools": tools, "stream": true,
+                        "messages": [{ "role": "user", "content": "x" }] }),
+        )
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    let events = events(&text);
+    let delta = &events[0]["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(delta["index"], 0, "{text}");
+    assert_eq!(delta["function"]["name"], "lookup");
+    assert_eq!(events[0]["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn vision_embeddings_and_models() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("FILTERED_MODELS", "gemini-2.5-pro")
+        .start()
+        .await;
+    let (status, _, v) = chat(
+        &gate,
+        &json!({ "model": "gemini-2.5-flash", "messages": [{ "role": "user", "content": [
+            { "type": "text", "text": "what is it" },
+            { "type": "image_url", "image_url": { "url": "data:image/png;base64,iVBORw0KGgo=" } }
+        ] }] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        last_body(&fake)["contents"][0]["parts"][1],
+        json!({ "inlineData": { "mimeType": "image/png", "data": "iVBORw0KGgo=" } })
+    );
+
+    let resp = client()
+        .post(gate.url("/v1/embeddings"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "model": "text-embedding-004", "input": ["a", "b"], "dimensions": 4 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(v["data"][1]["embedding"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        fake.state.last_received().unwrap().path,
+        "/v1beta/models/text-embedding-004:batchEmbedContents"
+    );
+
+    let resp = client()
+        .get(gate.url("/v1/models"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = resp.json().await.unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"gemini-2.5-flash") && ids.contains(&"gemini-2.5-flash-search"));
+    assert!(!ids.contains(&"gemini-2.5-pro"), "{ids:?}");
+}
+
+#[tokio::test]
+async fn errors_come_in_openai_shape() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let resp = client()
+        .post(gate.url(CHAT))
+        .bearer_auth("wrong")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+
+    let (status, _, v) = chat(
+        &gate,
+        &json!({ "model": "gemini-2.5-flash", "messages": [], "stream": true }),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["param"], "messages");
+
+    let (status, _, v) = chat(
+        &gate,
+        &json!({ "model": "no-such-model", "messages": [{ "role": "user", "content": "x" }] }),
+    )
+    .await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no-such-model"));
+
+    // minute-1 answers 429 and cools: then every key is cooling.
+    let gate = crate::common::gate()
+        .upstream(&fake, &["minute-1"])
+        .start()
+        .await;
+    let body =
+        json!({ "model": "gemini-2.5-flash", "messages": [{ "role": "user", "content": "x" }] });
+    let (status, headers, v) = chat(&gate, &body).await;
+    assert_eq!(status, 429, "{v}");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(v["error"]["type"], "rate_limit_exceeded");
+    let (status, headers, v) = chat(&gate, &body).await;
+    assert_eq!(status, 503, "{v}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(v["error"]["message"].as_str().unwrap().contains("cooling"));
+}
+
+#[tokio::test]
+async fn googles_openai_api_is_passed_through_with_a_pool_key() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let resp = client()
+        .post(gate.url("/openai/v1/chat/completions"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "model": "gemini-2.5-flash", "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: hi");
+    let seen = fake.state.last_received().unwrap();
+    assert_eq!(seen.path, "/v1beta/openai/chat/completions");
+    let auth: Vec<&String> = seen
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "authorization")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        auth,
+        ["Bearer good-1"],
+        "a pool key, never the client's token"
+    );
+
+    let resp = client()
+        .post(gate.url("/openai/v1/chat/completions"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "model": "gemini-2.5-flash", "stream": true, "messages": [{ "role": "user", "content": "a b c" }] }))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let content: String = events(&text)
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "echo: a b c");
+}
