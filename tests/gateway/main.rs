@@ -8,4 +8,5 @@ mod openai;
 mod plugins;
 mod proxying;
 mod reload;
+mod sdk;
 mod streaming;
