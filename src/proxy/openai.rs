@@ -92,6 +92,7 @@ impl Gateway {
         let model = rewrite.model.clone().unwrap_or(request.model);
         x.model.clone_from(&model);
         let mut body = request.body;
+        operator_settings(&mut body, &model, gen);
         rewrite_value(&mut body, &rewrite)?;
         let path = format!("{}/models/{model}:{action}", gen.target.base.path);
         let query = if request.stream { "alt=sse" } else { "" };
@@ -241,6 +242,47 @@ impl Gateway {
             Finished::Relayed(outcome) => Ok(outcome),
             Finished::Collected(body) => Ok(send(s, x, 200, body).await),
             Finished::Refused(r) => Err(r),
+        }
+    }
+}
+
+/// What the operator's settings add to a translated chat request: `SAFETY_SETTINGS`, the code
+/// execution tool (`TOOLS_CODE_EXECUTION_ENABLED`, when the client declared no functions, which
+/// Gemini does not mix with it) and the URL context tool (`URL_CONTEXT_ENABLED` for
+/// `URL_CONTEXT_MODELS`). The client's own values win.
+fn operator_settings(body: &mut Value, model: &str, gen: &Generation) {
+    let m = &gen.config.file.models;
+    let Some(obj) = body.as_object_mut() else {
+        return;
+    };
+    if let Some(safety) = &m.safety_settings {
+        if !obj.contains_key("safetySettings") {
+            if let Ok(v) = serde_json::to_value(safety) {
+                obj.insert("safetySettings".into(), v);
+            }
+        }
+    }
+    let has_functions = obj.get("tools").is_some_and(|t| {
+        t.as_array()
+            .is_some_and(|l| l.iter().any(|t| t.get("functionDeclarations").is_some()))
+    });
+    let mut extra = Vec::new();
+    if m.code_execution && !has_functions {
+        extra.push(serde_json::json!({ "codeExecution": {} }));
+    }
+    let url_model = m
+        .url_context_models
+        .iter()
+        .any(|u| crate::config::model_name(u) == model);
+    if m.url_context && url_model {
+        extra.push(serde_json::json!({ "urlContext": {} }));
+    }
+    if !extra.is_empty() {
+        let tools = obj
+            .entry("tools")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Some(list) = tools.as_array_mut() {
+            list.extend(extra);
         }
     }
 }

@@ -347,3 +347,37 @@ async fn googles_openai_api_is_passed_through_with_a_pool_key() {
         .collect();
     assert_eq!(content, "echo: a b c");
 }
+
+#[tokio::test]
+async fn operator_settings_are_the_only_additions() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env(
+            "SAFETY_SETTINGS",
+            r#"[{"category":"HARM_CATEGORY_HARASSMENT","threshold":"BLOCK_NONE"}]"#,
+        )
+        .env("TOOLS_CODE_EXECUTION_ENABLED", "true")
+        .env("URL_CONTEXT_ENABLED", "true")
+        .env("URL_CONTEXT_MODELS", "gemini-2.5-flash")
+        .start()
+        .await;
+    let (status, _, v) = chat(
+        &gate,
+        &json!({ "model": "gemini-2.5-flash", "messages": [{ "role": "user", "content": "x" }] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let sent = last_body(&fake);
+    assert_eq!(
+        sent["safetySettings"],
+        json!([{ "category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE" }])
+    );
+    assert_eq!(
+        sent["tools"],
+        json!([{ "codeExecution": {} }, { "urlContext": {} }])
+    );
+    // Native calls reach Google as sent.
+    post(&gate, GENERATE, &ask("x")).await;
+    assert_eq!(last_body(&fake), ask("x"));
+}
