@@ -559,6 +559,48 @@ pub fn response(answer: &Value, model: &str, id: &str, created: u64, options: Op
     out
 }
 
+/// `STREAM_OPTIMIZER_*`: text that arrives in big pieces is sent on in small ones, evenly
+/// paced — short texts character by character, slowly; long ones in `chunk_size` pieces, fast.
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    pub min_delay: std::time::Duration,
+    pub max_delay: std::time::Duration,
+    pub short_text: usize,
+    pub long_text: usize,
+    pub chunk_size: usize,
+}
+
+impl Pacing {
+    /// `text` cut into the pieces to send, and the pause after each.
+    fn split(&self, text: &str) -> (Vec<String>, std::time::Duration) {
+        let chars: Vec<char> = text.chars().collect();
+        let n = chars.len();
+        let (size, delay) = if n >= self.long_text {
+            (self.chunk_size.max(1), self.min_delay)
+        } else if n <= self.short_text {
+            (1, self.max_delay)
+        } else {
+            let span = (self.long_text - self.short_text).max(1) as f64;
+            let f = (n - self.short_text) as f64 / span;
+            (
+                1,
+                self.max_delay.mul_f64(1.0 - f) + self.min_delay.mul_f64(f),
+            )
+        };
+        (
+            chars.chunks(size).map(|c| c.iter().collect()).collect(),
+            delay,
+        )
+    }
+}
+
+/// One event to send, and how long to wait after it.
+#[derive(Debug, PartialEq)]
+pub struct Piece {
+    pub event: String,
+    pub pause: std::time::Duration,
+}
+
 /// Translates a `streamGenerateContent?alt=sse` stream into `chat.completion.chunk` events.
 pub struct ChatStream {
     id: String,
@@ -572,6 +614,7 @@ pub struct ChatStream {
     called_tools: bool,
     finished: bool,
     usage: Option<Value>,
+    pacing: Option<Pacing>,
 }
 
 impl ChatStream {
@@ -587,7 +630,28 @@ impl ChatStream {
             called_tools: false,
             finished: false,
             usage: None,
+            pacing: None,
         }
+    }
+
+    /// Re-paces text as `STREAM_OPTIMIZER_*` says (never tool calls or images).
+    pub fn paced(mut self, pacing: Option<Pacing>) -> Self {
+        self.pacing = pacing;
+        self
+    }
+
+    /// An empty delta that keeps the connection busy while a fake stream waits for its answer
+    /// (`FAKE_STREAM_*`); the first one carries the role.
+    pub fn keepalive(&mut self) -> String {
+        let mut delta = json!({ "content": "" });
+        if !self.started.contains(&0) {
+            self.started.push(0);
+            delta["role"] = json!("assistant");
+        }
+        self.chunk(
+            json!([{ "index": 0, "delta": delta, "finish_reason": null }]),
+            None,
+        )
     }
 
     fn chunk(&self, choices: Value, usage: Option<Value>) -> String {
@@ -606,7 +670,15 @@ impl ChatStream {
 
     /// Complete SSE events from Gemini → the OpenAI events they make.
     pub fn push(&mut self, events: &[u8]) -> String {
-        let mut out = String::new();
+        self.push_paced(events)
+            .into_iter()
+            .map(|p| p.event)
+            .collect()
+    }
+
+    /// [`ChatStream::push`], with the pauses the pacing asks for between events.
+    pub fn push_paced(&mut self, events: &[u8]) -> Vec<Piece> {
+        let mut out = Vec::new();
         let text = String::from_utf8_lossy(events);
         for line in text.lines() {
             let Some(data) = line.strip_prefix("data:") else {
@@ -615,12 +687,19 @@ impl ChatStream {
             let Ok(answer) = serde_json::from_str::<Value>(data.trim()) else {
                 continue;
             };
-            out.push_str(&self.event(&answer));
+            self.event(&answer, &mut out);
         }
         out
     }
 
-    fn event(&mut self, answer: &Value) -> String {
+    /// A whole (non-streamed) answer, as a stream's events.
+    pub fn push_answer(&mut self, answer: &Value) -> Vec<Piece> {
+        let mut out = Vec::new();
+        self.event(answer, &mut out);
+        out
+    }
+
+    fn event(&mut self, answer: &Value, pieces: &mut Vec<Piece>) {
         if let Some(u) = usage(answer) {
             self.usage = Some(u);
         }
@@ -634,7 +713,11 @@ impl ChatStream {
                     None,
                 ));
             }
-            return out;
+            pieces.push(Piece {
+                event: out,
+                pause: std::time::Duration::ZERO,
+            });
+            return;
         }
         for (i, c) in candidates.into_iter().flatten().enumerate() {
             let index = c.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
@@ -664,12 +747,47 @@ impl ChatStream {
             if delta.is_empty() && finish.is_none() {
                 continue;
             }
-            out.push_str(&self.chunk(
-                json!([{ "index": index, "delta": delta, "finish_reason": finish }]),
-                None,
-            ));
+            let text = delta
+                .get("content")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let paceable = text.as_ref().filter(|t| {
+                !delta.contains_key("tool_calls") && !t.contains("](data:") && t.chars().count() > 1
+            });
+            match (self.pacing, paceable) {
+                (Some(pacing), Some(text)) => {
+                    let (units, pause) = pacing.split(text);
+                    let last = units.len() - 1;
+                    for (k, unit) in units.into_iter().enumerate() {
+                        let mut d = if k == 0 { delta.clone() } else { Map::new() };
+                        d.insert("content".into(), json!(unit));
+                        let f = if k == last { finish } else { None };
+                        out.push_str(&self.chunk(
+                            json!([{ "index": index, "delta": d, "finish_reason": f }]),
+                            None,
+                        ));
+                        pieces.push(Piece {
+                            event: std::mem::take(&mut out),
+                            pause: if k == last {
+                                std::time::Duration::ZERO
+                            } else {
+                                pause
+                            },
+                        });
+                    }
+                }
+                _ => out.push_str(&self.chunk(
+                    json!([{ "index": index, "delta": delta, "finish_reason": finish }]),
+                    None,
+                )),
+            }
         }
-        out
+        if !out.is_empty() {
+            pieces.push(Piece {
+                event: out,
+                pause: std::time::Duration::ZERO,
+            });
+        }
     }
 
     /// The stream's end: a final chunk if Gemini gave no finish reason, the usage chunk when
@@ -807,6 +925,31 @@ mod tests {
             options,
         );
         assert_eq!(blocked["choices"][0]["finish_reason"], "content_filter");
+    }
+
+    #[test]
+    fn pacing_cuts_text_but_never_tool_calls() {
+        let pacing = Pacing {
+            min_delay: std::time::Duration::from_millis(1),
+            max_delay: std::time::Duration::from_millis(3),
+            short_text: 3,
+            long_text: 10,
+            chunk_size: 4,
+        };
+        let mut s = ChatStream::new("m", "x", 1, false, Options::default()).paced(Some(pacing));
+        let pieces =
+            s.push(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"abc\"}]}}]}\n\n");
+        assert_eq!(
+            pieces.matches("data: ").count(),
+            3,
+            "one event a character: {pieces}"
+        );
+        let pieces = s.push_paced(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"abcdefghijkl\"}]},\"finishReason\":\"STOP\"}]}\n\n");
+        assert_eq!(pieces.len(), 3, "4-character pieces");
+        assert_eq!(pieces[0].pause, std::time::Duration::from_millis(1));
+        assert!(pieces[2].event.contains("\"finish_reason\":\"stop\""));
+        let pieces = s.push_paced(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"functionCall\":{\"name\":\"f\",\"args\":{}}}]}}]}\n\n");
+        assert_eq!(pieces.len(), 1);
     }
 
     #[test]

@@ -1310,25 +1310,35 @@ async fn relay(
     loop {
         match batches.next(up).await {
             Ok(Some(chunk)) => {
-                let mut ready = match &mut framer {
+                let ready = match &mut framer {
                     Some(f) => f.push(chunk),
                     None => chunk,
                 };
-                if let Some(c) = &mut chat {
-                    ready = Bytes::from(c.push(&ready));
-                }
-                if ready.is_empty() {
-                    continue;
-                }
-                if let Some(h) = head.take() {
-                    x.ttfb = Some(x.started.elapsed());
-                    if s.write_response_header(Box::new(h)).await.is_err() {
+                let pieces: Vec<(Bytes, Duration)> = match &mut chat {
+                    Some(c) => c
+                        .push_paced(&ready)
+                        .into_iter()
+                        .map(|p| (Bytes::from(p.event), p.pause))
+                        .collect(),
+                    None => vec![(ready, Duration::ZERO)],
+                };
+                for (event, pause) in pieces {
+                    if event.is_empty() {
+                        continue;
+                    }
+                    if let Some(h) = head.take() {
+                        x.ttfb = Some(x.started.elapsed());
+                        if s.write_response_header(Box::new(h)).await.is_err() {
+                            return Ok(Finished::Relayed(Outcome::Close));
+                        }
+                    }
+                    if s.write_response_body(event, false).await.is_err() {
+                        x.class = Some("client_gone");
                         return Ok(Finished::Relayed(Outcome::Close));
                     }
-                }
-                if s.write_response_body(ready, false).await.is_err() {
-                    x.class = Some("client_gone");
-                    return Ok(Finished::Relayed(Outcome::Close));
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
                 }
             }
             Ok(None) => {

@@ -2,8 +2,11 @@
 //! [`crate::openai`]) and `/openai/v1` (Google's own OpenAI-compatible API, passed through).
 //! Both run over the same key pool, plugins and attempt loop as native calls.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::header;
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
@@ -22,6 +25,7 @@ pub(super) struct ChatStreamSpec {
     created: u64,
     include_usage: bool,
     options: chat::Options,
+    pacing: Option<chat::Pacing>,
 }
 
 impl ChatStreamSpec {
@@ -33,7 +37,21 @@ impl ChatStreamSpec {
             self.include_usage,
             self.options,
         )
+        .paced(self.pacing)
     }
+}
+
+/// `STREAM_OPTIMIZER_*` as pacing, when it is on.
+fn pacing(gen: &Generation) -> Option<chat::Pacing> {
+    let st = &gen.config.file.stream;
+    let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 10.0));
+    st.optimizer_enabled.then(|| chat::Pacing {
+        min_delay: secs(st.min_delay),
+        max_delay: secs(st.max_delay),
+        short_text: st.short_text_threshold as usize,
+        long_text: st.long_text_threshold as usize,
+        chunk_size: st.chunk_size as usize,
+    })
 }
 
 /// Parses a JSON request body, or says what is wrong with it.
@@ -104,15 +122,25 @@ impl Gateway {
             show_search_link: models.show_search_link,
         };
         let created = now_ms() / 1000;
+        let spec = ChatStreamSpec {
+            model: model.clone(),
+            created,
+            include_usage: request.include_usage,
+            options,
+            pacing: pacing(gen),
+        };
+        if request.stream && gen.config.file.stream.fake_stream_enabled {
+            // The streaming request went upstream as a whole one (see below): rewrite its path.
+            let path = format!("{}/models/{model}:generateContent", gen.target.base.path);
+            up.header
+                .set_raw_path(path.as_bytes())
+                .map_err(|_| Refusal::Gate(GateError::new(500, "bad upstream path")))?;
+            return self.fake_stream(gen, s, &up, spec, x).await;
+        }
         if request.stream {
             up.stream = true;
             up.sse = true;
-            up.chat = Some(ChatStreamSpec {
-                model: model.clone(),
-                created,
-                include_usage: request.include_usage,
-                options,
-            });
+            up.chat = Some(spec);
             return match self.attempts(gen, &up, Some(s), x).await {
                 Finished::Relayed(outcome) => Ok(outcome),
                 Finished::Collected(body) => Ok(send(s, x, 200, body).await),
@@ -122,6 +150,93 @@ impl Gateway {
         let answer = json_answer(&self.collect(gen, &up, x).await?)?;
         let out = chat::response(&answer, &model, &x.id, created, options);
         Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
+    }
+
+    /// `FAKE_STREAM_ENABLED`: a streaming request answered from a whole `generateContent`
+    /// call, with an empty delta every `FAKE_STREAM_EMPTY_DATA_INTERVAL_SECONDS` while it runs.
+    async fn fake_stream(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        up: &UpstreamRequest,
+        spec: ChatStreamSpec,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let interval = Duration::from_secs_f64(
+            gen.config
+                .file
+                .stream
+                .fake_stream_empty_data_interval_s
+                .clamp(0.1, 600.0),
+        );
+        let mut stream = spec.start(&x.id);
+        let mut head = Some(super::response_header(200, x));
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let id = x.id.clone();
+        let answer = {
+            let collect = self.collect(gen, up, x);
+            tokio::pin!(collect);
+            loop {
+                tokio::select! {
+                    answer = &mut collect => break answer,
+                    _ = ticks.tick() => {
+                        if let Some(h) = head.take() {
+                            if write_head(s, h).await.is_err() {
+                                return Ok(Outcome::Close);
+                            }
+                        }
+                        let event = Bytes::from(stream.keepalive());
+                        if s.write_response_body(event, false).await.is_err() {
+                            return Ok(Outcome::Close);
+                        }
+                    }
+                }
+            }
+        };
+        let answer = match (answer, &head) {
+            // Nothing sent yet: a failure is answered as any other.
+            (Err(r), Some(_)) => return Err(r),
+            (Err(_), None) => {
+                tracing::warn!(id = %id, "fake stream: the upstream call failed after keep-alives went out");
+                let e = GateError::new(502, "the Gemini API call failed");
+                let event = format!(
+                    "data: {}\n\ndata: [DONE]\n\n",
+                    String::from_utf8_lossy(&e.body(x.protocol))
+                );
+                let done = s.write_response_body(Bytes::from(event), true).await;
+                return Ok(if done.is_ok() {
+                    Outcome::Reuse
+                } else {
+                    Outcome::Close
+                });
+            }
+            (Ok(body), _) => json_answer(&body)?,
+        };
+        if let Some(h) = head.take() {
+            x.ttfb = Some(x.started.elapsed());
+            if write_head(s, h).await.is_err() {
+                return Ok(Outcome::Close);
+            }
+        }
+        for piece in stream.push_answer(&answer) {
+            if s.write_response_body(Bytes::from(piece.event), false)
+                .await
+                .is_err()
+            {
+                return Ok(Outcome::Close);
+            }
+            if !piece.pause.is_zero() {
+                tokio::time::sleep(piece.pause).await;
+            }
+        }
+        let done = s
+            .write_response_body(Bytes::from(stream.finish()), true)
+            .await;
+        Ok(if done.is_ok() {
+            Outcome::Reuse
+        } else {
+            Outcome::Close
+        })
     }
 
     async fn embeddings(
@@ -285,6 +400,16 @@ fn operator_settings(body: &mut Value, model: &str, gen: &Generation) {
             list.extend(extra);
         }
     }
+}
+
+/// Sends the head of a translated event stream.
+async fn write_head(s: &mut ServerSession, mut h: ResponseHeader) -> pingora::Result<()> {
+    let _ = h.insert_header(header::CONTENT_TYPE, "text/event-stream");
+    let _ = h.insert_header(header::CACHE_CONTROL, "no-cache");
+    if s.req_header().version == http::Version::HTTP_11 {
+        let _ = h.insert_header(header::TRANSFER_ENCODING, "chunked");
+    }
+    s.write_response_header(Box::new(h)).await
 }
 
 /// The model a Gemini path names (`…/models/{model}:action`), for per-model cooldowns.

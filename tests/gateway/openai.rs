@@ -381,3 +381,89 @@ async fn operator_settings_are_the_only_additions() {
     post(&gate, GENERATE, &ask("x")).await;
     assert_eq!(last_body(&fake), ask("x"));
 }
+
+#[tokio::test]
+async fn fake_streams_keep_the_client_waiting_then_answer() {
+    let fake = fake_with(FakeConfig {
+        slow: std::time::Duration::from_millis(450),
+        ..FakeConfig::default()
+    })
+    .await;
+    let gate = gate()
+        .upstream(&fake, &["slow-1"])
+        .env("FAKE_STREAM_ENABLED", "true")
+        .env("FAKE_STREAM_EMPTY_DATA_INTERVAL_SECONDS", "0.1")
+        .start()
+        .await;
+    let resp = client()
+        .post(gate.url(CHAT))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "model": "gemini-2.5-flash", "stream": true,
+                        "messages": [{ "role": "user", "content": "slow one" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let events = events(&text);
+    let keepalives = events
+        .iter()
+        .filter(|e| e["choices"][0]["delta"]["content"] == "")
+        .count();
+    assert!(keepalives >= 2, "{text}");
+    let content: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "echo: slow one");
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+    let roles = events
+        .iter()
+        .filter(|e| e["choices"][0]["delta"].get("role").is_some())
+        .count();
+    assert_eq!(roles, 1, "{text}");
+    assert_eq!(
+        fake.state.last_received().unwrap().path,
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        "served by a whole call"
+    );
+}
+
+#[tokio::test]
+async fn the_stream_optimizer_repaces_text() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("STREAM_OPTIMIZER_ENABLED", "true")
+        .env("STREAM_MIN_DELAY", "0.001")
+        .env("STREAM_MAX_DELAY", "0.002")
+        .env("STREAM_SHORT_TEXT_THRESHOLD", "3")
+        .env("STREAM_LONG_TEXT_THRESHOLD", "8")
+        .env("STREAM_CHUNK_SIZE", "2")
+        .start()
+        .await;
+    let resp = client()
+        .post(gate.url(CHAT))
+        .bearer_auth(TOKEN)
+        .header("x-fake-chunks", "2")
+        .json(&json!({ "model": "gemini-2.5-flash", "stream": true,
+                        "messages": [{ "role": "user", "content": "alpha beta gamma delta" }] }))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    let pieces: Vec<String> = events(&text)
+        .iter()
+        .filter_map(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(pieces.concat(), "echo: alpha beta gamma delta");
+    assert!(
+        pieces.len() >= 10,
+        "two upstream chunks re-sent in small pieces: {pieces:?}"
+    );
+    assert!(pieces.iter().all(|p| p.chars().count() <= 2), "{pieces:?}");
+}
