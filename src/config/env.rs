@@ -105,6 +105,8 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
         "images.cloudflare_imgbed_auth_code",
         Kind::Str,
     ),
+    ("GEMGATE_SMMS_URL", "images.smms_url", Kind::Str),
+    ("GEMGATE_PICGO_URL", "images.picgo_url", Kind::Str),
     // streaming
     (
         "STREAM_OPTIMIZER_ENABLED",

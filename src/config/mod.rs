@@ -306,6 +306,10 @@ pub struct ImagesSection {
     pub picgo_api_key: String,
     pub cloudflare_imgbed_url: String,
     pub cloudflare_imgbed_auth_code: String,
+    /// The SM.MS upload endpoint (for tests, or a mirror).
+    pub smms_url: String,
+    /// The PicGo upload endpoint.
+    pub picgo_url: String,
 }
 
 impl Default for ImagesSection {
@@ -317,6 +321,8 @@ impl Default for ImagesSection {
             picgo_api_key: String::new(),
             cloudflare_imgbed_url: String::new(),
             cloudflare_imgbed_auth_code: String::new(),
+            smms_url: "https://sm.ms/api/v2/upload".into(),
+            picgo_url: "https://www.picgo.net/api/1/upload".into(),
         }
     }
 }
@@ -487,6 +493,8 @@ pub struct Config {
     pub max_failures: u32,
     pub tokens: Vec<ClientToken>,
     pub auth_token: Option<Secret>,
+    /// `PAID_KEY`: the key for image generation, kept apart from the pool.
+    pub paid_key: Option<KeySpec>,
     pub policy: PolicyConfig,
     /// Every section as read, for the features that consume them.
     pub file: FileConfig,
@@ -704,6 +712,15 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         max_failures: file.keys.max_failures.max(1),
         tokens,
         auth_token,
+        paid_key: Some(file.keys.paid_key.trim())
+            .filter(|k| !k.is_empty())
+            .map(|k| KeySpec {
+                id: stable_id("k", k),
+                secret: Secret::new(k),
+                label: "paid".into(),
+                tags: vec!["paid".into()],
+                weight: 1,
+            }),
         policy,
         file,
     })

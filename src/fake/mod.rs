@@ -451,6 +451,15 @@ async fn handle(
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or_default().to_owned();
     if let Some(control) = path.strip_prefix("/_fake/") {
+        if let Some(host) = control.strip_prefix("upload/") {
+            return image_host(&state, host, &parts, &query, &body);
+        }
+        if control.starts_with("files/") {
+            let png =
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, TINY_PNG_BASE64)
+                    .unwrap_or_default();
+            return full(StatusCode::OK, "image/png", png);
+        }
         return control_call(&state, &parts.method, control, &body);
     }
     let key = parts
@@ -974,6 +983,57 @@ fn stream_response(
 struct SetBehaviour {
     key: String,
     behaviour: Behaviour,
+}
+
+/// Fake image hosts, each answering in its real counterpart's shape: `smms` (SM.MS, token in
+/// `Authorization`), `picgo` (PicGo, `X-API-Key`), `imgbed` (Cloudflare ImgBed, `authCode` in
+/// the query). Uploads are counted in the stats as key `upload:<host>`.
+fn image_host(
+    state: &FakeState,
+    host: &str,
+    parts: &http::request::Parts,
+    query: &str,
+    body: &[u8],
+) -> Response<Body> {
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    let authority = header("host").to_owned();
+    let field_present = |field: &str| {
+        let needle = format!("name=\"{field}\"");
+        memchr::memmem::find(body, needle.as_bytes()).is_some()
+    };
+    state.count(&format!("upload:{host}"), false);
+    let n = fastrand::u32(..);
+    let url = format!("http://{authority}/_fake/files/{n:08x}.png");
+    match host {
+        "smms" if header("authorization") == "smms-token" && field_present("smfile") => {
+            json_response(
+                StatusCode::OK,
+                &json!({ "success": true, "code": "success", "data": { "url": url } }),
+            )
+        }
+        "picgo" if header("x-api-key") == "picgo-key" && field_present("source") => json_response(
+            StatusCode::OK,
+            &json!({ "status_code": 200, "image": { "url": url } }),
+        ),
+        "imgbed"
+            if query_value(query, "authCode") == Some("imgbed-code") && field_present("file") =>
+        {
+            json_response(
+                StatusCode::OK,
+                &json!([{ "src": format!("/_fake/files/{n:08x}.png") }]),
+            )
+        }
+        _ => json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({ "success": false, "message": "bad credentials or form" }),
+        ),
+    }
 }
 
 fn control_call(

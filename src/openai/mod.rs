@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod embeddings;
+pub mod images;
 pub mod schema;
 
 use serde_json::{json, Value};

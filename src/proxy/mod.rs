@@ -52,6 +52,8 @@ const ERROR_BODY_LIMIT: usize = 256 * 1024;
 const COLLECT_LIMIT: usize = 64 * 1024 * 1024;
 /// How long an oversized request body is drained after its 413.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a side call (an image host, an image URL) may take.
+const SIDE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound on model-list pages walked for one request.
 const MAX_MODEL_PAGES: usize = 50;
 
@@ -66,6 +68,8 @@ pub struct Generation {
     pub target: Arc<Target>,
     pub policy: Arc<Policy>,
     pub templates: Arc<Templates>,
+    /// `PAID_KEY`, alone, for image generation.
+    pub paid: Option<KeyPool>,
 }
 
 /// Why a generation could not be built.
@@ -117,8 +121,26 @@ impl Generation {
             target,
             policy: Arc::new(policy),
             templates: Arc::new(templates),
+            paid: config.paid_key.as_ref().map(|spec| {
+                KeyPool::new(
+                    std::slice::from_ref(spec),
+                    &parts.registry,
+                    config.max_failures,
+                )
+            }),
             config: Arc::new(config),
         })
+    }
+}
+
+impl Generation {
+    /// The keys an upstream request may use: `PAID_KEY` for paid calls when it is set, else
+    /// the pool.
+    fn pool_for(&self, req: &UpstreamRequest) -> &KeyPool {
+        match &self.paid {
+            Some(paid) if req.paid => paid,
+            _ => &self.pool,
+        }
     }
 }
 
@@ -184,6 +206,8 @@ impl State {
 pub struct Gateway {
     state: Arc<State>,
     connector: Connector,
+    /// For side calls (image hosts, image URLs), made on first use.
+    side: std::sync::OnceLock<reqwest::Client>,
 }
 
 /// Whether the downstream connection may serve another request.
@@ -255,6 +279,8 @@ struct UpstreamRequest {
     bearer: bool,
     /// The stream is translated into OpenAI chat chunks on its way to the client.
     chat: Option<openai::ChatStreamSpec>,
+    /// Made with `PAID_KEY` (image generation), when it is set.
+    paid: bool,
 }
 
 impl Gateway {
@@ -263,7 +289,20 @@ impl Gateway {
             state,
             // Only makes new connections: idle ones are kept by `Target`.
             connector: Connector::new(None),
+            side: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The HTTP client for side calls: bounded in time, no redirects to elsewhere.
+    fn side_client(&self) -> &reqwest::Client {
+        self.side.get_or_init(|| {
+            reqwest::Client::builder()
+                .timeout(SIDE_CALL_TIMEOUT)
+                .connect_timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::limited(3))
+                .build()
+                .expect("an HTTP client with these settings")
+        })
     }
 
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
@@ -480,6 +519,7 @@ impl Gateway {
             sse,
             bearer: false,
             chat: None,
+            paid: false,
         };
         if call == NativeCall::ListModels && auth::query_param(&query, "pageToken").is_none() {
             let models = self.all_models(gen, &mut up, &path, x).await?;
@@ -600,17 +640,17 @@ impl Gateway {
                 },
             };
             tried.push(index);
-            let key = gen.pool.get(index);
+            let key = gen.pool_for(req).get(index);
             x.attempts += 1;
             x.key = Some(key.spec.id.clone());
-            let _lease = gen.pool.lease(index, now);
+            let _lease = gen.pool_for(req).lease(index, now);
             match self
                 .attempt(gen, req, index, client.as_deref_mut(), x)
                 .await
             {
                 Ok(finished) => return finished,
                 Err(failure) => {
-                    let verdict = gen.pool.record_failure(
+                    let verdict = gen.pool_for(req).record_failure(
                         index,
                         &req.model,
                         failure.class,
@@ -621,7 +661,7 @@ impl Gateway {
                     x.class = Some(failure.class.as_str());
                     let mut retry = failure.class.retryable();
                     if gen.policy.has_attempt_hook(false) {
-                        match self.after_attempt(gen, index, &req.model, &failure, x) {
+                        match self.after_attempt(gen, index, req, &failure, x) {
                             Ok(Some(AttemptDecision::Retry)) => retry = true,
                             Ok(_) => {}
                             Err(d) => return Finished::Refused(denied(d)),
@@ -653,12 +693,13 @@ impl Gateway {
         now: u64,
         x: &mut Exchange,
     ) -> Result<Pick, Denial> {
-        if !gen.policy.has_select_key() || gen.pool.is_empty() {
-            return Ok(gen.pool.pick(&req.model, tried, now));
+        let pool = gen.pool_for(req);
+        if req.paid || !gen.policy.has_select_key() || pool.is_empty() {
+            return Ok(pool.pick(&req.model, tried, now));
         }
-        let candidates = gen.pool.candidates(&req.model, tried, now);
+        let candidates = pool.candidates(&req.model, tried, now);
         let Some(&first) = candidates.first() else {
-            return Ok(gen.pool.exhausted(&req.model, now));
+            return Ok(pool.exhausted(&req.model, now));
         };
         let client = x.client.as_deref().unwrap_or_default();
         let chosen = gen
@@ -674,11 +715,13 @@ impl Gateway {
         &self,
         gen: &Generation,
         index: usize,
-        model: &str,
+        req: &UpstreamRequest,
         outcome: &Failure,
         x: &mut Exchange,
     ) -> Result<Option<AttemptDecision>, Denial> {
-        let key = gen.pool.get(index);
+        let pool = gen.pool_for(req);
+        let model = req.model.as_str();
+        let key = pool.get(index);
         let client = x.client.clone().unwrap_or_default();
         let success = (200..300).contains(&outcome.status);
         let info = AttemptInfo {
@@ -699,7 +742,7 @@ impl Gateway {
         let decision = gen.policy.after_attempt(&info, &mut x.shared)?;
         match &decision {
             Some(AttemptDecision::Cool(seconds)) => {
-                gen.pool.cool(index, model, *seconds, now_ms());
+                pool.cool(index, model, *seconds, now_ms());
             }
             Some(AttemptDecision::Disable(reason)) => {
                 tracing::warn!(key = %key.spec.id, reason = %reason, "key disabled by a plugin");
@@ -725,7 +768,7 @@ impl Gateway {
             .peer()
             .await
             .map_err(|m| Failure::network(ErrorClass::Network, m))?;
-        let key = gen.pool.get(index);
+        let key = gen.pool_for(req).get(index);
         let mut reuse_idle = true;
         let mut up = loop {
             let (mut up, reused) = gen
@@ -780,12 +823,12 @@ impl Gateway {
                 content_type,
             });
         }
-        gen.pool.record_success(index);
+        gen.pool_for(req).record_success(index);
         x.status = status;
         x.class = None;
         if gen.policy.has_attempt_hook(true) {
             let ok = Failure::network(ErrorClass::Upstream, "");
-            match self.after_attempt(gen, index, &req.model, &Failure { status, ..ok }, x) {
+            match self.after_attempt(gen, index, req, &Failure { status, ..ok }, x) {
                 Ok(Some(AttemptDecision::Retry)) => {
                     // The answer is dropped with its connection.
                     return Err(Failure::network(

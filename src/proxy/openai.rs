@@ -15,7 +15,7 @@ use super::{
     Generation, Outcome, Refusal, UpstreamRequest,
 };
 use crate::keys::clock::now_ms;
-use crate::openai::{self, chat, embeddings};
+use crate::openai::{self, chat, embeddings, images};
 use crate::proxy::reply::GateError;
 use crate::proxy::route::OpenAiCall;
 
@@ -89,6 +89,7 @@ impl Gateway {
             }
             OpenAiCall::Chat => self.chat(gen, s, x).await,
             OpenAiCall::Embeddings => self.embeddings(gen, s, x).await,
+            OpenAiCall::Images => self.images(gen, s, x).await,
         }
     }
 
@@ -264,6 +265,112 @@ impl Gateway {
         Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
     }
 
+    /// Imagen through `:predict`, with `PAID_KEY` when it is set; `url` answers are uploaded to
+    /// `UPLOAD_PROVIDER`.
+    async fn images(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let raw = read_body(s, gen.config.max_body_bytes).await?;
+        let settings = &gen.config.file.images;
+        let mut call =
+            images::request(&json_body(&raw)?, &settings.create_image_model).map_err(bad)?;
+        let host = images::Host::parse(&settings.upload_provider);
+        if call.want_url && host.is_none() {
+            return Err(Refusal::Gate(GateError::new(
+                400,
+                format!(
+                    "response_format url needs an image host: UPLOAD_PROVIDER is {:?}; use smms, picgo or cloudflare_imgbed, or ask for b64_json",
+                    settings.upload_provider
+                ),
+            )));
+        }
+        x.model.clone_from(&call.model);
+        let rewrite = self.on_request(gen, s, &call.model, "predict", false, x)?;
+        if let Some(m) = &rewrite.model {
+            call.model.clone_from(m);
+            x.model.clone_from(m);
+        }
+        let path = format!("{}/models/{}:predict", gen.target.base.path, call.model);
+        let body = Bytes::from(serde_json::to_vec(&call.body).expect("JSON serialises"));
+        let mut up = self.gemini_call(gen, s, &path, "", body, &rewrite)?;
+        up.paid = true;
+        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        let mut data = Vec::new();
+        for b64 in images::images(&answer) {
+            let entry = match host.filter(|_| call.want_url) {
+                Some(host) => serde_json::json!({ "url": self.upload(gen, host, &b64).await? }),
+                None => serde_json::json!({ "b64_json": b64 }),
+            };
+            data.push(entry);
+        }
+        if data.is_empty() {
+            return Err(Refusal::Gate(GateError::new(
+                502,
+                "Imagen returned no image (the prompt may have been filtered)",
+            )));
+        }
+        let out = images::response(now_ms() / 1000, data);
+        Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
+    }
+
+    /// Uploads one generated image to `host`; returns its URL.
+    async fn upload(
+        &self,
+        gen: &Generation,
+        host: images::Host,
+        b64: &str,
+    ) -> Result<String, Refusal> {
+        use base64::Engine as _;
+        let fail = |m: String| Refusal::Gate(GateError::new(502, m));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| fail(format!("Imagen sent an image that is not base64: {e}")))?;
+        let settings = &gen.config.file.images;
+        let part = reqwest::multipart::Part::bytes(png)
+            .file_name(format!("gemgate-{:016x}.png", fastrand::u64(..)))
+            .mime_str("image/png")
+            .expect("a valid mime type");
+        let form = reqwest::multipart::Form::new().part(host.field(), part);
+        let (url, request) = match host {
+            images::Host::Smms => (
+                settings.smms_url.clone(),
+                self.side_client()
+                    .post(&settings.smms_url)
+                    .header(header::AUTHORIZATION, &settings.smms_secret_token),
+            ),
+            images::Host::Picgo => (
+                settings.picgo_url.clone(),
+                self.side_client()
+                    .post(&settings.picgo_url)
+                    .header("x-api-key", &settings.picgo_api_key),
+            ),
+            images::Host::CloudflareImgbed => {
+                let base = &settings.cloudflare_imgbed_url;
+                let sep = if base.contains('?') { '&' } else { '?' };
+                let url = format!(
+                    "{base}{sep}authCode={}",
+                    settings.cloudflare_imgbed_auth_code
+                );
+                (base.clone(), self.side_client().post(url))
+            }
+        };
+        let answer = request
+            .multipart(form)
+            .send()
+            .await
+            .map_err(|e| fail(format!("cannot upload the image to {host:?}: {e}")))?;
+        let status = answer.status();
+        let body: Value = answer.json().await.unwrap_or(Value::Null);
+        host.url(&body, &url).ok_or_else(|| {
+            fail(format!(
+                "the image host {host:?} refused the upload (HTTP {status}): {body}"
+            ))
+        })
+    }
+
     /// An upstream request for a translated call: `path` and `query` on the Gemini API, `body`
     /// as gemgate made it, with the plugins' headers.
     fn gemini_call(
@@ -290,6 +397,7 @@ impl Gateway {
             sse: false,
             bearer: false,
             chat: None,
+            paid: false,
         })
     }
 
@@ -352,6 +460,7 @@ impl Gateway {
             sse: stream,
             bearer: true,
             chat: None,
+            paid: false,
         };
         match self.attempts(gen, &up, Some(s), x).await {
             Finished::Relayed(outcome) => Ok(outcome),

@@ -56,13 +56,14 @@ pub enum OpenAiCall {
     Chat,
     Models,
     Embeddings,
+    Images,
 }
 
 impl OpenAiCall {
     pub fn method(self) -> Method {
         match self {
             OpenAiCall::Models => Method::GET,
-            OpenAiCall::Chat | OpenAiCall::Embeddings => Method::POST,
+            OpenAiCall::Chat | OpenAiCall::Embeddings | OpenAiCall::Images => Method::POST,
         }
     }
 
@@ -71,6 +72,7 @@ impl OpenAiCall {
             OpenAiCall::Chat => "chat.completions",
             OpenAiCall::Models => "models.list",
             OpenAiCall::Embeddings => "embeddings",
+            OpenAiCall::Images => "images.generations",
         }
     }
 }
@@ -98,6 +100,7 @@ pub fn route(path: &str) -> Route {
                 "chat/completions" => Route::OpenAi(OpenAiCall::Chat),
                 "models" => Route::OpenAi(OpenAiCall::Models),
                 "embeddings" => Route::OpenAi(OpenAiCall::Embeddings),
+                "images/generations" => Route::OpenAi(OpenAiCall::Images),
                 _ => Route::NotFound,
             };
         }

@@ -467,3 +467,113 @@ async fn the_stream_optimizer_repaces_text() {
     );
     assert!(pieces.iter().all(|p| p.chars().count() <= 2), "{pieces:?}");
 }
+
+#[tokio::test]
+async fn images_are_generated_with_the_paid_key_and_uploaded() {
+    let fake = fake().await;
+    let hosts = [
+        (
+            "smms",
+            vec![
+                ("GEMGATE_SMMS_URL", "/_fake/upload/smms"),
+                ("SMMS_SECRET_TOKEN", "smms-token"),
+            ],
+        ),
+        (
+            "picgo",
+            vec![
+                ("GEMGATE_PICGO_URL", "/_fake/upload/picgo"),
+                ("PICGO_API_KEY", "picgo-key"),
+            ],
+        ),
+        (
+            "cloudflare_imgbed",
+            vec![
+                ("CLOUDFLARE_IMGBED_URL", "/_fake/upload/imgbed"),
+                ("CLOUDFLARE_IMGBED_AUTH_CODE", "imgbed-code"),
+            ],
+        ),
+    ];
+    for (provider, settings) in hosts {
+        let mut builder = gate()
+            .upstream(&fake, &["good-1"])
+            .env("PAID_KEY", "good-paid")
+            .env("UPLOAD_PROVIDER", provider);
+        for (name, value) in settings {
+            let value = if value.starts_with('/') {
+                format!("{}{value}", fake.base_url().trim_end_matches("/v1beta"))
+            } else {
+                value.to_owned()
+            };
+            builder = builder.env(name, &value);
+        }
+        let gate = builder.start().await;
+        let resp = client()
+            .post(gate.url("/v1/images/generations"))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "prompt": "a red square", "n": 2, "size": "1024x1792" }))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(status, 200, "{provider}: {v}");
+        let urls: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["url"].as_str().unwrap())
+            .collect();
+        assert_eq!(urls.len(), 2, "{provider}: {v}");
+        let image = client().get(urls[0]).send().await.unwrap();
+        assert_eq!(image.headers()["content-type"], "image/png", "{provider}");
+        let host = if provider == "cloudflare_imgbed" {
+            "imgbed"
+        } else {
+            provider
+        };
+        assert_eq!(
+            fake.state.key_stats(&format!("upload:{host}")).requests,
+            2,
+            "{provider}"
+        );
+    }
+    let seen: Vec<_> = fake
+        .state
+        .received()
+        .into_iter()
+        .filter(|r| r.path.ends_with(":predict"))
+        .collect();
+    assert_eq!(seen.len(), 3);
+    assert!(seen.iter().all(|r| r.key.as_deref() == Some("good-paid")));
+    let body: Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(
+        body,
+        json!({ "instances": [{ "prompt": "a red square" }], "parameters": { "sampleCount": 2, "aspectRatio": "9:16" } })
+    );
+
+    // b64_json needs no host; a size Imagen has no ratio for is the client's error.
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let resp = client()
+        .post(gate.url("/v1/images/generations"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "prompt": "x", "response_format": "b64_json" }))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["data"][0]["b64_json"]
+        .as_str()
+        .unwrap()
+        .starts_with("iVBOR"));
+    let resp = client()
+        .post(gate.url("/v1/images/generations"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "prompt": "x", "size": "512x512" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "size");
+}
