@@ -416,6 +416,11 @@ const MODELS: &[(&str, &str, &[&str])] = &[
         &["embedContent", "batchEmbedContents"],
     ),
     ("imagen-3.0-generate-002", "Imagen 3.0", &["predict"]),
+    (
+        "gemini-2.5-flash-preview-tts",
+        "Gemini 2.5 Flash TTS",
+        &["generateContent"],
+    ),
 ];
 
 fn model_json(name: &str, display: &str, methods: &[&str]) -> Value {
@@ -637,6 +642,22 @@ async fn handle(
                     "text/event-stream",
                     format!("data: {resp}\r\n\r\n"),
                 );
+            }
+            let wants_audio = request
+                .pointer("/generationConfig/responseModalities")
+                .and_then(Value::as_array)
+                .is_some_and(|m| m.iter().any(|v| v == "AUDIO"));
+            if wants_audio {
+                // 0.05 s of a 24 kHz, 16-bit sawtooth.
+                let pcm: Vec<u8> = (0..1200u32)
+                    .flat_map(|i| (((i % 24) as i16 - 12) * 1000).to_le_bytes())
+                    .collect();
+                let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pcm);
+                let mut resp = content_response(&model, "", true, words(&prompt), 0);
+                resp["candidates"][0]["content"]["parts"] = json!([{
+                    "inlineData": { "mimeType": "audio/L16;codec=pcm;rate=24000", "data": data }
+                }]);
+                return json_response(StatusCode::OK, &resp);
             }
             let answer = format!("echo: {prompt}");
             if action == "generateContent" {

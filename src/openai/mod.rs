@@ -9,6 +9,7 @@ pub mod chat;
 pub mod embeddings;
 pub mod images;
 pub mod schema;
+pub mod speech;
 
 use serde_json::{json, Value};
 

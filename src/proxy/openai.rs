@@ -15,7 +15,7 @@ use super::{
     Generation, Outcome, Refusal, UpstreamRequest,
 };
 use crate::keys::clock::now_ms;
-use crate::openai::{self, chat, embeddings, images};
+use crate::openai::{self, chat, embeddings, images, speech};
 use crate::proxy::reply::GateError;
 use crate::proxy::route::OpenAiCall;
 
@@ -90,6 +90,7 @@ impl Gateway {
             OpenAiCall::Chat => self.chat(gen, s, x).await,
             OpenAiCall::Embeddings => self.embeddings(gen, s, x).await,
             OpenAiCall::Images => self.images(gen, s, x).await,
+            OpenAiCall::Speech => self.speech(gen, s, x).await,
         }
     }
 
@@ -314,6 +315,46 @@ impl Gateway {
         }
         let out = images::response(now_ms() / 1000, data);
         Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
+    }
+
+    /// Text to speech with `TTS_MODEL` and `TTS_VOICE_NAME`, answered as WAV (or raw PCM).
+    async fn speech(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        use base64::Engine as _;
+        let raw = read_body(s, gen.config.max_body_bytes).await?;
+        let request = json_body(&raw)?;
+        let tts = &gen.config.file.tts;
+        let mut call = speech::request(&request, &tts.model, &tts.voice_name).map_err(bad)?;
+        x.model.clone_from(&call.model);
+        let rewrite = self.on_request(gen, s, &call.model, "generateContent", false, x)?;
+        if let Some(m) = &rewrite.model {
+            call.model.clone_from(m);
+            x.model.clone_from(m);
+        }
+        let path = format!(
+            "{}/models/{}:generateContent",
+            gen.target.base.path, call.model
+        );
+        let body = Bytes::from(serde_json::to_vec(&call.body).expect("JSON serialises"));
+        let up = self.gemini_call(gen, s, &path, "", body, &rewrite)?;
+        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        let (b64, rate) = speech::audio(&answer).ok_or_else(|| {
+            Refusal::Gate(GateError::new(502, "the TTS model answered without audio"))
+        })?;
+        let pcm = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| Refusal::Gate(GateError::new(502, format!("bad audio: {e}"))))?;
+        let (audio, mime) = match request.get("response_format").and_then(Value::as_str) {
+            Some("pcm") => (pcm, "audio/pcm"),
+            _ => (speech::wav(&pcm, rate), "audio/wav"),
+        };
+        let mut h = super::response_header(200, x);
+        let _ = h.insert_header(header::CONTENT_TYPE, mime);
+        Ok(super::write_full(s, h, Bytes::from(audio)).await)
     }
 
     /// Uploads one generated image to `host`; returns its URL.

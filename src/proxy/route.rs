@@ -57,13 +57,16 @@ pub enum OpenAiCall {
     Models,
     Embeddings,
     Images,
+    Speech,
 }
 
 impl OpenAiCall {
     pub fn method(self) -> Method {
         match self {
             OpenAiCall::Models => Method::GET,
-            OpenAiCall::Chat | OpenAiCall::Embeddings | OpenAiCall::Images => Method::POST,
+            OpenAiCall::Chat | OpenAiCall::Embeddings | OpenAiCall::Images | OpenAiCall::Speech => {
+                Method::POST
+            }
         }
     }
 
@@ -73,6 +76,7 @@ impl OpenAiCall {
             OpenAiCall::Models => "models.list",
             OpenAiCall::Embeddings => "embeddings",
             OpenAiCall::Images => "images.generations",
+            OpenAiCall::Speech => "audio.speech",
         }
     }
 }
@@ -101,6 +105,7 @@ pub fn route(path: &str) -> Route {
                 "models" => Route::OpenAi(OpenAiCall::Models),
                 "embeddings" => Route::OpenAi(OpenAiCall::Embeddings),
                 "images/generations" => Route::OpenAi(OpenAiCall::Images),
+                "audio/speech" => Route::OpenAi(OpenAiCall::Speech),
                 _ => Route::NotFound,
             };
         }

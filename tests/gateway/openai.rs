@@ -577,3 +577,36 @@ async fn images_are_generated_with_the_paid_key_and_uploaded() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["param"], "size");
 }
+
+#[tokio::test]
+async fn speech_comes_back_as_wav() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("TTS_VOICE_NAME", "Kore")
+        .start()
+        .await;
+    let resp = client()
+        .post(gate.url("/v1/audio/speech"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "model": "tts-1", "input": "hello there", "voice": "alloy" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "audio/wav");
+    let wav = resp.bytes().await.unwrap();
+    assert_eq!(&wav[..4], b"RIFF");
+    assert_eq!(&wav[8..12], b"WAVE");
+    assert_eq!(u32::from_le_bytes(wav[24..28].try_into().unwrap()), 24_000);
+    assert_eq!(wav.len(), 44 + 2400);
+    let sent = last_body(&fake);
+    assert_eq!(
+        fake.state.last_received().unwrap().path,
+        "/v1beta/models/gemini-2.5-flash-preview-tts:generateContent"
+    );
+    assert_eq!(
+        sent["generationConfig"]["speechConfig"]["voiceConfig"]["prebuiltVoiceConfig"]["voiceName"],
+        "Kore"
+    );
+}
