@@ -294,13 +294,54 @@ fn data_url_part(url: &str, field: &str) -> Result<Value, BadRequest> {
             .ok_or_else(|| BadRequest::new(field, "only base64 data: URLs are supported"))?;
         return Ok(json!({ "inlineData": { "mimeType": mime, "data": data } }));
     }
-    if url.starts_with("gs://") || url.starts_with("https://generativelanguage.googleapis.com/") {
+    // Google reads its own file URIs; other http(s) URLs are fetched by gemgate before the
+    // request goes out (see `remote_files`).
+    if url.starts_with("gs://") || url.starts_with("http://") || url.starts_with("https://") {
         return Ok(json!({ "fileData": { "fileUri": url } }));
     }
     Err(BadRequest::new(
         field,
-        "images must be given as data: URLs (fetching http(s) URLs is not supported yet)",
+        "an image must be a data: URL or an http(s) URL",
     ))
+}
+
+/// Whether Google reads this file URI itself (`gs://`, its Files API).
+fn google_reads(uri: &str) -> bool {
+    uri.starts_with("gs://") || uri.starts_with("https://generativelanguage.googleapis.com/")
+}
+
+/// The http(s) URLs of a translated request that gemgate must fetch, in order.
+pub fn remote_files(body: &Value) -> Vec<String> {
+    body.get("contents")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("parts").and_then(Value::as_array))
+        .flatten()
+        .filter_map(|p| p.pointer("/fileData/fileUri")?.as_str())
+        .filter(|u| !google_reads(u))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Replaces each fetched URL's part with the file's bytes, in the order of [`remote_files`].
+pub fn inline_files(body: &mut Value, fetched: Vec<(String, String)>) {
+    let mut fetched = fetched.into_iter();
+    let turns = body.get_mut("contents").and_then(Value::as_array_mut);
+    for turn in turns.into_iter().flatten() {
+        let parts = turn.get_mut("parts").and_then(Value::as_array_mut);
+        for part in parts.into_iter().flatten() {
+            let remote = part
+                .pointer("/fileData/fileUri")
+                .and_then(Value::as_str)
+                .is_some_and(|u| !google_reads(u));
+            if remote {
+                if let Some((mime, data)) = fetched.next() {
+                    *part = json!({ "inlineData": { "mimeType": mime, "data": data } });
+                }
+            }
+        }
+    }
 }
 
 /// Sampling and output settings → `generationConfig`; only what the client sent.

@@ -610,3 +610,42 @@ async fn speech_comes_back_as_wav() {
         "Kore"
     );
 }
+
+#[tokio::test]
+async fn image_urls_are_fetched_and_inlined() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let origin = fake.base_url().trim_end_matches("/v1beta").to_owned();
+    let (status, _, v) = chat(
+        &gate,
+        &json!({ "model": "gemini-2.5-flash", "messages": [{ "role": "user", "content": [
+            { "type": "text", "text": "what is it" },
+            { "type": "image_url", "image_url": { "url": format!("{origin}/_fake/files/cat.png") } }
+        ] }] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let part = &last_body(&fake)["contents"][0]["parts"][1]["inlineData"];
+    assert_eq!(part["mimeType"], "image/png");
+    assert!(
+        part["data"].as_str().unwrap().starts_with("iVBOR"),
+        "{part}"
+    );
+
+    // An image that cannot be fetched is the client's error, and says which.
+    let before = fake.state.received().len();
+    let missing = format!("{origin}/_fake/nothing-here.png");
+    let (status, _, v) = chat(
+        &gate,
+        &json!({ "model": "gemini-2.5-flash", "messages": [{ "role": "user", "content": [
+            { "type": "image_url", "image_url": { "url": missing } }
+        ] }] }),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("nothing-here.png"));
+    assert_eq!(fake.state.received().len(), before, "no Gemini call");
+}
