@@ -633,7 +633,13 @@ impl Gateway {
                         } else {
                             format!(" for {}", req.model)
                         };
-                        let e = GateError::new(503, format!("no usable Gemini API key{what}: {cooling} cooling down after quota errors, {disabled} disabled"))
+                        // OpenAI clients expect a rate limit as 429; Gemini clients get 503.
+                        let status = if x.protocol == Protocol::OpenAi && cooling > 0 {
+                            429
+                        } else {
+                            503
+                        };
+                        let e = GateError::new(status, format!("no usable Gemini API key{what}: {cooling} cooling down after quota errors, {disabled} disabled"))
                             .retry_after(retry_at_ms.map(|at| seconds_until(at, now)));
                         return Finished::Refused(Refusal::Gate(e));
                     }

@@ -299,7 +299,7 @@ async fn errors_come_in_openai_shape() {
     assert!(headers.contains_key("retry-after"));
     assert_eq!(v["error"]["type"], "rate_limit_exceeded");
     let (status, headers, v) = chat(&gate, &body).await;
-    assert_eq!(status, 503, "{v}");
+    assert_eq!(status, 429, "every key cooling: {v}");
     assert!(headers.contains_key("retry-after"));
     assert!(v["error"]["message"].as_str().unwrap().contains("cooling"));
 }

@@ -87,6 +87,13 @@ check("embeddings", len(e.data) == 2 and len(e.data[0].embedding) == 8, e)
 e = client.embeddings.create(model="text-embedding-004", input="a", encoding_format="base64")
 check("embeddings base64", len(e.data) == 1, e)
 
+img = client.images.generate(model="imagen-3.0-generate-002", prompt="a red square", n=2,
+                             size="1024x1024", response_format="b64_json")
+check("images", len(img.data) == 2 and img.data[0].b64_json.startswith("iVBOR"), img)
+
+speech = client.audio.speech.create(model="tts-1", voice="alloy", input="hello")
+check("speech", speech.content[:4] == b"RIFF", speech.content[:16])
+
 ids = [m.id for m in client.models.list()]
 check("models", "gemini-2.5-flash" in ids and "gemini-2.5-flash-search" in ids, ids)
 
@@ -95,6 +102,12 @@ try:
     check("unknown model", False, "no error")
 except openai.NotFoundError as err:
     check("unknown model", "no-such-model" in str(err), err)
+
+try:
+    client.chat.completions.create(model="gemini-2.5-flash", messages=[{"role": "robot", "content": "x"}])
+    check("bad request", False, "no error")
+except openai.BadRequestError as err:
+    check("bad request", err.body.get("param") == "messages[0].role", err.body)
 
 bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
 try:
