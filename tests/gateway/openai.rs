@@ -649,3 +649,20 @@ async fn image_urls_are_fetched_and_inlined() {
         .contains("nothing-here.png"));
     assert_eq!(fake.state.received().len(), before, "no Gemini call");
 }
+
+#[tokio::test]
+async fn model_suffix_plugins_apply_to_openai_clients() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let (status, _, v) = chat(
+        &gate,
+        &json!({ "model": "gemini-2.5-flash-search", "messages": [{ "role": "user", "content": "news" }] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        fake.state.last_received().unwrap().path,
+        "/v1beta/models/gemini-2.5-flash:generateContent"
+    );
+    assert_eq!(last_body(&fake)["tools"], json!([{ "googleSearch": {} }]));
+}
