@@ -188,6 +188,26 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
             json!({ "functionCallingConfig": config }),
         );
     }
+    // Gemini's own settings, which OpenAI clients send as extra body fields (top level, or in
+    // `extra_body.google` as Google's OpenAI-compatible API takes them): kept, never dropped.
+    let google = body.pointer("/extra_body/google");
+    for (names, to) in [
+        (["safety_settings", "safetySettings"], "safetySettings"),
+        (["cached_content", "cachedContent"], "cachedContent"),
+    ] {
+        let given = names
+            .iter()
+            .find_map(|n| obj.get(*n).or_else(|| google.and_then(|g| g.get(*n))));
+        if let Some(v) = given.filter(|v| !v.is_null()) {
+            out.insert(to.into(), v.clone());
+        }
+    }
+    if let Some(thinking) =
+        google.and_then(|g| g.get("thinking_config").or_else(|| g.get("thinkingConfig")))
+    {
+        let config = out.entry("generationConfig").or_insert_with(|| json!({}));
+        config["thinkingConfig"] = thinking.clone();
+    }
     Ok(ChatCall {
         model,
         stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
@@ -906,6 +926,22 @@ mod tests {
             json!({ "type": "object", "properties": {} })
         );
         assert_eq!(b["toolConfig"]["functionCallingConfig"]["mode"], "ANY");
+    }
+
+    #[test]
+    fn gemini_settings_sent_as_extra_fields_are_kept() {
+        let call = request(&json!({
+            "model": "m", "messages": [{ "role": "user", "content": "hi" }],
+            "safety_settings": [{ "category": "HARM_CATEGORY_HATE_SPEECH", "threshold": "BLOCK_NONE" }],
+            "extra_body": { "google": { "cached_content": "cachedContents/abc", "thinking_config": { "thinkingBudget": 5 } } }
+        }))
+        .unwrap();
+        assert_eq!(call.body["safetySettings"][0]["threshold"], "BLOCK_NONE");
+        assert_eq!(call.body["cachedContent"], "cachedContents/abc");
+        assert_eq!(
+            call.body["generationConfig"]["thinkingConfig"]["thinkingBudget"],
+            5
+        );
     }
 
     #[test]
