@@ -54,6 +54,15 @@ fn pacing(gen: &Generation) -> Option<chat::Pacing> {
     })
 }
 
+/// A translated call to be answered whole.
+struct Whole<'a> {
+    model: &'a str,
+    action: &'a str,
+    body: &'a Value,
+    /// With `PAID_KEY`, when it is set.
+    paid: bool,
+}
+
 /// Parses a JSON request body, or says what is wrong with it.
 fn json_body(raw: &[u8]) -> Result<Value, Refusal> {
     serde_json::from_slice(raw).map_err(|e| {
@@ -254,19 +263,14 @@ impl Gateway {
     ) -> Result<Outcome, Refusal> {
         let raw = read_body(s, gen.config.max_body_bytes).await?;
         let mut call = embeddings::request(&json_body(&raw)?).map_err(bad)?;
-        x.model.clone_from(&call.model);
-        let rewrite = self.on_request(gen, s, &call.model, call.action, false, x)?;
-        if let Some(m) = &rewrite.model {
-            call.model.clone_from(m);
-            x.model.clone_from(m);
-        }
-        let path = format!(
-            "{}/models/{}:{}",
-            gen.target.base.path, call.model, call.action
-        );
-        let body = Bytes::from(serde_json::to_vec(&call.body).expect("JSON serialises"));
-        let up = self.gemini_call(gen, s, &path, "", body, &rewrite)?;
-        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        let whole = Whole {
+            model: &call.model,
+            action: call.action,
+            body: &call.body,
+            paid: false,
+        };
+        let (answer, model) = self.whole(gen, s, whole, x).await?;
+        call.model = model;
         let out = embeddings::response(&call, &answer);
         Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
     }
@@ -281,8 +285,7 @@ impl Gateway {
     ) -> Result<Outcome, Refusal> {
         let raw = read_body(s, gen.config.max_body_bytes).await?;
         let settings = &gen.config.file.images;
-        let mut call =
-            images::request(&json_body(&raw)?, &settings.create_image_model).map_err(bad)?;
+        let call = images::request(&json_body(&raw)?, &settings.create_image_model).map_err(bad)?;
         let host = images::Host::parse(&settings.upload_provider);
         if call.want_url && host.is_none() {
             return Err(Refusal::Gate(GateError::new(
@@ -293,17 +296,13 @@ impl Gateway {
                 ),
             )));
         }
-        x.model.clone_from(&call.model);
-        let rewrite = self.on_request(gen, s, &call.model, "predict", false, x)?;
-        if let Some(m) = &rewrite.model {
-            call.model.clone_from(m);
-            x.model.clone_from(m);
-        }
-        let path = format!("{}/models/{}:predict", gen.target.base.path, call.model);
-        let body = Bytes::from(serde_json::to_vec(&call.body).expect("JSON serialises"));
-        let mut up = self.gemini_call(gen, s, &path, "", body, &rewrite)?;
-        up.paid = true;
-        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        let whole = Whole {
+            model: &call.model,
+            action: "predict",
+            body: &call.body,
+            paid: true,
+        };
+        let (answer, _) = self.whole(gen, s, whole, x).await?;
         let mut data = Vec::new();
         for b64 in images::images(&answer) {
             let entry = match host.filter(|_| call.want_url) {
@@ -333,20 +332,14 @@ impl Gateway {
         let raw = read_body(s, gen.config.max_body_bytes).await?;
         let request = json_body(&raw)?;
         let tts = &gen.config.file.tts;
-        let mut call = speech::request(&request, &tts.model, &tts.voice_name).map_err(bad)?;
-        x.model.clone_from(&call.model);
-        let rewrite = self.on_request(gen, s, &call.model, "generateContent", false, x)?;
-        if let Some(m) = &rewrite.model {
-            call.model.clone_from(m);
-            x.model.clone_from(m);
-        }
-        let path = format!(
-            "{}/models/{}:generateContent",
-            gen.target.base.path, call.model
-        );
-        let body = Bytes::from(serde_json::to_vec(&call.body).expect("JSON serialises"));
-        let up = self.gemini_call(gen, s, &path, "", body, &rewrite)?;
-        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        let call = speech::request(&request, &tts.model, &tts.voice_name).map_err(bad)?;
+        let whole = Whole {
+            model: &call.model,
+            action: "generateContent",
+            body: &call.body,
+            paid: false,
+        };
+        let (answer, _) = self.whole(gen, s, whole, x).await?;
         let (b64, rate) = speech::audio(&answer).ok_or_else(|| {
             Refusal::Gate(GateError::new(502, "the TTS model answered without audio"))
         })?;
@@ -451,6 +444,31 @@ impl Gateway {
                 "the image host {host:?} refused the upload (HTTP {status}): {body}"
             ))
         })
+    }
+
+    /// A translated call answered whole: `on_request` plugins for its model, then the attempt
+    /// loop; returns Google's JSON answer and the model that served it.
+    async fn whole(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        call: Whole<'_>,
+        x: &mut Exchange,
+    ) -> Result<(Value, String), Refusal> {
+        x.model = call.model.to_owned();
+        let rewrite = self.on_request(gen, s, call.model, call.action, false, x)?;
+        if let Some(m) = &rewrite.model {
+            x.model.clone_from(m);
+        }
+        let model = x.model.clone();
+        let path = format!("{}/models/{model}:{}", gen.target.base.path, call.action);
+        let mut body = call.body.clone();
+        rewrite_value(&mut body, &rewrite)?;
+        let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
+        let mut up = self.gemini_call(gen, s, &path, "", body, &rewrite)?;
+        up.paid = call.paid;
+        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        Ok((answer, model))
     }
 
     /// An upstream request for a translated call: `path` and `query` on the Gemini API, `body`
