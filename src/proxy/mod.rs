@@ -340,7 +340,8 @@ impl Gateway {
             }
             Route::Admin(call) => {
                 x.action = "admin".into();
-                match self.admin(gen, s, call).await {
+                // Rare routes are boxed: their state stays out of every request's future.
+                match Box::pin(self.admin(gen, s, call)).await {
                     Ok(body) => send(s, x, 200, body).await,
                     Err(e) => send_gate(s, x, &e).await,
                 }
@@ -356,7 +357,7 @@ impl Gateway {
             Route::OpenAi(call) => {
                 x.protocol = Protocol::OpenAi;
                 x.action = call.action().to_owned();
-                match self.openai(gen, s, call, x).await {
+                match Box::pin(self.openai(gen, s, call, x)).await {
                     Ok(outcome) => outcome,
                     Err(refusal) => self.refuse(gen, s, x, refusal).await,
                 }
@@ -364,7 +365,7 @@ impl Gateway {
             Route::GoogleOpenAi(rest) => {
                 x.protocol = Protocol::GoogleOpenAi;
                 x.action = format!("openai/{rest}");
-                match self.google_openai(gen, s, &rest, x).await {
+                match Box::pin(self.google_openai(gen, s, &rest, x)).await {
                     Ok(outcome) => outcome,
                     Err(refusal) => self.refuse(gen, s, x, refusal).await,
                 }
