@@ -14,6 +14,7 @@ pub mod openai;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod store;
 pub mod telemetry;
 pub mod templates;
 
@@ -70,7 +71,27 @@ pub fn run(config: Config, source: Source) -> ! {
         tracing::warn!("no client token is configured: proxy calls will answer 401 until ALLOWED_TOKENS is set");
     }
 
-    let state = match State::new(config, source) {
+    // Key health from the last run: a disabled key stays out, a cooling key waits.
+    let store = match store::Store::open(&config.data_dir) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            telemetry::flush();
+            std::process::exit(2);
+        }
+    };
+    let lasting = proxy::Lasting::default();
+    match store.load_keys() {
+        Ok(saved) => {
+            let restored = store::restore(&lasting.registry, saved, keys::clock::now_ms());
+            if restored > 0 {
+                tracing::info!(keys = restored, "key state restored");
+            }
+        }
+        Err(e) => tracing::error!("cannot read saved key state, starting fresh: {e}"),
+    }
+    store::start_flusher(store.clone(), lasting.registry.clone());
+    let state = match State::new(config, source, lasting) {
         Ok(state) => state,
         Err(e) => {
             tracing::error!("cannot start: {e}");
@@ -81,6 +102,8 @@ pub fn run(config: Config, source: Source) -> ! {
     log_plugins(&state);
     reload::watch(state.clone());
     let in_flight = state.in_flight();
+    let registry = state.lasting.registry.clone();
+    let last_flush = move || store::flush(&store, &registry);
 
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
@@ -92,7 +115,7 @@ pub fn run(config: Config, source: Source) -> ! {
     let phases = server.watch_execution_phase();
     std::thread::Builder::new()
         .name("gemgate-drain".into())
-        .spawn(move || exit_when_drained(phases, in_flight, grace))
+        .spawn(move || exit_when_drained(phases, in_flight, grace, last_flush))
         .expect("spawn the drain watcher");
     server.run_forever()
 }
@@ -114,6 +137,7 @@ fn exit_when_drained(
     mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
     in_flight: Arc<AtomicUsize>,
     grace: Duration,
+    last_flush: impl FnOnce(),
 ) {
     loop {
         match phases.blocking_recv() {
@@ -137,6 +161,7 @@ fn exit_when_drained(
     } else {
         tracing::info!("all requests finished: exiting");
     }
+    last_flush();
     telemetry::flush();
     std::process::exit(0);
 }

@@ -49,9 +49,36 @@ pub struct KeyState {
     cooling_until_max: AtomicU64,
     cooldowns: ArcSwap<Vec<Cooldown>>,
     detail: Mutex<KeyDetail>,
+    /// Changed since the store last saved it.
+    dirty: AtomicBool,
 }
 
 impl KeyState {
+    /// Asks the store to save this key's state.
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Relaxed);
+    }
+
+    /// Puts saved state back (at start, from the store).
+    pub fn restore(
+        &self,
+        disabled: bool,
+        disabled_reason: Option<String>,
+        consecutive_failures: u32,
+        last_error: Option<String>,
+        cooldowns: Vec<Cooldown>,
+    ) {
+        self.disabled.store(disabled, Relaxed);
+        self.consecutive_failures
+            .store(consecutive_failures, Relaxed);
+        let latest = cooldowns.iter().map(|c| c.until_ms).max().unwrap_or(0);
+        self.cooling_until_max.store(latest, Relaxed);
+        self.cooldowns.store(Arc::new(cooldowns));
+        let mut detail = self.detail.lock().unwrap_or_else(|e| e.into_inner());
+        detail.disabled_reason = disabled_reason;
+        detail.last_error = last_error;
+    }
+
     pub fn is_disabled(&self) -> bool {
         self.disabled.load(Relaxed)
     }
@@ -109,6 +136,7 @@ impl KeyState {
     /// Cools the key for `model` until `until_ms`; an existing longer cooldown (a daily quota
     /// answered by a concurrent request) is kept.
     fn cool(&self, model: &str, until_ms: u64, class: &'static str, now_ms: u64) {
+        self.mark_dirty();
         self.cooling_until_max.fetch_max(until_ms, Relaxed);
         self.cooldowns.rcu(|old| {
             let mut next: Vec<Cooldown> = old
@@ -140,11 +168,13 @@ impl KeyState {
         // Avoid a store (and a cache-line bounce) when there is nothing to reset.
         if self.consecutive_failures.load(Relaxed) != 0 {
             self.consecutive_failures.store(0, Relaxed);
+            self.mark_dirty();
         }
     }
 
     /// Marks the key disabled with `reason`.
     pub fn disable(&self, reason: impl Into<String>) {
+        self.mark_dirty();
         self.disabled.store(true, Relaxed);
         self.detail
             .lock()
@@ -154,6 +184,7 @@ impl KeyState {
 
     /// Returns a disabled or cooling key to the pool.
     pub fn enable(&self) {
+        self.mark_dirty();
         self.disabled.store(false, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         self.cooldowns.store(Arc::new(Vec::new()));
@@ -176,6 +207,16 @@ impl KeyRegistry {
     pub fn state(&self, id: &str) -> Arc<KeyState> {
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         states.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// The keys whose state changed since the last call, marked clean.
+    pub fn take_dirty(&self) -> Vec<(String, Arc<KeyState>)> {
+        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states
+            .iter()
+            .filter(|(_, s)| s.dirty.swap(false, Relaxed))
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect()
     }
 }
 
@@ -371,6 +412,7 @@ impl KeyPool {
         }
         match verdict {
             KeyVerdict::Fault => {
+                state.mark_dirty();
                 let count = state.consecutive_failures.fetch_add(1, Relaxed) + 1;
                 if count >= self.max_failures && !state.is_disabled() {
                     state.disable(format!(

@@ -148,7 +148,7 @@ impl Generation {
 /// plugin failure counts.
 #[derive(Default)]
 pub struct Lasting {
-    pub registry: KeyRegistry,
+    pub registry: Arc<KeyRegistry>,
     pub counters: Arc<Counters>,
     pub stats: Arc<PolicyStats>,
 }
@@ -164,9 +164,9 @@ pub struct State {
 }
 
 impl State {
-    /// The state of a starting gateway, serving generation 1 built from `config`.
-    pub fn new(config: Config, source: Source) -> Result<Arc<State>, BuildError> {
-        let lasting = Lasting::default();
+    /// The state of a starting gateway, serving generation 1 built from `config` over
+    /// `lasting` (key state restored from the store).
+    pub fn new(config: Config, source: Source, lasting: Lasting) -> Result<Arc<State>, BuildError> {
         let first = Generation::build(config, 1, &lasting, None)?;
         Ok(Arc::new(State {
             current: ArcSwap::from_pointee(first),

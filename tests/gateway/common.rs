@@ -20,6 +20,7 @@ pub struct Gate {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 /// How to start gemgate: config text, environment, and an optional `.env` file.
@@ -113,28 +114,13 @@ impl GateBuilder {
                 std::fs::write(dir.path().join(format!("plugins/{name}.lua")), code).unwrap();
             }
         }
-        let addr = free_addr();
-        let log = std::fs::File::create(dir.path().join("gemgate.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_gemgate"))
-            .arg("--config")
-            .arg(dir.path().join("gemgate.toml"))
-            .current_dir(dir.path())
-            .env_clear()
-            .env("GEMGATE_LISTEN", addr.to_string())
-            .env("GEMGATE_THREADS", "2")
-            .env("GEMGATE_DATA_DIR", dir.path().join("data"))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start gemgate");
         let mut gate = Gate {
-            addr,
+            addr: free_addr(),
             dir,
-            child: Some(child),
+            child: None,
+            env: self.env,
         };
-        gate.wait_ready().await;
+        gate.spawn().await;
         gate
     }
 }
@@ -148,6 +134,40 @@ pub fn free_addr() -> SocketAddr {
 }
 
 impl Gate {
+    /// Starts the gemgate process (appending to its log) and waits until it listens.
+    async fn spawn(&mut self) {
+        let dir = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("gemgate.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gemgate"))
+            .arg("--config")
+            .arg(dir.join("gemgate.toml"))
+            .current_dir(dir)
+            .env_clear()
+            .env("GEMGATE_LISTEN", self.addr.to_string())
+            .env("GEMGATE_THREADS", "2")
+            .env("GEMGATE_DATA_DIR", dir.join("data"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start gemgate");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    /// Stops gemgate with `signal` (`TERM`, or `KILL` for a crash) and starts it again on the
+    /// same folder, data and port.
+    pub async fn restart(&mut self, signal: &str) {
+        self.signal(signal);
+        self.wait_exit(Duration::from_secs(10)).await;
+        self.spawn().await;
+    }
+
     async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {

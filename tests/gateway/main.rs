@@ -9,4 +9,5 @@ mod plugins;
 mod proxying;
 mod reload;
 mod sdk;
+mod state;
 mod streaming;

@@ -1,0 +1,280 @@
+//! Durable state in one redb file under the data folder: each key's health (disabled flag and
+//! reason, per-model cooldowns, consecutive failures, last error), restored at start.
+//!
+//! The request path never touches the file. A key whose state changes marks itself dirty; a
+//! background thread writes the dirty keys in one transaction every [`FLUSH_EVERY`], and once
+//! more on shutdown, so a crash loses at most the last second.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{Cooldown, KeyRegistry, KeyState};
+
+/// The layout version this gemgate writes; older files are migrated, newer ones refused.
+pub const SCHEMA_VERSION: u64 = 1;
+/// How often dirty key state is committed.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Key id → [`SavedKey`] as JSON.
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_state");
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("{path} was written by a newer gemgate (data layout {found}, this one knows up to {SCHEMA_VERSION}); use that version or move the file away")]
+    Newer { path: PathBuf, found: u64 },
+    #[error("{0}")]
+    Io(String),
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// One key's health as stored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SavedKey {
+    pub disabled: bool,
+    pub disabled_reason: Option<String>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    pub cooldowns: Vec<SavedCooldown>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SavedCooldown {
+    pub model: String,
+    pub until_ms: u64,
+    pub class: String,
+}
+
+/// The redb file.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) `data_dir/gemgate.redb`, migrating an older layout forward.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let path = data_dir.join("gemgate.redb");
+        let open_err = |m: String| StoreError::Open {
+            path: path.clone(),
+            message: m,
+        };
+        std::fs::create_dir_all(data_dir).map_err(|e| open_err(e.to_string()))?;
+        let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
+        let store = Store { db, path };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut meta = tx.open_table(META).map_err(io)?;
+            let found = meta
+                .get("schema_version")
+                .map_err(io)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::Newer {
+                    path: self.path.clone(),
+                    found,
+                });
+            }
+            // Version 0 is a new file: nothing to carry forward yet.
+            meta.insert("schema_version", SCHEMA_VERSION).map_err(io)?;
+            tx.open_table(KEYS).map_err(io)?;
+        }
+        tx.commit().map_err(io)
+    }
+
+    /// Every saved key state.
+    pub fn load_keys(&self) -> Result<Vec<(String, SavedKey)>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let table = tx.open_table(KEYS).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(io)? {
+            let (id, value) = row.map_err(io)?;
+            match serde_json::from_slice::<SavedKey>(value.value()) {
+                Ok(saved) => out.push((id.value().to_owned(), saved)),
+                Err(e) => tracing::warn!(key = id.value(), "ignoring unreadable key state: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes these key states in one transaction.
+    pub fn save_keys(&self, keys: &[(String, SavedKey)]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut table = tx.open_table(KEYS).map_err(io)?;
+            for (id, saved) in keys {
+                let bytes = serde_json::to_vec(saved).map_err(io)?;
+                table.insert(id.as_str(), bytes.as_slice()).map_err(io)?;
+            }
+        }
+        tx.commit().map_err(io)
+    }
+}
+
+/// A key's state as it is to be saved (expired cooldowns dropped).
+pub fn snapshot(state: &KeyState, now_ms: u64) -> SavedKey {
+    let detail = state.detail();
+    SavedKey {
+        disabled: state.is_disabled(),
+        disabled_reason: detail.disabled_reason,
+        consecutive_failures: state.consecutive_failures(),
+        last_error: detail.last_error,
+        cooldowns: state
+            .cooldowns(now_ms)
+            .into_iter()
+            .map(|c| SavedCooldown {
+                model: c.model.into(),
+                until_ms: c.until_ms,
+                class: c.class.to_owned(),
+            })
+            .collect(),
+    }
+}
+
+/// Puts saved state back into the registry (cooldowns that have ended are skipped).
+pub fn restore(registry: &KeyRegistry, saved: Vec<(String, SavedKey)>, now_ms: u64) -> usize {
+    let mut restored = 0;
+    for (id, s) in saved {
+        let cooldowns: Vec<Cooldown> = s
+            .cooldowns
+            .iter()
+            .filter(|c| c.until_ms > now_ms)
+            .map(|c| Cooldown {
+                model: c.model.as_str().into(),
+                until_ms: c.until_ms,
+                class: class_name(&c.class),
+            })
+            .collect();
+        if !s.disabled && cooldowns.is_empty() && s.consecutive_failures == 0 {
+            continue;
+        }
+        registry.state(&id).restore(
+            s.disabled,
+            s.disabled_reason,
+            s.consecutive_failures,
+            s.last_error,
+            cooldowns,
+        );
+        restored += 1;
+    }
+    restored
+}
+
+/// The static name of a stored error class.
+fn class_name(stored: &str) -> &'static str {
+    const NAMES: &[&str] = &[
+        "rate_limited",
+        "daily_quota",
+        "policy",
+        "key_invalid",
+        "key_forbidden",
+        "upstream_error",
+        "timeout",
+        "network",
+        "client_error",
+    ];
+    NAMES
+        .iter()
+        .find(|n| **n == stored)
+        .copied()
+        .unwrap_or("rate_limited")
+}
+
+/// Starts the flusher: every [`FLUSH_EVERY`], the keys marked dirty are written.
+pub fn start_flusher(store: Arc<Store>, registry: Arc<KeyRegistry>) {
+    let spawned = std::thread::Builder::new()
+        .name("gemgate-store".into())
+        .spawn(move || loop {
+            std::thread::sleep(FLUSH_EVERY);
+            flush(&store, &registry);
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the store flusher, key state will not be saved: {e}");
+    }
+}
+
+/// Writes every dirty key now. Failures are logged; the keys stay dirty and are tried again.
+pub fn flush(store: &Store, registry: &KeyRegistry) {
+    let now = crate::keys::clock::now_ms();
+    let dirty = registry.take_dirty();
+    if dirty.is_empty() {
+        return;
+    }
+    let rows: Vec<(String, SavedKey)> = dirty
+        .iter()
+        .map(|(id, state)| (id.clone(), snapshot(state, now)))
+        .collect();
+    if let Err(e) = store.save_keys(&rows) {
+        tracing::error!("cannot save key state: {e}");
+        for (_, state) in dirty {
+            state.mark_dirty();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_state_round_trips_and_newer_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let saved = SavedKey {
+            disabled: true,
+            disabled_reason: Some("key_invalid after 3 consecutive failures".into()),
+            consecutive_failures: 3,
+            last_error: Some("key_invalid: API key not valid".into()),
+            cooldowns: vec![SavedCooldown {
+                model: "m".into(),
+                until_ms: u64::MAX / 2,
+                class: "daily_quota".into(),
+            }],
+        };
+        store.save_keys(&[("k1".into(), saved.clone())]).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.load_keys().unwrap(),
+            vec![("k1".into(), saved.clone())]
+        );
+
+        let registry = KeyRegistry::default();
+        assert_eq!(restore(&registry, store.load_keys().unwrap(), 0), 1);
+        let state = registry.state("k1");
+        assert!(state.is_disabled());
+        assert!(state.cooling_until("m", 1).is_some());
+        assert_eq!(snapshot(&state, 0), saved);
+
+        {
+            let tx = store.db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", SCHEMA_VERSION + 1)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        drop(store);
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("newer gemgate"), "{err}");
+    }
+}

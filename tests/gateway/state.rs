@@ -1,0 +1,115 @@
+//! Key health survives restarts, crashes included (redb under GEMGATE_DATA_DIR).
+
+use std::time::Duration;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn disabled_and_cooling_keys_stay_out_after_a_restart() {
+    let fake = fake().await;
+    let mut gate = gate()
+        .upstream(&fake, &["invalid-1", "minute-2", "good-3"])
+        .env("MAX_FAILURES", "1")
+        .start()
+        .await;
+    assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+    assert_eq!(
+        fake.state.total_requests(),
+        3,
+        "invalid-1, minute-2, then good-3"
+    );
+
+    gate.restart("TERM").await;
+    fake.state.reset();
+    for _ in 0..3 {
+        assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+    }
+    assert_eq!(
+        fake.state.requests_by_key().keys().collect::<Vec<_>>(),
+        ["good-3"],
+        "the disabled key and the cooling key were not tried:\n{}",
+        gate.logs()
+    );
+    assert!(
+        gate.logs().contains("key state restored keys=2"),
+        "{}",
+        gate.logs()
+    );
+    // The cooldown is per model: another model may use minute-2 at once.
+    post(
+        &gate,
+        "/v1beta/models/gemini-2.5-pro:generateContent",
+        &ask("x"),
+    )
+    .await;
+    assert_eq!(fake.state.key_stats("minute-2").requests, 1);
+}
+
+#[tokio::test]
+async fn a_crash_loses_at_most_the_last_second() {
+    let fake = fake().await;
+    let mut gate = gate()
+        .upstream(&fake, &["invalid-1", "good-2"])
+        .env("MAX_FAILURES", "1")
+        .start()
+        .await;
+    assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+    // Let the flusher commit, then crash with traffic in flight.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let url = gate.url(GENERATE);
+    let load = tokio::spawn(async move {
+        for _ in 0..200 {
+            let _ = client()
+                .post(&url)
+                .header("x-goog-api-key", TOKEN)
+                .json(&ask("load"))
+                .send()
+                .await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.restart("KILL").await;
+    load.abort();
+    fake.state.reset();
+    for _ in 0..3 {
+        assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+    }
+    assert_eq!(
+        fake.state.key_stats("invalid-1").requests,
+        0,
+        "still disabled after kill -9:\n{}",
+        gate.logs()
+    );
+}
+
+#[tokio::test]
+async fn a_data_file_from_a_newer_gemgate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = gemgate::store::Store::open(dir.path()).unwrap();
+        drop(store);
+        let db = redb::Database::open(dir.path().join("gemgate.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut meta = tx
+                .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+                .unwrap();
+            meta.insert("schema_version", 999).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gemgate"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("GEMGATE_LISTEN", free_addr().to_string())
+        .env("GEMGATE_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("newer gemgate"), "{text}");
+}
