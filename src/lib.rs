@@ -7,6 +7,7 @@
 //! `main.rs` only parses arguments; [`run`] builds and runs the pingora server from a validated
 //! [`config::Config`], so tests and the binary take the same path.
 
+pub mod checks;
 pub mod config;
 pub mod fake;
 pub mod keys;
@@ -55,7 +56,7 @@ pub fn run(config: Config, source: Source) -> ! {
         listen = %listen,
         keys = config.keys.len(),
         tokens = config.tokens.len(),
-        upstream = %format!("{}://{}{}", if config.base_url.tls { "https" } else { "http" }, config.base_url.authority, config.base_url.path),
+        upstream = %config.base_url,
         config = %config.path.as_ref().map_or("embedded defaults".into(), |p| p.display().to_string()),
         "gemgate starting"
     );
@@ -107,7 +108,9 @@ pub fn run(config: Config, source: Source) -> ! {
 
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let gateway = Gateway::new(state);
+    let side = proxy::side_client();
+    checks::start(state.clone(), side.clone());
+    let gateway = Gateway::new(state, side);
     let mut service = Service::new("gemgate".to_owned(), gateway);
     service.add_tcp(&listen);
     server.add_service(service);

@@ -411,6 +411,14 @@ pub struct BaseUrl {
     pub authority: String,
 }
 
+impl fmt::Display for BaseUrl {
+    /// The URL again: `https://generativelanguage.googleapis.com/v1beta`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.path)
+    }
+}
+
 impl BaseUrl {
     pub fn parse(raw: &str) -> Result<BaseUrl, String> {
         let uri: http::Uri = raw

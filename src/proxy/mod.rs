@@ -206,8 +206,8 @@ impl State {
 pub struct Gateway {
     state: Arc<State>,
     connector: Connector,
-    /// For side calls (image hosts, image URLs), made on first use.
-    side: std::sync::OnceLock<reqwest::Client>,
+    /// For side calls (image hosts, image URLs).
+    side: reqwest::Client,
 }
 
 /// Whether the downstream connection may serve another request.
@@ -284,25 +284,18 @@ struct UpstreamRequest {
 }
 
 impl Gateway {
-    pub fn new(state: Arc<State>) -> Gateway {
+    /// `side` makes gemgate's side calls (image hosts, image URLs): see [`side_client`].
+    pub fn new(state: Arc<State>, side: reqwest::Client) -> Gateway {
         Gateway {
             state,
             // Only makes new connections: idle ones are kept by `Target`.
             connector: Connector::new(None),
-            side: std::sync::OnceLock::new(),
+            side,
         }
     }
 
-    /// The HTTP client for side calls: bounded in time, no redirects to elsewhere.
     fn side_client(&self) -> &reqwest::Client {
-        self.side.get_or_init(|| {
-            reqwest::Client::builder()
-                .timeout(SIDE_CALL_TIMEOUT)
-                .connect_timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::limited(3))
-                .build()
-                .expect("an HTTP client with these settings")
-        })
+        &self.side
     }
 
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
@@ -980,6 +973,17 @@ impl HttpServerApp for Gateway {
             Err(_) => None,
         }
     }
+}
+
+/// The HTTP client for side calls (image hosts, image URLs, key checks): bounded in time, few
+/// redirects.
+pub fn side_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(SIDE_CALL_TIMEOUT)
+        .connect_timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::limited(3))
+        .build()
+        .expect("an HTTP client with these settings")
 }
 
 /// Counts a request in flight until dropped, however the request ends.

@@ -113,3 +113,37 @@ async fn a_data_file_from_a_newer_gemgate_is_refused() {
     );
     assert!(text.contains("newer gemgate"), "{text}");
 }
+
+#[tokio::test]
+async fn disabled_keys_are_probed_and_return_when_healthy() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["invalid-1", "good-2"])
+        .env("MAX_FAILURES", "1")
+        // About a second between checks.
+        .env("CHECK_INTERVAL_HOURS", "0.0003")
+        .env("TEST_MODEL", "gemini-2.5-flash")
+        .start()
+        .await;
+    assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+    let logs = gate.wait_log("check: key still failing").await;
+    assert!(logs.contains("class=key_invalid"), "{logs}");
+
+    // The key is fixed (say, billing was restored): the next check brings it back.
+    fake.state.set_behaviour("invalid-1", Behaviour::Valid);
+    gate.wait_log("back in the pool").await;
+    fake.state.reset();
+    for _ in 0..2 {
+        post(&gate, GENERATE, &ask("x")).await;
+    }
+    assert!(fake.state.key_stats("invalid-1").requests >= 1);
+    // Probes are not client traffic: no access log line for them (lines are written in the
+    // background: give them a moment).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let access_lines = gate
+        .logs()
+        .lines()
+        .filter(|l| l.contains("gemgate::access"))
+        .count();
+    assert_eq!(access_lines, 3, "{}", gate.logs());
+}

@@ -1,0 +1,134 @@
+//! Recovery checks: every `CHECK_INTERVAL_HOURS`, disabled keys are probed with a cheap call on
+//! `TEST_MODEL`; a key that answers well returns to the pool.
+//!
+//! Probes go straight to the upstream, a few at a time, outside the request path: they are not
+//! client traffic and change no key's counters but the probed key's health.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::keys::taxonomy::classify;
+use crate::keys::Key;
+use crate::proxy::State;
+
+/// Probes run at most this many at once.
+const CONCURRENCY: usize = 4;
+/// A probe gets this long to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a probe went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Healthy,
+    /// The upstream's status (0: no answer), the error class and the message.
+    Failing(u16, &'static str, String),
+}
+
+/// Calls `TEST_MODEL` once with `key`.
+pub async fn probe(client: &reqwest::Client, base: &str, test_model: &str, key: &Key) -> Probe {
+    let url = format!("{base}/models/{test_model}:generateContent");
+    let body = serde_json::json!({
+        "contents": [{ "role": "user", "parts": [{ "text": "hi" }] }],
+        "generationConfig": { "maxOutputTokens": 1 },
+    });
+    let sent = client
+        .post(url)
+        .header("x-goog-api-key", key.header.clone())
+        .json(&body)
+        .timeout(PROBE_TIMEOUT)
+        .send()
+        .await;
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => return Probe::Failing(0, "network", e.without_url().to_string()),
+    };
+    let status = resp.status().as_u16();
+    if (200..300).contains(&status) {
+        return Probe::Healthy;
+    }
+    let body = resp.bytes().await.unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("HTTP {status}"));
+    Probe::Failing(status, classify(status, &body).as_str(), message)
+}
+
+/// Probes every disabled key of the current pool; returns (recovered, still failing).
+pub async fn check_disabled(state: &State, client: &reqwest::Client) -> (usize, usize) {
+    let gen = state.current.load_full();
+    let base = gen.config.base_url.to_string();
+    let test_model = crate::config::model_name(&gen.config.file.keys.test_model).to_owned();
+    let disabled: Vec<usize> = (0..gen.pool.keys().len())
+        .filter(|&i| gen.pool.get(i).state.is_disabled())
+        .collect();
+    let (mut recovered, mut failing) = (0, 0);
+    for batch in disabled.chunks(CONCURRENCY) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for &i in batch {
+            let (gen, client, base, test_model) = (
+                gen.clone(),
+                client.clone(),
+                base.clone(),
+                test_model.clone(),
+            );
+            tasks.spawn(async move {
+                let key = gen.pool.get(i);
+                let result = probe(&client, &base, &test_model, key).await;
+                (i, result)
+            });
+        }
+        while let Some(Ok((i, result))) = tasks.join_next().await {
+            let key = gen.pool.get(i);
+            match result {
+                Probe::Healthy => {
+                    key.state.enable();
+                    recovered += 1;
+                    tracing::info!(key = %key.spec.id, label = %key.spec.label, "check: key answers again, back in the pool");
+                }
+                Probe::Failing(status, class, message) => {
+                    failing += 1;
+                    tracing::info!(key = %key.spec.id, label = %key.spec.label, status, class, "check: key still failing: {message}");
+                }
+            }
+        }
+    }
+    (recovered, failing)
+}
+
+/// Starts the periodic check, if `CHECK_INTERVAL_HOURS` is not 0. The interval is read from
+/// the current config each round, so a reload changes it.
+pub fn start(state: Arc<State>, client: reqwest::Client) {
+    let spawned = std::thread::Builder::new()
+        .name("gemgate-checks".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("cannot start the key checks: {e}");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                loop {
+                    let hours = state.current.load().config.file.keys.check_interval_hours;
+                    if hours <= 0.0 {
+                        // Off: look again in a minute, in case a reload turns it on.
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        continue;
+                    }
+                    tokio::time::sleep(Duration::from_secs_f64((hours * 3600.0).max(1.0))).await;
+                    let (recovered, failing) = check_disabled(&state, &client).await;
+                    if recovered + failing > 0 {
+                        tracing::info!(recovered, failing, "check of disabled keys done");
+                    }
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the key checks: {e}");
+    }
+}
