@@ -5,6 +5,7 @@
 //! needs the error's *body* (DESIGN.md, "Errors from Gemini"), and a retry must resend a body of
 //! any size.
 
+mod admin;
 pub mod auth;
 mod openai;
 pub mod reply;
@@ -43,7 +44,7 @@ use crate::reload::{self, ReloadStatus, Source};
 use crate::templates::{TemplateError, Templates};
 use auth::Tokens;
 use reply::{GateError, Protocol};
-use route::{AdminCall, NativeCall, Route};
+use route::{NativeCall, Route};
 use upstream::Target;
 
 /// Largest upstream error body read for classification and relay.
@@ -417,59 +418,6 @@ impl Gateway {
             headers: &req.headers,
         };
         gen.policy.on_request(&info, &mut x.shared).map_err(denied)
-    }
-
-    /// The admin JSON API. Needs `Authorization: Bearer <AUTH_TOKEN>`.
-    async fn admin(
-        &self,
-        gen: &Generation,
-        s: &mut ServerSession,
-        call: AdminCall,
-    ) -> Result<Bytes, GateError> {
-        let req = s.req_header();
-        let Some(admin) = &gen.config.auth_token else {
-            return Err(GateError::new(
-                403,
-                "the admin API is off: set AUTH_TOKEN to turn it on",
-            ));
-        };
-        let presented = req
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !auth::same_secret(presented.trim(), admin.expose()) {
-            return Err(GateError::new(
-                401,
-                "the admin API needs Authorization: Bearer <AUTH_TOKEN>",
-            ));
-        }
-        match (call, &req.method) {
-            (AdminCall::Reload, &http::Method::GET) => {}
-            (AdminCall::Reload, &http::Method::POST) => {
-                let state = self.state.clone();
-                // Reading files and compiling plugins is blocking work.
-                let _ = tokio::task::spawn_blocking(move || reload::reload(&state)).await;
-            }
-            (AdminCall::Reload, m) => {
-                return Err(GateError::new(
-                    405,
-                    format!("{m} is not allowed here; use GET or POST"),
-                ))
-            }
-        }
-        let current = self.state.current.load();
-        let body = serde_json::json!({
-            "generation": current.id,
-            "reload": self.state.reload_status(),
-            "plugins": current.policy.plugins,
-            "templates": current.templates.names,
-            "plugin_errors": self.state.lasting.stats.snapshot().into_iter()
-                .map(|(plugin, hook, count)| serde_json::json!({"plugin": plugin, "hook": hook, "count": count}))
-                .collect::<Vec<_>>(),
-        });
-        Ok(Bytes::from(body.to_string()))
     }
 
     /// A Gemini-native call: checks, then the attempt loop.

@@ -48,6 +48,22 @@ impl NativeCall {
 pub enum AdminCall {
     /// `GET`: the current generation and the last reload; `POST`: reload now.
     Reload,
+    /// `GET /admin/api/keys`: every key with its state (paginated, searchable).
+    Keys,
+    /// `POST /admin/api/keys/verify`: probe the keys named in the body (all disabled ones when
+    /// none are named).
+    VerifyKeys,
+    /// `POST /admin/api/keys/{id}/{verify|reset|enable|disable}`.
+    KeyAction { id: String, action: KeyAction },
+}
+
+/// What an operator can do to one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAction {
+    Verify,
+    Reset,
+    Enable,
+    Disable,
 }
 
 /// A route of the OpenAI-compatible API gemgate translates (`/v1`, `/hf/v1`).
@@ -127,7 +143,26 @@ pub fn route(path: &str) -> Route {
     if let Some(call) = path.strip_prefix("/admin/api/") {
         return match call.trim_end_matches('/') {
             "reload" => Route::Admin(AdminCall::Reload),
-            _ => Route::NotFound,
+            "keys" => Route::Admin(AdminCall::Keys),
+            "keys/verify" => Route::Admin(AdminCall::VerifyKeys),
+            rest => match rest.strip_prefix("keys/").and_then(|r| r.split_once('/')) {
+                Some((id, action))
+                    if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+                {
+                    let action = match action {
+                        "verify" => KeyAction::Verify,
+                        "reset" => KeyAction::Reset,
+                        "enable" => KeyAction::Enable,
+                        "disable" => KeyAction::Disable,
+                        _ => return Route::NotFound,
+                    };
+                    Route::Admin(AdminCall::KeyAction {
+                        id: id.to_owned(),
+                        action,
+                    })
+                }
+                _ => Route::NotFound,
+            },
         };
     }
     let rest = path.strip_prefix("/gemini").unwrap_or(path);

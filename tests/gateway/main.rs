@@ -1,6 +1,7 @@
 //! Integration tests over real sockets: gemgate (a child process, started as a user starts it)
 //! in front of the fake Gemini upstream (in-process), both on loopback.
 
+mod admin;
 mod common;
 mod first_run;
 mod keys;

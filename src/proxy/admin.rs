@@ -1,0 +1,237 @@
+//! The admin JSON API under `/admin/api/`: the reload status, and the key pool (list, verify,
+//! reset, enable, disable). Every route needs `Authorization: Bearer <AUTH_TOKEN>`; without
+//! `AUTH_TOKEN` the API is off. No answer ever carries a key secret: keys show masked.
+
+use bytes::Bytes;
+use http::header;
+use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use super::{auth, read_body, reload, Gateway, Generation, Refusal};
+use crate::checks::{self, Probe};
+use crate::keys::clock::{now_ms, rfc3339};
+use crate::keys::Key;
+use crate::proxy::reply::GateError;
+use crate::proxy::route::{AdminCall, KeyAction};
+
+/// Largest admin request body.
+const ADMIN_BODY_LIMIT: u64 = 1024 * 1024;
+/// Keys per page unless asked otherwise, and at most.
+const PER_PAGE: usize = 50;
+const MAX_PER_PAGE: usize = 1000;
+
+impl Gateway {
+    /// Answers an admin call with JSON, or refuses it.
+    pub(super) async fn admin(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        call: AdminCall,
+    ) -> Result<Bytes, GateError> {
+        let req = s.req_header();
+        let Some(admin) = &gen.config.auth_token else {
+            return Err(GateError::new(
+                403,
+                "the admin API is off: set AUTH_TOKEN to turn it on",
+            ));
+        };
+        let presented = req
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !auth::same_secret(presented.trim(), admin.expose()) {
+            return Err(GateError::new(
+                401,
+                "the admin API needs Authorization: Bearer <AUTH_TOKEN>",
+            ));
+        }
+        let method = req.method.clone();
+        let allowed = match &call {
+            AdminCall::Reload => method == http::Method::GET || method == http::Method::POST,
+            AdminCall::Keys => method == http::Method::GET,
+            AdminCall::VerifyKeys | AdminCall::KeyAction { .. } => method == http::Method::POST,
+        };
+        if !allowed {
+            return Err(GateError::new(
+                405,
+                format!("{method} is not allowed on this admin route"),
+            ));
+        }
+        let body = match call {
+            AdminCall::Reload => {
+                if method == http::Method::POST {
+                    let state = self.state.clone();
+                    // Reading files and compiling plugins is blocking work.
+                    let _ = tokio::task::spawn_blocking(move || reload::reload(&state)).await;
+                }
+                self.reload_json()
+            }
+            AdminCall::Keys => {
+                let query = s.req_header().uri.query().unwrap_or_default().to_owned();
+                keys_json(gen, &query)
+            }
+            AdminCall::VerifyKeys => {
+                let raw = read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
+                    Refusal::Gate(e) => e,
+                    Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
+                })?;
+                let wanted: Option<Vec<String>> = if raw.is_empty() {
+                    None
+                } else {
+                    let v: Value = serde_json::from_slice(&raw).map_err(|e| {
+                        GateError::new(400, format!("the body is not valid JSON: {e}"))
+                    })?;
+                    v.get("ids").and_then(Value::as_array).map(|ids| {
+                        ids.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                };
+                let indices: Vec<usize> = match wanted {
+                    None => (0..gen.pool.keys().len())
+                        .filter(|&i| gen.pool.get(i).state.is_disabled())
+                        .collect(),
+                    Some(ids) => ids
+                        .iter()
+                        .map(|id| {
+                            gen.pool
+                                .index_of(id)
+                                .ok_or_else(|| GateError::new(404, format!("no key {id}")))
+                        })
+                        .collect::<Result<_, _>>()?,
+                };
+                let mut results = Vec::new();
+                for i in indices {
+                    results.push(self.verify(gen, gen.pool.get(i)).await);
+                }
+                json!({ "results": results })
+            }
+            AdminCall::KeyAction { id, action } => {
+                let index = gen
+                    .pool
+                    .index_of(&id)
+                    .ok_or_else(|| GateError::new(404, format!("no key {id} in the pool")))?;
+                let key = gen.pool.get(index);
+                match action {
+                    KeyAction::Verify => {
+                        return Ok(Bytes::from(self.verify(gen, key).await.to_string()))
+                    }
+                    KeyAction::Reset | KeyAction::Enable => key.state.enable(),
+                    KeyAction::Disable => key.state.disable("disabled by an operator"),
+                }
+                tracing::info!(key = %key.spec.id, ?action, "admin: key changed");
+                key_json(key, now_ms())
+            }
+        };
+        Ok(Bytes::from(body.to_string()))
+    }
+
+    fn reload_json(&self) -> Value {
+        let current = self.state.current.load();
+        json!({
+            "generation": current.id,
+            "reload": self.state.reload_status(),
+            "plugins": current.policy.plugins,
+            "templates": current.templates.names,
+            "plugin_errors": self.state.lasting.stats.snapshot().into_iter()
+                .map(|(plugin, hook, count)| json!({ "plugin": plugin, "hook": hook, "count": count }))
+                .collect::<Vec<_>>(),
+        })
+    }
+
+    /// Probes one key now; a key that answers well is returned to the pool.
+    async fn verify(&self, gen: &Generation, key: &Key) -> Value {
+        let base = gen.config.base_url.to_string();
+        let test_model = crate::config::model_name(&gen.config.file.keys.test_model).to_owned();
+        let result = checks::probe(&self.side, &base, &test_model, key).await;
+        let outcome = match result {
+            Probe::Healthy => {
+                key.state.enable();
+                json!({ "id": key.spec.id, "ok": true })
+            }
+            Probe::Failing(status, class, message) => json!({
+                "id": key.spec.id, "ok": false, "status": status, "class": class, "message": message,
+            }),
+        };
+        tracing::info!(key = %key.spec.id, result = %outcome, "admin: key verified");
+        outcome
+    }
+}
+
+/// One key as the admin API shows it: masked, with its health.
+fn key_json(key: &Key, now: u64) -> Value {
+    let s = &key.state;
+    let detail = s.detail();
+    let cooldowns: Vec<Value> = s
+        .cooldowns(now)
+        .into_iter()
+        .map(|c| json!({ "model": &*c.model, "until": rfc3339(c.until_ms), "class": c.class }))
+        .collect();
+    let state = if s.is_disabled() {
+        "disabled"
+    } else if !cooldowns.is_empty() {
+        "cooling"
+    } else {
+        "active"
+    };
+    json!({
+        "id": key.spec.id,
+        "key": key.spec.secret.masked(),
+        "label": key.spec.label,
+        "tags": key.spec.tags,
+        "weight": key.spec.weight,
+        "state": state,
+        "disabled_reason": detail.disabled_reason,
+        "cooldowns": cooldowns,
+        "consecutive_failures": s.consecutive_failures(),
+        "last_error": detail.last_error,
+        "successes": s.successes(),
+        "failures": s.failures(),
+        "in_flight": s.in_flight(),
+        "last_used": (s.last_used_ms() > 0).then(|| rfc3339(s.last_used_ms())),
+    })
+}
+
+/// `GET /admin/api/keys?page=1&per_page=50&q=text&state=active|cooling|disabled`.
+fn keys_json(gen: &Generation, query: &str) -> Value {
+    let param = |name: &str| auth::query_param(query, name).map(|v| v.into_owned());
+    let page = param("page")
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let per_page = param("per_page")
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(PER_PAGE)
+        .clamp(1, MAX_PER_PAGE);
+    let q = param("q").unwrap_or_default().to_ascii_lowercase();
+    let wanted_state = param("state");
+    let now = now_ms();
+    let mut counts = json!({ "active": 0, "cooling": 0, "disabled": 0 });
+    let mut matching = Vec::new();
+    for key in gen.pool.keys() {
+        let k = key_json(key, now);
+        let state = k["state"].as_str().unwrap_or_default().to_owned();
+        counts[&state] = json!(counts[&state].as_u64().unwrap_or(0) + 1);
+        let text_ok = q.is_empty()
+            || key.spec.id.contains(&q)
+            || key.spec.label.to_ascii_lowercase().contains(&q)
+            || key
+                .spec
+                .tags
+                .iter()
+                .any(|t| t.to_ascii_lowercase().contains(&q));
+        if text_ok && wanted_state.as_ref().is_none_or(|w| *w == state) {
+            matching.push(k);
+        }
+    }
+    let total = matching.len();
+    let keys: Vec<Value> = matching
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .collect();
+    json!({ "total": total, "page": page, "per_page": per_page, "counts": counts, "keys": keys })
+}

@@ -1,0 +1,168 @@
+//! The admin JSON API for keys: list, verify, reset, enable, disable; admin token on every route.
+
+use crate::common::*;
+
+async fn admin(
+    method: reqwest::Method,
+    gate: &Gate,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = client().request(method, gate.url(path)).bearer_auth(ADMIN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn keys_are_listed_masked_with_their_state() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(
+            &fake,
+            &[
+                "invalid-AAAAAAAAAAAAAAAAAAAA1",
+                "minute-BBBBBBBBBBBBBBBBBBB2",
+                "good-CCCCCCCCCCCCCCCCCCCC3",
+            ],
+        )
+        .env("MAX_FAILURES", "1")
+        .admin()
+        .start()
+        .await;
+    assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+    let (status, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    assert_eq!(status, 200, "{v}");
+    let text = v.to_string();
+    for secret in [
+        "AAAAAAAAAAAAAAAAAAAA1",
+        "BBBBBBBBBBBBBBBBBBB2",
+        "CCCCCCCCCCCCCCCCCCCC3",
+    ] {
+        assert!(!text.contains(secret), "a secret in clear: {text}");
+    }
+    assert_eq!(v["total"], 3);
+    assert_eq!(
+        v["counts"],
+        json!({ "active": 1, "cooling": 1, "disabled": 1 })
+    );
+    let states: Vec<&str> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["disabled", "cooling", "active"]);
+    assert_eq!(v["keys"][1]["cooldowns"][0]["model"], "gemini-2.5-flash");
+    assert_eq!(v["keys"][0]["key"], "invali…AAA1");
+
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/keys?state=cooling&per_page=1",
+        None,
+    )
+    .await;
+    assert_eq!(v["total"], 1);
+    assert_eq!(v["keys"][0]["state"], "cooling");
+}
+
+#[tokio::test]
+async fn keys_can_be_verified_reset_disabled_and_enabled() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["invalid-1", "good-2"])
+        .env("MAX_FAILURES", "1")
+        .env("TEST_MODEL", "gemini-2.5-flash")
+        .admin()
+        .start()
+        .await;
+    post(&gate, GENERATE, &ask("x")).await;
+    let (_, list) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    let bad = list["keys"][0]["id"].as_str().unwrap().to_owned();
+    let good = list["keys"][1]["id"].as_str().unwrap().to_owned();
+
+    let (status, v) = admin(
+        reqwest::Method::POST,
+        &gate,
+        &format!("/admin/api/keys/{bad}/verify"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (v["ok"].clone(), v["class"].clone()),
+        (json!(false), json!("key_invalid"))
+    );
+
+    fake.state.set_behaviour("invalid-1", Behaviour::Valid);
+    let (_, v) = admin(reqwest::Method::POST, &gate, "/admin/api/keys/verify", None).await;
+    assert_eq!(
+        v["results"],
+        json!([{ "id": bad, "ok": true }]),
+        "all disabled keys, now fine"
+    );
+
+    let (_, v) = admin(
+        reqwest::Method::POST,
+        &gate,
+        &format!("/admin/api/keys/{good}/disable"),
+        None,
+    )
+    .await;
+    assert_eq!(v["state"], "disabled");
+    fake.state.reset();
+    post(&gate, GENERATE, &ask("x")).await;
+    post(&gate, GENERATE, &ask("x")).await;
+    assert_eq!(
+        fake.state.key_stats("good-2").requests,
+        0,
+        "disabled by the operator"
+    );
+    let (_, v) = admin(
+        reqwest::Method::POST,
+        &gate,
+        &format!("/admin/api/keys/{good}/enable"),
+        None,
+    )
+    .await;
+    assert_eq!(v["state"], "active");
+    let (status, _) = admin(
+        reqwest::Method::POST,
+        &gate,
+        "/admin/api/keys/k000000000000/reset",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn every_admin_route_needs_the_admin_token() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).admin().start().await;
+    let routes = [
+        (reqwest::Method::GET, "/admin/api/reload"),
+        (reqwest::Method::POST, "/admin/api/reload"),
+        (reqwest::Method::GET, "/admin/api/keys"),
+        (reqwest::Method::POST, "/admin/api/keys/verify"),
+        (reqwest::Method::POST, "/admin/api/keys/k000000000000/reset"),
+        (
+            reqwest::Method::POST,
+            "/admin/api/keys/k000000000000/disable",
+        ),
+    ];
+    for (method, path) in routes {
+        for token in [None, Some(TOKEN)] {
+            let mut req = client().request(method.clone(), gate.url(path));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 401, "{method} {path} with {token:?}");
+        }
+    }
+}
