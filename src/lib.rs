@@ -18,6 +18,7 @@ pub mod reload;
 pub mod store;
 pub mod telemetry;
 pub mod templates;
+pub mod usage;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -81,7 +82,10 @@ pub fn run(config: Config, source: Source) -> ! {
             std::process::exit(2);
         }
     };
-    let lasting = proxy::Lasting::default();
+    let lasting = proxy::Lasting {
+        store: Some(store.clone()),
+        ..proxy::Lasting::default()
+    };
     match store.load_keys() {
         Ok(saved) => {
             let restored = store::restore(&lasting.registry, saved, keys::clock::now_ms());
@@ -91,7 +95,11 @@ pub fn run(config: Config, source: Source) -> ! {
         }
         Err(e) => tracing::error!("cannot read saved key state, starting fresh: {e}"),
     }
-    store::start_flusher(store.clone(), lasting.registry.clone());
+    store::start_flusher(
+        store.clone(),
+        lasting.registry.clone(),
+        lasting.usage.clone(),
+    );
     let state = match State::new(config, source, lasting) {
         Ok(state) => state,
         Err(e) => {
@@ -103,8 +111,8 @@ pub fn run(config: Config, source: Source) -> ! {
     log_plugins(&state);
     reload::watch(state.clone());
     let in_flight = state.in_flight();
-    let registry = state.lasting.registry.clone();
-    let last_flush = move || store::flush(&store, &registry);
+    let (registry, usage) = (state.lasting.registry.clone(), state.lasting.usage.clone());
+    let last_flush = move || store::flush(&store, &registry, &usage);
 
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();

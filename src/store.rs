@@ -12,7 +12,10 @@ use std::time::Duration;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashMap;
+
 use crate::keys::{Cooldown, KeyRegistry, KeyState};
+use crate::usage::{Counts, Usage};
 
 /// The layout version this gemgate writes; older files are migrated, newer ones refused.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -22,6 +25,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Key id → [`SavedKey`] as JSON.
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_state");
+/// `DDDDDD|key id|model` (days since the epoch, zero-padded) → [`Counts`] as JSON.
+const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +99,54 @@ impl Store {
             // Version 0 is a new file: nothing to carry forward yet.
             meta.insert("schema_version", SCHEMA_VERSION).map_err(io)?;
             tx.open_table(KEYS).map_err(io)?;
+            tx.open_table(USAGE).map_err(io)?;
         }
         tx.commit().map_err(io)
+    }
+
+    /// Adds usage to the stored counts, in one transaction.
+    pub fn add_usage(
+        &self,
+        usage: &HashMap<(u32, String, String), Counts>,
+    ) -> Result<(), StoreError> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut table = tx.open_table(USAGE).map_err(io)?;
+            for ((day, key, model), add) in usage {
+                let row = format!("{day:06}|{key}|{model}");
+                let mut counts: Counts = table
+                    .get(row.as_str())
+                    .map_err(io)?
+                    .and_then(|v| serde_json::from_slice(v.value()).ok())
+                    .unwrap_or_default();
+                counts.merge(add);
+                let bytes = serde_json::to_vec(&counts).map_err(io)?;
+                table.insert(row.as_str(), bytes.as_slice()).map_err(io)?;
+            }
+        }
+        tx.commit().map_err(io)
+    }
+
+    /// Usage of `day` by key id, all models added up.
+    pub fn usage_of_day(&self, day: u32) -> Result<HashMap<String, Counts>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let table = tx.open_table(USAGE).map_err(io)?;
+        let prefix = format!("{day:06}|");
+        let mut out: HashMap<String, Counts> = HashMap::new();
+        for row in table.range(prefix.as_str()..).map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            let Some(rest) = k.value().strip_prefix(&prefix) else {
+                break;
+            };
+            let key = rest.split('|').next().unwrap_or_default().to_owned();
+            if let Ok(c) = serde_json::from_slice::<Counts>(v.value()) {
+                out.entry(key).or_default().merge(&c);
+            }
+        }
+        Ok(out)
     }
 
     /// Every saved key state.
@@ -199,21 +250,26 @@ fn class_name(stored: &str) -> &'static str {
         .unwrap_or("rate_limited")
 }
 
-/// Starts the flusher: every [`FLUSH_EVERY`], the keys marked dirty are written.
-pub fn start_flusher(store: Arc<Store>, registry: Arc<KeyRegistry>) {
+/// Starts the flusher: every [`FLUSH_EVERY`], the keys marked dirty and the queued usage are
+/// written.
+pub fn start_flusher(store: Arc<Store>, registry: Arc<KeyRegistry>, usage: Arc<Usage>) {
     let spawned = std::thread::Builder::new()
         .name("gemgate-store".into())
         .spawn(move || loop {
             std::thread::sleep(FLUSH_EVERY);
-            flush(&store, &registry);
+            flush(&store, &registry, &usage);
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start the store flusher, key state will not be saved: {e}");
     }
 }
 
-/// Writes every dirty key now. Failures are logged; the keys stay dirty and are tried again.
-pub fn flush(store: &Store, registry: &KeyRegistry) {
+/// Writes every dirty key and the queued usage now. Failures are logged; dirty keys stay dirty
+/// and are tried again.
+pub fn flush(store: &Store, registry: &KeyRegistry, usage: &Usage) {
+    if let Err(e) = store.add_usage(&usage.drain()) {
+        tracing::error!("cannot save usage counts: {e}");
+    }
     let now = crate::keys::clock::now_ms();
     let dirty = registry.take_dirty();
     if dirty.is_empty() {

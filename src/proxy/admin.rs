@@ -2,6 +2,8 @@
 //! reset, enable, disable). Every route needs `Authorization: Bearer <AUTH_TOKEN>`; without
 //! `AUTH_TOKEN` the API is off. No answer ever carries a key secret: keys show masked.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use http::header;
 use pingora::protocols::http::ServerSession;
@@ -13,6 +15,7 @@ use crate::keys::clock::{now_ms, rfc3339};
 use crate::keys::Key;
 use crate::proxy::reply::GateError;
 use crate::proxy::route::{AdminCall, KeyAction};
+use crate::usage::Counts;
 
 /// Largest admin request body.
 const ADMIN_BODY_LIMIT: u64 = 1024 * 1024;
@@ -70,7 +73,12 @@ impl Gateway {
             }
             AdminCall::Keys => {
                 let query = s.req_header().uri.query().unwrap_or_default().to_owned();
-                keys_json(gen, &query)
+                let today = crate::usage::day_of(now_ms());
+                let usage = match &self.state.lasting.store {
+                    Some(store) => store.usage_of_day(today).unwrap_or_default(),
+                    None => Default::default(),
+                };
+                keys_json(gen, &query, &usage)
             }
             AdminCall::VerifyKeys => {
                 let raw = read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
@@ -123,7 +131,7 @@ impl Gateway {
                     KeyAction::Disable => key.state.disable("disabled by an operator"),
                 }
                 tracing::info!(key = %key.spec.id, ?action, "admin: key changed");
-                key_json(key, now_ms())
+                key_json(key, now_ms(), None)
             }
         };
         Ok(Bytes::from(body.to_string()))
@@ -162,7 +170,7 @@ impl Gateway {
 }
 
 /// One key as the admin API shows it: masked, with its health.
-fn key_json(key: &Key, now: u64) -> Value {
+fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
     let s = &key.state;
     let detail = s.detail();
     let cooldowns: Vec<Value> = s
@@ -192,11 +200,12 @@ fn key_json(key: &Key, now: u64) -> Value {
         "failures": s.failures(),
         "in_flight": s.in_flight(),
         "last_used": (s.last_used_ms() > 0).then(|| rfc3339(s.last_used_ms())),
+        "usage_today": usage_today.cloned().unwrap_or_default(),
     })
 }
 
 /// `GET /admin/api/keys?page=1&per_page=50&q=text&state=active|cooling|disabled`.
-fn keys_json(gen: &Generation, query: &str) -> Value {
+fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, Counts>) -> Value {
     let param = |name: &str| auth::query_param(query, name).map(|v| v.into_owned());
     let page = param("page")
         .and_then(|p| p.parse::<usize>().ok())
@@ -212,7 +221,7 @@ fn keys_json(gen: &Generation, query: &str) -> Value {
     let mut counts = json!({ "active": 0, "cooling": 0, "disabled": 0 });
     let mut matching = Vec::new();
     for key in gen.pool.keys() {
-        let k = key_json(key, now);
+        let k = key_json(key, now, usage.get(&key.spec.id));
         let state = k["state"].as_str().unwrap_or_default().to_owned();
         counts[&state] = json!(counts[&state].as_u64().unwrap_or(0) + 1);
         let text_ok = q.is_empty()

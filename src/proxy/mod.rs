@@ -150,6 +150,10 @@ impl Generation {
 #[derive(Default)]
 pub struct Lasting {
     pub registry: Arc<KeyRegistry>,
+    /// Usage events on their way to the store.
+    pub usage: Arc<crate::usage::Usage>,
+    /// The redb file (`None` in tests that build a gateway without one).
+    pub store: Option<Arc<crate::store::Store>>,
     pub counters: Arc<Counters>,
     pub stats: Arc<PolicyStats>,
 }
@@ -230,6 +234,8 @@ struct Exchange {
     status: u16,
     class: Option<&'static str>,
     ttfb: Option<Duration>,
+    /// Tokens the answer reported (`usageMetadata`).
+    tokens: crate::usage::Tokens,
     /// The request came from a browser page (it has an `Origin`): answers carry CORS headers.
     cors: bool,
     /// What plugins share within this request (`ctx.shared`).
@@ -598,6 +604,7 @@ impl Gateway {
             {
                 Ok(finished) => return finished,
                 Err(failure) => {
+                    self.count_usage(gen, req, index, Some(failure.class.as_str()), x);
                     let verdict = gen.pool_for(req).record_failure(
                         index,
                         &req.model,
@@ -629,6 +636,29 @@ impl Gateway {
                 "no attempt was possible",
             ))),
         }
+    }
+
+    /// Queues one attempt's usage (`failure`: its error class; `None` for a success, with the
+    /// tokens the answer reported).
+    fn count_usage(
+        &self,
+        gen: &Generation,
+        req: &UpstreamRequest,
+        index: usize,
+        failure: Option<&'static str>,
+        x: &Exchange,
+    ) {
+        self.state.lasting.usage.record(crate::usage::Event {
+            key_id: gen.pool_for(req).get(index).spec.id.clone(),
+            model: req.model.clone(),
+            day: crate::usage::day_of(now_ms()),
+            failure,
+            tokens: if failure.is_none() {
+                x.tokens
+            } else {
+                Default::default()
+            },
+        });
     }
 
     /// The key for the next attempt: the first `select_key` plugin that names one, else the
@@ -800,11 +830,17 @@ impl Gateway {
                         "the upstream's answer broke off",
                     ));
                 }
+                if let Some(t) = crate::usage::tokens_in(&body) {
+                    x.tokens = t;
+                }
                 Ok(Finished::Collected(body))
             }
             Some(s) => relay(s, &mut up, req, x).await,
         };
         gen.target.release(up).await;
+        if result.is_ok() {
+            self.count_usage(gen, req, index, None, x);
+        }
         result
     }
 
@@ -969,6 +1005,7 @@ impl Exchange {
             status: 0,
             class: None,
             ttfb: None,
+            tokens: Default::default(),
             cors: req.headers.contains_key(header::ORIGIN),
             shared: PluginShared::default(),
             protocol: Protocol::Gemini,
@@ -1316,6 +1353,9 @@ async fn relay(
                     Some(f) => f.push(chunk),
                     None => chunk,
                 };
+                if let Some(t) = crate::usage::tokens_in(&ready) {
+                    x.tokens = t;
+                }
                 let pieces: Vec<(Bytes, Duration)> = match &mut chat {
                     Some(c) => c
                         .push_paced(&ready)
@@ -1348,6 +1388,9 @@ async fn relay(
                     .as_mut()
                     .map(sse::EventFramer::finish)
                     .unwrap_or_default();
+                if let Some(t) = crate::usage::tokens_in(&rest) {
+                    x.tokens = t;
+                }
                 if let Some(c) = &mut chat {
                     let translated = c.push(&rest);
                     if head.is_some() && translated.is_empty() {

@@ -166,3 +166,39 @@ async fn every_admin_route_needs_the_admin_token() {
         }
     }
 }
+
+#[tokio::test]
+async fn usage_is_counted_per_key_and_saved() {
+    let fake = fake().await;
+    let mut gate = gate()
+        .upstream(&fake, &["minute-1", "good-2"])
+        .admin()
+        .start()
+        .await;
+    // minute-1 fails once (then cools), good-2 serves both calls.
+    assert_eq!(post(&gate, GENERATE, &ask("one two three")).await.0, 200);
+    let resp = client()
+        .post(gate.url("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"))
+        .header("x-goog-api-key", TOKEN)
+        .json(&ask("four five"))
+        .send()
+        .await
+        .unwrap();
+    resp.text().await.unwrap();
+    // Saved within a second, and kept across a restart.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    gate.restart("TERM").await;
+    let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    let usage = |i: usize| v["keys"][i]["usage_today"].clone();
+    assert_eq!(usage(0)["requests"], 1, "{v}");
+    assert_eq!(usage(0)["failures"]["rate_limited"], 1);
+    let good = usage(1);
+    assert_eq!(
+        (good["requests"].clone(), good["successes"].clone()),
+        (json!(2), json!(2)),
+        "{v}"
+    );
+    // Prompt tokens 3 + 2, output tokens 5 ("echo: one two three") + 3 ("echo: four five").
+    assert_eq!(good["prompt_tokens"], 5, "{good}");
+    assert_eq!(good["output_tokens"], 7, "{good}");
+}

@@ -1,0 +1,188 @@
+//! Usage per key × model × day: requests, successes, failures by class, and prompt, output and
+//! thought tokens (from `usageMetadata`, in streams too).
+//!
+//! The request path only queues an event (a bounded channel, never waiting: a full queue drops
+//! the event and counts the drop); the store's flusher adds the queued events to redb once a
+//! second.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Events queued at most; past it they are dropped (and counted).
+const QUEUE: usize = 65_536;
+
+/// Tokens one answer used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub output: u64,
+    pub thoughts: u64,
+}
+
+/// What happened to one attempt.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub key_id: String,
+    pub model: String,
+    /// Days since the epoch (UTC).
+    pub day: u32,
+    /// `None`: a success; else the error class.
+    pub failure: Option<&'static str>,
+    pub tokens: Tokens,
+}
+
+/// One key × model × day, as stored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub requests: u64,
+    pub successes: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    pub thought_tokens: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, e: &Event) {
+        self.requests += 1;
+        match e.failure {
+            None => self.successes += 1,
+            Some(class) => *self.failures.entry(class.to_owned()).or_default() += 1,
+        }
+        self.prompt_tokens += e.tokens.prompt;
+        self.output_tokens += e.tokens.output;
+        self.thought_tokens += e.tokens.thoughts;
+    }
+
+    pub fn merge(&mut self, other: &Counts) {
+        self.requests += other.requests;
+        self.successes += other.successes;
+        for (class, n) in &other.failures {
+            *self.failures.entry(class.clone()).or_default() += n;
+        }
+        self.prompt_tokens += other.prompt_tokens;
+        self.output_tokens += other.output_tokens;
+        self.thought_tokens += other.thought_tokens;
+    }
+}
+
+/// The queue between the request path and the flusher.
+pub struct Usage {
+    tx: SyncSender<Event>,
+    rx: Mutex<Receiver<Event>>,
+    dropped: AtomicU64,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        let (tx, rx) = sync_channel(QUEUE);
+        Usage {
+            tx,
+            rx: Mutex::new(rx),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Usage {
+    /// Queues an event; never waits.
+    pub fn record(&self, e: Event) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(e) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Everything queued, added up by (day, key id, model).
+    pub fn drain(&self) -> HashMap<(u32, String, String), Counts> {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: HashMap<(u32, String, String), Counts> = HashMap::new();
+        for e in rx.try_iter() {
+            out.entry((e.day, e.key_id.clone(), e.model.clone()))
+                .or_default()
+                .add(&e);
+        }
+        out
+    }
+}
+
+/// Days since the epoch for `now_ms`.
+pub fn day_of(now_ms: u64) -> u32 {
+    (now_ms / 86_400_000) as u32
+}
+
+/// Finds `usageMetadata` in a piece of a Gemini answer (a whole body or a stream event) and
+/// reads its token counts. Gemini sends cumulative counts, so the last one seen is the answer's.
+pub fn tokens_in(bytes: &[u8]) -> Option<Tokens> {
+    let at = memchr::memmem::rfind(bytes, b"\"usageMetadata\"")?;
+    let rest = &bytes[at + b"\"usageMetadata\"".len()..];
+    let colon = memchr::memchr(b':', rest)?;
+    let mut values =
+        serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<serde_json::Value>();
+    let meta = values.next()?.ok()?;
+    let n = |k: &str| meta.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    Some(Tokens {
+        prompt: n("promptTokenCount"),
+        output: n("candidatesTokenCount"),
+        thoughts: n("thoughtsTokenCount"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_read_from_the_last_usage_metadata() {
+        let chunk = br#"data: {"candidates":[],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":5,"thoughtsTokenCount":2,"totalTokenCount":10}}
+
+"#;
+        assert_eq!(
+            tokens_in(chunk),
+            Some(Tokens {
+                prompt: 3,
+                output: 5,
+                thoughts: 2
+            })
+        );
+        assert_eq!(tokens_in(b"data: {\"candidates\":[]}"), None);
+    }
+
+    #[test]
+    fn events_add_up_per_key_model_and_day() {
+        let u = Usage::default();
+        for failure in [None, None, Some("rate_limited")] {
+            u.record(Event {
+                key_id: "k1".into(),
+                model: "m".into(),
+                day: 7,
+                failure,
+                tokens: Tokens {
+                    prompt: 1,
+                    output: 2,
+                    thoughts: 0,
+                },
+            });
+        }
+        let counts = u.drain();
+        let c = &counts[&(7, "k1".to_owned(), "m".to_owned())];
+        assert_eq!(
+            (
+                c.requests,
+                c.successes,
+                c.failures["rate_limited"],
+                c.output_tokens
+            ),
+            (3, 2, 1, 6)
+        );
+        assert!(u.drain().is_empty());
+    }
+}
