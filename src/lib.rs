@@ -11,6 +11,7 @@ pub mod checks;
 pub mod config;
 pub mod fake;
 pub mod keys;
+pub mod logs;
 pub mod openai;
 pub mod policy;
 pub mod proxy;
@@ -95,11 +96,6 @@ pub fn run(config: Config, source: Source) -> ! {
         }
         Err(e) => tracing::error!("cannot read saved key state, starting fresh: {e}"),
     }
-    store::start_flusher(
-        store.clone(),
-        lasting.registry.clone(),
-        lasting.usage.clone(),
-    );
     let state = match State::new(config, source, lasting) {
         Ok(state) => state,
         Err(e) => {
@@ -109,10 +105,13 @@ pub fn run(config: Config, source: Source) -> ! {
         }
     };
     log_plugins(&state);
+    store::start_flusher(store.clone(), state.clone());
     reload::watch(state.clone());
     let in_flight = state.in_flight();
-    let (registry, usage) = (state.lasting.registry.clone(), state.lasting.usage.clone());
-    let last_flush = move || store::flush(&store, &registry, &usage);
+    let last_flush = {
+        let state = state.clone();
+        move || store::flush(&store, &state.lasting)
+    };
 
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();

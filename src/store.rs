@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 use crate::keys::{Cooldown, KeyRegistry, KeyState};
-use crate::usage::{Counts, Usage};
+use crate::usage::Counts;
 
 /// The layout version this gemgate writes; older files are migrated, newer ones refused.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -64,6 +64,8 @@ pub struct SavedCooldown {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    /// Numbers log rows within a millisecond.
+    log_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -76,7 +78,11 @@ impl Store {
         };
         std::fs::create_dir_all(data_dir).map_err(|e| open_err(e.to_string()))?;
         let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
-        let store = Store { db, path };
+        let store = Store {
+            db,
+            path,
+            log_seq: std::sync::atomic::AtomicU64::new(0),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -100,8 +106,14 @@ impl Store {
             meta.insert("schema_version", SCHEMA_VERSION).map_err(io)?;
             tx.open_table(KEYS).map_err(io)?;
             tx.open_table(USAGE).map_err(io)?;
+            crate::logs::create(&tx)?;
         }
         tx.commit().map_err(io)
+    }
+
+    /// The database, for the log queries.
+    pub fn db(&self) -> &Database {
+        &self.db
     }
 
     /// Adds usage to the stored counts, in one transaction.
@@ -250,26 +262,67 @@ fn class_name(stored: &str) -> &'static str {
         .unwrap_or("rate_limited")
 }
 
-/// Starts the flusher: every [`FLUSH_EVERY`], the keys marked dirty and the queued usage are
-/// written.
-pub fn start_flusher(store: Arc<Store>, registry: Arc<KeyRegistry>, usage: Arc<Usage>) {
+/// Starts the flusher: every [`FLUSH_EVERY`], the keys marked dirty, the queued usage and the
+/// queued log records are written; once an hour, log rows past their retention are deleted.
+pub fn start_flusher(store: Arc<Store>, state: Arc<crate::proxy::State>) {
     let spawned = std::thread::Builder::new()
         .name("gemgate-store".into())
-        .spawn(move || loop {
-            std::thread::sleep(FLUSH_EVERY);
-            flush(&store, &registry, &usage);
+        .spawn(move || {
+            let mut last_retention = std::time::Instant::now() - RETENTION_EVERY;
+            loop {
+                std::thread::sleep(FLUSH_EVERY);
+                flush(&store, &state.lasting);
+                if last_retention.elapsed() >= RETENTION_EVERY {
+                    last_retention = std::time::Instant::now();
+                    retire_logs(&store, &state.current.load().config.file.logs);
+                }
+            }
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start the store flusher, key state will not be saved: {e}");
     }
 }
 
-/// Writes every dirty key and the queued usage now. Failures are logged; dirty keys stay dirty
-/// and are tried again.
-pub fn flush(store: &Store, registry: &KeyRegistry, usage: &Usage) {
-    if let Err(e) = store.add_usage(&usage.drain()) {
+/// How often old log rows are looked for.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes log rows older than `AUTO_DELETE_*_DAYS`, where enabled.
+pub fn retire_logs(store: &Store, logs: &crate::config::LogsSection) {
+    let now = crate::keys::clock::now_ms();
+    for (log, enabled, days) in [
+        (
+            crate::logs::Log::Errors,
+            logs.auto_delete_error_logs_enabled,
+            logs.auto_delete_error_logs_days,
+        ),
+        (
+            crate::logs::Log::Requests,
+            logs.auto_delete_request_logs_enabled,
+            logs.auto_delete_request_logs_days,
+        ),
+    ] {
+        if !enabled {
+            continue;
+        }
+        let cutoff = now.saturating_sub(u64::from(days) * 86_400_000);
+        match crate::logs::delete(&store.db, log, Some(cutoff), &[]) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(?log, rows = n, days, "old log rows deleted"),
+            Err(e) => tracing::error!(?log, "cannot delete old log rows: {e}"),
+        }
+    }
+}
+
+/// Writes every dirty key, the queued usage and the queued log records now. Failures are
+/// logged; dirty keys stay dirty and are tried again.
+pub fn flush(store: &Store, lasting: &crate::proxy::Lasting) {
+    if let Err(e) = store.add_usage(&lasting.usage.drain()) {
         tracing::error!("cannot save usage counts: {e}");
     }
+    if let Err(e) = crate::logs::write(&store.db, &lasting.logs.take(), &store.log_seq) {
+        tracing::error!("cannot save log records: {e}");
+    }
+    let registry = &lasting.registry;
     let now = crate::keys::clock::now_ms();
     let dirty = registry.take_dirty();
     if dirty.is_empty() {

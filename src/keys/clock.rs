@@ -27,6 +27,23 @@ pub fn rfc3339(ms: u64) -> String {
     )
 }
 
+/// Parses `2026-11-26T09:01:20Z` or `2026-11-26T09:01:20.123Z` (UTC only).
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    let ms: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let days = days_from_civil(y, m, day);
+    u64::try_from(days * DAY_MS + h * HOUR_MS + min * 60_000 + sec * 1000 + ms).ok()
+}
+
 /// The first instant after `now_ms` at which it is midnight in Pacific time.
 pub fn next_pacific_midnight_ms(now_ms: u64) -> u64 {
     let now = now_ms as i64;
@@ -93,6 +110,14 @@ mod tests {
 
     #[test]
     fn rfc3339_times() {
+        assert_eq!(
+            parse_rfc3339("2026-11-26T09:01:20.123Z")
+                .map(rfc3339)
+                .as_deref(),
+            Some("2026-11-26T09:01:20.123Z")
+        );
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:01Z"), Some(1000));
+        assert_eq!(parse_rfc3339("yesterday"), None);
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1795683680123), "2026-11-26T09:01:20.123Z");
     }

@@ -55,6 +55,9 @@ impl Gateway {
             AdminCall::Reload => method == http::Method::GET || method == http::Method::POST,
             AdminCall::Keys => method == http::Method::GET,
             AdminCall::VerifyKeys | AdminCall::KeyAction { .. } => method == http::Method::POST,
+            AdminCall::Logs { row, .. } => {
+                method == http::Method::GET || row.is_none() && method == http::Method::DELETE
+            }
         };
         if !allowed {
             return Err(GateError::new(
@@ -116,6 +119,21 @@ impl Gateway {
                     results.push(self.verify(gen, gen.pool.get(i)).await);
                 }
                 json!({ "results": results })
+            }
+            AdminCall::Logs { log, row } => {
+                let Some(store) = self.state.lasting.store.clone() else {
+                    return Err(GateError::new(503, "this gateway keeps no logs"));
+                };
+                let query = s.req_header().uri.query().unwrap_or_default().to_owned();
+                if method == http::Method::DELETE {
+                    let raw = read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
+                        Refusal::Gate(e) => e,
+                        Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
+                    })?;
+                    return delete_logs(&store, log, &query, &raw)
+                        .map(|v| Bytes::from(v.to_string()));
+                }
+                logs_json(&store, log, row, &query)?
             }
             AdminCall::KeyAction { id, action } => {
                 let index = gen
@@ -243,4 +261,109 @@ fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, Counts>) -> 
         .take(per_page)
         .collect();
     json!({ "total": total, "page": page, "per_page": per_page, "counts": counts, "keys": keys })
+}
+
+fn bad(m: impl Into<String>) -> GateError {
+    GateError::new(400, m)
+}
+
+fn store_error(e: crate::store::StoreError) -> GateError {
+    GateError::new(500, format!("the log store failed: {e}"))
+}
+
+fn row_name(row: (u64, u64)) -> String {
+    format!("{}-{}", row.0, row.1)
+}
+
+/// A page of a log (filters: `from`, `to` (RFC 3339 or ms), `key`, `model`, `status`, `class`,
+/// `limit`, `before` (the `next` of the previous page)), or one row.
+fn logs_json(
+    store: &crate::store::Store,
+    log: crate::logs::Log,
+    row: Option<(u64, u64)>,
+    query: &str,
+) -> Result<Value, GateError> {
+    use crate::logs;
+    if let Some(row) = row {
+        let r = logs::get(store.db(), log, row)
+            .map_err(store_error)?
+            .ok_or_else(|| GateError::new(404, format!("no log row {}", row_name(row))))?;
+        return Ok(json!({ "row": row_name(row), "record": r }));
+    }
+    let param = |name: &str| auth::query_param(query, name).map(|v| v.into_owned());
+    let time = |name: &str| -> Result<Option<u64>, GateError> {
+        match param(name) {
+            None => Ok(None),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .or_else(|| crate::keys::clock::parse_rfc3339(&v))
+                .map(Some)
+                .ok_or_else(|| bad(format!("{name}: {v:?} is not a time (RFC 3339 or ms)"))),
+        }
+    };
+    let q = logs::Query {
+        from_ms: time("from")?,
+        to_ms: time("to")?,
+        key_id: param("key"),
+        model: param("model"),
+        status: match param("status") {
+            None => None,
+            Some(v) => Some(
+                v.parse()
+                    .map_err(|_| bad(format!("status: {v:?} is not a number")))?,
+            ),
+        },
+        class: param("class"),
+        limit: param("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(PER_PAGE),
+        before: match param("before") {
+            None => None,
+            Some(v) => Some(
+                crate::proxy::route::parse_row(&v).ok_or_else(|| bad("before: not a row name"))?,
+            ),
+        },
+    };
+    let (rows, next) = logs::query(store.db(), log, &q).map_err(store_error)?;
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|(row, r)| json!({ "row": row_name(row), "time": rfc3339(r.ts_ms), "record": r }))
+        .collect();
+    Ok(json!({ "rows": rows, "next": next.map(row_name) }))
+}
+
+/// Deletes the rows named in `{"rows": [...]}`, or with `?all=true` every row.
+fn delete_logs(
+    store: &crate::store::Store,
+    log: crate::logs::Log,
+    query: &str,
+    body: &[u8],
+) -> Result<Value, GateError> {
+    let all = auth::query_param(query, "all").is_some_and(|v| v == "true");
+    let rows: Vec<(u64, u64)> = if body.is_empty() {
+        Vec::new()
+    } else {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+        v.get("rows")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("name the rows to delete in {\"rows\": [...]}, or use ?all=true"))?
+            .iter()
+            .map(|r| {
+                r.as_str()
+                    .and_then(crate::proxy::route::parse_row)
+                    .ok_or_else(|| bad(format!("{r} is not a row name")))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if !all && rows.is_empty() {
+        return Err(bad(
+            "name the rows to delete in {\"rows\": [...]}, or use ?all=true",
+        ));
+    }
+    let before = all.then_some(u64::MAX);
+    let deleted = crate::logs::delete(store.db(), log, before, &rows).map_err(store_error)?;
+    tracing::info!(?log, deleted, "admin: log rows deleted");
+    Ok(json!({ "deleted": deleted }))
 }

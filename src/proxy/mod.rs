@@ -152,6 +152,8 @@ pub struct Lasting {
     pub registry: Arc<KeyRegistry>,
     /// Usage events on their way to the store.
     pub usage: Arc<crate::usage::Usage>,
+    /// Log records on their way to the store.
+    pub logs: Arc<crate::logs::LogQueue>,
     /// The redb file (`None` in tests that build a gateway without one).
     pub store: Option<Arc<crate::store::Store>>,
     pub counters: Arc<Counters>,
@@ -236,6 +238,10 @@ struct Exchange {
     ttfb: Option<Duration>,
     /// Tokens the answer reported (`usageMetadata`).
     tokens: crate::usage::Tokens,
+    /// For the error log: Google's status and message of a refused request.
+    upstream: Option<(u16, String)>,
+    /// For the error log, with `ERROR_LOG_RECORD_REQUEST_BODY`: the request body.
+    body: Option<Bytes>,
     /// The request came from a browser page (it has an `Origin`): answers carry CORS headers.
     cors: bool,
     /// What plugins share within this request (`ctx.shared`).
@@ -308,6 +314,9 @@ impl Gateway {
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
         let gen = self.state.current.load_full();
         let outcome = self.serve(&gen, s, x).await;
+        if !matches!(x.action.as_str(), "health" | "preflight" | "admin") {
+            self.state.lasting.logs.push(x.record());
+        }
         if gen.policy.has_on_log() && x.action != "health" && x.action != "preflight" {
             let entry = x.entry();
             let client = x.client.clone().unwrap_or_default();
@@ -447,6 +456,9 @@ impl Gateway {
         } else {
             Bytes::new()
         };
+        if gen.config.file.logs.error_log_record_request_body {
+            x.body = Some(body.clone());
+        }
         if rewrite.touches_body() && call.method() == http::Method::POST {
             body = rewrite_body(&body, &rewrite)?;
         }
@@ -852,6 +864,9 @@ impl Gateway {
         x: &mut Exchange,
         refusal: Refusal,
     ) -> Outcome {
+        if let Refusal::Upstream(f) = &refusal {
+            x.upstream = Some((f.status, f.message.clone()));
+        }
         match refusal {
             Refusal::Gate(e) => send_gate(s, x, &e).await,
             // OpenAI clients get Google's status and message in OpenAI's shape.
@@ -1006,9 +1021,40 @@ impl Exchange {
             class: None,
             ttfb: None,
             tokens: Default::default(),
+            upstream: None,
+            body: None,
             cors: req.headers.contains_key(header::ORIGIN),
             shared: PluginShared::default(),
             protocol: Protocol::Gemini,
+        }
+    }
+
+    /// The finished request's row for the request and error logs.
+    fn record(&self) -> crate::logs::Record {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        crate::logs::Record {
+            ts_ms: now_ms(),
+            id: self.id.clone(),
+            client: self.client.clone(),
+            model: self.model.clone(),
+            action: self.action.clone(),
+            key_id: self.key.clone(),
+            status: self.status,
+            class: self.class.map(str::to_owned),
+            attempts: self.attempts,
+            latency_ms: ms(self.started.elapsed()),
+            ttfb_ms: self.ttfb.map(ms),
+            prompt_tokens: self.tokens.prompt,
+            output_tokens: self.tokens.output,
+            thought_tokens: self.tokens.thoughts,
+            upstream_status: self.upstream.as_ref().map(|u| u.0),
+            upstream_message: self.upstream.as_ref().map(|u| u.1.clone()),
+            // Only failed requests go to the error log, the only one that keeps bodies.
+            request_body: self
+                .body
+                .as_ref()
+                .filter(|_| self.status >= 400 || self.class.is_some())
+                .map(|b| String::from_utf8_lossy(b).into_owned()),
         }
     }
 

@@ -55,6 +55,12 @@ pub enum AdminCall {
     VerifyKeys,
     /// `POST /admin/api/keys/{id}/{verify|reset|enable|disable}`.
     KeyAction { id: String, action: KeyAction },
+    /// `GET /admin/api/logs/{requests|errors}` (a page), `GET …/{ts}-{seq}` (one row),
+    /// `DELETE /admin/api/logs/{requests|errors}` (selected rows, or all).
+    Logs {
+        log: crate::logs::Log,
+        row: Option<(u64, u64)>,
+    },
 }
 
 /// What an operator can do to one key.
@@ -109,6 +115,12 @@ pub enum Route {
     NotFound,
 }
 
+/// A log row's name, `{ts}-{seq}`.
+pub fn parse_row(s: &str) -> Option<(u64, u64)> {
+    let (ts, seq) = s.split_once('-')?;
+    Some((ts.parse().ok()?, seq.parse().ok()?))
+}
+
 /// Maps a request path (without the query) to a route.
 pub fn route(path: &str) -> Route {
     if path == "/health" {
@@ -145,6 +157,22 @@ pub fn route(path: &str) -> Route {
             "reload" => Route::Admin(AdminCall::Reload),
             "keys" => Route::Admin(AdminCall::Keys),
             "keys/verify" => Route::Admin(AdminCall::VerifyKeys),
+            logs if logs.starts_with("logs/") => {
+                let mut parts = logs["logs/".len()..].splitn(2, '/');
+                let log = match parts.next() {
+                    Some("requests") => crate::logs::Log::Requests,
+                    Some("errors") => crate::logs::Log::Errors,
+                    _ => return Route::NotFound,
+                };
+                let row = match parts.next() {
+                    None => None,
+                    Some(r) => match parse_row(r) {
+                        Some(row) => Some(row),
+                        None => return Route::NotFound,
+                    },
+                };
+                Route::Admin(AdminCall::Logs { log, row })
+            }
             rest => match rest.strip_prefix("keys/").and_then(|r| r.split_once('/')) {
                 Some((id, action))
                     if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) =>

@@ -154,6 +154,9 @@ async fn every_admin_route_needs_the_admin_token() {
             reqwest::Method::POST,
             "/admin/api/keys/k000000000000/disable",
         ),
+        (reqwest::Method::GET, "/admin/api/logs/requests"),
+        (reqwest::Method::GET, "/admin/api/logs/errors/1-1"),
+        (reqwest::Method::DELETE, "/admin/api/logs/errors?all=true"),
     ];
     for (method, path) in routes {
         for token in [None, Some(TOKEN)] {
@@ -201,4 +204,108 @@ async fn usage_is_counted_per_key_and_saved() {
     // Prompt tokens 3 + 2, output tokens 5 ("echo: one two three") + 3 ("echo: four five").
     assert_eq!(good["prompt_tokens"], 5, "{good}");
     assert_eq!(good["output_tokens"], 7, "{good}");
+}
+
+#[tokio::test]
+async fn request_and_error_logs_are_kept_queried_and_deleted() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["minute-1", "good-2"])
+        .env("MAX_RETRIES", "1")
+        .env("ERROR_LOG_RECORD_REQUEST_BODY", "true")
+        .admin()
+        .start()
+        .await;
+    // minute-1 first: 429 (one attempt only), then good-2 serves the rest.
+    assert_eq!(post(&gate, GENERATE, &ask("first")).await.0, 429);
+    for text in ["second", "third"] {
+        assert_eq!(post(&gate, GENERATE, &ask(text)).await.0, 200);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    let (status, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/logs/requests",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{v}");
+    assert_eq!(rows[2]["record"]["status"], 429, "newest first");
+    assert!(
+        rows[2]["record"]["request_body"].is_null(),
+        "the request log keeps no bodies"
+    );
+
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/logs/requests?status=200&limit=1",
+        None,
+    )
+    .await;
+    assert_eq!(v["rows"].as_array().unwrap().len(), 1);
+    let next = v["next"].as_str().unwrap().to_owned();
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        &format!("/admin/api/logs/requests?status=200&limit=1&before={next}"),
+        None,
+    )
+    .await;
+    assert_eq!(v["rows"].as_array().unwrap().len(), 1);
+    assert!(v["next"].is_null());
+
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/logs/errors?class=rate_limited",
+        None,
+    )
+    .await;
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{v}");
+    let row = rows[0]["row"].as_str().unwrap().to_owned();
+    let (status, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        &format!("/admin/api/logs/errors/{row}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let r = &v["record"];
+    assert_eq!(r["upstream_status"], 429);
+    assert!(
+        r["upstream_message"].as_str().unwrap().contains("quota"),
+        "{r}"
+    );
+    assert!(r["request_body"].as_str().unwrap().contains("first"), "{r}");
+
+    let (_, v) = admin(
+        reqwest::Method::DELETE,
+        &gate,
+        "/admin/api/logs/errors",
+        Some(json!({ "rows": [row] })),
+    )
+    .await;
+    assert_eq!(v["deleted"], 1);
+    let (_, v) = admin(
+        reqwest::Method::DELETE,
+        &gate,
+        "/admin/api/logs/requests?all=true",
+        None,
+    )
+    .await;
+    assert_eq!(v["deleted"], 3);
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/logs/requests",
+        None,
+    )
+    .await;
+    assert_eq!(v["rows"], json!([]));
 }
