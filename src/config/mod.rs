@@ -5,6 +5,7 @@
 //! directory, the process environment. The file format ([`FileConfig`]) is kept apart from the
 //! runtime config so that every value is checked once, here, and a mistake names its field.
 
+pub mod edit;
 pub mod env;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -223,6 +224,15 @@ pub enum KeyEntry {
         #[serde(default)]
         weight: Option<u32>,
     },
+}
+
+impl KeyEntry {
+    /// The key itself, trimmed.
+    pub fn secret(&self) -> &str {
+        match self {
+            KeyEntry::Plain(k) | KeyEntry::Detailed { key: k, .. } => k.trim(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -471,6 +481,18 @@ pub struct KeySpec {
     pub label: String,
     pub tags: Vec<String>,
     pub weight: u32,
+    /// Where the key is configured: the file, the environment (`API_KEYS`), or both.
+    pub source: KeySource,
+}
+
+/// Where a key of the pool comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySource {
+    #[default]
+    File,
+    Env,
+    Both,
 }
 
 /// A client token accepted on the proxy routes.
@@ -561,16 +583,43 @@ pub fn from_str(
         message: e.to_string(),
     };
     // Parse the file alone first, so its errors point at its own lines.
-    toml::from_str::<FileConfig>(text).map_err(parse_err)?;
+    let file_only = toml::from_str::<FileConfig>(text).map_err(parse_err)?;
     let mut tree: toml::Value = toml::from_str(text).map_err(parse_err)?;
     env::apply(&mut tree, vars)?;
-    let file: FileConfig = tree
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: "environment".to_owned(),
-            message: e.to_string(),
-        })?;
-    validate(file)
+    let mut file: FileConfig =
+        tree.try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: "environment".to_owned(),
+                message: e.to_string(),
+            })?;
+    // The pool is the union of the file's keys and API_KEYS: the environment adds keys, it
+    // does not hide the file's (which the admin page edits).
+    let file_secrets: HashSet<String> = file_only
+        .keys
+        .api_keys
+        .iter()
+        .map(|k| k.secret().to_owned())
+        .collect();
+    let env_secrets: HashSet<String> = if vars.get("API_KEYS").is_some_and(|v| !v.trim().is_empty())
+    {
+        let env_keys = std::mem::take(&mut file.keys.api_keys);
+        let secrets = env_keys.iter().map(|k| k.secret().to_owned()).collect();
+        file.keys.api_keys = file_only.keys.api_keys.clone();
+        file.keys.api_keys.extend(env_keys);
+        secrets
+    } else {
+        HashSet::new()
+    };
+    let mut config = validate(file)?;
+    for k in &mut config.keys {
+        let secret = k.secret.expose();
+        k.source = match (file_secrets.contains(secret), env_secrets.contains(secret)) {
+            (true, true) => KeySource::Both,
+            (false, true) => KeySource::Env,
+            _ => KeySource::File,
+        };
+    }
+    Ok(config)
 }
 
 fn validate(file: FileConfig) -> Result<Config, ConfigError> {
@@ -665,6 +714,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
             label: label.unwrap_or_else(|| mask(secret)),
             tags,
             weight: weight.unwrap_or(1),
+            source: KeySource::File,
         });
     }
     if file.keys.check_interval_hours < 0.0 {
@@ -728,6 +778,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 label: "paid".into(),
                 tags: vec!["paid".into()],
                 weight: 1,
+                source: KeySource::File,
             }),
         policy,
         file,

@@ -466,6 +466,7 @@ mod tests {
                     label: secret,
                     tags: vec![],
                     weight: 1,
+                    source: Default::default(),
                 }
             })
             .collect();
@@ -551,6 +552,7 @@ mod tests {
             label: "s".into(),
             tags: vec![],
             weight: 1,
+            source: Default::default(),
         };
         let first = KeyPool::new(std::slice::from_ref(&spec), &registry, 1);
         first.record_failure(0, "m", ErrorClass::KeyForbidden, "", 0);

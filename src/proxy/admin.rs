@@ -53,7 +53,8 @@ impl Gateway {
         let method = req.method.clone();
         let allowed = match &call {
             AdminCall::Reload => method == http::Method::GET || method == http::Method::POST,
-            AdminCall::Keys => method == http::Method::GET,
+            AdminCall::Keys => method == http::Method::GET || method == http::Method::POST,
+            AdminCall::DeleteKey { .. } => method == http::Method::DELETE,
             AdminCall::VerifyKeys | AdminCall::KeyAction { .. } => method == http::Method::POST,
             AdminCall::Logs { row, .. } => {
                 method == http::Method::GET || row.is_none() && method == http::Method::DELETE
@@ -74,6 +75,20 @@ impl Gateway {
                 }
                 self.reload_json()
             }
+            AdminCall::Keys if method == http::Method::POST => {
+                let raw = read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
+                    Refusal::Gate(e) => e,
+                    Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
+                })?;
+                let v: Value = serde_json::from_slice(&raw)
+                    .map_err(|e| GateError::new(400, format!("the body is not valid JSON: {e}")))?;
+                let text = v
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| GateError::new(400, "paste the keys as {\"text\": \"…\"}"))?;
+                self.add_keys(gen, text).await?
+            }
+            AdminCall::DeleteKey { id } => self.delete_key(gen, &id).await?,
             AdminCall::Keys => {
                 let query = s.req_header().uri.query().unwrap_or_default().to_owned();
                 let today = crate::usage::day_of(now_ms());
@@ -155,6 +170,75 @@ impl Gateway {
         Ok(Bytes::from(body.to_string()))
     }
 
+    /// Adds the keys found in `text` that the pool does not have to the config file, then
+    /// reloads.
+    async fn add_keys(&self, gen: &Generation, text: &str) -> Result<Value, GateError> {
+        let found = crate::config::edit::find_keys(text);
+        let (new, known): (Vec<String>, Vec<String>) = found
+            .into_iter()
+            .partition(|k| !gen.pool.keys().iter().any(|p| p.spec.secret.expose() == k));
+        if !new.is_empty() {
+            let path = self.state.source.path.clone();
+            let to_add = new.clone();
+            self.write_config(move || crate::config::edit::add_keys(&path, &to_add))
+                .await?;
+        }
+        tracing::info!(
+            added = new.len(),
+            duplicates = known.len(),
+            "admin: keys added"
+        );
+        Ok(json!({
+            "added": new.iter().map(|k| crate::config::mask(k)).collect::<Vec<_>>(),
+            "duplicates": known.iter().map(|k| crate::config::mask(k)).collect::<Vec<_>>(),
+            "generation": self.state.current.load().id,
+        }))
+    }
+
+    /// Removes a key from the config file, then reloads. A key that only `API_KEYS` gives
+    /// cannot be removed here, and the answer says so.
+    async fn delete_key(&self, gen: &Generation, id: &str) -> Result<Value, GateError> {
+        use crate::config::KeySource;
+        let index = gen
+            .pool
+            .index_of(id)
+            .ok_or_else(|| GateError::new(404, format!("no key {id} in the pool")))?;
+        let spec = gen.pool.get(index).spec.clone();
+        if spec.source == KeySource::Env {
+            return Err(GateError::new(
+                409,
+                format!("key {id} comes from API_KEYS in the environment: remove it there (and restart)"),
+            ));
+        }
+        let path = self.state.source.path.clone();
+        let secret = spec.secret.expose().to_owned();
+        self.write_config(move || crate::config::edit::remove_key(&path, &secret).map(|_| ()))
+            .await?;
+        let still = spec.source == KeySource::Both;
+        tracing::info!(key = id, "admin: key deleted from the config file");
+        Ok(json!({
+            "deleted": id,
+            "still_in_pool": still,
+            "note": if still { "the key is also in API_KEYS: it stays in the pool until it is removed there" } else { "" },
+            "generation": self.state.current.load().id,
+        }))
+    }
+
+    /// Runs a config file edit, then the reload that applies it, off the async workers.
+    async fn write_config(
+        &self,
+        edit: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> Result<(), GateError> {
+        let state = self.state.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            edit()?;
+            reload::reload(&state).map_err(|e| e.message).map(|_| ())
+        })
+        .await
+        .map_err(|e| GateError::new(500, format!("the config edit failed: {e}")))?;
+        done.map_err(|m| GateError::new(500, format!("the config edit failed: {m}")))
+    }
+
     fn reload_json(&self) -> Value {
         let current = self.state.current.load();
         json!({
@@ -209,6 +293,7 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
         "label": key.spec.label,
         "tags": key.spec.tags,
         "weight": key.spec.weight,
+        "source": key.spec.source,
         "state": state,
         "disabled_reason": detail.disabled_reason,
         "cooldowns": cooldowns,

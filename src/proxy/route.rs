@@ -48,8 +48,11 @@ impl NativeCall {
 pub enum AdminCall {
     /// `GET`: the current generation and the last reload; `POST`: reload now.
     Reload,
-    /// `GET /admin/api/keys`: every key with its state (paginated, searchable).
+    /// `GET /admin/api/keys`: every key with its state (paginated, searchable);
+    /// `POST`: add the keys found in `{"text": …}`.
     Keys,
+    /// `DELETE /admin/api/keys/{id}`.
+    DeleteKey { id: String },
     /// `POST /admin/api/keys/verify`: probe the keys named in the body (all disabled ones when
     /// none are named).
     VerifyKeys,
@@ -172,6 +175,14 @@ pub fn route(path: &str) -> Route {
                     },
                 };
                 Route::Admin(AdminCall::Logs { log, row })
+            }
+            rest if rest.strip_prefix("keys/").is_some_and(|id| {
+                !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())
+            }) =>
+            {
+                Route::Admin(AdminCall::DeleteKey {
+                    id: rest["keys/".len()..].to_owned(),
+                })
             }
             rest => match rest.strip_prefix("keys/").and_then(|r| r.split_once('/')) {
                 Some((id, action))

@@ -309,3 +309,82 @@ async fn request_and_error_logs_are_kept_queried_and_deleted() {
     .await;
     assert_eq!(v["rows"], json!([]));
 }
+
+#[tokio::test]
+async fn keys_are_added_and_deleted_through_the_config_file() {
+    let fake = fake().await;
+    let key = |c: char| format!("AIzaSy{}", c.to_string().repeat(33));
+    let (env_key, file_key, new1, new2) = (key('E'), key('F'), key('G'), key('H'));
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .env("API_KEYS", &env_key)
+        .toml(&format!("# keep me\n[keys]\napi_keys = [\"{file_key}\"]\n"))
+        .admin()
+        .start()
+        .await;
+    let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    let sources: Vec<&str> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sources,
+        ["file", "env"],
+        "the pool is the union of file and environment"
+    );
+
+    let text = format!("new ones: {new1}\n{new2}, and an old one {file_key}");
+    let (status, v) = admin(
+        reqwest::Method::POST,
+        &gate,
+        "/admin/api/keys",
+        Some(json!({ "text": text })),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["added"].as_array().unwrap().len(), 2);
+    assert_eq!(v["duplicates"].as_array().unwrap().len(), 1);
+    assert!(!v.to_string().contains(&new1), "masked");
+    let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    assert_eq!(v["total"], 4);
+    let file = std::fs::read_to_string(gate.config_path()).unwrap();
+    assert!(
+        file.contains("# keep me") && file.contains(&new1) && file.contains(&new2),
+        "{file}"
+    );
+    assert!(
+        !file.contains(&env_key),
+        "environment keys stay in the environment"
+    );
+
+    let ids: Vec<String> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .collect();
+    let (status, v) = admin(
+        reqwest::Method::DELETE,
+        &gate,
+        &format!("/admin/api/keys/{}", ids[0]),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(!std::fs::read_to_string(gate.config_path())
+        .unwrap()
+        .contains(&file_key));
+    let (status, v) = admin(
+        reqwest::Method::DELETE,
+        &gate,
+        &format!("/admin/api/keys/{}", ids[3]),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("API_KEYS"));
+    let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    assert_eq!(v["total"], 3);
+}

@@ -1,0 +1,129 @@
+//! Changes to the key set written back to the config file, keeping its comments and layout, so
+//! the file stays the source of truth and the change takes the normal reload path.
+
+use std::path::Path;
+
+use toml_edit::{Array, DocumentMut, Item, Table, Value};
+
+/// Finds API keys in free text: `AIzaSy` + 33 characters, and the newer `AQ.` keys; each once,
+/// in order.
+pub fn find_keys(text: &str) -> Vec<String> {
+    let pattern = regex::Regex::new(r"AIzaSy[A-Za-z0-9_\-]{33}|AQ\.[A-Za-z0-9_\-]{20,}")
+        .expect("a valid pattern");
+    let mut out: Vec<String> = Vec::new();
+    for m in pattern.find_iter(text) {
+        if !out.iter().any(|k| k == m.as_str()) {
+            out.push(m.as_str().to_owned());
+        }
+    }
+    out
+}
+
+/// Appends `secrets` to `[keys] api_keys` of the file at `path` (created from the shipped
+/// defaults when missing).
+pub fn add_keys(path: &Path, secrets: &[String]) -> Result<(), String> {
+    edit(path, |keys| {
+        for s in secrets {
+            keys.push(s.as_str());
+        }
+        Ok(())
+    })
+}
+
+/// Removes `secret` from `[keys] api_keys`; `false` when the file does not list it.
+pub fn remove_key(path: &Path, secret: &str) -> Result<bool, String> {
+    let mut removed = false;
+    edit(path, |keys| {
+        let at = keys.iter().position(|v| match v {
+            Value::String(s) => s.value().trim() == secret,
+            Value::InlineTable(t) => t
+                .get("key")
+                .and_then(Value::as_str)
+                .is_some_and(|k| k.trim() == secret),
+            _ => false,
+        });
+        if let Some(i) = at {
+            keys.remove(i);
+            removed = true;
+        }
+        Ok(())
+    })?;
+    Ok(removed)
+}
+
+fn edit(path: &Path, change: impl FnOnce(&mut Array) -> Result<(), String>) -> Result<(), String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => super::EMBEDDED_DEFAULTS.to_owned(),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let mut doc: DocumentMut = text
+        .parse()
+        .map_err(|e| format!("cannot edit {}: {e}", path.display()))?;
+    let keys = doc
+        .entry("keys")
+        .or_insert_with(|| Item::Table(Table::new()))
+        .as_table_like_mut()
+        .ok_or("[keys] is not a table")?;
+    let list = keys
+        .entry("api_keys")
+        .or_insert(Item::Value(Value::Array(Array::new())))
+        .as_array_mut()
+        .ok_or("keys.api_keys is not a list")?;
+    change(list)?;
+    list.set_trailing_comma(true);
+    write_atomic(path, &doc.to_string())
+}
+
+/// Writes `text` to a temporary file beside `path`, then renames it over `path`: readers (and
+/// the reload watcher) never see half a file.
+pub fn write_atomic(path: &Path, text: &str) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot replace {}: {e}", path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_found_in_free_text() {
+        let a = format!("AIzaSy{}", "A".repeat(33));
+        let b = format!("AQ.{}", "b".repeat(30));
+        let text = format!("first {a}, then\n{b} and {a} again; AIzaSyshort");
+        assert_eq!(find_keys(&text), vec![a, b]);
+    }
+
+    #[test]
+    fn edits_keep_comments_and_other_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gemgate.toml");
+        std::fs::write(
+            &path,
+            "# my gateway\n[keys]\n# the keys\napi_keys = [\"k1\", { key = \"k2\", label = \"two\" }]\nmax_failures = 5\n",
+        )
+        .unwrap();
+        add_keys(&path, &["k3".into()]).unwrap();
+        assert!(remove_key(&path, "k2").unwrap());
+        assert!(!remove_key(&path, "nope").unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("# my gateway") && text.contains("# the keys"),
+            "{text}"
+        );
+        assert!(text.contains("max_failures = 5"));
+        let parsed: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(
+            parsed["keys"]["api_keys"],
+            toml::Value::Array(vec!["k1".into(), "k3".into()])
+        );
+    }
+}
