@@ -809,7 +809,8 @@ fn last_text(contents: &[Value]) -> String {
 }
 
 /// With function declarations and a user turn that is not a function's result, the model calls
-/// the first declared function with `{"query": <the prompt>}` (and a thought signature).
+/// the first declared function with `{"query": <the prompt>}` (and a base64 thought signature,
+/// as Google sends one).
 fn function_call(request: &Value, contents: &[Value]) -> Option<Value> {
     let decl = request.pointer("/tools/0/functionDeclarations/0")?;
     let last = contents.last()?;
@@ -825,7 +826,7 @@ fn function_call(request: &Value, contents: &[Value]) -> Option<Value> {
     }
     Some(json!({
         "functionCall": { "name": decl["name"], "args": { "query": parts_text(last) } },
-        "thoughtSignature": "fake-signature",
+        "thoughtSignature": "ZmFrZS1zaWduYXR1cmU=",
     }))
 }
 

@@ -337,7 +337,13 @@ impl Gateway {
             return preflight(s, x).await;
         }
         let path = s.req_header().uri.path().to_owned();
-        match route::route(&path) {
+        let req = s.req_header();
+        let goog_credential = req.headers.contains_key("x-goog-api-key")
+            || req
+                .uri
+                .query()
+                .is_some_and(|q| auth::query_param(q, "key").is_some());
+        match route::route(&path, goog_credential) {
             Route::Health => {
                 x.action = "health".into();
                 let body = format!(r#"{{"status":"ok","keys":{}}}"#, gen.pool.keys().len());

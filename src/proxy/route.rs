@@ -125,9 +125,24 @@ pub fn parse_row(s: &str) -> Option<(u64, u64)> {
 }
 
 /// Maps a request path (without the query) to a route.
-pub fn route(path: &str) -> Route {
+///
+/// `/v1/models…` is both Google's stable API and OpenAI's: a `:action` is Google's, and so is a
+/// model list or lookup sent with a Google-style credential (`goog_credential`: an
+/// `x-goog-api-key` header or a `key=` parameter); otherwise it is OpenAI's.
+pub fn route(path: &str, goog_credential: bool) -> Route {
     if path == "/health" {
         return Route::Health;
+    }
+    if let Some(rest) = path.strip_prefix("/v1/") {
+        let models = rest.trim_end_matches('/');
+        let native = models.starts_with("models/") && (models.contains(':') || goog_credential)
+            || models == "models" && goog_credential;
+        if native {
+            return native_route(rest);
+        }
+    }
+    if let Some(rest) = path.strip_prefix("/gemini/v1/") {
+        return native_route(rest);
     }
     for prefix in ["/v1/", "/hf/v1/"] {
         if let Some(rest) = path.strip_prefix(prefix) {
@@ -205,9 +220,15 @@ pub fn route(path: &str) -> Route {
         };
     }
     let rest = path.strip_prefix("/gemini").unwrap_or(path);
-    let Some(rest) = rest.strip_prefix("/v1beta/") else {
-        return Route::NotFound;
-    };
+    match rest.strip_prefix("/v1beta/") {
+        Some(rest) => native_route(rest),
+        None => Route::NotFound,
+    }
+}
+
+/// A native call, from the path after the API version (`models/…`). Google's stable `v1`
+/// calls go to the `BASE_URL` version too, which serves all of them.
+fn native_route(rest: &str) -> Route {
     let rest = rest.trim_end_matches('/');
     if rest == "models" {
         return Route::Native(NativeCall::ListModels);
@@ -248,42 +269,70 @@ pub fn route(path: &str) -> Route {
 mod tests {
     use super::*;
 
+    fn route_of(path: &str) -> Route {
+        route(path, false)
+    }
+
+    #[test]
+    fn google_v1_and_openai_v1_share_a_prefix() {
+        assert!(matches!(
+            route("/v1/models/gemini-2.5-flash:generateContent", false),
+            Route::Native(NativeCall::Action { .. })
+        ));
+        assert_eq!(
+            route("/v1/models", true),
+            Route::Native(NativeCall::ListModels)
+        );
+        assert_eq!(
+            route("/v1/models", false),
+            Route::OpenAi(OpenAiCall::Models)
+        );
+        assert!(matches!(
+            route("/v1/models/gemini-2.5-pro", true),
+            Route::Native(NativeCall::GetModel { .. })
+        ));
+        assert!(matches!(
+            route("/gemini/v1/models/m:countTokens", false),
+            Route::Native(NativeCall::Action { .. })
+        ));
+    }
+
     #[test]
     fn native_paths() {
         assert_eq!(
-            route("/v1beta/models"),
+            route_of("/v1beta/models"),
             Route::Native(NativeCall::ListModels)
         );
         assert_eq!(
-            route("/gemini/v1beta/models/"),
+            route_of("/gemini/v1beta/models/"),
             Route::Native(NativeCall::ListModels)
         );
         assert_eq!(
-            route("/v1beta/models/gemini-2.5-flash"),
+            route_of("/v1beta/models/gemini-2.5-flash"),
             Route::Native(NativeCall::GetModel {
                 model: "gemini-2.5-flash".into()
             })
         );
-        let call = route("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent");
+        let call = route_of("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent");
         assert!(
             matches!(&call, Route::Native(c) if c.is_stream() && c.model() == "gemini-2.5-flash")
         );
-        assert_eq!(route("/health"), Route::Health);
+        assert_eq!(route_of("/health"), Route::Health);
         assert_eq!(
-            route("/v1beta/models/../x:generateContent"),
+            route_of("/v1beta/models/../x:generateContent"),
             Route::NotFound
         );
-        assert_eq!(route("/v2/models"), Route::NotFound);
-        assert_eq!(route("/v1beta/models/.."), Route::NotFound);
+        assert_eq!(route_of("/v2/models"), Route::NotFound);
+        assert_eq!(route_of("/v1beta/models/.."), Route::NotFound);
         assert_eq!(
-            route("/hf/v1/chat/completions"),
+            route_of("/hf/v1/chat/completions"),
             Route::OpenAi(OpenAiCall::Chat)
         );
-        assert_eq!(route("/v1/models"), Route::OpenAi(OpenAiCall::Models));
+        assert_eq!(route_of("/v1/models"), Route::OpenAi(OpenAiCall::Models));
         assert_eq!(
-            route("/openai/v1/chat/completions"),
+            route_of("/openai/v1/chat/completions"),
             Route::GoogleOpenAi("chat/completions".into())
         );
-        assert_eq!(route("/openai/v1/../x"), Route::NotFound);
+        assert_eq!(route_of("/openai/v1/../x"), Route::NotFound);
     }
 }

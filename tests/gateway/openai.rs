@@ -171,7 +171,7 @@ async fn tool_calls_round_trip_with_their_signature() {
     let sent = last_body(&fake);
     assert_eq!(
         sent["contents"][1]["parts"][0]["thoughtSignature"],
-        "fake-signature"
+        "ZmFrZS1zaWduYXR1cmU="
     );
     assert_eq!(
         sent["contents"][2]["parts"][0]["functionResponse"],
