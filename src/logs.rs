@@ -225,7 +225,9 @@ pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Rows of `log` matching `q`, newest first, and the cursor of the next page.
+/// Rows of `log` matching `q`, newest first, and the cursor of the next page. The most
+/// selective index the query names is walked newest first; each row it yields is checked
+/// against the other filters, and the walk stops as soon as the page is full.
 pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
     let t = tables(log);
     let tx = db.begin_read().map_err(io)?;
@@ -237,40 +239,15 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
         _ => (to, u64::MAX),
     };
     let limit = q.limit.clamp(1, 1000);
-    // The most selective index the query names; rows it yields are checked against the rest.
-    let candidates: Box<dyn Iterator<Item = Row>> = if let Some(k) = &q.key_id {
-        index_rows(&tx, t.by_key, k, from, upper)?
-    } else if let Some(c) = &q.class {
-        index_rows(&tx, t.by_class, c, from, upper)?
-    } else if let Some(m) = &q.model {
-        index_rows(&tx, t.by_model, m, from, upper)?
-    } else if let Some(s) = q.status {
-        let idx = tx.open_table(t.by_status).map_err(io)?;
-        let found: Vec<Row> = idx
-            .range((s, from, 0)..(s, upper.0, upper.1))
-            .map_err(io)?
-            .rev()
-            .filter_map(|e| e.ok().map(|(k, _)| (k.value().1, k.value().2)))
-            .collect();
-        Box::new(found.into_iter())
-    } else {
-        let found: Vec<Row> = rows
-            .range((from, 0)..upper)
-            .map_err(io)?
-            .rev()
-            .filter_map(|e| e.ok().map(|(k, _)| k.value()))
-            .take(limit + 1)
-            .collect();
-        Box::new(found.into_iter())
-    };
-    let mut out = Vec::new();
+    let mut out: Vec<(Row, Record)> = Vec::new();
     let mut next = None;
-    for row in candidates {
+    // Takes one candidate row; `false` ends the walk.
+    let mut take = |row: Row| -> Result<bool, StoreError> {
         let Some(value) = rows.get(row).map_err(io)? else {
-            continue;
+            return Ok(true);
         };
         let Ok(r) = serde_json::from_slice::<Record>(value.value()) else {
-            continue;
+            return Ok(true);
         };
         let matches = q
             .key_id
@@ -280,32 +257,62 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
             && q.class.as_ref().is_none_or(|c| r.class.as_ref() == Some(c))
             && q.status.is_none_or(|s| r.status == s);
         if !matches {
-            continue;
+            return Ok(true);
         }
         if out.len() == limit {
-            next = out.last().map(|(row, _): &(Row, Record)| *row);
-            break;
+            next = out.last().map(|(row, _)| *row);
+            return Ok(false);
         }
         out.push((row, r));
+        Ok(true)
+    };
+    let by_text = |def: TableDefinition<'static, Index, ()>,
+                   value: &str,
+                   take: &mut dyn FnMut(Row) -> Result<bool, StoreError>|
+     -> Result<(), StoreError> {
+        let idx = tx.open_table(def).map_err(io)?;
+        for e in idx
+            .range((value, from, 0)..(value, upper.0, upper.1))
+            .map_err(io)?
+            .rev()
+        {
+            let (k, _) = e.map_err(io)?;
+            let (_, ts, n) = k.value();
+            if !take((ts, n))? {
+                break;
+            }
+        }
+        Ok(())
+    };
+    if let Some(k) = &q.key_id {
+        by_text(t.by_key, k, &mut take)?;
+    } else if let Some(c) = &q.class {
+        by_text(t.by_class, c, &mut take)?;
+    } else if let Some(m) = &q.model {
+        by_text(t.by_model, m, &mut take)?;
+    } else if let Some(s) = q.status {
+        let idx = tx.open_table(t.by_status).map_err(io)?;
+        for e in idx
+            .range((s, from, 0)..(s, upper.0, upper.1))
+            .map_err(io)?
+            .rev()
+        {
+            let (k, _) = e.map_err(io)?;
+            let (_, ts, n) = k.value();
+            if !take((ts, n))? {
+                break;
+            }
+        }
+    } else {
+        let all = tx.open_table(t.rows).map_err(io)?;
+        for e in all.range((from, 0)..upper).map_err(io)?.rev() {
+            let (k, _) = e.map_err(io)?;
+            if !take(k.value())? {
+                break;
+            }
+        }
     }
     Ok((out, next))
-}
-
-fn index_rows(
-    tx: &redb::ReadTransaction,
-    def: TableDefinition<'static, Index, ()>,
-    value: &str,
-    from: u64,
-    upper: Row,
-) -> Result<Box<dyn Iterator<Item = Row>>, StoreError> {
-    let idx = tx.open_table(def).map_err(io)?;
-    let found: Vec<Row> = idx
-        .range((value, from, 0)..(value, upper.0, upper.1))
-        .map_err(io)?
-        .rev()
-        .filter_map(|e| e.ok().map(|(k, _)| (k.value().1, k.value().2)))
-        .collect();
-    Ok(Box::new(found.into_iter()))
 }
 
 /// One row, by its (time, sequence).
