@@ -96,6 +96,10 @@ pub fn run(config: Config, source: Source) -> ! {
         }
         Err(e) => tracing::error!("cannot read saved key state, starting fresh: {e}"),
     }
+    match store.load_files() {
+        Ok(files) => lasting.files.restore(files),
+        Err(e) => tracing::error!("cannot read the saved file owners: {e}"),
+    }
     let state = match State::new(config, source, lasting) {
         Ok(state) => state,
         Err(e) => {

@@ -25,6 +25,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Key id → [`SavedKey`] as JSON.
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_state");
+/// File id → `key id|expiry ms` (the Files API: which key owns each file).
+const FILES: TableDefinition<&str, &str> = TableDefinition::new("files");
 /// `DDDDDD|key id|model` (days since the epoch, zero-padded) → [`Counts`] as JSON.
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 
@@ -106,9 +108,47 @@ impl Store {
             meta.insert("schema_version", SCHEMA_VERSION).map_err(io)?;
             tx.open_table(KEYS).map_err(io)?;
             tx.open_table(USAGE).map_err(io)?;
+            tx.open_table(FILES).map_err(io)?;
             crate::logs::create(&tx)?;
         }
         tx.commit().map_err(io)
+    }
+
+    /// Records which key owns a file (`None`: the file is gone).
+    pub fn save_file(&self, id: &str, owner: Option<(String, u64)>) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut table = tx.open_table(FILES).map_err(io)?;
+            match owner {
+                Some((key, expires)) => {
+                    table
+                        .insert(id, format!("{key}|{expires}").as_str())
+                        .map_err(io)?;
+                }
+                None => {
+                    table.remove(id).map_err(io)?;
+                }
+            }
+        }
+        tx.commit().map_err(io)
+    }
+
+    /// Every file owner saved: (file id, key id, expiry ms).
+    pub fn load_files(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let table = tx.open_table(FILES).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(io)? {
+            let (id, v) = row.map_err(io)?;
+            if let Some((key, expires)) = v.value().split_once('|') {
+                out.push((
+                    id.value().to_owned(),
+                    key.to_owned(),
+                    expires.parse().unwrap_or(0),
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// The database, for the log queries.

@@ -144,6 +144,9 @@ pub struct FakeState {
     holds: Mutex<HashMap<String, Arc<Notify>>>,
     /// Bumped to close every open connection (as a server closing idle keep-alives does).
     closer: Mutex<Option<tokio::sync::watch::Sender<u64>>>,
+    /// Files API: upload id → (key, display name, mime type); file id → (key, metadata).
+    uploads: Mutex<HashMap<String, (String, String, String)>>,
+    files: Mutex<HashMap<String, (String, Value)>>,
 }
 
 const KEEP_RECEIVED: usize = 64;
@@ -508,6 +511,19 @@ async fn handle(
     let first_on_connection = seen.lock().unwrap().insert(key.clone());
     state.count(&key, first_on_connection);
 
+    let authority = parts
+        .headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if path == "/upload/v1beta/files" {
+        return upload(&state, &key, &parts.headers, &query, &body, &authority);
+    }
+    if let Some(rest) = path.strip_prefix("/v1beta/files") {
+        return files_call(&state, &key, &parts.method, rest.trim_start_matches('/'));
+    }
+
     let Some(rest) = path.strip_prefix("/v1beta/") else {
         return google_error(
             404,
@@ -630,6 +646,14 @@ async fn handle(
                     Value::Null,
                 );
             };
+            // A file belongs to the key that uploaded it, as at Google.
+            for uri in file_uris(contents) {
+                let id = uri.rsplit("/files/").next().unwrap_or_default();
+                let owner = state.files.lock().unwrap().get(id).map(|(k, _)| k.clone());
+                if owner.as_deref() != Some(key.as_str()) {
+                    return google_error(403, "PERMISSION_DENIED", &format!("You do not have permission to access the File {id} or it may not exist."), Value::Null);
+                }
+            }
             let prompt = last_text(contents);
             if let Some(call) = function_call(&request, contents) {
                 let mut resp = content_response(&model, "", true, words(&prompt), 1);
@@ -806,6 +830,133 @@ fn last_text(contents: &[Value]) -> String {
     } else {
         results.join("; ")
     }
+}
+
+/// The `fileData.fileUri`s of a request's contents.
+fn file_uris(contents: &[Value]) -> Vec<String> {
+    contents
+        .iter()
+        .filter_map(|c| c["parts"].as_array())
+        .flatten()
+        .filter_map(|p| p.pointer("/fileData/fileUri")?.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The resumable upload protocol of the Files API: `start` answers with an upload URL (on this
+/// server); `upload, finalize` with the same key stores the file.
+fn upload(
+    state: &FakeState,
+    key: &str,
+    headers: &http::HeaderMap,
+    query: &str,
+    body: &[u8],
+    authority: &str,
+) -> Response<Body> {
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    let command = header("x-goog-upload-command");
+    if command == "start" {
+        let id = format!("up{:08x}", fastrand::u32(..));
+        let meta: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let name = meta
+            .pointer("/file/display_name")
+            .or_else(|| meta.pointer("/file/displayName"))
+            .and_then(Value::as_str)
+            .unwrap_or("file")
+            .to_owned();
+        let mime = header("x-goog-upload-header-content-type").to_owned();
+        state
+            .uploads
+            .lock()
+            .unwrap()
+            .insert(id.clone(), (key.to_owned(), name, mime));
+        let mut resp = full(StatusCode::OK, "text/plain", Bytes::new());
+        let url = format!(
+            "http://{authority}/upload/v1beta/files?upload_id={id}&upload_protocol=resumable"
+        );
+        resp.headers_mut()
+            .insert("x-goog-upload-url", url.parse().expect("a header value"));
+        resp.headers_mut().insert(
+            "x-goog-upload-status",
+            http::HeaderValue::from_static("active"),
+        );
+        return resp;
+    }
+    let Some(id) = query_value(query, "upload_id") else {
+        return google_error(400, "INVALID_ARGUMENT", "no upload_id", Value::Null);
+    };
+    let Some((owner, name, mime)) = state.uploads.lock().unwrap().get(id).cloned() else {
+        return google_error(404, "NOT_FOUND", "no such upload", Value::Null);
+    };
+    if owner != key {
+        return google_error(
+            403,
+            "PERMISSION_DENIED",
+            "The upload belongs to another API key.",
+            Value::Null,
+        );
+    }
+    // As Google does, say whether the upload is still open or done.
+    if !command.contains("finalize") {
+        let mut resp = json_response(StatusCode::OK, &json!({}));
+        resp.headers_mut().insert(
+            "x-goog-upload-status",
+            http::HeaderValue::from_static("active"),
+        );
+        return resp;
+    }
+    let file_id = format!("f{:08x}", fastrand::u32(..));
+    let file = json!({
+        "name": format!("files/{file_id}"),
+        "displayName": name,
+        "mimeType": mime,
+        "sizeBytes": body.len().to_string(),
+        "uri": format!("http://{authority}/v1beta/files/{file_id}"),
+        "state": "ACTIVE",
+        "expirationTime": "2099-01-01T00:00:00Z",
+    });
+    state
+        .files
+        .lock()
+        .unwrap()
+        .insert(file_id, (key.to_owned(), file.clone()));
+    let mut resp = json_response(StatusCode::OK, &json!({ "file": file }));
+    resp.headers_mut().insert(
+        "x-goog-upload-status",
+        http::HeaderValue::from_static("final"),
+    );
+    resp
+}
+
+/// `GET files`, `GET files/{id}`, `DELETE files/{id}`: each key sees only its own files.
+fn files_call(state: &FakeState, key: &str, method: &http::Method, id: &str) -> Response<Body> {
+    let mut files = state.files.lock().unwrap();
+    if id.is_empty() {
+        let mine: Vec<Value> = files
+            .values()
+            .filter(|(k, _)| k == key)
+            .map(|(_, f)| f.clone())
+            .collect();
+        return json_response(StatusCode::OK, &json!({ "files": mine }));
+    }
+    let owned = files.get(id).is_some_and(|(k, _)| k == key);
+    if !owned {
+        return google_error(
+            403,
+            "PERMISSION_DENIED",
+            &format!("You do not have permission to access the File {id} or it may not exist."),
+            Value::Null,
+        );
+    }
+    if *method == http::Method::DELETE {
+        files.remove(id);
+        return json_response(StatusCode::OK, &json!({}));
+    }
+    json_response(StatusCode::OK, &files[id].1)
 }
 
 /// With function declarations and a user turn that is not a function's result, the model calls

@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod auth;
+pub mod files;
 mod openai;
 pub mod reply;
 pub mod route;
@@ -154,6 +155,8 @@ pub struct Lasting {
     pub usage: Arc<crate::usage::Usage>,
     /// Log records on their way to the store.
     pub logs: Arc<crate::logs::LogQueue>,
+    /// Which key each upload and uploaded file belongs to.
+    pub files: Arc<files::FileOwners>,
     /// The redb file (`None` in tests that build a gateway without one).
     pub store: Option<Arc<crate::store::Store>>,
     pub counters: Arc<Counters>,
@@ -242,6 +245,8 @@ struct Exchange {
     upstream: Option<(u16, String)>,
     /// For the error log, with `ERROR_LOG_RECORD_REQUEST_BODY`: the request body.
     body: Option<Bytes>,
+    /// The upstream's `x-goog-upload-*` headers of a collected answer (the Files API).
+    upload_headers: Vec<(String, String)>,
     /// The request came from a browser page (it has an `Origin`): answers carry CORS headers.
     cors: bool,
     /// What plugins share within this request (`ctx.shared`).
@@ -294,6 +299,8 @@ struct UpstreamRequest {
     chat: Option<openai::ChatStreamSpec>,
     /// Made with `PAID_KEY` (image generation), when it is set.
     paid: bool,
+    /// Only this key may serve it (the Files API: a file belongs to the key that uploaded it).
+    pinned: Option<usize>,
 }
 
 impl Gateway {
@@ -373,6 +380,17 @@ impl Gateway {
                 x.protocol = Protocol::OpenAi;
                 x.action = call.action().to_owned();
                 match Box::pin(self.openai(gen, s, call, x)).await {
+                    Ok(outcome) => outcome,
+                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
+                }
+            }
+            Route::Upload => match Box::pin(self.file_upload(gen, s, x)).await {
+                Ok(outcome) => outcome,
+                Err(refusal) => self.refuse(gen, s, x, refusal).await,
+            },
+            Route::Files(id) => {
+                x.action = "files".into();
+                match Box::pin(self.files(gen, s, id, x)).await {
                     Ok(outcome) => outcome,
                     Err(refusal) => self.refuse(gen, s, x, refusal).await,
                 }
@@ -477,7 +495,9 @@ impl Gateway {
         for (name, value) in rewrite.headers {
             let _ = header.insert_header(name, value);
         }
+        let pinned = self.file_pin(gen, &body);
         let mut up = UpstreamRequest {
+            pinned,
             header,
             body,
             model,
@@ -690,6 +710,13 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Pick, Denial> {
         let pool = gen.pool_for(req);
+        if let Some(i) = req.pinned {
+            return Ok(if !tried.contains(&i) && pool.usable(i, &req.model, now) {
+                Pick::Key(i)
+            } else {
+                pool.exhausted(&req.model, now)
+            });
+        }
         if req.paid || !gen.policy.has_select_key() || pool.is_empty() {
             return Ok(pool.pick(&req.model, tried, now));
         }
@@ -841,6 +868,14 @@ impl Gateway {
         }
         let result = match client {
             None => {
+                if let Some(h) = up.response_header() {
+                    x.upload_headers = h
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| n.as_str().starts_with("x-goog-upload-"))
+                        .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_owned())))
+                        .collect();
+                }
                 let (body, complete) = read_to_end(&mut up, COLLECT_LIMIT).await;
                 if !complete {
                     return Err(Failure::network(
@@ -1029,6 +1064,7 @@ impl Exchange {
             tokens: Default::default(),
             upstream: None,
             body: None,
+            upload_headers: Vec::new(),
             cors: req.headers.contains_key(header::ORIGIN),
             shared: PluginShared::default(),
             protocol: Protocol::Gemini,

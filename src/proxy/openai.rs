@@ -498,6 +498,7 @@ impl Gateway {
             bearer: false,
             chat: None,
             paid: false,
+            pinned: None,
         })
     }
 
@@ -561,6 +562,7 @@ impl Gateway {
             bearer: true,
             chat: None,
             paid: false,
+            pinned: None,
         };
         match self.attempts(gen, &up, Some(s), x).await {
             Finished::Relayed(outcome) => Ok(outcome),

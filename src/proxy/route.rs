@@ -113,6 +113,10 @@ pub enum Route {
     OpenAi(OpenAiCall),
     /// `/openai/v1/{rest}`: Google's OpenAI-compatible API, passed through.
     GoogleOpenAi(String),
+    /// `POST /upload/v1beta/files`: the Files API's resumable upload.
+    Upload,
+    /// `GET /v1beta/files` (`None`), `GET` or `DELETE /v1beta/files/{id}`.
+    Files(Option<String>),
     Native(NativeCall),
     /// A path gemgate does not serve.
     NotFound,
@@ -136,13 +140,24 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
     if let Some(rest) = path.strip_prefix("/v1/") {
         let models = rest.trim_end_matches('/');
         let native = models.starts_with("models/") && (models.contains(':') || goog_credential)
-            || models == "models" && goog_credential;
+            || models == "models" && goog_credential
+            || models == "files"
+            || models.starts_with("files/");
         if native {
             return native_route(rest);
         }
     }
     if let Some(rest) = path.strip_prefix("/gemini/v1/") {
         return native_route(rest);
+    }
+    if matches!(
+        path.trim_end_matches('/'),
+        "/upload/v1beta/files"
+            | "/gemini/upload/v1beta/files"
+            | "/upload/v1/files"
+            | "/gemini/upload/v1/files"
+    ) {
+        return Route::Upload;
     }
     for prefix in ["/v1/", "/hf/v1/"] {
         if let Some(rest) = path.strip_prefix(prefix) {
@@ -230,6 +245,17 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
 /// calls go to the `BASE_URL` version too, which serves all of them.
 fn native_route(rest: &str) -> Route {
     let rest = rest.trim_end_matches('/');
+    if rest == "files" {
+        return Route::Files(None);
+    }
+    if let Some(id) = rest.strip_prefix("files/") {
+        let valid = !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        return if valid {
+            Route::Files(Some(id.to_owned()))
+        } else {
+            Route::NotFound
+        };
+    }
     if rest == "models" {
         return Route::Native(NativeCall::ListModels);
     }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod common;
+mod files;
 mod first_run;
 mod keys;
 mod openai;

@@ -4,6 +4,7 @@ Run by tests/gateway/sdk.rs against gemgate and the fake Gemini upstream:
     GEMGATE_URL=http://127.0.0.1:PORT GEMGATE_TOKEN=... python genai_client.py
 Exits non-zero, saying what differed, when an answer is not what the SDK should get.
 """
+import io
 import os
 import sys
 
@@ -41,6 +42,14 @@ r = client.models.generate_content(
     config=types.GenerateContentConfig(tools=[types.Tool(function_declarations=[
         types.FunctionDeclaration(name="lookup", parameters={"type": "object", "properties": {"query": {"type": "string"}}})])]))
 check("function call", r.function_calls and r.function_calls[0].name == "lookup", r)
+
+uploaded = client.files.upload(file=io.BytesIO(b"some notes"), config=types.UploadFileConfig(mime_type="text/plain"))
+check("file upload", uploaded.name.startswith("files/"), uploaded)
+for _ in range(3):
+    r = client.models.generate_content(model="gemini-2.5-flash", contents=[uploaded, "summarise"])
+    check("generate with the file", r.text == "echo: summarise", r.text)
+check("file get", client.files.get(name=uploaded.name).name == uploaded.name)
+client.files.delete(name=uploaded.name)
 
 try:
     client.models.generate_content(model="no-such-model", contents="x")
