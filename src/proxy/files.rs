@@ -12,7 +12,7 @@ use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
 use super::{
-    auth, read_body, send, strip_key_param, upstream_header, write_full, Exchange, Gateway,
+    auth, client_query, read_body, send, upstream_header, write_full, Exchange, Gateway,
     Generation, Outcome, Refusal, UpstreamRequest,
 };
 use crate::proxy::reply::GateError;
@@ -96,12 +96,7 @@ impl Gateway {
         s: &mut ServerSession,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        let query = s
-            .req_header()
-            .uri
-            .query()
-            .map(strip_key_param)
-            .unwrap_or_default();
+        let query = client_query(s);
         let upload_id = auth::query_param(&query, "upload_id").map(|v| v.into_owned());
         let owner = upload_id
             .as_deref()
@@ -220,12 +215,7 @@ impl Gateway {
             },
             x,
         )?;
-        let query = s
-            .req_header()
-            .uri
-            .query()
-            .map(strip_key_param)
-            .unwrap_or_default();
+        let query = client_query(s);
         let base = &gen.target.base.path;
         let Some(id) = id else {
             let mut all = Vec::new();

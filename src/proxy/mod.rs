@@ -469,10 +469,9 @@ impl Gateway {
     ) -> Result<Outcome, Refusal> {
         self.admit(gen, s, call.method(), x)?;
         let rewrite = self.on_request(gen, s, call.model(), call.action(), call.is_stream(), x)?;
-        let req = s.req_header();
         let model = rewrite.model.as_deref().unwrap_or(call.model()).to_owned();
         x.model.clone_from(&model);
-        let query = req.uri.query().map(strip_key_param).unwrap_or_default();
+        let query = client_query(s);
         let sse = call.is_stream() && auth::query_param(&query, "alt").is_some_and(|v| v == "sse");
         let base = &gen.target.base.path;
         let mut body = if call.method() == http::Method::POST {
@@ -1313,6 +1312,15 @@ fn encode_query_value(value: &str) -> String {
         }
     }
     out
+}
+
+/// The request's query string without the client's `key=` credential: what goes upstream.
+fn client_query(s: &ServerSession) -> String {
+    s.req_header()
+        .uri
+        .query()
+        .map(strip_key_param)
+        .unwrap_or_default()
 }
 
 /// Removes the client's `key=` credential from a query string.

@@ -11,7 +11,7 @@ use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
 use super::{
-    read_body, rewrite_value, send, strip_key_param, upstream_header, Exchange, Finished, Gateway,
+    client_query, read_body, rewrite_value, send, upstream_header, Exchange, Finished, Gateway,
     Generation, Outcome, Refusal, UpstreamRequest,
 };
 use crate::keys::clock::now_ms;
@@ -542,12 +542,7 @@ impl Gateway {
                 "a plugin rewrote a request to Google's OpenAI-compatible API, which gemgate passes through unchanged",
             )));
         }
-        let query = s
-            .req_header()
-            .uri
-            .query()
-            .map(strip_key_param)
-            .unwrap_or_default();
+        let query = client_query(s);
         let path = format!("{}/openai/{rest}", gen.target.base.path);
         let mut header = upstream_header(gen, s.req_header(), &path, &query, body.len())?;
         for (name, value) in rewrite.headers {
