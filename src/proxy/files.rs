@@ -168,6 +168,16 @@ impl Gateway {
             }
         }
         if finalize {
+            // The upload is done: its URL is no longer a credential.
+            if let Some(id) = &upload_id {
+                self.state
+                    .lasting
+                    .files
+                    .uploads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(id);
+            }
             let file = serde_json::from_slice::<Value>(&answer).unwrap_or_default();
             if let Some(name) = file.pointer("/file/name").and_then(Value::as_str) {
                 let id = name.trim_start_matches("files/").to_owned();

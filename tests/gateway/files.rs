@@ -49,6 +49,15 @@ async fn uploads_and_the_requests_naming_them_use_one_key() {
     let name = file["file"]["name"].as_str().unwrap().to_owned();
     let uri = file["file"]["uri"].as_str().unwrap().to_owned();
     let owner = fake.state.last_received().unwrap().key.unwrap();
+    // A finished upload's URL opens nothing any more.
+    let resp = client()
+        .post(&upload_url)
+        .header("x-goog-upload-command", "upload, finalize")
+        .body("again")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
 
     // Round-robin would spread these over three keys; the file pins them to its owner.
     for _ in 0..4 {
