@@ -246,6 +246,11 @@ impl Gateway {
             "reload": self.state.reload_status(),
             "plugins": current.policy.plugins,
             "templates": current.templates.names,
+            // Records dropped because their queue to the data file was full.
+            "dropped": {
+                "usage_events": self.state.lasting.usage.dropped(),
+                "log_records": self.state.lasting.logs.dropped(),
+            },
             "plugin_errors": self.state.lasting.stats.snapshot().into_iter()
                 .map(|(plugin, hook, count)| json!({ "plugin": plugin, "hook": hook, "count": count }))
                 .collect::<Vec<_>>(),
