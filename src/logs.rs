@@ -148,21 +148,63 @@ pub fn write(db: &Database, records: &[Record], seq: &AtomicU64) -> Result<(), S
         return Ok(());
     }
     let tx = db.begin_write().map_err(io)?;
-    for r in records {
-        let n = seq.fetch_add(1, Ordering::Relaxed);
-        let bytes = serde_json::to_vec(r).map_err(io)?;
-        insert(
-            &tx,
-            Log::Requests,
-            r,
-            (r.ts_ms, n),
-            &strip_error_fields(&bytes, r),
-        )?;
-        if r.failed() {
-            insert(&tx, Log::Errors, r, (r.ts_ms, n), &bytes)?;
+    {
+        // Each table is opened once per batch: opening one costs more than a row.
+        let mut requests = Open::new(&tx, Log::Requests)?;
+        let mut errors = Open::new(&tx, Log::Errors)?;
+        for r in records {
+            let row = (r.ts_ms, seq.fetch_add(1, Ordering::Relaxed));
+            let bytes = serde_json::to_vec(r).map_err(io)?;
+            requests.insert(r, row, &strip_error_fields(&bytes, r))?;
+            if r.failed() {
+                errors.insert(r, row, &bytes)?;
+            }
         }
     }
     tx.commit().map_err(io)
+}
+
+/// The tables of one log, open in a write transaction.
+struct Open<'tx> {
+    rows: redb::Table<'tx, Row, &'static [u8]>,
+    by_key: redb::Table<'tx, Index, ()>,
+    by_model: redb::Table<'tx, Index, ()>,
+    by_class: redb::Table<'tx, Index, ()>,
+    by_status: redb::Table<'tx, (u16, u64, u64), ()>,
+}
+
+impl<'tx> Open<'tx> {
+    fn new(tx: &'tx redb::WriteTransaction, log: Log) -> Result<Open<'tx>, StoreError> {
+        let t = tables(log);
+        Ok(Open {
+            rows: tx.open_table(t.rows).map_err(io)?,
+            by_key: tx.open_table(t.by_key).map_err(io)?,
+            by_model: tx.open_table(t.by_model).map_err(io)?,
+            by_class: tx.open_table(t.by_class).map_err(io)?,
+            by_status: tx.open_table(t.by_status).map_err(io)?,
+        })
+    }
+
+    fn insert(&mut self, r: &Record, row: Row, bytes: &[u8]) -> Result<(), StoreError> {
+        self.rows.insert(row, bytes).map_err(io)?;
+        if let Some(k) = &r.key_id {
+            self.by_key
+                .insert((k.as_str(), row.0, row.1), ())
+                .map_err(io)?;
+        }
+        self.by_model
+            .insert((r.model.as_str(), row.0, row.1), ())
+            .map_err(io)?;
+        if let Some(c) = &r.class {
+            self.by_class
+                .insert((c.as_str(), row.0, row.1), ())
+                .map_err(io)?;
+        }
+        self.by_status
+            .insert((r.status, row.0, row.1), ())
+            .map_err(io)?;
+        Ok(())
+    }
 }
 
 /// The request log keeps no upstream message or body.
@@ -176,41 +218,6 @@ fn strip_error_fields(bytes: &[u8], r: &Record) -> Vec<u8> {
         ..r.clone()
     };
     serde_json::to_vec(&lean).unwrap_or_default()
-}
-
-fn insert(
-    tx: &redb::WriteTransaction,
-    log: Log,
-    r: &Record,
-    row: Row,
-    bytes: &[u8],
-) -> Result<(), StoreError> {
-    let t = tables(log);
-    tx.open_table(t.rows)
-        .map_err(io)?
-        .insert(row, bytes)
-        .map_err(io)?;
-    if let Some(k) = &r.key_id {
-        tx.open_table(t.by_key)
-            .map_err(io)?
-            .insert((k.as_str(), row.0, row.1), ())
-            .map_err(io)?;
-    }
-    tx.open_table(t.by_model)
-        .map_err(io)?
-        .insert((r.model.as_str(), row.0, row.1), ())
-        .map_err(io)?;
-    if let Some(c) = &r.class {
-        tx.open_table(t.by_class)
-            .map_err(io)?
-            .insert((c.as_str(), row.0, row.1), ())
-            .map_err(io)?;
-    }
-    tx.open_table(t.by_status)
-        .map_err(io)?
-        .insert((r.status, row.0, row.1), ())
-        .map_err(io)?;
-    Ok(())
 }
 
 /// Creates the tables (on a new file).
