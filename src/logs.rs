@@ -273,53 +273,56 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
         out.push((row, r));
         Ok(true)
     };
-    let by_text = |def: TableDefinition<'static, Index, ()>,
-                   value: &str,
-                   take: &mut dyn FnMut(Row) -> Result<bool, StoreError>|
-     -> Result<(), StoreError> {
+    // Each branch walks one table's range newest first, as rows.
+    if let Some((def, value)) = [
+        (t.by_key, q.key_id.as_deref()),
+        (t.by_class, q.class.as_deref()),
+        (t.by_model, q.model.as_deref()),
+    ]
+    .into_iter()
+    .find_map(|(def, v)| Some((def, v?)))
+    {
         let idx = tx.open_table(def).map_err(io)?;
-        for e in idx
-            .range((value, from, 0)..(value, upper.0, upper.1))
-            .map_err(io)?
-            .rev()
-        {
-            let (k, _) = e.map_err(io)?;
-            let (_, ts, n) = k.value();
-            if !take((ts, n))? {
-                break;
-            }
-        }
-        Ok(())
-    };
-    if let Some(k) = &q.key_id {
-        by_text(t.by_key, k, &mut take)?;
-    } else if let Some(c) = &q.class {
-        by_text(t.by_class, c, &mut take)?;
-    } else if let Some(m) = &q.model {
-        by_text(t.by_model, m, &mut take)?;
+        let range = idx.range((value, from, 0)..(value, upper.0, upper.1));
+        walk(
+            range
+                .map_err(io)?
+                .rev()
+                .map(|e| e.map(|(k, _)| (k.value().1, k.value().2))),
+            &mut take,
+        )?;
     } else if let Some(s) = q.status {
         let idx = tx.open_table(t.by_status).map_err(io)?;
-        for e in idx
-            .range((s, from, 0)..(s, upper.0, upper.1))
-            .map_err(io)?
-            .rev()
-        {
-            let (k, _) = e.map_err(io)?;
-            let (_, ts, n) = k.value();
-            if !take((ts, n))? {
-                break;
-            }
-        }
+        let range = idx.range((s, from, 0)..(s, upper.0, upper.1));
+        walk(
+            range
+                .map_err(io)?
+                .rev()
+                .map(|e| e.map(|(k, _)| (k.value().1, k.value().2))),
+            &mut take,
+        )?;
     } else {
         let all = tx.open_table(t.rows).map_err(io)?;
-        for e in all.range((from, 0)..upper).map_err(io)?.rev() {
-            let (k, _) = e.map_err(io)?;
-            if !take(k.value())? {
-                break;
-            }
-        }
+        let range = all.range((from, 0)..upper);
+        walk(
+            range.map_err(io)?.rev().map(|e| e.map(|(k, _)| k.value())),
+            &mut take,
+        )?;
     }
     Ok((out, next))
+}
+
+/// Feeds rows to `take` until it says stop.
+fn walk(
+    rows: impl Iterator<Item = Result<Row, redb::StorageError>>,
+    take: &mut dyn FnMut(Row) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    for row in rows {
+        if !take(row.map_err(io)?)? {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// One row, by its (time, sequence).
