@@ -6,20 +6,13 @@ Exits non-zero, saying what differed, when an answer is not what the SDK should 
 """
 import io
 import os
-import sys
+from report import check, finish
 
 from google import genai
 from google.genai import errors, types
 
 url = os.environ["GEMGATE_URL"]
 token = os.environ["GEMGATE_TOKEN"]
-failures = []
-
-
-def check(what, ok, detail=""):
-    print(("ok   " if ok else "FAIL ") + what + (f": {detail}" if not ok else ""))
-    if not ok:
-        failures.append(what)
 
 
 for version in ("v1beta", "v1"):
@@ -64,4 +57,4 @@ try:
 except errors.ClientError as err:
     check("wrong token", err.code == 401, err)
 
-sys.exit(1 if failures else 0)
+finish()

@@ -6,19 +6,12 @@ Exits non-zero, saying what differed, when an answer is not what the SDK should 
 """
 import json
 import os
-import sys
+from report import check, finish
 
 import openai
 
 url = os.environ["GEMGATE_URL"]
 token = os.environ["GEMGATE_TOKEN"]
-failures = []
-
-
-def check(what, ok, detail=""):
-    print(("ok   " if ok else "FAIL ") + what + (f": {detail}" if not ok else ""))
-    if not ok:
-        failures.append(what)
 
 
 for prefix in ("/v1", "/hf/v1"):
@@ -120,4 +113,4 @@ google = openai.OpenAI(base_url=url + "/openai/v1", api_key=token, max_retries=0
 r = google.chat.completions.create(model="gemini-2.5-flash", messages=[{"role": "user", "content": "hi"}])
 check("google's openai api", r.choices[0].message.content == "echo: hi", r)
 
-sys.exit(1 if failures else 0)
+finish()
