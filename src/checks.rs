@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::keys::taxonomy::classify;
 use crate::keys::Key;
-use crate::proxy::State;
+use crate::proxy::{Generation, State};
 
 /// Probes run at most this many at once.
 const CONCURRENCY: usize = 4;
@@ -24,20 +24,27 @@ pub enum Probe {
     Failing(u16, &'static str, String),
 }
 
-/// Calls `TEST_MODEL` once with `key`.
-pub async fn probe(client: &reqwest::Client, base: &str, test_model: &str, key: &Key) -> Probe {
-    let url = format!("{base}/models/{test_model}:generateContent");
+/// Calls `TEST_MODEL` once with `key`, the way calls with that key go: through its proxy when
+/// `PROXIES` are set, with the `CUSTOM_HEADERS`.
+pub async fn probe(gen: &Generation, key: &Key) -> Probe {
+    let test_model = crate::config::model_name(&gen.config.file.keys.test_model);
+    let url = format!(
+        "{}/models/{test_model}:generateContent",
+        gen.config.base_url
+    );
     let body = serde_json::json!({
         "contents": [{ "role": "user", "parts": [{ "text": "hi" }] }],
         "generationConfig": { "maxOutputTokens": 1 },
     });
-    let sent = client
+    let target = &gen.target;
+    let mut call = target
+        .side_client(target.route(&key.spec.id))
         .post(url)
-        .header("x-goog-api-key", key.header.clone())
-        .json(&body)
-        .timeout(PROBE_TIMEOUT)
-        .send()
-        .await;
+        .header("x-goog-api-key", key.header.clone());
+    for (name, value) in &gen.config.custom_headers {
+        call = call.header(name, value);
+    }
+    let sent = call.json(&body).timeout(PROBE_TIMEOUT).send().await;
     let resp = match sent {
         Ok(r) => r,
         Err(e) => return Probe::Failing(0, "network", e.without_url().to_string()),
@@ -55,10 +62,8 @@ pub async fn probe(client: &reqwest::Client, base: &str, test_model: &str, key: 
 }
 
 /// Probes every disabled key of the current pool; returns (recovered, still failing).
-pub async fn check_disabled(state: &State, client: &reqwest::Client) -> (usize, usize) {
+pub async fn check_disabled(state: &State) -> (usize, usize) {
     let gen = state.current.load_full();
-    let base = gen.config.base_url.to_string();
-    let test_model = crate::config::model_name(&gen.config.file.keys.test_model).to_owned();
     let disabled: Vec<usize> = (0..gen.pool.keys().len())
         .filter(|&i| gen.pool.get(i).state.is_disabled())
         .collect();
@@ -66,15 +71,9 @@ pub async fn check_disabled(state: &State, client: &reqwest::Client) -> (usize, 
     for batch in disabled.chunks(CONCURRENCY) {
         let mut tasks = tokio::task::JoinSet::new();
         for &i in batch {
-            let (gen, client, base, test_model) = (
-                gen.clone(),
-                client.clone(),
-                base.clone(),
-                test_model.clone(),
-            );
+            let gen = gen.clone();
             tasks.spawn(async move {
-                let key = gen.pool.get(i);
-                let result = probe(&client, &base, &test_model, key).await;
+                let result = probe(&gen, gen.pool.get(i)).await;
                 (i, result)
             });
         }
@@ -98,7 +97,7 @@ pub async fn check_disabled(state: &State, client: &reqwest::Client) -> (usize, 
 
 /// Starts the periodic check, if `CHECK_INTERVAL_HOURS` is not 0. The interval is read from
 /// the current config each round, so a reload changes it.
-pub fn start(state: Arc<State>, client: reqwest::Client) {
+pub fn start(state: Arc<State>) {
     let spawned = std::thread::Builder::new()
         .name("gemgate-checks".into())
         .spawn(move || {
@@ -121,7 +120,7 @@ pub fn start(state: Arc<State>, client: reqwest::Client) {
                         continue;
                     }
                     tokio::time::sleep(Duration::from_secs_f64((hours * 3600.0).max(1.0))).await;
-                    let (recovered, failing) = check_disabled(&state, &client).await;
+                    let (recovered, failing) = check_disabled(&state).await;
                     if recovered + failing > 0 {
                         tracing::info!(recovered, failing, "check of disabled keys done");
                     }

@@ -68,7 +68,11 @@ pub fn run(config: Config, source: Source) -> ! {
         );
     }
     if !config.file.upstream.proxies.is_empty() {
-        tracing::warn!("PROXIES is not supported yet: requests go to BASE_URL directly");
+        tracing::info!(
+            proxies = config.file.upstream.proxies.len(),
+            by_key = config.file.upstream.proxies_use_consistency_hash_by_api_key,
+            "upstream calls go through PROXIES"
+        );
     }
     if config.tokens.is_empty() {
         tracing::warn!("no client token is configured: proxy calls will answer 401 until ALLOWED_TOKENS is set");
@@ -120,7 +124,7 @@ pub fn run(config: Config, source: Source) -> ! {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let side = proxy::side_client();
-    checks::start(state.clone(), side.clone());
+    checks::start(state.clone());
     let gateway = Gateway::new(state, side);
     let mut service = Service::new("gemgate".to_owned(), gateway);
     service.add_tcp(&listen);

@@ -657,14 +657,8 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         return Err(invalid("upstream.max_retries", "must be at least 1"));
     }
     for proxy in &up.proxies {
-        if !["http://", "https://", "socks5://", "socks5h://"]
-            .iter()
-            .any(|s| proxy.starts_with(s))
-        {
-            return Err(invalid(
-                "upstream.proxies",
-                format!("{proxy:?} is not an http:// or socks5:// URL"),
-            ));
+        if let Some(why) = crate::proxy::egress::parse_error(proxy) {
+            return Err(invalid("upstream.proxies", why));
         }
     }
     let mut custom_headers = Vec::new();

@@ -259,9 +259,7 @@ impl Gateway {
 
     /// Probes one key now; a key that answers well is returned to the pool.
     async fn verify(&self, gen: &Generation, key: &Key) -> Value {
-        let base = gen.config.base_url.to_string();
-        let test_model = crate::config::model_name(&gen.config.file.keys.test_model).to_owned();
-        let result = checks::probe(&self.side, &base, &test_model, key).await;
+        let result = checks::probe(gen, key).await;
         let outcome = match result {
             Probe::Healthy => {
                 key.state.enable();

@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod auth;
+pub mod egress;
 pub mod files;
 mod openai;
 pub mod reply;
@@ -107,13 +108,7 @@ impl Generation {
             parts.stats.clone(),
         )?;
         let target = match previous {
-            Some(p)
-                if p.config.base_url == config.base_url
-                    && p.config.connect_timeout == config.connect_timeout
-                    && p.config.pool_size == config.pool_size =>
-            {
-                p.target.clone()
-            }
+            Some(p) if p.target.serves(&config) => p.target.clone(),
             _ => Arc::new(Target::new(&config)),
         };
         Ok(Generation {
@@ -785,17 +780,18 @@ impl Gateway {
         client: Option<&mut ServerSession>,
         x: &mut Exchange,
     ) -> Result<Finished, Failure> {
+        let key = gen.pool_for(req).get(index);
+        let route = gen.target.route(&key.spec.id);
         let peer = gen
             .target
-            .peer()
+            .peer(route)
             .await
             .map_err(|m| Failure::network(ErrorClass::Network, m))?;
-        let key = gen.pool_for(req).get(index);
         let mut reuse_idle = true;
         let mut up = loop {
             let (mut up, reused) = gen
                 .target
-                .session(&self.connector, &peer, reuse_idle)
+                .session(&self.connector, &peer, route, reuse_idle)
                 .await
                 .map_err(Failure::from_pingora)?;
             // NOTE: pingora's connector does not apply the peer's read/write timeouts to the
@@ -818,7 +814,7 @@ impl Gateway {
                 // attempt. The other idle ones are likely closed too (an upstream restart, an
                 // idle timeout): drop them all and try once more on a new connection.
                 Err(e) if reused && e.etype() != &ErrorType::ReadTimedout => {
-                    gen.target.drop_idle();
+                    gen.target.drop_idle(route);
                     reuse_idle = false;
                 }
                 Err(e) => return Err(Failure::from_pingora(e)),
@@ -830,7 +826,7 @@ impl Gateway {
             let content_type = up
                 .response_header()
                 .and_then(|h| h.headers.get(header::CONTENT_TYPE).cloned());
-            gen.target.release(up).await;
+            gen.target.release(up, route).await;
             let body = redact(body, key.spec.secret.expose());
             let class = classify(status, &body);
             return Err(Failure {
@@ -860,7 +856,7 @@ impl Gateway {
                 }
                 Ok(_) => {}
                 Err(d) => {
-                    gen.target.release(up).await;
+                    gen.target.release(up, route).await;
                     return Ok(Finished::Refused(denied(d)));
                 }
             }
@@ -889,7 +885,7 @@ impl Gateway {
             }
             Some(s) => relay(s, &mut up, req, x).await,
         };
-        gen.target.release(up).await;
+        gen.target.release(up, route).await;
         if result.is_ok() {
             self.count_usage(gen, req, index, None, x);
         }
@@ -974,7 +970,11 @@ impl Failure {
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => ErrorClass::Timeout,
             _ => ErrorClass::Network,
         };
-        Failure::network(class, e.to_string().trim())
+        match (e.etype(), &e.context) {
+            // Our own tunnel's words (see `egress`) say it all.
+            (ErrorType::ConnectProxyFailure, Some(why)) => Failure::network(class, why.as_str()),
+            _ => Failure::network(class, e.to_string().trim()),
+        }
     }
 }
 
@@ -1017,12 +1017,17 @@ impl HttpServerApp for Gateway {
 /// The HTTP client for side calls (image hosts, image URLs, key checks): bounded in time, few
 /// redirects.
 pub fn side_client() -> reqwest::Client {
+    side_client_builder()
+        .build()
+        .expect("an HTTP client with these settings")
+}
+
+/// The settings every side-call client shares.
+fn side_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .timeout(SIDE_CALL_TIMEOUT)
         .connect_timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::limited(3))
-        .build()
-        .expect("an HTTP client with these settings")
 }
 
 /// Counts a request in flight until dropped, however the request ends.

@@ -1,7 +1,8 @@
-//! The upstream side: where `BASE_URL` points, resolved without blocking, and the shape of one
-//! request to it.
+//! The upstream side: where `BASE_URL` points, resolved without blocking, the routes to it
+//! (direct, or one per `PROXIES` entry), and the shape of one request to it.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::protocols::{Stream, ALPN};
 use pingora::upstreams::peer::HttpPeer;
 
+use super::egress::{self, Tunnel};
 use crate::config::{BaseUrl, Config};
 
 /// How long a DNS answer is used before it is looked up again (in the background).
@@ -21,34 +23,73 @@ const DNS_TTL: Duration = Duration::from_secs(60);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Resolved {
-    peer: Arc<HttpPeer>,
+    /// One peer per route.
+    peers: Vec<Arc<HttpPeer>>,
     at: Instant,
 }
 
-/// The upstream endpoint of one configuration: its URL, a cached, ready-to-use peer, and its
-/// idle keep-alive connections.
-pub struct Target {
-    pub base: BaseUrl,
-    connect_timeout: Duration,
-    resolved: ArcSwapOption<Resolved>,
+/// One way to the upstream: straight, or through one proxy. Each keeps its own idle
+/// connections, since a connection through one proxy cannot serve a call meant for another.
+struct Route {
+    tunnel: Option<Arc<Tunnel>>,
     /// Idle connections, most recently used last.
     ///
     /// NOTE: pingora's connector pool spawns a watcher task and a timer for every connection
     /// it takes back, and wakes it again on reuse: that cost more CPU per request than all of
-    /// gemgate's own work. A plain stack is enough here: there is one upstream per generation,
-    /// a connection found closed on reuse is retried on a fresh one (see `Gateway::attempt`),
-    /// and connections idle past `IDLE_TIMEOUT` are dropped.
+    /// gemgate's own work. A plain stack is enough here: a connection found closed on reuse is
+    /// retried on a fresh one (see `Gateway::attempt`), and connections idle past
+    /// `IDLE_TIMEOUT` are dropped.
     idle: Mutex<Vec<(Stream, Instant)>>,
+    /// For side calls (key checks) over the same route.
+    client: reqwest::Client,
+}
+
+/// The upstream endpoint of one configuration: its URL, its routes, and a cached,
+/// ready-to-use peer per route.
+pub struct Target {
+    pub base: BaseUrl,
+    connect_timeout: Duration,
+    resolved: ArcSwapOption<Resolved>,
+    routes: Vec<Route>,
+    /// `PROXIES_USE_CONSISTENCY_HASH_BY_API_KEY`.
+    by_key: bool,
+    turn: AtomicUsize,
     pool_size: usize,
 }
 
 impl Target {
+    /// The target of `config`. Its proxies were checked by the config's validation.
     pub fn new(config: &Config) -> Target {
+        let up = &config.file.upstream;
+        let routes: Vec<Route> = if up.proxies.is_empty() {
+            vec![Route::new(None)]
+        } else {
+            up.proxies
+                .iter()
+                .filter_map(|url| {
+                    let tunnel = Tunnel::new(
+                        url,
+                        &config.base_url.host,
+                        config.base_url.port,
+                        config.connect_timeout,
+                    );
+                    match tunnel {
+                        Ok(t) => Some(Route::new(Some(Arc::new(t)))),
+                        Err(e) => {
+                            tracing::error!("PROXIES entry left out: {e}");
+                            None
+                        }
+                    }
+                })
+                .collect()
+        };
         let target = Target {
             base: config.base_url.clone(),
             connect_timeout: config.connect_timeout,
             resolved: ArcSwapOption::empty(),
-            idle: Mutex::new(Vec::new()),
+            routes,
+            by_key: up.proxies_use_consistency_hash_by_api_key,
+            turn: AtomicUsize::new(0),
             pool_size: config.pool_size.max(1),
         };
         if let Ok(ip) = target.base.host.parse::<IpAddr>() {
@@ -57,7 +98,44 @@ impl Target {
         target
     }
 
-    fn store(&self, addr: SocketAddr) -> Arc<HttpPeer> {
+    /// Whether `config` would make the same target (so its connections can be kept).
+    pub fn serves(&self, config: &Config) -> bool {
+        let up = &config.file.upstream;
+        self.base == config.base_url
+            && self.connect_timeout == config.connect_timeout
+            && self.pool_size == config.pool_size.max(1)
+            && self.by_key == up.proxies_use_consistency_hash_by_api_key
+            && self.routes.len() == up.proxies.len().max(1)
+            && self
+                .routes
+                .iter()
+                .map(|r| r.tunnel.as_ref().map(|t| t.url.as_str()))
+                .eq(up
+                    .proxies
+                    .iter()
+                    .map(|p| Some(p.as_str()))
+                    .chain(up.proxies.is_empty().then_some(None)))
+    }
+
+    /// The route a call with the key of stable id `key_id` takes.
+    pub fn route(&self, key_id: &str) -> usize {
+        egress::pick(self.routes.len(), self.by_key, key_id, &self.turn)
+    }
+
+    /// The proxy of `route`, for logs (`None`: straight to the upstream).
+    pub fn proxy(&self, route: usize) -> Option<&str> {
+        self.routes[route]
+            .tunnel
+            .as_ref()
+            .map(|t| t.display.as_str())
+    }
+
+    /// An HTTP client for side calls (key checks) that go the way `route` goes.
+    pub fn side_client(&self, route: usize) -> &reqwest::Client {
+        &self.routes[route].client
+    }
+
+    fn store(&self, addr: SocketAddr) -> Vec<Arc<HttpPeer>> {
         let mut peer = HttpPeer::new(addr, self.base.tls, self.base.host.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(self.connect_timeout);
@@ -70,37 +148,52 @@ impl Target {
             #[cfg(target_os = "linux")]
             user_timeout: Duration::ZERO,
         });
-        let peer = Arc::new(peer);
+        let peers: Vec<Arc<HttpPeer>> = self
+            .routes
+            .iter()
+            .map(|route| {
+                let mut peer = peer.clone();
+                if let Some(tunnel) = &route.tunnel {
+                    peer.options.custom_l4 = Some(
+                        tunnel.clone() as Arc<dyn pingora::connectors::L4Connect + Send + Sync>
+                    );
+                }
+                Arc::new(peer)
+            })
+            .collect();
         self.resolved.store(Some(Arc::new(Resolved {
-            peer: peer.clone(),
+            peers: peers.clone(),
             at: Instant::now(),
         })));
-        peer
+        peers
     }
 
-    /// The peer to connect to. A host name is looked up asynchronously and cached; a stale
-    /// answer is used while a fresh one is fetched in the background.
-    pub async fn peer(self: &Arc<Self>) -> Result<Arc<HttpPeer>, String> {
+    /// The peer to connect to over `route`. A host name is looked up asynchronously and
+    /// cached; a stale answer is used while a fresh one is fetched in the background.
+    pub async fn peer(self: &Arc<Self>, route: usize) -> Result<Arc<HttpPeer>, String> {
         let literal = self.base.host.parse::<IpAddr>().is_ok();
         if let Some(r) = self.resolved.load().as_ref() {
             if literal || r.at.elapsed() < DNS_TTL {
-                return Ok(r.peer.clone());
+                return Ok(r.peers[route].clone());
             }
             // Stale: refresh in the background, use what we have now.
             self.resolved.store(Some(Arc::new(Resolved {
-                peer: r.peer.clone(),
+                peers: r.peers.clone(),
                 at: Instant::now(),
             })));
             let this = self.clone();
             tokio::spawn(async move {
                 let _ = this.lookup().await;
             });
-            return Ok(r.peer.clone());
+            return Ok(r.peers[route].clone());
         }
-        self.lookup().await
+        Ok(self.lookup().await?[route].clone())
     }
 
-    async fn lookup(&self) -> Result<Arc<HttpPeer>, String> {
+    async fn lookup(&self) -> Result<Vec<Arc<HttpPeer>>, String> {
+        // NOTE: with a proxy that resolves names itself (http://, socks5h://) this answer is not
+        // used to connect, but a failed lookup still fails the call: the gateway's machine is
+        // expected to resolve Google's name either way.
         let host = (self.base.host.as_str(), self.base.port);
         let addr = tokio::net::lookup_host(host)
             .await
@@ -111,19 +204,38 @@ impl Target {
     }
 }
 
+impl Route {
+    fn new(tunnel: Option<Arc<Tunnel>>) -> Route {
+        let mut client = super::side_client_builder();
+        if let Some(t) = &tunnel {
+            match reqwest::Proxy::all(&t.url) {
+                Ok(proxy) => client = client.proxy(proxy),
+                Err(e) => {
+                    tracing::error!(proxy = %t.display, "key checks cannot use this proxy: {e}")
+                }
+            }
+        }
+        Route {
+            tunnel,
+            idle: Mutex::new(Vec::new()),
+            client: client.build().expect("an HTTP client with these settings"),
+        }
+    }
+}
+
 impl Target {
-    /// An upstream session: an idle connection if there is one and `reuse_idle` allows it
-    /// (then `true`), else a new one.
+    /// An upstream session over `route`: an idle connection if there is one and `reuse_idle`
+    /// allows it (then `true`), else a new one.
     pub async fn session(
         &self,
         connector: &Connector,
         peer: &HttpPeer,
+        route: usize,
         reuse_idle: bool,
     ) -> pingora::Result<(HttpSession, bool)> {
         if reuse_idle {
-            while let Some((stream, since)) =
-                self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
-            {
+            let idle = &self.routes[route].idle;
+            while let Some((stream, since)) = idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
                 // One idle past IDLE_TIMEOUT is dropped (closed) and the next one tried.
                 if since.elapsed() < IDLE_TIMEOUT {
                     let session = Http1Session::new_with_options(stream, peer);
@@ -134,13 +246,18 @@ impl Target {
         connector.get_http_session(peer).await
     }
 
-    /// Closes every idle connection.
-    pub fn drop_idle(&self) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    /// Closes every idle connection of `route`.
+    pub fn drop_idle(&self, route: usize) {
+        self.routes[route]
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
-    /// Takes a session back once its answer was read to the end; anything else is closed.
-    pub async fn release(&self, session: HttpSession) {
+    /// Takes a session of `route` back once its answer was read to the end; anything else is
+    /// closed.
+    pub async fn release(&self, session: HttpSession, route: usize) {
         let HttpSession::H1(mut h1) = session else {
             return;
         };
@@ -148,7 +265,10 @@ impl Target {
         let Some(stream) = h1.reuse().await else {
             return;
         };
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.routes[route]
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if idle
             .first()
             .is_some_and(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)

@@ -2,21 +2,6 @@
 
 use crate::common::*;
 
-async fn admin(
-    method: reqwest::Method,
-    gate: &Gate,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = client().request(method, gate.url(path)).bearer_auth(ADMIN);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap())
-}
-
 #[tokio::test]
 async fn keys_are_listed_masked_with_their_state() {
     let fake = fake().await;

@@ -359,3 +359,19 @@ pub async fn get_as(gate: &Gate, token: &str, path: &str) -> (u16, Value) {
 }
 
 pub const GENERATE: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+
+/// An admin API call with the admin token ([`ADMIN`]): the status and the JSON answer.
+pub async fn admin(
+    method: reqwest::Method,
+    gate: &Gate,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = client().request(method, gate.url(path)).bearer_auth(ADMIN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}

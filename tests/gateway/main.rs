@@ -3,6 +3,7 @@
 
 mod admin;
 mod common;
+mod egress;
 mod files;
 mod first_run;
 mod keys;

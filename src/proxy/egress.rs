@@ -1,0 +1,388 @@
+//! Upstream proxies (`PROXIES`): HTTP `CONNECT` and SOCKS5 tunnels.
+//!
+//! A [`Tunnel`] is pingora's custom L4 connector (`PeerOptions::custom_l4`): pingora asks it for
+//! a byte stream to the upstream, and it answers with a TCP connection to the proxy on which the
+//! tunnel is already open. TLS, keep-alive and gemgate's idle pool then work over it unchanged.
+//!
+//! Which proxy a call takes is [`pick`]: with `PROXIES_USE_CONSISTENCY_HASH_BY_API_KEY` every key
+//! always takes the same one (a hash of the key's stable id, the same across restarts and
+//! machines), else the proxies take turns.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use pingora::connectors::L4Connect;
+use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+use pingora::protocols::l4::stream::Stream;
+use pingora::{Error, ErrorType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest answer to `CONNECT` read before the tunnel is given up.
+const CONNECT_ANSWER_LIMIT: usize = 8 * 1024;
+
+/// How a proxy is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// `http://`: `CONNECT host:port`.
+    Http,
+    /// `socks5://`: the upstream's address is resolved here. `socks5h://`: by the proxy.
+    Socks5 { remote_dns: bool },
+}
+
+/// One configured proxy, and the upstream it opens tunnels to.
+#[derive(Debug)]
+pub struct Tunnel {
+    scheme: Scheme,
+    host: String,
+    port: u16,
+    /// User name and password, when the URL has them.
+    auth: Option<(String, String)>,
+    /// The proxy's URL without its password, for logs and errors.
+    pub display: String,
+    /// The full URL, for side calls (key checks) that go through the same proxy.
+    pub url: String,
+    target_host: String,
+    target_port: u16,
+    timeout: Duration,
+}
+
+/// Why a `PROXIES` entry cannot be used.
+pub fn parse_error(url: &str) -> Option<String> {
+    Tunnel::new(url, "example.com", 443, Duration::from_secs(1)).err()
+}
+
+impl Tunnel {
+    /// A tunnel through `url` (`http://[user:pass@]host:port`, `socks5://…`, `socks5h://…`) to
+    /// `target_host:target_port`.
+    pub fn new(
+        url: &str,
+        target_host: &str,
+        target_port: u16,
+        timeout: Duration,
+    ) -> Result<Tunnel, String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        let scheme = match parsed.scheme() {
+            "http" => Scheme::Http,
+            "socks5" => Scheme::Socks5 { remote_dns: false },
+            "socks5h" => Scheme::Socks5 { remote_dns: true },
+            other => {
+                return Err(format!(
+                    "{other}:// proxies are not supported: use http://, socks5:// or socks5h:// \
+                     (the tunnel to Google is TLS either way)"
+                ))
+            }
+        };
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| format!("{url:?} names no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = parsed.port().unwrap_or(match scheme {
+            Scheme::Http => 80,
+            Scheme::Socks5 { .. } => 1080,
+        });
+        let user = percent_decode(parsed.username());
+        let auth = (!user.is_empty())
+            .then(|| (user, percent_decode(parsed.password().unwrap_or_default())));
+        if let Some((user, pass)) = &auth {
+            if matches!(scheme, Scheme::Socks5 { .. }) && (user.len() > 255 || pass.len() > 255) {
+                return Err("a SOCKS5 user name or password is at most 255 bytes".into());
+            }
+        }
+        let mut shown = parsed.clone();
+        if parsed.password().is_some() {
+            let _ = shown.set_password(Some("***"));
+        }
+        Ok(Tunnel {
+            scheme,
+            host,
+            port,
+            auth,
+            display: shown.as_str().trim_end_matches('/').to_owned(),
+            url: url.to_owned(),
+            target_host: target_host.to_owned(),
+            target_port,
+            timeout,
+        })
+    }
+
+    /// Opens a tunnel to the upstream, whose address pingora resolved as `resolved`.
+    async fn open(&self, resolved: Option<SocketAddr>) -> Result<TcpStream, String> {
+        let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("cannot reach the proxy: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        match self.scheme {
+            Scheme::Http => self.connect_http(&mut tcp).await?,
+            Scheme::Socks5 { remote_dns } => {
+                let target = match resolved {
+                    Some(addr) if !remote_dns => Destination::Ip(addr),
+                    _ => Destination::Name(&self.target_host, self.target_port),
+                };
+                self.connect_socks5(&mut tcp, target).await?;
+            }
+        }
+        Ok(tcp)
+    }
+
+    async fn connect_http(&self, tcp: &mut TcpStream) -> Result<(), String> {
+        let authority = if self.target_host.contains(':') {
+            format!("[{}]:{}", self.target_host, self.target_port)
+        } else {
+            format!("{}:{}", self.target_host, self.target_port)
+        };
+        let mut ask = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+        if let Some((user, pass)) = &self.auth {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+            ask.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+        }
+        ask.push_str("\r\n");
+        tcp.write_all(ask.as_bytes()).await.map_err(write_error)?;
+        // The upstream says nothing before it is asked, so the answer is all there is to read.
+        let mut answer = Vec::with_capacity(256);
+        let mut chunk = [0u8; 1024];
+        while !answer.ends_with(b"\r\n\r\n") {
+            if answer.len() > CONNECT_ANSWER_LIMIT {
+                return Err("the proxy's answer to CONNECT is too long".into());
+            }
+            let n = tcp.read(&mut chunk).await.map_err(read_error)?;
+            if n == 0 {
+                return Err("the proxy closed the connection during CONNECT".into());
+            }
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let line = answer.split(|b| *b == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let status = line.split_whitespace().nth(1).unwrap_or_default();
+        if status.len() == 3 && status.starts_with('2') {
+            Ok(())
+        } else {
+            Err(format!("the proxy refused CONNECT: {}", line.trim()))
+        }
+    }
+
+    async fn connect_socks5(
+        &self,
+        tcp: &mut TcpStream,
+        target: Destination<'_>,
+    ) -> Result<(), String> {
+        // Greeting: no authentication, or user name and password when the URL has them.
+        let greeting: &[u8] = if self.auth.is_some() {
+            &[5, 2, 0, 2]
+        } else {
+            &[5, 1, 0]
+        };
+        tcp.write_all(greeting).await.map_err(write_error)?;
+        let mut chosen = [0u8; 2];
+        tcp.read_exact(&mut chosen).await.map_err(read_error)?;
+        match (chosen, &self.auth) {
+            ([5, 0], _) => {}
+            ([5, 2], Some((user, pass))) => {
+                let mut ask = vec![1, user.len() as u8];
+                ask.extend_from_slice(user.as_bytes());
+                ask.push(pass.len() as u8);
+                ask.extend_from_slice(pass.as_bytes());
+                tcp.write_all(&ask).await.map_err(write_error)?;
+                let mut verdict = [0u8; 2];
+                tcp.read_exact(&mut verdict).await.map_err(read_error)?;
+                if verdict[1] != 0 {
+                    return Err("the SOCKS5 proxy refused the user name and password".into());
+                }
+            }
+            ([5, 0xff], _) => {
+                return Err("the SOCKS5 proxy accepts none of our authentication methods".into())
+            }
+            (other, _) => {
+                return Err(format!(
+                    "the SOCKS5 proxy answered the greeting with {other:?}"
+                ))
+            }
+        }
+        let mut ask = vec![5, 1, 0];
+        match target {
+            Destination::Ip(SocketAddr::V4(a)) => {
+                ask.push(1);
+                ask.extend_from_slice(&a.ip().octets());
+                ask.extend_from_slice(&a.port().to_be_bytes());
+            }
+            Destination::Ip(SocketAddr::V6(a)) => {
+                ask.push(4);
+                ask.extend_from_slice(&a.ip().octets());
+                ask.extend_from_slice(&a.port().to_be_bytes());
+            }
+            Destination::Name(host, port) => {
+                let name = host.as_bytes();
+                let len = u8::try_from(name.len())
+                    .map_err(|_| format!("{host} is too long a name for SOCKS5"))?;
+                ask.push(3);
+                ask.push(len);
+                ask.extend_from_slice(name);
+                ask.extend_from_slice(&port.to_be_bytes());
+            }
+        }
+        tcp.write_all(&ask).await.map_err(write_error)?;
+        let mut head = [0u8; 4];
+        tcp.read_exact(&mut head).await.map_err(read_error)?;
+        if head[0] != 5 {
+            return Err("the proxy does not speak SOCKS5".into());
+        }
+        if head[1] != 0 {
+            return Err(format!(
+                "the SOCKS5 proxy could not connect: {}",
+                socks5_reply(head[1])
+            ));
+        }
+        // The address the proxy bound, which nobody needs, then the tunnel starts.
+        let rest = match head[3] {
+            1 => 4 + 2,
+            4 => 16 + 2,
+            3 => {
+                let mut len = [0u8; 1];
+                tcp.read_exact(&mut len).await.map_err(read_error)?;
+                usize::from(len[0]) + 2
+            }
+            other => return Err(format!("the SOCKS5 proxy sent address type {other}")),
+        };
+        let mut skip = vec![0u8; rest];
+        tcp.read_exact(&mut skip).await.map_err(read_error)?;
+        Ok(())
+    }
+}
+
+enum Destination<'a> {
+    Ip(SocketAddr),
+    Name(&'a str, u16),
+}
+
+#[async_trait]
+impl L4Connect for Tunnel {
+    async fn connect(&self, addr: &PeerAddr) -> pingora::Result<Stream> {
+        let resolved = addr.as_inet().copied();
+        match tokio::time::timeout(self.timeout, self.open(resolved)).await {
+            Ok(Ok(tcp)) => Ok(tcp.into()),
+            Ok(Err(why)) => Err(Error::explain(
+                ErrorType::ConnectProxyFailure,
+                format!("proxy {}: {why}", self.display),
+            )),
+            Err(_) => Err(Error::explain(
+                ErrorType::ConnectTimedout,
+                format!(
+                    "proxy {}: no tunnel within {:?}",
+                    self.display, self.timeout
+                ),
+            )),
+        }
+    }
+}
+
+/// Which of `count` proxies a call with the key of stable id `key_id` takes: the same one
+/// every time when `by_key`, else the next in turn.
+pub fn pick(count: usize, by_key: bool, key_id: &str, turn: &AtomicUsize) -> usize {
+    if count <= 1 {
+        return 0;
+    }
+    if by_key {
+        (fnv1a(key_id.as_bytes()) % count as u64) as usize
+    } else {
+        turn.fetch_add(1, Ordering::Relaxed) % count
+    }
+}
+
+/// FNV-1a, 64 bits: tiny, and the same on every run and machine (unlike std's `RandomState`).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn socks5_reply(code: u8) -> &'static str {
+    match code {
+        1 => "general failure",
+        2 => "not allowed by its rules",
+        3 => "network unreachable",
+        4 => "host unreachable",
+        5 => "connection refused",
+        6 => "TTL expired",
+        7 => "command not supported",
+        8 => "address type not supported",
+        _ => "unknown error",
+    }
+}
+
+fn write_error(e: std::io::Error) -> String {
+    format!("cannot write to the proxy: {e}")
+}
+
+fn read_error(e: std::io::Error) -> String {
+    format!("cannot read from the proxy: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_urls_parse_with_credentials_masked() {
+        let t = Tunnel::new(
+            "http://user:p%40ss@127.0.0.1:3128",
+            "generativelanguage.googleapis.com",
+            443,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(t.scheme, Scheme::Http);
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 3128));
+        assert_eq!(t.auth, Some(("user".into(), "p@ss".into())));
+        assert_eq!(t.display, "http://user:***@127.0.0.1:3128");
+        let t = Tunnel::new("socks5h://[::1]", "h", 443, Duration::from_secs(1)).unwrap();
+        assert_eq!(t.scheme, Scheme::Socks5 { remote_dns: true });
+        assert_eq!((t.host.as_str(), t.port), ("::1", 1080));
+        assert!(parse_error("https://proxy:443")
+            .unwrap()
+            .contains("https://"));
+        assert!(parse_error("proxy:8080").is_some());
+    }
+
+    #[test]
+    fn the_key_hash_is_stable_and_spreads() {
+        // Fixed values: a key must keep its proxy across restarts and versions.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let turn = AtomicUsize::new(0);
+        let picks: Vec<usize> = (0..100)
+            .map(|i| pick(3, true, &format!("key{i}"), &turn))
+            .collect();
+        for p in 0..3 {
+            assert!(picks.iter().filter(|x| **x == p).count() > 15, "{picks:?}");
+        }
+        assert_eq!(pick(3, true, "key7", &turn), picks[7]);
+        assert_eq!(turn.load(Ordering::Relaxed), 0);
+        let turns: Vec<usize> = (0..4).map(|_| pick(3, false, "k", &turn)).collect();
+        assert_eq!(turns, [0, 1, 2, 0]);
+    }
+}
