@@ -12,6 +12,7 @@ pub mod config;
 pub mod fake;
 pub mod keys;
 pub mod logs;
+pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod proxy;

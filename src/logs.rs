@@ -325,6 +325,32 @@ fn walk(
     Ok(())
 }
 
+/// Every record of `log` from `from_ms` on, oldest first, in batches of up to `batch`.
+pub fn since(
+    db: &Database,
+    log: Log,
+    from_ms: u64,
+    batch: usize,
+    each: &mut dyn FnMut(Vec<Record>),
+) -> Result<(), StoreError> {
+    let tx = db.begin_read().map_err(io)?;
+    let rows = tx.open_table(tables(log).rows).map_err(io)?;
+    let mut out = Vec::with_capacity(batch);
+    for entry in rows.range((from_ms, 0)..).map_err(io)? {
+        let (_, v) = entry.map_err(io)?;
+        if let Ok(r) = serde_json::from_slice(v.value()) {
+            out.push(r);
+        }
+        if out.len() >= batch {
+            each(std::mem::take(&mut out));
+        }
+    }
+    if !out.is_empty() {
+        each(out);
+    }
+    Ok(())
+}
+
 /// One row, by its (time, sequence).
 pub fn get(db: &Database, log: Log, row: Row) -> Result<Option<Record>, StoreError> {
     let tx = db.begin_read().map_err(io)?;

@@ -309,6 +309,20 @@ pub fn start_flusher(store: Arc<Store>, state: Arc<crate::proxy::State>) {
         .name("gemgate-store".into())
         .spawn(move || {
             lower_priority();
+            // The dashboard's last day, from the request log.
+            let day_ago = crate::keys::clock::now_ms().saturating_sub(86_400_000);
+            let metrics = &state.lasting.metrics;
+            if let Err(e) = crate::logs::since(
+                &store.db,
+                crate::logs::Log::Requests,
+                day_ago,
+                4096,
+                &mut |batch| metrics.add(&batch),
+            ) {
+                tracing::warn!(
+                    "cannot read the last day of the request log for the dashboard: {e}"
+                );
+            }
             let mut last_retention = std::time::Instant::now() - RETENTION_EVERY;
             loop {
                 std::thread::sleep(FLUSH_EVERY);
@@ -375,7 +389,9 @@ pub fn flush(store: &Store, lasting: &crate::proxy::Lasting) {
     if let Err(e) = store.add_usage(&lasting.usage.drain()) {
         tracing::error!("cannot save usage counts: {e}");
     }
-    if let Err(e) = crate::logs::write(&store.db, &lasting.logs.take(), &store.log_seq) {
+    let records = lasting.logs.take();
+    lasting.metrics.add(&records);
+    if let Err(e) = crate::logs::write(&store.db, &records, &store.log_seq) {
         tracing::error!("cannot save log records: {e}");
     }
     let registry = &lasting.registry;

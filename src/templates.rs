@@ -7,8 +7,33 @@ use handlebars::Handlebars;
 
 use crate::config::Config;
 
-/// The shipped templates, compiled in: used when there is no templates folder.
-const SHIPPED: &[(&str, &str)] = &[("layout", include_str!("../templates/layout.hbs"))];
+/// The shipped templates, compiled in: used for every page the templates folder (if any) does
+/// not override.
+const SHIPPED: &[(&str, &str)] = &[
+    ("layout", include_str!("../templates/layout.hbs")),
+    ("login", include_str!("../templates/login.hbs")),
+    ("error", include_str!("../templates/error.hbs")),
+    ("dashboard", include_str!("../templates/dashboard.hbs")),
+    ("keys", include_str!("../templates/keys.hbs")),
+    ("settings", include_str!("../templates/settings.hbs")),
+    ("logs", include_str!("../templates/logs.hbs")),
+    ("log", include_str!("../templates/log.hbs")),
+    ("plugins", include_str!("../templates/plugins.hbs")),
+];
+
+/// The pages' style sheet and script: (name, content type, shipped text).
+const ASSETS: &[(&str, &str, &str)] = &[
+    (
+        "admin.css",
+        "text/css; charset=utf-8",
+        include_str!("../templates/admin.css"),
+    ),
+    (
+        "admin.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../templates/admin.js"),
+    ),
+];
 
 /// A template that failed to load or compile.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -25,25 +50,30 @@ pub struct Templates {
     /// The folder they came from (`None`: built in).
     pub dir: Option<PathBuf>,
     pub names: Vec<String>,
+    /// (name, content type, text) of the style sheet and script.
+    assets: Vec<(&'static str, &'static str, String)>,
 }
 
 impl Templates {
     /// Reads and compiles every `*.hbs` of the templates folder `config` names.
     pub fn load(config: &Config) -> Result<Templates, TemplateError> {
         let dir = config.template_dir();
-        let sources = match &dir {
-            Some(d) => read_dir(d)?,
-            None => SHIPPED
-                .iter()
-                .map(|(n, t)| {
-                    (
-                        (*n).to_owned(),
-                        format!("built-in:{n}.hbs"),
-                        (*t).to_owned(),
-                    )
-                })
-                .collect(),
-        };
+        let mut sources: Vec<(String, String, String)> = SHIPPED
+            .iter()
+            .map(|(n, t)| {
+                (
+                    (*n).to_owned(),
+                    format!("built-in:{n}.hbs"),
+                    (*t).to_owned(),
+                )
+            })
+            .collect();
+        if let Some(d) = &dir {
+            for (name, file, text) in read_dir(d)? {
+                sources.retain(|(n, _, _)| *n != name);
+                sources.push((name, file, text));
+            }
+        }
         let mut registry = Handlebars::new();
         registry.set_strict_mode(true);
         let mut names = Vec::new();
@@ -57,11 +87,30 @@ impl Templates {
                 })?;
             names.push(name);
         }
+        let assets = ASSETS
+            .iter()
+            .map(|&(name, content_type, shipped)| {
+                let text = dir
+                    .as_ref()
+                    .and_then(|d| std::fs::read_to_string(d.join(name)).ok())
+                    .unwrap_or_else(|| shipped.to_owned());
+                (name, content_type, text)
+            })
+            .collect();
         Ok(Templates {
             registry,
             dir,
             names,
+            assets,
         })
+    }
+
+    /// The style sheet or script `name`: (content type, text).
+    pub fn asset(&self, name: &str) -> Option<(&'static str, &str)> {
+        self.assets
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, content_type, text)| (*content_type, text.as_str()))
     }
 
     /// Renders template `name` with `data`.
@@ -94,7 +143,8 @@ mod tests {
         let html = t
             .render(
                 "layout",
-                &serde_json::json!({ "title": "Keys", "body": "<p>x</p>", "version": "1", "generation": 3 }),
+                &serde_json::json!({ "title": "Keys", "body": "<p>x</p>", "version": "1", "generation": 3,
+                    "csrf": "c", "session": true, "nav": "keys" }),
             )
             .unwrap();
         assert!(html.contains("<p>x</p>") && html.contains("generation 3"));

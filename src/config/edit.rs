@@ -30,33 +30,69 @@ pub fn add_keys(path: &Path, secrets: &[String]) -> Result<(), String> {
     })
 }
 
-/// Removes `secret` from `[keys] api_keys`; `false` when the file does not list it.
-pub fn remove_key(path: &Path, secret: &str) -> Result<bool, String> {
-    let mut removed = false;
+/// Removes `secrets` from `[keys] api_keys`: how many the file listed.
+pub fn remove_keys(path: &Path, secrets: &[String]) -> Result<usize, String> {
+    let mut removed = 0;
     edit(path, |keys| {
-        let at = keys.iter().position(|v| match v {
-            Value::String(s) => s.value().trim() == secret,
-            Value::InlineTable(t) => t
-                .get("key")
-                .and_then(Value::as_str)
-                .is_some_and(|k| k.trim() == secret),
-            _ => false,
+        let before = keys.len();
+        keys.retain(|v| {
+            let listed = match v {
+                Value::String(s) => s.value().trim(),
+                Value::InlineTable(t) => t
+                    .get("key")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .trim(),
+                _ => "",
+            };
+            !secrets.iter().any(|s| s == listed)
         });
-        if let Some(i) = at {
-            keys.remove(i);
-            removed = true;
-        }
+        removed = before - keys.len();
         Ok(())
     })?;
     Ok(removed)
 }
 
+/// The text of the config file at `path`, or the shipped defaults when there is none yet.
+pub fn read_or_defaults(path: &Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(super::EMBEDDED_DEFAULTS.to_owned())
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Sets (`Some`) or removes (`None`: back to the default) `section.field` in config `text`,
+/// keeping its comments and layout.
+pub fn set_setting(text: &str, path: &str, value: Option<&toml::Value>) -> Result<String, String> {
+    let (section, field) = path.split_once('.').ok_or("a setting is section.field")?;
+    let mut doc: DocumentMut = text
+        .parse()
+        .map_err(|e| format!("cannot edit the config: {e}"))?;
+    let table = doc
+        .entry(section)
+        .or_insert_with(|| Item::Table(Table::new()))
+        .as_table_like_mut()
+        .ok_or_else(|| format!("[{section}] is not a table"))?;
+    match value {
+        None => {
+            table.remove(field);
+        }
+        Some(v) => {
+            let parsed: Value = v
+                .to_string()
+                .parse()
+                .map_err(|e| format!("{path}: cannot write this value: {e}"))?;
+            table.insert(field, Item::Value(parsed));
+        }
+    }
+    Ok(doc.to_string())
+}
+
 fn edit(path: &Path, change: impl FnOnce(&mut Array) -> Result<(), String>) -> Result<(), String> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => super::EMBEDDED_DEFAULTS.to_owned(),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
+    let text = read_or_defaults(path)?;
     let mut doc: DocumentMut = text
         .parse()
         .map_err(|e| format!("cannot edit {}: {e}", path.display()))?;
@@ -112,8 +148,8 @@ mod tests {
         )
         .unwrap();
         add_keys(&path, &["k3".into()]).unwrap();
-        assert!(remove_key(&path, "k2").unwrap());
-        assert!(!remove_key(&path, "nope").unwrap());
+        assert_eq!(remove_keys(&path, &["k2".to_owned()]).unwrap(), 1);
+        assert_eq!(remove_keys(&path, &["nope".to_owned()]).unwrap(), 0);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
             text.contains("# my gateway") && text.contains("# the keys"),

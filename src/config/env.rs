@@ -221,7 +221,7 @@ fn set_path(root: &mut Value, path: &str, value: Value) {
     }
 }
 
-fn convert(raw: &str, kind: Kind) -> Result<Value, String> {
+pub(crate) fn convert(raw: &str, kind: Kind) -> Result<Value, String> {
     let text = raw.trim();
     match kind {
         Kind::Str => Ok(Value::String(unquote(text).to_owned())),

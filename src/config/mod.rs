@@ -7,6 +7,7 @@
 
 pub mod edit;
 pub mod env;
+pub mod settings;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -14,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The configuration shipped in `conf/gemgate.toml`, used when the default path is absent.
@@ -99,7 +100,7 @@ pub fn stable_id(prefix: &str, secret: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// The TOML file, field for field. Unknown fields are errors, so a typo never goes unnoticed.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
     pub server: ServerSection,
@@ -117,7 +118,7 @@ pub struct FileConfig {
 }
 
 /// `[policy]`: where plugins live and what a failing plugin does.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicySection {
     /// The plugins folder; relative paths are relative to the config file's folder. Unset:
@@ -146,7 +147,7 @@ impl Default for PolicySection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
     pub listen: String,
@@ -179,7 +180,7 @@ impl Default for ServerSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
     pub base_url: String,
@@ -211,7 +212,7 @@ impl Default for UpstreamSection {
 }
 
 /// A key is a plain string, or a table that also gives a label, tags and a weight.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum KeyEntry {
     Plain(String),
@@ -235,7 +236,7 @@ impl KeyEntry {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysSection {
     pub api_keys: Vec<KeyEntry>,
@@ -258,14 +259,14 @@ impl Default for KeysSection {
 }
 
 /// A client token is a plain string, or a table that also names it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum TokenEntry {
     Plain(String),
     Named { name: String, token: String },
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     pub allowed_tokens: Vec<TokenEntry>,
@@ -273,7 +274,7 @@ pub struct AuthSection {
     pub auth_token: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelsSection {
     pub filtered: Vec<String>,
@@ -307,7 +308,7 @@ impl Default for ModelsSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImagesSection {
     pub create_image_model: String,
@@ -337,7 +338,7 @@ impl Default for ImagesSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamSection {
     pub optimizer_enabled: bool,
@@ -365,7 +366,7 @@ impl Default for StreamSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TtsSection {
     pub model: String,
@@ -383,7 +384,7 @@ impl Default for TtsSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogsSection {
     pub auto_delete_error_logs_enabled: bool,

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use http::header;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
@@ -32,30 +31,19 @@ impl Gateway {
         call: AdminCall,
     ) -> Result<Bytes, GateError> {
         let req = s.req_header();
-        let Some(admin) = &gen.config.auth_token else {
-            return Err(GateError::new(
-                403,
-                "the admin API is off: set AUTH_TOKEN to turn it on",
-            ));
-        };
-        let presented = req
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !auth::same_secret(presented.trim(), admin.expose()) {
-            return Err(GateError::new(
-                401,
-                "the admin API needs Authorization: Bearer <AUTH_TOKEN>",
-            ));
-        }
+        let admin_token = gen.config.auth_token.as_ref().map(|t| t.expose());
+        self.state
+            .lasting
+            .sessions
+            .identify(req, admin_token, None)?;
         let method = req.method.clone();
         let allowed = match &call {
             AdminCall::Reload => method == http::Method::GET || method == http::Method::POST,
             AdminCall::Keys => method == http::Method::GET || method == http::Method::POST,
             AdminCall::DeleteKey { .. } => method == http::Method::DELETE,
-            AdminCall::VerifyKeys | AdminCall::KeyAction { .. } => method == http::Method::POST,
+            AdminCall::VerifyKeys | AdminCall::KeyAction { .. } | AdminCall::BulkKeys => {
+                method == http::Method::POST
+            }
             AdminCall::Logs { row, .. } => {
                 method == http::Method::GET || row.is_none() && method == http::Method::DELETE
             }
@@ -89,6 +77,13 @@ impl Gateway {
                 self.add_keys(gen, text).await?
             }
             AdminCall::DeleteKey { id } => self.delete_key(gen, &id).await?,
+            AdminCall::BulkKeys => {
+                let raw = read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
+                    Refusal::Gate(e) => e,
+                    Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
+                })?;
+                self.bulk(gen, &raw).await?
+            }
             AdminCall::Keys => {
                 let query = s.req_header().uri.query().unwrap_or_default().to_owned();
                 let today = crate::usage::day_of(now_ms());
@@ -195,6 +190,67 @@ impl Gateway {
         }))
     }
 
+    /// `{"action": "enable"|"disable"|"reset"|"delete", "ids": [...]}`: one action on many keys
+    /// (deletions in one config write).
+    async fn bulk(&self, gen: &Generation, raw: &[u8]) -> Result<Value, GateError> {
+        use crate::config::KeySource;
+        let v: Value = serde_json::from_slice(raw)
+            .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+        let action = v["action"].as_str().unwrap_or_default();
+        let ids: Vec<&str> = v["ids"]
+            .as_array()
+            .ok_or_else(|| bad("name the keys in {\"ids\": [...]}"))?
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let mut missing = Vec::new();
+        let mut keys = Vec::new();
+        for id in &ids {
+            match gen.pool.index_of(id) {
+                Some(i) => keys.push(gen.pool.get(i)),
+                None => missing.push(*id),
+            }
+        }
+        let mut env_only = Vec::new();
+        match action {
+            "enable" | "reset" => keys.iter().for_each(|k| k.state.enable()),
+            "disable" => keys
+                .iter()
+                .for_each(|k| k.state.disable("disabled by an operator")),
+            "delete" => {
+                let (env, file): (Vec<&Key>, Vec<&Key>) =
+                    keys.iter().partition(|k| k.spec.source == KeySource::Env);
+                env_only = env.iter().map(|k| k.spec.id.clone()).collect();
+                keys = file;
+                let secrets: Vec<String> = keys
+                    .iter()
+                    .map(|k| k.spec.secret.expose().to_owned())
+                    .collect();
+                if !secrets.is_empty() {
+                    let path = self.state.source.path.clone();
+                    self.write_config(move || {
+                        crate::config::edit::remove_keys(&path, &secrets).map(|_| ())
+                    })
+                    .await?;
+                }
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown action {other:?}: use enable, disable, reset or delete"
+                )))
+            }
+        }
+        let done: Vec<&str> = keys.iter().map(|k| k.spec.id.as_str()).collect();
+        tracing::info!(action, keys = done.len(), "admin: bulk key action");
+        Ok(json!({
+            "action": action,
+            "done": done,
+            "missing": missing,
+            "env_only": env_only,
+            "generation": self.state.current.load().id,
+        }))
+    }
+
     /// Removes a key from the config file, then reloads. A key that only `API_KEYS` gives
     /// cannot be removed here, and the answer says so.
     async fn delete_key(&self, gen: &Generation, id: &str) -> Result<Value, GateError> {
@@ -212,7 +268,7 @@ impl Gateway {
         }
         let path = self.state.source.path.clone();
         let secret = spec.secret.expose().to_owned();
-        self.write_config(move || crate::config::edit::remove_key(&path, &secret).map(|_| ()))
+        self.write_config(move || crate::config::edit::remove_keys(&path, &[secret]).map(|_| ()))
             .await?;
         let still = spec.source == KeySource::Both;
         tracing::info!(key = id, "admin: key deleted from the config file");
@@ -225,7 +281,7 @@ impl Gateway {
     }
 
     /// Runs a config file edit, then the reload that applies it, off the async workers.
-    async fn write_config(
+    pub(super) async fn write_config(
         &self,
         edit: impl FnOnce() -> Result<(), String> + Send + 'static,
     ) -> Result<(), GateError> {
@@ -239,7 +295,7 @@ impl Gateway {
         done.map_err(|m| GateError::new(500, format!("the config edit failed: {m}")))
     }
 
-    fn reload_json(&self) -> Value {
+    pub(super) fn reload_json(&self) -> Value {
         let current = self.state.current.load();
         json!({
             "generation": current.id,
@@ -275,6 +331,17 @@ impl Gateway {
 }
 
 /// One key as the admin API shows it: masked, with its health.
+/// `active`, `cooling` (for some model) or `disabled`.
+pub(super) fn state_of(key: &Key, now: u64) -> &'static str {
+    if key.state.is_disabled() {
+        "disabled"
+    } else if key.state.cooldowns(now).is_empty() {
+        "active"
+    } else {
+        "cooling"
+    }
+}
+
 fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
     let s = &key.state;
     let detail = s.detail();
@@ -310,8 +377,8 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
     })
 }
 
-/// `GET /admin/api/keys?page=1&per_page=50&q=text&state=active|cooling|disabled`.
-fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, Counts>) -> Value {
+/// `GET /admin/api/keys?page=1&per_page=50&q=text&state=active|cooling|disabled&tag=t`.
+pub(super) fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, Counts>) -> Value {
     let param = |name: &str| auth::query_param(query, name).map(|v| v.into_owned());
     let page = param("page")
         .and_then(|p| p.parse::<usize>().ok())
@@ -322,14 +389,20 @@ fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, Counts>) -> 
         .unwrap_or(PER_PAGE)
         .clamp(1, MAX_PER_PAGE);
     let q = param("q").unwrap_or_default().to_ascii_lowercase();
-    let wanted_state = param("state");
+    let wanted_state = param("state").filter(|s| !s.is_empty());
+    let wanted_tag = param("tag").filter(|t| !t.is_empty());
     let now = now_ms();
-    let mut counts = json!({ "active": 0, "cooling": 0, "disabled": 0 });
+    let mut counts = [0usize; 3];
+    let mut tags = std::collections::BTreeSet::new();
     let mut matching = Vec::new();
     for key in gen.pool.keys() {
-        let k = key_json(key, now, usage.get(&key.spec.id));
-        let state = k["state"].as_str().unwrap_or_default().to_owned();
-        counts[&state] = json!(counts[&state].as_u64().unwrap_or(0) + 1);
+        let state = state_of(key, now);
+        counts[match state {
+            "active" => 0,
+            "cooling" => 1,
+            _ => 2,
+        }] += 1;
+        tags.extend(key.spec.tags.iter().map(String::as_str));
         let text_ok = q.is_empty()
             || key.spec.id.contains(&q)
             || key.spec.label.to_ascii_lowercase().contains(&q)
@@ -338,8 +411,11 @@ fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, Counts>) -> 
                 .tags
                 .iter()
                 .any(|t| t.to_ascii_lowercase().contains(&q));
-        if text_ok && wanted_state.as_ref().is_none_or(|w| *w == state) {
-            matching.push(k);
+        let tag_ok = wanted_tag
+            .as_ref()
+            .is_none_or(|t| key.spec.tags.iter().any(|k| k == t));
+        if text_ok && tag_ok && wanted_state.as_ref().is_none_or(|w| w == state) {
+            matching.push(key);
         }
     }
     let total = matching.len();
@@ -347,8 +423,13 @@ fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, Counts>) -> 
         .into_iter()
         .skip((page - 1) * per_page)
         .take(per_page)
+        .map(|key| key_json(key, now, usage.get(&key.spec.id)))
         .collect();
-    json!({ "total": total, "page": page, "per_page": per_page, "counts": counts, "keys": keys })
+    let counts = json!({ "active": counts[0], "cooling": counts[1], "disabled": counts[2] });
+    json!({
+        "total": total, "page": page, "per_page": per_page, "pages": total.div_ceil(per_page).max(1),
+        "counts": counts, "tags": tags, "keys": keys,
+    })
 }
 
 fn bad(m: impl Into<String>) -> GateError {
@@ -365,7 +446,7 @@ fn row_name(row: (u64, u64)) -> String {
 
 /// A page of a log (filters: `from`, `to` (RFC 3339 or ms), `key`, `model`, `status`, `class`,
 /// `limit`, `before` (the `next` of the previous page)), or one row.
-fn logs_json(
+pub(super) fn logs_json(
     store: &crate::store::Store,
     log: crate::logs::Log,
     row: Option<(u64, u64)>,

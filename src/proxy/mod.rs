@@ -10,8 +10,10 @@ pub mod auth;
 pub mod egress;
 pub mod files;
 mod openai;
+mod pages;
 pub mod reply;
 pub mod route;
+pub mod session;
 pub mod sse;
 pub mod upstream;
 
@@ -156,6 +158,10 @@ pub struct Lasting {
     pub store: Option<Arc<crate::store::Store>>,
     pub counters: Arc<Counters>,
     pub stats: Arc<PolicyStats>,
+    /// The dashboard's figures, fed by the store's flusher.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Admin page sessions and the failed-login throttle.
+    pub sessions: Arc<session::Sessions>,
 }
 
 /// The gateway's state across generations.
@@ -165,6 +171,8 @@ pub struct State {
     pub source: Source,
     in_flight: Arc<AtomicUsize>,
     generations: AtomicU64,
+    /// When the gateway started (the dashboard's uptime).
+    pub started: Instant,
     reload: Mutex<ReloadStatus>,
 }
 
@@ -179,6 +187,7 @@ impl State {
             source,
             in_flight: Arc::new(AtomicUsize::new(0)),
             generations: AtomicU64::new(1),
+            started: Instant::now(),
             reload: Mutex::new(ReloadStatus {
                 generation: 1,
                 ..ReloadStatus::default()
@@ -354,6 +363,11 @@ impl Gateway {
             Route::NotFound => {
                 let e = GateError::new(404, format!("gemgate does not serve {path}"));
                 send_gate(s, x, &e).await
+            }
+            Route::Page(page) => {
+                x.action = "admin".into();
+                let answer = Box::pin(self.page(gen, s, page)).await;
+                send_page(s, x, answer).await
             }
             Route::Admin(call) => {
                 x.action = "admin".into();
@@ -1603,6 +1617,20 @@ async fn send(s: &mut ServerSession, x: &mut Exchange, status: u16, json: Bytes)
     let mut h = response_header(status, x);
     let _ = h.insert_header(header::CONTENT_TYPE, "application/json; charset=UTF-8");
     write_full(s, h, json).await
+}
+
+async fn send_page(s: &mut ServerSession, x: &mut Exchange, a: pages::PageAnswer) -> Outcome {
+    // Pages are for the gateway's own origin: no CORS.
+    x.cors = false;
+    let mut h = response_header(a.status, x);
+    let _ = h.insert_header(header::CONTENT_TYPE, a.content_type);
+    for (name, value) in pages::PAGE_HEADERS {
+        let _ = h.insert_header(*name, *value);
+    }
+    for (name, value) in a.headers {
+        let _ = h.append_header(name, value);
+    }
+    write_full(s, h, a.body).await
 }
 
 async fn write_full(s: &mut ServerSession, mut h: ResponseHeader, body: Bytes) -> Outcome {

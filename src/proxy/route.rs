@@ -58,12 +58,34 @@ pub enum AdminCall {
     VerifyKeys,
     /// `POST /admin/api/keys/{id}/{verify|reset|enable|disable}`.
     KeyAction { id: String, action: KeyAction },
+    /// `POST /admin/api/keys/bulk`: `{"action", "ids"}`, one action on many keys.
+    BulkKeys,
     /// `GET /admin/api/logs/{requests|errors}` (a page), `GET …/{ts}-{seq}` (one row),
     /// `DELETE /admin/api/logs/{requests|errors}` (selected rows, or all).
     Logs {
         log: crate::logs::Log,
         row: Option<(u64, u64)>,
     },
+}
+
+/// An admin web page (HTML), or what the pages need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Page {
+    Login,
+    Logout,
+    Dashboard,
+    Keys,
+    Settings,
+    Logs,
+    LogRow {
+        log: crate::logs::Log,
+        row: (u64, u64),
+    },
+    Plugins,
+    /// `/admin/static/{admin.css|admin.js}`.
+    Static(&'static str),
+    /// A gemini-balance page path, and where it lives now.
+    Moved(&'static str),
 }
 
 /// What an operator can do to one key.
@@ -118,6 +140,7 @@ pub enum Route {
     /// `GET /v1beta/files` (`None`), `GET` or `DELETE /v1beta/files/{id}`.
     Files(Option<String>),
     Native(NativeCall),
+    Page(Page),
     /// A path gemgate does not serve.
     NotFound,
 }
@@ -185,11 +208,15 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
             Route::NotFound
         };
     }
+    if let Some(page) = page_route(path) {
+        return Route::Page(page);
+    }
     if let Some(call) = path.strip_prefix("/admin/api/") {
         return match call.trim_end_matches('/') {
             "reload" => Route::Admin(AdminCall::Reload),
             "keys" => Route::Admin(AdminCall::Keys),
             "keys/verify" => Route::Admin(AdminCall::VerifyKeys),
+            "keys/bulk" => Route::Admin(AdminCall::BulkKeys),
             logs if logs.starts_with("logs/") => {
                 let mut parts = logs["logs/".len()..].splitn(2, '/');
                 let log = match parts.next() {
@@ -239,6 +266,38 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
         Some(rest) => native_route(rest),
         None => Route::NotFound,
     }
+}
+
+/// The admin pages, and gemini-balance's page paths (which move to them).
+fn page_route(path: &str) -> Option<Page> {
+    let page = match path {
+        "/" | "/admin" | "/admin/" => Page::Dashboard,
+        "/admin/login" => Page::Login,
+        "/admin/logout" => Page::Logout,
+        "/admin/keys" => Page::Keys,
+        "/admin/settings" => Page::Settings,
+        "/admin/logs" => Page::Logs,
+        "/admin/plugins" => Page::Plugins,
+        "/admin/static/admin.css" => Page::Static("admin.css"),
+        "/admin/static/admin.js" => Page::Static("admin.js"),
+        "/keys_status" | "/keys" => Page::Moved("/admin/keys"),
+        "/config" => Page::Moved("/admin/settings"),
+        "/logs" | "/error_logs" => Page::Moved("/admin/logs"),
+        _ => {
+            let rest = path.strip_prefix("/admin/logs/")?;
+            let (log, row) = rest.split_once('/')?;
+            let log = match log {
+                "requests" => crate::logs::Log::Requests,
+                "errors" => crate::logs::Log::Errors,
+                _ => return None,
+            };
+            Page::LogRow {
+                log,
+                row: parse_row(row)?,
+            }
+        }
+    };
+    Some(page)
 }
 
 /// A native call, from the path after the API version (`models/…`). Google's stable `v1`

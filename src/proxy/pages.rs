@@ -1,0 +1,720 @@
+//! The admin web pages under `/admin`: server-side Handlebars pages over the same data the
+//! admin JSON API serves. Actions on the pages call that API (with the session's CSRF token);
+//! the login, logout and settings forms post here.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header;
+use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use super::admin::{keys_json, state_of};
+use super::route::Page;
+use super::session::{self, Admin};
+use super::{read_body, Gateway, Generation};
+use crate::config::settings::{self, Saved};
+use crate::keys::clock::{now_ms, rfc3339};
+use crate::proxy::reply::GateError;
+
+/// A refused settings form: what was typed, and the errors by setting path.
+type Refused<'a> = (&'a BTreeMap<String, String>, &'a [(String, String)]);
+
+/// Largest form body.
+const FORM_LIMIT: u64 = 256 * 1024;
+/// A failed login answers no sooner than this.
+const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(400);
+
+/// A page's answer.
+pub(super) struct PageAnswer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Bytes,
+    pub headers: Vec<(header::HeaderName, String)>,
+}
+
+impl PageAnswer {
+    fn html(status: u16, body: String) -> PageAnswer {
+        PageAnswer {
+            status,
+            content_type: "text/html; charset=utf-8",
+            body: Bytes::from(body),
+            headers: Vec::new(),
+        }
+    }
+
+    fn redirect(status: u16, to: &str) -> PageAnswer {
+        PageAnswer {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: Bytes::from(format!("see {to}\n")),
+            headers: vec![(header::LOCATION, to.to_owned())],
+        }
+    }
+
+    fn with(mut self, name: header::HeaderName, value: String) -> PageAnswer {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+/// The security headers every page carries: nothing inline runs, nothing frames the page.
+pub(super) const PAGE_HEADERS: &[(&str, &str)] = &[
+    (
+        "content-security-policy",
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
+         frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    ),
+    ("x-frame-options", "DENY"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("cache-control", "no-store"),
+];
+
+/// A form body (`application/x-www-form-urlencoded`).
+fn parse_form(body: &[u8]) -> BTreeMap<String, String> {
+    let text = String::from_utf8_lossy(body);
+    text.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (form_decode(k), form_decode(v))
+        })
+        .collect()
+}
+
+fn form_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 3 <= bytes.len() && s.is_char_boundary(i + 3) => {
+                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where a login may send the operator next: an admin page of this gateway, nothing else.
+fn safe_next(next: Option<&str>) -> &str {
+    match next {
+        Some(n) if n.starts_with("/admin") && !n.contains("//") && !n.contains('\\') => n,
+        _ => "/admin",
+    }
+}
+
+fn uptime(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 86_400, (s % 86_400) / 3600, (s % 3600) / 60) {
+        (0, 0, m) => format!("{m} min"),
+        (0, h, m) => format!("{h} h {m} min"),
+        (d, h, _) => format!("{d} d {h} h"),
+    }
+}
+
+impl Gateway {
+    pub(super) async fn page(
+        &self,
+        gen: &Arc<Generation>,
+        s: &mut ServerSession,
+        page: Page,
+    ) -> PageAnswer {
+        let method = s.req_header().method.clone();
+        let path = s.req_header().uri.path().to_owned();
+        let admin_token = gen
+            .config
+            .auth_token
+            .as_ref()
+            .map(|t| t.expose().to_owned());
+        match page {
+            Page::Static(name) => {
+                return match gen.templates.asset(name) {
+                    Some((content_type, text)) => PageAnswer {
+                        status: 200,
+                        content_type,
+                        body: Bytes::from(text.to_owned()),
+                        headers: vec![(header::CACHE_CONTROL, "no-cache".into())],
+                    },
+                    None => self.error_page(gen, 404, &format!("no {name}"), None),
+                }
+            }
+            Page::Moved(to) => return PageAnswer::redirect(301, to),
+            Page::Login => return self.login(gen, s, admin_token.as_deref()).await,
+            _ => {}
+        }
+        let form = if method == http::Method::POST {
+            match read_body(s, FORM_LIMIT).await {
+                Ok(b) => parse_form(&b),
+                Err(_) => return self.error_page(gen, 413, "the form is too large", None),
+            }
+        } else {
+            BTreeMap::new()
+        };
+        let who = self.state.lasting.sessions.identify(
+            s.req_header(),
+            admin_token.as_deref(),
+            form.get("_csrf").map(String::as_str),
+        );
+        let admin = match who {
+            Ok(a) => a,
+            Err(e) if e.status == 401 && method == http::Method::GET => {
+                let next = s
+                    .req_header()
+                    .uri
+                    .path_and_query()
+                    .map_or("/admin", |p| p.as_str());
+                return PageAnswer::redirect(303, &format!("/admin/login?next={}", encode(next)));
+            }
+            Err(e) => return self.error_page(gen, e.status, &e.message, None),
+        };
+        let allowed = match page {
+            Page::Settings => matches!(method, http::Method::GET | http::Method::POST),
+            Page::Logout => method == http::Method::POST,
+            _ => method == http::Method::GET,
+        };
+        if !allowed {
+            return self.error_page(
+                gen,
+                405,
+                &format!("{method} is not allowed on {path}"),
+                Some(&admin),
+            );
+        }
+        let query = s.req_header().uri.query().unwrap_or_default().to_owned();
+        let result = match page {
+            Page::Logout => {
+                if let Admin::Session { id, .. } = &admin {
+                    self.state.lasting.sessions.close(id);
+                }
+                return PageAnswer::redirect(303, "/admin/login")
+                    .with(header::SET_COOKIE, session::set_cookie(None, secure(s)));
+            }
+            Page::Dashboard => Ok(self.dashboard(gen)),
+            Page::Keys => Ok(self.keys_page(gen, &query)),
+            Page::Settings if method == http::Method::POST => {
+                return self.save_settings(gen, &form, &admin).await
+            }
+            Page::Settings => self
+                .settings_page(&query, None)
+                .map(|d| ("settings", "Settings", d)),
+            Page::Logs => self.logs_page(&query),
+            Page::LogRow { log, row } => self.log_row_page(log, row),
+            Page::Plugins => Ok(self.plugins_page(gen)),
+            Page::Login | Page::Static(_) | Page::Moved(_) => unreachable!("answered above"),
+        };
+        match result {
+            Ok((template, title, data)) => self.render(gen, 200, template, title, data, &admin),
+            Err(e) => self.error_page(gen, e.status, &e.message, Some(&admin)),
+        }
+    }
+
+    /// Renders `template` with `data` inside the layout.
+    fn render(
+        &self,
+        gen: &Generation,
+        status: u16,
+        template: &str,
+        title: &str,
+        mut data: Value,
+        admin: &Admin,
+    ) -> PageAnswer {
+        data["csrf"] = json!(admin.csrf());
+        let body = match gen.templates.render(template, &data) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(template, "admin page template failed: {e}");
+                return PageAnswer::html(500, format!("<!doctype html><title>gemgate</title><p>the {template} template failed: {}</p>", escape(&e)));
+            }
+        };
+        let frame = json!({
+            "title": title,
+            "body": body,
+            "nav": template,
+            "csrf": admin.csrf(),
+            "session": matches!(admin, Admin::Session { .. }),
+            "version": env!("CARGO_PKG_VERSION"),
+            "generation": gen.id,
+        });
+        match gen.templates.render("layout", &frame) {
+            Ok(html) => PageAnswer::html(status, html),
+            Err(e) => PageAnswer::html(
+                500,
+                format!(
+                    "<!doctype html><title>gemgate</title><p>the layout template failed: {}</p>",
+                    escape(&e)
+                ),
+            ),
+        }
+    }
+
+    fn error_page(
+        &self,
+        gen: &Generation,
+        status: u16,
+        message: &str,
+        admin: Option<&Admin>,
+    ) -> PageAnswer {
+        let anonymous = Admin::Bearer;
+        let data = json!({ "status": status, "message": message });
+        self.render(
+            gen,
+            status,
+            "error",
+            "Error",
+            data,
+            admin.unwrap_or(&anonymous),
+        )
+    }
+
+    async fn login(
+        &self,
+        gen: &Generation,
+        s: &mut ServerSession,
+        admin_token: Option<&str>,
+    ) -> PageAnswer {
+        let anonymous = Admin::Bearer;
+        let query = s.req_header().uri.query().unwrap_or_default().to_owned();
+        let next = super::auth::query_param(&query, "next").map(|n| n.into_owned());
+        let Some(admin_token) = admin_token else {
+            let data = json!({ "off": true, "next": "", "error": null });
+            return self.render(gen, 403, "login", "Log in", data, &anonymous);
+        };
+        let sessions = &self.state.lasting.sessions;
+        match s.req_header().method {
+            http::Method::GET => {
+                let data =
+                    json!({ "off": false, "next": safe_next(next.as_deref()), "error": null });
+                self.render(gen, 200, "login", "Log in", data, &anonymous)
+            }
+            http::Method::POST => {
+                let ip = s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+                let form = match read_body(s, FORM_LIMIT).await {
+                    Ok(b) => parse_form(&b),
+                    Err(_) => return self.error_page(gen, 413, "the form is too large", None),
+                };
+                let next = safe_next(form.get("next").map(String::as_str)).to_owned();
+                if let Some(wait) = sessions.login_wait(ip) {
+                    let secs = wait.as_secs().max(1);
+                    let data = json!({ "off": false, "next": next,
+                        "error": format!("Too many failed logins: try again in {secs} s.") });
+                    return self
+                        .render(gen, 429, "login", "Log in", data, &anonymous)
+                        .with(header::RETRY_AFTER, secs.to_string());
+                }
+                let presented = form.get("token").map(String::as_str).unwrap_or_default();
+                if !super::auth::same_secret(presented, admin_token) {
+                    sessions.login_failed(ip);
+                    tracing::warn!(client = ?ip, "admin: failed login");
+                    tokio::time::sleep(FAILED_LOGIN_DELAY).await;
+                    let data = json!({ "off": false, "next": next,
+                        "error": "That is not the admin token (AUTH_TOKEN)." });
+                    return self.render(gen, 401, "login", "Log in", data, &anonymous);
+                }
+                sessions.login_succeeded(ip);
+                let (id, _) = sessions.open(admin_token);
+                tracing::info!(client = ?ip, "admin: logged in");
+                PageAnswer::redirect(303, &next).with(
+                    header::SET_COOKIE,
+                    session::set_cookie(Some(&id), secure(s)),
+                )
+            }
+            ref m => self.error_page(
+                gen,
+                405,
+                &format!("{m} is not allowed on /admin/login"),
+                None,
+            ),
+        }
+    }
+
+    fn dashboard(&self, gen: &Generation) -> (&'static str, &'static str, Value) {
+        let now = now_ms();
+        let metrics = &self.state.lasting.metrics;
+        let hour = metrics.summary(now, 60, 60);
+        let day = metrics.summary(now, 1440, 48);
+        let mut pool = [0usize; 3];
+        for key in gen.pool.keys() {
+            pool[match state_of(key, now) {
+                "active" => 0,
+                "cooling" => 1,
+                _ => 2,
+            }] += 1;
+        }
+        let charts = json!({
+            "hour_requests": bar_chart(&hour.points, "requests per minute"),
+            "day_requests": bar_chart(&day.points, "requests per 30 minutes"),
+            "hour_latency": latency_chart(&hour.points),
+            "day_latency": latency_chart(&day.points),
+        });
+        let data = json!({
+            "hour": hour, "day": day, "charts": charts,
+            "pool": { "total": gen.pool.keys().len(), "active": pool[0], "cooling": pool[1], "disabled": pool[2] },
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime": uptime(self.state.started.elapsed()),
+            "generation": gen.id,
+            "dropped": self.state.lasting.logs.dropped(),
+        });
+        ("dashboard", "Dashboard", data)
+    }
+
+    fn keys_page(&self, gen: &Generation, query: &str) -> (&'static str, &'static str, Value) {
+        let today = crate::usage::day_of(now_ms());
+        let usage = match &self.state.lasting.store {
+            Some(store) => store.usage_of_day(today).unwrap_or_default(),
+            None => Default::default(),
+        };
+        let mut data = keys_json(gen, query, &usage);
+        let param = |n: &str| {
+            super::auth::query_param(query, n)
+                .map(|v| v.into_owned())
+                .unwrap_or_default()
+        };
+        let (q, state, tag) = (param("q"), param("state"), param("tag"));
+        let page = data["page"].as_u64().unwrap_or(1);
+        let pages = data["pages"].as_u64().unwrap_or(1);
+        let link = |p: u64| {
+            format!(
+                "/admin/keys?q={}&state={}&tag={}&page={p}",
+                encode(&q),
+                encode(&state),
+                encode(&tag)
+            )
+        };
+        data["filter"] = json!({ "q": q, "state": state, "tag": tag });
+        data["prev"] = json!((page > 1).then(|| link(page - 1)));
+        data["next"] = json!((page < pages).then(|| link(page + 1)));
+        for k in data["keys"].as_array_mut().into_iter().flatten() {
+            let text = k["cooldowns"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .map(|c| {
+                            format!(
+                                "{} until {} ({})",
+                                c["model"].as_str().unwrap_or(""),
+                                c["until"].as_str().unwrap_or(""),
+                                c["class"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
+            k["cooling_text"] = json!(text);
+        }
+        ("keys", "Keys", data)
+    }
+
+    fn settings_page(
+        &self,
+        query: &str,
+        refused: Option<Refused<'_>>,
+    ) -> Result<Value, GateError> {
+        let path = &self.state.source.path;
+        let text = settings::read(path).map_err(|e| GateError::new(500, e))?;
+        let vars = crate::config::gather_env(std::path::Path::new("."));
+        let mut groups = settings::describe(&text, &vars, &|n| std::env::var_os(n).is_some())
+            .map_err(|e| GateError::new(500, e.to_string()))?;
+        let mut general = Vec::new();
+        if let Some((form, errors)) = refused {
+            for (field, message) in errors {
+                let found = groups
+                    .iter_mut()
+                    .flat_map(|g| g.settings.iter_mut())
+                    .find(|s| s.path == field);
+                match found {
+                    Some(s) => s.error = Some(message.clone()),
+                    None => general.push(message.clone()),
+                }
+            }
+            // Show what the operator typed, not what is saved.
+            for s in groups.iter_mut().flat_map(|g| g.settings.iter_mut()) {
+                if let Some(v) = form.get(s.path) {
+                    if !s.secret {
+                        s.value = v.clone();
+                    }
+                }
+            }
+        }
+        let saved = super::auth::query_param(query, "saved").map(|v| v.into_owned());
+        Ok(json!({
+            "groups": groups,
+            "file": path.display().to_string(),
+            "saved": saved,
+            "errors": general,
+            "refused": refused.is_some(),
+        }))
+    }
+
+    async fn save_settings(
+        &self,
+        gen: &Generation,
+        form: &BTreeMap<String, String>,
+        admin: &Admin,
+    ) -> PageAnswer {
+        let path = self.state.source.path.clone();
+        let text = match settings::read(&path) {
+            Ok(t) => t,
+            Err(e) => return self.error_page(gen, 500, &e, Some(admin)),
+        };
+        let vars = crate::config::gather_env(std::path::Path::new("."));
+        match settings::apply_form(&text, &vars, form, &|n| std::env::var_os(n).is_some()) {
+            Saved::Unchanged => PageAnswer::redirect(303, "/admin/settings?saved=nothing"),
+            Saved::Changed(changed, new_text) => {
+                let written = self
+                    .write_config(move || crate::config::edit::write_atomic(&path, &new_text))
+                    .await;
+                match written {
+                    Ok(()) => {
+                        tracing::info!(settings = ?changed, "admin: settings saved");
+                        let generation = self.state.current.load().id;
+                        PageAnswer::redirect(
+                            303,
+                            &format!(
+                                "/admin/settings?saved={}&generation={generation}",
+                                encode(&changed.join(","))
+                            ),
+                        )
+                    }
+                    Err(e) => self.error_page(gen, e.status, &e.message, Some(admin)),
+                }
+            }
+            Saved::Refused(errors) => match self.settings_page("", Some((form, &errors))) {
+                Ok(data) => self.render(gen, 400, "settings", "Settings", data, admin),
+                Err(e) => self.error_page(gen, e.status, &e.message, Some(admin)),
+            },
+        }
+    }
+
+    fn logs_page(&self, query: &str) -> Result<(&'static str, &'static str, Value), GateError> {
+        let Some(store) = self.state.lasting.store.clone() else {
+            return Err(GateError::new(503, "this gateway keeps no logs"));
+        };
+        let param = |n: &str| {
+            super::auth::query_param(query, n)
+                .map(|v| v.into_owned())
+                .unwrap_or_default()
+        };
+        let log_name = if param("log") == "requests" {
+            "requests"
+        } else {
+            "errors"
+        };
+        let log = if log_name == "requests" {
+            crate::logs::Log::Requests
+        } else {
+            crate::logs::Log::Errors
+        };
+        // Empty filters are no filters.
+        let api_query: String = query
+            .split('&')
+            .filter(|p| p.split_once('=').is_some_and(|(_, v)| !v.is_empty()))
+            .collect::<Vec<_>>()
+            .join("&");
+        let mut data = super::admin::logs_json(&store, log, None, &api_query)?;
+        let filters: Value = ["from", "to", "key", "model", "status", "class"]
+            .iter()
+            .map(|f| (f.to_string(), json!(param(f))))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        if let Some(next) = data["next"].as_str().map(str::to_owned) {
+            let mut link = format!("/admin/logs?log={log_name}");
+            for f in ["from", "to", "key", "model", "status", "class"] {
+                let v = param(f);
+                if !v.is_empty() {
+                    let _ = write!(link, "&{f}={}", encode(&v));
+                }
+            }
+            let _ = write!(link, "&before={next}");
+            data["next_link"] = json!(link);
+        } else {
+            data["next_link"] = Value::Null;
+        }
+        data["log"] = json!(log_name);
+        data["errors_log"] = json!(log_name == "errors");
+        data["filters"] = filters;
+        Ok(("logs", "Logs", data))
+    }
+
+    fn log_row_page(
+        &self,
+        log: crate::logs::Log,
+        row: (u64, u64),
+    ) -> Result<(&'static str, &'static str, Value), GateError> {
+        let Some(store) = self.state.lasting.store.clone() else {
+            return Err(GateError::new(503, "this gateway keeps no logs"));
+        };
+        let mut data = super::admin::logs_json(&store, log, Some(row), "")?;
+        data["time"] = json!(rfc3339(row.0));
+        data["log"] = json!(match log {
+            crate::logs::Log::Requests => "requests",
+            crate::logs::Log::Errors => "errors",
+        });
+        Ok(("log", "Log entry", data))
+    }
+
+    fn plugins_page(&self, gen: &Generation) -> (&'static str, &'static str, Value) {
+        let mut data = self.reload_json();
+        data["config"] = json!(self.state.source.path.display().to_string());
+        data["templates_dir"] = json!(gen
+            .templates
+            .dir
+            .as_ref()
+            .map_or("built in".to_owned(), |d| d.display().to_string()));
+        ("plugins", "Plugins", data)
+    }
+}
+
+/// Whether the admin's connection is TLS (directly, or at a proxy in front that says so).
+fn secure(s: &ServerSession) -> bool {
+    s.digest().is_some_and(|d| d.ssl_digest.is_some())
+        || s.req_header()
+            .headers
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+}
+
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const CHART_W: f64 = 600.0;
+const CHART_H: f64 = 120.0;
+
+/// An SVG bar chart of requests per span, errors stacked in their own colour.
+fn bar_chart(points: &[crate::metrics::Point], label: &str) -> String {
+    let max = points.iter().map(|p| p.requests).max().unwrap_or(0).max(1) as f64;
+    let w = CHART_W / points.len().max(1) as f64;
+    let mut svg = format!(
+        r#"<svg class="chart" viewBox="0 0 {CHART_W} {h}" role="img" aria-label="{label}"><text class="axis" x="2" y="10">{max}</text>"#,
+        h = CHART_H + 14.0,
+        max = max as u64,
+    );
+    for (i, p) in points.iter().enumerate() {
+        let x = i as f64 * w;
+        let ok_h = (p.requests - p.errors) as f64 / max * CHART_H;
+        let err_h = p.errors as f64 / max * CHART_H;
+        let _ = write!(
+            svg,
+            r#"<rect class="ok" x="{x:.1}" y="{:.1}" width="{:.1}" height="{ok_h:.1}"><title>{} requests, {} errors</title></rect>"#,
+            CHART_H - ok_h,
+            (w - 1.0).max(0.5),
+            p.requests,
+            p.errors
+        );
+        if p.errors > 0 {
+            let _ = write!(
+                svg,
+                r#"<rect class="err" x="{x:.1}" y="{:.1}" width="{:.1}" height="{err_h:.1}"/>"#,
+                CHART_H - ok_h - err_h,
+                (w - 1.0).max(0.5)
+            );
+        }
+    }
+    let _ = write!(
+        svg,
+        r#"<text class="axis" x="2" y="{}">{}</text><text class="axis" x="{}" y="{}" text-anchor="end">now</text></svg>"#,
+        CHART_H + 12.0,
+        points
+            .first()
+            .map_or(String::new(), |p| rfc3339(p.at_ms)[11..16].to_owned()),
+        CHART_W - 2.0,
+        CHART_H + 12.0
+    );
+    svg
+}
+
+/// An SVG line chart of p50 and p99 latency per span.
+fn latency_chart(points: &[crate::metrics::Point]) -> String {
+    let max = points.iter().map(|p| p.p99_ms).fold(0.0, f64::max).max(1.0);
+    let step = CHART_W / points.len().saturating_sub(1).max(1) as f64;
+    let line = |f: &dyn Fn(&crate::metrics::Point) -> f64| {
+        points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!(
+                    "{:.1},{:.1}",
+                    i as f64 * step,
+                    CHART_H - f(p) / max * CHART_H
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!(
+        r#"<svg class="chart" viewBox="0 0 {CHART_W} {h}" role="img" aria-label="latency"><text class="axis" x="2" y="10">{max:.1} ms</text><polyline class="p99" points="{}"/><polyline class="p50" points="{}"/><text class="axis" x="{}" y="{}" text-anchor="end">p50 (dark), p99 (light)</text></svg>"#,
+        line(&|p| p.p99_ms),
+        line(&|p| p.p50_ms),
+        CHART_W - 2.0,
+        CHART_H + 12.0,
+        h = CHART_H + 14.0,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_decode_and_next_stays_on_the_admin_pages() {
+        let f = parse_form(b"token=a%2Bb+c&next=%2Fadmin%2Fkeys&empty=");
+        assert_eq!(f["token"], "a+b c");
+        assert_eq!(f["next"], "/admin/keys");
+        assert_eq!(f["empty"], "");
+        assert_eq!(form_decode("100%"), "100%");
+        assert_eq!(safe_next(Some("/admin/keys?page=2")), "/admin/keys?page=2");
+        assert_eq!(safe_next(Some("//evil.example/admin")), "/admin");
+        assert_eq!(safe_next(Some("https://evil.example")), "/admin");
+        assert_eq!(safe_next(None), "/admin");
+        assert_eq!(encode("a b/c&d"), "a%20b/c%26d");
+    }
+
+    #[test]
+    fn charts_are_svg_of_every_point() {
+        let points: Vec<crate::metrics::Point> = (0..4)
+            .map(|i| crate::metrics::Point {
+                at_ms: 1_800_000_000_000,
+                requests: i,
+                errors: i / 2,
+                p50_ms: 1.0,
+                p99_ms: 2.0,
+            })
+            .collect();
+        let svg = bar_chart(&points, "x");
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"));
+        assert_eq!(svg.matches("class=\"ok\"").count(), 4);
+        assert_eq!(svg.matches("class=\"err\"").count(), 2);
+        assert!(latency_chart(&points).contains("polyline"));
+    }
+}
