@@ -419,11 +419,7 @@ impl Gateway {
         ("keys", "Keys", data)
     }
 
-    fn settings_page(
-        &self,
-        query: &str,
-        refused: Option<Refused<'_>>,
-    ) -> Result<Value, GateError> {
+    fn settings_page(&self, query: &str, refused: Option<Refused<'_>>) -> Result<Value, GateError> {
         let path = &self.state.source.path;
         let text = settings::read(path).map_err(|e| GateError::new(500, e))?;
         let vars = crate::config::gather_env(std::path::Path::new("."));

@@ -8,6 +8,7 @@ mod files;
 mod first_run;
 mod keys;
 mod openai;
+mod pages;
 mod plugins;
 mod proxying;
 mod reload;
