@@ -195,7 +195,7 @@ impl Metrics {
             }
         }
         s.points.push(finish_point(point, &point_hist));
-        s.requests_per_minute = s.requests as f64 / minutes.max(1) as f64;
+        s.requests_per_minute = (s.requests as f64 * 100.0 / minutes.max(1) as f64).round() / 100.0;
         s.success_rate = if s.requests == 0 {
             100.0
         } else {

@@ -70,7 +70,8 @@ pub(super) const PAGE_HEADERS: &[(&str, &str)] = &[
     ),
     ("x-frame-options", "DENY"),
     ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
+    // Not `no-referrer`: with it, browsers send `Origin: null` on the pages' own form posts.
+    ("referrer-policy", "same-origin"),
     ("cache-control", "no-store"),
 ];
 

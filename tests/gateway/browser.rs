@@ -1,0 +1,57 @@
+//! The admin page in headless Chromium (tests/browser/admin.py, Playwright): log in, import two
+//! keys by pasting text, see them masked, disable one, change a setting and see it applied.
+//!
+//! `scripts/test.sh` installs Chromium and Playwright and names the interpreter in
+//! `GEMGATE_BROWSER_PYTHON`; without it (a bare `cargo test`), this test says so and passes.
+//! The screenshots are kept in `target/browser-shots/`.
+
+use crate::common::*;
+
+#[tokio::test]
+async fn an_operator_runs_the_gateway_from_the_admin_page_in_a_real_browser() {
+    let Ok(python) = std::env::var("GEMGATE_BROWSER_PYTHON") else {
+        eprintln!("skipped: GEMGATE_BROWSER_PYTHON is not set (scripts/test.sh sets it)");
+        return;
+    };
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &[])
+        .without_env("API_KEYS")
+        .admin()
+        .toml("[keys]\napi_keys = []\n")
+        .start()
+        .await;
+    let shots = format!("{}/target/browser-shots", env!("CARGO_MANIFEST_DIR"));
+    let script = format!("{}/tests/browser/admin.py", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .env("GEMGATE_URL", gate.url(""))
+        .env("GEMGATE_ADMIN_TOKEN", ADMIN)
+        .env("GEMGATE_SHOTS", &shots)
+        .output()
+        .await
+        .expect("run the browser test");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{report}\ngemgate:\n{}", gate.logs());
+    assert!(report.contains("browser test passed"), "{report}");
+
+    // What the browser did is what the gateway now is.
+    let (_, keys) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    assert_eq!(keys["total"], 2, "{keys}");
+    assert_eq!(keys["counts"]["disabled"], 1, "{keys}");
+    let config = std::fs::read_to_string(gate.config_path()).unwrap();
+    assert!(config.contains("max_failures = 7"), "{config}");
+    for shot in [
+        "01-login",
+        "03-keys-imported",
+        "04-key-disabled",
+        "06-settings-saved",
+    ] {
+        let png = std::fs::read(format!("{shots}/{shot}.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "{shot}");
+    }
+}
