@@ -68,7 +68,12 @@ fn main() -> ExitCode {
             };
             println!(
                 "templates OK: {} from {}",
-                templates.names.join(", "),
+                templates
+                    .files
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 templates
                     .dir
                     .as_ref()

@@ -49,7 +49,8 @@ pub struct Templates {
     registry: Handlebars<'static>,
     /// The folder they came from (`None`: built in).
     pub dir: Option<PathBuf>,
-    pub names: Vec<String>,
+    /// (name, file) of every template: the file is `built-in:<name>.hbs` for a shipped one.
+    pub files: Vec<(String, String)>,
     /// (name, content type, text) of the style sheet and script.
     assets: Vec<(&'static str, &'static str, String)>,
 }
@@ -76,16 +77,16 @@ impl Templates {
         }
         let mut registry = Handlebars::new();
         registry.set_strict_mode(true);
-        let mut names = Vec::new();
+        let mut files = Vec::new();
         for (name, file, text) in sources {
-            registry
-                .register_template_string(&name, text)
-                .map_err(|e| TemplateError {
+            if let Err(e) = registry.register_template_string(&name, text) {
+                return Err(TemplateError {
                     line: e.pos().map(|(line, _)| line),
                     message: e.reason().to_string(),
                     file,
-                })?;
-            names.push(name);
+                });
+            }
+            files.push((name, file));
         }
         let assets = ASSETS
             .iter()
@@ -100,7 +101,7 @@ impl Templates {
         Ok(Templates {
             registry,
             dir,
-            names,
+            files,
             assets,
         })
     }

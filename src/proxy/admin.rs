@@ -301,7 +301,9 @@ impl Gateway {
             "generation": current.id,
             "reload": self.state.reload_status(),
             "plugins": current.policy.plugins,
-            "templates": current.templates.names,
+            "templates": current.templates.files.iter()
+                .map(|(name, file)| json!({ "name": name, "file": file }))
+                .collect::<Vec<_>>(),
             // Records dropped because their queue to the data file was full.
             "dropped": {
                 "usage_events": self.state.lasting.usage.dropped(),
