@@ -1320,7 +1320,7 @@ fn upstream_header(
 }
 
 /// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
-fn encode_query_value(value: &str) -> String {
+pub(crate) fn encode_query_value(value: &str) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(value.len());
     for b in value.bytes() {

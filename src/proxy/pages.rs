@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use super::admin::{keys_json, state_of};
 use super::route::Page;
 use super::session::{self, Admin};
-use super::{read_body, Gateway, Generation};
+use super::{encode_query_value, read_body, Gateway, Generation};
 use crate::config::settings::{self, Saved};
 use crate::keys::clock::{now_ms, rfc3339};
 use crate::proxy::reply::GateError;
@@ -88,26 +88,9 @@ fn parse_form(body: &[u8]) -> BTreeMap<String, String> {
 }
 
 fn form_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 3 <= bytes.len() && s.is_char_boundary(i + 3) => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Where a login may send the operator next: an admin page of this gateway, nothing else.
@@ -178,7 +161,10 @@ impl Gateway {
                     .uri
                     .path_and_query()
                     .map_or("/admin", |p| p.as_str());
-                return PageAnswer::redirect(303, &format!("/admin/login?next={}", encode(next)));
+                return PageAnswer::redirect(
+                    303,
+                    &format!("/admin/login?next={}", encode_query_value(next)),
+                );
             }
             Err(e) => return self.error_page(gen, e.status, &e.message, None),
         };
@@ -390,9 +376,9 @@ impl Gateway {
         let link = |p: u64| {
             format!(
                 "/admin/keys?q={}&state={}&tag={}&page={p}",
-                encode(&q),
-                encode(&state),
-                encode(&tag)
+                encode_query_value(&q),
+                encode_query_value(&state),
+                encode_query_value(&tag)
             )
         };
         data["filter"] = json!({ "q": q, "state": state, "tag": tag });
@@ -483,7 +469,7 @@ impl Gateway {
                             303,
                             &format!(
                                 "/admin/settings?saved={}&generation={generation}",
-                                encode(&changed.join(","))
+                                encode_query_value(&changed.join(","))
                             ),
                         )
                     }
@@ -533,7 +519,7 @@ impl Gateway {
             for f in ["from", "to", "key", "model", "status", "class"] {
                 let v = param(f);
                 if !v.is_empty() {
-                    let _ = write!(link, "&{f}={}", encode(&v));
+                    let _ = write!(link, "&{f}={}", encode_query_value(&v));
                 }
             }
             let _ = write!(link, "&before={next}");
@@ -583,19 +569,6 @@ fn secure(s: &ServerSession) -> bool {
             .headers
             .get("x-forwarded-proto")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
-}
-
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
 }
 
 fn escape(s: &str) -> String {
@@ -694,7 +667,6 @@ mod tests {
         assert_eq!(safe_next(Some("//evil.example/admin")), "/admin");
         assert_eq!(safe_next(Some("https://evil.example")), "/admin");
         assert_eq!(safe_next(None), "/admin");
-        assert_eq!(encode("a b/c&d"), "a%20b/c%26d");
     }
 
     #[test]

@@ -390,13 +390,7 @@ async fn settings_show_sources_save_through_reload_and_refuse_bad_values_next_to
             "{group}"
         );
     }
-    let field = |env: &str| -> String {
-        html.split(&format!("id=\"setting-{env}\""))
-            .nth(1)
-            .and_then(|r| r.split("</div>").next())
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let field = |env: &str| field_of(&html, env);
     assert!(field("MAX_RETRIES").contains("file") && field("MAX_RETRIES").contains("value=\"2\""));
     assert!(field("TIME_OUT").contains("environment") && field("TIME_OUT").contains("disabled"));
     assert!(field("MAX_FAILURES").contains("default"));
