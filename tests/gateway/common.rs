@@ -125,12 +125,22 @@ impl GateBuilder {
     }
 }
 
-/// A free loopback port (bound, read, released).
+/// A free loopback port (bound, read, released), never the same one twice in this process:
+/// the kernel may hand a released port out again, and two gemgates told the same port would
+/// both listen on it (pingora sets `SO_REUSEPORT`) and share each other's requests.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 impl Gate {
