@@ -67,6 +67,8 @@ pub struct ReloadStatus {
 pub fn reload(state: &State) -> Result<u64, ReloadError> {
     let started = Instant::now();
     let current = state.current.load_full();
+    // Read before the config is: what this reload sees is this text or a newer one.
+    state.set_config_fingerprint(fingerprint(&state.source.path));
     let result = state
         .source
         .load()
@@ -206,14 +208,25 @@ pub fn watch(state: Arc<State>) {
                 if !relevant(&event, &state) {
                     continue;
                 }
+                let mut only_config = only_the_config(&event, &state);
                 // Let the burst of events of one save settle.
                 let first = Instant::now();
                 while first.elapsed() < MAX_SETTLE {
                     match rx.recv_timeout(SETTLE) {
-                        Ok(_) => continue,
+                        Ok(e) => {
+                            if relevant(&e, &state) {
+                                only_config &= only_the_config(&e, &state);
+                            }
+                        }
                         Err(mpsc::RecvTimeoutError::Timeout) => break,
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
+                }
+                // The admin API writes the config and reloads at once: its save needs no
+                // second reload here.
+                if only_config && fingerprint(&state.source.path) == state.config_fingerprint() {
+                    tracing::debug!("the config file is as the last reload read it");
+                    continue;
                 }
                 let _ = reload(&state);
                 // The plugins folder may have moved.
@@ -271,18 +284,42 @@ fn watch_folders(
 
 /// Whether an event touches a file a generation is built from (not logs or data written beside
 /// them).
-fn relevant(event: &notify::Event, state: &State) -> bool {
-    if matches!(event.kind, EventKind::Access(_)) {
-        return false;
-    }
+/// Whether the only files of `event` that make a generation are the config file (a save's
+/// temporary file does not count).
+fn only_the_config(event: &notify::Event, state: &State) -> bool {
     let config_name = state.source.path.file_name();
-    event.paths.iter().any(|p| {
-        let name = p.file_name();
-        let ext = p.extension().and_then(|e| e.to_str());
-        name == config_name
-            || name.is_some_and(|n| n == ".env" || n == "plugins" || n == "templates")
-            || matches!(ext, Some("lua" | "hbs" | "html" | "css" | "js"))
-    })
+    event
+        .paths
+        .iter()
+        .filter(|p| relevant_path(p, state))
+        .all(|p| p.file_name() == config_name)
+}
+
+/// A hash of the config file's bytes (0 when it cannot be read).
+fn fingerprint(path: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let mut h = std::hash::DefaultHasher::new();
+            bytes.hash(&mut h);
+            h.finish() | 1
+        }
+        Err(_) => 0,
+    }
+}
+
+fn relevant(event: &notify::Event, state: &State) -> bool {
+    !matches!(event.kind, EventKind::Access(_))
+        && event.paths.iter().any(|p| relevant_path(p, state))
+}
+
+/// Whether a file of this name can change a generation.
+fn relevant_path(p: &Path, state: &State) -> bool {
+    let name = p.file_name();
+    let ext = p.extension().and_then(|e| e.to_str());
+    name == state.source.path.file_name()
+        || name.is_some_and(|n| n == ".env" || n == "plugins" || n == "templates")
+        || matches!(ext, Some("lua" | "hbs" | "html" | "css" | "js"))
 }
 
 #[cfg(test)]

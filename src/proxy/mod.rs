@@ -173,6 +173,8 @@ pub struct State {
     generations: AtomicU64,
     /// When the gateway started (the dashboard's uptime).
     pub started: Instant,
+    /// A hash of the config file as the last reload read it (see `reload`).
+    config_fingerprint: AtomicU64,
     reload: Mutex<ReloadStatus>,
 }
 
@@ -188,6 +190,7 @@ impl State {
             in_flight: Arc::new(AtomicUsize::new(0)),
             generations: AtomicU64::new(1),
             started: Instant::now(),
+            config_fingerprint: AtomicU64::new(0),
             reload: Mutex::new(ReloadStatus {
                 generation: 1,
                 ..ReloadStatus::default()
@@ -202,6 +205,14 @@ impl State {
 
     pub fn next_generation(&self) -> u64 {
         self.generations.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub fn config_fingerprint(&self) -> u64 {
+        self.config_fingerprint.load(Ordering::Acquire)
+    }
+
+    pub fn set_config_fingerprint(&self, hash: u64) {
+        self.config_fingerprint.store(hash, Ordering::Release);
     }
 
     pub fn reload_status(&self) -> ReloadStatus {

@@ -372,4 +372,7 @@ async fn keys_are_added_and_deleted_through_the_config_file() {
     assert!(v["error"]["message"].as_str().unwrap().contains("API_KEYS"));
     let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
     assert_eq!(v["total"], 3);
+    // Each edit reloaded once: the file watcher knows the config is as the edit's reload read it.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert_eq!(gate.reload_status().await["generation"], 3);
 }
