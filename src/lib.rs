@@ -53,6 +53,9 @@ pub fn run(config: Config, source: Source) -> ! {
         threads: config.threads,
         grace_period_seconds: Some(grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
+        // One runtime per thread: a connection's tasks stay on the thread that accepted it
+        // (a little more throughput than work stealing, measured at concurrency 64).
+        work_stealing: false,
         ..ServerConf::default()
     };
     tracing::info!(

@@ -19,6 +19,8 @@ use crate::usage::Counts;
 
 /// The layout version this gemgate writes; older files are migrated, newer ones refused.
 pub const SCHEMA_VERSION: u64 = 1;
+/// redb's page cache: enough for the indexes the admin pages walk.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// How often dirty key state, usage and logs are committed.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -79,7 +81,12 @@ impl Store {
             message: m,
         };
         std::fs::create_dir_all(data_dir).map_err(|e| open_err(e.to_string()))?;
-        let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
+        // NOTE: redb's page cache defaults to 1 GiB, and a busy request log fills it: the
+        // gateway then holds hundreds of MiB for pages it rarely reads again.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| open_err(e.to_string()))?;
         let store = Store {
             db,
             path,

@@ -39,7 +39,11 @@ struct Route {
     /// gemgate's own work. A plain stack is enough here: a connection found closed on reuse is
     /// retried on a fresh one (see `Gateway::attempt`), and connections idle past
     /// `IDLE_TIMEOUT` are dropped.
-    idle: Mutex<Vec<(Stream, Instant)>>,
+    ///
+    /// One stack per worker thread ([`shard`]): each worker thread runs its own runtime, and a
+    /// connection stays registered with the runtime that opened it; taken up by another
+    /// thread, every read and write of it would cost a cross-thread wake-up.
+    idle: [Mutex<Vec<(Stream, Instant)>>; SHARDS],
     /// For side calls (key checks) over the same route.
     client: reqwest::Client,
 }
@@ -217,7 +221,7 @@ impl Route {
         }
         Route {
             tunnel,
-            idle: Mutex::new(Vec::new()),
+            idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
             client: client.build().expect("an HTTP client with these settings"),
         }
     }
@@ -234,7 +238,7 @@ impl Target {
         reuse_idle: bool,
     ) -> pingora::Result<(HttpSession, bool)> {
         if reuse_idle {
-            let idle = &self.routes[route].idle;
+            let idle = &self.routes[route].idle[shard()];
             while let Some((stream, since)) = idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
                 // One idle past IDLE_TIMEOUT is dropped (closed) and the next one tried.
                 if since.elapsed() < IDLE_TIMEOUT {
@@ -248,11 +252,9 @@ impl Target {
 
     /// Closes every idle connection of `route`.
     pub fn drop_idle(&self, route: usize) {
-        self.routes[route]
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        for idle in &self.routes[route].idle {
+            idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 
     /// Takes a session of `route` back once its answer was read to the end; anything else is
@@ -265,8 +267,7 @@ impl Target {
         let Some(stream) = h1.reuse().await else {
             return;
         };
-        let mut idle = self.routes[route]
-            .idle
+        let mut idle = self.routes[route].idle[shard()]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if idle
@@ -279,6 +280,18 @@ impl Target {
             idle.push((stream, Instant::now()));
         }
     }
+}
+
+/// Idle-connection stacks per route; worker threads beyond this many share them.
+const SHARDS: usize = 16;
+
+/// The calling thread's idle-connection stack.
+fn shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
 }
 
 /// Largest batch of already-received body chunks sent to the client in one write.
