@@ -31,7 +31,9 @@ COPY --from=build /src/target/release/gemgate /usr/local/bin/gemgate
 COPY conf ./conf
 COPY plugins ./plugins
 COPY templates ./templates
-RUN mkdir -p /app/data && chown -R gemgate:gemgate /app/data
+# The admin page writes key and settings changes back to the config file (a new file beside
+# it, then renamed over it): the folder is the gateway's to write.
+RUN mkdir -p /app/data && chown -R gemgate:gemgate /app/data /app/conf
 USER gemgate
 ENV GEMGATE_LISTEN=0.0.0.0:8000 \
     GEMGATE_DATA_DIR=/app/data

@@ -35,7 +35,7 @@ impl Gateway {
         self.state
             .lasting
             .sessions
-            .identify(req, admin_token, None)?;
+            .identify(req, super::pages::client_ip(s), admin_token, None)?;
         let method = req.method.clone();
         let allowed = match &call {
             AdminCall::Reload => method == http::Method::GET || method == http::Method::POST,

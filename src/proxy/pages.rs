@@ -150,6 +150,7 @@ impl Gateway {
         };
         let who = self.state.lasting.sessions.identify(
             s.req_header(),
+            client_ip(s),
             admin_token.as_deref(),
             form.get("_csrf").map(String::as_str),
         );
@@ -294,7 +295,7 @@ impl Gateway {
                     Err(_) => return self.error_page(gen, 413, "the form is too large", None),
                 };
                 let next = safe_next(form.get("next").map(String::as_str)).to_owned();
-                if let Some(wait) = sessions.login_wait(ip) {
+                if let Err(wait) = sessions.login_attempt(ip) {
                     let secs = wait.as_secs().max(1);
                     let data = json!({ "off": false, "next": next,
                         "error": format!("Too many failed logins: try again in {secs} s.") });
@@ -304,7 +305,6 @@ impl Gateway {
                 }
                 let presented = form.get("token").map(String::as_str).unwrap_or_default();
                 if !super::auth::same_secret(presented, admin_token) {
-                    sessions.login_failed(ip);
                     tracing::warn!(client = ?ip, "admin: failed login");
                     tokio::time::sleep(FAILED_LOGIN_DELAY).await;
                     let data = json!({ "off": false, "next": next,
@@ -560,6 +560,11 @@ impl Gateway {
             .map_or("built in".to_owned(), |d| d.display().to_string()));
         ("plugins", "Plugins", data)
     }
+}
+
+/// The address the request came from (a reverse proxy's, behind one).
+pub(super) fn client_ip(s: &ServerSession) -> Option<std::net::IpAddr> {
+    s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
 }
 
 /// Whether the admin's connection is TLS (directly, or at a proxy in front that says so).

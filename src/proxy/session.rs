@@ -6,7 +6,8 @@
 //! - A state-changing request on a session must also carry the session's CSRF token (the
 //!   `x-csrf-token` header, or a `_csrf` form field), and a cross-site `Origin` is refused.
 //!   `Authorization: Bearer <AUTH_TOKEN>` needs neither: a browser never sends it by itself.
-//! - Failed logins are slowed down per client address ([`Sessions::login_wait`]).
+//! - Failed logins, and wrong bearer tokens, are slowed down per client address
+//!   ([`Sessions::login_attempt`]). Behind a reverse proxy every client shares its address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -129,23 +130,32 @@ impl Sessions {
             .remove(id);
     }
 
-    /// How long `ip` must wait before its next login attempt is heard, if at all.
-    pub fn login_wait(&self, ip: Option<IpAddr>) -> Option<Duration> {
-        let ip = ip?;
-        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let f = failures.get(&ip)?;
-        if f.count < FREE_FAILURES {
-            return None;
-        }
-        let wait = Duration::from_secs(1u64 << (f.count - FREE_FAILURES).min(9)).min(MAX_WAIT);
-        wait.checked_sub(f.last.elapsed())
-    }
-
-    pub fn login_failed(&self, ip: Option<IpAddr>) {
-        let Some(ip) = ip else { return };
+    /// Takes one login attempt for `ip` (a login form, or an admin bearer token): `Err` with how
+    /// long to wait when too many failed lately. The attempt counts as a failure until
+    /// [`Sessions::login_succeeded`] says otherwise, so attempts sent together are all counted.
+    pub fn login_attempt(&self, ip: Option<IpAddr>) -> Result<(), Duration> {
+        let Some(ip) = ip else { return Ok(()) };
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = failures.get(&ip) {
+            if f.count >= FREE_FAILURES && f.last.elapsed() < FAILURE_MEMORY {
+                let wait =
+                    Duration::from_secs(1u64 << (f.count - FREE_FAILURES).min(9)).min(MAX_WAIT);
+                if let Some(left) = wait.checked_sub(f.last.elapsed()) {
+                    return Err(left);
+                }
+            }
+        }
         if failures.len() >= MAX_TRACKED {
             failures.retain(|_, f| f.last.elapsed() < FAILURE_MEMORY);
+            if failures.len() >= MAX_TRACKED {
+                let oldest = failures
+                    .iter()
+                    .min_by_key(|(_, f)| f.last)
+                    .map(|(ip, _)| *ip);
+                if let Some(oldest) = oldest {
+                    failures.remove(&oldest);
+                }
+            }
         }
         let f = failures.entry(ip).or_insert(Failures {
             count: 0,
@@ -156,6 +166,7 @@ impl Sessions {
         }
         f.count += 1;
         f.last = Instant::now();
+        Ok(())
     }
 
     pub fn login_succeeded(&self, ip: Option<IpAddr>) {
@@ -170,9 +181,12 @@ impl Sessions {
     /// Who `req` is, for the admin routes. `form_csrf` is a `_csrf` form field, if the body
     /// had one. Errors: 403 when the admin routes are off, 401 without valid credentials,
     /// 403 for a state-changing session request without its CSRF token or from another site.
+    ///
+    /// A bearer token is a login attempt of `ip`: wrong ones are throttled like the login form's.
     pub fn identify(
         &self,
         req: &RequestHeader,
+        ip: Option<IpAddr>,
         admin_token: Option<&str>,
         form_csrf: Option<&str>,
     ) -> Result<Admin, GateError> {
@@ -188,7 +202,16 @@ impl Sessions {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if let Some(presented) = bearer {
+            if let Err(wait) = self.login_attempt(ip) {
+                let mut e = GateError::new(
+                    429,
+                    "too many wrong admin tokens from this address: wait before trying again",
+                );
+                e.retry_after_s = Some(wait.as_secs().max(1));
+                return Err(e);
+            }
             if same_secret(presented.trim(), admin_token) {
+                self.login_succeeded(ip);
                 return Ok(Admin::Bearer);
             }
         }
@@ -295,15 +318,17 @@ mod tests {
         let cookie = format!("other=1; {COOKIE}={id}");
         let get = req("GET", &[("cookie", &cookie)]);
         assert!(matches!(
-            s.identify(&get, Some("root"), None),
+            s.identify(&get, None, Some("root"), None),
             Ok(Admin::Session { .. })
         ));
         let post = req("POST", &[("cookie", &cookie), ("host", "gw:8000")]);
         assert_eq!(
-            s.identify(&post, Some("root"), None).unwrap_err().status,
+            s.identify(&post, None, Some("root"), None)
+                .unwrap_err()
+                .status,
             403
         );
-        assert!(s.identify(&post, Some("root"), Some(&csrf)).is_ok());
+        assert!(s.identify(&post, None, Some("root"), Some(&csrf)).is_ok());
         let cross = req(
             "POST",
             &[
@@ -314,15 +339,22 @@ mod tests {
             ],
         );
         assert_eq!(
-            s.identify(&cross, Some("root"), None).unwrap_err().status,
+            s.identify(&cross, None, Some("root"), None)
+                .unwrap_err()
+                .status,
             403
         );
         // A new AUTH_TOKEN ends every session; no AUTH_TOKEN turns the routes off.
-        assert_eq!(s.identify(&get, Some("new"), None).unwrap_err().status, 401);
-        assert_eq!(s.identify(&get, None, None).unwrap_err().status, 403);
+        assert_eq!(
+            s.identify(&get, None, Some("new"), None)
+                .unwrap_err()
+                .status,
+            401
+        );
+        assert_eq!(s.identify(&get, None, None, None).unwrap_err().status, 403);
         let bearer = req("DELETE", &[("authorization", "Bearer root")]);
         assert_eq!(
-            s.identify(&bearer, Some("root"), None).unwrap(),
+            s.identify(&bearer, None, Some("root"), None).unwrap(),
             Admin::Bearer
         );
         s.close(&id);
@@ -334,15 +366,26 @@ mod tests {
         let s = Sessions::default();
         let ip = Some("10.0.0.1".parse().unwrap());
         for _ in 0..FREE_FAILURES {
-            assert_eq!(s.login_wait(ip), None);
-            s.login_failed(ip);
+            assert_eq!(s.login_attempt(ip), Ok(()));
         }
-        let first = s.login_wait(ip).unwrap();
-        s.login_failed(ip);
-        assert!(s.login_wait(ip).unwrap() > first);
-        assert_eq!(s.login_wait(Some("10.0.0.2".parse().unwrap())), None);
+        let first = s.login_attempt(ip).unwrap_err();
+        assert!(first > Duration::ZERO);
+        assert_eq!(s.login_attempt(Some("10.0.0.2".parse().unwrap())), Ok(()));
         s.login_succeeded(ip);
-        assert_eq!(s.login_wait(ip), None);
+        assert_eq!(s.login_attempt(ip), Ok(()));
+        // Wrong bearer tokens are attempts too.
+        let other = Some("10.0.0.3".parse().unwrap());
+        let wrong = req("GET", &[("authorization", "Bearer nope")]);
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(
+                s.identify(&wrong, other, Some("root"), None)
+                    .unwrap_err()
+                    .status,
+                401
+            );
+        }
+        let e = s.identify(&wrong, other, Some("root"), None).unwrap_err();
+        assert_eq!((e.status, e.retry_after_s.is_some()), (429, true));
     }
 
     #[test]
