@@ -65,10 +65,12 @@ pub struct ReloadStatus {
 /// Builds a new generation from the current files and makes it current. On any error the
 /// generation serving now stays, and the error is returned and recorded.
 pub fn reload(state: &State) -> Result<u64, ReloadError> {
+    // One at a time: an older reload finishing last would otherwise put back an older config.
+    let _one_at_a_time = state.reloading.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     let current = state.current.load_full();
     // Read before the config is: what this reload sees is this text or a newer one.
-    state.set_config_fingerprint(fingerprint(&state.source.path));
+    let config_hash = fingerprint(&state.source.path);
     let result = state
         .source
         .load()
@@ -106,6 +108,7 @@ pub fn reload(state: &State) -> Result<u64, ReloadError> {
                 "reloaded"
             );
             state.current.store(Arc::new(next));
+            state.set_config_fingerprint(config_hash);
             status.generation = id;
             status.last_result = Some("ok");
             status.last_error = None;

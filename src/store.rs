@@ -318,13 +318,21 @@ pub fn start_flusher(store: Arc<Store>, state: Arc<crate::proxy::State>) {
             lower_priority();
             // The dashboard's last day, from the request log.
             let day_ago = crate::keys::clock::now_ms().saturating_sub(86_400_000);
+            // Saving goes on meanwhile: a long log must not hold up key state.
             let metrics = &state.lasting.metrics;
+            let mut last_flush = std::time::Instant::now();
             if let Err(e) = crate::logs::since(
                 &store.db,
                 crate::logs::Log::Requests,
                 day_ago,
                 4096,
-                &mut |batch| metrics.add(&batch),
+                &mut |batch| {
+                    metrics.add(&batch);
+                    if last_flush.elapsed() >= FLUSH_EVERY {
+                        flush(&store, &state.lasting);
+                        last_flush = std::time::Instant::now();
+                    }
+                },
             ) {
                 tracing::warn!(
                     "cannot read the last day of the request log for the dashboard: {e}"

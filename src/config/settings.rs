@@ -56,6 +56,7 @@ const GROUPS: &[(&str, &[&str])] = &[
 
 /// Settings whose values are secrets: shown masked, kept unless a new value is typed.
 const SECRETS: &[&str] = &[
+    "keys.api_keys",
     "keys.paid_key",
     "auth.allowed_tokens",
     "auth.auth_token",
@@ -180,6 +181,8 @@ fn mask_one(s: &str) -> String {
         Ok(mut url) if url.has_host() && s.contains("://") => {
             if url.password().is_some() {
                 let _ = url.set_password(Some("***"));
+            } else if !url.username().is_empty() {
+                let _ = url.set_username("***");
             }
             url.to_string().trim_end_matches('/').to_owned()
         }
@@ -229,7 +232,11 @@ pub fn describe(
         let value = lookup(&effective, path).cloned();
         let secret = SECRETS.contains(&path);
         let shown = match &value {
-            None => "not set".to_owned(),
+            None => String::new(),
+            // The key page shows the keys; here only how many there are.
+            Some(toml::Value::Array(keys)) if path == "keys.api_keys" => {
+                format!("{} keys", keys.len())
+            }
             Some(v) if secret => masked(v),
             Some(v) => show(v, kind),
         };
@@ -238,7 +245,11 @@ pub fn describe(
             path,
             input: input_of(kind),
             value: if secret { String::new() } else { shown.clone() },
-            shown,
+            shown: if shown.is_empty() {
+                "not set".to_owned()
+            } else {
+                shown
+            },
             source,
             secret,
             editable: path != "keys.api_keys" && !matches!(source, "environment" | ".env"),

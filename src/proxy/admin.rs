@@ -241,12 +241,19 @@ impl Gateway {
             }
         }
         let done: Vec<&str> = keys.iter().map(|k| k.spec.id.as_str()).collect();
+        // Deleted from the file, but API_KEYS has them too.
+        let still_in_pool: Vec<&str> = keys
+            .iter()
+            .filter(|k| action == "delete" && k.spec.source == KeySource::Both)
+            .map(|k| k.spec.id.as_str())
+            .collect();
         tracing::info!(action, keys = done.len(), "admin: bulk key action");
         Ok(json!({
             "action": action,
             "done": done,
             "missing": missing,
             "env_only": env_only,
+            "still_in_pool": still_in_pool,
             "generation": self.state.current.load().id,
         }))
     }
@@ -285,14 +292,27 @@ impl Gateway {
         &self,
         edit: impl FnOnce() -> Result<(), String> + Send + 'static,
     ) -> Result<(), GateError> {
+        self.edit_config(move || edit().map(|()| ((), true))).await
+    }
+
+    /// Runs a config file edit, then (when it says it wrote) the reload that applies it, off
+    /// the async workers. Edits run one at a time, each reading the file after the last wrote.
+    pub(super) async fn edit_config<T: Send + 'static>(
+        &self,
+        edit: impl FnOnce() -> Result<(T, bool), String> + Send + 'static,
+    ) -> Result<T, GateError> {
         let state = self.state.clone();
         let done = tokio::task::spawn_blocking(move || {
-            edit()?;
-            reload::reload(&state).map_err(|e| e.message).map(|_| ())
+            let _one_at_a_time = state.edits.lock().unwrap_or_else(|e| e.into_inner());
+            let (out, wrote) = edit()?;
+            if wrote {
+                reload::reload(&state).map_err(|e| e.message)?;
+            }
+            Ok(out)
         })
         .await
         .map_err(|e| GateError::new(500, format!("the config edit failed: {e}")))?;
-        done.map_err(|m| GateError::new(500, format!("the config edit failed: {m}")))
+        done.map_err(|m: String| GateError::new(500, format!("the config edit failed: {m}")))
     }
 
     pub(super) fn reload_json(&self) -> Value {

@@ -34,7 +34,6 @@ pub enum Scheme {
 }
 
 /// One configured proxy, and the upstream it opens tunnels to.
-#[derive(Debug)]
 pub struct Tunnel {
     scheme: Scheme,
     host: String,
@@ -64,7 +63,12 @@ impl Tunnel {
         target_port: u16,
         timeout: Duration,
     ) -> Result<Tunnel, String> {
-        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        // Errors never quote the URL: it may hold a password.
+        let parsed = reqwest::Url::parse(url).map_err(|e| {
+            format!(
+                "a proxy is not a valid URL ({e}); the form is scheme://[user:password@]host:port"
+            )
+        })?;
         let scheme = match parsed.scheme() {
             "http" => Scheme::Http,
             "socks5" => Scheme::Socks5 { remote_dns: false },
@@ -78,7 +82,7 @@ impl Tunnel {
         };
         let host = parsed
             .host_str()
-            .ok_or_else(|| format!("{url:?} names no host"))?
+            .ok_or("a proxy URL names no host")?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
@@ -97,6 +101,9 @@ impl Tunnel {
         let mut shown = parsed.clone();
         if parsed.password().is_some() {
             let _ = shown.set_password(Some("***"));
+        } else if !parsed.username().is_empty() {
+            // A user name alone is often a token.
+            let _ = shown.set_username("***");
         }
         Ok(Tunnel {
             scheme,
@@ -109,6 +116,11 @@ impl Tunnel {
             target_port,
             timeout,
         })
+    }
+
+    /// Whether the proxy itself looks up the upstream's name (`http://`, `socks5h://`).
+    pub fn resolves_remotely(&self) -> bool {
+        !matches!(self.scheme, Scheme::Socks5 { remote_dns: false })
     }
 
     /// Opens a tunnel to the upstream, whose address pingora resolved as `resolved`.
@@ -143,10 +155,11 @@ impl Tunnel {
         }
         ask.push_str("\r\n");
         tcp.write_all(ask.as_bytes()).await.map_err(write_error)?;
-        // The upstream says nothing before it is asked, so the answer is all there is to read.
+        // The upstream says nothing before it is asked: the answer's head is all there is to
+        // read on success. A refusal may carry a body after its head.
         let mut answer = Vec::with_capacity(256);
         let mut chunk = [0u8; 1024];
-        while !answer.ends_with(b"\r\n\r\n") {
+        while memchr::memmem::find(&answer, b"\r\n\r\n").is_none() {
             if answer.len() > CONNECT_ANSWER_LIMIT {
                 return Err("the proxy's answer to CONNECT is too long".into());
             }
@@ -160,6 +173,9 @@ impl Tunnel {
         let line = String::from_utf8_lossy(line);
         let status = line.split_whitespace().nth(1).unwrap_or_default();
         if status.len() == 3 && status.starts_with('2') {
+            if !answer.ends_with(b"\r\n\r\n") {
+                return Err("the proxy sent data before the tunnel was open".into());
+            }
             Ok(())
         } else {
             Err(format!("the proxy refused CONNECT: {}", line.trim()))
@@ -251,6 +267,17 @@ impl Tunnel {
         let mut skip = vec![0u8; rest];
         tcp.read_exact(&mut skip).await.map_err(read_error)?;
         Ok(())
+    }
+}
+
+impl std::fmt::Debug for Tunnel {
+    /// Without the credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tunnel({} to {}:{})",
+            self.display, self.target_host, self.target_port
+        )
     }
 }
 

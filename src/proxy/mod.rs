@@ -173,8 +173,12 @@ pub struct State {
     generations: AtomicU64,
     /// When the gateway started (the dashboard's uptime).
     pub started: Instant,
-    /// A hash of the config file as the last reload read it (see `reload`).
+    /// A hash of the config file as the last successful reload read it (see `reload`).
     config_fingerprint: AtomicU64,
+    /// Held by a reload while it runs: reloads never overlap.
+    pub reloading: Mutex<()>,
+    /// Held by an admin edit of the config file, from reading it to the reload that applies it.
+    pub edits: Mutex<()>,
     reload: Mutex<ReloadStatus>,
 }
 
@@ -191,6 +195,8 @@ impl State {
             generations: AtomicU64::new(1),
             started: Instant::now(),
             config_fingerprint: AtomicU64::new(0),
+            reloading: Mutex::new(()),
+            edits: Mutex::new(()),
             reload: Mutex::new(ReloadStatus {
                 generation: 1,
                 ..ReloadStatus::default()

@@ -450,31 +450,39 @@ impl Gateway {
         admin: &Admin,
     ) -> PageAnswer {
         let path = self.state.source.path.clone();
-        let text = match settings::read(&path) {
-            Ok(t) => t,
-            Err(e) => return self.error_page(gen, 500, &e, Some(admin)),
-        };
-        let vars = crate::config::gather_env(std::path::Path::new("."));
-        match settings::apply_form(&text, &vars, form, &|n| std::env::var_os(n).is_some()) {
-            Saved::Unchanged => PageAnswer::redirect(303, "/admin/settings?saved=nothing"),
-            Saved::Changed(changed, new_text) => {
-                let written = self
-                    .write_config(move || crate::config::edit::write_atomic(&path, &new_text))
-                    .await;
-                match written {
-                    Ok(()) => {
-                        tracing::info!(settings = ?changed, "admin: settings saved");
-                        let generation = self.state.current.load().id;
-                        PageAnswer::redirect(
-                            303,
-                            &format!(
-                                "/admin/settings?saved={}&generation={generation}",
-                                encode_query_value(&changed.join(","))
-                            ),
-                        )
+        let submitted = form.clone();
+        // Read, changed and written under the edit lock: no other edit slips in between.
+        let saved = self
+            .edit_config(move || {
+                let text = settings::read(&path)?;
+                let vars = crate::config::gather_env(std::path::Path::new("."));
+                match settings::apply_form(&text, &vars, &submitted, &|n| {
+                    std::env::var_os(n).is_some()
+                }) {
+                    Saved::Changed(changed, new_text) => {
+                        crate::config::edit::write_atomic(&path, &new_text)?;
+                        Ok((Saved::Changed(changed, String::new()), true))
                     }
-                    Err(e) => self.error_page(gen, e.status, &e.message, Some(admin)),
+                    other => Ok((other, false)),
                 }
+            })
+            .await;
+        let saved = match saved {
+            Ok(s) => s,
+            Err(e) => return self.error_page(gen, e.status, &e.message, Some(admin)),
+        };
+        match saved {
+            Saved::Unchanged => PageAnswer::redirect(303, "/admin/settings?saved=nothing"),
+            Saved::Changed(changed, _) => {
+                tracing::info!(settings = ?changed, "admin: settings saved");
+                let generation = self.state.current.load().id;
+                PageAnswer::redirect(
+                    303,
+                    &format!(
+                        "/admin/settings?saved={}&generation={generation}",
+                        encode_query_value(&changed.join(","))
+                    ),
+                )
             }
             Saved::Refused(errors) => match self.settings_page("", Some((form, &errors))) {
                 Ok(data) => self.render(gen, 400, "settings", "Settings", data, admin),

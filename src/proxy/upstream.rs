@@ -195,16 +195,29 @@ impl Target {
     }
 
     async fn lookup(&self) -> Result<Vec<Arc<HttpPeer>>, String> {
-        // NOTE: with a proxy that resolves names itself (http://, socks5h://) this answer is not
-        // used to connect, but a failed lookup still fails the call: the gateway's machine is
-        // expected to resolve Google's name either way.
         let host = (self.base.host.as_str(), self.base.port);
-        let addr = tokio::net::lookup_host(host)
+        let found = tokio::net::lookup_host(host)
             .await
-            .map_err(|e| format!("cannot resolve {}: {e}", self.base.host))?
-            .next()
-            .ok_or_else(|| format!("{} has no address", self.base.host))?;
-        Ok(self.store(addr))
+            .map_err(|e| format!("cannot resolve {}: {e}", self.base.host))
+            .and_then(|mut addrs| {
+                addrs
+                    .next()
+                    .ok_or_else(|| format!("{} has no address", self.base.host))
+            });
+        match found {
+            Ok(addr) => Ok(self.store(addr)),
+            // Proxies that look the name up themselves need no answer here (only the
+            // machines behind them may be able to resolve it): the address is never used.
+            Err(_)
+                if self
+                    .routes
+                    .iter()
+                    .all(|r| r.tunnel.as_ref().is_some_and(|t| t.resolves_remotely())) =>
+            {
+                Ok(self.store(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), self.base.port)))
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
