@@ -86,6 +86,24 @@ pub enum Log {
     Errors,
 }
 
+impl Log {
+    /// Its name in paths: `requests` or `errors`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Log::Requests => "requests",
+            Log::Errors => "errors",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Log> {
+        match name {
+            "requests" => Some(Log::Requests),
+            "errors" => Some(Log::Errors),
+            _ => None,
+        }
+    }
+}
+
 /// A row's name: (time in ms, sequence).
 pub type Row = (u64, u64);
 

@@ -192,7 +192,7 @@ pub struct UpstreamSection {
     pub proxies: Vec<String>,
     pub proxies_use_consistency_hash_by_api_key: bool,
     pub custom_headers: BTreeMap<String, String>,
-    /// Idle upstream connections kept for reuse.
+    /// Idle upstream connections kept for reuse, per worker thread and per proxy.
     pub pool_size: usize,
 }
 

@@ -350,13 +350,14 @@ pub fn apply_form(
 /// The setting a validation error is about: the field it names, else the one setting changed.
 fn blame(e: &ConfigError, changed: &[&'static str]) -> (String, String) {
     let message = e.to_string();
+    let paths = OVERRIDES.iter().map(|o| o.1);
     let named = match e {
-        ConfigError::Invalid { field, .. } => {
-            OVERRIDES.iter().map(|o| o.1).find(|p| field.contains(p))
-        }
-        _ => OVERRIDES.iter().map(|o| o.1).find(|p| {
+        ConfigError::Invalid { field, .. } => paths
+            .clone()
+            .find(|p| field == p || field.ends_with(&format!("({p})"))),
+        _ => paths.clone().find(|p| {
             let field = p.split_once('.').map_or(*p, |(_, f)| f);
-            message.contains(&format!("`{field}`")) || message.contains(p)
+            message.contains(&format!("`{field}`")) || mentions(&message, p)
         }),
     };
     match named.or(if changed.len() == 1 {
@@ -367,6 +368,17 @@ fn blame(e: &ConfigError, changed: &[&'static str]) -> (String, String) {
         Some(p) => (p.to_owned(), message),
         None => (String::new(), message),
     }
+}
+
+/// Whether `text` names `path` as a whole word (`models.thinking` is not in
+/// `models.thinking_budget_map`).
+fn mentions(text: &str, path: &str) -> bool {
+    text.match_indices(path).any(|(at, _)| {
+        !text[at + path.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_')
+    })
 }
 
 /// Reads the config file (or the defaults) for the settings page.

@@ -64,10 +64,7 @@ impl Gateway {
                 self.reload_json()
             }
             AdminCall::Keys if method == http::Method::POST => {
-                let raw = read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
-                    Refusal::Gate(e) => e,
-                    Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
-                })?;
+                let raw = admin_body(s).await?;
                 let v: Value = serde_json::from_slice(&raw)
                     .map_err(|e| GateError::new(400, format!("the body is not valid JSON: {e}")))?;
                 let text = v
@@ -78,10 +75,7 @@ impl Gateway {
             }
             AdminCall::DeleteKey { id } => self.delete_key(gen, &id).await?,
             AdminCall::BulkKeys => {
-                let raw = read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
-                    Refusal::Gate(e) => e,
-                    Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
-                })?;
+                let raw = admin_body(s).await?;
                 self.bulk(gen, &raw).await?
             }
             AdminCall::Keys => {
@@ -94,10 +88,7 @@ impl Gateway {
                 keys_json(gen, &query, &usage)
             }
             AdminCall::VerifyKeys => {
-                let raw = read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
-                    Refusal::Gate(e) => e,
-                    Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
-                })?;
+                let raw = admin_body(s).await?;
                 let wanted: Option<Vec<String>> = if raw.is_empty() {
                     None
                 } else {
@@ -136,10 +127,7 @@ impl Gateway {
                 };
                 let query = s.req_header().uri.query().unwrap_or_default().to_owned();
                 if method == http::Method::DELETE {
-                    let raw = read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
-                        Refusal::Gate(e) => e,
-                        Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
-                    })?;
+                    let raw = admin_body(s).await?;
                     return delete_logs(&store, log, &query, &raw)
                         .map(|v| Bytes::from(v.to_string()));
                 }
@@ -352,7 +340,37 @@ impl Gateway {
     }
 }
 
+/// An admin request's body, bounded.
+async fn admin_body(s: &mut ServerSession) -> Result<Bytes, GateError> {
+    read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
+        Refusal::Gate(e) => e,
+        Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
+    })
+}
+
 /// One key as the admin API shows it: masked, with its health.
+/// How many keys are in each state.
+#[derive(Default)]
+pub(super) struct StateCounts {
+    active: usize,
+    cooling: usize,
+    disabled: usize,
+}
+
+impl StateCounts {
+    pub(super) fn add(&mut self, state: &str) {
+        match state {
+            "active" => self.active += 1,
+            "cooling" => self.cooling += 1,
+            _ => self.disabled += 1,
+        }
+    }
+
+    pub(super) fn json(&self) -> Value {
+        json!({ "active": self.active, "cooling": self.cooling, "disabled": self.disabled })
+    }
+}
+
 /// `active`, `cooling` (for some model) or `disabled`.
 pub(super) fn state_of(key: &Key, now: u64) -> &'static str {
     if key.state.is_disabled() {
@@ -372,13 +390,7 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
         .into_iter()
         .map(|c| json!({ "model": &*c.model, "until": rfc3339(c.until_ms), "class": c.class }))
         .collect();
-    let state = if s.is_disabled() {
-        "disabled"
-    } else if !cooldowns.is_empty() {
-        "cooling"
-    } else {
-        "active"
-    };
+    let state = state_of(key, now);
     json!({
         "id": key.spec.id,
         "key": key.spec.secret.masked(),
@@ -414,16 +426,12 @@ pub(super) fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, C
     let wanted_state = param("state").filter(|s| !s.is_empty());
     let wanted_tag = param("tag").filter(|t| !t.is_empty());
     let now = now_ms();
-    let mut counts = [0usize; 3];
+    let mut counts = StateCounts::default();
     let mut tags = std::collections::BTreeSet::new();
     let mut matching = Vec::new();
     for key in gen.pool.keys() {
         let state = state_of(key, now);
-        counts[match state {
-            "active" => 0,
-            "cooling" => 1,
-            _ => 2,
-        }] += 1;
+        counts.add(state);
         tags.extend(key.spec.tags.iter().map(String::as_str));
         let text_ok = q.is_empty()
             || key.spec.id.contains(&q)
@@ -447,7 +455,7 @@ pub(super) fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, C
         .take(per_page)
         .map(|key| key_json(key, now, usage.get(&key.spec.id)))
         .collect();
-    let counts = json!({ "active": counts[0], "cooling": counts[1], "disabled": counts[2] });
+    let counts = counts.json();
     json!({
         "total": total, "page": page, "per_page": per_page, "pages": total.div_ceil(per_page).max(1),
         "counts": counts, "tags": tags, "keys": keys,

@@ -76,37 +76,18 @@ pub fn query_param<'a>(query: &'a str, name: &str) -> Option<std::borrow::Cow<'a
         .split('&')
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == name)
-        .map(|(_, v)| percent_decode(v))
+        .map(|(_, v)| form_decode(v))
 }
 
-fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
+/// A query or form value: `+` is a space, `%XX` a byte.
+pub fn form_decode(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.contains(['%', '+']) {
         return s.into();
     }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned().into()
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
+        .into()
 }
 
 #[cfg(test)]
@@ -140,6 +121,6 @@ mod tests {
             Some("sk-c")
         );
         assert_eq!(credential(None, None, Some(b"Basic xyz")), None);
-        assert_eq!(percent_decode("a%zzb%4"), "a%zzb%4");
+        assert_eq!(form_decode("a%zzb%4"), "a%zzb%4");
     }
 }

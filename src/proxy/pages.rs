@@ -12,7 +12,8 @@ use http::header;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use super::admin::{keys_json, state_of};
+use super::admin::{keys_json, state_of, StateCounts};
+use super::auth::form_decode;
 use super::route::Page;
 use super::session::{self, Admin};
 use super::{encode_query_value, read_body, Gateway, Generation};
@@ -82,15 +83,9 @@ fn parse_form(body: &[u8]) -> BTreeMap<String, String> {
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (form_decode(k), form_decode(v))
+            (form_decode(k).into_owned(), form_decode(v).into_owned())
         })
         .collect()
-}
-
-fn form_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(&s.replace('+', " "))
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 /// Where a login may send the operator next: an admin page of this gateway, nothing else.
@@ -225,7 +220,7 @@ impl Gateway {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(template, "admin page template failed: {e}");
-                return PageAnswer::html(500, format!("<!doctype html><title>gemgate</title><p>the {template} template failed: {}</p>", escape(&e)));
+                return PageAnswer::html(500, format!("<!doctype html><title>gemgate</title><p>the {template} template failed: {}</p>", handlebars::html_escape(&e)));
             }
         };
         let frame = json!({
@@ -243,7 +238,7 @@ impl Gateway {
                 500,
                 format!(
                     "<!doctype html><title>gemgate</title><p>the layout template failed: {}</p>",
-                    escape(&e)
+                    handlebars::html_escape(&e)
                 ),
             ),
         }
@@ -333,14 +328,12 @@ impl Gateway {
         let metrics = &self.state.lasting.metrics;
         let hour = metrics.summary(now, 60, 60);
         let day = metrics.summary(now, 1440, 48);
-        let mut pool = [0usize; 3];
+        let mut counts = StateCounts::default();
         for key in gen.pool.keys() {
-            pool[match state_of(key, now) {
-                "active" => 0,
-                "cooling" => 1,
-                _ => 2,
-            }] += 1;
+            counts.add(state_of(key, now));
         }
+        let mut pool = counts.json();
+        pool["total"] = json!(gen.pool.keys().len());
         let charts = json!({
             "hour_requests": bar_chart(&hour.points, "requests per minute"),
             "day_requests": bar_chart(&day.points, "requests per 30 minutes"),
@@ -349,7 +342,7 @@ impl Gateway {
         });
         let data = json!({
             "hour": hour, "day": day, "charts": charts,
-            "pool": { "total": gen.pool.keys().len(), "active": pool[0], "cooling": pool[1], "disabled": pool[2] },
+            "pool": pool,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime": uptime(self.state.started.elapsed()),
             "generation": gen.id,
@@ -500,16 +493,8 @@ impl Gateway {
                 .map(|v| v.into_owned())
                 .unwrap_or_default()
         };
-        let log_name = if param("log") == "requests" {
-            "requests"
-        } else {
-            "errors"
-        };
-        let log = if log_name == "requests" {
-            crate::logs::Log::Requests
-        } else {
-            crate::logs::Log::Errors
-        };
+        let log = crate::logs::Log::from_name(&param("log")).unwrap_or(crate::logs::Log::Errors);
+        let log_name = log.name();
         // Empty filters are no filters.
         let api_query: String = query
             .split('&')
@@ -551,10 +536,7 @@ impl Gateway {
         };
         let mut data = super::admin::logs_json(&store, log, Some(row), "")?;
         data["time"] = json!(rfc3339(row.0));
-        data["log"] = json!(match log {
-            crate::logs::Log::Requests => "requests",
-            crate::logs::Log::Errors => "errors",
-        });
+        data["log"] = json!(log.name());
         Ok(("log", "Log entry", data))
     }
 
@@ -582,13 +564,6 @@ fn secure(s: &ServerSession) -> bool {
             .headers
             .get("x-forwarded-proto")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 const CHART_W: f64 = 600.0;

@@ -219,10 +219,8 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
             "keys/bulk" => Route::Admin(AdminCall::BulkKeys),
             logs if logs.starts_with("logs/") => {
                 let mut parts = logs["logs/".len()..].splitn(2, '/');
-                let log = match parts.next() {
-                    Some("requests") => crate::logs::Log::Requests,
-                    Some("errors") => crate::logs::Log::Errors,
-                    _ => return Route::NotFound,
+                let Some(log) = parts.next().and_then(crate::logs::Log::from_name) else {
+                    return Route::NotFound;
                 };
                 let row = match parts.next() {
                     None => None,
@@ -286,13 +284,8 @@ fn page_route(path: &str) -> Option<Page> {
         _ => {
             let rest = path.strip_prefix("/admin/logs/")?;
             let (log, row) = rest.split_once('/')?;
-            let log = match log {
-                "requests" => crate::logs::Log::Requests,
-                "errors" => crate::logs::Log::Errors,
-                _ => return None,
-            };
             Page::LogRow {
-                log,
+                log: crate::logs::Log::from_name(log)?,
                 row: parse_row(row)?,
             }
         }
