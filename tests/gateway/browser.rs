@@ -22,21 +22,13 @@ async fn an_operator_runs_the_gateway_from_the_admin_page_in_a_real_browser() {
         .start()
         .await;
     let shots = format!("{}/target/browser-shots", env!("CARGO_MANIFEST_DIR"));
-    let script = format!("{}/tests/browser/admin.py", env!("CARGO_MANIFEST_DIR"));
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .env("GEMGATE_URL", gate.url(""))
-        .env("GEMGATE_ADMIN_TOKEN", ADMIN)
-        .env("GEMGATE_SHOTS", &shots)
-        .output()
-        .await
-        .expect("run the browser test");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{report}\ngemgate:\n{}", gate.logs());
+    let url = gate.url("");
+    let env = [
+        ("GEMGATE_URL", url.as_str()),
+        ("GEMGATE_ADMIN_TOKEN", ADMIN),
+        ("GEMGATE_SHOTS", shots.as_str()),
+    ];
+    let report = run_python(&python, "browser/admin.py", &env, &gate).await;
     assert!(report.contains("browser test passed"), "{report}");
 
     // What the browser did is what the gateway now is.

@@ -385,3 +385,22 @@ pub async fn admin(
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap())
 }
+
+/// Runs `tests/{script}` with `python` and `env` beside `gate` and asserts it succeeded: its
+/// output (stdout, then stderr).
+pub async fn run_python(python: &str, script: &str, env: &[(&str, &str)], gate: &Gate) -> String {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new(python)
+        .arg(path)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{report}\ngemgate:\n{}", gate.logs());
+    report
+}

@@ -14,20 +14,9 @@ async fn run_sdk_script(script: &str) -> Option<String> {
     };
     let fake = fake().await;
     let gate = gate().upstream(&fake, &["good-1", "good-2"]).start().await;
-    let path = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = tokio::process::Command::new(python)
-        .arg(path)
-        .env("GEMGATE_URL", gate.url(""))
-        .env("GEMGATE_TOKEN", TOKEN)
-        .output()
-        .await
-        .expect("run the SDK script");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{report}\ngemgate:\n{}", gate.logs());
+    let url = gate.url("");
+    let env = [("GEMGATE_URL", url.as_str()), ("GEMGATE_TOKEN", TOKEN)];
+    let report = run_python(&python, &format!("sdk/{script}"), &env, &gate).await;
     Some(report)
 }
 
