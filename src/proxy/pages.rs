@@ -298,7 +298,12 @@ impl Gateway {
                         .render(gen, 429, "login", "Log in", data, &anonymous)
                         .with(header::RETRY_AFTER, secs.to_string());
                 }
-                let presented = form.get("token").map(String::as_str).unwrap_or_default();
+                // `auth_token` is the field name of gemini-balance's login form.
+                let presented = form
+                    .get("token")
+                    .or_else(|| form.get("auth_token"))
+                    .map(String::as_str)
+                    .unwrap_or_default();
                 if !super::auth::same_secret(presented, admin_token) {
                     tracing::warn!(client = ?ip, "admin: failed login");
                     tokio::time::sleep(FAILED_LOGIN_DELAY).await;

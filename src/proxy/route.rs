@@ -270,7 +270,8 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
 fn page_route(path: &str) -> Option<Page> {
     let page = match path {
         "/" | "/admin" | "/admin/" => Page::Dashboard,
-        "/admin/login" => Page::Login,
+        // `/auth` is where gemini-balance's login form posts.
+        "/admin/login" | "/auth" => Page::Login,
         "/admin/logout" => Page::Logout,
         "/admin/keys" => Page::Keys,
         "/admin/settings" => Page::Settings,

@@ -187,6 +187,18 @@ async fn logins_are_throttled_sessions_end_at_logout_and_without_auth_token_the_
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let session = login(&gate).await;
     assert_eq!(page(&gate, &session.cookie, "/admin/keys").await.0, 200);
+    // gemini-balance's login form (`POST /auth`, field `auth_token`) works too.
+    let resp = browser()
+        .post(gate.url("/auth"))
+        .form(&[("auth_token", ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert!(resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .starts_with("gemgate_admin="));
 
     // Logging out needs the CSRF token, then ends the session.
     let resp = browser()
