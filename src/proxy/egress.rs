@@ -46,6 +46,10 @@ pub struct Tunnel {
     pub url: String,
     target_host: String,
     target_port: u16,
+    /// The upstream speaks plain HTTP: an `http://` proxy is then asked the usual way, with
+    /// absolute request targets, rather than to open a tunnel (many proxies open `CONNECT`
+    /// tunnels only to port 443).
+    plain: bool,
     timeout: Duration,
 }
 
@@ -114,8 +118,28 @@ impl Tunnel {
             url: url.to_owned(),
             target_host: target_host.to_owned(),
             target_port,
+            plain: false,
             timeout,
         })
+    }
+
+    /// Says whether the upstream speaks plain HTTP (see `plain`).
+    pub fn with_plain_upstream(mut self, plain: bool) -> Tunnel {
+        self.plain = plain;
+        self
+    }
+
+    /// Whether requests go to this proxy as they are (absolute targets) instead of through a
+    /// tunnel: an `http://` proxy in front of a plain-HTTP upstream.
+    pub fn forwards(&self) -> bool {
+        self.plain && self.scheme == Scheme::Http
+    }
+
+    /// The `Proxy-Authorization` value of a forwarding proxy with credentials.
+    pub fn proxy_authorization(&self) -> Option<String> {
+        let (user, pass) = self.auth.as_ref()?;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        Some(format!("Basic {token}"))
     }
 
     /// Whether the proxy itself looks up the upstream's name (`http://`, `socks5h://`).
@@ -130,6 +154,7 @@ impl Tunnel {
             .map_err(|e| format!("cannot reach the proxy: {e}"))?;
         let _ = tcp.set_nodelay(true);
         match self.scheme {
+            Scheme::Http if self.plain => {}
             Scheme::Http => self.connect_http(&mut tcp).await?,
             Scheme::Socks5 { remote_dns } => {
                 let target = match resolved {
@@ -149,9 +174,8 @@ impl Tunnel {
             format!("{}:{}", self.target_host, self.target_port)
         };
         let mut ask = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
-        if let Some((user, pass)) = &self.auth {
-            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-            ask.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+        if let Some(auth) = self.proxy_authorization() {
+            ask.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
         }
         ask.push_str("\r\n");
         tcp.write_all(ask.as_bytes()).await.map_err(write_error)?;
@@ -379,6 +403,62 @@ mod tests {
             .unwrap()
             .contains("https://"));
         assert!(parse_error("proxy:8080").is_some());
+    }
+
+    /// A one-shot proxy on loopback: reads the CONNECT head, answers `answer`, returns the head.
+    async fn fake_proxy(answer: &'static [u8]) -> (u16, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            s.write_all(answer).await.unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn connect_opens_a_tunnel_with_credentials_and_reports_refusals() {
+        let (port, head) = fake_proxy(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
+        let url = format!("http://me:secret@127.0.0.1:{port}");
+        let t = Tunnel::new(
+            &url,
+            "generativelanguage.googleapis.com",
+            443,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(!t.forwards());
+        t.open(None).await.unwrap();
+        let head = head.await.unwrap();
+        assert!(
+            head.starts_with("CONNECT generativelanguage.googleapis.com:443 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("Proxy-Authorization: Basic bWU6c2VjcmV0\r\n"),
+            "{head}"
+        );
+
+        let (port, _) = fake_proxy(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 5\r\n\r\nnope!",
+        )
+        .await;
+        let t = Tunnel::new(
+            &format!("http://127.0.0.1:{port}"),
+            "h",
+            443,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let e = t.open(None).await.unwrap_err();
+        assert!(e.contains("407"), "{e}");
     }
 
     #[test]

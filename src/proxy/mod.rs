@@ -839,6 +839,20 @@ impl Gateway {
                     .insert_header("x-goog-api-key", key.header.clone())
                     .expect("a valid header name");
             }
+            if let Some(proxy) = gen.target.forwarding(route) {
+                let absolute = [
+                    b"http://",
+                    gen.target.base.authority.as_bytes(),
+                    header.raw_path(),
+                ]
+                .concat();
+                header
+                    .set_raw_path(&absolute)
+                    .map_err(|e| Failure::network(ErrorClass::Network, e.to_string()))?;
+                if let Some(auth) = proxy.proxy_authorization() {
+                    let _ = header.insert_header("proxy-authorization", auth);
+                }
+            }
             match send_request(&mut up, Box::new(header), &req.body).await {
                 Ok(()) => break up,
                 // An idle connection the server closed meanwhile: not the key's fault, and not an
@@ -852,6 +866,15 @@ impl Gateway {
             }
         };
         let status = up.response_header().map_or(0, |h| h.status.as_u16());
+        if status == 407 {
+            if let Some(proxy) = gen.target.forwarding(route) {
+                // The proxy's refusal, not Google's answer: a network failure, no key's fault.
+                return Err(Failure::network(
+                    ErrorClass::Network,
+                    format!("proxy {}: 407 Proxy Authentication Required", proxy.display),
+                ));
+            }
+        }
         if !(200..300).contains(&status) {
             let (body, _) = read_to_end(&mut up, ERROR_BODY_LIMIT).await;
             let content_type = up

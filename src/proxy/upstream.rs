@@ -78,7 +78,9 @@ impl Target {
                         config.connect_timeout,
                     );
                     match tunnel {
-                        Ok(t) => Some(Route::new(Some(Arc::new(t)))),
+                        Ok(t) => Some(Route::new(Some(Arc::new(
+                            t.with_plain_upstream(!config.base_url.tls),
+                        )))),
                         Err(e) => {
                             tracing::error!("PROXIES entry left out: {e}");
                             None
@@ -132,6 +134,15 @@ impl Target {
             .tunnel
             .as_ref()
             .map(|t| t.display.as_str())
+    }
+
+    /// The proxy of `route` when it forwards requests as they are (see `Tunnel::forwards`):
+    /// their targets must then be absolute.
+    pub fn forwarding(&self, route: usize) -> Option<&Tunnel> {
+        self.routes[route]
+            .tunnel
+            .as_deref()
+            .filter(|t| t.forwards())
     }
 
     /// An HTTP client for side calls (key checks) that go the way `route` goes.

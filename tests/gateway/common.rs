@@ -125,20 +125,25 @@ impl GateBuilder {
     }
 }
 
-/// A free loopback port (bound, read, released), never the same one twice in this process:
-/// the kernel may hand a released port out again, and two gemgates told the same port would
-/// both listen on it (pingora sets `SO_REUSEPORT`) and share each other's requests.
+/// A free loopback port for a gemgate, never the same one twice in this process.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up by default), so no other
+/// listener bound to port 0 (a fake upstream, a test proxy) can take a port between its release
+/// here and gemgate binding it; and two gemgates told the same port would both listen on it
+/// (pingora sets `SO_REUSEPORT`) and answer each other's requests.
 pub fn free_addr() -> SocketAddr {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 500) as u16 * 20,
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+    );
     loop {
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&addr.port()) {
-            given.push(addr.port());
-            return addr;
+        let port = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(port < 32_000, "ran out of test ports");
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().unwrap();
         }
     }
 }
