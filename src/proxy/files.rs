@@ -131,7 +131,7 @@ impl Gateway {
         let body = read_body(s, gen.config.max_body_bytes).await?;
         let path = format!("/upload{}/files", gen.target.base.path);
         let header = upstream_header(gen, s.req_header(), &path, &query, body.len())?;
-        let mut up = UpstreamRequest::plain(header, body);
+        let mut up = UpstreamRequest::new(header, body);
         up.pinned = pinned;
         let answer = self.collect(gen, &up, x).await?;
         let key_id = x.key.clone().unwrap_or_default();
@@ -232,7 +232,7 @@ impl Gateway {
             for key in self.state.lasting.files.keys_with_files() {
                 let header =
                     upstream_header(gen, s.req_header(), &format!("{base}/files"), &query, 0)?;
-                let mut up = UpstreamRequest::plain(header, Bytes::new());
+                let mut up = UpstreamRequest::new(header, Bytes::new());
                 up.pinned = Some(self.owner_index(gen, Some(key))?);
                 let page = self.collect(gen, &up, x).await?;
                 if let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&page) {
@@ -253,7 +253,7 @@ impl Gateway {
             &query,
             0,
         )?;
-        let mut up = UpstreamRequest::plain(header, Bytes::new());
+        let mut up = UpstreamRequest::new(header, Bytes::new());
         up.pinned = Some(pinned);
         let answer = self.collect(gen, &up, x).await?;
         if method == http::Method::DELETE {
@@ -298,22 +298,5 @@ impl Gateway {
             .iter()
             .find_map(|f| self.state.lasting.files.file_key(f))
             .and_then(|k| gen.pool.index_of(&k))
-    }
-}
-
-impl UpstreamRequest {
-    /// A request relayed as it is, on the pool.
-    fn plain(header: pingora::http::RequestHeader, body: Bytes) -> UpstreamRequest {
-        UpstreamRequest {
-            header,
-            body,
-            model: String::new(),
-            stream: false,
-            sse: false,
-            bearer: false,
-            chat: None,
-            paid: false,
-            pinned: None,
-        }
     }
 }

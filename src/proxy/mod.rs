@@ -324,6 +324,24 @@ struct UpstreamRequest {
     pinned: Option<usize>,
 }
 
+impl UpstreamRequest {
+    /// A request relayed as it is, on the pool: no model, no stream, the key as
+    /// `x-goog-api-key`.
+    fn new(header: RequestHeader, body: Bytes) -> UpstreamRequest {
+        UpstreamRequest {
+            header,
+            body,
+            model: String::new(),
+            stream: false,
+            sse: false,
+            bearer: false,
+            chat: None,
+            paid: false,
+            pinned: None,
+        }
+    }
+}
+
 impl Gateway {
     /// `side` makes gemgate's side calls (image hosts, image URLs): see [`side_client`].
     pub fn new(state: Arc<State>, side: reqwest::Client) -> Gateway {
@@ -523,14 +541,10 @@ impl Gateway {
         let pinned = self.file_pin(gen, &body);
         let mut up = UpstreamRequest {
             pinned,
-            header,
-            body,
             model,
             stream: call.is_stream(),
             sse,
-            bearer: false,
-            chat: None,
-            paid: false,
+            ..UpstreamRequest::new(header, body)
         };
         if call == NativeCall::ListModels && auth::query_param(&query, "pageToken").is_none() {
             let models = self.all_models(gen, &mut up, &path, x).await?;

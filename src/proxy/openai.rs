@@ -490,15 +490,8 @@ impl Gateway {
             let _ = header.insert_header(name.clone(), value.clone());
         }
         Ok(UpstreamRequest {
-            header,
-            body,
             model: model_in_path(path),
-            stream: false,
-            sse: false,
-            bearer: false,
-            chat: None,
-            paid: false,
-            pinned: None,
+            ..UpstreamRequest::new(header, body)
         })
     }
 
@@ -549,15 +542,11 @@ impl Gateway {
             let _ = header.insert_header(name, value);
         }
         let up = UpstreamRequest {
-            header,
-            body,
             model,
             stream,
             sse: stream,
             bearer: true,
-            chat: None,
-            paid: false,
-            pinned: None,
+            ..UpstreamRequest::new(header, body)
         };
         match self.attempts(gen, &up, Some(s), x).await {
             Finished::Relayed(outcome) => Ok(outcome),
