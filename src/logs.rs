@@ -300,25 +300,9 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
     .into_iter()
     .find_map(|(def, v)| Some((def, v?)))
     {
-        let idx = tx.open_table(def).map_err(io)?;
-        let range = idx.range((value, from, 0)..(value, upper.0, upper.1));
-        walk(
-            range
-                .map_err(io)?
-                .rev()
-                .map(|e| e.map(|(k, _)| (k.value().1, k.value().2))),
-            &mut take,
-        )?;
+        walk_index!(tx, def, value, from, upper, &mut take);
     } else if let Some(s) = q.status {
-        let idx = tx.open_table(t.by_status).map_err(io)?;
-        let range = idx.range((s, from, 0)..(s, upper.0, upper.1));
-        walk(
-            range
-                .map_err(io)?
-                .rev()
-                .map(|e| e.map(|(k, _)| (k.value().1, k.value().2))),
-            &mut take,
-        )?;
+        walk_index!(tx, t.by_status, s, from, upper, &mut take);
     } else {
         let all = tx.open_table(t.rows).map_err(io)?;
         let range = all.range((from, 0)..upper);
@@ -331,6 +315,24 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
 }
 
 /// Feeds rows to `take` until it says stop.
+/// Walks the rows index `$def` names for `$value`, from `$from` up to row `$upper`, newest
+/// first. (A macro: the indexes' keys differ in their first element's type.)
+macro_rules! walk_index {
+    ($tx:expr, $def:expr, $value:expr, $from:expr, $upper:expr, $take:expr) => {{
+        let idx = $tx.open_table($def).map_err(io)?;
+        let range = idx
+            .range(($value, $from, 0)..($value, $upper.0, $upper.1))
+            .map_err(io)?;
+        walk(
+            range
+                .rev()
+                .map(|e| e.map(|(k, _)| (k.value().1, k.value().2))),
+            $take,
+        )?;
+    }};
+}
+use walk_index;
+
 fn walk(
     rows: impl Iterator<Item = Result<Row, redb::StorageError>>,
     take: &mut dyn FnMut(Row) -> Result<bool, StoreError>,

@@ -35,6 +35,21 @@ impl FileOwners {
         }
     }
 
+    fn start_upload(&self, upload_id: String, key_id: String) {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(upload_id, key_id);
+    }
+
+    /// A finished upload's URL is no longer a credential.
+    fn finish_upload(&self, upload_id: &str) {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(upload_id);
+    }
+
     fn upload_key(&self, upload_id: &str) -> Option<String> {
         self.uploads
             .lock()
@@ -148,10 +163,7 @@ impl Gateway {
                 self.state
                     .lasting
                     .files
-                    .uploads
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone(), key_id.clone());
+                    .start_upload(id.clone(), key_id.clone());
                 let host = s
                     .req_header()
                     .headers
@@ -168,15 +180,8 @@ impl Gateway {
             }
         }
         if finalize {
-            // The upload is done: its URL is no longer a credential.
             if let Some(id) = &upload_id {
-                self.state
-                    .lasting
-                    .files
-                    .uploads
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(id);
+                self.state.lasting.files.finish_upload(id);
             }
             let file = serde_json::from_slice::<Value>(&answer).unwrap_or_default();
             if let Some(name) = file.pointer("/file/name").and_then(Value::as_str) {
