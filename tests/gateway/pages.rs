@@ -19,6 +19,17 @@ fn browser() -> reqwest::Client {
         .unwrap()
 }
 
+/// Posts `form` to `path` as a browser would, with the session cookie `cookie` (may be empty).
+async fn submit(gate: &Gate, path: &str, cookie: &str, form: &[(&str, &str)]) -> reqwest::Response {
+    browser()
+        .post(gate.url(path))
+        .header("cookie", cookie)
+        .form(form)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A logged-in session: its cookie header and CSRF token.
 struct Session {
     cookie: String,
@@ -26,12 +37,13 @@ struct Session {
 }
 
 async fn login(gate: &Gate) -> Session {
-    let resp = browser()
-        .post(gate.url("/admin/login"))
-        .form(&[("token", ADMIN), ("next", "/admin/keys")])
-        .send()
-        .await
-        .unwrap();
+    let resp = submit(
+        gate,
+        "/admin/login",
+        "",
+        &[("token", ADMIN), ("next", "/admin/keys")],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(resp.headers()["location"], "/admin/keys");
     let set = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
@@ -166,34 +178,19 @@ async fn logins_are_throttled_sessions_end_at_logout_and_without_auth_token_the_
     assert_eq!(status, 200);
     assert!(html.contains("type=\"password\""));
     for _ in 0..3 {
-        let resp = browser()
-            .post(gate.url("/admin/login"))
-            .form(&[("token", TOKEN)])
-            .send()
-            .await
-            .unwrap();
+        let resp = submit(&gate, "/admin/login", "", &[("token", TOKEN)]).await;
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
         assert!(resp.headers().get("set-cookie").is_none());
     }
     // From now on, even the right token waits.
-    let resp = browser()
-        .post(gate.url("/admin/login"))
-        .form(&[("token", ADMIN)])
-        .send()
-        .await
-        .unwrap();
+    let resp = submit(&gate, "/admin/login", "", &[("token", ADMIN)]).await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(resp.headers().contains_key("retry-after"));
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let session = login(&gate).await;
     assert_eq!(page(&gate, &session.cookie, "/admin/keys").await.0, 200);
     // gemini-balance's login form (`POST /auth`, field `auth_token`) works too.
-    let resp = browser()
-        .post(gate.url("/auth"))
-        .form(&[("auth_token", ADMIN)])
-        .send()
-        .await
-        .unwrap();
+    let resp = submit(&gate, "/auth", "", &[("auth_token", ADMIN)]).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert!(resp.headers()["set-cookie"]
         .to_str()
@@ -201,21 +198,15 @@ async fn logins_are_throttled_sessions_end_at_logout_and_without_auth_token_the_
         .starts_with("gemgate_admin="));
 
     // Logging out needs the CSRF token, then ends the session.
-    let resp = browser()
-        .post(gate.url("/admin/logout"))
-        .header("cookie", &session.cookie)
-        .form(&[("x", "1")])
-        .send()
-        .await
-        .unwrap();
+    let resp = submit(&gate, "/admin/logout", &session.cookie, &[("x", "1")]).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    let resp = browser()
-        .post(gate.url("/admin/logout"))
-        .header("cookie", &session.cookie)
-        .form(&[("_csrf", session.csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let resp = submit(
+        &gate,
+        "/admin/logout",
+        &session.cookie,
+        &[("_csrf", session.csrf.as_str())],
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert!(resp.headers()["set-cookie"]
         .to_str()
