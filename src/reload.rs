@@ -34,8 +34,12 @@ pub struct Source {
 impl Source {
     /// Reads and validates the config (file, `.env` of the working directory, environment).
     pub fn load(&self) -> Result<Config, config::ConfigError> {
-        let vars = config::gather_env(Path::new("."));
-        config::load(&self.path, self.explicit, &vars)
+        config::load(&self.path, self.explicit, &self.vars())
+    }
+
+    /// The environment and the working directory's `.env`, as a reload reads them.
+    pub fn vars(&self) -> std::collections::BTreeMap<String, String> {
+        config::gather_env(Path::new("."))
     }
 }
 

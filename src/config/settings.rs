@@ -6,7 +6,6 @@
 //! default, in that order of precedence; only what the file decides can be changed here.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde::Serialize;
 
@@ -379,11 +378,6 @@ fn mentions(text: &str, path: &str) -> bool {
             .next()
             .is_some_and(|c| c.is_alphanumeric() || c == '_')
     })
-}
-
-/// Reads the config file (or the defaults) for the settings page.
-pub fn read(path: &Path) -> Result<String, String> {
-    edit::read_or_defaults(path)
 }
 
 #[cfg(test)]

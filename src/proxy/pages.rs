@@ -406,8 +406,9 @@ impl Gateway {
 
     fn settings_page(&self, query: &str, refused: Option<Refused<'_>>) -> Result<Value, GateError> {
         let path = &self.state.source.path;
-        let text = settings::read(path).map_err(|e| GateError::new(500, e))?;
-        let vars = crate::config::gather_env(std::path::Path::new("."));
+        let text =
+            crate::config::edit::read_or_defaults(path).map_err(|e| GateError::new(500, e))?;
+        let vars = self.state.source.vars();
         let mut groups = settings::describe(&text, &vars, &|n| std::env::var_os(n).is_some())
             .map_err(|e| GateError::new(500, e.to_string()))?;
         let mut general = Vec::new();
@@ -447,18 +448,19 @@ impl Gateway {
         form: &BTreeMap<String, String>,
         admin: &Admin,
     ) -> PageAnswer {
-        let path = self.state.source.path.clone();
+        let state = self.state.clone();
         let submitted = form.clone();
         // Read, changed and written under the edit lock: no other edit slips in between.
         let saved = self
             .edit_config(move || {
-                let text = settings::read(&path)?;
-                let vars = crate::config::gather_env(std::path::Path::new("."));
+                let path = &state.source.path;
+                let text = crate::config::edit::read_or_defaults(path)?;
+                let vars = state.source.vars();
                 match settings::apply_form(&text, &vars, &submitted, &|n| {
                     std::env::var_os(n).is_some()
                 }) {
                     Saved::Changed(changed, new_text) => {
-                        crate::config::edit::write_atomic(&path, &new_text)?;
+                        crate::config::edit::write_atomic(path, &new_text)?;
                         Ok((Saved::Changed(changed, String::new()), true))
                     }
                     other => Ok((other, false)),
