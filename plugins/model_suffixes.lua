@@ -52,6 +52,8 @@ local suffixes = {
 return {
   name = "model_suffixes",
   priority = 100,
+  -- Only calls to a derived model reach on_request; the others never enter the VM.
+  models = { "*-search", "*-image", "*-non-thinking" },
 
   init = function(conf)
     search = set_of(gemgate.settings.search_models)
@@ -61,11 +63,6 @@ return {
 
   on_request = function(req, ctx)
     local model = req.model
-    -- Every derived name ends in "-search", "-image" or "-thinking": most requests stop here.
-    if not (find(model, "-search", -7, true) or find(model, "-image", -6, true)
-        or find(model, "-thinking", -9, true)) then
-      return nil
-    end
     for _, s in ipairs(suffixes) do
       if find(model, s.suffix, -#s.suffix, true) then
         local base = sub(model, 1, -#s.suffix - 1)

@@ -22,11 +22,13 @@ end
 
 function plugin.init(conf)
   budgets = {}
+  -- Only calls to the mapped models reach on_request (none with an empty map).
+  plugin.models = {}
   for model, budget in pairs(gemgate.settings.thinking_budget_map) do
-    budgets[(model:gsub("^models/", ""))] = budget
+    local name = model:gsub("^models/", "")
+    budgets[name] = budget
+    plugin.models[#plugin.models + 1] = name
   end
-  -- With an empty map there is nothing to do: no hook, no cost per request.
-  if next(budgets) == nil then plugin.on_request = nil end
 end
 
 return plugin

@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, Server};
-use pingora::services::listening::Service;
 
 use config::Config;
+use proxy::workers::Worker;
 use proxy::{Gateway, State};
 use reload::Source;
 
@@ -49,12 +49,12 @@ pub fn run(config: Config, source: Source) -> ! {
         std::process::exit(1);
     }
     let grace = config.grace_period;
+    let (threads, listen_addr) = (config.threads, config.listen);
     let conf = ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
-        // One runtime per thread: a connection's tasks stay on the thread that accepted it
-        // (a little more throughput than work stealing, measured at concurrency 64).
+        // Each worker (see `proxy::workers`) is a service of its own with one thread.
         work_stealing: false,
         ..ServerConf::default()
     };
@@ -129,10 +129,10 @@ pub fn run(config: Config, source: Source) -> ! {
     server.bootstrap();
     let side = proxy::side_client();
     checks::start(state.clone());
-    let gateway = Gateway::new(state, side);
-    let mut service = Service::new("gemgate".to_owned(), gateway);
-    service.add_tcp(&listen);
-    server.add_service(service);
+    let gateway = Arc::new(Gateway::new(state, side));
+    for index in 0..threads {
+        server.add_service(Worker::new(index, listen_addr, gateway.clone()));
+    }
 
     let phases = server.watch_execution_phase();
     std::thread::Builder::new()

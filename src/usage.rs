@@ -122,17 +122,26 @@ pub fn day_of(now_ms: u64) -> u32 {
 /// Finds `usageMetadata` in a piece of a Gemini answer (a whole body or a stream event) and
 /// reads its token counts. Gemini sends cumulative counts, so the last one seen is the answer's.
 pub fn tokens_in(bytes: &[u8]) -> Option<Tokens> {
+    /// Only the counts: every other field is skipped unread.
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Counts {
+        #[serde(default)]
+        prompt_token_count: u64,
+        #[serde(default)]
+        candidates_token_count: u64,
+        #[serde(default)]
+        thoughts_token_count: u64,
+    }
     let at = memchr::memmem::rfind(bytes, b"\"usageMetadata\"")?;
     let rest = &bytes[at + b"\"usageMetadata\"".len()..];
     let colon = memchr::memchr(b':', rest)?;
-    let mut values =
-        serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<serde_json::Value>();
-    let meta = values.next()?.ok()?;
-    let n = |k: &str| meta.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<Counts>();
+    let counts = values.next()?.ok()?;
     Some(Tokens {
-        prompt: n("promptTokenCount"),
-        output: n("candidatesTokenCount"),
-        thoughts: n("thoughtsTokenCount"),
+        prompt: counts.prompt_token_count,
+        output: counts.candidates_token_count,
+        thoughts: counts.thoughts_token_count,
     })
 }
 

@@ -260,7 +260,7 @@ pub enum Pick {
 #[derive(Debug)]
 pub struct KeyPool {
     keys: Vec<Key>,
-    by_id: HashMap<String, usize>,
+    by_id: HashMap<String, usize, foldhash::fast::RandomState>,
     max_failures: u32,
 }
 

@@ -2,17 +2,63 @@
 //! worker thread and kept across reloads, each optionally counting in a fixed time window.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Counters kept per plugin, at most this many in all; past it, expired windows are dropped,
 /// then new names are refused.
 const MAX_COUNTERS: usize = 100_000;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Cell {
     value: i64,
     /// When the current window ends (0: no window).
     window_end_ms: u64,
+}
+
+/// One counter. A plugin's handle keeps it, so counting takes no lookup by name.
+#[derive(Debug, Default)]
+pub struct Slot {
+    cell: Mutex<Cell>,
+    /// Dropped from the store (its window had ended and the store was full): a handle that
+    /// kept it must look its name up again.
+    dropped: AtomicBool,
+}
+
+impl Slot {
+    /// Adds `n` and returns the new value. With a window, a counter whose window has ended
+    /// starts again from zero, and its window is `window_s` from `now_ms()`.
+    pub fn incr(&self, n: i64, window_s: Option<f64>, now_ms: impl Fn() -> u64) -> i64 {
+        let mut cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = window_s.filter(|w| w.is_finite() && *w > 0.0) {
+            let now = now_ms();
+            if cell.window_end_ms <= now {
+                cell.value = 0;
+                cell.window_end_ms = now + (w * 1000.0) as u64;
+            }
+        }
+        cell.value = cell.value.saturating_add(n);
+        cell.value
+    }
+
+    /// The value now (0 once its window has ended).
+    pub fn get(&self, now_ms: u64) -> i64 {
+        let cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
+        if cell.window_end_ms == 0 || cell.window_end_ms > now_ms {
+            cell.value
+        } else {
+            0
+        }
+    }
+
+    pub fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn live(&self, now_ms: u64) -> bool {
+        let cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
+        cell.window_end_ms == 0 || cell.window_end_ms > now_ms
+    }
 }
 
 /// Plugin counters by plugin, then name (looked up by `&str`: no allocation per call).
@@ -23,13 +69,44 @@ pub struct Counters {
 
 #[derive(Debug, Default)]
 struct Cells {
-    by_plugin: HashMap<String, HashMap<String, Cell>>,
+    by_plugin: HashMap<String, HashMap<String, Arc<Slot>>>,
     count: usize,
 }
 
 impl Counters {
-    /// Adds `n` to the counter and returns its new value. With a window, a counter whose window
-    /// has ended starts again from zero, and its window is `window_s` from now.
+    /// The counter `name` of `plugin`, made on first use.
+    pub fn slot(&self, plugin: &str, name: &str, now_ms: u64) -> Result<Arc<Slot>, &'static str> {
+        let mut guard = self.cells.lock().unwrap_or_else(|e| e.into_inner());
+        let cells = &mut *guard;
+        if let Some(slot) = cells.by_plugin.get(plugin).and_then(|m| m.get(name)) {
+            return Ok(slot.clone());
+        }
+        if cells.count >= MAX_COUNTERS {
+            for m in cells.by_plugin.values_mut() {
+                m.retain(|_, slot| {
+                    let live = slot.live(now_ms);
+                    if !live {
+                        slot.dropped.store(true, Ordering::Relaxed);
+                    }
+                    live
+                });
+            }
+            cells.count = cells.by_plugin.values().map(HashMap::len).sum();
+            if cells.count >= MAX_COUNTERS {
+                return Err("too many counters");
+            }
+        }
+        cells.count += 1;
+        let slot = Arc::new(Slot::default());
+        cells
+            .by_plugin
+            .entry(plugin.to_owned())
+            .or_default()
+            .insert(name.to_owned(), slot.clone());
+        Ok(slot)
+    }
+
+    /// Adds `n` to the counter and returns its new value (see [`Slot::incr`]).
     pub fn incr(
         &self,
         plugin: &str,
@@ -38,49 +115,9 @@ impl Counters {
         window_s: Option<f64>,
         now_ms: u64,
     ) -> Result<i64, &'static str> {
-        let mut guard = self.cells.lock().unwrap_or_else(|e| e.into_inner());
-        let cells = &mut *guard;
-        let exists = cells
-            .by_plugin
-            .get(plugin)
-            .is_some_and(|m| m.contains_key(name));
-        if !exists {
-            if cells.count >= MAX_COUNTERS {
-                let live = |c: &Cell| c.window_end_ms == 0 || c.window_end_ms > now_ms;
-                for m in cells.by_plugin.values_mut() {
-                    m.retain(|_, c| live(c));
-                }
-                cells.count = cells.by_plugin.values().map(HashMap::len).sum();
-                if cells.count >= MAX_COUNTERS {
-                    return Err("too many counters");
-                }
-            }
-            cells.count += 1;
-            cells
-                .by_plugin
-                .entry(plugin.to_owned())
-                .or_default()
-                .insert(
-                    name.to_owned(),
-                    Cell {
-                        value: 0,
-                        window_end_ms: 0,
-                    },
-                );
-        }
-        let cell = cells
-            .by_plugin
-            .get_mut(plugin)
-            .and_then(|m| m.get_mut(name))
-            .expect("inserted above");
-        if let Some(w) = window_s.filter(|w| w.is_finite() && *w > 0.0) {
-            if cell.window_end_ms <= now_ms {
-                cell.value = 0;
-                cell.window_end_ms = now_ms + (w * 1000.0) as u64;
-            }
-        }
-        cell.value = cell.value.saturating_add(n);
-        Ok(cell.value)
+        Ok(self
+            .slot(plugin, name, now_ms)?
+            .incr(n, window_s, || now_ms))
     }
 
     /// The counter's value now (0 if it does not exist or its window has ended).
@@ -90,8 +127,7 @@ impl Counters {
             .by_plugin
             .get(plugin)
             .and_then(|m| m.get(name))
-            .filter(|c| c.window_end_ms == 0 || c.window_end_ms > now_ms)
-            .map_or(0, |c| c.value)
+            .map_or(0, |slot| slot.get(now_ms))
     }
 }
 

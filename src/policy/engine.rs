@@ -10,7 +10,7 @@
 //! await: what plugins share within a request (`ctx.shared`) travels between hooks as JSON.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use mlua::{LuaSerdeExt, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::counters::Counters;
-use super::{embedded, read_dir, Host, Limits, Plugin, PluginSource, PolicyError, Vm, HOOKS};
+use super::{
+    embedded, model_matches, read_dir, Host, Limits, Plugin, PluginSource, PolicyError, Vm, HOOKS,
+};
 use crate::config::{Config, OnError};
 use crate::keys::KeyPool;
 
@@ -34,6 +36,8 @@ pub struct PluginInfo {
     pub priority: i64,
     pub hooks: Vec<&'static str>,
     pub enabled: bool,
+    /// The models its per-call hooks run for (`None`: every model).
+    pub models: Option<Vec<String>>,
     /// The file, or `built-in:<name>.lua` for the plugins compiled into gemgate.
     pub file: String,
 }
@@ -69,14 +73,48 @@ struct Entry {
 }
 
 /// Which hooks any enabled plugin defines: the request path skips the others entirely.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 struct HookSet {
-    on_request: bool,
-    filter_models: bool,
-    select_key: bool,
-    on_response: bool,
-    on_error: bool,
-    on_log: bool,
+    on_request: Takes,
+    filter_models: Takes,
+    select_key: Takes,
+    on_response: Takes,
+    on_error: Takes,
+    on_log: Takes,
+}
+
+/// The models a hook runs for, over every enabled plugin that has it (see a plugin's
+/// `models`): a call no plugin takes never enters the VM.
+#[derive(Debug, Default)]
+enum Takes {
+    #[default]
+    Nothing,
+    Every,
+    Models(Vec<String>),
+}
+
+impl Takes {
+    /// Adds a plugin that runs for `models` (`None`: for every model).
+    fn add(&mut self, models: Option<&[String]>) {
+        match (&mut *self, models) {
+            (Takes::Every, _) => {}
+            (_, None) => *self = Takes::Every,
+            (Takes::Nothing, Some(m)) => *self = Takes::Models(m.to_vec()),
+            (Takes::Models(all), Some(m)) => all.extend_from_slice(m),
+        }
+    }
+
+    fn any(&self) -> bool {
+        !matches!(self, Takes::Nothing)
+    }
+
+    fn takes(&self, model: &str) -> bool {
+        match self {
+            Takes::Nothing => false,
+            Takes::Every => true,
+            Takes::Models(patterns) => patterns.iter().any(|p| model_matches(p, model)),
+        }
+    }
 }
 
 /// The compiled plugins of one generation.
@@ -224,6 +262,7 @@ impl Policy {
                 priority,
                 hooks: plugin.hooks.clone(),
                 enabled,
+                models: plugin.models.as_deref().map(<[String]>::to_vec),
                 file: match &dir {
                     Some(_) => source.path.display().to_string(),
                     None => format!("built-in:{}.lua", plugin.name),
@@ -265,16 +304,23 @@ impl Policy {
         let engine = Engine::build(&policy)?;
         for live in &engine.live {
             let hooks: Vec<&'static str> = live.hooks.iter().map(|(h, _)| *h).collect();
+            let models = live.plugin.models.as_deref();
             for hook in &hooks {
-                match *hook {
-                    "on_request" => policy.hooks.on_request = true,
-                    "filter_models" => policy.hooks.filter_models = true,
-                    "select_key" => policy.hooks.select_key = true,
-                    "on_response" => policy.hooks.on_response = true,
-                    "on_error" => policy.hooks.on_error = true,
-                    "on_log" => policy.hooks.on_log = true,
-                    _ => {}
-                }
+                let takes = match *hook {
+                    "on_request" => &mut policy.hooks.on_request,
+                    "filter_models" => &mut policy.hooks.filter_models,
+                    "select_key" => &mut policy.hooks.select_key,
+                    "on_response" => &mut policy.hooks.on_response,
+                    "on_error" => &mut policy.hooks.on_error,
+                    "on_log" => &mut policy.hooks.on_log,
+                    _ => continue,
+                };
+                // Model lists are not one call's: `filter_models` always runs.
+                takes.add(if *hook == "filter_models" {
+                    None
+                } else {
+                    models
+                });
             }
             if let Some(info) = policy
                 .plugins
@@ -282,6 +328,7 @@ impl Policy {
                 .find(|p| *p.name == *live.plugin.name)
             {
                 info.hooks = hooks;
+                info.models = models.map(<[String]>::to_vec);
             }
         }
         Ok(policy)
@@ -292,28 +339,30 @@ impl Policy {
         self.plugins.iter().filter(|p| p.enabled)
     }
 
-    pub fn has_on_request(&self) -> bool {
-        self.hooks.on_request
+    /// Whether a call of `model` goes through `on_request` plugins.
+    pub fn has_on_request(&self, model: &str) -> bool {
+        self.hooks.on_request.takes(model)
     }
 
-    pub fn has_select_key(&self) -> bool {
-        self.hooks.select_key
+    /// Whether a `select_key` plugin chooses the key for a call of `model`.
+    pub fn has_select_key(&self, model: &str) -> bool {
+        self.hooks.select_key.takes(model)
     }
 
     pub fn has_filter_models(&self) -> bool {
-        self.hooks.filter_models
+        self.hooks.filter_models.any()
     }
 
     pub fn has_on_log(&self) -> bool {
-        self.hooks.on_log
+        self.hooks.on_log.any()
     }
 
-    /// Whether an attempt's outcome goes to plugins (`on_response` for a success).
-    pub fn has_attempt_hook(&self, success: bool) -> bool {
+    /// Whether an attempt's outcome on `model` goes to plugins (`on_response` for a success).
+    pub fn has_attempt_hook(&self, success: bool, model: &str) -> bool {
         if success {
-            self.hooks.on_response
+            self.hooks.on_response.takes(model)
         } else {
-            self.hooks.on_error
+            self.hooks.on_error.takes(model)
         }
     }
 
@@ -358,6 +407,10 @@ impl Policy {
     /// `on_request` of every plugin, in order: the first denial ends it; rewrites accumulate
     /// (each plugin sees the model as the ones before it left it).
     pub fn on_request(&self, req: &RequestInfo, shared: &mut Shared) -> Result<Rewrite, Denial> {
+        // A rewrite comes from a plugin that took the call: with none, nothing can change.
+        if !self.has_on_request(req.model) {
+            return Ok(Rewrite::default());
+        }
         let out = self.with_engine(|engine| {
             let lua = engine.vm.lua();
             let p = &engine.prelude;
@@ -375,17 +428,31 @@ impl Policy {
             let (t, ctx) = made.map_err(|e| host_failure("on_request", &e))?;
             engine.begin(req.id, Some((req.headers, t.to_pointer())));
             engine.restore_shared(&ctx, shared);
-            let mut rewrite = Rewrite::default();
+            // Each plugin sees the model as the ones before it left it, and runs if it takes it.
+            let rewrite = RefCell::new(Rewrite::default());
             let arg = Value::Table(t.clone());
-            let denial = engine.each(self, "on_request", &arg, &ctx, |live, value| {
-                let denial = read_request_decision(lua, &live.plugin, value, &mut rewrite)?;
-                if denial.is_none() {
-                    if let Some(m) = &rewrite.model {
-                        let _ = t.raw_set("model", m.as_str());
+            let takes = |live: &Live| {
+                let r = rewrite.borrow();
+                live.takes(r.model.as_deref().unwrap_or(req.model))
+            };
+            let denial = engine.each_with(
+                self,
+                "on_request",
+                takes,
+                || arg.clone(),
+                &ctx,
+                |live, value| {
+                    let mut rewrite = rewrite.borrow_mut();
+                    let denial = read_request_decision(lua, &live.plugin, value, &mut rewrite)?;
+                    if denial.is_none() {
+                        if let Some(m) = &rewrite.model {
+                            let _ = t.raw_set("model", m.as_str());
+                        }
                     }
-                }
-                Ok(denial)
-            });
+                    Ok(denial)
+                },
+            );
+            let rewrite = rewrite.into_inner();
             match denial? {
                 Some(d) => Err(d),
                 None => {
@@ -416,6 +483,7 @@ impl Policy {
             engine.each_with(
                 self,
                 "filter_models",
+                |_| true,
                 || list.borrow().clone(),
                 &ctx,
                 |live, value| {
@@ -463,6 +531,7 @@ impl Policy {
     /// choice.
     pub fn select_key(
         &self,
+        model: &str,
         candidates: Vec<u32>,
         client: &str,
         id: &str,
@@ -478,12 +547,13 @@ impl Policy {
             let chosen = engine.each(
                 self,
                 "select_key",
+                model,
                 &Value::UserData(engine.pool_view.clone()),
                 &ctx,
                 |live, value| {
                     let id = match value {
                         Value::Nil => return Ok(None),
-                        Value::String(s) => s.to_string_lossy(),
+                        Value::String(s) => s,
                         other => {
                             return Err(PolicyError {
                                 plugin: live.plugin.name.to_string(),
@@ -501,15 +571,16 @@ impl Policy {
                             .borrow::<PoolView>()
                             .is_ok_and(|v| v.candidates.binary_search(&(i as u32)).is_ok())
                     };
-                    match self.pool.index_of(&id) {
+                    let index = id.to_str().ok().and_then(|id| self.pool.index_of(&id));
+                    match index {
                         Some(i) if candidate(i) => Ok(Some(i)),
                         found => Err(PolicyError {
                             plugin: live.plugin.name.to_string(),
                             hook: "select_key".into(),
                             message: if found.is_some() {
-                                format!("key {id} is not usable for this attempt")
+                                format!("key {} is not usable for this attempt", id.display())
                             } else {
-                                format!("key {id} is not in the pool")
+                                format!("key {} is not in the pool", id.display())
                             },
                         }),
                     }
@@ -547,9 +618,14 @@ impl Policy {
             })();
             let t = made.map_err(|e| host_failure(hook, &e))?;
             let ctx = engine.ctx(info.client, info.id, shared)?;
-            let decision = engine.each(self, hook, &Value::Table(t), &ctx, |live, value| {
-                read_attempt_decision(&live.plugin, hook, value)
-            })?;
+            let decision = engine.each(
+                self,
+                hook,
+                info.model,
+                &Value::Table(t),
+                &ctx,
+                |live, value| read_attempt_decision(&live.plugin, hook, value),
+            )?;
             engine.keep_shared(&ctx, shared);
             Ok(decision)
         })?;
@@ -558,6 +634,10 @@ impl Policy {
 
     /// `on_log` of every plugin with the finished request's record.
     pub fn on_log(&self, entry: &serde_json::Value, client: &str, id: &str, shared: &mut Shared) {
+        let model = entry["model"].as_str().unwrap_or_default();
+        if !self.hooks.on_log.takes(model) {
+            return;
+        }
         let _ = self.with_engine(|engine| {
             let arg = engine
                 .vm
@@ -565,7 +645,7 @@ impl Policy {
                 .to_value(entry)
                 .map_err(|e| host_failure("on_log", &e))?;
             let ctx = engine.ctx(client, id, shared)?;
-            engine.each(self, "on_log", &arg, &ctx, |_, _| Ok(None::<()>))
+            engine.each(self, "on_log", model, &arg, &ctx, |_, _| Ok(None::<()>))
         });
     }
 }
@@ -623,10 +703,11 @@ return P
 type CurrentRequest = Rc<RefCell<Option<Current>>>;
 
 struct Current {
-    id: Box<str>,
-    /// SAFETY: set by `Engine::begin` from a `&HeaderMap` that outlives the hook chain, and
-    /// cleared by `Engine::end` when `Policy::with_engine` returns, before that borrow ends.
-    /// Only read by the prelude's `current` function, which runs inside the chain's calls.
+    /// SAFETY (this and `headers`): set by `Engine::begin` from borrows that outlive the hook
+    /// chain, and cleared by `Engine::end` when `Policy::with_engine` returns, before those
+    /// borrows end. Only read by the prelude's `current` function, which runs inside the
+    /// chain's calls. Borrowed, not copied: most hooks never read either.
+    id: std::ptr::NonNull<str>,
     headers: Option<(std::ptr::NonNull<HeaderMap>, *const std::ffi::c_void)>,
 }
 
@@ -653,6 +734,14 @@ impl Live {
     fn hook(&self, hook: &str) -> Option<&mlua::Function> {
         self.hooks.iter().find(|(h, _)| *h == hook).map(|(_, f)| f)
     }
+
+    /// Whether its per-call hooks run for a call of `model` (see the plugin's `models`).
+    fn takes(&self, model: &str) -> bool {
+        self.plugin
+            .models
+            .as_ref()
+            .is_none_or(|patterns| patterns.iter().any(|p| model_matches(p, model)))
+    }
 }
 
 /// A worker thread's VM with one generation's plugins loaded and initialised.
@@ -663,7 +752,7 @@ struct Engine {
     prelude: Prelude,
     /// The request whose hooks run now (`req.id`, `ctx.id`, `req.headers`).
     current: CurrentRequest,
-    interned: RefCell<std::collections::HashMap<Box<str>, mlua::String>>,
+    interned: RefCell<HashMap<Box<str>, mlua::String, foldhash::fast::RandomState>>,
     /// `"shared"`, kept for reading `ctx.shared` without a protected call.
     shared_key: mlua::String,
     /// The `pool` argument of `select_key`, made once and given new candidates each call.
@@ -688,7 +777,7 @@ impl Engine {
             })?;
         let mut live = Vec::with_capacity(policy.entries.len());
         for entry in &policy.entries {
-            let plugin = vm.load(&entry.source)?;
+            let mut plugin = vm.load(&entry.source)?;
             let conf = vm.lua().to_value(&entry.conf).map_err(|e| PolicyError {
                 plugin: plugin.name.to_string(),
                 hook: "config".into(),
@@ -699,6 +788,7 @@ impl Engine {
             };
             if plugin.has("init") {
                 vm.call::<()>(&plugin, "init", &conf)?;
+                plugin.reread_models()?;
             }
             // Read after `init`, which may have removed some.
             let hooks = HOOKS
@@ -755,7 +845,9 @@ impl Engine {
                 return Ok(Value::Nil);
             };
             if &*field.as_bytes() == b"id" {
-                return Ok(Value::String(lua.create_string(&*now.id)?));
+                // SAFETY: see `Current::id`; this runs inside the chain.
+                let id = unsafe { now.id.as_ref() };
+                return Ok(Value::String(lua.create_string(id)?));
             }
             let t = lua.create_table()?;
             match now.headers {
@@ -811,24 +903,30 @@ impl Engine {
         &self,
         policy: &Policy,
         hook: &str,
+        model: &str,
         arg: &Value,
         ctx: &Table,
         answer: impl FnMut(&Live, Value) -> Result<Option<T>, PolicyError>,
     ) -> Result<Option<T>, Denial> {
-        self.each_with(policy, hook, || arg.clone(), ctx, answer)
+        let takes = |live: &Live| live.takes(model);
+        self.each_with(policy, hook, takes, || arg.clone(), ctx, answer)
     }
 
-    /// [`Engine::each`] with the argument made anew for each plugin.
+    /// [`Engine::each`] for the plugins `takes` picks, with the argument made anew for each.
     fn each_with<T>(
         &self,
         policy: &Policy,
         hook: &str,
+        takes: impl Fn(&Live) -> bool,
         arg: impl Fn() -> Value,
         ctx: &Table,
         mut answer: impl FnMut(&Live, Value) -> Result<Option<T>, PolicyError>,
     ) -> Result<Option<T>, Denial> {
         for live in &self.live {
             let Some(f) = live.hook(hook) else { continue };
+            if !takes(live) {
+                continue;
+            }
             let result = self
                 .vm
                 .invoke::<Value>(
@@ -866,7 +964,7 @@ impl Engine {
     /// table, for `on_request`.
     fn begin(&self, id: &str, headers: Option<(&HeaderMap, *const std::ffi::c_void)>) {
         *self.current.borrow_mut() = Some(Current {
-            id: id.into(),
+            id: std::ptr::NonNull::from(id),
             headers: headers.map(|(map, table)| (std::ptr::NonNull::from(map), table)),
         });
     }

@@ -84,6 +84,49 @@ pub fn read_dir(dir: &Path) -> std::io::Result<Vec<PluginSource>> {
         .collect())
 }
 
+/// Whether `model` matches `pattern`: a model name in which `*` stands for any run of
+/// characters (`"*-search"`, `"gemini-2.5-*"`).
+pub fn model_matches(pattern: &str, model: &str) -> bool {
+    let Some((head, tail)) = pattern.split_once('*') else {
+        return pattern == model;
+    };
+    let Some(rest) = model.strip_prefix(head) else {
+        return false;
+    };
+    let (middle, last) = tail.rsplit_once('*').unwrap_or(("", tail));
+    let Some(mut rest) = rest.strip_suffix(last) else {
+        return false;
+    };
+    for part in middle.split('*').filter(|p| !p.is_empty()) {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// A plugin table's `models`: a list of model names or patterns, or nil for every model.
+fn read_models(table: &Table) -> Result<Option<Rc<[String]>>, String> {
+    let wrong = || "`models` must be a list of model names".to_owned();
+    let list = match table.get::<Value>("models") {
+        Ok(Value::Nil) => return Ok(None),
+        Ok(Value::Table(list)) => list,
+        _ => return Err(wrong()),
+    };
+    let mut models = Vec::new();
+    for item in list.sequence_values::<Value>() {
+        match item {
+            Ok(Value::String(m)) if !m.as_bytes().is_empty() => {
+                let m = m.to_string_lossy();
+                models.push(m.strip_prefix("models/").unwrap_or(&m).to_owned());
+            }
+            _ => return Err(wrong()),
+        }
+    }
+    Ok(Some(Rc::from(models)))
+}
+
 /// A plugin loaded into a [`Vm`].
 #[derive(Debug, Clone)]
 pub struct Plugin {
@@ -93,12 +136,25 @@ pub struct Plugin {
     pub enabled: bool,
     /// The hooks it defines, in [`HOOKS`] order.
     pub hooks: Vec<&'static str>,
+    /// The models its per-call hooks (all but `init` and `filter_models`) run for, as names or
+    /// patterns with `*`; `None`: every model.
+    pub models: Option<Rc<[String]>>,
     table: Table,
 }
 
 impl Plugin {
     pub fn has(&self, hook: &str) -> bool {
         self.hooks.contains(&hook)
+    }
+
+    /// Reads `models` again, after an `init` that may have set it from the plugin's settings.
+    pub fn reread_models(&mut self) -> Result<(), PolicyError> {
+        self.models = read_models(&self.table).map_err(|message| PolicyError {
+            plugin: self.name.to_string(),
+            hook: "init".into(),
+            message,
+        })?;
+        Ok(())
     }
 
     /// The function of `hook`, if the plugin defines it.
@@ -289,6 +345,7 @@ impl Vm {
             .get::<Option<bool>>("enabled")
             .map_err(|_| fail("`enabled` must be a boolean".into()))?
             .unwrap_or(true);
+        let models = read_models(&table).map_err(fail)?;
         let mut hooks = Vec::new();
         for &hook in HOOKS {
             match table.get::<Value>(hook) {
@@ -302,6 +359,7 @@ impl Vm {
             priority,
             enabled,
             hooks,
+            models,
             table,
         })
     }
@@ -386,6 +444,24 @@ struct CounterHandle {
     counters: Arc<Counters>,
     plugin: Rc<str>,
     name: String,
+    /// The counter itself, once looked up.
+    slot: RefCell<Option<Arc<counters::Slot>>>,
+}
+
+impl CounterHandle {
+    fn slot(&self) -> mlua::Result<Arc<counters::Slot>> {
+        if let Some(slot) = &*self.slot.borrow() {
+            if !slot.is_dropped() {
+                return Ok(slot.clone());
+            }
+        }
+        let slot = self
+            .counters
+            .slot(&self.plugin, &self.name, crate::keys::clock::now_ms())
+            .map_err(mlua::Error::runtime)?;
+        *self.slot.borrow_mut() = Some(slot.clone());
+        Ok(slot)
+    }
 }
 
 impl UserData for CounterHandle {
@@ -393,15 +469,9 @@ impl UserData for CounterHandle {
         methods.add_method(
             "incr",
             |_, this, (n, window_s): (Option<i64>, Option<f64>)| {
-                this.counters
-                    .incr(
-                        &this.plugin,
-                        &this.name,
-                        n.unwrap_or(1),
-                        window_s,
-                        crate::keys::clock::now_ms(),
-                    )
-                    .map_err(mlua::Error::runtime)
+                Ok(this
+                    .slot()?
+                    .incr(n.unwrap_or(1), window_s, crate::keys::clock::now_ms))
             },
         );
         methods.add_method("get", |_, this, ()| {
@@ -425,6 +495,7 @@ fn host_table(lua: &Lua, h: Host, current: Rc<RefCell<Rc<str>>>) -> mlua::Result
                 counters: counters.clone(),
                 plugin: current.borrow().clone(),
                 name,
+                slot: RefCell::default(),
             })
         })?,
     )?;
@@ -548,6 +619,57 @@ mod tests {
             memory_bytes: 4 * 1024 * 1024,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn model_patterns_match_whole_names() {
+        for (pattern, model, want) in [
+            ("gemini-2.5-flash", "gemini-2.5-flash", true),
+            ("gemini-2.5-flash", "gemini-2.5-flash-lite", false),
+            ("*-search", "gemini-2.5-flash-search", true),
+            ("*-search", "gemini-2.5-flash-search-x", false),
+            ("gemini-2.5-*", "gemini-2.5-pro", true),
+            ("gemini-2.5-*", "gemini-2.0-flash", false),
+            ("gemini-*-pro*", "gemini-2.5-pro-preview", true),
+            ("gemini-*-pro*", "gemini-2.5-flash", false),
+            ("*", "", true),
+            ("ab*b", "ab", false),
+            ("a*a", "a", false),
+        ] {
+            assert_eq!(model_matches(pattern, model), want, "{pattern} ~ {model}");
+        }
+    }
+
+    #[test]
+    fn models_must_be_a_list_of_names() {
+        let vm = vm();
+        let p = vm
+            .load(&source(
+                "m",
+                "return { name = 'm', models = { 'models/gemini-2.5-pro', '*-search' } }",
+            ))
+            .unwrap();
+        assert_eq!(
+            p.models.as_deref(),
+            Some(&["gemini-2.5-pro".to_owned(), "*-search".to_owned()][..])
+        );
+        assert!(vm
+            .load(&source("n", "return { name = 'n' }"))
+            .unwrap()
+            .models
+            .is_none());
+        for bad in ["'gemini'", "{ 1 }", "{ '' }"] {
+            let e = vm
+                .load(&source(
+                    "b",
+                    &format!("return {{ name = 'b', models = {bad} }}"),
+                ))
+                .unwrap_err();
+            assert!(
+                e.message.contains("`models` must be a list"),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]

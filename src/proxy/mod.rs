@@ -16,8 +16,9 @@ pub mod route;
 pub mod session;
 pub mod sse;
 pub mod upstream;
+mod wire;
+pub mod workers;
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
-use pingora::connectors::http::Connector;
+use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::ServerSession;
@@ -236,7 +237,7 @@ impl State {
 /// gemgate's HTTP application, served by a pingora listening service.
 pub struct Gateway {
     state: Arc<State>,
-    connector: Connector,
+    connector: TransportConnector,
     /// For side calls (image hosts, image URLs).
     side: reqwest::Client,
 }
@@ -348,7 +349,7 @@ impl Gateway {
         Gateway {
             state,
             // Only makes new connections: idle ones are kept by `Target`.
-            connector: Connector::new(None),
+            connector: TransportConnector::new(None),
             side,
         }
     }
@@ -485,7 +486,7 @@ impl Gateway {
         stream: bool,
         x: &mut Exchange,
     ) -> Result<Rewrite, Refusal> {
-        if !gen.policy.has_on_request() {
+        if !gen.policy.has_on_request(model) {
             return Ok(Rewrite::default());
         }
         let req = s.req_header();
@@ -692,7 +693,7 @@ impl Gateway {
                     tracing::debug!(id = %x.id, key = %key.spec.id, attempt = x.attempts, status = failure.status, class = failure.class.as_str(), ?verdict, message = %failure.message, "attempt failed");
                     x.class = Some(failure.class.as_str());
                     let mut retry = failure.class.retryable();
-                    if gen.policy.has_attempt_hook(false) {
+                    if gen.policy.has_attempt_hook(false, &req.model) {
                         match self.after_attempt(gen, index, req, &failure, x) {
                             Ok(Some(AttemptDecision::Retry)) => retry = true,
                             Ok(_) => {}
@@ -756,7 +757,7 @@ impl Gateway {
                 pool.exhausted(&req.model, now)
             });
         }
-        if req.paid || !gen.policy.has_select_key() || pool.is_empty() {
+        if req.paid || !gen.policy.has_select_key(&req.model) || pool.is_empty() {
             return Ok(pool.pick(&req.model, tried, now));
         }
         let candidates = pool.candidates(&req.model, tried, now);
@@ -766,7 +767,7 @@ impl Gateway {
         let client = x.client.as_deref().unwrap_or_default();
         let chosen = gen
             .policy
-            .select_key(candidates, client, &x.id, &mut x.shared)?;
+            .select_key(&req.model, candidates, client, &x.id, &mut x.shared)?;
         Ok(Pick::Key(chosen.unwrap_or(first as usize)))
     }
 
@@ -912,7 +913,7 @@ impl Gateway {
         gen.pool_for(req).record_success(index);
         x.status = status;
         x.class = None;
-        if gen.policy.has_attempt_hook(true) {
+        if gen.policy.has_attempt_hook(true, &req.model) {
             let ok = Failure::network(ErrorClass::Upstream, "");
             match self.after_attempt(gen, index, req, &Failure { status, ..ok }, x) {
                 Ok(Some(AttemptDecision::Retry)) => {
@@ -1410,52 +1411,16 @@ async fn send_request(
     header: Box<RequestHeader>,
     body: &Bytes,
 ) -> pingora::Result<()> {
-    // NOTE: pingora flushes the request header on its own, before the body. Corking the socket
-    // for the two writes sends header and body in one segment, which the upstream reads at once.
-    let plain_tcp = up.stream().and_then(|s| {
-        s.as_any()
-            .downcast_ref::<pingora::protocols::l4::stream::Stream>()
-    });
-    let cork = plain_tcp
-        .filter(|_| !body.is_empty())
-        .map(|s| Cork::new(s.as_raw_fd()));
+    // Header and body leave in one send: the flush that follows the body sends both.
+    if let Some(stream) = up.stream().and_then(wire::Gathered::of) {
+        stream.hold_next_flush();
+    }
     up.write_request_header(header).await?;
     if !body.is_empty() {
         up.write_request_body(body.clone(), true).await?;
     }
     up.finish_request_body().await?;
-    drop(cork);
     up.read_response_header().await
-}
-
-/// Holds `TCP_CORK` on a socket while alive: writes are sent as full segments, the rest when
-/// dropped.
-struct Cork(std::os::fd::RawFd);
-
-impl Cork {
-    fn new(fd: std::os::fd::RawFd) -> Cork {
-        set_cork(fd, 1);
-        Cork(fd)
-    }
-}
-
-impl Drop for Cork {
-    fn drop(&mut self) {
-        set_cork(self.0, 0);
-    }
-}
-
-fn set_cork(fd: std::os::fd::RawFd, on: libc::c_int) {
-    // SAFETY: `fd` is the open socket of the session being written; the option is an int.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }
 
 /// Reads an upstream body up to `limit` bytes; the flag says whether it was read to its end.

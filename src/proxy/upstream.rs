@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
-use pingora::connectors::http::Connector;
+use pingora::connectors::TransportConnector;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::protocols::{Stream, ALPN};
@@ -256,7 +256,7 @@ impl Target {
     /// allows it (then `true`), else a new one.
     pub async fn session(
         &self,
-        connector: &Connector,
+        connector: &TransportConnector,
         peer: &HttpPeer,
         route: usize,
         reuse_idle: bool,
@@ -271,7 +271,11 @@ impl Target {
                 }
             }
         }
-        connector.get_http_session(peer).await
+        let stream: Stream = Box::new(super::wire::Gathered::new(
+            connector.new_stream(peer).await?,
+        ));
+        let session = Http1Session::new_with_options(stream, peer);
+        Ok((HttpSession::H1(session), false))
     }
 
     /// Closes every idle connection of `route`.

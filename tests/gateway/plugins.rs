@@ -77,6 +77,66 @@ return {
 }
 
 #[tokio::test]
+async fn plugins_run_only_for_the_models_they_name() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1", "good-2", "good-3"])
+        .plugin(
+            "pro_policy",
+            r#"
+local plugin = {
+  name = "pro_policy",
+  models = { "gemini-2.5-pro*" },
+  on_request = function(req, ctx)
+    if req.model:find("preview") then return gemgate.deny(403, "no previews of " .. req.model) end
+  end,
+  select_key = function(pool, ctx) return pool[#pool].id end,
+}
+return plugin
+"#,
+        )
+        .plugin(
+            "from_settings",
+            r#"
+local plugin = { name = "from_settings" }
+function plugin.init(conf) plugin.models = conf.models end
+function plugin.on_request(req, ctx) return gemgate.deny(402, "blocked by settings") end
+return plugin
+"#,
+        )
+        .toml("[plugins.from_settings]\nmodels = [\"gemini-2.0-*\"]\n")
+        .admin()
+        .start()
+        .await;
+    let call = |model: &str| format!("/v1beta/models/{model}:generateContent");
+    // Not named by either plugin: the built-in choice, the first usable key.
+    assert_eq!(
+        post(&gate, &call("gemini-2.5-flash"), &ask("x")).await.0,
+        200
+    );
+    assert_eq!(
+        fake.state.last_received().unwrap().key.as_deref(),
+        Some("good-1")
+    );
+    // Named by pro_policy: its select_key picks the last key.
+    assert_eq!(post(&gate, &call("gemini-2.5-pro"), &ask("x")).await.0, 200);
+    assert_eq!(
+        fake.state.last_received().unwrap().key.as_deref(),
+        Some("good-3")
+    );
+    let (status, _, v) = post(&gate, &call("gemini-2.5-pro-preview"), &ask("x")).await;
+    assert_eq!(status, 403, "{v}");
+    // `init` named the models from the plugin's settings.
+    let (status, _, v) = post(&gate, &call("gemini-2.0-flash"), &ask("x")).await;
+    assert_eq!(status, 402, "{v}");
+    let status = gate.reload_status().await;
+    let plugins = status["plugins"].as_array().unwrap();
+    let named = |name: &str| plugins.iter().find(|p| p["name"] == name).unwrap()["models"].clone();
+    assert_eq!(named("pro_policy"), serde_json::json!(["gemini-2.5-pro*"]));
+    assert_eq!(named("from_settings"), serde_json::json!(["gemini-2.0-*"]));
+}
+
+#[tokio::test]
 async fn the_shipped_suffix_and_thinking_plugins_rewrite_requests() {
     let fake = fake().await;
     let gate = gate()

@@ -1,0 +1,117 @@
+//! The listening side: one accept loop per worker thread.
+//!
+//! NOTE: pingora's listening service accepts on one thread and hands each connection to a worker
+//! thread chosen at random, while the socket stays registered with the accepting thread's
+//! reactor. Every readiness of such a connection then wakes two threads (an `eventfd` write and
+//! a context switch per request). Here each worker thread has its own listening socket on the
+//! address (`SO_REUSEPORT`: the kernel spreads new connections over them, as nginx's
+//! `reuseport` does) and serves the connections it accepts itself, from start to end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::l4::listener::Listener;
+use pingora::protocols::Stream;
+use pingora::server::{ListenFds, ShutdownWatch};
+use pingora::services::Service;
+
+use super::wire::Gathered;
+use super::Gateway;
+
+/// Pending connections a worker's socket queues before the kernel refuses more.
+const BACKLOG: u32 = 65535;
+
+/// One worker thread: its own listening socket, its own connections.
+pub struct Worker {
+    name: String,
+    listen: SocketAddr,
+    app: Arc<Gateway>,
+}
+
+impl Worker {
+    /// Worker `index` of the gateway `app`, listening on `listen`.
+    pub fn new(index: usize, listen: SocketAddr, app: Arc<Gateway>) -> Worker {
+        Worker {
+            name: format!("gemgate-{index}"),
+            listen,
+            app,
+        }
+    }
+}
+
+/// A listening socket on `addr` that other workers' sockets share.
+fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    Ok(Listener::from(socket.listen(BACKLOG)?))
+}
+
+/// Serves one connection, request after request, until it closes.
+async fn serve(
+    app: Arc<Gateway>,
+    stream: pingora::protocols::l4::stream::Stream,
+    shutdown: ShutdownWatch,
+) {
+    let mut stream = stream;
+    if let Err(e) = stream.set_nodelay() {
+        tracing::debug!("TCP_NODELAY: {e}");
+    }
+    let mut next: Option<Stream> = Some(Box::new(Gathered::new(Box::new(stream))));
+    while let Some(stream) = next {
+        next = app.process_new(stream, &shutdown).await;
+    }
+}
+
+#[async_trait]
+impl Service for Worker {
+    async fn start_service(
+        &mut self,
+        _fds: Option<ListenFds>,
+        mut shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+    ) {
+        let listener = match bind(self.listen) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("cannot listen on {}: {e}", self.listen);
+                crate::telemetry::flush();
+                std::process::exit(1);
+            }
+        };
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(stream) => {
+                        tokio::spawn(serve(self.app.clone(), stream, shutdown.clone()));
+                    }
+                    Err(e) => {
+                        tracing::error!("accept on {}: {e}", self.listen);
+                        // Out of file descriptors: accept would fail again at once.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(1)
+    }
+}
