@@ -19,7 +19,8 @@ return {
     cursor = gemgate.counter("cursor")
   end,
 
-  select_key = function(pool, ctx)
+  -- No `ctx` parameter: gemgate then makes no ctx table for the call.
+  select_key = function(pool)
     local turn = cursor:incr(1)
     return pool:from((turn - 1) % pool:size() + 1).id
   end,

@@ -9,7 +9,7 @@
 //! ([`Engine`], built on the thread's first call) and a request holds no Lua value across an
 //! await: what plugins share within a request (`ctx.shared`) travels between hooks as JSON.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -303,7 +303,7 @@ impl Policy {
         // hooks its settings make needless: what is left after it is what runs.
         let engine = Engine::build(&policy)?;
         for live in &engine.live {
-            let hooks: Vec<&'static str> = live.hooks.iter().map(|(h, _)| *h).collect();
+            let hooks: Vec<&'static str> = live.hooks.iter().map(|h| h.name).collect();
             let models = live.plugin.models.as_deref();
             for hook in &hooks {
                 let takes = match *hook {
@@ -428,6 +428,11 @@ impl Policy {
             let (t, ctx) = made.map_err(|e| host_failure("on_request", &e))?;
             engine.begin(req.id, Some((req.headers, t.to_pointer())));
             engine.restore_shared(&ctx, shared);
+            let ctx = LazyCtx {
+                client: req.client,
+                shared,
+                table: OnceCell::from(ctx),
+            };
             // Each plugin sees the model as the ones before it left it, and runs if it takes it.
             let rewrite = RefCell::new(Rewrite::default());
             let arg = Value::Table(t.clone());
@@ -456,7 +461,7 @@ impl Policy {
             match denial? {
                 Some(d) => Err(d),
                 None => {
-                    engine.keep_shared(&ctx, shared);
+                    engine.keep_shared(ctx.into_made(), shared);
                     Ok(rewrite)
                 }
             }
@@ -474,7 +479,7 @@ impl Policy {
     ) -> Result<Vec<serde_json::Value>, Denial> {
         let out = self.with_engine(|engine| {
             let lua = engine.vm.lua();
-            let ctx = engine.ctx(client, id, shared)?;
+            let ctx = engine.ctx(client, id, shared);
             let list = lua
                 .to_value(&models)
                 .map_err(|e| host_failure("filter_models", &e))?;
@@ -507,7 +512,7 @@ impl Policy {
                     Ok(None::<()>)
                 },
             )?;
-            engine.keep_shared(&ctx, shared);
+            engine.keep_shared(ctx.into_made(), shared);
             let Some(last) = last else {
                 return Ok(None);
             };
@@ -538,7 +543,7 @@ impl Policy {
         shared: &mut Shared,
     ) -> Result<Option<usize>, Denial> {
         let out = self.with_engine(|engine| {
-            let ctx = engine.ctx(client, id, shared)?;
+            let ctx = engine.ctx(client, id, shared);
             engine
                 .pool_view
                 .borrow_mut::<PoolView>()
@@ -586,7 +591,7 @@ impl Policy {
                     }
                 },
             )?;
-            engine.keep_shared(&ctx, shared);
+            engine.keep_shared(ctx.into_made(), shared);
             Ok(chosen)
         })?;
         Ok(out.flatten())
@@ -617,7 +622,7 @@ impl Policy {
                 Ok(t)
             })();
             let t = made.map_err(|e| host_failure(hook, &e))?;
-            let ctx = engine.ctx(info.client, info.id, shared)?;
+            let ctx = engine.ctx(info.client, info.id, shared);
             let decision = engine.each(
                 self,
                 hook,
@@ -626,7 +631,7 @@ impl Policy {
                 &ctx,
                 |live, value| read_attempt_decision(&live.plugin, hook, value),
             )?;
-            engine.keep_shared(&ctx, shared);
+            engine.keep_shared(ctx.into_made(), shared);
             Ok(decision)
         })?;
         Ok(out.flatten())
@@ -644,7 +649,7 @@ impl Policy {
                 .lua()
                 .to_value(entry)
                 .map_err(|e| host_failure("on_log", &e))?;
-            let ctx = engine.ctx(client, id, shared)?;
+            let ctx = engine.ctx(client, id, shared);
             engine.each(self, "on_log", model, &arg, &ctx, |_, _| Ok(None::<()>))
         });
     }
@@ -727,12 +732,20 @@ struct Prelude {
 struct Live {
     plugin: Plugin,
     conf: Table,
-    hooks: Vec<(&'static str, mlua::Function)>,
+    hooks: Vec<Hook>,
+}
+
+struct Hook {
+    name: &'static str,
+    f: mlua::Function,
+    /// Whether the function names a second parameter (`ctx`, or `...`): one that does not
+    /// is called without one, and a chain of such hooks makes no `ctx` at all.
+    takes_ctx: bool,
 }
 
 impl Live {
-    fn hook(&self, hook: &str) -> Option<&mlua::Function> {
-        self.hooks.iter().find(|(h, _)| *h == hook).map(|(_, f)| f)
+    fn hook(&self, hook: &str) -> Option<&Hook> {
+        self.hooks.iter().find(|h| h.name == hook)
     }
 
     /// Whether its per-call hooks run for a call of `model` (see the plugin's `models`).
@@ -794,7 +807,12 @@ impl Engine {
             let hooks = HOOKS
                 .iter()
                 .filter(|&&h| h != "init")
-                .filter_map(|&h| Some((h, plugin.hook(h)?)))
+                .filter_map(|&name| {
+                    let f = plugin.hook(name)?;
+                    let info = f.info();
+                    let takes_ctx = info.num_params >= 2 || info.is_vararg;
+                    Some(Hook { name, f, takes_ctx })
+                })
                 .collect();
             live.push(Live {
                 plugin,
@@ -905,7 +923,7 @@ impl Engine {
         hook: &str,
         model: &str,
         arg: &Value,
-        ctx: &Table,
+        ctx: &LazyCtx,
         answer: impl FnMut(&Live, Value) -> Result<Option<T>, PolicyError>,
     ) -> Result<Option<T>, Denial> {
         let takes = |live: &Live| live.takes(model);
@@ -919,23 +937,23 @@ impl Engine {
         hook: &str,
         takes: impl Fn(&Live) -> bool,
         arg: impl Fn() -> Value,
-        ctx: &Table,
+        ctx: &LazyCtx,
         mut answer: impl FnMut(&Live, Value) -> Result<Option<T>, PolicyError>,
     ) -> Result<Option<T>, Denial> {
         for live in &self.live {
-            let Some(f) = live.hook(hook) else { continue };
+            let Some(h) = live.hook(hook) else { continue };
             if !takes(live) {
                 continue;
             }
-            let result = self
-                .vm
-                .invoke::<Value>(
-                    &live.plugin.name,
-                    hook,
-                    &self.prelude.invoke,
-                    (f, &live.conf, arg(), ctx),
-                )
-                .and_then(|value| answer(live, value));
+            let name = &live.plugin.name;
+            let called = if h.takes_ctx {
+                let args = (&h.f, &live.conf, arg(), ctx.get(self)?);
+                self.vm
+                    .invoke::<Value>(name, hook, &self.prelude.invoke, args)
+            } else {
+                self.vm.invoke::<Value>(name, hook, &h.f, arg())
+            };
+            let result = called.and_then(|value| answer(live, value));
             match result {
                 Ok(Some(t)) => return Ok(Some(t)),
                 Ok(None) => {}
@@ -949,15 +967,15 @@ impl Engine {
         Ok(None)
     }
 
-    /// A fresh `ctx` for one hook chain of request `id`, with `shared` as the request left it.
-    fn ctx(&self, client: &str, id: &str, shared: &Shared) -> Result<Table, Denial> {
-        let ctx: Table = self
-            .intern(client)
-            .and_then(|c| self.prelude.ctx.call(c))
-            .map_err(|e| host_failure("ctx", &e))?;
+    /// The `ctx` of one hook chain of request `id` (made when a hook first takes it), with
+    /// `shared` as the request left it.
+    fn ctx<'a>(&self, client: &'a str, id: &str, shared: &'a Shared) -> LazyCtx<'a> {
         self.begin(id, None);
-        self.restore_shared(&ctx, shared);
-        Ok(ctx)
+        LazyCtx {
+            client,
+            shared,
+            table: OnceCell::new(),
+        }
     }
 
     /// Makes request `id` the one whose hooks run now; `headers` are its headers and its `req`
@@ -995,17 +1013,44 @@ impl Engine {
         }
     }
 
-    /// Keeps what plugins put in `ctx.shared` for the request's next hooks.
-    fn keep_shared(&self, ctx: &Table, shared: &mut Shared) {
+    /// Keeps what plugins put in `ctx.shared` for the request's next hooks (unchanged when
+    /// no hook took the `ctx`).
+    fn keep_shared(&self, ctx: Option<Table>, shared: &mut Shared) {
+        let Some(ctx) = ctx else { return };
         // `ctx.shared` is made when first read: usually it was not.
         if let Ok(Value::Nil) = ctx.raw_get::<Value>(&self.shared_key) {
             shared.0 = None;
             return;
         }
-        shared.0 = match self.prelude.shared.call::<Value>(ctx) {
+        shared.0 = match self.prelude.shared.call::<Value>(&ctx) {
             Ok(Value::Nil) | Err(_) => None,
             Ok(t) => self.vm.lua().from_value(t).ok(),
         };
+    }
+}
+
+/// A hook chain's `ctx`, made when the first hook that takes one runs.
+struct LazyCtx<'a> {
+    client: &'a str,
+    shared: &'a Shared,
+    table: OnceCell<Table>,
+}
+
+impl LazyCtx<'_> {
+    fn get(&self, engine: &Engine) -> Result<&Table, Denial> {
+        if let Some(t) = self.table.get() {
+            return Ok(t);
+        }
+        let t: Table = engine
+            .intern(self.client)
+            .and_then(|c| engine.prelude.ctx.call(c))
+            .map_err(|e| host_failure("ctx", &e))?;
+        engine.restore_shared(&t, self.shared);
+        Ok(self.table.get_or_init(|| t))
+    }
+
+    fn into_made(self) -> Option<Table> {
+        self.table.into_inner()
     }
 }
 

@@ -449,18 +449,20 @@ struct CounterHandle {
 }
 
 impl CounterHandle {
-    fn slot(&self) -> mlua::Result<Arc<counters::Slot>> {
+    /// Runs `f` on the counter, looking it up on first use (and again if it was dropped).
+    fn with<R>(&self, f: impl FnOnce(&counters::Slot) -> R) -> mlua::Result<R> {
         if let Some(slot) = &*self.slot.borrow() {
             if !slot.is_dropped() {
-                return Ok(slot.clone());
+                return Ok(f(slot));
             }
         }
         let slot = self
             .counters
             .slot(&self.plugin, &self.name, crate::keys::clock::now_ms())
             .map_err(mlua::Error::runtime)?;
-        *self.slot.borrow_mut() = Some(slot.clone());
-        Ok(slot)
+        let result = f(&slot);
+        *self.slot.borrow_mut() = Some(slot);
+        Ok(result)
     }
 }
 
@@ -469,9 +471,7 @@ impl UserData for CounterHandle {
         methods.add_method(
             "incr",
             |_, this, (n, window_s): (Option<i64>, Option<f64>)| {
-                Ok(this
-                    .slot()?
-                    .incr(n.unwrap_or(1), window_s, crate::keys::clock::now_ms))
+                this.with(|slot| slot.incr(n.unwrap_or(1), window_s, crate::keys::clock::now_ms))
             },
         );
         methods.add_method("get", |_, this, ()| {
