@@ -1412,9 +1412,7 @@ async fn send_request(
     body: &Bytes,
 ) -> pingora::Result<()> {
     // Header and body leave in one send: the flush that follows the body sends both.
-    if let Some(stream) = up.stream().and_then(wire::Gathered::of) {
-        stream.hold_next_flush();
-    }
+    wire::Gathered::hold_flush_of(up.stream());
     up.write_request_header(header).await?;
     if !body.is_empty() {
         up.write_request_body(body.clone(), true).await?;
@@ -1477,6 +1475,10 @@ async fn relay(
         // get the close-delimited body.)
         let _ = head.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
+    // pingora flushes the header of a chunked answer at once, and each chunk after it; the
+    // chunk that follows the header at once, or the end that follows the last chunk at once,
+    // can share its send (see `wire::Gathered`).
+    let chunked = head.headers.get(header::TRANSFER_ENCODING).is_some();
     let mut head = Some(head);
     let mut framer = req.sse.then(sse::EventFramer::default);
     let mut batches = upstream::BodyBatches::default();
@@ -1498,15 +1500,24 @@ async fn relay(
                         .collect(),
                     None => vec![(ready, Duration::ZERO)],
                 };
+                // The upstream is done: the end of the answer follows at once, so this batch
+                // can wait for it and leave in the same send.
+                let last = chunked && batches.ended() && chat.is_none();
                 for (event, pause) in pieces {
                     if event.is_empty() {
                         continue;
                     }
                     if let Some(h) = head.take() {
                         x.ttfb = Some(x.started.elapsed());
+                        if chunked {
+                            wire::Gathered::hold_flush_of(s.stream());
+                        }
                         if s.write_response_header(Box::new(h)).await.is_err() {
                             return Ok(Finished::Relayed(Outcome::Close));
                         }
+                    }
+                    if last {
+                        wire::Gathered::hold_flush_of(s.stream());
                     }
                     if s.write_response_body(event, false).await.is_err() {
                         x.class = Some("client_gone");
@@ -1543,6 +1554,9 @@ async fn relay(
                 }
                 if let Some(h) = head.take() {
                     x.ttfb = Some(x.started.elapsed());
+                    if chunked {
+                        wire::Gathered::hold_flush_of(s.stream());
+                    }
                     if s.write_response_header(Box::new(h)).await.is_err() {
                         return Ok(Finished::Relayed(Outcome::Close));
                     }

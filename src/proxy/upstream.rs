@@ -335,6 +335,11 @@ pub struct BodyBatches {
 }
 
 impl BodyBatches {
+    /// Whether the upstream's body has ended with the batch last returned.
+    pub fn ended(&self) -> bool {
+        self.ended && self.error.is_none()
+    }
+
     pub async fn next(&mut self, up: &mut HttpSession) -> pingora::Result<Option<Bytes>> {
         if let Some(e) = self.error.take() {
             return Err(e);

@@ -9,7 +9,7 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -32,8 +32,8 @@ const GATHER_LIMIT: usize = 16 * 1024;
 pub struct Gathered {
     inner: Stream,
     pending: Vec<u8>,
-    /// The next flush sends nothing: more of the same message follows at once.
-    hold: AtomicBool,
+    /// How many of the next flushes send nothing: more of the same message follows at once.
+    hold: AtomicU32,
 }
 
 impl Gathered {
@@ -41,14 +41,22 @@ impl Gathered {
         Gathered {
             inner,
             pending: Vec::new(),
-            hold: AtomicBool::new(false),
+            hold: AtomicU32::new(0),
         }
     }
 
-    /// Lets the next flush pass without sending, for a writer (pingora's HTTP client) that
-    /// flushes a request header before writing its body. The flush after the body sends both.
+    /// Lets the next flush pass without sending (one more each call), for a writer (pingora's
+    /// HTTP sessions) that flushes a header before the body it writes at once. The flush after
+    /// the body sends both.
     pub fn hold_next_flush(&self) {
-        self.hold.store(true, Ordering::Relaxed);
+        self.hold.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// [`Gathered::hold_next_flush`] on `stream`, if it is a [`Gathered`].
+    pub fn hold_flush_of(stream: Option<&Stream>) {
+        if let Some(g) = stream.and_then(Gathered::of) {
+            g.hold_next_flush();
+        }
     }
 
     /// `stream`'s [`Gathered`] layer, if it has one.
@@ -71,11 +79,16 @@ impl Gathered {
 
 impl AsyncRead for Gathered {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        // Whoever reads next waits for an answer to what was written: nothing may stay
+        // gathered (or held) then, whatever the writer's flushes did.
+        this.hold.store(0, Ordering::Relaxed);
+        ready!(this.poll_send_pending(cx))?;
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -110,7 +123,9 @@ impl AsyncWrite for Gathered {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.hold.swap(false, Ordering::Relaxed) {
+        let held = this.hold.load(Ordering::Relaxed);
+        if held > 0 {
+            this.hold.store(held - 1, Ordering::Relaxed);
             return Poll::Ready(Ok(()));
         }
         ready!(this.poll_send_pending(cx))?;
@@ -236,6 +251,32 @@ mod tests {
         near.write_all(b"body").await.unwrap();
         near.flush().await.unwrap();
         assert_eq!(arrived(&mut far).await, b"header\r\n\r\nbody");
+    }
+
+    #[tokio::test]
+    async fn reading_sends_what_was_gathered_or_held_first() {
+        let (mut near, mut far) = pair().await;
+        near.hold_next_flush();
+        near.hold_next_flush();
+        near.write_all(b"question").await.unwrap();
+        near.flush().await.unwrap();
+        assert!(arrived(&mut far).await.is_empty());
+        let answer = tokio::spawn(async move {
+            let mut buf = [0u8; 6];
+            near.read_exact(&mut buf).await.unwrap();
+            (near, buf)
+        });
+        assert_eq!(arrived(&mut far).await, b"question");
+        far.write_all(b"answer").await.unwrap();
+        let (mut near, buf) = answer.await.unwrap();
+        assert_eq!(&buf, b"answer");
+        near.write_all(b"next").await.unwrap();
+        near.flush().await.unwrap();
+        assert_eq!(
+            arrived(&mut far).await,
+            b"next",
+            "reading dropped the second hold"
+        );
     }
 
     #[tokio::test]
