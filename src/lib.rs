@@ -43,13 +43,18 @@ pub fn run(config: Config, source: Source) -> ! {
     let listen = config.listen.to_string();
     // NOTE: pingora retries a busy address for a long while, quietly; an operator wants to be
     // told at once. Probe the address first (and release it for pingora).
-    if let Err(e) = std::net::TcpListener::bind(config.listen) {
-        tracing::error!("cannot listen on {listen}: {e}");
-        telemetry::flush();
-        std::process::exit(1);
-    }
+    // Port 0 is resolved here once, so that every worker listens on the same port.
+    let listen_addr = match std::net::TcpListener::bind(config.listen).and_then(|l| l.local_addr())
+    {
+        Ok(addr) => addr,
+        Err(e) => {
+            tracing::error!("cannot listen on {listen}: {e}");
+            telemetry::flush();
+            std::process::exit(1);
+        }
+    };
     let grace = config.grace_period;
-    let (threads, listen_addr) = (config.threads, config.listen);
+    let threads = config.threads;
     let conf = ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(grace.as_secs()),
@@ -59,7 +64,7 @@ pub fn run(config: Config, source: Source) -> ! {
         ..ServerConf::default()
     };
     tracing::info!(
-        listen = %listen,
+        listen = %listen_addr,
         keys = config.keys.len(),
         tokens = config.tokens.len(),
         upstream = %config.base_url,

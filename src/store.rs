@@ -18,7 +18,8 @@ use crate::keys::{Cooldown, KeyRegistry, KeyState};
 use crate::usage::Counts;
 
 /// The layout version this gemgate writes; older files are migrated, newer ones refused.
-pub const SCHEMA_VERSION: u64 = 1;
+/// 2: the logs are stored in blocks of records (layout 1 had a row per record).
+pub const SCHEMA_VERSION: u64 = 2;
 /// redb's page cache: enough for the indexes the admin pages walk.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// How often dirty key state, usage and logs are committed.
@@ -111,7 +112,7 @@ impl Store {
                     found,
                 });
             }
-            // Version 0 is a new file: nothing to carry forward yet.
+            // Version 0 is a new file. From 1, `logs::create` converts the logs' tables.
             meta.insert("schema_version", SCHEMA_VERSION).map_err(io)?;
             tx.open_table(KEYS).map_err(io)?;
             tx.open_table(USAGE).map_err(io)?;

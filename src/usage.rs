@@ -1,19 +1,18 @@
 //! Usage per key × model × day: requests, successes, failures by class, and prompt, output and
 //! thought tokens (from `usageMetadata`, in streams too).
 //!
-//! The request path only queues an event (a bounded channel, never waiting: a full queue drops
-//! the event and counts the drop); the store's flusher adds the queued events to redb once a
-//! second.
+//! The request path adds each event to in-memory counts at once (a short lock on its worker
+//! thread's shard, never a queue that could fill); the store's flusher takes the counts and adds
+//! them to redb once a second. Memory is bounded by the keys × models × days seen since.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-/// Events queued at most; past it they are dropped (and counted).
-const QUEUE: usize = 65_536;
+/// Count shards: worker threads beyond this many share them.
+const SHARDS: usize = 16;
 
 /// Tokens one answer used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,45 +69,46 @@ impl Counts {
     }
 }
 
-/// The queue between the request path and the flusher.
+type Tally = HashMap<(u32, String, String), Counts>;
+
+/// Counts not yet saved, by (day, key id, model), in shards by worker thread.
 pub struct Usage {
-    tx: SyncSender<Event>,
-    rx: Mutex<Receiver<Event>>,
-    dropped: AtomicU64,
+    shards: [Mutex<Tally>; SHARDS],
 }
 
 impl Default for Usage {
     fn default() -> Self {
-        let (tx, rx) = sync_channel(QUEUE);
         Usage {
-            tx,
-            rx: Mutex::new(rx),
-            dropped: AtomicU64::new(0),
+            shards: std::array::from_fn(|_| Mutex::default()),
         }
     }
 }
 
 impl Usage {
-    /// Queues an event; never waits.
+    /// Adds an event to the counts.
     pub fn record(&self, e: Event) {
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(e) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
         }
+        let mut tally = self.shards[SHARD.with(|s| *s)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        tally
+            .entry((e.day, e.key_id.clone(), e.model.clone()))
+            .or_default()
+            .add(&e);
     }
 
-    /// Events dropped because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Everything queued, added up by (day, key id, model).
-    pub fn drain(&self) -> HashMap<(u32, String, String), Counts> {
-        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: HashMap<(u32, String, String), Counts> = HashMap::new();
-        for e in rx.try_iter() {
-            out.entry((e.day, e.key_id.clone(), e.model.clone()))
-                .or_default()
-                .add(&e);
+    /// Everything counted since the last call, added up by (day, key id, model).
+    pub fn drain(&self) -> Tally {
+        let mut out = Tally::new();
+        for shard in &self.shards {
+            // The lock is held for a swap only (see `LogQueue::take`).
+            let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
+            for (k, c) in taken {
+                out.entry(k).or_default().merge(&c);
+            }
         }
         out
     }

@@ -314,7 +314,6 @@ impl Gateway {
                 .collect::<Vec<_>>(),
             // Records dropped because their queue to the data file was full.
             "dropped": {
-                "usage_events": self.state.lasting.usage.dropped(),
                 "log_records": self.state.lasting.logs.dropped(),
             },
             "plugin_errors": self.state.lasting.stats.snapshot().into_iter()
