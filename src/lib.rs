@@ -41,9 +41,9 @@ use reload::Source;
 /// plugins and templates) are applied while it runs.
 pub fn run(config: Config, source: Source) -> ! {
     let listen = config.listen.to_string();
-    // NOTE: pingora retries a busy address for a long while, quietly; an operator wants to be
-    // told at once. Probe the address first (and release it for pingora).
-    // Port 0 is resolved here once, so that every worker listens on the same port.
+    // An operator wants to hear at once that the address is taken, before anything starts: probe
+    // it (and release it for the workers, whose sockets share it). Port 0 is resolved here
+    // once, so that every worker listens on the same port.
     let listen_addr = match std::net::TcpListener::bind(config.listen).and_then(|l| l.local_addr())
     {
         Ok(addr) => addr,

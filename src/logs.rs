@@ -6,7 +6,7 @@
 //! the upstream's status and message (and the request body, if `ERROR_LOG_RECORD_REQUEST_BODY`).
 //!
 //! A record is named by its row, (time, sequence). Records are stored in blocks of up to
-//! [`BLOCK`]: one redb row per block, keyed by its first row, holding its records in row order;
+//! 256 (`BLOCK`): one redb row per block, keyed by its first row, holding its records in row order;
 //! blocks never overlap. Index tables by key, model, status and error class hold (value, block)
 //! for every value a block has, so a query on any of them reads only the blocks that can
 //! match. A request costs the flusher one JSON encoding and a share of one insert, rather than

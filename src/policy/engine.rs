@@ -6,7 +6,7 @@
 //!
 //! Lua states are not `Send`, and a request may move between worker threads at every `.await`.
 //! Hooks are plain synchronous calls, so each worker thread keeps its own VM per generation
-//! ([`Engine`], built on the thread's first call) and a request holds no Lua value across an
+//! (`Engine`, built on the thread's first call) and a request holds no Lua value across an
 //! await: what plugins share within a request (`ctx.shared`) travels between hooks as JSON.
 
 use std::cell::{OnceCell, RefCell};

@@ -234,7 +234,7 @@ impl State {
     }
 }
 
-/// gemgate's HTTP application, served by a pingora listening service.
+/// gemgate's HTTP application, served by the worker threads (see [`workers`]).
 pub struct Gateway {
     state: Arc<State>,
     connector: TransportConnector,
