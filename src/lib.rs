@@ -17,6 +17,7 @@ pub mod openai;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod shard;
 pub mod store;
 pub mod telemetry;
 pub mod templates;

@@ -6,13 +6,11 @@
 //! them to redb once a second. Memory is bounded by the keys × models × days seen since.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-/// Count shards: worker threads beyond this many share them.
-const SHARDS: usize = 16;
+use crate::shard::{self, SHARDS};
 
 /// Tokens one answer used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,15 +44,16 @@ pub struct Counts {
 }
 
 impl Counts {
-    pub fn add(&mut self, e: &Event) {
+    /// Adds one attempt: `failure` is its error class (`None`: a success).
+    pub fn add(&mut self, failure: Option<&str>, tokens: Tokens) {
         self.requests += 1;
-        match e.failure {
+        match failure {
             None => self.successes += 1,
             Some(class) => *self.failures.entry(class.to_owned()).or_default() += 1,
         }
-        self.prompt_tokens += e.tokens.prompt;
-        self.output_tokens += e.tokens.output;
-        self.thought_tokens += e.tokens.thoughts;
+        self.prompt_tokens += tokens.prompt;
+        self.output_tokens += tokens.output;
+        self.thought_tokens += tokens.thoughts;
     }
 
     pub fn merge(&mut self, other: &Counts) {
@@ -87,17 +86,20 @@ impl Default for Usage {
 impl Usage {
     /// Adds an event to the counts.
     pub fn record(&self, e: Event) {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-        }
-        let mut tally = self.shards[SHARD.with(|s| *s)]
+        let Event {
+            key_id,
+            model,
+            day,
+            failure,
+            tokens,
+        } = e;
+        let mut tally = self.shards[shard::of_thread()]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         tally
-            .entry((e.day, e.key_id.clone(), e.model.clone()))
+            .entry((day, key_id, model))
             .or_default()
-            .add(&e);
+            .add(failure, tokens);
     }
 
     /// Everything counted since the last call, added up by (day, key id, model).

@@ -353,8 +353,9 @@ impl Policy {
         self.hooks.filter_models.any()
     }
 
-    pub fn has_on_log(&self) -> bool {
-        self.hooks.on_log.any()
+    /// Whether the finished call of `model` goes to `on_log` plugins.
+    pub fn has_on_log(&self, model: &str) -> bool {
+        self.hooks.on_log.takes(model)
     }
 
     /// Whether an attempt's outcome on `model` goes to plugins (`on_response` for a success).
@@ -404,13 +405,10 @@ impl Policy {
         })
     }
 
-    /// `on_request` of every plugin, in order: the first denial ends it; rewrites accumulate
+    /// `on_request` of every plugin that takes the call (the caller checks
+    /// [`Policy::has_on_request`] first), in order: the first denial ends it; rewrites accumulate
     /// (each plugin sees the model as the ones before it left it).
     pub fn on_request(&self, req: &RequestInfo, shared: &mut Shared) -> Result<Rewrite, Denial> {
-        // A rewrite comes from a plugin that took the call: with none, nothing can change.
-        if !self.has_on_request(req.model) {
-            return Ok(Rewrite::default());
-        }
         let out = self.with_engine(|engine| {
             let lua = engine.vm.lua();
             let p = &engine.prelude;
@@ -640,9 +638,6 @@ impl Policy {
     /// `on_log` of every plugin with the finished request's record.
     pub fn on_log(&self, entry: &serde_json::Value, client: &str, id: &str, shared: &mut Shared) {
         let model = entry["model"].as_str().unwrap_or_default();
-        if !self.hooks.on_log.takes(model) {
-            return;
-        }
         let _ = self.with_engine(|engine| {
             let arg = engine
                 .vm

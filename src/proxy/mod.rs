@@ -364,7 +364,7 @@ impl Gateway {
         if !matches!(x.action.as_str(), "health" | "preflight" | "admin") {
             self.state.lasting.logs.push(x.record());
         }
-        if gen.policy.has_on_log() && x.action != "health" && x.action != "preflight" {
+        if gen.policy.has_on_log(&x.model) && x.action != "health" && x.action != "preflight" {
             let entry = x.entry();
             let client = x.client.clone().unwrap_or_default();
             gen.policy.on_log(&entry, &client, &x.id, &mut x.shared);
@@ -1466,19 +1466,17 @@ async fn relay(
         }
     }
     let has_body = !matches!(upstream.status.as_u16(), 204 | 304);
-    if has_body
+    // NOTE: pingora falls back to a close-delimited body when a response has neither length
+    // nor chunking; say chunked so the connection stays reusable. (HTTP/1.0 clients get the
+    // close-delimited body.) pingora flushes a chunked answer's header at once, and each chunk
+    // after it: the chunk that follows the header at once, or the end that follows the last
+    // chunk at once, can share its send (see `wire::Gathered`).
+    let chunked = has_body
         && head.headers.get(header::CONTENT_LENGTH).is_none()
-        && s.req_header().version == http::Version::HTTP_11
-    {
-        // NOTE: pingora falls back to a close-delimited body when a response has neither
-        // length nor chunking; say chunked so the connection stays reusable. (HTTP/1.0 clients
-        // get the close-delimited body.)
+        && s.req_header().version == http::Version::HTTP_11;
+    if chunked {
         let _ = head.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
-    // pingora flushes the header of a chunked answer at once, and each chunk after it; the
-    // chunk that follows the header at once, or the end that follows the last chunk at once,
-    // can share its send (see `wire::Gathered`).
-    let chunked = head.headers.get(header::TRANSFER_ENCODING).is_some();
     let mut head = Some(head);
     let mut framer = req.sse.then(sse::EventFramer::default);
     let mut batches = upstream::BodyBatches::default();

@@ -16,6 +16,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use super::egress::{self, Tunnel};
 use crate::config::{BaseUrl, Config};
+use crate::shard::{self, SHARDS};
 
 /// How long a DNS answer is used before it is looked up again (in the background).
 const DNS_TTL: Duration = Duration::from_secs(60);
@@ -262,7 +263,7 @@ impl Target {
         reuse_idle: bool,
     ) -> pingora::Result<(HttpSession, bool)> {
         if reuse_idle {
-            let idle = &self.routes[route].idle[shard()];
+            let idle = &self.routes[route].idle[shard::of_thread()];
             while let Some((stream, since)) = idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
                 // One idle past IDLE_TIMEOUT is dropped (closed) and the next one tried.
                 if since.elapsed() < IDLE_TIMEOUT {
@@ -295,7 +296,7 @@ impl Target {
         let Some(stream) = h1.reuse().await else {
             return;
         };
-        let mut idle = self.routes[route].idle[shard()]
+        let mut idle = self.routes[route].idle[shard::of_thread()]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if idle
@@ -308,18 +309,6 @@ impl Target {
             idle.push((stream, Instant::now()));
         }
     }
-}
-
-/// Idle-connection stacks per route; worker threads beyond this many share them.
-const SHARDS: usize = 16;
-
-/// The calling thread's idle-connection stack.
-fn shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS;
-    }
-    SHARD.with(|s| *s)
 }
 
 /// Largest batch of already-received body chunks sent to the client in one write.

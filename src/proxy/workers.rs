@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::l4::listener::Listener;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
@@ -55,12 +56,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
 }
 
 /// Serves one connection, request after request, until it closes.
-async fn serve(
-    app: Arc<Gateway>,
-    stream: pingora::protocols::l4::stream::Stream,
-    shutdown: ShutdownWatch,
-) {
-    let mut stream = stream;
+async fn serve(app: Arc<Gateway>, mut stream: L4Stream, shutdown: ShutdownWatch) {
     if let Err(e) = stream.set_nodelay() {
         tracing::debug!("TCP_NODELAY: {e}");
     }
