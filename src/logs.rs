@@ -261,30 +261,38 @@ pub fn write(db: &Database, records: &[Record], seq: &AtomicU64) -> Result<(), S
         full.push(serde_json::to_vec(r).map_err(io)?);
     }
     let tx = db.begin_write().map_err(io)?;
-    for log in [Log::Requests, Log::Errors] {
-        let mut open = Open::new(&tx, log)?;
-        let mut floor = open.last_row()?;
-        let mut entries: Vec<(Row, std::borrow::Cow<[u8]>, &Record)> = Vec::new();
-        for (r, json) in records.iter().zip(&full) {
-            if log == Log::Errors && !r.failed() {
-                continue;
-            }
-            // Rows only grow, whatever the clock or the queue's order did: blocks never overlap.
+    let mut requests = Open::new(&tx, Log::Requests)?;
+    let mut errors = Open::new(&tx, Log::Errors)?;
+    // A record has the same row in both logs. Rows only grow, whatever the clock or the
+    // queue's order did: blocks never overlap.
+    let mut floor = requests.last_row()?.max(errors.last_row()?);
+    let rows: Vec<Row> = records
+        .iter()
+        .map(|r| {
             let mut row = (r.ts_ms, seq.fetch_add(1, Ordering::Relaxed));
             if row <= floor {
                 row = (floor.0, floor.1 + 1);
             }
             floor = row;
-            let json = match log {
-                Log::Requests => strip_error_fields(json, r),
-                Log::Errors => std::borrow::Cow::Borrowed(json.as_slice()),
-            };
-            entries.push((row, json, r));
-        }
-        for block in entries.chunks(BLOCK) {
-            open.put_block(block.iter().map(|(row, json, r)| (*row, &json[..], *r)))?;
-        }
+            row
+        })
+        .collect();
+    let lean: Vec<std::borrow::Cow<[u8]>> = records
+        .iter()
+        .zip(&full)
+        .map(|(r, json)| strip_error_fields(json, r))
+        .collect();
+    for start in (0..records.len()).step_by(BLOCK) {
+        let block = start..(start + BLOCK).min(records.len());
+        requests.put_block(block.map(|i| (rows[i], &lean[i][..], &records[i])))?;
     }
+    let failed: Vec<usize> = (0..records.len())
+        .filter(|&i| records[i].failed())
+        .collect();
+    for block in failed.chunks(BLOCK) {
+        errors.put_block(block.iter().map(|&i| (rows[i], &full[i][..], &records[i])))?;
+    }
+    drop((requests, errors));
     tx.commit().map_err(io)
 }
 
@@ -354,20 +362,7 @@ impl<'tx> Open<'tx> {
         };
         let bytes = encode(entries.clone().map(|(row, json, _)| (row, json)));
         self.blocks.insert(key, bytes.as_slice()).map_err(io)?;
-        let v = Values::of(entries.map(|(.., r)| r));
-        for k in v.keys {
-            self.by_key.insert((k, key.0, key.1), ()).map_err(io)?;
-        }
-        for m in v.models {
-            self.by_model.insert((m, key.0, key.1), ()).map_err(io)?;
-        }
-        for c in v.classes {
-            self.by_class.insert((c, key.0, key.1), ()).map_err(io)?;
-        }
-        for s in v.statuses {
-            self.by_status.insert((s, key.0, key.1), ()).map_err(io)?;
-        }
-        Ok(())
+        self.index(key, Values::of(entries.map(|(.., r)| r)), true)
     }
 
     /// Removes block `key`, whose records are `records`, with its index entries.
@@ -377,18 +372,34 @@ impl<'tx> Open<'tx> {
         records: impl Iterator<Item = &'r Record>,
     ) -> Result<(), StoreError> {
         self.blocks.remove(key).map_err(io)?;
-        let v = Values::of(records);
+        self.index(key, Values::of(records), false)
+    }
+
+    /// Adds (or removes) the index entries of block `key` for its values `v`.
+    fn index(&mut self, key: Row, v: Values, add: bool) -> Result<(), StoreError> {
+        fn set<K: redb::Key + 'static>(
+            table: &mut redb::Table<K, ()>,
+            entry: K::SelfType<'_>,
+            add: bool,
+        ) -> Result<(), StoreError> {
+            if add {
+                table.insert(entry, ()).map_err(io)?;
+            } else {
+                table.remove(entry).map_err(io)?;
+            }
+            Ok(())
+        }
         for k in v.keys {
-            self.by_key.remove((k, key.0, key.1)).map_err(io)?;
+            set(&mut self.by_key, (k, key.0, key.1), add)?;
         }
         for m in v.models {
-            self.by_model.remove((m, key.0, key.1)).map_err(io)?;
+            set(&mut self.by_model, (m, key.0, key.1), add)?;
         }
         for c in v.classes {
-            self.by_class.remove((c, key.0, key.1)).map_err(io)?;
+            set(&mut self.by_class, (c, key.0, key.1), add)?;
         }
         for s in v.statuses {
-            self.by_status.remove((s, key.0, key.1)).map_err(io)?;
+            set(&mut self.by_status, (s, key.0, key.1), add)?;
         }
         Ok(())
     }
@@ -472,6 +483,14 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
     let limit = q.limit.clamp(1, 1000);
     let mut out: Vec<(Row, Record)> = Vec::new();
     let mut next = None;
+    // A record whose JSON does not even contain the values asked for is not parsed (values
+    // that JSON would escape are left to the parsed check).
+    let needles: Vec<memchr::memmem::Finder> = [&q.key_id, &q.model, &q.class]
+        .into_iter()
+        .flatten()
+        .filter(|v| v.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\'))
+        .map(|v| memchr::memmem::Finder::new(v.as_bytes()))
+        .collect();
     // Reads one block newest first; `false` ends the walk.
     let mut take = |key: Row| -> Result<bool, StoreError> {
         let Some(value) = blocks.get(key).map_err(io)? else {
@@ -484,14 +503,7 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
             if row.0 < from {
                 return Ok(false);
             }
-            // A record whose JSON does not even contain the values asked for is not parsed
-            // (values that JSON would escape are left to the parsed check).
-            let named = [&q.key_id, &q.model, &q.class];
-            let absent = |v: &str| {
-                v.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
-                    && memchr::memmem::find(json, v.as_bytes()).is_none()
-            };
-            if named.iter().filter_map(|v| v.as_deref()).any(absent) {
+            if needles.iter().any(|n| n.find(json).is_none()) {
                 continue;
             }
             let Ok(r) = serde_json::from_slice::<Record>(json) else {
@@ -521,8 +533,7 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
     } else if let Some(s) = q.status {
         walk_index!(tx, t.by_status, s, upper, &mut take);
     } else {
-        let all = tx.open_table(t.blocks).map_err(io)?;
-        let range = all.range(..upper).map_err(io)?;
+        let range = blocks.range(..upper).map_err(io)?;
         walk(range.rev().map(|e| e.map(|(k, _)| k.value())), &mut take)?;
     }
     Ok((out, next))
