@@ -177,14 +177,7 @@ fn masked(v: &toml::Value) -> String {
 /// A proxy URL keeps its host and loses its password; anything else shows 6 + 4 characters.
 fn mask_one(s: &str) -> String {
     match reqwest::Url::parse(s) {
-        Ok(mut url) if url.has_host() && s.contains("://") => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            } else if !url.username().is_empty() {
-                let _ = url.set_username("***");
-            }
-            url.to_string().trim_end_matches('/').to_owned()
-        }
+        Ok(url) if url.has_host() && s.contains("://") => crate::proxy::egress::shown_url(&url),
         _ => super::mask(s),
     }
 }

@@ -16,6 +16,13 @@ struct Cell {
     window_end_ms: u64,
 }
 
+impl Cell {
+    /// Whether its window (if any) is still open at `now_ms`.
+    fn live(&self, now_ms: u64) -> bool {
+        self.window_end_ms == 0 || self.window_end_ms > now_ms
+    }
+}
+
 /// One counter. A plugin's handle keeps it, so counting takes no lookup by name.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -44,7 +51,7 @@ impl Slot {
     /// The value now (0 once its window has ended).
     pub fn get(&self, now_ms: u64) -> i64 {
         let cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
-        if cell.window_end_ms == 0 || cell.window_end_ms > now_ms {
+        if cell.live(now_ms) {
             cell.value
         } else {
             0
@@ -56,8 +63,10 @@ impl Slot {
     }
 
     fn live(&self, now_ms: u64) -> bool {
-        let cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
-        cell.window_end_ms == 0 || cell.window_end_ms > now_ms
+        self.cell
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live(now_ms)
     }
 }
 
@@ -107,6 +116,7 @@ impl Counters {
     }
 
     /// Adds `n` to the counter and returns its new value (see [`Slot::incr`]).
+    #[cfg(test)]
     pub fn incr(
         &self,
         plugin: &str,

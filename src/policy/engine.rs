@@ -20,7 +20,7 @@ use mlua::{LuaSerdeExt, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::counters::Counters;
 use super::{
-    embedded, model_matches, read_dir, Host, Limits, Plugin, PluginSource, PolicyError, Vm, HOOKS,
+    embedded, matches_any, read_dir, Host, Limits, Plugin, PluginSource, PolicyError, Vm, HOOKS,
 };
 use crate::config::{Config, OnError};
 use crate::keys::KeyPool;
@@ -112,7 +112,7 @@ impl Takes {
         match self {
             Takes::Nothing => false,
             Takes::Every => true,
-            Takes::Models(patterns) => patterns.iter().any(|p| model_matches(p, model)),
+            Takes::Models(patterns) => matches_any(patterns, model),
         }
     }
 }
@@ -748,7 +748,7 @@ impl Live {
         self.plugin
             .models
             .as_ref()
-            .is_none_or(|patterns| patterns.iter().any(|p| model_matches(p, model)))
+            .is_none_or(|patterns| matches_any(patterns, model))
     }
 }
 

@@ -127,6 +127,11 @@ fn read_models(table: &Table) -> Result<Option<Rc<[String]>>, String> {
     Ok(Some(Rc::from(models)))
 }
 
+/// Whether `model` matches any of `patterns` (see [`model_matches`]).
+pub fn matches_any(patterns: &[String], model: &str) -> bool {
+    patterns.iter().any(|p| model_matches(p, model))
+}
+
 /// A plugin loaded into a [`Vm`].
 #[derive(Debug, Clone)]
 pub struct Plugin {
@@ -475,9 +480,12 @@ impl UserData for CounterHandle {
             },
         );
         methods.add_method("get", |_, this, ()| {
-            Ok(this
-                .counters
-                .get(&this.plugin, &this.name, crate::keys::clock::now_ms()))
+            let now = crate::keys::clock::now_ms();
+            // Reading never makes a counter: without a kept slot, look the name up.
+            Ok(match &*this.slot.borrow() {
+                Some(slot) if !slot.is_dropped() => slot.get(now),
+                _ => this.counters.get(&this.plugin, &this.name, now),
+            })
         });
     }
 }

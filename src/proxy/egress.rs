@@ -40,6 +40,10 @@ pub struct Tunnel {
     port: u16,
     /// User name and password, when the URL has them.
     auth: Option<(String, String)>,
+    /// `Basic …` of `auth`, for an HTTP proxy.
+    proxy_auth: Option<String>,
+    /// `host:port` of the upstream, as a `CONNECT` names it.
+    authority: String,
     /// The proxy's URL without its password, for logs and errors.
     pub display: String,
     /// The full URL, for side calls (key checks) that go through the same proxy.
@@ -51,6 +55,18 @@ pub struct Tunnel {
     /// tunnels only to port 443).
     plain: bool,
     timeout: Duration,
+}
+
+/// A proxy URL as logs, errors and pages show it: without its password (or a user name
+/// alone, which is often a token).
+pub(crate) fn shown_url(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    if url.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    } else if !url.username().is_empty() {
+        let _ = shown.set_username("***");
+    }
+    shown.as_str().trim_end_matches('/').to_owned()
 }
 
 /// Why a `PROXIES` entry cannot be used.
@@ -102,19 +118,23 @@ impl Tunnel {
                 return Err("a SOCKS5 user name or password is at most 255 bytes".into());
             }
         }
-        let mut shown = parsed.clone();
-        if parsed.password().is_some() {
-            let _ = shown.set_password(Some("***"));
-        } else if !parsed.username().is_empty() {
-            // A user name alone is often a token.
-            let _ = shown.set_username("***");
-        }
+        let proxy_auth = auth.as_ref().map(|(user, pass)| {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+            format!("Basic {token}")
+        });
+        let authority = if target_host.contains(':') {
+            format!("[{target_host}]:{target_port}")
+        } else {
+            format!("{target_host}:{target_port}")
+        };
         Ok(Tunnel {
             scheme,
             host,
             port,
             auth,
-            display: shown.as_str().trim_end_matches('/').to_owned(),
+            proxy_auth,
+            authority,
+            display: shown_url(&parsed),
             url: url.to_owned(),
             target_host: target_host.to_owned(),
             target_port,
@@ -136,10 +156,8 @@ impl Tunnel {
     }
 
     /// The `Proxy-Authorization` value of a forwarding proxy with credentials.
-    pub fn proxy_authorization(&self) -> Option<String> {
-        let (user, pass) = self.auth.as_ref()?;
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-        Some(format!("Basic {token}"))
+    pub fn proxy_authorization(&self) -> Option<&str> {
+        self.proxy_auth.as_deref()
     }
 
     /// Whether the proxy itself looks up the upstream's name (`http://`, `socks5h://`).
@@ -168,11 +186,7 @@ impl Tunnel {
     }
 
     async fn connect_http(&self, tcp: &mut TcpStream) -> Result<(), String> {
-        let authority = if self.target_host.contains(':') {
-            format!("[{}]:{}", self.target_host, self.target_port)
-        } else {
-            format!("{}:{}", self.target_host, self.target_port)
-        };
+        let authority = &self.authority;
         let mut ask = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
         if let Some(auth) = self.proxy_authorization() {
             ask.push_str(&format!("Proxy-Authorization: {auth}\r\n"));

@@ -1505,14 +1505,8 @@ async fn relay(
                     if event.is_empty() {
                         continue;
                     }
-                    if let Some(h) = head.take() {
-                        x.ttfb = Some(x.started.elapsed());
-                        if chunked {
-                            wire::Gathered::hold_flush_of(s.stream());
-                        }
-                        if s.write_response_header(Box::new(h)).await.is_err() {
-                            return Ok(Finished::Relayed(Outcome::Close));
-                        }
+                    if !start_answer(s, &mut head, chunked, x).await {
+                        return Ok(Finished::Relayed(Outcome::Close));
                     }
                     if last {
                         wire::Gathered::hold_flush_of(s.stream());
@@ -1550,14 +1544,8 @@ async fn relay(
                         "the upstream ended the stream before sending anything",
                     ));
                 }
-                if let Some(h) = head.take() {
-                    x.ttfb = Some(x.started.elapsed());
-                    if chunked {
-                        wire::Gathered::hold_flush_of(s.stream());
-                    }
-                    if s.write_response_header(Box::new(h)).await.is_err() {
-                        return Ok(Finished::Relayed(Outcome::Close));
-                    }
+                if !start_answer(s, &mut head, chunked, x).await {
+                    return Ok(Finished::Relayed(Outcome::Close));
                 }
                 let done = s.write_response_body(rest, true).await;
                 return Ok(Finished::Relayed(if done.is_ok() {
@@ -1599,6 +1587,24 @@ async fn relay(
             }
         }
     }
+}
+
+/// Writes the answer's header, if it has not gone yet, with its time to first byte; `false`:
+/// the client is gone. A chunked answer's header waits for the chunk that follows it at once.
+async fn start_answer(
+    s: &mut ServerSession,
+    head: &mut Option<ResponseHeader>,
+    chunked: bool,
+    x: &mut Exchange,
+) -> bool {
+    let Some(h) = head.take() else {
+        return true;
+    };
+    x.ttfb = Some(x.started.elapsed());
+    if chunked {
+        wire::Gathered::hold_flush_of(s.stream());
+    }
+    s.write_response_header(Box::new(h)).await.is_ok()
 }
 
 fn response_header(status: u16, x: &mut Exchange) -> ResponseHeader {

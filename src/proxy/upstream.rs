@@ -129,14 +129,6 @@ impl Target {
         egress::pick(self.routes.len(), self.by_key, key_id, &self.turn)
     }
 
-    /// The proxy of `route`, for logs (`None`: straight to the upstream).
-    pub fn proxy(&self, route: usize) -> Option<&str> {
-        self.routes[route]
-            .tunnel
-            .as_ref()
-            .map(|t| t.display.as_str())
-    }
-
     /// The proxy of `route` when it forwards requests as they are (see `Tunnel::forwards`):
     /// their targets must then be absolute.
     pub fn forwarding(&self, route: usize) -> Option<&Tunnel> {
