@@ -289,8 +289,6 @@ fn watch_folders(
     }
 }
 
-/// Whether an event touches a file a generation is built from (not logs or data written beside
-/// them).
 /// Whether the only files of `event` that make a generation are the config file (a save's
 /// temporary file does not count).
 fn only_the_config(event: &notify::Event, state: &State) -> bool {
@@ -315,6 +313,8 @@ fn fingerprint(path: &Path) -> u64 {
     }
 }
 
+/// Whether an event touches a file a generation is built from (not logs or data written beside
+/// them).
 fn relevant(event: &notify::Event, state: &State) -> bool {
     !matches!(event.kind, EventKind::Access(_))
         && event.paths.iter().any(|p| relevant_path(p, state))

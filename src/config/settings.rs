@@ -174,6 +174,12 @@ fn masked(v: &toml::Value) -> String {
     shown.join(", ")
 }
 
+/// Whether the gateway's own environment sets `name` (rather than `.env`): the `process_env`
+/// of [`describe`] and [`apply_form`] outside tests.
+pub fn in_process_env(name: &str) -> bool {
+    std::env::var_os(name).is_some()
+}
+
 /// A proxy URL keeps its host and loses its password; anything else shows 6 + 4 characters.
 fn mask_one(s: &str) -> String {
     match reqwest::Url::parse(s) {

@@ -80,12 +80,7 @@ impl Gateway {
             }
             AdminCall::Keys => {
                 let query = s.req_header().uri.query().unwrap_or_default().to_owned();
-                let today = crate::usage::day_of(now_ms());
-                let usage = match &self.state.lasting.store {
-                    Some(store) => store.usage_of_day(today).unwrap_or_default(),
-                    None => Default::default(),
-                };
-                keys_json(gen, &query, &usage)
+                keys_json(gen, &query, &self.usage_today())
             }
             AdminCall::VerifyKeys => {
                 let raw = admin_body(s).await?;
@@ -122,9 +117,7 @@ impl Gateway {
                 json!({ "results": results })
             }
             AdminCall::Logs { log, row } => {
-                let Some(store) = self.state.lasting.store.clone() else {
-                    return Err(GateError::new(503, "this gateway keeps no logs"));
-                };
+                let store = self.log_store()?;
                 let query = s.req_header().uri.query().unwrap_or_default().to_owned();
                 if method == http::Method::DELETE {
                     let raw = admin_body(s).await?;
@@ -303,6 +296,26 @@ impl Gateway {
         done.map_err(|m: String| GateError::new(500, format!("the config edit failed: {m}")))
     }
 
+    /// Today's usage per key id (empty without a store).
+    pub(super) fn usage_today(&self) -> HashMap<String, Counts> {
+        let today = crate::usage::day_of(now_ms());
+        self.state
+            .lasting
+            .store
+            .as_ref()
+            .and_then(|store| store.usage_of_day(today).ok())
+            .unwrap_or_default()
+    }
+
+    /// The store that keeps the logs, or the answer for a gateway that keeps none.
+    pub(super) fn log_store(&self) -> Result<std::sync::Arc<crate::store::Store>, GateError> {
+        self.state
+            .lasting
+            .store
+            .clone()
+            .ok_or_else(|| GateError::new(503, "this gateway keeps no logs"))
+    }
+
     pub(super) fn reload_json(&self) -> Value {
         let current = self.state.current.load();
         json!({
@@ -347,7 +360,6 @@ async fn admin_body(s: &mut ServerSession) -> Result<Bytes, GateError> {
     })
 }
 
-/// One key as the admin API shows it: masked, with its health.
 /// How many keys are in each state.
 #[derive(Default)]
 pub(super) struct StateCounts {
@@ -381,6 +393,7 @@ pub(super) fn state_of(key: &Key, now: u64) -> &'static str {
     }
 }
 
+/// One key as the admin API shows it: masked, with its health.
 fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
     let s = &key.state;
     let detail = s.detail();

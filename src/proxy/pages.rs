@@ -114,11 +114,7 @@ impl Gateway {
     ) -> PageAnswer {
         let method = s.req_header().method.clone();
         let path = s.req_header().uri.path().to_owned();
-        let admin_token = gen
-            .config
-            .auth_token
-            .as_ref()
-            .map(|t| t.expose().to_owned());
+        let admin_token = gen.config.auth_token.as_ref().map(|t| t.expose());
         match page {
             Page::Static(name) => {
                 return match gen.templates.asset(name) {
@@ -132,7 +128,7 @@ impl Gateway {
                 }
             }
             Page::Moved(to) => return PageAnswer::redirect(301, to),
-            Page::Login => return self.login(gen, s, admin_token.as_deref()).await,
+            Page::Login => return self.login(gen, s, admin_token).await,
             _ => {}
         }
         let form = if method == http::Method::POST {
@@ -146,7 +142,7 @@ impl Gateway {
         let who = self.state.lasting.sessions.identify(
             s.req_header(),
             client_ip(s),
-            admin_token.as_deref(),
+            admin_token,
             form.get("_csrf").map(String::as_str),
         );
         let admin = match who {
@@ -284,7 +280,7 @@ impl Gateway {
                 self.render(gen, 200, "login", "Log in", data, &anonymous)
             }
             http::Method::POST => {
-                let ip = s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+                let ip = client_ip(s);
                 let form = match read_body(s, FORM_LIMIT).await {
                     Ok(b) => parse_form(&b),
                     Err(_) => return self.error_page(gen, 413, "the form is too large", None),
@@ -357,12 +353,7 @@ impl Gateway {
     }
 
     fn keys_page(&self, gen: &Generation, query: &str) -> (&'static str, &'static str, Value) {
-        let today = crate::usage::day_of(now_ms());
-        let usage = match &self.state.lasting.store {
-            Some(store) => store.usage_of_day(today).unwrap_or_default(),
-            None => Default::default(),
-        };
-        let mut data = keys_json(gen, query, &usage);
+        let mut data = keys_json(gen, query, &self.usage_today());
         let param = |n: &str| {
             super::auth::query_param(query, n)
                 .map(|v| v.into_owned())
@@ -409,7 +400,7 @@ impl Gateway {
         let text =
             crate::config::edit::read_or_defaults(path).map_err(|e| GateError::new(500, e))?;
         let vars = self.state.source.vars();
-        let mut groups = settings::describe(&text, &vars, &|n| std::env::var_os(n).is_some())
+        let mut groups = settings::describe(&text, &vars, &settings::in_process_env)
             .map_err(|e| GateError::new(500, e.to_string()))?;
         let mut general = Vec::new();
         if let Some((form, errors)) = refused {
@@ -456,9 +447,7 @@ impl Gateway {
                 let path = &state.source.path;
                 let text = crate::config::edit::read_or_defaults(path)?;
                 let vars = state.source.vars();
-                match settings::apply_form(&text, &vars, &submitted, &|n| {
-                    std::env::var_os(n).is_some()
-                }) {
+                match settings::apply_form(&text, &vars, &submitted, &settings::in_process_env) {
                     Saved::Changed(changed, new_text) => {
                         crate::config::edit::write_atomic(path, &new_text)?;
                         Ok((Saved::Changed(changed, String::new()), true))
@@ -492,9 +481,7 @@ impl Gateway {
     }
 
     fn logs_page(&self, query: &str) -> Result<(&'static str, &'static str, Value), GateError> {
-        let Some(store) = self.state.lasting.store.clone() else {
-            return Err(GateError::new(503, "this gateway keeps no logs"));
-        };
+        let store = self.log_store()?;
         let param = |n: &str| {
             super::auth::query_param(query, n)
                 .map(|v| v.into_owned())
@@ -538,9 +525,7 @@ impl Gateway {
         log: crate::logs::Log,
         row: (u64, u64),
     ) -> Result<(&'static str, &'static str, Value), GateError> {
-        let Some(store) = self.state.lasting.store.clone() else {
-            return Err(GateError::new(503, "this gateway keeps no logs"));
-        };
+        let store = self.log_store()?;
         let mut data = super::admin::logs_json(&store, log, Some(row), "")?;
         data["time"] = json!(rfc3339(row.0));
         data["log"] = json!(log.name());
