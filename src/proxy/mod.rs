@@ -24,14 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::ErrorType;
 
@@ -1047,13 +1046,21 @@ impl Failure {
     }
 }
 
-#[async_trait]
-impl HttpServerApp for Gateway {
-    async fn process_new_http(
-        self: &Arc<Self>,
+impl Gateway {
+    /// Serves the next request of an HTTP/1 connection, and gives the connection back when it
+    /// can carry another one.
+    ///
+    /// NOTE: the worker's own keep-alive loop calls this rather than pingora's
+    /// `HttpServerApp::process_new_http`, whose boxed future (about 12 KB, copied onto the heap
+    /// for every request) cost more than reading the request.
+    pub(crate) async fn serve_request(
+        &self,
         mut s: ServerSession,
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
+    ) -> Option<Stream> {
+        // While waiting for the next request on a kept-alive connection.
+        let keepalive = if *shutdown.borrow() { None } else { Some(75) };
+        s.set_keepalive(keepalive);
         match s.read_request().await {
             Ok(true) => {}
             Ok(false) => return None,
@@ -1062,7 +1069,9 @@ impl HttpServerApp for Gateway {
                 return None;
             }
         }
-        s.set_keepalive(if *shutdown.borrow() { None } else { Some(75) });
+        if *shutdown.borrow() {
+            s.set_keepalive(None);
+        }
         // A body left unread by an early answer is drained for a bounded time only.
         s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
         // NOTE: by default pingora closes a connection answered before its request body was
@@ -1075,9 +1084,8 @@ impl HttpServerApp for Gateway {
         if outcome == Outcome::Close {
             return None;
         }
-        let settings = HttpPersistentSettings::for_session(&s);
         match s.finish().await {
-            Ok(stream) => stream.map(|st| ReusedHttpStream::from_reusable_stream(st, settings)),
+            Ok(reusable) => reusable.map(|r| r.into_parts().0),
             Err(_) => None,
         }
     }

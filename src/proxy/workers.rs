@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::listener::Listener;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
@@ -62,7 +62,9 @@ async fn serve(app: Arc<Gateway>, mut stream: L4Stream, shutdown: ShutdownWatch)
     }
     let mut next: Option<Stream> = Some(Box::new(Gathered::new(Box::new(stream))));
     while let Some(stream) = next {
-        next = app.process_new(stream, &shutdown).await;
+        next = app
+            .serve_request(ServerSession::new_http1(stream), &shutdown)
+            .await;
     }
 }
 
