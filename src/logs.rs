@@ -56,6 +56,47 @@ impl Record {
     pub fn failed(&self) -> bool {
         self.status >= 400 || self.class.is_some()
     }
+
+    /// The record as stored: serde's JSON for it, byte for byte (the queries match on it), but
+    /// written field by field: serde_json escapes every key too, and this runs for every
+    /// request. `lean` leaves out the error-log-only fields, as the request log keeps them.
+    fn json(&self, lean: bool) -> Vec<u8> {
+        fn num(out: &mut Vec<u8>, key: &str, n: impl itoa::Integer) {
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        }
+        fn value(out: &mut Vec<u8>, key: &str, v: &(impl Serialize + ?Sized)) {
+            out.extend_from_slice(key.as_bytes());
+            // Writing a string or a float into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, v);
+        }
+        let mut out = Vec::with_capacity(320);
+        num(&mut out, "{\"ts_ms\":", self.ts_ms);
+        value(&mut out, ",\"id\":", &self.id);
+        value(&mut out, ",\"client\":", &self.client);
+        value(&mut out, ",\"model\":", &self.model);
+        value(&mut out, ",\"action\":", &self.action);
+        value(&mut out, ",\"key_id\":", &self.key_id);
+        num(&mut out, ",\"status\":", self.status);
+        value(&mut out, ",\"class\":", &self.class);
+        num(&mut out, ",\"attempts\":", self.attempts);
+        value(&mut out, ",\"latency_ms\":", &self.latency_ms);
+        value(&mut out, ",\"ttfb_ms\":", &self.ttfb_ms);
+        num(&mut out, ",\"prompt_tokens\":", self.prompt_tokens);
+        num(&mut out, ",\"output_tokens\":", self.output_tokens);
+        num(&mut out, ",\"thought_tokens\":", self.thought_tokens);
+        value(&mut out, ",\"upstream_status\":", &self.upstream_status);
+        let none = None::<String>;
+        let (message, body) = if lean {
+            (&none, &none)
+        } else {
+            (&self.upstream_message, &self.request_body)
+        };
+        value(&mut out, ",\"upstream_message\":", message);
+        value(&mut out, ",\"request_body\":", body);
+        out.push(b'}');
+        out
+    }
 }
 
 /// The queue between the request path and the flusher.
@@ -256,10 +297,7 @@ pub fn write(db: &Database, records: &[Record], seq: &AtomicU64) -> Result<(), S
     if records.is_empty() {
         return Ok(());
     }
-    let mut full = Vec::with_capacity(records.len());
-    for r in records {
-        full.push(serde_json::to_vec(r).map_err(io)?);
-    }
+    let full: Vec<Vec<u8>> = records.iter().map(|r| r.json(false)).collect();
     let tx = db.begin_write().map_err(io)?;
     let mut requests = Open::new(&tx, Log::Requests)?;
     let mut errors = Open::new(&tx, Log::Errors)?;
@@ -277,10 +315,17 @@ pub fn write(db: &Database, records: &[Record], seq: &AtomicU64) -> Result<(), S
             row
         })
         .collect();
+    // The request log keeps no upstream message or body.
     let lean: Vec<std::borrow::Cow<[u8]>> = records
         .iter()
         .zip(&full)
-        .map(|(r, json)| strip_error_fields(json, r))
+        .map(|(r, json)| {
+            if r.upstream_message.is_some() || r.request_body.is_some() {
+                std::borrow::Cow::Owned(r.json(true))
+            } else {
+                std::borrow::Cow::Borrowed(&json[..])
+            }
+        })
         .collect();
     for start in (0..records.len()).step_by(BLOCK) {
         let block = start..(start + BLOCK).min(records.len());
@@ -403,19 +448,6 @@ impl<'tx> Open<'tx> {
         }
         Ok(())
     }
-}
-
-/// The request log keeps no upstream message or body.
-fn strip_error_fields<'a>(json: &'a [u8], r: &Record) -> std::borrow::Cow<'a, [u8]> {
-    if r.request_body.is_none() && r.upstream_message.is_none() {
-        return std::borrow::Cow::Borrowed(json);
-    }
-    let lean = Record {
-        request_body: None,
-        upstream_message: None,
-        ..r.clone()
-    };
-    std::borrow::Cow::Owned(serde_json::to_vec(&lean).unwrap_or_default())
 }
 
 /// Creates the tables, and converts the one-row-per-record tables of data layout 1.
@@ -709,6 +741,45 @@ mod tests {
             upstream_message: class.map(|_| "quota".to_owned()),
             ..Record::default()
         }
+    }
+
+    #[test]
+    fn a_record_is_stored_as_serde_writes_it() {
+        let full = Record {
+            ts_ms: u64::MAX,
+            id: "r-\"1\"\\\n\u{1}é😀".into(),
+            client: Some("team a".into()),
+            model: "gemini-2.5-flash".into(),
+            action: "generateContent".into(),
+            key_id: Some("k1".into()),
+            status: 429,
+            class: Some("rate_limited".into()),
+            attempts: 3,
+            latency_ms: 12.345_678,
+            ttfb_ms: Some(0.1),
+            prompt_tokens: 7,
+            output_tokens: 0,
+            thought_tokens: 1 << 40,
+            upstream_status: Some(429),
+            upstream_message: Some("Quota exceeded\t".into()),
+            request_body: Some("{\"contents\":[]}".into()),
+        };
+        let odd = Record {
+            latency_ms: f64::NAN,
+            ttfb_ms: Some(f64::INFINITY),
+            ..Record::default()
+        };
+        for r in [full.clone(), odd, Record::default()] {
+            assert_eq!(r.json(false), serde_json::to_vec(&r).unwrap());
+        }
+        let lean = Record {
+            upstream_message: None,
+            request_body: None,
+            ..full.clone()
+        };
+        assert_eq!(full.json(true), serde_json::to_vec(&lean).unwrap());
+        let back: Record = serde_json::from_slice(&full.json(false)).unwrap();
+        assert_eq!(back, full);
     }
 
     fn new_db(dir: &std::path::Path) -> Database {
