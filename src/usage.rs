@@ -6,8 +6,9 @@
 //! them to redb once a second. Memory is bounded by the keys × models × days seen since.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
+use memchr::memmem::FinderRev;
 use serde::{Deserialize, Serialize};
 
 use crate::shard::{self, SHARDS};
@@ -135,7 +136,10 @@ pub fn tokens_in(bytes: &[u8]) -> Option<Tokens> {
         #[serde(default)]
         thoughts_token_count: u64,
     }
-    let at = memchr::memmem::rfind(bytes, b"\"usageMetadata\"")?;
+    // Built once: building a searcher costs more than searching a short answer.
+    static USAGE: LazyLock<FinderRev<'static>> =
+        LazyLock::new(|| FinderRev::new(b"\"usageMetadata\""));
+    let at = USAGE.rfind(bytes)?;
     let rest = &bytes[at + b"\"usageMetadata\"".len()..];
     let colon = memchr::memchr(b':', rest)?;
     let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<Counts>();
