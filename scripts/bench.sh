@@ -5,8 +5,10 @@
 #   - through gemgate,
 #   - through nginx proxy_pass (when nginx is installed), the bar gemgate aims for,
 #   - through gemgate with no plugins ("bare"), for the cost of the shipped policy plugins,
-# all on loopback, in one run. Bounded: each measurement lasts $DURATION seconds (default 5),
-# the whole run about 16 × $DURATION seconds plus a minute of policy-layer runs and the build.
+# all on loopback, in one run. Bounded: each measurement lasts $DURATION seconds (default 5);
+# at concurrency 64 each target is measured $RUNS times (default 3), in turn, and keeps its
+# median. The whole run takes about 32 × $DURATION seconds plus a minute of policy-layer runs
+# and the build.
 #
 #   scripts/bench.sh            # DURATION=10 scripts/bench.sh for steadier figures
 set -euo pipefail
@@ -125,27 +127,42 @@ measure() { # port script connections
     END { if (bad) printf "ERROR: %s non-2xx answers\n", bad; printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
 }
 
+# The median of a list of "req/s p50 p99" lines, by req/s.
+median_run() { sort -n | awk '{ v[NR] = $0 } END { print v[int((NR + 1) / 2)] }'; }
+
+# A shared 2-core machine's speed drifts by 10-20% over a minute, so at concurrency 64 (where
+# the figures are compared as ratios) every target runs $RUNS times, in turn, and each keeps
+# its median run.
+RUNS=${RUNS:-3}
 declare -A R
-printf '\n%-9s %-8s %4s %10s %9s %9s\n' target call conc 'req/s' 'p50 ms' 'p99 ms'
+printf '\n%-9s %-8s %4s %10s %9s %9s   %s\n' target call conc 'req/s' 'p50 ms' 'p99 ms' 'req/s of each run'
 for mode in generate sse; do
   for conc in 1 64; do
     targets="direct gemgate bare"; [ "$have_nginx" = 1 ] && targets="$targets nginx"
+    runs=1; [ "$conc" -gt 1 ] && runs=$RUNS
+    declare -A ALL=()
+    for _ in $(seq "$runs"); do
+      for who in $targets; do
+        case $who in
+          direct) port=$FAKE_PORT; script="$work/$mode-direct.lua" ;;
+          gemgate) port=$GATE_PORT; script="$work/$mode-gemgate.lua" ;;
+          bare) port=$BARE_PORT; script="$work/$mode-gemgate.lua" ;;
+          nginx) port=$NGINX_PORT; script="$work/$mode-direct.lua" ;;
+        esac
+        out=$(measure "$port" "$script" "$conc")
+        case $out in ERROR*)
+          echo "$who $mode c=$conc: $out" >&2
+          grep -h -v -e 'status=200' -e 'starting' -e 'plugins loaded' "$work/gemgate.log" "$work/bare.log" 2>/dev/null | tail -5 >&2
+          exit 1 ;;
+        esac
+        ALL[$who]+="$out"$'\n'
+      done
+    done
     for who in $targets; do
-      case $who in
-        direct) port=$FAKE_PORT; script="$work/$mode-direct.lua" ;;
-        gemgate) port=$GATE_PORT; script="$work/$mode-gemgate.lua" ;;
-        bare) port=$BARE_PORT; script="$work/$mode-gemgate.lua" ;;
-        nginx) port=$NGINX_PORT; script="$work/$mode-direct.lua" ;;
-      esac
-      out=$(measure "$port" "$script" "$conc")
-      case $out in ERROR*)
-        echo "$who $mode c=$conc: $out" >&2
-        grep -h -v -e 'status=200' -e 'starting' -e 'plugins loaded' "$work/gemgate.log" "$work/bare.log" 2>/dev/null | tail -5 >&2
-        exit 1 ;;
-      esac
-      R[$who-$mode-$conc]=$out
-      read -r rps p50 p99 <<<"$out"
-      printf '%-9s %-8s %4s %10s %9s %9s\n' "$who" "$mode" "$conc" "$rps" "$p50" "$p99"
+      R[$who-$mode-$conc]=$(printf '%s' "${ALL[$who]}" | median_run)
+      read -r rps p50 p99 <<<"${R[$who-$mode-$conc]}"
+      each=""; [ "$runs" -gt 1 ] && each=$(printf '%s' "${ALL[$who]}" | awk '{ printf "%s ", $1 }')
+      printf '%-9s %-8s %4s %10s %9s %9s   %s\n' "$who" "$mode" "$conc" "$rps" "$p50" "$p99" "$each"
     done
   done
 done
