@@ -360,9 +360,6 @@ impl Gateway {
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
         let gen = self.state.current.load_full();
         let outcome = self.serve(&gen, s, x).await;
-        if !matches!(x.action.as_str(), "health" | "preflight" | "admin") {
-            self.state.lasting.logs.push(x.record());
-        }
         if gen.policy.has_on_log(&x.model) && x.action != "health" && x.action != "preflight" {
             let entry = x.entry();
             let client = x.client.clone().unwrap_or_default();
@@ -1081,6 +1078,9 @@ impl Gateway {
         let mut x = Exchange::new(s.req_header());
         let outcome = self.handle(&mut s, &mut x).await;
         x.log();
+        if !matches!(x.action.as_str(), "health" | "preflight" | "admin") {
+            self.state.lasting.logs.push(x.into_record());
+        }
         if outcome == Outcome::Close {
             return None;
         }
@@ -1152,16 +1152,19 @@ impl Exchange {
         }
     }
 
-    /// The finished request's row for the request and error logs.
-    fn record(&self) -> crate::logs::Record {
+    /// The finished request's row for the request and error logs. Its strings move into the
+    /// record rather than being copied: this runs for every request.
+    fn into_record(self) -> crate::logs::Record {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let failed = self.status >= 400 || self.class.is_some();
+        let (upstream_status, upstream_message) = self.upstream.unzip();
         crate::logs::Record {
             ts_ms: now_ms(),
-            id: self.id.clone(),
-            client: self.client.clone(),
-            model: self.model.clone(),
-            action: self.action.clone(),
-            key_id: self.key.clone(),
+            id: self.id,
+            client: self.client,
+            model: self.model,
+            action: self.action,
+            key_id: self.key,
             status: self.status,
             class: self.class.map(str::to_owned),
             attempts: self.attempts,
@@ -1170,14 +1173,13 @@ impl Exchange {
             prompt_tokens: self.tokens.prompt,
             output_tokens: self.tokens.output,
             thought_tokens: self.tokens.thoughts,
-            upstream_status: self.upstream.as_ref().map(|u| u.0),
-            upstream_message: self.upstream.as_ref().map(|u| u.1.clone()),
+            upstream_status,
+            upstream_message,
             // Only failed requests go to the error log, the only one that keeps bodies.
             request_body: self
                 .body
-                .as_ref()
-                .filter(|_| self.status >= 400 || self.class.is_some())
-                .map(|b| String::from_utf8_lossy(b).into_owned()),
+                .filter(|_| failed)
+                .map(|b| String::from_utf8_lossy(&b).into_owned()),
         }
     }
 
