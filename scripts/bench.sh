@@ -131,10 +131,10 @@ measure() { # port script connections
 median_run() { sort -n | awk '{ v[NR] = $0 } END { print v[int((NR + 1) / 2)] }'; }
 
 # A shared 2-core machine's speed drifts by 10-20% over a minute, so at concurrency 64 (where
-# the figures are compared as ratios) every target runs $RUNS times, in turn, and each keeps
-# its median run.
+# the figures are compared as ratios) every target runs $RUNS times, in turn: the table shows
+# each target's median run, and a ratio is the median of the ratios of runs made side by side.
 RUNS=${RUNS:-3}
-declare -A R
+declare -A R EACH
 printf '\n%-9s %-8s %4s %10s %9s %9s   %s\n' target call conc 'req/s' 'p50 ms' 'p99 ms' 'req/s of each run'
 for mode in generate sse; do
   for conc in 1 64; do
@@ -159,6 +159,7 @@ for mode in generate sse; do
       done
     done
     for who in $targets; do
+      EACH[$who-$mode-$conc]=${ALL[$who]}
       R[$who-$mode-$conc]=$(printf '%s' "${ALL[$who]}" | median_run)
       read -r rps p50 p99 <<<"${R[$who-$mode-$conc]}"
       each=""; [ "$runs" -gt 1 ] && each=$(printf '%s' "${ALL[$who]}" | awk '{ printf "%s ", $1 }')
@@ -167,22 +168,26 @@ for mode in generate sse; do
   done
 done
 
+# The median, over the rounds, of $1's req/s over $2's in the same round, in percent.
+ratio() { # who base mode
+  paste -d' ' <(printf '%s' "${EACH[$1-$3-64]}" | awk '{ print $1 }') \
+    <(printf '%s' "${EACH[$2-$3-64]}" | awk '{ print $1 }') |
+    awk '{ print 100 * $1 / $2 }' | sort -n | awk '{ v[NR] = $1 } END { printf "%.0f", v[int((NR + 1) / 2)] }'
+}
+
 echo
 echo "gemgate compared with calling the fake upstream directly:"
 for mode in generate sse; do
   read -r _ d50 d99 <<<"${R[direct-$mode-1]}"
   read -r _ g50 g99 <<<"${R[gemgate-$mode-1]}"
-  read -r drps _ _ <<<"${R[direct-$mode-64]}"
-  read -r grps _ _ <<<"${R[gemgate-$mode-64]}"
-  awk -v m="$mode" -v d50="$d50" -v d99="$d99" -v g50="$g50" -v g99="$g99" -v drps="$drps" -v grps="$grps" 'BEGIN {
-    printf "  %-8s added latency at c=1: p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %.0f%% of direct\n",
-      m, g50 - d50, g99 - d99, 100 * grps / drps }'
+  awk -v m="$mode" -v d50="$d50" -v d99="$d99" -v g50="$g50" -v g99="$g99" -v r="$(ratio gemgate direct "$mode")" 'BEGIN {
+    printf "  %-8s added latency at c=1: p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %s%% of direct\n",
+      m, g50 - d50, g99 - d99, r }'
   if [ "$have_nginx" = 1 ]; then
     read -r n50 n99 <<<"$(echo "${R[nginx-$mode-1]}" | awk '{print $2, $3}')"
-    read -r nrps _ _ <<<"${R[nginx-$mode-64]}"
-    awk -v m="$mode" -v n50="$n50" -v n99="$n99" -v d50="$d50" -v d99="$d99" -v nrps="$nrps" -v drps="$drps" 'BEGIN {
-      printf "  %-8s nginx proxy_pass:       p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %.0f%% of direct\n",
-        m, n50 - d50, n99 - d99, 100 * nrps / drps }'
+    awk -v m="$mode" -v n50="$n50" -v n99="$n99" -v d50="$d50" -v d99="$d99" -v r="$(ratio nginx direct "$mode")" 'BEGIN {
+      printf "  %-8s nginx proxy_pass:       p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %s%% of direct\n",
+        m, n50 - d50, n99 - d99, r }'
   fi
 done
 
@@ -200,9 +205,7 @@ for mode in generate sse; do
   done
   gm=$(printf '%s\n' "${g[@]}" | median)
   bm=$(printf '%s\n' "${b[@]}" | median)
-  read -r brps _ _ <<<"${R[bare-$mode-64]}"
-  read -r grps _ _ <<<"${R[gemgate-$mode-64]}"
-  awk -v m="$mode" -v b50="$bm" -v g50="$gm" -v brps="$brps" -v grps="$grps" 'BEGIN {
-    printf "  %-8s p50 %.3f ms with plugins, %.3f ms without: %+.0f us per request; throughput at c=64: %.0f%% of no plugins\n",
-      m, g50, b50, (g50 - b50) * 1000, 100 * grps / brps }'
+  awk -v m="$mode" -v b50="$bm" -v g50="$gm" -v r="$(ratio gemgate bare "$mode")" 'BEGIN {
+    printf "  %-8s p50 %.3f ms with plugins, %.3f ms without: %+.0f us per request; throughput at c=64: %s%% of no plugins\n",
+      m, g50, b50, (g50 - b50) * 1000, r }'
 done
