@@ -14,7 +14,7 @@
 //! flusher that keeps up on a spare moment and one that competes with the requests.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
@@ -104,6 +104,7 @@ impl Record {
 pub struct LogQueue {
     queue: Mutex<VecDeque<Record>>,
     dropped: AtomicU64,
+    last_taken: AtomicUsize,
 }
 
 impl LogQueue {
@@ -121,7 +122,15 @@ impl LogQueue {
         // NOTE: the flusher runs at idle priority; a lock it holds can be held for as long as
         // the busy workers keep it off a CPU, and a worker waiting for it stalls for as long.
         // So the lock is held for a swap only, never for work proportional to the queue.
-        let taken = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        // The new queue is as large as the last one taken, so that workers do not grow it (and
+        // copy its records) step by step again before each flush.
+        let fresh = VecDeque::with_capacity(self.last_taken.load(Ordering::Relaxed));
+        let taken = std::mem::replace(
+            &mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()),
+            fresh,
+        );
+        self.last_taken
+            .store(taken.len().min(QUEUE), Ordering::Relaxed);
         taken.into()
     }
 
