@@ -723,8 +723,8 @@ impl Gateway {
         x: &Exchange,
     ) {
         self.state.lasting.usage.record(crate::usage::Event {
-            key_id: gen.pool_for(req).get(index).spec.id.clone(),
-            model: req.model.clone(),
+            key_id: &gen.pool_for(req).get(index).spec.id,
+            model: &req.model,
             day: crate::usage::day_of(now_ms()),
             failure,
             tokens: if failure.is_none() {
