@@ -1263,7 +1263,7 @@ fn authenticate<'g>(gen: &'g Generation, req: &RequestHeader) -> Result<&'g str,
 /// Reads the whole request body, refusing it with 413 past `limit`.
 async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> {
     // The rest of the body is read and discarded after answering (for a bounded time: see
-    // `process_new_http`), so the client is not cut off mid-upload and gets to read the 413.
+    // `serve_request`), so the client is not cut off mid-upload and gets to read the 413.
     let too_large = || {
         Refusal::Gate(GateError::new(
             413,
