@@ -270,14 +270,9 @@ fn encode<'a>(entries: impl Iterator<Item = (Row, &'a [u8])> + Clone) -> Vec<u8>
 fn decode(bytes: &[u8]) -> Vec<(Row, &[u8])> {
     let mut out = Vec::new();
     let mut at = 16;
-    let u64_at = |i: usize| {
-        bytes
-            .get(i..i + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-    };
     while let (Some(ts), Some(seq), Some(len)) = (
-        u64_at(at),
-        u64_at(at + 8),
+        u64_at(bytes, at),
+        u64_at(bytes, at + 8),
         bytes
             .get(at + 16..at + 20)
             .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize),
@@ -293,12 +288,14 @@ fn decode(bytes: &[u8]) -> Vec<(Row, &[u8])> {
 
 /// A block's last row.
 fn last_row(bytes: &[u8]) -> Row {
-    let u = |i: usize| {
-        bytes
-            .get(i..i + 8)
-            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
-    };
-    (u(0), u(8))
+    (u64_at(bytes, 0).unwrap_or(0), u64_at(bytes, 8).unwrap_or(0))
+}
+
+/// The little-endian `u64` at `i`, if `bytes` reach that far.
+fn u64_at(bytes: &[u8], i: usize) -> Option<u64> {
+    bytes
+        .get(i..i + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
 }
 
 /// Writes records to both logs in one transaction. `seq` numbers rows within a millisecond.
@@ -621,14 +618,8 @@ pub fn since(
 ) -> Result<(), StoreError> {
     let tx = db.begin_read().map_err(io)?;
     let blocks = tx.open_table(tables(log).blocks).map_err(io)?;
-    // The block before `from_ms` may end after it.
-    let start = blocks
-        .range(..(from_ms, 0))
-        .map_err(io)?
-        .next_back()
-        .transpose()
-        .map_err(io)?
-        .map_or((from_ms, 0), |(k, _)| k.value());
+    // The block holding `from_ms` may start before it.
+    let start = block_of(&blocks, (from_ms, 0))?.unwrap_or((from_ms, 0));
     let mut out = Vec::with_capacity(batch);
     for entry in blocks.range(start..).map_err(io)? {
         let (_, v) = entry.map_err(io)?;
@@ -791,6 +782,16 @@ mod tests {
         assert_eq!(back, full);
     }
 
+    /// The first page of key `key`'s records in the request log.
+    fn requests_of(db: &Database, key: &str, limit: usize) -> Vec<(Row, Record)> {
+        let q = Query {
+            key_id: Some(key.into()),
+            limit,
+            ..Query::default()
+        };
+        query(db, Log::Requests, &q).unwrap().0
+    }
+
     fn new_db(dir: &std::path::Path) -> Database {
         let db = Database::create(dir.join("t.redb")).unwrap();
         let tx = db.begin_write().unwrap();
@@ -877,16 +878,7 @@ mod tests {
         assert_eq!(delete(&db, Log::Requests, None, &doomed).unwrap(), 50);
         assert!(get(&db, Log::Requests, doomed[10]).unwrap().is_none());
         assert_eq!(get(&db, Log::Requests, row).unwrap().unwrap().id, id);
-        let (page, _) = query(
-            &db,
-            Log::Requests,
-            &Query {
-                key_id: Some("k2".into()),
-                limit: 1000,
-                ..Query::default()
-            },
-        )
-        .unwrap();
+        let page = requests_of(&db, "k2", 1000);
         assert_eq!(page.len(), want.len() - 50);
         // Retention cuts through a block.
         // Rows are named by when they were written: the late record (time 5) went in after
@@ -1039,16 +1031,7 @@ mod tests {
         );
 
         assert_eq!(delete(&db, Log::Requests, Some(1010), &[]).unwrap(), 10);
-        let (page, _) = query(
-            &db,
-            Log::Requests,
-            &Query {
-                key_id: Some("k2".into()),
-                limit: 100,
-                ..Query::default()
-            },
-        )
-        .unwrap();
+        let page = requests_of(&db, "k2", 100);
         assert_eq!(page.len(), 10);
     }
 }
