@@ -1055,9 +1055,10 @@ impl Gateway {
         mut s: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // While waiting for the next request on a kept-alive connection.
-        let keepalive = if *shutdown.borrow() { None } else { Some(75) };
-        s.set_keepalive(keepalive);
+        // Set before reading (the wait for this request) and again after it, in case the
+        // shutdown began meanwhile (whether the connection stays open after the answer).
+        let keepalive = || if *shutdown.borrow() { None } else { Some(75) };
+        s.set_keepalive(keepalive());
         match s.read_request().await {
             Ok(true) => {}
             Ok(false) => return None,
@@ -1066,9 +1067,7 @@ impl Gateway {
                 return None;
             }
         }
-        if *shutdown.borrow() {
-            s.set_keepalive(None);
-        }
+        s.set_keepalive(keepalive());
         // A body left unread by an early answer is drained for a bounded time only.
         s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
         // NOTE: by default pingora closes a connection answered before its request body was
