@@ -136,11 +136,11 @@ pub fn day_of(now_ms: u64) -> u32 {
 /// NOTE: this runs on every answer, so the object is scanned in place rather than parsed: a
 /// serde parse, skipping the fields it does not want, cost 2% of the request path.
 pub fn tokens_in(bytes: &[u8]) -> Option<Tokens> {
+    const NAME: &[u8] = b"\"usageMetadata\"";
     // Built once: building a searcher costs more than searching a short answer.
-    static USAGE: LazyLock<FinderRev<'static>> =
-        LazyLock::new(|| FinderRev::new(b"\"usageMetadata\""));
+    static USAGE: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(NAME));
     let at = USAGE.rfind(bytes)?;
-    counts_of(&bytes[at + b"\"usageMetadata\"".len()..])
+    counts_of(&bytes[at + NAME.len()..])
 }
 
 /// The counts of the object after `: ` at the start of `bytes`; `None` unless it is a whole
