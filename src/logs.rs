@@ -782,10 +782,10 @@ mod tests {
         assert_eq!(back, full);
     }
 
-    /// The first page of key `key`'s records in the request log.
-    fn requests_of(db: &Database, key: &str, limit: usize) -> Vec<(Row, Record)> {
+    /// The first page of the request log's records (of key `key`, if given).
+    fn requests_of(db: &Database, key: Option<&str>, limit: usize) -> Vec<(Row, Record)> {
         let q = Query {
-            key_id: Some(key.into()),
+            key_id: key.map(str::to_owned),
             limit,
             ..Query::default()
         };
@@ -878,21 +878,13 @@ mod tests {
         assert_eq!(delete(&db, Log::Requests, None, &doomed).unwrap(), 50);
         assert!(get(&db, Log::Requests, doomed[10]).unwrap().is_none());
         assert_eq!(get(&db, Log::Requests, row).unwrap().unwrap().id, id);
-        let page = requests_of(&db, "k2", 1000);
+        let page = requests_of(&db, Some("k2"), 1000);
         assert_eq!(page.len(), want.len() - 50);
         // Retention cuts through a block.
         // Rows are named by when they were written: the late record (time 5) went in after
         // 10_399 and is kept.
         assert_eq!(delete(&db, Log::Requests, Some(10_100), &[]).unwrap(), 100);
-        let (page, _) = query(
-            &db,
-            Log::Requests,
-            &Query {
-                limit: 1000,
-                ..Query::default()
-            },
-        )
-        .unwrap();
+        let page = requests_of(&db, None, 1000);
         assert_eq!(page.len(), 1000 - 50 - 100);
     }
 
@@ -945,15 +937,7 @@ mod tests {
         );
         // New records follow the converted ones.
         write(&db, &[record(2000, 200, "k1", None)], &AtomicU64::new(0)).unwrap();
-        let (page, _) = query(
-            &db,
-            Log::Requests,
-            &Query {
-                limit: 10,
-                ..Query::default()
-            },
-        )
-        .unwrap();
+        let page = requests_of(&db, None, 10);
         assert_eq!(
             page.iter().map(|(_, r)| r.ts_ms).collect::<Vec<_>>(),
             [2000, 1234]
@@ -1031,7 +1015,7 @@ mod tests {
         );
 
         assert_eq!(delete(&db, Log::Requests, Some(1010), &[]).unwrap(), 10);
-        let page = requests_of(&db, "k2", 100);
+        let page = requests_of(&db, Some("k2"), 100);
         assert_eq!(page.len(), 10);
     }
 }
