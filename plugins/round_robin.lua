@@ -21,7 +21,6 @@ return {
 
   -- No `ctx` parameter: gemgate then makes no ctx table for the call.
   select_key = function(pool)
-    local turn = cursor:incr(1)
-    return pool:from((turn - 1) % pool:size() + 1).id
+    return pool:from(cursor:incr(1)).id
   end,
 }

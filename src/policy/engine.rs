@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use mlua::{LuaSerdeExt, MetaMethod, Table, UserData, UserDataMethods, Value};
+use mlua::{IntoLua, LuaSerdeExt, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::counters::Counters;
 use super::{
@@ -433,7 +433,6 @@ impl Policy {
             };
             // Each plugin sees the model as the ones before it left it, and runs if it takes it.
             let rewrite = RefCell::new(Rewrite::default());
-            let arg = Value::Table(t.clone());
             let takes = |live: &Live| {
                 let r = rewrite.borrow();
                 live.takes(r.model.as_deref().unwrap_or(req.model))
@@ -442,7 +441,7 @@ impl Policy {
                 self,
                 "on_request",
                 takes,
-                || arg.clone(),
+                || &t,
                 &ctx,
                 |live, value| {
                     let mut rewrite = rewrite.borrow_mut();
@@ -551,7 +550,7 @@ impl Policy {
                 self,
                 "select_key",
                 model,
-                &Value::UserData(engine.pool_view.clone()),
+                &engine.pool_view,
                 &ctx,
                 |live, value| {
                     let id = match value {
@@ -912,26 +911,26 @@ impl Engine {
     /// Calls `hook` of every plugin that has it, in order, with `(arg, ctx)`; `answer` reads
     /// each result, and the first `Some` ends the chain. A failing plugin is skipped (or, with
     /// `on_error = "deny"`, ends the chain with a denial).
-    fn each<T>(
+    fn each<T, A: IntoLua + Copy>(
         &self,
         policy: &Policy,
         hook: &str,
         model: &str,
-        arg: &Value,
+        arg: A,
         ctx: &LazyCtx,
         answer: impl FnMut(&Live, Value) -> Result<Option<T>, PolicyError>,
     ) -> Result<Option<T>, Denial> {
         let takes = |live: &Live| live.takes(model);
-        self.each_with(policy, hook, takes, || arg.clone(), ctx, answer)
+        self.each_with(policy, hook, takes, || arg, ctx, answer)
     }
 
     /// [`Engine::each`] for the plugins `takes` picks, with the argument made anew for each.
-    fn each_with<T>(
+    fn each_with<T, A: IntoLua>(
         &self,
         policy: &Policy,
         hook: &str,
         takes: impl Fn(&Live) -> bool,
-        arg: impl Fn() -> Value,
+        arg: impl Fn() -> A,
         ctx: &LazyCtx,
         mut answer: impl FnMut(&Live, Value) -> Result<Option<T>, PolicyError>,
     ) -> Result<Option<T>, Denial> {
@@ -1111,9 +1110,11 @@ impl UserData for PoolView {
         // How many keys the whole pool has (usable or not).
         methods.add_method("size", |_, this, ()| Ok(this.keys.pool.keys().len()));
         // The first candidate at or after `position` in config order, wrapping around: a
-        // rotation over the whole pool that skips the keys that are out.
+        // rotation over the whole pool that skips the keys that are out. Positions count
+        // around the pool (`size() + 1` is 1 again), so a plain counter makes a rotation.
         methods.add_method("from", |lua, this, position: i64| {
-            let want = position.max(1) - 1;
+            let size = this.keys.pool.keys().len().max(1) as i64;
+            let want = (position - 1).rem_euclid(size);
             let at = this.candidates.partition_point(|&i| i64::from(i) < want);
             this.entry(lua, if at < this.candidates.len() { at } else { 0 })
         });

@@ -478,6 +478,32 @@ return {
 }
 
 #[tokio::test]
+async fn pool_from_counts_positions_around_the_pool() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1", "good-2", "good-3"])
+        .plugin(
+            "spy",
+            r#"
+return {
+  name = "spy",
+  select_key = function(pool)
+    local seen = {}
+    for _, p in ipairs({ -1, 0, 1, 3, 4, 5, 3 * pool:size() + 2 }) do
+      seen[#seen + 1] = pool:from(p).position
+    end
+    gemgate.log.info("positions " .. table.concat(seen, ","))
+  end,
+}
+"#,
+        )
+        .start()
+        .await;
+    post(&gate, GENERATE, &ask("x")).await;
+    gate.wait_log("positions 2,3,1,3,1,2,2").await;
+}
+
+#[tokio::test]
 async fn sticky_keys_stay_with_their_client() {
     let fake = fake().await;
     let gate = gate()
