@@ -6,9 +6,8 @@
 //! them to redb once a second. Memory is bounded by the keys × models × days seen since.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{LazyLock, Mutex};
+use std::sync::Mutex;
 
-use memchr::memmem::FinderRev;
 use serde::{Deserialize, Serialize};
 
 use crate::shard::{self, SHARDS};
@@ -137,10 +136,17 @@ pub fn day_of(now_ms: u64) -> u32 {
 /// serde parse, skipping the fields it does not want, cost 2% of the request path.
 pub fn tokens_in(bytes: &[u8]) -> Option<Tokens> {
     const NAME: &[u8] = b"\"usageMetadata\"";
-    // Built once: building a searcher costs more than searching a short answer.
-    static USAGE: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(NAME));
-    let at = USAGE.rfind(bytes)?;
-    counts_of(&bytes[at + NAME.len()..])
+    // The name's `M`, found from the end by memrchr: it is rare in an answer, and the counts
+    // come last, so this reads a few bytes where a substring searcher hashed the whole answer.
+    const M: usize = 6;
+    let mut end = bytes.len();
+    while let Some(m) = memchr::memrchr(b'M', &bytes[..end]) {
+        if m >= M && bytes[m - M..].starts_with(NAME) {
+            return counts_of(&bytes[m - M + NAME.len()..]);
+        }
+        end = m;
+    }
+    None
 }
 
 /// The counts of the object after `: ` at the start of `bytes`; `None` unless it is a whole
@@ -288,6 +294,10 @@ mod tests {
 
 data: {"usageMetadata":{"promptTokenCount":2,"candidatesTokenCount":18446744073709551615}}"#,
             r#"{"usageMetadata":{"candidatesTokenCount":18446744073709551616}}"#,
+            // Other `M`s, before and after the name, and one too near the start to be it.
+            r#"M{"text":"Mm usageMetadataM","usageMetadata":{"promptTokenCount":4},"x":"MMusage M"}"#,
+            r#""usageMetadata":{"promptTokenCount":5}"#,
+            "M",
         ];
         for case in cases {
             assert_eq!(
