@@ -924,7 +924,7 @@ impl Engine {
         self.each_with(policy, hook, takes, || arg, ctx, answer)
     }
 
-    /// [`Engine::each`] for the plugins `takes` picks, with the argument made anew for each.
+    /// [`Engine::each`] for the plugins `takes` picks, with the argument made (or lent) anew for each.
     fn each_with<T, A: IntoLua>(
         &self,
         policy: &Policy,
