@@ -42,11 +42,8 @@ use reload::Source;
 /// plugins and templates) are applied while it runs.
 pub fn run(config: Config, source: Source) -> ! {
     let listen = config.listen.to_string();
-    // An operator wants to hear at once that the address is taken, before anything starts: probe
-    // it (and release it for the workers, whose sockets share it). Port 0 is resolved here
-    // once, so that every worker listens on the same port.
-    let listen_addr = match std::net::TcpListener::bind(config.listen).and_then(|l| l.local_addr())
-    {
+    // An operator wants to hear at once that the address is taken, before anything starts.
+    let listen_addr = match proxy::workers::probe(config.listen) {
         Ok(addr) => addr,
         Err(e) => {
             tracing::error!("cannot listen on {listen}: {e}");

@@ -43,16 +43,32 @@ impl Worker {
     }
 }
 
-/// A listening socket on `addr` that other workers' sockets share.
-fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
+/// A socket bound to `addr`, not yet listening.
+fn bound(addr: SocketAddr, shared: bool) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
+    socket.set_reuseport(shared)?;
     socket.bind(addr)?;
-    Ok(Listener::from(socket.listen(BACKLOG)?))
+    Ok(socket)
+}
+
+/// A listening socket on `addr` that other workers' sockets share.
+fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
+    Ok(Listener::from(bound(addr, true)?.listen(BACKLOG)?))
+}
+
+/// Checks that `addr` is free before any worker starts, and resolves port 0 to the one port
+/// every worker then shares.
+///
+/// The socket is bound, never listening: a connection that reached a listening probe would be
+/// reset when the probe closes. It does not share the port either, so another process already
+/// listening there (another gemgate among them) is an error here rather than a silent split of
+/// the traffic.
+pub fn probe(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    bound(addr, false)?.local_addr()
 }
 
 /// Serves one connection, request after request, until it closes.
