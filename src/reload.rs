@@ -206,11 +206,13 @@ pub fn watch(state: Arc<State>) {
             return;
         }
     };
+    // Watched before the listener opens, so that no change made after gemgate answers is
+    // missed.
+    let mut watched = HashSet::new();
+    watch_folders(&mut watcher, &mut watched, &state);
     let spawned = std::thread::Builder::new()
         .name("gemgate-reload".into())
         .spawn(move || {
-            let mut watched = HashSet::new();
-            watch_folders(&mut watcher, &mut watched, &state);
             while let Ok(event) = rx.recv() {
                 if !relevant(&event, &state) {
                     continue;
@@ -235,8 +237,11 @@ pub fn watch(state: Arc<State>) {
                     tracing::debug!("the config file is as the last reload read it");
                     continue;
                 }
+                // A folder that has just appeared is watched before the reload that reads it
+                // is published, so that a file saved into it right after is not missed.
+                watch_folders(&mut watcher, &mut watched, &state);
                 let _ = reload(&state);
-                // The plugins folder may have moved.
+                // The config may name other folders now.
                 watch_folders(&mut watcher, &mut watched, &state);
             }
         });
