@@ -401,30 +401,33 @@ pub fn retire_logs(store: &Store, logs: &crate::config::LogsSection) {
 
 /// Writes every dirty key, the queued usage and the queued log records now. Failures are
 /// logged; dirty keys stay dirty and are tried again.
+///
+/// Everything is taken before anything is written, and the log records are written last: a
+/// request's log row, once it can be read, says that the key state and usage its request
+/// changed are saved too (a request changes them before its record is queued).
 pub fn flush(store: &Store, lasting: &crate::proxy::Lasting) {
-    if let Err(e) = store.add_usage(&lasting.usage.drain()) {
+    let records = lasting.logs.take();
+    let usage = lasting.usage.drain();
+    let dirty = lasting.registry.take_dirty();
+    if !dirty.is_empty() {
+        let now = crate::keys::clock::now_ms();
+        let rows: Vec<(String, SavedKey)> = dirty
+            .iter()
+            .map(|(id, state)| (id.clone(), snapshot(state, now)))
+            .collect();
+        if let Err(e) = store.save_keys(&rows) {
+            tracing::error!("cannot save key state: {e}");
+            for (_, state) in dirty {
+                state.mark_dirty();
+            }
+        }
+    }
+    if let Err(e) = store.add_usage(&usage) {
         tracing::error!("cannot save usage counts: {e}");
     }
-    let records = lasting.logs.take();
     lasting.metrics.add(&records);
     if let Err(e) = crate::logs::write(&store.db, &records, &store.log_seq) {
         tracing::error!("cannot save log records: {e}");
-    }
-    let registry = &lasting.registry;
-    let now = crate::keys::clock::now_ms();
-    let dirty = registry.take_dirty();
-    if dirty.is_empty() {
-        return;
-    }
-    let rows: Vec<(String, SavedKey)> = dirty
-        .iter()
-        .map(|(id, state)| (id.clone(), snapshot(state, now)))
-        .collect();
-    if let Err(e) = store.save_keys(&rows) {
-        tracing::error!("cannot save key state: {e}");
-        for (_, state) in dirty {
-            state.mark_dirty();
-        }
     }
 }
 

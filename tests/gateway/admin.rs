@@ -186,8 +186,8 @@ async fn usage_is_counted_per_key_and_saved() {
         .await
         .unwrap();
     resp.text().await.unwrap();
-    // Saved within a second, and kept across a restart.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Saved while running, and kept across a restart.
+    wait_logged(&gate, 2).await;
     gate.restart("TERM").await;
     let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
     let usage = |i: usize| v["keys"][i]["usage_today"].clone();
@@ -219,7 +219,7 @@ async fn request_and_error_logs_are_kept_queried_and_deleted() {
     for text in ["second", "third"] {
         assert_eq!(post(&gate, GENERATE, &ask(text)).await.0, 200);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    wait_logged(&gate, 3).await;
 
     let (status, v) = admin(
         reqwest::Method::GET,

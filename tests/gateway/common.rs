@@ -292,6 +292,10 @@ impl Drop for Gate {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failing test shows what gemgate saw, whatever the assertion printed.
+        if std::thread::panicking() {
+            eprintln!("--- gemgate's log ({}) ---\n{}", self.addr, self.logs());
+        }
     }
 }
 
@@ -389,6 +393,26 @@ pub async fn admin(
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap())
+}
+
+/// Waits until the request log shows `n` requests (gemgate started with [`GateBuilder::admin`]).
+/// The store's flusher writes them within a second on an idle machine; it runs at idle
+/// priority, so a busy one may take longer. A readable row also means the key state and usage
+/// its request changed are saved (see `store::flush`).
+pub async fn wait_logged(gate: &Gate, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = admin(reqwest::Method::GET, gate, "/admin/api/logs/requests", None).await;
+        let rows = v["rows"].as_array().map_or(0, Vec::len);
+        if rows >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{rows} of {n} requests logged: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Runs `tests/{script}` with `python` and `env` beside `gate` and asserts it succeeded: its

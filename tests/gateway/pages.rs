@@ -290,7 +290,7 @@ async fn no_page_shows_a_secret_and_gemini_balance_paths_lead_to_the_pages() {
         )
         .await;
     }
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    wait_logged(&gate, 3).await;
     let session = login(&gate).await;
     let mut all = String::new();
     for path in PAGES {
@@ -466,7 +466,7 @@ async fn logs_plugins_and_dashboard_pages_show_what_happened() {
     )
     .await;
     assert_eq!(status, 400);
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    wait_logged(&gate, 1).await;
     let session = login(&gate).await;
 
     let (_, html) = page(

@@ -51,11 +51,12 @@ async fn a_crash_loses_at_most_the_last_second() {
     let mut gate = gate()
         .upstream(&fake, &["invalid-1", "good-2"])
         .env("MAX_FAILURES", "1")
+        .admin()
         .start()
         .await;
     assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
     // Let the flusher commit, then crash with traffic in flight.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_logged(&gate, 1).await;
     let url = gate.url(GENERATE);
     let load = tokio::spawn(async move {
         for _ in 0..200 {
