@@ -42,9 +42,9 @@ use reload::Source;
 /// plugins and templates) are applied while it runs.
 pub fn run(config: Config, source: Source) -> ! {
     let listen = config.listen.to_string();
-    // An operator wants to hear at once that the address is taken, before anything starts.
-    let listen_addr = match proxy::workers::probe(config.listen) {
-        Ok(addr) => addr,
+    // Every worker's socket is bound before anything else starts (see `bind_all`).
+    let (listen_addr, sockets) = match proxy::workers::bind_all(config.listen, config.threads) {
+        Ok(bound) => bound,
         Err(e) => {
             tracing::error!("cannot listen on {listen}: {e}");
             telemetry::flush();
@@ -52,7 +52,6 @@ pub fn run(config: Config, source: Source) -> ! {
         }
     };
     let grace = config.grace_period;
-    let threads = config.threads;
     let conf = ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(grace.as_secs()),
@@ -133,8 +132,8 @@ pub fn run(config: Config, source: Source) -> ! {
     let side = proxy::side_client();
     checks::start(state.clone());
     let gateway = Arc::new(Gateway::new(state, side));
-    for index in 0..threads {
-        server.add_service(Worker::new(index, listen_addr, gateway.clone()));
+    for (index, socket) in sockets.into_iter().enumerate() {
+        server.add_service(Worker::new(index, listen_addr, socket, gateway.clone()));
     }
 
     let phases = server.watch_execution_phase();

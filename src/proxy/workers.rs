@@ -18,6 +18,7 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
+use tokio::net::TcpSocket;
 
 use super::wire::Gathered;
 use super::Gateway;
@@ -29,25 +30,30 @@ const BACKLOG: u32 = 65535;
 pub struct Worker {
     name: String,
     listen: SocketAddr,
+    /// Bound by [`bind_all`]; listening from the worker's start.
+    socket: Option<TcpSocket>,
     app: Arc<Gateway>,
 }
 
 impl Worker {
-    /// Worker `index` of the gateway `app`, listening on `listen`.
-    pub fn new(index: usize, listen: SocketAddr, app: Arc<Gateway>) -> Worker {
+    /// Worker `index` of the gateway `app`, to listen with `socket`, one of those [`bind_all`]
+    /// bound on `listen`.
+    pub fn new(index: usize, listen: SocketAddr, socket: TcpSocket, app: Arc<Gateway>) -> Worker {
         Worker {
             name: format!("gemgate-{index}"),
             listen,
+            socket: Some(socket),
             app,
         }
     }
 }
 
-/// A socket bound to `addr`, not yet listening.
-fn bound(addr: SocketAddr, shared: bool) -> std::io::Result<tokio::net::TcpSocket> {
+/// A socket bound to `addr`, not listening. `shared`: other sockets with the flag may bind
+/// the same address (`SO_REUSEPORT`); without it, any socket already there is an error.
+fn bound(addr: SocketAddr, shared: bool) -> std::io::Result<TcpSocket> {
     let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(shared)?;
@@ -55,20 +61,20 @@ fn bound(addr: SocketAddr, shared: bool) -> std::io::Result<tokio::net::TcpSocke
     Ok(socket)
 }
 
-/// A listening socket on `addr` that other workers' sockets share.
-fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
-    Ok(Listener::from(bound(addr, true)?.listen(BACKLOG)?))
-}
-
-/// Checks that `addr` is free before any worker starts, and resolves port 0 to the one port
-/// every worker then shares.
+/// Binds the sockets of `workers` workers on `addr`, before anything starts: an operator hears
+/// at once that the address is taken. Returns the address (port 0 resolved to the one port
+/// every worker shares) and the sockets.
 ///
-/// The socket is bound, never listening: a connection that reached a listening probe would be
-/// reset when the probe closes. It does not share the port either, so another process already
-/// listening there (another gemgate among them) is an error here rather than a silent split of
-/// the traffic.
-pub fn probe(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    bound(addr, false)?.local_addr()
+/// A first, unshared socket checks that nothing is on the address, another gemgate among
+/// them, which the shared ones would otherwise split the traffic with. No socket listens
+/// until its worker starts accepting: a connection the kernel took on a socket that then
+/// closed would be reset.
+pub fn bind_all(addr: SocketAddr, workers: usize) -> std::io::Result<(SocketAddr, Vec<TcpSocket>)> {
+    let addr = bound(addr, false)?.local_addr()?;
+    let sockets = (0..workers.max(1))
+        .map(|_| bound(addr, true))
+        .collect::<std::io::Result<_>>()?;
+    Ok((addr, sockets))
 }
 
 /// Serves one connection, request after request, until it closes.
@@ -92,8 +98,12 @@ impl Service for Worker {
         mut shutdown: ShutdownWatch,
         _listeners_per_fd: usize,
     ) {
-        let listener = match bind(self.listen) {
-            Ok(l) => l,
+        let listening = match self.socket.take() {
+            Some(socket) => socket.listen(BACKLOG),
+            None => Err(std::io::Error::other("the worker was started twice")),
+        };
+        let listener = match listening {
+            Ok(l) => Listener::from(l),
             Err(e) => {
                 tracing::error!("cannot listen on {}: {e}", self.listen);
                 crate::telemetry::flush();
