@@ -16,11 +16,14 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use mlua::{IntoLua, LuaSerdeExt, MetaMethod, Table, UserData, UserDataMethods, Value};
+use mlua::{
+    IntoLua, LuaSerdeExt, MetaMethod, Table, UserData, UserDataMethods, UserDataRef, Value,
+};
 
 use super::counters::Counters;
 use super::{
-    embedded, matches_any, read_dir, Host, Limits, Plugin, PluginSource, PolicyError, Vm, HOOKS,
+    embedded, matches_any, read_dir, CounterHandle, Host, Limits, Plugin, PluginSource,
+    PolicyError, Vm, HOOKS,
 };
 use crate::config::{Config, OnError};
 use crate::keys::KeyPool;
@@ -1089,8 +1092,8 @@ impl KeyTables {
     }
 }
 
-/// The candidate keys `select_key` sees: `#pool`, `pool[i]`, `ipairs(pool)`, `pool:size()` and
-/// `pool:from(position)`.
+/// The candidate keys `select_key` sees: `#pool`, `pool[i]`, `ipairs(pool)`, `pool:size()`,
+/// `pool:from(position)` and `pool:next(counter)`.
 struct PoolView {
     keys: Rc<KeyTables>,
     candidates: Vec<u32>,
@@ -1117,6 +1120,31 @@ impl UserData for PoolView {
             let want = (position - 1).rem_euclid(size);
             let at = this.candidates.partition_point(|&i| i64::from(i) < want);
             this.entry(lua, if at < this.candidates.len() { at } else { 0 })
+        });
+        // Round robin over the usable keys: the first candidate after the key `counter` last
+        // gave (in config order, wrapping around); the counter then stands at the key given.
+        // Keys that are out are passed over without taking a turn, so each usable key serves
+        // as often as the others, and a retry walks on to the next key.
+        methods.add_method("next", |lua, this, counter: UserDataRef<CounterHandle>| {
+            let size = this.keys.pool.keys().len().max(1) as i64;
+            let mut at = 0;
+            counter.with(|slot| {
+                slot.advance(|turn| {
+                    // `turn` counts positions walked; the search starts after the last one.
+                    let start = turn.rem_euclid(size);
+                    let found = this.candidates.partition_point(|&i| i64::from(i) < start);
+                    at = if found < this.candidates.len() {
+                        found
+                    } else {
+                        0
+                    };
+                    match this.candidates.get(at) {
+                        Some(&index) => turn + (i64::from(index) - start).rem_euclid(size) + 1,
+                        None => turn,
+                    }
+                })
+            })?;
+            this.entry(lua, at)
         });
         methods.add_meta_method(MetaMethod::Len, |_, this, ()| Ok(this.candidates.len()));
         methods.add_meta_method(MetaMethod::Index, |lua, this, i: Value| {

@@ -445,7 +445,7 @@ fn clean(e: &mlua::Error) -> String {
 }
 
 /// A handle on one counter, as `gemgate.counter(name)` returns it.
-struct CounterHandle {
+pub(crate) struct CounterHandle {
     counters: Arc<Counters>,
     plugin: Rc<str>,
     name: String,
@@ -455,7 +455,7 @@ struct CounterHandle {
 
 impl CounterHandle {
     /// Runs `f` on the counter, looking it up on first use (and again if it was dropped).
-    fn with<R>(&self, f: impl FnOnce(&counters::Slot) -> R) -> mlua::Result<R> {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&counters::Slot) -> R) -> mlua::Result<R> {
         if let Some(slot) = &*self.slot.borrow() {
             if !slot.is_dropped() {
                 return Ok(f(slot));

@@ -1,5 +1,7 @@
 //! The key pool and DESIGN.md's error taxonomy, row by row.
 
+use std::collections::HashMap;
+
 use crate::common::*;
 
 /// Sends `n` generateContent requests for `model`; all must succeed.
@@ -26,6 +28,27 @@ async fn round_robin_spreads_requests() {
     for key in ["good-1", "good-2", "good-3"] {
         assert_eq!(fake.state.key_stats(key).requests, 3, "{key}");
     }
+}
+
+#[tokio::test]
+async fn round_robin_takes_the_usable_keys_evenly() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1", "invalid-2", "minute-3", "good-4"])
+        .env("MAX_FAILURES", "1")
+        .start()
+        .await;
+    // The first calls take the invalid key out and cool the minute-limited one.
+    succeed(&gate, "gemini-2.5-flash", 4).await;
+    assert_eq!(fake.state.key_stats("invalid-2").requests, 1);
+    assert_eq!(fake.state.key_stats("minute-3").requests, 1);
+    // The keys that are out do not hand their turns to the keys after them.
+    fake.state.reset();
+    succeed(&gate, "gemini-2.5-flash", 10).await;
+    assert_eq!(
+        fake.state.requests_by_key(),
+        HashMap::from([("good-1".to_owned(), 5), ("good-4".to_owned(), 5)])
+    );
 }
 
 #[tokio::test]

@@ -478,29 +478,39 @@ return {
 }
 
 #[tokio::test]
-async fn pool_from_counts_positions_around_the_pool() {
+async fn pool_from_counts_positions_and_pool_next_takes_usable_keys_in_turn() {
     let fake = fake().await;
     let gate = gate()
-        .upstream(&fake, &["good-1", "good-2", "good-3"])
+        .upstream(&fake, &["good-1", "invalid-2", "good-3"])
+        .env("MAX_FAILURES", "1")
         .plugin(
             "spy",
             r#"
 return {
   name = "spy",
   select_key = function(pool)
+    -- The first attempt takes invalid-2, which is then out.
+    if #pool == pool:size() then return pool[2].id end
     local seen = {}
     for _, p in ipairs({ -1, 0, 1, 3, 4, 5, 3 * pool:size() + 2 }) do
       seen[#seen + 1] = pool:from(p).position
     end
     gemgate.log.info("positions " .. table.concat(seen, ","))
+    -- A round robin over the candidates only: invalid-2 is out and takes no turn.
+    local cursor, turns = gemgate.counter("spy"), {}
+    for _ = 1, 5 do
+      turns[#turns + 1] = pool:next(cursor).position
+    end
+    gemgate.log.info("turns " .. table.concat(turns, ",") .. " at " .. cursor:get())
   end,
 }
 "#,
         )
         .start()
         .await;
-    post(&gate, GENERATE, &ask("x")).await;
-    gate.wait_log("positions 2,3,1,3,1,2,2").await;
+    assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
+    gate.wait_log("positions 3,3,1,3,1,3,3").await;
+    gate.wait_log("turns 1,3,1,3,1 at 7").await;
 }
 
 #[tokio::test]
