@@ -409,17 +409,15 @@ pub fn flush(store: &Store, lasting: &crate::proxy::Lasting) {
     let records = lasting.logs.take();
     let usage = lasting.usage.drain();
     let dirty = lasting.registry.take_dirty();
-    if !dirty.is_empty() {
-        let now = crate::keys::clock::now_ms();
-        let rows: Vec<(String, SavedKey)> = dirty
-            .iter()
-            .map(|(id, state)| (id.clone(), snapshot(state, now)))
-            .collect();
-        if let Err(e) = store.save_keys(&rows) {
-            tracing::error!("cannot save key state: {e}");
-            for (_, state) in dirty {
-                state.mark_dirty();
-            }
+    let now = crate::keys::clock::now_ms();
+    let rows: Vec<(String, SavedKey)> = dirty
+        .iter()
+        .map(|(id, state)| (id.clone(), snapshot(state, now)))
+        .collect();
+    if let Err(e) = store.save_keys(&rows) {
+        tracing::error!("cannot save key state: {e}");
+        for (_, state) in dirty {
+            state.mark_dirty();
         }
     }
     if let Err(e) = store.add_usage(&usage) {

@@ -48,12 +48,11 @@ impl Slot {
         cell.value
     }
 
-    /// Sets the value to `f(value)` in one step (no other thread counts in between) and
-    /// returns the new value. The window, if any, is left as it is.
-    pub fn advance(&self, f: impl FnOnce(i64) -> i64) -> i64 {
+    /// Sets the value to `f(value)` in one step (no other thread counts in between). The
+    /// window, if any, is left as it is.
+    pub fn advance(&self, f: impl FnOnce(i64) -> i64) {
         let mut cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
         cell.value = f(cell.value);
-        cell.value
     }
 
     /// The value now (0 once its window has ended).

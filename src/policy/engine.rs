@@ -1100,6 +1100,22 @@ struct PoolView {
 }
 
 impl PoolView {
+    /// How many keys the whole pool has (usable or not); at least 1, to count around.
+    fn size(&self) -> i64 {
+        self.keys.pool.keys().len().max(1) as i64
+    }
+
+    /// Where in `candidates` the first one at or after pool index `start` is, wrapping around
+    /// to the first candidate.
+    fn at_or_after(&self, start: i64) -> usize {
+        let found = self.candidates.partition_point(|&i| i64::from(i) < start);
+        if found < self.candidates.len() {
+            found
+        } else {
+            0
+        }
+    }
+
     fn entry(&self, lua: &mlua::Lua, at: usize) -> mlua::Result<Value> {
         match self.candidates.get(at) {
             Some(&index) => self.keys.get(lua, index as usize),
@@ -1116,28 +1132,23 @@ impl UserData for PoolView {
         // rotation over the whole pool that skips the keys that are out. Positions count
         // around the pool (`size() + 1` is 1 again), so a plain counter makes a rotation.
         methods.add_method("from", |lua, this, position: i64| {
-            let size = this.keys.pool.keys().len().max(1) as i64;
-            let want = (position - 1).rem_euclid(size);
-            let at = this.candidates.partition_point(|&i| i64::from(i) < want);
-            this.entry(lua, if at < this.candidates.len() { at } else { 0 })
+            this.entry(
+                lua,
+                this.at_or_after((position - 1).rem_euclid(this.size())),
+            )
         });
         // Round robin over the usable keys: the first candidate after the key `counter` last
         // gave (in config order, wrapping around); the counter then stands at the key given.
         // Keys that are out are passed over without taking a turn, so each usable key serves
         // as often as the others, and a retry walks on to the next key.
         methods.add_method("next", |lua, this, counter: UserDataRef<CounterHandle>| {
-            let size = this.keys.pool.keys().len().max(1) as i64;
+            let size = this.size();
             let mut at = 0;
             counter.with(|slot| {
                 slot.advance(|turn| {
                     // `turn` counts positions walked; the search starts after the last one.
                     let start = turn.rem_euclid(size);
-                    let found = this.candidates.partition_point(|&i| i64::from(i) < start);
-                    at = if found < this.candidates.len() {
-                        found
-                    } else {
-                        0
-                    };
+                    at = this.at_or_after(start);
                     match this.candidates.get(at) {
                         Some(&index) => turn + (i64::from(index) - start).rem_euclid(size) + 1,
                         None => turn,

@@ -54,6 +54,7 @@ use upstream::Target;
 /// Header names gemgate reads or writes on every request, made once instead of parsed per use.
 const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Largest upstream error body read for classification and relay.
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
 /// Largest upstream answer gemgate buffers itself (model lists).
