@@ -49,13 +49,29 @@ impl Write for Line {
 
 impl Drop for Line {
     fn drop(&mut self) {
-        let mut buf = self.shared.buf.lock().unwrap_or_else(|e| e.into_inner());
-        if buf.len() + self.bytes.len() > MAX_BUFFERED {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-        } else {
-            buf.extend_from_slice(&self.bytes);
+        {
+            let mut buf = self.shared.buf.lock().unwrap_or_else(|e| e.into_inner());
+            if buf.len() + self.bytes.len() > MAX_BUFFERED {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                buf.extend_from_slice(&self.bytes);
+            }
+        }
+        // The thread's next line reuses this buffer, unless a rare huge line grew it.
+        if self.bytes.capacity() <= SPARE_CAPACITY {
+            self.bytes.clear();
+            SPARE.set(std::mem::take(&mut self.bytes));
         }
     }
+}
+
+/// The largest line buffer kept for reuse.
+const SPARE_CAPACITY: usize = 4096;
+
+thread_local! {
+    /// A line buffer kept per thread: a line costs no allocation. (A line written while another
+    /// is being written on the same thread finds it taken and makes its own.)
+    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl<'a> MakeWriter<'a> for BufferedStdout {
@@ -64,7 +80,7 @@ impl<'a> MakeWriter<'a> for BufferedStdout {
     fn make_writer(&'a self) -> Line {
         Line {
             shared: self.0.clone(),
-            bytes: Vec::with_capacity(256),
+            bytes: SPARE.take(),
         }
     }
 }
