@@ -3,6 +3,7 @@
 //! another thread per line (a per-line hand-off cost more than the rest of the access log).
 //! Pingora's own `log` lines are picked up too.
 
+use std::cell::Cell;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,7 +61,9 @@ impl Drop for Line {
         // The thread's next line reuses this buffer, unless a rare huge line grew it.
         if self.bytes.capacity() <= SPARE_CAPACITY {
             self.bytes.clear();
-            SPARE.set(std::mem::take(&mut self.bytes));
+            let bytes = std::mem::take(&mut self.bytes);
+            // (A line logged as the thread exits finds the spare gone: it is simply freed.)
+            let _ = SPARE.try_with(|spare| spare.set(bytes));
         }
     }
 }
@@ -71,7 +74,7 @@ const SPARE_CAPACITY: usize = 4096;
 thread_local! {
     /// A line buffer kept per thread: a line costs no allocation. (A line written while another
     /// is being written on the same thread finds it taken and makes its own.)
-    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
 impl<'a> MakeWriter<'a> for BufferedStdout {
@@ -80,7 +83,7 @@ impl<'a> MakeWriter<'a> for BufferedStdout {
     fn make_writer(&'a self) -> Line {
         Line {
             shared: self.0.clone(),
-            bytes: SPARE.take(),
+            bytes: SPARE.try_with(Cell::take).unwrap_or_default(),
         }
     }
 }
