@@ -1221,10 +1221,8 @@ impl Exchange {
             return;
         }
         // One pre-formatted message rather than eleven tracing fields: field-by-field
-        // formatting cost more than all of gemgate's own request handling. The line's buffer is
-        // kept per thread: this runs for every request.
-        let mut line = SPARE_LINE.take();
-        line.clear();
+        // formatting cost more than all of gemgate's own request handling.
+        let mut line = String::with_capacity(224);
         let mut field = |name: &str, value: &str| {
             line.push_str(name);
             line.push('=');
@@ -1244,13 +1242,7 @@ impl Exchange {
         line.push_str(" ttfb_ms=");
         push_millis(&mut line, self.ttfb);
         tracing::info!(target: "gemgate::access", "{line}");
-        SPARE_LINE.set(line);
     }
-}
-
-thread_local! {
-    /// The access line's buffer, reused by the requests of one worker thread.
-    static SPARE_LINE: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
 }
 
 /// Appends milliseconds with two decimals (`12.34`), or `-`.
