@@ -229,17 +229,6 @@ pub struct Key {
     pub header: http::HeaderValue,
 }
 
-impl Key {
-    /// The secret as an `Authorization: Bearer` value (marked sensitive), for Google's
-    /// OpenAI-compatible API.
-    pub fn bearer(&self) -> http::HeaderValue {
-        let mut v = http::HeaderValue::from_str(&format!("Bearer {}", self.spec.secret.expose()))
-            .expect("config validation keeps keys to visible ASCII");
-        v.set_sensitive(true);
-        v
-    }
-}
-
 /// The outcome of looking for a key.
 #[derive(Debug, PartialEq)]
 pub enum Pick {

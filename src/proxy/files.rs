@@ -148,7 +148,7 @@ impl Gateway {
             .is_some_and(|c| c.contains("finalize"));
         let body = read_body(s, gen.config.max_body_bytes).await?;
         let path = format!("/upload{}/files", gen.target.base.path);
-        let header = upstream_header(gen, s.req_header(), &path, &query, body.len())?;
+        let header = upstream_header(gen, s.req_header(), &path, &query)?;
         let mut up = UpstreamRequest::new(header, body);
         up.pinned = pinned;
         let answer = self.collect(gen, &up, x).await?;
@@ -239,7 +239,7 @@ impl Gateway {
             let mut all = Vec::new();
             for key in self.state.lasting.files.keys_with_files() {
                 let header =
-                    upstream_header(gen, s.req_header(), &format!("{base}/files"), &query, 0)?;
+                    upstream_header(gen, s.req_header(), &format!("{base}/files"), &query)?;
                 let mut up = UpstreamRequest::new(header, Bytes::new());
                 up.pinned = Some(self.owner_index(gen, Some(key))?);
                 let page = self.collect(gen, &up, x).await?;
@@ -254,13 +254,7 @@ impl Gateway {
         };
         let owner = self.state.lasting.files.file_key(&id);
         let pinned = self.owner_index(gen, owner)?;
-        let header = upstream_header(
-            gen,
-            s.req_header(),
-            &format!("{base}/files/{id}"),
-            &query,
-            0,
-        )?;
+        let header = upstream_header(gen, s.req_header(), &format!("{base}/files/{id}"), &query)?;
         let mut up = UpstreamRequest::new(header, Bytes::new());
         up.pinned = Some(pinned);
         let answer = self.collect(gen, &up, x).await?;

@@ -536,7 +536,7 @@ impl Gateway {
             // Built by concat: this runs on every call, and `format!` costs twice as much.
             NativeCall::Action { action, .. } => [base, "/models/", &model, ":", action].concat(),
         };
-        let mut header = upstream_header(gen, s.req_header(), &path, &query, body.len())?;
+        let mut header = upstream_header(gen, s.req_header(), &path, &query)?;
         for (name, value) in rewrite.headers {
             let _ = header.insert_header(name, value);
         }
@@ -834,43 +834,34 @@ impl Gateway {
             .peer(route)
             .await
             .map_err(|m| Failure::network(ErrorClass::Network, m))?;
+        let credential = if req.bearer {
+            wire::Credential::Bearer(key.spec.secret.expose())
+        } else {
+            wire::Credential::GoogApiKey(key.header.as_bytes())
+        };
+        let forwarding = gen.target.forwarding(route).map(|proxy| wire::Forwarding {
+            authority: gen.target.base.authority.as_str(),
+            authorization: proxy.proxy_authorization(),
+        });
+        let head = wire::request_head(&req.header, req.body.len(), credential, forwarding);
         let mut reuse_idle = true;
         let mut up = loop {
-            let (mut up, reused) = gen
+            let (mut conn, reused) = gen
                 .target
-                .session(&self.connector, &peer, route, reuse_idle)
+                .connection(&self.connector, &peer, route, reuse_idle)
                 .await
                 .map_err(Failure::from_pingora)?;
-            // NOTE: pingora's connector does not apply the peer's read/write timeouts to the
-            // session it hands out; its proxy sets them per request, and so do we.
-            up.set_read_timeout(Some(gen.config.timeout));
-            up.set_write_timeout(Some(gen.config.timeout));
-            let mut header = req.header.clone();
-            if req.bearer {
-                header
-                    .insert_header(header::AUTHORIZATION, key.bearer())
-                    .expect("a valid header");
-            } else {
-                header
-                    .insert_header(X_GOOG_API_KEY, key.header.clone())
-                    .expect("a valid header name");
-            }
-            if let Some(proxy) = gen.target.forwarding(route) {
-                let absolute = [
-                    b"http://",
-                    gen.target.base.authority.as_bytes(),
-                    header.raw_path(),
-                ]
-                .concat();
-                header
-                    .set_raw_path(&absolute)
-                    .map_err(|e| Failure::network(ErrorClass::Network, e.to_string()))?;
-                if let Some(auth) = proxy.proxy_authorization() {
-                    let _ = header.insert_header("proxy-authorization", auth);
-                }
-            }
-            match send_request(&mut up, Box::new(header), &req.body).await {
-                Ok(()) => break up,
+            let answered =
+                match write_request(&mut conn, &head, &req.body, gen.config.timeout).await {
+                    Ok(()) => {
+                        let mut up = Target::session(conn, &peer);
+                        up.set_read_timeout(Some(gen.config.timeout));
+                        up.read_response_header().await.map(|()| up)
+                    }
+                    Err(e) => Err(e),
+                };
+            match answered {
+                Ok(up) => break up,
                 // An idle connection the server closed meanwhile: not the key's fault, and not an
                 // attempt. The other idle ones are likely closed too (an upstream restart, an
                 // idle timeout): drop them all and try once more on a new connection.
@@ -1366,40 +1357,42 @@ fn skip_request_header(name: &str) -> bool {
         )
 }
 
-/// The upstream request header without a key: built once per request; each attempt adds its key.
+/// The upstream request header without a key: built once per request; each attempt adds its key
+/// (see [`wire::request_head`], which also gives the body's length).
+///
+/// NOTE: built as `http` parts, not with pingora's `insert_header`, which turns every name into
+/// its title-cased bytes and parses it back, allocating twice for a name outside the standard
+/// set, even for a header that keeps no case.
 fn upstream_header(
     gen: &Generation,
     client: &RequestHeader,
     path: &str,
     query: &str,
-    body_len: usize,
 ) -> Result<RequestHeader, Refusal> {
-    let target = if query.is_empty() {
-        path.to_owned()
-    } else {
-        format!("{path}?{query}")
-    };
-    let bad = |_| Refusal::Gate(GateError::new(400, "the request path cannot be forwarded"));
-    // Header case does not matter upstream: skip pingora's case-preserving map.
-    let mut h = RequestHeader::build_no_case(
-        client.method.clone(),
-        target.as_bytes(),
-        Some(client.headers.len() + 4),
-    )
-    .map_err(bad)?;
-    let _ = h.insert_header(header::HOST, gen.target.base.authority.as_str());
-    for (name, value) in client.headers.iter() {
+    let mut target = String::with_capacity(path.len() + 1 + query.len());
+    target.push_str(path);
+    if !query.is_empty() {
+        target.push('?');
+        target.push_str(query);
+    }
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = client.method.clone();
+    parts.uri = http::Uri::from_maybe_shared(Bytes::from(target))
+        .map_err(|_| Refusal::Gate(GateError::new(400, "the request path cannot be forwarded")))?;
+    let headers = &mut parts.headers;
+    headers.reserve(client.headers.len() + 1 + gen.config.custom_headers.len());
+    if let Some(host) = &gen.target.host {
+        headers.insert(header::HOST, host.clone());
+    }
+    for (name, value) in &client.headers {
         if !skip_request_header(name.as_str()) {
-            let _ = h.append_header(name.clone(), value.clone());
+            headers.append(name.clone(), value.clone());
         }
     }
-    if client.method == http::Method::POST || body_len > 0 {
-        let _ = h.insert_header(header::CONTENT_LENGTH, body_len);
-    }
     for (name, value) in &gen.config.custom_headers {
-        let _ = h.insert_header(name.clone(), value.clone());
+        headers.insert(name.clone(), value.clone());
     }
-    Ok(h)
+    Ok(RequestHeader::from(parts))
 }
 
 /// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
@@ -1434,19 +1427,32 @@ fn strip_key_param(query: &str) -> String {
         .join("&")
 }
 
-async fn send_request(
-    up: &mut HttpSession,
-    header: Box<RequestHeader>,
-    body: &Bytes,
+/// Sends a request's head and body on `conn`, in one write when they fit one, within `timeout`.
+async fn write_request(
+    conn: &mut Stream,
+    head: &[u8],
+    body: &[u8],
+    timeout: Duration,
 ) -> pingora::Result<()> {
-    // Header and body leave in one send: the flush that follows the body sends both.
-    wire::Gathered::hold_flush_of(up.stream());
-    up.write_request_header(header).await?;
-    if !body.is_empty() {
-        up.write_request_body(body.clone(), true).await?;
+    use tokio::io::AsyncWriteExt;
+    let write = async {
+        conn.write_all(head).await?;
+        conn.write_all(body).await?;
+        conn.flush().await
+    };
+    // Lazy: a timer is armed only if the write has to wait.
+    match pingora::time::tokio_timeout(timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(pingora::Error::because(
+            ErrorType::WriteError,
+            "while writing the request",
+            e,
+        )),
+        Err(_) => Err(pingora::Error::explain(
+            ErrorType::WriteTimedout,
+            "while writing the request (timeout)",
+        )),
     }
-    up.finish_request_body().await?;
-    up.read_response_header().await
 }
 
 /// Reads an upstream body up to `limit` bytes; the flag says whether it was read to its end.
@@ -1475,12 +1481,16 @@ async fn relay(
     x: &mut Exchange,
 ) -> Result<Finished, Failure> {
     let upstream = up.response_header().expect("the response header was read");
-    let mut head = response_header(upstream.status.as_u16(), x);
+    let mut head = response_parts(upstream.status.as_u16(), x);
     // A translated stream is gemgate's own answer: none of Google's headers apply to it.
     let mut chat = req.chat.as_ref().map(|c| c.start(&x.id));
     if chat.is_some() {
-        let _ = head.insert_header(header::CONTENT_TYPE, "text/event-stream");
-        let _ = head.insert_header(header::CACHE_CONTROL, "no-cache");
+        let h = &mut head.headers;
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
     for (name, value) in upstream.headers.iter().filter(|_| chat.is_none()) {
         let n = name.as_str();
@@ -1490,7 +1500,7 @@ async fn relay(
             || n == "x-request-id"
             || x.cors && n.starts_with("access-control-"))
         {
-            let _ = head.append_header(name.clone(), value.clone());
+            head.headers.append(name.clone(), value.clone());
         }
     }
     let has_body = !matches!(upstream.status.as_u16(), 204 | 304);
@@ -1503,9 +1513,12 @@ async fn relay(
         && head.headers.get(header::CONTENT_LENGTH).is_none()
         && s.req_header().version == http::Version::HTTP_11;
     if chunked {
-        let _ = head.insert_header(header::TRANSFER_ENCODING, "chunked");
+        head.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
-    let mut head = Some(head);
+    let mut head = Some(ResponseHeader::from(head));
     let mut framer = req.sse.then(sse::EventFramer::default);
     let mut batches = upstream::BodyBatches::default();
     loop {
@@ -1636,18 +1649,33 @@ async fn start_answer(
 }
 
 fn response_header(status: u16, x: &mut Exchange) -> ResponseHeader {
+    ResponseHeader::from(response_parts(status, x))
+}
+
+/// The start of every answer: `status`, the request id and, for a browser's call, CORS.
+///
+/// NOTE: filled as `http` parts, then made a [`ResponseHeader`]: see [`upstream_header`].
+fn response_parts(status: u16, x: &mut Exchange) -> http::response::Parts {
     x.status = status;
-    let mut h = ResponseHeader::build_no_case(status, Some(8)).expect("valid status");
-    let _ = h.insert_header(X_REQUEST_ID, x.id.as_str());
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(status).expect("valid status");
+    let h = &mut parts.headers;
+    h.reserve(8);
+    if let Ok(id) = HeaderValue::from_str(&x.id) {
+        h.insert(X_REQUEST_ID, id);
+    }
     if x.cors {
         // Browser-based clients call gemgate from their own origin, as they could gemini-balance.
-        let _ = h.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");
-        let _ = h.insert_header(
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        h.insert(
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            "x-request-id, retry-after",
+            HeaderValue::from_static("x-request-id, retry-after"),
         );
     }
-    h
+    parts
 }
 
 /// Answers a CORS preflight: any origin may call with the methods and headers it asks for.
@@ -1679,9 +1707,12 @@ async fn send_gate(s: &mut ServerSession, x: &mut Exchange, e: &GateError) -> Ou
 }
 
 async fn send(s: &mut ServerSession, x: &mut Exchange, status: u16, json: Bytes) -> Outcome {
-    let mut h = response_header(status, x);
-    let _ = h.insert_header(header::CONTENT_TYPE, "application/json; charset=UTF-8");
-    write_full(s, h, json).await
+    let mut h = response_parts(status, x);
+    h.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=UTF-8"),
+    );
+    write_full(s, ResponseHeader::from(h), json).await
 }
 
 async fn send_page(s: &mut ServerSession, x: &mut Exchange, a: pages::PageAnswer) -> Outcome {

@@ -482,7 +482,7 @@ impl Gateway {
         body: Bytes,
         rewrite: &crate::policy::engine::Rewrite,
     ) -> Result<UpstreamRequest, Refusal> {
-        let mut header = upstream_header(gen, s.req_header(), path, query, body.len())?;
+        let mut header = upstream_header(gen, s.req_header(), path, query)?;
         if !body.is_empty() {
             let _ = header.insert_header(header::CONTENT_TYPE, "application/json");
         }
@@ -537,7 +537,7 @@ impl Gateway {
         }
         let query = client_query(s);
         let path = format!("{}/openai/{rest}", gen.target.base.path);
-        let mut header = upstream_header(gen, s.req_header(), &path, &query, body.len())?;
+        let mut header = upstream_header(gen, s.req_header(), &path, &query)?;
         for (name, value) in rewrite.headers {
             let _ = header.insert_header(name, value);
         }

@@ -53,6 +53,8 @@ struct Route {
 /// ready-to-use peer per route.
 pub struct Target {
     pub base: BaseUrl,
+    /// The `Host` value of every upstream request (`base.authority`).
+    pub host: Option<http::HeaderValue>,
     connect_timeout: Duration,
     resolved: ArcSwapOption<Resolved>,
     routes: Vec<Route>,
@@ -92,6 +94,7 @@ impl Target {
         };
         let target = Target {
             base: config.base_url.clone(),
+            host: http::HeaderValue::from_str(&config.base_url.authority).ok(),
             connect_timeout: config.connect_timeout,
             resolved: ArcSwapOption::empty(),
             routes,
@@ -245,30 +248,31 @@ impl Route {
 }
 
 impl Target {
-    /// An upstream session over `route`: an idle connection if there is one and `reuse_idle`
-    /// allows it (then `true`), else a new one.
-    pub async fn session(
+    /// A connection over `route`: an idle one if there is one and `reuse_idle` allows it (then
+    /// `true`), else a new one.
+    pub async fn connection(
         &self,
         connector: &TransportConnector,
         peer: &HttpPeer,
         route: usize,
         reuse_idle: bool,
-    ) -> pingora::Result<(HttpSession, bool)> {
+    ) -> pingora::Result<(Stream, bool)> {
         if reuse_idle {
             let idle = &self.routes[route].idle[shard::of_thread()];
             while let Some((stream, since)) = idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
                 // One idle past IDLE_TIMEOUT is dropped (closed) and the next one tried.
                 if since.elapsed() < IDLE_TIMEOUT {
-                    let session = Http1Session::new_with_options(stream, peer);
-                    return Ok((HttpSession::H1(session), true));
+                    return Ok((stream, true));
                 }
             }
         }
-        let stream: Stream = Box::new(super::wire::Gathered::new(
-            connector.new_stream(peer).await?,
-        ));
-        let session = Http1Session::new_with_options(stream, peer);
-        Ok((HttpSession::H1(session), false))
+        let stream = connector.new_stream(peer).await?;
+        Ok((Box::new(super::wire::Gathered::new(stream)), false))
+    }
+
+    /// The session that reads the answer to a request written on `stream`.
+    pub fn session(stream: Stream, peer: &HttpPeer) -> HttpSession {
+        HttpSession::H1(Http1Session::new_with_options(stream, peer))
     }
 
     /// Closes every idle connection of `route`.
