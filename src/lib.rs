@@ -58,12 +58,6 @@ pub fn run(config: Config, source: Source) -> ! {
         graceful_shutdown_timeout_seconds: Some(1),
         // Each worker (see `proxy::workers`) is a service of its own with one thread.
         work_stealing: false,
-        // NOTE: pingora's "fast" timeouts read the clock two or three times for every timeout
-        // made (to watch over their clock thread) and keep timers in a shared, locked map; a
-        // request makes several (each read and write of both sessions). Tokio's timer wheel,
-        // one per worker thread here, costs less and reads the clock only for a timer that
-        // is armed.
-        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
     tracing::info!(
