@@ -32,6 +32,7 @@ use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
+use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
 use crate::config::{self, Config};
@@ -54,7 +55,6 @@ use upstream::Target;
 /// Header names gemgate reads or writes on every request, made once instead of parsed per use.
 const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
 /// Largest upstream error body read for classification and relay.
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
 /// Largest upstream answer gemgate buffers itself (model lists).
@@ -846,21 +846,12 @@ impl Gateway {
         let head = wire::request_head(&req.header, req.body.len(), credential, forwarding);
         let mut reuse_idle = true;
         let mut up = loop {
-            let (mut conn, reused) = gen
+            let (conn, reused) = gen
                 .target
                 .connection(&self.connector, &peer, route, reuse_idle)
                 .await
                 .map_err(Failure::from_pingora)?;
-            let answered =
-                match write_request(&mut conn, &head, &req.body, gen.config.timeout).await {
-                    Ok(()) => {
-                        let mut up = Target::session(conn, &peer);
-                        up.set_read_timeout(Some(gen.config.timeout));
-                        up.read_response_header().await.map(|()| up)
-                    }
-                    Err(e) => Err(e),
-                };
-            match answered {
+            match send_request(conn, &peer, &head, &req.body, gen.config.timeout).await {
                 Ok(up) => break up,
                 // An idle connection the server closed meanwhile: not the key's fault, and not an
                 // attempt. The other idle ones are likely closed too (an upstream restart, an
@@ -1427,32 +1418,36 @@ fn strip_key_param(query: &str) -> String {
         .join("&")
 }
 
-/// Sends a request's head and body on `conn`, in one write when they fit one, within `timeout`.
-async fn write_request(
-    conn: &mut Stream,
+/// Sends a request's head and body on `conn` (in one write when they fit one), then reads the
+/// answer's header with pingora's client; each step within `timeout`.
+async fn send_request(
+    mut conn: Stream,
+    peer: &HttpPeer,
     head: &[u8],
     body: &[u8],
     timeout: Duration,
-) -> pingora::Result<()> {
+) -> pingora::Result<HttpSession> {
     use tokio::io::AsyncWriteExt;
     let write = async {
         conn.write_all(head).await?;
         conn.write_all(body).await?;
         conn.flush().await
     };
-    // Lazy: a timer is armed only if the write has to wait.
-    match pingora::time::tokio_timeout(timeout, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(pingora::Error::because(
-            ErrorType::WriteError,
-            "while writing the request",
-            e,
-        )),
-        Err(_) => Err(pingora::Error::explain(
-            ErrorType::WriteTimedout,
-            "while writing the request (timeout)",
-        )),
-    }
+    tokio::time::timeout(timeout, write)
+        .await
+        .map_err(|_| {
+            pingora::Error::explain(
+                ErrorType::WriteTimedout,
+                "while writing the request (timeout)",
+            )
+        })?
+        .map_err(|e| {
+            pingora::Error::because(ErrorType::WriteError, "while writing the request", e)
+        })?;
+    let mut up = Target::session(conn, peer);
+    up.set_read_timeout(Some(timeout));
+    up.read_response_header().await?;
+    Ok(up)
 }
 
 /// Reads an upstream body up to `limit` bytes; the flag says whether it was read to its end.
