@@ -159,7 +159,9 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
                 d["description"] = desc.clone();
             }
             if let Some(p) = f.get("parameters") {
-                d["parameters"] = schema::clean(p);
+                let field = format!("tools[{i}].function.parameters");
+                d["parameters"] =
+                    schema::clean(p).map_err(|e| BadRequest::new(&field, e.to_string()))?;
             }
             decls.push(d);
         }
@@ -413,7 +415,10 @@ fn generation_config(obj: &Map<String, Value>) -> Result<Map<String, Value>, Bad
             Some("json_schema") => {
                 c.insert("responseMimeType".into(), json!("application/json"));
                 if let Some(s) = format.pointer("/json_schema/schema") {
-                    c.insert("responseSchema".into(), schema::clean(s));
+                    let cleaned = schema::clean(s).map_err(|e| {
+                        BadRequest::new("response_format.json_schema.schema", e.to_string())
+                    })?;
+                    c.insert("responseSchema".into(), cleaned);
                 }
             }
             _ => {

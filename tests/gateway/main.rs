@@ -7,6 +7,7 @@ mod common;
 mod egress;
 mod files;
 mod first_run;
+mod hardening;
 mod keys;
 mod openai;
 mod pages;
