@@ -1,5 +1,7 @@
-//! Recovery checks: every `CHECK_INTERVAL_HOURS`, disabled keys are probed with a cheap call on
-//! `TEST_MODEL`; a key that answers well returns to the pool.
+//! Probes of keys with a cheap call on `TEST_MODEL`: every `CHECK_INTERVAL_HOURS` disabled keys
+//! are probed, and a key that answers well returns to the pool; and a key whose 403s reached
+//! `MAX_FAILURES` is probed before it is disabled ([`confirm`]), since a 403 may have been the
+//! client's doing.
 //!
 //! Probes go straight to the upstream, a few at a time, outside the request path: they are not
 //! client traffic and change no key's counters but the probed key's health.
@@ -7,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::keys::taxonomy::classify;
+use crate::keys::taxonomy::{classify, redact, ErrorClass};
 use crate::keys::Key;
 use crate::proxy::{Generation, State};
 
@@ -17,11 +19,12 @@ const CONCURRENCY: usize = 4;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a probe went.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Probe {
     Healthy,
-    /// The upstream's status (0: no answer), the error class and the message.
-    Failing(u16, &'static str, String),
+    /// The upstream's status (0: no answer), the error class and the message (the key masked
+    /// where Google named it).
+    Failing(u16, ErrorClass, String),
 }
 
 /// Calls `TEST_MODEL` once with `key`, the way calls with that key go: through its proxy when
@@ -47,18 +50,59 @@ pub async fn probe(gen: &Generation, key: &Key) -> Probe {
     let sent = call.json(&body).timeout(PROBE_TIMEOUT).send().await;
     let resp = match sent {
         Ok(r) => r,
-        Err(e) => return Probe::Failing(0, "network", e.without_url().to_string()),
+        Err(e) => {
+            let class = if e.is_timeout() {
+                ErrorClass::Timeout
+            } else {
+                ErrorClass::Network
+            };
+            return Probe::Failing(0, class, e.without_url().to_string());
+        }
     };
     let status = resp.status().as_u16();
     if (200..300).contains(&status) {
         return Probe::Healthy;
     }
-    let body = resp.bytes().await.unwrap_or_default();
-    let message = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("HTTP {status}"));
-    Probe::Failing(status, classify(status, &body).as_str(), message)
+    let body = redact(
+        resp.bytes().await.unwrap_or_default(),
+        key.spec.secret.expose(),
+    );
+    let message =
+        crate::keys::taxonomy::error_message(&body).unwrap_or_else(|| format!("HTTP {status}"));
+    Probe::Failing(status, classify(status, &body), message)
+}
+
+/// Confirms a key's 403s with a probe (see [`crate::keys::Penalty::Confirm`]): the key is
+/// disabled only if the neutral call is refused for the key's sake too; if it succeeds, the
+/// 403s were the requests' doing and the key's failures are forgotten.
+pub fn confirm(state: Arc<State>, key_id: String) {
+    tokio::spawn(async move {
+        let gen = state.current.load_full();
+        let Some(index) = gen.pool.index_of(&key_id) else {
+            return;
+        };
+        let key = gen.pool.get(index);
+        match probe(&gen, key).await {
+            Probe::Healthy => {
+                key.state.clear_failures();
+                tracing::info!(key = %key_id, "a probe found the key healthy: its 403s were not its fault");
+            }
+            Probe::Failing(
+                status,
+                class @ (ErrorClass::KeyForbidden | ErrorClass::KeyInvalid),
+                message,
+            ) => {
+                key.state.disable(format!(
+                    "{} (HTTP {status}), confirmed by a probe: {message}",
+                    class.as_str()
+                ));
+                tracing::warn!(key = %key_id, class = class.as_str(), "key disabled: a probe confirmed its 403s");
+            }
+            Probe::Failing(status, class, message) => {
+                tracing::info!(key = %key_id, status, class = class.as_str(), "the probe of a key's 403s was inconclusive: {message}");
+            }
+        }
+    });
 }
 
 /// Probes every disabled key of the current pool; returns (recovered, still failing).
@@ -87,7 +131,7 @@ pub async fn check_disabled(state: &State) -> (usize, usize) {
                 }
                 Probe::Failing(status, class, message) => {
                     failing += 1;
-                    tracing::info!(key = %key.spec.id, label = %key.spec.label, status, class, "check: key still failing: {message}");
+                    tracing::info!(key = %key.spec.id, label = %key.spec.label, status, class = class.as_str(), "check: key still failing: {message}");
                 }
             }
         }

@@ -9,7 +9,8 @@
 //!
 //! Per-request controls, as request headers: `x-fake-chunks: N` (stream chunks),
 //! `x-fake-delay-ms: N` (pause between chunks), `x-fake-hold: NAME` (hold the last chunk until
-//! `POST /_fake/release/NAME`).
+//! `POST /_fake/release/NAME`), `x-fake-error: STATUS REASON` (answer with that error and
+//! `ErrorInfo.reason`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -561,6 +562,23 @@ async fn handle(
         }
     };
 
+    // `x-fake-error: 403 REASON` answers this one request with that error (ErrorInfo reason
+    // included), whatever the key: a key fault the request provokes, not the key.
+    if let Some((code, reason)) = parts
+        .headers
+        .get("x-fake-error")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+    {
+        let code: u16 = code.parse().unwrap_or(400);
+        let status = crate::proxy::reply::grpc_status(code);
+        return google_error(
+            code,
+            status,
+            &format!("refused: {reason}"),
+            json!([{ "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "googleapis.com" }]),
+        );
+    }
     let behaviour = state.behaviour(&key);
     match behaviour {
         Behaviour::Invalid => {

@@ -51,7 +51,13 @@ pub struct KeyState {
     detail: Mutex<KeyDetail>,
     /// Changed since the store last saved it.
     dirty: AtomicBool,
+    /// When the last probe confirming a 403 key fault started (see [`KeyState::claim_probe`]).
+    last_probe_ms: AtomicU64,
 }
+
+/// Least time between two probes confirming a key's 403s: a client that keeps provoking them
+/// cannot make gemgate spend the key's quota on probes.
+const PROBE_GAP_MS: u64 = 60_000;
 
 impl KeyState {
     /// Asks the store to save this key's state.
@@ -182,6 +188,24 @@ impl KeyState {
             .disabled_reason = Some(reason.into());
     }
 
+    /// Claims the probe that confirms a 403 key fault: `false` while another ran less than a
+    /// minute ago.
+    pub fn claim_probe(&self, now_ms: u64) -> bool {
+        let last = self.last_probe_ms.load(Relaxed);
+        (last == 0 || now_ms >= last.saturating_add(PROBE_GAP_MS))
+            && self
+                .last_probe_ms
+                .compare_exchange(last, now_ms, Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// Forgets the key's consecutive failures (a probe found it healthy).
+    pub fn clear_failures(&self) {
+        if self.consecutive_failures.swap(0, Relaxed) != 0 {
+            self.mark_dirty();
+        }
+    }
+
     /// Returns a disabled or cooling key to the pool.
     pub fn enable(&self) {
         self.mark_dirty();
@@ -227,6 +251,21 @@ pub struct Key {
     pub state: Arc<KeyState>,
     /// The secret as a ready `x-goog-api-key` value (marked sensitive).
     pub header: http::HeaderValue,
+}
+
+/// What a failed attempt did to its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Penalty {
+    /// Nothing: the key is not to blame.
+    None,
+    /// One more consecutive key fault, short of `MAX_FAILURES`.
+    Counted,
+    /// Cooling for the model.
+    Cooled,
+    Disabled,
+    /// A 403 key fault at `MAX_FAILURES`: disable the key only if a probe confirms it (see
+    /// [`crate::checks::confirm`]).
+    Confirm,
 }
 
 /// The outcome of looking for a key.
@@ -370,7 +409,7 @@ impl KeyPool {
 
     /// Cools key `index` for `model` for `seconds` (a plugin's `gemgate.cool`).
     pub fn cool(&self, index: usize, model: &str, seconds: f64, now_ms: u64) {
-        let until = now_ms + (seconds * 1000.0) as u64;
+        let until = now_ms.saturating_add((seconds * 1000.0) as u64);
         self.keys[index].state.cool(model, until, "policy", now_ms);
     }
 
@@ -379,7 +418,7 @@ impl KeyPool {
     }
 
     /// Applies the taxonomy's verdict for a failed attempt of key `index` on `model`.
-    /// Returns what was done, for the log.
+    /// Returns what was done.
     pub fn record_failure(
         &self,
         index: usize,
@@ -387,7 +426,7 @@ impl KeyPool {
         class: ErrorClass,
         message: &str,
         now_ms: u64,
-    ) -> KeyVerdict {
+    ) -> Penalty {
         let key = &self.keys[index];
         let state = &key.state;
         state.failures.fetch_add(1, Relaxed);
@@ -400,28 +439,38 @@ impl KeyPool {
                 .last_error = Some(format!("{}: {}", class.as_str(), truncate(message, 300)));
         }
         match verdict {
-            KeyVerdict::Fault => {
+            KeyVerdict::Fault | KeyVerdict::Suspect => {
                 state.mark_dirty();
                 let count = state.consecutive_failures.fetch_add(1, Relaxed) + 1;
-                if count >= self.max_failures && !state.is_disabled() {
-                    state.disable(format!(
-                        "{} after {count} consecutive failures",
-                        class.as_str()
-                    ));
-                    tracing::warn!(key = %key.spec.id, label = %key.spec.label, class = class.as_str(), "key disabled");
+                if count < self.max_failures || state.is_disabled() {
+                    return Penalty::Counted;
                 }
+                if verdict == KeyVerdict::Suspect {
+                    return if state.claim_probe(now_ms) {
+                        Penalty::Confirm
+                    } else {
+                        Penalty::Counted
+                    };
+                }
+                state.disable(format!(
+                    "{} after {count} consecutive failures",
+                    class.as_str()
+                ));
+                tracing::warn!(key = %key.spec.id, label = %key.spec.label, class = class.as_str(), "key disabled");
+                Penalty::Disabled
             }
             KeyVerdict::CoolFor(d) => {
-                let until = now_ms + d.as_millis() as u64;
+                let until = now_ms.saturating_add(d.as_millis() as u64);
                 state.cool(model, until, class.as_str(), now_ms);
+                Penalty::Cooled
             }
             KeyVerdict::CoolUntilDailyReset => {
                 let until = clock::next_pacific_midnight_ms(now_ms);
                 state.cool(model, until, class.as_str(), now_ms);
+                Penalty::Cooled
             }
-            KeyVerdict::NoPenalty => {}
+            KeyVerdict::NoPenalty => Penalty::None,
         }
-        verdict
     }
 }
 
@@ -533,6 +582,19 @@ mod tests {
     }
 
     #[test]
+    fn a_403_key_fault_asks_for_a_probe_at_most_once_a_minute() {
+        let p = pool(1, 2);
+        let forbidden = |now| p.record_failure(0, "m", ErrorClass::KeyForbidden, "no", now);
+        assert_eq!(forbidden(1_000), Penalty::Counted);
+        assert_eq!(forbidden(1_000), Penalty::Confirm);
+        assert_eq!(forbidden(2_000), Penalty::Counted, "a probe runs already");
+        assert!(!p.get(0).state.is_disabled(), "only a probe disables");
+        assert_eq!(forbidden(61_000), Penalty::Confirm);
+        p.get(0).state.clear_failures();
+        assert_eq!(p.get(0).state.consecutive_failures(), 0);
+    }
+
+    #[test]
     fn state_survives_a_rebuilt_pool() {
         let registry = KeyRegistry::default();
         let spec = KeySpec {
@@ -544,7 +606,7 @@ mod tests {
             source: Default::default(),
         };
         let first = KeyPool::new(std::slice::from_ref(&spec), &registry, 1);
-        first.record_failure(0, "m", ErrorClass::KeyForbidden, "", 0);
+        first.record_failure(0, "m", ErrorClass::KeyInvalid, "", 0);
         let second = KeyPool::new(&[spec], &registry, 1);
         assert!(second.get(0).state.is_disabled());
     }

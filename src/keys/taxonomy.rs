@@ -1,10 +1,14 @@
 //! What an upstream error means for the key that got it, and for the request.
 //!
-//! This is DESIGN.md's table, in code. It reads the status *and* the body: a 400 is a dead key
-//! when Google's `ErrorInfo.reason` says `API_KEY_INVALID`, and the client's mistake otherwise.
+//! This is the README's table, in code. It reads the status *and* the body: a 400 is a dead key
+//! when Google's `ErrorInfo.reason` says `API_KEY_INVALID`, and the client's mistake otherwise;
+//! a 403 is the key's fault only when its reason blames the key or its project. Google answers
+//! 403 for many client mistakes too (a file, cached content or project the key cannot see), and
+//! counting those against keys would let any client disable the whole pool with one request.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Deserialize;
 
 /// The class of a failed attempt.
@@ -12,7 +16,8 @@ use serde::Deserialize;
 pub enum ErrorClass {
     /// The key is invalid or expired (400 `API_KEY_INVALID`).
     KeyInvalid,
-    /// The key's project is suspended or lacks permission (403).
+    /// A 403 whose `ErrorInfo.reason` blames the key or its project ([`KEY_FAULT_REASONS`]).
+    /// It disables the key only once a probe with a neutral request confirms it.
     KeyForbidden,
     /// A per-minute (or unspecified) quota of this key's project for this model.
     RateLimited { retry_after: Duration },
@@ -33,6 +38,8 @@ pub enum ErrorClass {
 pub enum KeyVerdict {
     /// Count one consecutive key fault (disable at `MAX_FAILURES`).
     Fault,
+    /// Count one consecutive key fault; at `MAX_FAILURES`, disable only if a probe confirms it.
+    Suspect,
     /// Cool the key for this model for this long.
     CoolFor(Duration),
     /// Cool the key for this model until the next daily quota reset.
@@ -63,7 +70,8 @@ impl ErrorClass {
 
     pub fn verdict(self) -> KeyVerdict {
         match self {
-            ErrorClass::KeyInvalid | ErrorClass::KeyForbidden => KeyVerdict::Fault,
+            ErrorClass::KeyInvalid => KeyVerdict::Fault,
+            ErrorClass::KeyForbidden => KeyVerdict::Suspect,
             ErrorClass::RateLimited { retry_after } => KeyVerdict::CoolFor(retry_after),
             ErrorClass::DailyQuota => KeyVerdict::CoolUntilDailyReset,
             ErrorClass::Upstream
@@ -73,6 +81,17 @@ impl ErrorClass {
         }
     }
 }
+
+/// The `ErrorInfo.reason`s of a 403 that blame the key or its project; any other 403 is the
+/// client's error.
+pub const KEY_FAULT_REASONS: &[&str] = &[
+    "API_KEY_INVALID",
+    "API_KEY_EXPIRED",
+    "API_KEY_SERVICE_BLOCKED",
+    "API_KEY_IP_ADDRESS_BLOCKED",
+    "CONSUMER_SUSPENDED",
+    "SERVICE_DISABLED",
+];
 
 /// The cooldown after a 429 that does not say how long to wait.
 pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(60);
@@ -123,7 +142,7 @@ pub fn classify(status: u16, body: &[u8]) -> ErrorClass {
         {
             ErrorClass::KeyInvalid
         }
-        403 => ErrorClass::KeyForbidden,
+        403 if KEY_FAULT_REASONS.iter().any(|r| reason(r)) => ErrorClass::KeyForbidden,
         429 => {
             let daily = err
                 .details
@@ -149,6 +168,22 @@ pub fn classify(status: u16, body: &[u8]) -> ErrorClass {
     }
 }
 
+/// Google's `error.message`.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let v: Envelope = serde_json::from_slice(body).ok()?;
+    Some(v.error.message).filter(|m| !m.is_empty())
+}
+
+/// Replaces every occurrence of `secret` in an upstream error body with its masked form:
+/// Google sometimes names the key in its message.
+pub fn redact(body: Bytes, secret: &str) -> Bytes {
+    if secret.is_empty() || memchr::memmem::find(&body, secret.as_bytes()).is_none() {
+        return body;
+    }
+    let masked = crate::config::mask(secret);
+    Bytes::from(String::from_utf8_lossy(&body).replace(secret, &masked))
+}
+
 /// Parses a protobuf JSON duration such as `"47s"` or `"1.5s"`.
 fn parse_duration(s: &str) -> Option<Duration> {
     let secs: f64 = s.trim().strip_suffix('s')?.parse().ok()?;
@@ -169,6 +204,18 @@ mod tests {
         assert_eq!(classify(401, b"{}"), ErrorClass::Client);
         let suspended = br#"{"error":{"code":403,"message":"Permission denied","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CONSUMER_SUSPENDED"}]}}"#;
         assert_eq!(classify(403, suspended), ErrorClass::KeyForbidden);
+        let foreign_file = br#"{"error":{"code":403,"message":"You do not have permission to access the File abc or it may not exist.","status":"PERMISSION_DENIED"}}"#;
+        assert_eq!(classify(403, foreign_file), ErrorClass::Client);
+        let other_reason = br#"{"error":{"code":403,"status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"IAM_PERMISSION_DENIED"}]}}"#;
+        assert_eq!(classify(403, other_reason), ErrorClass::Client);
+        for r in KEY_FAULT_REASONS {
+            let body = format!(r#"{{"error":{{"code":403,"details":[{{"reason":"{r}"}}]}}}}"#);
+            assert_eq!(
+                classify(403, body.as_bytes()),
+                ErrorClass::KeyForbidden,
+                "{r}"
+            );
+        }
         let minute = br#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"47s"}]}}"#;
         assert_eq!(
             classify(429, minute),
@@ -188,6 +235,17 @@ mod tests {
         for s in [500, 503, 504] {
             assert_eq!(classify(s, b"not json"), ErrorClass::Upstream);
         }
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_error_bodies() {
+        let key = "AIzaSyABCDEFGHIJKLMNOPQRSTUVWXYZ0123456";
+        let body = Bytes::from(format!("Consumer 'api_key:{key}' has been suspended."));
+        let out = redact(body, key);
+        assert_eq!(
+            &out[..],
+            "Consumer 'api_key:AIzaSy…3456' has been suspended.".as_bytes()
+        );
     }
 
     #[test]

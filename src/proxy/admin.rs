@@ -344,7 +344,7 @@ impl Gateway {
                 json!({ "id": key.spec.id, "ok": true })
             }
             Probe::Failing(status, class, message) => json!({
-                "id": key.spec.id, "ok": false, "status": status, "class": class, "message": message,
+                "id": key.spec.id, "ok": false, "status": status, "class": class.as_str(), "message": message,
             }),
         };
         tracing::info!(key = %key.spec.id, result = %outcome, "admin: key verified");

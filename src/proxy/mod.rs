@@ -35,10 +35,10 @@ use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::keys::clock::now_ms;
-use crate::keys::taxonomy::{classify, ErrorClass};
-use crate::keys::{seconds_until, KeyPool, KeyRegistry, Pick};
+use crate::keys::taxonomy::{classify, error_message, redact, ErrorClass};
+use crate::keys::{seconds_until, KeyPool, KeyRegistry, Penalty, Pick};
 use crate::policy::counters::Counters;
 use crate::policy::engine::{
     AttemptDecision, AttemptInfo, Denial, Policy, PolicyStats, RequestInfo, Rewrite,
@@ -684,14 +684,17 @@ impl Gateway {
                 Ok(finished) => return finished,
                 Err(failure) => {
                     self.count_usage(gen, req, index, Some(failure.class.as_str()), x);
-                    let verdict = gen.pool_for(req).record_failure(
+                    let penalty = gen.pool_for(req).record_failure(
                         index,
                         &req.model,
                         failure.class,
                         &failure.message,
                         now_ms(),
                     );
-                    tracing::debug!(id = %x.id, key = %key.spec.id, attempt = x.attempts, status = failure.status, class = failure.class.as_str(), ?verdict, message = %failure.message, "attempt failed");
+                    if penalty == Penalty::Confirm {
+                        crate::checks::confirm(self.state.clone(), key.spec.id.clone());
+                    }
+                    tracing::debug!(id = %x.id, key = %key.spec.id, attempt = x.attempts, status = failure.status, class = failure.class.as_str(), ?penalty, message = %failure.message, "attempt failed");
                     x.class = Some(failure.class.as_str());
                     let mut retry = failure.class.retryable();
                     if gen.policy.has_attempt_hook(false, &req.model) {
@@ -1734,23 +1737,6 @@ async fn write_full(s: &mut ServerSession, mut h: ResponseHeader, body: Bytes) -
     Outcome::Reuse
 }
 
-/// Replaces any occurrence of `secret` in an upstream error body with its masked form: Google
-/// sometimes names the key in its message.
-fn redact(body: Bytes, secret: &str) -> Bytes {
-    if secret.is_empty() || memchr::memmem::find(&body, secret.as_bytes()).is_none() {
-        return body;
-    }
-    let masked = config::mask(secret);
-    let text = String::from_utf8_lossy(&body).replace(secret, &masked);
-    Bytes::from(text)
-}
-
-/// Google's `error.message`, for logs.
-fn error_message(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.pointer("/error/message")?.as_str().map(str::to_owned)
-}
-
 /// A policy refusal as the client's error.
 fn denied(d: Denial) -> Refusal {
     Refusal::Gate(GateError::new(d.status, d.message))
@@ -1887,17 +1873,6 @@ mod tests {
         assert_eq!(
             strip_key_param("pageSize=5&monkey=1"),
             "pageSize=5&monkey=1"
-        );
-    }
-
-    #[test]
-    fn secrets_are_redacted_from_error_bodies() {
-        let body =
-            Bytes::from_static(b"Consumer 'api_key:AIzaSyABCDEFGHIJKLMNOP' has been suspended.");
-        let out = redact(body, "AIzaSyABCDEFGHIJKLMNOP");
-        assert_eq!(
-            &out[..],
-            "Consumer 'api_key:AIzaSy…MNOP' has been suspended.".as_bytes()
         );
     }
 }
