@@ -7,6 +7,7 @@
 
 pub mod edit;
 pub mod env;
+pub mod net;
 pub mod settings;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -71,17 +72,21 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Masks a secret for display: `AIzaSy…abcd`.
+/// Masks a secret for display. A Gemini key (39 characters, the first six the same for every
+/// key) shows its first 6 and last 4: `AIzaSy…abcd`. Shorter secrets show at most their last 4
+/// characters (none below 8), so that a short token never shows most of itself.
 pub fn mask(s: &str) -> String {
     let chars: Vec<char> = s.chars().collect();
-    if chars.len() <= 12 {
-        // Too short to show 10 characters of it: show only its end.
-        let tail: String = chars[chars.len().saturating_sub(2)..].iter().collect();
-        return format!("…{tail}");
-    }
-    let head: String = chars[..6].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("{head}…{tail}")
+    let (head, tail) = match chars.len() {
+        32.. => (6, 4),
+        16..32 => (0, 4),
+        8..16 => (0, 2),
+        _ => (0, 0),
+    };
+    let mut out: String = chars[..head].iter().collect();
+    out.push('…');
+    out.extend(&chars[chars.len() - tail..]);
+    out
 }
 
 /// A short stable identifier derived from a secret, never revealing it.
@@ -100,7 +105,7 @@ pub fn stable_id(prefix: &str, secret: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// The TOML file, field for field. Unknown fields are errors, so a typo never goes unnoticed.
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
     pub server: ServerSection,
@@ -112,6 +117,7 @@ pub struct FileConfig {
     pub stream: StreamSection,
     pub tts: TtsSection,
     pub logs: LogsSection,
+    pub fetch: FetchSection,
     pub policy: PolicySection,
     /// `[plugins.<name>]`: each plugin's own config (`enabled` and `priority` are gemgate's).
     pub plugins: BTreeMap<String, toml::Table>,
@@ -163,6 +169,19 @@ pub struct ServerSection {
     /// Unset: `templates/` beside the config file, else in the working directory, else the
     /// templates built into gemgate.
     pub templates_dir: Option<PathBuf>,
+    /// Open client connections at most; past it, new ones are closed at once (and counted).
+    pub max_connections: usize,
+    /// Seconds a client has to send a whole request head.
+    pub header_timeout_s: f64,
+    /// The reverse proxies whose `X-Forwarded-For`, `-Proto` and `-Host` are believed
+    /// (addresses or blocks); none by default.
+    pub trusted_proxies: Vec<String>,
+    /// The URL clients reach gemgate at (`https://gemini.example.com`), for the links gemgate
+    /// hands out (upload URLs); unset: the scheme and address the request came in on.
+    pub public_url: String,
+    /// The data file's size limit: past it, the oldest log blocks are deleted (key state and
+    /// usage never are).
+    pub max_data_bytes: u64,
 }
 
 impl Default for ServerSection {
@@ -176,11 +195,16 @@ impl Default for ServerSection {
             log_level: "info".into(),
             timezone: "UTC".into(),
             templates_dir: None,
+            max_connections: 20_000,
+            header_timeout_s: 30.0,
+            trusted_proxies: Vec::new(),
+            public_url: String::new(),
+            max_data_bytes: 1 << 30,
         }
     }
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
     pub base_url: String,
@@ -194,6 +218,9 @@ pub struct UpstreamSection {
     pub custom_headers: BTreeMap<String, String>,
     /// Idle upstream connections kept for reuse, per worker thread and per proxy.
     pub pool_size: usize,
+    /// Client headers forwarded to Google although gemgate drops them by default
+    /// (`x-goog-user-project`, the method-override headers).
+    pub forward_headers: Vec<String>,
 }
 
 impl Default for UpstreamSection {
@@ -207,12 +234,13 @@ impl Default for UpstreamSection {
             proxies_use_consistency_hash_by_api_key: true,
             custom_headers: BTreeMap::new(),
             pool_size: 256,
+            forward_headers: Vec::new(),
         }
     }
 }
 
 /// A key is a plain string, or a table that also gives a label, tags and a weight.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum KeyEntry {
     Plain(String),
@@ -236,7 +264,7 @@ impl KeyEntry {
     }
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysSection {
     pub api_keys: Vec<KeyEntry>,
@@ -259,14 +287,14 @@ impl Default for KeysSection {
 }
 
 /// A client token is a plain string, or a table that also names it.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum TokenEntry {
     Plain(String),
     Named { name: String, token: String },
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     pub allowed_tokens: Vec<TokenEntry>,
@@ -308,7 +336,7 @@ impl Default for ModelsSection {
     }
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImagesSection {
     pub create_image_model: String,
@@ -392,6 +420,9 @@ pub struct LogsSection {
     pub auto_delete_request_logs_enabled: bool,
     pub auto_delete_request_logs_days: u32,
     pub error_log_record_request_body: bool,
+    /// The share of requests the request log keeps (0: none, 1: all); the error log keeps
+    /// every failed request, and the dashboard counts every request.
+    pub request_sample: f64,
 }
 
 impl Default for LogsSection {
@@ -399,9 +430,32 @@ impl Default for LogsSection {
         LogsSection {
             auto_delete_error_logs_enabled: true,
             auto_delete_error_logs_days: 7,
-            auto_delete_request_logs_enabled: false,
+            auto_delete_request_logs_enabled: true,
             auto_delete_request_logs_days: 30,
             error_log_record_request_body: false,
+            request_sample: 1.0,
+        }
+    }
+}
+
+/// `[fetch]`: gemgate fetching URLs a client names (image and file URLs of chat requests).
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchSection {
+    pub enabled: bool,
+    /// Addresses, blocks and host names fetched although they are not public
+    /// (`10.1.0.0/16`, `images.internal`, `*.corp.example`).
+    pub allow: Vec<String>,
+    /// All bytes fetched for one request, at most.
+    pub max_bytes: u64,
+}
+
+impl Default for FetchSection {
+    fn default() -> Self {
+        FetchSection {
+            enabled: true,
+            allow: Vec::new(),
+            max_bytes: 20 * 1024 * 1024,
         }
     }
 }
@@ -503,8 +557,15 @@ pub struct ClientToken {
     pub secret: Secret,
 }
 
+/// What the gateway may fetch of the URLs clients give.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    pub enabled: bool,
+    pub allow: Vec<net::Allowed>,
+    pub max_bytes: u64,
+}
+
 /// The validated configuration the gateway runs on.
-#[derive(Debug)]
 pub struct Config {
     /// The file it was read from (`None`: the embedded defaults).
     pub path: Option<PathBuf>,
@@ -527,8 +588,32 @@ pub struct Config {
     /// `PAID_KEY`: the key for image generation, kept apart from the pool.
     pub paid_key: Option<KeySpec>,
     pub policy: PolicyConfig,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub trusted_proxies: Vec<net::Cidr>,
+    /// `server.public_url` without a trailing slash.
+    pub public_url: Option<String>,
+    pub max_data_bytes: u64,
+    pub fetch: FetchConfig,
+    /// Client headers forwarded although gemgate drops them by default.
+    pub forward_headers: Vec<http::HeaderName>,
     /// Every section as read, for the features that consume them.
     pub file: FileConfig,
+}
+
+/// Shows where the config came from and its shape, never a secret: the file's sections hold
+/// keys and tokens in clear.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("path", &self.path)
+            .field("listen", &self.listen)
+            .field("base_url", &self.base_url.to_string())
+            .field("keys", &self.keys.len())
+            .field("tokens", &self.tokens.len())
+            .field("auth_token", &self.auth_token.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The variables of the process environment and of `.env`, environment winning.
@@ -581,7 +666,7 @@ pub fn from_str(
 ) -> Result<Config, ConfigError> {
     let parse_err = |e: toml::de::Error| ConfigError::Parse {
         path: origin.to_owned(),
-        message: e.to_string(),
+        message: parse_message(&e, text),
     };
     // Parse the file alone first, so its errors point at its own lines.
     let file_only = toml::from_str::<FileConfig>(text).map_err(parse_err)?;
@@ -591,7 +676,7 @@ pub fn from_str(
         tree.try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse {
                 path: "environment".to_owned(),
-                message: e.to_string(),
+                message: without_values(e.message()),
             })?;
     // The pool is the union of the file's keys and API_KEYS: the environment adds keys, it
     // does not hide the file's (which the admin page edits).
@@ -601,8 +686,8 @@ pub fn from_str(
         .iter()
         .map(|k| k.secret().to_owned())
         .collect();
-    let env_secrets: HashSet<String> = if vars.get("API_KEYS").is_some_and(|v| !v.trim().is_empty())
-    {
+    // An empty `API_KEYS=` adds no keys (and hides none).
+    let env_secrets: HashSet<String> = if vars.contains_key("API_KEYS") {
         let env_keys = std::mem::take(&mut file.keys.api_keys);
         let secrets = env_keys.iter().map(|k| k.secret().to_owned()).collect();
         file.keys.api_keys = file_only.keys.api_keys.clone();
@@ -712,9 +797,79 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
             source: KeySource::File,
         });
     }
-    if file.keys.check_interval_hours < 0.0 {
-        return Err(invalid("keys.check_interval_hours", "must not be negative"));
+    // Durations become `Duration`s, which panic on NaN or infinity: every float is checked.
+    let non_negative = |path: &str, v: f64| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(())
+        } else {
+            Err(invalid(
+                path,
+                format!("must be a finite number, 0 or more, not {v}"),
+            ))
+        }
+    };
+    non_negative("keys.check_interval_hours", file.keys.check_interval_hours)?;
+    non_negative("stream.min_delay", file.stream.min_delay)?;
+    non_negative("stream.max_delay", file.stream.max_delay)?;
+    non_negative(
+        "stream.fake_stream_empty_data_interval_s",
+        file.stream.fake_stream_empty_data_interval_s,
+    )?;
+    let header_timeout = positive_secs(server.header_timeout_s).ok_or_else(|| {
+        invalid(
+            "server.header_timeout_s",
+            "must be a positive number of seconds",
+        )
+    })?;
+    if !(0.0..=1.0).contains(&file.logs.request_sample) {
+        return Err(invalid(
+            "logs.request_sample",
+            "must be a share from 0 (no request log) to 1 (every request)",
+        ));
     }
+    if server.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    if server.max_data_bytes < 1024 * 1024 {
+        return Err(invalid("server.max_data_bytes", "must be at least 1 MiB"));
+    }
+    let trusted_proxies = server
+        .trusted_proxies
+        .iter()
+        .map(|p| net::Cidr::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|m| invalid("server.trusted_proxies", m))?;
+    let public_url = match server.public_url.trim() {
+        "" => None,
+        url => Some(
+            BaseUrl::parse(url)
+                .map_err(|m| invalid("server.public_url", m))?
+                .to_string(),
+        ),
+    };
+    let fetch = FetchConfig {
+        enabled: file.fetch.enabled,
+        allow: file
+            .fetch
+            .allow
+            .iter()
+            .map(|a| net::Allowed::parse(a))
+            .collect::<Result<_, _>>()
+            .map_err(|m| invalid("fetch.allow", m))?,
+        max_bytes: file.fetch.max_bytes,
+    };
+    let forward_headers = up
+        .forward_headers
+        .iter()
+        .map(|name| {
+            http::HeaderName::try_from(name.trim().to_ascii_lowercase()).map_err(|_| {
+                invalid(
+                    "upstream.forward_headers",
+                    format!("{name:?} is not a header name"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let mut tokens = Vec::new();
     let mut names = HashMap::new();
@@ -740,6 +895,15 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let auth_token = Some(file.auth.auth_token.trim())
         .filter(|t| !t.is_empty())
         .map(Secret::new);
+    // gemini-balance made every client an admin this way; here it is a mistake to refuse.
+    if let Some(admin) = &auth_token {
+        if tokens.iter().any(|t| t.secret == *admin) {
+            return Err(invalid(
+                "auth.auth_token",
+                "the admin token is also a client token (ALLOWED_TOKENS): every client would be an admin; choose another",
+            ));
+        }
+    }
 
     let policy = validate_policy(&file.policy)?;
     let threads = if server.threads == 0 {
@@ -776,6 +940,13 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 source: KeySource::File,
             }),
         policy,
+        max_connections: server.max_connections,
+        header_timeout,
+        trusted_proxies,
+        public_url,
+        max_data_bytes: server.max_data_bytes,
+        fetch,
+        forward_headers,
         file,
     })
 }
@@ -879,13 +1050,72 @@ pub fn read_folder(dir: &Path, ext: &str) -> std::io::Result<Vec<(String, PathBu
     Ok(out)
 }
 
+/// A TOML error as `line L, column C: message`, without the quoted line that toml's own text
+/// shows: that line may hold a key or a token.
+fn parse_message(e: &toml::de::Error, text: &str) -> String {
+    let message = without_values(e.message());
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = &text.as_bytes()[..span.start.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    match key_at(text, line) {
+        Some(key) => format!("line {line}, column {column} ({key}): {message}"),
+        None => format!("line {line}, column {column}: {message}"),
+    }
+}
+
+/// The setting line `line` (from 1) of TOML `text` sets, as `section.key`: its name, never its
+/// value.
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let (key, _) = lines.get(line - 1)?.split_once('=')?;
+    let key = key.trim();
+    let bare = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    };
+    if !bare(key) {
+        return None;
+    }
+    let section = lines[..line - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(['[', ']']).trim())
+        .filter(|s| bare(s));
+    Some(match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+/// A deserialisation message with the string values it quotes left out (`invalid type: string
+/// "AIza…", expected …` names the value, which may be a secret).
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message.trim();
+    while let Some(at) = rest.find("string \"") {
+        let (head, tail) = rest.split_at(at + "string \"".len());
+        out.push_str(head);
+        out.push_str("…\"");
+        rest = tail.split_once('"').map_or("", |(_, after)| after);
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `models/gemini-2.5-flash` → `gemini-2.5-flash`.
 pub fn model_name(m: &str) -> &str {
     m.trim().strip_prefix("models/").unwrap_or(m.trim())
 }
 
+/// `s` seconds as a `Duration`, if it is a positive number a `Duration` can hold.
 fn positive_secs(s: f64) -> Option<Duration> {
-    (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s))
+    Duration::try_from_secs_f64(s).ok().filter(|d| !d.is_zero())
 }
 
 /// Accepts gemini-balance's level names (`DEBUG`, `WARNING`, `CRITICAL`, …) and tracing
@@ -942,6 +1172,68 @@ mod tests {
     }
 
     #[test]
+    fn parse_errors_name_the_line_but_never_quote_it() {
+        let text = "[auth]\nallowed_tokens = [\"sk-live-SECRET\"]\nauth_token = \"adm-SECRET\n";
+        let err = from_str(text, "t", &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+        let err = from_str(
+            "[keys]\nmax_failures = \"key-SECRET\"\n",
+            "t",
+            &BTreeMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("SECRET") && err.contains("line 2"), "{err}");
+        assert!(err.contains("keys.max_failures"), "{err}");
+        let err = from_str("", "t", &vars(&[("MAX_FAILURES", "x")])).unwrap_err();
+        assert!(err.to_string().contains("MAX_FAILURES"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_api_keys_adds_nothing_and_hides_nothing() {
+        let text = "[keys]\napi_keys = [\"file-key-1\"]\n";
+        for empty in ["", " ", "[]"] {
+            let c = from_str(text, "t", &vars(&[("API_KEYS", empty)])).unwrap();
+            assert_eq!(c.keys.len(), 1, "API_KEYS={empty:?}");
+            assert_eq!(c.keys[0].source, KeySource::File);
+        }
+    }
+
+    #[test]
+    fn durations_and_shares_must_be_finite() {
+        for (var, value) in [
+            ("CHECK_INTERVAL_HOURS", "inf"),
+            ("CHECK_INTERVAL_HOURS", "NaN"),
+            ("STREAM_MIN_DELAY", "NaN"),
+            ("STREAM_MAX_DELAY", "-1"),
+            ("FAKE_STREAM_EMPTY_DATA_INTERVAL_SECONDS", "inf"),
+            ("TIME_OUT", "NaN"),
+            ("TIME_OUT", "1e300"),
+            ("GEMGATE_HEADER_TIMEOUT_SECONDS", "0"),
+            ("GEMGATE_REQUEST_LOG_SAMPLE", "NaN"),
+            ("GEMGATE_REQUEST_LOG_SAMPLE", "2"),
+        ] {
+            let err = from_str("", "t", &vars(&[(var, value)]));
+            assert!(err.is_err(), "{var}={value} was accepted");
+        }
+    }
+
+    #[test]
+    fn the_admin_token_is_never_a_client_token() {
+        let err = from_str(
+            "",
+            "t",
+            &vars(&[("ALLOWED_TOKENS", "sk-a,sk-b"), ("AUTH_TOKEN", "sk-b")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("AUTH_TOKEN") && !err.contains("sk-b"), "{err}");
+    }
+
+    #[test]
     fn unknown_fields_are_named() {
         let err = from_str("[upstream]\nmax_retrie = 5\n", "t", &BTreeMap::new())
             .unwrap_err()
@@ -978,6 +1270,9 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(!shown.contains("1234567890"), "{shown}");
         assert_eq!(s.masked(), "AIzaSy…rstu");
+        assert_eq!(mask("admin-test-secret"), "…cret");
+        assert_eq!(mask("sk-short1"), "…t1");
+        assert_eq!(mask("pass"), "…");
     }
 
     #[test]

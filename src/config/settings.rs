@@ -50,6 +50,7 @@ const GROUPS: &[(&str, &[&str])] = &[
     ),
     ("Upstream", &["upstream."]),
     ("Logs", &["logs."]),
+    ("Fetching URLs", &["fetch."]),
     ("Server", &["server.", "policy."]),
 ];
 
@@ -63,6 +64,7 @@ const SECRETS: &[&str] = &[
     "images.picgo_api_key",
     "images.cloudflare_imgbed_auth_code",
     "upstream.proxies",
+    "upstream.custom_headers",
 ];
 
 /// Settings that take effect only after a restart.
@@ -406,7 +408,7 @@ mod tests {
         assert_eq!(get("MAX_FAILURES").source, "default");
         let token = get("AUTH_TOKEN");
         assert!(
-            token.value.is_empty() && token.shown == "super-…oken",
+            token.value.is_empty() && token.shown == "…oken",
             "{token:?}"
         );
         assert_eq!(groups[0].name, "Keys and tokens");

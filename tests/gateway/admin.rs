@@ -42,7 +42,7 @@ async fn keys_are_listed_masked_with_their_state() {
         .collect();
     assert_eq!(states, ["disabled", "cooling", "active"]);
     assert_eq!(v["keys"][1]["cooldowns"][0]["model"], "gemini-2.5-flash");
-    assert_eq!(v["keys"][0]["key"], "invali…AAA1");
+    assert_eq!(v["keys"][0]["key"], "…AAA1");
 
     let (_, v) = admin(
         reqwest::Method::GET,

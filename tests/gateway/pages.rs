@@ -385,7 +385,7 @@ async fn settings_show_sources_save_through_reload_and_refuse_bad_values_next_to
     assert!(field("MAX_RETRIES").contains("file") && field("MAX_RETRIES").contains("value=\"2\""));
     assert!(field("TIME_OUT").contains("environment") && field("TIME_OUT").contains("disabled"));
     assert!(field("MAX_FAILURES").contains("default"));
-    assert!(field("AUTH_TOKEN").contains("admin-…cret") && !html.contains(ADMIN));
+    assert!(field("AUTH_TOKEN").contains("…cret") && !html.contains(ADMIN));
 
     let save = |pairs: Vec<(&'static str, String)>| {
         let mut form = pairs;
