@@ -8,6 +8,7 @@
 mod admin;
 pub mod auth;
 pub mod egress;
+pub mod fetch;
 pub mod files;
 mod openai;
 mod pages;
@@ -79,6 +80,8 @@ pub struct Generation {
     pub templates: Arc<Templates>,
     /// `PAID_KEY`, alone, for image generation.
     pub paid: Option<KeyPool>,
+    /// Fetches the URLs clients name, by `[fetch]`'s rules.
+    pub fetcher: fetch::Fetcher,
 }
 
 /// Why a generation could not be built.
@@ -124,6 +127,7 @@ impl Generation {
             target,
             policy: Arc::new(policy),
             templates: Arc::new(templates),
+            fetcher: fetch::Fetcher::new(&config.fetch),
             paid: config.paid_key.as_ref().map(|spec| {
                 KeyPool::new(
                     std::slice::from_ref(spec),

@@ -113,7 +113,17 @@ impl Gateway {
         let mut request = chat::request(&json_body(&raw)?).map_err(bad)?;
         let urls = chat::remote_files(&request.body);
         if !urls.is_empty() {
-            let files = self.fetch_files(urls, gen.config.max_body_bytes).await?;
+            let files = gen
+                .fetcher
+                .fetch_all(urls, gen.config.max_body_bytes)
+                .await
+                .map_err(|e| {
+                    let status = match e {
+                        super::fetch::FetchError::TooLarge(..) => 413,
+                        _ => 400,
+                    };
+                    Refusal::Gate(GateError::new(status, e.to_string()))
+                })?;
             chat::inline_files(&mut request.body, files);
         }
         let action = if request.stream {
@@ -131,6 +141,16 @@ impl Gateway {
         let path = format!("{}/models/{model}:{action}", gen.target.base.path);
         let query = if request.stream { "alt=sse" } else { "" };
         let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
+        // Fetched files made it larger than what a client may send.
+        if body.len() as u64 > gen.config.max_body_bytes {
+            return Err(Refusal::Gate(GateError::new(
+                413,
+                format!(
+                    "the request with its fetched files is larger than the limit of {} bytes",
+                    gen.config.max_body_bytes
+                ),
+            )));
+        }
         let mut up = self.gemini_call(gen, s, &path, query, body, &rewrite)?;
         let models = &gen.config.file.models;
         let options = chat::Options {
@@ -355,42 +375,6 @@ impl Gateway {
         Ok(super::write_full(s, h, Bytes::from(audio)).await)
     }
 
-    /// Fetches the images and files a chat request links to, all at once, each bounded in size
-    /// and time; returns (mime type, base64) in order.
-    async fn fetch_files(
-        &self,
-        urls: Vec<String>,
-        limit: u64,
-    ) -> Result<Vec<(String, String)>, Refusal> {
-        use base64::Engine as _;
-        const MAX_FILES: usize = 16;
-        if urls.len() > MAX_FILES {
-            return Err(Refusal::Gate(GateError::new(
-                400,
-                format!("at most {MAX_FILES} image URLs per request"),
-            )));
-        }
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, url) in urls.into_iter().enumerate() {
-            let client = self.side_client().clone();
-            tasks.spawn(async move { (i, fetch_file(&client, &url, limit).await) });
-        }
-        let mut files = Vec::new();
-        while let Some(done) = tasks.join_next().await {
-            let (i, result) = done.map_err(|e| {
-                Refusal::Gate(GateError::new(500, format!("image fetch failed: {e}")))
-            })?;
-            let (mime, bytes) = result.map_err(|m| Refusal::Gate(GateError::new(400, m)))?;
-            files.push((
-                i,
-                mime,
-                base64::engine::general_purpose::STANDARD.encode(bytes),
-            ));
-        }
-        files.sort_by_key(|(i, ..)| *i);
-        Ok(files.into_iter().map(|(_, m, d)| (m, d)).collect())
-    }
-
     /// Uploads one generated image to `host`; returns its URL.
     async fn upload(
         &self,
@@ -594,55 +578,6 @@ fn operator_settings(body: &mut Value, model: &str, gen: &Generation) {
         if let Some(list) = tools.as_array_mut() {
             list.extend(extra);
         }
-    }
-}
-
-/// Fetches one linked file, at most `limit` bytes; returns its mime type and bytes.
-async fn fetch_file(
-    client: &reqwest::Client,
-    url: &str,
-    limit: u64,
-) -> Result<(String, Vec<u8>), String> {
-    let fail = |e: &dyn std::fmt::Display| format!("cannot fetch the image {url}: {e}");
-    let mut resp = client.get(url).send().await.map_err(|e| fail(&e))?;
-    if !resp.status().is_success() {
-        return Err(fail(&format!("HTTP {}", resp.status())));
-    }
-    if resp.content_length().is_some_and(|n| n > limit) {
-        return Err(fail(&format!("larger than {limit} bytes")));
-    }
-    let mime = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned())
-        .filter(|m| !m.is_empty() && m != "application/octet-stream")
-        .unwrap_or_else(|| guess_mime(url).to_owned());
-    let mut bytes = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(&e))? {
-        if (bytes.len() + chunk.len()) as u64 > limit {
-            return Err(fail(&format!("larger than {limit} bytes")));
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-    Ok((mime, bytes))
-}
-
-/// A mime type from a URL's extension, for servers that do not say.
-fn guess_mime(url: &str) -> &'static str {
-    let path = url
-        .split(['?', '#'])
-        .next()
-        .unwrap_or(url)
-        .to_ascii_lowercase();
-    match path.rsplit('.').next() {
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("gif") => "image/gif",
-        Some("webp") => "image/webp",
-        Some("pdf") => "application/pdf",
-        Some("mp3") => "audio/mp3",
-        Some("wav") => "audio/wav",
-        _ => "image/png",
     }
 }
 

@@ -218,3 +218,217 @@ async fn a_key_blaming_403_disables_a_key_only_when_a_probe_confirms_it() {
     let (status, ..) = post(&gate, GENERATE, &ask("the good key serves")).await;
     assert_eq!(status, 200);
 }
+
+/// A one-answer HTTP server on `ip` (a loopback address): every request gets `answer`, and
+/// the requests it saw are counted.
+struct Tiny {
+    addr: std::net::SocketAddr,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Tiny {
+    async fn start(ip: &str, answer: Vec<u8>) -> Tiny {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = conn.write_all(&answer).await;
+                });
+            }
+        });
+        Tiny { addr, hits }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// An HTTP/1.1 answer with `status`, `headers` and `body`, closing the connection.
+fn http_answer(status: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A chat request with one image URL.
+fn chat_with_image(url: &str) -> Value {
+    json!({
+        "model": "gemini-2.5-flash",
+        "messages": [{ "role": "user", "content": [
+            { "type": "text", "text": "what is this?" },
+            { "type": "image_url", "image_url": { "url": url } }
+        ] }]
+    })
+}
+
+async fn chat(gate: &Gate, body: &Value) -> (u16, Value) {
+    let resp = client()
+        .post(gate.url("/v1/chat/completions"))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn image_urls_at_inner_addresses_are_never_fetched() {
+    let fake = fake().await;
+    let secret = Tiny::start(
+        "127.0.0.1",
+        http_answer("200 OK", &[("content-type", "image/png")], b"INNER-SECRET"),
+    )
+    .await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let port = secret.addr.port();
+    for url in [
+        format!("http://127.0.0.1:{port}/x.png"),
+        format!("http://127.1:{port}/x.png"),
+        format!("http://2130706433:{port}/x.png"),
+        format!("http://0x7f.0.0.1:{port}/x.png"),
+        format!("http://[::ffff:127.0.0.1]:{port}/x.png"),
+        format!("http://localhost:{port}/x.png"),
+        // Never connected to: refused for their address alone.
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://10.0.0.1/x.png".to_owned(),
+        "http://[fd00::1]/x.png".to_owned(),
+    ] {
+        let (status, v) = chat(&gate, &chat_with_image(&url)).await;
+        assert_eq!(status, 400, "{url}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("public addresses"), "{url}: {message}");
+    }
+    assert_eq!(secret.hits(), 0, "no request reached the inner server");
+    assert_eq!(fake.state.total_requests(), 0);
+}
+
+#[tokio::test]
+async fn allowed_addresses_are_fetched_but_redirects_are_checked_again() {
+    let fake = fake().await;
+    // 127.0.0.2 is loopback too, but not in the allowlist.
+    let inner = Tiny::start("127.0.0.2", http_answer("200 OK", &[], b"INNER")).await;
+    let to_inner = format!("http://{}/secret.png", inner.addr);
+    let redirect = Tiny::start(
+        "127.0.0.1",
+        http_answer("302 Found", &[("location", &to_inner)], b""),
+    )
+    .await;
+    let png = Tiny::start(
+        "127.0.0.1",
+        http_answer("200 OK", &[("content-type", "image/png")], b"\x89PNG-bytes"),
+    )
+    .await;
+    let not_found = Tiny::start(
+        "127.0.0.1",
+        http_answer("404 Not Found", &[], b"INNER-SECRET-PAGE"),
+    )
+    .await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_FETCH_ALLOW", "127.0.0.1/32")
+        .start()
+        .await;
+    let (status, v) = chat(
+        &gate,
+        &chat_with_image(&format!("http://{}/ok.png", png.addr)),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let sent: Value = serde_json::from_slice(&fake.state.last_received().unwrap().body).unwrap();
+    assert_eq!(
+        sent["contents"][0]["parts"][1]["inlineData"]["mimeType"], "image/png",
+        "{sent}"
+    );
+
+    let (status, v) = chat(
+        &gate,
+        &chat_with_image(&format!("http://{}/r.png", redirect.addr)),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(redirect.hits(), 1);
+    assert_eq!(
+        inner.hits(),
+        0,
+        "the redirect to an inner address was not followed"
+    );
+
+    let (status, v) = chat(
+        &gate,
+        &chat_with_image(&format!("http://{}/x.png", not_found.addr)),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let text = v.to_string();
+    assert!(
+        !text.contains("INNER-SECRET") && !text.contains("404"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn fetched_bytes_have_a_budget_and_fetching_can_be_off() {
+    let fake = fake().await;
+    let big = Tiny::start(
+        "127.0.0.1",
+        http_answer("200 OK", &[("content-type", "image/png")], &[7u8; 4000]),
+    )
+    .await;
+    let url = format!("http://{}/big.png", big.addr);
+    let budgeted = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_FETCH_ALLOW", "127.0.0.1")
+        .env("GEMGATE_FETCH_MAX_BYTES", "6000")
+        .start()
+        .await;
+    // One file fits; two of them pass the request's budget.
+    let (status, v) = chat(&budgeted, &chat_with_image(&url)).await;
+    assert_eq!(status, 200, "{v}");
+    let mut two = chat_with_image(&url);
+    two["messages"][0]["content"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "type": "image_url", "image_url": { "url": url } }));
+    let (status, v) = chat(&budgeted, &two).await;
+    assert_eq!(status, 413, "{v}");
+
+    let off = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_FETCH_ENABLED", "false")
+        .start()
+        .await;
+    let (status, v) = chat(&off, &chat_with_image("https://images.example.com/x.png")).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not fetch"),
+        "{v}"
+    );
+}

@@ -614,7 +614,12 @@ async fn speech_comes_back_as_wav() {
 #[tokio::test]
 async fn image_urls_are_fetched_and_inlined() {
     let fake = fake().await;
-    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    // The fake is on loopback, which gemgate fetches from only when the operator allows it.
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_FETCH_ALLOW", "127.0.0.1")
+        .start()
+        .await;
     let origin = fake.base_url().trim_end_matches("/v1beta").to_owned();
     let (status, _, v) = chat(
         &gate,
