@@ -68,6 +68,12 @@ pub fn model_of(body: &Value) -> Result<String, BadRequest> {
         .and_then(Value::as_str)
         .ok_or_else(|| BadRequest::new("model", "`model` is required"))?;
     let model = model.trim().strip_prefix("models/").unwrap_or(model.trim());
+    if model.len() > 128 {
+        return Err(BadRequest::new(
+            "model",
+            "a model name is at most 128 bytes",
+        ));
+    }
     let valid = model.starts_with(|c: char| c.is_ascii_alphanumeric())
         && model
             .bytes()

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use super::peer::Peer;
 use super::{auth, read_body, reload, Gateway, Generation, Refusal};
 use crate::checks::{self, Probe};
 use crate::keys::clock::{now_ms, rfc3339};
@@ -29,13 +30,15 @@ impl Gateway {
         gen: &Generation,
         s: &mut ServerSession,
         call: AdminCall,
+        peer: &Peer,
     ) -> Result<Bytes, GateError> {
         let req = s.req_header();
         let admin_token = gen.config.auth_token.as_ref().map(|t| t.expose());
         self.state
             .lasting
             .sessions
-            .identify(req, super::pages::client_ip(s), admin_token, None)?;
+            .identify(req, peer, admin_token)?
+            .check_csrf(req, None)?;
         let method = req.method.clone();
         let allowed = match &call {
             AdminCall::Reload => method == http::Method::GET || method == http::Method::POST,
@@ -329,6 +332,8 @@ impl Gateway {
             "dropped": {
                 "log_records": self.state.lasting.logs.dropped(),
             },
+            // Requests and connections refused before they were a client's (never logged).
+            "refused": self.state.refused.json(),
             "plugin_errors": self.state.lasting.stats.snapshot().into_iter()
                 .map(|(plugin, hook, count)| json!({ "plugin": plugin, "hook": hook, "count": count }))
                 .collect::<Vec<_>>(),

@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod files;
 mod openai;
 mod pages;
+pub mod peer;
 pub mod reply;
 pub mod route;
 pub mod session;
@@ -64,6 +65,8 @@ const COLLECT_LIMIT: usize = 64 * 1024 * 1024;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a side call (an image host, an image URL) may take.
 const SIDE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest request target (path and query) gemgate reads; longer ones get 414.
+const MAX_TARGET: usize = 8 * 1024;
 /// Upper bound on model-list pages walked for one request.
 const MAX_MODEL_PAGES: usize = 50;
 
@@ -172,11 +175,49 @@ pub struct Lasting {
     pub sessions: Arc<session::Sessions>,
 }
 
+/// Requests and connections refused before they became a client's requests: counted, never
+/// logged one by one.
+#[derive(Debug, Default)]
+pub struct Refused {
+    /// Without a valid client token (401, or 429 after too many wrong ones).
+    pub unauthenticated: AtomicU64,
+    /// Not a request gemgate serves: an unknown path, an over-long target or name, a wrong
+    /// method.
+    pub malformed: AtomicU64,
+    /// Closed at accept: `server.max_connections` were open.
+    pub connections: AtomicU64,
+    /// Closed because the request head or body came too slowly.
+    pub slow: AtomicU64,
+}
+
+impl Refused {
+    /// Counts a request answered with `status` to a client that never showed a valid token.
+    fn count_request(&self, status: u16) {
+        let counter = match status {
+            401 | 429 => &self.unauthenticated,
+            _ => &self.malformed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "unauthenticated": n(&self.unauthenticated),
+            "malformed": n(&self.malformed),
+            "connections": n(&self.connections),
+            "slow": n(&self.slow),
+        })
+    }
+}
+
 /// The gateway's state across generations.
 pub struct State {
     pub current: ArcSwap<Generation>,
     pub lasting: Lasting,
     pub source: Source,
+    /// What was refused before it became a client's request.
+    pub refused: Refused,
     in_flight: Arc<AtomicUsize>,
     generations: AtomicU64,
     /// When the gateway started (the dashboard's uptime).
@@ -199,6 +240,7 @@ impl State {
             current: ArcSwap::from_pointee(first),
             lasting,
             source,
+            refused: Refused::default(),
             in_flight: Arc::new(AtomicUsize::new(0)),
             generations: AtomicU64::new(1),
             started: Instant::now(),
@@ -282,6 +324,8 @@ struct Exchange {
     shared: PluginShared,
     /// The API the client speaks: errors are answered in its shape.
     protocol: Protocol,
+    /// Who sent the request.
+    peer: peer::Peer,
 }
 
 /// A failed attempt that sent nothing to the client.
@@ -387,8 +431,17 @@ impl Gateway {
         if s.req_header().method == http::Method::OPTIONS {
             return preflight(s, x).await;
         }
+        x.peer = peer::Peer::of(s, &gen.config.trusted_proxies);
         let path = s.req_header().uri.path().to_owned();
         let req = s.req_header();
+        if req.raw_path().len() > MAX_TARGET {
+            x.protocol = Protocol::of_path(&path);
+            let e = GateError::new(
+                414,
+                format!("the request target is longer than {MAX_TARGET} bytes"),
+            );
+            return send_gate(s, x, &e).await;
+        }
         let goog_credential = req.headers.contains_key(X_GOOG_API_KEY)
             || req
                 .uri
@@ -401,18 +454,23 @@ impl Gateway {
                 send(s, x, 200, Bytes::from(body)).await
             }
             Route::NotFound => {
-                let e = GateError::new(404, format!("gemgate does not serve {path}"));
+                x.protocol = Protocol::of_path(&path);
+                let e = GateError::new(404, "gemgate does not serve this path");
                 send_gate(s, x, &e).await
+            }
+            Route::Invalid(why) => {
+                x.protocol = Protocol::of_path(&path);
+                send_gate(s, x, &GateError::new(400, why)).await
             }
             Route::Page(page) => {
                 x.action = "admin".into();
-                let answer = Box::pin(self.page(gen, s, page)).await;
+                let answer = Box::pin(self.page(gen, s, page, &x.peer)).await;
                 send_page(s, x, answer).await
             }
             Route::Admin(call) => {
                 x.action = "admin".into();
                 // Rare routes are boxed: their state stays out of every request's future.
-                match Box::pin(self.admin(gen, s, call)).await {
+                match Box::pin(self.admin(gen, s, call, &x.peer)).await {
                     Ok(body) => send(s, x, 200, body).await,
                     Err(e) => send_gate(s, x, &e).await,
                 }
@@ -470,7 +528,7 @@ impl Gateway {
                 "no Gemini API key is configured: set API_KEYS (or [keys] api_keys in gemgate.toml)",
             )));
         }
-        x.client = Some(authenticate(gen, req)?.to_owned());
+        x.client = Some(self.authenticate(gen, req, &x.peer)?.to_owned());
         if req.method != method {
             return Err(Refusal::Gate(GateError::new(
                 405,
@@ -478,6 +536,46 @@ impl Gateway {
             )));
         }
         Ok(())
+    }
+
+    /// Checks the client's token; returns its name. Wrong tokens are counted per client
+    /// address: past a few, the answer is 429 with the time to wait (a right token always
+    /// passes).
+    fn authenticate<'g>(
+        &self,
+        gen: &'g Generation,
+        req: &RequestHeader,
+        peer: &peer::Peer,
+    ) -> Result<&'g str, Refusal> {
+        let deny = |m: &str| Refusal::Gate(GateError::new(401, m));
+        if gen.tokens.is_empty() {
+            return Err(deny(
+                "no client token is configured on this gateway: set ALLOWED_TOKENS",
+            ));
+        }
+        let presented = auth::credential(
+            req.uri.query(),
+            req.headers.get(X_GOOG_API_KEY).map(HeaderValue::as_bytes),
+            req.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+        )
+        .ok_or_else(|| deny("missing API key: pass your gemgate token as ?key=, x-goog-api-key or Authorization: Bearer"))?;
+        let throttle = &self.state.lasting.sessions.client_failures;
+        if let Some(name) = gen.tokens.check(&presented) {
+            throttle.succeeded(peer.ip);
+            return Ok(name);
+        }
+        match throttle.failed(peer.ip) {
+            Some(wait) => Err(Refusal::Gate(
+                GateError::new(
+                    429,
+                    "too many wrong API keys from this address: wait before trying again",
+                )
+                .retry_after(Some(wait.as_secs().max(1))),
+            )),
+            None => Err(deny(
+                "API key not valid. Please pass a valid gemgate token.",
+            )),
+        }
     }
 
     /// The `on_request` plugins' verdict on a call of `action` on `model`.
@@ -1072,7 +1170,12 @@ impl Gateway {
         let outcome = self.handle(&mut s, &mut x).await;
         x.log();
         if !matches!(x.action.as_str(), "health" | "preflight" | "admin") {
-            self.state.lasting.logs.push(x.into_record());
+            // Only a known client's requests reach the logs and their indexes: anyone can send
+            // the others, and would fill the disk with strings of their choosing.
+            match x.client {
+                Some(_) => self.state.lasting.logs.push(x.into_record()),
+                None => self.state.refused.count_request(x.status),
+            }
         }
         if outcome == Outcome::Close {
             return None;
@@ -1149,6 +1252,7 @@ impl Exchange {
             body: None,
             upload_headers: Vec::new(),
             cors: req.headers.contains_key(header::ORIGIN),
+            peer: peer::Peer::default(),
             shared: PluginShared::default(),
             protocol: Protocol::Gemini,
         }
@@ -1246,25 +1350,6 @@ fn push_millis(out: &mut String, d: Option<Duration>) {
     let frac = (hundredths % 100) as u8;
     out.push((b'0' + frac / 10) as char);
     out.push((b'0' + frac % 10) as char);
-}
-
-/// Checks the client's token; returns its name.
-fn authenticate<'g>(gen: &'g Generation, req: &RequestHeader) -> Result<&'g str, Refusal> {
-    let deny = |m: &str| Refusal::Gate(GateError::new(401, m));
-    if gen.tokens.is_empty() {
-        return Err(deny(
-            "no client token is configured on this gateway: set ALLOWED_TOKENS",
-        ));
-    }
-    let presented = auth::credential(
-        req.uri.query(),
-        req.headers.get(X_GOOG_API_KEY).map(HeaderValue::as_bytes),
-        req.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
-    )
-    .ok_or_else(|| deny("missing API key: pass your gemgate token as ?key=, x-goog-api-key or Authorization: Bearer"))?;
-    gen.tokens
-        .check(&presented)
-        .ok_or_else(|| deny("API key not valid. Please pass a valid gemgate token."))
 }
 
 /// Reads the whole request body, refusing it with 413 past `limit`.

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::admin::{keys_json, state_of, StateCounts};
 use super::auth::form_decode;
+use super::peer::Peer;
 use super::route::Page;
 use super::session::{self, Admin};
 use super::{encode_query_value, read_body, Gateway, Generation};
@@ -24,8 +25,10 @@ use crate::proxy::reply::GateError;
 /// A refused settings form: what was typed, and the errors by setting path.
 type Refused<'a> = (&'a BTreeMap<String, String>, &'a [(String, String)]);
 
-/// Largest form body.
+/// Largest form body (read only once the request is known to be the admin's).
 const FORM_LIMIT: u64 = 256 * 1024;
+/// Largest login form: it is read before anything is known of its sender.
+const LOGIN_FORM_LIMIT: u64 = 4 * 1024;
 /// A failed login answers no sooner than this.
 const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(400);
 
@@ -111,6 +114,7 @@ impl Gateway {
         gen: &Arc<Generation>,
         s: &mut ServerSession,
         page: Page,
+        peer: &Peer,
     ) -> PageAnswer {
         let method = s.req_header().method.clone();
         let path = s.req_header().uri.path().to_owned();
@@ -128,23 +132,14 @@ impl Gateway {
                 }
             }
             Page::Moved(to) => return PageAnswer::redirect(301, to),
-            Page::Login => return self.login(gen, s, admin_token).await,
+            Page::Login => return self.login(gen, s, admin_token, peer).await,
             _ => {}
         }
-        let form = if method == http::Method::POST {
-            match read_body(s, FORM_LIMIT).await {
-                Ok(b) => parse_form(&b),
-                Err(_) => return self.error_page(gen, 413, "the form is too large", None),
-            }
-        } else {
-            BTreeMap::new()
-        };
-        let who = self.state.lasting.sessions.identify(
-            s.req_header(),
-            client_ip(s),
-            admin_token,
-            form.get("_csrf").map(String::as_str),
-        );
+        let who = self
+            .state
+            .lasting
+            .sessions
+            .identify(s.req_header(), peer, admin_token);
         let admin = match who {
             Ok(a) => a,
             Err(e) if e.status == 401 && method == http::Method::GET => {
@@ -160,6 +155,18 @@ impl Gateway {
             }
             Err(e) => return self.error_page(gen, e.status, &e.message, None),
         };
+        // The form is read only now that the request is known to be the admin's.
+        let form = if method == http::Method::POST {
+            match read_body(s, FORM_LIMIT).await {
+                Ok(b) => parse_form(&b),
+                Err(_) => return self.error_page(gen, 413, "the form is too large", None),
+            }
+        } else {
+            BTreeMap::new()
+        };
+        if let Err(e) = admin.check_csrf(s.req_header(), form.get("_csrf").map(String::as_str)) {
+            return self.error_page(gen, e.status, &e.message, None);
+        }
         let allowed = match page {
             Page::Settings => matches!(method, http::Method::GET | http::Method::POST),
             Page::Logout => method == http::Method::POST,
@@ -180,7 +187,7 @@ impl Gateway {
                     self.state.lasting.sessions.close(id);
                 }
                 return PageAnswer::redirect(303, "/admin/login")
-                    .with(header::SET_COOKIE, session::set_cookie(None, secure(s)));
+                    .with(header::SET_COOKIE, session::set_cookie(None, peer.https));
             }
             Page::Dashboard => Ok(self.dashboard(gen)),
             Page::Keys => Ok(self.keys_page(gen, &query)),
@@ -264,6 +271,7 @@ impl Gateway {
         gen: &Generation,
         s: &mut ServerSession,
         admin_token: Option<&str>,
+        peer: &Peer,
     ) -> PageAnswer {
         let anonymous = Admin::Bearer;
         let query = s.req_header().uri.query().unwrap_or_default().to_owned();
@@ -272,7 +280,6 @@ impl Gateway {
             let data = json!({ "off": true, "next": "", "error": null });
             return self.render(gen, 403, "login", "Log in", data, &anonymous);
         };
-        let sessions = &self.state.lasting.sessions;
         match s.req_header().method {
             http::Method::GET => {
                 let data =
@@ -280,40 +287,41 @@ impl Gateway {
                 self.render(gen, 200, "login", "Log in", data, &anonymous)
             }
             http::Method::POST => {
-                let ip = client_ip(s);
-                let form = match read_body(s, FORM_LIMIT).await {
+                let form = match read_body(s, LOGIN_FORM_LIMIT).await {
                     Ok(b) => parse_form(&b),
                     Err(_) => return self.error_page(gen, 413, "the form is too large", None),
                 };
                 let next = safe_next(form.get("next").map(String::as_str)).to_owned();
-                if let Err(wait) = sessions.login_attempt(ip) {
-                    let secs = wait.as_secs().max(1);
-                    let data = json!({ "off": false, "next": next,
-                        "error": format!("Too many failed logins: try again in {secs} s.") });
-                    return self
-                        .render(gen, 429, "login", "Log in", data, &anonymous)
-                        .with(header::RETRY_AFTER, secs.to_string());
-                }
                 // `auth_token` is the field name of gemini-balance's login form.
                 let presented = form
                     .get("token")
                     .or_else(|| form.get("auth_token"))
                     .map(String::as_str)
                     .unwrap_or_default();
-                if !super::auth::same_secret(presented, admin_token) {
-                    tracing::warn!(client = ?ip, "admin: failed login");
-                    tokio::time::sleep(FAILED_LOGIN_DELAY).await;
-                    let data = json!({ "off": false, "next": next,
-                        "error": "That is not the admin token (AUTH_TOKEN)." });
-                    return self.render(gen, 401, "login", "Log in", data, &anonymous);
+                let sessions = &self.state.lasting.sessions;
+                match sessions.login(presented, admin_token, peer.ip) {
+                    Ok(()) => {
+                        let (id, _) = sessions.open(admin_token);
+                        tracing::info!(client = ?peer.ip, "admin: logged in");
+                        PageAnswer::redirect(303, &next).with(
+                            header::SET_COOKIE,
+                            session::set_cookie(Some(&id), peer.https),
+                        )
+                    }
+                    Err(e) if e.status == 429 => {
+                        let secs = e.retry_after_s.unwrap_or(1);
+                        let data = json!({ "off": false, "next": next,
+                            "error": format!("Too many failed logins: try again in {secs} s.") });
+                        self.render(gen, 429, "login", "Log in", data, &anonymous)
+                            .with(header::RETRY_AFTER, secs.to_string())
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(FAILED_LOGIN_DELAY).await;
+                        let data = json!({ "off": false, "next": next,
+                            "error": "That is not the admin token (AUTH_TOKEN)." });
+                        self.render(gen, 401, "login", "Log in", data, &anonymous)
+                    }
                 }
-                sessions.login_succeeded(ip);
-                let (id, _) = sessions.open(admin_token);
-                tracing::info!(client = ?ip, "admin: logged in");
-                PageAnswer::redirect(303, &next).with(
-                    header::SET_COOKIE,
-                    session::set_cookie(Some(&id), secure(s)),
-                )
             }
             ref m => self.error_page(
                 gen,
@@ -545,19 +553,6 @@ impl Gateway {
 }
 
 /// The address the request came from (a reverse proxy's, behind one).
-pub(super) fn client_ip(s: &ServerSession) -> Option<std::net::IpAddr> {
-    s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
-}
-
-/// Whether the admin's connection is TLS (directly, or at a proxy in front that says so).
-fn secure(s: &ServerSession) -> bool {
-    s.digest().is_some_and(|d| d.ssl_digest.is_some())
-        || s.req_header()
-            .headers
-            .get("x-forwarded-proto")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
-}
-
 const CHART_W: f64 = 600.0;
 const CHART_H: f64 = 120.0;
 

@@ -14,6 +14,17 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The protocol a path belongs to, for errors answered before a request is routed.
+    pub fn of_path(path: &str) -> Protocol {
+        use super::route::{route, Route};
+        match route(path, false) {
+            Route::Native(_) | Route::Files(_) | Route::Upload => Protocol::Gemini,
+            _ if path.starts_with("/openai/") => Protocol::GoogleOpenAi,
+            _ if path.starts_with("/v1/") || path.starts_with("/hf/v1/") => Protocol::OpenAi,
+            _ => Protocol::Gemini,
+        }
+    }
+
     /// The name plugins see in `req.protocol`.
     pub fn as_str(self) -> &'static str {
         match self {

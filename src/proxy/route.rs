@@ -143,7 +143,12 @@ pub enum Route {
     Page(Page),
     /// A path gemgate does not serve.
     NotFound,
+    /// A path gemgate serves, but with a part it refuses: answered 400 with this reason.
+    Invalid(&'static str),
 }
+
+/// Longest model or action name in a path.
+pub const MAX_NAME: usize = 128;
 
 /// A log row's name, `{ts}-{seq}`.
 pub fn parse_row(s: &str) -> Option<(u64, u64)> {
@@ -326,6 +331,10 @@ fn native_route(rest: &str) -> Route {
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
     };
+    let (model, action) = name.split_once(':').unwrap_or((&name, ""));
+    if model.len() > MAX_NAME || action.len() > MAX_NAME {
+        return Route::Invalid("a model or action name is at most 128 bytes");
+    }
     match name.split_once(':') {
         None if valid(&name) => Route::Native(NativeCall::GetModel {
             model: name.into_owned(),
@@ -413,5 +422,13 @@ mod tests {
             Route::GoogleOpenAi("chat/completions".into())
         );
         assert_eq!(route_of("/openai/v1/../x"), Route::NotFound);
+        let long = "m".repeat(MAX_NAME + 1);
+        for path in [
+            format!("/v1beta/models/{long}:generateContent"),
+            format!("/v1beta/models/gemini-2.5-flash:{long}"),
+            format!("/v1beta/models/{long}"),
+        ] {
+            assert!(matches!(route_of(&path), Route::Invalid(_)), "{path}");
+        }
     }
 }

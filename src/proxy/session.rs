@@ -1,16 +1,19 @@
 //! Admin sessions: who may use the admin pages and API, and the guards around them.
 //!
 //! - A login with the admin token (`AUTH_TOKEN`) opens a session: a random id in a cookie that
-//!   is `HttpOnly`, `SameSite=Strict`, `Secure` over TLS, and expires ([`TTL`]). Logging out,
-//!   or changing `AUTH_TOKEN`, ends it.
+//!   is `HttpOnly`, `SameSite=Strict`, `Secure` over https (then named `__Host-gemgate_admin`),
+//!   and expires ([`TTL`]). Logging out, or changing `AUTH_TOKEN`, ends it.
 //! - A state-changing request on a session must also carry the session's CSRF token (the
 //!   `x-csrf-token` header, or a `_csrf` form field), and a cross-site `Origin` is refused.
 //!   `Authorization: Bearer <AUTH_TOKEN>` needs neither: a browser never sends it by itself.
-//! - Failed logins, and wrong bearer tokens, are slowed down per client address
-//!   ([`Sessions::login_attempt`]). Behind a reverse proxy every client shares its address.
+//! - Failed logins, wrong bearer tokens and wrong client tokens are counted per client address
+//!   ([`Throttle`]): past a few, each further wrong one is answered 429 with a growing wait. A
+//!   right credential always passes, so an attacker sharing an address (a reverse proxy's) with
+//!   the operator cannot lock the operator out.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,17 +22,23 @@ use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
 
 use super::auth::same_secret;
+use super::peer::Peer;
 use crate::proxy::reply::GateError;
 
-/// The session cookie's name.
+/// The session cookie's name over plain http.
 pub const COOKIE: &str = "gemgate_admin";
+/// Its name over https: browsers keep a `__Host-` cookie only if it is `Secure`, for this host
+/// alone and the whole site, so no sibling subdomain can plant or read one.
+pub const HOST_COOKIE: &str = "__Host-gemgate_admin";
 /// How long a session lasts.
 pub const TTL: Duration = Duration::from_secs(8 * 3600);
 /// Most sessions kept at once; the oldest go first.
 const MAX_SESSIONS: usize = 1000;
-/// Failed logins allowed before waits start.
-const FREE_FAILURES: u32 = 3;
-/// Longest wait imposed after failed logins.
+/// Wrong admin credentials allowed per address before waits start.
+pub const ADMIN_FREE_FAILURES: u32 = 3;
+/// Wrong client tokens allowed per address before waits start.
+pub const CLIENT_FREE_FAILURES: u32 = 10;
+/// Longest wait imposed after failures.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Failures are forgotten after this long without one.
 const FAILURE_MEMORY: Duration = Duration::from_secs(900);
@@ -48,11 +57,85 @@ struct Failures {
     last: Instant,
 }
 
-/// Open sessions and recent failed logins; they outlive reloads.
-#[derive(Default)]
+/// Wrong credentials counted per client address: after `free` of them, each further one is
+/// answered with a wait twice as long as the last (up to 5 minutes). Bounded in memory.
+pub struct Throttle {
+    free: u32,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+    /// Whether any address has failures: a right credential then takes no lock.
+    any: AtomicBool,
+}
+
+impl Throttle {
+    pub fn new(free: u32) -> Throttle {
+        Throttle {
+            free,
+            failures: Mutex::default(),
+            any: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a wrong credential from `ip`: `Some(wait)` once past the free ones, the time the
+    /// client is told to wait.
+    pub fn failed(&self, ip: Option<IpAddr>) -> Option<Duration> {
+        let ip = ip?;
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() >= MAX_TRACKED && !failures.contains_key(&ip) {
+            failures.retain(|_, f| f.last.elapsed() < FAILURE_MEMORY);
+            if failures.len() >= MAX_TRACKED {
+                let oldest = failures
+                    .iter()
+                    .min_by_key(|(_, f)| f.last)
+                    .map(|(ip, _)| *ip);
+                if let Some(oldest) = oldest {
+                    failures.remove(&oldest);
+                }
+            }
+        }
+        let f = failures.entry(ip).or_insert(Failures {
+            count: 0,
+            last: Instant::now(),
+        });
+        if f.last.elapsed() >= FAILURE_MEMORY {
+            f.count = 0;
+        }
+        f.count = f.count.saturating_add(1);
+        f.last = Instant::now();
+        self.any.store(true, Ordering::Relaxed);
+        let over = f.count.checked_sub(self.free + 1)?;
+        Some(Duration::from_secs(1u64 << over.min(9)).min(MAX_WAIT))
+    }
+
+    /// A right credential from `ip`: its failures are forgotten.
+    pub fn succeeded(&self, ip: Option<IpAddr>) {
+        let Some(ip) = ip.filter(|_| self.any.load(Ordering::Relaxed)) else {
+            return;
+        };
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.remove(&ip);
+        if failures.is_empty() {
+            self.any.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Open sessions and recent wrong credentials; they outlive reloads.
 pub struct Sessions {
     live: Mutex<HashMap<String, Session>>,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    /// Wrong admin tokens (logins and bearer tokens).
+    pub admin_failures: Throttle,
+    /// Wrong client tokens on the proxy routes.
+    pub client_failures: Throttle,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            live: Mutex::default(),
+            admin_failures: Throttle::new(ADMIN_FREE_FAILURES),
+            client_failures: Throttle::new(CLIENT_FREE_FAILURES),
+        }
+    }
 }
 
 /// How a request proved it may use the admin routes.
@@ -130,65 +213,43 @@ impl Sessions {
             .remove(id);
     }
 
-    /// Takes one login attempt for `ip` (a login form, or an admin bearer token): `Err` with how
-    /// long to wait when too many failed lately. The attempt counts as a failure until
-    /// [`Sessions::login_succeeded`] says otherwise, so attempts sent together are all counted.
-    pub fn login_attempt(&self, ip: Option<IpAddr>) -> Result<(), Duration> {
-        let Some(ip) = ip else { return Ok(()) };
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = failures.get(&ip) {
-            if f.count >= FREE_FAILURES && f.last.elapsed() < FAILURE_MEMORY {
-                let wait =
-                    Duration::from_secs(1u64 << (f.count - FREE_FAILURES).min(9)).min(MAX_WAIT);
-                if let Some(left) = wait.checked_sub(f.last.elapsed()) {
-                    return Err(left);
-                }
-            }
+    /// A login attempt with `presented` from `ip`: `Ok` for the admin token, else the error
+    /// (401, or 429 with the wait once past the free failures).
+    pub fn login(
+        &self,
+        presented: &str,
+        admin_token: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<(), GateError> {
+        if same_secret(presented.trim(), admin_token) {
+            self.admin_failures.succeeded(ip);
+            return Ok(());
         }
-        if failures.len() >= MAX_TRACKED {
-            failures.retain(|_, f| f.last.elapsed() < FAILURE_MEMORY);
-            if failures.len() >= MAX_TRACKED {
-                let oldest = failures
-                    .iter()
-                    .min_by_key(|(_, f)| f.last)
-                    .map(|(ip, _)| *ip);
-                if let Some(oldest) = oldest {
-                    failures.remove(&oldest);
-                }
-            }
-        }
-        let f = failures.entry(ip).or_insert(Failures {
-            count: 0,
-            last: Instant::now(),
-        });
-        if f.last.elapsed() >= FAILURE_MEMORY {
-            f.count = 0;
-        }
-        f.count += 1;
-        f.last = Instant::now();
-        Ok(())
-    }
-
-    pub fn login_succeeded(&self, ip: Option<IpAddr>) {
-        if let Some(ip) = ip {
-            self.failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&ip);
+        tracing::warn!(client = ?ip, "admin: a wrong admin token");
+        match self.admin_failures.failed(ip) {
+            Some(wait) => Err(GateError::new(
+                429,
+                "too many wrong admin tokens from this address: wait before trying again",
+            )
+            .retry_after(Some(wait.as_secs().max(1)))),
+            None => Err(GateError::new(
+                401,
+                "that is not the admin token (AUTH_TOKEN)",
+            )),
         }
     }
 
-    /// Who `req` is, for the admin routes. `form_csrf` is a `_csrf` form field, if the body
-    /// had one. Errors: 403 when the admin routes are off, 401 without valid credentials,
-    /// 403 for a state-changing session request without its CSRF token or from another site.
+    /// Who `req` is, for the admin routes. Errors: 403 when the admin routes are off, 401
+    /// without valid credentials (429 after too many wrong bearer tokens from `peer`'s address),
+    /// 403 for a state-changing session request from another site.
     ///
-    /// A bearer token is a login attempt of `ip`: wrong ones are throttled like the login form's.
+    /// A session's CSRF token is checked by [`Admin::check_csrf`], once the body that may
+    /// carry it is read: a body is read only after this has passed.
     pub fn identify(
         &self,
         req: &RequestHeader,
-        ip: Option<IpAddr>,
+        peer: &Peer,
         admin_token: Option<&str>,
-        form_csrf: Option<&str>,
     ) -> Result<Admin, GateError> {
         let Some(admin_token) = admin_token else {
             return Err(GateError::new(
@@ -202,20 +263,14 @@ impl Sessions {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if let Some(presented) = bearer {
-            if let Err(wait) = self.login_attempt(ip) {
-                let mut e = GateError::new(
-                    429,
-                    "too many wrong admin tokens from this address: wait before trying again",
-                );
-                e.retry_after_s = Some(wait.as_secs().max(1));
-                return Err(e);
-            }
-            if same_secret(presented.trim(), admin_token) {
-                self.login_succeeded(ip);
-                return Ok(Admin::Bearer);
+            match self.login(presented, admin_token, peer.ip) {
+                Ok(()) => return Ok(Admin::Bearer),
+                // A wrong bearer token with a session cookie is still the session's request.
+                Err(e) if e.status == 429 || session_id(req).is_none() => return Err(e),
+                Err(_) => {}
             }
         }
-        let Some(id) = cookie(req, COOKIE) else {
+        let Some(id) = session_id(req) else {
             return Err(GateError::new(
                 401,
                 "log in at /admin/login, or send Authorization: Bearer <AUTH_TOKEN>",
@@ -227,25 +282,8 @@ impl Sessions {
                 "the admin session has ended: log in again at /admin/login",
             ));
         };
-        if !matches!(
-            req.method,
-            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-        ) {
-            if !same_origin(req) {
-                return Err(GateError::new(403, "a cross-site admin request is refused"));
-            }
-            let presented = req
-                .headers
-                .get("x-csrf-token")
-                .and_then(|v| v.to_str().ok())
-                .or(form_csrf)
-                .unwrap_or_default();
-            if !same_secret(presented, &csrf) {
-                return Err(GateError::new(
-                    403,
-                    "this admin request lacks its CSRF token (x-csrf-token): reload the page",
-                ));
-            }
+        if changes_state(req) && !same_origin(req, peer) {
+            return Err(GateError::new(403, "a cross-site admin request is refused"));
         }
         Ok(Admin::Session {
             id: id.to_owned(),
@@ -254,8 +292,53 @@ impl Sessions {
     }
 }
 
-/// Whether the request's `Origin` (when it has one) is this host.
-fn same_origin(req: &RequestHeader) -> bool {
+impl Admin {
+    /// For a session's state-changing request: whether it carries the session's CSRF token
+    /// (the `x-csrf-token` header, or `form_csrf`, the body's `_csrf` field).
+    pub fn check_csrf(
+        &self,
+        req: &RequestHeader,
+        form_csrf: Option<&str>,
+    ) -> Result<(), GateError> {
+        let Admin::Session { csrf, .. } = self else {
+            return Ok(());
+        };
+        if !changes_state(req) {
+            return Ok(());
+        }
+        let presented = req
+            .headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .or(form_csrf)
+            .unwrap_or_default();
+        if same_secret(presented, csrf) {
+            Ok(())
+        } else {
+            Err(GateError::new(
+                403,
+                "this admin request lacks its CSRF token (x-csrf-token): reload the page",
+            ))
+        }
+    }
+}
+
+/// Whether a request may change something (anything but a read).
+fn changes_state(req: &RequestHeader) -> bool {
+    !matches!(
+        req.method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    )
+}
+
+/// The session id a request carries, under either cookie name.
+fn session_id(req: &RequestHeader) -> Option<&str> {
+    cookie(req, HOST_COOKIE).or_else(|| cookie(req, COOKIE))
+}
+
+/// Whether the request's `Origin` (when it has one) is this host: the `Host` the request names,
+/// or the `X-Forwarded-Host` of a trusted proxy in front.
+fn same_origin(req: &RequestHeader, peer: &Peer) -> bool {
     let Some(origin) = req
         .headers
         .get(header::ORIGIN)
@@ -272,7 +355,8 @@ fn same_origin(req: &RequestHeader) -> bool {
         .strip_prefix("https://")
         .or_else(|| origin.strip_prefix("http://"))
         .unwrap_or(origin);
-    !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
+    let matches = |h: &str| !h.is_empty() && origin_host.eq_ignore_ascii_case(h);
+    matches(host) || peer.forwarded_host.as_deref().is_some_and(matches)
 }
 
 /// The value of cookie `name`.
@@ -287,15 +371,20 @@ pub fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// The `Set-Cookie` value that opens session `id` (`None`: that ends it).
+/// The `Set-Cookie` value that opens session `id` (`None`: that ends it); `secure` for a
+/// request that came over https.
 pub fn set_cookie(id: Option<&str>, secure: bool) -> String {
-    let secure = if secure { "; Secure" } else { "" };
+    let (name, secure) = if secure {
+        (HOST_COOKIE, "; Secure")
+    } else {
+        (COOKIE, "")
+    };
     match id {
         Some(id) => format!(
-            "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+            "{name}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
             TTL.as_secs()
         ),
-        None => format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
+        None => format!("{name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
     }
 }
 
@@ -311,24 +400,28 @@ mod tests {
         r
     }
 
+    fn peer(ip: &str) -> Peer {
+        Peer {
+            ip: Some(ip.parse().unwrap()),
+            ..Peer::default()
+        }
+    }
+
     #[test]
     fn sessions_need_their_csrf_token_to_change_anything() {
         let s = Sessions::default();
+        let nobody = Peer::default();
         let (id, csrf) = s.open("root");
         let cookie = format!("other=1; {COOKIE}={id}");
         let get = req("GET", &[("cookie", &cookie)]);
         assert!(matches!(
-            s.identify(&get, None, Some("root"), None),
+            s.identify(&get, &nobody, Some("root")),
             Ok(Admin::Session { .. })
         ));
         let post = req("POST", &[("cookie", &cookie), ("host", "gw:8000")]);
-        assert_eq!(
-            s.identify(&post, None, Some("root"), None)
-                .unwrap_err()
-                .status,
-            403
-        );
-        assert!(s.identify(&post, None, Some("root"), Some(&csrf)).is_ok());
+        let admin = s.identify(&post, &nobody, Some("root")).unwrap();
+        assert_eq!(admin.check_csrf(&post, None).unwrap_err().status, 403);
+        assert!(admin.check_csrf(&post, Some(&csrf)).is_ok());
         let cross = req(
             "POST",
             &[
@@ -339,59 +432,91 @@ mod tests {
             ],
         );
         assert_eq!(
-            s.identify(&cross, None, Some("root"), None)
+            s.identify(&cross, &nobody, Some("root"))
                 .unwrap_err()
                 .status,
             403
         );
+        // A trusted proxy's X-Forwarded-Host is this gateway too.
+        let proxied = Peer {
+            forwarded_host: Some("evil.example".into()),
+            ..Peer::default()
+        };
+        assert!(s.identify(&cross, &proxied, Some("root")).is_ok());
         // A new AUTH_TOKEN ends every session; no AUTH_TOKEN turns the routes off.
         assert_eq!(
-            s.identify(&get, None, Some("new"), None)
-                .unwrap_err()
-                .status,
+            s.identify(&get, &nobody, Some("new")).unwrap_err().status,
             401
         );
-        assert_eq!(s.identify(&get, None, None, None).unwrap_err().status, 403);
+        assert_eq!(s.identify(&get, &nobody, None).unwrap_err().status, 403);
         let bearer = req("DELETE", &[("authorization", "Bearer root")]);
-        assert_eq!(
-            s.identify(&bearer, None, Some("root"), None).unwrap(),
-            Admin::Bearer
-        );
+        let admin = s.identify(&bearer, &nobody, Some("root")).unwrap();
+        assert_eq!(admin, Admin::Bearer);
+        assert!(admin.check_csrf(&bearer, None).is_ok());
         s.close(&id);
         assert!(s.check(&id, "root").is_none());
+        let host = req(
+            "GET",
+            &[("cookie", &format!("{HOST_COOKIE}={}", s.open("root").0))],
+        );
+        assert!(s.identify(&host, &nobody, Some("root")).is_ok());
     }
 
     #[test]
-    fn failed_logins_wait_longer_and_longer() {
+    fn wrong_tokens_wait_longer_and_longer_but_the_right_one_always_passes() {
         let s = Sessions::default();
-        let ip = Some("10.0.0.1".parse().unwrap());
-        for _ in 0..FREE_FAILURES {
-            assert_eq!(s.login_attempt(ip), Ok(()));
+        let ip = peer("10.0.0.1");
+        for _ in 0..ADMIN_FREE_FAILURES {
+            assert_eq!(s.login("nope", "root", ip.ip).unwrap_err().status, 401);
         }
-        let first = s.login_attempt(ip).unwrap_err();
-        assert!(first > Duration::ZERO);
-        assert_eq!(s.login_attempt(Some("10.0.0.2".parse().unwrap())), Ok(()));
-        s.login_succeeded(ip);
-        assert_eq!(s.login_attempt(ip), Ok(()));
+        let first = s.login("nope", "root", ip.ip).unwrap_err();
+        assert_eq!((first.status, first.retry_after_s), (429, Some(1)));
+        let second = s.login("nope", "root", ip.ip).unwrap_err();
+        assert_eq!(second.retry_after_s, Some(2));
+        assert!(s.login("nope", "root", peer("10.0.0.2").ip).is_err());
+        assert_eq!(
+            s.login("nope", "root", peer("10.0.0.2").ip)
+                .unwrap_err()
+                .status,
+            401,
+            "another address has its own count"
+        );
+        // Throttled, the right token still passes, and clears the count.
+        assert!(s.login("root", "root", ip.ip).is_ok());
+        assert_eq!(s.login("nope", "root", ip.ip).unwrap_err().status, 401);
         // Wrong bearer tokens are attempts too.
-        let other = Some("10.0.0.3".parse().unwrap());
+        let other = peer("10.0.0.3");
         let wrong = req("GET", &[("authorization", "Bearer nope")]);
-        for _ in 0..FREE_FAILURES {
+        for _ in 0..ADMIN_FREE_FAILURES {
             assert_eq!(
-                s.identify(&wrong, other, Some("root"), None)
-                    .unwrap_err()
-                    .status,
+                s.identify(&wrong, &other, Some("root")).unwrap_err().status,
                 401
             );
         }
-        let e = s.identify(&wrong, other, Some("root"), None).unwrap_err();
+        let e = s.identify(&wrong, &other, Some("root")).unwrap_err();
         assert_eq!((e.status, e.retry_after_s.is_some()), (429, true));
+        let right = req("GET", &[("authorization", "Bearer root")]);
+        assert_eq!(
+            s.identify(&right, &other, Some("root")).unwrap(),
+            Admin::Bearer
+        );
     }
 
     #[test]
-    fn cookies_are_strict() {
+    fn the_throttle_forgets_the_oldest_address_when_full() {
+        let t = Throttle::new(0);
+        for i in 0..MAX_TRACKED as u32 + 5 {
+            let ip = std::net::Ipv4Addr::from(i).into();
+            assert!(t.failed(Some(ip)).is_some());
+        }
+        assert!(t.failures.lock().unwrap().len() <= MAX_TRACKED);
+    }
+
+    #[test]
+    fn cookies_are_strict_and_host_bound_over_https() {
         let c = set_cookie(Some("abc"), true);
         for part in [
+            "__Host-gemgate_admin=abc",
             "HttpOnly",
             "SameSite=Strict",
             "Secure",
@@ -400,7 +525,9 @@ mod tests {
         ] {
             assert!(c.contains(part), "{c}");
         }
-        assert!(!set_cookie(Some("abc"), false).contains("Secure"));
+        assert!(!c.contains("Domain"));
+        let plain = set_cookie(Some("abc"), false);
+        assert!(plain.starts_with("gemgate_admin=abc") && !plain.contains("Secure"));
         assert!(set_cookie(None, false).contains("Max-Age=0"));
     }
 }

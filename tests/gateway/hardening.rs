@@ -432,3 +432,209 @@ async fn fetched_bytes_have_a_budget_and_fetching_can_be_off() {
         "{v}"
     );
 }
+
+/// `GET /admin/api/reload`'s count of refused requests of `kind`.
+async fn refused(gate: &Gate, kind: &str) -> u64 {
+    gate.reload_status().await["refused"][kind]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn unauthenticated_and_malformed_requests_are_counted_never_logged() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).admin().start().await;
+    let (status, ..) = post(&gate, GENERATE, &ask("a client's request")).await;
+    assert_eq!(status, 200);
+    let (status, ..) = post_as(&gate, "sk-wrong", GENERATE, &ask("x")).await;
+    assert_eq!(status, 401);
+    let resp = client()
+        .post(gate.url(GENERATE))
+        .json(&ask("no token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // A model name past 128 bytes, in each protocol's shape.
+    let long = "m".repeat(129);
+    let (status, _, v) = post(
+        &gate,
+        &format!("/v1beta/models/{long}:generateContent"),
+        &ask("x"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["status"], "INVALID_ARGUMENT", "{v}");
+    let resp = client()
+        .post(gate.url("/v1/chat/completions"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "model": long, "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "model", "{v}");
+    // A target past 8 KiB.
+    let resp = client()
+        .get(gate.url(&format!("/v1beta/models?x={}", "a".repeat(9000))))
+        .header("x-goog-api-key", TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 414);
+    let resp = client()
+        .get(gate.url("/no/such/path"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    // Only the client's requests are logged: the one that worked and the chat with a long
+    // model name (a known client's mistake).
+    wait_logged(&gate, 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/logs/requests",
+        None,
+    )
+    .await;
+    let rows = v["rows"].as_array().unwrap();
+    assert!(rows.len() <= 2, "{v}");
+    assert!(
+        rows.iter().all(|r| r["record"]["client"].is_string()),
+        "only a known client's requests: {v}"
+    );
+    let (_, errors) = admin(reqwest::Method::GET, &gate, "/admin/api/logs/errors", None).await;
+    assert!(!errors.to_string().contains("mmmmmmmm"), "{errors}");
+    assert_eq!(refused(&gate, "unauthenticated").await, 2);
+    assert!(refused(&gate, "malformed").await >= 3);
+}
+
+#[tokio::test]
+async fn wrong_client_tokens_are_throttled_per_address_but_a_right_one_passes() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).admin().start().await;
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let (status, ..) = post_as(&gate, "sk-guess", GENERATE, &ask("x")).await;
+        statuses.push(status);
+    }
+    assert_eq!(&statuses[..10], &[401; 10]);
+    assert_eq!(&statuses[10..], &[429, 429], "then each guess waits");
+    let resp = client()
+        .post(gate.url(GENERATE))
+        .header("x-goog-api-key", "sk-guess")
+        .json(&ask("x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    let (status, ..) = post(&gate, GENERATE, &ask("the right token")).await;
+    assert_eq!(
+        status, 200,
+        "a right token passes while the address is throttled"
+    );
+
+    // The admin's right token passes too, while wrong ones from the same address wait.
+    for _ in 0..5 {
+        let resp = client()
+            .get(gate.url("/admin/api/keys"))
+            .bearer_auth("not-the-admin")
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(resp.status().as_u16(), 401 | 429));
+    }
+    let (status, _) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn forwarding_headers_count_only_from_trusted_proxies() {
+    let fake = fake().await;
+    let wrong_admin = |gate: &Gate, forwarded_for: String| {
+        client()
+            .get(gate.url("/admin/api/keys"))
+            .bearer_auth("not-the-admin")
+            .header("x-forwarded-for", forwarded_for)
+            .send()
+    };
+    // Untrusted: a client cannot spread its guesses over addresses of its choosing.
+    let direct = gate().upstream(&fake, &["good-1"]).admin().start().await;
+    let mut last = 0;
+    for i in 0..5 {
+        last = wrong_admin(&direct, format!("198.51.100.{i}"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+    }
+    assert_eq!(last, 429, "counted under the connection's address");
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = no_redirects
+        .post(direct.url("/admin/login"))
+        .header("x-forwarded-proto", "https")
+        .form(&[("token", ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with("gemgate_admin=") && !cookie.contains("Secure"),
+        "{cookie}"
+    );
+
+    // Behind a trusted proxy, each forwarded client has its own count, and https is believed.
+    let proxied = gate()
+        .upstream(&fake, &["good-1"])
+        .admin()
+        .env("GEMGATE_TRUSTED_PROXIES", "127.0.0.1")
+        .start()
+        .await;
+    for i in 0..5 {
+        let status = wrong_admin(&proxied, format!("6.6.6.6, 198.51.100.{i}"))
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 401, "client {i} has failed once");
+    }
+    let login = no_redirects
+        .post(proxied.url("/admin/login"))
+        .header("x-forwarded-proto", "https")
+        .form(&[("token", ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with("__Host-gemgate_admin=") && cookie.contains("Secure"),
+        "{cookie}"
+    );
+}
+
+#[test]
+fn an_admin_token_that_is_also_a_client_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gemgate"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("GEMGATE_LISTEN", "127.0.0.1:0")
+        .env("GEMGATE_DATA_DIR", dir.path().join("data"))
+        .env("ALLOWED_TOKENS", "sk-one,sk-shared")
+        .env("AUTH_TOKEN", "sk-shared")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("AUTH_TOKEN") && !stderr.contains("sk-shared"),
+        "{stderr}"
+    );
+}
