@@ -28,7 +28,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Key id → [`SavedKey`] as JSON.
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_state");
-/// File id → `key id|expiry ms` (the Files API: which key owns each file).
+/// File id → `key id|expiry ms|client` (the Files API: which key and client own each file;
+/// files saved before clients were kept have no `|client`).
 const FILES: TableDefinition<&str, &str> = TableDefinition::new("files");
 /// `DDDDDD|key id|model` (days since the epoch, zero-padded) → [`Counts`] as JSON.
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
@@ -122,16 +123,23 @@ impl Store {
         tx.commit().map_err(io)
     }
 
-    /// Records which key owns a file (`None`: the file is gone).
-    pub fn save_file(&self, id: &str, owner: Option<(String, u64)>) -> Result<(), StoreError> {
+    /// Records who owns a file (`None`: the file is gone).
+    pub fn save_file(
+        &self,
+        id: &str,
+        record: Option<&crate::proxy::files::FileRecord>,
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(io)?;
         {
             let mut table = tx.open_table(FILES).map_err(io)?;
-            match owner {
-                Some((key, expires)) => {
-                    table
-                        .insert(id, format!("{key}|{expires}").as_str())
-                        .map_err(io)?;
+            match record {
+                Some(r) => {
+                    let mut value = format!("{}|{}", r.owner.key, r.expires_ms);
+                    if let Some(client) = &r.owner.client {
+                        value.push('|');
+                        value.push_str(client);
+                    }
+                    table.insert(id, value.as_str()).map_err(io)?;
                 }
                 None => {
                     table.remove(id).map_err(io)?;
@@ -141,20 +149,28 @@ impl Store {
         tx.commit().map_err(io)
     }
 
-    /// Every file owner saved: (file id, key id, expiry ms).
-    pub fn load_files(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+    /// Every file saved. Files saved before their clients were kept have no client.
+    pub fn load_files(&self) -> Result<Vec<(String, crate::proxy::files::FileRecord)>, StoreError> {
+        use crate::proxy::files::{FileRecord, Owner};
         let tx = self.db.begin_read().map_err(io)?;
         let table = tx.open_table(FILES).map_err(io)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(io)? {
             let (id, v) = row.map_err(io)?;
-            if let Some((key, expires)) = v.value().split_once('|') {
-                out.push((
-                    id.value().to_owned(),
-                    key.to_owned(),
-                    expires.parse().unwrap_or(0),
-                ));
-            }
+            let mut parts = v.value().splitn(3, '|');
+            let (Some(key), Some(expires)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            out.push((
+                id.value().to_owned(),
+                FileRecord {
+                    owner: Owner {
+                        key: key.to_owned(),
+                        client: parts.next().map(str::to_owned),
+                    },
+                    expires_ms: expires.parse().unwrap_or(0),
+                },
+            ));
         }
         Ok(out)
     }

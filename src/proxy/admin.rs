@@ -50,6 +50,7 @@ impl Gateway {
             AdminCall::Logs { row, .. } => {
                 method == http::Method::GET || row.is_none() && method == http::Method::DELETE
             }
+            AdminCall::Resources => method == http::Method::GET,
         };
         if !allowed {
             return Err(GateError::new(
@@ -128,6 +129,10 @@ impl Gateway {
                         .map(|v| Bytes::from(v.to_string()));
                 }
                 logs_json(&store, log, row, &query)?
+            }
+            AdminCall::Resources => {
+                let query = s.req_header().uri.query().unwrap_or_default();
+                self.resources_json(auth::query_param(query, "kind").as_deref())?
             }
             AdminCall::KeyAction { id, action } => {
                 let index = gen
@@ -338,6 +343,33 @@ impl Gateway {
                 .map(|(plugin, hook, count)| json!({ "plugin": plugin, "hook": hook, "count": count }))
                 .collect::<Vec<_>>(),
         })
+    }
+
+    /// `GET /admin/api/resources?kind=files`: every resource of that kind clients made through
+    /// gemgate, with the key that holds it and the client that owns it (`null` for records
+    /// from before owners were kept, which no client sees).
+    fn resources_json(&self, kind: Option<&str>) -> Result<Value, GateError> {
+        match kind {
+            Some("files") => {
+                let files: Vec<Value> = self
+                    .state
+                    .lasting
+                    .files
+                    .all()
+                    .into_iter()
+                    .map(|(id, f)| {
+                        json!({
+                            "id": format!("files/{id}"),
+                            "key": f.owner.key,
+                            "client": f.owner.client,
+                            "expires": rfc3339(f.expires_ms),
+                        })
+                    })
+                    .collect();
+                Ok(json!({ "kind": "files", "resources": files }))
+            }
+            _ => Err(bad("name the kind of resource: ?kind=files")),
+        }
     }
 
     /// Probes one key now; a key that answers well is returned to the pool.

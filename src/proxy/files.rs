@@ -1,7 +1,15 @@
 //! The Files API: resumable uploads, file lookups and deletions, each with the key the file
-//! belongs to. A file uploaded with one key exists only for that key at Google, so gemgate
-//! remembers which key started each upload and which key owns each file, and sends every later
-//! request about the file — or naming it in `fileData.fileUri` — with that key.
+//! belongs to and the client that made it.
+//!
+//! A file uploaded with one key exists only for that key at Google, so gemgate remembers which
+//! key started each upload and which key owns each file, and sends every later request about
+//! the file — or naming it in `fileData.fileUri` — with that key.
+//!
+//! Every file also belongs to the client that uploaded it (its token's name; plain tokens are
+//! named by a hash of the token): a client lists only its own files, and asking for, deleting
+//! or using another client's file is answered 404 without a call to Google. Files recorded
+//! before owners were kept belong to no client: only the admin API shows them
+//! (`GET /admin/api/resources?kind=files`).
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
@@ -16,31 +24,49 @@ use super::{
     auth, client_query, read_body, send, upstream_header, write_full, Exchange, Gateway,
     Generation, Outcome, Refusal, UpstreamRequest,
 };
+use crate::keys::clock::now_ms;
 use crate::proxy::reply::GateError;
 
-/// Uploads in progress and uploaded files, by id, with the id of the key they belong to (and
-/// for files, when Google deletes them).
+/// How long Google keeps a file that does not say.
+const DEFAULT_LIFETIME_MS: u64 = 48 * 3_600_000;
+
+/// Who a file or an upload belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The id of the key that holds it at Google.
+    pub key: String,
+    /// The client that made it; `None` for files recorded before owners were kept.
+    pub client: Option<String>,
+}
+
+/// A file uploaded through gemgate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    pub owner: Owner,
+    /// When Google deletes it (ms since the epoch).
+    pub expires_ms: u64,
+}
+
+/// Uploads in progress and uploaded files, by id.
 #[derive(Debug, Default)]
 pub struct FileOwners {
-    uploads: Mutex<HashMap<String, String>>,
-    files: Mutex<HashMap<String, (String, u64)>>,
+    uploads: Mutex<HashMap<String, Owner>>,
+    files: Mutex<HashMap<String, FileRecord>>,
 }
 
 impl FileOwners {
-    /// Files remembered from earlier runs.
-    pub fn restore(&self, saved: Vec<(String, String, u64)>) {
-        let now = crate::keys::clock::now_ms();
+    /// Files remembered from earlier runs (those not yet expired).
+    pub fn restore(&self, saved: Vec<(String, FileRecord)>) {
+        let now = now_ms();
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        for (id, key, expires) in saved.into_iter().filter(|f| f.2 > now) {
-            files.insert(id, (key, expires));
-        }
+        files.extend(saved.into_iter().filter(|(_, f)| f.expires_ms > now));
     }
 
-    fn start_upload(&self, upload_id: String, key_id: String) {
+    fn start_upload(&self, upload_id: String, owner: Owner) {
         self.uploads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(upload_id, key_id);
+            .insert(upload_id, owner);
     }
 
     /// A finished upload's URL is no longer a credential.
@@ -51,7 +77,7 @@ impl FileOwners {
             .remove(upload_id);
     }
 
-    fn upload_key(&self, upload_id: &str) -> Option<String> {
+    fn upload(&self, upload_id: &str) -> Option<Owner> {
         self.uploads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -59,28 +85,49 @@ impl FileOwners {
             .cloned()
     }
 
-    /// The key that owns file `id` (`files/abc` or `abc`).
-    pub fn file_key(&self, id: &str) -> Option<String> {
+    /// File `id` (`files/abc` or `abc`), if gemgate uploaded it and it has not expired.
+    pub fn file(&self, id: &str) -> Option<FileRecord> {
         let id = id.rsplit('/').next().unwrap_or(id);
-        let now = crate::keys::clock::now_ms();
         let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        files
-            .get(id)
-            .filter(|(_, expires)| *expires > now)
-            .map(|(k, _)| k.clone())
+        files.get(id).filter(|f| f.expires_ms > now_ms()).cloned()
     }
 
-    fn keys_with_files(&self) -> Vec<String> {
+    fn insert(&self, id: String, record: FileRecord) {
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, record);
+    }
+
+    fn remove(&self, id: &str) {
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Every live file, by id: the admin API's view.
+    pub fn all(&self) -> Vec<(String, FileRecord)> {
+        let now = now_ms();
         let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        let now = crate::keys::clock::now_ms();
-        let mut keys: Vec<String> = files
-            .values()
-            .filter(|(_, expires)| *expires > now)
-            .map(|(k, _)| k.clone())
+        let mut all: Vec<(String, FileRecord)> = files
+            .iter()
+            .filter(|(_, f)| f.expires_ms > now)
+            .map(|(id, f)| (id.clone(), f.clone()))
             .collect();
-        keys.sort();
-        keys.dedup();
-        keys
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// `client`'s live files, grouped by the key that holds them.
+    fn of_client(&self, client: &str) -> HashMap<String, Vec<String>> {
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, f) in self.all() {
+            if f.owner.client.as_deref() == Some(client) {
+                by_key.entry(f.owner.key).or_default().push(id);
+            }
+        }
+        by_key
     }
 }
 
@@ -105,6 +152,15 @@ pub fn named_files(body: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The answer to a client asking about a file that is not its own (or not there): the same as
+/// for a file that does not exist, so a client cannot learn another's file names.
+fn no_such_file() -> Refusal {
+    Refusal::Gate(GateError::new(
+        404,
+        "no such file or upload through this gateway",
+    ))
+}
+
 impl Gateway {
     /// `POST /upload/v1beta/files`: `start` picks a key and hands the client an upload URL on
     /// gemgate; later commands go with the key that started the upload.
@@ -114,32 +170,32 @@ impl Gateway {
         s: &mut ServerSession,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
+        x.action = "files.upload".into();
         let query = client_query(s);
         let upload_id = auth::query_param(&query, "upload_id").map(|v| v.into_owned());
-        let owner = upload_id
-            .as_deref()
-            .and_then(|id| self.state.lasting.files.upload_key(id));
-        let pinned = match (&upload_id, owner) {
+        let pinned = match &upload_id {
             // Starting an upload needs the client's token.
-            (None, _) => {
+            None => {
                 self.admit(gen, s, http::Method::POST, x)?;
                 None
             }
             // As at Google, an upload URL is its own credential (SDKs send no key with it):
             // its id is unguessable and was handed only to the client that started it.
-            (Some(_), Some(owner)) => {
+            Some(id) => {
+                let owner = self
+                    .state
+                    .lasting
+                    .files
+                    .upload(id)
+                    .ok_or_else(no_such_file)?;
                 if s.req_header().method != http::Method::POST {
                     return Err(Refusal::Gate(GateError::new(405, "use POST")));
                 }
-                Some(self.owner_index(gen, Some(owner))?)
-            }
-            (Some(_), None) => {
-                return Err(Refusal::Gate(GateError::new(
-                    404,
-                    "no such upload through this gateway",
-                )))
+                x.client = owner.client;
+                Some(self.owner_index(gen, &owner.key)?)
             }
         };
+        let rewrite = self.on_request(gen, s, "", "files.upload", false, x)?;
         let req = s.req_header();
         let finalize = req
             .headers
@@ -148,11 +204,17 @@ impl Gateway {
             .is_some_and(|c| c.contains("finalize"));
         let body = read_body(s, gen.config.max_body_bytes).await?;
         let path = format!("/upload{}/files", gen.target.base.path);
-        let header = upstream_header(gen, s.req_header(), &path, &query)?;
+        let mut header = upstream_header(gen, s.req_header(), &path, &query)?;
+        for (name, value) in rewrite.headers {
+            let _ = header.insert_header(name, value);
+        }
         let mut up = UpstreamRequest::new(header, body);
         up.pinned = pinned;
         let answer = self.collect(gen, &up, x).await?;
-        let key_id = x.key.clone().unwrap_or_default();
+        let owner = Owner {
+            key: x.key.clone().unwrap_or_default(),
+            client: x.client.clone(),
+        };
         let mut h = super::response_header(200, x);
         for (name, value) in std::mem::take(&mut x.upload_headers) {
             if name == "x-goog-upload-url" {
@@ -166,17 +228,13 @@ impl Gateway {
                 self.state
                     .lasting
                     .files
-                    .start_upload(id.clone(), key_id.clone());
-                let host = s
-                    .req_header()
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("localhost")
-                    .to_owned();
+                    .start_upload(id.clone(), owner.clone());
                 // Back to the path the client used (`/gemini`, `v1`), with the upload's id.
-                let path = s.req_header().uri.path().to_owned();
-                let url = format!("http://{host}{path}?upload_id={id}&upload_protocol=resumable");
+                let url = format!(
+                    "{}{}?upload_id={id}&upload_protocol=resumable",
+                    public_base(gen, s, &x.peer),
+                    s.req_header().uri.path()
+                );
                 let _ = h.insert_header("x-goog-upload-url", url);
             } else {
                 let _ = h.insert_header(name, value);
@@ -189,21 +247,15 @@ impl Gateway {
             let file = serde_json::from_slice::<Value>(&answer).unwrap_or_default();
             if let Some(name) = file.pointer("/file/name").and_then(Value::as_str) {
                 let id = name.trim_start_matches("files/").to_owned();
-                // Google keeps files 48 hours unless it says otherwise.
-                let expires = file
+                let expires_ms = file
                     .pointer("/file/expirationTime")
                     .and_then(Value::as_str)
                     .and_then(crate::keys::clock::parse_rfc3339)
-                    .unwrap_or_else(|| crate::keys::clock::now_ms() + 48 * 3_600_000);
-                tracing::info!(file = %id, key = %key_id, "file uploaded");
-                self.state
-                    .lasting
-                    .files
-                    .files
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone(), (key_id.clone(), expires));
-                self.save_file(id, Some((key_id, expires)));
+                    .unwrap_or_else(|| now_ms() + DEFAULT_LIFETIME_MS);
+                tracing::info!(file = %id, key = %owner.key, "file uploaded");
+                let record = FileRecord { owner, expires_ms };
+                self.state.lasting.files.insert(id.clone(), record.clone());
+                self.save_file(id, Some(record));
             }
         }
         if !answer.is_empty() {
@@ -212,8 +264,8 @@ impl Gateway {
         Ok(write_full(s, h, answer).await)
     }
 
-    /// `GET /v1beta/files` (every key's files, merged), `GET` or `DELETE /v1beta/files/{id}`
-    /// (with the key that owns it).
+    /// `GET /v1beta/files` (the client's own files, from every key that holds some), `GET` or
+    /// `DELETE /v1beta/files/{id}` (with the key that owns it).
     pub(super) async fn files(
         &self,
         gen: &Generation,
@@ -233,72 +285,171 @@ impl Gateway {
             },
             x,
         )?;
+        x.action = match (&id, &method) {
+            (None, _) => "files.list",
+            (Some(_), &http::Method::DELETE) => "files.delete",
+            _ => "files.get",
+        }
+        .into();
+        let action = x.action.clone();
+        let rewrite = self.on_request(gen, s, "", &action, false, x)?;
+        let client = x.client.clone().unwrap_or_default();
         let query = client_query(s);
         let base = &gen.target.base.path;
+        let request = |path: &str, key: &str| -> Result<UpstreamRequest, Refusal> {
+            let mut header = upstream_header(gen, s.req_header(), path, &query)?;
+            for (name, value) in &rewrite.headers {
+                let _ = header.insert_header(name.clone(), value.clone());
+            }
+            let mut up = UpstreamRequest::new(header, Bytes::new());
+            up.pinned = Some(self.owner_index(gen, key)?);
+            Ok(up)
+        };
         let Some(id) = id else {
             let mut all = Vec::new();
-            for key in self.state.lasting.files.keys_with_files() {
-                let header =
-                    upstream_header(gen, s.req_header(), &format!("{base}/files"), &query)?;
-                let mut up = UpstreamRequest::new(header, Bytes::new());
-                up.pinned = Some(self.owner_index(gen, Some(key))?);
+            for (key, mine) in self.state.lasting.files.of_client(&client) {
+                // A key whose files are all gone from the pool is skipped, not an error.
+                let Ok(up) = request(&format!("{base}/files"), &key) else {
+                    continue;
+                };
                 let page = self.collect(gen, &up, x).await?;
                 if let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&page) {
                     if let Some(Value::Array(files)) = v.remove("files") {
-                        all.extend(files);
+                        // The key's other files are other clients'.
+                        all.extend(files.into_iter().filter(|f| {
+                            f["name"]
+                                .as_str()
+                                .and_then(|n| n.strip_prefix("files/"))
+                                .is_some_and(|n| mine.iter().any(|m| m == n))
+                        }));
                     }
                 }
             }
             let body = serde_json::json!({ "files": all });
             return Ok(send(s, x, 200, Bytes::from(body.to_string())).await);
         };
-        let owner = self.state.lasting.files.file_key(&id);
-        let pinned = self.owner_index(gen, owner)?;
-        let header = upstream_header(gen, s.req_header(), &format!("{base}/files/{id}"), &query)?;
-        let mut up = UpstreamRequest::new(header, Bytes::new());
-        up.pinned = Some(pinned);
+        let record = self
+            .state
+            .lasting
+            .files
+            .file(&id)
+            .filter(|f| f.owner.client.as_deref() == Some(client.as_str()))
+            .ok_or_else(no_such_file)?;
+        let up = request(&format!("{base}/files/{id}"), &record.owner.key)?;
         let answer = self.collect(gen, &up, x).await?;
         if method == http::Method::DELETE {
-            self.state
-                .lasting
-                .files
-                .files
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            self.state.lasting.files.remove(&id);
             self.save_file(id, None);
         }
         Ok(send(s, x, 200, answer).await)
     }
 
-    /// Records a file's owner (or its deletion) in the store, off the request path.
-    fn save_file(&self, id: String, owner: Option<(String, u64)>) {
+    /// Records a file (or its deletion) in the store, off the request path.
+    fn save_file(&self, id: String, record: Option<FileRecord>) {
         let Some(store) = self.state.lasting.store.clone() else {
             return;
         };
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.save_file(&id, owner) {
+            if let Err(e) = store.save_file(&id, record.as_ref()) {
                 tracing::error!(file = %id, "cannot save the file's owner: {e}");
             }
         });
     }
 
     /// The pool index of the key that owns an upload or a file.
-    fn owner_index(&self, gen: &Generation, key_id: Option<String>) -> Result<usize, Refusal> {
-        key_id.and_then(|k| gen.pool.index_of(&k)).ok_or_else(|| {
+    fn owner_index(&self, gen: &Generation, key_id: &str) -> Result<usize, Refusal> {
+        gen.pool.index_of(key_id).ok_or_else(|| {
             Refusal::Gate(GateError::new(
                 404,
-                "no such file or upload through this gateway (or its key has left the pool)",
+                "this file's key has left the pool: the file cannot be reached any more",
             ))
         })
     }
 
-    /// The key a request must use because it names an uploaded file; `None` when it names
-    /// none (or only files gemgate did not upload).
-    pub(super) fn file_pin(&self, gen: &Generation, body: &[u8]) -> Option<usize> {
-        named_files(body)
-            .iter()
-            .find_map(|f| self.state.lasting.files.file_key(f))
-            .and_then(|k| gen.pool.index_of(&k))
+    /// The key a request must use because it names a file uploaded through gemgate; `None`
+    /// when it names none (or only files gemgate did not upload). A file of another client is
+    /// answered 404, before anything is sent.
+    pub(super) fn file_pin(
+        &self,
+        gen: &Generation,
+        body: &[u8],
+        client: Option<&str>,
+    ) -> Result<Option<usize>, Refusal> {
+        let mut pin = None;
+        for id in named_files(body) {
+            let Some(file) = self.state.lasting.files.file(&id) else {
+                continue;
+            };
+            if file.owner.client.is_none() || file.owner.client.as_deref() != client {
+                return Err(no_such_file());
+            }
+            pin = pin.or_else(|| gen.pool.index_of(&file.owner.key));
+        }
+        Ok(pin)
+    }
+}
+
+/// Where clients reach this gateway, for the links it hands out: `server.public_url` when set;
+/// else the scheme the request came in with (a trusted proxy's `X-Forwarded-Proto`) and the
+/// host a trusted proxy forwarded, or the `Host` the client sent when it names this gateway's
+/// own address (or `localhost`), or else that address itself. A `Host` naming anything else
+/// could be forged, and would send the upload somewhere else.
+fn public_base(gen: &Generation, s: &ServerSession, peer: &super::peer::Peer) -> String {
+    if let Some(url) = &gen.config.public_url {
+        return url.clone();
+    }
+    let scheme = if peer.https { "https" } else { "http" };
+    let local = s.server_addr().and_then(|a| a.as_inet()).copied();
+    let named = s
+        .req_header()
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| super::peer::valid_authority(h))
+        .filter(|h| names_this_gateway(h, local));
+    let host = match (peer.forwarded_host.as_deref(), named, local) {
+        (Some(forwarded), ..) => forwarded.to_owned(),
+        (None, Some(host), _) => host.to_owned(),
+        (None, None, Some(addr)) => addr.to_string(),
+        (None, None, None) => "localhost".to_owned(),
+    };
+    format!("{scheme}://{host}")
+}
+
+/// Whether `host` (a `Host` value) names the address the connection came in on, or this machine
+/// by its loopback names.
+fn names_this_gateway(host: &str, local: Option<std::net::SocketAddr>) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback() || local.is_some_and(|l| l.ip() == ip),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_gateways_own_names_are_taken_from_host() {
+        let local: Option<std::net::SocketAddr> = Some("10.1.2.3:8000".parse().unwrap());
+        for ok in [
+            "localhost:8000",
+            "127.0.0.1:8000",
+            "10.1.2.3:8000",
+            "[::1]:8000",
+        ] {
+            assert!(names_this_gateway(ok, local), "{ok}");
+        }
+        for forged in ["evil.example", "evil.example:8000", "10.9.9.9:8000"] {
+            assert!(!names_this_gateway(forged, local), "{forged}");
+        }
     }
 }

@@ -642,7 +642,7 @@ impl Gateway {
         for (name, value) in rewrite.headers {
             let _ = header.insert_header(name, value);
         }
-        let pinned = self.file_pin(gen, &body);
+        let pinned = self.file_pin(gen, &body, x.client.as_deref())?;
         let mut up = UpstreamRequest {
             pinned,
             model,
@@ -1423,6 +1423,30 @@ fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
+/// The headers a message's `Connection` header names: they describe that one connection, and
+/// are never relayed (RFC 9110, 7.6.1). Lowercased; empty without a `Connection` header.
+fn connection_listed(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// Client headers Google would act on that gemgate holds back unless `upstream.forward_headers`
+/// names them: `x-goog-user-project` bills and authorises another Cloud project (and Google
+/// answers 403 for one the key cannot use), and the method overrides turn a POST into another
+/// call.
+const HELD_BACK: &[&str] = &[
+    "x-goog-user-project",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// Hop-by-hop and credential headers: never forwarded upstream.
 fn skip_request_header(name: &str) -> bool {
     is_hop_by_hop(name)
@@ -1467,8 +1491,12 @@ fn upstream_header(
     if let Some(host) = &gen.target.host {
         headers.insert(header::HOST, host.clone());
     }
+    let listed = connection_listed(&client.headers);
+    let forward = &gen.config.forward_headers;
     for (name, value) in &client.headers {
-        if !skip_request_header(name.as_str()) {
+        let n = name.as_str();
+        let held_back = HELD_BACK.contains(&n) && !forward.contains(name);
+        if !(skip_request_header(n) || held_back || listed.iter().any(|l| l == n)) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -1501,11 +1529,15 @@ fn client_query(s: &ServerSession) -> String {
         .unwrap_or_default()
 }
 
-/// Removes the client's `key=` credential from a query string.
+/// Removes the client's `key` credential from a query string, in any spelling Google might
+/// read as `key` (`%6Bey`, `KEY`, `key` without a value).
 fn strip_key_param(query: &str) -> String {
     query
         .split('&')
-        .filter(|p| !p.is_empty() && !p.starts_with("key="))
+        .filter(|p| {
+            let name = p.split_once('=').map_or(*p, |(name, _)| name);
+            !p.is_empty() && !auth::form_decode(name).trim().eq_ignore_ascii_case("key")
+        })
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -1579,9 +1611,10 @@ async fn relay(
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
+    let listed = connection_listed(&upstream.headers);
     for (name, value) in upstream.headers.iter().filter(|_| chat.is_none()) {
         let n = name.as_str();
-        let hop = is_hop_by_hop(n);
+        let hop = is_hop_by_hop(n) || listed.iter().any(|l| l == n);
         if !(hop
             || req.stream && n == "content-length"
             || n == "x-request-id"
@@ -1959,6 +1992,20 @@ mod tests {
     fn key_param_is_stripped() {
         assert_eq!(strip_key_param("alt=sse&key=sk-1"), "alt=sse");
         assert_eq!(strip_key_param("key=sk-1"), "");
+        for spelling in [
+            "%6Bey=sk-1",
+            "%6b%65%79=sk-1",
+            "KEY=sk-1",
+            "Key=sk-1",
+            "key",
+            "key%20=x",
+        ] {
+            assert_eq!(
+                strip_key_param(&format!("a=1&{spelling}")),
+                "a=1",
+                "{spelling}"
+            );
+        }
         assert_eq!(
             strip_key_param("pageSize=5&monkey=1"),
             "pageSize=5&monkey=1"

@@ -151,7 +151,9 @@ impl Gateway {
                 ),
             )));
         }
+        let pinned = self.file_pin(gen, &body, x.client.as_deref())?;
         let mut up = self.gemini_call(gen, s, &path, query, body, &rewrite)?;
+        up.pinned = pinned;
         let models = &gen.config.file.models;
         let options = chat::Options {
             show_thinking: models.show_thinking_process,
@@ -511,6 +513,12 @@ impl Gateway {
             .and_then(|v| v.get("stream"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        // Policy is per model: a call whose model gemgate cannot tell would pass unchecked.
+        if method == http::Method::POST && model.is_empty() {
+            return Err(Refusal::Gate(GateError::bad_request(
+                openai::BadRequest::new("model", "the body must be JSON naming a valid `model`"),
+            )));
+        }
         x.model.clone_from(&model);
         let rewrite = self.on_request(gen, s, &model, rest, stream, x)?;
         if rewrite.model.is_some() || rewrite.touches_body() {

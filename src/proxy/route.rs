@@ -60,6 +60,9 @@ pub enum AdminCall {
     KeyAction { id: String, action: KeyAction },
     /// `POST /admin/api/keys/bulk`: `{"action", "ids"}`, one action on many keys.
     BulkKeys,
+    /// `GET /admin/api/resources?kind=files`: every resource clients made through gemgate,
+    /// with its owner (those from before owners were kept included).
+    Resources,
     /// `GET /admin/api/logs/{requests|errors}` (a page), `GET …/{ts}-{seq}` (one row),
     /// `DELETE /admin/api/logs/{requests|errors}` (selected rows, or all).
     Logs {
@@ -222,6 +225,7 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
             "keys" => Route::Admin(AdminCall::Keys),
             "keys/verify" => Route::Admin(AdminCall::VerifyKeys),
             "keys/bulk" => Route::Admin(AdminCall::BulkKeys),
+            "resources" => Route::Admin(AdminCall::Resources),
             logs if logs.starts_with("logs/") => {
                 let mut parts = logs["logs/".len()..].splitn(2, '/');
                 let Some(log) = parts.next().and_then(crate::logs::Log::from_name) else {

@@ -183,6 +183,11 @@ impl Gate {
         self.spawn().await;
     }
 
+    /// Starts gemgate again on the same folder, data and port, after it exited.
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
+
     async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {

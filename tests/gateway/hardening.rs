@@ -638,3 +638,116 @@ fn an_admin_token_that_is_also_a_client_token_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn policy_sees_every_call_it_could_refuse() {
+    let fake = fake().await;
+    let deny_all = r#"return { name = "deny_all", on_request = function(req)
+        return gemgate.deny(403, "no " .. req.action .. " for " .. req.client) end }"#;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .plugin("deny_all", deny_all)
+        .start()
+        .await;
+    // The pass-through refuses a call whose model it cannot tell, rather than pass it unchecked.
+    for body in [json!({ "messages": [] }), json!({ "model": "../x" })] {
+        let resp = client()
+            .post(gate.url("/openai/v1/chat/completions"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+    }
+    let resp = client()
+        .post(gate.url("/openai/v1/chat/completions"))
+        .bearer_auth(TOKEN)
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // The Files and upload routes go through on_request.
+    let (status, v) = get(&gate, "/v1beta/files").await;
+    assert_eq!(status, 403, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("files.list"),
+        "{v}"
+    );
+    let resp = client()
+        .post(gate.url("/upload/v1beta/files"))
+        .header("x-goog-api-key", TOKEN)
+        .header("x-goog-upload-command", "start")
+        .json(&json!({ "file": {} }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(fake.state.total_requests(), 0);
+}
+
+#[tokio::test]
+async fn upstream_requests_carry_only_what_google_should_see() {
+    let fake = fake().await;
+    let plain = gate().upstream(&fake, &["good-1"]).start().await;
+    let send = |query: &'static str| {
+        client()
+            .post(plain.url(&format!("{GENERATE}?{query}")))
+            .header("x-goog-api-key", TOKEN)
+            .header("connection", "keep-alive, x-secret-hop")
+            .header("x-secret-hop", "for the next hop only")
+            .header("x-goog-user-project", "someone-elses-project")
+            .header("x-http-method-override", "DELETE")
+            .header("x-kept", "yes")
+            .json(&ask("hi"))
+            .send()
+    };
+    for query in ["%6Bey=sk-test-token", "KEY=sk-test-token&alt=json", "key"] {
+        assert_eq!(send(query).await.unwrap().status(), 200);
+        let seen = fake.state.last_received().unwrap();
+        assert!(
+            !seen.query.to_ascii_lowercase().contains("key")
+                && !seen.query.contains("6B")
+                && !seen.query.contains("6b"),
+            "{query} -> {}",
+            seen.query
+        );
+        let names: Vec<&str> = seen.headers.iter().map(|(n, _)| n.as_str()).collect();
+        for hidden in [
+            "x-secret-hop",
+            "x-goog-user-project",
+            "x-http-method-override",
+        ] {
+            assert!(
+                !names.contains(&hidden),
+                "{hidden} went upstream: {names:?}"
+            );
+        }
+        assert!(names.contains(&"x-kept"));
+        assert_eq!(seen.key.as_deref(), Some("good-1"));
+    }
+
+    let allowing = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_FORWARD_HEADERS", "x-goog-user-project")
+        .start()
+        .await;
+    let resp = client()
+        .post(allowing.url(GENERATE))
+        .header("x-goog-api-key", TOKEN)
+        .header("x-goog-user-project", "my-project")
+        .json(&ask("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = fake.state.last_received().unwrap();
+    assert!(seen
+        .headers
+        .iter()
+        .any(|(n, v)| n == "x-goog-user-project" && v == "my-project"));
+}
