@@ -232,8 +232,13 @@ pub fn watch(state: Arc<State>) {
                     }
                 }
                 // The admin API writes the config and reloads at once: its save needs no
-                // second reload here.
-                if only_config && fingerprint(&state.source.path) == state.config_fingerprint() {
+                // second reload here. An edit holds `edits` from its write to the end of its
+                // reload, so this waits for an edit under way to say what it read.
+                let as_read = {
+                    let _edit = state.edits.lock().unwrap_or_else(|e| e.into_inner());
+                    fingerprint(&state.source.path) == state.config_fingerprint()
+                };
+                if only_config && as_read {
                     tracing::debug!("the config file is as the last reload read it");
                     continue;
                 }

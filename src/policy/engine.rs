@@ -402,9 +402,10 @@ impl Policy {
                 },
             };
             let engine = &engines[at];
-            let result = f(engine);
-            engine.end();
-            result.map(Some)
+            // The request's borrowed id and headers are forgotten when this returns, and also
+            // if a hook unwinds: nothing can read them after their borrows end.
+            let _forget = ForgetCurrent(engine);
+            f(engine).map(Some)
         })
     }
 
@@ -706,12 +707,32 @@ type CurrentRequest = Rc<RefCell<Option<Current>>>;
 
 struct Current {
     /// SAFETY (this and `headers`): set by `Engine::begin` from borrows that outlive the hook
-    /// chain, and cleared by `Engine::end` when `Policy::with_engine` returns, before those
-    /// borrows end. Only read by the prelude's `current` function, which runs inside the
-    /// chain's calls. Borrowed, not copied: most hooks never read either.
+    /// chain, and cleared by `Engine::end` when `Policy::with_engine` returns or unwinds (its
+    /// `ForgetCurrent` guard), before those borrows end. Only read by the prelude's `current`
+    /// function, which runs inside the chain's calls. Borrowed, not copied: most hooks never
+    /// read either.
     id: std::ptr::NonNull<str>,
     headers: Option<(std::ptr::NonNull<HeaderMap>, *const std::ffi::c_void)>,
 }
+
+/// Ends a hook chain's request when dropped ([`Engine::end`]), however the chain ends.
+struct ForgetCurrent<'a>(&'a Engine);
+
+impl Drop for ForgetCurrent<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// Request headers `req.headers` never shows: the client's credentials are not the policy's
+/// business, and a plugin that logged its headers would write them out.
+const HIDDEN_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-goog-api-key",
+    "x-api-key",
+    "cookie",
+];
 
 /// Interned strings kept per VM: a model, client or action name pushed as a kept Lua string
 /// costs no allocation and no protected call. Cleared when it grows past this.
@@ -872,6 +893,9 @@ impl Engine {
                     // SAFETY: see `Current::headers`; this runs inside the chain.
                     let map = unsafe { map.as_ref() };
                     for (name, value) in map {
+                        if HIDDEN_HEADERS.contains(&name.as_str()) {
+                            continue;
+                        }
                         if let Ok(v) = value.to_str() {
                             t.raw_set(name.as_str(), v)?;
                         }
@@ -984,8 +1008,11 @@ impl Engine {
         });
     }
 
+    /// Forgets the request whose hooks ran: see [`Current`].
     fn end(&self) {
-        *self.current.borrow_mut() = None;
+        if let Ok(mut current) = self.current.try_borrow_mut() {
+            *current = None;
+        }
     }
 
     /// `s` as a Lua string kept by this VM.
@@ -1383,4 +1410,31 @@ fn settings(config: &Config) -> serde_json::Value {
         "url_context": m.url_context,
         "url_context_models": m.url_context_models,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_that_unwinds_leaves_no_borrowed_request_behind() {
+        let config = crate::config::from_str("", "t", &Default::default()).unwrap();
+        let pool = Arc::new(KeyPool::new(&config.keys, &Default::default(), 1));
+        let policy =
+            Policy::compile(&config, 7, pool, Default::default(), Default::default()).unwrap();
+        let headers = HeaderMap::new();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let id = String::from("a request that is gone when this returns");
+            let _ = policy.with_engine(|engine| -> Result<(), Denial> {
+                engine.begin(&id, Some((&headers, std::ptr::null())));
+                panic!("a hook unwinds");
+            });
+        }));
+        assert!(unwound.is_err());
+        ENGINES.with(|cell| {
+            let engines = cell.borrow();
+            assert!(!engines.is_empty());
+            assert!(engines.iter().all(|e| e.current.borrow().is_none()));
+        });
+    }
 }

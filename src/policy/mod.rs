@@ -210,6 +210,13 @@ struct Budget {
     deadline: Instant,
 }
 
+impl Budget {
+    /// Whether the call has used up its instructions or its time.
+    fn spent(self) -> bool {
+        self.left < 0 || Instant::now() > self.deadline
+    }
+}
+
 /// A sandboxed Lua state.
 pub struct Vm {
     lua: Lua,
@@ -217,6 +224,8 @@ pub struct Vm {
     budget: Rc<Cell<Budget>>,
     /// The plugin being called: counters are kept per plugin.
     current: Rc<RefCell<Rc<str>>>,
+    /// Makes a plugin's environment (see [`SANDBOX`]).
+    make_env: mlua::Function,
 }
 
 /// What the host table serves: the shared counters and the settings plugins may read.
@@ -248,38 +257,23 @@ impl Vm {
         };
         let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8;
         let lua = Lua::new_with(libs, LuaOptions::default()).map_err(fail)?;
-        let globals = lua.globals();
-        // The base library is always there; take out what reaches outside the sandbox or
-        // compiles code at run time.
-        for name in [
-            "dofile",
-            "loadfile",
-            "load",
-            "require",
-            "collectgarbage",
-            "print",
-            "loadstring",
-        ] {
-            globals.set(name, Value::Nil).map_err(fail)?;
-        }
-        let string: Table = globals.get("string").map_err(fail)?;
-        string.set("dump", Value::Nil).map_err(fail)?;
-        let current: Rc<RefCell<Rc<str>>> = Rc::new(RefCell::new(Rc::from("-")));
-        let host = host_table(&lua, host, current.clone()).map_err(fail)?;
-        let readonly: mlua::Function = lua
-            .load(READONLY)
-            .set_name("=gemgate")
-            .eval()
-            .map_err(fail)?;
-        globals
-            .set("gemgate", readonly.call::<Table>(host).map_err(fail)?)
-            .map_err(fail)?;
-        lua.set_memory_limit(limits.memory_bytes).map_err(fail)?;
-
         let budget = Rc::new(Cell::new(Budget {
             left: i64::MAX,
             deadline: Instant::now() + Duration::from_secs(3600),
         }));
+        let current: Rc<RefCell<Rc<str>>> = Rc::new(RefCell::new(Rc::from("-")));
+        let host = host_table(&lua, host, current.clone()).map_err(fail)?;
+        let spent = {
+            let budget = budget.clone();
+            lua.create_function(move |_, ()| Ok(budget.get().spent()))
+                .map_err(fail)?
+        };
+        let make_env: mlua::Function = lua
+            .load(SANDBOX)
+            .set_name("=gemgate")
+            .call((host, spent))
+            .map_err(fail)?;
+        lua.set_memory_limit(limits.memory_bytes).map_err(fail)?;
         let watched = budget.clone();
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(CHECK_EVERY),
@@ -302,6 +296,7 @@ impl Vm {
             limits,
             budget,
             current,
+            make_env,
         })
     }
 
@@ -316,14 +311,12 @@ impl Vm {
             hook: "load".into(),
             message,
         };
-        // Each plugin has its own globals, reading through to the shared libraries: a global
-        // one plugin sets is not another's.
-        let env = self.lua.create_table().map_err(|e| fail(e.to_string()))?;
-        let meta = self.lua.create_table().map_err(|e| fail(e.to_string()))?;
-        meta.raw_set("__index", self.lua.globals())
-            .map_err(|e| fail(e.to_string()))?;
-        env.set_metatable(Some(meta))
-            .map_err(|e| fail(e.to_string()))?;
+        // Each plugin has its own globals and its own read-only views of the libraries and
+        // the host table: nothing one plugin does to them reaches another.
+        let env: Table = self
+            .make_env
+            .call(())
+            .map_err(|e: mlua::Error| fail(e.to_string()))?;
         let chunk = self
             .lua
             .load(&src.code)
@@ -416,22 +409,82 @@ impl Vm {
     }
 }
 
-/// Wraps the host table (and the tables in it) so that scripts can read it but not change it.
-const READONLY: &str = r#"
-local setmetatable, pairs, type, next, error = setmetatable, pairs, type, next, error
+/// The sandbox, in Lua: called once per VM with the host table and a function saying whether
+/// the running call's budget is spent; returns the function that makes each plugin's
+/// environment.
+///
+/// - Globals are the plugin's own (`_G` is its environment): the safe base functions, and
+///   read-only copies of `string`, `table`, `math`, `utf8` and the `gemgate` host table. A view's
+///   `pairs` walks a private copy and never hands out a table behind it; its metatable is
+///   protected, and `rawset` on it changes only that plugin's view.
+/// - The strings' shared metatable is protected too: `getmetatable("")` says nothing.
+/// - `pcall` and `xpcall` give back an error that the instruction budget or the time limit
+///   raised: a plugin cannot catch it and run on. A message handler is not called for such an
+///   error (Lua would run it with its hooks off), and no table may have a `__gc` metamethod
+///   (finalizers run with hooks off too).
+const SANDBOX: &str = r#"
+local host, spent = ...
+local real = _G
+local setmetatable, pairs, ipairs, next, type, error, rawget =
+  setmetatable, pairs, ipairs, next, type, error, rawget
+local pcall, xpcall = pcall, xpcall
+-- Nothing here compiles code at run time or reaches outside, even for the host's own chunks.
+real.load, real.loadfile, real.dofile, real.string.dump = nil, nil, nil, nil
+getmetatable("").__metatable = false
+local function deny() error("the gemgate table and the libraries are read-only", 2) end
 local function readonly(t)
+  local copy = {}
   for k, v in pairs(t) do
-    if type(v) == "table" then t[k] = readonly(v) end
+    if type(v) == "table" then v = readonly(v) end
+    copy[k] = v
   end
   return setmetatable({}, {
-    __index = t,
-    __newindex = function() error("the gemgate table is read-only", 2) end,
-    __len = function() return #t end,
-    __pairs = function() return next, t, nil end,
+    __index = copy,
+    __newindex = deny,
+    __len = function() return #copy end,
+    __pairs = function()
+      local k
+      return function()
+        local v
+        k, v = next(copy, k)
+        return k, v
+      end
+    end,
     __metatable = false,
   })
 end
-return readonly
+local function rethrow(ok, ...)
+  if not ok and spent() then error((...), 0) end
+  return ok, ...
+end
+local function safe_pcall(f, ...) return rethrow(pcall(f, ...)) end
+-- A message handler runs where the error was raised; raised by the budget's hook, that is
+-- where Lua runs no hooks, so the plugin's handler is not called for it.
+local function safe_xpcall(f, handler, ...)
+  return rethrow(xpcall(f, function(e)
+    if spent() then return e end
+    return handler(e)
+  end, ...))
+end
+-- Lua runs finalizers with its hooks off: a `__gc` could loop with no budget at all.
+local function safe_setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("__gc metamethods are not allowed in plugins", 2)
+  end
+  return setmetatable(t, mt)
+end
+local base = { "assert", "error", "ipairs", "next", "pairs", "select", "tonumber", "tostring",
+  "type", "setmetatable", "getmetatable", "rawequal", "rawlen", "rawget", "rawset", "_VERSION" }
+local libraries = { "string", "table", "math", "utf8" }
+return function()
+  local env = {}
+  for _, name in ipairs(base) do env[name] = real[name] end
+  for _, name in ipairs(libraries) do env[name] = readonly(real[name]) end
+  env.pcall, env.xpcall, env.setmetatable = safe_pcall, safe_xpcall, safe_setmetatable
+  env.gemgate = readonly(host)
+  env._G = env
+  return env
+end
 "#;
 
 /// The first line of an error: Lua's own message with its `file:line:`, without the traceback.
@@ -725,6 +778,79 @@ mod tests {
             let err = vm.call::<()>(&b, hook, ()).unwrap_err();
             assert!(err.message.contains("read-only"), "{err}");
         }
+    }
+
+    #[test]
+    fn budgets_hold_through_pcall_and_xpcall() {
+        let vm = vm();
+        let p = vm
+            .load(&source(
+                "escape",
+                "local function spin() while true do end end \
+                 return { name = 'escape', \
+                   on_request = function() while true do pcall(spin) end end, \
+                   on_error = function() while true do xpcall(spin, function(e) return e end) end end, \
+                   on_log = function() \
+                     while true do xpcall(spin, function() while true do end end) end end, \
+                   select_key = function() \
+                     setmetatable({}, { __gc = function() while true do end end }) end, \
+                   filter_models = function() return pcall(error, 'mine') end }",
+            ))
+            .unwrap();
+        for hook in ["on_request", "on_error", "on_log"] {
+            let started = Instant::now();
+            let err = vm.call::<()>(&p, hook, ()).unwrap_err();
+            assert!(err.message.contains("budget"), "{hook}: {err}");
+            assert!(started.elapsed() < Duration::from_secs(2), "{hook}");
+        }
+        let err = vm.call::<()>(&p, "select_key", ()).unwrap_err();
+        assert!(err.message.contains("__gc"), "{err}");
+        // An error of the plugin's own is still caught as usual.
+        let (ok, message): (bool, String) = vm.call(&p, "filter_models", ()).unwrap();
+        assert!(!ok && message == "mine");
+    }
+
+    #[test]
+    fn the_host_table_and_libraries_cannot_be_reached_or_changed() {
+        let vm = vm();
+        let probe = vm
+            .load(&source(
+                "probe",
+                "return { name = 'probe', \
+                   on_request = function() \
+                     local f, state = pairs(gemgate) \
+                     local seen = 0 \
+                     for k, v in pairs(gemgate) do seen = seen + 1 end \
+                     return type(state), getmetatable(gemgate), getmetatable(''), seen end, \
+                   on_error = function() rawset(gemgate, 'now_ms', function() return 1 end) \
+                     rawset(string, 'rep', function() return 'x' end) \
+                     _G.shared_secret = 'mine' x = 1 return gemgate.now_ms() end, \
+                   on_log = function() return setmetatable(gemgate, {}) end }",
+            ))
+            .unwrap();
+        let other = vm
+            .load(&source(
+                "other",
+                "return { name = 'other', on_request = function() \
+                   return gemgate.now_ms() > 1, string.rep('ab', 2), tostring(shared_secret), \
+                     tostring(x), ('y'):rep(2) end }",
+            ))
+            .unwrap();
+        let (state, meta, string_meta, seen): (String, Value, Value, i64) =
+            vm.call(&probe, "on_request", ()).unwrap();
+        assert_eq!(state, "nil", "pairs hands out no table");
+        assert_eq!(meta, Value::Boolean(false));
+        assert_eq!(string_meta, Value::Boolean(false));
+        assert!(seen > 5, "pairs still lists the host table: {seen}");
+        assert_eq!(vm.call::<i64>(&probe, "on_error", ()).unwrap(), 1);
+        assert!(vm.call::<Value>(&probe, "on_log", ()).is_err());
+        let seen: (bool, String, String, String, String) =
+            vm.call(&other, "on_request", ()).unwrap();
+        assert_eq!(
+            seen,
+            (true, "abab".into(), "nil".into(), "nil".into(), "yy".into()),
+            "one plugin's changes stay its own"
+        );
     }
 
     #[test]

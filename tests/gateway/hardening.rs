@@ -751,3 +751,58 @@ async fn upstream_requests_carry_only_what_google_should_see() {
         .iter()
         .any(|(n, v)| n == "x-goog-user-project" && v == "my-project"));
 }
+
+#[tokio::test]
+async fn plugins_never_see_the_clients_credentials_nor_escape_their_budget() {
+    let fake = fake().await;
+    let echo = r#"return { name = "echo", on_request = function(req)
+        if req.model == "gemini-2.5-pro" then
+          local function spin() while true do end end
+          while true do pcall(spin) end
+        end
+        local names = {}
+        for name, value in pairs(req.headers) do names[#names + 1] = name .. "=" .. value end
+        table.sort(names)
+        return gemgate.deny(418, table.concat(names, ";")) end }"#;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .plugin("echo", echo)
+        .start()
+        .await;
+    let resp = client()
+        .post(gate.url(GENERATE))
+        .header("x-goog-api-key", TOKEN)
+        .header("authorization", "Bearer also-secret")
+        .header("x-api-key", "secret-3")
+        .header("cookie", "session=secret-4")
+        .header("x-visible", "yes")
+        .json(&ask("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 418);
+    let v: Value = resp.json().await.unwrap();
+    let seen = v["error"]["message"].as_str().unwrap();
+    assert!(seen.contains("x-visible=yes"), "{seen}");
+    for secret in [
+        TOKEN,
+        "also-secret",
+        "secret-3",
+        "secret-4",
+        "authorization",
+        "cookie",
+    ] {
+        assert!(!seen.contains(secret), "{secret} in {seen}");
+    }
+    // A plugin that catches its budget's error in a loop is still stopped: the request goes
+    // on with the built-in behaviour.
+    let started = Instant::now();
+    let (status, ..) = post(
+        &gate,
+        "/v1beta/models/gemini-2.5-pro:generateContent",
+        &ask("hi"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
