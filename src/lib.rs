@@ -41,6 +41,7 @@ use reload::Source;
 /// `grace_period`), then the process exits. Changes to the files `source` names (and to the
 /// plugins and templates) are applied while it runs.
 pub fn run(config: Config, source: Source) -> ! {
+    raise_fd_limit();
     let listen = config.listen.to_string();
     // Every worker's socket is bound before anything else starts (see `bind_all`).
     let (listen_addr, sockets) = match proxy::workers::bind_all(config.listen, config.threads) {
@@ -142,6 +143,27 @@ pub fn run(config: Config, source: Source) -> ! {
         .spawn(move || exit_when_drained(phases, in_flight, grace, last_flush))
         .expect("spawn the drain watcher");
     server.run_forever()
+}
+
+/// Raises the soft limit on open descriptors to the hard limit: every open stream takes two
+/// (the client's connection and Google's), and the usual soft limit of 1024 would refuse
+/// connections long before `server.max_connections`.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    // SAFETY: plain system calls with a valid, initialised limit struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("cannot raise the limit on open files");
+            }
+        }
+    }
 }
 
 fn log_plugins(state: &State) {

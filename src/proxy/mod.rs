@@ -65,6 +65,11 @@ const COLLECT_LIMIT: usize = 64 * 1024 * 1024;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a side call (an image host, an image URL) may take.
 const SIDE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for the next piece of a request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// After this long, a request body must have come at `MIN_BODY_RATE` bytes a second.
+const BODY_GRACE: Duration = Duration::from_secs(10);
+const MIN_BODY_RATE: f64 = 1024.0;
 /// Longest request target (path and query) gemgate reads; longer ones get 414.
 const MAX_TARGET: usize = 8 * 1024;
 /// Upper bound on model-list pages walked for one request.
@@ -218,6 +223,8 @@ pub struct State {
     pub source: Source,
     /// What was refused before it became a client's request.
     pub refused: Refused,
+    /// Client connections open now (`server.max_connections` at most).
+    pub open_connections: Arc<AtomicUsize>,
     in_flight: Arc<AtomicUsize>,
     generations: AtomicU64,
     /// When the gateway started (the dashboard's uptime).
@@ -241,6 +248,7 @@ impl State {
             lasting,
             source,
             refused: Refused::default(),
+            open_connections: Arc::default(),
             in_flight: Arc::new(AtomicUsize::new(0)),
             generations: AtomicU64::new(1),
             started: Instant::now(),
@@ -1151,11 +1159,17 @@ impl Gateway {
         // shutdown began meanwhile (whether the connection stays open after the answer).
         let keepalive = || if *shutdown.borrow() { None } else { Some(75) };
         s.set_keepalive(keepalive());
-        match s.read_request().await {
-            Ok(true) => {}
-            Ok(false) => return None,
-            Err(e) => {
+        match tokio::time::timeout(self.header_timeout(), s.read_request()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return None,
+            Ok(Err(e)) => {
                 tracing::debug!("bad request from client: {e}");
+                self.state.refused.malformed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!("a request head did not arrive in time");
+                self.state.refused.slow.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
         }
@@ -1184,6 +1198,13 @@ impl Gateway {
             Ok(reusable) => reusable.map(|r| r.into_parts().0),
             Err(_) => None,
         }
+    }
+}
+
+impl Gateway {
+    /// How long a client has to send a request head (`server.header_timeout_s`).
+    pub(crate) fn header_timeout(&self) -> Duration {
+        self.state.current.load().config.header_timeout
     }
 }
 
@@ -1380,9 +1401,27 @@ async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> 
     }
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
+    let started = Instant::now();
+    let mut got: u64 = 0;
     loop {
-        match s.read_request_body().await {
+        // A body that trickles in holds a connection (and, for long, a worker's memory): each
+        // read must come within BODY_READ_TIMEOUT, and past BODY_GRACE the body must have come
+        // at MIN_BODY_RATE on average.
+        let slow = |s: &mut ServerSession| {
+            // The rest of the body is not waited for.
+            s.set_keepalive(None);
+            Refusal::Gate(GateError::new(408, "the request body arrives too slowly"))
+        };
+        let Ok(read) = tokio::time::timeout(BODY_READ_TIMEOUT, s.read_request_body()).await else {
+            return Err(slow(s));
+        };
+        match read {
             Ok(Some(chunk)) => {
+                got += chunk.len() as u64;
+                let elapsed = started.elapsed();
+                if elapsed > BODY_GRACE && (got as f64) < MIN_BODY_RATE * elapsed.as_secs_f64() {
+                    return Err(slow(s));
+                }
                 let have = first.as_ref().map_or(0, Bytes::len) + buf.len();
                 if (have + chunk.len()) as u64 > limit {
                     return Err(too_large());

@@ -17,6 +17,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora::http::RequestHeader;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::TlsRef;
@@ -37,6 +38,8 @@ pub struct Gathered {
     pending: Vec<u8>,
     /// How many of the next flushes send nothing: more of the same message follows at once.
     hold: AtomicU32,
+    /// Bytes [`Gathered::arrival`] read ahead, given to the next read.
+    early: BytesMut,
 }
 
 impl Gathered {
@@ -45,7 +48,21 @@ impl Gathered {
             inner,
             pending: Vec::new(),
             hold: AtomicU32::new(0),
+            early: BytesMut::new(),
         }
+    }
+
+    /// Waits for the client's next bytes (the start of its next request) and keeps them for
+    /// the next read: `false` when the connection closed first. The wait for a request to
+    /// begin (keep-alive idleness) is then timed apart from the wait for its head to end.
+    pub async fn arrival(&mut self) -> io::Result<bool> {
+        use tokio::io::AsyncReadExt;
+        if !self.early.is_empty() {
+            return Ok(true);
+        }
+        std::future::poll_fn(|cx| self.poll_send_pending(cx)).await?;
+        self.early.reserve(1024);
+        Ok(self.inner.read_buf(&mut self.early).await? > 0)
     }
 
     /// Lets the next flush pass without sending (one more each call), for a writer (pingora's
@@ -91,6 +108,11 @@ impl AsyncRead for Gathered {
         // gathered (or held) then, whatever the writer's flushes did.
         this.hold.store(0, Ordering::Relaxed);
         ready!(this.poll_send_pending(cx))?;
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }

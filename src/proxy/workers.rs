@@ -8,6 +8,7 @@
 //! `reuseport` does) and serves the connections it accepts itself, from start to end.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,6 @@ use async_trait::async_trait;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::listener::Listener;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::Stream;
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
 use tokio::net::TcpSocket;
@@ -77,16 +77,70 @@ pub fn bind_all(addr: SocketAddr, workers: usize) -> std::io::Result<(SocketAddr
     Ok((addr, sockets))
 }
 
+/// How long a kept-alive connection may wait for its next request.
+const KEEPALIVE: Duration = Duration::from_secs(75);
+
 /// Serves one connection, request after request, until it closes.
-async fn serve(app: Arc<Gateway>, mut stream: L4Stream, shutdown: ShutdownWatch) {
+///
+/// Each request has `server.header_timeout_s` from its first byte to the end of its head (a
+/// client sending a head byte by byte holds a connection no longer than that); the wait for
+/// that first byte is the keep-alive's (the head timeout's for a new connection).
+async fn serve(app: Arc<Gateway>, mut stream: L4Stream, mut shutdown: ShutdownWatch) {
     if let Err(e) = stream.set_nodelay() {
         tracing::debug!("TCP_NODELAY: {e}");
     }
-    let mut next: Option<Stream> = Some(Box::new(Gathered::new(Box::new(stream))));
-    while let Some(stream) = next {
-        next = app
-            .serve_request(ServerSession::new_http1(stream), &shutdown)
-            .await;
+    let mut conn = Box::new(Gathered::new(Box::new(stream)));
+    let mut idle = app.header_timeout();
+    loop {
+        let arrived = tokio::select! {
+            arrived = tokio::time::timeout(idle, conn.arrival()) => matches!(arrived, Ok(Ok(true))),
+            // An idle connection ends with the shutdown; one mid-request finishes first.
+            _ = shutdown.changed() => false,
+        };
+        if !arrived {
+            return;
+        }
+        let session = ServerSession::new_http1(conn);
+        let Some(stream) = app.serve_request(session, &shutdown).await else {
+            return;
+        };
+        // The connection is the `Gathered` made above, handed back by pingora's session.
+        match stream.into_any().downcast::<Gathered>() {
+            Ok(gathered) => conn = gathered,
+            Err(_) => return,
+        }
+        idle = KEEPALIVE;
+    }
+}
+
+/// Counts an open client connection until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Gateway {
+    /// Counts a new client connection, or `None` when `server.max_connections` are open (the
+    /// refusal is counted).
+    fn open_connection(&self) -> Option<Open> {
+        let max = self.state.current.load().config.max_connections;
+        let open = &self.state.open_connections;
+        let counted = open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if !counted {
+            self.state
+                .refused
+                .connections
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Open(open.clone()))
     }
 }
 
@@ -114,7 +168,18 @@ impl Service for Worker {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(stream) => {
-                        tokio::spawn(serve(self.app.clone(), stream, shutdown.clone()));
+                        // Past the cap, a new connection is closed at once: the ones open are
+                        // served, and memory and descriptors stay bounded.
+                        let Some(open) = self.app.open_connection() else {
+                            drop(stream);
+                            continue;
+                        };
+                        let app = self.app.clone();
+                        let shutdown = shutdown.clone();
+                        tokio::spawn(async move {
+                            let _open = open;
+                            serve(app, stream, shutdown).await;
+                        });
                     }
                     Err(e) => {
                         tracing::error!("accept on {}: {e}", self.listen);

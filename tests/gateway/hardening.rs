@@ -806,3 +806,235 @@ async fn plugins_never_see_the_clients_credentials_nor_escape_their_budget() {
     assert_eq!(status, 200);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A raw connection to `gate` that has sent `head` (often only part of one).
+async fn raw(gate: &Gate, head: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn
+}
+
+/// Reads until the connection closes (or `within` passes): whether it closed, and what came.
+async fn closed_within(conn: &mut tokio::net::TcpStream, within: Duration) -> (bool, String) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return (false, String::from_utf8_lossy(&got).into_owned()),
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, String::from_utf8_lossy(&got).into_owned()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_heads_and_bodies_are_cut_off() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_HEADER_TIMEOUT_SECONDS", "1")
+        .admin()
+        .start()
+        .await;
+    // A head sent byte by byte, forever: closed once its second is up.
+    let started = Instant::now();
+    let mut conn = raw(
+        &gate,
+        "POST /v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\n",
+    )
+    .await;
+    let mut closed = false;
+    for _ in 0..40 {
+        use tokio::io::AsyncWriteExt;
+        if conn.write_all(b"x").await.is_err() {
+            closed = true;
+            break;
+        }
+        if closed_within(&mut conn, Duration::from_millis(100)).await.0 {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the trickling head was never cut off");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // A new connection that sends nothing is closed too.
+    let mut silent = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await.0);
+    assert!(refused(&gate, "slow").await >= 1);
+    let (status, ..) = post(&gate, GENERATE, &ask("a whole head")).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_trickling_body_gets_408() {
+    use tokio::io::AsyncWriteExt;
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let mut conn = raw(
+        &gate,
+        &format!(
+            "POST {GENERATE} HTTP/1.1\r\nHost: x\r\nx-goog-api-key: {TOKEN}\r\ncontent-length: 1000000\r\n\r\n"
+        ),
+    )
+    .await;
+    // 100 bytes a second: under the 1 KiB a second a body must average after 10 seconds.
+    let started = Instant::now();
+    let mut answer = String::new();
+    while started.elapsed() < Duration::from_secs(25) {
+        if conn.write_all(&[b' '; 100]).await.is_err() {
+            break;
+        }
+        let (closed, got) = closed_within(&mut conn, Duration::from_secs(1)).await;
+        answer.push_str(&got);
+        if closed || !got.is_empty() {
+            break;
+        }
+    }
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_at_accept() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_MAX_CONNECTIONS", "4")
+        .admin()
+        .start()
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(raw(&gate, "GET /health HTTP/1.1\r\n").await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = raw(&gate, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (closed, got) = closed_within(&mut extra, Duration::from_secs(5)).await;
+    assert!(closed && got.is_empty(), "closed unanswered: {got:?}");
+    drop(held);
+    // With the held ones gone, the gateway serves again (the admin call is a connection too).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = client()
+            .get(gate.url("/admin/api/reload"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await;
+        if let Ok(resp) = resp {
+            let v: Value = resp.json().await.unwrap();
+            assert!(v["refused"]["connections"].as_u64().unwrap() >= 1, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_half_sent_requests_do_not_slow_anyone_else() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let http = client();
+    let p99 = |mut times: Vec<Duration>| {
+        times.sort();
+        times[times.len() * 99 / 100]
+    };
+    let measure = || async {
+        let mut times = Vec::new();
+        for _ in 0..100 {
+            let started = Instant::now();
+            let resp = http
+                .post(gate.url(GENERATE))
+                .header("x-goog-api-key", TOKEN)
+                .json(&ask("hi"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.bytes().await.unwrap();
+            times.push(started.elapsed());
+        }
+        times
+    };
+    let unloaded = p99(measure().await);
+    let mut half_sent = Vec::new();
+    for i in 0..1000 {
+        let head = format!(
+            "POST /v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: x\r\nX-N: {i}\r\n"
+        );
+        half_sent.push(raw(&gate, &head).await);
+    }
+    let loaded = p99(measure().await);
+    eprintln!("p99 unloaded {unloaded:?}, with 1000 half-sent requests {loaded:?}");
+    // Twice the unloaded p99, with a floor for this machine's scheduling noise.
+    assert!(
+        loaded <= (unloaded * 2).max(Duration::from_millis(60)),
+        "p99 unloaded {unloaded:?}, loaded {loaded:?}"
+    );
+    drop(half_sent);
+}
+
+/// gemgate's resident memory, from /proc.
+fn rss_kib(gate: &Gate) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gate.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_a_stream_meets_a_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("TIME_OUT", "10")
+        .admin()
+        .start()
+        .await;
+    // A 6 MB answer in 20 events (more than the sockets' buffers hold), to a client with a
+    // tiny receive window that reads nothing.
+    let body = ask(&"a".repeat(6 << 20)).to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(gate.addr).await.unwrap();
+    let head = format!(
+        "POST /v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse HTTP/1.1\r\nHost: x\r\nx-goog-api-key: {TOKEN}\r\nx-fake-chunks: 20\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
+    let before = rss_kib(&gate);
+    // The request ends on its own: the client is gone as far as gemgate is concerned.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = admin(
+            reqwest::Method::GET,
+            &gate,
+            "/admin/api/logs/requests?class=client_gone",
+            None,
+        )
+        .await;
+        if !v["rows"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stalled stream never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let grown = rss_kib(&gate).saturating_sub(before);
+    assert!(
+        grown < 64 * 1024,
+        "gemgate grew by {grown} KiB for one stalled stream"
+    );
+    drop(conn);
+}
