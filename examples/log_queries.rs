@@ -9,7 +9,7 @@ use gemgate::logs::{self, Log, Query, Record};
 
 fn main() {
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let store = gemgate::store::Store::open(dir.path()).expect("a store");
+    let store = gemgate::store::Store::open(dir.path(), u64::MAX / 2).expect("a store");
     let seq = AtomicU64::new(0);
     let rows: u64 = std::env::var("ROWS")
         .ok()

@@ -86,7 +86,7 @@ pub fn run(config: Config, source: Source) -> ! {
     }
 
     // Key health from the last run: a disabled key stays out, a cooling key waits.
-    let store = match store::Store::open(&config.data_dir) {
+    let store = match store::Store::open(&config.data_dir, config.max_data_bytes) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!("cannot start: {e}");
@@ -125,7 +125,13 @@ pub fn run(config: Config, source: Source) -> ! {
     let in_flight = state.in_flight();
     let last_flush = {
         let state = state.clone();
-        move || store::flush(&store, &state.lasting)
+        move || {
+            store::flush(
+                &store,
+                &state.lasting,
+                state.current.load().config.max_data_bytes,
+            )
+        }
     };
 
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -24,9 +24,18 @@ use crate::store::StoreError;
 
 /// Records queued at most before the oldest are dropped.
 const QUEUE: usize = 100_000;
+/// Bytes of records queued at most (by their strings' lengths) before the oldest are dropped.
+const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// Most of a request body the error log keeps.
+pub const BODY_KEPT: usize = 64 * 1024;
 
-/// Records per block.
+/// Records per block, at most.
 const BLOCK: usize = 256;
+/// Bytes per block, at most (a single larger record has a block of its own): a block is one
+/// stored value, and values this size reuse the space old ones leave.
+const BLOCK_BYTES: usize = 192 * 1024;
+/// The `meta` entry that holds the bytes of every stored block, of both logs.
+const LOG_BYTES: &str = "log_bytes";
 
 /// One finished request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -48,13 +57,32 @@ pub struct Record {
     /// Error log only: Google's status and message.
     pub upstream_status: Option<u16>,
     pub upstream_message: Option<String>,
-    /// Error log only, and only with `ERROR_LOG_RECORD_REQUEST_BODY`.
+    /// Error log only, and only with `ERROR_LOG_RECORD_REQUEST_BODY` (its first
+    /// [`BODY_KEPT`] bytes).
     pub request_body: Option<String>,
+    /// Left out of the request log by `logs.request_sample`; the error log keeps every
+    /// failed request, and the dashboard counts every request.
+    #[serde(skip)]
+    pub unsampled: bool,
 }
 
 impl Record {
     pub fn failed(&self) -> bool {
         self.status >= 400 || self.class.is_some()
+    }
+
+    /// Roughly the memory the record holds, and the bytes it takes stored: what bounds the
+    /// queue and the data file.
+    pub fn weight(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        160 + self.id.len()
+            + self.model.len()
+            + self.action.len()
+            + opt(&self.client)
+            + opt(&self.key_id)
+            + opt(&self.class)
+            + opt(&self.upstream_message)
+            + opt(&self.request_body)
     }
 
     /// The record as stored: serde's JSON for it, byte for byte (the queries match on it), but
@@ -102,20 +130,32 @@ impl Record {
 /// The queue between the request path and the flusher.
 #[derive(Default)]
 pub struct LogQueue {
-    queue: Mutex<VecDeque<Record>>,
+    queue: Mutex<Queued>,
     dropped: AtomicU64,
     last_taken: AtomicUsize,
 }
 
+/// The queued records, and their weight.
+#[derive(Default)]
+struct Queued {
+    records: VecDeque<Record>,
+    bytes: usize,
+}
+
 impl LogQueue {
-    /// Queues a record; past the limit the oldest one is dropped.
+    /// Queues a record; past [`QUEUE`] records or [`QUEUE_BYTES`] the oldest are dropped.
     pub fn push(&self, r: Record) {
+        let weight = r.weight();
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() >= QUEUE {
-            q.pop_front();
+        while !q.records.is_empty() && (q.records.len() >= QUEUE || q.bytes + weight > QUEUE_BYTES)
+        {
+            if let Some(old) = q.records.pop_front() {
+                q.bytes -= old.weight();
+            }
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        q.push_back(r);
+        q.bytes += weight;
+        q.records.push_back(r);
     }
 
     pub fn take(&self) -> Vec<Record> {
@@ -124,14 +164,17 @@ impl LogQueue {
         // So the lock is held for a swap only, never for work proportional to the queue.
         // The new queue is as large as the last one taken, so that workers do not grow it (and
         // copy its records) step by step again before each flush.
-        let fresh = VecDeque::with_capacity(self.last_taken.load(Ordering::Relaxed));
+        let fresh = Queued {
+            records: VecDeque::with_capacity(self.last_taken.load(Ordering::Relaxed)),
+            bytes: 0,
+        };
         let taken = std::mem::replace(
             &mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()),
             fresh,
         );
         self.last_taken
-            .store(taken.len().min(QUEUE), Ordering::Relaxed);
-        taken.into()
+            .store(taken.records.len().min(QUEUE), Ordering::Relaxed);
+        taken.records.into()
     }
 
     /// Records dropped because the queue was full.
@@ -333,22 +376,109 @@ pub fn write(db: &Database, records: &[Record], seq: &AtomicU64) -> Result<(), S
             }
         })
         .collect();
-    for start in (0..records.len()).step_by(BLOCK) {
-        let block = start..(start + BLOCK).min(records.len());
-        requests.put_block(block.map(|i| (rows[i], &lean[i][..], &records[i])))?;
+    let sampled: Vec<usize> = (0..records.len())
+        .filter(|&i| !records[i].unsampled)
+        .collect();
+    for block in blocks(&sampled, |i| lean[i].len()) {
+        requests.put_block(block.iter().map(|&i| (rows[i], &lean[i][..], &records[i])))?;
     }
     let failed: Vec<usize> = (0..records.len())
         .filter(|&i| records[i].failed())
         .collect();
-    for block in failed.chunks(BLOCK) {
+    for block in blocks(&failed, |i| full[i].len()) {
         errors.put_block(block.iter().map(|&i| (rows[i], &full[i][..], &records[i])))?;
     }
+    let grown = requests.grown + errors.grown;
     drop((requests, errors));
+    account(&tx, grown)?;
     tx.commit().map_err(io)
+}
+
+/// `records` (indices) cut into blocks of at most [`BLOCK`] records and [`BLOCK_BYTES`].
+fn blocks(records: &[usize], size: impl Fn(usize) -> usize) -> Vec<&[usize]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (at, &i) in records.iter().enumerate() {
+        let n = 20 + size(i);
+        if at > start && (at - start == BLOCK || bytes + n > BLOCK_BYTES) {
+            out.push(&records[start..at]);
+            (start, bytes) = (at, 0);
+        }
+        bytes += n;
+    }
+    if start < records.len() {
+        out.push(&records[start..]);
+    }
+    out
+}
+
+/// Adds `grown` (negative: what was removed) to the bytes of stored blocks.
+fn account(tx: &redb::WriteTransaction, grown: i64) -> Result<(), StoreError> {
+    if grown == 0 {
+        return Ok(());
+    }
+    let mut meta = tx.open_table(crate::store::META).map_err(io)?;
+    let now = meta.get(LOG_BYTES).map_err(io)?.map_or(0, |v| v.value());
+    let next = now.saturating_add_signed(grown);
+    meta.insert(LOG_BYTES, next).map_err(io)?;
+    Ok(())
+}
+
+/// The bytes of every stored block, of both logs (what [`trim`] keeps under a budget).
+pub fn stored_bytes(db: &Database) -> Result<u64, StoreError> {
+    let tx = db.begin_read().map_err(io)?;
+    let meta = tx.open_table(crate::store::META).map_err(io)?;
+    Ok(meta.get(LOG_BYTES).map_err(io)?.map_or(0, |v| v.value()))
+}
+
+/// Deletes the oldest blocks of either log (the older first) until `at_least` bytes are gone;
+/// returns the records deleted.
+pub fn trim(db: &Database, at_least: u64) -> Result<usize, StoreError> {
+    let tx = db.begin_write().map_err(io)?;
+    let mut deleted = 0;
+    let grown;
+    {
+        let mut requests = Open::new(&tx, Log::Requests)?;
+        let mut errors = Open::new(&tx, Log::Errors)?;
+        loop {
+            if requests.grown + errors.grown <= -(at_least.min(i64::MAX as u64) as i64) {
+                break;
+            }
+            let oldest = |o: &Open| -> Result<Option<Row>, StoreError> {
+                Ok(o.blocks.first().map_err(io)?.map(|(k, _)| k.value()))
+            };
+            let open = match (oldest(&requests)?, oldest(&errors)?) {
+                (Some(r), Some(e)) if e < r => &mut errors,
+                (Some(_), _) => &mut requests,
+                (None, Some(_)) => &mut errors,
+                (None, None) => break,
+            };
+            let Some((key, bytes)) = open
+                .blocks
+                .first()
+                .map_err(io)?
+                .map(|(k, v)| (k.value(), v.value().to_vec()))
+            else {
+                break;
+            };
+            let records: Vec<Record> = decode(&bytes)
+                .into_iter()
+                .filter_map(|(_, json)| serde_json::from_slice(json).ok())
+                .collect();
+            deleted += records.len();
+            open.remove_block(key, records.iter())?;
+        }
+        grown = requests.grown + errors.grown;
+    }
+    account(&tx, grown)?;
+    tx.commit().map_err(io)?;
+    Ok(deleted)
 }
 
 /// The tables of one log, open in a write transaction.
 struct Open<'tx> {
+    /// Bytes of blocks added less bytes of blocks removed, in this transaction.
+    grown: i64,
     blocks: redb::Table<'tx, Row, &'static [u8]>,
     by_key: redb::Table<'tx, Index, ()>,
     by_model: redb::Table<'tx, Index, ()>,
@@ -386,6 +516,7 @@ impl<'tx> Open<'tx> {
     fn new(tx: &'tx redb::WriteTransaction, log: Log) -> Result<Open<'tx>, StoreError> {
         let t = tables(log);
         Ok(Open {
+            grown: 0,
             blocks: tx.open_table(t.blocks).map_err(io)?,
             by_key: tx.open_table(t.by_key).map_err(io)?,
             by_model: tx.open_table(t.by_model).map_err(io)?,
@@ -413,6 +544,7 @@ impl<'tx> Open<'tx> {
         };
         let bytes = encode(entries.clone().map(|(row, json, _)| (row, json)));
         self.blocks.insert(key, bytes.as_slice()).map_err(io)?;
+        self.grown += bytes.len() as i64;
         self.index(key, Values::of(entries.map(|(.., r)| r)), true)
     }
 
@@ -422,7 +554,9 @@ impl<'tx> Open<'tx> {
         key: Row,
         records: impl Iterator<Item = &'r Record>,
     ) -> Result<(), StoreError> {
-        self.blocks.remove(key).map_err(io)?;
+        if let Some(gone) = self.blocks.remove(key).map_err(io)? {
+            self.grown -= gone.value().len() as i64;
+        }
         self.index(key, Values::of(records), false)
     }
 
@@ -500,6 +634,17 @@ pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         // Deleting a table needs only its name, whatever its key type.
         tx.delete_table(TableDefinition::<&str, ()>::new(name))
             .map_err(io)?;
+    }
+    // A file from before the blocks' bytes were counted: count them once.
+    let mut meta = tx.open_table(crate::store::META).map_err(io)?;
+    if meta.get(LOG_BYTES).map_err(io)?.is_none() {
+        let mut total = 0u64;
+        for t in [&REQUESTS, &ERRORS] {
+            for e in tx.open_table(t.blocks).map_err(io)?.iter().map_err(io)? {
+                total += e.map_err(io)?.1.value().len() as u64;
+            }
+        }
+        meta.insert(LOG_BYTES, total).map_err(io)?;
     }
     Ok(())
 }
@@ -680,6 +825,7 @@ pub fn delete(
 ) -> Result<usize, StoreError> {
     let tx = db.begin_write().map_err(io)?;
     let mut deleted = 0;
+    let grown;
     {
         let mut open = Open::new(&tx, log)?;
         // The blocks to rewrite, each with the rows named in it.
@@ -721,7 +867,9 @@ pub fn delete(
                     .map(|(row, json, r)| (*row, *json, r)),
             )?;
         }
+        grown = open.grown;
     }
+    account(&tx, grown)?;
     tx.commit().map_err(io)?;
     Ok(deleted)
 }
@@ -744,6 +892,23 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_is_bounded_in_bytes_as_well_as_records() {
+        let q = LogQueue::default();
+        let big = Record {
+            request_body: Some("x".repeat(BODY_KEPT)),
+            ..Record::default()
+        };
+        let fit = QUEUE_BYTES / big.weight();
+        for _ in 0..fit + 10 {
+            q.push(big.clone());
+        }
+        assert_eq!(q.dropped(), 10);
+        let taken = q.take();
+        assert_eq!(taken.len(), fit);
+        assert!(taken.iter().map(Record::weight).sum::<usize>() <= QUEUE_BYTES);
+    }
+
+    #[test]
     fn a_record_is_stored_as_serde_writes_it() {
         let full = Record {
             ts_ms: u64::MAX,
@@ -763,6 +928,7 @@ mod tests {
             upstream_status: Some(429),
             upstream_message: Some("Quota exceeded\t".into()),
             request_body: Some("{\"contents\":[]}".into()),
+            unsampled: false,
         };
         let odd = Record {
             latency_ms: f64::NAN,

@@ -6,6 +6,7 @@
 //! more on shutdown, so a crash loses at most the last second.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,8 @@ const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// How often dirty key state, usage and logs are committed.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Layout version and counters: `schema_version`, `log_bytes` (see `logs`).
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Key id → [`SavedKey`] as JSON.
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_state");
 /// File id → `key id|expiry ms|client` (the Files API: which key and client own each file;
@@ -71,31 +73,112 @@ pub struct Store {
     db: Database,
     path: PathBuf,
     /// Numbers log rows within a millisecond.
-    log_seq: std::sync::atomic::AtomicU64,
+    log_seq: AtomicU64,
+    /// Log records deleted to keep the file within its size limit.
+    pub trimmed: AtomicU64,
+    /// When that was last said in the log.
+    trim_said_ms: AtomicU64,
 }
 
 impl Store {
-    /// Opens (or creates) `data_dir/gemgate.redb`, migrating an older layout forward.
-    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+    /// Opens (or creates) `data_dir/gemgate.redb` (the folder readable by its owner alone),
+    /// migrating an older layout forward. A file past `max_bytes` (+5%), from before the cap
+    /// or from a larger one, has its oldest log blocks deleted and is compacted.
+    pub fn open(data_dir: &Path, max_bytes: u64) -> Result<Store, StoreError> {
         let path = data_dir.join("gemgate.redb");
         let open_err = |m: String| StoreError::Open {
             path: path.clone(),
             message: m,
         };
-        std::fs::create_dir_all(data_dir).map_err(|e| open_err(e.to_string()))?;
+        private_dir(data_dir).map_err(|e| open_err(e.to_string()))?;
         // NOTE: redb's page cache defaults to 1 GiB, and a busy request log fills it: the
         // gateway then holds hundreds of MiB for pages it rarely reads again.
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(|e| open_err(e.to_string()))?;
-        let store = Store {
+        let mut store = Store {
             db,
-            path,
-            log_seq: std::sync::atomic::AtomicU64::new(0),
+            path: path.clone(),
+            log_seq: AtomicU64::new(0),
+            trimmed: AtomicU64::new(0),
+            trim_said_ms: AtomicU64::new(0),
         };
         store.migrate()?;
+        if store.file_bytes() > over_cap(max_bytes) {
+            tracing::warn!(
+                bytes = store.file_bytes(),
+                max_bytes,
+                "the data file is past server.max_data_bytes: deleting its oldest log blocks and compacting it"
+            );
+            store.keep_within(max_bytes);
+            store
+                .db
+                .compact()
+                .map_err(|e| open_err(format!("cannot compact: {e}")))?;
+        }
         Ok(store)
+    }
+
+    /// The data file's size.
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// Keeps the data file within `max_bytes` (+5%) by deleting the oldest log blocks (key
+    /// state and usage are never deleted).
+    ///
+    /// redb never shrinks its file, but reuses what deletions free; it grows it by doubling.
+    /// So the logs are kept to 40% of the room the file may take (freed pages are reused in
+    /// blocks of powers of two, which may waste up to half of them), trimmed to 30% when they
+    /// pass it; and the room is the file's present size once doubling it would pass the cap.
+    pub fn keep_within(&self, max_bytes: u64) {
+        self.make_room(max_bytes, 0);
+    }
+
+    /// The room the logs may take in a file capped at `max_bytes` (see [`Store::keep_within`]).
+    fn log_room(&self, max_bytes: u64) -> u64 {
+        let file = self.file_bytes();
+        let room = if file.saturating_mul(2) > over_cap(max_bytes) {
+            file.clamp(1, max_bytes)
+        } else {
+            max_bytes
+        };
+        room / 10 * 4
+    }
+
+    /// [`Store::keep_within`], with room for `incoming` more bytes of log blocks.
+    fn make_room(&self, max_bytes: u64, incoming: u64) {
+        let budget = self.log_room(max_bytes);
+        let stored = match crate::logs::stored_bytes(&self.db) {
+            Ok(n) => n,
+            Err(e) => return tracing::error!("cannot read the logs' size: {e}"),
+        };
+        if stored + incoming <= budget {
+            return;
+        }
+        let keep = (budget / 4 * 3).saturating_sub(incoming);
+        match crate::logs::trim(&self.db, stored.saturating_sub(keep)) {
+            Ok(records) => {
+                let total = self.trimmed.fetch_add(records as u64, Ordering::Relaxed);
+                // Said once a minute at most: a busy gateway trims every second.
+                let now = crate::keys::clock::now_ms();
+                let last = self.trim_said_ms.load(Ordering::Relaxed);
+                if now >= last + 60_000
+                    && self
+                        .trim_said_ms
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::info!(
+                        records = total + records as u64,
+                        max_bytes,
+                        "the data file is at its size limit: the oldest log records are deleted"
+                    );
+                }
+            }
+            Err(e) => tracing::error!("cannot delete old log records: {e}"),
+        }
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
@@ -118,8 +201,8 @@ impl Store {
             tx.open_table(KEYS).map_err(io)?;
             tx.open_table(USAGE).map_err(io)?;
             tx.open_table(FILES).map_err(io)?;
-            crate::logs::create(&tx)?;
         }
+        crate::logs::create(&tx)?;
         tx.commit().map_err(io)
     }
 
@@ -257,6 +340,23 @@ impl Store {
     }
 }
 
+/// The size a data file capped at `max_bytes` may reach: 5% more.
+fn over_cap(max_bytes: u64) -> u64 {
+    max_bytes.saturating_add(max_bytes / 20)
+}
+
+/// Creates `dir` (and its parents) if needed, readable by its owner alone: it holds the key
+/// state and the logs.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// A key's state as it is to be saved (expired cooldowns dropped).
 pub fn snapshot(state: &KeyState, now_ms: u64) -> SavedKey {
     let detail = state.detail();
@@ -346,7 +446,11 @@ pub fn start_flusher(store: Arc<Store>, state: Arc<crate::proxy::State>) {
                 &mut |batch| {
                     metrics.add(&batch);
                     if last_flush.elapsed() >= FLUSH_EVERY {
-                        flush(&store, &state.lasting);
+                        flush(
+                            &store,
+                            &state.lasting,
+                            state.current.load().config.max_data_bytes,
+                        );
                         last_flush = std::time::Instant::now();
                     }
                 },
@@ -358,7 +462,11 @@ pub fn start_flusher(store: Arc<Store>, state: Arc<crate::proxy::State>) {
             let mut last_retention = std::time::Instant::now() - RETENTION_EVERY;
             loop {
                 std::thread::sleep(FLUSH_EVERY);
-                flush(&store, &state.lasting);
+                flush(
+                    &store,
+                    &state.lasting,
+                    state.current.load().config.max_data_bytes,
+                );
                 if last_retention.elapsed() >= RETENTION_EVERY {
                     last_retention = std::time::Instant::now();
                     retire_logs(&store, &state.current.load().config.file.logs);
@@ -421,7 +529,7 @@ pub fn retire_logs(store: &Store, logs: &crate::config::LogsSection) {
 /// Everything is taken before anything is written, and the log records are written last: a
 /// request's log row, once it can be read, says that the key state and usage its request
 /// changed are saved too (a request changes them before its record is queued).
-pub fn flush(store: &Store, lasting: &crate::proxy::Lasting) {
+pub fn flush(store: &Store, lasting: &crate::proxy::Lasting, max_bytes: u64) {
     let records = lasting.logs.take();
     let usage = lasting.usage.drain();
     let dirty = lasting.registry.take_dirty();
@@ -440,8 +548,26 @@ pub fn flush(store: &Store, lasting: &crate::proxy::Lasting) {
         tracing::error!("cannot save usage counts: {e}");
     }
     lasting.metrics.add(&records);
-    if let Err(e) = crate::logs::write(&store.db, &records, &store.log_seq) {
-        tracing::error!("cannot save log records: {e}");
+    // In steps of a quarter of the logs' room, each made room for first: a burst larger than
+    // the room left would otherwise grow the file before any trimming could free space.
+    let step = (store.log_room(max_bytes) / 4).max(64 * 1024);
+    let mut rest = &records[..];
+    while !rest.is_empty() {
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .take_while(|r| {
+                bytes += r.weight() as u64;
+                bytes <= step
+            })
+            .count()
+            .max(1);
+        let (now, later) = rest.split_at(n);
+        store.make_room(max_bytes, now.iter().map(|r| r.weight() as u64).sum());
+        if let Err(e) = crate::logs::write(&store.db, now, &store.log_seq) {
+            tracing::error!("cannot save log records: {e}");
+        }
+        rest = later;
     }
 }
 
@@ -452,7 +578,7 @@ mod tests {
     #[test]
     fn key_state_round_trips_and_newer_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), 1 << 30).unwrap();
         let saved = SavedKey {
             disabled: true,
             disabled_reason: Some("key_invalid after 3 consecutive failures".into()),
@@ -466,7 +592,7 @@ mod tests {
         };
         store.save_keys(&[("k1".into(), saved.clone())]).unwrap();
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(
             store.load_keys().unwrap(),
             vec![("k1".into(), saved.clone())]
@@ -488,7 +614,53 @@ mod tests {
             tx.commit().unwrap();
         }
         drop(store);
-        let err = Store::open(dir.path()).err().unwrap();
+        let err = Store::open(dir.path(), 1 << 30).err().unwrap();
         assert!(err.to_string().contains("newer gemgate"), "{err}");
+    }
+
+    #[test]
+    fn the_logs_keep_the_file_under_its_cap() {
+        for cap in [16u64 << 20] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), cap).unwrap();
+            store
+                .save_keys(&[("k1".into(), SavedKey::default())])
+                .unwrap();
+            let lasting = crate::proxy::Lasting::default();
+            let mut largest = 0;
+            // Three times the cap in error records with 48 KB bodies, a megabyte a flush.
+            for round in 0..cap / (1 << 20) * 3 {
+                for i in 0..20 {
+                    lasting.logs.push(crate::logs::Record {
+                        ts_ms: 1_000_000 + round * 100 + i,
+                        status: 400,
+                        request_body: Some("x".repeat(48 * 1024)),
+                        ..Default::default()
+                    });
+                }
+                flush(&store, &lasting, cap);
+                largest = largest.max(store.file_bytes());
+            }
+            assert!(
+                largest <= over_cap(cap),
+                "{largest} bytes for a cap of {cap}"
+            );
+            let (rows, _) = crate::logs::query(
+                &store.db,
+                crate::logs::Log::Errors,
+                &crate::logs::Query {
+                    limit: 1000,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert!(!rows.is_empty() && rows.len() < 1000, "{}", rows.len());
+            assert_eq!(
+                rows[0].1.ts_ms,
+                1_000_000 + (cap / (1 << 20) * 3 - 1) * 100 + 19,
+                "the newest stay"
+            );
+            assert_eq!(store.load_keys().unwrap().len(), 1, "key state stays");
+        }
     }
 }

@@ -336,6 +336,9 @@ impl Gateway {
             // Records dropped because their queue to the data file was full.
             "dropped": {
                 "log_records": self.state.lasting.logs.dropped(),
+                // Deleted, oldest first, to keep the data file within server.max_data_bytes.
+                "trimmed_for_size": self.state.lasting.store.as_ref()
+                    .map_or(0, |s| s.trimmed.load(std::sync::atomic::Ordering::Relaxed)),
             },
             // Requests and connections refused before they were a client's (never logged).
             "refused": self.state.refused.json(),

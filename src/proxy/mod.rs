@@ -1187,7 +1187,11 @@ impl Gateway {
             // Only a known client's requests reach the logs and their indexes: anyone can send
             // the others, and would fill the disk with strings of their choosing.
             match x.client {
-                Some(_) => self.state.lasting.logs.push(x.into_record()),
+                Some(_) => {
+                    let sample = self.state.current.load().config.file.logs.request_sample;
+                    let unsampled = sample < 1.0 && fastrand::f64() >= sample;
+                    self.state.lasting.logs.push(x.into_record(unsampled));
+                }
                 None => self.state.refused.count_request(x.status),
             }
         }
@@ -1281,7 +1285,7 @@ impl Exchange {
 
     /// The finished request's row for the request and error logs. Its strings move into the
     /// record rather than being copied: this runs for every request.
-    fn into_record(self) -> crate::logs::Record {
+    fn into_record(self, unsampled: bool) -> crate::logs::Record {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let failed = self.status >= 400 || self.class.is_some();
         let (upstream_status, upstream_message) = self.upstream.unzip();
@@ -1303,10 +1307,11 @@ impl Exchange {
             upstream_status,
             upstream_message,
             // Only failed requests go to the error log, the only one that keeps bodies.
-            request_body: self
-                .body
-                .filter(|_| failed)
-                .map(|b| String::from_utf8_lossy(&b).into_owned()),
+            request_body: self.body.filter(|_| failed).map(|b| {
+                let kept = &b[..b.len().min(crate::logs::BODY_KEPT)];
+                String::from_utf8_lossy(kept).into_owned()
+            }),
+            unsampled,
         }
     }
 

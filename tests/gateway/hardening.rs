@@ -1038,3 +1038,106 @@ async fn a_client_that_stops_reading_a_stream_meets_a_write_timeout() {
     );
     drop(conn);
 }
+
+#[tokio::test]
+async fn the_data_file_stays_under_its_cap_and_keeps_key_state() {
+    let fake = fake().await;
+    let cap: u64 = 16 << 20;
+    let gate = gate()
+        .upstream(&fake, &["good-1", "invalid-2"])
+        .env("GEMGATE_MAX_DATA_BYTES", &cap.to_string())
+        .env("ERROR_LOG_RECORD_REQUEST_BODY", "true")
+        .env("MAX_FAILURES", "1")
+        .admin()
+        .start()
+        .await;
+    // Key state to keep: the invalid key is disabled by the first request it serves.
+    for _ in 0..2 {
+        post(&gate, GENERATE, &ask("hi")).await;
+    }
+    let file = gate.dir.path().join("data/gemgate.redb");
+    let size = || std::fs::metadata(&file).map_or(0, |m| m.len());
+    // Each failed request keeps 48 KB of its body in the error log: 19 MB in all.
+    let bad = json!({ "padding": "x".repeat(48 * 1024) });
+    let mut largest = 0;
+    for i in 0..400 {
+        let (status, ..) = post(&gate, GENERATE, &bad).await;
+        assert_eq!(status, 400);
+        if i % 20 == 0 {
+            largest = largest.max(size());
+        }
+    }
+    // The flusher writes (and trims) once a second.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        largest = largest.max(size());
+    }
+    assert!(
+        largest <= cap + cap / 20,
+        "the data file reached {largest} bytes, over {cap} + 5%"
+    );
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/logs/errors?limit=1000",
+        None,
+    )
+    .await;
+    let kept = v["rows"].as_array().unwrap().len();
+    assert!(kept > 0 && kept < 400, "the oldest went first: {kept} kept");
+    let states = key_states(&gate).await;
+    assert!(
+        states.iter().any(|(_, s)| s == "disabled"),
+        "key state is never what goes: {states:?}"
+    );
+}
+
+#[tokio::test]
+async fn request_logging_can_be_sampled_or_off_and_the_dashboard_counts_everything() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_REQUEST_LOG_SAMPLE", "0")
+        .admin()
+        .start()
+        .await;
+    for _ in 0..12 {
+        assert_eq!(post(&gate, GENERATE, &ask("hi")).await.0, 200);
+    }
+    let (status, ..) = post(&gate, GENERATE, &json!({ "no": "contents" })).await;
+    assert_eq!(status, 400);
+    // The failed one is in the error log; the request log keeps nothing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/logs/errors", None).await;
+        if !v["rows"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed request was never logged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/logs/requests",
+        None,
+    )
+    .await;
+    assert_eq!(v["rows"], json!([]), "{v}");
+    let html = client()
+        .get(gate.url("/admin"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("13 in the last hour"),
+        "the dashboard counts every request"
+    );
+}

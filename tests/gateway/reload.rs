@@ -320,5 +320,8 @@ async fn the_reload_status_counts_dropped_records() {
     let fake = fake().await;
     let gate = gate().upstream(&fake, &["good-1"]).admin().start().await;
     let status = gate.reload_status().await;
-    assert_eq!(status["dropped"], json!({ "log_records": 0 }));
+    assert_eq!(
+        status["dropped"],
+        json!({ "log_records": 0, "trimmed_for_size": 0 })
+    );
 }

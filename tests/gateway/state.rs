@@ -87,7 +87,7 @@ async fn a_crash_loses_at_most_the_last_second() {
 async fn a_data_file_from_a_newer_gemgate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = gemgate::store::Store::open(dir.path()).unwrap();
+        let store = gemgate::store::Store::open(dir.path(), 1 << 30).unwrap();
         drop(store);
         let db = redb::Database::open(dir.path().join("gemgate.redb")).unwrap();
         let tx = db.begin_write().unwrap();
