@@ -111,19 +111,79 @@ fn edit(path: &Path, change: impl FnOnce(&mut Array) -> Result<(), String>) -> R
     write_atomic(path, &doc.to_string())
 }
 
-/// Writes `text` to a temporary file beside `path`, then renames it over `path`: readers (and
-/// the reload watcher) never see half a file.
+/// Replaces the file at `path` with `text` so that readers (and the reload watcher) never see
+/// half a file and a crash never leaves one: written to a new temporary file beside it (created
+/// exclusively, with the old file's mode, or 0600 for a new one: it holds keys and tokens),
+/// flushed to disk, renamed over `path`, and the folder flushed so the rename lasts.
 pub fn write_atomic(path: &Path, text: &str) -> Result<(), String> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    use std::io::Write;
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir,
+        None => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mode = file_mode(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (tmp, mut file) = (0..8)
+        .find_map(|_| {
+            let mut random = [0u8; 8];
+            getrandom::getrandom(&mut random).ok()?;
+            let tag: String = random.iter().map(|b| format!("{b:02x}")).collect();
+            let tmp = dir.join(format!(".{name}.{tag}.tmp"));
+            let file = exclusive(&tmp, mode).ok()?;
+            Some((tmp, file))
+        })
+        .ok_or_else(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        format!("cannot replace {}: {e}", path.display())
-    })
+        return Err(format!("cannot replace {}: {e}", path.display()));
+    }
+    // The rename is in the folder: flush it too. (A folder cannot be opened to sync on every
+    // system; the file is in place either way.)
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The mode of the file at `path`, or 0600 for a new file.
+fn file_mode(path: &Path) -> u32 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            return meta.permissions().mode() & 0o7777;
+        }
+    }
+    let _ = path;
+    0o600
+}
+
+/// A new file at `path` with `mode`; an error if anything is there already.
+fn exclusive(path: &Path, mode: u32) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(mode);
+        let file = options.open(path)?;
+        // The umask may have taken bits away: the mode is the old file's, exactly.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        Ok(file)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = mode;
+        options.open(path)
+    }
 }
 
 #[cfg(test)]
@@ -136,6 +196,28 @@ mod tests {
         let b = format!("AQ.{}", "b".repeat(30));
         let text = format!("first {a}, then\n{b} and {a} again; AIzaSyshort");
         assert_eq!(find_keys(&text), vec![a, b]);
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn rewrites_keep_the_files_mode_and_new_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let new = dir.path().join("conf/new.toml");
+        write_atomic(&new, "a = 1\n").unwrap();
+        assert_eq!(mode(&new), 0o600);
+        let shared = dir.path().join("shared.toml");
+        std::fs::write(&shared, "a = 1\n").unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&shared, "a = 2\n").unwrap();
+        assert_eq!(mode(&shared), 0o640);
+        assert_eq!(std::fs::read_to_string(&shared).unwrap(), "a = 2\n");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "no temporary file is left: {left:?}");
     }
 
     #[test]

@@ -732,13 +732,21 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let up = &file.upstream;
     let base_url = BaseUrl::parse(&up.base_url).map_err(|m| invalid("upstream.base_url", m))?;
     let timeout = positive_secs(up.timeout_s)
-        .ok_or_else(|| invalid("upstream.timeout_s", "must be a positive number of seconds"))?;
-    let connect_timeout = positive_secs(up.connect_timeout_s).ok_or_else(|| {
-        invalid(
-            "upstream.connect_timeout_s",
-            "must be a positive number of seconds",
-        )
-    })?;
+        .filter(|d| d.as_secs() <= 86_400)
+        .ok_or_else(|| {
+            invalid(
+                "upstream.timeout_s",
+                "must be a positive number of seconds, at most 86400",
+            )
+        })?;
+    let connect_timeout = positive_secs(up.connect_timeout_s)
+        .filter(|d| d.as_secs() <= 3600)
+        .ok_or_else(|| {
+            invalid(
+                "upstream.connect_timeout_s",
+                "must be a positive number of seconds, at most 3600",
+            )
+        })?;
     if up.max_retries == 0 {
         return Err(invalid("upstream.max_retries", "must be at least 1"));
     }
@@ -798,29 +806,44 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         });
     }
     // Durations become `Duration`s, which panic on NaN or infinity: every float is checked.
-    let non_negative = |path: &str, v: f64| {
-        if v.is_finite() && v >= 0.0 {
+    // Each has a ceiling too: a deadline a year away is a mistake, and one far enough away
+    // overflows the clock it is added to.
+    let within = |path: &str, v: f64, max: f64| {
+        if v.is_finite() && (0.0..=max).contains(&v) {
             Ok(())
         } else {
             Err(invalid(
                 path,
-                format!("must be a finite number, 0 or more, not {v}"),
+                format!("must be a number from 0 to {max}, not {v}"),
             ))
         }
     };
-    non_negative("keys.check_interval_hours", file.keys.check_interval_hours)?;
-    non_negative("stream.min_delay", file.stream.min_delay)?;
-    non_negative("stream.max_delay", file.stream.max_delay)?;
-    non_negative(
+    within(
+        "keys.check_interval_hours",
+        file.keys.check_interval_hours,
+        8760.0,
+    )?;
+    within("stream.min_delay", file.stream.min_delay, 60.0)?;
+    within("stream.max_delay", file.stream.max_delay, 60.0)?;
+    within(
         "stream.fake_stream_empty_data_interval_s",
         file.stream.fake_stream_empty_data_interval_s,
+        3600.0,
     )?;
-    let header_timeout = positive_secs(server.header_timeout_s).ok_or_else(|| {
-        invalid(
-            "server.header_timeout_s",
-            "must be a positive number of seconds",
-        )
-    })?;
+    let header_timeout = positive_secs(server.header_timeout_s)
+        .filter(|d| d.as_secs() <= 3600)
+        .ok_or_else(|| {
+            invalid(
+                "server.header_timeout_s",
+                "must be a positive number of seconds, at most 3600",
+            )
+        })?;
+    if server.grace_period_s > 86_400 {
+        return Err(invalid(
+            "server.grace_period_s",
+            "must be at most 86400 seconds",
+        ));
+    }
     if !(0.0..=1.0).contains(&file.logs.request_sample) {
         return Err(invalid(
             "logs.request_sample",
@@ -1208,6 +1231,8 @@ mod tests {
     fn durations_and_shares_must_be_finite() {
         for (var, value) in [
             ("CHECK_INTERVAL_HOURS", "inf"),
+            ("CHECK_INTERVAL_HOURS", "1e300"),
+            ("GEMGATE_GRACE_PERIOD_SECONDS", "99999999999"),
             ("CHECK_INTERVAL_HOURS", "NaN"),
             ("STREAM_MIN_DELAY", "NaN"),
             ("STREAM_MAX_DELAY", "-1"),

@@ -36,8 +36,15 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
     let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
     let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
-    let ms: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
+    // Milliseconds: the first three digits of the fraction (a shorter one padded with zeros).
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let ms: i64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
     if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    if !(0..=9999).contains(&y) || h < 0 || min < 0 || sec < 0 {
         return None;
     }
     let days = days_from_civil(y, m, day);
@@ -120,6 +127,27 @@ mod tests {
         assert_eq!(parse_rfc3339("yesterday"), None);
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1795683680123), "2026-11-26T09:01:20.123Z");
+        assert_eq!(
+            parse_rfc3339("2026-11-26T09:01:20.5Z"),
+            parse_rfc3339("2026-11-26T09:01:20.500Z")
+        );
+    }
+
+    #[test]
+    fn odd_times_are_refused_never_a_panic() {
+        for odd in [
+            "2026-11-26T09:01:20.é1Z",
+            "2026-11-26T09:01:20.1éZ",
+            "2026-11-26T09:01:20.😀Z",
+            "2026-11-26T09:01:-1Z",
+            "-9999999999999-01-01T00:00:00Z",
+            "99999999999999999-01-01T00:00:00Z",
+            "2026-11-26T99999999999999:00:00Z",
+            "T::.Z",
+            "",
+        ] {
+            assert_eq!(parse_rfc3339(odd), None, "{odd}");
+        }
     }
 
     fn utc(y: i64, mo: i64, d: i64, h: i64) -> u64 {

@@ -503,7 +503,7 @@ pub(super) fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, C
     let total = matching.len();
     let keys: Vec<Value> = matching
         .into_iter()
-        .skip((page - 1) * per_page)
+        .skip((page - 1).saturating_mul(per_page))
         .take(per_page)
         .map(|key| key_json(key, now, usage.get(&key.spec.id)))
         .collect();

@@ -422,12 +422,21 @@ impl Gateway {
             .multipart(form)
             .send()
             .await
-            .map_err(|e| fail(format!("cannot upload the image to {host:?}: {e}")))?;
+            // Without its URL: a Cloudflare ImgBed URL carries its auth code.
+            .map_err(|e| {
+                fail(format!(
+                    "cannot upload the image to {host:?}: {}",
+                    e.without_url()
+                ))
+            })?;
         let status = answer.status();
         let body: Value = answer.json().await.unwrap_or(Value::Null);
         host.url(&body, &url).ok_or_else(|| {
+            // What the host said stays in the log: it is a third party's answer, and may
+            // repeat what the upload carried.
+            tracing::warn!(?host, %status, "the image host refused the upload: {body}");
             fail(format!(
-                "the image host {host:?} refused the upload (HTTP {status}): {body}"
+                "the image host {host:?} refused the upload (HTTP {status})"
             ))
         })
     }

@@ -1141,3 +1141,75 @@ async fn request_logging_can_be_sampled_or_off_and_the_dashboard_counts_everythi
         "the dashboard counts every request"
     );
 }
+
+#[tokio::test]
+async fn no_secret_reaches_an_answer_or_the_log() {
+    let fake = fake().await;
+    let key = "suspended-AIzaSyQuiteSecretKeyMaterial000";
+    let gate = gate()
+        .upstream(&fake, &["good-AIzaSyAnotherSecretKeyMaterial111", key])
+        .env("MAX_FAILURES", "1")
+        .env("UPLOAD_PROVIDER", "cloudflare_imgbed")
+        // Nothing listens there: the upload fails, and its error must not show the URL.
+        .env("CLOUDFLARE_IMGBED_URL", "http://127.0.0.1:9/upload")
+        .env("CLOUDFLARE_IMGBED_AUTH_CODE", "imgbed-secret-code")
+        .env(
+            "CUSTOM_HEADERS",
+            r#"{"x-custom-secret": "custom-secret-value"}"#,
+        )
+        .admin()
+        .start()
+        .await;
+    let mut answers = String::new();
+    for _ in 0..3 {
+        let (_, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+        answers.push_str(&v.to_string());
+    }
+    let resp = client()
+        .post(gate.url("/v1/images/generations"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "prompt": "a cat", "response_format": "url" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    answers.push_str(&resp.text().await.unwrap());
+    // The key-blaming 403 is confirmed by a probe, whose message is kept with the key.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for path in [
+        "/admin/api/keys",
+        "/admin/api/logs/errors",
+        "/admin/api/reload",
+    ] {
+        answers.push_str(
+            &admin(reqwest::Method::GET, &gate, path, None)
+                .await
+                .1
+                .to_string(),
+        );
+    }
+    for page in ["/admin/settings", "/admin/keys"] {
+        let html = client()
+            .get(gate.url(page))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        answers.push_str(&html);
+    }
+    let logs = gate.logs();
+    for secret in [
+        "QuiteSecretKeyMaterial",
+        "AnotherSecretKeyMaterial",
+        "imgbed-secret-code",
+        "custom-secret-value",
+        TOKEN,
+        ADMIN,
+    ] {
+        assert!(!answers.contains(secret), "{secret} in an answer");
+        assert!(!logs.contains(secret), "{secret} in the log:\n{logs}");
+    }
+}
