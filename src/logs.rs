@@ -343,10 +343,44 @@ fn u64_at(bytes: &[u8], i: usize) -> Option<u64> {
 
 /// Writes records to both logs in one transaction. `seq` numbers rows within a millisecond.
 pub fn write(db: &Database, records: &[Record], seq: &AtomicU64) -> Result<(), StoreError> {
+    let encoded: Vec<Encoded> = records.iter().map(Encoded::of).collect();
+    write_encoded(db, records, &encoded, seq)
+}
+
+/// A record as the logs store it: its JSON for the error log, and for the request log, which
+/// keeps no upstream message or body, a leaner one when they differ.
+pub struct Encoded {
+    full: Vec<u8>,
+    lean: Option<Vec<u8>>,
+}
+
+impl Encoded {
+    pub fn of(r: &Record) -> Encoded {
+        let full = r.json(false);
+        let lean = (r.upstream_message.is_some() || r.request_body.is_some()).then(|| r.json(true));
+        Encoded { full, lean }
+    }
+
+    fn lean(&self) -> &[u8] {
+        self.lean.as_deref().unwrap_or(&self.full)
+    }
+
+    /// What storing it takes, at most.
+    pub fn bytes(&self) -> usize {
+        20 + self.full.len() + self.lean.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// [`write`], with the records encoded already (`encoded[i]` is `records[i]`'s).
+pub fn write_encoded(
+    db: &Database,
+    records: &[Record],
+    encoded: &[Encoded],
+    seq: &AtomicU64,
+) -> Result<(), StoreError> {
     if records.is_empty() {
         return Ok(());
     }
-    let full: Vec<Vec<u8>> = records.iter().map(|r| r.json(false)).collect();
     let tx = db.begin_write().map_err(io)?;
     let mut requests = Open::new(&tx, Log::Requests)?;
     let mut errors = Open::new(&tx, Log::Errors)?;
@@ -364,29 +398,25 @@ pub fn write(db: &Database, records: &[Record], seq: &AtomicU64) -> Result<(), S
             row
         })
         .collect();
-    // The request log keeps no upstream message or body.
-    let lean: Vec<std::borrow::Cow<[u8]>> = records
-        .iter()
-        .zip(&full)
-        .map(|(r, json)| {
-            if r.upstream_message.is_some() || r.request_body.is_some() {
-                std::borrow::Cow::Owned(r.json(true))
-            } else {
-                std::borrow::Cow::Borrowed(&json[..])
-            }
-        })
-        .collect();
     let sampled: Vec<usize> = (0..records.len())
         .filter(|&i| !records[i].unsampled)
         .collect();
-    for block in blocks(&sampled, |i| lean[i].len()) {
-        requests.put_block(block.iter().map(|&i| (rows[i], &lean[i][..], &records[i])))?;
+    for block in blocks(&sampled, |i| encoded[i].lean().len()) {
+        requests.put_block(
+            block
+                .iter()
+                .map(|&i| (rows[i], encoded[i].lean(), &records[i])),
+        )?;
     }
     let failed: Vec<usize> = (0..records.len())
         .filter(|&i| records[i].failed())
         .collect();
-    for block in blocks(&failed, |i| full[i].len()) {
-        errors.put_block(block.iter().map(|&i| (rows[i], &full[i][..], &records[i])))?;
+    for block in blocks(&failed, |i| encoded[i].full.len()) {
+        errors.put_block(
+            block
+                .iter()
+                .map(|&i| (rows[i], &encoded[i].full[..], &records[i])),
+        )?;
     }
     let grown = requests.grown + errors.grown;
     drop((requests, errors));

@@ -21,8 +21,10 @@ use crate::usage::Counts;
 /// The layout version this gemgate writes; older files are migrated, newer ones refused.
 /// 2: the logs are stored in blocks of records (layout 1 had a row per record).
 pub const SCHEMA_VERSION: u64 = 2;
-/// redb's page cache: enough for the indexes the admin pages walk.
-const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// redb's page cache: enough for the indexes the admin pages walk. Kept small: it fills as
+/// the logs grow, and is memory the gateway holds for pages it rarely reads again (the
+/// kernel's page cache keeps the file's hot pages anyway).
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// How often dirty key state, usage and logs are committed.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -78,6 +80,8 @@ pub struct Store {
     pub trimmed: AtomicU64,
     /// When that was last said in the log.
     trim_said_ms: AtomicU64,
+    /// When the last flush ended (ms since the epoch).
+    flushed_ms: AtomicU64,
 }
 
 impl Store {
@@ -103,6 +107,7 @@ impl Store {
             log_seq: AtomicU64::new(0),
             trimmed: AtomicU64::new(0),
             trim_said_ms: AtomicU64::new(0),
+            flushed_ms: AtomicU64::new(crate::keys::clock::now_ms()),
         };
         store.migrate()?;
         if store.file_bytes() > over_cap(max_bytes) {
@@ -428,52 +433,74 @@ fn class_name(stored: &str) -> &'static str {
 
 /// Starts the flusher: every [`FLUSH_EVERY`], the keys marked dirty, the queued usage and the
 /// queued log records are written; once an hour, log rows past their retention are deleted.
+///
+/// Two threads share the work. The preparer runs at idle priority and does the CPU work of a
+/// flush: it takes what the request path queued, encodes the records and feeds the
+/// dashboard. The committer runs at normal priority and only writes what the preparer hands
+/// it: redb has one write lock, and a thread at idle priority holding it on a saturated
+/// machine would keep everything else from being saved. When the preparer is half an
+/// interval late (a busy machine leaves it no core), the committer takes and encodes the
+/// batch itself, so key state and the logs stay about a flush behind however busy it is.
 pub fn start_flusher(store: Arc<Store>, state: Arc<crate::proxy::State>) {
-    let spawned = std::thread::Builder::new()
-        .name("gemgate-store".into())
-        .spawn(move || {
-            lower_priority();
-            // The dashboard's last day, from the request log.
-            let day_ago = crate::keys::clock::now_ms().saturating_sub(86_400_000);
-            // Saving goes on meanwhile: a long log must not hold up key state.
-            let metrics = &state.lasting.metrics;
-            let mut last_flush = std::time::Instant::now();
-            if let Err(e) = crate::logs::since(
-                &store.db,
-                crate::logs::Log::Requests,
-                day_ago,
-                4096,
-                &mut |batch| {
-                    metrics.add(&batch);
-                    if last_flush.elapsed() >= FLUSH_EVERY {
-                        flush(
-                            &store,
-                            &state.lasting,
-                            state.current.load().config.max_data_bytes,
-                        );
-                        last_flush = std::time::Instant::now();
+    let (ready, batches) = std::sync::mpsc::sync_channel::<Batch>(4);
+    let preparer = {
+        let state = state.clone();
+        let store = store.clone();
+        std::thread::Builder::new()
+            .name("gemgate-store".into())
+            .spawn(move || {
+                lower_priority();
+                // The dashboard's last day, from the request log (the committer saves
+                // meanwhile: a long log must not hold up key state).
+                let day_ago = crate::keys::clock::now_ms().saturating_sub(86_400_000);
+                let metrics = &state.lasting.metrics;
+                if let Err(e) = crate::logs::since(
+                    &store.db,
+                    crate::logs::Log::Requests,
+                    day_ago,
+                    4096,
+                    &mut |batch| metrics.add(&batch),
+                ) {
+                    tracing::warn!(
+                        "cannot read the last day of the request log for the dashboard: {e}"
+                    );
+                }
+                loop {
+                    std::thread::sleep(FLUSH_EVERY);
+                    if ready.send(Batch::take(&state.lasting)).is_err() {
+                        return;
                     }
-                },
-            ) {
-                tracing::warn!(
-                    "cannot read the last day of the request log for the dashboard: {e}"
-                );
-            }
+                }
+            })
+    };
+    let committer = std::thread::Builder::new()
+        .name("gemgate-store-commit".into())
+        .spawn(move || {
+            let late = FLUSH_EVERY * 3 / 2;
             let mut last_retention = std::time::Instant::now() - RETENTION_EVERY;
             loop {
-                std::thread::sleep(FLUSH_EVERY);
-                flush(
-                    &store,
-                    &state.lasting,
-                    state.current.load().config.max_data_bytes,
-                );
+                let batch = match batches.recv_timeout(FLUSH_EVERY / 4) {
+                    Ok(batch) => batch,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        let since = crate::keys::clock::now_ms()
+                            .saturating_sub(store.flushed_ms.load(Ordering::Relaxed));
+                        if since <= late.as_millis() as u64 {
+                            continue;
+                        }
+                        Batch::take(&state.lasting)
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                let gen = state.current.load_full();
+                let config = &gen.config;
+                batch.commit(&store, config.max_data_bytes);
                 if last_retention.elapsed() >= RETENTION_EVERY {
                     last_retention = std::time::Instant::now();
-                    retire_logs(&store, &state.current.load().config.file.logs);
+                    retire_logs(&store, &config.file.logs);
                 }
             }
         });
-    if let Err(e) = spawned {
+    if let Err(e) = preparer.and(committer) {
         tracing::error!("cannot start the store flusher, key state will not be saved: {e}");
     }
 }
@@ -530,44 +557,83 @@ pub fn retire_logs(store: &Store, logs: &crate::config::LogsSection) {
 /// request's log row, once it can be read, says that the key state and usage its request
 /// changed are saved too (a request changes them before its record is queued).
 pub fn flush(store: &Store, lasting: &crate::proxy::Lasting, max_bytes: u64) {
-    let records = lasting.logs.take();
-    let usage = lasting.usage.drain();
-    let dirty = lasting.registry.take_dirty();
-    let now = crate::keys::clock::now_ms();
-    let rows: Vec<(String, SavedKey)> = dirty
-        .iter()
-        .map(|(id, state)| (id.clone(), snapshot(state, now)))
-        .collect();
-    if let Err(e) = store.save_keys(&rows) {
-        tracing::error!("cannot save key state: {e}");
-        for (_, state) in dirty {
-            state.mark_dirty();
-        }
-    }
-    if let Err(e) = store.add_usage(&usage) {
-        tracing::error!("cannot save usage counts: {e}");
-    }
-    lasting.metrics.add(&records);
-    // In steps of a quarter of the logs' room, each made room for first: a burst larger than
-    // the room left would otherwise grow the file before any trimming could free space.
-    let step = (store.log_room(max_bytes) / 4).max(64 * 1024);
-    let mut rest = &records[..];
-    while !rest.is_empty() {
-        let mut bytes = 0;
-        let n = rest
+    Batch::take(lasting).commit(store, max_bytes);
+}
+
+/// One flush's worth of changes, taken from the request path and encoded, ready to write.
+pub struct Batch {
+    keys: Vec<(String, SavedKey)>,
+    dirty: Vec<(String, Arc<KeyState>)>,
+    usage: HashMap<(u32, String, String), Counts>,
+    records: Vec<crate::logs::Record>,
+    encoded: Vec<crate::logs::Encoded>,
+}
+
+impl Batch {
+    /// Takes what the request path queued, and does a flush's CPU work: encoding the records,
+    /// and adding them to the dashboard's figures.
+    pub fn take(lasting: &crate::proxy::Lasting) -> Batch {
+        let records = lasting.logs.take();
+        let usage = lasting.usage.drain();
+        let dirty = lasting.registry.take_dirty();
+        let now = crate::keys::clock::now_ms();
+        let keys = dirty
             .iter()
-            .take_while(|r| {
-                bytes += r.weight() as u64;
-                bytes <= step
-            })
-            .count()
-            .max(1);
-        let (now, later) = rest.split_at(n);
-        store.make_room(max_bytes, now.iter().map(|r| r.weight() as u64).sum());
-        if let Err(e) = crate::logs::write(&store.db, now, &store.log_seq) {
-            tracing::error!("cannot save log records: {e}");
+            .map(|(id, state)| (id.clone(), snapshot(state, now)))
+            .collect();
+        lasting.metrics.add(&records);
+        let encoded = records.iter().map(crate::logs::Encoded::of).collect();
+        Batch {
+            keys,
+            dirty,
+            usage,
+            records,
+            encoded,
         }
-        rest = later;
+    }
+
+    /// Writes the batch: key state, usage, then the log records, in steps of a quarter of the
+    /// logs' room, each made room for first (a burst larger than the room left would otherwise
+    /// grow the file before any trimming could free space).
+    pub fn commit(self, store: &Store, max_bytes: u64) {
+        if let Err(e) = store.save_keys(&self.keys) {
+            tracing::error!("cannot save key state: {e}");
+            for (_, state) in self.dirty {
+                state.mark_dirty();
+            }
+        }
+        if let Err(e) = store.add_usage(&self.usage) {
+            tracing::error!("cannot save usage counts: {e}");
+        }
+        let step = (store.log_room(max_bytes) / 4).max(64 * 1024);
+        let mut at = 0;
+        while at < self.records.len() {
+            let mut bytes = 0;
+            let n = self.encoded[at..]
+                .iter()
+                .take_while(|e| {
+                    bytes += e.bytes() as u64;
+                    bytes <= step
+                })
+                .count()
+                .max(1);
+            let end = at + n;
+            let incoming = self.encoded[at..end].iter().map(|e| e.bytes() as u64).sum();
+            store.make_room(max_bytes, incoming);
+            let written = crate::logs::write_encoded(
+                &store.db,
+                &self.records[at..end],
+                &self.encoded[at..end],
+                &store.log_seq,
+            );
+            if let Err(e) = written {
+                tracing::error!("cannot save log records: {e}");
+            }
+            at = end;
+        }
+        store
+            .flushed_ms
+            .store(crate::keys::clock::now_ms(), Ordering::Relaxed);
     }
 }
 
