@@ -10,7 +10,7 @@ pub mod env;
 pub mod net;
 pub mod settings;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -719,43 +719,189 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
             ),
         )
     })?;
-    if server.max_body_bytes < 1024 {
-        return Err(invalid("server.max_body_bytes", "must be at least 1024"));
-    }
     let log_level = normalize_log_level(&server.log_level).ok_or_else(|| {
         invalid(
             "server.log_level",
             format!("unknown level {:?}", server.log_level),
         )
     })?;
-
+    check_limits(&file)?;
+    let durations = durations(&file)?;
     let up = &file.upstream;
     let base_url = BaseUrl::parse(&up.base_url).map_err(|m| invalid("upstream.base_url", m))?;
-    let timeout = positive_secs(up.timeout_s)
-        .filter(|d| d.as_secs() <= 86_400)
-        .ok_or_else(|| {
-            invalid(
-                "upstream.timeout_s",
-                "must be a positive number of seconds, at most 86400",
-            )
-        })?;
-    let connect_timeout = positive_secs(up.connect_timeout_s)
-        .filter(|d| d.as_secs() <= 3600)
-        .ok_or_else(|| {
-            invalid(
-                "upstream.connect_timeout_s",
-                "must be a positive number of seconds, at most 3600",
-            )
-        })?;
-    if up.max_retries == 0 {
-        return Err(invalid("upstream.max_retries", "must be at least 1"));
-    }
     for proxy in &up.proxies {
         if let Some(why) = crate::proxy::egress::parse_error(proxy) {
             return Err(invalid("upstream.proxies", why));
         }
     }
-    let mut custom_headers = Vec::new();
+    let (tokens, auth_token) = tokens(&file.auth)?;
+    let public_url = match server.public_url.trim() {
+        "" => None,
+        url => Some(
+            BaseUrl::parse(url)
+                .map_err(|m| invalid("server.public_url", m))?
+                .to_string(),
+        ),
+    };
+    let policy = validate_policy(&file.policy)?;
+    let threads = if server.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        server.threads
+    };
+    Ok(Config {
+        path: None,
+        listen,
+        data_dir: server.data_dir.clone(),
+        threads,
+        max_body_bytes: server.max_body_bytes,
+        grace_period: Duration::from_secs(server.grace_period_s),
+        log_level,
+        base_url,
+        timeout: durations.timeout,
+        connect_timeout: durations.connect,
+        max_retries: up.max_retries,
+        pool_size: up.pool_size,
+        custom_headers: custom_headers(up)?,
+        keys: keys(&file.keys)?,
+        max_failures: file.keys.max_failures.max(1),
+        tokens,
+        auth_token,
+        paid_key: Some(file.keys.paid_key.trim())
+            .filter(|k| !k.is_empty())
+            .map(|k| KeySpec {
+                id: stable_id("k", k),
+                secret: Secret::new(k),
+                label: "paid".into(),
+                tags: vec!["paid".into()],
+                weight: 1,
+                source: KeySource::File,
+            }),
+        policy,
+        max_connections: server.max_connections,
+        header_timeout: durations.header,
+        trusted_proxies: parse_all(&server.trusted_proxies, net::Cidr::parse)
+            .map_err(|m| invalid("server.trusted_proxies", m))?,
+        public_url,
+        max_data_bytes: server.max_data_bytes,
+        fetch: FetchConfig {
+            enabled: file.fetch.enabled,
+            allow: parse_all(&file.fetch.allow, net::Allowed::parse)
+                .map_err(|m| invalid("fetch.allow", m))?,
+            max_bytes: file.fetch.max_bytes,
+        },
+        forward_headers: parse_all(&up.forward_headers, |name| {
+            http::HeaderName::try_from(name.trim().to_ascii_lowercase())
+                .map_err(|_| format!("{name:?} is not a header name"))
+        })
+        .map_err(|m| invalid("upstream.forward_headers", m))?,
+        file,
+    })
+}
+
+/// Each of `items` parsed by `parse`, or the first complaint.
+fn parse_all<T>(
+    items: &[String],
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
+    items.iter().map(|i| parse(i)).collect()
+}
+
+/// The limits and counts that have a floor or a range.
+fn check_limits(file: &FileConfig) -> Result<(), ConfigError> {
+    let server = &file.server;
+    if server.max_body_bytes < 1024 {
+        return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+    }
+    if file.upstream.max_retries == 0 {
+        return Err(invalid("upstream.max_retries", "must be at least 1"));
+    }
+    if server.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    // redb's file starts at about 2.5 MiB and grows by doubling: below 16 MiB the step past
+    // the cap is more than 5% of it.
+    if server.max_data_bytes < 16 << 20 {
+        return Err(invalid("server.max_data_bytes", "must be at least 16 MiB"));
+    }
+    if !(0.0..=1.0).contains(&file.logs.request_sample) {
+        return Err(invalid(
+            "logs.request_sample",
+            "must be a share from 0 (no request log) to 1 (every request)",
+        ));
+    }
+    Ok(())
+}
+
+/// The timeouts the runtime config holds as `Duration`s.
+struct Durations {
+    timeout: Duration,
+    connect: Duration,
+    header: Duration,
+}
+
+/// Every time setting, checked. Durations panic on NaN or infinity, so every float is checked;
+/// each has a ceiling too: a deadline a year away is a mistake, and one far enough away
+/// overflows the clock it is added to.
+fn durations(file: &FileConfig) -> Result<Durations, ConfigError> {
+    let seconds = |path: &str, v: f64, max: u64| {
+        positive_secs(v)
+            .filter(|d| d.as_secs() <= max)
+            .ok_or_else(|| {
+                invalid(
+                    path,
+                    format!("must be a positive number of seconds, at most {max}"),
+                )
+            })
+    };
+    let within = |path: &str, v: f64, max: f64| {
+        if v.is_finite() && (0.0..=max).contains(&v) {
+            Ok(())
+        } else {
+            Err(invalid(
+                path,
+                format!("must be a number from 0 to {max}, not {v}"),
+            ))
+        }
+    };
+    within(
+        "keys.check_interval_hours",
+        file.keys.check_interval_hours,
+        8760.0,
+    )?;
+    within("stream.min_delay", file.stream.min_delay, 60.0)?;
+    within("stream.max_delay", file.stream.max_delay, 60.0)?;
+    within(
+        "stream.fake_stream_empty_data_interval_s",
+        file.stream.fake_stream_empty_data_interval_s,
+        3600.0,
+    )?;
+    if file.server.grace_period_s > 86_400 {
+        return Err(invalid(
+            "server.grace_period_s",
+            "must be at most 86400 seconds",
+        ));
+    }
+    Ok(Durations {
+        timeout: seconds("upstream.timeout_s", file.upstream.timeout_s, 86_400)?,
+        connect: seconds(
+            "upstream.connect_timeout_s",
+            file.upstream.connect_timeout_s,
+            3600,
+        )?,
+        header: seconds(
+            "server.header_timeout_s",
+            file.server.header_timeout_s,
+            3600,
+        )?,
+    })
+}
+
+/// `CUSTOM_HEADERS` as header names and values.
+fn custom_headers(
+    up: &UpstreamSection,
+) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, ConfigError> {
+    let mut headers = Vec::new();
     for (name, value) in &up.custom_headers {
         let name = http::HeaderName::try_from(name.as_str()).map_err(|_| {
             invalid(
@@ -763,18 +909,24 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 format!("{name:?} is not a header name"),
             )
         })?;
-        let value = http::HeaderValue::try_from(value.as_str()).map_err(|_| {
+        let mut value = http::HeaderValue::try_from(value.as_str()).map_err(|_| {
             invalid(
                 "upstream.custom_headers",
                 format!("the value of {name} is not a header value"),
             )
         })?;
-        custom_headers.push((name, value));
+        // Treated as secrets: `Debug` of a sensitive value prints nothing of it.
+        value.set_sensitive(true);
+        headers.push((name, value));
     }
+    Ok(headers)
+}
 
+/// The key pool, each key once.
+fn keys(section: &KeysSection) -> Result<Vec<KeySpec>, ConfigError> {
     let mut keys = Vec::new();
     let mut seen = HashSet::new();
-    for entry in &file.keys.api_keys {
+    for entry in &section.api_keys {
         let (secret, label, tags, weight) = match entry {
             KeyEntry::Plain(k) => (k.trim(), None, Vec::new(), None),
             KeyEntry::Detailed {
@@ -805,100 +957,14 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
             source: KeySource::File,
         });
     }
-    // Durations become `Duration`s, which panic on NaN or infinity: every float is checked.
-    // Each has a ceiling too: a deadline a year away is a mistake, and one far enough away
-    // overflows the clock it is added to.
-    let within = |path: &str, v: f64, max: f64| {
-        if v.is_finite() && (0.0..=max).contains(&v) {
-            Ok(())
-        } else {
-            Err(invalid(
-                path,
-                format!("must be a number from 0 to {max}, not {v}"),
-            ))
-        }
-    };
-    within(
-        "keys.check_interval_hours",
-        file.keys.check_interval_hours,
-        8760.0,
-    )?;
-    within("stream.min_delay", file.stream.min_delay, 60.0)?;
-    within("stream.max_delay", file.stream.max_delay, 60.0)?;
-    within(
-        "stream.fake_stream_empty_data_interval_s",
-        file.stream.fake_stream_empty_data_interval_s,
-        3600.0,
-    )?;
-    let header_timeout = positive_secs(server.header_timeout_s)
-        .filter(|d| d.as_secs() <= 3600)
-        .ok_or_else(|| {
-            invalid(
-                "server.header_timeout_s",
-                "must be a positive number of seconds, at most 3600",
-            )
-        })?;
-    if server.grace_period_s > 86_400 {
-        return Err(invalid(
-            "server.grace_period_s",
-            "must be at most 86400 seconds",
-        ));
-    }
-    if !(0.0..=1.0).contains(&file.logs.request_sample) {
-        return Err(invalid(
-            "logs.request_sample",
-            "must be a share from 0 (no request log) to 1 (every request)",
-        ));
-    }
-    if server.max_connections == 0 {
-        return Err(invalid("server.max_connections", "must be at least 1"));
-    }
-    // redb's file starts at about 2.5 MiB and grows by doubling: below 16 MiB the step past
-    // the cap is more than 5% of it.
-    if server.max_data_bytes < 16 << 20 {
-        return Err(invalid("server.max_data_bytes", "must be at least 16 MiB"));
-    }
-    let trusted_proxies = server
-        .trusted_proxies
-        .iter()
-        .map(|p| net::Cidr::parse(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|m| invalid("server.trusted_proxies", m))?;
-    let public_url = match server.public_url.trim() {
-        "" => None,
-        url => Some(
-            BaseUrl::parse(url)
-                .map_err(|m| invalid("server.public_url", m))?
-                .to_string(),
-        ),
-    };
-    let fetch = FetchConfig {
-        enabled: file.fetch.enabled,
-        allow: file
-            .fetch
-            .allow
-            .iter()
-            .map(|a| net::Allowed::parse(a))
-            .collect::<Result<_, _>>()
-            .map_err(|m| invalid("fetch.allow", m))?,
-        max_bytes: file.fetch.max_bytes,
-    };
-    let forward_headers = up
-        .forward_headers
-        .iter()
-        .map(|name| {
-            http::HeaderName::try_from(name.trim().to_ascii_lowercase()).map_err(|_| {
-                invalid(
-                    "upstream.forward_headers",
-                    format!("{name:?} is not a header name"),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    Ok(keys)
+}
 
+/// The client tokens and the admin token, which may not be one of them.
+fn tokens(auth: &AuthSection) -> Result<(Vec<ClientToken>, Option<Secret>), ConfigError> {
     let mut tokens = Vec::new();
-    let mut names = HashMap::new();
-    for entry in &file.auth.allowed_tokens {
+    let mut names = HashSet::new();
+    for entry in &auth.allowed_tokens {
         let (name, secret) = match entry {
             TokenEntry::Plain(t) => (stable_id("token-", t.trim()), t.trim()),
             TokenEntry::Named { name, token } => (name.clone(), token.trim()),
@@ -906,7 +972,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         if secret.is_empty() {
             continue;
         }
-        if names.insert(name.clone(), ()).is_some() {
+        if !names.insert(name.clone()) {
             return Err(invalid(
                 "auth.allowed_tokens",
                 format!("the name {name:?} is used twice"),
@@ -917,63 +983,20 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
             secret: Secret::new(secret),
         });
     }
-    let auth_token = Some(file.auth.auth_token.trim())
+    let admin = Some(auth.auth_token.trim())
         .filter(|t| !t.is_empty())
         .map(Secret::new);
     // gemini-balance made every client an admin this way; here it is a mistake to refuse.
-    if let Some(admin) = &auth_token {
-        if tokens.iter().any(|t| t.secret == *admin) {
-            return Err(invalid(
-                "auth.auth_token",
-                "the admin token is also a client token (ALLOWED_TOKENS): every client would be an admin; choose another",
-            ));
-        }
+    if admin
+        .as_ref()
+        .is_some_and(|a| tokens.iter().any(|t| t.secret == *a))
+    {
+        return Err(invalid(
+            "auth.auth_token",
+            "the admin token is also a client token (ALLOWED_TOKENS): every client would be an admin; choose another",
+        ));
     }
-
-    let policy = validate_policy(&file.policy)?;
-    let threads = if server.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        server.threads
-    };
-    Ok(Config {
-        path: None,
-        listen,
-        data_dir: server.data_dir.clone(),
-        threads,
-        max_body_bytes: server.max_body_bytes,
-        grace_period: Duration::from_secs(server.grace_period_s),
-        log_level,
-        base_url,
-        timeout,
-        connect_timeout,
-        max_retries: up.max_retries,
-        pool_size: up.pool_size,
-        custom_headers,
-        keys,
-        max_failures: file.keys.max_failures.max(1),
-        tokens,
-        auth_token,
-        paid_key: Some(file.keys.paid_key.trim())
-            .filter(|k| !k.is_empty())
-            .map(|k| KeySpec {
-                id: stable_id("k", k),
-                secret: Secret::new(k),
-                label: "paid".into(),
-                tags: vec!["paid".into()],
-                weight: 1,
-                source: KeySource::File,
-            }),
-        policy,
-        max_connections: server.max_connections,
-        header_timeout,
-        trusted_proxies,
-        public_url,
-        max_data_bytes: server.max_data_bytes,
-        fetch,
-        forward_headers,
-        file,
-    })
+    Ok((tokens, admin))
 }
 
 /// What a plugin failure does to the request.
