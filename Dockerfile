@@ -4,6 +4,8 @@
 #   docker build -t gemgate .
 #   docker run -p 8000:8000 --env-file .env -v gemgate-data:/app/data gemgate
 # To edit plugins while it runs, mount your own folder over them: -v ./plugins:/app/plugins
+# Behind a mapped port or a proxy, set GEMGATE_PUBLIC_URL (the URL clients use) for the Files
+# API's upload URLs, and GEMGATE_TRUSTED_PROXIES for a proxy's forwarding headers.
 
 FROM rust:1-bookworm AS build
 # pingora's zlib-ng is built with cmake.

@@ -351,13 +351,16 @@ fn over_cap(max_bytes: u64) -> u64 {
 }
 
 /// Creates `dir` (and its parents) if needed, readable by its owner alone: it holds the key
-/// state and the logs.
+/// state and the logs. A folder gemgate does not own (a mounted volume) keeps its mode, and
+/// the log says so.
 fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(dir = %dir.display(), "cannot make the data folder private (0700): {e}");
+        }
     }
     Ok(())
 }
