@@ -143,8 +143,10 @@ impl Metrics {
             } else {
                 slot.successes += 1;
             }
-            slot.prompt_tokens += r.prompt_tokens;
-            slot.output_tokens += r.output_tokens + r.thought_tokens;
+            slot.prompt_tokens = slot.prompt_tokens.saturating_add(r.prompt_tokens);
+            slot.output_tokens = slot
+                .output_tokens
+                .saturating_add(r.output_tokens.saturating_add(r.thought_tokens));
             slot.latency[bucket(r.latency_ms)] += 1;
             if let Some(t) = r.ttfb_ms {
                 slot.ttfb[bucket(t)] += 1;
@@ -181,8 +183,8 @@ impl Metrics {
             }
             s.requests += m.requests;
             s.successes += m.successes;
-            s.prompt_tokens += m.prompt_tokens;
-            s.output_tokens += m.output_tokens;
+            s.prompt_tokens = s.prompt_tokens.saturating_add(m.prompt_tokens);
+            s.output_tokens = s.output_tokens.saturating_add(m.output_tokens);
             point.requests += m.requests;
             point.errors += m.requests - m.successes;
             for (class, n) in &m.errors {

@@ -51,9 +51,10 @@ impl Counts {
             None => self.successes += 1,
             Some(class) => *self.failures.entry(class.to_owned()).or_default() += 1,
         }
-        self.prompt_tokens += tokens.prompt;
-        self.output_tokens += tokens.output;
-        self.thought_tokens += tokens.thoughts;
+        // Token counts are the upstream's to say, any number: they saturate.
+        self.prompt_tokens = self.prompt_tokens.saturating_add(tokens.prompt);
+        self.output_tokens = self.output_tokens.saturating_add(tokens.output);
+        self.thought_tokens = self.thought_tokens.saturating_add(tokens.thoughts);
     }
 
     pub fn merge(&mut self, other: &Counts) {
@@ -62,9 +63,9 @@ impl Counts {
         for (class, n) in &other.failures {
             *self.failures.entry(class.clone()).or_default() += n;
         }
-        self.prompt_tokens += other.prompt_tokens;
-        self.output_tokens += other.output_tokens;
-        self.thought_tokens += other.thought_tokens;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.thought_tokens = self.thought_tokens.saturating_add(other.thought_tokens);
     }
 }
 

@@ -1175,7 +1175,10 @@ fn normalize_log_level(raw: &str) -> Option<String> {
         "trace" | "debug" | "info" | "warn" | "error" | "off" => lower.as_str(),
         "warning" => "warn",
         "critical" | "fatal" => "error",
+        // NOTE: tracing-subscriber's directive parser panics on some non-ASCII text (it
+        // slices within a character), so only plain ASCII directives reach it.
         _ if raw.contains(['=', ','])
+            && raw.trim().bytes().all(|b| b.is_ascii_graphic())
             && tracing_subscriber::EnvFilter::try_new(raw.trim()).is_ok() =>
         {
             return Some(raw.trim().to_owned())

@@ -557,11 +557,12 @@ fn usage(answer: &Value) -> Option<Value> {
     let u = answer.get("usageMetadata")?;
     let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
     let prompt = n("promptTokenCount");
-    let completion = n("candidatesTokenCount") + n("thoughtsTokenCount");
+    // The upstream's numbers, whatever they are: added without overflowing.
+    let completion = n("candidatesTokenCount").saturating_add(n("thoughtsTokenCount"));
     Some(json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": n("totalTokenCount").max(prompt + completion),
+        "total_tokens": n("totalTokenCount").max(prompt.saturating_add(completion)),
         "completion_tokens_details": { "reasoning_tokens": n("thoughtsTokenCount") },
     }))
 }
