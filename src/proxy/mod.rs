@@ -1203,9 +1203,7 @@ impl Gateway {
             Err(_) => None,
         }
     }
-}
 
-impl Gateway {
     /// How long a client has to send a request head (`server.header_timeout_s`).
     pub(crate) fn header_timeout(&self) -> Duration {
         self.state.current.load().config.header_timeout

@@ -32,6 +32,9 @@ impl Peer {
             .and_then(|a| a.as_inet())
             .map(|a| canonical(a.ip()));
         let tls = s.digest().is_some_and(|d| d.ssl_digest.is_some());
+        if trusted.is_empty() {
+            return Peer::from_parts(ip, tls, trusted, "", "", "");
+        }
         let headers = &s.req_header().headers;
         let header = |name: &str| {
             headers
