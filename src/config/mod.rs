@@ -1176,8 +1176,10 @@ fn normalize_log_level(raw: &str) -> Option<String> {
         "warning" => "warn",
         "critical" | "fatal" => "error",
         // NOTE: tracing-subscriber's directive parser panics on some non-ASCII text (it
-        // slices within a character), so only plain ASCII directives reach it.
+        // slices within a character), and compiles field values as regexes, which takes
+        // seconds for a long one: only short, plain ASCII directives reach it.
         _ if raw.contains(['=', ','])
+            && raw.trim().len() <= 256
             && raw.trim().bytes().all(|b| b.is_ascii_graphic())
             && tracing_subscriber::EnvFilter::try_new(raw.trim()).is_ok() =>
         {
@@ -1333,5 +1335,14 @@ mod tests {
         assert_eq!(normalize_log_level("WARNING").as_deref(), Some("warn"));
         assert_eq!(normalize_log_level("CRITICAL").as_deref(), Some("error"));
         assert!(normalize_log_level("loud!!").is_none());
+        assert!(normalize_log_level("x, é=").is_none());
+        let slow = format!("a[s{{f={}}}]=info", "x".repeat(8192));
+        let started = std::time::Instant::now();
+        assert!(normalize_log_level(&slow).is_none());
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
+        assert_eq!(
+            normalize_log_level("info,gemgate=debug").as_deref(),
+            Some("info,gemgate=debug")
+        );
     }
 }
