@@ -1073,6 +1073,7 @@ async fn the_data_file_stays_under_its_cap_and_keeps_key_state() {
         tokio::time::sleep(Duration::from_millis(600)).await;
         largest = largest.max(size());
     }
+    eprintln!("the data file reached {largest} bytes at most, for a cap of {cap}");
     assert!(
         largest <= cap + cap / 20,
         "the data file reached {largest} bytes, over {cap} + 5%"
