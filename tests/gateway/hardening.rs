@@ -830,6 +830,21 @@ async fn closed_within(conn: &mut tokio::net::TcpStream, within: Duration) -> (b
     }
 }
 
+/// Reads one small JSON answer on a connection that stays open (its body ends in `}`).
+async fn answered(conn: &mut tokio::net::TcpStream, within: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    while !got.ends_with(b"}") {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[tokio::test]
 async fn slow_heads_and_bodies_are_cut_off() {
     let fake = fake().await;
@@ -911,11 +926,15 @@ async fn connections_past_the_cap_are_closed_at_accept() {
         .admin()
         .start()
         .await;
+    // Each held connection is answered once and kept alive: an answer proves it was accepted
+    // and counted (a connection still in the kernel's backlog would not be).
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(raw(&gate, "GET /health HTTP/1.1\r\n").await);
+        let mut conn = raw(&gate, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let answer = answered(&mut conn, Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        held.push(conn);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut extra = raw(&gate, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let (closed, got) = closed_within(&mut extra, Duration::from_secs(5)).await;
     assert!(closed && got.is_empty(), "closed unanswered: {got:?}");
