@@ -141,7 +141,9 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
     if !system.is_empty() {
         out.insert("systemInstruction".into(), json!({ "parts": system }));
     }
-    let config = generation_config(obj)?;
+    // One budget for every schema of the request: many tools cannot multiply it.
+    let mut budget = schema::Budget::default();
+    let config = generation_config(obj, &mut budget)?;
     if !config.is_empty() {
         out.insert("generationConfig".into(), Value::Object(config));
     }
@@ -160,8 +162,8 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
             }
             if let Some(p) = f.get("parameters") {
                 let field = format!("tools[{i}].function.parameters");
-                d["parameters"] =
-                    schema::clean(p).map_err(|e| BadRequest::new(&field, e.to_string()))?;
+                d["parameters"] = schema::clean(p, &mut budget)
+                    .map_err(|e| BadRequest::new(&field, e.to_string()))?;
             }
             decls.push(d);
         }
@@ -367,7 +369,10 @@ pub fn inline_files(body: &mut Value, fetched: Vec<(String, String)>) {
 }
 
 /// Sampling and output settings → `generationConfig`; only what the client sent.
-fn generation_config(obj: &Map<String, Value>) -> Result<Map<String, Value>, BadRequest> {
+fn generation_config(
+    obj: &Map<String, Value>,
+    budget: &mut schema::Budget,
+) -> Result<Map<String, Value>, BadRequest> {
     let mut c = Map::new();
     let number = |name: &str| -> Result<Option<Value>, BadRequest> {
         match obj.get(name) {
@@ -415,7 +420,7 @@ fn generation_config(obj: &Map<String, Value>) -> Result<Map<String, Value>, Bad
             Some("json_schema") => {
                 c.insert("responseMimeType".into(), json!("application/json"));
                 if let Some(s) = format.pointer("/json_schema/schema") {
-                    let cleaned = schema::clean(s).map_err(|e| {
+                    let cleaned = schema::clean(s, budget).map_err(|e| {
                         BadRequest::new("response_format.json_schema.schema", e.to_string())
                     })?;
                     c.insert("responseSchema".into(), cleaned);
