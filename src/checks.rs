@@ -89,7 +89,7 @@ pub fn confirm(state: Arc<State>, key_id: String) {
             }
             Probe::Failing(
                 status,
-                class @ (ErrorClass::KeyForbidden | ErrorClass::KeyInvalid),
+                class @ (ErrorClass::KeyForbidden | ErrorClass::Forbidden | ErrorClass::KeyInvalid),
                 message,
             ) => {
                 key.state.disable(format!(

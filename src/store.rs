@@ -82,6 +82,9 @@ pub struct Store {
     trim_said_ms: AtomicU64,
     /// When the last flush ended (ms since the epoch).
     flushed_ms: AtomicU64,
+    /// Held from taking the dirty keys' snapshots to saving them: of two flushes (the
+    /// committer's and the last one at shutdown), the one that looked later writes later.
+    saving_keys: std::sync::Mutex<()>,
 }
 
 impl Store {
@@ -108,6 +111,7 @@ impl Store {
             trimmed: AtomicU64::new(0),
             trim_said_ms: AtomicU64::new(0),
             flushed_ms: AtomicU64::new(crate::keys::clock::now_ms()),
+            saving_keys: std::sync::Mutex::new(()),
         };
         store.migrate()?;
         if store.file_bytes() > over_cap(max_bytes) {
@@ -425,6 +429,7 @@ fn class_name(stored: &str) -> &'static str {
         "upstream_error",
         "timeout",
         "network",
+        "forbidden",
         "client_error",
     ];
     NAMES
@@ -496,7 +501,7 @@ pub fn start_flusher(store: Arc<Store>, state: Arc<crate::proxy::State>) {
                 };
                 let gen = state.current.load_full();
                 let config = &gen.config;
-                batch.commit(&store, config.max_data_bytes);
+                batch.commit(&store, &state.lasting.registry, config.max_data_bytes);
                 if last_retention.elapsed() >= RETENTION_EVERY {
                     last_retention = std::time::Instant::now();
                     retire_logs(&store, &config.file.logs);
@@ -556,17 +561,18 @@ pub fn retire_logs(store: &Store, logs: &crate::config::LogsSection) {
 /// Writes every dirty key, the queued usage and the queued log records now. Failures are
 /// logged; dirty keys stay dirty and are tried again.
 ///
-/// Everything is taken before anything is written, and the log records are written last: a
-/// request's log row, once it can be read, says that the key state and usage its request
-/// changed are saved too (a request changes them before its record is queued).
+/// The log records are taken first and written last, and key state is looked at after they
+/// were taken: a request's log row, once it can be read, says that the key state and usage
+/// its request changed are saved too (a request changes them before its record is queued).
 pub fn flush(store: &Store, lasting: &crate::proxy::Lasting, max_bytes: u64) {
-    Batch::take(lasting).commit(store, max_bytes);
+    Batch::take(lasting).commit(store, &lasting.registry, max_bytes);
 }
 
 /// One flush's worth of changes, taken from the request path and encoded, ready to write.
+/// Key state is not in it: a batch can wait (the preparer runs at idle priority, and the
+/// committer may take a newer batch meanwhile), and an older snapshot must never be written
+/// over a newer one, so the keys are looked at when the batch is written.
 pub struct Batch {
-    keys: Vec<(String, SavedKey)>,
-    dirty: Vec<(String, Arc<KeyState>)>,
     usage: HashMap<(u32, String, String), Counts>,
     records: Vec<crate::logs::Record>,
     encoded: Vec<crate::logs::Encoded>,
@@ -578,31 +584,32 @@ impl Batch {
     pub fn take(lasting: &crate::proxy::Lasting) -> Batch {
         let records = lasting.logs.take();
         let usage = lasting.usage.drain();
-        let dirty = lasting.registry.take_dirty();
-        let now = crate::keys::clock::now_ms();
-        let keys = dirty
-            .iter()
-            .map(|(id, state)| (id.clone(), snapshot(state, now)))
-            .collect();
         lasting.metrics.add(&records);
         let encoded = records.iter().map(crate::logs::Encoded::of).collect();
         Batch {
-            keys,
-            dirty,
             usage,
             records,
             encoded,
         }
     }
 
-    /// Writes the batch: key state, usage, then the log records, in steps of a quarter of the
-    /// logs' room, each made room for first (a burst larger than the room left would otherwise
-    /// grow the file before any trimming could free space).
-    pub fn commit(self, store: &Store, max_bytes: u64) {
-        if let Err(e) = store.save_keys(&self.keys) {
-            tracing::error!("cannot save key state: {e}");
-            for (_, state) in self.dirty {
-                state.mark_dirty();
+    /// Writes the batch: the dirty keys' state as it is now, usage, then the log records, in
+    /// steps of a quarter of the logs' room, each made room for first (a burst larger than the
+    /// room left would otherwise grow the file before any trimming could free space).
+    pub fn commit(self, store: &Store, registry: &KeyRegistry, max_bytes: u64) {
+        {
+            let _saving = store.saving_keys.lock().unwrap_or_else(|e| e.into_inner());
+            let dirty = registry.take_dirty();
+            let now = crate::keys::clock::now_ms();
+            let keys: Vec<(String, SavedKey)> = dirty
+                .iter()
+                .map(|(id, state)| (id.clone(), snapshot(state, now)))
+                .collect();
+            if let Err(e) = store.save_keys(&keys) {
+                tracing::error!("cannot save key state: {e}");
+                for (_, state) in dirty {
+                    state.mark_dirty();
+                }
             }
         }
         if let Err(e) = store.add_usage(&self.usage) {

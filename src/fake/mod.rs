@@ -43,6 +43,8 @@ pub enum Behaviour {
     Invalid,
     /// 403 `PERMISSION_DENIED` (consumer suspended), naming the key as Google does.
     Suspended,
+    /// 403 `PERMISSION_DENIED` for a key reported as leaked: no `ErrorInfo`, as Google sends it.
+    Leaked,
     /// 429 with a per-minute `QuotaFailure` and a `RetryInfo`.
     MinuteExhausted,
     /// 429 with a per-day `QuotaFailure`.
@@ -64,7 +66,7 @@ pub enum Behaviour {
 }
 
 impl Behaviour {
-    /// The behaviour a key's prefix names: `invalid-…`, `suspended-…`, `minute-…`, `day-…`,
+    /// The behaviour a key's prefix names: `invalid-…`, `suspended-…`, `leaked-…`, `minute-…`, `day-…`,
     /// `bare429-…`, `flaky-…`, `overloaded-…`, `internal-…`, `deadline-…`, `slow-…`, `cut-…`;
     /// anything else is valid.
     pub fn from_key(key: &str) -> Behaviour {
@@ -72,6 +74,7 @@ impl Behaviour {
         match prefix {
             "invalid" => Behaviour::Invalid,
             "suspended" => Behaviour::Suspended,
+            "leaked" => Behaviour::Leaked,
             "minute" => Behaviour::MinuteExhausted,
             "day" => Behaviour::DayExhausted,
             "bare429" => Behaviour::Bare429,
@@ -590,6 +593,14 @@ async fn handle(
                     "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
                     "domain": "googleapis.com", "metadata": { "service": "generativelanguage.googleapis.com" }
                 }]),
+            )
+        }
+        Behaviour::Leaked => {
+            return google_error(
+                403,
+                "PERMISSION_DENIED",
+                "Your API key was reported as leaked. Please use another API key.",
+                json!([]),
             )
         }
         Behaviour::Suspended => {

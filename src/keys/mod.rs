@@ -263,8 +263,8 @@ pub enum Penalty {
     /// Cooling for the model.
     Cooled,
     Disabled,
-    /// A 403 key fault at `MAX_FAILURES`: disable the key only if a probe confirms it (see
-    /// [`crate::checks::confirm`]).
+    /// A 403 key fault at `MAX_FAILURES`, or a 403 that may be the key's: disable the key
+    /// only if a probe confirms it (see [`crate::checks::confirm`]).
     Confirm,
 }
 
@@ -469,7 +469,8 @@ impl KeyPool {
                 state.cool(model, until, class.as_str(), now_ms);
                 Penalty::Cooled
             }
-            KeyVerdict::NoPenalty => Penalty::None,
+            KeyVerdict::Probe if state.claim_probe(now_ms) => Penalty::Confirm,
+            KeyVerdict::Probe | KeyVerdict::NoPenalty => Penalty::None,
         }
     }
 }

@@ -29,6 +29,11 @@ pub enum ErrorClass {
     Timeout,
     /// Connecting, sending or reading failed.
     Network,
+    /// Any other 403: most often the client's (a file, cached content or project the key
+    /// cannot see), so passed through with no retry and no penalty; but Google also says no
+    /// reason when it refuses a key reported as leaked, so the key is probed with a neutral
+    /// call (at most once a minute) and disabled if that is refused too.
+    Forbidden,
     /// The client's request is wrong (other 4xx): passed through, no retry, no penalty.
     Client,
 }
@@ -44,6 +49,9 @@ pub enum KeyVerdict {
     CoolFor(Duration),
     /// Cool the key for this model until the next daily quota reset.
     CoolUntilDailyReset,
+    /// The key is not to blame for this request, but a probe with a neutral call may show
+    /// it is broken.
+    Probe,
     /// The key is not to blame.
     NoPenalty,
 }
@@ -59,19 +67,21 @@ impl ErrorClass {
             ErrorClass::Upstream => "upstream_error",
             ErrorClass::Timeout => "timeout",
             ErrorClass::Network => "network",
+            ErrorClass::Forbidden => "forbidden",
             ErrorClass::Client => "client_error",
         }
     }
 
     /// Whether another key may succeed where this one failed.
     pub fn retryable(self) -> bool {
-        !matches!(self, ErrorClass::Client)
+        !matches!(self, ErrorClass::Client | ErrorClass::Forbidden)
     }
 
     pub fn verdict(self) -> KeyVerdict {
         match self {
             ErrorClass::KeyInvalid => KeyVerdict::Fault,
             ErrorClass::KeyForbidden => KeyVerdict::Suspect,
+            ErrorClass::Forbidden => KeyVerdict::Probe,
             ErrorClass::RateLimited { retry_after } => KeyVerdict::CoolFor(retry_after),
             ErrorClass::DailyQuota => KeyVerdict::CoolUntilDailyReset,
             ErrorClass::Upstream
@@ -143,6 +153,7 @@ pub fn classify(status: u16, body: &[u8]) -> ErrorClass {
             ErrorClass::KeyInvalid
         }
         403 if KEY_FAULT_REASONS.iter().any(|r| reason(r)) => ErrorClass::KeyForbidden,
+        403 => ErrorClass::Forbidden,
         429 => {
             let daily = err
                 .details
@@ -205,9 +216,11 @@ mod tests {
         let suspended = br#"{"error":{"code":403,"message":"Permission denied","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CONSUMER_SUSPENDED"}]}}"#;
         assert_eq!(classify(403, suspended), ErrorClass::KeyForbidden);
         let foreign_file = br#"{"error":{"code":403,"message":"You do not have permission to access the File abc or it may not exist.","status":"PERMISSION_DENIED"}}"#;
-        assert_eq!(classify(403, foreign_file), ErrorClass::Client);
+        assert_eq!(classify(403, foreign_file), ErrorClass::Forbidden);
         let other_reason = br#"{"error":{"code":403,"status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"IAM_PERMISSION_DENIED"}]}}"#;
-        assert_eq!(classify(403, other_reason), ErrorClass::Client);
+        assert_eq!(classify(403, other_reason), ErrorClass::Forbidden);
+        let leaked = br#"{"error":{"code":403,"message":"Your API key was reported as leaked. Please use another API key.","status":"PERMISSION_DENIED"}}"#;
+        assert_eq!(classify(403, leaked), ErrorClass::Forbidden);
         for r in KEY_FAULT_REASONS {
             let body = format!(r#"{{"error":{{"code":403,"details":[{{"reason":"{r}"}}]}}}}"#);
             assert_eq!(
@@ -253,6 +266,8 @@ mod tests {
         assert_eq!(ErrorClass::KeyInvalid.verdict(), KeyVerdict::Fault);
         assert_eq!(ErrorClass::Upstream.verdict(), KeyVerdict::NoPenalty);
         assert!(!ErrorClass::Client.retryable());
+        assert!(!ErrorClass::Forbidden.retryable());
+        assert_eq!(ErrorClass::Forbidden.verdict(), KeyVerdict::Probe);
         assert!(ErrorClass::Network.retryable());
     }
 }
