@@ -125,6 +125,39 @@ async fn a_schema_that_expands_past_its_budget_is_refused() {
         v["error"]["message"].as_str().unwrap().contains("nodes"),
         "{v}"
     );
+
+    // Few nodes but long strings: each tool's 64 KiB description is inlined 8 times (512 KiB a
+    // tool). The tools of one request share one budget: four pass, eight do not.
+    let tool = |i: usize| {
+        let props: serde_json::Map<String, Value> = (0..8)
+            .map(|p| (format!("p{p}"), json!({ "$ref": "#/$defs/Long" })))
+            .collect();
+        json!({ "type": "function", "function": { "name": format!("f{i}"), "parameters": {
+            "type": "object", "properties": props,
+            "$defs": { "Long": { "type": "string", "description": "x".repeat(64 << 10) } } } } })
+    };
+    let ask_with = |tools: usize| {
+        json!({
+            "model": "gemini-2.5-flash",
+            "messages": [{ "role": "user", "content": "hi" }],
+            "tools": (0..tools).map(tool).collect::<Vec<_>>(),
+        })
+    };
+    let chat = |body: Value| {
+        client()
+            .post(gate.url("/v1/chat/completions"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(chat(ask_with(4)).await.unwrap().status(), 200);
+    let resp = chat(ask_with(8)).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("bytes"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -152,11 +185,21 @@ async fn a_403_for_a_file_the_key_cannot_see_is_the_clients_error() {
             "{v}"
         );
     }
-    assert_eq!(
-        fake.state.total_requests(),
-        3,
-        "never retried on another key"
-    );
+    let naming = |fake: &FakeUpstream| {
+        fake.state
+            .received()
+            .iter()
+            .filter(|r| memchr::memmem::find(&r.body, b"nobodys").is_some())
+            .count()
+    };
+    assert_eq!(naming(&fake), 3, "never retried on another key");
+    // Each key that got the 403 is probed with a neutral call, which it answers: no key is
+    // blamed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.state.total_requests() < 6 {
+        assert!(Instant::now() < deadline, "the keys were probed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         key_states(&gate).await.iter().all(|(_, s)| s == "active"),
         "no key was blamed"
@@ -217,6 +260,39 @@ async fn a_key_blaming_403_disables_a_key_only_when_a_probe_confirms_it() {
     assert!(!v.to_string().contains("suspended-2"), "no secret: {v}");
     let (status, ..) = post(&gate, GENERATE, &ask("the good key serves")).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_key_reported_as_leaked_is_probed_and_disabled() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1", "leaked-2"])
+        .admin()
+        .start()
+        .await;
+    // Google's 403 for a leaked key says no reason: the request that met it gets it as it
+    // came, but the key's probe is refused too, and the key goes.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(post(&gate, GENERATE, &ask("hi")).await.0);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 403]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let states = key_states(&gate).await;
+        if states.iter().any(|(_, s)| s == "disabled") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leaked key stays: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(post(&gate, GENERATE, &ask("hi")).await.0, 200);
+    }
 }
 
 /// A one-answer HTTP server on `ip` (a loopback address): every request gets `answer`, and
