@@ -11,7 +11,7 @@
 //! before owners were kept belong to no client: only the admin API shows them
 //! (`GET /admin/api/resources?kind=files`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{LazyLock, Mutex};
 
 use bytes::Bytes;
@@ -131,25 +131,40 @@ impl FileOwners {
     }
 }
 
-/// The files a Gemini request names in `fileData.fileUri`.
-pub fn named_files(body: &[u8]) -> Vec<String> {
+/// The files a Gemini request names, wherever it names them: `fileData.fileUri` in
+/// `contents`, but also in a `countTokens` request's `generateContentRequest`, a batch's input
+/// file, a cached content's parts. Every string of the form `files/ID` or `…/files/ID` counts
+/// (what is not a file gemgate uploaded is ignored by the caller).
+pub fn named_files(body: &[u8]) -> BTreeSet<String> {
     // Built once: building a searcher costs more than searching a short request.
-    static FILE_URI: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"/files/"));
-    if FILE_URI.find(body).is_none() {
-        return Vec::new();
+    static FILES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"files/"));
+    let mut names = BTreeSet::new();
+    if FILES.find(body).is_none() {
+        return names;
     }
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
+        return names;
     };
-    v.get("contents")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.get("parts").and_then(Value::as_array))
-        .flatten()
-        .filter_map(|p| p.pointer("/fileData/fileUri")?.as_str())
-        .filter_map(|u| u.split("/files/").nth(1).map(str::to_owned))
-        .collect()
+    let mut stack = vec![&v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Array(items) => stack.extend(items),
+            Value::Object(members) => stack.extend(members.values()),
+            Value::String(s) => names.extend(file_id(s).map(str::to_owned)),
+            _ => {}
+        }
+    }
+    names
+}
+
+/// The ID in `files/ID` or `…/files/ID` (up to a `:` method, `?` or `#`).
+fn file_id(s: &str) -> Option<&str> {
+    let rest = match s.strip_prefix("files/") {
+        Some(rest) => rest,
+        None => &s[s.rfind("/files/")? + "/files/".len()..],
+    };
+    let id = rest.split([':', '?', '#', '/']).next().unwrap_or_default();
+    (!id.is_empty()).then_some(id)
 }
 
 /// The answer to a client asking about a file that is not its own (or not there): the same as

@@ -177,6 +177,14 @@ async fn a_client_sees_and_uses_only_its_own_files() {
     ] }] });
     let (status, ..) = post_as(&gate, "sk-bob", GENERATE, &use_it).await;
     assert_eq!(status, 404);
+    // Named elsewhere in a request, or by its short name, it is still Alice's.
+    let counted = json!({ "generateContentRequest": use_it });
+    let count = "/v1beta/models/gemini-2.5-flash:countTokens";
+    assert_eq!(post_as(&gate, "sk-bob", count, &counted).await.0, 404);
+    let short = json!({ "contents": [{ "role": "user", "parts": [
+        { "fileData": { "fileUri": alices, "mimeType": "text/plain" } }
+    ] }] });
+    assert_eq!(post_as(&gate, "sk-bob", GENERATE, &short).await.0, 404);
     let resp = client()
         .post(gate.url("/v1/chat/completions"))
         .bearer_auth("sk-bob")
