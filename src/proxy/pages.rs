@@ -309,6 +309,8 @@ impl Gateway {
                         )
                     }
                     Err(e) if e.status == 429 => {
+                        // No faster than a plain wrong token: a throttled guess costs as much.
+                        tokio::time::sleep(FAILED_LOGIN_DELAY).await;
                         let secs = e.retry_after_s.unwrap_or(1);
                         let data = json!({ "off": false, "next": next,
                             "error": format!("Too many failed logins: try again in {secs} s.") });
@@ -552,7 +554,6 @@ impl Gateway {
     }
 }
 
-/// The address the request came from (a reverse proxy's, behind one).
 const CHART_W: f64 = 600.0;
 const CHART_H: f64 = 120.0;
 

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use http::header;
@@ -57,11 +57,14 @@ struct Failures {
     last: Instant,
 }
 
-/// Wrong credentials counted per client address: after `free` of them, each further one is
-/// answered with a wait twice as long as the last (up to 5 minutes). Bounded in memory.
+/// Wrong credentials counted per client address (an IPv6 client per /64, the block one
+/// subscriber holds): after `free` of them, each further one is answered with a wait twice as
+/// long as the last (up to 5 minutes). Bounded in memory: when full, the older half of the
+/// addresses is forgotten at once, so a flood from many addresses costs a constant amount of
+/// work per failure.
 pub struct Throttle {
     free: u32,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    failures: RwLock<HashMap<IpAddr, Failures>>,
     /// Whether any address has failures: a right credential then takes no lock.
     any: AtomicBool,
 }
@@ -70,7 +73,7 @@ impl Throttle {
     pub fn new(free: u32) -> Throttle {
         Throttle {
             free,
-            failures: Mutex::default(),
+            failures: RwLock::default(),
             any: AtomicBool::new(false),
         }
     }
@@ -78,19 +81,10 @@ impl Throttle {
     /// Counts a wrong credential from `ip`: `Some(wait)` once past the free ones, the time the
     /// client is told to wait.
     pub fn failed(&self, ip: Option<IpAddr>) -> Option<Duration> {
-        let ip = ip?;
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let ip = counted_as(ip?);
+        let mut failures = self.failures.write().unwrap_or_else(|e| e.into_inner());
         if failures.len() >= MAX_TRACKED && !failures.contains_key(&ip) {
-            failures.retain(|_, f| f.last.elapsed() < FAILURE_MEMORY);
-            if failures.len() >= MAX_TRACKED {
-                let oldest = failures
-                    .iter()
-                    .min_by_key(|(_, f)| f.last)
-                    .map(|(ip, _)| *ip);
-                if let Some(oldest) = oldest {
-                    failures.remove(&oldest);
-                }
-            }
+            forget_older_half(&mut failures);
         }
         let f = failures.entry(ip).or_insert(Failures {
             count: 0,
@@ -106,17 +100,47 @@ impl Throttle {
         Some(Duration::from_secs(1u64 << over.min(9)).min(MAX_WAIT))
     }
 
-    /// A right credential from `ip`: its failures are forgotten.
+    /// A right credential from `ip`: its failures are forgotten. Addresses without failures
+    /// (nearly every request) share a read lock.
     pub fn succeeded(&self, ip: Option<IpAddr>) {
         let Some(ip) = ip.filter(|_| self.any.load(Ordering::Relaxed)) else {
             return;
         };
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let ip = counted_as(ip);
+        let read = self.failures.read().unwrap_or_else(|e| e.into_inner());
+        if !read.contains_key(&ip) {
+            return;
+        }
+        drop(read);
+        let mut failures = self.failures.write().unwrap_or_else(|e| e.into_inner());
         failures.remove(&ip);
         if failures.is_empty() {
             self.any.store(false, Ordering::Relaxed);
         }
     }
+}
+
+/// The address failures are counted under: an IPv4 address (also when written IPv4-mapped),
+/// or an IPv6 address's /64.
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
+
+/// Forgets the addresses whose last failure is older than the median (and any past
+/// `FAILURE_MEMORY`): linear work that frees half the room.
+fn forget_older_half(failures: &mut HashMap<IpAddr, Failures>) {
+    failures.retain(|_, f| f.last.elapsed() < FAILURE_MEMORY);
+    if failures.len() < MAX_TRACKED / 2 {
+        return;
+    }
+    let mut lasts: Vec<Instant> = failures.values().map(|f| f.last).collect();
+    let middle = lasts.len() / 2;
+    let (_, median, _) = lasts.select_nth_unstable(middle);
+    let median = *median;
+    failures.retain(|_, f| f.last > median);
 }
 
 /// Open sessions and recent wrong credentials; they outlive reloads.
@@ -503,13 +527,38 @@ mod tests {
     }
 
     #[test]
-    fn the_throttle_forgets_the_oldest_address_when_full() {
+    fn the_throttle_forgets_the_older_half_when_full() {
         let t = Throttle::new(0);
+        let v4 = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(i));
         for i in 0..MAX_TRACKED as u32 + 5 {
-            let ip = std::net::Ipv4Addr::from(i).into();
-            assert!(t.failed(Some(ip)).is_some());
+            assert!(t.failed(Some(v4(i))).is_some());
         }
-        assert!(t.failures.lock().unwrap().len() <= MAX_TRACKED);
+        let failures = t.failures.read().unwrap();
+        assert!(failures.len() <= MAX_TRACKED / 2 + 5, "{}", failures.len());
+        assert!(
+            failures.contains_key(&v4(MAX_TRACKED as u32 + 4)),
+            "the newest stay"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_per_64() {
+        let t = Throttle::new(1);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(t.failed(Some(a)), None);
+        assert!(t.failed(Some(b)).is_some(), "the same /64");
+        assert_eq!(t.failed(Some(other)), None, "another /64");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let plain: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(t.failed(Some(mapped)), None);
+        assert!(
+            t.failed(Some(plain)).is_some(),
+            "one address, two spellings"
+        );
+        t.succeeded(Some(plain));
+        assert_eq!(t.failed(Some(mapped)), None, "forgotten on success");
     }
 
     #[test]
