@@ -32,7 +32,20 @@ impl Cidr {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
         };
-        Ok(Cidr { net, prefix })
+        // A block written IPv4-mapped (`::ffff:10.0.0.0/104`) is that IPv4 block: the
+        // addresses it is matched against are made IPv4 too.
+        match canonical(net) {
+            IpAddr::V4(v4) if net.is_ipv6() => {
+                let prefix = prefix.checked_sub(96).ok_or_else(|| {
+                    format!("{s:?}: a block of IPv4-mapped addresses needs a prefix of 96 to 128")
+                })?;
+                Ok(Cidr {
+                    net: IpAddr::V4(v4),
+                    prefix,
+                })
+            }
+            _ => Ok(Cidr { net, prefix }),
+        }
     }
 
     /// Whether `ip` is in the block. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is its
@@ -144,7 +157,19 @@ mod tests {
         let odd = Cidr::parse("172.16.0.0/12").unwrap();
         assert!(odd.contains(ip("172.31.255.255")) && !odd.contains(ip("172.32.0.0")));
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
-        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129"] {
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert!(mapped.contains(ip("10.9.9.9")) && mapped.contains(ip("::ffff:10.1.1.1")));
+        assert!(!mapped.contains(ip("11.0.0.1")));
+        assert!(Cidr::parse("::ffff:127.0.0.1")
+            .unwrap()
+            .contains(ip("127.0.0.1")));
+        for bad in [
+            "10.0.0.0/33",
+            "nope",
+            "10.0.0.0/x",
+            "::/129",
+            "::ffff:0.0.0.0/95",
+        ] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
     }

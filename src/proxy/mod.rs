@@ -1157,7 +1157,7 @@ impl Gateway {
     ) -> Option<Stream> {
         // Set before reading (the wait for this request) and again after it, in case the
         // shutdown began meanwhile (whether the connection stays open after the answer).
-        let keepalive = || if *shutdown.borrow() { None } else { Some(75) };
+        let keepalive = || (!*shutdown.borrow()).then_some(workers::KEEPALIVE.as_secs());
         s.set_keepalive(keepalive());
         match tokio::time::timeout(self.header_timeout(), s.read_request()).await {
             Ok(Ok(true)) => {}

@@ -72,27 +72,41 @@ impl Peer {
             };
         }
         // The client is the last address not one of our proxies, walking back from the one
-        // that connected: addresses before it are whatever the client itself wrote.
-        let client = forwarded_for
-            .rsplit(',')
-            .map(str::trim)
-            .filter_map(|a| a.parse::<IpAddr>().ok().map(canonical))
-            .find(|a| !in_any(trusted, *a))
-            .or(ip);
-        // The proxy nearest the client wrote the first value.
-        let first = |list: &str| {
-            list.split(',')
+        // that connected: addresses before it are whatever the client itself wrote. An entry
+        // that is no address (nor an address and port) ends the walk: past it, nothing can be
+        // believed, and the client is the nearest hop known.
+        let mut client = ip;
+        for hop in forwarded_for.rsplit(',').map(str::trim) {
+            let Some(hop) = hop_address(hop) else { break };
+            client = Some(hop);
+            if !in_any(trusted, hop) {
+                break;
+            }
+        }
+        // The proxy that connected wrote the last value (or the only one, if it overwrites
+        // them); values before it came from further away, maybe from the client.
+        let last = |list: &str| {
+            list.rsplit(',')
                 .map(str::trim)
                 .find(|v| !v.is_empty())
                 .map(str::to_owned)
         };
         Peer {
             ip: client,
-            https: tls || first(proto).is_some_and(|p| p.eq_ignore_ascii_case("https")),
-            forwarded_host: first(host).filter(|h| valid_authority(h)),
+            https: tls || last(proto).is_some_and(|p| p.eq_ignore_ascii_case("https")),
+            forwarded_host: last(host).filter(|h| valid_authority(h)),
             proxied: true,
         }
     }
+}
+
+/// One `X-Forwarded-For` entry's address: `1.2.3.4`, `2001:db8::1`, or either with a port
+/// (`1.2.3.4:5678`, `[2001:db8::1]:443`), as some load balancers write them.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+        .ok()
+        .map(canonical)
 }
 
 /// Whether `s` is a plain `host[:port]`: no user, path, or anything else a link could smuggle.
@@ -130,12 +144,33 @@ mod tests {
             false,
             &trusted,
             "6.6.6.6, 198.51.100.7, 10.0.0.3",
-            "https,http",
-            "gemini.example.com",
+            "http,https",
+            "evil.example, gemini.example.com",
         );
         assert_eq!(via.ip, ip("198.51.100.7"), "the last address not a proxy");
-        assert!(via.https && via.proxied);
+        assert!(via.https && via.proxied, "the connecting proxy's value");
         assert_eq!(via.forwarded_host.as_deref(), Some("gemini.example.com"));
+
+        // Entries with ports are addresses too; an entry that is none ends the walk rather
+        // than letting the client's own entries count.
+        let ported = Peer::from_parts(
+            ip("10.0.0.2"),
+            false,
+            &trusted,
+            "6.6.6.6, 198.51.100.7:5678, [::ffff:10.0.0.4]:80, 10.0.0.3:443",
+            "",
+            "",
+        );
+        assert_eq!(ported.ip, ip("198.51.100.7"));
+        let garbled = Peer::from_parts(
+            ip("10.0.0.2"),
+            false,
+            &trusted,
+            "6.6.6.6, unknown, 10.0.0.3",
+            "",
+            "",
+        );
+        assert_eq!(garbled.ip, ip("10.0.0.3"), "the nearest hop known");
 
         let bad_host = Peer::from_parts(ip("10.0.0.2"), false, &trusted, "", "", "evil.example/x?");
         assert_eq!(bad_host.ip, ip("10.0.0.2"));

@@ -78,7 +78,7 @@ pub fn bind_all(addr: SocketAddr, workers: usize) -> std::io::Result<(SocketAddr
 }
 
 /// How long a kept-alive connection may wait for its next request.
-const KEEPALIVE: Duration = Duration::from_secs(75);
+pub(super) const KEEPALIVE: Duration = Duration::from_secs(75);
 
 /// Serves one connection, request after request, until it closes.
 ///
