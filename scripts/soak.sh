@@ -103,7 +103,7 @@ keys="soak-good-1,soak-good-2,soak-good-3,soak-good-4,flaky-soak-1,flaky-soak-2,
 # override the file; the working folder is empty, so no .env is read either.
 (
   cd "$work/run"
-  exec env -i PATH="$PATH" HOME="${HOME:-/tmp}" \
+  exec env -i PATH="$PATH" HOME="${HOME:-/tmp}" $(env | grep -E '^MIMALLOC_[A-Z_]+=[0-9a-z-]*$' || true) \
     GEMGATE_LISTEN="127.0.0.1:$GATE_PORT" GEMGATE_DATA_DIR="$work/data" \
     BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" API_KEYS="$keys" \
     ALLOWED_TOKENS="$TOKEN" AUTH_TOKEN="$ADMIN" LOG_LEVEL=info \
