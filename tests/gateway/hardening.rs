@@ -1415,3 +1415,29 @@ async fn kill_9_under_load_loses_nothing_older_than_the_last_flush() {
         "an answer completed {oldest_missing:?} before the kill is not in the log"
     );
 }
+
+#[tokio::test]
+async fn page_numbers_at_the_edge_of_arithmetic_are_answered() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).admin().start().await;
+    let max = u64::MAX;
+    for path in [
+        format!("/admin/api/keys?page={max}&per_page={max}"),
+        format!("/admin/keys?page={max}&per_page={max}"),
+        format!("/admin/api/logs/requests?limit={max}&before={max}"),
+        format!("/admin/api/logs/errors?from={max}&to={max}"),
+    ] {
+        let resp = client()
+            .get(gate.url(&path))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.status() == 200 || resp.status() == 400,
+            "{path}: {}",
+            resp.status()
+        );
+    }
+    assert_eq!(post(&gate, GENERATE, &ask("still here")).await.0, 200);
+}
