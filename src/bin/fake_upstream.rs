@@ -8,7 +8,7 @@ use gemgate::fake::{FakeConfig, FakeUpstream};
 #[derive(Parser)]
 #[command(
     version,
-    about = "A fake Gemini API: key behaviours by prefix (invalid-, suspended-, minute-, day-, flaky-, slow-, cut-…)"
+    about = "A fake Gemini API: key behaviours by prefix (invalid-, suspended-, leaked-, minute-, day-, flaky-, slow-, cut-…)"
 )]
 struct Args {
     /// Address to listen on.
