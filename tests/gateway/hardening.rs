@@ -1044,7 +1044,7 @@ async fn a_thousand_half_sent_requests_do_not_slow_anyone_else() {
     };
     let measure = || async {
         let mut times = Vec::new();
-        for _ in 0..100 {
+        for _ in 0..300 {
             let started = Instant::now();
             let resp = http
                 .post(gate.url(GENERATE))
@@ -1059,6 +1059,7 @@ async fn a_thousand_half_sent_requests_do_not_slow_anyone_else() {
         }
         times
     };
+    measure().await; // warm: the first calls open connections
     let unloaded = p99(measure().await);
     let mut half_sent = Vec::new();
     for i in 0..1000 {
@@ -1067,6 +1068,9 @@ async fn a_thousand_half_sent_requests_do_not_slow_anyone_else() {
         );
         half_sent.push(raw(&gate, &head).await);
     }
+    // Let the gateway take them all in first: the item is about requests held open, not about
+    // the moment a thousand connections arrive at once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let loaded = p99(measure().await);
     eprintln!("p99 unloaded {unloaded:?}, with 1000 half-sent requests {loaded:?}");
     // Twice the unloaded p99, with a generous floor: the suite runs many gateways at once,
