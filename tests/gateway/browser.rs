@@ -2,15 +2,15 @@
 //! keys by pasting text, see them masked, disable one, change a setting and see it applied.
 //!
 //! `scripts/test.sh` installs Chromium and Playwright and names the interpreter in
-//! `GEMGATE_BROWSER_PYTHON`; without it (a bare `cargo test`), this test says so and passes.
+//! `GEMGATE_BROWSER_PYTHON`; without it a bare `cargo test` says so and skips it, and under
+//! `CI=true` it fails (see [`needed_env`]).
 //! The screenshots are kept in `target/browser-shots/`.
 
 use crate::common::*;
 
 #[tokio::test]
 async fn an_operator_runs_the_gateway_from_the_admin_page_in_a_real_browser() {
-    let Ok(python) = std::env::var("GEMGATE_BROWSER_PYTHON") else {
-        eprintln!("skipped: GEMGATE_BROWSER_PYTHON is not set (scripts/test.sh sets it)");
+    let Some(python) = needed_env("GEMGATE_BROWSER_PYTHON") else {
         return;
     };
     let fake = fake().await;

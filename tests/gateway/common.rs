@@ -438,3 +438,20 @@ pub async fn run_python(python: &str, script: &str, env: &[(&str, &str)], gate: 
     assert!(out.status.success(), "{report}\ngemgate:\n{}", gate.logs());
     report
 }
+
+/// The value of `name`, which `scripts/test.sh` sets for the tests that need more than Rust
+/// (the Python SDKs, a browser). Without it a bare `cargo test` skips such a test and says so;
+/// under `CI=true` (or `1`) a missing environment fails the test rather than letting it pass
+/// without having run.
+pub fn needed_env(name: &str) -> Option<String> {
+    if let Ok(value) = std::env::var(name) {
+        return Some(value);
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "{name} is not set and CI is: run the tests with scripts/test.sh"
+    );
+    eprintln!("skipped: {name} is not set (scripts/test.sh sets it)");
+    None
+}

@@ -2,16 +2,14 @@
 //! Google's `google-genai` (tests/sdk/genai_client.py).
 //!
 //! `scripts/test.sh` installs both into a virtual environment and names its interpreter in
-//! `GEMGATE_SDK_PYTHON`; without it (a bare `cargo test`), these tests say so and pass.
+//! `GEMGATE_SDK_PYTHON`; without it a bare `cargo test` says so and skips them, and under
+//! `CI=true` they fail (see [`needed_env`]).
 
 use crate::common::*;
 
 /// Runs `script` against a fresh gemgate; returns its report, or `None` when skipped.
 async fn run_sdk_script(script: &str) -> Option<String> {
-    let Ok(python) = std::env::var("GEMGATE_SDK_PYTHON") else {
-        eprintln!("skipped: GEMGATE_SDK_PYTHON is not set (scripts/test.sh sets it)");
-        return None;
-    };
+    let python = needed_env("GEMGATE_SDK_PYTHON")?;
     let fake = fake().await;
     let gate = gate().upstream(&fake, &["good-1", "good-2"]).start().await;
     let url = gate.url("");

@@ -332,6 +332,10 @@ async fn sigterm_waits_no_longer_than_the_grace_period() {
 #[tokio::test]
 async fn log_level_sets_what_is_logged() {
     let fake = fake().await;
+    // The control: at the default level, the call's access line is written.
+    let chatty = gate().upstream(&fake, &["good-1"]).start().await;
+    assert_eq!(post(&chatty, GENERATE, &ask("hi")).await.0, 200);
+    chatty.wait_log("gemgate::access").await;
     let gate = gate()
         .upstream(&fake, &["good-1"])
         .env("LOG_LEVEL", "WARNING")
