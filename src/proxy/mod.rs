@@ -1550,16 +1550,13 @@ fn upstream_header(
 
 /// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
 pub(crate) fn encode_query_value(value: &str) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    const RESERVED: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    utf8_percent_encode(value, RESERVED).to_string()
 }
 
 /// The request's query string without the client's `key=` credential: what goes upstream.
@@ -2028,6 +2025,7 @@ mod tests {
     #[test]
     fn page_tokens_are_encoded() {
         assert_eq!(encode_query_value("ab/c=+d"), "ab%2Fc%3D%2Bd");
+        assert_eq!(encode_query_value("a-b.c_d~é"), "a-b.c_d~%C3%A9");
     }
 
     #[test]
