@@ -157,7 +157,10 @@ where
         SECOND.with(|cache| {
             let mut cache = cache.borrow_mut();
             if cache.0 != now.as_secs() || cache.1.is_empty() {
-                *cache = (now.as_secs(), utc_seconds(now.as_secs()));
+                *cache = (
+                    now.as_secs(),
+                    crate::keys::clock::utc_seconds(now.as_secs()),
+                );
             }
             let ms = now.subsec_millis();
             let digits = [
@@ -241,18 +244,6 @@ thread_local! {
     static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` for a Unix time in seconds (UTC).
-fn utc_seconds(secs: u64) -> String {
-    let (y, m, d) = crate::keys::clock::civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use std::fmt::Write;
@@ -266,7 +257,10 @@ mod tests {
 
     #[test]
     fn utc_seconds_formats_dates() {
-        assert_eq!(super::utc_seconds(0), "1970-01-01T00:00:00");
-        assert_eq!(super::utc_seconds(1_795_678_200), "2026-11-26T07:30:00");
+        assert_eq!(crate::keys::clock::utc_seconds(0), "1970-01-01T00:00:00");
+        assert_eq!(
+            crate::keys::clock::utc_seconds(1_795_678_200),
+            "2026-11-26T07:30:00"
+        );
     }
 }
