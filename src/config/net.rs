@@ -34,7 +34,7 @@ impl Cidr {
         };
         // A block written IPv4-mapped (`::ffff:10.0.0.0/104`) is that IPv4 block: the
         // addresses it is matched against are made IPv4 too.
-        match canonical(net) {
+        match net.to_canonical() {
             IpAddr::V4(v4) if net.is_ipv6() => {
                 let prefix = prefix.checked_sub(96).ok_or_else(|| {
                     format!("{s:?}: a block of IPv4-mapped addresses needs a prefix of 96 to 128")
@@ -51,7 +51,7 @@ impl Cidr {
     /// Whether `ip` is in the block. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is its
     /// IPv4 address.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.net, canonical(ip)) {
+        match (self.net, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 prefix_eq(&net.octets(), &ip.octets(), self.prefix)
             }
@@ -60,14 +60,6 @@ impl Cidr {
             }
             _ => false,
         }
-    }
-}
-
-/// `ip`, with an IPv4-mapped IPv6 address turned into its IPv4 address.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
     }
 }
 

@@ -26,7 +26,7 @@ use base64::Engine as _;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Url;
 
-use crate::config::net::{canonical, Allowed};
+use crate::config::net::Allowed;
 use crate::config::FetchConfig;
 
 /// URLs one request may name, at most.
@@ -257,7 +257,7 @@ fn permitted(ip: IpAddr, allow: &[Allowed]) -> bool {
 /// (CGNAT), multicast, reserved or documentation space, in IPv4 or IPv6 (an IPv4-mapped or
 /// 6to4 address is judged by the IPv4 address in it).
 pub fn is_public(ip: IpAddr) -> bool {
-    match canonical(ip) {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => {
             let [a, b, c, _] = v4.octets();
             !(a == 0

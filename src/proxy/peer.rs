@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use pingora::protocols::http::ServerSession;
 
-use crate::config::net::{canonical, in_any, Cidr};
+use crate::config::net::{in_any, Cidr};
 
 /// What gemgate knows of a request's client.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,7 +30,7 @@ impl Peer {
         let ip = s
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| canonical(a.ip()));
+            .map(|a| a.ip().to_canonical());
         let tls = s.digest().is_some_and(|d| d.ssl_digest.is_some());
         if trusted.is_empty() {
             return Peer::from_parts(ip, tls, trusted, "", "", "");
@@ -106,7 +106,7 @@ fn hop_address(hop: &str) -> Option<IpAddr> {
     hop.parse::<IpAddr>()
         .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|a| a.ip()))
         .ok()
-        .map(canonical)
+        .map(|ip| ip.to_canonical())
 }
 
 /// Whether `s` is a plain `host[:port]`: no user, path, or anything else a link could smuggle.
