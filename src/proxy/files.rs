@@ -85,6 +85,14 @@ impl FileOwners {
             .cloned()
     }
 
+    /// Whether gemgate has no file on record at all (then no request can name one of its).
+    fn is_empty(&self) -> bool {
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// File `id` (`files/abc` or `abc`), if gemgate uploaded it and it has not expired.
     pub fn file(&self, id: &str) -> Option<FileRecord> {
         let id = id.rsplit('/').next().unwrap_or(id);
@@ -390,6 +398,10 @@ impl Gateway {
         body: &[u8],
         client: Option<&str>,
     ) -> Result<Option<usize>, Refusal> {
+        // Most gateways hold no uploads: then the body need not be parsed at all.
+        if self.state.lasting.files.is_empty() {
+            return Ok(None);
+        }
         let mut pin = None;
         for id in named_files(body) {
             let Some(file) = self.state.lasting.files.file(&id) else {
