@@ -455,3 +455,20 @@ pub fn needed_env(name: &str) -> Option<String> {
     eprintln!("skipped: {name} is not set (scripts/test.sh sets it)");
     None
 }
+
+/// The state of every key, by key id, from the admin API.
+pub async fn key_states(gate: &Gate) -> Vec<(String, String)> {
+    let (status, v) = admin(reqwest::Method::GET, gate, "/admin/api/keys", None).await;
+    assert_eq!(status, 200, "{v}");
+    v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["id"].as_str().unwrap().to_owned(),
+                k["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}

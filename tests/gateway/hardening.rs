@@ -4,23 +4,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-/// The state of every key, by key id, from the admin API.
-async fn key_states(gate: &Gate) -> Vec<(String, String)> {
-    let (status, v) = admin(reqwest::Method::GET, gate, "/admin/api/keys", None).await;
-    assert_eq!(status, 200, "{v}");
-    v["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| {
-            (
-                k["id"].as_str().unwrap().to_owned(),
-                k["state"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// A JSON schema whose `$defs` entry names itself from eight properties: inlined without a
 /// bound it is more nodes than memory holds.
 fn schema_bomb() -> Value {

@@ -350,12 +350,10 @@ async fn flaky_keys_keep_serving() {
         let stats = fake.state.key_stats(key);
         assert!(stats.requests >= 4, "{key} keeps its turns: {stats:?}");
     }
-    let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
-    let states: Vec<&str> = v["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["state"].as_str().unwrap())
+    let states: Vec<String> = key_states(&gate)
+        .await
+        .into_iter()
+        .map(|(_, s)| s)
         .collect();
     assert_eq!(
         states, ["active"; 3],
