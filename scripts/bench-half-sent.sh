@@ -33,20 +33,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "bench: nothing listens on port $1" >&2
-  exit 1
-}
+. scripts/ports.sh
 
 FAKE_PORT=$(free_port)
 "$bin/gemgate-fake-upstream" --listen "127.0.0.1:$FAKE_PORT" --threads 1 >"$work/fake.log" 2>&1 &
 pids+=($!)
-wait_port "$FAKE_PORT"
+wait_port "$FAKE_PORT" "the fake upstream" "$work/fake.log"
 GATE_PORT=$(free_port)
 (
   cd "$work"
@@ -56,7 +48,7 @@ GATE_PORT=$(free_port)
     "$bin/gemgate"
 ) >"$work/gemgate.log" 2>&1 &
 pids+=($!)
-wait_port "$GATE_PORT"
+wait_port "$GATE_PORT" gemgate "$work/gemgate.log"
 
 python3 - "$GATE_PORT" "$TOKEN" "$HALF_SENT" "$CALLS" "$ROUNDS" <<'PY'
 import http.client, json, resource, socket, sys, time

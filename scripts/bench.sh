@@ -37,15 +37,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+. scripts/ports.sh
 
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "bench: nothing listens on port $1" >&2
-  exit 1
-}
 
 target/release/gemgate-fake-upstream --listen "127.0.0.1:$FAKE_PORT" --threads 2 >"$work/fake.log" 2>&1 &
 pids+=($!)
@@ -96,10 +89,10 @@ NGINX
   nginx -c "$work/nginx.conf" -p "$work" -g 'daemon on;' 2>/dev/null || have_nginx=0
 fi
 
-wait_port "$FAKE_PORT"
-wait_port "$GATE_PORT"
-wait_port "$BARE_PORT"
-[ "$have_nginx" = 1 ] && wait_port "$NGINX_PORT"
+wait_port "$FAKE_PORT" "the fake upstream"
+wait_port "$GATE_PORT" gemgate
+wait_port "$BARE_PORT" "gemgate without plugins"
+[ "$have_nginx" = 1 ] && wait_port "$NGINX_PORT" nginx
 
 body='{"contents":[{"role":"user","parts":[{"text":"Say hello to the benchmark"}]}]}'
 for mode in generate sse; do

@@ -60,22 +60,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Free ports, asked of the kernel now (another program could take one before we bind it; the
-# wait below would then fail loudly rather than test the wrong thing).
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+. scripts/ports.sh
 FAKE_PORT=$(free_port)
 GATE_PORT=$(free_port)
 while [ "$GATE_PORT" = "$FAKE_PORT" ]; do GATE_PORT=$(free_port); done
 
-wait_port() { # port what
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "soak: $2 does not listen on 127.0.0.1:$1; its log:" >&2
-  tail -20 "$work/$2.log" >&2 || true
-  exit 1
-}
 
 # The fake Gemini API. --retry-delay-s 2: a minute-… key's 429 cools it for 2 s only, so its
 # cooldowns keep ending and starting again through the whole run.
@@ -112,8 +101,8 @@ keys="soak-good-1,soak-good-2,soak-good-3,soak-good-4,flaky-soak-1,flaky-soak-2,
 gate_pid=$!
 pids+=("$gate_pid")
 
-wait_port "$FAKE_PORT" fake
-wait_port "$GATE_PORT" gemgate
+wait_port "$FAKE_PORT" "the fake upstream" "$work/fake.log"
+wait_port "$GATE_PORT" gemgate "$work/gemgate.log"
 
 # Fail fast when the load cannot work at all (wrong token, upstream unreachable).
 probe=$(curl -s -o /dev/null -w '%{http_code}' -H "x-goog-api-key: $TOKEN" \
