@@ -15,6 +15,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# A workspace member; only gemgate itself is built.
+COPY fake-upstream ./fake-upstream
 # The shipped config, plugins and templates are compiled into the binary as its defaults.
 COPY conf ./conf
 COPY plugins ./plugins

@@ -21,7 +21,7 @@ case $bin in /*) ;; *) bin=$root/$bin ;; esac
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   scripts/bootstrap.sh
-  cargo build --release --locked --bins -q
+  cargo build --release --locked --workspace --bins -q
 fi
 
 work=$(mktemp -d)

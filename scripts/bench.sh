@@ -11,6 +11,7 @@
 # and the build.
 #
 #   scripts/bench.sh            # DURATION=10 scripts/bench.sh for steadier figures
+#   BIN_DIR=/some/dir scripts/bench.sh   # measure binaries built elsewhere (no build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,12 @@ if ! command -v wrk >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >/dev/null
 fi
-cargo build --release --locked --bins -q
+BIN_DIR=${BIN_DIR:-}
+if [ -z "$BIN_DIR" ]; then
+  cargo build --release --locked --workspace --bins -q
+  BIN_DIR=$(cargo metadata --format-version 1 --no-deps | sed 's/.*"target_directory":"\([^"]*\)".*/\1/')/release
+fi
+BIN_DIR=$(cd "$BIN_DIR" && pwd)
 
 work=$(mktemp -d)
 pids=()
@@ -40,14 +46,14 @@ trap cleanup EXIT
 . scripts/ports.sh
 
 
-target/release/gemgate-fake-upstream --listen "127.0.0.1:$FAKE_PORT" --threads 2 >"$work/fake.log" 2>&1 &
+"$BIN_DIR/gemgate-fake-upstream" --listen "127.0.0.1:$FAKE_PORT" --threads 2 >"$work/fake.log" 2>&1 &
 pids+=($!)
 (
   cd "$work"
   GEMGATE_LISTEN="127.0.0.1:$GATE_PORT" GEMGATE_DATA_DIR="$work/data" \
     API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS="$TOKEN" \
     BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" LOG_LEVEL=info \
-    exec "$OLDPWD/target/release/gemgate"
+    exec "$BIN_DIR/gemgate"
 ) >/dev/null 2>"$work/gemgate.log" &
 pids+=($!)
 # The same gateway with an empty plugins folder: the built-in behaviour, no Lua at all.
@@ -58,7 +64,7 @@ mkdir -p "$work/bare/no-plugins"
     GEMGATE_PLUGINS_DIR="$work/bare/no-plugins" \
     API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS="$TOKEN" \
     BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" LOG_LEVEL=info \
-    exec "$OLDPWD/target/release/gemgate"
+    exec "$BIN_DIR/gemgate"
 ) >/dev/null 2>"$work/bare.log" &
 pids+=($!)
 

@@ -40,7 +40,7 @@ case $bin in /*) ;; *) bin=$root/$bin ;; esac
 # A release build, as operators run it: a debug build's memory says little.
 if [ "${SOAK_BUILD:-1}" != 0 ]; then
   scripts/bootstrap.sh
-  nice -n 10 cargo build --release --locked --bins -q
+  nice -n 10 cargo build --release --locked --workspace --bins -q
 fi
 
 work=$(mktemp -d -t gemgate-soak.XXXXXX)

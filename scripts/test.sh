@@ -34,4 +34,4 @@ fi
 export GEMGATE_SDK_PYTHON="$PWD/$venv/bin/python"
 export GEMGATE_BROWSER_PYTHON="$PWD/$venv/bin/python"
 export GEMGATE_CHROMIUM="$(command -v chromium)"
-exec cargo test --locked "$@"
+exec cargo test --locked --workspace "$@"

@@ -9,7 +9,6 @@
 
 pub mod checks;
 pub mod config;
-pub mod fake;
 pub mod keys;
 pub mod logs;
 pub mod metrics;

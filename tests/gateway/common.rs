@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use gemgate::fake::{Behaviour, FakeConfig, FakeUpstream};
+pub use gemgate_fake_upstream::{Behaviour, FakeConfig, FakeUpstream};
 pub use serde_json::{json, Value};
 
 pub const TOKEN: &str = "sk-test-token";

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use gemgate::fake::{FakeConfig, FakeUpstream};
+use gemgate_fake_upstream::{FakeConfig, FakeUpstream};
 
 #[derive(Parser)]
 #[command(

@@ -574,7 +574,7 @@ async fn handle(
         .and_then(|v| v.split_once(' '))
     {
         let code: u16 = code.parse().unwrap_or(400);
-        let status = crate::proxy::reply::grpc_status(code);
+        let status = grpc_status(code);
         return google_error(
             code,
             status,
@@ -1272,5 +1272,21 @@ fn control_call(
             StatusCode::NOT_FOUND,
             &json!({ "error": "unknown control call" }),
         ),
+    }
+}
+
+/// The `status` word Google's error bodies carry for an HTTP status.
+fn grpc_status(http: u16) -> &'static str {
+    match http {
+        400 | 413 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        405 | 501 => "UNIMPLEMENTED",
+        408 | 504 => "DEADLINE_EXCEEDED",
+        409 => "ABORTED",
+        429 => "RESOURCE_EXHAUSTED",
+        502 | 503 => "UNAVAILABLE",
+        _ => "INTERNAL",
     }
 }
