@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
-use gemgate::logs::{self, Log, Query, Record};
+use gemgate::store::logs::{self, Log, Query, Record};
 
 fn main() {
     let dir = tempfile::tempdir().expect("a temporary folder");

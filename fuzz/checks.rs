@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use gemgate::keys::taxonomy::ErrorClass;
-use gemgate::openai::chat::{self, ChatStream, Options, Pacing};
+use gemgate::translate::openai::chat::{self, ChatStream, Options, Pacing};
 
 /// OpenAI → Gemini (`chat::request`), and Gemini → OpenAI (`chat::response`, `ChatStream`).
 pub fn translate(data: &[u8]) {
@@ -95,7 +95,7 @@ fn check_stream_end(out: &str) {
 /// Layout: byte 0 is the number of cuts (mod 16); the next that many bytes are the lengths of
 /// the first chunks; the rest is the stream, and its remainder is the last chunk.
 pub fn sse(data: &[u8]) {
-    use gemgate::proxy::sse::EventFramer;
+    use gemgate::http::sse::EventFramer;
 
     let (cuts, rest) = match data.split_first() {
         Some((&n, rest)) => {
@@ -157,8 +157,8 @@ pub fn classify(data: &[u8]) {
 /// Paths, query strings and timestamps: `route`, `parse_row`, `credential`, `query_param`,
 /// `parse_rfc3339`, all on the same string.
 pub fn route(data: &[u8]) {
-    use gemgate::keys::clock;
-    use gemgate::proxy::{auth, route};
+    use gemgate::clock;
+    use gemgate::{http::auth, proxy::route};
 
     let Ok(s) = std::str::from_utf8(data) else {
         return;

@@ -7,20 +7,21 @@
 //! `main.rs` only parses arguments; [`run`] builds and runs the pingora server from a validated
 //! [`config::Config`], so tests and the binary take the same path.
 
-pub mod checks;
+pub mod admin;
+pub mod app;
+pub mod clock;
 pub mod config;
+pub mod http;
 pub mod keys;
-pub mod logs;
-pub mod metrics;
-pub mod openai;
 pub mod policy;
 pub mod proxy;
-pub mod reload;
+pub mod server;
 pub mod shard;
 pub mod store;
 pub mod telemetry;
 pub mod templates;
-pub mod usage;
+pub mod translate;
+pub mod upstream;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,34 +30,55 @@ use std::time::{Duration, Instant};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, Server};
 
+use app::reload::{self, Source};
+use app::{BuildError, State};
 use config::Config;
-use proxy::workers::Worker;
-use proxy::{Gateway, State};
-use reload::Source;
+use proxy::Gateway;
+use server::workers::{self, Worker};
 
-/// Runs gemgate until SIGTERM or SIGINT. Never returns.
+/// Why gemgate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("cannot start: {0}")]
+    Build(#[from] BuildError),
+}
+
+impl RunError {
+    /// The process's exit status for this error: 1 when the address is taken, 2 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Listen { .. } => 1,
+            RunError::Store(_) | RunError::Build(_) => 2,
+        }
+    }
+}
+
+/// Runs gemgate until SIGTERM or SIGINT, and returns once it has drained.
 ///
 /// On SIGTERM the listener stops accepting, requests in flight run to their end (at most
-/// `grace_period`), then the process exits. Changes to the files `source` names (and to the
-/// plugins and templates) are applied while it runs.
-pub fn run(config: Config, source: Source) -> ! {
+/// `grace_period`), the last state is saved, and `run` returns. Changes to the files `source`
+/// names (and to the plugins and templates) are applied while it runs.
+pub fn run(config: Config, source: Source) -> Result<(), RunError> {
     raise_fd_limit();
-    let listen = config.listen.to_string();
     // Every worker's socket is bound before anything else starts (see `bind_all`).
-    let (listen_addr, sockets) = match proxy::workers::bind_all(config.listen, config.threads) {
-        Ok(bound) => bound,
-        Err(e) => {
-            tracing::error!("cannot listen on {listen}: {e}");
-            telemetry::flush();
-            std::process::exit(1);
-        }
-    };
+    let (listen_addr, sockets) =
+        workers::bind_all(config.listen, config.threads).map_err(|source| RunError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     let grace = config.grace_period;
     let conf = ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
-        // Each worker (see `proxy::workers`) is a service of its own with one thread.
+        // Each worker (see `server::workers`) is a service of its own with one thread.
         work_stealing: false,
         // Pingora's own timers (its "fast timeouts") stay in a table until they expire, even
         // when the read they guarded ended long before: with the 300 s upstream timeout, the
@@ -91,21 +113,14 @@ pub fn run(config: Config, source: Source) -> ! {
     }
 
     // Key health from the last run: a disabled key stays out, a cooling key waits.
-    let store = match store::Store::open(&config.data_dir, config.max_data_bytes) {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            tracing::error!("cannot start: {e}");
-            telemetry::flush();
-            std::process::exit(2);
-        }
-    };
-    let lasting = proxy::Lasting {
+    let store = Arc::new(store::Store::open(&config.data_dir, config.max_data_bytes)?);
+    let lasting = app::Lasting {
         store: Some(store.clone()),
-        ..proxy::Lasting::default()
+        ..app::Lasting::default()
     };
     match store.load_keys() {
         Ok(saved) => {
-            let restored = store::restore(&lasting.registry, saved, keys::clock::now_ms());
+            let restored = store::restore(&lasting.registry, saved, clock::now_ms());
             if restored > 0 {
                 tracing::info!(keys = restored, "key state restored");
             }
@@ -116,22 +131,15 @@ pub fn run(config: Config, source: Source) -> ! {
         Ok(files) => lasting.files.restore(files),
         Err(e) => tracing::error!("cannot read the saved file owners: {e}"),
     }
-    let state = match State::new(config, source, lasting) {
-        Ok(state) => state,
-        Err(e) => {
-            tracing::error!("cannot start: {e}");
-            telemetry::flush();
-            std::process::exit(2);
-        }
-    };
+    let state = State::new(config, source, lasting)?;
     log_plugins(&state);
-    store::start_flusher(store.clone(), state.clone());
+    app::flusher::start(store.clone(), state.clone());
     reload::watch(state.clone());
     let in_flight = state.in_flight();
     let last_flush = {
         let state = state.clone();
         move || {
-            store::flush(
+            app::flusher::flush(
                 &store,
                 &state.lasting,
                 state.current.load().config.max_data_bytes,
@@ -141,19 +149,36 @@ pub fn run(config: Config, source: Source) -> ! {
 
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let side = proxy::side_client();
-    checks::start(state.clone());
+    let side = upstream::side_client();
+    app::checks::start(state.clone());
     let gateway = Arc::new(Gateway::new(state, side));
     for (index, socket) in sockets.into_iter().enumerate() {
         server.add_service(Worker::new(index, listen_addr, socket, gateway.clone()));
     }
 
     let phases = server.watch_execution_phase();
+    // NOTE: pingora's `run` sleeps the whole grace period after SIGTERM, even with nothing in
+    // flight. It runs on a thread of its own, and `run` returns as soon as the drain watcher
+    // says the last request is done (or the grace period is over).
+    let (done, finished) = std::sync::mpsc::channel();
+    let drained = done.clone();
     std::thread::Builder::new()
         .name("gemgate-drain".into())
-        .spawn(move || exit_when_drained(phases, in_flight, grace, last_flush))
+        .spawn(move || {
+            wait_drained(phases, in_flight, grace);
+            last_flush();
+            let _ = drained.send(());
+        })
         .expect("spawn the drain watcher");
-    server.run_forever()
+    std::thread::Builder::new()
+        .name("gemgate-server".into())
+        .spawn(move || {
+            server.run(pingora::server::RunArgs::default());
+            let _ = done.send(());
+        })
+        .expect("spawn the server");
+    let _ = finished.recv();
+    Ok(())
 }
 
 /// Raises the soft limit on open descriptors to the hard limit: every open stream takes two
@@ -187,14 +212,12 @@ fn log_plugins(state: &State) {
     );
 }
 
-/// NOTE: pingora always sleeps the whole grace period after SIGTERM, even with nothing in
-/// flight. An operator expects a prompt exit once the last request is done, so this watcher
-/// ends the process as soon as in-flight requests reach zero (or the grace period is over).
-fn exit_when_drained(
+/// Waits for SIGTERM's graceful phase, then until no request is in flight (or the grace
+/// period is over).
+fn wait_drained(
     mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
     in_flight: Arc<AtomicUsize>,
     grace: Duration,
-    last_flush: impl FnOnce(),
 ) {
     loop {
         match phases.blocking_recv() {
@@ -218,7 +241,4 @@ fn exit_when_drained(
     } else {
         tracing::info!("all requests finished: exiting");
     }
-    last_flush();
-    telemetry::flush();
-    std::process::exit(0);
 }

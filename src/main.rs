@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         .config
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
     let vars = config::gather_env(std::path::Path::new("."));
-    let source = gemgate::reload::Source { path, explicit };
+    let source = gemgate::app::reload::Source { path, explicit };
     let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
@@ -116,7 +116,15 @@ fn main() -> ExitCode {
             }
             tune_allocator();
             gemgate::telemetry::init(&config.log_level);
-            gemgate::run(config, source)
+            let result = gemgate::run(config, source);
+            if let Err(e) = &result {
+                tracing::error!("{e}");
+            }
+            gemgate::telemetry::flush();
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => ExitCode::from(e.exit_code()),
+            }
         }
     }
 }

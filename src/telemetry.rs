@@ -157,10 +157,7 @@ where
         SECOND.with(|cache| {
             let mut cache = cache.borrow_mut();
             if cache.0 != now.as_secs() || cache.1.is_empty() {
-                *cache = (
-                    now.as_secs(),
-                    crate::keys::clock::utc_seconds(now.as_secs()),
-                );
+                *cache = (now.as_secs(), crate::clock::utc_seconds(now.as_secs()));
             }
             let ms = now.subsec_millis();
             let digits = [
@@ -257,9 +254,9 @@ mod tests {
 
     #[test]
     fn utc_seconds_formats_dates() {
-        assert_eq!(crate::keys::clock::utc_seconds(0), "1970-01-01T00:00:00");
+        assert_eq!(crate::clock::utc_seconds(0), "1970-01-01T00:00:00");
         assert_eq!(
-            crate::keys::clock::utc_seconds(1_795_678_200),
+            crate::clock::utc_seconds(1_795_678_200),
             "2026-11-26T07:30:00"
         );
     }

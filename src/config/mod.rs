@@ -730,7 +730,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let up = &file.upstream;
     let base_url = BaseUrl::parse(&up.base_url).map_err(|m| invalid("upstream.base_url", m))?;
     for proxy in &up.proxies {
-        if let Some(why) = crate::proxy::egress::parse_error(proxy) {
+        if let Err(why) = net::ProxyUrl::parse(proxy) {
             return Err(invalid("upstream.proxies", why));
         }
     }
@@ -1013,7 +1013,7 @@ pub enum OnError {
 pub struct PolicyConfig {
     pub dir: Option<PathBuf>,
     pub on_error: OnError,
-    pub limits: crate::policy::Limits,
+    pub limits: Limits,
 }
 
 impl Config {
@@ -1069,7 +1069,7 @@ fn validate_policy(p: &PolicySection) -> Result<PolicyConfig, ConfigError> {
     Ok(PolicyConfig {
         dir: p.dir.clone(),
         on_error,
-        limits: crate::policy::Limits {
+        limits: Limits {
             instructions: p.instruction_limit,
             time: Duration::from_millis(p.time_limit_ms),
             memory_bytes: (p.memory_limit_mb as usize).saturating_mul(1024 * 1024),
@@ -1188,6 +1188,24 @@ fn normalize_log_level(raw: &str) -> Option<String> {
         _ => return None,
     };
     Some(level.to_owned())
+}
+
+/// What one plugin hook call may use (`[policy]` limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub instructions: u64,
+    pub time: Duration,
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            instructions: 1_000_000,
+            time: Duration::from_millis(50),
+            memory_bytes: 16 * 1024 * 1024,
+        }
+    }
 }
 
 #[cfg(test)]

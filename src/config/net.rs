@@ -1,5 +1,6 @@
-//! Address rules from the config: CIDR blocks (`server.trusted_proxies`) and the allowlist of
-//! URL fetching (`fetch.allow`: blocks, addresses, host names).
+//! Address rules from the config: CIDR blocks (`server.trusted_proxies`), the allowlist of
+//! URL fetching (`fetch.allow`: blocks, addresses, host names) and upstream proxy URLs
+//! (`PROXIES`).
 
 use std::net::IpAddr;
 
@@ -178,4 +179,100 @@ mod tests {
             .unwrap()
             .allows_ip(ip("10.1.1.1")));
     }
+}
+
+/// How an upstream proxy is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyScheme {
+    /// `http://`: `CONNECT host:port`.
+    Http,
+    /// `socks5://`: the upstream's address is resolved here. `socks5h://`: by the proxy.
+    Socks5 { remote_dns: bool },
+}
+
+/// One `PROXIES` entry, parsed: `http://[user:pass@]host:port`, `socks5://…`, `socks5h://…`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub scheme: ProxyScheme,
+    pub host: String,
+    pub port: u16,
+    /// User name and password (percent-decoded), when the URL has them.
+    pub auth: Option<(String, String)>,
+    /// The URL without its password, for logs, errors and pages.
+    pub display: String,
+    /// The URL as configured, for side calls that go through the same proxy.
+    pub url: String,
+}
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+impl ProxyUrl {
+    /// Parses a proxy URL. Errors never quote the URL: it may hold a password.
+    pub fn parse(url: &str) -> Result<ProxyUrl, String> {
+        let parsed = url::Url::parse(url).map_err(|e| {
+            format!(
+                "a proxy is not a valid URL ({e}); the form is scheme://[user:password@]host:port"
+            )
+        })?;
+        let scheme = match parsed.scheme() {
+            "http" => ProxyScheme::Http,
+            "socks5" => ProxyScheme::Socks5 { remote_dns: false },
+            "socks5h" => ProxyScheme::Socks5 { remote_dns: true },
+            other => {
+                return Err(format!(
+                    "{other}:// proxies are not supported: use http://, socks5:// or socks5h:// \
+                     (the tunnel to Google is TLS either way)"
+                ))
+            }
+        };
+        let host = parsed
+            .host_str()
+            .ok_or("a proxy URL names no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = parsed.port().unwrap_or(match scheme {
+            ProxyScheme::Http => 80,
+            ProxyScheme::Socks5 { .. } => 1080,
+        });
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let user = decode(parsed.username());
+        let auth =
+            (!user.is_empty()).then(|| (user, decode(parsed.password().unwrap_or_default())));
+        if let Some((user, pass)) = &auth {
+            if matches!(scheme, ProxyScheme::Socks5 { .. })
+                && (user.len() > 255 || pass.len() > 255)
+            {
+                return Err("a SOCKS5 user name or password is at most 255 bytes".into());
+            }
+        }
+        Ok(ProxyUrl {
+            scheme,
+            host,
+            port,
+            auth,
+            display: shown_url(&parsed),
+            url: url.to_owned(),
+        })
+    }
+}
+
+/// A proxy URL as logs, errors and pages show it: without its password (or a user name
+/// alone, which is often a token).
+pub fn shown_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if url.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    } else if !url.username().is_empty() {
+        let _ = shown.set_username("***");
+    }
+    shown.as_str().trim_end_matches('/').to_owned()
 }

@@ -185,7 +185,7 @@ pub fn in_process_env(name: &str) -> bool {
 /// A proxy URL keeps its host and loses its password; anything else shows 6 + 4 characters.
 fn mask_one(s: &str) -> String {
     match reqwest::Url::parse(s) {
-        Ok(url) if url.has_host() && s.contains("://") => crate::proxy::egress::shown_url(&url),
+        Ok(url) if url.has_host() && s.contains("://") => super::net::shown_url(&url),
         _ => super::mask(s),
     }
 }

@@ -6,7 +6,7 @@
 //! a cooldown. The request path touches only atomics and lock-free snapshots; the mutex in
 //! [`KeyState`] is taken only when a key fails.
 
-pub mod clock;
+pub mod owners;
 pub mod taxonomy;
 
 use std::collections::HashMap;
@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::clock;
 use crate::config::KeySpec;
 use taxonomy::{ErrorClass, KeyVerdict};
 
@@ -264,7 +265,7 @@ pub enum Penalty {
     Cooled,
     Disabled,
     /// A 403 key fault at `MAX_FAILURES`, or a 403 that may be the key's: disable the key
-    /// only if a probe confirms it (see [`crate::checks::confirm`]).
+    /// only if a probe confirms it (see `app::checks::confirm`).
     Confirm,
 }
 

@@ -1273,7 +1273,7 @@ fn read_request_decision(
                     let (name, value) = pair.map_err(|e| fail(e.to_string()))?;
                     let name = HeaderName::try_from(name.as_str())
                         .map_err(|_| fail(format!("{name:?} is not a header name")))?;
-                    if super::super::proxy::is_protected_header(name.as_str()) {
+                    if crate::upstream::headers::is_protected_header(name.as_str()) {
                         return Err(fail(format!("the header {name} cannot be rewritten")));
                     }
                     let value = HeaderValue::try_from(value.as_str())

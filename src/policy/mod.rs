@@ -40,23 +40,7 @@ pub const HOOKS: &[&str] = &[
 /// How often (in VM instructions) the budget and the clock are checked.
 const CHECK_EVERY: u32 = 1000;
 
-/// What one hook call may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub instructions: u64,
-    pub time: Duration,
-    pub memory_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            instructions: 1_000_000,
-            time: Duration::from_millis(50),
-            memory_bytes: 16 * 1024 * 1024,
-        }
-    }
-}
+pub use crate::config::Limits;
 
 /// A plugin call or load that failed; `plugin` and `hook` say where, the message has the line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -516,7 +500,7 @@ impl CounterHandle {
         }
         let slot = self
             .counters
-            .slot(&self.plugin, &self.name, crate::keys::clock::now_ms())
+            .slot(&self.plugin, &self.name, crate::clock::now_ms())
             .map_err(mlua::Error::runtime)?;
         let result = f(&slot);
         *self.slot.borrow_mut() = Some(slot);
@@ -529,11 +513,11 @@ impl UserData for CounterHandle {
         methods.add_method(
             "incr",
             |_, this, (n, window_s): (Option<i64>, Option<f64>)| {
-                this.with(|slot| slot.incr(n.unwrap_or(1), window_s, crate::keys::clock::now_ms))
+                this.with(|slot| slot.incr(n.unwrap_or(1), window_s, crate::clock::now_ms))
             },
         );
         methods.add_method("get", |_, this, ()| {
-            let now = crate::keys::clock::now_ms();
+            let now = crate::clock::now_ms();
             // Reading never makes a counter: without a kept slot, look the name up.
             Ok(match &*this.slot.borrow() {
                 Some(slot) if !slot.is_dropped() => slot.get(now),
@@ -591,7 +575,7 @@ fn host_table(lua: &Lua, h: Host, current: Rc<RefCell<Rc<str>>>) -> mlua::Result
     host.set("log", log)?;
     host.set(
         "now_ms",
-        lua.create_function(|_, ()| Ok(crate::keys::clock::now_ms()))?,
+        lua.create_function(|_, ()| Ok(crate::clock::now_ms()))?,
     )?;
     let json = lua.create_table()?;
     json.set(

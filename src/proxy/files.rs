@@ -11,8 +11,8 @@
 //! before owners were kept belong to no client: only the admin API shows them
 //! (`GET /admin/api/resources?kind=files`).
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{LazyLock, Mutex};
+use std::collections::BTreeSet;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
 use http::header;
@@ -24,120 +24,9 @@ use super::{
     auth, client_query, read_body, send, upstream_header, write_full, Exchange, Gateway,
     Generation, Outcome, Refusal, UpstreamRequest,
 };
-use crate::keys::clock::now_ms;
-use crate::proxy::reply::GateError;
-
-/// How long Google keeps a file that does not say.
-const DEFAULT_LIFETIME_MS: u64 = 48 * 3_600_000;
-
-/// Who a file or an upload belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    /// The id of the key that holds it at Google.
-    pub key: String,
-    /// The client that made it; `None` for files recorded before owners were kept.
-    pub client: Option<String>,
-}
-
-/// A file uploaded through gemgate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileRecord {
-    pub owner: Owner,
-    /// When Google deletes it (ms since the epoch).
-    pub expires_ms: u64,
-}
-
-/// Uploads in progress and uploaded files, by id.
-#[derive(Debug, Default)]
-pub struct FileOwners {
-    uploads: Mutex<HashMap<String, Owner>>,
-    files: Mutex<HashMap<String, FileRecord>>,
-}
-
-impl FileOwners {
-    /// Files remembered from earlier runs (those not yet expired).
-    pub fn restore(&self, saved: Vec<(String, FileRecord)>) {
-        let now = now_ms();
-        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        files.extend(saved.into_iter().filter(|(_, f)| f.expires_ms > now));
-    }
-
-    fn start_upload(&self, upload_id: String, owner: Owner) {
-        self.uploads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(upload_id, owner);
-    }
-
-    /// A finished upload's URL is no longer a credential.
-    fn finish_upload(&self, upload_id: &str) {
-        self.uploads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(upload_id);
-    }
-
-    fn upload(&self, upload_id: &str) -> Option<Owner> {
-        self.uploads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(upload_id)
-            .cloned()
-    }
-
-    /// Whether gemgate has no file on record at all (then no request can name one of its).
-    fn is_empty(&self) -> bool {
-        self.files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-    }
-
-    /// File `id` (`files/abc` or `abc`), if gemgate uploaded it and it has not expired.
-    pub fn file(&self, id: &str) -> Option<FileRecord> {
-        let id = id.rsplit('/').next().unwrap_or(id);
-        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        files.get(id).filter(|f| f.expires_ms > now_ms()).cloned()
-    }
-
-    fn insert(&self, id: String, record: FileRecord) {
-        self.files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, record);
-    }
-
-    fn remove(&self, id: &str) {
-        self.files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-    }
-
-    /// Every live file, by id: the admin API's view.
-    pub fn all(&self) -> Vec<(String, FileRecord)> {
-        let now = now_ms();
-        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<(String, FileRecord)> = files
-            .iter()
-            .filter(|(_, f)| f.expires_ms > now)
-            .map(|(id, f)| (id.clone(), f.clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
-    }
-
-    /// `client`'s live files, grouped by the key that holds them.
-    fn of_client(&self, client: &str) -> HashMap<String, Vec<String>> {
-        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
-        for (id, f) in self.all() {
-            if f.owner.client.as_deref() == Some(client) {
-                by_key.entry(f.owner.key).or_default().push(id);
-            }
-        }
-        by_key
-    }
-}
+use crate::clock::now_ms;
+use crate::http::reply::GateError;
+use crate::keys::owners::{FileRecord, Owner, DEFAULT_LIFETIME_MS};
 
 /// The files a Gemini request names, wherever it names them: `fileData.fileUri` in
 /// `contents`, but also in a `countTokens` request's `generateContentRequest`, a batch's input
@@ -187,7 +76,7 @@ fn no_such_file() -> Refusal {
 impl Gateway {
     /// `POST /upload/v1beta/files`: `start` picks a key and hands the client an upload URL on
     /// gemgate; later commands go with the key that started the upload.
-    pub(super) async fn file_upload(
+    pub(crate) async fn file_upload(
         &self,
         gen: &Generation,
         s: &mut ServerSession,
@@ -273,7 +162,7 @@ impl Gateway {
                 let expires_ms = file
                     .pointer("/file/expirationTime")
                     .and_then(Value::as_str)
-                    .and_then(crate::keys::clock::parse_rfc3339)
+                    .and_then(crate::clock::parse_rfc3339)
                     .unwrap_or_else(|| now_ms() + DEFAULT_LIFETIME_MS);
                 tracing::info!(file = %id, key = %owner.key, "file uploaded");
                 let record = FileRecord { owner, expires_ms };
@@ -289,7 +178,7 @@ impl Gateway {
 
     /// `GET /v1beta/files` (the client's own files, from every key that holds some), `GET` or
     /// `DELETE /v1beta/files/{id}` (with the key that owns it).
-    pub(super) async fn files(
+    pub(crate) async fn files(
         &self,
         gen: &Generation,
         s: &mut ServerSession,

@@ -5,27 +5,13 @@
 //! needs the error's *body* (DESIGN.md, "Errors from Gemini"), and a retry must resend a body of
 //! any size.
 
-mod admin;
-pub mod auth;
-pub mod egress;
-pub mod fetch;
 pub mod files;
 mod openai;
-mod pages;
-pub mod peer;
-pub mod reply;
 pub mod route;
-pub mod session;
-pub mod sse;
-pub mod upstream;
-mod wire;
-pub mod workers;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use pingora::connectors::TransportConnector;
@@ -33,120 +19,42 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
-use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use crate::config::Config;
-use crate::keys::clock::now_ms;
+use crate::app::{Generation, State};
+use crate::clock::now_ms;
+use crate::http::reply::{GateError, Protocol};
+use crate::http::{auth, peer, sse, wire};
+use crate::keys::seconds_until;
 use crate::keys::taxonomy::{classify, error_message, redact, ErrorClass};
-use crate::keys::{seconds_until, KeyPool, KeyRegistry, Penalty, Pick};
-use crate::policy::counters::Counters;
+use crate::keys::{KeyPool, Penalty, Pick};
 use crate::policy::engine::{
-    AttemptDecision, AttemptInfo, Denial, Policy, PolicyStats, RequestInfo, Rewrite,
-    Shared as PluginShared,
+    AttemptDecision, AttemptInfo, Denial, RequestInfo, Rewrite, Shared as PluginShared,
 };
-use crate::policy::PolicyError;
-use crate::reload::{self, ReloadStatus, Source};
-use crate::templates::{TemplateError, Templates};
-use auth::Tokens;
-use reply::{GateError, Protocol};
-use route::{NativeCall, Route};
-use upstream::Target;
+use crate::upstream::head;
+use crate::upstream::headers::{connection_listed, is_hop_by_hop, skip_request_header, HELD_BACK};
+use crate::upstream::{self, Target};
+use route::NativeCall;
 
 /// Header names gemgate reads or writes on every request, made once instead of parsed per use.
-const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
+pub(crate) const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Largest upstream error body read for classification and relay.
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
 /// Largest upstream answer gemgate buffers itself (model lists).
 const COLLECT_LIMIT: usize = 64 * 1024 * 1024;
 /// How long an oversized request body is drained after its 413.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a side call (an image host, an image URL) may take.
-const SIDE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for the next piece of a request body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// After this long, a request body must have come at `MIN_BODY_RATE` bytes a second.
 const BODY_GRACE: Duration = Duration::from_secs(10);
 const MIN_BODY_RATE: f64 = 1024.0;
 /// Longest request target (path and query) gemgate reads; longer ones get 414.
-const MAX_TARGET: usize = 8 * 1024;
+pub(crate) const MAX_TARGET: usize = 8 * 1024;
 /// Upper bound on model-list pages walked for one request.
 const MAX_MODEL_PAGES: usize = 50;
-
-/// Everything one configuration makes: swapped whole on reload; each request keeps the one it
-/// started with.
-pub struct Generation {
-    /// Counts up from 1 with every successful reload.
-    pub id: u64,
-    pub config: Arc<Config>,
-    pub pool: Arc<KeyPool>,
-    pub tokens: Tokens,
-    pub target: Arc<Target>,
-    pub policy: Arc<Policy>,
-    pub templates: Arc<Templates>,
-    /// `PAID_KEY`, alone, for image generation.
-    pub paid: Option<KeyPool>,
-    /// Fetches the URLs clients name, by `[fetch]`'s rules.
-    pub fetcher: fetch::Fetcher,
-}
-
-/// Why a generation could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    #[error(transparent)]
-    Template(#[from] TemplateError),
-}
-
-impl Generation {
-    /// Builds generation `id` from `config`: compiles its plugins (running every `init`) and
-    /// makes its pool over the key state kept in `parts`. Upstream connections of `previous`
-    /// are kept when the upstream did not change.
-    pub fn build(
-        config: Config,
-        id: u64,
-        parts: &Lasting,
-        previous: Option<&Generation>,
-    ) -> Result<Generation, BuildError> {
-        let templates = Templates::load(&config)?;
-        let pool = Arc::new(KeyPool::new(
-            &config.keys,
-            &parts.registry,
-            config.max_failures,
-        ));
-        let policy = Policy::compile(
-            &config,
-            id,
-            pool.clone(),
-            parts.counters.clone(),
-            parts.stats.clone(),
-        )?;
-        let target = match previous {
-            Some(p) if p.target.serves(&config) => p.target.clone(),
-            _ => Arc::new(Target::new(&config)),
-        };
-        Ok(Generation {
-            id,
-            pool,
-            tokens: Tokens::new(&config.tokens),
-            target,
-            policy: Arc::new(policy),
-            templates: Arc::new(templates),
-            fetcher: fetch::Fetcher::new(&config.fetch),
-            paid: config.paid_key.as_ref().map(|spec| {
-                KeyPool::new(
-                    std::slice::from_ref(spec),
-                    &parts.registry,
-                    config.max_failures,
-                )
-            }),
-            config: Arc::new(config),
-        })
-    }
-}
 
 impl Generation {
     /// The keys an upstream request may use: `PAID_KEY` for paid calls when it is set, else
@@ -159,141 +67,9 @@ impl Generation {
     }
 }
 
-/// What generations are built over and what outlives them: key state, plugin counters and
-/// plugin failure counts.
-#[derive(Default)]
-pub struct Lasting {
-    pub registry: Arc<KeyRegistry>,
-    /// Usage events on their way to the store.
-    pub usage: Arc<crate::usage::Usage>,
-    /// Log records on their way to the store.
-    pub logs: Arc<crate::logs::LogQueue>,
-    /// Which key each upload and uploaded file belongs to.
-    pub files: Arc<files::FileOwners>,
-    /// The redb file (`None` in tests that build a gateway without one).
-    pub store: Option<Arc<crate::store::Store>>,
-    pub counters: Arc<Counters>,
-    pub stats: Arc<PolicyStats>,
-    /// The dashboard's figures, fed by the store's flusher.
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Admin page sessions and the failed-login throttle.
-    pub sessions: Arc<session::Sessions>,
-}
-
-/// Requests and connections refused before they became a client's requests: counted, never
-/// logged one by one.
-#[derive(Debug, Default)]
-pub struct Refused {
-    /// Without a valid client token (401, or 429 after too many wrong ones).
-    pub unauthenticated: AtomicU64,
-    /// Not a request gemgate serves: an unknown path, an over-long target or name, a wrong
-    /// method.
-    pub malformed: AtomicU64,
-    /// Closed at accept: `server.max_connections` were open.
-    pub connections: AtomicU64,
-    /// Closed because the request head or body came too slowly.
-    pub slow: AtomicU64,
-}
-
-impl Refused {
-    /// Counts a request answered with `status` to a client that never showed a valid token.
-    fn count_request(&self, status: u16) {
-        let counter = match status {
-            401 | 429 => &self.unauthenticated,
-            _ => &self.malformed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::json!({
-            "unauthenticated": n(&self.unauthenticated),
-            "malformed": n(&self.malformed),
-            "connections": n(&self.connections),
-            "slow": n(&self.slow),
-        })
-    }
-}
-
-/// The gateway's state across generations.
-pub struct State {
-    pub current: ArcSwap<Generation>,
-    pub lasting: Lasting,
-    pub source: Source,
-    /// What was refused before it became a client's request.
-    pub refused: Refused,
-    /// Client connections open now (`server.max_connections` at most).
-    pub open_connections: Arc<AtomicUsize>,
-    in_flight: Arc<AtomicUsize>,
-    generations: AtomicU64,
-    /// When the gateway started (the dashboard's uptime).
-    pub started: Instant,
-    /// A hash of the config file as the last successful reload read it (see `reload`).
-    config_fingerprint: AtomicU64,
-    /// Held by a reload while it runs: reloads never overlap.
-    pub reloading: Mutex<()>,
-    /// Held by an admin edit of the config file, from reading it to the reload that applies it.
-    pub edits: Mutex<()>,
-    reload: Mutex<ReloadStatus>,
-}
-
-impl State {
-    /// The state of a starting gateway, serving generation 1 built from `config` over
-    /// `lasting` (key state restored from the store).
-    pub fn new(config: Config, source: Source, lasting: Lasting) -> Result<Arc<State>, BuildError> {
-        let first = Generation::build(config, 1, &lasting, None)?;
-        Ok(Arc::new(State {
-            current: ArcSwap::from_pointee(first),
-            lasting,
-            source,
-            refused: Refused::default(),
-            open_connections: Arc::default(),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            generations: AtomicU64::new(1),
-            started: Instant::now(),
-            config_fingerprint: AtomicU64::new(0),
-            reloading: Mutex::new(()),
-            edits: Mutex::new(()),
-            reload: Mutex::new(ReloadStatus {
-                generation: 1,
-                ..ReloadStatus::default()
-            }),
-        }))
-    }
-
-    /// Requests being served now (for graceful shutdown).
-    pub fn in_flight(&self) -> Arc<AtomicUsize> {
-        self.in_flight.clone()
-    }
-
-    pub fn next_generation(&self) -> u64 {
-        self.generations.fetch_add(1, Ordering::AcqRel) + 1
-    }
-
-    pub fn config_fingerprint(&self) -> u64 {
-        self.config_fingerprint.load(Ordering::Acquire)
-    }
-
-    pub fn set_config_fingerprint(&self, hash: u64) {
-        self.config_fingerprint.store(hash, Ordering::Release);
-    }
-
-    pub fn reload_status(&self) -> ReloadStatus {
-        self.reload
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub fn set_reload_status(&self, status: ReloadStatus) {
-        *self.reload.lock().unwrap_or_else(|e| e.into_inner()) = status;
-    }
-}
-
 /// gemgate's HTTP application, served by the worker threads (see [`workers`]).
 pub struct Gateway {
-    state: Arc<State>,
+    pub(crate) state: Arc<State>,
     connector: TransportConnector,
     /// For side calls (image hosts, image URLs).
     side: reqwest::Client,
@@ -301,44 +77,44 @@ pub struct Gateway {
 
 /// Whether the downstream connection may serve another request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Reuse,
     Close,
 }
 
 /// What one request did, for its log line.
-struct Exchange {
-    id: String,
-    started: Instant,
-    client: Option<String>,
-    model: String,
-    action: String,
-    key: Option<String>,
-    attempts: u32,
-    status: u16,
-    class: Option<&'static str>,
-    ttfb: Option<Duration>,
+pub(crate) struct Exchange {
+    pub(crate) id: String,
+    pub(crate) started: Instant,
+    pub(crate) client: Option<String>,
+    pub(crate) model: String,
+    pub(crate) action: String,
+    pub(crate) key: Option<String>,
+    pub(crate) attempts: u32,
+    pub(crate) status: u16,
+    pub(crate) class: Option<&'static str>,
+    pub(crate) ttfb: Option<Duration>,
     /// Tokens the answer reported (`usageMetadata`).
-    tokens: crate::usage::Tokens,
+    pub(crate) tokens: crate::store::usage::Tokens,
     /// For the error log: Google's status and message of a refused request.
-    upstream: Option<(u16, String)>,
+    pub(crate) upstream: Option<(u16, String)>,
     /// For the error log, with `ERROR_LOG_RECORD_REQUEST_BODY`: the request body.
-    body: Option<Bytes>,
+    pub(crate) body: Option<Bytes>,
     /// The upstream's `x-goog-upload-*` headers of a collected answer (the Files API).
-    upload_headers: Vec<(String, String)>,
+    pub(crate) upload_headers: Vec<(String, String)>,
     /// The request came from a browser page (it has an `Origin`): answers carry CORS headers.
-    cors: bool,
+    pub(crate) cors: bool,
     /// What plugins share within this request (`ctx.shared`).
-    shared: PluginShared,
+    pub(crate) shared: PluginShared,
     /// The API the client speaks: errors are answered in its shape.
-    protocol: Protocol,
+    pub(crate) protocol: Protocol,
     /// Who sent the request.
-    peer: peer::Peer,
+    pub(crate) peer: peer::Peer,
 }
 
 /// A failed attempt that sent nothing to the client.
 #[derive(Debug)]
-struct Failure {
+pub(crate) struct Failure {
     class: ErrorClass,
     /// The upstream's status, or 0 when there was no answer.
     status: u16,
@@ -359,7 +135,7 @@ enum Finished {
     Refused(Refusal),
 }
 
-enum Refusal {
+pub(crate) enum Refusal {
     Gate(GateError),
     Upstream(Box<Failure>),
 }
@@ -415,110 +191,6 @@ impl Gateway {
 
     fn side_client(&self) -> &reqwest::Client {
         &self.side
-    }
-
-    async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
-        let gen = self.state.current.load_full();
-        let outcome = self.serve(&gen, s, x).await;
-        if gen.policy.has_on_log(&x.model) && x.action != "health" && x.action != "preflight" {
-            let entry = x.entry();
-            let client = x.client.clone().unwrap_or_default();
-            gen.policy.on_log(&entry, &client, &x.id, &mut x.shared);
-        }
-        outcome
-    }
-
-    async fn serve(
-        &self,
-        gen: &Arc<Generation>,
-        s: &mut ServerSession,
-        x: &mut Exchange,
-    ) -> Outcome {
-        // A client that stops reading must not hold a request (and its key) forever.
-        s.set_write_timeout(Some(gen.config.timeout));
-        if s.req_header().method == http::Method::OPTIONS {
-            return preflight(s, x).await;
-        }
-        x.peer = peer::Peer::of(s, &gen.config.trusted_proxies);
-        let path = s.req_header().uri.path().to_owned();
-        let req = s.req_header();
-        if req.raw_path().len() > MAX_TARGET {
-            x.protocol = Protocol::of_path(&path);
-            let e = GateError::new(
-                414,
-                format!("the request target is longer than {MAX_TARGET} bytes"),
-            );
-            return send_gate(s, x, &e).await;
-        }
-        let goog_credential = req.headers.contains_key(X_GOOG_API_KEY)
-            || req
-                .uri
-                .query()
-                .is_some_and(|q| auth::query_param(q, "key").is_some());
-        match route::route(&path, goog_credential) {
-            Route::Health => {
-                x.action = "health".into();
-                let body = format!(r#"{{"status":"ok","keys":{}}}"#, gen.pool.keys().len());
-                send(s, x, 200, Bytes::from(body)).await
-            }
-            Route::NotFound => {
-                x.protocol = Protocol::of_path(&path);
-                let e = GateError::new(404, "gemgate does not serve this path");
-                send_gate(s, x, &e).await
-            }
-            Route::Invalid(why) => {
-                x.protocol = Protocol::of_path(&path);
-                send_gate(s, x, &GateError::new(400, why)).await
-            }
-            Route::Page(page) => {
-                x.action = "admin".into();
-                let answer = Box::pin(self.page(gen, s, page, &x.peer)).await;
-                send_page(s, x, answer).await
-            }
-            Route::Admin(call) => {
-                x.action = "admin".into();
-                // Rare routes are boxed: their state stays out of every request's future.
-                match Box::pin(self.admin(gen, s, call, &x.peer)).await {
-                    Ok(body) => send(s, x, 200, body).await,
-                    Err(e) => send_gate(s, x, &e).await,
-                }
-            }
-            Route::Native(call) => {
-                x.model = call.model().to_owned();
-                x.action = call.action().to_owned();
-                match self.native(gen, s, call, x).await {
-                    Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
-                }
-            }
-            Route::OpenAi(call) => {
-                x.protocol = Protocol::OpenAi;
-                x.action = call.action().to_owned();
-                match Box::pin(self.openai(gen, s, call, x)).await {
-                    Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
-                }
-            }
-            Route::Upload => match Box::pin(self.file_upload(gen, s, x)).await {
-                Ok(outcome) => outcome,
-                Err(refusal) => self.refuse(gen, s, x, refusal).await,
-            },
-            Route::Files(id) => {
-                x.action = "files".into();
-                match Box::pin(self.files(gen, s, id, x)).await {
-                    Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
-                }
-            }
-            Route::GoogleOpenAi(rest) => {
-                x.protocol = Protocol::GoogleOpenAi;
-                x.action = format!("openai/{rest}");
-                match Box::pin(self.google_openai(gen, s, &rest, x)).await {
-                    Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
-                }
-            }
-        }
     }
 
     /// The checks every proxied call passes first: a key pool, the client's token, the method.
@@ -615,7 +287,7 @@ impl Gateway {
     }
 
     /// A Gemini-native call: checks, then the attempt loop.
-    async fn native(
+    pub(crate) async fn native(
         &self,
         gen: &Generation,
         s: &mut ServerSession,
@@ -802,7 +474,7 @@ impl Gateway {
                         now_ms(),
                     );
                     if penalty == Penalty::Confirm {
-                        crate::checks::confirm(self.state.clone(), key.spec.id.clone());
+                        crate::app::checks::confirm(self.state.clone(), key.spec.id.clone());
                     }
                     tracing::debug!(id = %x.id, key = %key.spec.id, attempt = x.attempts, status = failure.status, class = failure.class.as_str(), ?penalty, message = %failure.message, "attempt failed");
                     x.class = Some(failure.class.as_str());
@@ -840,10 +512,10 @@ impl Gateway {
         failure: Option<&'static str>,
         x: &Exchange,
     ) {
-        self.state.lasting.usage.record(crate::usage::Event {
+        self.state.lasting.usage.record(crate::store::usage::Event {
             key_id: &gen.pool_for(req).get(index).spec.id,
             model: &req.model,
-            day: crate::usage::day_of(now_ms()),
+            day: crate::store::usage::day_of(now_ms()),
             failure,
             tokens: if failure.is_none() {
                 x.tokens
@@ -948,15 +620,15 @@ impl Gateway {
             .await
             .map_err(|m| Failure::network(ErrorClass::Network, m))?;
         let credential = if req.bearer {
-            wire::Credential::Bearer(key.spec.secret.expose())
+            head::Credential::Bearer(key.spec.secret.expose())
         } else {
-            wire::Credential::GoogApiKey(key.header.as_bytes())
+            head::Credential::GoogApiKey(key.header.as_bytes())
         };
-        let forwarding = gen.target.forwarding(route).map(|proxy| wire::Forwarding {
+        let forwarding = gen.target.forwarding(route).map(|proxy| head::Forwarding {
             authority: gen.target.base.authority.as_str(),
             authorization: proxy.proxy_authorization(),
         });
-        let head = wire::request_head(&req.header, req.body.len(), credential, forwarding);
+        let head = head::request_head(&req.header, req.body.len(), credential, forwarding);
         let mut reuse_idle = true;
         let mut up = loop {
             let (conn, reused) = gen
@@ -1043,7 +715,7 @@ impl Gateway {
                         "the upstream's answer broke off",
                     ));
                 }
-                if let Some(t) = crate::usage::tokens_in(&body) {
+                if let Some(t) = crate::store::usage::tokens_in(&body) {
                     x.tokens = t;
                 }
                 Ok(Finished::Collected(body))
@@ -1058,7 +730,7 @@ impl Gateway {
     }
 
     /// Answers a refused request: gemgate's own error, or the upstream's, as Google sent it.
-    async fn refuse(
+    pub(crate) async fn refuse(
         &self,
         gen: &Generation,
         s: &mut ServerSession,
@@ -1143,107 +815,8 @@ impl Failure {
     }
 }
 
-impl Gateway {
-    /// Serves the next request of an HTTP/1 connection, and gives the connection back when it
-    /// can carry another one.
-    ///
-    /// NOTE: the worker's own keep-alive loop calls this rather than pingora's
-    /// `HttpServerApp::process_new_http`, whose boxed future (about 12 KB, copied onto the heap
-    /// for every request) cost more than reading the request.
-    pub(crate) async fn serve_request(
-        &self,
-        mut s: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        // Set before reading (the wait for this request) and again after it, in case the
-        // shutdown began meanwhile (whether the connection stays open after the answer).
-        let keepalive = || (!*shutdown.borrow()).then_some(workers::KEEPALIVE.as_secs());
-        s.set_keepalive(keepalive());
-        match tokio::time::timeout(self.header_timeout(), s.read_request()).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return None,
-            Ok(Err(e)) => {
-                tracing::debug!("bad request from client: {e}");
-                self.state.refused.malformed.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            Err(_) => {
-                tracing::debug!("a request head did not arrive in time");
-                self.state.refused.slow.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-        }
-        s.set_keepalive(keepalive());
-        // A body left unread by an early answer is drained for a bounded time only.
-        s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
-        // NOTE: by default pingora closes a connection answered before its request body was
-        // read, so a client still uploading gets a broken pipe instead of our 413 or 401.
-        s.set_close_on_response_before_downstream_finish(false);
-        let _in_flight = InFlight::enter(&self.state.in_flight);
-        let mut x = Exchange::new(s.req_header());
-        let outcome = self.handle(&mut s, &mut x).await;
-        x.log();
-        if !matches!(x.action.as_str(), "health" | "preflight" | "admin") {
-            // Only a known client's requests reach the logs and their indexes: anyone can send
-            // the others, and would fill the disk with strings of their choosing.
-            match x.client {
-                Some(_) => {
-                    let sample = self.state.current.load().config.file.logs.request_sample;
-                    let unsampled = sample < 1.0 && fastrand::f64() >= sample;
-                    self.state.lasting.logs.push(x.into_record(unsampled));
-                }
-                None => self.state.refused.count_request(x.status),
-            }
-        }
-        if outcome == Outcome::Close {
-            return None;
-        }
-        match s.finish().await {
-            Ok(reusable) => reusable.map(|r| r.into_parts().0),
-            Err(_) => None,
-        }
-    }
-
-    /// How long a client has to send a request head (`server.header_timeout_s`).
-    pub(crate) fn header_timeout(&self) -> Duration {
-        self.state.current.load().config.header_timeout
-    }
-}
-
-/// The HTTP client for side calls (image hosts, image URLs, key checks): bounded in time, few
-/// redirects.
-pub fn side_client() -> reqwest::Client {
-    side_client_builder()
-        .build()
-        .expect("an HTTP client with these settings")
-}
-
-/// The settings every side-call client shares.
-fn side_client_builder() -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .timeout(SIDE_CALL_TIMEOUT)
-        .connect_timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::limited(3))
-}
-
-/// Counts a request in flight until dropped, however the request ends.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl<'a> InFlight<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        InFlight(count)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// 16 random hex digits: the id of a request that brought none.
-fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = fastrand::u64(..);
     (0..16)
@@ -1252,7 +825,7 @@ fn new_request_id() -> String {
 }
 
 impl Exchange {
-    fn new(req: &RequestHeader) -> Exchange {
+    pub(crate) fn new(req: &RequestHeader) -> Exchange {
         let id = req
             .headers
             .get(X_REQUEST_ID)
@@ -1283,11 +856,11 @@ impl Exchange {
 
     /// The finished request's row for the request and error logs. Its strings move into the
     /// record rather than being copied: this runs for every request.
-    fn into_record(self, unsampled: bool) -> crate::logs::Record {
+    pub(crate) fn into_record(self, unsampled: bool) -> crate::store::logs::Record {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let failed = self.status >= 400 || self.class.is_some();
         let (upstream_status, upstream_message) = self.upstream.unzip();
-        crate::logs::Record {
+        crate::store::logs::Record {
             ts_ms: now_ms(),
             id: self.id,
             client: self.client,
@@ -1306,7 +879,7 @@ impl Exchange {
             upstream_message,
             // Only failed requests go to the error log, the only one that keeps bodies.
             request_body: self.body.filter(|_| failed).map(|b| {
-                let kept = &b[..b.len().min(crate::logs::BODY_KEPT)];
+                let kept = &b[..b.len().min(crate::store::logs::BODY_KEPT)];
                 String::from_utf8_lossy(kept).into_owned()
             }),
             unsampled,
@@ -1314,7 +887,7 @@ impl Exchange {
     }
 
     /// The finished request's record, as `on_log` plugins get it.
-    fn entry(&self) -> serde_json::Value {
+    pub(crate) fn entry(&self) -> serde_json::Value {
         serde_json::json!({
             "id": self.id,
             "client": self.client,
@@ -1329,7 +902,7 @@ impl Exchange {
         })
     }
 
-    fn log(&self) {
+    pub(crate) fn log(&self) {
         if self.action == "health" {
             tracing::debug!(target: "gemgate::access", id = %self.id, status = self.status, "health");
             return;
@@ -1377,7 +950,7 @@ fn push_millis(out: &mut String, d: Option<Duration>) {
 }
 
 /// Reads the whole request body, refusing it with 413 past `limit`.
-async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> {
+pub(crate) async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> {
     // The rest of the body is read and discarded after answering (for a bounded time: see
     // `serve_request`), so the client is not cut off mid-upload and gets to read the 413.
     let too_large = || {
@@ -1451,63 +1024,8 @@ async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes, Refusal> 
     Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
-/// Headers that describe one connection, not the message: never relayed either way.
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
-
-/// The headers a message's `Connection` header names: they describe that one connection, and
-/// are never relayed (RFC 9110, 7.6.1). Lowercased; empty without a `Connection` header.
-fn connection_listed(headers: &http::HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty())
-        .collect()
-}
-
-/// Client headers Google would act on that gemgate holds back unless `upstream.forward_headers`
-/// names them: `x-goog-user-project` bills and authorises another Cloud project (and Google
-/// answers 403 for one the key cannot use), and the method overrides turn a POST into another
-/// call.
-const HELD_BACK: &[&str] = &[
-    "x-goog-user-project",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-];
-
-/// Hop-by-hop and credential headers: never forwarded upstream.
-fn skip_request_header(name: &str) -> bool {
-    is_hop_by_hop(name)
-        || matches!(
-            name,
-            "host"
-            | "proxy-authorization"
-            | "expect"
-            | "content-length"
-            | "authorization"
-            | "x-goog-api-key"
-            | "cookie"
-            // The answer must stay readable by gemgate (error classification, usage).
-            | "accept-encoding"
-        )
-}
-
 /// The upstream request header without a key: built once per request; each attempt adds its key
-/// (see [`wire::request_head`], which also gives the body's length).
+/// (see [`head::request_head`], which also gives the body's length).
 ///
 /// NOTE: built as `http` parts, not with pingora's `insert_header`, which turns every name into
 /// its title-cased bytes and parses it back, allocating twice for a name outside the standard
@@ -1687,7 +1205,7 @@ async fn relay(
                     Some(f) => f.push(chunk),
                     None => chunk,
                 };
-                if let Some(t) = crate::usage::tokens_in(&ready) {
+                if let Some(t) = crate::store::usage::tokens_in(&ready) {
                     x.tokens = t;
                 }
                 let pieces: Vec<(Bytes, Duration)> = match &mut chat {
@@ -1725,7 +1243,7 @@ async fn relay(
                     .as_mut()
                     .map(sse::EventFramer::finish)
                     .unwrap_or_default();
-                if let Some(t) = crate::usage::tokens_in(&rest) {
+                if let Some(t) = crate::store::usage::tokens_in(&rest) {
                     x.tokens = t;
                 }
                 if let Some(c) = &mut chat {
@@ -1807,14 +1325,14 @@ async fn start_answer(
     s.write_response_header(Box::new(h)).await.is_ok()
 }
 
-fn response_header(status: u16, x: &mut Exchange) -> ResponseHeader {
+pub(crate) fn response_header(status: u16, x: &mut Exchange) -> ResponseHeader {
     ResponseHeader::from(response_parts(status, x))
 }
 
 /// The start of every answer: `status`, the request id and, for a browser's call, CORS.
 ///
 /// NOTE: filled as `http` parts, then made a [`ResponseHeader`]: see [`upstream_header`].
-fn response_parts(status: u16, x: &mut Exchange) -> http::response::Parts {
+pub(crate) fn response_parts(status: u16, x: &mut Exchange) -> http::response::Parts {
     x.status = status;
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = http::StatusCode::from_u16(status).expect("valid status");
@@ -1837,26 +1355,7 @@ fn response_parts(status: u16, x: &mut Exchange) -> http::response::Parts {
     parts
 }
 
-/// Answers a CORS preflight: any origin may call with the methods and headers it asks for.
-async fn preflight(s: &mut ServerSession, x: &mut Exchange) -> Outcome {
-    x.action = "preflight".into();
-    let asked = s
-        .req_header()
-        .headers
-        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-        .cloned();
-    let mut h = response_header(204, x);
-    let _ = h.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");
-    let _ = h.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS");
-    let allow = asked.unwrap_or(HeaderValue::from_static(
-        "authorization, content-type, x-goog-api-key",
-    ));
-    let _ = h.insert_header(header::ACCESS_CONTROL_ALLOW_HEADERS, allow);
-    let _ = h.insert_header(header::ACCESS_CONTROL_MAX_AGE, "86400");
-    write_full(s, h, Bytes::new()).await
-}
-
-async fn send_gate(s: &mut ServerSession, x: &mut Exchange, e: &GateError) -> Outcome {
+pub(crate) async fn send_gate(s: &mut ServerSession, x: &mut Exchange, e: &GateError) -> Outcome {
     let mut h = response_header(e.status, x);
     let _ = h.insert_header(header::CONTENT_TYPE, "application/json; charset=UTF-8");
     if let Some(secs) = e.retry_after_s {
@@ -1865,7 +1364,12 @@ async fn send_gate(s: &mut ServerSession, x: &mut Exchange, e: &GateError) -> Ou
     write_full(s, h, e.body(x.protocol)).await
 }
 
-async fn send(s: &mut ServerSession, x: &mut Exchange, status: u16, json: Bytes) -> Outcome {
+pub(crate) async fn send(
+    s: &mut ServerSession,
+    x: &mut Exchange,
+    status: u16,
+    json: Bytes,
+) -> Outcome {
     let mut h = response_parts(status, x);
     h.headers.insert(
         header::CONTENT_TYPE,
@@ -1874,21 +1378,11 @@ async fn send(s: &mut ServerSession, x: &mut Exchange, status: u16, json: Bytes)
     write_full(s, ResponseHeader::from(h), json).await
 }
 
-async fn send_page(s: &mut ServerSession, x: &mut Exchange, a: pages::PageAnswer) -> Outcome {
-    // Pages are for the gateway's own origin: no CORS.
-    x.cors = false;
-    let mut h = response_header(a.status, x);
-    let _ = h.insert_header(header::CONTENT_TYPE, a.content_type);
-    for (name, value) in pages::PAGE_HEADERS {
-        let _ = h.insert_header(*name, *value);
-    }
-    for (name, value) in a.headers {
-        let _ = h.append_header(name, value);
-    }
-    write_full(s, h, a.body).await
-}
-
-async fn write_full(s: &mut ServerSession, mut h: ResponseHeader, body: Bytes) -> Outcome {
+pub(crate) async fn write_full(
+    s: &mut ServerSession,
+    mut h: ResponseHeader,
+    body: Bytes,
+) -> Outcome {
     let _ = h.insert_header(header::CONTENT_LENGTH, body.len());
     if s.write_response_header(Box::new(h)).await.is_err()
         || s.write_response_body(body, true).await.is_err()
@@ -1989,12 +1483,6 @@ fn rewrite_value(v: &mut serde_json::Value, rewrite: &Rewrite) -> Result<(), Ref
         }
     }
     Ok(())
-}
-
-/// Headers a plugin's rewrite may not set: the upstream's credential and the message framing
-/// belong to gemgate.
-pub fn is_protected_header(name: &str) -> bool {
-    skip_request_header(name)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The OpenAI-compatible routes: `/v1` and `/hf/v1` (translated to Gemini's native calls by
-//! [`crate::openai`]) and `/openai/v1` (Google's own OpenAI-compatible API, passed through).
+//! [`crate::translate::openai`]) and `/openai/v1` (Google's own OpenAI-compatible API, passed through).
 //! Both run over the same key pool, plugins and attempt loop as native calls.
 
 use std::time::Duration;
@@ -14,10 +14,10 @@ use super::{
     client_query, read_body, rewrite_value, send, upstream_header, Exchange, Finished, Gateway,
     Generation, Outcome, Refusal, UpstreamRequest,
 };
-use crate::keys::clock::now_ms;
-use crate::openai::{self, chat, embeddings, images, speech};
-use crate::proxy::reply::GateError;
+use crate::clock::now_ms;
+use crate::http::reply::GateError;
 use crate::proxy::route::OpenAiCall;
+use crate::translate::openai::{self, chat, embeddings, images, speech};
 
 /// What a translated stream needs to know before it starts.
 pub(super) struct ChatStreamSpec {
@@ -79,7 +79,7 @@ fn bad(e: openai::BadRequest) -> Refusal {
 
 impl Gateway {
     /// `/v1/...` and `/hf/v1/...`.
-    pub(super) async fn openai(
+    pub(crate) async fn openai(
         &self,
         gen: &Generation,
         s: &mut ServerSession,
@@ -119,7 +119,7 @@ impl Gateway {
                 .await
                 .map_err(|e| {
                     let status = match e {
-                        super::fetch::FetchError::TooLarge(..) => 413,
+                        crate::upstream::fetch::FetchError::TooLarge(..) => 413,
                         _ => 400,
                     };
                     Refusal::Gate(GateError::new(status, e.to_string()))
@@ -492,7 +492,7 @@ impl Gateway {
 
     /// `/openai/v1/{rest}`: passed to `{BASE_URL}/openai/{rest}` with a pool key as
     /// `Authorization: Bearer`; answers and streams come back as Google sends them.
-    pub(super) async fn google_openai(
+    pub(crate) async fn google_openai(
         &self,
         gen: &Generation,
         s: &mut ServerSession,

@@ -2,6 +2,18 @@
 
 use http::Method;
 
+use crate::http::reply::Protocol;
+
+/// The protocol a path belongs to, for errors answered before a request is routed.
+pub fn protocol_of(path: &str) -> Protocol {
+    match route(path, false) {
+        Route::Native(_) | Route::Files(_) | Route::Upload => Protocol::Gemini,
+        _ if path.starts_with("/openai/") => Protocol::GoogleOpenAi,
+        _ if path.starts_with("/v1/") || path.starts_with("/hf/v1/") => Protocol::OpenAi,
+        _ => Protocol::Gemini,
+    }
+}
+
 /// A Gemini-native call, with the path prefix (`/v1beta` or `/gemini/v1beta`) removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NativeCall {
@@ -66,7 +78,7 @@ pub enum AdminCall {
     /// `GET /admin/api/logs/{requests|errors}` (a page), `GET …/{ts}-{seq}` (one row),
     /// `DELETE /admin/api/logs/{requests|errors}` (selected rows, or all).
     Logs {
-        log: crate::logs::Log,
+        log: crate::store::logs::Log,
         row: Option<(u64, u64)>,
     },
 }
@@ -81,7 +93,7 @@ pub enum Page {
     Settings,
     Logs,
     LogRow {
-        log: crate::logs::Log,
+        log: crate::store::logs::Log,
         row: (u64, u64),
     },
     Plugins,
@@ -228,7 +240,7 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
             "resources" => Route::Admin(AdminCall::Resources),
             logs if logs.starts_with("logs/") => {
                 let mut parts = logs["logs/".len()..].splitn(2, '/');
-                let Some(log) = parts.next().and_then(crate::logs::Log::from_name) else {
+                let Some(log) = parts.next().and_then(crate::store::logs::Log::from_name) else {
                     return Route::NotFound;
                 };
                 let row = match parts.next() {
@@ -295,7 +307,7 @@ fn page_route(path: &str) -> Option<Page> {
             let rest = path.strip_prefix("/admin/logs/")?;
             let (log, row) = rest.split_once('/')?;
             Page::LogRow {
-                log: crate::logs::Log::from_name(log)?,
+                log: crate::store::logs::Log::from_name(log)?,
                 row: parse_row(row)?,
             }
         }

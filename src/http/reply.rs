@@ -14,17 +14,6 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// The protocol a path belongs to, for errors answered before a request is routed.
-    pub fn of_path(path: &str) -> Protocol {
-        use super::route::{route, Route};
-        match route(path, false) {
-            Route::Native(_) | Route::Files(_) | Route::Upload => Protocol::Gemini,
-            _ if path.starts_with("/openai/") => Protocol::GoogleOpenAi,
-            _ if path.starts_with("/v1/") || path.starts_with("/hf/v1/") => Protocol::OpenAi,
-            _ => Protocol::Gemini,
-        }
-    }
-
     /// The name plugins see in `req.protocol`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,7 +45,7 @@ impl GateError {
     }
 
     /// A 400 naming the request field at fault.
-    pub fn bad_request(e: crate::openai::BadRequest) -> Self {
+    pub fn bad_request(e: crate::translate::openai::BadRequest) -> Self {
         GateError {
             param: e.param,
             ..GateError::new(400, e.message)
@@ -68,8 +57,12 @@ impl GateError {
         match protocol {
             Protocol::Gemini => self.gemini_body(),
             Protocol::OpenAi | Protocol::GoogleOpenAi => Bytes::from(
-                crate::openai::error_body(self.status, &self.message, self.param.as_deref())
-                    .to_string(),
+                crate::translate::openai::error_body(
+                    self.status,
+                    &self.message,
+                    self.param.as_deref(),
+                )
+                .to_string(),
             ),
         }
     }

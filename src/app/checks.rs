@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Generation, State};
 use crate::keys::taxonomy::{classify, redact, ErrorClass};
 use crate::keys::Key;
-use crate::proxy::{Generation, State};
 
 /// Probes run at most this many at once.
 const CONCURRENCY: usize = 4;

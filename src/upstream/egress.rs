@@ -21,21 +21,14 @@ use pingora::{Error, ErrorType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::config::net::{ProxyScheme, ProxyUrl};
+
 /// Largest answer to `CONNECT` read before the tunnel is given up.
 const CONNECT_ANSWER_LIMIT: usize = 8 * 1024;
 
-/// How a proxy is spoken to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    /// `http://`: `CONNECT host:port`.
-    Http,
-    /// `socks5://`: the upstream's address is resolved here. `socks5h://`: by the proxy.
-    Socks5 { remote_dns: bool },
-}
-
 /// One configured proxy, and the upstream it opens tunnels to.
 pub struct Tunnel {
-    scheme: Scheme,
+    scheme: ProxyScheme,
     host: String,
     port: u16,
     /// User name and password, when the URL has them.
@@ -57,23 +50,6 @@ pub struct Tunnel {
     timeout: Duration,
 }
 
-/// A proxy URL as logs, errors and pages show it: without its password (or a user name
-/// alone, which is often a token).
-pub(crate) fn shown_url(url: &reqwest::Url) -> String {
-    let mut shown = url.clone();
-    if url.password().is_some() {
-        let _ = shown.set_password(Some("***"));
-    } else if !url.username().is_empty() {
-        let _ = shown.set_username("***");
-    }
-    shown.as_str().trim_end_matches('/').to_owned()
-}
-
-/// Why a `PROXIES` entry cannot be used.
-pub fn parse_error(url: &str) -> Option<String> {
-    Tunnel::new(url, "example.com", 443, Duration::from_secs(1)).err()
-}
-
 impl Tunnel {
     /// A tunnel through `url` (`http://[user:pass@]host:port`, `socks5://…`, `socks5h://…`) to
     /// `target_host:target_port`.
@@ -83,41 +59,14 @@ impl Tunnel {
         target_port: u16,
         timeout: Duration,
     ) -> Result<Tunnel, String> {
-        // Errors never quote the URL: it may hold a password.
-        let parsed = reqwest::Url::parse(url).map_err(|e| {
-            format!(
-                "a proxy is not a valid URL ({e}); the form is scheme://[user:password@]host:port"
-            )
-        })?;
-        let scheme = match parsed.scheme() {
-            "http" => Scheme::Http,
-            "socks5" => Scheme::Socks5 { remote_dns: false },
-            "socks5h" => Scheme::Socks5 { remote_dns: true },
-            other => {
-                return Err(format!(
-                    "{other}:// proxies are not supported: use http://, socks5:// or socks5h:// \
-                     (the tunnel to Google is TLS either way)"
-                ))
-            }
-        };
-        let host = parsed
-            .host_str()
-            .ok_or("a proxy URL names no host")?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = parsed.port().unwrap_or(match scheme {
-            Scheme::Http => 80,
-            Scheme::Socks5 { .. } => 1080,
-        });
-        let user = percent_decode(parsed.username());
-        let auth = (!user.is_empty())
-            .then(|| (user, percent_decode(parsed.password().unwrap_or_default())));
-        if let Some((user, pass)) = &auth {
-            if matches!(scheme, Scheme::Socks5 { .. }) && (user.len() > 255 || pass.len() > 255) {
-                return Err("a SOCKS5 user name or password is at most 255 bytes".into());
-            }
-        }
+        let ProxyUrl {
+            scheme,
+            host,
+            port,
+            auth,
+            display,
+            url,
+        } = ProxyUrl::parse(url)?;
         let proxy_auth = auth.as_ref().map(|(user, pass)| {
             let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
             format!("Basic {token}")
@@ -134,8 +83,8 @@ impl Tunnel {
             auth,
             proxy_auth,
             authority,
-            display: shown_url(&parsed),
-            url: url.to_owned(),
+            display,
+            url,
             target_host: target_host.to_owned(),
             target_port,
             plain: false,
@@ -152,7 +101,7 @@ impl Tunnel {
     /// Whether requests go to this proxy as they are (absolute targets) instead of through a
     /// tunnel: an `http://` proxy in front of a plain-HTTP upstream.
     pub fn forwards(&self) -> bool {
-        self.plain && self.scheme == Scheme::Http
+        self.plain && self.scheme == ProxyScheme::Http
     }
 
     /// The `Proxy-Authorization` value of a forwarding proxy with credentials.
@@ -162,7 +111,7 @@ impl Tunnel {
 
     /// Whether the proxy itself looks up the upstream's name (`http://`, `socks5h://`).
     pub fn resolves_remotely(&self) -> bool {
-        !matches!(self.scheme, Scheme::Socks5 { remote_dns: false })
+        !matches!(self.scheme, ProxyScheme::Socks5 { remote_dns: false })
     }
 
     /// Opens a tunnel to the upstream, whose address pingora resolved as `resolved`.
@@ -172,9 +121,9 @@ impl Tunnel {
             .map_err(|e| format!("cannot reach the proxy: {e}"))?;
         let _ = tcp.set_nodelay(true);
         match self.scheme {
-            Scheme::Http if self.plain => {}
-            Scheme::Http => self.connect_http(&mut tcp).await?,
-            Scheme::Socks5 { remote_dns } => {
+            ProxyScheme::Http if self.plain => {}
+            ProxyScheme::Http => self.connect_http(&mut tcp).await?,
+            ProxyScheme::Socks5 { remote_dns } => {
                 let target = match resolved {
                     Some(addr) if !remote_dns => Destination::Ip(addr),
                     _ => Destination::Name(&self.target_host, self.target_port),
@@ -365,12 +314,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
 fn socks5_reply(code: u8) -> &'static str {
     match code {
         1 => "general failure",
@@ -406,17 +349,17 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap();
-        assert_eq!(t.scheme, Scheme::Http);
+        assert_eq!(t.scheme, ProxyScheme::Http);
         assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 3128));
         assert_eq!(t.auth, Some(("user".into(), "p@ss".into())));
         assert_eq!(t.display, "http://user:***@127.0.0.1:3128");
         let t = Tunnel::new("socks5h://[::1]", "h", 443, Duration::from_secs(1)).unwrap();
-        assert_eq!(t.scheme, Scheme::Socks5 { remote_dns: true });
+        assert_eq!(t.scheme, ProxyScheme::Socks5 { remote_dns: true });
         assert_eq!((t.host.as_str(), t.port), ("::1", 1080));
-        assert!(parse_error("https://proxy:443")
-            .unwrap()
+        assert!(ProxyUrl::parse("https://proxy:443")
+            .unwrap_err()
             .contains("https://"));
-        assert!(parse_error("proxy:8080").is_some());
+        assert!(ProxyUrl::parse("proxy:8080").is_err());
     }
 
     /// A one-shot proxy on loopback: reads the CONNECT head, answers `answer`, returns the head.

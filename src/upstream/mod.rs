@@ -1,6 +1,11 @@
 //! The upstream side: where `BASE_URL` points, resolved without blocking, the routes to it
 //! (direct, or one per `PROXIES` entry), and the shape of one request to it.
 
+pub mod egress;
+pub mod fetch;
+pub mod head;
+pub mod headers;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -14,14 +19,16 @@ use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::protocols::{Stream, ALPN};
 use pingora::upstreams::peer::HttpPeer;
 
-use super::egress::{self, Tunnel};
 use crate::config::{BaseUrl, Config};
 use crate::shard::{self, SHARDS};
+use egress::Tunnel;
 
 /// How long a DNS answer is used before it is looked up again (in the background).
 const DNS_TTL: Duration = Duration::from_secs(60);
 /// How long an idle pooled upstream connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a side call (an image host, an image URL, a key check) may take.
+const SIDE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Resolved {
     /// One peer per route.
@@ -230,7 +237,7 @@ impl Target {
 
 impl Route {
     fn new(tunnel: Option<Arc<Tunnel>>) -> Route {
-        let mut client = super::side_client_builder();
+        let mut client = side_client_builder();
         if let Some(t) = &tunnel {
             match reqwest::Proxy::all(&t.url) {
                 Ok(proxy) => client = client.proxy(proxy),
@@ -267,7 +274,7 @@ impl Target {
             }
         }
         let stream = connector.new_stream(peer).await?;
-        Ok((Box::new(super::wire::Gathered::new(stream)), false))
+        Ok((Box::new(crate::http::wire::Gathered::new(stream)), false))
     }
 
     /// The session that reads the answer to a request written on `stream`.
@@ -305,6 +312,22 @@ impl Target {
             idle.push((stream, Instant::now()));
         }
     }
+}
+
+/// The HTTP client for side calls (image hosts, image URLs, key checks): bounded in time, few
+/// redirects.
+pub fn side_client() -> reqwest::Client {
+    side_client_builder()
+        .build()
+        .expect("an HTTP client with these settings")
+}
+
+/// The settings every side-call client shares.
+fn side_client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(SIDE_CALL_TIMEOUT)
+        .connect_timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::limited(3))
 }
 
 /// Largest batch of already-received body chunks sent to the client in one write.

@@ -21,9 +21,9 @@ use http::header;
 use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
 
-use super::auth::same_secret;
-use super::peer::Peer;
-use crate::proxy::reply::GateError;
+use crate::http::auth::same_secret;
+use crate::http::peer::Peer;
+use crate::http::reply::GateError;
 
 /// The session cookie's name over plain http.
 pub const COOKIE: &str = "gemgate_admin";

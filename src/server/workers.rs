@@ -20,8 +20,8 @@ use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
 use tokio::net::TcpSocket;
 
-use super::wire::Gathered;
-use super::Gateway;
+use crate::http::wire::Gathered;
+use crate::proxy::Gateway;
 
 /// Pending connections a worker's socket queues before the kernel refuses more.
 const BACKLOG: u32 = 65535;

@@ -3,11 +3,17 @@
 //!
 //! The request path never touches the file. A key whose state changes marks itself dirty; a
 //! background thread writes the dirty keys in one transaction every [`FLUSH_EVERY`], and once
-//! more on shutdown, so a crash loses at most the last second.
+//! more on shutdown, so a crash loses at most the last second (see `app::flusher`).
+//!
+//! Beside key state the file holds the request and error logs ([`logs`]) and the usage counts
+//! ([`usage`]); [`metrics`] keeps the dashboard's figures in memory.
+
+pub mod logs;
+pub mod metrics;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
@@ -16,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 use crate::keys::{Cooldown, KeyRegistry, KeyState};
-use crate::usage::Counts;
+use crate::store::usage::Counts;
 
 /// The layout version this gemgate writes; older files are migrated, newer ones refused.
 /// 2: the logs are stored in blocks of records (layout 1 had a row per record).
@@ -110,7 +116,7 @@ impl Store {
             log_seq: AtomicU64::new(0),
             trimmed: AtomicU64::new(0),
             trim_said_ms: AtomicU64::new(0),
-            flushed_ms: AtomicU64::new(crate::keys::clock::now_ms()),
+            flushed_ms: AtomicU64::new(crate::clock::now_ms()),
             saving_keys: std::sync::Mutex::new(()),
         };
         store.migrate()?;
@@ -127,6 +133,23 @@ impl Store {
                 .map_err(|e| open_err(format!("cannot compact: {e}")))?;
         }
         Ok(store)
+    }
+
+    /// Calls `each` with the records of `log` from `from_ms` on, oldest first, `batch` at a
+    /// time.
+    pub fn log_since(
+        &self,
+        log: logs::Log,
+        from_ms: u64,
+        batch: usize,
+        each: &mut dyn FnMut(Vec<logs::Record>),
+    ) -> Result<(), StoreError> {
+        logs::since(&self.db, log, from_ms, batch, each)
+    }
+
+    /// When the last flush was written (milliseconds since the epoch).
+    pub fn flushed_ms(&self) -> u64 {
+        self.flushed_ms.load(Ordering::Relaxed)
     }
 
     /// The data file's size.
@@ -159,7 +182,7 @@ impl Store {
     /// [`Store::keep_within`], with room for `incoming` more bytes of log blocks.
     fn make_room(&self, max_bytes: u64, incoming: u64) {
         let budget = self.log_room(max_bytes);
-        let stored = match crate::logs::stored_bytes(&self.db) {
+        let stored = match crate::store::logs::stored_bytes(&self.db) {
             Ok(n) => n,
             Err(e) => return tracing::error!("cannot read the logs' size: {e}"),
         };
@@ -167,11 +190,11 @@ impl Store {
             return;
         }
         let keep = (budget / 4 * 3).saturating_sub(incoming);
-        match crate::logs::trim(&self.db, stored.saturating_sub(keep)) {
+        match crate::store::logs::trim(&self.db, stored.saturating_sub(keep)) {
             Ok(records) => {
                 let total = self.trimmed.fetch_add(records as u64, Ordering::Relaxed);
                 // Said once a minute at most: a busy gateway trims every second.
-                let now = crate::keys::clock::now_ms();
+                let now = crate::clock::now_ms();
                 let last = self.trim_said_ms.load(Ordering::Relaxed);
                 if now >= last + 60_000
                     && self
@@ -211,7 +234,7 @@ impl Store {
             tx.open_table(USAGE).map_err(io)?;
             tx.open_table(FILES).map_err(io)?;
         }
-        crate::logs::create(&tx)?;
+        crate::store::logs::create(&tx)?;
         tx.commit().map_err(io)
     }
 
@@ -219,7 +242,7 @@ impl Store {
     pub fn save_file(
         &self,
         id: &str,
-        record: Option<&crate::proxy::files::FileRecord>,
+        record: Option<&crate::keys::owners::FileRecord>,
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(io)?;
         {
@@ -242,8 +265,8 @@ impl Store {
     }
 
     /// Every file saved. Files saved before their clients were kept have no client.
-    pub fn load_files(&self) -> Result<Vec<(String, crate::proxy::files::FileRecord)>, StoreError> {
-        use crate::proxy::files::{FileRecord, Owner};
+    pub fn load_files(&self) -> Result<Vec<(String, crate::keys::owners::FileRecord)>, StoreError> {
+        use crate::keys::owners::{FileRecord, Owner};
         let tx = self.db.begin_read().map_err(io)?;
         let table = tx.open_table(FILES).map_err(io)?;
         let mut out = Vec::new();
@@ -439,109 +462,17 @@ fn class_name(stored: &str) -> &'static str {
         .unwrap_or("rate_limited")
 }
 
-/// Starts the flusher: every [`FLUSH_EVERY`], the keys marked dirty, the queued usage and the
-/// queued log records are written; once an hour, log rows past their retention are deleted.
-///
-/// Two threads share the work. The preparer runs at idle priority and does the CPU work of a
-/// flush: it takes what the request path queued, encodes the records and feeds the
-/// dashboard. The committer runs at normal priority and only writes what the preparer hands
-/// it: redb has one write lock, and a thread at idle priority holding it on a saturated
-/// machine would keep everything else from being saved. When the preparer is half an
-/// interval late (a busy machine leaves it no core), the committer takes and encodes the
-/// batch itself, so key state and the logs stay about a flush behind however busy it is.
-pub fn start_flusher(store: Arc<Store>, state: Arc<crate::proxy::State>) {
-    let (ready, batches) = std::sync::mpsc::sync_channel::<Batch>(4);
-    let preparer = {
-        let state = state.clone();
-        let store = store.clone();
-        std::thread::Builder::new()
-            .name("gemgate-store".into())
-            .spawn(move || {
-                lower_priority();
-                // The dashboard's last day, from the request log (the committer saves
-                // meanwhile: a long log must not hold up key state).
-                let day_ago = crate::keys::clock::now_ms().saturating_sub(86_400_000);
-                let metrics = &state.lasting.metrics;
-                if let Err(e) = crate::logs::since(
-                    &store.db,
-                    crate::logs::Log::Requests,
-                    day_ago,
-                    4096,
-                    &mut |batch| metrics.add(&batch),
-                ) {
-                    tracing::warn!(
-                        "cannot read the last day of the request log for the dashboard: {e}"
-                    );
-                }
-                loop {
-                    std::thread::sleep(FLUSH_EVERY);
-                    if ready.send(Batch::take(&state.lasting)).is_err() {
-                        return;
-                    }
-                }
-            })
-    };
-    let committer = std::thread::Builder::new()
-        .name("gemgate-store-commit".into())
-        .spawn(move || {
-            let late = FLUSH_EVERY * 3 / 2;
-            let mut last_retention = std::time::Instant::now() - RETENTION_EVERY;
-            loop {
-                let batch = match batches.recv_timeout(FLUSH_EVERY / 4) {
-                    Ok(batch) => batch,
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        let since = crate::keys::clock::now_ms()
-                            .saturating_sub(store.flushed_ms.load(Ordering::Relaxed));
-                        if since <= late.as_millis() as u64 {
-                            continue;
-                        }
-                        Batch::take(&state.lasting)
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                };
-                let gen = state.current.load_full();
-                let config = &gen.config;
-                batch.commit(&store, &state.lasting.registry, config.max_data_bytes);
-                if last_retention.elapsed() >= RETENTION_EVERY {
-                    last_retention = std::time::Instant::now();
-                    retire_logs(&store, &config.file.logs);
-                }
-            }
-        });
-    if let Err(e) = preparer.and(committer) {
-        tracing::error!("cannot start the store flusher, key state will not be saved: {e}");
-    }
-}
-
-/// Asks the kernel to run this thread only when a core would otherwise idle (`SCHED_IDLE`):
-/// writing a second's worth of logs takes a burst of CPU, and even at a lower nice level that
-/// burst held request threads back for whole time slices on a small machine (p99 went from
-/// 0.3 ms to 2-4 ms at concurrency 1). A request thread that wakes up now preempts it at once.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: a plain system call on the calling thread, with a valid parameter block.
-    unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
-        }
-    }
-}
-
-/// How often old log rows are looked for.
-const RETENTION_EVERY: Duration = Duration::from_secs(3600);
-
 /// Deletes log rows older than `AUTO_DELETE_*_DAYS`, where enabled.
 pub fn retire_logs(store: &Store, logs: &crate::config::LogsSection) {
-    let now = crate::keys::clock::now_ms();
+    let now = crate::clock::now_ms();
     for (log, enabled, days) in [
         (
-            crate::logs::Log::Errors,
+            crate::store::logs::Log::Errors,
             logs.auto_delete_error_logs_enabled,
             logs.auto_delete_error_logs_days,
         ),
         (
-            crate::logs::Log::Requests,
+            crate::store::logs::Log::Requests,
             logs.auto_delete_request_logs_enabled,
             logs.auto_delete_request_logs_days,
         ),
@@ -550,22 +481,12 @@ pub fn retire_logs(store: &Store, logs: &crate::config::LogsSection) {
             continue;
         }
         let cutoff = now.saturating_sub(u64::from(days) * 86_400_000);
-        match crate::logs::delete(&store.db, log, Some(cutoff), &[]) {
+        match crate::store::logs::delete(&store.db, log, Some(cutoff), &[]) {
             Ok(0) => {}
             Ok(n) => tracing::info!(?log, rows = n, days, "old log rows deleted"),
             Err(e) => tracing::error!(?log, "cannot delete old log rows: {e}"),
         }
     }
-}
-
-/// Writes every dirty key, the queued usage and the queued log records now. Failures are
-/// logged; dirty keys stay dirty and are tried again.
-///
-/// The log records are taken first and written last, and key state is looked at after they
-/// were taken: a request's log row, once it can be read, says that the key state and usage
-/// its request changed are saved too (a request changes them before its record is queued).
-pub fn flush(store: &Store, lasting: &crate::proxy::Lasting, max_bytes: u64) {
-    Batch::take(lasting).commit(store, &lasting.registry, max_bytes);
 }
 
 /// One flush's worth of changes, taken from the request path and encoded, ready to write.
@@ -574,18 +495,20 @@ pub fn flush(store: &Store, lasting: &crate::proxy::Lasting, max_bytes: u64) {
 /// over a newer one, so the keys are looked at when the batch is written.
 pub struct Batch {
     usage: HashMap<(u32, String, String), Counts>,
-    records: Vec<crate::logs::Record>,
-    encoded: Vec<crate::logs::Encoded>,
+    records: Vec<crate::store::logs::Record>,
+    encoded: Vec<crate::store::logs::Encoded>,
 }
 
 impl Batch {
-    /// Takes what the request path queued, and does a flush's CPU work: encoding the records,
-    /// and adding them to the dashboard's figures.
-    pub fn take(lasting: &crate::proxy::Lasting) -> Batch {
-        let records = lasting.logs.take();
-        let usage = lasting.usage.drain();
-        lasting.metrics.add(&records);
-        let encoded = records.iter().map(crate::logs::Encoded::of).collect();
+    /// A batch of the queued `records` and `usage`, encoded (the CPU work of a flush).
+    pub fn new(
+        records: Vec<crate::store::logs::Record>,
+        usage: HashMap<(u32, String, String), Counts>,
+    ) -> Batch {
+        let encoded = records
+            .iter()
+            .map(crate::store::logs::Encoded::of)
+            .collect();
         Batch {
             usage,
             records,
@@ -600,7 +523,7 @@ impl Batch {
         {
             let _saving = store.saving_keys.lock().unwrap_or_else(|e| e.into_inner());
             let dirty = registry.take_dirty();
-            let now = crate::keys::clock::now_ms();
+            let now = crate::clock::now_ms();
             let keys: Vec<(String, SavedKey)> = dirty
                 .iter()
                 .map(|(id, state)| (id.clone(), snapshot(state, now)))
@@ -630,7 +553,7 @@ impl Batch {
             let end = at + n;
             let incoming = self.encoded[at..end].iter().map(|e| e.bytes() as u64).sum();
             store.make_room(max_bytes, incoming);
-            let written = crate::logs::write_encoded(
+            let written = crate::store::logs::write_encoded(
                 &store.db,
                 &self.records[at..end],
                 &self.encoded[at..end],
@@ -643,7 +566,7 @@ impl Batch {
         }
         store
             .flushed_ms
-            .store(crate::keys::clock::now_ms(), Ordering::Relaxed);
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -702,29 +625,30 @@ mod tests {
             store
                 .save_keys(&[("k1".into(), SavedKey::default())])
                 .unwrap();
-            let lasting = crate::proxy::Lasting::default();
+            let queue = crate::store::logs::LogQueue::default();
+            let registry = KeyRegistry::default();
             let mut largest = 0;
             // Three times the cap in error records with 48 KB bodies, a megabyte a flush.
             for round in 0..cap / (1 << 20) * 3 {
                 for i in 0..20 {
-                    lasting.logs.push(crate::logs::Record {
+                    queue.push(crate::store::logs::Record {
                         ts_ms: 1_000_000 + round * 100 + i,
                         status: 400,
                         request_body: Some("x".repeat(48 * 1024)),
                         ..Default::default()
                     });
                 }
-                flush(&store, &lasting, cap);
+                Batch::new(queue.take(), HashMap::new()).commit(&store, &registry, cap);
                 largest = largest.max(store.file_bytes());
             }
             assert!(
                 largest <= over_cap(cap),
                 "{largest} bytes for a cap of {cap}"
             );
-            let (rows, _) = crate::logs::query(
+            let (rows, _) = crate::store::logs::query(
                 &store.db,
-                crate::logs::Log::Errors,
-                &crate::logs::Query {
+                crate::store::logs::Log::Errors,
+                &crate::store::logs::Query {
                     limit: 1000,
                     ..Default::default()
                 },

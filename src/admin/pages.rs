@@ -12,15 +12,16 @@ use http::header;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use super::admin::{keys_json, state_of, StateCounts};
-use super::auth::form_decode;
-use super::peer::Peer;
-use super::route::Page;
-use super::session::{self, Admin};
-use super::{encode_query_value, read_body, Gateway, Generation};
+use super::api::{keys_json, state_of, StateCounts};
+use crate::app::session::{self, Admin};
+use crate::app::Generation;
+use crate::clock::{now_ms, rfc3339};
 use crate::config::settings::{self, Saved};
-use crate::keys::clock::{now_ms, rfc3339};
-use crate::proxy::reply::GateError;
+use crate::http::auth::{self, form_decode};
+use crate::http::peer::Peer;
+use crate::http::reply::GateError;
+use crate::proxy::route::Page;
+use crate::proxy::{encode_query_value, read_body, Gateway};
 
 /// A refused settings form: what was typed, and the errors by setting path.
 type Refused<'a> = (&'a BTreeMap<String, String>, &'a [(String, String)]);
@@ -33,7 +34,7 @@ const LOGIN_FORM_LIMIT: u64 = 4 * 1024;
 const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(400);
 
 /// A page's answer.
-pub(super) struct PageAnswer {
+pub(crate) struct PageAnswer {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Bytes,
@@ -66,7 +67,7 @@ impl PageAnswer {
 }
 
 /// The security headers every page carries: nothing inline runs, nothing frames the page.
-pub(super) const PAGE_HEADERS: &[(&str, &str)] = &[
+pub(crate) const PAGE_HEADERS: &[(&str, &str)] = &[
     (
         "content-security-policy",
         "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
@@ -109,7 +110,7 @@ fn uptime(d: Duration) -> String {
 }
 
 impl Gateway {
-    pub(super) async fn page(
+    pub(crate) async fn page(
         &self,
         gen: &Arc<Generation>,
         s: &mut ServerSession,
@@ -275,7 +276,7 @@ impl Gateway {
     ) -> PageAnswer {
         let anonymous = Admin::Bearer;
         let query = s.req_header().uri.query().unwrap_or_default().to_owned();
-        let next = super::auth::query_param(&query, "next").map(|n| n.into_owned());
+        let next = auth::query_param(&query, "next").map(|n| n.into_owned());
         let Some(admin_token) = admin_token else {
             let data = json!({ "off": true, "next": "", "error": null });
             return self.render(gen, 403, "login", "Log in", data, &anonymous);
@@ -365,7 +366,7 @@ impl Gateway {
     fn keys_page(&self, gen: &Generation, query: &str) -> (&'static str, &'static str, Value) {
         let mut data = keys_json(gen, query, &self.usage_today());
         let param = |n: &str| {
-            super::auth::query_param(query, n)
+            auth::query_param(query, n)
                 .map(|v| v.into_owned())
                 .unwrap_or_default()
         };
@@ -433,7 +434,7 @@ impl Gateway {
                 }
             }
         }
-        let saved = super::auth::query_param(query, "saved").map(|v| v.into_owned());
+        let saved = auth::query_param(query, "saved").map(|v| v.into_owned());
         Ok(json!({
             "groups": groups,
             "file": path.display().to_string(),
@@ -493,11 +494,12 @@ impl Gateway {
     fn logs_page(&self, query: &str) -> Result<(&'static str, &'static str, Value), GateError> {
         let store = self.log_store()?;
         let param = |n: &str| {
-            super::auth::query_param(query, n)
+            auth::query_param(query, n)
                 .map(|v| v.into_owned())
                 .unwrap_or_default()
         };
-        let log = crate::logs::Log::from_name(&param("log")).unwrap_or(crate::logs::Log::Errors);
+        let log = crate::store::logs::Log::from_name(&param("log"))
+            .unwrap_or(crate::store::logs::Log::Errors);
         let log_name = log.name();
         // Empty filters are no filters.
         let api_query: String = query
@@ -505,7 +507,7 @@ impl Gateway {
             .filter(|p| p.split_once('=').is_some_and(|(_, v)| !v.is_empty()))
             .collect::<Vec<_>>()
             .join("&");
-        let mut data = super::admin::logs_json(&store, log, None, &api_query)?;
+        let mut data = super::api::logs_json(&store, log, None, &api_query)?;
         let filters: Value = ["from", "to", "key", "model", "status", "class"]
             .iter()
             .map(|f| (f.to_string(), json!(param(f))))
@@ -532,11 +534,11 @@ impl Gateway {
 
     fn log_row_page(
         &self,
-        log: crate::logs::Log,
+        log: crate::store::logs::Log,
         row: (u64, u64),
     ) -> Result<(&'static str, &'static str, Value), GateError> {
         let store = self.log_store()?;
-        let mut data = super::admin::logs_json(&store, log, Some(row), "")?;
+        let mut data = super::api::logs_json(&store, log, Some(row), "")?;
         data["time"] = json!(rfc3339(row.0));
         data["log"] = json!(log.name());
         Ok(("log", "Log entry", data))
@@ -558,7 +560,7 @@ const CHART_W: f64 = 600.0;
 const CHART_H: f64 = 120.0;
 
 /// An SVG bar chart of requests per span, errors stacked in their own colour.
-fn bar_chart(points: &[crate::metrics::Point], label: &str) -> String {
+fn bar_chart(points: &[crate::store::metrics::Point], label: &str) -> String {
     let max = points.iter().map(|p| p.requests).max().unwrap_or(0).max(1) as f64;
     let w = CHART_W / points.len().max(1) as f64;
     let mut svg = format!(
@@ -601,10 +603,10 @@ fn bar_chart(points: &[crate::metrics::Point], label: &str) -> String {
 }
 
 /// An SVG line chart of p50 and p99 latency per span.
-fn latency_chart(points: &[crate::metrics::Point]) -> String {
+fn latency_chart(points: &[crate::store::metrics::Point]) -> String {
     let max = points.iter().map(|p| p.p99_ms).fold(0.0, f64::max).max(1.0);
     let step = CHART_W / points.len().saturating_sub(1).max(1) as f64;
-    let line = |f: &dyn Fn(&crate::metrics::Point) -> f64| {
+    let line = |f: &dyn Fn(&crate::store::metrics::Point) -> f64| {
         points
             .iter()
             .enumerate()
@@ -647,8 +649,8 @@ mod tests {
 
     #[test]
     fn charts_are_svg_of_every_point() {
-        let points: Vec<crate::metrics::Point> = (0..4)
-            .map(|i| crate::metrics::Point {
+        let points: Vec<crate::store::metrics::Point> = (0..4)
+            .map(|i| crate::store::metrics::Point {
                 at_ms: 1_800_000_000_000,
                 requests: i,
                 errors: i / 2,

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::Serialize;
 
+use super::{BuildError, Generation, State};
+use crate::clock::now_ms;
 use crate::config::{self, Config};
-use crate::keys::clock::now_ms;
-use crate::proxy::{BuildError, Generation, State};
 
 /// How long the watched folders must be quiet before a reload starts.
 const SETTLE: Duration = Duration::from_millis(120);
@@ -93,7 +93,7 @@ pub fn reload(state: &State) -> Result<u64, ReloadError> {
     let mut status = state.reload_status();
     let now = now_ms();
     status.last_reload_ms = Some(now);
-    status.last_reload_at = Some(crate::keys::clock::rfc3339(now));
+    status.last_reload_at = Some(crate::clock::rfc3339(now));
     match result {
         Ok(next) => {
             let restart = restart_needed(&current.config, &next.config);

@@ -8,14 +8,16 @@ use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use super::peer::Peer;
-use super::{auth, read_body, reload, Gateway, Generation, Refusal};
-use crate::checks::{self, Probe};
-use crate::keys::clock::{now_ms, rfc3339};
+use crate::app::checks::{self, Probe};
+use crate::app::{reload, Generation};
+use crate::clock::{now_ms, rfc3339};
+use crate::http::auth;
+use crate::http::peer::Peer;
+use crate::http::reply::GateError;
 use crate::keys::Key;
-use crate::proxy::reply::GateError;
 use crate::proxy::route::{AdminCall, KeyAction};
-use crate::usage::Counts;
+use crate::proxy::{read_body, Gateway, Refusal};
+use crate::store::usage::Counts;
 
 /// Largest admin request body.
 const ADMIN_BODY_LIMIT: u64 = 1024 * 1024;
@@ -25,7 +27,7 @@ const MAX_PER_PAGE: usize = 1000;
 
 impl Gateway {
     /// Answers an admin call with JSON, or refuses it.
-    pub(super) async fn admin(
+    pub(crate) async fn admin(
         &self,
         gen: &Generation,
         s: &mut ServerSession,
@@ -306,7 +308,7 @@ impl Gateway {
 
     /// Today's usage per key id (empty without a store).
     pub(super) fn usage_today(&self) -> HashMap<String, Counts> {
-        let today = crate::usage::day_of(now_ms());
+        let today = crate::store::usage::day_of(now_ms());
         self.state
             .lasting
             .store
@@ -530,11 +532,11 @@ fn row_name(row: (u64, u64)) -> String {
 /// `limit`, `before` (the `next` of the previous page)), or one row.
 pub(super) fn logs_json(
     store: &crate::store::Store,
-    log: crate::logs::Log,
+    log: crate::store::logs::Log,
     row: Option<(u64, u64)>,
     query: &str,
 ) -> Result<Value, GateError> {
-    use crate::logs;
+    use crate::store::logs;
     if let Some(row) = row {
         let r = logs::get(store.db(), log, row)
             .map_err(store_error)?
@@ -548,7 +550,7 @@ pub(super) fn logs_json(
             Some(v) => v
                 .parse::<u64>()
                 .ok()
-                .or_else(|| crate::keys::clock::parse_rfc3339(&v))
+                .or_else(|| crate::clock::parse_rfc3339(&v))
                 .map(Some)
                 .ok_or_else(|| bad(format!("{name}: {v:?} is not a time (RFC 3339 or ms)"))),
         }
@@ -587,7 +589,7 @@ pub(super) fn logs_json(
 /// Deletes the rows named in `{"rows": [...]}`, or with `?all=true` every row.
 fn delete_logs(
     store: &crate::store::Store,
-    log: crate::logs::Log,
+    log: crate::store::logs::Log,
     query: &str,
     body: &[u8],
 ) -> Result<Value, GateError> {
@@ -614,7 +616,8 @@ fn delete_logs(
         ));
     }
     let before = all.then_some(u64::MAX);
-    let deleted = crate::logs::delete(store.db(), log, before, &rows).map_err(store_error)?;
+    let deleted =
+        crate::store::logs::delete(store.db(), log, before, &rows).map_err(store_error)?;
     tracing::info!(?log, deleted, "admin: log rows deleted");
     Ok(json!({ "deleted": deleted }))
 }

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::logs::Record;
+use crate::store::logs::Record;
 
 /// Minutes kept: one day.
 const MINUTES: usize = 24 * 60;

@@ -1,0 +1,117 @@
+//! The flusher: two background threads that save what the request path queued (key state,
+//! usage, log records) to the store every [`FLUSH_EVERY`], and retire old log rows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Lasting, State};
+use crate::store::{retire_logs, Batch, Store, FLUSH_EVERY};
+
+/// Takes what the request path queued, and does a flush's CPU work: encoding the records, and
+/// adding them to the dashboard's figures.
+fn take(lasting: &Lasting) -> Batch {
+    let records = lasting.logs.take();
+    let usage = lasting.usage.drain();
+    lasting.metrics.add(&records);
+    Batch::new(records, usage)
+}
+
+/// Starts the flusher: every [`FLUSH_EVERY`], the keys marked dirty, the queued usage and the
+/// queued log records are written; once an hour, log rows past their retention are deleted.
+///
+/// Two threads share the work. The preparer runs at idle priority and does the CPU work of a
+/// flush: it takes what the request path queued, encodes the records and feeds the
+/// dashboard. The committer runs at normal priority and only writes what the preparer hands
+/// it: redb has one write lock, and a thread at idle priority holding it on a saturated
+/// machine would keep everything else from being saved. When the preparer is half an
+/// interval late (a busy machine leaves it no core), the committer takes and encodes the
+/// batch itself, so key state and the logs stay about a flush behind however busy it is.
+pub fn start(store: Arc<Store>, state: Arc<State>) {
+    let (ready, batches) = std::sync::mpsc::sync_channel::<Batch>(4);
+    let preparer = {
+        let state = state.clone();
+        let store = store.clone();
+        std::thread::Builder::new()
+            .name("gemgate-store".into())
+            .spawn(move || {
+                lower_priority();
+                // The dashboard's last day, from the request log (the committer saves
+                // meanwhile: a long log must not hold up key state).
+                let day_ago = crate::clock::now_ms().saturating_sub(86_400_000);
+                let metrics = &state.lasting.metrics;
+                if let Err(e) = store.log_since(
+                    crate::store::logs::Log::Requests,
+                    day_ago,
+                    4096,
+                    &mut |batch| metrics.add(&batch),
+                ) {
+                    tracing::warn!(
+                        "cannot read the last day of the request log for the dashboard: {e}"
+                    );
+                }
+                loop {
+                    std::thread::sleep(FLUSH_EVERY);
+                    if ready.send(take(&state.lasting)).is_err() {
+                        return;
+                    }
+                }
+            })
+    };
+    let committer = std::thread::Builder::new()
+        .name("gemgate-store-commit".into())
+        .spawn(move || {
+            let late = FLUSH_EVERY * 3 / 2;
+            let mut last_retention = std::time::Instant::now() - RETENTION_EVERY;
+            loop {
+                let batch = match batches.recv_timeout(FLUSH_EVERY / 4) {
+                    Ok(batch) => batch,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        let since = crate::clock::now_ms().saturating_sub(store.flushed_ms());
+                        if since <= late.as_millis() as u64 {
+                            continue;
+                        }
+                        take(&state.lasting)
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                let gen = state.current.load_full();
+                let config = &gen.config;
+                batch.commit(&store, &state.lasting.registry, config.max_data_bytes);
+                if last_retention.elapsed() >= RETENTION_EVERY {
+                    last_retention = std::time::Instant::now();
+                    retire_logs(&store, &config.file.logs);
+                }
+            }
+        });
+    if let Err(e) = preparer.and(committer) {
+        tracing::error!("cannot start the store flusher, key state will not be saved: {e}");
+    }
+}
+
+/// Asks the kernel to run this thread only when a core would otherwise idle (`SCHED_IDLE`):
+/// writing a second's worth of logs takes a burst of CPU, and even at a lower nice level that
+/// burst held request threads back for whole time slices on a small machine (p99 went from
+/// 0.3 ms to 2-4 ms at concurrency 1). A request thread that wakes up now preempts it at once.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: a plain system call on the calling thread, with a valid parameter block.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+        }
+    }
+}
+
+/// How often old log rows are looked for.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Writes every dirty key, the queued usage and the queued log records now. Failures are
+/// logged; dirty keys stay dirty and are tried again.
+///
+/// The log records are taken first and written last, and key state is looked at after they
+/// were taken: a request's log row, once it can be read, says that the key state and usage
+/// its request changed are saved too (a request changes them before its record is queued).
+pub fn flush(store: &Store, lasting: &Lasting, max_bytes: u64) {
+    take(lasting).commit(store, &lasting.registry, max_bytes);
+}

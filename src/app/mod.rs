@@ -1,0 +1,229 @@
+//! The running application: the state every request reads, rebuilt as a whole on reload
+//! ([`Generation`]), what outlives generations ([`Lasting`]: key state, queues, the store,
+//! sessions), and the background work that keeps them (reload, recovery checks, the flusher).
+
+pub mod checks;
+pub mod flusher;
+pub mod reload;
+pub mod session;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::http::auth::Tokens;
+use crate::keys::{KeyPool, KeyRegistry};
+use crate::policy::counters::Counters;
+use crate::policy::engine::{Policy, PolicyStats};
+use crate::policy::PolicyError;
+use crate::templates::{TemplateError, Templates};
+use crate::upstream::{fetch, Target};
+use reload::{ReloadStatus, Source};
+
+/// Everything one configuration makes: swapped whole on reload; each request keeps the one it
+/// started with.
+pub struct Generation {
+    /// Counts up from 1 with every successful reload.
+    pub id: u64,
+    pub config: Arc<Config>,
+    pub pool: Arc<KeyPool>,
+    pub tokens: Tokens,
+    pub target: Arc<Target>,
+    pub policy: Arc<Policy>,
+    pub templates: Arc<Templates>,
+    /// `PAID_KEY`, alone, for image generation.
+    pub paid: Option<KeyPool>,
+    /// Fetches the URLs clients name, by `[fetch]`'s rules.
+    pub fetcher: fetch::Fetcher,
+}
+
+/// Why a generation could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+}
+
+impl Generation {
+    /// Builds generation `id` from `config`: compiles its plugins (running every `init`) and
+    /// makes its pool over the key state kept in `parts`. Upstream connections of `previous`
+    /// are kept when the upstream did not change.
+    pub fn build(
+        config: Config,
+        id: u64,
+        parts: &Lasting,
+        previous: Option<&Generation>,
+    ) -> Result<Generation, BuildError> {
+        let templates = Templates::load(&config)?;
+        let pool = Arc::new(KeyPool::new(
+            &config.keys,
+            &parts.registry,
+            config.max_failures,
+        ));
+        let policy = Policy::compile(
+            &config,
+            id,
+            pool.clone(),
+            parts.counters.clone(),
+            parts.stats.clone(),
+        )?;
+        let target = match previous {
+            Some(p) if p.target.serves(&config) => p.target.clone(),
+            _ => Arc::new(Target::new(&config)),
+        };
+        Ok(Generation {
+            id,
+            pool,
+            tokens: Tokens::new(&config.tokens),
+            target,
+            policy: Arc::new(policy),
+            templates: Arc::new(templates),
+            fetcher: fetch::Fetcher::new(&config.fetch),
+            paid: config.paid_key.as_ref().map(|spec| {
+                KeyPool::new(
+                    std::slice::from_ref(spec),
+                    &parts.registry,
+                    config.max_failures,
+                )
+            }),
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// What generations are built over and what outlives them: key state, plugin counters and
+/// plugin failure counts.
+#[derive(Default)]
+pub struct Lasting {
+    pub registry: Arc<KeyRegistry>,
+    /// Usage events on their way to the store.
+    pub usage: Arc<crate::store::usage::Usage>,
+    /// Log records on their way to the store.
+    pub logs: Arc<crate::store::logs::LogQueue>,
+    /// Which key each upload and uploaded file belongs to.
+    pub files: Arc<crate::keys::owners::FileOwners>,
+    /// The redb file (`None` in tests that build a gateway without one).
+    pub store: Option<Arc<crate::store::Store>>,
+    pub counters: Arc<Counters>,
+    pub stats: Arc<PolicyStats>,
+    /// The dashboard's figures, fed by the store's flusher.
+    pub metrics: Arc<crate::store::metrics::Metrics>,
+    /// Admin page sessions and the failed-login throttle.
+    pub sessions: Arc<session::Sessions>,
+}
+
+/// Requests and connections refused before they became a client's requests: counted, never
+/// logged one by one.
+#[derive(Debug, Default)]
+pub struct Refused {
+    /// Without a valid client token (401, or 429 after too many wrong ones).
+    pub unauthenticated: AtomicU64,
+    /// Not a request gemgate serves: an unknown path, an over-long target or name, a wrong
+    /// method.
+    pub malformed: AtomicU64,
+    /// Closed at accept: `server.max_connections` were open.
+    pub connections: AtomicU64,
+    /// Closed because the request head or body came too slowly.
+    pub slow: AtomicU64,
+}
+
+impl Refused {
+    /// Counts a request answered with `status` to a client that never showed a valid token.
+    pub(crate) fn count_request(&self, status: u16) {
+        let counter = match status {
+            401 | 429 => &self.unauthenticated,
+            _ => &self.malformed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "unauthenticated": n(&self.unauthenticated),
+            "malformed": n(&self.malformed),
+            "connections": n(&self.connections),
+            "slow": n(&self.slow),
+        })
+    }
+}
+
+/// The gateway's state across generations.
+pub struct State {
+    pub current: ArcSwap<Generation>,
+    pub lasting: Lasting,
+    pub source: Source,
+    /// What was refused before it became a client's request.
+    pub refused: Refused,
+    /// Client connections open now (`server.max_connections` at most).
+    pub open_connections: Arc<AtomicUsize>,
+    pub(crate) in_flight: Arc<AtomicUsize>,
+    generations: AtomicU64,
+    /// When the gateway started (the dashboard's uptime).
+    pub started: Instant,
+    /// A hash of the config file as the last successful reload read it (see `reload`).
+    config_fingerprint: AtomicU64,
+    /// Held by a reload while it runs: reloads never overlap.
+    pub reloading: Mutex<()>,
+    /// Held by an admin edit of the config file, from reading it to the reload that applies it.
+    pub edits: Mutex<()>,
+    reload: Mutex<ReloadStatus>,
+}
+
+impl State {
+    /// The state of a starting gateway, serving generation 1 built from `config` over
+    /// `lasting` (key state restored from the store).
+    pub fn new(config: Config, source: Source, lasting: Lasting) -> Result<Arc<State>, BuildError> {
+        let first = Generation::build(config, 1, &lasting, None)?;
+        Ok(Arc::new(State {
+            current: ArcSwap::from_pointee(first),
+            lasting,
+            source,
+            refused: Refused::default(),
+            open_connections: Arc::default(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            generations: AtomicU64::new(1),
+            started: Instant::now(),
+            config_fingerprint: AtomicU64::new(0),
+            reloading: Mutex::new(()),
+            edits: Mutex::new(()),
+            reload: Mutex::new(ReloadStatus {
+                generation: 1,
+                ..ReloadStatus::default()
+            }),
+        }))
+    }
+
+    /// Requests being served now (for graceful shutdown).
+    pub fn in_flight(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
+    }
+
+    pub fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub fn config_fingerprint(&self) -> u64 {
+        self.config_fingerprint.load(Ordering::Acquire)
+    }
+
+    pub fn set_config_fingerprint(&self, hash: u64) {
+        self.config_fingerprint.store(hash, Ordering::Release);
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_reload_status(&self, status: ReloadStatus) {
+        *self.reload.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+}

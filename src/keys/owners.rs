@@ -1,0 +1,120 @@
+//! Which key owns each resource made through gemgate: a file uploaded with one key exists only
+//! for that key at Google, so every later request about it must go with that key (and only
+//! for the client that made it).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::clock::now_ms;
+
+/// How long Google keeps a file that does not say.
+pub const DEFAULT_LIFETIME_MS: u64 = 48 * 3_600_000;
+
+/// Who a file or an upload belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The id of the key that holds it at Google.
+    pub key: String,
+    /// The client that made it; `None` for files recorded before owners were kept.
+    pub client: Option<String>,
+}
+
+/// A file uploaded through gemgate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    pub owner: Owner,
+    /// When Google deletes it (ms since the epoch).
+    pub expires_ms: u64,
+}
+
+/// Uploads in progress and uploaded files, by id.
+#[derive(Debug, Default)]
+pub struct FileOwners {
+    uploads: Mutex<HashMap<String, Owner>>,
+    files: Mutex<HashMap<String, FileRecord>>,
+}
+
+impl FileOwners {
+    /// Files remembered from earlier runs (those not yet expired).
+    pub fn restore(&self, saved: Vec<(String, FileRecord)>) {
+        let now = now_ms();
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files.extend(saved.into_iter().filter(|(_, f)| f.expires_ms > now));
+    }
+
+    pub fn start_upload(&self, upload_id: String, owner: Owner) {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(upload_id, owner);
+    }
+
+    /// A finished upload's URL is no longer a credential.
+    pub fn finish_upload(&self, upload_id: &str) {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(upload_id);
+    }
+
+    pub fn upload(&self, upload_id: &str) -> Option<Owner> {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(upload_id)
+            .cloned()
+    }
+
+    /// Whether gemgate has no file on record at all (then no request can name one of its).
+    pub fn is_empty(&self) -> bool {
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// File `id` (`files/abc` or `abc`), if gemgate uploaded it and it has not expired.
+    pub fn file(&self, id: &str) -> Option<FileRecord> {
+        let id = id.rsplit('/').next().unwrap_or(id);
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files.get(id).filter(|f| f.expires_ms > now_ms()).cloned()
+    }
+
+    pub fn insert(&self, id: String, record: FileRecord) {
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, record);
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Every live file, by id: the admin API's view.
+    pub fn all(&self) -> Vec<(String, FileRecord)> {
+        let now = now_ms();
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<(String, FileRecord)> = files
+            .iter()
+            .filter(|(_, f)| f.expires_ms > now)
+            .map(|(id, f)| (id.clone(), f.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// `client`'s live files, grouped by the key that holds them.
+    pub fn of_client(&self, client: &str) -> HashMap<String, Vec<String>> {
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, f) in self.all() {
+            if f.owner.client.as_deref() == Some(client) {
+                by_key.entry(f.owner.key).or_default().push(id);
+            }
+        }
+        by_key
+    }
+}

@@ -1,0 +1,4 @@
+//! Other protocols to and from Gemini's, as pure functions over request and answer bodies:
+//! no I/O, no state.
+
+pub mod openai;
