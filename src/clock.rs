@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use jiff::tz::TimeZone;
 use jiff::Timestamp;
+use jiff::tz::TimeZone;
 
 /// Google's quota day: midnight Pacific time.
 static PACIFIC: LazyLock<TimeZone> = LazyLock::new(|| {

@@ -23,8 +23,8 @@ pub mod templates;
 pub mod translate;
 pub mod upstream;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use pingora::server::configuration::ServerConf;
@@ -109,7 +109,9 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
         );
     }
     if config.tokens.is_empty() {
-        tracing::warn!("no client token is configured: proxy calls will answer 401 until ALLOWED_TOKENS is set");
+        tracing::warn!(
+            "no client token is configured: proxy calls will answer 401 until ALLOWED_TOKENS is set"
+        );
     }
 
     // Key health from the last run: a disabled key stays out, a cooling key waits.
@@ -203,10 +205,14 @@ fn raise_fd_limit() {
 }
 
 fn log_plugins(state: &State) {
-    let gen = state.current.load();
-    let names: Vec<&str> = gen.policy.enabled().map(|p| p.name.as_str()).collect();
+    let generation = state.current.load();
+    let names: Vec<&str> = generation
+        .policy
+        .enabled()
+        .map(|p| p.name.as_str())
+        .collect();
     tracing::info!(
-        dir = %gen.policy.dir.as_ref().map_or("built-in".into(), |d| d.display().to_string()),
+        dir = %generation.policy.dir.as_ref().map_or("built-in".into(), |d| d.display().to_string()),
         plugins = %names.join(","),
         "policy plugins loaded"
     );

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::{Event, Subscriber};
+use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::EnvFilter;
 
 /// How often buffered lines are written out.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
@@ -107,9 +107,11 @@ pub fn init(level: &str) {
         .try_init();
     let _ = std::thread::Builder::new()
         .name("gemgate-log".into())
-        .spawn(move || loop {
-            std::thread::sleep(FLUSH_EVERY);
-            write_out(&shared);
+        .spawn(move || {
+            loop {
+                std::thread::sleep(FLUSH_EVERY);
+                write_out(&shared);
+            }
         });
 }
 

@@ -23,14 +23,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{Notify, mpsc};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -510,7 +510,12 @@ async fn handle(
         });
     }
     let Some(key) = key else {
-        return google_error(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.", Value::Null);
+        return google_error(
+            403,
+            "PERMISSION_DENIED",
+            "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.",
+            Value::Null,
+        );
     };
     let first_on_connection = seen.lock().unwrap().insert(key.clone());
     state.count(&key, first_on_connection);
@@ -561,7 +566,7 @@ async fn handle(
                 "NOT_FOUND",
                 &format!("{path} is not found"),
                 Value::Null,
-            )
+            );
         }
     };
 
@@ -593,7 +598,7 @@ async fn handle(
                     "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
                     "domain": "googleapis.com", "metadata": { "service": "generativelanguage.googleapis.com" }
                 }]),
-            )
+            );
         }
         Behaviour::Leaked => {
             return google_error(
@@ -601,7 +606,7 @@ async fn handle(
                 "PERMISSION_DENIED",
                 "Your API key was reported as leaked. Please use another API key.",
                 json!([]),
-            )
+            );
         }
         Behaviour::Suspended => {
             return google_error(
@@ -611,10 +616,10 @@ async fn handle(
                 json!([{
                     "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "CONSUMER_SUSPENDED", "domain": "googleapis.com"
                 }]),
-            )
+            );
         }
         Behaviour::MinuteExhausted => {
-            return quota_error("Minute", &model, Some(state.config.retry_delay_s))
+            return quota_error("Minute", &model, Some(state.config.retry_delay_s));
         }
         Behaviour::DayExhausted => return quota_error("Day", &model, None),
         Behaviour::Bare429 => {
@@ -623,14 +628,24 @@ async fn handle(
                 "RESOURCE_EXHAUSTED",
                 "Resource has been exhausted (e.g. check quota).",
                 Value::Null,
-            )
+            );
         }
         Behaviour::Overloaded => return overloaded(),
         Behaviour::Internal => {
-            return google_error(500, "INTERNAL", "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting", Value::Null)
+            return google_error(
+                500,
+                "INTERNAL",
+                "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting",
+                Value::Null,
+            );
         }
         Behaviour::Deadline => {
-            return google_error(504, "DEADLINE_EXCEEDED", "Deadline expired before operation could complete.", Value::Null)
+            return google_error(
+                504,
+                "DEADLINE_EXCEEDED",
+                "Deadline expired before operation could complete.",
+                Value::Null,
+            );
         }
         Behaviour::Flaky if fastrand::f64() < state.config.flaky_rate => return overloaded(),
         Behaviour::Slow => tokio::time::sleep(state.config.slow).await,
@@ -642,7 +657,14 @@ async fn handle(
     }
     let Some(&(name, display, methods)) = MODELS.iter().find(|(n, ..)| *n == model) else {
         let what = action.as_deref().unwrap_or("generateContent");
-        return google_error(404, "NOT_FOUND", &format!("models/{model} is not found for API version v1beta, or is not supported for {what}. Call ListModels to see the list of available models and their supported methods."), Value::Null);
+        return google_error(
+            404,
+            "NOT_FOUND",
+            &format!(
+                "models/{model} is not found for API version v1beta, or is not supported for {what}. Call ListModels to see the list of available models and their supported methods."
+            ),
+            Value::Null,
+        );
     };
     let Some(action) = action else {
         return json_response(StatusCode::OK, &model_json(name, display, methods));
@@ -658,7 +680,7 @@ async fn handle(
                 "INVALID_ARGUMENT",
                 &format!("Invalid JSON payload received. {e}"),
                 Value::Null,
-            )
+            );
         }
     };
     match action.as_str() {
@@ -680,7 +702,14 @@ async fn handle(
                 let id = uri.rsplit("/files/").next().unwrap_or_default();
                 let owner = state.files.lock().unwrap().get(id).map(|(k, _)| k.clone());
                 if owner.as_deref() != Some(key.as_str()) {
-                    return google_error(403, "PERMISSION_DENIED", &format!("You do not have permission to access the File {id} or it may not exist."), Value::Null);
+                    return google_error(
+                        403,
+                        "PERMISSION_DENIED",
+                        &format!(
+                            "You do not have permission to access the File {id} or it may not exist."
+                        ),
+                        Value::Null,
+                    );
                 }
             }
             let prompt = last_text(contents);

@@ -6,17 +6,17 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::app::checks::{self, Probe};
-use crate::app::{reload, Generation};
+use crate::app::{Generation, reload};
 use crate::clock::{now_ms, rfc3339};
 use crate::http::auth;
 use crate::http::peer::Peer;
 use crate::http::reply::GateError;
 use crate::keys::Key;
 use crate::proxy::route::{AdminCall, KeyAction};
-use crate::proxy::{read_body, Gateway, Refusal};
+use crate::proxy::{Gateway, Refusal, read_body};
 use crate::store::usage::Counts;
 
 /// Largest admin request body.
@@ -29,13 +29,13 @@ impl Gateway {
     /// Answers an admin call with JSON, or refuses it.
     pub(crate) async fn admin(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         call: AdminCall,
         peer: &Peer,
     ) -> Result<Bytes, GateError> {
         let req = s.req_header();
-        let admin_token = gen.config.auth_token.as_ref().map(|t| t.expose());
+        let admin_token = generation.config.auth_token.as_ref().map(|t| t.expose());
         self.state
             .lasting
             .sessions
@@ -77,16 +77,16 @@ impl Gateway {
                     .get("text")
                     .and_then(Value::as_str)
                     .ok_or_else(|| GateError::new(400, "paste the keys as {\"text\": \"…\"}"))?;
-                self.add_keys(gen, text).await?
+                self.add_keys(generation, text).await?
             }
-            AdminCall::DeleteKey { id } => self.delete_key(gen, &id).await?,
+            AdminCall::DeleteKey { id } => self.delete_key(generation, &id).await?,
             AdminCall::BulkKeys => {
                 let raw = admin_body(s).await?;
-                self.bulk(gen, &raw).await?
+                self.bulk(generation, &raw).await?
             }
             AdminCall::Keys => {
                 let query = s.req_header().uri.query().unwrap_or_default().to_owned();
-                keys_json(gen, &query, &self.usage_today())
+                keys_json(generation, &query, &self.usage_today())
             }
             AdminCall::VerifyKeys => {
                 let raw = admin_body(s).await?;
@@ -104,13 +104,14 @@ impl Gateway {
                     })
                 };
                 let indices: Vec<usize> = match wanted {
-                    None => (0..gen.pool.keys().len())
-                        .filter(|&i| gen.pool.get(i).state.is_disabled())
+                    None => (0..generation.pool.keys().len())
+                        .filter(|&i| generation.pool.get(i).state.is_disabled())
                         .collect(),
                     Some(ids) => ids
                         .iter()
                         .map(|id| {
-                            gen.pool
+                            generation
+                                .pool
                                 .index_of(id)
                                 .ok_or_else(|| GateError::new(404, format!("no key {id}")))
                         })
@@ -118,7 +119,7 @@ impl Gateway {
                 };
                 let mut results = Vec::new();
                 for i in indices {
-                    results.push(self.verify(gen, gen.pool.get(i)).await);
+                    results.push(self.verify(generation, generation.pool.get(i)).await);
                 }
                 json!({ "results": results })
             }
@@ -137,14 +138,14 @@ impl Gateway {
                 self.resources_json(auth::query_param(query, "kind").as_deref())?
             }
             AdminCall::KeyAction { id, action } => {
-                let index = gen
+                let index = generation
                     .pool
                     .index_of(&id)
                     .ok_or_else(|| GateError::new(404, format!("no key {id} in the pool")))?;
-                let key = gen.pool.get(index);
+                let key = generation.pool.get(index);
                 match action {
                     KeyAction::Verify => {
-                        return Ok(Bytes::from(self.verify(gen, key).await.to_string()))
+                        return Ok(Bytes::from(self.verify(generation, key).await.to_string()));
                     }
                     KeyAction::Reset | KeyAction::Enable => key.state.enable(),
                     KeyAction::Disable => key.state.disable("disabled by an operator"),
@@ -158,11 +159,15 @@ impl Gateway {
 
     /// Adds the keys found in `text` that the pool does not have to the config file, then
     /// reloads.
-    async fn add_keys(&self, gen: &Generation, text: &str) -> Result<Value, GateError> {
+    async fn add_keys(&self, generation: &Generation, text: &str) -> Result<Value, GateError> {
         let found = crate::config::edit::find_keys(text);
-        let (new, known): (Vec<String>, Vec<String>) = found
-            .into_iter()
-            .partition(|k| !gen.pool.keys().iter().any(|p| p.spec.secret.expose() == k));
+        let (new, known): (Vec<String>, Vec<String>) = found.into_iter().partition(|k| {
+            !generation
+                .pool
+                .keys()
+                .iter()
+                .any(|p| p.spec.secret.expose() == k)
+        });
         if !new.is_empty() {
             let path = self.state.source.path.clone();
             let to_add = new.clone();
@@ -183,7 +188,7 @@ impl Gateway {
 
     /// `{"action": "enable"|"disable"|"reset"|"delete", "ids": [...]}`: one action on many keys
     /// (deletions in one config write).
-    async fn bulk(&self, gen: &Generation, raw: &[u8]) -> Result<Value, GateError> {
+    async fn bulk(&self, generation: &Generation, raw: &[u8]) -> Result<Value, GateError> {
         use crate::config::KeySource;
         let v: Value = serde_json::from_slice(raw)
             .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
@@ -197,8 +202,8 @@ impl Gateway {
         let mut missing = Vec::new();
         let mut keys = Vec::new();
         for id in &ids {
-            match gen.pool.index_of(id) {
-                Some(i) => keys.push(gen.pool.get(i)),
+            match generation.pool.index_of(id) {
+                Some(i) => keys.push(generation.pool.get(i)),
                 None => missing.push(*id),
             }
         }
@@ -228,7 +233,7 @@ impl Gateway {
             other => {
                 return Err(bad(format!(
                     "unknown action {other:?}: use enable, disable, reset or delete"
-                )))
+                )));
             }
         }
         let done: Vec<&str> = keys.iter().map(|k| k.spec.id.as_str()).collect();
@@ -251,17 +256,19 @@ impl Gateway {
 
     /// Removes a key from the config file, then reloads. A key that only `API_KEYS` gives
     /// cannot be removed here, and the answer says so.
-    async fn delete_key(&self, gen: &Generation, id: &str) -> Result<Value, GateError> {
+    async fn delete_key(&self, generation: &Generation, id: &str) -> Result<Value, GateError> {
         use crate::config::KeySource;
-        let index = gen
+        let index = generation
             .pool
             .index_of(id)
             .ok_or_else(|| GateError::new(404, format!("no key {id} in the pool")))?;
-        let spec = gen.pool.get(index).spec.clone();
+        let spec = generation.pool.get(index).spec.clone();
         if spec.source == KeySource::Env {
             return Err(GateError::new(
                 409,
-                format!("key {id} comes from API_KEYS in the environment: remove it there (and restart)"),
+                format!(
+                    "key {id} comes from API_KEYS in the environment: remove it there (and restart)"
+                ),
             ));
         }
         let path = self.state.source.path.clone();
@@ -378,8 +385,8 @@ impl Gateway {
     }
 
     /// Probes one key now; a key that answers well is returned to the pool.
-    async fn verify(&self, gen: &Generation, key: &Key) -> Value {
-        let result = checks::probe(gen, key).await;
+    async fn verify(&self, generation: &Generation, key: &Key) -> Value {
+        let result = checks::probe(generation, key).await;
         let outcome = match result {
             Probe::Healthy => {
                 key.state.enable();
@@ -466,7 +473,11 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
 }
 
 /// `GET /admin/api/keys?page=1&per_page=50&q=text&state=active|cooling|disabled&tag=t`.
-pub(super) fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, Counts>) -> Value {
+pub(super) fn keys_json(
+    generation: &Generation,
+    query: &str,
+    usage: &HashMap<String, Counts>,
+) -> Value {
     let param = |name: &str| auth::query_param(query, name).map(|v| v.into_owned());
     let page = param("page")
         .and_then(|p| p.parse::<usize>().ok())
@@ -483,7 +494,7 @@ pub(super) fn keys_json(gen: &Generation, query: &str, usage: &HashMap<String, C
     let mut counts = StateCounts::default();
     let mut tags = std::collections::BTreeSet::new();
     let mut matching = Vec::new();
-    for key in gen.pool.keys() {
+    for key in generation.pool.keys() {
         let state = state_of(key, now);
         counts.add(state);
         tags.extend(key.spec.tags.iter().map(String::as_str));

@@ -10,18 +10,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header;
 use pingora::protocols::http::ServerSession;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use super::api::{keys_json, state_of, StateCounts};
-use crate::app::session::{self, Admin};
+use super::api::{StateCounts, keys_json, state_of};
 use crate::app::Generation;
+use crate::app::session::{self, Admin};
 use crate::clock::{now_ms, rfc3339};
 use crate::config::settings::{self, Saved};
 use crate::http::auth::{self, form_decode};
 use crate::http::peer::Peer;
 use crate::http::reply::GateError;
 use crate::proxy::route::Page;
-use crate::proxy::{encode_query_value, read_body, Gateway};
+use crate::proxy::{Gateway, encode_query_value, read_body};
 
 /// A refused settings form: what was typed, and the errors by setting path.
 type Refused<'a> = (&'a BTreeMap<String, String>, &'a [(String, String)]);
@@ -112,28 +112,28 @@ fn uptime(d: Duration) -> String {
 impl Gateway {
     pub(crate) async fn page(
         &self,
-        gen: &Arc<Generation>,
+        generation: &Arc<Generation>,
         s: &mut ServerSession,
         page: Page,
         peer: &Peer,
     ) -> PageAnswer {
         let method = s.req_header().method.clone();
         let path = s.req_header().uri.path().to_owned();
-        let admin_token = gen.config.auth_token.as_ref().map(|t| t.expose());
+        let admin_token = generation.config.auth_token.as_ref().map(|t| t.expose());
         match page {
             Page::Static(name) => {
-                return match gen.templates.asset(name) {
+                return match generation.templates.asset(name) {
                     Some((content_type, text)) => PageAnswer {
                         status: 200,
                         content_type,
                         body: Bytes::from(text.to_owned()),
                         headers: vec![(header::CACHE_CONTROL, "no-cache".into())],
                     },
-                    None => self.error_page(gen, 404, &format!("no {name}"), None),
-                }
+                    None => self.error_page(generation, 404, &format!("no {name}"), None),
+                };
             }
             Page::Moved(to) => return PageAnswer::redirect(301, to),
-            Page::Login => return self.login(gen, s, admin_token, peer).await,
+            Page::Login => return self.login(generation, s, admin_token, peer).await,
             _ => {}
         }
         let who = self
@@ -154,19 +154,19 @@ impl Gateway {
                     &format!("/admin/login?next={}", encode_query_value(next)),
                 );
             }
-            Err(e) => return self.error_page(gen, e.status, &e.message, None),
+            Err(e) => return self.error_page(generation, e.status, &e.message, None),
         };
         // The form is read only now that the request is known to be the admin's.
         let form = if method == http::Method::POST {
             match read_body(s, FORM_LIMIT).await {
                 Ok(b) => parse_form(&b),
-                Err(_) => return self.error_page(gen, 413, "the form is too large", None),
+                Err(_) => return self.error_page(generation, 413, "the form is too large", None),
             }
         } else {
             BTreeMap::new()
         };
         if let Err(e) = admin.check_csrf(s.req_header(), form.get("_csrf").map(String::as_str)) {
-            return self.error_page(gen, e.status, &e.message, None);
+            return self.error_page(generation, e.status, &e.message, None);
         }
         let allowed = match page {
             Page::Settings => matches!(method, http::Method::GET | http::Method::POST),
@@ -175,7 +175,7 @@ impl Gateway {
         };
         if !allowed {
             return self.error_page(
-                gen,
+                generation,
                 405,
                 &format!("{method} is not allowed on {path}"),
                 Some(&admin),
@@ -190,29 +190,31 @@ impl Gateway {
                 return PageAnswer::redirect(303, "/admin/login")
                     .with(header::SET_COOKIE, session::set_cookie(None, peer.https));
             }
-            Page::Dashboard => Ok(self.dashboard(gen)),
-            Page::Keys => Ok(self.keys_page(gen, &query)),
+            Page::Dashboard => Ok(self.dashboard(generation)),
+            Page::Keys => Ok(self.keys_page(generation, &query)),
             Page::Settings if method == http::Method::POST => {
-                return self.save_settings(gen, &form, &admin).await
+                return self.save_settings(generation, &form, &admin).await;
             }
             Page::Settings => self
                 .settings_page(&query, None)
                 .map(|d| ("settings", "Settings", d)),
             Page::Logs => self.logs_page(&query),
             Page::LogRow { log, row } => self.log_row_page(log, row),
-            Page::Plugins => Ok(self.plugins_page(gen)),
+            Page::Plugins => Ok(self.plugins_page(generation)),
             Page::Login | Page::Static(_) | Page::Moved(_) => unreachable!("answered above"),
         };
         match result {
-            Ok((template, title, data)) => self.render(gen, 200, template, title, data, &admin),
-            Err(e) => self.error_page(gen, e.status, &e.message, Some(&admin)),
+            Ok((template, title, data)) => {
+                self.render(generation, 200, template, title, data, &admin)
+            }
+            Err(e) => self.error_page(generation, e.status, &e.message, Some(&admin)),
         }
     }
 
     /// Renders `template` with `data` inside the layout.
     fn render(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         status: u16,
         template: &str,
         title: &str,
@@ -220,11 +222,17 @@ impl Gateway {
         admin: &Admin,
     ) -> PageAnswer {
         data["csrf"] = json!(admin.csrf());
-        let body = match gen.templates.render(template, &data) {
+        let body = match generation.templates.render(template, &data) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(template, "admin page template failed: {e}");
-                return PageAnswer::html(500, format!("<!doctype html><title>gemgate</title><p>the {template} template failed: {}</p>", handlebars::html_escape(&e)));
+                return PageAnswer::html(
+                    500,
+                    format!(
+                        "<!doctype html><title>gemgate</title><p>the {template} template failed: {}</p>",
+                        handlebars::html_escape(&e)
+                    ),
+                );
             }
         };
         let frame = json!({
@@ -234,9 +242,9 @@ impl Gateway {
             "csrf": admin.csrf(),
             "session": matches!(admin, Admin::Session { .. }),
             "version": env!("CARGO_PKG_VERSION"),
-            "generation": gen.id,
+            "generation": generation.id,
         });
-        match gen.templates.render("layout", &frame) {
+        match generation.templates.render("layout", &frame) {
             Ok(html) => PageAnswer::html(status, html),
             Err(e) => PageAnswer::html(
                 500,
@@ -250,7 +258,7 @@ impl Gateway {
 
     fn error_page(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         status: u16,
         message: &str,
         admin: Option<&Admin>,
@@ -258,7 +266,7 @@ impl Gateway {
         let anonymous = Admin::Bearer;
         let data = json!({ "status": status, "message": message });
         self.render(
-            gen,
+            generation,
             status,
             "error",
             "Error",
@@ -269,7 +277,7 @@ impl Gateway {
 
     async fn login(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         admin_token: Option<&str>,
         peer: &Peer,
@@ -279,18 +287,20 @@ impl Gateway {
         let next = auth::query_param(&query, "next").map(|n| n.into_owned());
         let Some(admin_token) = admin_token else {
             let data = json!({ "off": true, "next": "", "error": null });
-            return self.render(gen, 403, "login", "Log in", data, &anonymous);
+            return self.render(generation, 403, "login", "Log in", data, &anonymous);
         };
         match s.req_header().method {
             http::Method::GET => {
                 let data =
                     json!({ "off": false, "next": safe_next(next.as_deref()), "error": null });
-                self.render(gen, 200, "login", "Log in", data, &anonymous)
+                self.render(generation, 200, "login", "Log in", data, &anonymous)
             }
             http::Method::POST => {
                 let form = match read_body(s, LOGIN_FORM_LIMIT).await {
                     Ok(b) => parse_form(&b),
-                    Err(_) => return self.error_page(gen, 413, "the form is too large", None),
+                    Err(_) => {
+                        return self.error_page(generation, 413, "the form is too large", None);
+                    }
                 };
                 let next = safe_next(form.get("next").map(String::as_str)).to_owned();
                 // `auth_token` is the field name of gemini-balance's login form.
@@ -315,19 +325,19 @@ impl Gateway {
                         let secs = e.retry_after_s.unwrap_or(1);
                         let data = json!({ "off": false, "next": next,
                             "error": format!("Too many failed logins: try again in {secs} s.") });
-                        self.render(gen, 429, "login", "Log in", data, &anonymous)
+                        self.render(generation, 429, "login", "Log in", data, &anonymous)
                             .with(header::RETRY_AFTER, secs.to_string())
                     }
                     Err(_) => {
                         tokio::time::sleep(FAILED_LOGIN_DELAY).await;
                         let data = json!({ "off": false, "next": next,
                             "error": "That is not the admin token (AUTH_TOKEN)." });
-                        self.render(gen, 401, "login", "Log in", data, &anonymous)
+                        self.render(generation, 401, "login", "Log in", data, &anonymous)
                     }
                 }
             }
             ref m => self.error_page(
-                gen,
+                generation,
                 405,
                 &format!("{m} is not allowed on /admin/login"),
                 None,
@@ -335,17 +345,17 @@ impl Gateway {
         }
     }
 
-    fn dashboard(&self, gen: &Generation) -> (&'static str, &'static str, Value) {
+    fn dashboard(&self, generation: &Generation) -> (&'static str, &'static str, Value) {
         let now = now_ms();
         let metrics = &self.state.lasting.metrics;
         let hour = metrics.summary(now, 60, 60);
         let day = metrics.summary(now, 1440, 48);
         let mut counts = StateCounts::default();
-        for key in gen.pool.keys() {
+        for key in generation.pool.keys() {
             counts.add(state_of(key, now));
         }
         let mut pool = counts.json();
-        pool["total"] = json!(gen.pool.keys().len());
+        pool["total"] = json!(generation.pool.keys().len());
         let charts = json!({
             "hour_requests": bar_chart(&hour.points, "requests per minute"),
             "day_requests": bar_chart(&day.points, "requests per 30 minutes"),
@@ -357,14 +367,18 @@ impl Gateway {
             "pool": pool,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime": uptime(self.state.started.elapsed()),
-            "generation": gen.id,
+            "generation": generation.id,
             "dropped": self.state.lasting.logs.dropped(),
         });
         ("dashboard", "Dashboard", data)
     }
 
-    fn keys_page(&self, gen: &Generation, query: &str) -> (&'static str, &'static str, Value) {
-        let mut data = keys_json(gen, query, &self.usage_today());
+    fn keys_page(
+        &self,
+        generation: &Generation,
+        query: &str,
+    ) -> (&'static str, &'static str, Value) {
+        let mut data = keys_json(generation, query, &self.usage_today());
         let param = |n: &str| {
             auth::query_param(query, n)
                 .map(|v| v.into_owned())
@@ -446,7 +460,7 @@ impl Gateway {
 
     async fn save_settings(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         form: &BTreeMap<String, String>,
         admin: &Admin,
     ) -> PageAnswer {
@@ -469,7 +483,7 @@ impl Gateway {
             .await;
         let saved = match saved {
             Ok(s) => s,
-            Err(e) => return self.error_page(gen, e.status, &e.message, Some(admin)),
+            Err(e) => return self.error_page(generation, e.status, &e.message, Some(admin)),
         };
         match saved {
             Saved::Unchanged => PageAnswer::redirect(303, "/admin/settings?saved=nothing"),
@@ -485,8 +499,8 @@ impl Gateway {
                 )
             }
             Saved::Refused(errors) => match self.settings_page("", Some((form, &errors))) {
-                Ok(data) => self.render(gen, 400, "settings", "Settings", data, admin),
-                Err(e) => self.error_page(gen, e.status, &e.message, Some(admin)),
+                Ok(data) => self.render(generation, 400, "settings", "Settings", data, admin),
+                Err(e) => self.error_page(generation, e.status, &e.message, Some(admin)),
             },
         }
     }
@@ -544,14 +558,16 @@ impl Gateway {
         Ok(("log", "Log entry", data))
     }
 
-    fn plugins_page(&self, gen: &Generation) -> (&'static str, &'static str, Value) {
+    fn plugins_page(&self, generation: &Generation) -> (&'static str, &'static str, Value) {
         let mut data = self.reload_json();
         data["config"] = json!(self.state.source.path.display().to_string());
-        data["templates_dir"] = json!(gen
-            .templates
-            .dir
-            .as_ref()
-            .map_or("built in".to_owned(), |d| d.display().to_string()));
+        data["templates_dir"] = json!(
+            generation
+                .templates
+                .dir
+                .as_ref()
+                .map_or("built in".to_owned(), |d| d.display().to_string())
+        );
         ("plugins", "Plugins", data)
     }
 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Generation, State};
-use crate::keys::taxonomy::{classify, redact, ErrorClass};
 use crate::keys::Key;
+use crate::keys::taxonomy::{ErrorClass, classify, redact};
 
 /// Probes run at most this many at once.
 const CONCURRENCY: usize = 4;
@@ -29,22 +29,22 @@ pub enum Probe {
 
 /// Calls `TEST_MODEL` once with `key`, the way calls with that key go: through its proxy when
 /// `PROXIES` are set, with the `CUSTOM_HEADERS`.
-pub async fn probe(gen: &Generation, key: &Key) -> Probe {
-    let test_model = crate::config::model_name(&gen.config.file.keys.test_model);
+pub async fn probe(generation: &Generation, key: &Key) -> Probe {
+    let test_model = crate::config::model_name(&generation.config.file.keys.test_model);
     let url = format!(
         "{}/models/{test_model}:generateContent",
-        gen.config.base_url
+        generation.config.base_url
     );
     let body = serde_json::json!({
         "contents": [{ "role": "user", "parts": [{ "text": "hi" }] }],
         "generationConfig": { "maxOutputTokens": 1 },
     });
-    let target = &gen.target;
+    let target = &generation.target;
     let mut call = target
         .side_client(target.route(&key.spec.id))
         .post(url)
         .header("x-goog-api-key", key.header.clone());
-    for (name, value) in &gen.config.custom_headers {
+    for (name, value) in &generation.config.custom_headers {
         call = call.header(name, value);
     }
     let sent = call.json(&body).timeout(PROBE_TIMEOUT).send().await;
@@ -77,12 +77,12 @@ pub async fn probe(gen: &Generation, key: &Key) -> Probe {
 /// 403s were the requests' doing and the key's failures are forgotten.
 pub fn confirm(state: Arc<State>, key_id: String) {
     tokio::spawn(async move {
-        let gen = state.current.load_full();
-        let Some(index) = gen.pool.index_of(&key_id) else {
+        let generation = state.current.load_full();
+        let Some(index) = generation.pool.index_of(&key_id) else {
             return;
         };
-        let key = gen.pool.get(index);
-        match probe(&gen, key).await {
+        let key = generation.pool.get(index);
+        match probe(&generation, key).await {
             Probe::Healthy => {
                 key.state.clear_failures();
                 tracing::info!(key = %key_id, "a probe found the key healthy: its 403s were not its fault");
@@ -107,22 +107,22 @@ pub fn confirm(state: Arc<State>, key_id: String) {
 
 /// Probes every disabled key of the current pool; returns (recovered, still failing).
 pub async fn check_disabled(state: &State) -> (usize, usize) {
-    let gen = state.current.load_full();
-    let disabled: Vec<usize> = (0..gen.pool.keys().len())
-        .filter(|&i| gen.pool.get(i).state.is_disabled())
+    let generation = state.current.load_full();
+    let disabled: Vec<usize> = (0..generation.pool.keys().len())
+        .filter(|&i| generation.pool.get(i).state.is_disabled())
         .collect();
     let (mut recovered, mut failing) = (0, 0);
     for batch in disabled.chunks(CONCURRENCY) {
         let mut tasks = tokio::task::JoinSet::new();
         for &i in batch {
-            let gen = gen.clone();
+            let generation = generation.clone();
             tasks.spawn(async move {
-                let result = probe(&gen, gen.pool.get(i)).await;
+                let result = probe(&generation, generation.pool.get(i)).await;
                 (i, result)
             });
         }
         while let Some(Ok((i, result))) = tasks.join_next().await {
-            let key = gen.pool.get(i);
+            let key = generation.pool.get(i);
             match result {
                 Probe::Healthy => {
                     key.state.enable();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Lasting, State};
-use crate::store::{retire_logs, Batch, Store, FLUSH_EVERY};
+use crate::store::{Batch, FLUSH_EVERY, Store, retire_logs};
 
 /// Takes what the request path queued, and does a flush's CPU work: encoding the records, and
 /// adding them to the dashboard's figures.
@@ -74,8 +74,8 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 };
-                let gen = state.current.load_full();
-                let config = &gen.config;
+                let generation = state.current.load_full();
+                let config = &generation.config;
                 batch.commit(&store, &state.lasting.registry, config.max_data_bytes);
                 if last_retention.elapsed() >= RETENTION_EVERY {
                     last_retention = std::time::Instant::now();

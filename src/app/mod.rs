@@ -16,11 +16,11 @@ use arc_swap::ArcSwap;
 use crate::config::Config;
 use crate::http::auth::Tokens;
 use crate::keys::{KeyPool, KeyRegistry};
+use crate::policy::PolicyError;
 use crate::policy::counters::Counters;
 use crate::policy::engine::{Policy, PolicyStats};
-use crate::policy::PolicyError;
 use crate::templates::{TemplateError, Templates};
-use crate::upstream::{fetch, Target};
+use crate::upstream::{Target, fetch};
 use reload::{ReloadStatus, Source};
 
 /// Everything one configuration makes: swapped whole on reload; each request keeps the one it

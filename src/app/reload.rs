@@ -7,8 +7,8 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -257,7 +257,7 @@ pub fn watch(state: Arc<State>) {
 
 /// The folders whose files make a generation: the config file's, the plugins', the templates'.
 fn folders(state: &State) -> Vec<PathBuf> {
-    let gen = state.current.load();
+    let generation = state.current.load();
     let mut dirs = Vec::new();
     if let Some(parent) = state.source.path.parent() {
         let parent = if parent.as_os_str().is_empty() {
@@ -269,11 +269,11 @@ fn folders(state: &State) -> Vec<PathBuf> {
         dirs.push(parent.join("templates"));
     }
     dirs.push(PathBuf::from("templates"));
-    dirs.extend(gen.policy.dir.clone());
-    dirs.extend(gen.templates.dir.clone());
+    dirs.extend(generation.policy.dir.clone());
+    dirs.extend(generation.templates.dir.clone());
     // The folders plugins and templates would be read from, once they are created.
-    dirs.extend(gen.config.plugin_dir());
-    dirs.extend(gen.config.template_dir());
+    dirs.extend(generation.config.plugin_dir());
+    dirs.extend(generation.config.template_dir());
     dirs.into_iter()
         .filter(|d| d.is_dir())
         .filter_map(|d| d.canonicalize().ok())

@@ -646,7 +646,7 @@ pub fn load(
             return Err(ConfigError::Read {
                 path: path.to_path_buf(),
                 source,
-            })
+            });
         }
     };
     let shown = source
@@ -1054,7 +1054,7 @@ fn validate_policy(p: &PolicySection) -> Result<PolicyConfig, ConfigError> {
             return Err(invalid(
                 "policy.on_error",
                 format!("expected \"fallback\" or \"deny\", got {other:?}"),
-            ))
+            ));
         }
     };
     if p.instruction_limit < 1000 {
@@ -1183,7 +1183,7 @@ fn normalize_log_level(raw: &str) -> Option<String> {
             && raw.trim().bytes().all(|b| b.is_ascii_graphic())
             && tracing_subscriber::EnvFilter::try_new(raw.trim()).is_ok() =>
         {
-            return Some(raw.trim().to_owned())
+            return Some(raw.trim().to_owned());
         }
         _ => return None,
     };

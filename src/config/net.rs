@@ -153,9 +153,11 @@ mod tests {
         let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
         assert!(mapped.contains(ip("10.9.9.9")) && mapped.contains(ip("::ffff:10.1.1.1")));
         assert!(!mapped.contains(ip("11.0.0.1")));
-        assert!(Cidr::parse("::ffff:127.0.0.1")
-            .unwrap()
-            .contains(ip("127.0.0.1")));
+        assert!(
+            Cidr::parse("::ffff:127.0.0.1")
+                .unwrap()
+                .contains(ip("127.0.0.1"))
+        );
         for bad in [
             "10.0.0.0/33",
             "nope",
@@ -175,9 +177,11 @@ mod tests {
         assert!(under.allows_name("a.corp.example") && under.allows_name("b.a.corp.example"));
         assert!(!under.allows_name("corp.example") && !under.allows_name("evilcorp.example"));
         assert!(Allowed::parse("a b").is_err());
-        assert!(Allowed::parse("10.0.0.0/8")
-            .unwrap()
-            .allows_ip(ip("10.1.1.1")));
+        assert!(
+            Allowed::parse("10.0.0.0/8")
+                .unwrap()
+                .allows_ip(ip("10.1.1.1"))
+        );
     }
 }
 
@@ -226,7 +230,7 @@ impl ProxyUrl {
                 return Err(format!(
                     "{other}:// proxies are not supported: use http://, socks5:// or socks5h:// \
                      (the tunnel to Google is TLS either way)"
-                ))
+                ));
             }
         };
         let host = parsed

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::env::{self, Kind, OVERRIDES};
-use super::{edit, ConfigError};
+use super::{ConfigError, edit};
 
 /// The page's groups, in order, and which settings (by TOML path prefix or exact path) go in
 /// each. The first match wins.

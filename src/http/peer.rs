@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use pingora::protocols::http::ServerSession;
 
-use crate::config::net::{in_any, Cidr};
+use crate::config::net::{Cidr, in_any};
 
 /// What gemgate knows of a request's client.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -494,7 +494,7 @@ pub fn seconds_until(until_ms: u64, now_ms: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{stable_id, Secret};
+    use crate::config::{Secret, stable_id};
 
     fn pool(n: usize, max_failures: u32) -> KeyPool {
         let specs: Vec<KeySpec> = (0..n)

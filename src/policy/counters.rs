@@ -58,11 +58,7 @@ impl Slot {
     /// The value now (0 once its window has ended).
     pub fn get(&self, now_ms: u64) -> i64 {
         let cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
-        if cell.live(now_ms) {
-            cell.value
-        } else {
-            0
-        }
+        if cell.live(now_ms) { cell.value } else { 0 }
     }
 
     pub fn is_dropped(&self) -> bool {

@@ -22,8 +22,8 @@ use mlua::{
 
 use super::counters::Counters;
 use super::{
-    embedded, matches_any, read_dir, CounterHandle, Host, Limits, Plugin, PluginSource,
-    PolicyError, Vm, HOOKS,
+    CounterHandle, HOOKS, Host, Limits, Plugin, PluginSource, PolicyError, Vm, embedded,
+    matches_any, read_dir,
 };
 use crate::config::{Config, OnError};
 use crate::keys::KeyPool;
@@ -507,7 +507,7 @@ impl Policy {
                                     "must return a list of models, not a {}",
                                     other.type_name()
                                 ),
-                            })
+                            });
                         }
                     }
                     Ok(None::<()>)
@@ -568,7 +568,7 @@ impl Policy {
                                     "must return a key id or nil, not a {}",
                                     other.type_name()
                                 ),
-                            })
+                            });
                         }
                     };
                     let candidate = |i: usize| {

@@ -698,11 +698,12 @@ mod tests {
             p.models.as_deref(),
             Some(&["gemini-2.5-pro".to_owned(), "*-search".to_owned()][..])
         );
-        assert!(vm
-            .load(&source("n", "return { name = 'n' }"))
-            .unwrap()
-            .models
-            .is_none());
+        assert!(
+            vm.load(&source("n", "return { name = 'n' }"))
+                .unwrap()
+                .models
+                .is_none()
+        );
         for bad in ["'gemini'", "{ 1 }", "{ '' }"] {
             let e = vm
                 .load(&source(

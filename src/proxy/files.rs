@@ -21,12 +21,12 @@ use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
 use super::{
-    auth, client_query, read_body, send, upstream_header, write_full, Exchange, Gateway,
-    Generation, Outcome, Refusal, UpstreamRequest,
+    Exchange, Gateway, Generation, Outcome, Refusal, UpstreamRequest, auth, client_query,
+    read_body, send, upstream_header, write_full,
 };
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
-use crate::keys::owners::{FileRecord, Owner, DEFAULT_LIFETIME_MS};
+use crate::keys::owners::{DEFAULT_LIFETIME_MS, FileRecord, Owner};
 
 /// The files a Gemini request names, wherever it names them: `fileData.fileUri` in
 /// `contents`, but also in a `countTokens` request's `generateContentRequest`, a batch's input
@@ -78,7 +78,7 @@ impl Gateway {
     /// gemgate; later commands go with the key that started the upload.
     pub(crate) async fn file_upload(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
@@ -88,7 +88,7 @@ impl Gateway {
         let pinned = match &upload_id {
             // Starting an upload needs the client's token.
             None => {
-                self.admit(gen, s, http::Method::POST, x)?;
+                self.admit(generation, s, http::Method::POST, x)?;
                 None
             }
             // As at Google, an upload URL is its own credential (SDKs send no key with it):
@@ -104,25 +104,25 @@ impl Gateway {
                     return Err(Refusal::Gate(GateError::new(405, "use POST")));
                 }
                 x.client = owner.client;
-                Some(self.owner_index(gen, &owner.key)?)
+                Some(self.owner_index(generation, &owner.key)?)
             }
         };
-        let rewrite = self.on_request(gen, s, "", "files.upload", false, x)?;
+        let rewrite = self.on_request(generation, s, "", "files.upload", false, x)?;
         let req = s.req_header();
         let finalize = req
             .headers
             .get("x-goog-upload-command")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|c| c.contains("finalize"));
-        let body = read_body(s, gen.config.max_body_bytes).await?;
-        let path = format!("/upload{}/files", gen.target.base.path);
-        let mut header = upstream_header(gen, s.req_header(), &path, &query)?;
+        let body = read_body(s, generation.config.max_body_bytes).await?;
+        let path = format!("/upload{}/files", generation.target.base.path);
+        let mut header = upstream_header(generation, s.req_header(), &path, &query)?;
         for (name, value) in rewrite.headers {
             let _ = header.insert_header(name, value);
         }
         let mut up = UpstreamRequest::new(header, body);
         up.pinned = pinned;
-        let answer = self.collect(gen, &up, x).await?;
+        let answer = self.collect(generation, &up, x).await?;
         let owner = Owner {
             key: x.key.clone().unwrap_or_default(),
             client: x.client.clone(),
@@ -144,7 +144,7 @@ impl Gateway {
                 // Back to the path the client used (`/gemini`, `v1`), with the upload's id.
                 let url = format!(
                     "{}{}?upload_id={id}&upload_protocol=resumable",
-                    public_base(gen, s, &x.peer),
+                    public_base(generation, s, &x.peer),
                     s.req_header().uri.path()
                 );
                 let _ = h.insert_header("x-goog-upload-url", url);
@@ -180,7 +180,7 @@ impl Gateway {
     /// `DELETE /v1beta/files/{id}` (with the key that owns it).
     pub(crate) async fn files(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         id: Option<String>,
         x: &mut Exchange,
@@ -188,7 +188,7 @@ impl Gateway {
         let method = s.req_header().method.clone();
         let allowed = method == http::Method::GET || id.is_some() && method == http::Method::DELETE;
         self.admit(
-            gen,
+            generation,
             s,
             if allowed {
                 method.clone()
@@ -204,17 +204,17 @@ impl Gateway {
         }
         .into();
         let action = x.action.clone();
-        let rewrite = self.on_request(gen, s, "", &action, false, x)?;
+        let rewrite = self.on_request(generation, s, "", &action, false, x)?;
         let client = x.client.clone().unwrap_or_default();
         let query = client_query(s);
-        let base = &gen.target.base.path;
+        let base = &generation.target.base.path;
         let request = |path: &str, key: &str| -> Result<UpstreamRequest, Refusal> {
-            let mut header = upstream_header(gen, s.req_header(), path, &query)?;
+            let mut header = upstream_header(generation, s.req_header(), path, &query)?;
             for (name, value) in &rewrite.headers {
                 let _ = header.insert_header(name.clone(), value.clone());
             }
             let mut up = UpstreamRequest::new(header, Bytes::new());
-            up.pinned = Some(self.owner_index(gen, key)?);
+            up.pinned = Some(self.owner_index(generation, key)?);
             Ok(up)
         };
         let Some(id) = id else {
@@ -224,7 +224,7 @@ impl Gateway {
                 let Ok(up) = request(&format!("{base}/files"), &key) else {
                     continue;
                 };
-                let page = self.collect(gen, &up, x).await?;
+                let page = self.collect(generation, &up, x).await?;
                 if let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&page) {
                     if let Some(Value::Array(files)) = v.remove("files") {
                         // The key's other files are other clients'.
@@ -248,7 +248,7 @@ impl Gateway {
             .filter(|f| f.owner.client.as_deref() == Some(client.as_str()))
             .ok_or_else(no_such_file)?;
         let up = request(&format!("{base}/files/{id}"), &record.owner.key)?;
-        let answer = self.collect(gen, &up, x).await?;
+        let answer = self.collect(generation, &up, x).await?;
         if method == http::Method::DELETE {
             self.state.lasting.files.remove(&id);
             self.save_file(id, None);
@@ -269,8 +269,8 @@ impl Gateway {
     }
 
     /// The pool index of the key that owns an upload or a file.
-    fn owner_index(&self, gen: &Generation, key_id: &str) -> Result<usize, Refusal> {
-        gen.pool.index_of(key_id).ok_or_else(|| {
+    fn owner_index(&self, generation: &Generation, key_id: &str) -> Result<usize, Refusal> {
+        generation.pool.index_of(key_id).ok_or_else(|| {
             Refusal::Gate(GateError::new(
                 404,
                 "this file's key has left the pool: the file cannot be reached any more",
@@ -283,7 +283,7 @@ impl Gateway {
     /// answered 404, before anything is sent.
     pub(super) fn file_pin(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         body: &[u8],
         client: Option<&str>,
     ) -> Result<Option<usize>, Refusal> {
@@ -299,7 +299,7 @@ impl Gateway {
             if file.owner.client.is_none() || file.owner.client.as_deref() != client {
                 return Err(no_such_file());
             }
-            pin = pin.or_else(|| gen.pool.index_of(&file.owner.key));
+            pin = pin.or_else(|| generation.pool.index_of(&file.owner.key));
         }
         Ok(pin)
     }
@@ -310,8 +310,8 @@ impl Gateway {
 /// host a trusted proxy forwarded, or the `Host` the client sent when it names this gateway's
 /// own address (or `localhost`), or else that address itself. A `Host` naming anything else
 /// could be forged, and would send the upload somewhere else.
-fn public_base(gen: &Generation, s: &ServerSession, peer: &super::peer::Peer) -> String {
-    if let Some(url) = &gen.config.public_url {
+fn public_base(generation: &Generation, s: &ServerSession, peer: &super::peer::Peer) -> String {
+    if let Some(url) = &generation.config.public_url {
         return url.clone();
     }
     let scheme = if peer.https { "https" } else { "http" };

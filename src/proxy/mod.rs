@@ -14,26 +14,26 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
+use pingora::ErrorType;
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::ErrorType;
 
 use crate::app::{Generation, State};
 use crate::clock::now_ms;
 use crate::http::reply::{GateError, Protocol};
 use crate::http::{auth, peer, sse, wire};
 use crate::keys::seconds_until;
-use crate::keys::taxonomy::{classify, error_message, redact, ErrorClass};
+use crate::keys::taxonomy::{ErrorClass, classify, error_message, redact};
 use crate::keys::{KeyPool, Penalty, Pick};
 use crate::policy::engine::{
     AttemptDecision, AttemptInfo, Denial, RequestInfo, Rewrite, Shared as PluginShared,
 };
 use crate::upstream::head;
-use crate::upstream::headers::{connection_listed, is_hop_by_hop, skip_request_header, HELD_BACK};
+use crate::upstream::headers::{HELD_BACK, connection_listed, is_hop_by_hop, skip_request_header};
 use crate::upstream::{self, Target};
 use route::NativeCall;
 
@@ -196,19 +196,19 @@ impl Gateway {
     /// The checks every proxied call passes first: a key pool, the client's token, the method.
     fn admit(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &ServerSession,
         method: http::Method,
         x: &mut Exchange,
     ) -> Result<(), Refusal> {
         let req = s.req_header();
-        if gen.pool.is_empty() {
+        if generation.pool.is_empty() {
             return Err(Refusal::Gate(GateError::new(
                 503,
                 "no Gemini API key is configured: set API_KEYS (or [keys] api_keys in gemgate.toml)",
             )));
         }
-        x.client = Some(self.authenticate(gen, req, &x.peer)?.to_owned());
+        x.client = Some(self.authenticate(generation, req, &x.peer)?.to_owned());
         if req.method != method {
             return Err(Refusal::Gate(GateError::new(
                 405,
@@ -223,12 +223,12 @@ impl Gateway {
     /// passes).
     fn authenticate<'g>(
         &self,
-        gen: &'g Generation,
+        generation: &'g Generation,
         req: &RequestHeader,
         peer: &peer::Peer,
     ) -> Result<&'g str, Refusal> {
         let deny = |m: &str| Refusal::Gate(GateError::new(401, m));
-        if gen.tokens.is_empty() {
+        if generation.tokens.is_empty() {
             return Err(deny(
                 "no client token is configured on this gateway: set ALLOWED_TOKENS",
             ));
@@ -240,7 +240,7 @@ impl Gateway {
         )
         .ok_or_else(|| deny("missing API key: pass your gemgate token as ?key=, x-goog-api-key or Authorization: Bearer"))?;
         let throttle = &self.state.lasting.sessions.client_failures;
-        if let Some(name) = gen.tokens.check(&presented) {
+        if let Some(name) = generation.tokens.check(&presented) {
             throttle.succeeded(peer.ip);
             return Ok(name);
         }
@@ -261,14 +261,14 @@ impl Gateway {
     /// The `on_request` plugins' verdict on a call of `action` on `model`.
     fn on_request(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &ServerSession,
         model: &str,
         action: &str,
         stream: bool,
         x: &mut Exchange,
     ) -> Result<Rewrite, Refusal> {
-        if !gen.policy.has_on_request(model) {
+        if !generation.policy.has_on_request(model) {
             return Ok(Rewrite::default());
         }
         let req = s.req_header();
@@ -283,30 +283,40 @@ impl Gateway {
             client: x.client.as_deref().unwrap_or_default(),
             headers: &req.headers,
         };
-        gen.policy.on_request(&info, &mut x.shared).map_err(denied)
+        generation
+            .policy
+            .on_request(&info, &mut x.shared)
+            .map_err(denied)
     }
 
     /// A Gemini-native call: checks, then the attempt loop.
     pub(crate) async fn native(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         call: NativeCall,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        self.admit(gen, s, call.method(), x)?;
-        let rewrite = self.on_request(gen, s, call.model(), call.action(), call.is_stream(), x)?;
+        self.admit(generation, s, call.method(), x)?;
+        let rewrite = self.on_request(
+            generation,
+            s,
+            call.model(),
+            call.action(),
+            call.is_stream(),
+            x,
+        )?;
         let model = rewrite.model.as_deref().unwrap_or(call.model()).to_owned();
         x.model.clone_from(&model);
         let query = client_query(s);
         let sse = call.is_stream() && auth::query_param(&query, "alt").is_some_and(|v| v == "sse");
-        let base = &gen.target.base.path;
+        let base = &generation.target.base.path;
         let mut body = if call.method() == http::Method::POST {
-            read_body(s, gen.config.max_body_bytes).await?
+            read_body(s, generation.config.max_body_bytes).await?
         } else {
             Bytes::new()
         };
-        if gen.config.file.logs.error_log_record_request_body {
+        if generation.config.file.logs.error_log_record_request_body {
             x.body = Some(body.clone());
         }
         if rewrite.touches_body() && call.method() == http::Method::POST {
@@ -318,11 +328,11 @@ impl Gateway {
             // Built by concat: this runs on every call, and `format!` costs twice as much.
             NativeCall::Action { action, .. } => [base, "/models/", &model, ":", action].concat(),
         };
-        let mut header = upstream_header(gen, s.req_header(), &path, &query)?;
+        let mut header = upstream_header(generation, s.req_header(), &path, &query)?;
         for (name, value) in rewrite.headers {
             let _ = header.insert_header(name, value);
         }
-        let pinned = self.file_pin(gen, &body, x.client.as_deref())?;
+        let pinned = self.file_pin(generation, &body, x.client.as_deref())?;
         let mut up = UpstreamRequest {
             pinned,
             model,
@@ -331,16 +341,16 @@ impl Gateway {
             ..UpstreamRequest::new(header, body)
         };
         if call == NativeCall::ListModels && auth::query_param(&query, "pageToken").is_none() {
-            let models = self.all_models(gen, &mut up, &path, x).await?;
+            let models = self.all_models(generation, &mut up, &path, x).await?;
             let body = serde_json::json!({ "models": models });
             return Ok(send(s, x, 200, Bytes::from(body.to_string())).await);
         }
         if call == NativeCall::ListModels {
-            let page = self.collect(gen, &up, x).await?;
-            let page = filter_page(gen, page, x)?;
+            let page = self.collect(generation, &up, x).await?;
+            let page = filter_page(generation, page, x)?;
             return Ok(send(s, x, 200, page).await);
         }
-        match self.attempts(gen, &up, Some(s), x).await {
+        match self.attempts(generation, &up, Some(s), x).await {
             Finished::Relayed(outcome) => Ok(outcome),
             Finished::Collected(body) => Ok(send(s, x, 200, body).await),
             Finished::Refused(r) => Err(r),
@@ -350,7 +360,7 @@ impl Gateway {
     /// Every page of `GET models`, merged, through the `filter_models` plugins.
     async fn all_models(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         up: &mut UpstreamRequest,
         path: &str,
         x: &mut Exchange,
@@ -366,7 +376,7 @@ impl Gateway {
             up.header.set_raw_path(target.as_bytes()).map_err(|_| {
                 Refusal::Gate(GateError::new(502, "invalid page token from upstream"))
             })?;
-            let page = self.collect(gen, up, x).await?;
+            let page = self.collect(generation, up, x).await?;
             let mut page: serde_json::Value = serde_json::from_slice(&page).map_err(|e| {
                 Refusal::Gate(GateError::new(
                     502,
@@ -387,17 +397,17 @@ impl Gateway {
                 break;
             }
         }
-        filter_models(gen, models, x)
+        filter_models(generation, models, x)
     }
 
     /// The attempt loop for an answer gemgate processes itself (model lists).
     async fn collect(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         req: &UpstreamRequest,
         x: &mut Exchange,
     ) -> Result<Bytes, Refusal> {
-        match self.attempts(gen, req, None, x).await {
+        match self.attempts(generation, req, None, x).await {
             Finished::Collected(body) => Ok(body),
             Finished::Refused(r) => Err(r),
             // Without a client session nothing can have been relayed.
@@ -408,17 +418,17 @@ impl Gateway {
     /// The attempt loop: up to `MAX_RETRIES` attempts, each on a different usable key.
     async fn attempts(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         req: &UpstreamRequest,
         mut client: Option<&mut ServerSession>,
         x: &mut Exchange,
     ) -> Finished {
-        let max = gen.config.max_retries as usize;
+        let max = generation.config.max_retries as usize;
         let mut tried: Vec<usize> = Vec::with_capacity(max);
         let mut last: Option<Failure> = None;
         while tried.len() < max {
             let now = now_ms();
-            let pick = match self.choose_key(gen, req, &tried, now, x) {
+            let pick = match self.choose_key(generation, req, &tried, now, x) {
                 Ok(pick) => pick,
                 Err(d) => return Finished::Refused(denied(d)),
             };
@@ -428,7 +438,7 @@ impl Gateway {
                     return Finished::Refused(Refusal::Gate(GateError::new(
                         503,
                         "no Gemini API key is configured",
-                    )))
+                    )));
                 }
                 Pick::Exhausted {
                     retry_at_ms,
@@ -455,18 +465,18 @@ impl Gateway {
                 },
             };
             tried.push(index);
-            let key = gen.pool_for(req).get(index);
+            let key = generation.pool_for(req).get(index);
             x.attempts += 1;
             x.key = Some(key.spec.id.clone());
-            let _lease = gen.pool_for(req).lease(index, now);
+            let _lease = generation.pool_for(req).lease(index, now);
             match self
-                .attempt(gen, req, index, client.as_deref_mut(), x)
+                .attempt(generation, req, index, client.as_deref_mut(), x)
                 .await
             {
                 Ok(finished) => return finished,
                 Err(failure) => {
-                    self.count_usage(gen, req, index, Some(failure.class.as_str()), x);
-                    let penalty = gen.pool_for(req).record_failure(
+                    self.count_usage(generation, req, index, Some(failure.class.as_str()), x);
+                    let penalty = generation.pool_for(req).record_failure(
                         index,
                         &req.model,
                         failure.class,
@@ -479,8 +489,8 @@ impl Gateway {
                     tracing::debug!(id = %x.id, key = %key.spec.id, attempt = x.attempts, status = failure.status, class = failure.class.as_str(), ?penalty, message = %failure.message, "attempt failed");
                     x.class = Some(failure.class.as_str());
                     let mut retry = failure.class.retryable();
-                    if gen.policy.has_attempt_hook(false, &req.model) {
-                        match self.after_attempt(gen, index, req, &failure, x) {
+                    if generation.policy.has_attempt_hook(false, &req.model) {
+                        match self.after_attempt(generation, index, req, &failure, x) {
                             Ok(Some(AttemptDecision::Retry)) => retry = true,
                             Ok(_) => {}
                             Err(d) => return Finished::Refused(denied(d)),
@@ -506,14 +516,14 @@ impl Gateway {
     /// tokens the answer reported).
     fn count_usage(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         req: &UpstreamRequest,
         index: usize,
         failure: Option<&'static str>,
         x: &Exchange,
     ) {
         self.state.lasting.usage.record(crate::store::usage::Event {
-            key_id: &gen.pool_for(req).get(index).spec.id,
+            key_id: &generation.pool_for(req).get(index).spec.id,
             model: &req.model,
             day: crate::store::usage::day_of(now_ms()),
             failure,
@@ -529,13 +539,13 @@ impl Gateway {
     /// built-in choice.
     fn choose_key(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         req: &UpstreamRequest,
         tried: &[usize],
         now: u64,
         x: &mut Exchange,
     ) -> Result<Pick, Denial> {
-        let pool = gen.pool_for(req);
+        let pool = generation.pool_for(req);
         if let Some(i) = req.pinned {
             return Ok(if !tried.contains(&i) && pool.usable(i, &req.model, now) {
                 Pick::Key(i)
@@ -543,7 +553,7 @@ impl Gateway {
                 pool.exhausted(&req.model, now)
             });
         }
-        if req.paid || !gen.policy.has_select_key(&req.model) || pool.is_empty() {
+        if req.paid || !generation.policy.has_select_key(&req.model) || pool.is_empty() {
             return Ok(pool.pick(&req.model, tried, now));
         }
         let candidates = pool.candidates(&req.model, tried, now);
@@ -551,9 +561,10 @@ impl Gateway {
             return Ok(pool.exhausted(&req.model, now));
         };
         let client = x.client.as_deref().unwrap_or_default();
-        let chosen = gen
-            .policy
-            .select_key(&req.model, candidates, client, &x.id, &mut x.shared)?;
+        let chosen =
+            generation
+                .policy
+                .select_key(&req.model, candidates, client, &x.id, &mut x.shared)?;
         Ok(Pick::Key(chosen.unwrap_or(first as usize)))
     }
 
@@ -562,13 +573,13 @@ impl Gateway {
     /// the status.
     fn after_attempt(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         index: usize,
         req: &UpstreamRequest,
         outcome: &Failure,
         x: &mut Exchange,
     ) -> Result<Option<AttemptDecision>, Denial> {
-        let pool = gen.pool_for(req);
+        let pool = generation.pool_for(req);
         let model = req.model.as_str();
         let key = pool.get(index);
         let client = x.client.clone().unwrap_or_default();
@@ -588,7 +599,7 @@ impl Gateway {
             retry_delay_s: outcome.retry_delay_s,
             message: &outcome.message,
         };
-        let decision = gen.policy.after_attempt(&info, &mut x.shared)?;
+        let decision = generation.policy.after_attempt(&info, &mut x.shared)?;
         match &decision {
             Some(AttemptDecision::Cool(seconds)) => {
                 pool.cool(index, model, *seconds, now_ms());
@@ -606,15 +617,15 @@ impl Gateway {
     /// try another key.
     async fn attempt(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         req: &UpstreamRequest,
         index: usize,
         client: Option<&mut ServerSession>,
         x: &mut Exchange,
     ) -> Result<Finished, Failure> {
-        let key = gen.pool_for(req).get(index);
-        let route = gen.target.route(&key.spec.id);
-        let peer = gen
+        let key = generation.pool_for(req).get(index);
+        let route = generation.target.route(&key.spec.id);
+        let peer = generation
             .target
             .peer(route)
             .await
@@ -624,25 +635,28 @@ impl Gateway {
         } else {
             head::Credential::GoogApiKey(key.header.as_bytes())
         };
-        let forwarding = gen.target.forwarding(route).map(|proxy| head::Forwarding {
-            authority: gen.target.base.authority.as_str(),
-            authorization: proxy.proxy_authorization(),
-        });
+        let forwarding = generation
+            .target
+            .forwarding(route)
+            .map(|proxy| head::Forwarding {
+                authority: generation.target.base.authority.as_str(),
+                authorization: proxy.proxy_authorization(),
+            });
         let head = head::request_head(&req.header, req.body.len(), credential, forwarding);
         let mut reuse_idle = true;
         let mut up = loop {
-            let (conn, reused) = gen
+            let (conn, reused) = generation
                 .target
                 .connection(&self.connector, &peer, route, reuse_idle)
                 .await
                 .map_err(Failure::from_pingora)?;
-            match send_request(conn, &peer, &head, &req.body, gen.config.timeout).await {
+            match send_request(conn, &peer, &head, &req.body, generation.config.timeout).await {
                 Ok(up) => break up,
                 // An idle connection the server closed meanwhile: not the key's fault, and not an
                 // attempt. The other idle ones are likely closed too (an upstream restart, an
                 // idle timeout): drop them all and try once more on a new connection.
                 Err(e) if reused && e.etype() != &ErrorType::ReadTimedout => {
-                    gen.target.drop_idle(route);
+                    generation.target.drop_idle(route);
                     reuse_idle = false;
                 }
                 Err(e) => return Err(Failure::from_pingora(e)),
@@ -650,7 +664,7 @@ impl Gateway {
         };
         let status = up.response_header().map_or(0, |h| h.status.as_u16());
         if status == 407 {
-            if let Some(proxy) = gen.target.forwarding(route) {
+            if let Some(proxy) = generation.target.forwarding(route) {
                 // The proxy's refusal, not Google's answer: a network failure, no key's fault.
                 return Err(Failure::network(
                     ErrorClass::Network,
@@ -663,7 +677,7 @@ impl Gateway {
             let content_type = up
                 .response_header()
                 .and_then(|h| h.headers.get(header::CONTENT_TYPE).cloned());
-            gen.target.release(up, route).await;
+            generation.target.release(up, route).await;
             let body = redact(body, key.spec.secret.expose());
             let class = classify(status, &body);
             return Err(Failure {
@@ -678,12 +692,12 @@ impl Gateway {
                 content_type,
             });
         }
-        gen.pool_for(req).record_success(index);
+        generation.pool_for(req).record_success(index);
         x.status = status;
         x.class = None;
-        if gen.policy.has_attempt_hook(true, &req.model) {
+        if generation.policy.has_attempt_hook(true, &req.model) {
             let ok = Failure::network(ErrorClass::Upstream, "");
-            match self.after_attempt(gen, index, req, &Failure { status, ..ok }, x) {
+            match self.after_attempt(generation, index, req, &Failure { status, ..ok }, x) {
                 Ok(Some(AttemptDecision::Retry)) => {
                     // The answer is dropped with its connection.
                     return Err(Failure::network(
@@ -693,7 +707,7 @@ impl Gateway {
                 }
                 Ok(_) => {}
                 Err(d) => {
-                    gen.target.release(up, route).await;
+                    generation.target.release(up, route).await;
                     return Ok(Finished::Refused(denied(d)));
                 }
             }
@@ -722,9 +736,9 @@ impl Gateway {
             }
             Some(s) => relay(s, &mut up, req, x).await,
         };
-        gen.target.release(up, route).await;
+        generation.target.release(up, route).await;
         if result.is_ok() {
-            self.count_usage(gen, req, index, None, x);
+            self.count_usage(generation, req, index, None, x);
         }
         result
     }
@@ -732,7 +746,7 @@ impl Gateway {
     /// Answers a refused request: gemgate's own error, or the upstream's, as Google sent it.
     pub(crate) async fn refuse(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         x: &mut Exchange,
         refusal: Refusal,
@@ -751,7 +765,8 @@ impl Gateway {
                 if f.status == 429 {
                     let now = now_ms();
                     e = e.retry_after(
-                        gen.pool
+                        generation
+                            .pool
                             .unavailable(&x.model, now)
                             .0
                             .map(|at| seconds_until(at, now)),
@@ -768,7 +783,7 @@ impl Gateway {
                 let _ = h.insert_header(header::CONTENT_TYPE, ct);
                 if f.status == 429 {
                     let now = now_ms();
-                    if let (Some(at), ..) = gen.pool.unavailable(&x.model, now) {
+                    if let (Some(at), ..) = generation.pool.unavailable(&x.model, now) {
                         let _ = h.insert_header(header::RETRY_AFTER, seconds_until(at, now));
                     }
                 }
@@ -1031,7 +1046,7 @@ pub(crate) async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes
 /// its title-cased bytes and parses it back, allocating twice for a name outside the standard
 /// set, even for a header that keeps no case.
 fn upstream_header(
-    gen: &Generation,
+    generation: &Generation,
     client: &RequestHeader,
     path: &str,
     query: &str,
@@ -1047,12 +1062,12 @@ fn upstream_header(
     parts.uri = http::Uri::from_maybe_shared(Bytes::from(target))
         .map_err(|_| Refusal::Gate(GateError::new(400, "the request path cannot be forwarded")))?;
     let headers = &mut parts.headers;
-    headers.reserve(client.headers.len() + 1 + gen.config.custom_headers.len());
-    if let Some(host) = &gen.target.host {
+    headers.reserve(client.headers.len() + 1 + generation.config.custom_headers.len());
+    if let Some(host) = &generation.target.host {
         headers.insert(header::HOST, host.clone());
     }
     let listed = connection_listed(&client.headers);
-    let forward = &gen.config.forward_headers;
+    let forward = &generation.config.forward_headers;
     for (name, value) in &client.headers {
         let n = name.as_str();
         let held_back = HELD_BACK.contains(&n) && !forward.contains(name);
@@ -1060,7 +1075,7 @@ fn upstream_header(
             headers.append(name.clone(), value.clone());
         }
     }
-    for (name, value) in &gen.config.custom_headers {
+    for (name, value) in &generation.config.custom_headers {
         headers.insert(name.clone(), value.clone());
     }
     Ok(RequestHeader::from(parts))
@@ -1068,7 +1083,7 @@ fn upstream_header(
 
 /// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
 pub(crate) fn encode_query_value(value: &str) -> String {
-    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
     const RESERVED: &AsciiSet = &NON_ALPHANUMERIC
         .remove(b'-')
         .remove(b'.')
@@ -1399,22 +1414,23 @@ fn denied(d: Denial) -> Refusal {
 
 /// The model list as `filter_models` plugins leave it.
 fn filter_models(
-    gen: &Generation,
+    generation: &Generation,
     models: Vec<serde_json::Value>,
     x: &mut Exchange,
 ) -> Result<Vec<serde_json::Value>, Refusal> {
-    if !gen.policy.has_filter_models() {
+    if !generation.policy.has_filter_models() {
         return Ok(models);
     }
     let client = x.client.clone().unwrap_or_default();
-    gen.policy
+    generation
+        .policy
         .filter_models(models, &client, &x.id, &mut x.shared)
         .map_err(denied)
 }
 
 /// One page of a model list (a request with `pageToken`), through `filter_models`.
-fn filter_page(gen: &Generation, page: Bytes, x: &mut Exchange) -> Result<Bytes, Refusal> {
-    if !gen.policy.has_filter_models() {
+fn filter_page(generation: &Generation, page: Bytes, x: &mut Exchange) -> Result<Bytes, Refusal> {
+    if !generation.policy.has_filter_models() {
         return Ok(page);
     }
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&page) else {
@@ -1424,7 +1440,7 @@ fn filter_page(gen: &Generation, page: Bytes, x: &mut Exchange) -> Result<Bytes,
     else {
         return Ok(page);
     };
-    v["models"] = serde_json::Value::Array(filter_models(gen, models, x)?);
+    v["models"] = serde_json::Value::Array(filter_models(generation, models, x)?);
     Ok(Bytes::from(v.to_string()))
 }
 

@@ -11,8 +11,8 @@ use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
 use super::{
-    client_query, read_body, rewrite_value, send, upstream_header, Exchange, Finished, Gateway,
-    Generation, Outcome, Refusal, UpstreamRequest,
+    Exchange, Finished, Gateway, Generation, Outcome, Refusal, UpstreamRequest, client_query,
+    read_body, rewrite_value, send, upstream_header,
 };
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
@@ -42,8 +42,8 @@ impl ChatStreamSpec {
 }
 
 /// `STREAM_OPTIMIZER_*` as pacing, when it is on.
-fn pacing(gen: &Generation) -> Option<chat::Pacing> {
-    let st = &gen.config.file.stream;
+fn pacing(generation: &Generation) -> Option<chat::Pacing> {
+    let st = &generation.config.file.stream;
     let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 10.0));
     st.optimizer_enabled.then(|| chat::Pacing {
         min_delay: secs(st.min_delay),
@@ -81,41 +81,41 @@ impl Gateway {
     /// `/v1/...` and `/hf/v1/...`.
     pub(crate) async fn openai(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         call: OpenAiCall,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        self.admit(gen, s, call.method(), x)?;
+        self.admit(generation, s, call.method(), x)?;
         match call {
             OpenAiCall::Models => {
-                let rewrite = self.on_request(gen, s, "", "models.list", false, x)?;
-                let path = format!("{}/models", gen.target.base.path);
-                let mut up = self.gemini_call(gen, s, &path, "", Bytes::new(), &rewrite)?;
-                let models = self.all_models(gen, &mut up, &path, x).await?;
+                let rewrite = self.on_request(generation, s, "", "models.list", false, x)?;
+                let path = format!("{}/models", generation.target.base.path);
+                let mut up = self.gemini_call(generation, s, &path, "", Bytes::new(), &rewrite)?;
+                let models = self.all_models(generation, &mut up, &path, x).await?;
                 let body = openai::models_list(&models).to_string();
                 Ok(send(s, x, 200, Bytes::from(body)).await)
             }
-            OpenAiCall::Chat => self.chat(gen, s, x).await,
-            OpenAiCall::Embeddings => self.embeddings(gen, s, x).await,
-            OpenAiCall::Images => self.images(gen, s, x).await,
-            OpenAiCall::Speech => self.speech(gen, s, x).await,
+            OpenAiCall::Chat => self.chat(generation, s, x).await,
+            OpenAiCall::Embeddings => self.embeddings(generation, s, x).await,
+            OpenAiCall::Images => self.images(generation, s, x).await,
+            OpenAiCall::Speech => self.speech(generation, s, x).await,
         }
     }
 
     async fn chat(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        let raw = read_body(s, gen.config.max_body_bytes).await?;
+        let raw = read_body(s, generation.config.max_body_bytes).await?;
         let mut request = chat::request(&json_body(&raw)?).map_err(bad)?;
         let urls = chat::remote_files(&request.body);
         if !urls.is_empty() {
-            let files = gen
+            let files = generation
                 .fetcher
-                .fetch_all(urls, gen.config.max_body_bytes)
+                .fetch_all(urls, generation.config.max_body_bytes)
                 .await
                 .map_err(|e| {
                     let status = match e {
@@ -132,29 +132,29 @@ impl Gateway {
             "generateContent"
         };
         x.model.clone_from(&request.model);
-        let rewrite = self.on_request(gen, s, &request.model, action, request.stream, x)?;
+        let rewrite = self.on_request(generation, s, &request.model, action, request.stream, x)?;
         let model = rewrite.model.clone().unwrap_or(request.model);
         x.model.clone_from(&model);
         let mut body = request.body;
-        operator_settings(&mut body, &model, gen);
+        operator_settings(&mut body, &model, generation);
         rewrite_value(&mut body, &rewrite)?;
-        let path = format!("{}/models/{model}:{action}", gen.target.base.path);
+        let path = format!("{}/models/{model}:{action}", generation.target.base.path);
         let query = if request.stream { "alt=sse" } else { "" };
         let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
         // Fetched files made it larger than what a client may send.
-        if body.len() as u64 > gen.config.max_body_bytes {
+        if body.len() as u64 > generation.config.max_body_bytes {
             return Err(Refusal::Gate(GateError::new(
                 413,
                 format!(
                     "the request with its fetched files is larger than the limit of {} bytes",
-                    gen.config.max_body_bytes
+                    generation.config.max_body_bytes
                 ),
             )));
         }
-        let pinned = self.file_pin(gen, &body, x.client.as_deref())?;
-        let mut up = self.gemini_call(gen, s, &path, query, body, &rewrite)?;
+        let pinned = self.file_pin(generation, &body, x.client.as_deref())?;
+        let mut up = self.gemini_call(generation, s, &path, query, body, &rewrite)?;
         up.pinned = pinned;
-        let models = &gen.config.file.models;
+        let models = &generation.config.file.models;
         let options = chat::Options {
             show_thinking: models.show_thinking_process,
             show_search_link: models.show_search_link,
@@ -165,27 +165,30 @@ impl Gateway {
             created,
             include_usage: request.include_usage,
             options,
-            pacing: pacing(gen),
+            pacing: pacing(generation),
         };
-        if request.stream && gen.config.file.stream.fake_stream_enabled {
+        if request.stream && generation.config.file.stream.fake_stream_enabled {
             // The streaming request went upstream as a whole one (see below): rewrite its path.
-            let path = format!("{}/models/{model}:generateContent", gen.target.base.path);
+            let path = format!(
+                "{}/models/{model}:generateContent",
+                generation.target.base.path
+            );
             up.header
                 .set_raw_path(path.as_bytes())
                 .map_err(|_| Refusal::Gate(GateError::new(500, "bad upstream path")))?;
-            return self.fake_stream(gen, s, &up, spec, x).await;
+            return self.fake_stream(generation, s, &up, spec, x).await;
         }
         if request.stream {
             up.stream = true;
             up.sse = true;
             up.chat = Some(spec);
-            return match self.attempts(gen, &up, Some(s), x).await {
+            return match self.attempts(generation, &up, Some(s), x).await {
                 Finished::Relayed(outcome) => Ok(outcome),
                 Finished::Collected(body) => Ok(send(s, x, 200, body).await),
                 Finished::Refused(r) => Err(r),
             };
         }
-        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        let answer = json_answer(&self.collect(generation, &up, x).await?)?;
         let out = chat::response(&answer, &model, &x.id, created, options);
         Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
     }
@@ -194,14 +197,15 @@ impl Gateway {
     /// call, with an empty delta every `FAKE_STREAM_EMPTY_DATA_INTERVAL_SECONDS` while it runs.
     async fn fake_stream(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         up: &UpstreamRequest,
         spec: ChatStreamSpec,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
         let interval = Duration::from_secs_f64(
-            gen.config
+            generation
+                .config
                 .file
                 .stream
                 .fake_stream_empty_data_interval_s
@@ -212,7 +216,7 @@ impl Gateway {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let id = x.id.clone();
         let answer = {
-            let collect = self.collect(gen, up, x);
+            let collect = self.collect(generation, up, x);
             tokio::pin!(collect);
             loop {
                 tokio::select! {
@@ -279,11 +283,11 @@ impl Gateway {
 
     async fn embeddings(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        let raw = read_body(s, gen.config.max_body_bytes).await?;
+        let raw = read_body(s, generation.config.max_body_bytes).await?;
         let mut call = embeddings::request(&json_body(&raw)?).map_err(bad)?;
         let whole = Whole {
             model: &call.model,
@@ -291,7 +295,7 @@ impl Gateway {
             body: &call.body,
             paid: false,
         };
-        let (answer, model) = self.whole(gen, s, whole, x).await?;
+        let (answer, model) = self.whole(generation, s, whole, x).await?;
         call.model = model;
         let out = embeddings::response(&call, &answer);
         Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
@@ -301,12 +305,12 @@ impl Gateway {
     /// `UPLOAD_PROVIDER`.
     async fn images(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        let raw = read_body(s, gen.config.max_body_bytes).await?;
-        let settings = &gen.config.file.images;
+        let raw = read_body(s, generation.config.max_body_bytes).await?;
+        let settings = &generation.config.file.images;
         let call = images::request(&json_body(&raw)?, &settings.create_image_model).map_err(bad)?;
         let host = images::Host::parse(&settings.upload_provider);
         if call.want_url && host.is_none() {
@@ -324,11 +328,13 @@ impl Gateway {
             body: &call.body,
             paid: true,
         };
-        let (answer, _) = self.whole(gen, s, whole, x).await?;
+        let (answer, _) = self.whole(generation, s, whole, x).await?;
         let mut data = Vec::new();
         for b64 in images::images(&answer) {
             let entry = match host.filter(|_| call.want_url) {
-                Some(host) => serde_json::json!({ "url": self.upload(gen, host, &b64).await? }),
+                Some(host) => {
+                    serde_json::json!({ "url": self.upload(generation, host, &b64).await? })
+                }
                 None => serde_json::json!({ "b64_json": b64 }),
             };
             data.push(entry);
@@ -346,14 +352,14 @@ impl Gateway {
     /// Text to speech with `TTS_MODEL` and `TTS_VOICE_NAME`, answered as WAV (or raw PCM).
     async fn speech(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
         use base64::Engine as _;
-        let raw = read_body(s, gen.config.max_body_bytes).await?;
+        let raw = read_body(s, generation.config.max_body_bytes).await?;
         let request = json_body(&raw)?;
-        let tts = &gen.config.file.tts;
+        let tts = &generation.config.file.tts;
         let call = speech::request(&request, &tts.model, &tts.voice_name).map_err(bad)?;
         let whole = Whole {
             model: &call.model,
@@ -361,7 +367,7 @@ impl Gateway {
             body: &call.body,
             paid: false,
         };
-        let (answer, _) = self.whole(gen, s, whole, x).await?;
+        let (answer, _) = self.whole(generation, s, whole, x).await?;
         let (b64, rate) = speech::audio(&answer).ok_or_else(|| {
             Refusal::Gate(GateError::new(502, "the TTS model answered without audio"))
         })?;
@@ -380,7 +386,7 @@ impl Gateway {
     /// Uploads one generated image to `host`; returns its URL.
     async fn upload(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         host: images::Host,
         b64: &str,
     ) -> Result<String, Refusal> {
@@ -389,7 +395,7 @@ impl Gateway {
         let png = base64::engine::general_purpose::STANDARD
             .decode(b64)
             .map_err(|e| fail(format!("Imagen sent an image that is not base64: {e}")))?;
-        let settings = &gen.config.file.images;
+        let settings = &generation.config.file.images;
         let part = reqwest::multipart::Part::bytes(png)
             .file_name(format!("gemgate-{:016x}.png", fastrand::u64(..)))
             .mime_str("image/png")
@@ -445,24 +451,27 @@ impl Gateway {
     /// loop; returns Google's JSON answer and the model that served it.
     async fn whole(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         call: Whole<'_>,
         x: &mut Exchange,
     ) -> Result<(Value, String), Refusal> {
         x.model = call.model.to_owned();
-        let rewrite = self.on_request(gen, s, call.model, call.action, false, x)?;
+        let rewrite = self.on_request(generation, s, call.model, call.action, false, x)?;
         if let Some(m) = &rewrite.model {
             x.model.clone_from(m);
         }
         let model = x.model.clone();
-        let path = format!("{}/models/{model}:{}", gen.target.base.path, call.action);
+        let path = format!(
+            "{}/models/{model}:{}",
+            generation.target.base.path, call.action
+        );
         let mut body = call.body.clone();
         rewrite_value(&mut body, &rewrite)?;
         let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
-        let mut up = self.gemini_call(gen, s, &path, "", body, &rewrite)?;
+        let mut up = self.gemini_call(generation, s, &path, "", body, &rewrite)?;
         up.paid = call.paid;
-        let answer = json_answer(&self.collect(gen, &up, x).await?)?;
+        let answer = json_answer(&self.collect(generation, &up, x).await?)?;
         Ok((answer, model))
     }
 
@@ -470,14 +479,14 @@ impl Gateway {
     /// as gemgate made it, with the plugins' headers.
     fn gemini_call(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &ServerSession,
         path: &str,
         query: &str,
         body: Bytes,
         rewrite: &crate::policy::engine::Rewrite,
     ) -> Result<UpstreamRequest, Refusal> {
-        let mut header = upstream_header(gen, s.req_header(), path, query)?;
+        let mut header = upstream_header(generation, s.req_header(), path, query)?;
         if !body.is_empty() {
             let _ = header.insert_header(header::CONTENT_TYPE, "application/json");
         }
@@ -494,7 +503,7 @@ impl Gateway {
     /// `Authorization: Bearer`; answers and streams come back as Google sends them.
     pub(crate) async fn google_openai(
         &self,
-        gen: &Generation,
+        generation: &Generation,
         s: &mut ServerSession,
         rest: &str,
         x: &mut Exchange,
@@ -506,9 +515,9 @@ impl Gateway {
                 format!("{method} is not allowed here; use GET or POST"),
             )));
         }
-        self.admit(gen, s, method.clone(), x)?;
+        self.admit(generation, s, method.clone(), x)?;
         let body = if method == http::Method::POST {
-            read_body(s, gen.config.max_body_bytes).await?
+            read_body(s, generation.config.max_body_bytes).await?
         } else {
             Bytes::new()
         };
@@ -529,7 +538,7 @@ impl Gateway {
             )));
         }
         x.model.clone_from(&model);
-        let rewrite = self.on_request(gen, s, &model, rest, stream, x)?;
+        let rewrite = self.on_request(generation, s, &model, rest, stream, x)?;
         if rewrite.model.is_some() || rewrite.touches_body() {
             return Err(Refusal::Gate(GateError::new(
                 500,
@@ -537,8 +546,8 @@ impl Gateway {
             )));
         }
         let query = client_query(s);
-        let path = format!("{}/openai/{rest}", gen.target.base.path);
-        let mut header = upstream_header(gen, s.req_header(), &path, &query)?;
+        let path = format!("{}/openai/{rest}", generation.target.base.path);
+        let mut header = upstream_header(generation, s.req_header(), &path, &query)?;
         for (name, value) in rewrite.headers {
             let _ = header.insert_header(name, value);
         }
@@ -549,7 +558,7 @@ impl Gateway {
             bearer: true,
             ..UpstreamRequest::new(header, body)
         };
-        match self.attempts(gen, &up, Some(s), x).await {
+        match self.attempts(generation, &up, Some(s), x).await {
             Finished::Relayed(outcome) => Ok(outcome),
             Finished::Collected(body) => Ok(send(s, x, 200, body).await),
             Finished::Refused(r) => Err(r),
@@ -561,8 +570,8 @@ impl Gateway {
 /// execution tool (`TOOLS_CODE_EXECUTION_ENABLED`, when the client declared no functions, which
 /// Gemini does not mix with it) and the URL context tool (`URL_CONTEXT_ENABLED` for
 /// `URL_CONTEXT_MODELS`). The client's own values win.
-fn operator_settings(body: &mut Value, model: &str, gen: &Generation) {
-    let m = &gen.config.file.models;
+fn operator_settings(body: &mut Value, model: &str, generation: &Generation) {
+    let m = &generation.config.file.models;
     let Some(obj) = body.as_object_mut() else {
         return;
     };

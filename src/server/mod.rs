@@ -3,14 +3,14 @@
 
 pub mod workers;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
+use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 
 use crate::admin::pages;
@@ -20,34 +20,37 @@ use crate::http::peer;
 use crate::http::reply::{GateError, Protocol};
 use crate::proxy::route::{self, Route};
 use crate::proxy::{
-    response_header, send, send_gate, write_full, Exchange, Gateway, Outcome, DRAIN_TIMEOUT,
-    MAX_TARGET, X_GOOG_API_KEY,
+    DRAIN_TIMEOUT, Exchange, Gateway, MAX_TARGET, Outcome, X_GOOG_API_KEY, response_header, send,
+    send_gate, write_full,
 };
 
 impl Gateway {
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
-        let gen = self.state.current.load_full();
-        let outcome = self.serve(&gen, s, x).await;
-        if gen.policy.has_on_log(&x.model) && x.action != "health" && x.action != "preflight" {
+        let generation = self.state.current.load_full();
+        let outcome = self.serve(&generation, s, x).await;
+        if generation.policy.has_on_log(&x.model) && x.action != "health" && x.action != "preflight"
+        {
             let entry = x.entry();
             let client = x.client.clone().unwrap_or_default();
-            gen.policy.on_log(&entry, &client, &x.id, &mut x.shared);
+            generation
+                .policy
+                .on_log(&entry, &client, &x.id, &mut x.shared);
         }
         outcome
     }
 
     async fn serve(
         &self,
-        gen: &Arc<Generation>,
+        generation: &Arc<Generation>,
         s: &mut ServerSession,
         x: &mut Exchange,
     ) -> Outcome {
         // A client that stops reading must not hold a request (and its key) forever.
-        s.set_write_timeout(Some(gen.config.timeout));
+        s.set_write_timeout(Some(generation.config.timeout));
         if s.req_header().method == http::Method::OPTIONS {
             return preflight(s, x).await;
         }
-        x.peer = peer::Peer::of(s, &gen.config.trusted_proxies);
+        x.peer = peer::Peer::of(s, &generation.config.trusted_proxies);
         let path = s.req_header().uri.path().to_owned();
         let req = s.req_header();
         if req.raw_path().len() > MAX_TARGET {
@@ -66,7 +69,10 @@ impl Gateway {
         match route::route(&path, goog_credential) {
             Route::Health => {
                 x.action = "health".into();
-                let body = format!(r#"{{"status":"ok","keys":{}}}"#, gen.pool.keys().len());
+                let body = format!(
+                    r#"{{"status":"ok","keys":{}}}"#,
+                    generation.pool.keys().len()
+                );
                 send(s, x, 200, Bytes::from(body)).await
             }
             Route::NotFound => {
@@ -80,13 +86,13 @@ impl Gateway {
             }
             Route::Page(page) => {
                 x.action = "admin".into();
-                let answer = Box::pin(self.page(gen, s, page, &x.peer)).await;
+                let answer = Box::pin(self.page(generation, s, page, &x.peer)).await;
                 send_page(s, x, answer).await
             }
             Route::Admin(call) => {
                 x.action = "admin".into();
                 // Rare routes are boxed: their state stays out of every request's future.
-                match Box::pin(self.admin(gen, s, call, &x.peer)).await {
+                match Box::pin(self.admin(generation, s, call, &x.peer)).await {
                     Ok(body) => send(s, x, 200, body).await,
                     Err(e) => send_gate(s, x, &e).await,
                 }
@@ -94,36 +100,36 @@ impl Gateway {
             Route::Native(call) => {
                 x.model = call.model().to_owned();
                 x.action = call.action().to_owned();
-                match self.native(gen, s, call, x).await {
+                match self.native(generation, s, call, x).await {
                     Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
+                    Err(refusal) => self.refuse(generation, s, x, refusal).await,
                 }
             }
             Route::OpenAi(call) => {
                 x.protocol = Protocol::OpenAi;
                 x.action = call.action().to_owned();
-                match Box::pin(self.openai(gen, s, call, x)).await {
+                match Box::pin(self.openai(generation, s, call, x)).await {
                     Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
+                    Err(refusal) => self.refuse(generation, s, x, refusal).await,
                 }
             }
-            Route::Upload => match Box::pin(self.file_upload(gen, s, x)).await {
+            Route::Upload => match Box::pin(self.file_upload(generation, s, x)).await {
                 Ok(outcome) => outcome,
-                Err(refusal) => self.refuse(gen, s, x, refusal).await,
+                Err(refusal) => self.refuse(generation, s, x, refusal).await,
             },
             Route::Files(id) => {
                 x.action = "files".into();
-                match Box::pin(self.files(gen, s, id, x)).await {
+                match Box::pin(self.files(generation, s, id, x)).await {
                     Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
+                    Err(refusal) => self.refuse(generation, s, x, refusal).await,
                 }
             }
             Route::GoogleOpenAi(rest) => {
                 x.protocol = Protocol::GoogleOpenAi;
                 x.action = format!("openai/{rest}");
-                match Box::pin(self.google_openai(gen, s, &rest, x)).await {
+                match Box::pin(self.google_openai(generation, s, &rest, x)).await {
                     Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(gen, s, x, refusal).await,
+                    Err(refusal) => self.refuse(generation, s, x, refusal).await,
                 }
             }
         }

@@ -49,7 +49,9 @@ const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 pub enum StoreError {
     #[error("cannot open {path}: {message}")]
     Open { path: PathBuf, message: String },
-    #[error("{path} was written by a newer gemgate (data layout {found}, this one knows up to {SCHEMA_VERSION}); use that version or move the file away")]
+    #[error(
+        "{path} was written by a newer gemgate (data layout {found}, this one knows up to {SCHEMA_VERSION}); use that version or move the file away"
+    )]
     Newer { path: PathBuf, found: u64 },
     #[error("{0}")]
     Io(String),

@@ -198,12 +198,12 @@ impl Tunnel {
                 }
             }
             ([5, 0xff], _) => {
-                return Err("the SOCKS5 proxy accepts none of our authentication methods".into())
+                return Err("the SOCKS5 proxy accepts none of our authentication methods".into());
             }
             (other, _) => {
                 return Err(format!(
                     "the SOCKS5 proxy answered the greeting with {other:?}"
-                ))
+                ));
             }
         }
         let mut ask = vec![5, 1, 0];
@@ -356,9 +356,11 @@ mod tests {
         let t = Tunnel::new("socks5h://[::1]", "h", 443, Duration::from_secs(1)).unwrap();
         assert_eq!(t.scheme, ProxyScheme::Socks5 { remote_dns: true });
         assert_eq!((t.host.as_str(), t.port), ("::1", 1080));
-        assert!(ProxyUrl::parse("https://proxy:443")
-            .unwrap_err()
-            .contains("https://"));
+        assert!(
+            ProxyUrl::parse("https://proxy:443")
+                .unwrap_err()
+                .contains("https://")
+        );
         assert!(ProxyUrl::parse("proxy:8080").is_err());
     }
 

@@ -18,16 +18,16 @@
 //! through the other side-call clients.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Url;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
-use crate::config::net::Allowed;
 use crate::config::FetchConfig;
+use crate::config::net::Allowed;
 
 /// URLs one request may name, at most.
 pub const MAX_URLS: usize = 16;

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::HttpSession as Http1Session;
-use pingora::protocols::{Stream, ALPN};
+use pingora::protocols::{ALPN, Stream};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{BaseUrl, Config};

@@ -371,9 +371,11 @@ async fn keys_are_added_and_deleted_through_the_config_file() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    assert!(!std::fs::read_to_string(gate.config_path())
-        .unwrap()
-        .contains(&file_key));
+    assert!(
+        !std::fs::read_to_string(gate.config_path())
+            .unwrap()
+            .contains(&file_key)
+    );
     let (status, v) = admin(
         reqwest::Method::DELETE,
         &gate,

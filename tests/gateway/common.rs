@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use gemgate_fake_upstream::{Behaviour, FakeConfig, FakeUpstream};
-pub use serde_json::{json, Value};
+pub use serde_json::{Value, json};
 
 pub const TOKEN: &str = "sk-test-token";
 /// The admin token tests set as `AUTH_TOKEN` when they use the admin API.

@@ -806,10 +806,11 @@ async fn upstream_requests_carry_only_what_google_should_see() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let seen = fake.state.last_received().unwrap();
-    assert!(seen
-        .headers
-        .iter()
-        .any(|(n, v)| n == "x-goog-user-project" && v == "my-project"));
+    assert!(
+        seen.headers
+            .iter()
+            .any(|(n, v)| n == "x-goog-user-project" && v == "my-project")
+    );
 }
 
 #[tokio::test]

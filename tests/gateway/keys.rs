@@ -280,10 +280,12 @@ async fn client_errors_pass_straight_through() {
     )
     .await;
     assert_eq!(status, 404);
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("models/gemini-9-ultra is not found"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("models/gemini-9-ultra is not found")
+    );
     assert_eq!(fake.state.total_requests(), 2, "no retry");
     // No penalty: with MAX_FAILURES=1 a single penalty would have disabled a key.
     succeed(&gate, "gemini-2.5-flash", 4).await;

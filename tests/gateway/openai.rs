@@ -282,10 +282,12 @@ async fn errors_come_in_openai_shape() {
     )
     .await;
     assert_eq!(status, 404, "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("no-such-model"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-model")
+    );
 
     // minute-1 answers 429 and cools: then every key is cooling.
     let gate = crate::common::gate()
@@ -562,10 +564,12 @@ async fn images_are_generated_with_the_paid_key_and_uploaded() {
         .await
         .unwrap();
     let v: Value = resp.json().await.unwrap();
-    assert!(v["data"][0]["b64_json"]
-        .as_str()
-        .unwrap()
-        .starts_with("iVBOR"));
+    assert!(
+        v["data"][0]["b64_json"]
+            .as_str()
+            .unwrap()
+            .starts_with("iVBOR")
+    );
     let resp = client()
         .post(gate.url("/v1/images/generations"))
         .bearer_auth(TOKEN)
@@ -648,10 +652,12 @@ async fn image_urls_are_fetched_and_inlined() {
     )
     .await;
     assert_eq!(status, 400, "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("nothing-here.png"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing-here.png")
+    );
     assert_eq!(fake.state.received().len(), before, "no Gemini call");
 }
 

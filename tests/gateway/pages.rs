@@ -191,10 +191,12 @@ async fn logins_are_throttled_sessions_end_at_logout_and_without_auth_token_the_
     // gemini-balance's login form (`POST /auth`, field `auth_token`) works too.
     let resp = submit(&gate, "/auth", "", &[("auth_token", ADMIN)]).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    assert!(resp.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .starts_with("gemgate_admin="));
+    assert!(
+        resp.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .starts_with("gemgate_admin=")
+    );
 
     // Logging out needs the CSRF token, then ends the session.
     let resp = submit(&gate, "/admin/logout", &session.cookie, &[("x", "1")]).await;
@@ -207,10 +209,12 @@ async fn logins_are_throttled_sessions_end_at_logout_and_without_auth_token_the_
     )
     .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    assert!(resp.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .contains("Max-Age=0"));
+    assert!(
+        resp.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
     assert_eq!(page(&gate, &session.cookie, "/admin/keys").await.0, 303);
 
     // Without AUTH_TOKEN there is no admin page, and the login page says why.

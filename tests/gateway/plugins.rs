@@ -64,10 +64,11 @@ return {
     let seen = fake.state.last_received().unwrap();
     assert_eq!(seen.path, "/v1beta/models/gemini-2.5-flash:generateContent");
     assert_eq!(seen.key.as_deref(), Some("good-3"));
-    assert!(seen
-        .headers
-        .iter()
-        .any(|(k, v)| k == "x-team" && v == "blue"));
+    assert!(
+        seen.headers
+            .iter()
+            .any(|(k, v)| k == "x-team" && v == "blue")
+    );
     // No select_key answer: the built-in choice, the first usable key.
     post(&gate, GENERATE, &ask("x")).await;
     assert_eq!(
@@ -351,10 +352,12 @@ async fn on_error_deny_refuses_with_500() {
         .await;
     let (status, _, v) = post(&gate, GENERATE, &ask("x")).await;
     assert_eq!(status, 500);
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("broken failed in on_request"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("broken failed in on_request")
+    );
     assert_eq!(fake.state.total_requests(), 0);
 }
 
@@ -434,10 +437,12 @@ async fn plugin_config_switches_priority_and_schema() {
     gate.save("gemgate.toml", &toml.replace("note =", "nope ="));
     let status = gate.wait_reloads(&before).await;
     assert_eq!(status["reload"]["last_result"], "error");
-    assert!(status["reload"]["last_error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("nope: not a setting of this plugin"));
+    assert!(
+        status["reload"]["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nope: not a setting of this plugin")
+    );
     post(&gate, GENERATE, &ask("x")).await;
     assert_eq!(
         fake.state.last_received().unwrap().key.as_deref(),

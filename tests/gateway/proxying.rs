@@ -220,10 +220,12 @@ async fn filtered_models_are_hidden_and_refused() {
     )
     .await;
     assert_eq!(status, 404);
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("gemini-2.5-pro"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gemini-2.5-pro")
+    );
     let (status, _) = get(&gate, "/v1beta/models/gemini-1.5-pro").await;
     assert_eq!(status, 404);
     assert_eq!(

@@ -23,11 +23,13 @@ async fn a_saved_config_applies_within_a_second() {
         .await;
     let status = gate.reload_status().await;
     assert_eq!(status["generation"], 1);
-    assert!(status["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|p| p["name"] == "round_robin" && p["file"] == "built-in:round_robin.lua"));
+    assert!(
+        status["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "round_robin" && p["file"] == "built-in:round_robin.lua")
+    );
     let pro = "/v1beta/models/gemini-2.5-pro:generateContent";
     assert_eq!(post(&gate, pro, &ask("x")).await.0, 200);
 
@@ -111,20 +113,24 @@ async fn a_broken_file_changes_nothing_and_says_where() {
     let status = gate.wait_reloads(&before).await;
     assert_eq!(status["reload"]["last_result"], "error");
     assert_eq!(status["reload"]["last_error"]["line"], 4, "{status}");
-    assert!(status["reload"]["last_error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("needs a list"));
+    assert!(
+        status["reload"]["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs a list")
+    );
 
     // An invalid config.
     let before = gate.reload_status().await;
     gate.save("gemgate.toml", "[upstream]\nmax_retries = 0\n");
     let status = gate.wait_reloads(&before).await;
     assert_eq!(status["reload"]["last_result"], "error");
-    assert!(status["reload"]["last_error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("upstream.max_retries"));
+    assert!(
+        status["reload"]["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("upstream.max_retries")
+    );
     assert_eq!(post(&gate, pro, &ask("x")).await.0, 403);
     assert!(gate.logs().contains("reload rejected"));
 
@@ -215,9 +221,11 @@ async fn key_state_survives_reloads_and_restart_settings_are_reported() {
     gate.save("gemgate.toml", &toml("[server]\ngrace_period_s = 5\n"));
     let status = gate.wait_reloads(&before).await;
     assert_eq!(status["reload"]["last_result"], "ok");
-    assert!(status["reload"]["restart_needed"]
-        .to_string()
-        .contains("server.grace_period_s"));
+    assert!(
+        status["reload"]["restart_needed"]
+            .to_string()
+            .contains("server.grace_period_s")
+    );
     // The disabled and the cooling key stay out.
     fake.state.reset();
     for _ in 0..3 {

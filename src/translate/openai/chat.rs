@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
-use super::{schema, BadRequest};
+use super::{BadRequest, schema};
 
 /// Operator settings that shape answers.
 #[derive(Debug, Clone, Copy, Default)]
@@ -125,7 +125,7 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
                 return Err(BadRequest::new(
                     &at("role"),
                     format!("unknown role {other:?}"),
-                ))
+                ));
             }
         }
     }
@@ -184,7 +184,7 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
                 return Err(BadRequest::new(
                     "tool_choice",
                     "must be none, auto, required or a function",
-                ))
+                ));
             }
         };
         out.insert(
@@ -408,7 +408,7 @@ fn generation_config(
             return Err(BadRequest::new(
                 "stop",
                 "must be a string or a list of strings",
-            ))
+            ));
         }
     }
     if let Some(format) = obj.get("response_format").filter(|f| !f.is_null()) {
@@ -430,7 +430,7 @@ fn generation_config(
                 return Err(BadRequest::new(
                     "response_format",
                     "type must be text, json_object or json_schema",
-                ))
+                ));
             }
         }
     }
@@ -444,7 +444,7 @@ fn generation_config(
                 return Err(BadRequest::new(
                     "reasoning_effort",
                     format!("{other:?} is not none, minimal, low, medium or high"),
-                ))
+                ));
             }
         };
         c.insert(

@@ -1,7 +1,7 @@
 //! `POST /v1/embeddings` → `embedContent` (one input) or `batchEmbedContents` (many).
 
 use base64::Engine as _;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::BadRequest;
 
@@ -31,7 +31,7 @@ pub fn request(body: &Value) -> Result<EmbeddingsCall, BadRequest> {
             return Err(BadRequest::new(
                 "input",
                 "`input` must be a string or a non-empty list of strings",
-            ))
+            ));
         }
     };
     let dimensions = match body.get("dimensions") {
@@ -49,7 +49,7 @@ pub fn request(body: &Value) -> Result<EmbeddingsCall, BadRequest> {
             return Err(BadRequest::new(
                 "encoding_format",
                 format!("{other:?} is not float or base64"),
-            ))
+            ));
         }
     };
     let one = |text: &str| {

@@ -1,7 +1,7 @@
 //! `POST /v1/images/generations` → Imagen `:predict`, and the image hosts that turn generated
 //! images into URLs.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::BadRequest;
 
@@ -40,7 +40,7 @@ pub fn request(body: &Value, default_model: &str) -> Result<ImageCall, BadReques
             return Err(BadRequest::new(
                 "size",
                 format!("{other:?} is not one of 1024x1024, 1792x1024, 1024x1792"),
-            ))
+            ));
         }
     };
     let want_url = match body.get("response_format").and_then(Value::as_str) {
@@ -50,7 +50,7 @@ pub fn request(body: &Value, default_model: &str) -> Result<ImageCall, BadReques
             return Err(BadRequest::new(
                 "response_format",
                 format!("{other:?} is not url or b64_json"),
-            ))
+            ));
         }
     };
     Ok(ImageCall {

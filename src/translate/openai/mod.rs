@@ -11,7 +11,7 @@ pub mod images;
 pub mod schema;
 pub mod speech;
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// A request the client got wrong: answered with 400 naming the field.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! `POST /v1/audio/speech` → a Gemini TTS model's `generateContent`, answered as WAV.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::BadRequest;
 
