@@ -116,10 +116,7 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
 
     // Key health from the last run: a disabled key stays out, a cooling key waits.
     let store = Arc::new(store::Store::open(&config.data_dir, config.max_data_bytes)?);
-    let lasting = app::Lasting {
-        store: Some(store.clone()),
-        ..app::Lasting::default()
-    };
+    let lasting = app::Lasting::new(Some(store.clone()));
     match store.load_keys() {
         Ok(saved) => {
             let restored = store::restore(&lasting.registry, saved, clock::now_ms());

@@ -6,6 +6,7 @@ pub mod checks;
 pub mod flusher;
 pub mod reload;
 pub mod session;
+pub mod shared;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,7 +99,6 @@ impl Generation {
 
 /// What generations are built over and what outlives them: key state, plugin counters and
 /// plugin failure counts.
-#[derive(Default)]
 pub struct Lasting {
     pub registry: Arc<KeyRegistry>,
     /// Usage events on their way to the store.
@@ -115,6 +115,49 @@ pub struct Lasting {
     pub metrics: Arc<crate::store::metrics::Metrics>,
     /// Admin page sessions and the failed-login throttle.
     pub sessions: Arc<session::Sessions>,
+    /// What the request path changes that a fleet shares: see [`shared`].
+    pub shared: Arc<dyn shared::SharedState>,
+}
+
+impl Lasting {
+    /// Everything new, over `store` (`None` in tests that run a gateway without one), with
+    /// shared state kept in this process.
+    pub fn new(store: Option<Arc<crate::store::Store>>) -> Lasting {
+        let local = shared::Local {
+            usage: Arc::default(),
+            files: Arc::default(),
+            sessions: Arc::default(),
+            store: store.clone(),
+        };
+        Lasting {
+            registry: Arc::default(),
+            usage: local.usage.clone(),
+            logs: Arc::default(),
+            files: local.files.clone(),
+            store,
+            counters: Arc::default(),
+            stats: Arc::default(),
+            metrics: Arc::default(),
+            sessions: local.sessions.clone(),
+            shared: Arc::new(local),
+        }
+    }
+
+    /// Shared state kept in this process, over this `Lasting`'s tables.
+    pub fn local(&self) -> shared::Local {
+        shared::Local {
+            usage: self.usage.clone(),
+            files: self.files.clone(),
+            sessions: self.sessions.clone(),
+            store: self.store.clone(),
+        }
+    }
+}
+
+impl Default for Lasting {
+    fn default() -> Self {
+        Lasting::new(None)
+    }
 }
 
 /// Requests and connections refused before they became a client's requests: counted, never

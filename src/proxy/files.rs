@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use super::{
     Exchange, Gateway, Generation, Outcome, Refusal, UpstreamRequest, auth, client_query,
-    read_body, send, upstream_header, write_full,
+    read_body, response_header, send, upstream_header, write_full,
 };
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
@@ -88,7 +88,8 @@ impl Gateway {
         let pinned = match &upload_id {
             // Starting an upload needs the client's token.
             None => {
-                self.admit(generation, s, http::Method::POST, x)?;
+                x.meta.client =
+                    Some(self.admit(generation, s, http::Method::POST, &x.meta.peer)?);
                 None
             }
             // As at Google, an upload URL is its own credential (SDKs send no key with it):
@@ -97,17 +98,17 @@ impl Gateway {
                 let owner = self
                     .state
                     .lasting
-                    .files
+                    .shared
                     .upload(id)
                     .ok_or_else(no_such_file)?;
                 if s.req_header().method != http::Method::POST {
                     return Err(Refusal::Gate(GateError::new(405, "use POST")));
                 }
-                x.client = owner.client;
+                x.meta.client = owner.client;
                 Some(self.owner_index(generation, &owner.key)?)
             }
         };
-        let rewrite = self.on_request(generation, s, "", "files.upload", false, x)?;
+        let rewrite = self.on_request(generation, s, "", "files.upload", false, &x.meta)?;
         let req = s.req_header();
         let finalize = req
             .headers
@@ -125,9 +126,9 @@ impl Gateway {
         let answer = self.collect(generation, &up, x).await?;
         let owner = Owner {
             key: x.key.clone().unwrap_or_default(),
-            client: x.client.clone(),
+            client: x.meta.client.clone(),
         };
-        let mut h = super::response_header(200, x);
+        let mut h = response_header(200, x);
         for (name, value) in std::mem::take(&mut x.upload_headers) {
             if name == "x-goog-upload-url" {
                 // The client uploads through gemgate, which knows the key for this upload.
@@ -139,12 +140,12 @@ impl Gateway {
                 };
                 self.state
                     .lasting
-                    .files
+                    .shared
                     .start_upload(id.clone(), owner.clone());
                 // Back to the path the client used (`/gemini`, `v1`), with the upload's id.
                 let url = format!(
                     "{}{}?upload_id={id}&upload_protocol=resumable",
-                    public_base(generation, s, &x.peer),
+                    public_base(generation, s, &x.meta.peer),
                     s.req_header().uri.path()
                 );
                 let _ = h.insert_header("x-goog-upload-url", url);
@@ -154,7 +155,7 @@ impl Gateway {
         }
         if finalize {
             if let Some(id) = &upload_id {
-                self.state.lasting.files.finish_upload(id);
+                self.state.lasting.shared.finish_upload(id);
             }
             let file = serde_json::from_slice::<Value>(&answer).unwrap_or_default();
             if let Some(name) = file.pointer("/file/name").and_then(Value::as_str) {
@@ -166,8 +167,7 @@ impl Gateway {
                     .unwrap_or_else(|| now_ms() + DEFAULT_LIFETIME_MS);
                 tracing::info!(file = %id, key = %owner.key, "file uploaded");
                 let record = FileRecord { owner, expires_ms };
-                self.state.lasting.files.insert(id.clone(), record.clone());
-                self.save_file(id, Some(record));
+                self.state.lasting.shared.add_file(id, record);
             }
         }
         if !answer.is_empty() {
@@ -195,8 +195,9 @@ impl Gateway {
             } else {
                 http::Method::GET
             },
-            x,
-        )?;
+            &x.meta.peer,
+        )
+        .map(|client| x.meta.client = Some(client))?;
         x.action = match (&id, &method) {
             (None, _) => "files.list",
             (Some(_), &http::Method::DELETE) => "files.delete",
@@ -204,8 +205,8 @@ impl Gateway {
         }
         .into();
         let action = x.action.clone();
-        let rewrite = self.on_request(generation, s, "", &action, false, x)?;
-        let client = x.client.clone().unwrap_or_default();
+        let rewrite = self.on_request(generation, s, "", &action, false, &x.meta)?;
+        let client = x.meta.client().to_owned();
         let query = client_query(s);
         let base = &generation.target.base.path;
         let request = |path: &str, key: &str| -> Result<UpstreamRequest, Refusal> {
@@ -219,7 +220,7 @@ impl Gateway {
         };
         let Some(id) = id else {
             let mut all = Vec::new();
-            for (key, mine) in self.state.lasting.files.of_client(&client) {
+            for (key, mine) in self.state.lasting.shared.files_of(&client) {
                 // A key whose files are all gone from the pool is skipped, not an error.
                 let Ok(up) = request(&format!("{base}/files"), &key) else {
                     continue;
@@ -250,22 +251,9 @@ impl Gateway {
         let up = request(&format!("{base}/files/{id}"), &record.owner.key)?;
         let answer = self.collect(generation, &up, x).await?;
         if method == http::Method::DELETE {
-            self.state.lasting.files.remove(&id);
-            self.save_file(id, None);
+            self.state.lasting.shared.remove_file(&id);
         }
         Ok(send(s, x, 200, answer).await)
-    }
-
-    /// Records a file (or its deletion) in the store, off the request path.
-    fn save_file(&self, id: String, record: Option<FileRecord>) {
-        let Some(store) = self.state.lasting.store.clone() else {
-            return;
-        };
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.save_file(&id, record.as_ref()) {
-                tracing::error!(file = %id, "cannot save the file's owner: {e}");
-            }
-        });
     }
 
     /// The pool index of the key that owns an upload or a file.
@@ -288,12 +276,12 @@ impl Gateway {
         client: Option<&str>,
     ) -> Result<Option<usize>, Refusal> {
         // Most gateways hold no uploads: then the body need not be parsed at all.
-        if self.state.lasting.files.is_empty() {
+        if !self.state.lasting.shared.holds_files() {
             return Ok(None);
         }
         let mut pin = None;
         for id in named_files(body) {
-            let Some(file) = self.state.lasting.files.file(&id) else {
+            let Some(file) = self.state.lasting.shared.file(&id) else {
                 continue;
             };
             if file.owner.client.is_none() || file.owner.client.as_deref() != client {
@@ -310,7 +298,11 @@ impl Gateway {
 /// host a trusted proxy forwarded, or the `Host` the client sent when it names this gateway's
 /// own address (or `localhost`), or else that address itself. A `Host` naming anything else
 /// could be forged, and would send the upload somewhere else.
-fn public_base(generation: &Generation, s: &ServerSession, peer: &super::peer::Peer) -> String {
+fn public_base(
+    generation: &Generation,
+    s: &ServerSession,
+    peer: &crate::http::peer::Peer,
+) -> String {
     if let Some(url) = &generation.config.public_url {
         return url.clone();
     }
@@ -321,7 +313,7 @@ fn public_base(generation: &Generation, s: &ServerSession, peer: &super::peer::P
         .headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .filter(|h| super::peer::valid_authority(h))
+        .filter(|h| crate::http::peer::valid_authority(h))
         .filter(|h| names_this_gateway(h, local));
     let host = match (peer.forwarded_host.as_deref(), named, local) {
         (Some(forwarded), ..) => forwarded.to_owned(),

@@ -10,17 +10,20 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
+use super::exchange::{Exchange, Meta};
+use super::relay::{Piece, Reframe, SseEvents};
 use super::{
-    Exchange, Finished, Gateway, Generation, Outcome, Refusal, UpstreamRequest, client_query,
-    read_body, rewrite_value, send, upstream_header,
+    Gateway, Generation, Outcome, Refusal, UpstreamRequest, client_query, framing, read_body,
+    response_header, rewrite_value, send, upstream_header, write_full,
 };
 use crate::clock::now_ms;
-use crate::http::reply::GateError;
+use crate::http::reply::{GateError, Protocol};
 use crate::proxy::route::OpenAiCall;
 use crate::translate::openai::{self, chat, embeddings, images, speech};
+use crate::translate::usage::Tokens;
 
 /// What a translated stream needs to know before it starts.
-pub(super) struct ChatStreamSpec {
+struct ChatStreamSpec {
     model: String,
     created: u64,
     include_usage: bool,
@@ -29,7 +32,7 @@ pub(super) struct ChatStreamSpec {
 }
 
 impl ChatStreamSpec {
-    pub(super) fn start(&self, id: &str) -> chat::ChatStream {
+    fn start(&self, id: &str) -> chat::ChatStream {
         chat::ChatStream::new(
             &self.model,
             id,
@@ -38,6 +41,65 @@ impl ChatStreamSpec {
             self.options,
         )
         .paced(self.pacing)
+    }
+}
+
+/// An OpenAI chat stream made from Gemini's server-sent events as they pass.
+struct ChatChunks {
+    events: SseEvents,
+    chat: chat::ChatStream,
+    produced: bool,
+}
+
+impl ChatChunks {
+    fn new(spec: &ChatStreamSpec, meta: &Meta) -> ChatChunks {
+        ChatChunks {
+            events: SseEvents::new(Protocol::OpenAi),
+            chat: spec.start(&meta.id),
+            produced: false,
+        }
+    }
+}
+
+impl Reframe for ChatChunks {
+    fn own_content_type(&self) -> Option<&'static str> {
+        Some("text/event-stream")
+    }
+
+    fn is_stream(&self) -> bool {
+        true
+    }
+
+    fn push(&mut self, chunk: Bytes, out: &mut Vec<Piece>) {
+        let events = self.events.events(chunk);
+        for piece in self.chat.push_paced(&events) {
+            if !piece.event.is_empty() {
+                self.produced = true;
+                out.push(Piece {
+                    bytes: Bytes::from(piece.event),
+                    pause: piece.pause,
+                });
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Option<Bytes> {
+        let rest = self.events.rest();
+        let translated = self.chat.push(&rest);
+        if !self.produced && translated.is_empty() {
+            return None;
+        }
+        Some(Bytes::from(translated + &self.chat.finish()))
+    }
+
+    fn interrupted(&mut self, error: &GateError) -> Option<Bytes> {
+        let mut data = self.events.error_event(error);
+        data.extend_from_slice(b"data: [DONE]\n\n");
+        Some(data.freeze())
+    }
+
+    fn tokens(&self) -> Tokens {
+        self.events.tokens()
     }
 }
 
@@ -86,10 +148,10 @@ impl Gateway {
         call: OpenAiCall,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        self.admit(generation, s, call.method(), x)?;
+        x.meta.client = Some(self.admit(generation, s, call.method(), &x.meta.peer)?);
         match call {
             OpenAiCall::Models => {
-                let rewrite = self.on_request(generation, s, "", "models.list", false, x)?;
+                let rewrite = self.on_request(generation, s, "", "models.list", false, &x.meta)?;
                 let path = format!("{}/models", generation.target.base.path);
                 let mut up = self.gemini_call(generation, s, &path, "", Bytes::new(), &rewrite)?;
                 let models = self.all_models(generation, &mut up, &path, x).await?;
@@ -132,7 +194,14 @@ impl Gateway {
             "generateContent"
         };
         x.model.clone_from(&request.model);
-        let rewrite = self.on_request(generation, s, &request.model, action, request.stream, x)?;
+        let rewrite = self.on_request(
+            generation,
+            s,
+            &request.model,
+            action,
+            request.stream,
+            &x.meta,
+        )?;
         let model = rewrite.model.clone().unwrap_or(request.model);
         x.model.clone_from(&model);
         let mut body = request.body;
@@ -151,7 +220,7 @@ impl Gateway {
                 ),
             )));
         }
-        let pinned = self.file_pin(generation, &body, x.client.as_deref())?;
+        let pinned = self.file_pin(generation, &body, x.meta.client.as_deref())?;
         let mut up = self.gemini_call(generation, s, &path, query, body, &rewrite)?;
         up.pinned = pinned;
         let models = &generation.config.file.models;
@@ -179,17 +248,13 @@ impl Gateway {
             return self.fake_stream(generation, s, &up, spec, x).await;
         }
         if request.stream {
-            up.stream = true;
-            up.sse = true;
-            up.chat = Some(spec);
-            return match self.attempts(generation, &up, Some(s), x).await {
-                Finished::Relayed(outcome) => Ok(outcome),
-                Finished::Collected(body) => Ok(send(s, x, 200, body).await),
-                Finished::Refused(r) => Err(r),
-            };
+            up.reframe = Box::new(move |meta: &Meta| {
+                Box::new(ChatChunks::new(&spec, meta)) as Box<dyn Reframe>
+            });
+            return self.relay_or_send(generation, &up, s, x).await;
         }
         let answer = json_answer(&self.collect(generation, &up, x).await?)?;
-        let out = chat::response(&answer, &model, &x.id, created, options);
+        let out = chat::response(&answer, &model, &x.meta.id, created, options);
         Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
     }
 
@@ -211,10 +276,10 @@ impl Gateway {
                 .fake_stream_empty_data_interval_s
                 .clamp(0.1, 600.0),
         );
-        let mut stream = spec.start(&x.id);
-        let mut head = Some(super::response_header(200, x));
+        let mut stream = spec.start(&x.meta.id);
+        let mut head = Some(response_header(200, x));
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let id = x.id.clone();
+        let id = x.meta.id.clone();
         let answer = {
             let collect = self.collect(generation, up, x);
             tokio::pin!(collect);
@@ -243,7 +308,7 @@ impl Gateway {
                 let e = GateError::new(502, "the Gemini API call failed");
                 let event = format!(
                     "data: {}\n\ndata: [DONE]\n\n",
-                    String::from_utf8_lossy(&e.body(x.protocol))
+                    String::from_utf8_lossy(&e.body(x.meta.protocol))
                 );
                 let done = s.write_response_body(Bytes::from(event), true).await;
                 return Ok(if done.is_ok() {
@@ -255,7 +320,7 @@ impl Gateway {
             (Ok(body), _) => json_answer(&body)?,
         };
         if let Some(h) = head.take() {
-            x.ttfb = Some(x.started.elapsed());
+            x.ttfb = Some(x.meta.started.elapsed());
             if write_head(s, h).await.is_err() {
                 return Ok(Outcome::Close);
             }
@@ -378,9 +443,9 @@ impl Gateway {
             Some("pcm") => (pcm, "audio/pcm"),
             _ => (speech::wav(&pcm, rate), "audio/wav"),
         };
-        let mut h = super::response_header(200, x);
+        let mut h = response_header(200, x);
         let _ = h.insert_header(header::CONTENT_TYPE, mime);
-        Ok(super::write_full(s, h, Bytes::from(audio)).await)
+        Ok(write_full(s, h, Bytes::from(audio)).await)
     }
 
     /// Uploads one generated image to `host`; returns its URL.
@@ -457,7 +522,7 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<(Value, String), Refusal> {
         x.model = call.model.to_owned();
-        let rewrite = self.on_request(generation, s, call.model, call.action, false, x)?;
+        let rewrite = self.on_request(generation, s, call.model, call.action, false, &x.meta)?;
         if let Some(m) = &rewrite.model {
             x.model.clone_from(m);
         }
@@ -515,7 +580,7 @@ impl Gateway {
                 format!("{method} is not allowed here; use GET or POST"),
             )));
         }
-        self.admit(generation, s, method.clone(), x)?;
+        x.meta.client = Some(self.admit(generation, s, method.clone(), &x.meta.peer)?);
         let body = if method == http::Method::POST {
             read_body(s, generation.config.max_body_bytes).await?
         } else {
@@ -538,7 +603,7 @@ impl Gateway {
             )));
         }
         x.model.clone_from(&model);
-        let rewrite = self.on_request(generation, s, &model, rest, stream, x)?;
+        let rewrite = self.on_request(generation, s, &model, rest, stream, &x.meta)?;
         if rewrite.model.is_some() || rewrite.touches_body() {
             return Err(Refusal::Gate(GateError::new(
                 500,
@@ -553,16 +618,11 @@ impl Gateway {
         }
         let up = UpstreamRequest {
             model,
-            stream,
-            sse: stream,
+            reframe: framing(stream, stream),
             bearer: true,
             ..UpstreamRequest::new(header, body)
         };
-        match self.attempts(generation, &up, Some(s), x).await {
-            Finished::Relayed(outcome) => Ok(outcome),
-            Finished::Collected(body) => Ok(send(s, x, 200, body).await),
-            Finished::Refused(r) => Err(r),
-        }
+        self.relay_or_send(generation, &up, s, x).await
     }
 }
 

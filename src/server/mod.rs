@@ -1,6 +1,7 @@
 //! The listening side: worker threads with their own listening sockets, connections and their
 //! keep-alive loop, and the dispatch of each request to the proxy or the admin UI.
 
+mod access;
 pub mod workers;
 
 use std::sync::Arc;
@@ -18,27 +19,32 @@ use crate::app::Generation;
 use crate::http::auth;
 use crate::http::peer;
 use crate::http::reply::{GateError, Protocol};
+use crate::proxy::exchange::{Exchange, Kind};
 use crate::proxy::route::{self, Route};
 use crate::proxy::{
-    DRAIN_TIMEOUT, Exchange, Gateway, MAX_TARGET, Outcome, X_GOOG_API_KEY, response_header, send,
-    send_gate, write_full,
+    DRAIN_TIMEOUT, Gateway, MAX_TARGET, Outcome, X_GOOG_API_KEY, response_header, send, send_gate,
+    write_full,
 };
 
 impl Gateway {
+    /// Serves one request, then hands its record to `on_log` plugins.
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
         let generation = self.state.current.load_full();
         let outcome = self.serve(&generation, s, x).await;
-        if generation.policy.has_on_log(&x.model) && x.action != "health" && x.action != "preflight"
-        {
+        let hooked = matches!(x.kind, Kind::Call | Kind::Admin);
+        if hooked && generation.policy.has_on_log(&x.model) {
             let entry = x.entry();
-            let client = x.client.clone().unwrap_or_default();
-            generation
-                .policy
-                .on_log(&entry, &client, &x.id, &mut x.shared);
+            let meta = &x.meta;
+            meta.with_shared(|shared| {
+                generation
+                    .policy
+                    .on_log(&entry, meta.client(), &meta.id, shared)
+            });
         }
         outcome
     }
 
+    /// Checks what every request must pass (its target's length), routes it, and answers.
     async fn serve(
         &self,
         generation: &Arc<Generation>,
@@ -50,11 +56,11 @@ impl Gateway {
         if s.req_header().method == http::Method::OPTIONS {
             return preflight(s, x).await;
         }
-        x.peer = peer::Peer::of(s, &generation.config.trusted_proxies);
+        x.meta.peer = peer::Peer::of(s, &generation.config.trusted_proxies);
         let path = s.req_header().uri.path().to_owned();
         let req = s.req_header();
         if req.raw_path().len() > MAX_TARGET {
-            x.protocol = route::protocol_of(&path);
+            x.meta.protocol = route::protocol_of(&path);
             let e = GateError::new(
                 414,
                 format!("the request target is longer than {MAX_TARGET} bytes"),
@@ -68,7 +74,7 @@ impl Gateway {
                 .is_some_and(|q| auth::query_param(q, "key").is_some());
         match route::route(&path, goog_credential) {
             Route::Health => {
-                x.action = "health".into();
+                x.own(Kind::Health, "health");
                 let body = format!(
                     r#"{{"status":"ok","keys":{}}}"#,
                     generation.pool.keys().len()
@@ -76,62 +82,71 @@ impl Gateway {
                 send(s, x, 200, Bytes::from(body)).await
             }
             Route::NotFound => {
-                x.protocol = route::protocol_of(&path);
+                x.meta.protocol = route::protocol_of(&path);
                 let e = GateError::new(404, "gemgate does not serve this path");
                 send_gate(s, x, &e).await
             }
             Route::Invalid(why) => {
-                x.protocol = route::protocol_of(&path);
+                x.meta.protocol = route::protocol_of(&path);
                 send_gate(s, x, &GateError::new(400, why)).await
             }
             Route::Page(page) => {
-                x.action = "admin".into();
-                let answer = Box::pin(self.page(generation, s, page, &x.peer)).await;
+                x.own(Kind::Admin, "admin");
+                let answer = Box::pin(self.page(generation, s, page, &x.meta.peer)).await;
                 send_page(s, x, answer).await
             }
             Route::Admin(call) => {
-                x.action = "admin".into();
+                x.own(Kind::Admin, "admin");
                 // Rare routes are boxed: their state stays out of every request's future.
-                match Box::pin(self.admin(generation, s, call, &x.peer)).await {
+                match Box::pin(self.admin(generation, s, call, &x.meta.peer)).await {
                     Ok(body) => send(s, x, 200, body).await,
                     Err(e) => send_gate(s, x, &e).await,
                 }
             }
+            route => self.call(generation, s, x, route).await,
+        }
+    }
+
+    /// A client's call: proxied, or refused in the client's protocol.
+    async fn call(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+        route: Route,
+    ) -> Outcome {
+        let answered = match route {
             Route::Native(call) => {
                 x.model = call.model().to_owned();
                 x.action = call.action().to_owned();
-                match self.native(generation, s, call, x).await {
-                    Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(generation, s, x, refusal).await,
-                }
+                self.native(generation, s, call, x).await
             }
             Route::OpenAi(call) => {
-                x.protocol = Protocol::OpenAi;
+                x.meta.protocol = Protocol::OpenAi;
                 x.action = call.action().to_owned();
-                match Box::pin(self.openai(generation, s, call, x)).await {
-                    Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(generation, s, x, refusal).await,
-                }
+                Box::pin(self.openai(generation, s, call, x)).await
             }
-            Route::Upload => match Box::pin(self.file_upload(generation, s, x)).await {
-                Ok(outcome) => outcome,
-                Err(refusal) => self.refuse(generation, s, x, refusal).await,
-            },
+            Route::Upload => Box::pin(self.file_upload(generation, s, x)).await,
             Route::Files(id) => {
                 x.action = "files".into();
-                match Box::pin(self.files(generation, s, id, x)).await {
-                    Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(generation, s, x, refusal).await,
-                }
+                Box::pin(self.files(generation, s, id, x)).await
             }
             Route::GoogleOpenAi(rest) => {
-                x.protocol = Protocol::GoogleOpenAi;
+                x.meta.protocol = Protocol::GoogleOpenAi;
                 x.action = format!("openai/{rest}");
-                match Box::pin(self.google_openai(generation, s, &rest, x)).await {
-                    Ok(outcome) => outcome,
-                    Err(refusal) => self.refuse(generation, s, x, refusal).await,
-                }
+                Box::pin(self.google_openai(generation, s, &rest, x)).await
             }
+            Route::Health
+            | Route::NotFound
+            | Route::Invalid(_)
+            | Route::Page(_)
+            | Route::Admin(_) => {
+                unreachable!("answered by `serve`")
+            }
+        };
+        match answered {
+            Ok(outcome) => outcome,
+            Err(refusal) => self.refuse(generation, s, x, refusal).await,
         }
     }
 }
@@ -176,10 +191,10 @@ impl Gateway {
         let mut x = Exchange::new(s.req_header());
         let outcome = self.handle(&mut s, &mut x).await;
         x.log();
-        if !matches!(x.action.as_str(), "health" | "preflight" | "admin") {
+        if x.kind == Kind::Call {
             // Only a known client's requests reach the logs and their indexes: anyone can send
             // the others, and would fill the disk with strings of their choosing.
-            match x.client {
+            match x.meta.client {
                 Some(_) => {
                     let sample = self.state.current.load().config.file.logs.request_sample;
                     let unsampled = sample < 1.0 && fastrand::f64() >= sample;
@@ -221,7 +236,7 @@ impl Drop for InFlight<'_> {
 
 /// Answers a CORS preflight: any origin may call with the methods and headers it asks for.
 async fn preflight(s: &mut ServerSession, x: &mut Exchange) -> Outcome {
-    x.action = "preflight".into();
+    x.own(Kind::Preflight, "preflight");
     let asked = s
         .req_header()
         .headers
@@ -240,7 +255,7 @@ async fn preflight(s: &mut ServerSession, x: &mut Exchange) -> Outcome {
 
 async fn send_page(s: &mut ServerSession, x: &mut Exchange, a: pages::PageAnswer) -> Outcome {
     // Pages are for the gateway's own origin: no CORS.
-    x.cors = false;
+    x.meta.cors = false;
     let mut h = response_header(a.status, x);
     let _ = h.insert_header(header::CONTENT_TYPE, a.content_type);
     for (name, value) in pages::PAGE_HEADERS {
@@ -250,4 +265,184 @@ async fn send_page(s: &mut ServerSession, x: &mut Exchange, a: pages::PageAnswer
         let _ = h.append_header(name, value);
     }
     write_full(s, h, a.body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::net::IpAddr;
+    use std::sync::Mutex;
+
+    use gemgate_fake_upstream::{FakeConfig, FakeUpstream};
+
+    use super::*;
+    use crate::app::shared::{KeyFailure, Local, SharedState, Used};
+    use crate::app::{Lasting, State, reload::Source};
+    use crate::keys::owners::{FileRecord, Owner};
+    use crate::keys::{KeyPool, Penalty};
+
+    /// Shared state that records every call, then does what [`Local`] does.
+    struct Recording {
+        local: Local,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Recording {
+        fn note(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    impl SharedState for Recording {
+        fn key_succeeded(&self, pool: &KeyPool, index: usize) {
+            self.note(format!("key_succeeded {}", pool.get(index).spec.id));
+            self.local.key_succeeded(pool, index);
+        }
+        fn key_failed(&self, pool: &KeyPool, index: usize, f: KeyFailure<'_>) -> Penalty {
+            let id = &pool.get(index).spec.id;
+            self.note(format!("key_failed {id} {} {}", f.model, f.class.as_str()));
+            self.local.key_failed(pool, index, f)
+        }
+        fn cool_key(&self, pool: &KeyPool, index: usize, model: &str, seconds: f64, now: u64) {
+            self.note(format!("cool_key {}", pool.get(index).spec.id));
+            self.local.cool_key(pool, index, model, seconds, now);
+        }
+        fn disable_key(&self, pool: &KeyPool, index: usize, reason: &str) {
+            self.note(format!("disable_key {}", pool.get(index).spec.id));
+            self.local.disable_key(pool, index, reason);
+        }
+        fn count_usage(&self, used: Used<'_>) {
+            let outcome = used.failure.map_or("ok", |c| c.as_str());
+            self.note(format!("count_usage {} {outcome}", used.key_id));
+            self.local.count_usage(used);
+        }
+        fn holds_files(&self) -> bool {
+            self.local.holds_files()
+        }
+        fn file(&self, id: &str) -> Option<FileRecord> {
+            self.local.file(id)
+        }
+        fn files_of(&self, client: &str) -> HashMap<String, Vec<String>> {
+            self.local.files_of(client)
+        }
+        fn add_file(&self, id: String, record: FileRecord) {
+            self.note(format!("add_file {id}"));
+            self.local.add_file(id, record);
+        }
+        fn remove_file(&self, id: &str) {
+            self.note(format!("remove_file {id}"));
+            self.local.remove_file(id);
+        }
+        fn upload(&self, upload_id: &str) -> Option<Owner> {
+            self.local.upload(upload_id)
+        }
+        fn start_upload(&self, upload_id: String, owner: Owner) {
+            self.note("start_upload".into());
+            self.local.start_upload(upload_id, owner);
+        }
+        fn finish_upload(&self, upload_id: &str) {
+            self.local.finish_upload(upload_id);
+        }
+        fn client_failed(&self, ip: Option<IpAddr>) -> Option<Duration> {
+            self.note("client_failed".into());
+            self.local.client_failed(ip)
+        }
+        fn client_succeeded(&self, ip: Option<IpAddr>) {
+            self.note("client_succeeded".into());
+            self.local.client_succeeded(ip);
+        }
+    }
+
+    /// The request path changes what a fleet shares only through `SharedState`: a gateway
+    /// built over a recording implementation sees every key failure, success, usage count and
+    /// token check of real requests, and its key pool reflects them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_request_path_changes_shared_state_through_its_interface() {
+        let fake = FakeUpstream::bind(([127, 0, 0, 1], 0).into(), FakeConfig::default())
+            .await
+            .unwrap();
+        let vars = BTreeMap::from([
+            ("API_KEYS".to_owned(), "minute-a,ok-b".to_owned()),
+            ("ALLOWED_TOKENS".to_owned(), "sk-test".to_owned()),
+            ("BASE_URL".to_owned(), fake.base_url()),
+        ]);
+        let config = crate::config::from_str("", "test", &vars).unwrap();
+        let lasting = Lasting::default();
+        let recording = Arc::new(Recording {
+            local: lasting.local(),
+            calls: Mutex::default(),
+        });
+        let lasting = Lasting {
+            shared: recording.clone(),
+            ..lasting
+        };
+        let source = Source {
+            path: "gemgate.toml".into(),
+            explicit: false,
+        };
+        let state = State::new(config, source, lasting).unwrap();
+        let gateway = Arc::new(Gateway::new(state.clone(), crate::upstream::side_client()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let stream = pingora::protocols::l4::stream::Stream::from(tcp);
+                tokio::spawn(workers::serve(gateway.clone(), stream, shutdown.clone()));
+            }
+        });
+
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/v1beta/models/gemini-2.5-flash:generateContent");
+        let call = |token: &'static str| {
+            client
+                .post(&url)
+                .header("x-goog-api-key", token)
+                .body(r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#)
+                .send()
+        };
+        assert_eq!(call("sk-wrong").await.unwrap().status(), 401);
+        // The minute- key answers 429 and cools, and its call is retried on the other key:
+        // calls go on until a plugin's key choice has reached it (the first, by default).
+        for _ in 0..20 {
+            assert_eq!(call("sk-test").await.unwrap().status(), 200);
+            let calls = recording.calls.lock().unwrap();
+            if calls.iter().any(|c| c.starts_with("key_failed")) {
+                break;
+            }
+        }
+        // A call's usage is counted once its answer is out: wait for the last count.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let generation = state.current.load();
+        let pool = &generation.pool;
+        let index = |secret: &str| {
+            (0..pool.keys().len())
+                .find(|&i| pool.get(i).spec.secret.expose() == secret)
+                .unwrap()
+        };
+        let (minute, ok) = (index("minute-a"), index("ok-b"));
+        let (minute_id, ok_id) = (&pool.get(minute).spec.id, &pool.get(ok).spec.id);
+        let calls = recording.calls.lock().unwrap().clone();
+        for expected in [
+            "client_failed".to_owned(),
+            "client_succeeded".to_owned(),
+            format!("key_failed {minute_id} gemini-2.5-flash rate_limited"),
+            format!("count_usage {minute_id} rate_limited"),
+            format!("key_succeeded {ok_id}"),
+            format!("count_usage {ok_id} ok"),
+        ] {
+            assert!(calls.contains(&expected), "{expected} in {calls:?}");
+        }
+        assert!(
+            !calls.contains(&format!("key_succeeded {minute_id}")),
+            "{calls:?}"
+        );
+        assert!(
+            pool.get(minute)
+                .state
+                .cooling_until("gemini-2.5-flash", crate::clock::now_ms())
+                .is_some(),
+            "the failure reached the key's state"
+        );
+    }
 }

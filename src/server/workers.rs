@@ -85,7 +85,7 @@ pub(super) const KEEPALIVE: Duration = Duration::from_secs(75);
 /// Each request has `server.header_timeout_s` from its first byte to the end of its head (a
 /// client sending a head byte by byte holds a connection no longer than that); the wait for
 /// that first byte is the keep-alive's (the head timeout's for a new connection).
-async fn serve(app: Arc<Gateway>, mut stream: L4Stream, mut shutdown: ShutdownWatch) {
+pub(super) async fn serve(app: Arc<Gateway>, mut stream: L4Stream, mut shutdown: ShutdownWatch) {
     if let Err(e) = stream.set_nodelay() {
         tracing::debug!("TCP_NODELAY: {e}");
     }

@@ -2,3 +2,4 @@
 //! no I/O, no state.
 
 pub mod openai;
+pub mod usage;

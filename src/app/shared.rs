@@ -1,0 +1,187 @@
+//! The seam for shared state: everything the request path changes that every instance of a
+//! fleet must agree on goes through [`SharedState`]: key health and cooldowns, usage counters,
+//! which key owns a resource, and the failed-token throttle.
+//!
+//! [`Local`] is today's implementation: in this process (the key registry's atomics, the usage
+//! shards, the file-owner table), saved to the redb file by the flusher. A fleet's
+//! implementation adds the same operations over a shared store without touching the request
+//! path, which names only this trait.
+//!
+//! Reads that run on every request (which keys are usable now) stay on the key pool's local
+//! state: an implementation keeps that state current (it is where `Local` writes).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::session::Sessions;
+use crate::keys::owners::{FileOwners, FileRecord, Owner};
+use crate::keys::taxonomy::ErrorClass;
+use crate::keys::{KeyPool, Penalty};
+use crate::store::Store;
+use crate::store::usage::{Event, Tokens, Usage, day_of};
+
+/// One attempt's failure, as key health records it.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyFailure<'a> {
+    pub model: &'a str,
+    pub class: ErrorClass,
+    pub message: &'a str,
+    pub now_ms: u64,
+}
+
+/// What one attempt used, for the usage counters.
+#[derive(Debug, Clone, Copy)]
+pub struct Used<'a> {
+    pub key_id: &'a str,
+    pub model: &'a str,
+    /// `None`: a success.
+    pub failure: Option<ErrorClass>,
+    /// The tokens a success reported.
+    pub tokens: Tokens,
+    pub now_ms: u64,
+}
+
+/// What every instance of a fleet must agree on (see the module's documentation).
+pub trait SharedState: Send + Sync {
+    /// An attempt with key `index` of `pool` succeeded.
+    fn key_succeeded(&self, pool: &KeyPool, index: usize);
+
+    /// An attempt with key `index` of `pool` failed: applies the error taxonomy's verdict and
+    /// says what it did to the key.
+    fn key_failed(&self, pool: &KeyPool, index: usize, failure: KeyFailure<'_>) -> Penalty;
+
+    /// Cools key `index` of `pool` for `model` for `seconds` (a plugin's verdict).
+    fn cool_key(&self, pool: &KeyPool, index: usize, model: &str, seconds: f64, now_ms: u64);
+
+    /// Takes key `index` of `pool` out of service (a plugin's verdict).
+    fn disable_key(&self, pool: &KeyPool, index: usize, reason: &str);
+
+    /// Counts one attempt in the usage counters (key × model × day).
+    fn count_usage(&self, used: Used<'_>);
+
+    /// Whether any file is on record (when none is, no request can name one).
+    fn holds_files(&self) -> bool;
+
+    /// File `id` (`files/abc` or `abc`), if uploaded through gemgate and not expired.
+    fn file(&self, id: &str) -> Option<FileRecord>;
+
+    /// `client`'s live files, grouped by the key that holds them.
+    fn files_of(&self, client: &str) -> HashMap<String, Vec<String>>;
+
+    /// Records a file uploaded through gemgate.
+    fn add_file(&self, id: String, record: FileRecord);
+
+    /// Forgets a deleted file.
+    fn remove_file(&self, id: &str);
+
+    /// Who started upload `upload_id`.
+    fn upload(&self, upload_id: &str) -> Option<Owner>;
+
+    /// Records who started an upload (its later commands go with the same key).
+    fn start_upload(&self, upload_id: String, owner: Owner);
+
+    /// Forgets a finished upload.
+    fn finish_upload(&self, upload_id: &str);
+
+    /// A wrong client token from `ip`: how long that address must wait, once past the free
+    /// tries.
+    fn client_failed(&self, ip: Option<IpAddr>) -> Option<Duration>;
+
+    /// A right client token from `ip`.
+    fn client_succeeded(&self, ip: Option<IpAddr>);
+}
+
+/// Shared state kept in this process, saved to the redb file (when there is one).
+pub struct Local {
+    pub usage: Arc<Usage>,
+    pub files: Arc<FileOwners>,
+    /// Holds the failed-token throttle.
+    pub sessions: Arc<Sessions>,
+    pub store: Option<Arc<Store>>,
+}
+
+impl SharedState for Local {
+    fn key_succeeded(&self, pool: &KeyPool, index: usize) {
+        pool.record_success(index);
+    }
+
+    fn key_failed(&self, pool: &KeyPool, index: usize, f: KeyFailure<'_>) -> Penalty {
+        pool.record_failure(index, f.model, f.class, f.message, f.now_ms)
+    }
+
+    fn cool_key(&self, pool: &KeyPool, index: usize, model: &str, seconds: f64, now_ms: u64) {
+        pool.cool(index, model, seconds, now_ms);
+    }
+
+    fn disable_key(&self, pool: &KeyPool, index: usize, reason: &str) {
+        pool.get(index).state.disable(format!("policy: {reason}"));
+    }
+
+    fn count_usage(&self, used: Used<'_>) {
+        self.usage.record(Event {
+            key_id: used.key_id,
+            model: used.model,
+            day: day_of(used.now_ms),
+            failure: used.failure.map(ErrorClass::as_str),
+            tokens: used.tokens,
+        });
+    }
+
+    fn holds_files(&self) -> bool {
+        !self.files.is_empty()
+    }
+
+    fn file(&self, id: &str) -> Option<FileRecord> {
+        self.files.file(id)
+    }
+
+    fn files_of(&self, client: &str) -> HashMap<String, Vec<String>> {
+        self.files.of_client(client)
+    }
+
+    fn add_file(&self, id: String, record: FileRecord) {
+        self.files.insert(id.clone(), record.clone());
+        self.save_file(id, Some(record));
+    }
+
+    fn remove_file(&self, id: &str) {
+        self.files.remove(id);
+        self.save_file(id.to_owned(), None);
+    }
+
+    fn upload(&self, upload_id: &str) -> Option<Owner> {
+        self.files.upload(upload_id)
+    }
+
+    fn start_upload(&self, upload_id: String, owner: Owner) {
+        self.files.start_upload(upload_id, owner);
+    }
+
+    fn finish_upload(&self, upload_id: &str) {
+        self.files.finish_upload(upload_id);
+    }
+
+    fn client_failed(&self, ip: Option<IpAddr>) -> Option<Duration> {
+        self.sessions.client_failures.failed(ip)
+    }
+
+    fn client_succeeded(&self, ip: Option<IpAddr>) {
+        self.sessions.client_failures.succeeded(ip);
+    }
+}
+
+impl Local {
+    /// Records a file (or its deletion) in the store, off the request path.
+    fn save_file(&self, id: String, record: Option<FileRecord>) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.save_file(&id, record.as_ref()) {
+                tracing::error!(file = %id, "cannot save the file's owner: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,83 @@
+//! Writing gemgate's own answers: the head every answer starts with (status, request id,
+//! CORS), JSON bodies and errors in the client's protocol.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
+
+use super::Outcome;
+use super::exchange::{Exchange, Meta, X_REQUEST_ID};
+use crate::http::reply::GateError;
+
+/// The head of an answer with `status`, recorded as the request's status.
+pub(crate) fn response_header(status: u16, x: &mut Exchange) -> ResponseHeader {
+    x.status = status;
+    ResponseHeader::from(response_parts(status, &x.meta))
+}
+
+/// The start of every answer: `status`, the request id and, for a browser's call, CORS.
+///
+/// NOTE: filled as `http` parts, then made a [`ResponseHeader`]: see
+/// `request::upstream_header`.
+pub(crate) fn response_parts(status: u16, meta: &Meta) -> http::response::Parts {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(status).expect("valid status");
+    let h = &mut parts.headers;
+    h.reserve(8);
+    if let Ok(id) = HeaderValue::from_str(&meta.id) {
+        h.insert(X_REQUEST_ID, id);
+    }
+    if meta.cors {
+        // Browser-based clients call gemgate from their own origin, as they could gemini-balance.
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("x-request-id, retry-after"),
+        );
+    }
+    parts
+}
+
+/// Answers with gemgate's own error, in the client's protocol.
+pub(crate) async fn send_gate(s: &mut ServerSession, x: &mut Exchange, e: &GateError) -> Outcome {
+    let mut h = response_header(e.status, x);
+    let _ = h.insert_header(header::CONTENT_TYPE, "application/json; charset=UTF-8");
+    if let Some(secs) = e.retry_after_s {
+        let _ = h.insert_header(header::RETRY_AFTER, secs);
+    }
+    write_full(s, h, e.body(x.meta.protocol)).await
+}
+
+/// Answers with a JSON body.
+pub(crate) async fn send(
+    s: &mut ServerSession,
+    x: &mut Exchange,
+    status: u16,
+    json: Bytes,
+) -> Outcome {
+    let mut h = response_header(status, x);
+    let _ = h.insert_header(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=UTF-8"),
+    );
+    write_full(s, h, json).await
+}
+
+/// Writes a whole answer, with its length.
+pub(crate) async fn write_full(
+    s: &mut ServerSession,
+    mut h: ResponseHeader,
+    body: Bytes,
+) -> Outcome {
+    let _ = h.insert_header(header::CONTENT_LENGTH, body.len());
+    if s.write_response_header(Box::new(h)).await.is_err()
+        || s.write_response_body(body, true).await.is_err()
+    {
+        return Outcome::Close;
+    }
+    Outcome::Reuse
+}

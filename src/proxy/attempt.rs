@@ -1,0 +1,553 @@
+//! The attempt loop: each attempt picks a usable key (or a `select_key` plugin does), sends
+//! the request on a pooled upstream connection, and either relays or collects a 2xx answer or
+//! returns the failure; the loop decides from the failure's class (and `on_error` plugins)
+//! whether another key may try. Attempts return what happened; nothing is written back into
+//! the request's record.
+
+use bytes::{Bytes, BytesMut};
+use http::header;
+use pingora::ErrorType;
+use pingora::protocols::Stream;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use std::time::Duration;
+
+use super::exchange::{Class, Meta, Tried};
+use super::relay::relay;
+use super::{Failure, Finished, Gateway, Outcome, Refusal, UpstreamRequest, denied};
+use crate::app::Generation;
+use crate::app::shared::{KeyFailure, Used};
+use crate::clock::now_ms;
+use crate::http::reply::{GateError, Protocol};
+use crate::keys::taxonomy::{ErrorClass, classify, error_message, redact};
+use crate::keys::{Penalty, Pick, seconds_until};
+use crate::policy::engine::{AttemptDecision, AttemptInfo, Denial};
+use crate::translate::usage::{Tokens, tokens_in};
+use crate::upstream::{Target, head};
+
+/// Largest upstream error body read for classification and relay.
+const ERROR_BODY_LIMIT: usize = 256 * 1024;
+/// Largest upstream answer gemgate buffers itself (model lists).
+const COLLECT_LIMIT: usize = 64 * 1024 * 1024;
+
+/// What a successful attempt brought.
+struct Success {
+    finished: Finished,
+    status: u16,
+    tokens: Option<Tokens>,
+    ttfb: Option<Duration>,
+    broke: Option<Class>,
+    upload_headers: Vec<(String, String)>,
+}
+
+impl Gateway {
+    /// The attempt loop: up to `MAX_RETRIES` attempts, each on a different usable key. With
+    /// a `client` the answer is relayed to it, else collected.
+    pub(super) async fn attempts(
+        &self,
+        generation: &Generation,
+        req: &UpstreamRequest,
+        mut client: Option<&mut ServerSession>,
+        meta: &Meta,
+    ) -> (Finished, Tried) {
+        let max = generation.config.max_retries as usize;
+        let mut tried = Tried::default();
+        let mut used: Vec<usize> = Vec::with_capacity(max);
+        let mut last: Option<Failure> = None;
+        while used.len() < max {
+            let now = now_ms();
+            let index = match self.choose_key(generation, req, &used, now, meta) {
+                Ok(Pick::Key(index)) => index,
+                Ok(pick) => return (exhausted(pick, last, req, meta.protocol, now), tried),
+                Err(d) => return (Finished::Refused(denied(d)), tried),
+            };
+            used.push(index);
+            let pool = generation.pool_for(req);
+            let key = pool.get(index);
+            tried.attempts += 1;
+            tried.key = Some(key.spec.id.clone());
+            let _lease = pool.lease(index, now);
+            let failure = match self
+                .attempt(
+                    generation,
+                    req,
+                    index,
+                    client.as_deref_mut(),
+                    meta,
+                    tried.attempts,
+                )
+                .await
+            {
+                Ok(success) => {
+                    tried.status = Some(success.status);
+                    tried.class = success.broke;
+                    tried.tokens = success.tokens;
+                    tried.ttfb = success.ttfb;
+                    tried.upload_headers = success.upload_headers;
+                    return (success.finished, tried);
+                }
+                Err(failure) => failure,
+            };
+            tried.class = Some(Class::Upstream(failure.class));
+            match self.after_failure(generation, req, index, failure, meta, tried.attempts) {
+                Ok(failure) => last = Some(failure),
+                Err(finished) => return (finished, tried),
+            }
+        }
+        let finished = match last {
+            Some(f) => Finished::Refused(Refusal::Upstream(Box::new(f))),
+            None => Finished::Refused(Refusal::Gate(GateError::new(
+                503,
+                "no attempt was possible",
+            ))),
+        };
+        (finished, tried)
+    }
+
+    /// Records a failed attempt (usage, key health, `on_error` plugins); `Ok`: another key may
+    /// try, `Err`: the loop ends with this.
+    fn after_failure(
+        &self,
+        generation: &Generation,
+        req: &UpstreamRequest,
+        index: usize,
+        failure: Failure,
+        meta: &Meta,
+        attempt: u32,
+    ) -> Result<Failure, Finished> {
+        let shared = &self.state.lasting.shared;
+        let pool = generation.pool_for(req);
+        let key = pool.get(index);
+        self.count_usage(generation, req, index, Some(failure.class), None);
+        let penalty = shared.key_failed(
+            pool,
+            index,
+            KeyFailure {
+                model: &req.model,
+                class: failure.class,
+                message: &failure.message,
+                now_ms: now_ms(),
+            },
+        );
+        if penalty == Penalty::Confirm {
+            crate::app::checks::confirm(self.state.clone(), key.spec.id.clone());
+        }
+        tracing::debug!(id = %meta.id, key = %key.spec.id, attempt, status = failure.status, class = failure.class.as_str(), ?penalty, message = %failure.message, "attempt failed");
+        let mut retry = failure.class.retryable();
+        if generation.policy.has_attempt_hook(false, &req.model) {
+            match self.after_attempt(generation, index, req, &failure, meta, attempt) {
+                Ok(Some(AttemptDecision::Retry)) => retry = true,
+                Ok(_) => {}
+                Err(d) => return Err(Finished::Refused(denied(d))),
+            }
+        }
+        if !retry {
+            return Err(Finished::Refused(Refusal::Upstream(Box::new(failure))));
+        }
+        Ok(failure)
+    }
+
+    /// Counts one attempt's usage (`failure`: its error class; `None` for a success, with the
+    /// tokens the answer reported).
+    fn count_usage(
+        &self,
+        generation: &Generation,
+        req: &UpstreamRequest,
+        index: usize,
+        failure: Option<ErrorClass>,
+        tokens: Option<Tokens>,
+    ) {
+        self.state.lasting.shared.count_usage(Used {
+            key_id: &generation.pool_for(req).get(index).spec.id,
+            model: &req.model,
+            failure,
+            tokens: tokens.unwrap_or_default(),
+            now_ms: now_ms(),
+        });
+    }
+
+    /// The key for the next attempt: the first `select_key` plugin that names one, else the
+    /// built-in choice.
+    fn choose_key(
+        &self,
+        generation: &Generation,
+        req: &UpstreamRequest,
+        tried: &[usize],
+        now: u64,
+        meta: &Meta,
+    ) -> Result<Pick, Denial> {
+        let pool = generation.pool_for(req);
+        if let Some(i) = req.pinned {
+            return Ok(if !tried.contains(&i) && pool.usable(i, &req.model, now) {
+                Pick::Key(i)
+            } else {
+                pool.exhausted(&req.model, now)
+            });
+        }
+        if req.paid || !generation.policy.has_select_key(&req.model) || pool.is_empty() {
+            return Ok(pool.pick(&req.model, tried, now));
+        }
+        let candidates = pool.candidates(&req.model, tried, now);
+        let Some(&first) = candidates.first() else {
+            return Ok(pool.exhausted(&req.model, now));
+        };
+        let chosen = meta.with_shared(|shared| {
+            generation
+                .policy
+                .select_key(&req.model, candidates, meta.client(), &meta.id, shared)
+        })?;
+        Ok(Pick::Key(chosen.unwrap_or(first as usize)))
+    }
+
+    /// Tells `on_response` / `on_error` plugins how attempt number `attempt` went and applies
+    /// what they decide about its key. `outcome` is the failure, or for a success (2xx
+    /// `status`) only the status.
+    fn after_attempt(
+        &self,
+        generation: &Generation,
+        index: usize,
+        req: &UpstreamRequest,
+        outcome: &Failure,
+        meta: &Meta,
+        attempt: u32,
+    ) -> Result<Option<AttemptDecision>, Denial> {
+        let pool = generation.pool_for(req);
+        let model = req.model.as_str();
+        let key = pool.get(index);
+        let success = (200..300).contains(&outcome.status);
+        let info = AttemptInfo {
+            id: &meta.id,
+            client: meta.client(),
+            model,
+            status: outcome.status,
+            class: if success {
+                "ok"
+            } else {
+                outcome.class.as_str()
+            },
+            key_id: &key.spec.id,
+            attempt,
+            retry_delay_s: outcome.retry_delay_s,
+            message: &outcome.message,
+        };
+        let decision = meta.with_shared(|shared| generation.policy.after_attempt(&info, shared))?;
+        let shared = &self.state.lasting.shared;
+        match &decision {
+            Some(AttemptDecision::Cool(seconds)) => {
+                shared.cool_key(pool, index, model, *seconds, now_ms());
+            }
+            Some(AttemptDecision::Disable(reason)) => {
+                tracing::warn!(key = %key.spec.id, reason = %reason, "key disabled by a plugin");
+                shared.disable_key(pool, index, reason);
+            }
+            _ => {}
+        }
+        Ok(decision)
+    }
+
+    /// Sends the request with key `index` and reads the answer's head; `Err`: the upstream
+    /// could not be reached or answered with an error (nothing reached the client).
+    async fn exchange_head(
+        &self,
+        generation: &Generation,
+        req: &UpstreamRequest,
+        index: usize,
+    ) -> Result<(HttpSession, usize), Failure> {
+        let key = generation.pool_for(req).get(index);
+        let target = &generation.target;
+        let route = target.route(&key.spec.id);
+        let peer = target
+            .peer(route)
+            .await
+            .map_err(|m| Failure::network(ErrorClass::Network, m))?;
+        let credential = if req.bearer {
+            head::Credential::Bearer(key.spec.secret.expose())
+        } else {
+            head::Credential::GoogApiKey(key.header.as_bytes())
+        };
+        let forwarding = target.forwarding(route).map(|proxy| head::Forwarding {
+            authority: target.base.authority.as_str(),
+            authorization: proxy.proxy_authorization(),
+        });
+        let head = head::request_head(&req.header, req.body.len(), credential, forwarding);
+        let mut reuse_idle = true;
+        let mut up = loop {
+            let (conn, reused) = target
+                .connection(&self.connector, &peer, route, reuse_idle)
+                .await
+                .map_err(Failure::from_pingora)?;
+            match send_request(conn, &peer, &head, &req.body, generation.config.timeout).await {
+                Ok(up) => break up,
+                // An idle connection the server closed meanwhile: not the key's fault, and not an
+                // attempt. The other idle ones are likely closed too (an upstream restart, an
+                // idle timeout): drop them all and try once more on a new connection.
+                Err(e) if reused && e.etype() != &ErrorType::ReadTimedout => {
+                    target.drop_idle(route);
+                    reuse_idle = false;
+                }
+                Err(e) => return Err(Failure::from_pingora(e)),
+            }
+        };
+        let status = up.response_header().map_or(0, |h| h.status.as_u16());
+        if status == 407 {
+            if let Some(proxy) = target.forwarding(route) {
+                // The proxy's refusal, not Google's answer: a network failure, no key's fault.
+                return Err(Failure::network(
+                    ErrorClass::Network,
+                    format!("proxy {}: 407 Proxy Authentication Required", proxy.display),
+                ));
+            }
+        }
+        if !(200..300).contains(&status) {
+            let (body, _) = read_to_end(&mut up, ERROR_BODY_LIMIT).await;
+            let content_type = up
+                .response_header()
+                .and_then(|h| h.headers.get(header::CONTENT_TYPE).cloned());
+            target.release(up, route).await;
+            return Err(Failure::of_answer(
+                status,
+                body,
+                content_type,
+                key.spec.secret.expose(),
+            ));
+        }
+        Ok((up, route))
+    }
+
+    /// One attempt with key `index`. `Err` means nothing reached the client and the caller may
+    /// try another key.
+    async fn attempt(
+        &self,
+        generation: &Generation,
+        req: &UpstreamRequest,
+        index: usize,
+        client: Option<&mut ServerSession>,
+        meta: &Meta,
+        attempt: u32,
+    ) -> Result<Success, Failure> {
+        let (mut up, route) = self.exchange_head(generation, req, index).await?;
+        let status = up.response_header().map_or(0, |h| h.status.as_u16());
+        self.state
+            .lasting
+            .shared
+            .key_succeeded(generation.pool_for(req), index);
+        let mut success = Success {
+            finished: Finished::Relayed(Outcome::Close),
+            status,
+            tokens: None,
+            ttfb: None,
+            broke: None,
+            upload_headers: Vec::new(),
+        };
+        if generation.policy.has_attempt_hook(true, &req.model) {
+            let ok = Failure::network(ErrorClass::Upstream, "");
+            match self.after_attempt(
+                generation,
+                index,
+                req,
+                &Failure { status, ..ok },
+                meta,
+                attempt,
+            ) {
+                Ok(Some(AttemptDecision::Retry)) => {
+                    // The answer is dropped with its connection.
+                    return Err(Failure::network(
+                        ErrorClass::Upstream,
+                        "a plugin asked for another key",
+                    ));
+                }
+                Ok(_) => {}
+                Err(d) => {
+                    generation.target.release(up, route).await;
+                    success.finished = Finished::Refused(denied(d));
+                    return Ok(success);
+                }
+            }
+        }
+        match client {
+            None => {
+                success.upload_headers = upload_headers(&up);
+                let (body, complete) = read_to_end(&mut up, COLLECT_LIMIT).await;
+                if !complete {
+                    return Err(Failure::network(
+                        ErrorClass::Network,
+                        "the upstream's answer broke off",
+                    ));
+                }
+                success.tokens = tokens_in(&body);
+                success.finished = Finished::Collected(body);
+            }
+            Some(s) => {
+                let mut reframe = (req.reframe)(meta);
+                let relayed = relay(s, &mut up, reframe.as_mut(), meta).await;
+                let relayed = match relayed {
+                    Ok(relayed) => relayed,
+                    Err(failure) => {
+                        generation.target.release(up, route).await;
+                        return Err(failure);
+                    }
+                };
+                success.tokens = Some(relayed.tokens).filter(|t| *t != Tokens::default());
+                success.ttfb = relayed.ttfb;
+                success.broke = relayed.broke;
+                success.finished = Finished::Relayed(relayed.outcome);
+            }
+        }
+        generation.target.release(up, route).await;
+        self.count_usage(generation, req, index, None, success.tokens);
+        Ok(success)
+    }
+}
+
+/// The loop's end when no key is left to try: the last failure as the upstream sent it, or
+/// why no key was usable.
+fn exhausted(
+    pick: Pick,
+    last: Option<Failure>,
+    req: &UpstreamRequest,
+    protocol: Protocol,
+    now: u64,
+) -> Finished {
+    let Pick::Exhausted {
+        retry_at_ms,
+        cooling,
+        disabled,
+    } = pick
+    else {
+        return Finished::Refused(Refusal::Gate(GateError::new(
+            503,
+            "no Gemini API key is configured",
+        )));
+    };
+    if let Some(f) = last {
+        return Finished::Refused(Refusal::Upstream(Box::new(f)));
+    }
+    let what = if req.model.is_empty() {
+        String::new()
+    } else {
+        format!(" for {}", req.model)
+    };
+    // OpenAI clients expect a rate limit as 429; Gemini clients get 503.
+    let status = if protocol == Protocol::OpenAi && cooling > 0 {
+        429
+    } else {
+        503
+    };
+    let e = GateError::new(
+        status,
+        format!(
+            "no usable Gemini API key{what}: {cooling} cooling down after quota errors, {disabled} disabled"
+        ),
+    )
+    .retry_after(retry_at_ms.map(|at| seconds_until(at, now)));
+    Finished::Refused(Refusal::Gate(e))
+}
+
+/// The upstream's `x-goog-upload-*` headers (the Files API's upload protocol).
+fn upload_headers(up: &HttpSession) -> Vec<(String, String)> {
+    let Some(h) = up.response_header() else {
+        return Vec::new();
+    };
+    h.headers
+        .iter()
+        .filter(|(n, _)| n.as_str().starts_with("x-goog-upload-"))
+        .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+impl Failure {
+    pub(crate) fn network(class: ErrorClass, message: impl Into<String>) -> Failure {
+        Failure {
+            class,
+            status: 0,
+            retry_delay_s: None,
+            body: Bytes::new(),
+            content_type: None,
+            message: message.into(),
+        }
+    }
+
+    /// The upstream's error answer, classified; the key's secret is cut from its body.
+    fn of_answer(
+        status: u16,
+        body: Bytes,
+        content_type: Option<http::HeaderValue>,
+        secret: &str,
+    ) -> Failure {
+        let body = redact(body, secret);
+        let class = classify(status, &body);
+        Failure {
+            class,
+            retry_delay_s: match class {
+                ErrorClass::RateLimited { retry_after } => Some(retry_after.as_secs_f64()),
+                _ => None,
+            },
+            status,
+            message: error_message(&body).unwrap_or_else(|| format!("HTTP {status}")),
+            body,
+            content_type,
+        }
+    }
+
+    pub(crate) fn from_pingora(e: Box<pingora::Error>) -> Failure {
+        let class = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => ErrorClass::Timeout,
+            _ => ErrorClass::Network,
+        };
+        match (e.etype(), &e.context) {
+            // Our own tunnel's words (see `egress`) say it all.
+            (ErrorType::ConnectProxyFailure, Some(why)) => Failure::network(class, why.as_str()),
+            _ => Failure::network(class, e.to_string().trim()),
+        }
+    }
+}
+
+/// Sends a request's head and body on `conn` (in one write when they fit one), then reads the
+/// answer's header with pingora's client; each step within `timeout`.
+async fn send_request(
+    mut conn: Stream,
+    peer: &HttpPeer,
+    head: &[u8],
+    body: &[u8],
+    timeout: Duration,
+) -> pingora::Result<HttpSession> {
+    use tokio::io::AsyncWriteExt;
+    let write = async {
+        conn.write_all(head).await?;
+        conn.write_all(body).await?;
+        conn.flush().await
+    };
+    tokio::time::timeout(timeout, write)
+        .await
+        .map_err(|_| {
+            pingora::Error::explain(
+                ErrorType::WriteTimedout,
+                "while writing the request (timeout)",
+            )
+        })?
+        .map_err(|e| {
+            pingora::Error::because(ErrorType::WriteError, "while writing the request", e)
+        })?;
+    let mut up = Target::session(conn, peer);
+    up.set_read_timeout(Some(timeout));
+    up.read_response_header().await?;
+    Ok(up)
+}
+
+/// Reads an upstream body up to `limit` bytes; the flag says whether it was read to its end.
+async fn read_to_end(up: &mut HttpSession, limit: usize) -> (Bytes, bool) {
+    let mut buf = BytesMut::new();
+    loop {
+        match up.read_response_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return (buf.freeze(), false);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return (buf.freeze(), true),
+            Err(_) => return (buf.freeze(), false),
+        }
+    }
+}
