@@ -74,62 +74,12 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
             source,
         })?;
     let grace = config.grace_period;
-    let conf = ServerConf {
-        threads: config.threads,
-        grace_period_seconds: Some(grace.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(1),
-        // Each worker (see `server::workers`) is a service of its own with one thread.
-        work_stealing: false,
-        // Pingora's own timers (its "fast timeouts") stay in a table until they expire, even
-        // when the read they guarded ended long before: with the 300 s upstream timeout, the
-        // table grew for five minutes under load (3.7 MB after three, at 250 calls a second).
-        // Tokio's timers are freed with their request: every timeout of a second or more is
-        // Tokio's.
-        fast_timeout_to_tokio_threshold_seconds: Some(0),
-        ..ServerConf::default()
-    };
-    tracing::info!(
-        listen = %listen_addr,
-        keys = config.keys.len(),
-        tokens = config.tokens.len(),
-        upstream = %config.base_url,
-        config = %config.path.as_ref().map_or("embedded defaults".into(), |p| p.display().to_string()),
-        "gemgate starting"
-    );
-    if config.keys.is_empty() {
-        tracing::warn!(
-            "no Gemini API key is configured: proxy calls will answer 503 until API_KEYS is set"
-        );
-    }
-    if !config.file.upstream.proxies.is_empty() {
-        tracing::info!(
-            proxies = config.file.upstream.proxies.len(),
-            by_key = config.file.upstream.proxies_use_consistency_hash_by_api_key,
-            "upstream calls go through PROXIES"
-        );
-    }
-    if config.tokens.is_empty() {
-        tracing::warn!(
-            "no client token is configured: proxy calls will answer 401 until ALLOWED_TOKENS is set"
-        );
-    }
+    let conf = server_conf(&config);
+    log_start(&config, listen_addr);
 
     // Key health from the last run: a disabled key stays out, a cooling key waits.
     let store = Arc::new(store::Store::open(&config.data_dir, config.max_data_bytes)?);
-    let lasting = app::Lasting::new(Some(store.clone()));
-    match store.load_keys() {
-        Ok(saved) => {
-            let restored = store::restore(&lasting.registry, saved, clock::now_ms());
-            if restored > 0 {
-                tracing::info!(keys = restored, "key state restored");
-            }
-        }
-        Err(e) => tracing::error!("cannot read saved key state, starting fresh: {e}"),
-    }
-    match store.load_files() {
-        Ok(files) => lasting.files.restore(files),
-        Err(e) => tracing::error!("cannot read the saved file owners: {e}"),
-    }
+    let lasting = restored(&store);
     let state = State::new(config, source, lasting)?;
     log_plugins(&state);
     app::flusher::start(store.clone(), state.clone());
@@ -178,6 +128,72 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
         .expect("spawn the server");
     let _ = finished.recv();
     Ok(())
+}
+
+/// Pingora's settings for `config`.
+fn server_conf(config: &Config) -> ServerConf {
+    ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        // Each worker (see `server::workers`) is a service of its own with one thread.
+        work_stealing: false,
+        // Pingora's own timers (its "fast timeouts") stay in a table until they expire, even
+        // when the read they guarded ended long before: with the 300 s upstream timeout, the
+        // table grew for five minutes under load (3.7 MB after three, at 250 calls a second).
+        // Tokio's timers are freed with their request: every timeout of a second or more is
+        // Tokio's.
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
+        ..ServerConf::default()
+    }
+}
+
+/// The start's log lines: what serves, and what is missing.
+fn log_start(config: &Config, listen_addr: std::net::SocketAddr) {
+    tracing::info!(
+        listen = %listen_addr,
+        keys = config.keys.len(),
+        tokens = config.tokens.len(),
+        upstream = %config.base_url,
+        config = %config.path.as_ref().map_or("embedded defaults".into(), |p| p.display().to_string()),
+        "gemgate starting"
+    );
+    if config.keys.is_empty() {
+        tracing::warn!(
+            "no Gemini API key is configured: proxy calls will answer 503 until API_KEYS is set"
+        );
+    }
+    if !config.file.upstream.proxies.is_empty() {
+        tracing::info!(
+            proxies = config.file.upstream.proxies.len(),
+            by_key = config.file.upstream.proxies_use_consistency_hash_by_api_key,
+            "upstream calls go through PROXIES"
+        );
+    }
+    if config.tokens.is_empty() {
+        tracing::warn!(
+            "no client token is configured: proxy calls will answer 401 until ALLOWED_TOKENS is set"
+        );
+    }
+}
+
+/// What outlives generations, over `store`, with the key state and file owners it kept.
+fn restored(store: &Arc<store::Store>) -> app::Lasting {
+    let lasting = app::Lasting::new(Some(store.clone()));
+    match store.load_keys() {
+        Ok(saved) => {
+            let restored = store::restore(&lasting.registry, saved, clock::now_ms());
+            if restored > 0 {
+                tracing::info!(keys = restored, "key state restored");
+            }
+        }
+        Err(e) => tracing::error!("cannot read saved key state, starting fresh: {e}"),
+    }
+    match store.load_files() {
+        Ok(files) => lasting.files.restore(files),
+        Err(e) => tracing::error!("cannot read the saved file owners: {e}"),
+    }
+    lasting
 }
 
 /// Raises the soft limit on open descriptors to the hard limit: every open stream takes two

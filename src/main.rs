@@ -43,89 +43,98 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => {
-            let pool =
-                gemgate::keys::KeyPool::new(&config.keys, &Default::default(), config.max_failures);
-            let policy = match gemgate::policy::engine::Policy::compile(
-                &config,
-                0,
-                std::sync::Arc::new(pool),
-                Default::default(),
-                Default::default(),
-            ) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("gemgate: invalid plugin: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let templates = match gemgate::templates::Templates::load(&config) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("gemgate: invalid {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            println!(
-                "templates OK: {} from {}",
-                templates
-                    .files
-                    .iter()
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                templates
-                    .dir
-                    .as_ref()
-                    .map_or("built-in".into(), |d| d.display().to_string())
-            );
-            let plugins: Vec<String> = policy
-                .enabled()
-                .map(|p| format!("{} ({})", p.name, p.priority))
-                .collect();
-            println!(
-                "plugins OK: {} from {}",
-                plugins.join(", "),
-                policy
-                    .dir
-                    .as_ref()
-                    .map_or("built-in".into(), |d| d.display().to_string())
-            );
-            println!(
-                "configuration OK: {} (listen {}, {} keys, {} client tokens, upstream {}{})",
-                config
-                    .path
-                    .as_ref()
-                    .map_or("embedded defaults".into(), |p| p.display().to_string()),
-                config.listen,
-                config.keys.len(),
-                config.tokens.len(),
-                config.base_url.authority,
-                config.base_url.path,
-            );
-            ExitCode::SUCCESS
+        Command::Check => check(&config),
+        Command::Run => run(config, source, &vars),
+    }
+}
+
+/// `gemgate check`: compiles the plugins and templates of `config` and says what it found.
+fn check(config: &config::Config) -> ExitCode {
+    let pool = gemgate::keys::KeyPool::new(&config.keys, &Default::default(), config.max_failures);
+    let policy = match gemgate::policy::engine::Policy::compile(
+        config,
+        0,
+        std::sync::Arc::new(pool),
+        Default::default(),
+        Default::default(),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("gemgate: invalid plugin: {e}");
+            return ExitCode::from(2);
         }
-        Command::Run => {
-            for name in config::env::IGNORED {
-                if vars.contains_key(*name) {
-                    eprintln!(
-                        "gemgate: note: {name} is ignored; gemgate keeps its state in {}",
-                        config.data_dir.display()
-                    );
-                }
-            }
-            tune_allocator();
-            gemgate::telemetry::init(&config.log_level);
-            let result = gemgate::run(config, source);
-            if let Err(e) = &result {
-                tracing::error!("{e}");
-            }
-            gemgate::telemetry::flush();
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => ExitCode::from(e.exit_code()),
-            }
+    };
+    let templates = match gemgate::templates::Templates::load(config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gemgate: invalid {e}");
+            return ExitCode::from(2);
         }
+    };
+    println!(
+        "templates OK: {} from {}",
+        templates
+            .files
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        templates
+            .dir
+            .as_ref()
+            .map_or("built-in".into(), |d| d.display().to_string())
+    );
+    let plugins: Vec<String> = policy
+        .enabled()
+        .map(|p| format!("{} ({})", p.name, p.priority))
+        .collect();
+    println!(
+        "plugins OK: {} from {}",
+        plugins.join(", "),
+        policy
+            .dir
+            .as_ref()
+            .map_or("built-in".into(), |d| d.display().to_string())
+    );
+    println!(
+        "configuration OK: {} (listen {}, {} keys, {} client tokens, upstream {}{})",
+        config
+            .path
+            .as_ref()
+            .map_or("embedded defaults".into(), |p| p.display().to_string()),
+        config.listen,
+        config.keys.len(),
+        config.tokens.len(),
+        config.base_url.authority,
+        config.base_url.path,
+    );
+    ExitCode::SUCCESS
+}
+
+/// `gemgate run`: serves until SIGTERM; the exit status says why it stopped.
+fn run(
+    config: config::Config,
+    source: gemgate::app::reload::Source,
+    vars: &std::collections::BTreeMap<String, String>,
+) -> ExitCode {
+    for name in config::env::IGNORED {
+        if vars.contains_key(*name) {
+            eprintln!(
+                "gemgate: note: {name} is ignored; gemgate keeps its state in {}",
+                config.data_dir.display()
+            );
+        }
+    }
+    tune_allocator();
+    gemgate::telemetry::init(&config.log_level);
+    let result = gemgate::run(config, source);
+    if let Err(e) = &result {
+        tracing::error!("{e}");
+    }
+    gemgate::telemetry::flush();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => ExitCode::from(e.exit_code()),
     }
 }
 

@@ -31,6 +31,13 @@ const ERROR_BODY_LIMIT: usize = 256 * 1024;
 /// Largest upstream answer gemgate buffers itself (model lists).
 const COLLECT_LIMIT: usize = 64 * 1024 * 1024;
 
+/// What `on_response` plugins made of a 2xx answer.
+enum Verdict {
+    Use,
+    AnotherKey,
+    Refuse(Denial),
+}
+
 /// What a successful attempt brought.
 struct Success {
     finished: Finished,
@@ -340,29 +347,19 @@ impl Gateway {
             broke: None,
             upload_headers: Vec::new(),
         };
-        if generation.policy.has_attempt_hook(true, &req.model) {
-            let ok = Failure::network(ErrorClass::Upstream, "");
-            match self.after_attempt(
-                generation,
-                index,
-                req,
-                &Failure { status, ..ok },
-                meta,
-                attempt,
-            ) {
-                Ok(Some(AttemptDecision::Retry)) => {
-                    // The answer is dropped with its connection.
-                    return Err(Failure::network(
-                        ErrorClass::Upstream,
-                        "a plugin asked for another key",
-                    ));
-                }
-                Ok(_) => {}
-                Err(d) => {
-                    generation.target.release(up, route).await;
-                    success.finished = Finished::Refused(denied(d));
-                    return Ok(success);
-                }
+        match self.on_success(generation, req, index, status, meta, attempt) {
+            Verdict::Use => {}
+            Verdict::AnotherKey => {
+                // The answer is dropped with its connection.
+                return Err(Failure::network(
+                    ErrorClass::Upstream,
+                    "a plugin asked for another key",
+                ));
+            }
+            Verdict::Refuse(d) => {
+                generation.target.release(up, route).await;
+                success.finished = Finished::Refused(denied(d));
+                return Ok(success);
             }
         }
         match client {
@@ -397,6 +394,32 @@ impl Gateway {
         generation.target.release(up, route).await;
         self.count_usage(generation, req, index, None, success.tokens);
         Ok(success)
+    }
+}
+
+impl Gateway {
+    /// Tells `on_response` plugins of a 2xx answer; returns what they made of it.
+    fn on_success(
+        &self,
+        generation: &Generation,
+        req: &UpstreamRequest,
+        index: usize,
+        status: u16,
+        meta: &Meta,
+        attempt: u32,
+    ) -> Verdict {
+        if !generation.policy.has_attempt_hook(true, &req.model) {
+            return Verdict::Use;
+        }
+        let ok = Failure {
+            status,
+            ..Failure::network(ErrorClass::Upstream, "")
+        };
+        match self.after_attempt(generation, index, req, &ok, meta, attempt) {
+            Ok(Some(AttemptDecision::Retry)) => Verdict::AnotherKey,
+            Ok(_) => Verdict::Use,
+            Err(d) => Verdict::Refuse(d),
+        }
     }
 }
 

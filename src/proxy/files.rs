@@ -85,29 +85,7 @@ impl Gateway {
         x.action = "files.upload".into();
         let query = client_query(s);
         let upload_id = auth::query_param(&query, "upload_id").map(|v| v.into_owned());
-        let pinned = match &upload_id {
-            // Starting an upload needs the client's token.
-            None => {
-                x.meta.client =
-                    Some(self.admit(generation, s, http::Method::POST, &x.meta.peer)?);
-                None
-            }
-            // As at Google, an upload URL is its own credential (SDKs send no key with it):
-            // its id is unguessable and was handed only to the client that started it.
-            Some(id) => {
-                let owner = self
-                    .state
-                    .lasting
-                    .shared
-                    .upload(id)
-                    .ok_or_else(no_such_file)?;
-                if s.req_header().method != http::Method::POST {
-                    return Err(Refusal::Gate(GateError::new(405, "use POST")));
-                }
-                x.meta.client = owner.client;
-                Some(self.owner_index(generation, &owner.key)?)
-            }
-        };
+        let pinned = self.upload_key(generation, s, upload_id.as_deref(), x)?;
         let rewrite = self.on_request(generation, s, "", "files.upload", false, &x.meta)?;
         let req = s.req_header();
         let finalize = req
@@ -157,23 +135,40 @@ impl Gateway {
             if let Some(id) = &upload_id {
                 self.state.lasting.shared.finish_upload(id);
             }
-            let file = serde_json::from_slice::<Value>(&answer).unwrap_or_default();
-            if let Some(name) = file.pointer("/file/name").and_then(Value::as_str) {
-                let id = name.trim_start_matches("files/").to_owned();
-                let expires_ms = file
-                    .pointer("/file/expirationTime")
-                    .and_then(Value::as_str)
-                    .and_then(crate::clock::parse_rfc3339)
-                    .unwrap_or_else(|| now_ms() + DEFAULT_LIFETIME_MS);
-                tracing::info!(file = %id, key = %owner.key, "file uploaded");
-                let record = FileRecord { owner, expires_ms };
-                self.state.lasting.shared.add_file(id, record);
-            }
+            self.record_file(&answer, owner);
         }
         if !answer.is_empty() {
             let _ = h.insert_header(header::CONTENT_TYPE, "application/json; charset=UTF-8");
         }
         Ok(write_full(s, h, answer).await)
+    }
+
+    /// Who may send an upload command, and the key it must go with: starting an upload needs
+    /// the client's token (any key); later commands go with the key that started it.
+    fn upload_key(
+        &self,
+        generation: &Generation,
+        s: &ServerSession,
+        upload_id: Option<&str>,
+        x: &mut Exchange,
+    ) -> Result<Option<usize>, Refusal> {
+        let Some(id) = upload_id else {
+            x.meta.client = Some(self.admit(generation, s, http::Method::POST, &x.meta.peer)?);
+            return Ok(None);
+        };
+        // As at Google, an upload URL is its own credential (SDKs send no key with it): its
+        // id is unguessable and was handed only to the client that started it.
+        let owner = self
+            .state
+            .lasting
+            .shared
+            .upload(id)
+            .ok_or_else(no_such_file)?;
+        if s.req_header().method != http::Method::POST {
+            return Err(Refusal::Gate(GateError::new(405, "use POST")));
+        }
+        x.meta.client = owner.client;
+        Ok(Some(self.owner_index(generation, &owner.key)?))
     }
 
     /// `GET /v1beta/files` (the client's own files, from every key that holds some), `GET` or
@@ -254,6 +249,23 @@ impl Gateway {
             self.state.lasting.shared.remove_file(&id);
         }
         Ok(send(s, x, 200, answer).await)
+    }
+
+    /// Records the file a finished upload made (Google's answer names it), with its owner.
+    fn record_file(&self, answer: &[u8], owner: Owner) {
+        let file = serde_json::from_slice::<Value>(answer).unwrap_or_default();
+        let Some(name) = file.pointer("/file/name").and_then(Value::as_str) else {
+            return;
+        };
+        let id = name.trim_start_matches("files/").to_owned();
+        let expires_ms = file
+            .pointer("/file/expirationTime")
+            .and_then(Value::as_str)
+            .and_then(crate::clock::parse_rfc3339)
+            .unwrap_or_else(|| now_ms() + DEFAULT_LIFETIME_MS);
+        tracing::info!(file = %id, key = %owner.key, "file uploaded");
+        let record = FileRecord { owner, expires_ms };
+        self.state.lasting.shared.add_file(id, record);
     }
 
     /// The pool index of the key that owns an upload or a file.

@@ -103,6 +103,27 @@ impl Reframe for ChatChunks {
     }
 }
 
+/// Fetches the files a chat request names by URL (within the body limit) and inlines them.
+async fn inline_remote_files(generation: &Generation, body: &mut Value) -> Result<(), Refusal> {
+    let urls = chat::remote_files(body);
+    if urls.is_empty() {
+        return Ok(());
+    }
+    let files = generation
+        .fetcher
+        .fetch_all(urls, generation.config.max_body_bytes)
+        .await
+        .map_err(|e| {
+            let status = match e {
+                crate::upstream::fetch::FetchError::TooLarge(..) => 413,
+                _ => 400,
+            };
+            Refusal::Gate(GateError::new(status, e.to_string()))
+        })?;
+    chat::inline_files(body, files);
+    Ok(())
+}
+
 /// `STREAM_OPTIMIZER_*` as pacing, when it is on.
 fn pacing(generation: &Generation) -> Option<chat::Pacing> {
     let st = &generation.config.file.stream;
@@ -165,6 +186,8 @@ impl Gateway {
         }
     }
 
+    /// `/v1/chat/completions`: translated, through the plugins, then answered whole, as a
+    /// translated stream, or as a fake stream.
     async fn chat(
         &self,
         generation: &Generation,
@@ -173,21 +196,7 @@ impl Gateway {
     ) -> Result<Outcome, Refusal> {
         let raw = read_body(s, generation.config.max_body_bytes).await?;
         let mut request = chat::request(&json_body(&raw)?).map_err(bad)?;
-        let urls = chat::remote_files(&request.body);
-        if !urls.is_empty() {
-            let files = generation
-                .fetcher
-                .fetch_all(urls, generation.config.max_body_bytes)
-                .await
-                .map_err(|e| {
-                    let status = match e {
-                        crate::upstream::fetch::FetchError::TooLarge(..) => 413,
-                        _ => 400,
-                    };
-                    Refusal::Gate(GateError::new(status, e.to_string()))
-                })?;
-            chat::inline_files(&mut request.body, files);
-        }
+        inline_remote_files(generation, &mut request.body).await?;
         let action = if request.stream {
             "streamGenerateContent"
         } else {
@@ -223,6 +232,21 @@ impl Gateway {
         let pinned = self.file_pin(generation, &body, x.meta.client.as_deref())?;
         let mut up = self.gemini_call(generation, s, &path, query, body, &rewrite)?;
         up.pinned = pinned;
+        self.chat_answer(generation, s, x, up, request.stream, request.include_usage)
+            .await
+    }
+
+    /// Answers a translated chat call: whole, as a translated stream, or as a fake stream.
+    async fn chat_answer(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+        mut up: UpstreamRequest,
+        stream: bool,
+        include_usage: bool,
+    ) -> Result<Outcome, Refusal> {
+        let model = up.model.clone();
         let models = &generation.config.file.models;
         let options = chat::Options {
             show_thinking: models.show_thinking_process,
@@ -232,11 +256,11 @@ impl Gateway {
         let spec = ChatStreamSpec {
             model: model.clone(),
             created,
-            include_usage: request.include_usage,
+            include_usage,
             options,
             pacing: pacing(generation),
         };
-        if request.stream && generation.config.file.stream.fake_stream_enabled {
+        if stream && generation.config.file.stream.fake_stream_enabled {
             // The streaming request went upstream as a whole one (see below): rewrite its path.
             let path = format!(
                 "{}/models/{model}:generateContent",
@@ -247,7 +271,7 @@ impl Gateway {
                 .map_err(|_| Refusal::Gate(GateError::new(500, "bad upstream path")))?;
             return self.fake_stream(generation, s, &up, spec, x).await;
         }
-        if request.stream {
+        if stream {
             up.reframe = Box::new(move |meta: &Meta| {
                 Box::new(ChatChunks::new(&spec, meta)) as Box<dyn Reframe>
             });
@@ -279,7 +303,6 @@ impl Gateway {
         let mut stream = spec.start(&x.meta.id);
         let mut head = Some(response_header(200, x));
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let id = x.meta.id.clone();
         let answer = {
             let collect = self.collect(generation, up, x);
             tokio::pin!(collect);
@@ -300,11 +323,24 @@ impl Gateway {
                 }
             }
         };
+        self.fake_stream_end(s, x, head, stream, answer).await
+    }
+
+    /// The end of a fake stream: the answer as chunks, or an error event when keep-alives
+    /// already went out.
+    async fn fake_stream_end(
+        &self,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+        mut head: Option<ResponseHeader>,
+        mut stream: chat::ChatStream,
+        answer: Result<Bytes, Refusal>,
+    ) -> Result<Outcome, Refusal> {
         let answer = match (answer, &head) {
             // Nothing sent yet: a failure is answered as any other.
             (Err(r), Some(_)) => return Err(r),
             (Err(_), None) => {
-                tracing::warn!(id = %id, "fake stream: the upstream call failed after keep-alives went out");
+                tracing::warn!(id = %x.meta.id, "fake stream: the upstream call failed after keep-alives went out");
                 let e = GateError::new(502, "the Gemini API call failed");
                 let event = format!(
                     "data: {}\n\ndata: [DONE]\n\n",
