@@ -147,7 +147,12 @@ fn no_import_cycle_between_top_level_modules() {
         .iter()
         .map(|f| f.strip_prefix(&src).unwrap())
         .map(|rel| {
-            let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+            let first = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy();
             first.trim_end_matches(".rs").to_owned()
         })
         .collect();
@@ -166,7 +171,10 @@ fn no_import_cycle_between_top_level_modules() {
         let code = code_of(&std::fs::read_to_string(file).unwrap());
         for named in named_modules(&code, depth) {
             if named != module && top_level.contains(&named) {
-                edges.entry(module.clone()).or_default().insert(named.clone());
+                edges
+                    .entry(module.clone())
+                    .or_default()
+                    .insert(named.clone());
                 why.entry((module.clone(), named))
                     .or_default()
                     .insert(rel.display().to_string());
@@ -183,7 +191,12 @@ fn no_import_cycle_between_top_level_modules() {
                 .windows(2)
                 .map(|w| {
                     let files = &why[&(w[0].clone(), w[1].clone())];
-                    format!("{} -> {} ({})", w[0], w[1], files.iter().cloned().collect::<Vec<_>>().join(", "))
+                    format!(
+                        "{} -> {} ({})",
+                        w[0],
+                        w[1],
+                        files.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )
                 })
                 .collect();
             panic!(

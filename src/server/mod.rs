@@ -270,6 +270,8 @@ async fn send_page(s: &mut ServerSession, x: &mut Exchange, a: pages::PageAnswer
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, HashMap};
+
+    use futures_util::StreamExt;
     use std::net::IpAddr;
     use std::sync::Mutex;
 
@@ -353,6 +355,95 @@ mod tests {
         }
     }
 
+    /// A gateway over `lasting`, served in this process on a loopback port (no flusher: what
+    /// the request path queues stays queued), configured by `vars`; with its state.
+    async fn serve_in_process(
+        vars: &[(&str, &str)],
+        lasting: Lasting,
+    ) -> (std::net::SocketAddr, Arc<State>) {
+        let vars: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = crate::config::from_str("", "test", &vars).unwrap();
+        let source = Source {
+            path: "gemgate.toml".into(),
+            explicit: false,
+        };
+        let state = State::new(config, source, lasting).unwrap();
+        let gateway = Arc::new(Gateway::new(state.clone(), crate::upstream::side_client()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _stop = stop;
+            while let Ok((tcp, _)) = listener.accept().await {
+                let stream = pingora::protocols::l4::stream::Stream::from(tcp);
+                tokio::spawn(workers::serve(gateway.clone(), stream, shutdown.clone()));
+            }
+        });
+        (addr, state)
+    }
+
+    /// Past the log queue's room, the oldest records are dropped, and the reload status (the
+    /// admin API) counts them: 1,100 failed calls whose 64 KiB bodies the error log keeps
+    /// fill its 64 MiB while no flusher takes them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_past_the_log_queue_are_dropped_and_counted() {
+        let fake = FakeUpstream::bind(([127, 0, 0, 1], 0).into(), FakeConfig::default())
+            .await
+            .unwrap();
+        let base_url = fake.base_url();
+        let vars = [
+            ("API_KEYS", "good-1"),
+            ("ALLOWED_TOKENS", "sk-test"),
+            ("AUTH_TOKEN", "admin-test-token-0123456789"),
+            ("BASE_URL", base_url.as_str()),
+            ("ERROR_LOG_RECORD_REQUEST_BODY", "true"),
+        ];
+        let (addr, state) = serve_in_process(&vars, Lasting::default()).await;
+        let url = format!("http://{addr}/v1beta/models/gemini-2.5-flash:generateContent");
+        let body = format!(
+            r#"{{"contents":[{{"parts":[{{"text":"{}"}}]}}]}}"#,
+            "x".repeat(64 * 1024)
+        );
+        let client = reqwest::Client::new();
+        let calls = (0..1_100).map(|_| {
+            client
+                .post(&url)
+                .header("x-goog-api-key", "sk-test")
+                .header("x-fake-error", "400 INVALID_ARGUMENT")
+                .body(body.clone())
+                .send()
+        });
+        let mut pending = futures_util::stream::iter(calls).buffer_unordered(8);
+        while let Some(answer) = pending.next().await {
+            assert_eq!(answer.unwrap().status(), 400);
+        }
+        let status: serde_json::Value = client
+            .get(format!("http://{addr}/admin/api/reload"))
+            .bearer_auth("admin-test-token-0123456789")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let dropped = status["dropped"]["log_records"].as_u64().unwrap();
+        assert!((50..=100).contains(&dropped), "{status}");
+        assert_eq!(dropped, state.lasting.logs.dropped());
+        assert_eq!(
+            status["dropped"]["trimmed_for_size"], 0,
+            "no data file here"
+        );
+        let kept = state.lasting.logs.take();
+        assert_eq!(
+            kept.len() as u64 + dropped,
+            1_100,
+            "every record kept or counted"
+        );
+    }
+
     /// The request path changes what a fleet shares only through `SharedState`: a gateway
     /// built over a recording implementation sees every key failure, success, usage count and
     /// token check of real requests, and its key pool reflects them.
@@ -361,12 +452,12 @@ mod tests {
         let fake = FakeUpstream::bind(([127, 0, 0, 1], 0).into(), FakeConfig::default())
             .await
             .unwrap();
-        let vars = BTreeMap::from([
-            ("API_KEYS".to_owned(), "minute-a,ok-b".to_owned()),
-            ("ALLOWED_TOKENS".to_owned(), "sk-test".to_owned()),
-            ("BASE_URL".to_owned(), fake.base_url()),
-        ]);
-        let config = crate::config::from_str("", "test", &vars).unwrap();
+        let base_url = fake.base_url();
+        let vars = [
+            ("API_KEYS", "minute-a,ok-b"),
+            ("ALLOWED_TOKENS", "sk-test"),
+            ("BASE_URL", base_url.as_str()),
+        ];
         let lasting = Lasting::default();
         let recording = Arc::new(Recording {
             local: lasting.local(),
@@ -376,22 +467,7 @@ mod tests {
             shared: recording.clone(),
             ..lasting
         };
-        let source = Source {
-            path: "gemgate.toml".into(),
-            explicit: false,
-        };
-        let state = State::new(config, source, lasting).unwrap();
-        let gateway = Arc::new(Gateway::new(state.clone(), crate::upstream::side_client()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let stream = pingora::protocols::l4::stream::Stream::from(tcp);
-                tokio::spawn(workers::serve(gateway.clone(), stream, shutdown.clone()));
-            }
-        });
-
+        let (addr, state) = serve_in_process(&vars, lasting).await;
         let client = reqwest::Client::new();
         let url = format!("http://{addr}/v1beta/models/gemini-2.5-flash:generateContent");
         let call = |token: &'static str| {
