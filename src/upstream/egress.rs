@@ -379,6 +379,118 @@ mod tests {
         assert!(e.contains("407"), "{e}");
     }
 
+    /// What a fake SOCKS5 proxy does, step by step: read that many bytes, send that answer.
+    type Steps = Vec<(usize, &'static [u8])>;
+
+    /// A one-shot SOCKS5 proxy on loopback that follows `steps`; returns all it read.
+    async fn fake_socks5(steps: Steps) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            for (len, answer) in steps {
+                let mut ask = vec![0u8; len];
+                s.read_exact(&mut ask).await.unwrap();
+                seen.extend_from_slice(&ask);
+                s.write_all(answer).await.unwrap();
+            }
+            seen
+        });
+        (port, task)
+    }
+
+    fn socks5_tunnel(url: &str, target_host: &str) -> Tunnel {
+        Tunnel::new(url, target_host, 443, Duration::from_secs(5)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn socks5h_sends_the_name_with_credentials_and_opens_the_tunnel() {
+        let name = "generativelanguage.googleapis.com";
+        let (port, seen) = fake_socks5(vec![
+            (4, &[5, 2]),
+            (3 + 2 + 6, &[1, 0]),
+            (5 + name.len() + 2, &[5, 0, 0, 1, 127, 0, 0, 1, 0, 80]),
+            (0, b"hello"),
+        ])
+        .await;
+        let t = socks5_tunnel(&format!("socks5h://me:secret@127.0.0.1:{port}"), name);
+        // The proxy resolves the name even when pingora resolved it too.
+        let mut tcp = t
+            .open(Some("127.0.0.9:443".parse().unwrap()))
+            .await
+            .unwrap();
+        let mut first = [0u8; 5];
+        tcp.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"hello", "the handshake read past its reply");
+        let mut expected = vec![5, 2, 0, 2, 1, 2, b'm', b'e', 6];
+        expected.extend_from_slice(b"secret");
+        expected.extend_from_slice(&[5, 1, 0, 3, name.len() as u8]);
+        expected.extend_from_slice(name.as_bytes());
+        expected.extend_from_slice(&443u16.to_be_bytes());
+        assert_eq!(seen.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn socks5_connects_by_the_address_resolved_here() {
+        let (port, seen) = fake_socks5(vec![
+            (3, &[5, 0]),
+            (10, &[5, 0, 0, 3, 4, b'a', b'b', b'c', b'd', 0, 80]),
+            (0, b"hello"),
+        ])
+        .await;
+        let t = socks5_tunnel(&format!("socks5://127.0.0.1:{port}"), "h.example");
+        let mut tcp = t
+            .open(Some("127.0.0.9:443".parse().unwrap()))
+            .await
+            .unwrap();
+        let mut first = [0u8; 5];
+        tcp.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"hello");
+        let seen = seen.await.unwrap();
+        assert_eq!(seen, [5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 9, 1, 187]);
+    }
+
+    #[tokio::test]
+    async fn socks5_failures_say_what_went_wrong_without_the_password() {
+        let cases: [(&str, Steps, &str); 6] = [
+            (
+                "me:secret@",
+                vec![(4, &[5, 2]), (11, &[1, 1])],
+                "refused the user name and password",
+            ),
+            (
+                "",
+                vec![(3, &[5, 0]), (10, &[5, 5, 0, 1, 0, 0, 0, 0, 0, 0])],
+                "could not connect: connection refused",
+            ),
+            (
+                "",
+                vec![(3, &[5, 0xff])],
+                "accepts none of our authentication",
+            ),
+            ("", vec![(3, &[5, 2])], "asks for a user name and password"),
+            ("", vec![(3, &[4, 0])], "does not speak SOCKS5"),
+            ("secret@", vec![], "no password"),
+        ];
+        for (credentials, steps, wanted) in cases {
+            let (port, _) = fake_socks5(steps).await;
+            let url = format!("socks5://{credentials}127.0.0.1:{port}");
+            let t = socks5_tunnel(&url, "h.example");
+            let e = t
+                .open(Some("127.0.0.9:443".parse().unwrap()))
+                .await
+                .unwrap_err();
+            assert!(e.contains(wanted), "{credentials}: {e}");
+            assert!(!e.contains("secret"), "the password leaked: {e}");
+        }
+        let long = "a".repeat(256);
+        let (port, _) = fake_socks5(vec![]).await;
+        let t = socks5_tunnel(&format!("socks5h://127.0.0.1:{port}"), &long);
+        let e = t.open(None).await.unwrap_err();
+        assert!(e.contains("too long a name for SOCKS5"), "{e}");
+    }
+
     #[test]
     fn the_key_hash_is_stable_and_spreads() {
         // Fixed values: a key must keep its proxy across restarts and versions.
