@@ -42,42 +42,16 @@ impl Gateway {
             .identify(req, peer, admin_token)?
             .check_csrf(req, None)?;
         let method = req.method.clone();
-        let allowed = match &call {
-            AdminCall::Reload => method == http::Method::GET || method == http::Method::POST,
-            AdminCall::Keys => method == http::Method::GET || method == http::Method::POST,
-            AdminCall::DeleteKey { .. } => method == http::Method::DELETE,
-            AdminCall::VerifyKeys | AdminCall::KeyAction { .. } | AdminCall::BulkKeys => {
-                method == http::Method::POST
-            }
-            AdminCall::Logs { row, .. } => {
-                method == http::Method::GET || row.is_none() && method == http::Method::DELETE
-            }
-            AdminCall::Resources => method == http::Method::GET,
-        };
-        if !allowed {
+        if !admin_allows(&call, &method) {
             return Err(GateError::new(
                 405,
                 format!("{method} is not allowed on this admin route"),
             ));
         }
         let body = match call {
-            AdminCall::Reload => {
-                if method == http::Method::POST {
-                    let state = self.state.clone();
-                    // Reading files and compiling plugins is blocking work.
-                    let _ = tokio::task::spawn_blocking(move || reload::reload(&state)).await;
-                }
-                self.reload_json()
-            }
+            AdminCall::Reload => self.reload_call(&method).await,
             AdminCall::Keys if method == http::Method::POST => {
-                let raw = admin_body(s).await?;
-                let v: Value = serde_json::from_slice(&raw)
-                    .map_err(|e| GateError::new(400, format!("the body is not valid JSON: {e}")))?;
-                let text = v
-                    .get("text")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| GateError::new(400, "paste the keys as {\"text\": \"…\"}"))?;
-                self.add_keys(generation, text).await?
+                self.paste_keys(generation, s).await?
             }
             AdminCall::DeleteKey { id } => self.delete_key(generation, &id).await?,
             AdminCall::BulkKeys => {
@@ -88,73 +62,94 @@ impl Gateway {
                 let query = s.req_header().uri.query().unwrap_or_default().to_owned();
                 keys_json(generation, &query, &self.usage_today())
             }
-            AdminCall::VerifyKeys => {
-                let raw = admin_body(s).await?;
-                let wanted: Option<Vec<String>> = if raw.is_empty() {
-                    None
-                } else {
-                    let v: Value = serde_json::from_slice(&raw).map_err(|e| {
-                        GateError::new(400, format!("the body is not valid JSON: {e}"))
-                    })?;
-                    v.get("ids").and_then(Value::as_array).map(|ids| {
-                        ids.iter()
-                            .filter_map(Value::as_str)
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                };
-                let indices: Vec<usize> = match wanted {
-                    None => (0..generation.pool.keys().len())
-                        .filter(|&i| generation.pool.get(i).state.is_disabled())
-                        .collect(),
-                    Some(ids) => ids
-                        .iter()
-                        .map(|id| {
-                            generation
-                                .pool
-                                .index_of(id)
-                                .ok_or_else(|| GateError::new(404, format!("no key {id}")))
-                        })
-                        .collect::<Result<_, _>>()?,
-                };
-                let mut results = Vec::new();
-                for i in indices {
-                    results.push(self.verify(generation, generation.pool.get(i)).await);
-                }
-                json!({ "results": results })
-            }
-            AdminCall::Logs { log, row } => {
-                let store = self.log_store()?;
-                let query = s.req_header().uri.query().unwrap_or_default().to_owned();
-                if method == http::Method::DELETE {
-                    let raw = admin_body(s).await?;
-                    return delete_logs(&store, log, &query, &raw)
-                        .map(|v| Bytes::from(v.to_string()));
-                }
-                logs_json(&store, log, row, &query)?
-            }
+            AdminCall::VerifyKeys => self.verify_keys(generation, s).await?,
+            AdminCall::Logs { log, row } => self.logs_call(s, &method, log, row).await?,
             AdminCall::Resources => {
                 let query = s.req_header().uri.query().unwrap_or_default();
                 self.resources_json(auth::query_param(query, "kind").as_deref())?
             }
-            AdminCall::KeyAction { id, action } => {
-                let index = generation
-                    .pool
-                    .index_of(&id)
-                    .ok_or_else(|| GateError::new(404, format!("no key {id} in the pool")))?;
-                let key = generation.pool.get(index);
-                match action {
-                    KeyAction::Verify => {
-                        return Ok(Bytes::from(self.verify(generation, key).await.to_string()));
-                    }
-                    KeyAction::Reset | KeyAction::Enable => key.state.enable(),
-                    KeyAction::Disable => key.state.disable("disabled by an operator"),
-                }
-                tracing::info!(key = %key.spec.id, ?action, "admin: key changed");
-                key_json(key, now_ms(), None)
-            }
+            AdminCall::KeyAction { id, action } => self.key_action(generation, &id, action).await?,
         };
         Ok(Bytes::from(body.to_string()))
+    }
+
+    /// `GET /admin/api/reload`: the reload status; `POST`: reloads first.
+    async fn reload_call(&self, method: &http::Method) -> Value {
+        if method == http::Method::POST {
+            let state = self.state.clone();
+            // Reading files and compiling plugins is blocking work.
+            let _ = tokio::task::spawn_blocking(move || reload::reload(&state)).await;
+        }
+        self.reload_json()
+    }
+
+    /// `POST /admin/api/keys`: adds the keys pasted as `{"text": "…"}`.
+    async fn paste_keys(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+    ) -> Result<Value, GateError> {
+        let raw = admin_body(s).await?;
+        let v: Value = serde_json::from_slice(&raw)
+            .map_err(|e| GateError::new(400, format!("the body is not valid JSON: {e}")))?;
+        let text = v
+            .get("text")
+            .and_then(Value::as_str)
+            .ok_or_else(|| GateError::new(400, "paste the keys as {\"text\": \"…\"}"))?;
+        self.add_keys(generation, text).await
+    }
+
+    /// `POST /admin/api/keys/verify`: probes the keys the body names, or every disabled one.
+    async fn verify_keys(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+    ) -> Result<Value, GateError> {
+        let raw = admin_body(s).await?;
+        let indices = keys_to_verify(generation, ids_to_verify(&raw)?)?;
+        let mut results = Vec::new();
+        for i in indices {
+            results.push(self.verify(generation, generation.pool.get(i)).await);
+        }
+        Ok(json!({ "results": results }))
+    }
+
+    /// `GET /admin/api/logs/…`: a page of a log or one row; `DELETE`: rows of it.
+    async fn logs_call(
+        &self,
+        s: &mut ServerSession,
+        method: &http::Method,
+        log: crate::store::logs::Log,
+        row: Option<(u64, u64)>,
+    ) -> Result<Value, GateError> {
+        let store = self.log_store()?;
+        let query = s.req_header().uri.query().unwrap_or_default().to_owned();
+        if method == http::Method::DELETE {
+            let raw = admin_body(s).await?;
+            return delete_logs(&store, log, &query, &raw);
+        }
+        logs_json(&store, log, row, &query)
+    }
+
+    /// `POST /admin/api/keys/{id}/{action}`: verifies, resets, enables or disables one key.
+    async fn key_action(
+        &self,
+        generation: &Generation,
+        id: &str,
+        action: KeyAction,
+    ) -> Result<Value, GateError> {
+        let index = generation
+            .pool
+            .index_of(id)
+            .ok_or_else(|| GateError::new(404, format!("no key {id} in the pool")))?;
+        let key = generation.pool.get(index);
+        match action {
+            KeyAction::Verify => return Ok(self.verify(generation, key).await),
+            KeyAction::Reset | KeyAction::Enable => key.state.enable(),
+            KeyAction::Disable => key.state.disable("disabled by an operator"),
+        }
+        tracing::info!(key = %key.spec.id, ?action, "admin: key changed");
+        Ok(key_json(key, now_ms(), None))
     }
 
     /// Adds the keys found in `text` that the pool does not have to the config file, then
@@ -398,6 +393,58 @@ impl Gateway {
         };
         tracing::info!(key = %key.spec.id, result = %outcome, "admin: key verified");
         outcome
+    }
+}
+
+/// Whether `method` is one that this admin call answers.
+fn admin_allows(call: &AdminCall, method: &http::Method) -> bool {
+    match call {
+        AdminCall::Reload => method == http::Method::GET || method == http::Method::POST,
+        AdminCall::Keys => method == http::Method::GET || method == http::Method::POST,
+        AdminCall::DeleteKey { .. } => method == http::Method::DELETE,
+        AdminCall::VerifyKeys | AdminCall::KeyAction { .. } | AdminCall::BulkKeys => {
+            method == http::Method::POST
+        }
+        AdminCall::Logs { row, .. } => {
+            method == http::Method::GET || row.is_none() && method == http::Method::DELETE
+        }
+        AdminCall::Resources => method == http::Method::GET,
+    }
+}
+
+/// The key ids in a verify body's `{"ids": [...]}`, or `None` for an empty body.
+fn ids_to_verify(raw: &[u8]) -> Result<Option<Vec<String>>, GateError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_slice(raw)
+        .map_err(|e| GateError::new(400, format!("the body is not valid JSON: {e}")))?;
+    Ok(v.get("ids").and_then(Value::as_array).map(|ids| {
+        ids.iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect()
+    }))
+}
+
+/// The pool indices of the keys named in `wanted`, or of every disabled key without names.
+fn keys_to_verify(
+    generation: &Generation,
+    wanted: Option<Vec<String>>,
+) -> Result<Vec<usize>, GateError> {
+    match wanted {
+        None => Ok((0..generation.pool.keys().len())
+            .filter(|&i| generation.pool.get(i).state.is_disabled())
+            .collect()),
+        Some(ids) => ids
+            .iter()
+            .map(|id| {
+                generation
+                    .pool
+                    .index_of(id)
+                    .ok_or_else(|| GateError::new(404, format!("no key {id}")))
+            })
+            .collect(),
     }
 }
 

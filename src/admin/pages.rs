@@ -109,7 +109,17 @@ fn uptime(d: Duration) -> String {
     }
 }
 
+/// Whether `method` is one that this page answers.
+fn page_allows(page: &Page, method: &http::Method) -> bool {
+    match page {
+        Page::Settings => matches!(*method, http::Method::GET | http::Method::POST),
+        Page::Logout => method == http::Method::POST,
+        _ => method == http::Method::GET,
+    }
+}
+
 impl Gateway {
+    /// Answers an admin page: assets and the login to anyone, the rest to the admin alone.
     pub(crate) async fn page(
         &self,
         generation: &Arc<Generation>,
@@ -121,59 +131,20 @@ impl Gateway {
         let path = s.req_header().uri.path().to_owned();
         let admin_token = generation.config.auth_token.as_ref().map(|t| t.expose());
         match page {
-            Page::Static(name) => {
-                return match generation.templates.asset(name) {
-                    Some((content_type, text)) => PageAnswer {
-                        status: 200,
-                        content_type,
-                        body: Bytes::from(text.to_owned()),
-                        headers: vec![(header::CACHE_CONTROL, "no-cache".into())],
-                    },
-                    None => self.error_page(generation, 404, &format!("no {name}"), None),
-                };
-            }
+            Page::Static(name) => return self.asset(generation, name),
             Page::Moved(to) => return PageAnswer::redirect(301, to),
             Page::Login => return self.login(generation, s, admin_token, peer).await,
             _ => {}
         }
-        let who = self
-            .state
-            .lasting
-            .sessions
-            .identify(s.req_header(), peer, admin_token);
-        let admin = match who {
-            Ok(a) => a,
-            Err(e) if e.status == 401 && method == http::Method::GET => {
-                let next = s
-                    .req_header()
-                    .uri
-                    .path_and_query()
-                    .map_or("/admin", |p| p.as_str());
-                return PageAnswer::redirect(
-                    303,
-                    &format!("/admin/login?next={}", encode_query_value(next)),
-                );
-            }
-            Err(e) => return self.error_page(generation, e.status, &e.message, None),
+        let admin = match self.page_admin(generation, s, peer, admin_token) {
+            Ok(admin) => admin,
+            Err(answer) => return answer,
         };
-        // The form is read only now that the request is known to be the admin's.
-        let form = if method == http::Method::POST {
-            match read_body(s, FORM_LIMIT).await {
-                Ok(b) => parse_form(&b),
-                Err(_) => return self.error_page(generation, 413, "the form is too large", None),
-            }
-        } else {
-            BTreeMap::new()
+        let form = match self.admin_form(generation, s, &admin).await {
+            Ok(form) => form,
+            Err(answer) => return answer,
         };
-        if let Err(e) = admin.check_csrf(s.req_header(), form.get("_csrf").map(String::as_str)) {
-            return self.error_page(generation, e.status, &e.message, None);
-        }
-        let allowed = match page {
-            Page::Settings => matches!(method, http::Method::GET | http::Method::POST),
-            Page::Logout => method == http::Method::POST,
-            _ => method == http::Method::GET,
-        };
-        if !allowed {
+        if !page_allows(&page, &method) {
             return self.error_page(
                 generation,
                 405,
@@ -182,32 +153,111 @@ impl Gateway {
             );
         }
         let query = s.req_header().uri.query().unwrap_or_default().to_owned();
-        let result = match page {
-            Page::Logout => {
-                if let Admin::Session { id, .. } = &admin {
-                    self.state.lasting.sessions.close(id);
-                }
-                return PageAnswer::redirect(303, "/admin/login")
-                    .with(header::SET_COOKIE, session::set_cookie(None, peer.https));
-            }
-            Page::Dashboard => Ok(self.dashboard(generation)),
-            Page::Keys => Ok(self.keys_page(generation, &query)),
+        match page {
+            Page::Logout => self.logout(&admin, peer),
             Page::Settings if method == http::Method::POST => {
-                return self.save_settings(generation, &form, &admin).await;
+                self.save_settings(generation, &form, &admin).await
             }
+            page => self.view(generation, page, &query, &admin),
+        }
+    }
+
+    /// `/admin/static/…`: a built-in or template-dir asset.
+    fn asset(&self, generation: &Generation, name: &str) -> PageAnswer {
+        match generation.templates.asset(name) {
+            Some((content_type, text)) => PageAnswer {
+                status: 200,
+                content_type,
+                body: Bytes::from(text.to_owned()),
+                headers: vec![(header::CACHE_CONTROL, "no-cache".into())],
+            },
+            None => self.error_page(generation, 404, &format!("no {name}"), None),
+        }
+    }
+
+    /// Who asks for a page, or the answer for a stranger (a `GET` is sent to the login).
+    fn page_admin(
+        &self,
+        generation: &Generation,
+        s: &ServerSession,
+        peer: &Peer,
+        admin_token: Option<&str>,
+    ) -> Result<Admin, PageAnswer> {
+        let who = self
+            .state
+            .lasting
+            .sessions
+            .identify(s.req_header(), peer, admin_token);
+        match who {
+            Ok(a) => Ok(a),
+            Err(e) if e.status == 401 && s.req_header().method == http::Method::GET => {
+                let next = s
+                    .req_header()
+                    .uri
+                    .path_and_query()
+                    .map_or("/admin", |p| p.as_str());
+                Err(PageAnswer::redirect(
+                    303,
+                    &format!("/admin/login?next={}", encode_query_value(next)),
+                ))
+            }
+            Err(e) => Err(self.error_page(generation, e.status, &e.message, None)),
+        }
+    }
+
+    /// The admin's form (empty but for a `POST`), once its CSRF token is checked.
+    async fn admin_form(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+        admin: &Admin,
+    ) -> Result<BTreeMap<String, String>, PageAnswer> {
+        // The form is read only now that the request is known to be the admin's.
+        let form = if s.req_header().method == http::Method::POST {
+            match read_body(s, FORM_LIMIT).await {
+                Ok(b) => parse_form(&b),
+                Err(_) => {
+                    return Err(self.error_page(generation, 413, "the form is too large", None));
+                }
+            }
+        } else {
+            BTreeMap::new()
+        };
+        if let Err(e) = admin.check_csrf(s.req_header(), form.get("_csrf").map(String::as_str)) {
+            return Err(self.error_page(generation, e.status, &e.message, None));
+        }
+        Ok(form)
+    }
+
+    /// `POST /admin/logout`: closes the session and forgets its cookie.
+    fn logout(&self, admin: &Admin, peer: &Peer) -> PageAnswer {
+        if let Admin::Session { id, .. } = admin {
+            self.state.lasting.sessions.close(id);
+        }
+        PageAnswer::redirect(303, "/admin/login")
+            .with(header::SET_COOKIE, session::set_cookie(None, peer.https))
+    }
+
+    /// A page that only shows something (`GET`), rendered in the layout.
+    fn view(&self, generation: &Generation, page: Page, query: &str, admin: &Admin) -> PageAnswer {
+        let result = match page {
+            Page::Dashboard => Ok(self.dashboard(generation)),
+            Page::Keys => Ok(self.keys_page(generation, query)),
             Page::Settings => self
-                .settings_page(&query, None)
+                .settings_page(query, None)
                 .map(|d| ("settings", "Settings", d)),
-            Page::Logs => self.logs_page(&query),
+            Page::Logs => self.logs_page(query),
             Page::LogRow { log, row } => self.log_row_page(log, row),
             Page::Plugins => Ok(self.plugins_page(generation)),
-            Page::Login | Page::Static(_) | Page::Moved(_) => unreachable!("answered above"),
+            Page::Login | Page::Logout | Page::Static(_) | Page::Moved(_) => {
+                unreachable!("answered above")
+            }
         };
         match result {
             Ok((template, title, data)) => {
-                self.render(generation, 200, template, title, data, &admin)
+                self.render(generation, 200, template, title, data, admin)
             }
-            Err(e) => self.error_page(generation, e.status, &e.message, Some(&admin)),
+            Err(e) => self.error_page(generation, e.status, &e.message, Some(admin)),
         }
     }
 

@@ -8,6 +8,7 @@
 //! always takes the same one (a hash of the key's stable id, the same across restarts and
 //! machines), else the proxies take turns.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,6 +21,8 @@ use pingora::protocols::l4::stream::Stream;
 use pingora::{Error, ErrorType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_socks::TargetAddr;
+use tokio_socks::tcp::Socks5Stream;
 
 use crate::config::net::{ProxyScheme, ProxyUrl};
 
@@ -125,8 +128,8 @@ impl Tunnel {
             ProxyScheme::Http => self.connect_http(&mut tcp).await?,
             ProxyScheme::Socks5 { remote_dns } => {
                 let target = match resolved {
-                    Some(addr) if !remote_dns => Destination::Ip(addr),
-                    _ => Destination::Name(&self.target_host, self.target_port),
+                    Some(addr) if !remote_dns => TargetAddr::Ip(addr),
+                    _ => TargetAddr::Domain(Cow::Borrowed(&self.target_host), self.target_port),
                 };
                 self.connect_socks5(&mut tcp, target).await?;
             }
@@ -169,91 +172,25 @@ impl Tunnel {
         }
     }
 
+    /// Runs the SOCKS5 handshake (tokio-socks) over the open connection to the proxy: the
+    /// greeting, the user name and password when the URL has them, then `CONNECT` to `target`.
     async fn connect_socks5(
         &self,
         tcp: &mut TcpStream,
-        target: Destination<'_>,
+        target: TargetAddr<'_>,
     ) -> Result<(), String> {
-        // Greeting: no authentication, or user name and password when the URL has them.
-        let greeting: &[u8] = if self.auth.is_some() {
-            &[5, 2, 0, 2]
-        } else {
-            &[5, 1, 0]
+        if let TargetAddr::Domain(host, _) = &target {
+            if host.len() > 255 {
+                return Err(format!("{host} is too long a name for SOCKS5"));
+            }
+        }
+        let handshake = match &self.auth {
+            Some((user, pass)) => {
+                Socks5Stream::connect_with_password_and_socket(tcp, target, user, pass).await
+            }
+            None => Socks5Stream::connect_with_socket(tcp, target).await,
         };
-        tcp.write_all(greeting).await.map_err(write_error)?;
-        let mut chosen = [0u8; 2];
-        tcp.read_exact(&mut chosen).await.map_err(read_error)?;
-        match (chosen, &self.auth) {
-            ([5, 0], _) => {}
-            ([5, 2], Some((user, pass))) => {
-                let mut ask = vec![1, user.len() as u8];
-                ask.extend_from_slice(user.as_bytes());
-                ask.push(pass.len() as u8);
-                ask.extend_from_slice(pass.as_bytes());
-                tcp.write_all(&ask).await.map_err(write_error)?;
-                let mut verdict = [0u8; 2];
-                tcp.read_exact(&mut verdict).await.map_err(read_error)?;
-                if verdict[1] != 0 {
-                    return Err("the SOCKS5 proxy refused the user name and password".into());
-                }
-            }
-            ([5, 0xff], _) => {
-                return Err("the SOCKS5 proxy accepts none of our authentication methods".into());
-            }
-            (other, _) => {
-                return Err(format!(
-                    "the SOCKS5 proxy answered the greeting with {other:?}"
-                ));
-            }
-        }
-        let mut ask = vec![5, 1, 0];
-        match target {
-            Destination::Ip(SocketAddr::V4(a)) => {
-                ask.push(1);
-                ask.extend_from_slice(&a.ip().octets());
-                ask.extend_from_slice(&a.port().to_be_bytes());
-            }
-            Destination::Ip(SocketAddr::V6(a)) => {
-                ask.push(4);
-                ask.extend_from_slice(&a.ip().octets());
-                ask.extend_from_slice(&a.port().to_be_bytes());
-            }
-            Destination::Name(host, port) => {
-                let name = host.as_bytes();
-                let len = u8::try_from(name.len())
-                    .map_err(|_| format!("{host} is too long a name for SOCKS5"))?;
-                ask.push(3);
-                ask.push(len);
-                ask.extend_from_slice(name);
-                ask.extend_from_slice(&port.to_be_bytes());
-            }
-        }
-        tcp.write_all(&ask).await.map_err(write_error)?;
-        let mut head = [0u8; 4];
-        tcp.read_exact(&mut head).await.map_err(read_error)?;
-        if head[0] != 5 {
-            return Err("the proxy does not speak SOCKS5".into());
-        }
-        if head[1] != 0 {
-            return Err(format!(
-                "the SOCKS5 proxy could not connect: {}",
-                socks5_reply(head[1])
-            ));
-        }
-        // The address the proxy bound, which nobody needs, then the tunnel starts.
-        let rest = match head[3] {
-            1 => 4 + 2,
-            4 => 16 + 2,
-            3 => {
-                let mut len = [0u8; 1];
-                tcp.read_exact(&mut len).await.map_err(read_error)?;
-                usize::from(len[0]) + 2
-            }
-            other => return Err(format!("the SOCKS5 proxy sent address type {other}")),
-        };
-        let mut skip = vec![0u8; rest];
-        tcp.read_exact(&mut skip).await.map_err(read_error)?;
-        Ok(())
+        handshake.map(drop).map_err(socks5_error)
     }
 }
 
@@ -266,11 +203,6 @@ impl std::fmt::Debug for Tunnel {
             self.display, self.target_host, self.target_port
         )
     }
-}
-
-enum Destination<'a> {
-    Ip(SocketAddr),
-    Name(&'a str, u16),
 }
 
 #[async_trait]
@@ -314,17 +246,44 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn socks5_reply(code: u8) -> &'static str {
-    match code {
-        1 => "general failure",
-        2 => "not allowed by its rules",
-        3 => "network unreachable",
-        4 => "host unreachable",
-        5 => "connection refused",
-        6 => "TTL expired",
-        7 => "command not supported",
-        8 => "address type not supported",
-        _ => "unknown error",
+/// A failed SOCKS5 handshake, said as the other tunnel errors are (no variant holds the
+/// credentials, so none is ever quoted).
+fn socks5_error(e: tokio_socks::Error) -> String {
+    use tokio_socks::Error as E;
+    let refused = |why: &str| format!("the SOCKS5 proxy could not connect: {why}");
+    match e {
+        E::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the proxy closed the connection during the SOCKS5 handshake".into()
+        }
+        E::Io(e) => format!("cannot talk to the proxy: {e}"),
+        E::InvalidResponseVersion => "the proxy does not speak SOCKS5".into(),
+        E::NoAcceptableAuthMethods => {
+            "the SOCKS5 proxy accepts none of our authentication methods".into()
+        }
+        E::AuthorizationRequired => {
+            "the SOCKS5 proxy asks for a user name and password, and the URL has none".into()
+        }
+        E::PasswordAuthFailure(_) => "the SOCKS5 proxy refused the user name and password".into(),
+        // The URL's user name and password are at most 255 bytes: the password is empty.
+        E::InvalidAuthValues(_) => {
+            "the SOCKS5 proxy URL has a user name but no password: SOCKS5 sends both".into()
+        }
+        E::GeneralSocksServerFailure => refused("general failure"),
+        E::ConnectionNotAllowedByRuleset => refused("not allowed by its rules"),
+        E::NetworkUnreachable => refused("network unreachable"),
+        E::HostUnreachable => refused("host unreachable"),
+        E::ConnectionRefused => refused("connection refused"),
+        E::TtlExpired => refused("TTL expired"),
+        E::CommandNotSupported => refused("command not supported"),
+        E::AddressTypeNotSupported => refused("address type not supported"),
+        // tokio-socks says this for an unknown reply code as well as an unknown method.
+        E::UnknownAuthMethod => {
+            "the SOCKS5 proxy answered with an unknown method or reply code".into()
+        }
+        E::InvalidReservedByte | E::UnknownAddressType | E::InvalidTargetAddress(_) => {
+            format!("the SOCKS5 proxy sent a malformed reply: {e}")
+        }
+        other => format!("the SOCKS5 handshake failed: {other}"),
     }
 }
 
@@ -418,6 +377,118 @@ mod tests {
         .unwrap();
         let e = t.open(None).await.unwrap_err();
         assert!(e.contains("407"), "{e}");
+    }
+
+    /// What a fake SOCKS5 proxy does, step by step: read that many bytes, send that answer.
+    type Steps = Vec<(usize, &'static [u8])>;
+
+    /// A one-shot SOCKS5 proxy on loopback that follows `steps`; returns all it read.
+    async fn fake_socks5(steps: Steps) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            for (len, answer) in steps {
+                let mut ask = vec![0u8; len];
+                s.read_exact(&mut ask).await.unwrap();
+                seen.extend_from_slice(&ask);
+                s.write_all(answer).await.unwrap();
+            }
+            seen
+        });
+        (port, task)
+    }
+
+    fn socks5_tunnel(url: &str, target_host: &str) -> Tunnel {
+        Tunnel::new(url, target_host, 443, Duration::from_secs(5)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn socks5h_sends_the_name_with_credentials_and_opens_the_tunnel() {
+        let name = "generativelanguage.googleapis.com";
+        let (port, seen) = fake_socks5(vec![
+            (4, &[5, 2]),
+            (3 + 2 + 6, &[1, 0]),
+            (5 + name.len() + 2, &[5, 0, 0, 1, 127, 0, 0, 1, 0, 80]),
+            (0, b"hello"),
+        ])
+        .await;
+        let t = socks5_tunnel(&format!("socks5h://me:secret@127.0.0.1:{port}"), name);
+        // The proxy resolves the name even when pingora resolved it too.
+        let mut tcp = t
+            .open(Some("127.0.0.9:443".parse().unwrap()))
+            .await
+            .unwrap();
+        let mut first = [0u8; 5];
+        tcp.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"hello", "the handshake read past its reply");
+        let mut expected = vec![5, 2, 0, 2, 1, 2, b'm', b'e', 6];
+        expected.extend_from_slice(b"secret");
+        expected.extend_from_slice(&[5, 1, 0, 3, name.len() as u8]);
+        expected.extend_from_slice(name.as_bytes());
+        expected.extend_from_slice(&443u16.to_be_bytes());
+        assert_eq!(seen.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn socks5_connects_by_the_address_resolved_here() {
+        let (port, seen) = fake_socks5(vec![
+            (3, &[5, 0]),
+            (10, &[5, 0, 0, 3, 4, b'a', b'b', b'c', b'd', 0, 80]),
+            (0, b"hello"),
+        ])
+        .await;
+        let t = socks5_tunnel(&format!("socks5://127.0.0.1:{port}"), "h.example");
+        let mut tcp = t
+            .open(Some("127.0.0.9:443".parse().unwrap()))
+            .await
+            .unwrap();
+        let mut first = [0u8; 5];
+        tcp.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"hello");
+        let seen = seen.await.unwrap();
+        assert_eq!(seen, [5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 9, 1, 187]);
+    }
+
+    #[tokio::test]
+    async fn socks5_failures_say_what_went_wrong_without_the_password() {
+        let cases: [(&str, Steps, &str); 6] = [
+            (
+                "me:secret@",
+                vec![(4, &[5, 2]), (11, &[1, 1])],
+                "refused the user name and password",
+            ),
+            (
+                "",
+                vec![(3, &[5, 0]), (10, &[5, 5, 0, 1, 0, 0, 0, 0, 0, 0])],
+                "could not connect: connection refused",
+            ),
+            (
+                "",
+                vec![(3, &[5, 0xff])],
+                "accepts none of our authentication",
+            ),
+            ("", vec![(3, &[5, 2])], "asks for a user name and password"),
+            ("", vec![(3, &[4, 0])], "does not speak SOCKS5"),
+            ("secret@", vec![], "no password"),
+        ];
+        for (credentials, steps, wanted) in cases {
+            let (port, _) = fake_socks5(steps).await;
+            let url = format!("socks5://{credentials}127.0.0.1:{port}");
+            let t = socks5_tunnel(&url, "h.example");
+            let e = t
+                .open(Some("127.0.0.9:443".parse().unwrap()))
+                .await
+                .unwrap_err();
+            assert!(e.contains(wanted), "{credentials}: {e}");
+            assert!(!e.contains("secret"), "the password leaked: {e}");
+        }
+        let long = "a".repeat(256);
+        let (port, _) = fake_socks5(vec![]).await;
+        let t = socks5_tunnel(&format!("socks5h://127.0.0.1:{port}"), &long);
+        let e = t.open(None).await.unwrap_err();
+        assert!(e.contains("too long a name for SOCKS5"), "{e}");
     }
 
     #[test]
