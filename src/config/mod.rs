@@ -708,52 +708,30 @@ pub fn from_str(
     Ok(config)
 }
 
+/// Checks every section, in order, and builds the config the gateway runs on.
 fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let server = &file.server;
-    let listen: SocketAddr = server.listen.parse().map_err(|_| {
-        invalid(
-            "server.listen",
-            format!(
-                "expected host:port like 0.0.0.0:8000, got {:?}",
-                server.listen
-            ),
-        )
-    })?;
-    let log_level = normalize_log_level(&server.log_level).ok_or_else(|| {
-        invalid(
-            "server.log_level",
-            format!("unknown level {:?}", server.log_level),
-        )
-    })?;
+    let listen = listen_addr(&server.listen)?;
+    let log_level = log_level(&server.log_level)?;
     check_limits(&file)?;
     let durations = durations(&file)?;
     let up = &file.upstream;
     let base_url = BaseUrl::parse(&up.base_url).map_err(|m| invalid("upstream.base_url", m))?;
-    for proxy in &up.proxies {
-        if let Err(why) = net::ProxyUrl::parse(proxy) {
-            return Err(invalid("upstream.proxies", why));
-        }
-    }
+    check_proxies(&up.proxies)?;
     let (tokens, auth_token) = tokens(&file.auth)?;
-    let public_url = match server.public_url.trim() {
-        "" => None,
-        url => Some(
-            BaseUrl::parse(url)
-                .map_err(|m| invalid("server.public_url", m))?
-                .to_string(),
-        ),
-    };
+    let public_url = public_url(&server.public_url)?;
     let policy = validate_policy(&file.policy)?;
-    let threads = if server.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        server.threads
-    };
+    let custom_headers = custom_headers(up)?;
+    let keys = keys(&file.keys)?;
+    let trusted_proxies = parse_all(&server.trusted_proxies, net::Cidr::parse)
+        .map_err(|m| invalid("server.trusted_proxies", m))?;
+    let fetch = fetch_config(&file.fetch)?;
+    let forward_headers = forward_headers(&up.forward_headers)?;
     Ok(Config {
         path: None,
         listen,
         data_dir: server.data_dir.clone(),
-        threads,
+        threads: threads(server.threads),
         max_body_bytes: server.max_body_bytes,
         grace_period: Duration::from_secs(server.grace_period_s),
         log_level,
@@ -762,41 +740,100 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         connect_timeout: durations.connect,
         max_retries: up.max_retries,
         pool_size: up.pool_size,
-        custom_headers: custom_headers(up)?,
-        keys: keys(&file.keys)?,
+        custom_headers,
+        keys,
         max_failures: file.keys.max_failures.max(1),
         tokens,
         auth_token,
-        paid_key: Some(file.keys.paid_key.trim())
-            .filter(|k| !k.is_empty())
-            .map(|k| KeySpec {
-                id: stable_id("k", k),
-                secret: Secret::new(k),
-                label: "paid".into(),
-                tags: vec!["paid".into()],
-                weight: 1,
-                source: KeySource::File,
-            }),
+        paid_key: paid_key(&file.keys.paid_key),
         policy,
         max_connections: server.max_connections,
         header_timeout: durations.header,
-        trusted_proxies: parse_all(&server.trusted_proxies, net::Cidr::parse)
-            .map_err(|m| invalid("server.trusted_proxies", m))?,
+        trusted_proxies,
         public_url,
         max_data_bytes: server.max_data_bytes,
-        fetch: FetchConfig {
-            enabled: file.fetch.enabled,
-            allow: parse_all(&file.fetch.allow, net::Allowed::parse)
-                .map_err(|m| invalid("fetch.allow", m))?,
-            max_bytes: file.fetch.max_bytes,
-        },
-        forward_headers: parse_all(&up.forward_headers, |name| {
-            http::HeaderName::try_from(name.trim().to_ascii_lowercase())
-                .map_err(|_| format!("{name:?} is not a header name"))
-        })
-        .map_err(|m| invalid("upstream.forward_headers", m))?,
+        fetch,
+        forward_headers,
         file,
     })
+}
+
+/// `server.listen` as a socket address.
+fn listen_addr(listen: &str) -> Result<SocketAddr, ConfigError> {
+    listen.parse().map_err(|_| {
+        invalid(
+            "server.listen",
+            format!("expected host:port like 0.0.0.0:8000, got {listen:?}"),
+        )
+    })
+}
+
+/// `server.log_level`, normalized.
+fn log_level(level: &str) -> Result<String, ConfigError> {
+    normalize_log_level(level)
+        .ok_or_else(|| invalid("server.log_level", format!("unknown level {level:?}")))
+}
+
+/// Every `upstream.proxies` entry must be a proxy URL.
+fn check_proxies(proxies: &[String]) -> Result<(), ConfigError> {
+    for proxy in proxies {
+        if let Err(why) = net::ProxyUrl::parse(proxy) {
+            return Err(invalid("upstream.proxies", why));
+        }
+    }
+    Ok(())
+}
+
+/// `server.public_url` without a trailing slash (`None` when unset).
+fn public_url(url: &str) -> Result<Option<String>, ConfigError> {
+    Ok(match url.trim() {
+        "" => None,
+        url => Some(
+            BaseUrl::parse(url)
+                .map_err(|m| invalid("server.public_url", m))?
+                .to_string(),
+        ),
+    })
+}
+
+/// `server.threads`, or one per core when it is 0.
+fn threads(threads: usize) -> usize {
+    if threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        threads
+    }
+}
+
+/// `PAID_KEY` as a key of its own (`None` when unset).
+fn paid_key(key: &str) -> Option<KeySpec> {
+    Some(key.trim()).filter(|k| !k.is_empty()).map(|k| KeySpec {
+        id: stable_id("k", k),
+        secret: Secret::new(k),
+        label: "paid".into(),
+        tags: vec!["paid".into()],
+        weight: 1,
+        source: KeySource::File,
+    })
+}
+
+/// `[fetch]`, its allow list parsed.
+fn fetch_config(fetch: &FetchSection) -> Result<FetchConfig, ConfigError> {
+    Ok(FetchConfig {
+        enabled: fetch.enabled,
+        allow: parse_all(&fetch.allow, net::Allowed::parse)
+            .map_err(|m| invalid("fetch.allow", m))?,
+        max_bytes: fetch.max_bytes,
+    })
+}
+
+/// `upstream.forward_headers` as header names.
+fn forward_headers(names: &[String]) -> Result<Vec<http::HeaderName>, ConfigError> {
+    parse_all(names, |name| {
+        http::HeaderName::try_from(name.trim().to_ascii_lowercase())
+            .map_err(|_| format!("{name:?} is not a header name"))
+    })
+    .map_err(|m| invalid("upstream.forward_headers", m))
 }
 
 /// Each of `items` parsed by `parse`, or the first complaint.

@@ -11,7 +11,7 @@
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
@@ -218,14 +218,7 @@ impl Policy {
         stats: Arc<PolicyStats>,
     ) -> Result<Policy, PolicyError> {
         let dir = config.plugin_dir();
-        let sources = match &dir {
-            Some(d) => read_dir(d).map_err(|e| PolicyError {
-                plugin: "-".into(),
-                hook: "load".into(),
-                message: format!("cannot read the plugins folder {}: {e}", d.display()),
-            })?,
-            None => embedded::sources(),
-        };
+        let sources = plugin_sources(dir.as_deref())?;
         let settings = settings(config);
         let scratch = Vm::with_host(
             config.policy.limits,
@@ -236,59 +229,10 @@ impl Policy {
         )?;
         let mut found = Vec::new();
         for source in sources {
-            let plugin = scratch.load(&source)?;
-            let mut conf = config
-                .file
-                .plugins
-                .get(&*plugin.name)
-                .cloned()
-                .unwrap_or_default();
-            let fail = |message: String| PolicyError {
-                plugin: plugin.name.to_string(),
-                hook: "config".into(),
-                message,
-            };
-            let enabled = match conf.remove("enabled") {
-                None => plugin.enabled,
-                Some(toml::Value::Boolean(b)) => b,
-                Some(_) => return Err(fail("`enabled` must be true or false".into())),
-            };
-            let priority = match conf.remove("priority") {
-                None => plugin.priority,
-                Some(toml::Value::Integer(p)) => p,
-                Some(_) => return Err(fail("`priority` must be an integer".into())),
-            };
-            let conf = serde_json::to_value(&conf).map_err(|e| fail(e.to_string()))?;
-            check_schema(&plugin, &conf)?;
-            let info = PluginInfo {
-                name: plugin.name.to_string(),
-                priority,
-                hooks: plugin.hooks.clone(),
-                enabled,
-                models: plugin.models.as_deref().map(<[String]>::to_vec),
-                file: match &dir {
-                    Some(_) => source.path.display().to_string(),
-                    None => format!("built-in:{}.lua", plugin.name),
-                },
-            };
-            found.push((info, Entry { source, conf }));
+            found.push(configure(config, &scratch, dir.is_some(), source)?);
         }
-        for name in config.file.plugins.keys() {
-            if !found.iter().any(|(info, _)| &info.name == name) {
-                tracing::warn!(plugin = %name, "[plugins.{name}] is set, but there is no such plugin");
-            }
-        }
-        // Higher priority first; equal priorities run in name order.
-        found.sort_by(|(a, _), (b, _)| {
-            (!a.enabled, -a.priority, &a.name).cmp(&(!b.enabled, -b.priority, &b.name))
-        });
-        let (plugins, entries): (Vec<_>, Vec<_>) = found.into_iter().unzip();
-        let entries = plugins
-            .iter()
-            .zip(entries)
-            .filter(|(info, _)| info.enabled)
-            .map(|(_, e)| e)
-            .collect();
+        warn_unknown_plugins(config, &found);
+        let (plugins, entries) = in_run_order(found);
         let mut policy = Policy {
             id,
             dir,
@@ -305,17 +249,24 @@ impl Policy {
         // Every `init` must pass before this generation may serve. An `init` may also remove
         // hooks its settings make needless: what is left after it is what runs.
         let engine = Engine::build(&policy)?;
+        policy.take_hooks(&engine);
+        Ok(policy)
+    }
+
+    /// Notes the hooks each plugin has after its `init`: which calls enter the VM, and what
+    /// the admin page shows.
+    fn take_hooks(&mut self, engine: &Engine) {
         for live in &engine.live {
             let hooks: Vec<&'static str> = live.hooks.iter().map(|h| h.name).collect();
             let models = live.plugin.models.as_deref();
             for hook in &hooks {
                 let takes = match *hook {
-                    "on_request" => &mut policy.hooks.on_request,
-                    "filter_models" => &mut policy.hooks.filter_models,
-                    "select_key" => &mut policy.hooks.select_key,
-                    "on_response" => &mut policy.hooks.on_response,
-                    "on_error" => &mut policy.hooks.on_error,
-                    "on_log" => &mut policy.hooks.on_log,
+                    "on_request" => &mut self.hooks.on_request,
+                    "filter_models" => &mut self.hooks.filter_models,
+                    "select_key" => &mut self.hooks.select_key,
+                    "on_response" => &mut self.hooks.on_response,
+                    "on_error" => &mut self.hooks.on_error,
+                    "on_log" => &mut self.hooks.on_log,
                     _ => continue,
                 };
                 // Model lists are not one call's: `filter_models` always runs.
@@ -325,7 +276,7 @@ impl Policy {
                     models
                 });
             }
-            if let Some(info) = policy
+            if let Some(info) = self
                 .plugins
                 .iter_mut()
                 .find(|p| *p.name == *live.plugin.name)
@@ -334,7 +285,6 @@ impl Policy {
                 info.models = models.map(<[String]>::to_vec);
             }
         }
-        Ok(policy)
     }
 
     /// The enabled plugins, in the order they run.
@@ -1233,14 +1183,7 @@ fn read_request_decision(
         return Ok(None);
     };
     if is_decision(&t, "deny") {
-        let status: u16 = t.get("status").map_err(|e| fail(e.to_string()))?;
-        if !(400..=599).contains(&status) {
-            return Err(fail(format!(
-                "gemgate.deny needs a 4xx or 5xx status, not {status}"
-            )));
-        }
-        let message: String = t.get("message").map_err(|e| fail(e.to_string()))?;
-        return Ok(Some(Denial { status, message }));
+        return read_denial(&t, &fail).map(Some);
     }
     if !is_decision(&t, "rewrite") {
         return Err(fail(
@@ -1249,63 +1192,98 @@ fn read_request_decision(
     }
     for pair in t.pairs::<String, Value>() {
         let (field, value) = pair.map_err(|e| fail(e.to_string()))?;
-        let json = |v: Value| -> Result<serde_json::Value, PolicyError> {
-            lua.from_value(v)
-                .map_err(|e| fail(format!("rewrite.{field}: {e}")))
-        };
-        match field.as_str() {
-            "decision" => {}
-            "model" => {
-                let Value::String(s) = value else {
-                    return Err(fail("rewrite.model must be a string".into()));
-                };
-                let m = s.to_str().map_err(|e| fail(e.to_string()))?.to_owned();
-                if m.is_empty() || m.contains(['/', '?', '#', ':', ' ']) {
-                    return Err(fail(format!("rewrite.model {m:?} is not a model name")));
-                }
-                rewrite.model = Some(m);
-            }
-            "headers" => {
-                let Value::Table(h) = value else {
-                    return Err(fail("rewrite.headers must be a table".into()));
-                };
-                for pair in h.pairs::<String, String>() {
-                    let (name, value) = pair.map_err(|e| fail(e.to_string()))?;
-                    let name = HeaderName::try_from(name.as_str())
-                        .map_err(|_| fail(format!("{name:?} is not a header name")))?;
-                    if crate::upstream::headers::is_protected_header(name.as_str()) {
-                        return Err(fail(format!("the header {name} cannot be rewritten")));
-                    }
-                    let value = HeaderValue::try_from(value.as_str())
-                        .map_err(|_| fail(format!("the value of {name} is not valid")))?;
-                    rewrite.headers.push((name, value));
-                }
-            }
-            "generation_config" | "generation_config_defaults" => {
-                let v = json(value)?;
-                if !v.is_object() {
-                    return Err(fail(format!("rewrite.{field} must be a table")));
-                }
-                let slot = if field == "generation_config" {
-                    &mut rewrite.generation_config
-                } else {
-                    &mut rewrite.generation_config_defaults
-                };
-                match slot {
-                    Some(old) => merge(old, v),
-                    None => *slot = Some(v),
-                }
-            }
-            "tools" => match json(value)? {
-                serde_json::Value::Array(tools) => rewrite.tools.extend(tools),
-                serde_json::Value::Object(m) if m.is_empty() => {}
-                tool @ serde_json::Value::Object(_) => rewrite.tools.push(tool),
-                _ => return Err(fail("rewrite.tools must be a list of tools".into())),
-            },
-            other => return Err(fail(format!("rewrite has no field {other:?}"))),
-        }
+        read_rewrite_field(lua, &field, value, rewrite, &fail)?;
     }
     Ok(None)
+}
+
+/// A `gemgate.deny(status, message)`, its status checked.
+fn read_denial(t: &Table, fail: &dyn Fn(String) -> PolicyError) -> Result<Denial, PolicyError> {
+    let status: u16 = t.get("status").map_err(|e| fail(e.to_string()))?;
+    if !(400..=599).contains(&status) {
+        return Err(fail(format!(
+            "gemgate.deny needs a 4xx or 5xx status, not {status}"
+        )));
+    }
+    let message: String = t.get("message").map_err(|e| fail(e.to_string()))?;
+    Ok(Denial { status, message })
+}
+
+/// Reads one field of a `gemgate.rewrite{...}` into `rewrite`.
+fn read_rewrite_field(
+    lua: &mlua::Lua,
+    field: &str,
+    value: Value,
+    rewrite: &mut Rewrite,
+    fail: &dyn Fn(String) -> PolicyError,
+) -> Result<(), PolicyError> {
+    let json = |v: Value| -> Result<serde_json::Value, PolicyError> {
+        lua.from_value(v)
+            .map_err(|e| fail(format!("rewrite.{field}: {e}")))
+    };
+    match field {
+        "decision" => {}
+        "model" => rewrite.model = Some(read_model(value, fail)?),
+        "headers" => read_headers(value, &mut rewrite.headers, fail)?,
+        "generation_config" | "generation_config_defaults" => {
+            let v = json(value)?;
+            if !v.is_object() {
+                return Err(fail(format!("rewrite.{field} must be a table")));
+            }
+            let slot = if field == "generation_config" {
+                &mut rewrite.generation_config
+            } else {
+                &mut rewrite.generation_config_defaults
+            };
+            match slot {
+                Some(old) => merge(old, v),
+                None => *slot = Some(v),
+            }
+        }
+        "tools" => match json(value)? {
+            serde_json::Value::Array(tools) => rewrite.tools.extend(tools),
+            serde_json::Value::Object(m) if m.is_empty() => {}
+            tool @ serde_json::Value::Object(_) => rewrite.tools.push(tool),
+            _ => return Err(fail("rewrite.tools must be a list of tools".into())),
+        },
+        other => return Err(fail(format!("rewrite has no field {other:?}"))),
+    }
+    Ok(())
+}
+
+/// `rewrite.model`, which must be a plain model name.
+fn read_model(value: Value, fail: &dyn Fn(String) -> PolicyError) -> Result<String, PolicyError> {
+    let Value::String(s) = value else {
+        return Err(fail("rewrite.model must be a string".into()));
+    };
+    let m = s.to_str().map_err(|e| fail(e.to_string()))?.to_owned();
+    if m.is_empty() || m.contains(['/', '?', '#', ':', ' ']) {
+        return Err(fail(format!("rewrite.model {m:?} is not a model name")));
+    }
+    Ok(m)
+}
+
+/// `rewrite.headers`, added to `headers`; credentials and framing headers are refused.
+fn read_headers(
+    value: Value,
+    headers: &mut Vec<(HeaderName, HeaderValue)>,
+    fail: &dyn Fn(String) -> PolicyError,
+) -> Result<(), PolicyError> {
+    let Value::Table(h) = value else {
+        return Err(fail("rewrite.headers must be a table".into()));
+    };
+    for pair in h.pairs::<String, String>() {
+        let (name, value) = pair.map_err(|e| fail(e.to_string()))?;
+        let name = HeaderName::try_from(name.as_str())
+            .map_err(|_| fail(format!("{name:?} is not a header name")))?;
+        if crate::upstream::headers::is_protected_header(name.as_str()) {
+            return Err(fail(format!("the header {name} cannot be rewritten")));
+        }
+        let value = HeaderValue::try_from(value.as_str())
+            .map_err(|_| fail(format!("the value of {name} is not valid")))?;
+        headers.push((name, value));
+    }
+    Ok(())
 }
 
 fn read_attempt_decision(
@@ -1357,6 +1335,101 @@ pub fn merge(base: &mut serde_json::Value, over: serde_json::Value) {
         }
         (slot, v) => *slot = v,
     }
+}
+
+/// The plugin files of `dir`, or the plugins built into gemgate when there is none.
+fn plugin_sources(dir: Option<&Path>) -> Result<Vec<PluginSource>, PolicyError> {
+    Ok(match dir {
+        Some(d) => read_dir(d).map_err(|e| PolicyError {
+            plugin: "-".into(),
+            hook: "load".into(),
+            message: format!("cannot read the plugins folder {}: {e}", d.display()),
+        })?,
+        None => embedded::sources(),
+    })
+}
+
+/// Loads a plugin into the scratch VM and reads its `[plugins.<name>]` section, checked
+/// against its schema; `from_dir` says whether it came from the plugins folder.
+fn configure(
+    config: &Config,
+    scratch: &Vm,
+    from_dir: bool,
+    source: PluginSource,
+) -> Result<(PluginInfo, Entry), PolicyError> {
+    let plugin = scratch.load(&source)?;
+    let mut conf = config
+        .file
+        .plugins
+        .get(&*plugin.name)
+        .cloned()
+        .unwrap_or_default();
+    let fail = |message: String| PolicyError {
+        plugin: plugin.name.to_string(),
+        hook: "config".into(),
+        message,
+    };
+    let (enabled, priority) = switches(&plugin, &mut conf, &fail)?;
+    let conf = serde_json::to_value(&conf).map_err(|e| fail(e.to_string()))?;
+    check_schema(&plugin, &conf)?;
+    let info = PluginInfo {
+        name: plugin.name.to_string(),
+        priority,
+        hooks: plugin.hooks.clone(),
+        enabled,
+        models: plugin.models.as_deref().map(<[String]>::to_vec),
+        file: if from_dir {
+            source.path.display().to_string()
+        } else {
+            format!("built-in:{}.lua", plugin.name)
+        },
+    };
+    Ok((info, Entry { source, conf }))
+}
+
+/// Takes gemgate's own `enabled` and `priority` out of a plugin's section (the plugin's
+/// defaults when unset).
+fn switches(
+    plugin: &Plugin,
+    conf: &mut toml::Table,
+    fail: &dyn Fn(String) -> PolicyError,
+) -> Result<(bool, i64), PolicyError> {
+    let enabled = match conf.remove("enabled") {
+        None => plugin.enabled,
+        Some(toml::Value::Boolean(b)) => b,
+        Some(_) => return Err(fail("`enabled` must be true or false".into())),
+    };
+    let priority = match conf.remove("priority") {
+        None => plugin.priority,
+        Some(toml::Value::Integer(p)) => p,
+        Some(_) => return Err(fail("`priority` must be an integer".into())),
+    };
+    Ok((enabled, priority))
+}
+
+/// Warns of each `[plugins.<name>]` section that names no plugin.
+fn warn_unknown_plugins(config: &Config, found: &[(PluginInfo, Entry)]) {
+    for name in config.file.plugins.keys() {
+        if !found.iter().any(|(info, _)| &info.name == name) {
+            tracing::warn!(plugin = %name, "[plugins.{name}] is set, but there is no such plugin");
+        }
+    }
+}
+
+/// Every plugin, enabled ones first in the order they run, and the entries of the enabled ones.
+fn in_run_order(mut found: Vec<(PluginInfo, Entry)>) -> (Vec<PluginInfo>, Vec<Entry>) {
+    // Higher priority first; equal priorities run in name order.
+    found.sort_by(|(a, _), (b, _)| {
+        (!a.enabled, -a.priority, &a.name).cmp(&(!b.enabled, -b.priority, &b.name))
+    });
+    let (plugins, entries): (Vec<_>, Vec<_>) = found.into_iter().unzip();
+    let entries = plugins
+        .iter()
+        .zip(entries)
+        .filter(|(info, _)| info.enabled)
+        .map(|(_, e)| e)
+        .collect();
+    (plugins, entries)
 }
 
 /// Checks a plugin's config against its `schema`.

@@ -530,7 +530,6 @@ impl UserData for CounterHandle {
 /// The `gemgate` host table: log, clock, JSON, hashing, counters, settings and the decision
 /// constructors.
 fn host_table(lua: &Lua, h: Host, current: Rc<RefCell<Rc<str>>>) -> mlua::Result<Table> {
-    use tracing::Level;
     let host = lua.create_table()?;
     let counters = h.counters;
     host.set(
@@ -545,6 +544,26 @@ fn host_table(lua: &Lua, h: Host, current: Rc<RefCell<Rc<str>>>) -> mlua::Result
         })?,
     )?;
     host.set("settings", lua.to_value(&h.settings)?)?;
+    host.set("log", log_table(lua)?)?;
+    host.set(
+        "now_ms",
+        lua.create_function(|_, ()| Ok(crate::clock::now_ms()))?,
+    )?;
+    host.set("json", json_table(lua)?)?;
+    host.set(
+        "hash",
+        lua.create_function(|_, s: mlua::String| {
+            let digest = Sha256::digest(s.as_bytes());
+            Ok(i64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) & i64::MAX)
+        })?,
+    )?;
+    set_decisions(lua, &host)?;
+    Ok(host)
+}
+
+/// `gemgate.log`: `info`, `warn` and `error`, each naming the plugin line that logged.
+fn log_table(lua: &Lua) -> mlua::Result<Table> {
+    use tracing::Level;
     let log = lua.create_table()?;
     for (name, level) in [
         ("info", Level::INFO),
@@ -572,11 +591,11 @@ fn host_table(lua: &Lua, h: Host, current: Rc<RefCell<Rc<str>>>) -> mlua::Result
         })?;
         log.set(name, f)?;
     }
-    host.set("log", log)?;
-    host.set(
-        "now_ms",
-        lua.create_function(|_, ()| Ok(crate::clock::now_ms()))?,
-    )?;
+    Ok(log)
+}
+
+/// `gemgate.json`: `encode` and `decode`.
+fn json_table(lua: &Lua) -> mlua::Result<Table> {
     let json = lua.create_table()?;
     json.set(
         "encode",
@@ -592,23 +611,22 @@ fn host_table(lua: &Lua, h: Host, current: Rc<RefCell<Rc<str>>>) -> mlua::Result
             lua.to_value(&v)
         })?,
     )?;
-    host.set("json", json)?;
-    host.set(
-        "hash",
-        lua.create_function(|_, s: mlua::String| {
-            let digest = Sha256::digest(s.as_bytes());
-            Ok(i64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) & i64::MAX)
-        })?,
-    )?;
+    Ok(json)
+}
+
+/// A decision table of `kind`, as the decision constructors make them.
+fn decision(lua: &Lua, kind: &str) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("decision", kind)?;
+    Ok(t)
+}
+
+/// The decision constructors: `deny`, `rewrite`, `retry`, `cool` and `disable`.
+fn set_decisions(lua: &Lua, host: &Table) -> mlua::Result<()> {
     // Decisions are plain tables tagged with `decision`; the host reads them back.
-    let decision = |lua: &Lua, kind: &str| -> mlua::Result<Table> {
-        let t = lua.create_table()?;
-        t.set("decision", kind)?;
-        Ok(t)
-    };
     host.set(
         "deny",
-        lua.create_function(move |lua, (status, message): (u16, String)| {
+        lua.create_function(|lua, (status, message): (u16, String)| {
             let t = decision(lua, "deny")?;
             t.set("status", status)?;
             t.set("message", message)?;
@@ -624,11 +642,11 @@ fn host_table(lua: &Lua, h: Host, current: Rc<RefCell<Rc<str>>>) -> mlua::Result
     )?;
     host.set(
         "retry",
-        lua.create_function(move |lua, ()| decision(lua, "retry"))?,
+        lua.create_function(|lua, ()| decision(lua, "retry"))?,
     )?;
     host.set(
         "cool",
-        lua.create_function(move |lua, seconds: f64| {
+        lua.create_function(|lua, seconds: f64| {
             let t = decision(lua, "cool")?;
             t.set("seconds", seconds)?;
             Ok(t)
@@ -636,13 +654,13 @@ fn host_table(lua: &Lua, h: Host, current: Rc<RefCell<Rc<str>>>) -> mlua::Result
     )?;
     host.set(
         "disable",
-        lua.create_function(move |lua, reason: String| {
+        lua.create_function(|lua, reason: String| {
             let t = decision(lua, "disable")?;
             t.set("reason", reason)?;
             Ok(t)
         })?,
     )?;
-    Ok(host)
+    Ok(())
 }
 
 #[cfg(test)]

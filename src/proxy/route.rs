@@ -181,109 +181,144 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
         return Route::Health;
     }
     if let Some(rest) = path.strip_prefix("/v1/") {
-        let models = rest.trim_end_matches('/');
-        let native = models.starts_with("models/") && (models.contains(':') || goog_credential)
-            || models == "models" && goog_credential
-            || models == "files"
-            || models.starts_with("files/");
-        if native {
+        if is_google_v1(rest, goog_credential) {
             return native_route(rest);
         }
     }
     if let Some(rest) = path.strip_prefix("/gemini/v1/") {
         return native_route(rest);
     }
-    if matches!(
+    if is_upload(path) {
+        return Route::Upload;
+    }
+    if let Some(route) = openai_route(path) {
+        return route;
+    }
+    if let Some(rest) = path.strip_prefix("/openai/v1/") {
+        return google_openai_route(rest);
+    }
+    if let Some(page) = page_route(path) {
+        return Route::Page(page);
+    }
+    if let Some(call) = path.strip_prefix("/admin/api/") {
+        return admin_route(call);
+    }
+    let rest = path.strip_prefix("/gemini").unwrap_or(path);
+    match rest.strip_prefix("/v1beta/") {
+        Some(rest) => native_route(rest),
+        None => Route::NotFound,
+    }
+}
+
+/// Whether a `/v1/` path (given without the prefix) is Google's stable API rather than OpenAI's.
+fn is_google_v1(rest: &str, goog_credential: bool) -> bool {
+    let models = rest.trim_end_matches('/');
+    models.starts_with("models/") && (models.contains(':') || goog_credential)
+        || models == "models" && goog_credential
+        || models == "files"
+        || models.starts_with("files/")
+}
+
+/// Whether the path is the Files API's upload.
+fn is_upload(path: &str) -> bool {
+    matches!(
         path.trim_end_matches('/'),
         "/upload/v1beta/files"
             | "/gemini/upload/v1beta/files"
             | "/upload/v1/files"
             | "/gemini/upload/v1/files"
-    ) {
-        return Route::Upload;
-    }
+    )
+}
+
+/// The OpenAI-compatible route of a `/v1/` or `/hf/v1/` path (`None` for other paths).
+fn openai_route(path: &str) -> Option<Route> {
     for prefix in ["/v1/", "/hf/v1/"] {
         if let Some(rest) = path.strip_prefix(prefix) {
-            return match rest.trim_end_matches('/') {
+            return Some(match rest.trim_end_matches('/') {
                 "chat/completions" => Route::OpenAi(OpenAiCall::Chat),
                 "models" => Route::OpenAi(OpenAiCall::Models),
                 "embeddings" => Route::OpenAi(OpenAiCall::Embeddings),
                 "images/generations" => Route::OpenAi(OpenAiCall::Images),
                 "audio/speech" => Route::OpenAi(OpenAiCall::Speech),
                 _ => Route::NotFound,
-            };
+            });
         }
     }
-    if let Some(rest) = path.strip_prefix("/openai/v1/") {
-        let valid = !rest.is_empty()
-            && rest
-                .split('/')
-                .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
-            && rest
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._/:".contains(&b));
-        return if valid {
-            Route::GoogleOpenAi(rest.to_owned())
-        } else {
-            Route::NotFound
-        };
+    None
+}
+
+/// A path of Google's OpenAI-compatible API, from after `/openai/v1/`: passed through when
+/// it is a plain relative path.
+fn google_openai_route(rest: &str) -> Route {
+    let valid = !rest.is_empty()
+        && rest
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._/:".contains(&b));
+    if valid {
+        Route::GoogleOpenAi(rest.to_owned())
+    } else {
+        Route::NotFound
     }
-    if let Some(page) = page_route(path) {
-        return Route::Page(page);
+}
+
+/// An admin API call, from the path after `/admin/api/`.
+fn admin_route(call: &str) -> Route {
+    match call.trim_end_matches('/') {
+        "reload" => Route::Admin(AdminCall::Reload),
+        "keys" => Route::Admin(AdminCall::Keys),
+        "keys/verify" => Route::Admin(AdminCall::VerifyKeys),
+        "keys/bulk" => Route::Admin(AdminCall::BulkKeys),
+        "resources" => Route::Admin(AdminCall::Resources),
+        logs if logs.starts_with("logs/") => logs_route(&logs["logs/".len()..]),
+        rest if rest
+            .strip_prefix("keys/")
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())) =>
+        {
+            Route::Admin(AdminCall::DeleteKey {
+                id: rest["keys/".len()..].to_owned(),
+            })
+        }
+        rest => key_action_route(rest),
     }
-    if let Some(call) = path.strip_prefix("/admin/api/") {
-        return match call.trim_end_matches('/') {
-            "reload" => Route::Admin(AdminCall::Reload),
-            "keys" => Route::Admin(AdminCall::Keys),
-            "keys/verify" => Route::Admin(AdminCall::VerifyKeys),
-            "keys/bulk" => Route::Admin(AdminCall::BulkKeys),
-            "resources" => Route::Admin(AdminCall::Resources),
-            logs if logs.starts_with("logs/") => {
-                let mut parts = logs["logs/".len()..].splitn(2, '/');
-                let Some(log) = parts.next().and_then(crate::store::logs::Log::from_name) else {
-                    return Route::NotFound;
-                };
-                let row = match parts.next() {
-                    None => None,
-                    Some(r) => match parse_row(r) {
-                        Some(row) => Some(row),
-                        None => return Route::NotFound,
-                    },
-                };
-                Route::Admin(AdminCall::Logs { log, row })
-            }
-            rest if rest.strip_prefix("keys/").is_some_and(|id| {
-                !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())
-            }) =>
-            {
-                Route::Admin(AdminCall::DeleteKey {
-                    id: rest["keys/".len()..].to_owned(),
-                })
-            }
-            rest => match rest.strip_prefix("keys/").and_then(|r| r.split_once('/')) {
-                Some((id, action))
-                    if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-                {
-                    let action = match action {
-                        "verify" => KeyAction::Verify,
-                        "reset" => KeyAction::Reset,
-                        "enable" => KeyAction::Enable,
-                        "disable" => KeyAction::Disable,
-                        _ => return Route::NotFound,
-                    };
-                    Route::Admin(AdminCall::KeyAction {
-                        id: id.to_owned(),
-                        action,
-                    })
-                }
-                _ => Route::NotFound,
-            },
-        };
-    }
-    let rest = path.strip_prefix("/gemini").unwrap_or(path);
-    match rest.strip_prefix("/v1beta/") {
-        Some(rest) => native_route(rest),
-        None => Route::NotFound,
+}
+
+/// A log's route, from the path after `logs/`: `{requests|errors}` (a page) or `{log}/{ts}-{seq}`
+/// (one row).
+fn logs_route(rest: &str) -> Route {
+    let mut parts = rest.splitn(2, '/');
+    let Some(log) = parts.next().and_then(crate::store::logs::Log::from_name) else {
+        return Route::NotFound;
+    };
+    let row = match parts.next() {
+        None => None,
+        Some(r) => match parse_row(r) {
+            Some(row) => Some(row),
+            None => return Route::NotFound,
+        },
+    };
+    Route::Admin(AdminCall::Logs { log, row })
+}
+
+/// `keys/{id}/{verify|reset|enable|disable}`; anything else is not found.
+fn key_action_route(rest: &str) -> Route {
+    match rest.strip_prefix("keys/").and_then(|r| r.split_once('/')) {
+        Some((id, action)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+            let action = match action {
+                "verify" => KeyAction::Verify,
+                "reset" => KeyAction::Reset,
+                "enable" => KeyAction::Enable,
+                "disable" => KeyAction::Disable,
+                _ => return Route::NotFound,
+            };
+            Route::Admin(AdminCall::KeyAction {
+                id: id.to_owned(),
+                action,
+            })
+        }
+        _ => Route::NotFound,
     }
 }
 

@@ -40,86 +40,89 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
         .and_then(Value::as_array)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| BadRequest::new("messages", "`messages` must be a non-empty list"))?;
+    let turns = Turns::of(messages)?;
 
-    let mut system: Vec<Value> = Vec::new();
-    let mut contents: Vec<Value> = Vec::new();
-    // Tool call ids → function names, for `tool` messages (which name only the id).
-    let mut call_names: HashMap<String, String> = HashMap::new();
-    for (i, m) in messages.iter().enumerate() {
+    let mut out = Map::new();
+    out.insert("contents".into(), Value::Array(turns.contents));
+    if !turns.system.is_empty() {
+        out.insert("systemInstruction".into(), json!({ "parts": turns.system }));
+    }
+    // One budget for every schema of the request: many tools cannot multiply it.
+    let mut budget = schema::Budget::default();
+    let config = generation_config(obj, &mut budget)?;
+    if !config.is_empty() {
+        out.insert("generationConfig".into(), Value::Object(config));
+    }
+    let decls = function_declarations(obj, &mut budget)?;
+    if !decls.is_empty() {
+        out.insert("tools".into(), json!([{ "functionDeclarations": decls }]));
+    }
+    if let Some(choice) = obj.get("tool_choice") {
+        out.insert(
+            "toolConfig".into(),
+            json!({ "functionCallingConfig": function_calling_config(choice)? }),
+        );
+    }
+    keep_google_settings(body, obj, &mut out);
+    Ok(ChatCall {
+        model,
+        stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        body: Value::Object(out),
+    })
+}
+
+/// The messages of a chat request as Gemini sees them.
+#[derive(Default)]
+struct Turns {
+    /// The parts of the system instruction.
+    system: Vec<Value>,
+    /// The user and model turns.
+    contents: Vec<Value>,
+    /// Tool call ids → function names, for `tool` messages (which name only the id).
+    call_names: HashMap<String, String>,
+}
+
+impl Turns {
+    /// Reads every message, in order; there must be at least one user or assistant turn.
+    fn of(messages: &[Value]) -> Result<Turns, BadRequest> {
+        let mut turns = Turns::default();
+        for (i, m) in messages.iter().enumerate() {
+            turns.add(i, m)?;
+        }
+        if turns.contents.is_empty() {
+            return Err(BadRequest::new(
+                "messages",
+                "`messages` needs at least one user or assistant message",
+            ));
+        }
+        Ok(turns)
+    }
+
+    /// Adds message `i` where its role says: the system instruction or a turn.
+    fn add(&mut self, i: usize, m: &Value) -> Result<(), BadRequest> {
         let at = |field: &str| format!("messages[{i}].{field}");
         let role = m
             .get("role")
             .and_then(Value::as_str)
             .ok_or_else(|| BadRequest::new(&at("role"), "every message needs a role"))?;
         match role {
-            "system" | "developer" => system.extend(parts(m.get("content"), &at("content"))?),
+            "system" | "developer" => self.system.extend(parts(m.get("content"), &at("content"))?),
             "user" => push(
-                &mut contents,
+                &mut self.contents,
                 "user",
                 parts(m.get("content"), &at("content"))?,
             ),
             "assistant" => {
-                let mut p = match m.get("content") {
-                    None | Some(Value::Null) => Vec::new(),
-                    Some(c) => parts(Some(c), &at("content"))?,
-                };
-                for (j, call) in m
-                    .get("tool_calls")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .enumerate()
-                {
-                    let field = at(&format!("tool_calls[{j}]"));
-                    let f = call
-                        .get("function")
-                        .ok_or_else(|| BadRequest::new(&field, "needs a function"))?;
-                    let name = f
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| BadRequest::new(&field, "needs a function name"))?;
-                    let args = match f.get("arguments") {
-                        Some(Value::String(s)) if s.trim().is_empty() => json!({}),
-                        Some(Value::String(s)) => serde_json::from_str(s).map_err(|_| {
-                            BadRequest::new(&field, "`arguments` must be a JSON object")
-                        })?,
-                        Some(v @ Value::Object(_)) => v.clone(),
-                        _ => json!({}),
-                    };
-                    if let Some(id) = call.get("id").and_then(Value::as_str) {
-                        call_names.insert(id.to_owned(), name.to_owned());
-                    }
-                    let mut part = json!({ "functionCall": { "name": name, "args": args } });
-                    if let Some(sig) = call.pointer("/extra_content/google/thought_signature") {
-                        part["thoughtSignature"] = sig.clone();
-                    }
-                    p.push(part);
-                }
-                push(&mut contents, "model", p);
+                let p = self.assistant_parts(i, m)?;
+                push(&mut self.contents, "model", p);
             }
             "tool" | "function" => {
-                let name = m
-                    .get("tool_call_id")
-                    .and_then(Value::as_str)
-                    .and_then(|id| call_names.get(id).cloned())
-                    .or_else(|| m.get("name").and_then(Value::as_str).map(str::to_owned))
-                    .ok_or_else(|| {
-                        BadRequest::new(
-                            &at("tool_call_id"),
-                            "names no tool call of an earlier assistant message",
-                        )
-                    })?;
-                let text = text_of(m.get("content"));
-                let response = match serde_json::from_str::<Value>(&text) {
-                    Ok(v @ Value::Object(_)) => v,
-                    Ok(v) => json!({ "result": v }),
-                    Err(_) => json!({ "result": text }),
-                };
-                push(
-                    &mut contents,
-                    "user",
-                    vec![json!({ "functionResponse": { "name": name, "response": response } })],
-                );
+                let p = self.function_response(i, m)?;
+                push(&mut self.contents, "user", vec![p]);
             }
             other => {
                 return Err(BadRequest::new(
@@ -128,72 +131,136 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
                 ));
             }
         }
-    }
-    if contents.is_empty() {
-        return Err(BadRequest::new(
-            "messages",
-            "`messages` needs at least one user or assistant message",
-        ));
+        Ok(())
     }
 
-    let mut out = Map::new();
-    out.insert("contents".into(), Value::Array(contents));
-    if !system.is_empty() {
-        out.insert("systemInstruction".into(), json!({ "parts": system }));
-    }
-    // One budget for every schema of the request: many tools cannot multiply it.
-    let mut budget = schema::Budget::default();
-    let config = generation_config(obj, &mut budget)?;
-    if !config.is_empty() {
-        out.insert("generationConfig".into(), Value::Object(config));
-    }
-    if let Some(tools) = obj.get("tools").and_then(Value::as_array) {
-        let mut decls = Vec::new();
-        for (i, t) in tools.iter().enumerate() {
-            let f = t
-                .get("function")
-                .ok_or_else(|| BadRequest::new(&format!("tools[{i}]"), "needs a function"))?;
-            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
-                BadRequest::new(&format!("tools[{i}].function.name"), "is required")
-            })?;
-            let mut d = json!({ "name": name });
-            if let Some(desc) = f.get("description") {
-                d["description"] = desc.clone();
-            }
-            if let Some(p) = f.get("parameters") {
-                let field = format!("tools[{i}].function.parameters");
-                d["parameters"] = schema::clean(p, &mut budget)
-                    .map_err(|e| BadRequest::new(&field, e.to_string()))?;
-            }
-            decls.push(d);
-        }
-        if !decls.is_empty() {
-            out.insert("tools".into(), json!([{ "functionDeclarations": decls }]));
-        }
-    }
-    if let Some(choice) = obj.get("tool_choice") {
-        let config = match choice {
-            Value::String(s) if s == "none" => json!({ "mode": "NONE" }),
-            Value::String(s) if s == "auto" => json!({ "mode": "AUTO" }),
-            Value::String(s) if s == "required" => json!({ "mode": "ANY" }),
-            Value::Object(_) => match choice.pointer("/function/name").and_then(Value::as_str) {
-                Some(name) => json!({ "mode": "ANY", "allowedFunctionNames": [name] }),
-                None => return Err(BadRequest::new("tool_choice", "needs function.name")),
-            },
-            _ => {
-                return Err(BadRequest::new(
-                    "tool_choice",
-                    "must be none, auto, required or a function",
-                ));
-            }
+    /// An assistant message's content and tool calls, as parts.
+    fn assistant_parts(&mut self, i: usize, m: &Value) -> Result<Vec<Value>, BadRequest> {
+        let mut p = match m.get("content") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(c) => parts(Some(c), &format!("messages[{i}].content"))?,
         };
-        out.insert(
-            "toolConfig".into(),
-            json!({ "functionCallingConfig": config }),
-        );
+        for (j, call) in m
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            p.push(self.function_call(call, &format!("messages[{i}].tool_calls[{j}]"))?);
+        }
+        Ok(p)
     }
-    // Gemini's own settings, which OpenAI clients send as extra body fields (top level, or in
-    // `extra_body.google` as Google's OpenAI-compatible API takes them): kept, never dropped.
+
+    /// One tool call of an assistant message as a `functionCall` part; remembers its name.
+    fn function_call(&mut self, call: &Value, field: &str) -> Result<Value, BadRequest> {
+        let f = call
+            .get("function")
+            .ok_or_else(|| BadRequest::new(field, "needs a function"))?;
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| BadRequest::new(field, "needs a function name"))?;
+        let args = match f.get("arguments") {
+            Some(Value::String(s)) if s.trim().is_empty() => json!({}),
+            Some(Value::String(s)) => serde_json::from_str(s)
+                .map_err(|_| BadRequest::new(field, "`arguments` must be a JSON object"))?,
+            Some(v @ Value::Object(_)) => v.clone(),
+            _ => json!({}),
+        };
+        if let Some(id) = call.get("id").and_then(Value::as_str) {
+            self.call_names.insert(id.to_owned(), name.to_owned());
+        }
+        let mut part = json!({ "functionCall": { "name": name, "args": args } });
+        if let Some(sig) = call.pointer("/extra_content/google/thought_signature") {
+            part["thoughtSignature"] = sig.clone();
+        }
+        Ok(part)
+    }
+
+    /// A `tool` message as a `functionResponse` part, named after the call it answers.
+    fn function_response(&self, i: usize, m: &Value) -> Result<Value, BadRequest> {
+        let name = m
+            .get("tool_call_id")
+            .and_then(Value::as_str)
+            .and_then(|id| self.call_names.get(id).cloned())
+            .or_else(|| m.get("name").and_then(Value::as_str).map(str::to_owned))
+            .ok_or_else(|| {
+                BadRequest::new(
+                    &format!("messages[{i}].tool_call_id"),
+                    "names no tool call of an earlier assistant message",
+                )
+            })?;
+        let text = text_of(m.get("content"));
+        let response = match serde_json::from_str::<Value>(&text) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(v) => json!({ "result": v }),
+            Err(_) => json!({ "result": text }),
+        };
+        Ok(json!({ "functionResponse": { "name": name, "response": response } }))
+    }
+}
+
+/// `tools` → Gemini's function declarations; their schemas draw on `budget`.
+fn function_declarations(
+    obj: &Map<String, Value>,
+    budget: &mut schema::Budget,
+) -> Result<Vec<Value>, BadRequest> {
+    let tools = obj.get("tools").and_then(Value::as_array);
+    let mut decls = Vec::new();
+    for (i, t) in tools.into_iter().flatten().enumerate() {
+        decls.push(function_declaration(i, t, budget)?);
+    }
+    Ok(decls)
+}
+
+/// Tool `i` as a function declaration.
+fn function_declaration(
+    i: usize,
+    t: &Value,
+    budget: &mut schema::Budget,
+) -> Result<Value, BadRequest> {
+    let f = t
+        .get("function")
+        .ok_or_else(|| BadRequest::new(&format!("tools[{i}]"), "needs a function"))?;
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| BadRequest::new(&format!("tools[{i}].function.name"), "is required"))?;
+    let mut d = json!({ "name": name });
+    if let Some(desc) = f.get("description") {
+        d["description"] = desc.clone();
+    }
+    if let Some(p) = f.get("parameters") {
+        let field = format!("tools[{i}].function.parameters");
+        d["parameters"] =
+            schema::clean(p, budget).map_err(|e| BadRequest::new(&field, e.to_string()))?;
+    }
+    Ok(d)
+}
+
+/// `tool_choice` → Gemini's `functionCallingConfig`.
+fn function_calling_config(choice: &Value) -> Result<Value, BadRequest> {
+    Ok(match choice {
+        Value::String(s) if s == "none" => json!({ "mode": "NONE" }),
+        Value::String(s) if s == "auto" => json!({ "mode": "AUTO" }),
+        Value::String(s) if s == "required" => json!({ "mode": "ANY" }),
+        Value::Object(_) => match choice.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) => json!({ "mode": "ANY", "allowedFunctionNames": [name] }),
+            None => return Err(BadRequest::new("tool_choice", "needs function.name")),
+        },
+        _ => {
+            return Err(BadRequest::new(
+                "tool_choice",
+                "must be none, auto, required or a function",
+            ));
+        }
+    })
+}
+
+/// Gemini's own settings, which OpenAI clients send as extra body fields (top level, or in
+/// `extra_body.google` as Google's OpenAI-compatible API takes them): kept, never dropped.
+fn keep_google_settings(body: &Value, obj: &Map<String, Value>, out: &mut Map<String, Value>) {
     let google = body.pointer("/extra_body/google");
     for (names, to) in [
         (["safety_settings", "safetySettings"], "safetySettings"),
@@ -212,15 +279,6 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
         let config = out.entry("generationConfig").or_insert_with(|| json!({}));
         config["thinkingConfig"] = thinking.clone();
     }
-    Ok(ChatCall {
-        model,
-        stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        include_usage: body
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        body: Value::Object(out),
-    })
 }
 
 /// Appends parts as a turn of `role`, joining a turn of the same role before it (Gemini wants
@@ -374,6 +432,21 @@ fn generation_config(
     budget: &mut schema::Budget,
 ) -> Result<Map<String, Value>, BadRequest> {
     let mut c = Map::new();
+    copy_numbers(obj, &mut c)?;
+    if let Some(stop) = stop_sequences(obj)? {
+        c.insert("stopSequences".into(), stop);
+    }
+    if let Some(format) = obj.get("response_format").filter(|f| !f.is_null()) {
+        response_format(format, budget, &mut c)?;
+    }
+    if let Some(effort) = obj.get("reasoning_effort").and_then(Value::as_str) {
+        c.insert("thinkingConfig".into(), thinking_config(effort)?);
+    }
+    Ok(c)
+}
+
+/// The numeric sampling settings, under Gemini's names.
+fn copy_numbers(obj: &Map<String, Value>, c: &mut Map<String, Value>) -> Result<(), BadRequest> {
     let number = |name: &str| -> Result<Option<Value>, BadRequest> {
         match obj.get(name) {
             None | Some(Value::Null) => Ok(None),
@@ -396,63 +469,69 @@ fn generation_config(
             c.insert(to.into(), v);
         }
     }
+    Ok(())
+}
+
+/// `stop` → `stopSequences` (`None` when the client sent none).
+fn stop_sequences(obj: &Map<String, Value>) -> Result<Option<Value>, BadRequest> {
     match obj.get("stop") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => {
-            c.insert("stopSequences".into(), json!([s]));
-        }
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(json!([s]))),
         Some(Value::Array(list)) if list.iter().all(Value::is_string) => {
-            c.insert("stopSequences".into(), Value::Array(list.clone()));
+            Ok(Some(Value::Array(list.clone())))
         }
-        Some(_) => {
+        Some(_) => Err(BadRequest::new(
+            "stop",
+            "must be a string or a list of strings",
+        )),
+    }
+}
+
+/// `response_format` → `responseMimeType` and `responseSchema`.
+fn response_format(
+    format: &Value,
+    budget: &mut schema::Budget,
+    c: &mut Map<String, Value>,
+) -> Result<(), BadRequest> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => {}
+        Some("json_object") => {
+            c.insert("responseMimeType".into(), json!("application/json"));
+        }
+        Some("json_schema") => {
+            c.insert("responseMimeType".into(), json!("application/json"));
+            if let Some(s) = format.pointer("/json_schema/schema") {
+                let cleaned = schema::clean(s, budget).map_err(|e| {
+                    BadRequest::new("response_format.json_schema.schema", e.to_string())
+                })?;
+                c.insert("responseSchema".into(), cleaned);
+            }
+        }
+        _ => {
             return Err(BadRequest::new(
-                "stop",
-                "must be a string or a list of strings",
+                "response_format",
+                "type must be text, json_object or json_schema",
             ));
         }
     }
-    if let Some(format) = obj.get("response_format").filter(|f| !f.is_null()) {
-        match format.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some("json_object") => {
-                c.insert("responseMimeType".into(), json!("application/json"));
-            }
-            Some("json_schema") => {
-                c.insert("responseMimeType".into(), json!("application/json"));
-                if let Some(s) = format.pointer("/json_schema/schema") {
-                    let cleaned = schema::clean(s, budget).map_err(|e| {
-                        BadRequest::new("response_format.json_schema.schema", e.to_string())
-                    })?;
-                    c.insert("responseSchema".into(), cleaned);
-                }
-            }
-            _ => {
-                return Err(BadRequest::new(
-                    "response_format",
-                    "type must be text, json_object or json_schema",
-                ));
-            }
+    Ok(())
+}
+
+/// `reasoning_effort` → `thinkingConfig`.
+fn thinking_config(effort: &str) -> Result<Value, BadRequest> {
+    let budget = match effort {
+        "none" | "minimal" => 0,
+        "low" => 1024,
+        "medium" => 8192,
+        "high" => 24576,
+        other => {
+            return Err(BadRequest::new(
+                "reasoning_effort",
+                format!("{other:?} is not none, minimal, low, medium or high"),
+            ));
         }
-    }
-    if let Some(effort) = obj.get("reasoning_effort").and_then(Value::as_str) {
-        let budget = match effort {
-            "none" | "minimal" => 0,
-            "low" => 1024,
-            "medium" => 8192,
-            "high" => 24576,
-            other => {
-                return Err(BadRequest::new(
-                    "reasoning_effort",
-                    format!("{other:?} is not none, minimal, low, medium or high"),
-                ));
-            }
-        };
-        c.insert(
-            "thinkingConfig".into(),
-            json!({ "thinkingBudget": budget, "includeThoughts": budget > 0 }),
-        );
-    }
-    Ok(c)
+    };
+    Ok(json!({ "thinkingBudget": budget, "includeThoughts": budget > 0 }))
 }
 
 /// Gemini's `finishReason` → OpenAI's `finish_reason`.
@@ -673,6 +752,13 @@ pub struct Piece {
     pub pause: std::time::Duration,
 }
 
+/// What one candidate of a stream event adds to its choice.
+struct Delta {
+    index: u64,
+    fields: Map<String, Value>,
+    finish: Option<&'static str>,
+}
+
 /// Translates a `streamGenerateContent?alt=sse` stream into `chat.completion.chunk` events.
 pub struct ChatStream {
     id: String,
@@ -771,93 +857,132 @@ impl ChatStream {
         out
     }
 
+    /// One Gemini event → the OpenAI events it makes, added to `pieces`.
     fn event(&mut self, answer: &Value, pieces: &mut Vec<Piece>) {
         if let Some(u) = usage(answer) {
             self.usage = Some(u);
         }
-        let mut out = String::new();
         let candidates = answer.get("candidates").and_then(Value::as_array);
         if candidates.is_none_or(Vec::is_empty) {
-            if let Some(why) = blocked(answer) {
-                self.finished = true;
-                out.push_str(&self.chunk(
-                    json!([{ "index": 0, "delta": { "role": "assistant", "refusal": why }, "finish_reason": "content_filter" }]),
-                    None,
-                ));
-            }
-            pieces.push(Piece {
-                event: out,
-                pause: std::time::Duration::ZERO,
-            });
+            self.refusal(answer, pieces);
             return;
         }
+        let mut out = String::new();
         for (i, c) in candidates.into_iter().flatten().enumerate() {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
-            let said = read_parts(c, self.options, &mut self.next_call, &self.id);
-            let mut delta = Map::new();
-            if !self.started.contains(&index) {
-                self.started.push(index);
-                delta.insert("role".into(), json!("assistant"));
-            }
-            if !said.content.is_empty() {
-                delta.insert("content".into(), json!(said.content));
-            }
-            if !said.reasoning.is_empty() {
-                delta.insert("reasoning_content".into(), json!(said.reasoning));
-            }
-            if !said.tool_calls.is_empty() {
-                self.called_tools = true;
-                delta.insert("tool_calls".into(), Value::Array(said.tool_calls));
-            }
-            let finish = c
-                .get("finishReason")
-                .and_then(Value::as_str)
-                .map(|r| finish_reason(r, self.called_tools));
-            if finish.is_some() {
-                self.finished = true;
-            }
-            if delta.is_empty() && finish.is_none() {
+            let delta = self.delta(i, c);
+            if delta.fields.is_empty() && delta.finish.is_none() {
                 continue;
             }
-            let text = delta
-                .get("content")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            let paceable = text.as_ref().filter(|t| {
-                !delta.contains_key("tool_calls") && !t.contains("](data:") && t.chars().count() > 1
-            });
-            match (self.pacing, paceable) {
-                (Some(pacing), Some(text)) => {
-                    let (units, pause) = pacing.split(text);
-                    let last = units.len() - 1;
-                    for (k, unit) in units.into_iter().enumerate() {
-                        let mut d = if k == 0 { delta.clone() } else { Map::new() };
-                        d.insert("content".into(), json!(unit));
-                        let f = if k == last { finish } else { None };
-                        out.push_str(&self.chunk(
-                            json!([{ "index": index, "delta": d, "finish_reason": f }]),
-                            None,
-                        ));
-                        pieces.push(Piece {
-                            event: std::mem::take(&mut out),
-                            pause: if k == last {
-                                std::time::Duration::ZERO
-                            } else {
-                                pause
-                            },
-                        });
-                    }
-                }
-                _ => out.push_str(&self.chunk(
-                    json!([{ "index": index, "delta": delta, "finish_reason": finish }]),
-                    None,
-                )),
-            }
+            self.send(delta, &mut out, pieces);
         }
         if !out.is_empty() {
             pieces.push(Piece {
                 event: out,
                 pause: std::time::Duration::ZERO,
+            });
+        }
+    }
+
+    /// An event without candidates: a refusal when Gemini blocked the prompt (else an empty
+    /// piece).
+    fn refusal(&mut self, answer: &Value, pieces: &mut Vec<Piece>) {
+        let mut out = String::new();
+        if let Some(why) = blocked(answer) {
+            self.finished = true;
+            out.push_str(&self.chunk(
+                json!([{ "index": 0, "delta": { "role": "assistant", "refusal": why }, "finish_reason": "content_filter" }]),
+                None,
+            ));
+        }
+        pieces.push(Piece {
+            event: out,
+            pause: std::time::Duration::ZERO,
+        });
+    }
+
+    /// What candidate `i` adds to its choice; notes the choice's start, tool calls and finish.
+    fn delta(&mut self, i: usize, c: &Value) -> Delta {
+        let index = c.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
+        let said = read_parts(c, self.options, &mut self.next_call, &self.id);
+        let mut fields = Map::new();
+        if !self.started.contains(&index) {
+            self.started.push(index);
+            fields.insert("role".into(), json!("assistant"));
+        }
+        if !said.content.is_empty() {
+            fields.insert("content".into(), json!(said.content));
+        }
+        if !said.reasoning.is_empty() {
+            fields.insert("reasoning_content".into(), json!(said.reasoning));
+        }
+        if !said.tool_calls.is_empty() {
+            self.called_tools = true;
+            fields.insert("tool_calls".into(), Value::Array(said.tool_calls));
+        }
+        let finish = c
+            .get("finishReason")
+            .and_then(Value::as_str)
+            .map(|r| finish_reason(r, self.called_tools));
+        if finish.is_some() {
+            self.finished = true;
+        }
+        Delta {
+            index,
+            fields,
+            finish,
+        }
+    }
+
+    /// Writes a delta's chunk into `out`, or, when its text is paced, its chunks into `pieces`.
+    fn send(&self, delta: Delta, out: &mut String, pieces: &mut Vec<Piece>) {
+        let text = delta
+            .fields
+            .get("content")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let paceable = text.as_ref().filter(|t| {
+            !delta.fields.contains_key("tool_calls")
+                && !t.contains("](data:")
+                && t.chars().count() > 1
+        });
+        match (self.pacing, paceable) {
+            (Some(pacing), Some(text)) => self.send_paced(&delta, pacing.split(text), out, pieces),
+            _ => out.push_str(&self.chunk(
+                json!([{ "index": delta.index, "delta": delta.fields, "finish_reason": delta.finish }]),
+                None,
+            )),
+        }
+    }
+
+    /// A delta whose text goes in `units`, one piece each with `pause` between them; the first
+    /// carries the rest of the delta and the last its finish reason.
+    fn send_paced(
+        &self,
+        delta: &Delta,
+        (units, pause): (Vec<String>, std::time::Duration),
+        out: &mut String,
+        pieces: &mut Vec<Piece>,
+    ) {
+        let last = units.len() - 1;
+        for (k, unit) in units.into_iter().enumerate() {
+            let mut d = if k == 0 {
+                delta.fields.clone()
+            } else {
+                Map::new()
+            };
+            d.insert("content".into(), json!(unit));
+            let f = if k == last { delta.finish } else { None };
+            out.push_str(&self.chunk(
+                json!([{ "index": delta.index, "delta": d, "finish_reason": f }]),
+                None,
+            ));
+            pieces.push(Piece {
+                event: std::mem::take(out),
+                pause: if k == last {
+                    std::time::Duration::ZERO
+                } else {
+                    pause
+                },
             });
         }
     }
