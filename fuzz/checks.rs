@@ -158,7 +158,7 @@ pub fn classify(data: &[u8]) {
 /// `parse_rfc3339`, all on the same string.
 pub fn route(data: &[u8]) {
     use gemgate::clock;
-    use gemgate::{http::auth, proxy::route};
+    use gemgate::{http::auth, server::route};
 
     let Ok(s) = std::str::from_utf8(data) else {
         return;
@@ -168,7 +168,7 @@ pub fn route(data: &[u8]) {
             let _ = (call.model(), call.is_stream(), call.method(), call.action());
         }
     }
-    let _ = route::parse_row(s);
+    let _ = gemgate::admin::parse_row(s);
     let key = auth::query_param(s, "key");
     assert_eq!(auth::credential(Some(s), None, None), key);
     let _ = auth::query_param(s, "alt");

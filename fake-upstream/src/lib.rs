@@ -1179,10 +1179,8 @@ fn stream_response(
                 return;
             }
             let last = i + 1 == n;
-            if last {
-                if let Some(hold) = &hold {
-                    let _ = tokio::time::timeout(Duration::from_secs(30), hold.notified()).await;
-                }
+            if last && let Some(hold) = &hold {
+                let _ = tokio::time::timeout(Duration::from_secs(30), hold.notified()).await;
             }
             let event =
                 content_response(&model, piece, last, words(&prompt), words(&answer)).to_string();

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use serde_json::{Value, json};
 
+use super::{AdminCall, KeyAction};
 use crate::app::checks::{self, Probe};
 use crate::app::{Generation, reload};
 use crate::clock::{now_ms, rfc3339};
@@ -15,7 +16,6 @@ use crate::http::auth;
 use crate::http::peer::Peer;
 use crate::http::reply::GateError;
 use crate::keys::Key;
-use crate::proxy::route::{AdminCall, KeyAction};
 use crate::proxy::{Gateway, Refusal, read_body};
 use crate::store::usage::Counts;
 
@@ -631,9 +631,7 @@ pub(super) fn logs_json(
             .unwrap_or(PER_PAGE),
         before: match param("before") {
             None => None,
-            Some(v) => Some(
-                crate::proxy::route::parse_row(&v).ok_or_else(|| bad("before: not a row name"))?,
-            ),
+            Some(v) => Some(super::parse_row(&v).ok_or_else(|| bad("before: not a row name"))?),
         },
     };
     let (rows, next) = logs::query(store.db(), log, &q).map_err(store_error)?;
@@ -663,7 +661,7 @@ fn delete_logs(
             .iter()
             .map(|r| {
                 r.as_str()
-                    .and_then(crate::proxy::route::parse_row)
+                    .and_then(super::parse_row)
                     .ok_or_else(|| bad(format!("{r} is not a row name")))
             })
             .collect::<Result<_, _>>()?

@@ -12,6 +12,7 @@ use http::header;
 use pingora::protocols::http::ServerSession;
 use serde_json::{Value, json};
 
+use super::Page;
 use super::api::{StateCounts, keys_json, state_of};
 use crate::app::Generation;
 use crate::app::session::{self, Admin};
@@ -20,7 +21,6 @@ use crate::config::settings::{self, Saved};
 use crate::http::auth::{self, form_decode};
 use crate::http::peer::Peer;
 use crate::http::reply::GateError;
-use crate::proxy::route::Page;
 use crate::proxy::{Gateway, encode_query_value, read_body};
 
 /// A refused settings form: what was typed, and the errors by setting path.
@@ -491,10 +491,10 @@ impl Gateway {
             }
             // Show what the operator typed, not what is saved.
             for s in groups.iter_mut().flat_map(|g| g.settings.iter_mut()) {
-                if let Some(v) = form.get(s.path) {
-                    if !s.secret {
-                        s.value = v.clone();
-                    }
+                if let Some(v) = form.get(s.path)
+                    && !s.secret
+                {
+                    s.value = v.clone();
                 }
             }
         }

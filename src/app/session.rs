@@ -199,14 +199,13 @@ impl Sessions {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         live.retain(|_, s| s.expires > now);
-        if live.len() >= MAX_SESSIONS {
-            if let Some(oldest) = live
+        if live.len() >= MAX_SESSIONS
+            && let Some(oldest) = live
                 .iter()
                 .min_by_key(|(_, s)| s.expires)
                 .map(|(k, _)| k.clone())
-            {
-                live.remove(&oldest);
-            }
+        {
+            live.remove(&oldest);
         }
         live.insert(
             id.clone(),

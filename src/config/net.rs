@@ -251,12 +251,11 @@ impl ProxyUrl {
         let user = decode(parsed.username());
         let auth =
             (!user.is_empty()).then(|| (user, decode(parsed.password().unwrap_or_default())));
-        if let Some((user, pass)) = &auth {
-            if matches!(scheme, ProxyScheme::Socks5 { .. })
-                && (user.len() > 255 || pass.len() > 255)
-            {
-                return Err("a SOCKS5 user name or password is at most 255 bytes".into());
-            }
+        if let Some((user, pass)) = &auth
+            && matches!(scheme, ProxyScheme::Socks5 { .. })
+            && (user.len() > 255 || pass.len() > 255)
+        {
+            return Err("a SOCKS5 user name or password is at most 255 bytes".into());
         }
         Ok(ProxyUrl {
             scheme,

@@ -333,10 +333,11 @@ pub fn apply_form(
             Err(e) => errors.push((setting.path.to_owned(), e)),
         }
     }
-    if errors.is_empty() && !changed.is_empty() {
-        if let Err(e) = super::from_str(&new_text, "the edited config", vars) {
-            errors.push(blame(&e, &changed));
-        }
+    if errors.is_empty()
+        && !changed.is_empty()
+        && let Err(e) = super::from_str(&new_text, "the edited config", vars)
+    {
+        errors.push(blame(&e, &changed));
     }
     if !errors.is_empty() {
         Saved::Refused(errors)

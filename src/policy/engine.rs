@@ -400,10 +400,10 @@ impl Policy {
                 |live, value| {
                     let mut rewrite = rewrite.borrow_mut();
                     let denial = read_request_decision(lua, &live.plugin, value, &mut rewrite)?;
-                    if denial.is_none() {
-                        if let Some(m) = &rewrite.model {
-                            let _ = t.raw_set("model", m.as_str());
-                        }
+                    if denial.is_none()
+                        && let Some(m) = &rewrite.model
+                    {
+                        let _ = t.raw_set("model", m.as_str());
                     }
                     Ok(denial)
                 },
@@ -980,10 +980,10 @@ impl Engine {
     }
 
     fn restore_shared(&self, ctx: &Table, shared: &Shared) {
-        if let Some(v) = &shared.0 {
-            if let Ok(t) = self.vm.lua().to_value(v) {
-                let _ = ctx.raw_set("shared", t);
-            }
+        if let Some(v) = &shared.0
+            && let Ok(t) = self.vm.lua().to_value(v)
+        {
+            let _ = ctx.raw_set("shared", t);
         }
     }
 

@@ -493,10 +493,10 @@ pub(crate) struct CounterHandle {
 impl CounterHandle {
     /// Runs `f` on the counter, looking it up on first use (and again if it was dropped).
     pub(crate) fn with<R>(&self, f: impl FnOnce(&counters::Slot) -> R) -> mlua::Result<R> {
-        if let Some(slot) = &*self.slot.borrow() {
-            if !slot.is_dropped() {
-                return Ok(f(slot));
-            }
+        if let Some(slot) = &*self.slot.borrow()
+            && !slot.is_dropped()
+        {
+            return Ok(f(slot));
         }
         let slot = self
             .counters

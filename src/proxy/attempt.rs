@@ -297,14 +297,14 @@ impl Gateway {
             }
         };
         let status = up.response_header().map_or(0, |h| h.status.as_u16());
-        if status == 407 {
-            if let Some(proxy) = target.forwarding(route) {
-                // The proxy's refusal, not Google's answer: a network failure, no key's fault.
-                return Err(Failure::network(
-                    ErrorClass::Network,
-                    format!("proxy {}: 407 Proxy Authentication Required", proxy.display),
-                ));
-            }
+        if status == 407
+            && let Some(proxy) = target.forwarding(route)
+        {
+            // The proxy's refusal, not Google's answer: a network failure, no key's fault.
+            return Err(Failure::network(
+                ErrorClass::Network,
+                format!("proxy {}: 407 Proxy Authentication Required", proxy.display),
+            ));
         }
         if !(200..300).contains(&status) {
             let (body, _) = read_to_end(&mut up, ERROR_BODY_LIMIT).await;

@@ -221,16 +221,16 @@ impl Gateway {
                     continue;
                 };
                 let page = self.collect(generation, &up, x).await?;
-                if let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&page) {
-                    if let Some(Value::Array(files)) = v.remove("files") {
-                        // The key's other files are other clients'.
-                        all.extend(files.into_iter().filter(|f| {
-                            f["name"]
-                                .as_str()
-                                .and_then(|n| n.strip_prefix("files/"))
-                                .is_some_and(|n| mine.iter().any(|m| m == n))
-                        }));
-                    }
+                if let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&page)
+                    && let Some(Value::Array(files)) = v.remove("files")
+                {
+                    // The key's other files are other clients'.
+                    all.extend(files.into_iter().filter(|f| {
+                        f["name"]
+                            .as_str()
+                            .and_then(|n| n.strip_prefix("files/"))
+                            .is_some_and(|n| mine.iter().any(|m| m == n))
+                    }));
                 }
             }
             let body = serde_json::json!({ "files": all });

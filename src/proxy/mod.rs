@@ -7,12 +7,12 @@
 
 mod answer;
 mod attempt;
+pub mod calls;
 pub mod exchange;
 pub mod files;
 mod openai;
 mod relay;
 mod request;
-pub mod route;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +37,7 @@ use crate::http::reply::{GateError, Protocol};
 use crate::keys::taxonomy::ErrorClass;
 use crate::keys::{KeyPool, seconds_until};
 use crate::policy::engine::{Denial, RequestInfo, Rewrite};
-use route::NativeCall;
+use calls::NativeCall;
 
 /// Header names gemgate reads or writes on every request, made once instead of parsed per use.
 pub(crate) const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");

@@ -10,6 +10,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
+use super::calls::OpenAiCall;
 use super::exchange::{Exchange, Meta};
 use super::relay::{Piece, Reframe, SseEvents};
 use super::{
@@ -18,7 +19,6 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::http::reply::{GateError, Protocol};
-use crate::proxy::route::OpenAiCall;
 use crate::translate::openai::{self, chat, embeddings, images, speech};
 use crate::translate::usage::Tokens;
 
@@ -310,11 +310,10 @@ impl Gateway {
                 tokio::select! {
                     answer = &mut collect => break answer,
                     _ = ticks.tick() => {
-                        if let Some(h) = head.take() {
-                            if write_head(s, h).await.is_err() {
+                        if let Some(h) = head.take()
+                            && write_head(s, h).await.is_err() {
                                 return Ok(Outcome::Close);
                             }
-                        }
                         let event = Bytes::from(stream.keepalive());
                         if s.write_response_body(event, false).await.is_err() {
                             return Ok(Outcome::Close);
@@ -671,12 +670,11 @@ fn operator_settings(body: &mut Value, model: &str, generation: &Generation) {
     let Some(obj) = body.as_object_mut() else {
         return;
     };
-    if let Some(safety) = &m.safety_settings {
-        if !obj.contains_key("safetySettings") {
-            if let Ok(v) = serde_json::to_value(safety) {
-                obj.insert("safetySettings".into(), v);
-            }
-        }
+    if let Some(safety) = &m.safety_settings
+        && !obj.contains_key("safetySettings")
+        && let Ok(v) = serde_json::to_value(safety)
+    {
+        obj.insert("safetySettings".into(), v);
     }
     let has_functions = obj.get("tools").is_some_and(|t| {
         t.as_array()

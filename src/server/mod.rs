@@ -2,6 +2,7 @@
 //! keep-alive loop, and the dispatch of each request to the proxy or the admin UI.
 
 mod access;
+pub mod route;
 pub mod workers;
 
 use std::sync::Arc;
@@ -20,11 +21,11 @@ use crate::http::auth;
 use crate::http::peer;
 use crate::http::reply::{GateError, Protocol};
 use crate::proxy::exchange::{Exchange, Kind};
-use crate::proxy::route::{self, Route};
 use crate::proxy::{
     DRAIN_TIMEOUT, Gateway, MAX_TARGET, Outcome, X_GOOG_API_KEY, response_header, send, send_gate,
     write_full,
 };
+use route::Route;
 
 impl Gateway {
     /// Serves one request, then hands its record to `on_log` plugins.

@@ -167,7 +167,7 @@ impl Metrics {
         let mut point_hist = [0u64; BUCKETS];
         let mut point = Point::default();
         for (n, at) in (first..=now).enumerate() {
-            if n as u64 % span == 0 {
+            if (n as u64).is_multiple_of(span) {
                 if n > 0 {
                     s.points.push(finish_point(point, &point_hist));
                 }

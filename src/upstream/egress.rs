@@ -179,10 +179,10 @@ impl Tunnel {
         tcp: &mut TcpStream,
         target: TargetAddr<'_>,
     ) -> Result<(), String> {
-        if let TargetAddr::Domain(host, _) = &target {
-            if host.len() > 255 {
-                return Err(format!("{host} is too long a name for SOCKS5"));
-            }
+        if let TargetAddr::Domain(host, _) = &target
+            && host.len() > 255
+        {
+            return Err(format!("{host} is too long a name for SOCKS5"));
         }
         let handshake = match &self.auth {
             Some((user, pass)) => {

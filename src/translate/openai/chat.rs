@@ -287,13 +287,12 @@ fn push(contents: &mut Vec<Value>, role: &str, parts: Vec<Value>) {
     if parts.is_empty() {
         return;
     }
-    if let Some(last) = contents.last_mut() {
-        if last["role"] == role {
-            if let Some(p) = last["parts"].as_array_mut() {
-                p.extend(parts);
-                return;
-            }
-        }
+    if let Some(last) = contents.last_mut()
+        && last["role"] == role
+        && let Some(p) = last["parts"].as_array_mut()
+    {
+        p.extend(parts);
+        return;
     }
     contents.push(json!({ "role": role, "parts": parts }));
 }
@@ -417,10 +416,8 @@ pub fn inline_files(body: &mut Value, fetched: Vec<(String, String)>) {
                 .pointer("/fileData/fileUri")
                 .and_then(Value::as_str)
                 .is_some_and(|u| !google_reads(u));
-            if remote {
-                if let Some((mime, data)) = fetched.next() {
-                    *part = json!({ "inlineData": { "mimeType": mime, "data": data } });
-                }
+            if remote && let Some((mime, data)) = fetched.next() {
+                *part = json!({ "inlineData": { "mimeType": mime, "data": data } });
             }
         }
     }

@@ -28,13 +28,14 @@ pub fn request(
         Some(m) if m.starts_with("gemini") && m.contains("tts") => super::model_of(body)?,
         _ => default_model.to_owned(),
     };
-    if let Some(format) = body.get("response_format").and_then(Value::as_str) {
-        if format != "wav" && format != "pcm" {
-            return Err(BadRequest::new(
-                "response_format",
-                format!("{format:?} is not available; gemgate answers wav or pcm"),
-            ));
-        }
+    if let Some(format) = body.get("response_format").and_then(Value::as_str)
+        && format != "wav"
+        && format != "pcm"
+    {
+        return Err(BadRequest::new(
+            "response_format",
+            format!("{format:?} is not available; gemgate answers wav or pcm"),
+        ));
     }
     let voice = body
         .get("voice")

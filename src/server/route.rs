@@ -1,8 +1,9 @@
-//! Routing: which gemgate route a request path names.
+//! Routing: which gemgate route a request path names. The calls it finds are the handlers'
+//! own types: `proxy::calls` for the proxied APIs, `admin` for the admin API and pages.
 
-use http::Method;
-
+use crate::admin::{AdminCall, KeyAction, Page, parse_row};
 use crate::http::reply::Protocol;
+use crate::proxy::calls::{NativeCall, OpenAiCall};
 
 /// The protocol a path belongs to, for errors answered before a request is routed.
 pub fn protocol_of(path: &str) -> Protocol {
@@ -14,135 +15,7 @@ pub fn protocol_of(path: &str) -> Protocol {
     }
 }
 
-/// A Gemini-native call, with the path prefix (`/v1beta` or `/gemini/v1beta`) removed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NativeCall {
-    /// `GET models`
-    ListModels,
-    /// `GET models/{model}`
-    GetModel { model: String },
-    /// `POST models/{model}:{action}`
-    Action { model: String, action: String },
-}
-
-impl NativeCall {
-    pub fn model(&self) -> &str {
-        match self {
-            NativeCall::ListModels => "",
-            NativeCall::GetModel { model } | NativeCall::Action { model, .. } => model,
-        }
-    }
-
-    /// Whether the answer is a stream of events.
-    pub fn is_stream(&self) -> bool {
-        matches!(self, NativeCall::Action { action, .. } if action == "streamGenerateContent")
-    }
-
-    pub fn method(&self) -> Method {
-        match self {
-            NativeCall::ListModels | NativeCall::GetModel { .. } => Method::GET,
-            NativeCall::Action { .. } => Method::POST,
-        }
-    }
-
-    /// The action's name, for logs (`models.list`, `generateContent`, …).
-    pub fn action(&self) -> &str {
-        match self {
-            NativeCall::ListModels => "models.list",
-            NativeCall::GetModel { .. } => "models.get",
-            NativeCall::Action { action, .. } => action,
-        }
-    }
-}
-
-/// A route of the admin JSON API (`/admin/api/...`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdminCall {
-    /// `GET`: the current generation and the last reload; `POST`: reload now.
-    Reload,
-    /// `GET /admin/api/keys`: every key with its state (paginated, searchable);
-    /// `POST`: add the keys found in `{"text": …}`.
-    Keys,
-    /// `DELETE /admin/api/keys/{id}`.
-    DeleteKey { id: String },
-    /// `POST /admin/api/keys/verify`: probe the keys named in the body (all disabled ones when
-    /// none are named).
-    VerifyKeys,
-    /// `POST /admin/api/keys/{id}/{verify|reset|enable|disable}`.
-    KeyAction { id: String, action: KeyAction },
-    /// `POST /admin/api/keys/bulk`: `{"action", "ids"}`, one action on many keys.
-    BulkKeys,
-    /// `GET /admin/api/resources?kind=files`: every resource clients made through gemgate,
-    /// with its owner (those from before owners were kept included).
-    Resources,
-    /// `GET /admin/api/logs/{requests|errors}` (a page), `GET …/{ts}-{seq}` (one row),
-    /// `DELETE /admin/api/logs/{requests|errors}` (selected rows, or all).
-    Logs {
-        log: crate::store::logs::Log,
-        row: Option<(u64, u64)>,
-    },
-}
-
-/// An admin web page (HTML), or what the pages need.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Page {
-    Login,
-    Logout,
-    Dashboard,
-    Keys,
-    Settings,
-    Logs,
-    LogRow {
-        log: crate::store::logs::Log,
-        row: (u64, u64),
-    },
-    Plugins,
-    /// `/admin/static/{admin.css|admin.js}`.
-    Static(&'static str),
-    /// A gemini-balance page path, and where it lives now.
-    Moved(&'static str),
-}
-
-/// What an operator can do to one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyAction {
-    Verify,
-    Reset,
-    Enable,
-    Disable,
-}
-
-/// A route of the OpenAI-compatible API gemgate translates (`/v1`, `/hf/v1`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenAiCall {
-    Chat,
-    Models,
-    Embeddings,
-    Images,
-    Speech,
-}
-
-impl OpenAiCall {
-    pub fn method(self) -> Method {
-        match self {
-            OpenAiCall::Models => Method::GET,
-            OpenAiCall::Chat | OpenAiCall::Embeddings | OpenAiCall::Images | OpenAiCall::Speech => {
-                Method::POST
-            }
-        }
-    }
-
-    pub fn action(self) -> &'static str {
-        match self {
-            OpenAiCall::Chat => "chat.completions",
-            OpenAiCall::Models => "models.list",
-            OpenAiCall::Embeddings => "embeddings",
-            OpenAiCall::Images => "images.generations",
-            OpenAiCall::Speech => "audio.speech",
-        }
-    }
-}
-
+/// What a request asks for, by its path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Health,
@@ -165,12 +38,6 @@ pub enum Route {
 /// Longest model or action name in a path.
 pub const MAX_NAME: usize = 128;
 
-/// A log row's name, `{ts}-{seq}`.
-pub fn parse_row(s: &str) -> Option<(u64, u64)> {
-    let (ts, seq) = s.split_once('-')?;
-    Some((ts.parse().ok()?, seq.parse().ok()?))
-}
-
 /// Maps a request path (without the query) to a route.
 ///
 /// `/v1/models…` is both Google's stable API and OpenAI's: a `:action` is Google's, and so is a
@@ -180,10 +47,10 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
     if path == "/health" {
         return Route::Health;
     }
-    if let Some(rest) = path.strip_prefix("/v1/") {
-        if is_google_v1(rest, goog_credential) {
-            return native_route(rest);
-        }
+    if let Some(rest) = path.strip_prefix("/v1/")
+        && is_google_v1(rest, goog_credential)
+    {
+        return native_route(rest);
     }
     if let Some(rest) = path.strip_prefix("/gemini/v1/") {
         return native_route(rest);
