@@ -1,5 +1,5 @@
-//! One request as the request path sees it: who asked and how to answer them ([`Meta`]), and
-//! the record of what was done for it ([`Exchange`]), which becomes its access line and log
+//! One request as the request path sees it: who asked and how to answer them (`Meta`), and
+//! the record of what was done for it (`Exchange`), which becomes its access line and log
 //! row (see `server::access`).
 
 use std::sync::Mutex;

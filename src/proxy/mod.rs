@@ -1,5 +1,10 @@
-//! The request path: route, authenticate, read the body, then gemgate's own attempt loop over
-//! pingora's pooled upstream sessions, relaying the answer chunk by chunk.
+//! The request path of a routed call: authenticate, ask the `on_request` plugins, read the
+//! body, then gemgate's own attempt loop (`attempt`) over pooled upstream connections,
+//! relaying the answer chunk by chunk (`relay`). The native API is here; the OpenAI routes
+//! are `openai`, the Files API `files`.
+//!
+//! Handlers take the request's `Exchange` (its record); everything below them reads its
+//! `Meta` and returns what it did.
 //!
 //! The attempt loop is ours rather than pingora's `ProxyHttp` retry because a retry decision
 //! needs the error's *body* (DESIGN.md, "Errors from Gemini"), and a retry must resend a body of
@@ -148,7 +153,7 @@ impl UpstreamRequest {
 }
 
 impl Gateway {
-    /// `side` makes gemgate's side calls (image hosts, image URLs): see [`side_client`].
+    /// `side` makes gemgate's side calls (image hosts, image URLs): see [`crate::upstream::side_client`].
     pub fn new(state: Arc<State>, side: reqwest::Client) -> Gateway {
         Gateway {
             state,
