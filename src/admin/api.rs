@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::{AdminCall, KeyAction};
 use crate::app::checks::{self, Probe};
-use crate::app::{Generation, reload};
+use crate::app::{Generation, reload, session};
 use crate::clock::{now_ms, rfc3339};
 use crate::http::auth;
 use crate::http::peer::Peer;
@@ -36,10 +36,7 @@ impl Gateway {
     ) -> Result<Bytes, GateError> {
         let req = s.req_header();
         let admin_token = generation.config.auth_token.as_ref().map(|t| t.expose());
-        self.state
-            .lasting
-            .sessions
-            .identify(req, peer, admin_token)?
+        session::identify(&*self.state.lasting.shared, req, peer, admin_token)?
             .check_csrf(req, None)?;
         let method = req.method.clone();
         if !admin_allows(&call, &method) {
@@ -164,9 +161,8 @@ impl Gateway {
                 .any(|p| p.spec.secret.expose() == k)
         });
         if !new.is_empty() {
-            let path = self.state.source.path.clone();
             let to_add = new.clone();
-            self.write_config(move || crate::config::edit::add_keys(&path, &to_add))
+            self.write_config(move |text| crate::config::edit::add_keys(text, &to_add))
                 .await?;
         }
         tracing::info!(
@@ -218,9 +214,8 @@ impl Gateway {
                     .map(|k| k.spec.secret.expose().to_owned())
                     .collect();
                 if !secrets.is_empty() {
-                    let path = self.state.source.path.clone();
-                    self.write_config(move || {
-                        crate::config::edit::remove_keys(&path, &secrets).map(|_| ())
+                    self.write_config(move |text| {
+                        crate::config::edit::remove_keys(text, &secrets).map(|(text, _)| text)
                     })
                     .await?;
                 }
@@ -266,10 +261,12 @@ impl Gateway {
                 ),
             ));
         }
-        let path = self.state.source.path.clone();
         let secret = spec.secret.expose().to_owned();
-        self.write_config(move || crate::config::edit::remove_keys(&path, &[secret]).map(|_| ()))
-            .await?;
+        self.write_config(move |text| {
+            crate::config::edit::remove_keys(text, std::slice::from_ref(&secret))
+                .map(|(text, _)| text)
+        })
+        .await?;
         let still = spec.source == KeySource::Both;
         tracing::info!(key = id, "admin: key deleted from the config file");
         Ok(json!({
@@ -280,28 +277,41 @@ impl Gateway {
         }))
     }
 
-    /// Runs a config file edit, then the reload that applies it, off the async workers.
+    /// An edit of the config that writes what `change` makes of its text, then the reload
+    /// that applies it.
     pub(super) async fn write_config(
         &self,
-        edit: impl FnOnce() -> Result<(), String> + Send + 'static,
+        change: impl FnOnce(&str) -> Result<String, String> + Send + 'static,
     ) -> Result<(), GateError> {
-        self.edit_config(move || edit().map(|()| ((), true))).await
+        self.edit_config(move |text| change(text).map(|new| (Some(new), ())))
+            .await
     }
 
-    /// Runs a config file edit, then (when it says it wrote) the reload that applies it, off
-    /// the async workers. Edits run one at a time, each reading the file after the last wrote.
+    /// Runs an edit of the config through the shared state (`change` gets its text and gives
+    /// the new text, or `None` to leave it, and the answer), then, when it wrote, the reload
+    /// that applies it; off the async workers. Edits and their reloads run one at a time.
     pub(super) async fn edit_config<T: Send + 'static>(
         &self,
-        edit: impl FnOnce() -> Result<(T, bool), String> + Send + 'static,
+        change: impl FnOnce(&str) -> Result<(Option<String>, T), String> + Send + 'static,
     ) -> Result<T, GateError> {
         let state = self.state.clone();
         let done = tokio::task::spawn_blocking(move || {
             let _one_at_a_time = state.edits.lock().unwrap_or_else(|e| e.into_inner());
-            let (out, wrote) = edit()?;
+            let mut change = Some(change);
+            let mut answer = None;
+            let wrote = state
+                .lasting
+                .shared
+                .edit_config(&state.source.path, &mut |text| {
+                    let change = change.take().ok_or("the edit ran twice")?;
+                    let (new_text, out) = change(text)?;
+                    answer = Some(out);
+                    Ok(new_text)
+                })?;
             if wrote {
                 reload::reload(&state).map_err(|e| e.message)?;
             }
-            Ok(out)
+            answer.ok_or_else(|| "the edit did not run".to_owned())
         })
         .await
         .map_err(|e| GateError::new(500, format!("the config edit failed: {e}")))?;

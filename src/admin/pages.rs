@@ -183,11 +183,12 @@ impl Gateway {
         peer: &Peer,
         admin_token: Option<&str>,
     ) -> Result<Admin, PageAnswer> {
-        let who = self
-            .state
-            .lasting
-            .sessions
-            .identify(s.req_header(), peer, admin_token);
+        let who = session::identify(
+            &*self.state.lasting.shared,
+            s.req_header(),
+            peer,
+            admin_token,
+        );
         match who {
             Ok(a) => Ok(a),
             Err(e) if e.status == 401 && s.req_header().method == http::Method::GET => {
@@ -232,7 +233,7 @@ impl Gateway {
     /// `POST /admin/logout`: closes the session and forgets its cookie.
     fn logout(&self, admin: &Admin, peer: &Peer) -> PageAnswer {
         if let Admin::Session { id, .. } = admin {
-            self.state.lasting.sessions.close(id);
+            self.state.lasting.shared.close_session(id);
         }
         PageAnswer::redirect(303, "/admin/login")
             .with(header::SET_COOKIE, session::set_cookie(None, peer.https))
@@ -359,10 +360,10 @@ impl Gateway {
                     .or_else(|| form.get("auth_token"))
                     .map(String::as_str)
                     .unwrap_or_default();
-                let sessions = &self.state.lasting.sessions;
-                match sessions.login(presented, admin_token, peer.ip) {
+                let shared = &*self.state.lasting.shared;
+                match session::login(shared, presented, admin_token, peer.ip) {
                     Ok(()) => {
-                        let (id, _) = sessions.open(admin_token);
+                        let (id, _) = shared.open_session(admin_token);
                         tracing::info!(client = ?peer.ip, "admin: logged in");
                         PageAnswer::redirect(303, &next).with(
                             header::SET_COOKIE,
@@ -514,21 +515,19 @@ impl Gateway {
         form: &BTreeMap<String, String>,
         admin: &Admin,
     ) -> PageAnswer {
-        let state = self.state.clone();
+        let vars = self.state.source.vars();
         let submitted = form.clone();
-        // Read, changed and written under the edit lock: no other edit slips in between.
+        // Read, changed and written as one edit: no other edit slips in between.
         let saved = self
-            .edit_config(move || {
-                let path = &state.source.path;
-                let text = crate::config::edit::read_or_defaults(path)?;
-                let vars = state.source.vars();
-                match settings::apply_form(&text, &vars, &submitted, &settings::in_process_env) {
-                    Saved::Changed(changed, new_text) => {
-                        crate::config::edit::write_atomic(path, &new_text)?;
-                        Ok((Saved::Changed(changed, String::new()), true))
-                    }
-                    other => Ok((other, false)),
-                }
+            .edit_config(move |text| {
+                Ok(
+                    match settings::apply_form(text, &vars, &submitted, &settings::in_process_env) {
+                        Saved::Changed(changed, new_text) => {
+                            (Some(new_text), Saved::Changed(changed, String::new()))
+                        }
+                        other => (None, other),
+                    },
+                )
             })
             .await;
         let saved = match saved {

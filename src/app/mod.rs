@@ -128,6 +128,7 @@ impl Lasting {
             files: Arc::default(),
             sessions: Arc::default(),
             store: store.clone(),
+            edits: Mutex::default(),
         };
         Lasting {
             registry: Arc::default(),
@@ -150,6 +151,7 @@ impl Lasting {
             files: self.files.clone(),
             sessions: self.sessions.clone(),
             store: self.store.clone(),
+            edits: Mutex::default(),
         }
     }
 }

@@ -21,6 +21,7 @@ use http::header;
 use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
 
+use super::shared::SharedState;
 use crate::http::auth::same_secret;
 use crate::http::peer::Peer;
 use crate::http::reply::GateError;
@@ -235,84 +236,84 @@ impl Sessions {
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
     }
+}
 
-    /// A login attempt with `presented` from `ip`: `Ok` for the admin token, else the error
-    /// (401, or 429 with the wait once past the free failures).
-    pub fn login(
-        &self,
-        presented: &str,
-        admin_token: &str,
-        ip: Option<IpAddr>,
-    ) -> Result<(), GateError> {
-        if same_secret(presented.trim(), admin_token) {
-            self.admin_failures.succeeded(ip);
-            return Ok(());
-        }
-        tracing::warn!(client = ?ip, "admin: a wrong admin token");
-        match self.admin_failures.failed(ip) {
-            Some(wait) => Err(GateError::new(
-                429,
-                "too many wrong admin tokens from this address: wait before trying again",
-            )
-            .retry_after(Some(wait.as_secs().max(1)))),
-            None => Err(GateError::new(
-                401,
-                "that is not the admin token (AUTH_TOKEN)",
-            )),
+/// A login attempt with `presented` from `ip`: `Ok` for the admin token, else the error (401,
+/// or 429 with the wait once past the free failures).
+pub fn login(
+    shared: &dyn SharedState,
+    presented: &str,
+    admin_token: &str,
+    ip: Option<IpAddr>,
+) -> Result<(), GateError> {
+    if same_secret(presented.trim(), admin_token) {
+        shared.admin_succeeded(ip);
+        return Ok(());
+    }
+    tracing::warn!(client = ?ip, "admin: a wrong admin token");
+    match shared.admin_failed(ip) {
+        Some(wait) => Err(GateError::new(
+            429,
+            "too many wrong admin tokens from this address: wait before trying again",
+        )
+        .retry_after(Some(wait.as_secs().max(1)))),
+        None => Err(GateError::new(
+            401,
+            "that is not the admin token (AUTH_TOKEN)",
+        )),
+    }
+}
+
+/// Who `req` is, for the admin routes. Errors: 403 when the admin routes are off, 401
+/// without valid credentials (429 after too many wrong bearer tokens from `peer`'s address),
+/// 403 for a state-changing session request from another site.
+///
+/// A session's CSRF token is checked by [`Admin::check_csrf`], once the body that may
+/// carry it is read: a body is read only after this has passed.
+pub fn identify(
+    shared: &dyn SharedState,
+    req: &RequestHeader,
+    peer: &Peer,
+    admin_token: Option<&str>,
+) -> Result<Admin, GateError> {
+    let Some(admin_token) = admin_token else {
+        return Err(GateError::new(
+            403,
+            "the admin page and API are off: set AUTH_TOKEN to turn them on",
+        ));
+    };
+    let bearer = req
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(presented) = bearer {
+        match login(shared, presented, admin_token, peer.ip) {
+            Ok(()) => return Ok(Admin::Bearer),
+            // A wrong bearer token with a session cookie is still the session's request.
+            Err(e) if e.status == 429 || session_id(req).is_none() => return Err(e),
+            Err(_) => {}
         }
     }
-
-    /// Who `req` is, for the admin routes. Errors: 403 when the admin routes are off, 401
-    /// without valid credentials (429 after too many wrong bearer tokens from `peer`'s address),
-    /// 403 for a state-changing session request from another site.
-    ///
-    /// A session's CSRF token is checked by [`Admin::check_csrf`], once the body that may
-    /// carry it is read: a body is read only after this has passed.
-    pub fn identify(
-        &self,
-        req: &RequestHeader,
-        peer: &Peer,
-        admin_token: Option<&str>,
-    ) -> Result<Admin, GateError> {
-        let Some(admin_token) = admin_token else {
-            return Err(GateError::new(
-                403,
-                "the admin page and API are off: set AUTH_TOKEN to turn them on",
-            ));
-        };
-        let bearer = req
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if let Some(presented) = bearer {
-            match self.login(presented, admin_token, peer.ip) {
-                Ok(()) => return Ok(Admin::Bearer),
-                // A wrong bearer token with a session cookie is still the session's request.
-                Err(e) if e.status == 429 || session_id(req).is_none() => return Err(e),
-                Err(_) => {}
-            }
-        }
-        let Some(id) = session_id(req) else {
-            return Err(GateError::new(
-                401,
-                "log in at /admin/login, or send Authorization: Bearer <AUTH_TOKEN>",
-            ));
-        };
-        let Some(csrf) = self.check(id, admin_token) else {
-            return Err(GateError::new(
-                401,
-                "the admin session has ended: log in again at /admin/login",
-            ));
-        };
-        if changes_state(req) && !same_origin(req, peer) {
-            return Err(GateError::new(403, "a cross-site admin request is refused"));
-        }
-        Ok(Admin::Session {
-            id: id.to_owned(),
-            csrf,
-        })
+    let Some(id) = session_id(req) else {
+        return Err(GateError::new(
+            401,
+            "log in at /admin/login, or send Authorization: Bearer <AUTH_TOKEN>",
+        ));
+    };
+    let Some(csrf) = shared.session_csrf(id, admin_token) else {
+        return Err(GateError::new(
+            401,
+            "the admin session has ended: log in again at /admin/login",
+        ));
+    };
+    if changes_state(req) && !same_origin(req, peer) {
+        return Err(GateError::new(403, "a cross-site admin request is refused"));
     }
+    Ok(Admin::Session {
+        id: id.to_owned(),
+        csrf,
+    })
 }
 
 impl Admin {
@@ -432,17 +433,17 @@ mod tests {
 
     #[test]
     fn sessions_need_their_csrf_token_to_change_anything() {
-        let s = Sessions::default();
+        let s = crate::app::Lasting::default().local();
         let nobody = Peer::default();
-        let (id, csrf) = s.open("root");
+        let (id, csrf) = s.open_session("root");
         let cookie = format!("other=1; {COOKIE}={id}");
         let get = req("GET", &[("cookie", &cookie)]);
         assert!(matches!(
-            s.identify(&get, &nobody, Some("root")),
+            identify(&s, &get, &nobody, Some("root")),
             Ok(Admin::Session { .. })
         ));
         let post = req("POST", &[("cookie", &cookie), ("host", "gw:8000")]);
-        let admin = s.identify(&post, &nobody, Some("root")).unwrap();
+        let admin = identify(&s, &post, &nobody, Some("root")).unwrap();
         assert_eq!(admin.check_csrf(&post, None).unwrap_err().status, 403);
         assert!(admin.check_csrf(&post, Some(&csrf)).is_ok());
         let cross = req(
@@ -455,7 +456,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            s.identify(&cross, &nobody, Some("root"))
+            identify(&s, &cross, &nobody, Some("root"))
                 .unwrap_err()
                 .status,
             403
@@ -465,62 +466,67 @@ mod tests {
             forwarded_host: Some("evil.example".into()),
             ..Peer::default()
         };
-        assert!(s.identify(&cross, &proxied, Some("root")).is_ok());
+        assert!(identify(&s, &cross, &proxied, Some("root")).is_ok());
         // A new AUTH_TOKEN ends every session; no AUTH_TOKEN turns the routes off.
         assert_eq!(
-            s.identify(&get, &nobody, Some("new")).unwrap_err().status,
+            identify(&s, &get, &nobody, Some("new")).unwrap_err().status,
             401
         );
-        assert_eq!(s.identify(&get, &nobody, None).unwrap_err().status, 403);
+        assert_eq!(identify(&s, &get, &nobody, None).unwrap_err().status, 403);
         let bearer = req("DELETE", &[("authorization", "Bearer root")]);
-        let admin = s.identify(&bearer, &nobody, Some("root")).unwrap();
+        let admin = identify(&s, &bearer, &nobody, Some("root")).unwrap();
         assert_eq!(admin, Admin::Bearer);
         assert!(admin.check_csrf(&bearer, None).is_ok());
-        s.close(&id);
-        assert!(s.check(&id, "root").is_none());
+        s.close_session(&id);
+        assert!(s.session_csrf(&id, "root").is_none());
         let host = req(
             "GET",
-            &[("cookie", &format!("{HOST_COOKIE}={}", s.open("root").0))],
+            &[(
+                "cookie",
+                &format!("{HOST_COOKIE}={}", s.open_session("root").0),
+            )],
         );
-        assert!(s.identify(&host, &nobody, Some("root")).is_ok());
+        assert!(identify(&s, &host, &nobody, Some("root")).is_ok());
     }
 
     #[test]
     fn wrong_tokens_wait_longer_and_longer_but_the_right_one_always_passes() {
-        let s = Sessions::default();
+        let s = crate::app::Lasting::default().local();
         let ip = peer("10.0.0.1");
         for _ in 0..ADMIN_FREE_FAILURES {
-            assert_eq!(s.login("nope", "root", ip.ip).unwrap_err().status, 401);
+            assert_eq!(login(&s, "nope", "root", ip.ip).unwrap_err().status, 401);
         }
-        let first = s.login("nope", "root", ip.ip).unwrap_err();
+        let first = login(&s, "nope", "root", ip.ip).unwrap_err();
         assert_eq!((first.status, first.retry_after_s), (429, Some(1)));
-        let second = s.login("nope", "root", ip.ip).unwrap_err();
+        let second = login(&s, "nope", "root", ip.ip).unwrap_err();
         assert_eq!(second.retry_after_s, Some(2));
-        assert!(s.login("nope", "root", peer("10.0.0.2").ip).is_err());
+        assert!(login(&s, "nope", "root", peer("10.0.0.2").ip).is_err());
         assert_eq!(
-            s.login("nope", "root", peer("10.0.0.2").ip)
+            login(&s, "nope", "root", peer("10.0.0.2").ip)
                 .unwrap_err()
                 .status,
             401,
             "another address has its own count"
         );
         // Throttled, the right token still passes, and clears the count.
-        assert!(s.login("root", "root", ip.ip).is_ok());
-        assert_eq!(s.login("nope", "root", ip.ip).unwrap_err().status, 401);
+        assert!(login(&s, "root", "root", ip.ip).is_ok());
+        assert_eq!(login(&s, "nope", "root", ip.ip).unwrap_err().status, 401);
         // Wrong bearer tokens are attempts too.
         let other = peer("10.0.0.3");
         let wrong = req("GET", &[("authorization", "Bearer nope")]);
         for _ in 0..ADMIN_FREE_FAILURES {
             assert_eq!(
-                s.identify(&wrong, &other, Some("root")).unwrap_err().status,
+                identify(&s, &wrong, &other, Some("root"))
+                    .unwrap_err()
+                    .status,
                 401
             );
         }
-        let e = s.identify(&wrong, &other, Some("root")).unwrap_err();
+        let e = identify(&s, &wrong, &other, Some("root")).unwrap_err();
         assert_eq!((e.status, e.retry_after_s.is_some()), (429, true));
         let right = req("GET", &[("authorization", "Bearer root")]);
         assert_eq!(
-            s.identify(&right, &other, Some("root")).unwrap(),
+            identify(&s, &right, &other, Some("root")).unwrap(),
             Admin::Bearer
         );
     }

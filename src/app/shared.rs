@@ -1,6 +1,7 @@
-//! The seam for shared state: everything the request path changes that every instance of a
-//! fleet must agree on goes through [`SharedState`]: key health and cooldowns, usage counters,
-//! which key owns a resource, and the failed-token throttle.
+//! The seam for shared state: everything that every instance of a fleet must agree on goes
+//! through [`SharedState`]: key health and cooldowns, usage counters, which key owns a
+//! resource, the wrong-credential throttles, admin sessions, and admin edits of the config
+//! (keys and settings).
 //!
 //! [`Local`] is today's implementation: in this process (the key registry's atomics, the usage
 //! shards, the file-owner table), saved to the redb file by the flusher. A fleet's
@@ -12,10 +13,12 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::session::Sessions;
+use crate::config;
 use crate::keys::owners::{FileOwners, FileRecord, Owner};
 use crate::keys::taxonomy::ErrorClass;
 use crate::keys::{KeyPool, Penalty};
@@ -91,15 +94,42 @@ pub trait SharedState: Send + Sync {
 
     /// A right client token from `ip`.
     fn client_succeeded(&self, ip: Option<IpAddr>);
+
+    /// A wrong admin token from `ip`: how long that address must wait, once past the free
+    /// tries.
+    fn admin_failed(&self, ip: Option<IpAddr>) -> Option<Duration>;
+
+    /// A right admin token from `ip`.
+    fn admin_succeeded(&self, ip: Option<IpAddr>);
+
+    /// Opens an admin session for the holder of `admin_token`: (id, CSRF token).
+    fn open_session(&self, admin_token: &str) -> (String, String);
+
+    /// The CSRF token of live session `id`, if it was opened with today's `admin_token`.
+    fn session_csrf(&self, id: &str, admin_token: &str) -> Option<String>;
+
+    /// Ends session `id`.
+    fn close_session(&self, id: &str);
+
+    /// Applies an admin edit to the config every instance serves (the file at `path` here):
+    /// `change` gets its text (the shipped defaults when there is none) and gives the new
+    /// text, or `None` to leave it. Edits run one at a time. Returns whether it wrote.
+    fn edit_config(
+        &self,
+        path: &Path,
+        change: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
+    ) -> Result<bool, String>;
 }
 
 /// Shared state kept in this process, saved to the redb file (when there is one).
 pub struct Local {
     pub usage: Arc<Usage>,
     pub files: Arc<FileOwners>,
-    /// Holds the failed-token throttle.
+    /// Admin sessions and the wrong-credential throttles.
     pub sessions: Arc<Sessions>,
     pub store: Option<Arc<Store>>,
+    /// Held by a config edit from reading the file to writing it.
+    pub edits: Mutex<()>,
 }
 
 impl SharedState for Local {
@@ -169,6 +199,39 @@ impl SharedState for Local {
 
     fn client_succeeded(&self, ip: Option<IpAddr>) {
         self.sessions.client_failures.succeeded(ip);
+    }
+
+    fn admin_failed(&self, ip: Option<IpAddr>) -> Option<Duration> {
+        self.sessions.admin_failures.failed(ip)
+    }
+
+    fn admin_succeeded(&self, ip: Option<IpAddr>) {
+        self.sessions.admin_failures.succeeded(ip);
+    }
+
+    fn open_session(&self, admin_token: &str) -> (String, String) {
+        self.sessions.open(admin_token)
+    }
+
+    fn session_csrf(&self, id: &str, admin_token: &str) -> Option<String> {
+        self.sessions.check(id, admin_token)
+    }
+
+    fn close_session(&self, id: &str) {
+        self.sessions.close(id);
+    }
+
+    fn edit_config(
+        &self,
+        path: &Path,
+        change: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
+    ) -> Result<bool, String> {
+        let _one_at_a_time = self.edits.lock().unwrap_or_else(|e| e.into_inner());
+        let text = config::edit::read_or_defaults(path)?;
+        match change(&text)? {
+            Some(new_text) => config::edit::write_atomic(path, &new_text).map(|()| true),
+            None => Ok(false),
+        }
     }
 }
 

@@ -19,10 +19,9 @@ pub fn find_keys(text: &str) -> Vec<String> {
     out
 }
 
-/// Appends `secrets` to `[keys] api_keys` of the file at `path` (created from the shipped
-/// defaults when missing).
-pub fn add_keys(path: &Path, secrets: &[String]) -> Result<(), String> {
-    edit(path, |keys| {
+/// `text` with `secrets` appended to `[keys] api_keys`.
+pub fn add_keys(text: &str, secrets: &[String]) -> Result<String, String> {
+    edit_keys(text, |keys| {
         for s in secrets {
             keys.push(s.as_str());
         }
@@ -30,10 +29,10 @@ pub fn add_keys(path: &Path, secrets: &[String]) -> Result<(), String> {
     })
 }
 
-/// Removes `secrets` from `[keys] api_keys`: how many the file listed.
-pub fn remove_keys(path: &Path, secrets: &[String]) -> Result<usize, String> {
+/// `text` without `secrets` in `[keys] api_keys`, and how many it listed.
+pub fn remove_keys(text: &str, secrets: &[String]) -> Result<(String, usize), String> {
     let mut removed = 0;
-    edit(path, |keys| {
+    let text = edit_keys(text, |keys| {
         let before = keys.len();
         keys.retain(|v| {
             let listed = match v {
@@ -50,7 +49,7 @@ pub fn remove_keys(path: &Path, secrets: &[String]) -> Result<usize, String> {
         removed = before - keys.len();
         Ok(())
     })?;
-    Ok(removed)
+    Ok((text, removed))
 }
 
 /// The text of the config file at `path`, or the shipped defaults when there is none yet.
@@ -91,11 +90,15 @@ pub fn set_setting(text: &str, path: &str, value: Option<&toml::Value>) -> Resul
     Ok(doc.to_string())
 }
 
-fn edit(path: &Path, change: impl FnOnce(&mut Array) -> Result<(), String>) -> Result<(), String> {
-    let text = read_or_defaults(path)?;
+/// `text` with `change` made to its `[keys] api_keys` list (made when missing); comments and
+/// the other entries stay as they are.
+fn edit_keys(
+    text: &str,
+    change: impl FnOnce(&mut Array) -> Result<(), String>,
+) -> Result<String, String> {
     let mut doc: DocumentMut = text
         .parse()
-        .map_err(|e| format!("cannot edit {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot edit the config file: {e}"))?;
     let keys = doc
         .entry("keys")
         .or_insert_with(|| Item::Table(Table::new()))
@@ -108,7 +111,7 @@ fn edit(path: &Path, change: impl FnOnce(&mut Array) -> Result<(), String>) -> R
         .ok_or("keys.api_keys is not a list")?;
     change(list)?;
     list.set_trailing_comma(true);
-    write_atomic(path, &doc.to_string())
+    Ok(doc.to_string())
 }
 
 /// Replaces the file at `path` with `text` so that readers (and the reload watcher) never see
@@ -229,10 +232,12 @@ mod tests {
             "# my gateway\n[keys]\n# the keys\napi_keys = [\"k1\", { key = \"k2\", label = \"two\" }]\nmax_failures = 5\n",
         )
         .unwrap();
-        add_keys(&path, &["k3".into()]).unwrap();
-        assert_eq!(remove_keys(&path, &["k2".to_owned()]).unwrap(), 1);
-        assert_eq!(remove_keys(&path, &["nope".to_owned()]).unwrap(), 0);
-        let text = std::fs::read_to_string(&path).unwrap();
+        let text = read_or_defaults(&path).unwrap();
+        let text = add_keys(&text, &["k3".into()]).unwrap();
+        let (text, removed) = remove_keys(&text, &["k2".to_owned()]).unwrap();
+        assert_eq!(removed, 1);
+        let (text, removed) = remove_keys(&text, &["nope".to_owned()]).unwrap();
+        assert_eq!(removed, 0);
         assert!(
             text.contains("# my gateway") && text.contains("# the keys"),
             "{text}"

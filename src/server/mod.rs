@@ -274,6 +274,7 @@ mod tests {
 
     use futures_util::StreamExt;
     use std::net::IpAddr;
+    use std::path::Path;
     use std::sync::Mutex;
 
     use gemgate_fake_upstream::{FakeConfig, FakeUpstream};
@@ -283,6 +284,8 @@ mod tests {
     use crate::app::{Lasting, State, reload::Source};
     use crate::keys::owners::{FileRecord, Owner};
     use crate::keys::{KeyPool, Penalty};
+
+    const ADMIN: &str = "admin-test-token-0123456789";
 
     /// Shared state that records every call, then does what [`Local`] does.
     struct Recording {
@@ -354,11 +357,39 @@ mod tests {
             self.note("client_succeeded".into());
             self.local.client_succeeded(ip);
         }
+        fn admin_failed(&self, ip: Option<IpAddr>) -> Option<Duration> {
+            self.note("admin_failed".into());
+            self.local.admin_failed(ip)
+        }
+        fn admin_succeeded(&self, ip: Option<IpAddr>) {
+            self.note("admin_succeeded".into());
+            self.local.admin_succeeded(ip);
+        }
+        fn open_session(&self, admin_token: &str) -> (String, String) {
+            self.note("open_session".into());
+            self.local.open_session(admin_token)
+        }
+        fn session_csrf(&self, id: &str, admin_token: &str) -> Option<String> {
+            self.local.session_csrf(id, admin_token)
+        }
+        fn close_session(&self, id: &str) {
+            self.local.close_session(id);
+        }
+        fn edit_config(
+            &self,
+            path: &Path,
+            change: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
+        ) -> Result<bool, String> {
+            self.note("edit_config".into());
+            self.local.edit_config(path, change)
+        }
     }
 
     /// A gateway over `lasting`, served in this process on a loopback port (no flusher: what
-    /// the request path queues stays queued), configured by `vars`; with its state.
+    /// the request path queues stays queued), configured by the file `config` (`None`: the
+    /// built-in defaults) and `vars`; with its state.
     async fn serve_in_process(
+        config: Option<&Path>,
         vars: &[(&str, &str)],
         lasting: Lasting,
     ) -> (std::net::SocketAddr, Arc<State>) {
@@ -366,10 +397,12 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let config = crate::config::from_str("", "test", &vars).unwrap();
+        let text = config.map_or(String::new(), |p| std::fs::read_to_string(p).unwrap());
+        let config_path = config.map_or("gemgate.toml".into(), Path::to_path_buf);
+        let config = crate::config::from_str(&text, "test", &vars).unwrap();
         let source = Source {
-            path: "gemgate.toml".into(),
-            explicit: false,
+            path: config_path,
+            explicit: true,
         };
         let state = State::new(config, source, lasting).unwrap();
         let gateway = Arc::new(Gateway::new(state.clone(), crate::upstream::side_client()));
@@ -402,7 +435,7 @@ mod tests {
             ("BASE_URL", base_url.as_str()),
             ("ERROR_LOG_RECORD_REQUEST_BODY", "true"),
         ];
-        let (addr, state) = serve_in_process(&vars, Lasting::default()).await;
+        let (addr, state) = serve_in_process(None, &vars, Lasting::default()).await;
         let url = format!("http://{addr}/v1beta/models/gemini-2.5-flash:generateContent");
         let body = format!(
             r#"{{"contents":[{{"parts":[{{"text":"{}"}}]}}]}}"#,
@@ -445,20 +478,26 @@ mod tests {
         );
     }
 
-    /// The request path changes what a fleet shares only through `SharedState`: a gateway
-    /// built over a recording implementation sees every key failure, success, usage count and
-    /// token check of real requests, and its key pool reflects them.
+    /// The request path and the admin UI change what a fleet shares only through
+    /// `SharedState`: a gateway built over a recording implementation sees every key failure,
+    /// success, usage count and token check of real requests, an admin login's session and an
+    /// admin edit of the keys, and its key pool and config file reflect them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_request_path_changes_shared_state_through_its_interface() {
         let fake = FakeUpstream::bind(([127, 0, 0, 1], 0).into(), FakeConfig::default())
             .await
             .unwrap();
-        let base_url = fake.base_url();
-        let vars = [
-            ("API_KEYS", "minute-a,ok-b"),
-            ("ALLOWED_TOKENS", "sk-test"),
-            ("BASE_URL", base_url.as_str()),
-        ];
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gemgate.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[upstream]\nbase_url = \"{}\"\n[keys]\napi_keys = [\"minute-a\", \"ok-b\"]\n\
+                 [auth]\nallowed_tokens = [\"sk-test\"]\nauth_token = \"{ADMIN}\"\n",
+                fake.base_url()
+            ),
+        )
+        .unwrap();
         let lasting = Lasting::default();
         let recording = Arc::new(Recording {
             local: lasting.local(),
@@ -468,8 +507,12 @@ mod tests {
             shared: recording.clone(),
             ..lasting
         };
-        let (addr, state) = serve_in_process(&vars, lasting).await;
-        let client = reqwest::Client::new();
+        let (addr, state) = serve_in_process(Some(&file), &[], lasting).await;
+
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
         let url = format!("http://{addr}/v1beta/models/gemini-2.5-flash:generateContent");
         let call = |token: &'static str| {
             client
@@ -490,6 +533,24 @@ mod tests {
         }
         // A call's usage is counted once its answer is out: wait for the last count.
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let login = client
+            .post(format!("http://{addr}/admin/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={ADMIN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(login.status(), 303);
+        let new_key = format!("AIzaSy{}", "k".repeat(33));
+        let added = client
+            .post(format!("http://{addr}/admin/api/keys"))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({ "text": new_key }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(added.status(), 200, "{:?}", added.text().await);
+        assert!(std::fs::read_to_string(&file).unwrap().contains(&new_key));
         let generation = state.current.load();
         let pool = &generation.pool;
         let index = |secret: &str| {
@@ -503,6 +564,9 @@ mod tests {
         for expected in [
             "client_failed".to_owned(),
             "client_succeeded".to_owned(),
+            "admin_succeeded".to_owned(),
+            "open_session".to_owned(),
+            "edit_config".to_owned(),
             format!("key_failed {minute_id} gemini-2.5-flash rate_limited"),
             format!("count_usage {minute_id} rate_limited"),
             format!("key_succeeded {ok_id}"),
