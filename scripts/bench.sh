@@ -12,6 +12,7 @@
 #
 #   scripts/bench.sh            # DURATION=10 scripts/bench.sh for steadier figures
 #   BIN_DIR=/some/dir scripts/bench.sh   # measure binaries built elsewhere (no build)
+#   BASELINE_DIR=/older/build scripts/bench.sh   # also an older gemgate, in turn with this one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,8 @@ DURATION=${DURATION:-5}
 FAKE_PORT=${FAKE_PORT:-19100}
 GATE_PORT=${GATE_PORT:-18100}
 BARE_PORT=${BARE_PORT:-18101}
+BASELINE_PORT=${BASELINE_PORT:-18102}
+BASELINE_DIR=${BASELINE_DIR:-}
 NGINX_PORT=${NGINX_PORT:-18200}
 TOKEN=bench-token
 
@@ -68,6 +71,19 @@ mkdir -p "$work/bare/no-plugins"
 ) >/dev/null 2>"$work/bare.log" &
 pids+=($!)
 
+# An older build of gemgate (BASELINE_DIR), measured in turn with this one: the same defaults.
+if [ -n "$BASELINE_DIR" ]; then
+  mkdir -p "$work/baseline"
+  (
+    cd "$work/baseline"
+    GEMGATE_LISTEN="127.0.0.1:$BASELINE_PORT" GEMGATE_DATA_DIR="$work/baseline/data" \
+      API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS="$TOKEN" \
+      BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" LOG_LEVEL=info \
+      exec "$BASELINE_DIR/gemgate"
+  ) >/dev/null 2>"$work/baseline.log" &
+  pids+=($!)
+fi
+
 have_nginx=0
 if command -v nginx >/dev/null 2>&1; then
   have_nginx=1
@@ -98,6 +114,7 @@ fi
 wait_port "$FAKE_PORT" "the fake upstream"
 wait_port "$GATE_PORT" gemgate
 wait_port "$BARE_PORT" "gemgate without plugins"
+[ -n "$BASELINE_DIR" ] && wait_port "$BASELINE_PORT" "the baseline gemgate"
 [ "$have_nginx" = 1 ] && wait_port "$NGINX_PORT" nginx
 
 body='{"contents":[{"role":"user","parts":[{"text":"Say hello to the benchmark"}]}]}'
@@ -138,6 +155,7 @@ printf '\n%-9s %-8s %4s %10s %9s %9s   %s\n' target call conc 'req/s' 'p50 ms' '
 for mode in generate sse; do
   for conc in 1 64; do
     targets="direct gemgate bare"; [ "$have_nginx" = 1 ] && targets="$targets nginx"
+    [ -n "$BASELINE_DIR" ] && targets="$targets baseline"
     runs=1; [ "$conc" -gt 1 ] && runs=$RUNS
     declare -A ALL=()
     for _ in $(seq "$runs"); do
@@ -146,6 +164,7 @@ for mode in generate sse; do
           direct) port=$FAKE_PORT; script="$work/$mode-direct.lua" ;;
           gemgate) port=$GATE_PORT; script="$work/$mode-gemgate.lua" ;;
           bare) port=$BARE_PORT; script="$work/$mode-gemgate.lua" ;;
+          baseline) port=$BASELINE_PORT; script="$work/$mode-gemgate.lua" ;;
           nginx) port=$NGINX_PORT; script="$work/$mode-direct.lua" ;;
         esac
         out=$(measure "$port" "$script" "$conc")
@@ -187,6 +206,12 @@ for mode in generate sse; do
     awk -v m="$mode" -v n50="$n50" -v n99="$n99" -v d50="$d50" -v d99="$d99" -v r="$(ratio nginx direct "$mode")" 'BEGIN {
       printf "  %-8s nginx proxy_pass:       p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %s%% of direct\n",
         m, n50 - d50, n99 - d99, r }'
+  fi
+  if [ -n "$BASELINE_DIR" ]; then
+    read -r b50 b99 <<<"$(echo "${R[baseline-$mode-1]}" | awk '{print $2, $3}')"
+    awk -v m="$mode" -v b50="$b50" -v b99="$b99" -v d50="$d50" -v d99="$d99" -v r="$(ratio baseline direct "$mode")" -v q="$(ratio gemgate baseline "$mode")" 'BEGIN {
+      printf "  %-8s the baseline build:     p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %s%% of direct (this build: %s%% of the baseline)\n",
+        m, b50 - d50, b99 - d99, r, q }'
   fi
 done
 

@@ -1,4 +1,6 @@
-//! Client authentication on the proxy routes.
+//! Client credentials on the proxy routes: where a request carries its token (`?key=`,
+//! `x-goog-api-key`, `Authorization: Bearer`), and the token table it is checked against in
+//! constant time.
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;

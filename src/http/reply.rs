@@ -1,4 +1,5 @@
-//! Errors gemgate itself answers, in the Gemini API's error shape.
+//! Errors gemgate itself answers, in the shape of the protocol the client speaks (Gemini, or
+//! OpenAI through `translate::openai`).
 
 use bytes::Bytes;
 
