@@ -159,9 +159,10 @@ impl Service for Worker {
         let listener = match listening {
             Ok(l) => Listener::from(l),
             Err(e) => {
-                tracing::error!("cannot listen on {}: {e}", self.listen);
-                crate::telemetry::flush();
-                std::process::exit(1);
+                // The address was bound at start (`bind_all`), so this is rare; the other
+                // workers' sockets take the connections this one would have had.
+                tracing::error!("{}: cannot listen on {}: {e}", self.name, self.listen);
+                return;
             }
         };
         loop {
