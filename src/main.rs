@@ -55,7 +55,7 @@ fn check(config: &config::Config) -> ExitCode {
         config,
         0,
         std::sync::Arc::new(pool),
-        Default::default(),
+        std::sync::Arc::new(gemgate::policy::counters::Counters::default()),
         Default::default(),
     ) {
         Ok(p) => p,

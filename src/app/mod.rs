@@ -70,7 +70,7 @@ impl Generation {
             &config,
             id,
             pool.clone(),
-            parts.counters.clone(),
+            parts.shared.counters(),
             parts.stats.clone(),
         )?;
         let target = match previous {
@@ -127,6 +127,7 @@ impl Lasting {
             usage: Arc::default(),
             files: Arc::default(),
             sessions: Arc::default(),
+            counters: Arc::default(),
             store: store.clone(),
             edits: Mutex::default(),
         };
@@ -136,7 +137,7 @@ impl Lasting {
             logs: Arc::default(),
             files: local.files.clone(),
             store,
-            counters: Arc::default(),
+            counters: local.counters.clone(),
             stats: Arc::default(),
             metrics: Arc::default(),
             sessions: local.sessions.clone(),
@@ -150,6 +151,7 @@ impl Lasting {
             usage: self.usage.clone(),
             files: self.files.clone(),
             sessions: self.sessions.clone(),
+            counters: self.counters.clone(),
             store: self.store.clone(),
             edits: Mutex::default(),
         }

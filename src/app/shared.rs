@@ -1,7 +1,7 @@
 //! The seam for shared state: everything that every instance of a fleet must agree on goes
 //! through [`SharedState`]: key health and cooldowns, usage counters, which key owns a
-//! resource, the wrong-credential throttles, admin sessions, and admin edits of the config
-//! (keys and settings).
+//! resource, plugin counters, the wrong-credential throttles, admin sessions, and admin edits
+//! of the config (keys and settings).
 //!
 //! [`Local`] is today's implementation: in this process (the key registry's atomics, the usage
 //! shards, the file-owner table), saved to the redb file by the flusher. A fleet's
@@ -22,6 +22,7 @@ use crate::config;
 use crate::keys::owners::{FileOwners, FileRecord, Owner};
 use crate::keys::taxonomy::ErrorClass;
 use crate::keys::{KeyPool, Penalty};
+use crate::policy::counters::{CounterStore, Counters};
 use crate::store::Store;
 use crate::store::usage::{Event, Tokens, Usage, day_of};
 
@@ -111,6 +112,9 @@ pub trait SharedState: Send + Sync {
     /// Ends session `id`.
     fn close_session(&self, id: &str);
 
+    /// The plugins' counters (`gemgate.counter`), kept across reloads.
+    fn counters(&self) -> Arc<dyn CounterStore>;
+
     /// Applies an admin edit to the config every instance serves (the file at `path` here):
     /// `change` gets its text (the shipped defaults when there is none) and gives the new
     /// text, or `None` to leave it. Edits run one at a time. Returns whether it wrote.
@@ -127,6 +131,7 @@ pub struct Local {
     pub files: Arc<FileOwners>,
     /// Admin sessions and the wrong-credential throttles.
     pub sessions: Arc<Sessions>,
+    pub counters: Arc<Counters>,
     pub store: Option<Arc<Store>>,
     /// Held by a config edit from reading the file to writing it.
     pub edits: Mutex<()>,
@@ -219,6 +224,10 @@ impl SharedState for Local {
 
     fn close_session(&self, id: &str) {
         self.sessions.close(id);
+    }
+
+    fn counters(&self) -> Arc<dyn CounterStore> {
+        self.counters.clone()
     }
 
     fn edit_config(

@@ -1,5 +1,9 @@
 //! The counter store behind `gemgate.counter(name)`: named counters per plugin, shared by every
 //! worker thread and kept across reloads, each optionally counting in a fixed time window.
+//!
+//! [`CounterStore`] and [`CounterSlot`] are what plugins count through; [`Counters`] keeps them
+//! in this process. Counters are part of what a fleet shares (`app::shared`), which hands the
+//! policy its store.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +27,38 @@ impl Cell {
     }
 }
 
+/// Where plugin counters live.
+pub trait CounterStore: Send + Sync {
+    /// The counter `name` of `plugin`, made on first use; refused when the store is full.
+    fn slot(
+        &self,
+        plugin: &str,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<Arc<dyn CounterSlot>, &'static str>;
+
+    /// The counter's value now (0 if it does not exist or its window has ended).
+    fn get(&self, plugin: &str, name: &str, now_ms: u64) -> i64;
+}
+
 /// One counter. A plugin's handle keeps it, so counting takes no lookup by name.
+pub trait CounterSlot: Send + Sync {
+    /// Adds `n` and returns the new value. With a window, a counter whose window has ended
+    /// starts again from zero, and its window is `window_s` from `now_ms()`.
+    fn incr(&self, n: i64, window_s: Option<f64>, now_ms: &dyn Fn() -> u64) -> i64;
+
+    /// Sets the value to `f(value)` in one step (no other counting in between). The window,
+    /// if any, is left as it is.
+    fn advance(&self, f: &mut dyn FnMut(i64) -> i64);
+
+    /// The value now (0 once its window has ended).
+    fn get(&self, now_ms: u64) -> i64;
+
+    /// Dropped from its store: a handle that kept it must look its name up again.
+    fn is_dropped(&self) -> bool;
+}
+
+/// One counter kept in this process.
 #[derive(Debug, Default)]
 pub struct Slot {
     cell: Mutex<Cell>,
@@ -32,10 +67,8 @@ pub struct Slot {
     dropped: AtomicBool,
 }
 
-impl Slot {
-    /// Adds `n` and returns the new value. With a window, a counter whose window has ended
-    /// starts again from zero, and its window is `window_s` from `now_ms()`.
-    pub fn incr(&self, n: i64, window_s: Option<f64>, now_ms: impl Fn() -> u64) -> i64 {
+impl CounterSlot for Slot {
+    fn incr(&self, n: i64, window_s: Option<f64>, now_ms: &dyn Fn() -> u64) -> i64 {
         let mut cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = window_s.filter(|w| w.is_finite() && *w > 0.0) {
             let now = now_ms();
@@ -48,23 +81,22 @@ impl Slot {
         cell.value
     }
 
-    /// Sets the value to `f(value)` in one step (no other thread counts in between). The
-    /// window, if any, is left as it is.
-    pub fn advance(&self, f: impl FnOnce(i64) -> i64) {
+    fn advance(&self, f: &mut dyn FnMut(i64) -> i64) {
         let mut cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
         cell.value = f(cell.value);
     }
 
-    /// The value now (0 once its window has ended).
-    pub fn get(&self, now_ms: u64) -> i64 {
+    fn get(&self, now_ms: u64) -> i64 {
         let cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
         if cell.live(now_ms) { cell.value } else { 0 }
     }
 
-    pub fn is_dropped(&self) -> bool {
+    fn is_dropped(&self) -> bool {
         self.dropped.load(Ordering::Relaxed)
     }
+}
 
+impl Slot {
     fn live(&self, now_ms: u64) -> bool {
         self.cell
             .lock()
@@ -85,9 +117,13 @@ struct Cells {
     count: usize,
 }
 
-impl Counters {
-    /// The counter `name` of `plugin`, made on first use.
-    pub fn slot(&self, plugin: &str, name: &str, now_ms: u64) -> Result<Arc<Slot>, &'static str> {
+impl CounterStore for Counters {
+    fn slot(
+        &self,
+        plugin: &str,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<Arc<dyn CounterSlot>, &'static str> {
         let mut guard = self.cells.lock().unwrap_or_else(|e| e.into_inner());
         let cells = &mut *guard;
         if let Some(slot) = cells.by_plugin.get(plugin).and_then(|m| m.get(name)) {
@@ -118,23 +154,7 @@ impl Counters {
         Ok(slot)
     }
 
-    /// Adds `n` to the counter and returns its new value (see [`Slot::incr`]).
-    #[cfg(test)]
-    pub fn incr(
-        &self,
-        plugin: &str,
-        name: &str,
-        n: i64,
-        window_s: Option<f64>,
-        now_ms: u64,
-    ) -> Result<i64, &'static str> {
-        Ok(self
-            .slot(plugin, name, now_ms)?
-            .incr(n, window_s, || now_ms))
-    }
-
-    /// The counter's value now (0 if it does not exist or its window has ended).
-    pub fn get(&self, plugin: &str, name: &str, now_ms: u64) -> i64 {
+    fn get(&self, plugin: &str, name: &str, now_ms: u64) -> i64 {
         let cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
         cells
             .by_plugin
@@ -147,6 +167,22 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Counters {
+        /// Adds `n` to the counter and returns its new value.
+        fn incr(
+            &self,
+            plugin: &str,
+            name: &str,
+            n: i64,
+            window_s: Option<f64>,
+            now_ms: u64,
+        ) -> Result<i64, &'static str> {
+            Ok(self
+                .slot(plugin, name, now_ms)?
+                .incr(n, window_s, &|| now_ms))
+        }
+    }
 
     #[test]
     fn counters_are_per_plugin_and_windows_restart() {

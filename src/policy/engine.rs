@@ -20,7 +20,7 @@ use mlua::{
     IntoLua, LuaSerdeExt, MetaMethod, Table, UserData, UserDataMethods, UserDataRef, Value,
 };
 
-use super::counters::Counters;
+use super::counters::CounterStore;
 use super::{
     CounterHandle, HOOKS, Host, Limits, Plugin, PluginSource, PolicyError, Vm, embedded,
     matches_any, read_dir,
@@ -135,7 +135,7 @@ pub struct Policy {
     hooks: HookSet,
     /// The generation's key pool, which `select_key` sees.
     pool: Arc<KeyPool>,
-    counters: Arc<Counters>,
+    counters: Arc<dyn CounterStore>,
     pub stats: Arc<PolicyStats>,
 }
 
@@ -214,7 +214,7 @@ impl Policy {
         config: &Config,
         id: u64,
         pool: Arc<KeyPool>,
-        counters: Arc<Counters>,
+        counters: Arc<dyn CounterStore>,
         stats: Arc<PolicyStats>,
     ) -> Result<Policy, PolicyError> {
         let dir = config.plugin_dir();
@@ -1122,7 +1122,7 @@ impl UserData for PoolView {
             let size = this.size();
             let mut at = 0;
             counter.with(|slot| {
-                slot.advance(|turn| {
+                slot.advance(&mut |turn| {
                     // `turn` counts positions walked; the search starts after the last one.
                     let start = turn.rem_euclid(size);
                     at = this.at_or_after(start);
@@ -1493,8 +1493,8 @@ mod tests {
     fn a_chain_that_unwinds_leaves_no_borrowed_request_behind() {
         let config = crate::config::from_str("", "t", &Default::default()).unwrap();
         let pool = Arc::new(KeyPool::new(&config.keys, &Default::default(), 1));
-        let policy =
-            Policy::compile(&config, 7, pool, Default::default(), Default::default()).unwrap();
+        let counters = Arc::new(crate::policy::counters::Counters::default());
+        let policy = Policy::compile(&config, 7, pool, counters, Default::default()).unwrap();
         let headers = HeaderMap::new();
         let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let id = String::from("a request that is gone when this returns");

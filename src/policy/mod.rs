@@ -24,7 +24,7 @@ use mlua::{
 };
 use sha2::{Digest, Sha256};
 
-use counters::Counters;
+use counters::{CounterSlot, CounterStore, Counters};
 
 /// The hooks a plugin may define.
 pub const HOOKS: &[&str] = &[
@@ -214,7 +214,7 @@ pub struct Vm {
 
 /// What the host table serves: the shared counters and the settings plugins may read.
 pub struct Host {
-    pub counters: Arc<Counters>,
+    pub counters: Arc<dyn CounterStore>,
     /// `gemgate.settings`: the model settings of the config (no secrets).
     pub settings: serde_json::Value,
 }
@@ -222,7 +222,7 @@ pub struct Host {
 impl Default for Host {
     fn default() -> Self {
         Host {
-            counters: Arc::default(),
+            counters: Arc::new(Counters::default()),
             settings: serde_json::json!({}),
         }
     }
@@ -483,26 +483,26 @@ fn clean(e: &mlua::Error) -> String {
 
 /// A handle on one counter, as `gemgate.counter(name)` returns it.
 pub(crate) struct CounterHandle {
-    counters: Arc<Counters>,
+    counters: Arc<dyn CounterStore>,
     plugin: Rc<str>,
     name: String,
     /// The counter itself, once looked up.
-    slot: RefCell<Option<Arc<counters::Slot>>>,
+    slot: RefCell<Option<Arc<dyn CounterSlot>>>,
 }
 
 impl CounterHandle {
     /// Runs `f` on the counter, looking it up on first use (and again if it was dropped).
-    pub(crate) fn with<R>(&self, f: impl FnOnce(&counters::Slot) -> R) -> mlua::Result<R> {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&dyn CounterSlot) -> R) -> mlua::Result<R> {
         if let Some(slot) = &*self.slot.borrow()
             && !slot.is_dropped()
         {
-            return Ok(f(slot));
+            return Ok(f(slot.as_ref()));
         }
         let slot = self
             .counters
             .slot(&self.plugin, &self.name, crate::clock::now_ms())
             .map_err(mlua::Error::runtime)?;
-        let result = f(&slot);
+        let result = f(slot.as_ref());
         *self.slot.borrow_mut() = Some(slot);
         Ok(result)
     }
@@ -513,7 +513,7 @@ impl UserData for CounterHandle {
         methods.add_method(
             "incr",
             |_, this, (n, window_s): (Option<i64>, Option<f64>)| {
-                this.with(|slot| slot.incr(n.unwrap_or(1), window_s, crate::clock::now_ms))
+                this.with(|slot| slot.incr(n.unwrap_or(1), window_s, &crate::clock::now_ms))
             },
         );
         methods.add_method("get", |_, this, ()| {

@@ -284,8 +284,32 @@ mod tests {
     use crate::app::{Lasting, State, reload::Source};
     use crate::keys::owners::{FileRecord, Owner};
     use crate::keys::{KeyPool, Penalty};
+    use crate::policy::counters::{CounterSlot, CounterStore};
 
     const ADMIN: &str = "admin-test-token-0123456789";
+
+    /// Plugin counters that note each lookup by name in `COUNTED`, then count as `Local`'s.
+    struct RecordingCounters(Arc<dyn CounterStore>);
+
+    static COUNTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    impl CounterStore for RecordingCounters {
+        fn slot(
+            &self,
+            plugin: &str,
+            name: &str,
+            now_ms: u64,
+        ) -> Result<Arc<dyn CounterSlot>, &'static str> {
+            COUNTED
+                .lock()
+                .unwrap()
+                .push(format!("counter {plugin} {name}"));
+            self.0.slot(plugin, name, now_ms)
+        }
+        fn get(&self, plugin: &str, name: &str, now_ms: u64) -> i64 {
+            self.0.get(plugin, name, now_ms)
+        }
+    }
 
     /// Shared state that records every call, then does what [`Local`] does.
     struct Recording {
@@ -374,6 +398,9 @@ mod tests {
         }
         fn close_session(&self, id: &str) {
             self.local.close_session(id);
+        }
+        fn counters(&self) -> Arc<dyn CounterStore> {
+            Arc::new(RecordingCounters(self.local.counters()))
         }
         fn edit_config(
             &self,
@@ -577,6 +604,12 @@ mod tests {
         assert!(
             !calls.contains(&format!("key_succeeded {minute_id}")),
             "{calls:?}"
+        );
+        // The shipped round_robin plugin keeps its cursor in the shared counters.
+        let counted = COUNTED.lock().unwrap().clone();
+        assert!(
+            counted.contains(&"counter round_robin cursor".to_owned()),
+            "{counted:?}"
         );
         assert!(
             pool.get(minute)
