@@ -24,7 +24,7 @@ pub mod translate;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pingora::server::configuration::ServerConf;
@@ -84,7 +84,6 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
     log_plugins(&state);
     app::flusher::start(store.clone(), state.clone());
     reload::watch(state.clone());
-    let in_flight = state.in_flight();
     let last_flush = {
         let state = state.clone();
         move || {
@@ -100,6 +99,7 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
     server.bootstrap();
     let side = upstream::side_client();
     app::checks::start(state.clone());
+    let draining = state.clone();
     let gateway = Arc::new(Gateway::new(state, side));
     for (index, socket) in sockets.into_iter().enumerate() {
         server.add_service(Worker::new(index, listen_addr, socket, gateway.clone()));
@@ -114,7 +114,7 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
     std::thread::Builder::new()
         .name("gemgate-drain".into())
         .spawn(move || {
-            wait_drained(phases, in_flight, grace);
+            wait_drained(phases, &draining, grace);
             last_flush();
             let _ = drained.send(());
         })
@@ -231,11 +231,11 @@ fn log_plugins(state: &State) {
     );
 }
 
-/// Waits for SIGTERM's graceful phase, then until no request is in flight (or the grace
-/// period is over).
+/// Waits for SIGTERM's graceful phase (from then on `/ready` says the instance drains), then
+/// until no request is in flight (or the grace period is over).
 fn wait_drained(
     mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
-    in_flight: Arc<AtomicUsize>,
+    state: &State,
     grace: Duration,
 ) {
     loop {
@@ -245,6 +245,8 @@ fn wait_drained(
             Err(_) => return,
         }
     }
+    state.draining.store(true, Ordering::Release);
+    let in_flight = &state.in_flight;
     let started = Instant::now();
     // Let the listeners close before counting.
     std::thread::sleep(Duration::from_millis(100));

@@ -215,6 +215,8 @@ pub struct State {
     pub started: Instant,
     /// A hash of the config file as the last successful reload read it (see `reload`).
     config_fingerprint: AtomicU64,
+    /// SIGTERM arrived: the instance drains and is no longer ready for traffic.
+    pub draining: std::sync::atomic::AtomicBool,
     /// Held by a reload while it runs: reloads never overlap.
     pub reloading: Mutex<()>,
     /// Held by an admin edit of the config file, from reading it to the reload that applies it.
@@ -237,6 +239,7 @@ impl State {
             generations: AtomicU64::new(1),
             started: Instant::now(),
             config_fingerprint: AtomicU64::new(0),
+            draining: Default::default(),
             reloading: Mutex::new(()),
             edits: Mutex::new(()),
             reload: Mutex::new(ReloadStatus {
@@ -244,11 +247,6 @@ impl State {
                 ..ReloadStatus::default()
             }),
         }))
-    }
-
-    /// Requests being served now (for graceful shutdown).
-    pub fn in_flight(&self) -> Arc<AtomicUsize> {
-        self.in_flight.clone()
     }
 
     pub fn next_generation(&self) -> u64 {

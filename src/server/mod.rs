@@ -82,6 +82,11 @@ impl Gateway {
                 );
                 send(s, x, 200, Bytes::from(body)).await
             }
+            Route::Ready => {
+                x.own(Kind::Health, "ready");
+                let (status, body) = self.readiness(generation);
+                send(s, x, status, Bytes::from(body.to_string())).await
+            }
             Route::NotFound => {
                 x.meta.protocol = route::protocol_of(&path);
                 let e = GateError::new(404, "gemgate does not serve this path");
@@ -105,6 +110,32 @@ impl Gateway {
                 }
             }
             route => self.call(generation, s, x, route).await,
+        }
+    }
+
+    /// Whether this instance should get traffic (`/ready`): not while it drains after SIGTERM,
+    /// nor without a key that could serve (none configured, or every one disabled). A key
+    /// cooling down for one model still serves others: it counts as usable.
+    fn readiness(&self, generation: &Generation) -> (u16, serde_json::Value) {
+        let keys = generation.pool.keys();
+        let usable = keys.iter().filter(|k| !k.state.is_disabled()).count();
+        let why = if self.state.draining.load(Ordering::Acquire) {
+            Some("draining: the instance is shutting down")
+        } else if keys.is_empty() {
+            Some("no Gemini API key is configured")
+        } else if usable == 0 {
+            Some("every Gemini API key is disabled")
+        } else {
+            None
+        };
+        let mut body =
+            serde_json::json!({ "ready": why.is_none(), "keys": keys.len(), "usable": usable });
+        match why {
+            None => (200, body),
+            Some(why) => {
+                body["why"] = why.into();
+                (503, body)
+            }
         }
     }
 
@@ -138,6 +169,7 @@ impl Gateway {
                 Box::pin(self.google_openai(generation, s, &rest, x)).await
             }
             Route::Health
+            | Route::Ready
             | Route::NotFound
             | Route::Invalid(_)
             | Route::Page(_)
@@ -503,6 +535,25 @@ mod tests {
             1_100,
             "every record kept or counted"
         );
+    }
+
+    /// While the instance drains after SIGTERM, `/ready` takes it out of rotation; `/health`
+    /// still says it is alive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_instance_is_alive_but_not_ready() {
+        let vars = [("API_KEYS", "good-1"), ("ALLOWED_TOKENS", "sk-test")];
+        let (addr, state) = serve_in_process(None, &vars, Lasting::default()).await;
+        let get = |path: &'static str| reqwest::get(format!("http://{addr}{path}"));
+        assert_eq!(get("/ready").await.unwrap().status(), 200);
+        state.draining.store(true, Ordering::Release);
+        let ready = get("/ready").await.unwrap();
+        assert_eq!(ready.status(), 503);
+        let body: serde_json::Value = ready.json().await.unwrap();
+        assert_eq!(
+            body["why"], "draining: the instance is shutting down",
+            "{body}"
+        );
+        assert_eq!(get("/health").await.unwrap().status(), 200);
     }
 
     /// The request path and the admin UI change what a fleet shares only through

@@ -18,7 +18,10 @@ pub fn protocol_of(path: &str) -> Protocol {
 /// What a request asks for, by its path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
+    /// `/health`: liveness (the process serves).
     Health,
+    /// `/ready`: readiness (this instance should get traffic).
+    Ready,
     Admin(AdminCall),
     OpenAi(OpenAiCall),
     /// `/openai/v1/{rest}`: Google's OpenAI-compatible API, passed through.
@@ -44,8 +47,10 @@ pub const MAX_NAME: usize = 128;
 /// model list or lookup sent with a Google-style credential (`goog_credential`: an
 /// `x-goog-api-key` header or a `key=` parameter); otherwise it is OpenAI's.
 pub fn route(path: &str, goog_credential: bool) -> Route {
-    if path == "/health" {
-        return Route::Health;
+    match path {
+        "/health" => return Route::Health,
+        "/ready" => return Route::Ready,
+        _ => {}
     }
     if let Some(rest) = path.strip_prefix("/v1/")
         && is_google_v1(rest, goog_credential)
@@ -324,6 +329,7 @@ mod tests {
             matches!(&call, Route::Native(c) if c.is_stream() && c.model() == "gemini-2.5-flash")
         );
         assert_eq!(route_of("/health"), Route::Health);
+        assert_eq!(route_of("/ready"), Route::Ready);
         assert_eq!(
             route_of("/v1beta/models/../x:generateContent"),
             Route::NotFound

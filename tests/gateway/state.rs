@@ -148,3 +148,44 @@ async fn disabled_keys_are_probed_and_return_when_healthy() {
         .count();
     assert_eq!(access_lines, 3, "{}", gate.logs());
 }
+
+/// `/health` is liveness and `/ready` readiness: an instance without a key that could serve
+/// is alive but not ready, and becomes ready again when a key returns.
+#[tokio::test]
+async fn readiness_follows_the_usable_keys_while_liveness_stays() {
+    let fake = fake().await;
+    let no_keys = gate().start().await;
+    assert_eq!(get(&no_keys, "/health").await.0, 200);
+    let (status, v) = get(&no_keys, "/ready").await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["why"], "no Gemini API key is configured");
+
+    let gate = gate()
+        .upstream(&fake, &["invalid-1"])
+        .env("MAX_FAILURES", "1")
+        .admin()
+        .start()
+        .await;
+    let (status, v) = get(&gate, "/ready").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({ "ready": true, "keys": 1, "usable": 1 }));
+    // Google calls the key invalid: it is disabled, and the instance is no longer ready.
+    assert_ne!(post(&gate, GENERATE, &ask("hi")).await.0, 200);
+    let (status, v) = get(&gate, "/ready").await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["why"], "every Gemini API key is disabled");
+    assert_eq!(v["usable"], 0);
+    assert_eq!(get(&gate, "/health").await.0, 200, "still alive");
+    // The operator enables it again: ready.
+    let (id, state) = key_states(&gate).await.remove(0);
+    assert_eq!(state, "disabled");
+    let (status, _) = admin(
+        reqwest::Method::POST,
+        &gate,
+        &format!("/admin/api/keys/{id}/enable"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(get(&gate, "/ready").await.0, 200);
+}
