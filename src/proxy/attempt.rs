@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::exchange::{Class, Meta, Tried};
 use super::relay::relay;
-use super::{Failure, Finished, Gateway, Outcome, Refusal, UpstreamRequest, denied};
+use super::{Failure, Finished, Gateway, Refusal, UpstreamRequest, denied};
 use crate::app::Generation;
 use crate::app::shared::{KeyFailure, Used};
 use crate::clock::now_ms;
@@ -36,16 +36,6 @@ enum Verdict {
     Use,
     AnotherKey,
     Refuse(Denial),
-}
-
-/// What a successful attempt brought.
-struct Success {
-    finished: Finished,
-    status: u16,
-    tokens: Option<Tokens>,
-    ttfb: Option<Duration>,
-    broke: Option<Class>,
-    upload_headers: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -86,13 +76,13 @@ impl Gateway {
                 )
                 .await
             {
-                Ok(success) => {
-                    tried.status = Some(success.status);
-                    tried.class = success.broke;
-                    tried.tokens = success.tokens;
-                    tried.ttfb = success.ttfb;
-                    tried.upload_headers = success.upload_headers;
-                    return (success.finished, tried);
+                Ok((finished, done)) => {
+                    let tried = Tried {
+                        attempts: tried.attempts,
+                        key: tried.key,
+                        ..done
+                    };
+                    return (finished, tried);
                 }
                 Err(failure) => failure,
             };
@@ -322,8 +312,9 @@ impl Gateway {
         Ok((up, route))
     }
 
-    /// One attempt with key `index`. `Err` means nothing reached the client and the caller may
-    /// try another key.
+    /// One attempt with key `index`: how it ended, and what it did (status, tokens, time to
+    /// first byte, how a relayed answer broke off). `Err` means nothing reached the client and
+    /// the caller may try another key.
     async fn attempt(
         &self,
         generation: &Generation,
@@ -332,20 +323,16 @@ impl Gateway {
         client: Option<&mut ServerSession>,
         meta: &Meta,
         attempt: u32,
-    ) -> Result<Success, Failure> {
+    ) -> Result<(Finished, Tried), Failure> {
         let (mut up, route) = self.exchange_head(generation, req, index).await?;
         let status = up.response_header().map_or(0, |h| h.status.as_u16());
         self.state
             .lasting
             .shared
             .key_succeeded(generation.pool_for(req), index);
-        let mut success = Success {
-            finished: Finished::Relayed(Outcome::Close),
-            status,
-            tokens: None,
-            ttfb: None,
-            broke: None,
-            upload_headers: Vec::new(),
+        let mut done = Tried {
+            status: Some(status),
+            ..Tried::default()
         };
         match self.on_success(generation, req, index, status, meta, attempt) {
             Verdict::Use => {}
@@ -358,13 +345,12 @@ impl Gateway {
             }
             Verdict::Refuse(d) => {
                 generation.target.release(up, route).await;
-                success.finished = Finished::Refused(denied(d));
-                return Ok(success);
+                return Ok((Finished::Refused(denied(d)), done));
             }
         }
-        match client {
+        let finished = match client {
             None => {
-                success.upload_headers = upload_headers(&up);
+                done.upload_headers = upload_headers(&up);
                 let (body, complete) = read_to_end(&mut up, COLLECT_LIMIT).await;
                 if !complete {
                     return Err(Failure::network(
@@ -372,8 +358,8 @@ impl Gateway {
                         "the upstream's answer broke off",
                     ));
                 }
-                success.tokens = tokens_in(&body);
-                success.finished = Finished::Collected(body);
+                done.tokens = tokens_in(&body);
+                Finished::Collected(body)
             }
             Some(s) => {
                 let mut reframe = (req.reframe)(meta);
@@ -385,15 +371,15 @@ impl Gateway {
                         return Err(failure);
                     }
                 };
-                success.tokens = Some(relayed.tokens).filter(|t| *t != Tokens::default());
-                success.ttfb = relayed.ttfb;
-                success.broke = relayed.broke;
-                success.finished = Finished::Relayed(relayed.outcome);
+                done.tokens = Some(relayed.tokens).filter(|t| *t != Tokens::default());
+                done.ttfb = relayed.ttfb;
+                done.class = relayed.broke;
+                Finished::Relayed(relayed.outcome)
             }
-        }
+        };
         generation.target.release(up, route).await;
-        self.count_usage(generation, req, index, None, success.tokens);
-        Ok(success)
+        self.count_usage(generation, req, index, None, done.tokens);
+        Ok((finished, done))
     }
 }
 

@@ -145,10 +145,7 @@ fn admin_route(call: &str) -> Route {
         "keys/bulk" => Route::Admin(AdminCall::BulkKeys),
         "resources" => Route::Admin(AdminCall::Resources),
         logs if logs.starts_with("logs/") => logs_route(&logs["logs/".len()..]),
-        rest if rest
-            .strip_prefix("keys/")
-            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())) =>
-        {
+        rest if rest.strip_prefix("keys/").is_some_and(is_key_id) => {
             Route::Admin(AdminCall::DeleteKey {
                 id: rest["keys/".len()..].to_owned(),
             })
@@ -174,10 +171,15 @@ fn logs_route(rest: &str) -> Route {
     Route::Admin(AdminCall::Logs { log, row })
 }
 
+/// Whether `id` may be a key id (letters and digits).
+fn is_key_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// `keys/{id}/{verify|reset|enable|disable}`; anything else is not found.
 fn key_action_route(rest: &str) -> Route {
     match rest.strip_prefix("keys/").and_then(|r| r.split_once('/')) {
-        Some((id, action)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+        Some((id, action)) if is_key_id(id) => {
             let action = match action {
                 "verify" => KeyAction::Verify,
                 "reset" => KeyAction::Reset,

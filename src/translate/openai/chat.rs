@@ -297,6 +297,7 @@ fn push(contents: &mut Vec<Value>, role: &str, parts: Vec<Value>) {
     contents.push(json!({ "role": role, "parts": parts }));
 }
 
+/// A message's content as plain text: a string, or its text parts joined.
 fn text_of(content: Option<&Value>) -> String {
     match content {
         Some(Value::String(s)) => s.clone(),
@@ -327,6 +328,7 @@ fn parts(content: Option<&Value>, field: &str) -> Result<Vec<Value>, BadRequest>
     }
 }
 
+/// One OpenAI content part (`text`, `image_url`, `input_audio`, `file`) as a Gemini part.
 fn part(p: &Value, field: &str) -> Result<Value, BadRequest> {
     let kind = p.get("type").and_then(Value::as_str).unwrap_or("text");
     match kind {
@@ -634,6 +636,7 @@ fn sources(candidate: &Value) -> String {
     }
 }
 
+/// Gemini's `usageMetadata` as OpenAI's `usage` (thought tokens count as completion tokens).
 fn usage(answer: &Value) -> Option<Value> {
     let u = answer.get("usageMetadata")?;
     let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
