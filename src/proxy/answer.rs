@@ -59,12 +59,13 @@ pub(crate) async fn send(
     status: u16,
     json: Bytes,
 ) -> Outcome {
-    let mut h = response_header(status, x);
-    let _ = h.insert_header(
+    x.status = status;
+    let mut h = response_parts(status, &x.meta);
+    h.headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=UTF-8"),
     );
-    write_full(s, h, json).await
+    write_full(s, ResponseHeader::from(h), json).await
 }
 
 /// Writes a whole answer, with its length.
