@@ -129,7 +129,6 @@ impl Lasting {
             sessions: Arc::default(),
             counters: Arc::default(),
             store: store.clone(),
-            edits: Mutex::default(),
         };
         Lasting {
             registry: Arc::default(),
@@ -153,7 +152,6 @@ impl Lasting {
             sessions: self.sessions.clone(),
             counters: self.counters.clone(),
             store: self.store.clone(),
-            edits: Mutex::default(),
         }
     }
 }

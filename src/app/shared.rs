@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::session::Sessions;
@@ -117,7 +117,8 @@ pub trait SharedState: Send + Sync {
 
     /// Applies an admin edit to the config every instance serves (the file at `path` here):
     /// `change` gets its text (the shipped defaults when there is none) and gives the new
-    /// text, or `None` to leave it. Edits run one at a time. Returns whether it wrote.
+    /// text, or `None` to leave it. Returns whether it wrote. This instance sends one edit at
+    /// a time (the admin API holds `State::edits` from the edit to its reload).
     fn edit_config(
         &self,
         path: &Path,
@@ -133,8 +134,6 @@ pub struct Local {
     pub sessions: Arc<Sessions>,
     pub counters: Arc<Counters>,
     pub store: Option<Arc<Store>>,
-    /// Held by a config edit from reading the file to writing it.
-    pub edits: Mutex<()>,
 }
 
 impl SharedState for Local {
@@ -235,7 +234,6 @@ impl SharedState for Local {
         path: &Path,
         change: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
     ) -> Result<bool, String> {
-        let _one_at_a_time = self.edits.lock().unwrap_or_else(|e| e.into_inner());
         let text = config::edit::read_or_defaults(path)?;
         match change(&text)? {
             Some(new_text) => config::edit::write_atomic(path, &new_text).map(|()| true),
