@@ -19,18 +19,10 @@ pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 "$AFTER/gemgate-fake-upstream" --listen "127.0.0.1:$FAKE_PORT" --threads 2 >/dev/null 2>&1 &
 pids+=($!)
-start() { # name dir port
-  mkdir -p "$work/$1"
-  (
-    cd "$work/$1"
-    GEMGATE_LISTEN="127.0.0.1:$3" GEMGATE_DATA_DIR="$work/$1/data" \
-      API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS=bench-token \
-      BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" LOG_LEVEL=info exec "$2/gemgate"
-  ) >/dev/null 2>&1 &
-  pids+=($!)
-}
-start after "$(cd "$AFTER" && pwd)" "$A_PORT"
-start before "$(cd "$BEFORE" && pwd)" "$B_PORT"
+start_gemgate "$work/after" "$(cd "$AFTER" && pwd)" "$A_PORT" "$FAKE_PORT" bench-token
+pids+=($!)
+start_gemgate "$work/before" "$(cd "$BEFORE" && pwd)" "$B_PORT" "$FAKE_PORT" bench-token
+pids+=($!)
 wait_port "$FAKE_PORT" "the fake upstream"
 wait_port "$A_PORT" "the new build"
 wait_port "$B_PORT" "the old build"

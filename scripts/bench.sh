@@ -51,36 +51,16 @@ trap cleanup EXIT
 
 "$BIN_DIR/gemgate-fake-upstream" --listen "127.0.0.1:$FAKE_PORT" --threads 2 >"$work/fake.log" 2>&1 &
 pids+=($!)
-(
-  cd "$work"
-  GEMGATE_LISTEN="127.0.0.1:$GATE_PORT" GEMGATE_DATA_DIR="$work/data" \
-    API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS="$TOKEN" \
-    BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" LOG_LEVEL=info \
-    exec "$BIN_DIR/gemgate"
-) >/dev/null 2>"$work/gemgate.log" &
+start_gemgate "$work/gemgate" "$BIN_DIR" "$GATE_PORT" "$FAKE_PORT" "$TOKEN"
 pids+=($!)
 # The same gateway with an empty plugins folder: the built-in behaviour, no Lua at all.
-mkdir -p "$work/bare/no-plugins"
-(
-  cd "$work/bare"
-  GEMGATE_LISTEN="127.0.0.1:$BARE_PORT" GEMGATE_DATA_DIR="$work/bare/data" \
-    GEMGATE_PLUGINS_DIR="$work/bare/no-plugins" \
-    API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS="$TOKEN" \
-    BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" LOG_LEVEL=info \
-    exec "$BIN_DIR/gemgate"
-) >/dev/null 2>"$work/bare.log" &
+mkdir -p "$work/no-plugins"
+start_gemgate "$work/bare" "$BIN_DIR" "$BARE_PORT" "$FAKE_PORT" "$TOKEN" \
+  GEMGATE_PLUGINS_DIR="$work/no-plugins"
 pids+=($!)
-
 # An older build of gemgate (BASELINE_DIR), measured in turn with this one: the same defaults.
 if [ -n "$BASELINE_DIR" ]; then
-  mkdir -p "$work/baseline"
-  (
-    cd "$work/baseline"
-    GEMGATE_LISTEN="127.0.0.1:$BASELINE_PORT" GEMGATE_DATA_DIR="$work/baseline/data" \
-      API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS="$TOKEN" \
-      BASE_URL="http://127.0.0.1:$FAKE_PORT/v1beta" LOG_LEVEL=info \
-      exec "$BASELINE_DIR/gemgate"
-  ) >/dev/null 2>"$work/baseline.log" &
+  start_gemgate "$work/baseline" "$BASELINE_DIR" "$BASELINE_PORT" "$FAKE_PORT" "$TOKEN"
   pids+=($!)
 fi
 

@@ -1,4 +1,5 @@
-# Loopback ports for the scripts that start gemgate and the fake upstream (sourced, not run).
+# Loopback ports, and gemgate started on one, for the scripts that run gemgate against the fake
+# upstream (sourced, not run).
 
 # A port the kernel says is free now (another program could take it before it is bound; the
 # wait below then fails loudly rather than test the wrong thing).
@@ -14,4 +15,20 @@ wait_port() {
   echo "$(basename "$0"): $2 does not listen on 127.0.0.1:$1" >&2
   if [ -n "${3:-}" ]; then tail -20 "$3" >&2 || true; fi
   exit 1
+}
+
+# start_gemgate DIR BIN PORT FAKE_PORT TOKEN [NAME=VALUE ...]: starts BIN/gemgate in the folder
+# DIR (its data inside), listening on 127.0.0.1:PORT with four keys (bench-1..4) on the fake
+# upstream at FAKE_PORT and the client token TOKEN, plus the settings given; its log goes to
+# DIR.log. The caller keeps `$!` to stop it.
+start_gemgate() {
+  local dir=$1 bin=$2 port=$3 fake=$4 token=$5
+  shift 5
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    exec env GEMGATE_LISTEN="127.0.0.1:$port" GEMGATE_DATA_DIR="$dir/data" \
+      API_KEYS="bench-1,bench-2,bench-3,bench-4" ALLOWED_TOKENS="$token" \
+      BASE_URL="http://127.0.0.1:$fake/v1beta" LOG_LEVEL=info "$@" "$bin/gemgate"
+  ) >/dev/null 2>"$dir.log" &
 }
