@@ -556,6 +556,30 @@ mod tests {
         assert_eq!(get("/health").await.unwrap().status(), 200);
     }
 
+    /// `/ready` is open to anyone, like `/health`: a flood of probes with junk queries and
+    /// bodies costs no log row, no refusal count and no key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ready_probes_leave_no_trace() {
+        let vars = [("API_KEYS", "good-1"), ("ALLOWED_TOKENS", "sk-test")];
+        let (addr, state) = serve_in_process(None, &vars, Lasting::default()).await;
+        let client = reqwest::Client::new();
+        for i in 0..500 {
+            let answer = client
+                .post(format!("http://{addr}/ready?key=x&junk={}", "j".repeat(i)))
+                .body("x".repeat(4096))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200);
+        }
+        assert!(
+            state.lasting.logs.take().is_empty(),
+            "probes are not logged"
+        );
+        assert_eq!(state.refused.json()["malformed"], 0);
+        assert_eq!(state.refused.json()["unauthenticated"], 0);
+    }
+
     /// The request path and the admin UI change what a fleet shares only through
     /// `SharedState`: a gateway built over a recording implementation sees every key failure,
     /// success, usage count and token check of real requests, an admin login's session and an
