@@ -148,6 +148,29 @@ pub fn free_addr() -> SocketAddr {
     }
 }
 
+/// Whether a gemgate on `addr` answers `GET /health` with HTTP.
+///
+/// A bare TCP connect is not proof: a connect to a port nobody listens on yet can connect to
+/// itself (when the kernel happens to pick the same port as its own source port), and the
+/// test's first request would then find no listener.
+async fn answers_health(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+        conn.write_all(b"GET /health HTTP/1.1\r\nHost: gemgate\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        conn.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
 impl Gate {
     /// Starts the gemgate process (appending to its log) and waits until it listens.
     async fn spawn(&mut self) {
@@ -194,7 +217,7 @@ impl Gate {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("gemgate exited early ({status}):\n{}", self.logs());
             }
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+            if answers_health(self.addr).await {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
