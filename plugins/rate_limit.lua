@@ -1,7 +1,9 @@
 -- rate_limit: at most N requests per minute per client (off by default).
 --
--- Counts in gemgate's counter store, shared by all worker threads: a fixed one-minute window
--- per client. Past the limit, requests get 429 until the window ends.
+-- The plugin declares the limit in its `limits` table; gemgate checks and counts it before any
+-- `on_request` hook runs, in one-minute windows aligned to the clock. Alone, gemgate counts in
+-- memory; in a fleet (GEMGATE_REDIS_URL), in Redis, atomically, so the limit holds across every
+-- instance. Past the limit, requests get 429 with Retry-After until the window ends.
 --
 --   # gemgate.toml:
 --   #   [plugins.rate_limit]
@@ -12,26 +14,19 @@
 --     localhost:8000/v1beta/models/gemini-2.5-flash:generateContent \
 --     -H "x-goog-api-key: $TOKEN" -d '{"contents":[{"parts":[{"text":"hi"}]}]}'; done | sort | uniq -c
 --   # 60 × 200, 1 × 429
-local limit, per_client = 60, {}
+local limits = {}
 
 return {
   name = "rate_limit",
   priority = 200,
   enabled = false,
   schema = { requests_per_minute = "integer", clients = "table" },
+  limits = limits,
 
   init = function(conf)
-    limit = conf.requests_per_minute or 60
-    per_client = conf.clients or {}
-    if limit < 1 then error("requests_per_minute must be at least 1") end
-  end,
-
-  on_request = function(req, ctx)
-    if req.model == "" then return nil end
-    local max = per_client[req.client] or limit
-    local used = gemgate.counter("rpm:" .. req.client):incr(1, 60)
-    if used > max then
-      return gemgate.deny(429, "rate limit: " .. max .. " requests per minute for " .. req.client)
-    end
+    local rpm = conf.requests_per_minute or 60
+    if rpm < 1 then error("requests_per_minute must be at least 1") end
+    limits.per_client_rpm = rpm
+    limits.clients = conf.clients or {}
   end,
 }

@@ -3,7 +3,8 @@
 # upstream on loopback ports, including the official openai and google-genai Python SDKs
 # against gemgate, and the admin page in headless Chromium (Playwright). Their virtual
 # environment is made on first run, in target/sdk-venv; Chromium comes from the system's
-# package manager. The browser test's screenshots are kept in target/browser-shots/.
+# package manager. The browser test's screenshots are kept in target/browser-shots/. The fleet
+# tests start their own redis-server (Debian's, installed when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -31,7 +32,12 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "test: installing Chromium for the admin page's browser test" >&2
   apt_install chromium fonts-liberation
 fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "test: installing redis-server for the fleet tests" >&2
+  apt_install redis-server
+fi
 export GEMGATE_SDK_PYTHON="$PWD/$venv/bin/python"
 export GEMGATE_BROWSER_PYTHON="$PWD/$venv/bin/python"
 export GEMGATE_CHROMIUM="$(command -v chromium)"
+export GEMGATE_REDIS_SERVER="$(command -v redis-server)"
 exec cargo test --locked --workspace "$@"

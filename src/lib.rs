@@ -11,6 +11,7 @@ pub mod admin;
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod fleet;
 pub mod http;
 pub mod keys;
 pub mod policy;
@@ -48,6 +49,8 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error("cannot start: {0}")]
     Build(#[from] BuildError),
+    #[error("cannot join the fleet: {0}")]
+    Fleet(String),
 }
 
 impl RunError {
@@ -55,7 +58,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Listen { .. } => 1,
-            RunError::Store(_) | RunError::Build(_) => 2,
+            RunError::Store(_) | RunError::Build(_) | RunError::Fleet(_) => 2,
         }
     }
 }
@@ -79,8 +82,27 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
 
     // Key health from the last run: a disabled key stays out, a cooling key waits.
     let store = Arc::new(store::Store::open(&config.data_dir, config.max_data_bytes)?);
-    let lasting = restored(&store);
+    let mut lasting = restored(&store);
+    let fleet = match &config.cluster {
+        Some(cluster) => {
+            let fleet = fleet::Fleet::start(
+                cluster,
+                lasting.local(),
+                lasting.registry.clone(),
+                source.fleet_edits.clone(),
+                listen_addr,
+            )
+            .map_err(RunError::Fleet)?;
+            lasting.shared = fleet.clone();
+            lasting.instance = Some(fleet.instance().into());
+            Some(fleet)
+        }
+        None => None,
+    };
     let state = State::new(config, source, lasting)?;
+    if let Some(fleet) = &fleet {
+        fleet.attach(&state);
+    }
     log_plugins(&state);
     app::flusher::start(store.clone(), state.clone());
     reload::watch(state.clone());

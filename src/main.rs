@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         .config
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
     let vars = config::gather_env(std::path::Path::new("."));
-    let source = gemgate::app::reload::Source { path, explicit };
+    let source = gemgate::app::reload::Source::new(path, explicit);
     let config = match source.load() {
         Ok(c) => c,
         Err(e) => {

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::{AdminCall, KeyAction};
 use crate::app::checks::{self, Probe};
+use crate::app::shared::EditError;
 use crate::app::{Generation, reload, session};
 use crate::clock::{now_ms, rfc3339};
 use crate::http::auth;
@@ -66,6 +67,12 @@ impl Gateway {
                 self.resources_json(auth::query_param(query, "kind").as_deref())?
             }
             AdminCall::KeyAction { id, action } => self.key_action(generation, &id, action).await?,
+            AdminCall::Fleet => self
+                .state
+                .lasting
+                .shared
+                .fleet_status()
+                .unwrap_or_else(|| json!({ "fleet": null, "note": "a single instance: GEMGATE_REDIS_URL is not set" })),
         };
         Ok(Bytes::from(body.to_string()))
     }
@@ -309,17 +316,26 @@ impl Gateway {
                     Ok(new_text)
                 })?;
             if wrote {
-                reload::reload(&state).map_err(|e| e.message)?;
+                reload::reload(&state).map_err(|e| EditError::Failed(e.message))?;
             }
-            answer.ok_or_else(|| "the edit did not run".to_owned())
+            answer.ok_or_else(|| EditError::from("the edit did not run"))
         })
         .await
         .map_err(|e| GateError::new(500, format!("the config edit failed: {e}")))?;
-        done.map_err(|m: String| GateError::new(500, format!("the config edit failed: {m}")))
+        done.map_err(|e| {
+            GateError::new(
+                e.status(),
+                format!("the config edit failed: {}", e.message()),
+            )
+        })
     }
 
-    /// Today's usage per key id (empty without a store).
+    /// Today's usage per key id: the whole fleet's in a fleet, else this instance's (empty
+    /// without a store).
     pub(super) fn usage_today(&self) -> HashMap<String, Counts> {
+        if let Some(fleet) = self.state.lasting.shared.fleet_usage_today() {
+            return fleet;
+        }
         let today = crate::store::usage::day_of(now_ms());
         self.state
             .lasting
@@ -418,7 +434,7 @@ fn admin_allows(call: &AdminCall, method: &http::Method) -> bool {
         AdminCall::Logs { row, .. } => {
             method == http::Method::GET || row.is_none() && method == http::Method::DELETE
         }
-        AdminCall::Resources => method == http::Method::GET,
+        AdminCall::Resources | AdminCall::Fleet => method == http::Method::GET,
     }
 }
 

@@ -24,6 +24,8 @@ pub enum AdminCall {
     /// `GET /admin/api/resources?kind=files`: every resource clients made through gemgate,
     /// with its owner (those from before owners were kept included).
     Resources,
+    /// `GET /admin/api/fleet`: this instance's link to the fleet, and the fleet's members.
+    Fleet,
     /// `GET /admin/api/logs/{requests|errors}` (a page), `GET …/{ts}-{seq}` (one row),
     /// `DELETE /admin/api/logs/{requests|errors}` (selected rows, or all).
     Logs {

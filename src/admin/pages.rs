@@ -420,6 +420,7 @@ impl Gateway {
             "uptime": uptime(self.state.started.elapsed()),
             "generation": generation.id,
             "dropped": self.state.lasting.logs.dropped(),
+            "fleet": self.state.lasting.shared.fleet_status(),
         });
         ("dashboard", "Dashboard", data)
     }
@@ -475,9 +476,23 @@ impl Gateway {
         let path = &self.state.source.path;
         let text =
             crate::config::edit::read_or_defaults(path).map_err(|e| GateError::new(500, e))?;
+        // In a fleet, the file with the fleet's edits over it: what this instance serves.
+        let text = self
+            .state
+            .source
+            .fleet_edits
+            .load()
+            .apply(&text)
+            .map_err(|e| GateError::new(500, e))?;
         let vars = self.state.source.vars();
         let mut groups = settings::describe(&text, &vars, &settings::in_process_env)
             .map_err(|e| GateError::new(500, e.to_string()))?;
+        let from_fleet = self.state.lasting.shared.fleet_settings();
+        for s in groups.iter_mut().flat_map(|g| g.settings.iter_mut()) {
+            if matches!(s.source, "file" | "default") && from_fleet.iter().any(|p| p == s.path) {
+                s.source = "fleet";
+            }
+        }
         let mut general = Vec::new();
         if let Some((form, errors)) = refused {
             for (field, message) in errors {

@@ -117,6 +117,8 @@ pub struct Lasting {
     pub sessions: Arc<session::Sessions>,
     /// What the request path changes that a fleet shares: see [`shared`].
     pub shared: Arc<dyn shared::SharedState>,
+    /// This instance's id in its fleet (`None`: a single instance); its log rows carry it.
+    pub instance: Option<Arc<str>>,
 }
 
 impl Lasting {
@@ -141,6 +143,7 @@ impl Lasting {
             metrics: Arc::default(),
             sessions: local.sessions.clone(),
             shared: Arc::new(local),
+            instance: None,
         }
     }
 

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::Serialize;
 
 use super::{BuildError, Generation, State};
 use crate::clock::now_ms;
+use crate::config::edit::FleetEdits;
 use crate::config::{self, Config};
 
 /// How long the watched folders must be quiet before a reload starts.
@@ -29,12 +31,29 @@ pub struct Source {
     pub path: PathBuf,
     /// `--config` was given: a missing file is an error, not the embedded defaults.
     pub explicit: bool,
+    /// A fleet's admin edits, laid over the file (empty for a single instance).
+    pub fleet_edits: Arc<ArcSwap<FleetEdits>>,
 }
 
 impl Source {
-    /// Reads and validates the config (file, `.env` of the working directory, environment).
+    /// The config file at `path` (`explicit`: given on the command line).
+    pub fn new(path: PathBuf, explicit: bool) -> Source {
+        Source {
+            path,
+            explicit,
+            fleet_edits: Arc::default(),
+        }
+    }
+
+    /// Reads and validates the config (file with the fleet's edits, `.env` of the working
+    /// directory, environment).
     pub fn load(&self) -> Result<Config, config::ConfigError> {
-        config::load(&self.path, self.explicit, &self.vars())
+        config::load_with(
+            &self.path,
+            self.explicit,
+            &self.vars(),
+            &self.fleet_edits.load(),
+        )
     }
 
     /// The environment and the working directory's `.env`, as a reload reads them.
@@ -152,6 +171,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.log_level != new.log_level {
         out.push("server.log_level (LOG_LEVEL)");
+    }
+    if old.cluster != new.cluster {
+        out.push("cluster (GEMGATE_REDIS_URL, GEMGATE_CLUSTER, GEMGATE_CLUSTER_SECRET, GEMGATE_INSTANCE)");
     }
     out
 }

@@ -182,7 +182,8 @@ impl Admin {
     }
 }
 
-fn digest(token: &str) -> [u8; 32] {
+/// The SHA-256 of a token: what a session keeps of the admin token it was opened with.
+pub fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
@@ -228,6 +229,33 @@ impl Sessions {
             return None;
         }
         Some(s.csrf.clone())
+    }
+
+    /// A session opened elsewhere in the fleet: `admin` is the digest of the admin token it
+    /// was opened with; it lives `left` longer.
+    pub fn adopt(&self, id: String, csrf: String, admin: [u8; 32], left: Duration) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.len() >= MAX_SESSIONS && !live.contains_key(&id) {
+            return;
+        }
+        live.insert(
+            id,
+            Session {
+                expires: Instant::now() + left.min(TTL),
+                csrf,
+                admin,
+            },
+        );
+    }
+
+    /// Every live session: (id, CSRF token, admin token digest, time left).
+    pub fn all(&self) -> Vec<(String, String, [u8; 32], Duration)> {
+        let now = Instant::now();
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.iter()
+            .filter(|(_, s)| s.expires > now)
+            .map(|(id, s)| (id.clone(), s.csrf.clone(), s.admin, s.expires - now))
+            .collect()
     }
 
     pub fn close(&self, id: &str) {

@@ -47,8 +47,104 @@ pub struct Used<'a> {
     pub now_ms: u64,
 }
 
+/// One request counted against a declared limit (see `policy::DeclaredLimit`).
+#[derive(Debug, Clone, Copy)]
+pub struct LimitCheck<'a> {
+    /// The plugin that declared it.
+    pub plugin: &'a str,
+    /// Whom it counts (the client's name).
+    pub subject: &'a str,
+    /// Requests allowed per window.
+    pub max: u64,
+    pub window_s: u64,
+    pub now_ms: u64,
+}
+
+impl LimitCheck<'_> {
+    /// Which window `now_ms` falls in: windows are aligned to the clock, so that every
+    /// instance of a fleet counts in the same one.
+    pub fn window(&self) -> u64 {
+        self.now_ms / 1000 / self.window_s.max(1)
+    }
+
+    /// Seconds until the current window ends (at least 1).
+    pub fn retry_after_s(&self) -> u64 {
+        let w = self.window_s.max(1);
+        (w - (self.now_ms / 1000) % w).max(1)
+    }
+}
+
+/// Whether a request may go on under a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Over the limit: the window ends in this many seconds.
+    Denied {
+        retry_after_s: u64,
+    },
+}
+
+/// Why an admin edit of the config was not made.
+#[derive(Debug)]
+pub enum EditError {
+    /// Not now: a fleet's Redis is away (answered 503).
+    Unavailable(String),
+    Failed(String),
+}
+
+impl EditError {
+    pub fn status(&self) -> u16 {
+        match self {
+            EditError::Unavailable(_) => 503,
+            EditError::Failed(_) => 500,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            EditError::Unavailable(m) | EditError::Failed(m) => m,
+        }
+    }
+}
+
+impl From<String> for EditError {
+    fn from(message: String) -> Self {
+        EditError::Failed(message)
+    }
+}
+
+impl From<&str> for EditError {
+    fn from(message: &str) -> Self {
+        EditError::Failed(message.to_owned())
+    }
+}
+
+/// A future the request path awaits (only [`SharedState::admit`]).
+pub type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// What every instance of a fleet must agree on (see the module's documentation).
 pub trait SharedState: Send + Sync {
+    /// Counts one request against a declared limit, atomically across the fleet; never
+    /// checked against a copy. Called only for requests a limit applies to.
+    fn admit<'a>(&'a self, check: LimitCheck<'a>) -> Pending<'a, Admission>;
+
+    /// The fleet's state as `/health`, the admin page and the admin API show it (`None`: a
+    /// single instance).
+    fn fleet_status(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Today's usage of the whole fleet by key id (`None`: a single instance, whose own
+    /// store has it).
+    fn fleet_usage_today(&self) -> Option<HashMap<String, crate::store::usage::Counts>> {
+        None
+    }
+
+    /// The settings (`section.field`) the fleet's admin edits set over this instance's file.
+    fn fleet_settings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// An attempt with key `index` of `pool` succeeded.
     fn key_succeeded(&self, pool: &KeyPool, index: usize);
 
@@ -123,7 +219,7 @@ pub trait SharedState: Send + Sync {
         &self,
         path: &Path,
         change: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
-    ) -> Result<bool, String>;
+    ) -> Result<bool, EditError>;
 }
 
 /// Shared state kept in this process, saved to the redb file (when there is one).
@@ -137,6 +233,10 @@ pub struct Local {
 }
 
 impl SharedState for Local {
+    fn admit<'a>(&'a self, check: LimitCheck<'a>) -> Pending<'a, Admission> {
+        Box::pin(std::future::ready(self.admit_here(check)))
+    }
+
     fn key_succeeded(&self, pool: &KeyPool, index: usize) {
         pool.record_success(index);
     }
@@ -233,18 +333,41 @@ impl SharedState for Local {
         &self,
         path: &Path,
         change: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, EditError> {
         let text = config::edit::read_or_defaults(path)?;
         match change(&text)? {
-            Some(new_text) => config::edit::write_atomic(path, &new_text).map(|()| true),
+            Some(new_text) => Ok(config::edit::write_atomic(path, &new_text).map(|()| true)?),
             None => Ok(false),
         }
     }
 }
 
 impl Local {
+    /// Counts `check` in this process's counters: exact for one instance (and a fleet's
+    /// fallback while Redis is away, with its share of the limit).
+    pub fn admit_here(&self, check: LimitCheck<'_>) -> Admission {
+        use crate::policy::counters::CounterStore;
+        let store = format!("limits/{}", check.plugin);
+        let name = format!("{}@{}", check.subject, check.window());
+        let slot = match self.counters.slot(&store, &name, check.now_ms) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::warn!(plugin = check.plugin, "limit not counted: {why}");
+                return Admission::Admitted;
+            }
+        };
+        let used = slot.incr(1, Some(check.window_s as f64 + 1.0), &|| check.now_ms);
+        if used as u64 > check.max {
+            Admission::Denied {
+                retry_after_s: check.retry_after_s(),
+            }
+        } else {
+            Admission::Admitted
+        }
+    }
+
     /// Records a file (or its deletion) in the store, off the request path.
-    fn save_file(&self, id: String, record: Option<FileRecord>) {
+    pub(crate) fn save_file(&self, id: String, record: Option<FileRecord>) {
         let Some(store) = self.store.clone() else {
             return;
         };

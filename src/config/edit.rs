@@ -1,8 +1,10 @@
 //! Changes to the key set written back to the config file, keeping its comments and layout, so
 //! the file stays the source of truth and the change takes the normal reload path.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use toml_edit::{Array, DocumentMut, Item, Table, Value};
 
 /// Finds API keys in free text: `AIzaSy` + 33 characters, and the newer `AQ.` keys; each once,
@@ -50,6 +52,119 @@ pub fn remove_keys(text: &str, secrets: &[String]) -> Result<(String, usize), St
         Ok(())
     })?;
     Ok((text, removed))
+}
+
+/// Admin edits made in a fleet: kept in Redis and laid over every instance's own config file,
+/// which stays its base (a fleet's instances may differ in what the fleet does not set).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetEdits {
+    /// `section.field` set (`Some`) or reset to its default (`None`).
+    pub settings: BTreeMap<String, Option<toml::Value>>,
+    /// Keys added, in order.
+    pub keys_added: Vec<String>,
+    pub keys_removed: Vec<String>,
+}
+
+/// Sections a fleet never shares: each instance's own membership.
+const INSTANCE_ONLY: &[&str] = &["cluster"];
+
+impl FleetEdits {
+    pub fn is_empty(&self) -> bool {
+        self.settings.is_empty() && self.keys_added.is_empty() && self.keys_removed.is_empty()
+    }
+
+    /// `text` with these edits made.
+    pub fn apply(&self, text: &str) -> Result<String, String> {
+        if self.is_empty() {
+            return Ok(text.to_owned());
+        }
+        let mut text = remove_keys(text, &self.keys_removed)?.0;
+        let listed = listed_keys(&parse_table(&text)?);
+        let missing: Vec<String> = self
+            .keys_added
+            .iter()
+            .filter(|k| !listed.contains(k))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            text = add_keys(&text, &missing)?;
+        }
+        for (path, value) in &self.settings {
+            text = set_setting(&text, path, value.as_ref())?;
+        }
+        Ok(text)
+    }
+
+    /// Records what one edit did: it was given `before` and made `after`.
+    pub fn record(&mut self, before: &str, after: &str) -> Result<(), String> {
+        let (old, new) = (parse_table(before)?, parse_table(after)?);
+        let (old_keys, new_keys) = (listed_keys(&old), listed_keys(&new));
+        for k in new_keys.iter().filter(|k| !old_keys.contains(k)) {
+            self.keys_removed.retain(|r| r != k);
+            if !self.keys_added.contains(k) {
+                self.keys_added.push(k.clone());
+            }
+        }
+        for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
+            self.keys_added.retain(|a| a != k);
+            if !self.keys_removed.contains(k) {
+                self.keys_removed.push(k.clone());
+            }
+        }
+        let sections = old
+            .keys()
+            .chain(new.keys())
+            .collect::<std::collections::BTreeSet<_>>();
+        for section in sections {
+            if INSTANCE_ONLY.contains(&section.as_str()) {
+                continue;
+            }
+            let table = |t: &toml::Table| t.get(section).and_then(toml::Value::as_table).cloned();
+            let (a, b) = (
+                table(&old).unwrap_or_default(),
+                table(&new).unwrap_or_default(),
+            );
+            let fields = a
+                .keys()
+                .chain(b.keys())
+                .collect::<std::collections::BTreeSet<_>>();
+            for field in fields {
+                if section == "keys" && field == "api_keys" {
+                    continue;
+                }
+                if a.get(field) != b.get(field) {
+                    self.settings
+                        .insert(format!("{section}.{field}"), b.get(field).cloned());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_table(text: &str) -> Result<toml::Table, String> {
+    toml::from_str(text).map_err(|e| format!("cannot read the config: {e}"))
+}
+
+/// The secrets `[keys] api_keys` lists (plain strings or `{ key = … }` tables).
+fn listed_keys(tree: &toml::Table) -> Vec<String> {
+    let Some(list) = tree
+        .get("keys")
+        .and_then(|k| k.get("api_keys"))
+        .and_then(toml::Value::as_array)
+    else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|v| match v {
+            toml::Value::String(s) => Some(s.trim().to_owned()),
+            toml::Value::Table(t) => t
+                .get("key")
+                .and_then(toml::Value::as_str)
+                .map(|s| s.trim().to_owned()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The text of the config file at `path`, or the shipped defaults when there is none yet.

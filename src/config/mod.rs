@@ -119,6 +119,7 @@ pub struct FileConfig {
     pub logs: LogsSection,
     pub fetch: FetchSection,
     pub policy: PolicySection,
+    pub cluster: ClusterSection,
     /// `[plugins.<name>]`: each plugin's own config (`enabled` and `priority` are gemgate's).
     pub plugins: BTreeMap<String, toml::Table>,
 }
@@ -151,6 +152,20 @@ impl Default for PolicySection {
             memory_limit_mb: 16,
         }
     }
+}
+
+/// `[cluster]`: membership of a fleet that shares its state through Redis (see `fleet`).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// `redis://[user:password@]host[:port][/db]` or `rediss://…`; empty: a single instance.
+    pub redis_url: String,
+    /// The fleet's name: several fleets may share one Redis. Default `gemgate`.
+    pub name: String,
+    /// Encrypts the secrets the fleet keeps in Redis (required with `redis_url`).
+    pub secret: String,
+    /// This instance's id; default the host name and the listening port.
+    pub instance: String,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -597,8 +612,99 @@ pub struct Config {
     pub fetch: FetchConfig,
     /// Client headers forwarded although gemgate drops them by default.
     pub forward_headers: Vec<http::HeaderName>,
+    /// Set when this instance is a member of a fleet (`[cluster]`).
+    pub cluster: Option<ClusterConfig>,
     /// Every section as read, for the features that consume them.
     pub file: FileConfig,
+}
+
+/// A fleet membership, validated. Its `Debug` shows neither the secret nor the URL's password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub redis_url: Secret,
+    pub name: String,
+    pub secret: Secret,
+    /// `None`: the host name and the listening port, found at start.
+    pub instance: Option<String>,
+}
+
+impl ClusterConfig {
+    /// The Redis URL without its password, for logs and pages.
+    pub fn redis_shown(&self) -> String {
+        match url::Url::parse(self.redis_url.expose()) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("…"));
+                }
+                u.to_string()
+            }
+            Err(_) => "(invalid URL)".to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("redis", &self.redis_shown())
+            .field("name", &self.name)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[cluster]` checked: a URL Redis accepts, a name usable in Redis key names, and the secret
+/// a fleet needs.
+fn cluster(section: &ClusterSection) -> Result<Option<ClusterConfig>, ConfigError> {
+    let url = section.redis_url.trim();
+    if url.is_empty() {
+        return Ok(None);
+    }
+    let parsed = url::Url::parse(url)
+        .map_err(|e| invalid("cluster.redis_url", format!("not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "redis" | "rediss") || parsed.host_str().is_none() {
+        return Err(invalid(
+            "cluster.redis_url",
+            "must be redis://host[:port][/db] or rediss://… (TLS)",
+        ));
+    }
+    let name = match section.name.trim() {
+        "" => "gemgate".to_owned(),
+        n => n.to_owned(),
+    };
+    let name_ok = name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !name_ok {
+        return Err(invalid(
+            "cluster.name",
+            "at most 64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if section.secret.chars().count() < 16 {
+        return Err(invalid(
+            "cluster.secret",
+            "a fleet needs a secret of at least 16 characters (it encrypts the key secrets the \
+             fleet keeps in Redis); every instance of the fleet must have the same one",
+        ));
+    }
+    let instance = match section.instance.trim() {
+        "" => None,
+        i if i.len() <= 128 && !i.chars().any(char::is_control) => Some(i.to_owned()),
+        _ => {
+            return Err(invalid(
+                "cluster.instance",
+                "at most 128 characters, none a control character",
+            ));
+        }
+    };
+    Ok(Some(ClusterConfig {
+        redis_url: Secret::new(url),
+        name,
+        secret: Secret::new(section.secret.as_str()),
+        instance,
+    }))
 }
 
 /// Shows where the config came from and its shape, never a secret: the file's sections hold
@@ -637,6 +743,16 @@ pub fn load(
     explicit: bool,
     vars: &BTreeMap<String, String>,
 ) -> Result<Config, ConfigError> {
+    load_with(path, explicit, vars, &edit::FleetEdits::default())
+}
+
+/// [`load`], with a fleet's admin `edits` laid over the file.
+pub fn load_with(
+    path: &Path,
+    explicit: bool,
+    vars: &BTreeMap<String, String>,
+    edits: &edit::FleetEdits,
+) -> Result<Config, ConfigError> {
     let (text, source) = match std::fs::read_to_string(path) {
         Ok(text) => (text, Some(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
@@ -652,6 +768,10 @@ pub fn load(
     let shown = source
         .as_ref()
         .map_or("embedded defaults".to_owned(), |p| p.display().to_string());
+    let text = edits.apply(&text).map_err(|message| ConfigError::Invalid {
+        field: "the fleet's admin edits".to_owned(),
+        message,
+    })?;
     from_str(&text, &shown, vars).map(|mut c| {
         c.path = source;
         c
@@ -727,6 +847,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         .map_err(|m| invalid("server.trusted_proxies", m))?;
     let fetch = fetch_config(&file.fetch)?;
     let forward_headers = forward_headers(&up.forward_headers)?;
+    let cluster = cluster(&file.cluster)?;
     Ok(Config {
         path: None,
         listen,
@@ -754,6 +875,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         max_data_bytes: server.max_data_bytes,
         fetch,
         forward_headers,
+        cluster,
         file,
     })
 }

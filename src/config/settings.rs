@@ -52,6 +52,7 @@ const GROUPS: &[(&str, &[&str])] = &[
     ("Logs", &["logs."]),
     ("Fetching URLs", &["fetch."]),
     ("Server", &["server.", "policy."]),
+    ("Fleet", &["cluster."]),
 ];
 
 /// Settings whose values are secrets: shown masked, kept unless a new value is typed.
@@ -65,6 +66,8 @@ const SECRETS: &[&str] = &[
     "images.cloudflare_imgbed_auth_code",
     "upstream.proxies",
     "upstream.custom_headers",
+    "cluster.redis_url",
+    "cluster.secret",
 ];
 
 /// Settings that take effect only after a restart.
@@ -73,6 +76,10 @@ const RESTART: &[&str] = &[
     "server.data_dir",
     "server.threads",
     "server.timezone",
+    "cluster.redis_url",
+    "cluster.name",
+    "cluster.secret",
+    "cluster.instance",
 ];
 
 /// One setting as the page shows it.
@@ -86,7 +93,7 @@ pub struct Setting {
     pub value: String,
     /// What the page shows for a secret: masked, or "not set".
     pub shown: String,
-    /// `environment`, `.env`, `file` or `default`.
+    /// `environment`, `.env`, `file`, `fleet` (an admin edit made in the fleet) or `default`.
     pub source: &'static str,
     pub secret: bool,
     /// Whether the page may change it (not when the environment decides it, nor the keys).
@@ -252,7 +259,10 @@ pub fn describe(
             },
             source,
             secret,
-            editable: path != "keys.api_keys" && !matches!(source, "environment" | ".env"),
+            // Fleet membership is each instance's own: set where the instance starts.
+            editable: path != "keys.api_keys"
+                && !path.starts_with("cluster.")
+                && !matches!(source, "environment" | ".env"),
             restart: RESTART.contains(&path),
             error: None,
         };

@@ -29,6 +29,19 @@ pub struct Cooldown {
     pub class: &'static str,
 }
 
+/// A key's health as a fleet shares it (JSON in Redis, merged there by the same rules as
+/// [`KeyState::merge`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyHealth {
+    pub epoch: u64,
+    pub disabled: bool,
+    #[serde(default)]
+    pub reason: String,
+    /// Cooldowns by model: (end in ms since the epoch, error class).
+    #[serde(default)]
+    pub cool: std::collections::BTreeMap<String, (u64, String)>,
+}
+
 /// Why a key is disabled, and its last error.
 #[derive(Debug, Clone, Default)]
 pub struct KeyDetail {
@@ -52,6 +65,11 @@ pub struct KeyState {
     detail: Mutex<KeyDetail>,
     /// Changed since the store last saved it.
     dirty: AtomicBool,
+    /// Changed since the fleet last shared it (see [`KeyHealth`]).
+    unshared: AtomicBool,
+    /// How many times the key was enabled by hand: a fleet's later enable wins over an
+    /// earlier disable (see [`KeyState::merge`]).
+    epoch: AtomicU64,
     /// When the last probe confirming a 403 key fault started (see [`KeyState::claim_probe`]).
     last_probe_ms: AtomicU64,
 }
@@ -64,6 +82,69 @@ impl KeyState {
     /// Asks the store to save this key's state.
     pub fn mark_dirty(&self) {
         self.dirty.store(true, Relaxed);
+        self.unshared.store(true, Relaxed);
+    }
+
+    /// What a fleet shares of this key's health at `now_ms`.
+    pub fn health(&self, now_ms: u64) -> KeyHealth {
+        let detail = self.detail();
+        KeyHealth {
+            epoch: self.epoch.load(Relaxed),
+            disabled: self.is_disabled(),
+            reason: detail.disabled_reason.unwrap_or_default(),
+            cool: self
+                .cooldowns(now_ms)
+                .into_iter()
+                .map(|c| (c.model.into(), (c.until_ms, c.class.to_owned())))
+                .collect(),
+        }
+    }
+
+    /// Takes in what another instance of the fleet knows: a later epoch (an enable by hand
+    /// there) replaces this state; the same epoch adds to it (disabled anywhere is disabled
+    /// here, the later end of a cooldown wins); an earlier one is stale. Returns whether this
+    /// state changed. What is merged in is not shared back (it came from the fleet).
+    pub fn merge(&self, remote: &KeyHealth, now_ms: u64) -> bool {
+        let epoch = self.epoch.load(Relaxed);
+        if remote.epoch < epoch {
+            return false;
+        }
+        let mut changed = false;
+        if remote.epoch > epoch {
+            self.epoch.store(remote.epoch, Relaxed);
+            self.disabled.store(false, Relaxed);
+            self.consecutive_failures.store(0, Relaxed);
+            self.cooldowns.store(Arc::new(Vec::new()));
+            self.cooling_until_max.store(0, Relaxed);
+            self.detail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .disabled_reason = None;
+            changed = true;
+        }
+        if remote.disabled && !self.is_disabled() {
+            self.disabled.store(true, Relaxed);
+            self.detail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .disabled_reason = Some(remote.reason.clone());
+            changed = true;
+        }
+        for (model, (until_ms, class)) in &remote.cool {
+            if *until_ms > now_ms
+                && self
+                    .cooling_until(model, now_ms)
+                    .is_none_or(|u| u < *until_ms)
+            {
+                self.put_cooldown(model, *until_ms, taxonomy::class_name(class), now_ms);
+                changed = true;
+            }
+        }
+        if changed {
+            // Saved to the store, but not shared again.
+            self.dirty.store(true, Relaxed);
+        }
+        changed
     }
 
     /// Puts saved state back (at start, from the store).
@@ -144,6 +225,11 @@ impl KeyState {
     /// answered by a concurrent request) is kept.
     fn cool(&self, model: &str, until_ms: u64, class: &'static str, now_ms: u64) {
         self.mark_dirty();
+        self.put_cooldown(model, until_ms, class, now_ms);
+    }
+
+    /// [`KeyState::cool`] without marking the state changed.
+    fn put_cooldown(&self, model: &str, until_ms: u64, class: &'static str, now_ms: u64) {
         self.cooling_until_max.fetch_max(until_ms, Relaxed);
         self.cooldowns.rcu(|old| {
             let mut next: Vec<Cooldown> = old
@@ -210,6 +296,7 @@ impl KeyState {
     /// Returns a disabled or cooling key to the pool.
     pub fn enable(&self) {
         self.mark_dirty();
+        self.epoch.fetch_add(1, Relaxed);
         self.disabled.store(false, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         self.cooldowns.store(Arc::new(Vec::new()));
@@ -236,10 +323,28 @@ impl KeyRegistry {
 
     /// The keys whose state changed since the last call, marked clean.
     pub fn take_dirty(&self) -> Vec<(String, Arc<KeyState>)> {
+        self.take(|s| &s.dirty)
+    }
+
+    /// The keys whose state changed since a fleet last shared it, marked shared.
+    pub fn take_unshared(&self) -> Vec<(String, Arc<KeyState>)> {
+        self.take(|s| &s.unshared)
+    }
+
+    /// Every key ever seen.
+    pub fn all(&self) -> Vec<(String, Arc<KeyState>)> {
         let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         states
             .iter()
-            .filter(|(_, s)| s.dirty.swap(false, Relaxed))
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect()
+    }
+
+    fn take(&self, flag: impl Fn(&KeyState) -> &AtomicBool) -> Vec<(String, Arc<KeyState>)> {
+        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states
+            .iter()
+            .filter(|(_, s)| flag(s).swap(false, Relaxed))
             .map(|(id, s)| (id.clone(), s.clone()))
             .collect()
     }

@@ -56,6 +56,28 @@ pub enum KeyVerdict {
     NoPenalty,
 }
 
+/// The `&'static` name of a class named by `name` (as another instance of a fleet wrote it):
+/// one of [`ErrorClass::as_str`], `policy`, or `fleet` for any other.
+pub fn class_name(name: &str) -> &'static str {
+    const NAMES: &[&str] = &[
+        "key_invalid",
+        "key_forbidden",
+        "rate_limited",
+        "daily_quota",
+        "upstream_error",
+        "timeout",
+        "network",
+        "forbidden",
+        "client_error",
+        "policy",
+    ];
+    NAMES
+        .iter()
+        .find(|n| **n == name)
+        .copied()
+        .unwrap_or("fleet")
+}
+
 impl ErrorClass {
     /// A short stable name for logs and metrics.
     pub fn as_str(self) -> &'static str {

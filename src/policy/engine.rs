@@ -132,11 +132,22 @@ pub struct Policy {
     entries: Vec<Entry>,
     settings: serde_json::Value,
     limits: Limits,
+    /// The limits enabled plugins declare, in run order (see [`super::DeclaredLimit`]).
+    declared: Vec<PluginLimit>,
     hooks: HookSet,
     /// The generation's key pool, which `select_key` sees.
     pool: Arc<KeyPool>,
     counters: Arc<dyn CounterStore>,
     pub stats: Arc<PolicyStats>,
+}
+
+/// A limit a plugin declares, for the calls of the models it takes.
+#[derive(Debug, Clone)]
+pub struct PluginLimit {
+    pub plugin: String,
+    pub limit: super::DeclaredLimit,
+    /// `None`: every model.
+    models: Option<Vec<String>>,
 }
 
 /// What plugins shared within one request (`ctx.shared`), carried between hooks.
@@ -241,6 +252,7 @@ impl Policy {
             entries,
             settings,
             limits: config.policy.limits,
+            declared: Vec::new(),
             hooks: HookSet::default(),
             pool,
             counters,
@@ -259,6 +271,13 @@ impl Policy {
         for live in &engine.live {
             let hooks: Vec<&'static str> = live.hooks.iter().map(|h| h.name).collect();
             let models = live.plugin.models.as_deref();
+            if let Some(limit) = &live.plugin.limits {
+                self.declared.push(PluginLimit {
+                    plugin: live.plugin.name.to_string(),
+                    limit: limit.clone(),
+                    models: models.map(<[String]>::to_vec),
+                });
+            }
             for hook in &hooks {
                 let takes = match *hook {
                     "on_request" => &mut self.hooks.on_request,
@@ -290,6 +309,16 @@ impl Policy {
     /// The enabled plugins, in the order they run.
     pub fn enabled(&self) -> impl Iterator<Item = &PluginInfo> {
         self.plugins.iter().filter(|p| p.enabled)
+    }
+
+    /// The declared limits a call of `model` counts against (none for calls without a model).
+    pub fn limits_for<'a>(&'a self, model: &'a str) -> impl Iterator<Item = &'a PluginLimit> {
+        self.declared.iter().filter(move |l| {
+            !model.is_empty()
+                && l.models
+                    .as_deref()
+                    .is_none_or(|patterns| super::matches_any(patterns, model))
+        })
     }
 
     /// Whether a call of `model` goes through `on_request` plugins.

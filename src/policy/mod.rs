@@ -111,6 +111,77 @@ fn read_models(table: &Table) -> Result<Option<Rc<[String]>>, String> {
     Ok(Some(Rc::from(models)))
 }
 
+/// A limit a plugin declares in its table, e.g. `limits = { per_client_rpm = 60, clients = {
+/// ["batch-job"] = 600 } }` (set there or by its `init`). The host checks and counts it before
+/// `on_request` runs, for the calls of a model the plugin takes: in this process alone, in one
+/// Redis script call in a fleet (Lua hooks are synchronous and cannot wait on Redis).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredLimit {
+    /// Requests per client per minute.
+    pub per_client_rpm: u64,
+    /// Per-client exceptions to `per_client_rpm`.
+    pub clients: std::collections::BTreeMap<String, u64>,
+}
+
+impl DeclaredLimit {
+    /// The requests per minute `client` may make.
+    pub fn rpm_for(&self, client: &str) -> u64 {
+        self.clients
+            .get(client)
+            .copied()
+            .unwrap_or(self.per_client_rpm)
+    }
+}
+
+fn read_limits(table: &Table) -> Result<Option<DeclaredLimit>, String> {
+    let limits = match table.get::<Value>("limits") {
+        Ok(Value::Nil) => return Ok(None),
+        Ok(Value::Table(t)) => t,
+        _ => return Err("`limits` must be a table".to_owned()),
+    };
+    let count = |v: Value, what: &str| match v {
+        Value::Integer(n) if n >= 0 => Ok(n as u64),
+        Value::Number(n) if n >= 0.0 && n.fract() == 0.0 && n < 1e15 => Ok(n as u64),
+        _ => Err(format!("`limits.{what}` must be a whole number, 0 or more")),
+    };
+    let mut out = DeclaredLimit {
+        per_client_rpm: 0,
+        clients: Default::default(),
+    };
+    let mut rpm = None;
+    for pair in limits.pairs::<String, Value>() {
+        let (name, value) = pair.map_err(|_| "`limits` fields are names".to_owned())?;
+        match name.as_str() {
+            "per_client_rpm" => rpm = Some(count(value, "per_client_rpm")?),
+            "clients" => {
+                let Value::Table(clients) = value else {
+                    return Err("`limits.clients` must map client names to numbers".to_owned());
+                };
+                for pair in clients.pairs::<String, Value>() {
+                    let (client, n) =
+                        pair.map_err(|_| "`limits.clients` keys are client names".to_owned())?;
+                    let n = count(n, "clients")?;
+                    out.clients.insert(client, n);
+                }
+            }
+            other => {
+                return Err(format!(
+                    "`limits.{other}` is not a limit gemgate knows (per_client_rpm, clients)"
+                ));
+            }
+        }
+    }
+    match rpm {
+        // A table without a rate is a limit not switched on (its `init` did not set one).
+        None if out.clients.is_empty() => Ok(None),
+        None => Err("`limits.clients` needs `limits.per_client_rpm`".to_owned()),
+        Some(n) => {
+            out.per_client_rpm = n;
+            Ok(Some(out))
+        }
+    }
+}
+
 /// Whether `model` matches any of `patterns` (see [`model_matches`]).
 pub fn matches_any(patterns: &[String], model: &str) -> bool {
     patterns.iter().any(|p| model_matches(p, model))
@@ -128,6 +199,8 @@ pub struct Plugin {
     /// The models its per-call hooks (all but `init` and `filter_models`) run for, as names or
     /// patterns with `*`; `None`: every model.
     pub models: Option<Rc<[String]>>,
+    /// The limits the host checks for it before `on_request`.
+    pub limits: Option<DeclaredLimit>,
     table: Table,
 }
 
@@ -138,11 +211,13 @@ impl Plugin {
 
     /// Reads `models` again, after an `init` that may have set it from the plugin's settings.
     pub fn reread_models(&mut self) -> Result<(), PolicyError> {
-        self.models = read_models(&self.table).map_err(|message| PolicyError {
+        let fail = |message| PolicyError {
             plugin: self.name.to_string(),
             hook: "init".into(),
             message,
-        })?;
+        };
+        self.models = read_models(&self.table).map_err(fail)?;
+        self.limits = read_limits(&self.table).map_err(fail)?;
         Ok(())
     }
 
@@ -328,6 +403,7 @@ impl Vm {
             .map_err(|_| fail("`enabled` must be a boolean".into()))?
             .unwrap_or(true);
         let models = read_models(&table).map_err(fail)?;
+        let limits = read_limits(&table).map_err(fail)?;
         let mut hooks = Vec::new();
         for &hook in HOOKS {
             match table.get::<Value>(hook) {
@@ -342,6 +418,7 @@ impl Vm {
             enabled,
             hooks,
             models,
+            limits,
             table,
         })
     }

@@ -86,7 +86,9 @@ impl Gateway {
         let query = client_query(s);
         let upload_id = auth::query_param(&query, "upload_id").map(|v| v.into_owned());
         let pinned = self.upload_key(generation, s, upload_id.as_deref(), x)?;
-        let rewrite = self.on_request(generation, s, "", "files.upload", false, &x.meta)?;
+        let rewrite = self
+            .on_request(generation, s, "", "files.upload", false, &x.meta)
+            .await?;
         let req = s.req_header();
         let finalize = req
             .headers
@@ -200,7 +202,9 @@ impl Gateway {
         }
         .into();
         let action = x.action.clone();
-        let rewrite = self.on_request(generation, s, "", &action, false, &x.meta)?;
+        let rewrite = self
+            .on_request(generation, s, "", &action, false, &x.meta)
+            .await?;
         let client = x.meta.client().to_owned();
         let query = client_query(s);
         let base = &generation.target.base.path;

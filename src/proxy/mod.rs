@@ -19,6 +19,7 @@ mod openai;
 mod relay;
 mod request;
 
+use crate::app::shared::{Admission, LimitCheck};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -233,8 +234,9 @@ impl Gateway {
         }
     }
 
-    /// The `on_request` plugins' verdict on a call of `action` on `model`.
-    fn on_request(
+    /// The plugins' verdict on a call of `action` on `model`: first the limits they declare
+    /// (counted across the fleet), then their `on_request` hooks.
+    async fn on_request(
         &self,
         generation: &Generation,
         s: &ServerSession,
@@ -243,6 +245,25 @@ impl Gateway {
         stream: bool,
         meta: &Meta,
     ) -> Result<Rewrite, Refusal> {
+        for declared in generation.policy.limits_for(model) {
+            let client = meta.client();
+            let max = declared.limit.rpm_for(client);
+            let check = LimitCheck {
+                plugin: &declared.plugin,
+                subject: client,
+                max,
+                window_s: 60,
+                now_ms: now_ms(),
+            };
+            if let Admission::Denied { retry_after_s } =
+                self.state.lasting.shared.admit(check).await
+            {
+                let message = format!("rate limit: {max} requests per minute for {client}");
+                return Err(Refusal::Gate(
+                    GateError::new(429, message).retry_after(Some(retry_after_s)),
+                ));
+            }
+        }
         if !generation.policy.has_on_request(model) {
             return Ok(Rewrite::default());
         }
@@ -271,14 +292,16 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
         x.meta.client = Some(self.admit(generation, s, call.method(), &x.meta.peer)?);
-        let rewrite = self.on_request(
-            generation,
-            s,
-            call.model(),
-            call.action(),
-            call.is_stream(),
-            &x.meta,
-        )?;
+        let rewrite = self
+            .on_request(
+                generation,
+                s,
+                call.model(),
+                call.action(),
+                call.is_stream(),
+                &x.meta,
+            )
+            .await?;
         let model = rewrite.model.as_deref().unwrap_or(call.model()).to_owned();
         x.model.clone_from(&model);
         let query = client_query(s);

@@ -172,7 +172,9 @@ impl Gateway {
         x.meta.client = Some(self.admit(generation, s, call.method(), &x.meta.peer)?);
         match call {
             OpenAiCall::Models => {
-                let rewrite = self.on_request(generation, s, "", "models.list", false, &x.meta)?;
+                let rewrite = self
+                    .on_request(generation, s, "", "models.list", false, &x.meta)
+                    .await?;
                 let path = format!("{}/models", generation.target.base.path);
                 let mut up = self.gemini_call(generation, s, &path, "", Bytes::new(), &rewrite)?;
                 let models = self.all_models(generation, &mut up, &path, x).await?;
@@ -203,14 +205,16 @@ impl Gateway {
             "generateContent"
         };
         x.model.clone_from(&request.model);
-        let rewrite = self.on_request(
-            generation,
-            s,
-            &request.model,
-            action,
-            request.stream,
-            &x.meta,
-        )?;
+        let rewrite = self
+            .on_request(
+                generation,
+                s,
+                &request.model,
+                action,
+                request.stream,
+                &x.meta,
+            )
+            .await?;
         let model = rewrite.model.clone().unwrap_or(request.model);
         x.model.clone_from(&model);
         let mut body = request.body;
@@ -557,7 +561,9 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<(Value, String), Refusal> {
         x.model = call.model.to_owned();
-        let rewrite = self.on_request(generation, s, call.model, call.action, false, &x.meta)?;
+        let rewrite = self
+            .on_request(generation, s, call.model, call.action, false, &x.meta)
+            .await?;
         if let Some(m) = &rewrite.model {
             x.model.clone_from(m);
         }
@@ -638,7 +644,9 @@ impl Gateway {
             )));
         }
         x.model.clone_from(&model);
-        let rewrite = self.on_request(generation, s, &model, rest, stream, &x.meta)?;
+        let rewrite = self
+            .on_request(generation, s, &model, rest, stream, &x.meta)
+            .await?;
         if rewrite.model.is_some() || rewrite.touches_body() {
             return Err(Refusal::Gate(GateError::new(
                 500,

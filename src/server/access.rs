@@ -9,7 +9,7 @@ use crate::store::logs::{BODY_KEPT, Record};
 impl Exchange {
     /// The finished request's row for the request and error logs. Its strings move into the
     /// record rather than being copied: this runs for every request.
-    pub(crate) fn into_record(self, unsampled: bool) -> Record {
+    pub(crate) fn into_record(self, unsampled: bool, instance: Option<&str>) -> Record {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let failed = self.status >= 400 || self.class.is_some();
         let (upstream_status, upstream_message) = self.upstream.unzip();
@@ -36,6 +36,7 @@ impl Exchange {
                 String::from_utf8_lossy(kept).into_owned()
             }),
             unsampled,
+            instance: instance.map(str::to_owned),
         }
     }
 

@@ -76,10 +76,22 @@ impl Gateway {
         match route::route(&path, goog_credential) {
             Route::Health => {
                 x.own(Kind::Health, "health");
-                let body = format!(
-                    r#"{{"status":"ok","keys":{}}}"#,
-                    generation.pool.keys().len()
-                );
+                let keys = generation.pool.keys().len();
+                // Liveness: 200 while the process serves, a fleet's Redis away or not.
+                let body = match self.state.lasting.shared.fleet_status() {
+                    None => format!(r#"{{"status":"ok","keys":{keys}}}"#),
+                    Some(fleet) => serde_json::json!({
+                        "status": "ok",
+                        "keys": keys,
+                        "fleet": {
+                            "instance": fleet["instance"],
+                            "redis": fleet["status"],
+                            "degraded": fleet["degraded"],
+                            "members_live": fleet["members_live"],
+                        },
+                    })
+                    .to_string(),
+                };
                 send(s, x, 200, Bytes::from(body)).await
             }
             Route::Ready => {
@@ -231,7 +243,11 @@ impl Gateway {
                 Some(_) => {
                     let sample = self.state.current.load().config.file.logs.request_sample;
                     let unsampled = sample < 1.0 && fastrand::f64() >= sample;
-                    self.state.lasting.logs.push(x.into_record(unsampled));
+                    let instance = self.state.lasting.instance.as_deref();
+                    self.state
+                        .lasting
+                        .logs
+                        .push(x.into_record(unsampled, instance));
                 }
                 None => self.state.refused.count_request(x.status),
             }
@@ -312,7 +328,9 @@ mod tests {
     use gemgate_fake_upstream::{FakeConfig, FakeUpstream};
 
     use super::*;
-    use crate::app::shared::{KeyFailure, Local, SharedState, Used};
+    use crate::app::shared::{
+        Admission, KeyFailure, LimitCheck, Local, Pending, SharedState, Used,
+    };
     use crate::app::{Lasting, State, reload::Source};
     use crate::keys::owners::{FileRecord, Owner};
     use crate::keys::{KeyPool, Penalty};
@@ -356,6 +374,10 @@ mod tests {
     }
 
     impl SharedState for Recording {
+        fn admit<'a>(&'a self, check: LimitCheck<'a>) -> Pending<'a, Admission> {
+            self.note(format!("admit {} {}", check.plugin, check.subject));
+            self.local.admit(check)
+        }
         fn key_succeeded(&self, pool: &KeyPool, index: usize) {
             self.note(format!("key_succeeded {}", pool.get(index).spec.id));
             self.local.key_succeeded(pool, index);
@@ -438,7 +460,7 @@ mod tests {
             &self,
             path: &Path,
             change: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
-        ) -> Result<bool, String> {
+        ) -> Result<bool, crate::app::shared::EditError> {
             self.note("edit_config".into());
             self.local.edit_config(path, change)
         }
@@ -459,10 +481,7 @@ mod tests {
         let text = config.map_or(String::new(), |p| std::fs::read_to_string(p).unwrap());
         let config_path = config.map_or("gemgate.toml".into(), Path::to_path_buf);
         let config = crate::config::from_str(&text, "test", &vars).unwrap();
-        let source = Source {
-            path: config_path,
-            explicit: true,
-        };
+        let source = Source::new(config_path, true);
         let state = State::new(config, source, lasting).unwrap();
         let gateway = Arc::new(Gateway::new(state.clone(), crate::upstream::side_client()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

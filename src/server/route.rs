@@ -144,6 +144,7 @@ fn admin_route(call: &str) -> Route {
         "keys/verify" => Route::Admin(AdminCall::VerifyKeys),
         "keys/bulk" => Route::Admin(AdminCall::BulkKeys),
         "resources" => Route::Admin(AdminCall::Resources),
+        "fleet" => Route::Admin(AdminCall::Fleet),
         logs if logs.starts_with("logs/") => logs_route(&logs["logs/".len()..]),
         rest if rest.strip_prefix("keys/").is_some_and(is_key_id) => {
             Route::Admin(AdminCall::DeleteKey {

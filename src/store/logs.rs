@@ -64,6 +64,9 @@ pub struct Record {
     /// failed request, and the dashboard counts every request.
     #[serde(skip)]
     pub unsampled: bool,
+    /// The fleet instance that served it (`None`: a single instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 impl Record {
@@ -122,6 +125,9 @@ impl Record {
         };
         value(&mut out, ",\"upstream_message\":", message);
         value(&mut out, ",\"request_body\":", body);
+        if let Some(instance) = &self.instance {
+            value(&mut out, ",\"instance\":", instance);
+        }
         out.push(b'}');
         out
     }
@@ -959,6 +965,7 @@ mod tests {
             upstream_message: Some("Quota exceeded\t".into()),
             request_body: Some("{\"contents\":[]}".into()),
             unsampled: false,
+            instance: Some("pod-1:8000".into()),
         };
         let odd = Record {
             latency_ms: f64::NAN,

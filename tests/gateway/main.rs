@@ -7,6 +7,7 @@ mod common;
 mod egress;
 mod files;
 mod first_run;
+mod fleet;
 mod hardening;
 mod keys;
 mod openai;

@@ -1,0 +1,725 @@
+//! The link task: one per instance, on the fleet's own thread. It keeps a connection and a
+//! subscription to Redis, writes what changed here in pipelined batches, merges what changed
+//! elsewhere into the view, beats the heartbeat, and syncs in full whenever the link comes
+//! back or Redis comes back empty.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, AsyncConnectionConfig, RedisResult, Script};
+use tokio::sync::mpsc::Receiver;
+
+use super::{FileWire, Fleet, Member, Op, SessionWire, UploadWire};
+use crate::clock::now_ms;
+use crate::keys::{KeyHealth, KeyState};
+use crate::store::usage::{Counts, day_of};
+
+/// Merges a key's health into the fleet's (the rules of `KeyState::merge`), announces the
+/// result when it changed, and returns it. KEYS: the keys hash, the channel; ARGV: key id,
+/// health JSON, now (ms).
+static MERGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local out = cjson.decode(ARGV[2])
+if cur then
+  local c = cjson.decode(cur)
+  if type(c.cool) ~= 'table' then c.cool = {} end
+  if out.epoch < c.epoch then
+    out = c
+  elseif out.epoch == c.epoch then
+    local inc = out
+    out = c
+    if inc.disabled and not c.disabled then
+      out.disabled = true
+      out.reason = inc.reason
+    end
+    if type(inc.cool) == 'table' then
+      for model, v in pairs(inc.cool) do
+        local have = out.cool[model]
+        if not have or have[1] < v[1] then out.cool[model] = v end
+      end
+    end
+  end
+end
+local now = tonumber(ARGV[3])
+local live = {}
+if type(out.cool) == 'table' then
+  for model, v in pairs(out.cool) do
+    if v[1] > now then live[model] = v end
+  end
+end
+out.cool = live
+local s = cjson.encode(out)
+if s ~= cur then
+  redis.call('HSET', KEYS[1], ARGV[1], s)
+  redis.call('PUBLISH', KEYS[2], 'k' .. ARGV[1] .. ' ' .. s)
+end
+return s
+"#,
+    )
+});
+
+/// Counts one request in a limit's window. KEYS: the window's counter; ARGV: its lifetime (s).
+pub(super) static LIMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"#,
+    )
+});
+
+/// Saves the fleet's edits if this editor still holds the lock, releases it, announces the
+/// new version. KEYS: lock, edits hash, channel; ARGV: lock token, sealed edits (empty: just
+/// release). Returns the new version, 0 when only released, -1 when the lock was lost.
+static WRITE_EDITS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] == '' then return 0 end
+local v = redis.call('HINCRBY', KEYS[2], 'version', 1)
+redis.call('HSET', KEYS[2], 'data', ARGV[2])
+redis.call('PUBLISH', KEYS[3], 'o' .. v)
+return v
+"#,
+    )
+});
+
+/// How long an editor may hold the fleet's edit lock.
+const EDIT_LOCK_MS: u64 = 5_000;
+/// Usage and members are kept this long (past the logs' longest default retention).
+const USAGE_TTL_S: i64 = 9 * 86_400;
+/// A member silent this long leaves the members hash.
+const MEMBER_GONE_MS: u64 = 3_600_000;
+/// An upload not finished within a day is forgotten.
+const UPLOAD_GONE_MS: u64 = 86_400_000;
+
+/// Runs the link for the life of the process.
+pub(super) async fn run(fleet: Arc<Fleet>, mut ops: Receiver<Op>) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let error = match connect(&fleet).await {
+            Ok((conn, pubsub)) => {
+                wait = Duration::from_millis(200);
+                serve(&fleet, conn, pubsub, &mut ops).await
+            }
+            Err(e) => e.to_string(),
+        };
+        fleet.went_down(error);
+        // What queued meanwhile is written by the full sync that follows a reconnect.
+        while ops.try_recv().is_ok() {}
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
+
+async fn connect(fleet: &Fleet) -> RedisResult<(MultiplexedConnection, redis::aio::PubSub)> {
+    let timeout = Some(Duration::from_secs(2));
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout);
+    let mut conn = fleet
+        .client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), fleet.client.get_async_pubsub())
+        .await
+        .map_err(|_| timed_out())??;
+    pubsub.subscribe(fleet.names.of("events")).await?;
+    for script in [&*MERGE, &*LIMIT, &*WRITE_EDITS] {
+        script.prepare_invoke().load_async(&mut conn).await?;
+    }
+    Ok((conn, pubsub))
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "Redis did not answer in time",
+    ))
+}
+
+/// Serves one connection until it fails; returns why.
+async fn serve(
+    fleet: &Arc<Fleet>,
+    mut conn: MultiplexedConnection,
+    pubsub: redis::aio::PubSub,
+    ops: &mut Receiver<Op>,
+) -> String {
+    // Subscribed first, synced second: nothing announced in between is missed.
+    if let Err(e) = full_sync(fleet, &mut conn).await {
+        return e.to_string();
+    }
+    let mut written = HashMap::new();
+    if let Err(e) = heartbeat(fleet, &mut conn, &mut written).await {
+        return e.to_string();
+    }
+    fleet.came_up(conn.clone());
+    let mut messages = pubsub.into_on_message();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let step: RedisResult<()> = tokio::select! {
+            msg = messages.next() => match msg {
+                Some(msg) => match on_message(fleet, msg.get_payload_bytes()) {
+                    Some(Follow::Edits) => pull_edits(fleet, &mut conn).await,
+                    None => Ok(()),
+                },
+                None => return "the subscription ended".to_owned(),
+            },
+            Some(op) = ops.recv() => {
+                let mut batch = vec![op];
+                while batch.len() < 512 {
+                    match ops.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
+                }
+                write_ops(fleet, &mut conn, batch).await
+            }
+            _ = tick.tick() => {
+                let changed = fleet.registry.take_unshared();
+                push_keys(fleet, &mut conn, changed).await
+            }
+            _ = beat.tick() => match heartbeat(fleet, &mut conn, &mut written).await {
+                Ok(true) if !fleet.resync.swap(false, Ordering::Relaxed) => Ok(()),
+                // Redis lost the fleet's state (restarted empty), or changes were dropped.
+                Ok(_) => {
+                    written.clear();
+                    full_sync(fleet, &mut conn).await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = step {
+            return e.to_string();
+        }
+    }
+}
+
+/// What a message asks the link to do next.
+enum Follow {
+    Edits,
+}
+
+/// Takes in a message of the fleet's channel.
+fn on_message(fleet: &Fleet, payload: &[u8]) -> Option<Follow> {
+    let (&kind, body) = payload.split_first()?;
+    match kind {
+        b'k' => {
+            let text = std::str::from_utf8(body).ok()?;
+            let (id, json) = text.split_once(' ')?;
+            take_health(fleet, id, json);
+        }
+        b'f' => {
+            let (id, record): (String, Option<FileWire>) = serde_json::from_slice(body).ok()?;
+            take_file(fleet, id, record);
+        }
+        b'u' => {
+            let (id, upload): (String, Option<UploadWire>) = serde_json::from_slice(body).ok()?;
+            take_upload(fleet, id, upload);
+        }
+        b's' => {
+            let channel = fleet.names.of("events");
+            let plain = match fleet.seal.open(&channel, body) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(
+                        "fleet: a session message cannot be read ({e}): is GEMGATE_CLUSTER_SECRET the same on every instance?"
+                    );
+                    return None;
+                }
+            };
+            let (id, session): (String, Option<SessionWire>) =
+                serde_json::from_slice(&plain).ok()?;
+            take_session(fleet, id, session);
+        }
+        b'o' => return Some(Follow::Edits),
+        _ => {}
+    }
+    None
+}
+
+fn take_health(fleet: &Fleet, id: &str, json: &str) {
+    match serde_json::from_str::<KeyHealth>(json) {
+        Ok(health) => {
+            fleet.registry.state(id).merge(&health, now_ms());
+        }
+        Err(e) => tracing::warn!(key = id, "fleet: unreadable key health: {e}"),
+    }
+}
+
+fn take_file(fleet: &Fleet, id: String, record: Option<FileWire>) {
+    let files = &fleet.local.files;
+    match record {
+        Some(r) if r.expires_ms > now_ms() => {
+            let record = r.record();
+            if files.file(&id).as_ref() != Some(&record) {
+                files.insert(id.clone(), record.clone());
+                fleet.local.save_file(id, Some(record));
+            }
+        }
+        Some(_) => {}
+        None => {
+            if files.file(&id).is_some() {
+                files.remove(&id);
+                fleet.local.save_file(id, None);
+            }
+        }
+    }
+}
+
+fn take_upload(fleet: &Fleet, id: String, upload: Option<UploadWire>) {
+    let files = &fleet.local.files;
+    match upload {
+        Some(u) => files.start_upload(
+            id,
+            crate::keys::owners::Owner {
+                key: u.key,
+                client: u.client,
+            },
+        ),
+        None => files.finish_upload(&id),
+    }
+}
+
+fn take_session(fleet: &Fleet, id: String, session: Option<SessionWire>) {
+    let sessions = &fleet.local.sessions;
+    match session {
+        Some(s) => {
+            let now = now_ms();
+            let Some(admin) = super::unhex32(&s.admin) else {
+                return;
+            };
+            if s.expires_ms > now && s.id == id {
+                let left = Duration::from_millis(s.expires_ms - now);
+                sessions.adopt(s.id, s.csrf, admin, left);
+            }
+        }
+        None => sessions.close(&id),
+    }
+}
+
+/// Writes a batch of changes made here, and announces each.
+async fn write_ops(
+    fleet: &Fleet,
+    conn: &mut MultiplexedConnection,
+    ops: Vec<Op>,
+) -> RedisResult<()> {
+    let channel = fleet.names.of("events");
+    let mut pipe = redis::pipe();
+    for op in ops {
+        match op {
+            Op::File(id, record) => {
+                file_into(&mut pipe, fleet, &id, record.as_ref());
+                let msg = tagged(
+                    b'f',
+                    &serde_json::to_vec(&(&id, &record)).unwrap_or_default(),
+                );
+                pipe.publish(&channel, msg).ignore();
+            }
+            Op::Upload(id, upload) => {
+                upload_into(&mut pipe, fleet, &id, upload.as_ref());
+                let msg = tagged(
+                    b'u',
+                    &serde_json::to_vec(&(&id, &upload)).unwrap_or_default(),
+                );
+                pipe.publish(&channel, msg).ignore();
+            }
+            Op::Session(id, session) => {
+                session_into(&mut pipe, fleet, &id, session.as_ref());
+                let plain = serde_json::to_vec(&(&id, &session)).unwrap_or_default();
+                let msg = tagged(b's', &fleet.seal.seal(&channel, &plain));
+                pipe.publish(&channel, msg).ignore();
+            }
+        }
+    }
+    pipe.query_async::<()>(conn).await
+}
+
+fn tagged(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 1);
+    out.push(kind);
+    out.extend_from_slice(body);
+    out
+}
+
+fn file_into(pipe: &mut redis::Pipeline, fleet: &Fleet, id: &str, record: Option<&FileWire>) {
+    let files = fleet.names.of("files");
+    match record.and_then(|r| serde_json::to_string(r).ok()) {
+        Some(json) => pipe.hset(files, id, json).ignore(),
+        None => pipe.hdel(files, id).ignore(),
+    };
+}
+
+fn upload_into(pipe: &mut redis::Pipeline, fleet: &Fleet, id: &str, upload: Option<&UploadWire>) {
+    let uploads = fleet.names.of("uploads");
+    match upload.and_then(|u| serde_json::to_string(u).ok()) {
+        Some(json) => pipe.hset(uploads, id, json).ignore(),
+        None => pipe.hdel(uploads, id).ignore(),
+    };
+}
+
+/// Sessions are kept by the hash of their id (names are not sealed), their values sealed.
+fn session_into(
+    pipe: &mut redis::Pipeline,
+    fleet: &Fleet,
+    id: &str,
+    session: Option<&SessionWire>,
+) {
+    let sessions = fleet.names.of("sessions");
+    let field = super::hex(&crate::app::session::digest(id));
+    match session.and_then(|s| serde_json::to_vec(s).ok()) {
+        Some(plain) => {
+            let sealed = fleet.seal.seal(&sessions, &plain);
+            pipe.hset(sessions, field, sealed).ignore()
+        }
+        None => pipe.hdel(sessions, field).ignore(),
+    };
+}
+
+/// Merges key states changed here into the fleet's, and the merged results back here.
+async fn push_keys(
+    fleet: &Fleet,
+    conn: &mut MultiplexedConnection,
+    states: Vec<(String, Arc<KeyState>)>,
+) -> RedisResult<()> {
+    let now = now_ms();
+    let (keys, channel) = (fleet.names.of("keys"), fleet.names.of("events"));
+    for chunk in states.chunks(256) {
+        let mut pipe = redis::pipe();
+        let mut ids = Vec::with_capacity(chunk.len());
+        for (id, state) in chunk {
+            let health = state.health(now);
+            let Ok(json) = serde_json::to_string(&health) else {
+                continue;
+            };
+            pipe.cmd("EVALSHA")
+                .arg(MERGE.get_hash())
+                .arg(2)
+                .arg(&keys)
+                .arg(&channel)
+                .arg(id)
+                .arg(json)
+                .arg(now);
+            ids.push(id);
+        }
+        if pipe.is_empty() {
+            continue;
+        }
+        let merged: Vec<String> = pipe.query_async(conn).await?;
+        for (id, json) in ids.into_iter().zip(merged) {
+            take_health(fleet, id, &json);
+        }
+    }
+    Ok(())
+}
+
+/// Pushes this instance's view and pulls the fleet's: on every (re)connect, and when Redis
+/// came back empty. Ends by marking the fleet's state as present.
+async fn full_sync(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+    let started = Instant::now();
+    let now = now_ms();
+    // Push: key health that is not the default, files, uploads, sessions, and the edits if
+    // Redis has none (it lost them).
+    fleet.registry.take_unshared();
+    let states: Vec<_> = fleet
+        .registry
+        .all()
+        .into_iter()
+        .filter(|(_, s)| s.health(now) != KeyHealth::default())
+        .collect();
+    push_keys(fleet, conn, states).await?;
+    let mut pipe = redis::pipe();
+    for (id, record) in fleet.local.files.all() {
+        file_into(&mut pipe, fleet, &id, Some(&FileWire::of(&record)));
+    }
+    for (id, csrf, admin, left) in fleet.local.sessions.all() {
+        let wire = SessionWire {
+            id: id.clone(),
+            csrf,
+            admin: super::hex(&admin),
+            expires_ms: now + left.as_millis() as u64,
+        };
+        session_into(&mut pipe, fleet, &id, Some(&wire));
+    }
+    let edits = fleet.edits.load_full();
+    if !edits.is_empty() {
+        let name = fleet.names.of("edits");
+        let sealed = fleet
+            .seal
+            .seal(&name, &serde_json::to_vec(&*edits).unwrap_or_default());
+        pipe.hset_nx(&name, "data", sealed).ignore();
+        pipe.hset_nx(&name, "version", 1).ignore();
+    }
+    if !pipe.is_empty() {
+        pipe.query_async::<()>(conn).await?;
+    }
+
+    // Pull.
+    let health: HashMap<String, String> = conn.hgetall(fleet.names.of("keys")).await?;
+    for (id, json) in &health {
+        take_health(fleet, id, json);
+    }
+    let files: HashMap<String, String> = conn.hgetall(fleet.names.of("files")).await?;
+    let mut expired = Vec::new();
+    for (id, json) in files {
+        match serde_json::from_str::<FileWire>(&json) {
+            Ok(r) if r.expires_ms > now => take_file(fleet, id, Some(r)),
+            _ => expired.push(id),
+        }
+    }
+    let uploads: HashMap<String, String> = conn.hgetall(fleet.names.of("uploads")).await?;
+    for (id, json) in uploads {
+        match serde_json::from_str::<UploadWire>(&json) {
+            Ok(u) if now.saturating_sub(u.started_ms) < UPLOAD_GONE_MS => {
+                take_upload(fleet, id, Some(u))
+            }
+            _ => {
+                let _: () = conn.hdel(fleet.names.of("uploads"), &id).await?;
+            }
+        }
+    }
+    if !expired.is_empty() {
+        let _: () = conn.hdel(fleet.names.of("files"), &expired).await?;
+    }
+    let sessions_name = fleet.names.of("sessions");
+    let sessions: HashMap<String, Vec<u8>> = conn.hgetall(&sessions_name).await?;
+    for (field, sealed) in sessions {
+        let session = fleet
+            .seal
+            .open(&sessions_name, &sealed)
+            .ok()
+            .and_then(|plain| serde_json::from_slice::<SessionWire>(&plain).ok());
+        match session {
+            Some(s) if s.expires_ms > now => take_session(fleet, s.id.clone(), Some(s)),
+            _ => {
+                let _: () = conn.hdel(&sessions_name, field).await?;
+            }
+        }
+    }
+    pull_edits(fleet, conn).await?;
+    let _: () = conn.set(fleet.names.of("alive"), now).await?;
+    fleet.link().last_sync_ms = Some(now_ms());
+    tracing::info!(
+        keys = health.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "fleet: state synced with Redis"
+    );
+    Ok(())
+}
+
+/// Reads the fleet's edits and applies them here if they changed.
+async fn pull_edits(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+    let sealed: Option<Vec<u8>> = conn.hget(fleet.names.of("edits"), "data").await?;
+    let edits = match sealed {
+        None => crate::config::edit::FleetEdits::default(),
+        Some(sealed) => match fleet.open_edits(&sealed) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("fleet: {e}");
+                return Ok(());
+            }
+        },
+    };
+    fleet.take_edits(edits);
+    Ok(())
+}
+
+/// The heartbeat: this member's entry, its usage of today, the members and the fleet's
+/// usage read back. Returns whether Redis still holds the fleet's state (`false`: it came
+/// back empty).
+async fn heartbeat(
+    fleet: &Fleet,
+    conn: &mut MultiplexedConnection,
+    written: &mut HashMap<String, Counts>,
+) -> RedisResult<bool> {
+    let started = Instant::now();
+    let now = now_ms();
+    let day = day_of(now);
+    let me = Member {
+        instance: fleet.instance.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        generation: fleet
+            .state
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .map_or(0, |s| s.current.load().id),
+        heartbeat_ms: now,
+        started_ms: fleet.started_ms,
+    };
+    let members_name = fleet.names.of("members");
+    let usage_name = fleet.names.of(&format!("usage:{day}:{}", fleet.instance));
+    let usage_members = fleet.names.of(&format!("usage-members:{day}"));
+    let mine = own_usage(fleet, day).await;
+    let mut pipe = redis::pipe();
+    pipe.exists(fleet.names.of("alive"));
+    pipe.hset(
+        &members_name,
+        &fleet.instance,
+        serde_json::to_string(&me).unwrap_or_default(),
+    )
+    .ignore();
+    let changed: Vec<(String, String)> = mine
+        .iter()
+        .filter(|(id, c)| written.get(*id) != Some(c))
+        .filter_map(|(id, c)| Some((id.clone(), serde_json::to_string(c).ok()?)))
+        .collect();
+    if !changed.is_empty() {
+        pipe.hset_multiple(&usage_name, &changed).ignore();
+        pipe.expire(&usage_name, USAGE_TTL_S).ignore();
+        pipe.sadd(&usage_members, &fleet.instance).ignore();
+        pipe.expire(&usage_members, USAGE_TTL_S).ignore();
+    }
+    pipe.hgetall(&members_name);
+    pipe.smembers(&usage_members);
+    let (alive, members, usage_of): (bool, HashMap<String, String>, Vec<String>) =
+        pipe.query_async(conn).await?;
+    *written = mine;
+
+    let mut list: Vec<Member> = Vec::new();
+    let mut gone = Vec::new();
+    for (id, json) in members {
+        match serde_json::from_str::<Member>(&json) {
+            Ok(m) if now.saturating_sub(m.heartbeat_ms) < MEMBER_GONE_MS => list.push(m),
+            _ => gone.push(id),
+        }
+    }
+    if !gone.is_empty() {
+        let _: () = conn.hdel(&members_name, gone).await?;
+    }
+    list.sort_by(|a, b| a.instance.cmp(&b.instance));
+    let live = list
+        .iter()
+        .filter(|m| now.saturating_sub(m.heartbeat_ms) < super::MEMBER_LIVE_MS)
+        .count();
+    fleet.members_seen.store(live.max(1), Ordering::Relaxed);
+    fleet.members.store(Arc::new(list));
+
+    let mut pipe = redis::pipe();
+    for instance in &usage_of {
+        pipe.hgetall(fleet.names.of(&format!("usage:{day}:{instance}")));
+    }
+    let all: Vec<HashMap<String, String>> = if pipe.is_empty() {
+        Vec::new()
+    } else {
+        pipe.query_async(conn).await?
+    };
+    let mut total: HashMap<String, Counts> = HashMap::new();
+    for of_one in all {
+        for (id, json) in of_one {
+            if let Ok(c) = serde_json::from_str::<Counts>(&json) {
+                total.entry(id).or_default().merge(&c);
+            }
+        }
+    }
+    fleet.usage.store(Some(Arc::new((day, total))));
+    fleet.beat_took(started.elapsed());
+    Ok(alive)
+}
+
+/// This instance's usage of `day` by key id, from its store.
+async fn own_usage(fleet: &Fleet, day: u32) -> HashMap<String, Counts> {
+    let Some(store) = fleet.local.store.clone() else {
+        return HashMap::new();
+    };
+    tokio::task::spawn_blocking(move || store.usage_of_day(day).unwrap_or_default())
+        .await
+        .unwrap_or_default()
+}
+
+/// Takes the fleet's edit lock (waiting for another editor's at most its lifetime) and reads
+/// the sealed edits.
+pub(super) async fn lock_and_read(
+    conn: &mut MultiplexedConnection,
+    lock: &str,
+    edits: &str,
+    token: &str,
+) -> RedisResult<Option<Vec<u8>>> {
+    let deadline = Instant::now() + Duration::from_millis(EDIT_LOCK_MS);
+    loop {
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(lock)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(EDIT_LOCK_MS)
+            .query_async(conn)
+            .await?;
+        if taken.is_some() {
+            return conn.hget(edits, "data").await;
+        }
+        if Instant::now() > deadline {
+            return Err(timed_out());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Saves `sealed` edits (`None`: nothing changed) if the lock is still `token`'s, and
+/// releases it. Returns whether it was still held.
+pub(super) async fn write_and_unlock(
+    conn: &mut MultiplexedConnection,
+    lock: &str,
+    edits: &str,
+    channel: &str,
+    token: &str,
+    sealed: Option<Vec<u8>>,
+) -> RedisResult<bool> {
+    let done: i64 = WRITE_EDITS
+        .key(lock)
+        .key(edits)
+        .key(channel)
+        .arg(token)
+        .arg(sealed.unwrap_or_default())
+        .invoke_async(conn)
+        .await?;
+    Ok(done >= 0)
+}
+
+impl Fleet {
+    fn came_up(&self, conn: MultiplexedConnection) {
+        self.conn.store(Some(Arc::new(conn)));
+        let mut link = self.link();
+        if !link.up {
+            tracing::info!(redis = %self.redis_shown, "fleet: Redis answers: sharing state with the fleet");
+            link.up = true;
+            link.since_ms = now_ms();
+        }
+    }
+
+    fn went_down(&self, error: String) {
+        self.conn.store(None);
+        let mut link = self.link();
+        if link.up || link.last_error.is_none() {
+            tracing::error!(
+                redis = %self.redis_shown,
+                "fleet: Redis unreachable, serving on this instance's state until it is back: {error}"
+            );
+            link.since_ms = now_ms();
+        }
+        link.up = false;
+        link.slow = false;
+        link.last_error = Some(error);
+    }
+
+    fn beat_took(&self, took: Duration) {
+        let slow = took > super::SLOW;
+        let mut link = self.link();
+        if slow != link.slow {
+            if slow {
+                tracing::warn!(took_ms = took.as_millis() as u64, "fleet: Redis is slow");
+            } else {
+                tracing::info!("fleet: Redis answers in time again");
+            }
+            link.slow = slow;
+        }
+    }
+}

@@ -1,0 +1,650 @@
+//! A fleet: several gemgate processes sharing their state through a real `redis-server` (each
+//! test its own, on a free port, persistence off). `scripts/test.sh` installs Redis when it is
+//! missing and names it in `GEMGATE_REDIS_SERVER`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use std::sync::Arc;
+
+use gemgate_fake_upstream::FakeUpstream;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+const SECRET: &str = "fleet-secret-for-tests-0123456789";
+const NEW_KEY: &str = "AIzaSyFLEETFLEETFLEETFLEETFLEETFLEET123";
+
+/// A `redis-server` of its own, stopped when dropped.
+struct Redis {
+    bin: String,
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts one, or `None` when `GEMGATE_REDIS_SERVER` is not set (a bare `cargo test`).
+    async fn start() -> Option<Redis> {
+        let bin = needed_env("GEMGATE_REDIS_SERVER")?;
+        let mut redis = Redis {
+            bin,
+            port: free_addr().port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        redis.spawn().await;
+        Some(redis)
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.cmd(&["PING"]).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills it (state lost: persistence is off).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url())?;
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| redis::RedisError::from(std::io::Error::other("timeout")))??;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
+    /// Every string stored in this Redis (names, fields, values), as bytes.
+    async fn everything(&self) -> Vec<Vec<u8>> {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let names: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for name in names {
+            out.push(name.clone().into_bytes());
+            let kind: String = redis::cmd("TYPE")
+                .arg(&name)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            match kind.as_str() {
+                "hash" => {
+                    let all: Vec<Vec<u8>> = redis::cmd("HGETALL")
+                        .arg(&name)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    out.extend(all);
+                }
+                "string" => {
+                    let v: Vec<u8> = redis::cmd("GET")
+                        .arg(&name)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    out.push(v);
+                }
+                "set" => {
+                    let v: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+                        .arg(&name)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    out.extend(v);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A member `instance` of the fleet on `redis`, over `fake` with `keys`.
+fn member(fake: &FakeUpstream, redis: &Redis, instance: &str, keys: &[&str]) -> GateBuilder {
+    gate()
+        .upstream(fake, keys)
+        .admin()
+        .env("GEMGATE_REDIS_URL", &redis.url())
+        .env("GEMGATE_CLUSTER_SECRET", SECRET)
+        .env("GEMGATE_CLUSTER", "test-fleet")
+        .env("GEMGATE_INSTANCE", instance)
+}
+
+/// Polls `check` until it holds (at most `within`); returns how long it took.
+async fn within<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if check().await {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+async fn state_of(gate: &Gate, key_id: &str) -> Option<String> {
+    key_states(gate)
+        .await
+        .into_iter()
+        .find(|(id, _)| id == key_id)
+        .map(|(_, state)| state)
+}
+
+/// The id gemgate gives the key `secret`.
+fn key_id(secret: &str) -> String {
+    gemgate::config::stable_id("k", secret)
+}
+
+/// The requests of today the fleet counted, over every key, as `gate`'s admin API shows.
+async fn fleet_requests(gate: &Gate) -> u64 {
+    let (_, v) = admin(Method::GET, gate, "/admin/api/keys", None).await;
+    v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["usage_today"]["requests"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+async fn health(gate: &Gate) -> Value {
+    let resp = client().get(gate.url("/health")).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "liveness stays 200");
+    resp.json().await.unwrap()
+}
+
+/// Waits until both members see each other with Redis up.
+async fn joined(gates: &[&Gate]) {
+    for gate in gates {
+        within(Duration::from_secs(10), "the fleet formed", || async {
+            let h = health(gate).await;
+            h["fleet"]["redis"] == "ok"
+                && h["fleet"]["members_live"].as_u64() == Some(gates.len() as u64)
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_cooldown_and_a_disabled_key_reach_every_instance() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let fake = fake().await;
+    let keys = ["minute-1", "good-2", "good-3"];
+    let a = member(&fake, &redis, "a", &keys).start().await;
+    let b = member(&fake, &redis, "b", &keys).start().await;
+    joined(&[&a, &b]).await;
+    let minute = key_id("minute-1");
+
+    // A's 429 cools the key for that model on A...
+    for _ in 0..10 {
+        let (status, _, v) = post(&a, GENERATE, &ask("hi")).await;
+        assert_eq!(status, 200, "{v}");
+        if fake.state.key_stats("minute-1").requests > 0 {
+            break;
+        }
+    }
+    assert_eq!(fake.state.key_stats("minute-1").requests, 1);
+    // ...and on B within a second.
+    let took = within(Duration::from_secs(5), "B sees the cooldown", || async {
+        state_of(&b, &minute).await.as_deref() == Some("cooling")
+    })
+    .await;
+    eprintln!("cooldown reached B in {took:?}");
+    for _ in 0..6 {
+        let (status, _, v) = post(&b, GENERATE, &ask("hi")).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(
+        fake.state.key_stats("minute-1").requests,
+        1,
+        "B sent the key A saw exhausted"
+    );
+
+    // A key disabled on A is never tried by B.
+    let good2 = key_id("good-2");
+    let (status, v) = admin(
+        Method::POST,
+        &a,
+        &format!("/admin/api/keys/{good2}/disable"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let took = within(
+        Duration::from_secs(5),
+        "B sees the disabled key",
+        || async { state_of(&b, &good2).await.as_deref() == Some("disabled") },
+    )
+    .await;
+    eprintln!("the disabled key reached B in {took:?}");
+    let before = fake.state.key_stats("good-2").requests;
+    for _ in 0..8 {
+        let (status, _, v) = post(&b, GENERATE, &ask("hi")).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(
+        fake.state.key_stats("good-2").requests,
+        before,
+        "B tried the disabled key"
+    );
+    let (_, v) = admin(Method::GET, &b, "/admin/api/keys", None).await;
+    let shown = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == good2.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        shown["disabled_reason"], "disabled by an operator",
+        "{shown}"
+    );
+
+    // Enabled again on B: A takes it back.
+    let (status, _) = admin(
+        Method::POST,
+        &b,
+        &format!("/admin/api/keys/{good2}/enable"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    within(Duration::from_secs(5), "A sees the key enabled", || async {
+        state_of(&a, &good2).await.as_deref() == Some("active")
+    })
+    .await;
+
+    // Usage is the fleet's on either admin page: every attempt either instance made.
+    let attempts = fake.state.total_requests();
+    for gate in [&a, &b] {
+        within(Duration::from_secs(10), "fleet usage totals", || async {
+            fleet_requests(gate).await == attempts
+        })
+        .await;
+    }
+    // Log rows say which instance served them.
+    wait_logged(&b, 1).await;
+    let (_, v) = admin(Method::GET, &b, "/admin/api/logs/requests", None).await;
+    assert_eq!(v["rows"][0]["record"]["instance"], "b", "{v}");
+}
+
+#[tokio::test]
+async fn a_rate_limit_holds_across_three_instances() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let fake = fake().await;
+    let toml = "[plugins.rate_limit]\nenabled = true\nrequests_per_minute = 10\n";
+    let keys = ["good-1"];
+    let a = member(&fake, &redis, "a", &keys).toml(toml).start().await;
+    let b = member(&fake, &redis, "b", &keys).toml(toml).start().await;
+    let c = member(&fake, &redis, "c", &keys).toml(toml).start().await;
+    joined(&[&a, &b, &c]).await;
+    // Windows are aligned to the minute: start well inside one.
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 60;
+    if second > 45 {
+        tokio::time::sleep(Duration::from_secs(61 - second)).await;
+    }
+    let gates = [&a, &b, &c];
+    let answers = futures_util::future::join_all((0..30).map(|i| {
+        let gate = gates[i % 3];
+        async move { post(gate, GENERATE, &ask("hi")).await }
+    }))
+    .await;
+    let admitted = answers.iter().filter(|(s, _, _)| *s == 200).count();
+    let limited: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 429).collect();
+    assert_eq!(
+        admitted, 10,
+        "the fleet admitted {admitted} of a limit of 10"
+    );
+    assert_eq!(limited.len(), 20);
+    let (_, headers, v) = limited[0];
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("10 requests per minute"),
+        "{v}"
+    );
+    assert_eq!(fake.state.total_requests(), 10);
+}
+
+#[tokio::test]
+async fn admin_edits_and_sessions_apply_on_every_instance_and_secrets_stay_sealed() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let fake = fake().await;
+    let keys = ["good-1"];
+    let a = member(&fake, &redis, "a", &keys).start().await;
+    let b = member(&fake, &redis, "b", &keys).start().await;
+    joined(&[&a, &b]).await;
+
+    // A key pasted on A's admin API serves on B within a second; A's file is untouched.
+    let (status, v) = admin(
+        Method::POST,
+        &a,
+        "/admin/api/keys",
+        Some(json!({ "text": NEW_KEY })),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let took = within(Duration::from_secs(5), "B has the new key", || async {
+        key_states(&b).await.len() == 2
+    })
+    .await;
+    eprintln!("the admin edit reached B in {took:?}");
+    assert!(
+        !std::fs::read_to_string(a.config_path())
+            .unwrap_or_default()
+            .contains(NEW_KEY)
+    );
+    // Deleted on B: gone on A.
+    let new_id = key_id(NEW_KEY);
+    let (status, v) = admin(
+        Method::DELETE,
+        &b,
+        &format!("/admin/api/keys/{new_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    within(Duration::from_secs(5), "A lost the deleted key", || async {
+        key_states(&a).await.len() == 1
+    })
+    .await;
+
+    // A login on A is valid on B; logging out on A ends it on B.
+    let resp = no_redirects()
+        .post(a.url("/admin/login"))
+        .form(&[("token", ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let on = |gate: &Gate, path: &str| {
+        no_redirects()
+            .get(gate.url(path))
+            .header("cookie", cookie.clone())
+            .send()
+    };
+    within(Duration::from_secs(5), "B takes A's session", || async {
+        on(&b, "/admin/api/fleet").await.unwrap().status() == 200
+    })
+    .await;
+    let page = on(&a, "/admin").await.unwrap().text().await.unwrap();
+    let csrf = page
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
+    assert!(
+        page.contains("Fleet: this is a"),
+        "the dashboard shows the fleet"
+    );
+    let (_, fleet) = admin(Method::GET, &b, "/admin/api/fleet", None).await;
+    let members: Vec<&str> = fleet["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["a", "b"], "{fleet}");
+    assert_eq!(fleet["members"][0]["version"], env!("CARGO_PKG_VERSION"));
+    let resp = no_redirects()
+        .post(a.url("/admin/logout"))
+        .header("cookie", cookie.clone())
+        .form(&[("_csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    within(Duration::from_secs(5), "B ends the session", || async {
+        on(&b, "/admin/api/fleet").await.unwrap().status() == 401
+    })
+    .await;
+
+    // Nothing secret is in Redis in clear: not a key, not the admin token, not a session.
+    let session_id = cookie.split('=').nth(1).unwrap().to_owned();
+    for stored in redis.everything().await {
+        let text = String::from_utf8_lossy(&stored);
+        for secret in [NEW_KEY, ADMIN, SECRET, session_id.as_str(), csrf.as_str()] {
+            assert!(
+                !text.contains(secret),
+                "{secret} is in Redis in clear: {text}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_killed_mid_load_and_restarted_empty_loses_nothing() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    let fake = fake().await;
+    let keys = ["good-1", "good-2", "good-3"];
+    let a = member(&fake, &redis, "a", &keys).start().await;
+    let b = member(&fake, &redis, "b", &keys).start().await;
+    joined(&[&a, &b]).await;
+    let good3 = key_id("good-3");
+
+    // Load on both while Redis dies: no request fails because of it.
+    let load = |gate: Arc<Gate>| async move {
+        let mut served = 0u64;
+        for _ in 0..60 {
+            let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+            assert_eq!(status, 200, "{v}");
+            served += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        served
+    };
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let loads = tokio::spawn({
+        let (a, b) = (a.clone(), b.clone());
+        async move { tokio::join!(load(a), load(b)) }
+    });
+    let (a, b) = (&*a, &*b);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    redis.kill();
+    within(Duration::from_secs(5), "A says Redis is away", || async {
+        let h = health(a).await;
+        h["fleet"]["degraded"] == true && h["fleet"]["redis"] == "unreachable"
+    })
+    .await;
+    // During the outage: a key disabled on A, and an admin edit refused (none may apply on
+    // one instance only).
+    let (status, v) = admin(
+        Method::POST,
+        a,
+        &format!("/admin/api/keys/{good3}/disable"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = admin(
+        Method::POST,
+        a,
+        "/admin/api/keys",
+        Some(json!({ "text": NEW_KEY })),
+    )
+    .await;
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{v}"
+    );
+    let (status, v) = admin(Method::GET, a, "/admin/api/fleet", None).await;
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("unreachable")),
+        "{v}"
+    );
+    let (served_a, served_b) = loads.await.unwrap();
+
+    // Redis back, empty: within five seconds the fleet has it all again.
+    let back = Instant::now();
+    redis.spawn().await;
+    within(
+        Duration::from_secs(15),
+        "B learns the key disabled during the outage",
+        || async { state_of(b, &good3).await.as_deref() == Some("disabled") },
+    )
+    .await;
+    assert_eq!(fake.state.total_requests(), served_a + served_b);
+    let took = within(Duration::from_secs(15), "usage totals re-added", || async {
+        fleet_requests(b).await == served_a + served_b
+    })
+    .await;
+    eprintln!(
+        "converged {:?} after Redis came back ({took:?} for usage)",
+        back.elapsed()
+    );
+    for gate in [a, b] {
+        let h = health(gate).await;
+        assert_eq!(h["fleet"]["redis"], "ok", "{h}");
+    }
+    // Edits work again and reach the other instance.
+    let (status, v) = admin(
+        Method::POST,
+        a,
+        "/admin/api/keys",
+        Some(json!({ "text": NEW_KEY })),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    within(
+        Duration::from_secs(5),
+        "B has the key added after the outage",
+        || async { key_states(b).await.len() == 4 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_fleet_needs_its_secret_and_a_redis_url_it_can_read() {
+    let fake = fake().await;
+    for (url, secret, says) in [
+        ("redis://127.0.0.1:1/0", "", "cluster.secret"),
+        ("redis://127.0.0.1:1/0", "short", "cluster.secret"),
+        ("http://127.0.0.1:1", SECRET, "cluster.redis_url"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_gemgate"))
+            .arg("check")
+            .current_dir(dir.path())
+            .env_clear()
+            .env("BASE_URL", fake.base_url())
+            .env("GEMGATE_REDIS_URL", url)
+            .env("GEMGATE_CLUSTER_SECRET", secret)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(!err.contains("short"), "the secret was shown: {err}");
+    }
+}
+
+#[tokio::test]
+async fn an_instance_without_redis_serves_and_says_so() {
+    // A fleet member whose Redis never answers still serves every request.
+    let fake = fake().await;
+    let port = free_addr().port();
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env(
+            "GEMGATE_REDIS_URL",
+            &format!("redis://:hunter2-password@127.0.0.1:{port}"),
+        )
+        .env("GEMGATE_CLUSTER_SECRET", SECRET)
+        .start()
+        .await;
+    let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 200, "{v}");
+    let h = health(&gate).await;
+    assert_eq!(h["fleet"]["redis"], "unreachable", "{h}");
+    assert!(gate.logs().contains("Redis unreachable"), "{}", gate.logs());
+    assert!(
+        !gate.logs().contains("hunter2"),
+        "the Redis password reached the log"
+    );
+    let resp = client().get(gate.url("/ready")).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "Redis away does not take an instance out of rotation"
+    );
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
