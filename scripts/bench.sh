@@ -5,6 +5,7 @@
 #   - through gemgate,
 #   - through nginx proxy_pass (when nginx is installed), the bar gemgate aims for,
 #   - through gemgate with no plugins ("bare"), for the cost of the shipped policy plugins,
+#   - through a fleet of one ("fleet"): gemgate sharing its state through a local redis-server,
 # all on loopback, in one run. Bounded: each measurement lasts $DURATION seconds (default 5);
 # at concurrency 64 each target is measured $RUNS times (default 3), in turn, and keeps its
 # median. The whole run takes about 32 × $DURATION seconds plus a minute of policy-layer runs
@@ -21,6 +22,8 @@ FAKE_PORT=${FAKE_PORT:-19100}
 GATE_PORT=${GATE_PORT:-18100}
 BARE_PORT=${BARE_PORT:-18101}
 BASELINE_PORT=${BASELINE_PORT:-18102}
+FLEET_PORT=${FLEET_PORT:-18103}
+REDIS_PORT=${REDIS_PORT:-16400}
 BASELINE_DIR=${BASELINE_DIR:-}
 NGINX_PORT=${NGINX_PORT:-18200}
 TOKEN=bench-token
@@ -30,6 +33,11 @@ if ! command -v wrk >/dev/null 2>&1; then
   echo "bench: installing wrk" >&2
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >/dev/null
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "bench: installing redis-server" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 fi
 BIN_DIR=${BIN_DIR:-}
 if [ -z "$BIN_DIR" ]; then
@@ -57,6 +65,15 @@ pids+=($!)
 mkdir -p "$work/no-plugins"
 start_gemgate "$work/bare" "$BIN_DIR" "$BARE_PORT" "$FAKE_PORT" "$TOKEN" \
   GEMGATE_PLUGINS_DIR="$work/no-plugins"
+pids+=($!)
+# A fleet of one: the same gateway, its state shared through a local Redis (persistence off).
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
+  >"$work/redis.log" 2>&1 &
+pids+=($!)
+wait_port "$REDIS_PORT" redis-server "$work/redis.log"
+start_gemgate "$work/fleet" "$BIN_DIR" "$FLEET_PORT" "$FAKE_PORT" "$TOKEN" \
+  GEMGATE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" GEMGATE_CLUSTER_SECRET=bench-fleet-secret-0123 \
+  GEMGATE_INSTANCE=bench-fleet
 pids+=($!)
 # An older build of gemgate (BASELINE_DIR), measured in turn with this one: the same defaults.
 if [ -n "$BASELINE_DIR" ]; then
@@ -94,6 +111,7 @@ fi
 wait_port "$FAKE_PORT" "the fake upstream"
 wait_port "$GATE_PORT" gemgate
 wait_port "$BARE_PORT" "gemgate without plugins"
+wait_port "$FLEET_PORT" "gemgate in a fleet of one" "$work/fleet.log"
 [ -n "$BASELINE_DIR" ] && wait_port "$BASELINE_PORT" "the baseline gemgate"
 [ "$have_nginx" = 1 ] && wait_port "$NGINX_PORT" nginx
 
@@ -134,7 +152,7 @@ declare -A R EACH
 printf '\n%-9s %-8s %4s %10s %9s %9s   %s\n' target call conc 'req/s' 'p50 ms' 'p99 ms' 'req/s of each run'
 for mode in generate sse; do
   for conc in 1 64; do
-    targets="direct gemgate bare"; [ "$have_nginx" = 1 ] && targets="$targets nginx"
+    targets="direct gemgate bare fleet"; [ "$have_nginx" = 1 ] && targets="$targets nginx"
     [ -n "$BASELINE_DIR" ] && targets="$targets baseline"
     runs=1; [ "$conc" -gt 1 ] && runs=$RUNS
     declare -A ALL=()
@@ -144,6 +162,7 @@ for mode in generate sse; do
           direct) port=$FAKE_PORT; script="$work/$mode-direct.lua" ;;
           gemgate) port=$GATE_PORT; script="$work/$mode-gemgate.lua" ;;
           bare) port=$BARE_PORT; script="$work/$mode-gemgate.lua" ;;
+          fleet) port=$FLEET_PORT; script="$work/$mode-gemgate.lua" ;;
           baseline) port=$BASELINE_PORT; script="$work/$mode-gemgate.lua" ;;
           nginx) port=$NGINX_PORT; script="$work/$mode-direct.lua" ;;
         esac
@@ -193,6 +212,16 @@ for mode in generate sse; do
       printf "  %-8s the baseline build:     p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %s%% of direct (this build: %s%% of the baseline)\n",
         m, b50 - d50, b99 - d99, r, q }'
   fi
+done
+
+echo
+echo "a fleet of one (gemgate sharing its state through a local Redis), compared with one instance alone:"
+for mode in generate sse; do
+  read -r _ f50 f99 <<<"${R[fleet-$mode-1]}"
+  read -r _ g50 g99 <<<"${R[gemgate-$mode-1]}"
+  awk -v m="$mode" -v f50="$f50" -v f99="$f99" -v g50="$g50" -v g99="$g99" -v r="$(ratio fleet gemgate "$mode")" 'BEGIN {
+    printf "  %-8s added latency at c=1: p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %s%% of one instance\n",
+      m, f50 - g50, f99 - g99, r }'
 done
 
 echo

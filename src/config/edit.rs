@@ -364,4 +364,50 @@ mod tests {
             toml::Value::Array(vec!["k1".into(), "k3".into()])
         );
     }
+
+    #[test]
+    fn fleet_edits_record_what_an_edit_did_and_lay_it_over_another_file() {
+        let a = "[keys]\napi_keys = [\"k-one\", \"k-two\"]\n[upstream]\nmax_retries = 3\n[cluster]\nname = \"a\"\n";
+        let mut edits = FleetEdits::default();
+        let after = add_keys(a, &["k-new".to_owned()]).unwrap();
+        let after = remove_keys(&after, &["k-one".to_owned()]).unwrap().0;
+        let after = set_setting(
+            &after,
+            "upstream.max_retries",
+            Some(&toml::Value::Integer(7)),
+        )
+        .unwrap();
+        let after =
+            set_setting(&after, "upstream.timeout_s", Some(&toml::Value::Integer(9))).unwrap();
+        let after = set_setting(&after, "cluster.name", Some(&"b".into())).unwrap();
+        edits.record(a, &after).unwrap();
+        assert_eq!(edits.keys_added, ["k-new"]);
+        assert_eq!(edits.keys_removed, ["k-one"]);
+        assert_eq!(
+            edits.settings.keys().collect::<Vec<_>>(),
+            ["upstream.max_retries", "upstream.timeout_s"],
+            "an instance's own membership is never the fleet's"
+        );
+        // Another instance's file, with its own comments and keys.
+        let other = "# mine\n[keys]\napi_keys = [\"k-one\", \"k-mine\"]\n";
+        let laid = edits.apply(other).unwrap();
+        assert!(laid.starts_with("# mine"), "{laid}");
+        let tree: toml::Table = toml::from_str(&laid).unwrap();
+        assert_eq!(listed_keys(&tree), ["k-mine", "k-new"]);
+        assert_eq!(tree["upstream"]["max_retries"].as_integer(), Some(7));
+        // Applying twice changes nothing more; undoing an edit records the undo.
+        assert_eq!(edits.apply(&laid).unwrap(), laid);
+        let undone = remove_keys(&laid, &["k-new".to_owned()]).unwrap().0;
+        let undone = set_setting(&undone, "upstream.timeout_s", None).unwrap();
+        edits.record(&laid, &undone).unwrap();
+        assert!(edits.keys_added.is_empty());
+        assert_eq!(edits.keys_removed, ["k-one", "k-new"]);
+        assert_eq!(edits.settings["upstream.timeout_s"], None);
+        assert!(
+            !FleetEdits::default()
+                .apply(other)
+                .unwrap()
+                .contains("k-new")
+        );
+    }
 }

@@ -104,20 +104,34 @@ const UPLOAD_GONE_MS: u64 = 86_400_000;
 /// Runs the link for the life of the process.
 pub(super) async fn run(fleet: Arc<Fleet>, mut ops: Receiver<Op>) {
     let mut wait = Duration::from_millis(200);
+    // Changes made while Redis was away, written first by the next full sync.
+    let mut held: Vec<Op> = Vec::new();
     loop {
         let error = match connect(&fleet).await {
             Ok((conn, pubsub)) => {
                 wait = Duration::from_millis(200);
-                serve(&fleet, conn, pubsub, &mut ops).await
+                serve(&fleet, conn, pubsub, &mut ops, &mut held).await
             }
             Err(e) => e.to_string(),
         };
         fleet.went_down(error);
-        // What queued meanwhile is written by the full sync that follows a reconnect.
-        while ops.try_recv().is_ok() {}
-        tokio::time::sleep(wait).await;
+        let until = tokio::time::Instant::now() + wait;
+        while let Ok(Some(op)) = tokio::time::timeout_at(until, ops.recv()).await {
+            hold(&fleet, &mut held, op);
+        }
         wait = (wait * 2).min(Duration::from_secs(1));
     }
+}
+
+/// Keeps `op` for the next full sync; past [`super::QUEUE`] changes, the oldest additions go
+/// first (the full sync writes what exists anyway; a removal it could not redo).
+fn hold(fleet: &Fleet, held: &mut Vec<Op>, op: Op) {
+    if held.len() >= super::QUEUE {
+        let oldest_add = held.iter().position(Op::adds).unwrap_or(0);
+        held.remove(oldest_add);
+        fleet.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+    held.push(op);
 }
 
 async fn connect(fleet: &Fleet) -> RedisResult<(MultiplexedConnection, redis::aio::PubSub)> {
@@ -152,8 +166,15 @@ async fn serve(
     mut conn: MultiplexedConnection,
     pubsub: redis::aio::PubSub,
     ops: &mut Receiver<Op>,
+    held: &mut Vec<Op>,
 ) -> String {
     // Subscribed first, synced second: nothing announced in between is missed.
+    if !held.is_empty() {
+        if let Err(e) = write_ops(fleet, &mut conn, held.clone()).await {
+            return e.to_string();
+        }
+        held.clear();
+    }
     if let Err(e) = full_sync(fleet, &mut conn).await {
         return e.to_string();
     }
@@ -541,9 +562,10 @@ async fn heartbeat(
     conn: &mut MultiplexedConnection,
     written: &mut HashMap<String, Counts>,
 ) -> RedisResult<bool> {
-    let started = Instant::now();
     let now = now_ms();
     let day = day_of(now);
+    let mine = own_usage(fleet, day).await;
+    let started = Instant::now();
     let me = Member {
         instance: fleet.instance.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -558,7 +580,6 @@ async fn heartbeat(
     let members_name = fleet.names.of("members");
     let usage_name = fleet.names.of(&format!("usage:{day}:{}", fleet.instance));
     let usage_members = fleet.names.of(&format!("usage-members:{day}"));
-    let mine = own_usage(fleet, day).await;
     let mut pipe = redis::pipe();
     pipe.exists(fleet.names.of("alive"));
     pipe.hset(
@@ -697,6 +718,7 @@ impl Fleet {
 
     fn went_down(&self, error: String) {
         self.conn.store(None);
+        self.slow.store(false, Ordering::Relaxed);
         let mut link = self.link();
         if link.up || link.last_error.is_none() {
             tracing::error!(
@@ -712,6 +734,7 @@ impl Fleet {
 
     fn beat_took(&self, took: Duration) {
         let slow = took > super::SLOW;
+        self.slow.store(slow, Ordering::Relaxed);
         let mut link = self.link();
         if slow != link.slow {
             if slow {

@@ -33,7 +33,7 @@ mod seal;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -81,11 +81,22 @@ impl Names {
 }
 
 /// A change made here that the link task writes to Redis and announces.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Op {
     File(String, Option<FileWire>),
     Upload(String, Option<UploadWire>),
     Session(String, Option<SessionWire>),
+}
+
+impl Op {
+    /// Whether it adds (rather than removes) something.
+    fn adds(&self) -> bool {
+        match self {
+            Op::File(_, r) => r.is_some(),
+            Op::Upload(_, u) => u.is_some(),
+            Op::Session(_, s) => s.is_some(),
+        }
+    }
 }
 
 /// A file's owner as the fleet keeps it.
@@ -170,7 +181,9 @@ pub struct Fleet {
     ops: tokio::sync::mpsc::Sender<Op>,
     /// Changes dropped because the queue was full: the next heartbeat syncs in full.
     dropped: AtomicU64,
-    resync: std::sync::atomic::AtomicBool,
+    resync: AtomicBool,
+    /// The last heartbeat was slow (see [`SLOW`]): limits are counted here meanwhile.
+    slow: AtomicBool,
     /// The fleet's admin edits, laid over the config file by every reload.
     edits: Arc<ArcSwap<FleetEdits>>,
     /// The live members at the last heartbeat (at least 1: this one).
@@ -240,6 +253,7 @@ impl Fleet {
             ops,
             dropped: AtomicU64::new(0),
             resync: Default::default(),
+            slow: Default::default(),
             edits,
             members_seen: AtomicUsize::new(1),
             members: ArcSwap::default(),
@@ -267,6 +281,15 @@ impl Fleet {
     /// shows its generation to the other members.
     pub fn attach(&self, state: &Arc<State>) {
         let _ = self.state.set(Arc::downgrade(state));
+        // The fleet's edits may have arrived before the state they apply to.
+        if !self.edits.load().is_empty()
+            && let Err(e) = crate::app::reload::reload(state)
+        {
+            tracing::error!(
+                "fleet: the fleet's admin edits do not load here: {}",
+                e.message
+            );
+        }
     }
 
     /// Whether the link to Redis is up now.
@@ -278,12 +301,9 @@ impl Fleet {
         self.link.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a change for the link task (only while it is up: a full sync on reconnect
-    /// writes everything anyway).
+    /// Queues a change for the link task. While Redis is away the link keeps them (removals
+    /// above all: a logout during an outage must not be undone by the sync that follows).
     fn queue(&self, op: Op) {
-        if !self.is_up() {
-            return;
-        }
         if self.ops.try_send(op).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             self.resync.store(true, Ordering::Relaxed);
@@ -307,6 +327,9 @@ impl Fleet {
 
     /// Counts `check` in Redis: `None` when Redis did not answer in time.
     async fn admit_in_redis(&self, check: &LimitCheck<'_>) -> Option<Admission> {
+        if self.count_here() {
+            return None;
+        }
         let mut conn = (*self.conn.load_full()?).clone();
         let name = self.names.of(&format!(
             "limit:{}:{}:{}",
@@ -427,6 +450,12 @@ impl Fleet {
                 ),
             }
         });
+    }
+
+    /// Whether a declared limit should be counted here rather than wait on Redis: it is away,
+    /// or was slow at the last heartbeat.
+    fn count_here(&self) -> bool {
+        self.slow.load(Ordering::Relaxed) || !self.is_up()
     }
 
     fn status_json(&self) -> serde_json::Value {

@@ -717,4 +717,76 @@ mod tests {
         let second = KeyPool::new(&[spec], &registry, 1);
         assert!(second.get(0).state.is_disabled());
     }
+
+    #[test]
+    fn a_fleet_merges_key_health_by_epoch_then_adds() {
+        let now = 1_000_000;
+        let here = KeyState::default();
+        here.cool("m", now + 5_000, "rate_limited", now);
+        // The same epoch adds up: disabled anywhere is disabled here; the later end wins.
+        let mut remote = KeyHealth {
+            epoch: 0,
+            disabled: true,
+            reason: "key_invalid after 3 consecutive failures".into(),
+            cool: [
+                ("m".to_owned(), (now + 2_000, "rate_limited".to_owned())),
+                ("n".to_owned(), (now + 9_000, "daily_quota".to_owned())),
+            ]
+            .into(),
+        };
+        assert!(here.merge(&remote, now));
+        assert!(here.is_disabled());
+        assert_eq!(
+            here.cooling_until("m", now),
+            Some(now + 5_000),
+            "kept the later end"
+        );
+        assert_eq!(here.cooling_until("n", now), Some(now + 9_000));
+        assert_eq!(
+            here.cooldowns(now)
+                .iter()
+                .find(|c| &*c.model == "n")
+                .unwrap()
+                .class,
+            "daily_quota"
+        );
+        // What came from the fleet is saved, not shared back.
+        assert!(here.dirty.load(Relaxed));
+        assert!(
+            here.unshared.swap(false, Relaxed),
+            "the cool() above was local"
+        );
+        assert!(!here.merge(&remote, now), "nothing new");
+        assert!(!here.unshared.load(Relaxed));
+        // An older epoch (an instance that has not seen the enable yet) changes nothing.
+        here.enable();
+        assert_eq!(here.health(now).epoch, 1);
+        assert!(!here.merge(&remote, now));
+        assert!(!here.is_disabled());
+        // A later epoch (an enable elsewhere) replaces the state, then adds its own.
+        here.disable("operator");
+        remote.epoch = 2;
+        remote.disabled = false;
+        remote.cool.clear();
+        assert!(here.merge(&remote, now));
+        assert!(!here.is_disabled());
+        assert!(here.cooldowns(now).is_empty());
+        assert_eq!(
+            here.health(now),
+            KeyHealth {
+                epoch: 2,
+                ..KeyHealth::default()
+            }
+        );
+        // Expired cooldowns and unknown classes from a newer version stay harmless.
+        remote
+            .cool
+            .insert("m".into(), (now - 1, "rate_limited".into()));
+        remote
+            .cool
+            .insert("x".into(), (now + 1_000, "something_new".into()));
+        here.merge(&remote, now);
+        assert_eq!(here.cooling_until("m", now), None);
+        assert_eq!(here.cooldowns(now)[0].class, "fleet");
+    }
 }

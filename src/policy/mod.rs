@@ -934,6 +934,51 @@ mod tests {
     }
 
     #[test]
+    fn declared_limits_are_checked_when_loaded_and_read_again_after_init() {
+        let vm = vm();
+        let load = |code: &str| vm.load(&source("lim", code));
+        let p = load(
+            "return { name = 'lim', limits = { per_client_rpm = 5, clients = { bob = 50 } } }",
+        )
+        .unwrap();
+        let limit = p.limits.clone().unwrap();
+        assert_eq!((limit.rpm_for("alice"), limit.rpm_for("bob")), (5, 50));
+        assert_eq!(
+            load("return { name = 'lim', limits = {} }").unwrap().limits,
+            None
+        );
+        for (bad, says) in [
+            ("limits = 3", "must be a table"),
+            ("limits = { per_client_rpm = -1 }", "0 or more"),
+            ("limits = { per_client_rpm = 1.5 }", "whole number"),
+            ("limits = { per_client_rpm = 'many' }", "whole number"),
+            ("limits = { per_client_rmp = 5 }", "per_client_rmp"),
+            (
+                "limits = { clients = { a = 1 } }",
+                "needs `limits.per_client_rpm`",
+            ),
+            (
+                "limits = { per_client_rpm = 5, clients = 3 }",
+                "map client names",
+            ),
+        ] {
+            let err = load(&format!("return {{ name = 'lim', {bad} }}")).unwrap_err();
+            assert!(err.message.contains(says), "{bad}: {err}");
+        }
+        // Set by `init` from the plugin's settings.
+        let mut p = load(
+            "local l = {} return { name = 'lim', limits = l, init = function(c) l.per_client_rpm = c.n end }",
+        )
+        .unwrap();
+        assert_eq!(p.limits, None);
+        let conf = vm.lua().create_table().unwrap();
+        conf.set("n", 7).unwrap();
+        vm.call::<()>(&p, "init", &conf).unwrap();
+        p.reread_models().unwrap();
+        assert_eq!(p.limits.map(|l| l.per_client_rpm), Some(7));
+    }
+
+    #[test]
     fn plugins_declare_name_priority_and_hooks() {
         let vm = vm();
         let p = vm.load(&source("pin", "return { name = 'pin', priority = 100, select_key = function(pool) return 'k1' end }")).unwrap();

@@ -42,6 +42,8 @@ impl Redis {
         let child = Command::new(&self.bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            // `DEBUG SLEEP` makes Redis slow on demand.
+            .args(["--enable-debug-command", "yes"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -407,37 +409,20 @@ async fn admin_edits_and_sessions_apply_on_every_instance_and_secrets_stay_seale
     .await;
 
     // A login on A is valid on B; logging out on A ends it on B.
-    let resp = no_redirects()
-        .post(a.url("/admin/login"))
-        .form(&[("token", ADMIN)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 303);
-    let cookie = resp.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let on = |gate: &Gate, path: &str| {
-        no_redirects()
-            .get(gate.url(path))
-            .header("cookie", cookie.clone())
-            .send()
-    };
+    let (cookie, csrf) = login(&a).await;
     within(Duration::from_secs(5), "B takes A's session", || async {
-        on(&b, "/admin/api/fleet").await.unwrap().status() == 200
+        with_cookie(&b, &cookie, "/admin/api/fleet").await == 200
     })
     .await;
-    let page = on(&a, "/admin").await.unwrap().text().await.unwrap();
-    let csrf = page
-        .split("name=\"csrf-token\" content=\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
+    let page = no_redirects()
+        .get(a.url("/admin"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
         .unwrap()
-        .to_owned();
+        .text()
+        .await
+        .unwrap();
     assert!(
         page.contains("Fleet: this is a"),
         "the dashboard shows the fleet"
@@ -451,16 +436,9 @@ async fn admin_edits_and_sessions_apply_on_every_instance_and_secrets_stay_seale
         .collect();
     assert_eq!(members, ["a", "b"], "{fleet}");
     assert_eq!(fleet["members"][0]["version"], env!("CARGO_PKG_VERSION"));
-    let resp = no_redirects()
-        .post(a.url("/admin/logout"))
-        .header("cookie", cookie.clone())
-        .form(&[("_csrf", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 303);
+    logout(&a, &cookie, &csrf).await;
     within(Duration::from_secs(5), "B ends the session", || async {
-        on(&b, "/admin/api/fleet").await.unwrap().status() == 401
+        with_cookie(&b, &cookie, "/admin/api/fleet").await == 401
     })
     .await;
 
@@ -488,6 +466,11 @@ async fn redis_killed_mid_load_and_restarted_empty_loses_nothing() {
     let b = member(&fake, &redis, "b", &keys).start().await;
     joined(&[&a, &b]).await;
     let good3 = key_id("good-3");
+    let (cookie, csrf) = login(&a).await;
+    within(Duration::from_secs(5), "B takes A's session", || async {
+        with_cookie(&b, &cookie, "/admin/api/fleet").await == 200
+    })
+    .await;
 
     // Load on both while Redis dies: no request fails because of it.
     let load = |gate: Arc<Gate>| async move {
@@ -544,6 +527,8 @@ async fn redis_killed_mid_load_and_restarted_empty_loses_nothing() {
         (200, Some("unreachable")),
         "{v}"
     );
+    // A logout during the outage: no sync afterwards may bring the session back.
+    logout(a, &cookie, &csrf).await;
     let (served_a, served_b) = loads.await.unwrap();
 
     // Redis back, empty: within five seconds the fleet has it all again.
@@ -567,6 +552,7 @@ async fn redis_killed_mid_load_and_restarted_empty_loses_nothing() {
     for gate in [a, b] {
         let h = health(gate).await;
         assert_eq!(h["fleet"]["redis"], "ok", "{h}");
+        assert_eq!(with_cookie(gate, &cookie, "/admin/api/fleet").await, 401);
     }
     // Edits work again and reach the other instance.
     let (status, v) = admin(
@@ -581,6 +567,62 @@ async fn redis_killed_mid_load_and_restarted_empty_loses_nothing() {
         Duration::from_secs(5),
         "B has the key added after the outage",
         || async { key_states(b).await.len() == 4 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_slow_redis_never_holds_a_request_up() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let fake = fake().await;
+    let toml = "[plugins.rate_limit]\nenabled = true\nrequests_per_minute = 1000\n";
+    let a = member(&fake, &redis, "a", &["good-1"])
+        .toml(toml)
+        .start()
+        .await;
+    joined(&[&a]).await;
+    // Redis stops answering for three seconds.
+    let url = redis.url();
+    let sleeper = tokio::spawn(async move {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(3)
+            .query_async(&mut conn)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    for _ in 0..10 {
+        let asked = Instant::now();
+        let (status, _, v) = post(&a, GENERATE, &ask("hi")).await;
+        assert_eq!(status, 200, "{v}");
+        // The limit's count waits 100 ms for Redis at most, then counts here.
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        started.elapsed()
+    );
+    within(
+        Duration::from_secs(5),
+        "the instance says Redis is slow or away",
+        || async { health(&a).await["fleet"]["degraded"] == true },
+    )
+    .await;
+    sleeper.await.unwrap();
+    within(
+        Duration::from_secs(10),
+        "Redis answers in time again",
+        || async { health(&a).await["fleet"]["redis"] == "ok" },
     )
     .await;
 }
@@ -639,6 +681,63 @@ async fn an_instance_without_redis_serves_and_says_so() {
         200,
         "Redis away does not take an instance out of rotation"
     );
+}
+
+/// Logs in to `gate`'s admin page: the session cookie and its CSRF token.
+async fn login(gate: &Gate) -> (String, String) {
+    let resp = no_redirects()
+        .post(gate.url("/admin/login"))
+        .form(&[("token", ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = no_redirects()
+        .get(gate.url("/admin"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
+    (cookie, csrf)
+}
+
+async fn logout(gate: &Gate, cookie: &str, csrf: &str) {
+    let resp = no_redirects()
+        .post(gate.url("/admin/logout"))
+        .header("cookie", cookie)
+        .form(&[("_csrf", csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+}
+
+/// The status of a GET of `path` with the session `cookie`.
+async fn with_cookie(gate: &Gate, cookie: &str, path: &str) -> u16 {
+    no_redirects()
+        .get(gate.url(path))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 fn no_redirects() -> reqwest::Client {
