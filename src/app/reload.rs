@@ -356,8 +356,10 @@ fn relevant(event: &notify::Event, state: &State) -> bool {
 fn relevant_path(p: &Path, state: &State) -> bool {
     let name = p.file_name();
     let ext = p.extension().and_then(|e| e.to_str());
+    // `..data`: a Kubernetes ConfigMap volume changes every file at once by pointing this link
+    // at a new folder (the files are links through it).
     name == state.source.path.file_name()
-        || name.is_some_and(|n| n == ".env" || n == "plugins" || n == "templates")
+        || name.is_some_and(|n| n == ".env" || n == "plugins" || n == "templates" || n == "..data")
         || matches!(ext, Some("lua" | "hbs" | "html" | "css" | "js"))
 }
 

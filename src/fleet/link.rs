@@ -513,18 +513,26 @@ async fn full_sync(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResu
     }
     let sessions_name = fleet.names.of("sessions");
     let sessions: HashMap<String, Vec<u8>> = conn.hgetall(&sessions_name).await?;
+    let mut unreadable = 0;
     for (field, sealed) in sessions {
-        let session = fleet
-            .seal
-            .open(&sessions_name, &sealed)
-            .ok()
-            .and_then(|plain| serde_json::from_slice::<SessionWire>(&plain).ok());
-        match session {
-            Some(s) if s.expires_ms > now => take_session(fleet, s.id.clone(), Some(s)),
+        // Sealed with another secret: another instance's to read (this one is misconfigured,
+        // and says so), never to delete.
+        let Ok(plain) = fleet.seal.open(&sessions_name, &sealed) else {
+            unreadable += 1;
+            continue;
+        };
+        match serde_json::from_slice::<SessionWire>(&plain) {
+            Ok(s) if s.expires_ms > now => take_session(fleet, s.id.clone(), Some(s)),
             _ => {
                 let _: () = conn.hdel(&sessions_name, field).await?;
             }
         }
+    }
+    if unreadable > 0 {
+        tracing::error!(
+            sessions = unreadable,
+            "fleet: admin sessions in Redis cannot be read: is GEMGATE_CLUSTER_SECRET the same on every instance?"
+        );
     }
     pull_edits(fleet, conn).await?;
     let _: () = conn.set(fleet.names.of("alive"), now).await?;

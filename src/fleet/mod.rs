@@ -262,6 +262,7 @@ impl Fleet {
             runtime,
             started_ms: now_ms(),
         });
+        fleet.restore_edits();
         let _ = fleet_tx.send(fleet.clone());
         tracing::info!(
             instance = %fleet.instance,
@@ -270,6 +271,38 @@ impl Fleet {
             "joining the fleet"
         );
         Ok(fleet)
+    }
+
+    /// The fleet's edits as this instance last saw them (saved in its store), so that they
+    /// apply from the first generation, and survive Redis losing them while no instance ran.
+    fn restore_edits(&self) {
+        let Some(store) = &self.local.store else {
+            return;
+        };
+        match store.load_fleet("edits") {
+            Ok(Some(sealed)) => match self.open_edits(&sealed) {
+                Ok(edits) => self.edits.store(Arc::new(edits)),
+                Err(e) => tracing::error!("fleet: the saved fleet edits: {e}"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::error!("fleet: cannot read the saved fleet edits: {e}"),
+        }
+    }
+
+    /// Saves the fleet's edits in this instance's store (off the caller's thread).
+    fn save_edits(&self, edits: &FleetEdits) {
+        let Some(store) = self.local.store.clone() else {
+            return;
+        };
+        let Ok(plain) = serde_json::to_vec(edits) else {
+            return;
+        };
+        let sealed = self.seal.seal(&self.names.of("edits"), &plain);
+        self.runtime.spawn_blocking(move || {
+            if let Err(e) = store.save_fleet("edits", &sealed) {
+                tracing::error!("fleet: cannot save the fleet's edits: {e}");
+            }
+        });
     }
 
     /// This instance's id in the fleet.
@@ -380,24 +413,30 @@ impl Fleet {
                 link::lock_and_read(&mut c, &lock, &edits_name, &lock_token).await
             })?
             .map_err(|e| EditError::Unavailable(format!("the fleet's Redis: {e}")))?;
-        let mut edits = match current {
-            Some(sealed) => self.open_edits(&sealed)?,
-            None => FleetEdits::default(),
+        // Whatever happens from here, the lock is released below.
+        let mut edit = || -> Result<Option<FleetEdits>, String> {
+            let mut edits = match &current {
+                Some(sealed) => self.open_edits(sealed)?,
+                None => FleetEdits::default(),
+            };
+            let base = crate::config::edit::read_or_defaults(path)?;
+            let before = edits.apply(&base)?;
+            match change(&before)? {
+                Some(after) => {
+                    edits.record(&before, &after)?;
+                    Ok(Some(edits))
+                }
+                None => Ok(None),
+            }
         };
-        let base = crate::config::edit::read_or_defaults(path)?;
-        let before = edits.apply(&base)?;
-        let outcome = change(&before).and_then(|after| match after {
-            Some(after) => edits.record(&before, &after).map(|()| Some(edits)),
-            None => Ok(None),
-        });
+        let outcome = edit();
         let (lock, edits_name) = names;
         let channel = self.names.of("events");
         let mut c = (*conn).clone();
         let sealed = match &outcome {
-            Ok(Some(edits)) => Some(self.seal.seal(
-                &edits_name,
-                &serde_json::to_vec(edits).map_err(|e| e.to_string())?,
-            )),
+            Ok(Some(edits)) => serde_json::to_vec(edits)
+                .ok()
+                .map(|plain| self.seal.seal(&edits_name, &plain)),
             _ => None,
         };
         let written = self
@@ -414,6 +453,7 @@ impl Fleet {
                             .to_owned(),
                     ));
                 }
+                self.save_edits(&edits);
                 self.edits.store(Arc::new(edits));
                 Ok(true)
             }
@@ -433,6 +473,7 @@ impl Fleet {
         if **self.edits.load() == edits {
             return;
         }
+        self.save_edits(&edits);
         self.edits.store(Arc::new(edits));
         let Some(state) = self.state.get().and_then(Weak::upgrade) else {
             return;

@@ -41,6 +41,9 @@ const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_state");
 /// File id → `key id|expiry ms|client` (the Files API: which key and client own each file;
 /// files saved before clients were kept have no `|client`).
 const FILES: TableDefinition<&str, &str> = TableDefinition::new("files");
+/// A fleet's last known state that Redis alone would otherwise hold: `edits` → the fleet's
+/// admin edits, sealed with the fleet secret (see `fleet`).
+const FLEET: TableDefinition<&str, &[u8]> = TableDefinition::new("fleet");
 /// `DDDDDD|key id|model` (days since the epoch, zero-padded) → [`Counts`] as JSON.
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 
@@ -238,6 +241,27 @@ impl Store {
         }
         crate::store::logs::create(&tx)?;
         tx.commit().map_err(io)
+    }
+
+    /// Saves fleet state `name` (see [`FLEET`]).
+    pub fn save_fleet(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        tx.open_table(FLEET)
+            .map_err(io)?
+            .insert(name, value)
+            .map_err(io)?;
+        tx.commit().map_err(io)
+    }
+
+    /// Fleet state `name`, if saved.
+    pub fn load_fleet(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let table = match tx.open_table(FLEET) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        Ok(table.get(name).map_err(io)?.map(|v| v.value().to_vec()))
     }
 
     /// Records who owns a file (`None`: the file is gone).

@@ -322,3 +322,41 @@ async fn templates_reload_like_plugins() {
     assert_eq!(status["generation"], 3, "unchanged");
     assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
 }
+
+/// A Kubernetes ConfigMap volume: `gemgate.toml` is a link to `..data/gemgate.toml`, and an
+/// update points `..data` at a new folder (a new link renamed over it); no event names the
+/// config file itself.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_config_map_update_is_a_reload() {
+    use std::os::unix::fs::symlink;
+    let fake = fake().await;
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .toml(&keys_toml(&["good-1"]))
+        .admin()
+        .start()
+        .await;
+    let dir = gate.dir.path();
+    let mount = |version: &str, keys: &[&str]| {
+        let folder = dir.join(format!("..{version}"));
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("gemgate.toml"), keys_toml(keys)).unwrap();
+        symlink(format!("..{version}"), dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    };
+    mount("2026_12_04_1", &["good-1"]);
+    symlink("..data/gemgate.toml", dir.join("gemgate.toml.link")).unwrap();
+    std::fs::rename(dir.join("gemgate.toml.link"), dir.join("gemgate.toml")).unwrap();
+    // Let the reloads of this set-up pass.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(key_states(&gate).await.len(), 1);
+
+    mount("2026_12_04_2", &["good-1", "good-2"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while key_states(&gate).await.len() != 2 {
+        assert!(Instant::now() < deadline, "no reload:\n{}", gate.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gate.reload_status().await["reload"]["last_result"], "ok");
+}
