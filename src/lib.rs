@@ -84,19 +84,7 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
     let store = Arc::new(store::Store::open(&config.data_dir, config.max_data_bytes)?);
     let mut lasting = restored(&store);
     let fleet = match &config.cluster {
-        Some(cluster) => {
-            let fleet = fleet::Fleet::start(
-                cluster,
-                lasting.local(),
-                lasting.registry.clone(),
-                source.fleet_edits.clone(),
-                listen_addr,
-            )
-            .map_err(RunError::Fleet)?;
-            lasting.shared = fleet.clone();
-            lasting.instance = Some(fleet.instance().into());
-            Some(fleet)
-        }
+        Some(cluster) => Some(join_fleet(cluster, &mut lasting, &source, listen_addr)?),
         None => None,
     };
     let state = State::new(config, source, lasting)?;
@@ -150,6 +138,27 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
         .expect("spawn the server");
     let _ = finished.recv();
     Ok(())
+}
+
+/// Makes this instance a member of the fleet `cluster` names: its shared state goes through
+/// the fleet from now on.
+fn join_fleet(
+    cluster: &config::ClusterConfig,
+    lasting: &mut app::Lasting,
+    source: &Source,
+    listen: std::net::SocketAddr,
+) -> Result<Arc<fleet::Fleet>, RunError> {
+    let fleet = fleet::Fleet::start(
+        cluster,
+        lasting.local(),
+        lasting.registry.clone(),
+        source.fleet_edits.clone(),
+        listen,
+    )
+    .map_err(RunError::Fleet)?;
+    lasting.shared = fleet.clone();
+    lasting.instance = Some(fleet.instance().into());
+    Ok(fleet)
 }
 
 /// Pingora's settings for `config`.

@@ -447,9 +447,25 @@ async fn push_keys(
 /// came back empty. Ends by marking the fleet's state as present.
 async fn full_sync(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<()> {
     let started = Instant::now();
+    push_all(fleet, conn).await?;
+    let keys = pull_keys(fleet, conn).await?;
+    pull_files(fleet, conn).await?;
+    pull_sessions(fleet, conn).await?;
+    pull_edits(fleet, conn).await?;
+    let _: () = conn.set(fleet.names.of("alive"), now_ms()).await?;
+    fleet.link().last_sync_ms = Some(now_ms());
+    tracing::info!(
+        keys,
+        took_ms = started.elapsed().as_millis() as u64,
+        "fleet: state synced with Redis"
+    );
+    Ok(())
+}
+
+/// Writes this instance's view: key health that is not the default, files, sessions, and the
+/// edits if Redis has none (it lost them).
+async fn push_all(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<()> {
     let now = now_ms();
-    // Push: key health that is not the default, files, uploads, sessions, and the edits if
-    // Redis has none (it lost them).
     fleet.registry.take_unshared();
     let states: Vec<_> = fleet
         .registry
@@ -483,50 +499,68 @@ async fn full_sync(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResu
     if !pipe.is_empty() {
         pipe.query_async::<()>(conn).await?;
     }
+    Ok(())
+}
 
-    // Pull.
+/// Merges the fleet's key health here; returns how many keys it has.
+async fn pull_keys(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<usize> {
     let health: HashMap<String, String> = conn.hgetall(fleet.names.of("keys")).await?;
     for (id, json) in &health {
         take_health(fleet, id, json);
     }
+    Ok(health.len())
+}
+
+/// Takes the fleet's files and uploads in progress; forgets expired ones in Redis.
+async fn pull_files(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+    let now = now_ms();
     let files: HashMap<String, String> = conn.hgetall(fleet.names.of("files")).await?;
-    let mut expired = Vec::new();
+    let mut gone = Vec::new();
     for (id, json) in files {
         match serde_json::from_str::<FileWire>(&json) {
             Ok(r) if r.expires_ms > now => take_file(fleet, id, Some(r)),
-            _ => expired.push(id),
+            _ => gone.push(id),
         }
     }
+    if !gone.is_empty() {
+        let _: () = conn.hdel(fleet.names.of("files"), &gone).await?;
+    }
     let uploads: HashMap<String, String> = conn.hgetall(fleet.names.of("uploads")).await?;
+    let mut gone = Vec::new();
     for (id, json) in uploads {
         match serde_json::from_str::<UploadWire>(&json) {
             Ok(u) if now.saturating_sub(u.started_ms) < UPLOAD_GONE_MS => {
                 take_upload(fleet, id, Some(u))
             }
-            _ => {
-                let _: () = conn.hdel(fleet.names.of("uploads"), &id).await?;
-            }
+            _ => gone.push(id),
         }
     }
-    if !expired.is_empty() {
-        let _: () = conn.hdel(fleet.names.of("files"), &expired).await?;
+    if !gone.is_empty() {
+        let _: () = conn.hdel(fleet.names.of("uploads"), &gone).await?;
     }
-    let sessions_name = fleet.names.of("sessions");
-    let sessions: HashMap<String, Vec<u8>> = conn.hgetall(&sessions_name).await?;
-    let mut unreadable = 0;
+    Ok(())
+}
+
+/// Takes the fleet's live admin sessions; forgets expired ones in Redis.
+async fn pull_sessions(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+    let now = now_ms();
+    let name = fleet.names.of("sessions");
+    let sessions: HashMap<String, Vec<u8>> = conn.hgetall(&name).await?;
+    let (mut gone, mut unreadable) = (Vec::new(), 0);
     for (field, sealed) in sessions {
         // Sealed with another secret: another instance's to read (this one is misconfigured,
         // and says so), never to delete.
-        let Ok(plain) = fleet.seal.open(&sessions_name, &sealed) else {
+        let Ok(plain) = fleet.seal.open(&name, &sealed) else {
             unreadable += 1;
             continue;
         };
         match serde_json::from_slice::<SessionWire>(&plain) {
             Ok(s) if s.expires_ms > now => take_session(fleet, s.id.clone(), Some(s)),
-            _ => {
-                let _: () = conn.hdel(&sessions_name, field).await?;
-            }
+            _ => gone.push(field),
         }
+    }
+    if !gone.is_empty() {
+        let _: () = conn.hdel(&name, &gone).await?;
     }
     if unreadable > 0 {
         tracing::error!(
@@ -534,14 +568,6 @@ async fn full_sync(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResu
             "fleet: admin sessions in Redis cannot be read: is GEMGATE_CLUSTER_SECRET the same on every instance?"
         );
     }
-    pull_edits(fleet, conn).await?;
-    let _: () = conn.set(fleet.names.of("alive"), now).await?;
-    fleet.link().last_sync_ms = Some(now_ms());
-    tracing::info!(
-        keys = health.len(),
-        took_ms = started.elapsed().as_millis() as u64,
-        "fleet: state synced with Redis"
-    );
     Ok(())
 }
 
@@ -613,6 +639,21 @@ async fn heartbeat(
         pipe.query_async(conn).await?;
     *written = mine;
 
+    take_members(fleet, conn, &members_name, members).await?;
+    read_fleet_usage(fleet, conn, day, &usage_of).await?;
+    fleet.beat_took(started.elapsed());
+    Ok(alive)
+}
+
+/// Keeps the members as the heartbeat read them (and how many are live); forgets the ones
+/// silent for long.
+async fn take_members(
+    fleet: &Fleet,
+    conn: &mut MultiplexedConnection,
+    name: &str,
+    members: HashMap<String, String>,
+) -> RedisResult<()> {
+    let now = now_ms();
     let mut list: Vec<Member> = Vec::new();
     let mut gone = Vec::new();
     for (id, json) in members {
@@ -622,7 +663,7 @@ async fn heartbeat(
         }
     }
     if !gone.is_empty() {
-        let _: () = conn.hdel(&members_name, gone).await?;
+        let _: () = conn.hdel(name, gone).await?;
     }
     list.sort_by(|a, b| a.instance.cmp(&b.instance));
     let live = list
@@ -631,9 +672,18 @@ async fn heartbeat(
         .count();
     fleet.members_seen.store(live.max(1), Ordering::Relaxed);
     fleet.members.store(Arc::new(list));
+    Ok(())
+}
 
+/// Adds up the usage of `day` every instance wrote (`instances`), for the admin pages.
+async fn read_fleet_usage(
+    fleet: &Fleet,
+    conn: &mut MultiplexedConnection,
+    day: u32,
+    instances: &[String],
+) -> RedisResult<()> {
     let mut pipe = redis::pipe();
-    for instance in &usage_of {
+    for instance in instances {
         pipe.hgetall(fleet.names.of(&format!("usage:{day}:{instance}")));
     }
     let all: Vec<HashMap<String, String>> = if pipe.is_empty() {
@@ -650,8 +700,7 @@ async fn heartbeat(
         }
     }
     fleet.usage.store(Some(Arc::new((day, total))));
-    fleet.beat_took(started.elapsed());
-    Ok(alive)
+    Ok(())
 }
 
 /// This instance's usage of `day` by key id, from its store.

@@ -112,14 +112,7 @@ impl KeyState {
         let mut changed = false;
         if remote.epoch > epoch {
             self.epoch.store(remote.epoch, Relaxed);
-            self.disabled.store(false, Relaxed);
-            self.consecutive_failures.store(0, Relaxed);
-            self.cooldowns.store(Arc::new(Vec::new()));
-            self.cooling_until_max.store(0, Relaxed);
-            self.detail
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .disabled_reason = None;
+            self.reset();
             changed = true;
         }
         if remote.disabled && !self.is_disabled() {
@@ -297,6 +290,11 @@ impl KeyState {
     pub fn enable(&self) {
         self.mark_dirty();
         self.epoch.fetch_add(1, Relaxed);
+        self.reset();
+    }
+
+    /// Not disabled, no failures, no cooldowns.
+    fn reset(&self) {
         self.disabled.store(false, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         self.cooldowns.store(Arc::new(Vec::new()));

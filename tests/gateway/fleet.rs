@@ -154,6 +154,14 @@ fn member(fake: &FakeUpstream, redis: &Redis, instance: &str, keys: &[&str]) -> 
         .env("GEMGATE_INSTANCE", instance)
 }
 
+/// Members `a` and `b`, once they see each other.
+async fn pair(fake: &FakeUpstream, redis: &Redis, keys: &[&str]) -> (Gate, Gate) {
+    let a = member(fake, redis, "a", keys).start().await;
+    let b = member(fake, redis, "b", keys).start().await;
+    joined(&[&a, &b]).await;
+    (a, b)
+}
+
 /// Polls `check` until it holds (at most `within`); returns how long it took.
 async fn within<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
 where
@@ -219,9 +227,7 @@ async fn a_cooldown_and_a_disabled_key_reach_every_instance() {
     };
     let fake = fake().await;
     let keys = ["minute-1", "good-2", "good-3"];
-    let a = member(&fake, &redis, "a", &keys).start().await;
-    let b = member(&fake, &redis, "b", &keys).start().await;
-    joined(&[&a, &b]).await;
+    let (a, b) = pair(&fake, &redis, &keys).await;
     let minute = key_id("minute-1");
 
     // A's 429 cools the key for that model on A...
@@ -370,9 +376,7 @@ async fn admin_edits_and_sessions_apply_on_every_instance_and_secrets_stay_seale
     };
     let fake = fake().await;
     let keys = ["good-1"];
-    let a = member(&fake, &redis, "a", &keys).start().await;
-    let b = member(&fake, &redis, "b", &keys).start().await;
-    joined(&[&a, &b]).await;
+    let (a, b) = pair(&fake, &redis, &keys).await;
 
     // A key pasted on A's admin API serves on B within a second; A's file is untouched.
     let (status, v) = admin(
@@ -462,9 +466,7 @@ async fn redis_killed_mid_load_and_restarted_empty_loses_nothing() {
     };
     let fake = fake().await;
     let keys = ["good-1", "good-2", "good-3"];
-    let a = member(&fake, &redis, "a", &keys).start().await;
-    let b = member(&fake, &redis, "b", &keys).start().await;
-    joined(&[&a, &b]).await;
+    let (a, b) = pair(&fake, &redis, &keys).await;
     let good3 = key_id("good-3");
     let (cookie, csrf) = login(&a).await;
     within(Duration::from_secs(5), "B takes A's session", || async {
@@ -755,9 +757,7 @@ async fn a_file_uploaded_through_one_instance_is_served_by_another_with_its_key(
     };
     let fake = fake().await;
     let keys = ["good-1", "good-2", "good-3"];
-    let a = member(&fake, &redis, "a", &keys).start().await;
-    let b = member(&fake, &redis, "b", &keys).start().await;
-    joined(&[&a, &b]).await;
+    let (a, b) = pair(&fake, &redis, &keys).await;
     let content = b"fleet notes";
     let resp = client()
         .post(a.url("/upload/v1beta/files"))
