@@ -3,10 +3,10 @@
 //! resource, plugin counters, the wrong-credential throttles, admin sessions, and admin edits
 //! of the config (keys and settings).
 //!
-//! [`Local`] is today's implementation: in this process (the key registry's atomics, the usage
-//! shards, the file-owner table), saved to the redb file by the flusher. A fleet's
-//! implementation adds the same operations over a shared store without touching the request
-//! path, which names only this trait.
+//! [`Local`] keeps it in this process (the key registry's atomics, the usage shards, the
+//! file-owner table), saved to the redb file by the flusher. `fleet::Fleet` shares it through
+//! Redis over a `Local` view (plugin counters and the throttles stay per instance there),
+//! without touching the request path, which names only this trait.
 //!
 //! Reads that run on every request (which keys are usable now) stay on the key pool's local
 //! state: an implementation keeps that state current (it is where `Local` writes).
@@ -124,8 +124,9 @@ pub type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> 
 
 /// What every instance of a fleet must agree on (see the module's documentation).
 pub trait SharedState: Send + Sync {
-    /// Counts one request against a declared limit, atomically across the fleet; never
-    /// checked against a copy. Called only for requests a limit applies to.
+    /// Counts one request against a declared limit; called only for requests a limit applies
+    /// to. A fleet counts it atomically in Redis, never against a copy; while Redis is away or
+    /// slow, against this instance's share of the limit.
     fn admit<'a>(&'a self, check: LimitCheck<'a>) -> Pending<'a, Admission>;
 
     /// The fleet's state as `/health`, the admin page and the admin API show it (`None`: a

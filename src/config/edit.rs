@@ -63,6 +63,9 @@ pub struct FleetEdits {
     /// Keys added, in order.
     pub keys_added: Vec<String>,
     pub keys_removed: Vec<String>,
+    /// Counts the edits made: of two copies, the higher version is the newer.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// Sections a fleet never shares: each instance's own membership.

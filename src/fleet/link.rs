@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, AsyncConnectionConfig, RedisResult, Script};
-use tokio::sync::mpsc::Receiver;
+use tokio::sync::mpsc::UnboundedReceiver as Receiver;
 
 use super::{FileWire, Fleet, Member, Op, SessionWire, UploadWire};
 use crate::clock::now_ms;
@@ -84,10 +84,24 @@ static WRITE_EDITS: LazyLock<Script> = LazyLock::new(|| {
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[1])
 if ARGV[2] == '' then return 0 end
-local v = redis.call('HINCRBY', KEYS[2], 'version', 1)
-redis.call('HSET', KEYS[2], 'data', ARGV[2])
-redis.call('PUBLISH', KEYS[3], 'o' .. v)
-return v
+redis.call('HSET', KEYS[2], 'data', ARGV[2], 'version', ARGV[3])
+redis.call('PUBLISH', KEYS[3], 'o' .. ARGV[3])
+return tonumber(ARGV[3])
+"#,
+    )
+});
+
+/// Puts this instance's copy of the edits back when Redis has none or an older one (it lost
+/// them, or an instance with an older copy put that back first), and announces it. KEYS:
+/// edits hash, channel; ARGV: sealed edits, their version.
+static RESTORE_EDITS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if v >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'version', ARGV[2])
+redis.call('PUBLISH', KEYS[2], 'o' .. ARGV[2])
+return 1
 "#,
     )
 });
@@ -98,6 +112,10 @@ const EDIT_LOCK_MS: u64 = 5_000;
 const USAGE_TTL_S: i64 = 9 * 86_400;
 /// A member silent this long leaves the members hash.
 const MEMBER_GONE_MS: u64 = 3_600_000;
+/// The fleet's usage is read every this many heartbeats.
+const USAGE_EVERY: u64 = 3;
+/// Files and uploads that are over leave Redis every this many heartbeats.
+const PRUNE_EVERY: u64 = 60;
 /// An upload not finished within a day is forgotten.
 const UPLOAD_GONE_MS: u64 = 86_400_000;
 
@@ -117,19 +135,19 @@ pub(super) async fn run(fleet: Arc<Fleet>, mut ops: Receiver<Op>) {
         fleet.went_down(error);
         let until = tokio::time::Instant::now() + wait;
         while let Ok(Some(op)) = tokio::time::timeout_at(until, ops.recv()).await {
+            fleet.queued.fetch_sub(1, Ordering::Relaxed);
             hold(&fleet, &mut held, op);
         }
         wait = (wait * 2).min(Duration::from_secs(1));
     }
 }
 
-/// Keeps `op` for the next full sync; past [`super::QUEUE`] changes, the oldest additions go
-/// first (the full sync writes what exists anyway; a removal it could not redo).
+/// Keeps `op` for the next full sync; past [`super::QUEUE`] additions, an addition is dropped
+/// (the full sync writes what exists anyway); a removal, which it could not redo, never is.
 fn hold(fleet: &Fleet, held: &mut Vec<Op>, op: Op) {
-    if held.len() >= super::QUEUE {
-        let oldest_add = held.iter().position(Op::adds).unwrap_or(0);
-        held.remove(oldest_add);
+    if op.adds() && held.iter().filter(|o| o.adds()).count() >= super::QUEUE {
         fleet.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
     }
     held.push(op);
 }
@@ -146,8 +164,13 @@ async fn connect(fleet: &Fleet) -> RedisResult<(MultiplexedConnection, redis::ai
     let mut pubsub = tokio::time::timeout(Duration::from_secs(2), fleet.client.get_async_pubsub())
         .await
         .map_err(|_| timed_out())??;
-    pubsub.subscribe(fleet.names.of("events")).await?;
-    for script in [&*MERGE, &*LIMIT, &*WRITE_EDITS] {
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        pubsub.subscribe(fleet.names.of("events")),
+    )
+    .await
+    .map_err(|_| timed_out())??;
+    for script in [&*MERGE, &*LIMIT, &*WRITE_EDITS, &*RESTORE_EDITS] {
         script.prepare_invoke().load_async(&mut conn).await?;
     }
     Ok((conn, pubsub))
@@ -170,7 +193,7 @@ async fn serve(
 ) -> String {
     // Subscribed first, synced second: nothing announced in between is missed.
     if !held.is_empty() {
-        if let Err(e) = write_ops(fleet, &mut conn, held.clone()).await {
+        if let Err(e) = write_ops(fleet, &mut conn, held).await {
             return e.to_string();
         }
         held.clear();
@@ -179,11 +202,14 @@ async fn serve(
         return e.to_string();
     }
     let mut written = HashMap::new();
-    if let Err(e) = heartbeat(fleet, &mut conn, &mut written).await {
+    let mut beats = 0;
+    if let Err(e) = heartbeat(fleet, &mut conn, &mut written, beats).await {
         return e.to_string();
     }
     fleet.came_up(conn.clone());
-    let mut messages = pubsub.into_on_message();
+    // The subscription's own connection is pinged with every heartbeat: one that died
+    // silently (a half-open socket) would otherwise stop the fleet's news without an error.
+    let (mut sink, mut messages) = pubsub.split();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -203,26 +229,54 @@ async fn serve(
                         Err(_) => break,
                     }
                 }
-                write_ops(fleet, &mut conn, batch).await
+                fleet.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+                let written = write_ops(fleet, &mut conn, &batch).await;
+                if written.is_err() {
+                    // Written again, first, when Redis is back (the writes repeat harmlessly).
+                    held.extend(batch);
+                }
+                written
             }
             _ = tick.tick() => {
                 let changed = fleet.registry.take_unshared();
                 push_keys(fleet, &mut conn, changed).await
             }
-            _ = beat.tick() => match heartbeat(fleet, &mut conn, &mut written).await {
-                Ok(true) if !fleet.resync.swap(false, Ordering::Relaxed) => Ok(()),
-                // Redis lost the fleet's state (restarted empty), or changes were dropped.
-                Ok(_) => {
-                    written.clear();
-                    full_sync(fleet, &mut conn).await
+            _ = beat.tick() => {
+                beats += 1;
+                let beaten = beat_both(fleet, &mut conn, &mut sink, &mut written, beats).await;
+                match beaten {
+                    Ok(true) if !fleet.resync.swap(false, Ordering::Relaxed) => Ok(()),
+                    // Redis lost the fleet's state (restarted empty), or changes were dropped.
+                    Ok(_) => {
+                        written.clear();
+                        full_sync(fleet, &mut conn).await
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
         };
         if let Err(e) = step {
             return e.to_string();
         }
     }
+}
+
+/// The heartbeat `beat` (counting from 0), a ping of the subscription's connection, and now
+/// and then the removal of files and uploads that are over.
+async fn beat_both(
+    fleet: &Fleet,
+    conn: &mut MultiplexedConnection,
+    sink: &mut redis::aio::PubSubSink,
+    written: &mut HashMap<String, Counts>,
+    beat: u64,
+) -> RedisResult<bool> {
+    tokio::time::timeout(Duration::from_secs(2), sink.ping::<()>())
+        .await
+        .map_err(|_| timed_out())??;
+    if beat % PRUNE_EVERY == PRUNE_EVERY - 1 {
+        pull_files(fleet, conn).await?;
+    }
+    heartbeat(fleet, conn, written, beat).await
 }
 
 /// What a message asks the link to do next.
@@ -244,28 +298,44 @@ fn on_message(fleet: &Fleet, payload: &[u8]) -> Option<Follow> {
             take_file(fleet, id, record);
         }
         b'u' => {
-            let (id, upload): (String, Option<UploadWire>) = serde_json::from_slice(body).ok()?;
+            let (id, upload) = open_message::<UploadWire>(fleet, body)?;
             take_upload(fleet, id, upload);
         }
         b's' => {
-            let channel = fleet.names.of("events");
-            let plain = match fleet.seal.open(&channel, body) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(
-                        "fleet: a session message cannot be read ({e}): is GEMGATE_CLUSTER_SECRET the same on every instance?"
-                    );
-                    return None;
-                }
-            };
-            let (id, session): (String, Option<SessionWire>) =
-                serde_json::from_slice(&plain).ok()?;
+            let (id, session) = open_message::<SessionWire>(fleet, body)?;
             take_session(fleet, id, session);
         }
         b'o' => return Some(Follow::Edits),
         _ => {}
     }
     None
+}
+
+/// A sealed message: an id and its entry (`None`: removed).
+fn open_message<T: serde::de::DeserializeOwned>(
+    fleet: &Fleet,
+    body: &[u8],
+) -> Option<(String, Option<T>)> {
+    match fleet.seal.open(&fleet.names.of("events"), body) {
+        Ok(plain) => serde_json::from_slice(&plain).ok(),
+        Err(e) => {
+            tracing::warn!(
+                "fleet: a message cannot be read ({e}): is GEMGATE_CLUSTER_SECRET the same on every instance?"
+            );
+            None
+        }
+    }
+}
+
+/// `id` and its entry, sealed for the fleet's channel behind the byte `kind`.
+fn sealed_message<T: serde::Serialize>(
+    fleet: &Fleet,
+    kind: u8,
+    id: &str,
+    entry: Option<&T>,
+) -> Vec<u8> {
+    let plain = serde_json::to_vec(&(id, entry)).unwrap_or_default();
+    tagged(kind, &fleet.seal.seal(&fleet.names.of("events"), &plain))
 }
 
 fn take_health(fleet: &Fleet, id: &str, json: &str) {
@@ -300,13 +370,14 @@ fn take_file(fleet: &Fleet, id: String, record: Option<FileWire>) {
 fn take_upload(fleet: &Fleet, id: String, upload: Option<UploadWire>) {
     let files = &fleet.local.files;
     match upload {
-        Some(u) => files.start_upload(
+        Some(u) if u.id == id => files.start_upload(
             id,
             crate::keys::owners::Owner {
                 key: u.key,
                 client: u.client,
             },
         ),
+        Some(_) => {}
         None => files.finish_upload(&id),
     }
 }
@@ -329,17 +400,13 @@ fn take_session(fleet: &Fleet, id: String, session: Option<SessionWire>) {
 }
 
 /// Writes a batch of changes made here, and announces each.
-async fn write_ops(
-    fleet: &Fleet,
-    conn: &mut MultiplexedConnection,
-    ops: Vec<Op>,
-) -> RedisResult<()> {
+async fn write_ops(fleet: &Fleet, conn: &mut MultiplexedConnection, ops: &[Op]) -> RedisResult<()> {
     let channel = fleet.names.of("events");
     let mut pipe = redis::pipe();
     for op in ops {
         match op {
             Op::File(id, record) => {
-                file_into(&mut pipe, fleet, &id, record.as_ref());
+                file_into(&mut pipe, fleet, id, record.as_ref());
                 let msg = tagged(
                     b'f',
                     &serde_json::to_vec(&(&id, &record)).unwrap_or_default(),
@@ -347,17 +414,13 @@ async fn write_ops(
                 pipe.publish(&channel, msg).ignore();
             }
             Op::Upload(id, upload) => {
-                upload_into(&mut pipe, fleet, &id, upload.as_ref());
-                let msg = tagged(
-                    b'u',
-                    &serde_json::to_vec(&(&id, &upload)).unwrap_or_default(),
-                );
+                sealed_into(&mut pipe, fleet, "uploads", id, upload.as_ref());
+                let msg = sealed_message(fleet, b'u', id, upload.as_ref());
                 pipe.publish(&channel, msg).ignore();
             }
             Op::Session(id, session) => {
-                session_into(&mut pipe, fleet, &id, session.as_ref());
-                let plain = serde_json::to_vec(&(&id, &session)).unwrap_or_default();
-                let msg = tagged(b's', &fleet.seal.seal(&channel, &plain));
+                sealed_into(&mut pipe, fleet, "sessions", id, session.as_ref());
+                let msg = sealed_message(fleet, b's', id, session.as_ref());
                 pipe.publish(&channel, msg).ignore();
             }
         }
@@ -380,30 +443,59 @@ fn file_into(pipe: &mut redis::Pipeline, fleet: &Fleet, id: &str, record: Option
     };
 }
 
-fn upload_into(pipe: &mut redis::Pipeline, fleet: &Fleet, id: &str, upload: Option<&UploadWire>) {
-    let uploads = fleet.names.of("uploads");
-    match upload.and_then(|u| serde_json::to_string(u).ok()) {
-        Some(json) => pipe.hset(uploads, id, json).ignore(),
-        None => pipe.hdel(uploads, id).ignore(),
+/// Entries whose id is a credential (sessions, uploads) are kept in hash `hash` by the digest
+/// of their id (names are never sealed), their values (id included) sealed.
+fn sealed_into<T: serde::Serialize>(
+    pipe: &mut redis::Pipeline,
+    fleet: &Fleet,
+    hash: &str,
+    id: &str,
+    entry: Option<&T>,
+) {
+    let name = fleet.names.of(hash);
+    let field = super::hex(&crate::app::session::digest(id));
+    match entry.and_then(|e| serde_json::to_vec(e).ok()) {
+        Some(plain) => {
+            let sealed = fleet.seal.seal(&name, &plain);
+            pipe.hset(name, field, sealed).ignore()
+        }
+        None => pipe.hdel(name, field).ignore(),
     };
 }
 
-/// Sessions are kept by the hash of their id (names are not sealed), their values sealed.
-fn session_into(
-    pipe: &mut redis::Pipeline,
+/// The live entries of the sealed hash `hash` (see [`sealed_into`]); the ones `live` says are
+/// over are deleted. Entries sealed with another secret are another instance's to read (this
+/// one is misconfigured, and says so), never to delete.
+async fn pull_sealed<T: serde::de::DeserializeOwned>(
     fleet: &Fleet,
-    id: &str,
-    session: Option<&SessionWire>,
-) {
-    let sessions = fleet.names.of("sessions");
-    let field = super::hex(&crate::app::session::digest(id));
-    match session.and_then(|s| serde_json::to_vec(s).ok()) {
-        Some(plain) => {
-            let sealed = fleet.seal.seal(&sessions, &plain);
-            pipe.hset(sessions, field, sealed).ignore()
+    conn: &mut MultiplexedConnection,
+    hash: &str,
+    live: impl Fn(&T) -> bool,
+) -> RedisResult<Vec<T>> {
+    let name = fleet.names.of(hash);
+    let entries: HashMap<String, Vec<u8>> = conn.hgetall(&name).await?;
+    let (mut out, mut gone, mut unreadable) = (Vec::new(), Vec::new(), 0);
+    for (field, sealed) in entries {
+        let Ok(plain) = fleet.seal.open(&name, &sealed) else {
+            unreadable += 1;
+            continue;
+        };
+        match serde_json::from_slice::<T>(&plain) {
+            Ok(entry) if live(&entry) => out.push(entry),
+            _ => gone.push(field),
         }
-        None => pipe.hdel(sessions, field).ignore(),
-    };
+    }
+    if !gone.is_empty() {
+        let _: () = conn.hdel(&name, &gone).await?;
+    }
+    if unreadable > 0 {
+        tracing::error!(
+            entries = unreadable,
+            hash,
+            "fleet: entries in Redis cannot be read: is GEMGATE_CLUSTER_SECRET the same on every instance?"
+        );
+    }
+    Ok(out)
 }
 
 /// Merges key states changed here into the fleet's, and the merged results back here.
@@ -485,21 +577,21 @@ async fn push_all(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResul
             admin: super::hex(&admin),
             expires_ms: now + left.as_millis() as u64,
         };
-        session_into(&mut pipe, fleet, &id, Some(&wire));
+        sealed_into(&mut pipe, fleet, "sessions", &id, Some(&wire));
     }
-    let edits = fleet.edits.load_full();
-    if !edits.is_empty() {
-        let name = fleet.names.of("edits");
-        let sealed = fleet
-            .seal
-            .seal(&name, &serde_json::to_vec(&*edits).unwrap_or_default());
-        pipe.hset_nx(&name, "data", sealed).ignore();
-        pipe.hset_nx(&name, "version", 1).ignore();
+    for (id, owner) in fleet.local.files.uploads() {
+        let wire = UploadWire {
+            id: id.clone(),
+            key: owner.key,
+            client: owner.client,
+            started_ms: now,
+        };
+        sealed_into(&mut pipe, fleet, "uploads", &id, Some(&wire));
     }
     if !pipe.is_empty() {
         pipe.query_async::<()>(conn).await?;
     }
-    Ok(())
+    restore_edits(fleet, conn).await
 }
 
 /// Merges the fleet's key health here; returns how many keys it has.
@@ -525,18 +617,9 @@ async fn pull_files(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisRes
     if !gone.is_empty() {
         let _: () = conn.hdel(fleet.names.of("files"), &gone).await?;
     }
-    let uploads: HashMap<String, String> = conn.hgetall(fleet.names.of("uploads")).await?;
-    let mut gone = Vec::new();
-    for (id, json) in uploads {
-        match serde_json::from_str::<UploadWire>(&json) {
-            Ok(u) if now.saturating_sub(u.started_ms) < UPLOAD_GONE_MS => {
-                take_upload(fleet, id, Some(u))
-            }
-            _ => gone.push(id),
-        }
-    }
-    if !gone.is_empty() {
-        let _: () = conn.hdel(fleet.names.of("uploads"), &gone).await?;
+    let live = |u: &UploadWire| now.saturating_sub(u.started_ms) < UPLOAD_GONE_MS;
+    for upload in pull_sealed(fleet, conn, "uploads", live).await? {
+        take_upload(fleet, upload.id.clone(), Some(upload));
     }
     Ok(())
 }
@@ -544,34 +627,15 @@ async fn pull_files(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisRes
 /// Takes the fleet's live admin sessions; forgets expired ones in Redis.
 async fn pull_sessions(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<()> {
     let now = now_ms();
-    let name = fleet.names.of("sessions");
-    let sessions: HashMap<String, Vec<u8>> = conn.hgetall(&name).await?;
-    let (mut gone, mut unreadable) = (Vec::new(), 0);
-    for (field, sealed) in sessions {
-        // Sealed with another secret: another instance's to read (this one is misconfigured,
-        // and says so), never to delete.
-        let Ok(plain) = fleet.seal.open(&name, &sealed) else {
-            unreadable += 1;
-            continue;
-        };
-        match serde_json::from_slice::<SessionWire>(&plain) {
-            Ok(s) if s.expires_ms > now => take_session(fleet, s.id.clone(), Some(s)),
-            _ => gone.push(field),
-        }
-    }
-    if !gone.is_empty() {
-        let _: () = conn.hdel(&name, &gone).await?;
-    }
-    if unreadable > 0 {
-        tracing::error!(
-            sessions = unreadable,
-            "fleet: admin sessions in Redis cannot be read: is GEMGATE_CLUSTER_SECRET the same on every instance?"
-        );
+    let live = |s: &SessionWire| s.expires_ms > now;
+    for session in pull_sealed(fleet, conn, "sessions", live).await? {
+        take_session(fleet, session.id.clone(), Some(session));
     }
     Ok(())
 }
 
-/// Reads the fleet's edits and applies them here if they changed.
+/// Reads the fleet's edits and applies them here if they are newer; puts this instance's
+/// copy back if Redis has an older one.
 async fn pull_edits(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<()> {
     let sealed: Option<Vec<u8>> = conn.hget(fleet.names.of("edits"), "data").await?;
     let edits = match sealed {
@@ -584,7 +648,30 @@ async fn pull_edits(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisRes
             }
         },
     };
+    if edits.version < fleet.edits.load().version {
+        return restore_edits(fleet, conn).await;
+    }
     fleet.take_edits(edits);
+    Ok(())
+}
+
+/// Puts this instance's edits back in Redis if it has none or older ones.
+async fn restore_edits(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+    let edits = fleet.edits.load_full();
+    if edits.version == 0 {
+        return Ok(());
+    }
+    let name = fleet.names.of("edits");
+    let sealed = fleet
+        .seal
+        .seal(&name, &serde_json::to_vec(&*edits).unwrap_or_default());
+    let _: i64 = RESTORE_EDITS
+        .key(&name)
+        .key(fleet.names.of("events"))
+        .arg(sealed)
+        .arg(edits.version)
+        .invoke_async(conn)
+        .await?;
     Ok(())
 }
 
@@ -595,6 +682,7 @@ async fn heartbeat(
     fleet: &Fleet,
     conn: &mut MultiplexedConnection,
     written: &mut HashMap<String, Counts>,
+    beat: u64,
 ) -> RedisResult<bool> {
     let now = now_ms();
     let day = day_of(now);
@@ -637,11 +725,15 @@ async fn heartbeat(
     pipe.smembers(&usage_members);
     let (alive, members, usage_of): (bool, HashMap<String, String>, Vec<String>) =
         pipe.query_async(conn).await?;
+    // One round trip, as a limit's count takes: what "slow" is measured on.
+    fleet.beat_took(started.elapsed());
     *written = mine;
 
     take_members(fleet, conn, &members_name, members).await?;
-    read_fleet_usage(fleet, conn, day, &usage_of).await?;
-    fleet.beat_took(started.elapsed());
+    // Every instance reads every instance's usage: not every second.
+    if beat.is_multiple_of(USAGE_EVERY) {
+        read_fleet_usage(fleet, conn, day, &usage_of).await?;
+    }
     Ok(alive)
 }
 
@@ -732,7 +824,12 @@ pub(super) async fn lock_and_read(
             .query_async(conn)
             .await?;
         if taken.is_some() {
-            return conn.hget(edits, "data").await;
+            let read = conn.hget(edits, "data").await;
+            if read.is_err() {
+                // Best effort: release the lock rather than leave it to expire.
+                let _ = write_and_unlock(conn, lock, edits, "", token, None).await;
+            }
+            return read;
         }
         if Instant::now() > deadline {
             return Err(timed_out());
@@ -741,22 +838,24 @@ pub(super) async fn lock_and_read(
     }
 }
 
-/// Saves `sealed` edits (`None`: nothing changed) if the lock is still `token`'s, and
-/// releases it. Returns whether it was still held.
+/// Saves `sealed` edits of a version (`None`: nothing changed) if the lock is still `token`'s,
+/// and releases it. Returns whether it was still held.
 pub(super) async fn write_and_unlock(
     conn: &mut MultiplexedConnection,
     lock: &str,
     edits: &str,
     channel: &str,
     token: &str,
-    sealed: Option<Vec<u8>>,
+    sealed: Option<(Vec<u8>, u64)>,
 ) -> RedisResult<bool> {
+    let (sealed, version) = sealed.unwrap_or_default();
     let done: i64 = WRITE_EDITS
         .key(lock)
         .key(edits)
         .key(channel)
         .arg(token)
-        .arg(sealed.unwrap_or_default())
+        .arg(sealed)
+        .arg(version)
         .invoke_async(conn)
         .await?;
     Ok(done >= 0)

@@ -2,18 +2,19 @@
 //! Valkey) what a client would notice them disagreeing on.
 //!
 //! [`Fleet`] is the Redis implementation of [`SharedState`]. It keeps [`Local`] as its view and
-//! serves every read from it: the request path never waits on Redis, except for the one round
-//! trip of a declared limit ([`SharedState::admit`]). What changes here is written to Redis
+//! serves every read from it: the request path never waits on Redis, except for one round
+//! trip per declared limit that applies to the request ([`SharedState::admit`]). What changes here is written to Redis
 //! off the request path by the link task ([`link`]), and what changes elsewhere arrives on
 //! the fleet's channel and is merged into the view:
 //!
 //! | shared                  | in Redis                                  | how it arrives      |
 //! |-------------------------|-------------------------------------------|---------------------|
 //! | key health              | `keys` hash, merged by a script           | channel, full sync  |
-//! | usage, today            | `usage:{day}:{instance}` (absolute)       | read every second   |
+//! | usage, today            | `usage:{day}:{instance}` (absolute)       | read every 3 s      |
 //! | declared limits         | `limit:{plugin}:{client}:{window}`        | counted in Redis    |
-//! | files and uploads       | `files`, `uploads` hashes                 | channel, full sync  |
-//! | admin sessions (sealed) | `sessions` hash                           | channel, full sync  |
+//! | files                   | `files` hash                              | channel, full sync  |
+//! | uploads, sessions       | `uploads`, `sessions` hashes, sealed, by  | channel (sealed),   |
+//! |                         | the digest of their id (a credential)     | full sync           |
 //! | admin edits (sealed)    | `edits` hash, under the `edits-lock`      | channel, then read  |
 //! | members                 | `members` hash (heartbeats)               | read every second   |
 //!
@@ -22,8 +23,8 @@
 //! a rolling upgrade to another layout never reads this one.
 //!
 //! Redis away or slow: every instance serves on its view, says so (`/health`, the admin
-//! page), counts declared limits locally with its share of them, and refuses admin edits
-//! (none may apply on one instance only). When Redis answers again (or comes back empty), a
+//! page), and counts declared limits locally with its share of them; while Redis is away it
+//! refuses admin edits (none may apply on one instance only) and holds its other changes. When Redis answers again (or comes back empty), a
 //! full sync pushes this view and pulls the fleet's: a disabled key stays disabled, the later
 //! end of a cooldown wins, usage is written again whole.
 
@@ -56,11 +57,15 @@ use crate::store::usage::Counts;
 /// The longest wait for Redis on the request path (a declared limit's count): past it, the
 /// instance counts the limit itself.
 const LIMIT_WAIT: Duration = Duration::from_millis(100);
+/// How long an admin edit waits for the fleet's lock and Redis: longer than the lock's own
+/// wait and a command's timeout together, so no lock is taken after the edit gave up.
+const EDIT_WAIT: Duration = Duration::from_secs(9);
 /// A heartbeat slower than this marks Redis slow.
 const SLOW: Duration = Duration::from_millis(100);
 /// A member whose heartbeat is older is no longer counted.
 const MEMBER_LIVE_MS: u64 = 10_000;
-/// Changes waiting for the link task at most; past it they wait for the next full sync.
+/// Additions (files, uploads, sessions) waiting for the link task at most; past it they wait
+/// for the next full sync. Removals always wait: a sync cannot redo them.
 const QUEUE: usize = 10_000;
 
 /// Redis key names of one fleet.
@@ -127,9 +132,10 @@ impl FileWire {
     }
 }
 
-/// An upload in progress as the fleet keeps it.
+/// An upload in progress as the fleet keeps it (sealed: its id is a credential).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct UploadWire {
+    id: String,
     key: String,
     client: Option<String>,
     started_ms: u64,
@@ -178,8 +184,10 @@ pub struct Fleet {
     /// The connection while Redis answers.
     conn: ArcSwapOption<MultiplexedConnection>,
     link: Mutex<Link>,
-    ops: tokio::sync::mpsc::Sender<Op>,
-    /// Changes dropped because the queue was full: the next heartbeat syncs in full.
+    ops: tokio::sync::mpsc::UnboundedSender<Op>,
+    /// Changes queued for the link task now.
+    queued: AtomicUsize,
+    /// Additions dropped because the queue was full: the next heartbeat syncs in full.
     dropped: AtomicU64,
     resync: AtomicBool,
     /// The last heartbeat was slow (see [`SLOW`]): limits are counted here meanwhile.
@@ -213,7 +221,7 @@ impl Fleet {
             .instance
             .clone()
             .unwrap_or_else(|| format!("{}:{}", host_name(), listen.port()));
-        let (ops, queue) = tokio::sync::mpsc::channel(QUEUE);
+        let (ops, queue) = tokio::sync::mpsc::unbounded_channel();
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (fleet_tx, fleet_rx) = std::sync::mpsc::channel::<Arc<Fleet>>();
         std::thread::Builder::new()
@@ -251,6 +259,7 @@ impl Fleet {
                 ..Link::default()
             }),
             ops,
+            queued: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
             resync: Default::default(),
             slow: Default::default(),
@@ -337,9 +346,14 @@ impl Fleet {
     /// Queues a change for the link task. While Redis is away the link keeps them (removals
     /// above all: a logout during an outage must not be undone by the sync that follows).
     fn queue(&self, op: Op) {
-        if self.ops.try_send(op).is_err() {
+        if op.adds() && self.queued.load(Ordering::Relaxed) >= QUEUE {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             self.resync.store(true, Ordering::Relaxed);
+            return;
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.ops.send(op).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -409,9 +423,10 @@ impl Fleet {
         let mut c = (*conn).clone();
         let lock_token = token.clone();
         let current: Option<Vec<u8>> = self
-            .wait_for(Duration::from_secs(6), async move {
+            .wait_for(EDIT_WAIT, async move {
                 link::lock_and_read(&mut c, &lock, &edits_name, &lock_token).await
-            })?
+            })
+            .map_err(EditError::Unavailable)?
             .map_err(|e| EditError::Unavailable(format!("the fleet's Redis: {e}")))?;
         // Whatever happens from here, the lock is released below.
         let mut edit = || -> Result<Option<FleetEdits>, String> {
@@ -424,6 +439,7 @@ impl Fleet {
             match change(&before)? {
                 Some(after) => {
                     edits.record(&before, &after)?;
+                    edits.version += 1;
                     Ok(Some(edits))
                 }
                 None => Ok(None),
@@ -436,12 +452,19 @@ impl Fleet {
         let sealed = match &outcome {
             Ok(Some(edits)) => serde_json::to_vec(edits)
                 .ok()
-                .map(|plain| self.seal.seal(&edits_name, &plain)),
+                .map(|plain| (self.seal.seal(&edits_name, &plain), edits.version)),
             _ => None,
         };
         let written = self
-            .wait_for(Duration::from_secs(6), async move {
+            .wait_for(EDIT_WAIT, async move {
                 link::write_and_unlock(&mut c, &lock, &edits_name, &channel, &token, sealed).await
+            })
+            .map_err(|_| {
+                EditError::Unavailable(
+                    "the fleet's Redis did not confirm the edit in time: it may still apply \
+                     (see the keys or settings page in a moment)"
+                        .to_owned(),
+                )
             })?
             .map_err(|e| EditError::Unavailable(format!("the fleet's Redis: {e}")))?;
         match outcome? {
@@ -468,9 +491,11 @@ impl Fleet {
         serde_json::from_slice(&plain).map_err(|e| format!("the fleet's edits: {e}"))
     }
 
-    /// The fleet's edits changed (`edits`): applies them here with a reload.
+    /// The fleet's edits changed (`edits`): applies them here with a reload, unless this
+    /// instance has a newer copy.
     fn take_edits(&self, edits: FleetEdits) {
-        if **self.edits.load() == edits {
+        let current = self.edits.load();
+        if **current == edits || edits.version < current.version {
             return;
         }
         self.save_edits(&edits);
@@ -615,6 +640,7 @@ impl SharedState for Fleet {
 
     fn start_upload(&self, upload_id: String, owner: Owner) {
         let wire = UploadWire {
+            id: upload_id.clone(),
             key: owner.key.clone(),
             client: owner.client.clone(),
             started_ms: now_ms(),

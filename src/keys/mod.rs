@@ -105,15 +105,24 @@ impl KeyState {
     /// here, the later end of a cooldown wins); an earlier one is stale. Returns whether this
     /// state changed. What is merged in is not shared back (it came from the fleet).
     pub fn merge(&self, remote: &KeyHealth, now_ms: u64) -> bool {
-        let epoch = self.epoch.load(Relaxed);
-        if remote.epoch < epoch {
-            return false;
-        }
         let mut changed = false;
-        if remote.epoch > epoch {
-            self.epoch.store(remote.epoch, Relaxed);
-            self.reset();
-            changed = true;
+        let mut epoch = self.epoch.load(Relaxed);
+        while remote.epoch != epoch {
+            if remote.epoch < epoch {
+                return false;
+            }
+            // Raised only if no enable here came in between (that one is later still).
+            match self
+                .epoch
+                .compare_exchange(epoch, remote.epoch, Relaxed, Relaxed)
+            {
+                Ok(_) => {
+                    self.reset();
+                    changed = true;
+                    break;
+                }
+                Err(now) => epoch = now,
+            }
         }
         if remote.disabled && !self.is_disabled() {
             self.disabled.store(true, Relaxed);
@@ -148,7 +157,9 @@ impl KeyState {
         consecutive_failures: u32,
         last_error: Option<String>,
         cooldowns: Vec<Cooldown>,
+        epoch: u64,
     ) {
+        self.epoch.store(epoch, Relaxed);
         self.disabled.store(disabled, Relaxed);
         self.consecutive_failures
             .store(consecutive_failures, Relaxed);
@@ -158,6 +169,11 @@ impl KeyState {
         let mut detail = self.detail.lock().unwrap_or_else(|e| e.into_inner());
         detail.disabled_reason = disabled_reason;
         detail.last_error = last_error;
+    }
+
+    /// How many times the key was enabled by hand (see [`KeyState::merge`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Relaxed)
     }
 
     pub fn is_disabled(&self) -> bool {
@@ -513,7 +529,8 @@ impl KeyPool {
 
     /// Cools key `index` for `model` for `seconds` (a plugin's `gemgate.cool`).
     pub fn cool(&self, index: usize, model: &str, seconds: f64, now_ms: u64) {
-        let until = now_ms.saturating_add((seconds * 1000.0) as u64);
+        // At most a year: an end of 1e14 ms or more would not survive the fleet's JSON.
+        let until = now_ms.saturating_add((seconds.min(366.0 * 86_400.0) * 1000.0) as u64);
         self.keys[index].state.cool(model, until, "policy", now_ms);
     }
 

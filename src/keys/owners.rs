@@ -49,6 +49,15 @@ impl FileOwners {
             .insert(upload_id, owner);
     }
 
+    /// Every upload in progress.
+    pub fn uploads(&self) -> Vec<(String, Owner)> {
+        let uploads = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
+        uploads
+            .iter()
+            .map(|(id, o)| (id.clone(), o.clone()))
+            .collect()
+    }
+
     /// A finished upload's URL is no longer a credential.
     pub fn finish_upload(&self, upload_id: &str) {
         self.uploads

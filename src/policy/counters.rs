@@ -2,8 +2,8 @@
 //! worker thread and kept across reloads, each optionally counting in a fixed time window.
 //!
 //! [`CounterStore`] and [`CounterSlot`] are what plugins count through; [`Counters`] keeps them
-//! in this process. Counters are part of what a fleet shares (`app::shared`), which hands the
-//! policy its store.
+//! in this process. The shared state (`app::shared`) hands the policy its store; in a fleet each
+//! instance keeps its own counters (a limit the fleet must hold is declared in `limits`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

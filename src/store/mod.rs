@@ -72,6 +72,9 @@ pub struct SavedKey {
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
     pub cooldowns: Vec<SavedCooldown>,
+    /// How many times it was enabled by hand (see `KeyState::merge`); 0 in older files.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -426,6 +429,7 @@ pub fn snapshot(state: &KeyState, now_ms: u64) -> SavedKey {
         disabled_reason: detail.disabled_reason,
         consecutive_failures: state.consecutive_failures(),
         last_error: detail.last_error,
+        epoch: state.epoch(),
         cooldowns: state
             .cooldowns(now_ms)
             .into_iter()
@@ -452,7 +456,7 @@ pub fn restore(registry: &KeyRegistry, saved: Vec<(String, SavedKey)>, now_ms: u
                 class: class_name(&c.class),
             })
             .collect();
-        if !s.disabled && cooldowns.is_empty() && s.consecutive_failures == 0 {
+        if !s.disabled && cooldowns.is_empty() && s.consecutive_failures == 0 && s.epoch == 0 {
             continue;
         }
         registry.state(&id).restore(
@@ -461,6 +465,7 @@ pub fn restore(registry: &KeyRegistry, saved: Vec<(String, SavedKey)>, now_ms: u
             s.consecutive_failures,
             s.last_error,
             cooldowns,
+            s.epoch,
         );
         restored += 1;
     }
@@ -614,6 +619,7 @@ mod tests {
                 until_ms: u64::MAX / 2,
                 class: "daily_quota".into(),
             }],
+            epoch: 2,
         };
         store.save_keys(&[("k1".into(), saved.clone())]).unwrap();
         drop(store);

@@ -778,6 +778,26 @@ async fn a_file_uploaded_through_one_instance_is_served_by_another_with_its_key(
     // The load balancer sends the rest of the upload to B.
     let upload_url = resp.headers()["x-goog-upload-url"].to_str().unwrap();
     let on_b = upload_url.replace(&a.addr.to_string(), &b.addr.to_string());
+    // The upload's id is its own credential: never in Redis in clear.
+    let upload_id = upload_url.split("upload_id=").nth(1).unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stored = redis.everything().await;
+        if stored
+            .iter()
+            .any(|v| String::from_utf8_lossy(v).contains("uploads"))
+        {
+            for v in &stored {
+                assert!(
+                    !String::from_utf8_lossy(v).contains(&upload_id),
+                    "the upload id is in Redis in clear"
+                );
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "the upload never reached Redis");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let finish = || {
         client()
             .post(&on_b)
