@@ -14,6 +14,7 @@ pub mod config;
 pub mod fleet;
 pub mod http;
 pub mod keys;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod server;

@@ -113,6 +113,8 @@ pub struct Lasting {
     pub stats: Arc<PolicyStats>,
     /// The dashboard's figures, fed by the store's flusher.
     pub metrics: Arc<crate::store::metrics::Metrics>,
+    /// What `GET /metrics` shows.
+    pub prometheus: Arc<crate::metrics::Metrics>,
     /// Admin page sessions and the failed-login throttle.
     pub sessions: Arc<session::Sessions>,
     /// What the request path changes that a fleet shares: see [`shared`].
@@ -141,6 +143,7 @@ impl Lasting {
             counters: local.counters.clone(),
             stats: Arc::default(),
             metrics: Arc::default(),
+            prometheus: Arc::default(),
             sessions: local.sessions.clone(),
             shared: Arc::new(local),
             instance: None,

@@ -131,6 +131,7 @@ pub fn reload(state: &State) -> Result<u64, ReloadError> {
                 "reloaded"
             );
             state.current.store(Arc::new(next));
+            state.lasting.prometheus.reload(true);
             state.set_config_fingerprint(config_hash);
             status.generation = id;
             status.last_result = Some("ok");
@@ -147,6 +148,7 @@ pub fn reload(state: &State) -> Result<u64, ReloadError> {
                 e.message
             );
             status.last_result = Some("error");
+            state.lasting.prometheus.reload(false);
             status.last_error = Some(e.clone());
             state.set_reload_status(status);
             Err(e)

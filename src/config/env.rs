@@ -67,6 +67,13 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
     ),
     ("GEMGATE_PLUGINS_DIR", "policy.dir", Kind::Str),
     ("GEMGATE_REDIS_URL", "cluster.redis_url", Kind::Str),
+    ("GEMGATE_METRICS_ENABLED", "metrics.enabled", Kind::Bool),
+    ("GEMGATE_METRICS_PUBLIC", "metrics.public", Kind::Bool),
+    (
+        "GEMGATE_METRICS_KEY_LABELS",
+        "metrics.key_labels",
+        Kind::Bool,
+    ),
     ("GEMGATE_CLUSTER", "cluster.name", Kind::Str),
     ("GEMGATE_CLUSTER_SECRET", "cluster.secret", Kind::Str),
     ("GEMGATE_INSTANCE", "cluster.instance", Kind::Str),

@@ -120,6 +120,7 @@ pub struct FileConfig {
     pub fetch: FetchSection,
     pub policy: PolicySection,
     pub cluster: ClusterSection,
+    pub metrics: MetricsSection,
     /// `[plugins.<name>]`: each plugin's own config (`enabled` and `priority` are gemgate's).
     pub plugins: BTreeMap<String, toml::Table>,
 }
@@ -150,6 +151,28 @@ impl Default for PolicySection {
             instruction_limit: 1_000_000,
             time_limit_ms: 50,
             memory_limit_mb: 16,
+        }
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint, `GET /metrics`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Counting at all (off: `/metrics` answers 404).
+    pub enabled: bool,
+    /// Served without the admin token.
+    pub public: bool,
+    /// A `key` label on upstream attempts (off for pools of thousands of keys).
+    pub key_labels: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            enabled: true,
+            public: false,
+            key_labels: true,
         }
     }
 }

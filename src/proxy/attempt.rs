@@ -65,7 +65,8 @@ impl Gateway {
             tried.attempts += 1;
             tried.key = Some(key.spec.id.clone());
             let _lease = pool.lease(index, now);
-            let failure = match self
+            let started = std::time::Instant::now();
+            let outcome = self
                 .attempt(
                     generation,
                     req,
@@ -74,8 +75,16 @@ impl Gateway {
                     meta,
                     tried.attempts,
                 )
-                .await
-            {
+                .await;
+            self.count_attempt(
+                generation,
+                req,
+                index,
+                &outcome,
+                started.elapsed(),
+                tried.attempts,
+            );
+            let failure = match outcome {
                 Ok((finished, done)) => {
                     let tried = Tried {
                         attempts: tried.attempts,
@@ -100,6 +109,45 @@ impl Gateway {
             ))),
         };
         (finished, tried)
+    }
+
+    /// Counts an attempt (its `attempt`th) for `/metrics`.
+    fn count_attempt(
+        &self,
+        generation: &Generation,
+        req: &UpstreamRequest,
+        index: usize,
+        outcome: &Result<(Finished, Tried), Failure>,
+        took: std::time::Duration,
+        attempt: u32,
+    ) {
+        let config = &generation.config.file.metrics;
+        if !config.enabled {
+            return;
+        }
+        let metrics = &self.state.lasting.prometheus;
+        if attempt > 1 {
+            metrics.retry();
+        }
+        let (class, tokens) = match outcome {
+            Ok((_, done)) => {
+                let t = done.tokens.unwrap_or_default();
+                let class = match done.class {
+                    Some(Class::Upstream(c)) => c.as_str(),
+                    _ => "ok",
+                };
+                (class, [t.prompt, t.output, t.thoughts])
+            }
+            Err(failure) => (failure.class.as_str(), [0; 3]),
+        };
+        let key = &generation.pool_for(req).get(index).spec.id;
+        metrics.attempt(crate::metrics::Attempt {
+            key: config.key_labels.then_some(key.as_str()),
+            model: &req.model,
+            class,
+            duration: took,
+            tokens,
+        });
     }
 
     /// Records a failed attempt (usage, key health, `on_error` plugins); `Ok`: another key may
@@ -127,6 +175,12 @@ impl Gateway {
                 now_ms: now_ms(),
             },
         );
+        if penalty == Penalty::Cooled {
+            self.state
+                .lasting
+                .prometheus
+                .cooldown("key_model", failure.class.as_str());
+        }
         if penalty == Penalty::Confirm {
             crate::app::checks::confirm(self.state.clone(), key.spec.id.clone());
         }
@@ -233,6 +287,10 @@ impl Gateway {
         match &decision {
             Some(AttemptDecision::Cool(seconds)) => {
                 shared.cool_key(pool, index, model, *seconds, now_ms());
+                self.state
+                    .lasting
+                    .prometheus
+                    .cooldown("key_model", "policy");
             }
             Some(AttemptDecision::Disable(reason)) => {
                 tracing::warn!(key = %key.spec.id, reason = %reason, "key disabled by a plugin");

@@ -94,6 +94,10 @@ impl Gateway {
                 };
                 send(s, x, 200, Bytes::from(body)).await
             }
+            Route::Metrics => {
+                x.own(Kind::Admin, "metrics");
+                self.metrics(generation, s, x).await
+            }
             Route::Ready => {
                 x.own(Kind::Health, "ready");
                 let (status, body) = self.readiness(generation);
@@ -128,6 +132,130 @@ impl Gateway {
     /// Whether this instance should get traffic (`/ready`): not while it drains after SIGTERM,
     /// nor without a key that could serve (none configured, or every one disabled). A key
     /// cooling down for one model still serves others: it counts as usable.
+    /// `GET /metrics`: the exposition, in OpenMetrics when the client asks for it.
+    async fn metrics(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+    ) -> Outcome {
+        let config = &generation.config.file.metrics;
+        if !config.enabled {
+            let e = GateError::new(404, "metrics are off (metrics.enabled)");
+            return send_gate(s, x, &e).await;
+        }
+        if !config.public {
+            let req = s.req_header();
+            let presented = req
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            let refused = match (generation.config.auth_token.as_ref(), presented) {
+                (None, _) => Some(GateError::new(
+                    403,
+                    "metrics need AUTH_TOKEN (or GEMGATE_METRICS_PUBLIC=true)",
+                )),
+                (Some(_), None) => Some(GateError::new(
+                    401,
+                    "send Authorization: Bearer <AUTH_TOKEN> for the metrics",
+                )),
+                (Some(token), Some(p)) => crate::app::session::login(
+                    &*self.state.lasting.shared,
+                    p,
+                    token.expose(),
+                    x.meta.peer.ip,
+                )
+                .err(),
+            };
+            if let Some(e) = refused {
+                return send_gate(s, x, &e).await;
+            }
+        }
+        let openmetrics = s
+            .req_header()
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/openmetrics-text"));
+        let body = self
+            .state
+            .lasting
+            .prometheus
+            .render(&self.scrape(generation), openmetrics);
+        x.status = 200;
+        let mut h = response_header(200, x);
+        let _ = h.insert_header(
+            header::CONTENT_TYPE,
+            crate::metrics::content_type(openmetrics),
+        );
+        write_full(s, h, Bytes::from(body)).await
+    }
+
+    /// Counts a finished request for `/metrics`.
+    fn count(&self, x: &Exchange) {
+        use crate::metrics::Route as R;
+        if x.kind == Kind::Health || !self.state.current.load().config.file.metrics.enabled {
+            return;
+        }
+        let route = match (x.kind, x.meta.protocol) {
+            (Kind::Admin, _) => R::Admin,
+            (Kind::Preflight, _) => R::Other,
+            (_, _) if x.action.is_empty() => R::Other,
+            (_, _) if x.action.starts_with("files") => R::Files,
+            (_, Protocol::Gemini) => R::Gemini,
+            (_, Protocol::OpenAi) => R::OpenAi,
+            (_, Protocol::GoogleOpenAi) => R::OpenAiPassthrough,
+        };
+        self.state
+            .lasting
+            .prometheus
+            .request(crate::metrics::Request {
+                route,
+                model: &x.model,
+                status: x.status,
+                duration: x.meta.started.elapsed(),
+                ttfb: x.ttfb,
+            });
+    }
+
+    /// The figures `/metrics` reads where they are kept.
+    fn scrape(&self, generation: &Generation) -> crate::metrics::Scrape {
+        let now = crate::clock::now_ms();
+        let mut keys = [0; 3];
+        for key in generation.pool.keys() {
+            let state = &key.state;
+            let i = if state.is_disabled() {
+                2
+            } else if state.cooldowns(now).is_empty() {
+                0
+            } else {
+                1
+            };
+            keys[i] += 1;
+        }
+        let refused = &self.state.refused;
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        crate::metrics::Scrape {
+            keys,
+            connections: self.state.open_connections.load(Ordering::Relaxed),
+            rejected: vec![
+                ("unauthenticated", n(&refused.unauthenticated)),
+                ("malformed", n(&refused.malformed)),
+                ("connections", n(&refused.connections)),
+                ("slow", n(&refused.slow)),
+            ],
+            log_records_dropped: self.state.lasting.logs.dropped(),
+            plugin_errors: generation.policy.stats.snapshot().into_iter().collect(),
+            cluster_up: self
+                .state
+                .lasting
+                .shared
+                .fleet_status()
+                .map(|f| f["status"] == "ok"),
+        }
+    }
+
     fn readiness(&self, generation: &Generation) -> (u16, serde_json::Value) {
         let keys = generation.pool.keys();
         let usable = keys.iter().filter(|k| !k.state.is_disabled()).count();
@@ -182,6 +310,7 @@ impl Gateway {
             }
             Route::Health
             | Route::Ready
+            | Route::Metrics
             | Route::NotFound
             | Route::Invalid(_)
             | Route::Page(_)
@@ -236,6 +365,7 @@ impl Gateway {
         let mut x = Exchange::new(s.req_header());
         let outcome = self.handle(&mut s, &mut x).await;
         x.log();
+        self.count(&x);
         if x.kind == Kind::Call {
             // Only a known client's requests reach the logs and their indexes: anyone can send
             // the others, and would fill the disk with strings of their choosing.

@@ -22,6 +22,8 @@ pub enum Route {
     Health,
     /// `/ready`: readiness (this instance should get traffic).
     Ready,
+    /// `/metrics`: the Prometheus exposition (the admin token, unless public).
+    Metrics,
     Admin(AdminCall),
     OpenAi(OpenAiCall),
     /// `/openai/v1/{rest}`: Google's OpenAI-compatible API, passed through.
@@ -50,6 +52,7 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
     match path {
         "/health" => return Route::Health,
         "/ready" => return Route::Ready,
+        "/metrics" => return Route::Metrics,
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/v1/")

@@ -10,6 +10,7 @@ mod first_run;
 mod fleet;
 mod hardening;
 mod keys;
+mod metrics;
 mod openai;
 mod pages;
 mod plugins;

@@ -1,0 +1,610 @@
+//! Prometheus metrics (`GET /metrics`): what the request path counts, and the exposition in the
+//! Prometheus text format 0.0.4 or OpenMetrics 1.0.
+//!
+//! Counting is cheap: counts live in shards by worker thread (a short lock on the thread's own
+//! shard, keys of interned `&'static str` labels, no allocation once a label set was seen), and
+//! histograms are arrays of atomics. Figures kept elsewhere (the pool by state, refusals,
+//! plugin failures, the fleet's link) are read at scrape time and handed in as a [`Scrape`].
+//!
+//! Label values are bounded: `model` is a known model family's id or `other` (and at most
+//! [`MAX_MODELS`] ids), `key` a key id from the config (never the secret), `route` and `class`
+//! fixed names. No client-chosen string becomes a label.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use crate::shard::{self, SHARDS};
+
+/// Distinct `model` label values at most; past it, `other`.
+pub const MAX_MODELS: usize = 256;
+/// Distinct `key` label values at most; past it, `other`.
+const MAX_KEYS: usize = 100_000;
+
+/// Upper bounds of the latency histograms' buckets, in seconds: 1 ms … 300 s.
+const BUCKETS: [f64; 17] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+/// The API a request came through (the `route` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Route {
+    Gemini,
+    OpenAi,
+    OpenAiPassthrough,
+    Files,
+    Admin,
+    Other,
+}
+
+impl Route {
+    const ALL: [Route; 6] = [
+        Route::Gemini,
+        Route::OpenAi,
+        Route::OpenAiPassthrough,
+        Route::Files,
+        Route::Admin,
+        Route::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Gemini => "gemini",
+            Route::OpenAi => "openai",
+            Route::OpenAiPassthrough => "openai_passthrough",
+            Route::Files => "files",
+            Route::Admin => "admin",
+            Route::Other => "other",
+        }
+    }
+}
+
+/// A latency histogram: cumulative bucket counts are made at scrape time.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Observations per bucket (not cumulative); the last is `+Inf`.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+}
+
+/// Counts kept by one shard.
+#[derive(Debug, Default)]
+struct Shard {
+    /// (route, model, status code) → requests.
+    requests: HashMap<(Route, &'static str, u16), u64>,
+    /// (key, model, class) → upstream attempts.
+    attempts: HashMap<(&'static str, &'static str, &'static str), u64>,
+    /// model → prompt, output, thought tokens.
+    tokens: HashMap<&'static str, [u64; 3]>,
+}
+
+/// Label values seen, interned: a label set is a tuple of `&'static str` (bounded, so the
+/// leak is too).
+#[derive(Debug, Default)]
+struct Interned {
+    models: RwLock<HashMap<Box<str>, &'static str>>,
+    keys: RwLock<HashMap<Box<str>, &'static str>>,
+}
+
+fn intern(table: &RwLock<HashMap<Box<str>, &'static str>>, s: &str, max: usize) -> &'static str {
+    if let Some(v) = table.read().unwrap_or_else(|e| e.into_inner()).get(s) {
+        return v;
+    }
+    let mut table = table.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = table.get(s) {
+        return v;
+    }
+    if table.len() >= max {
+        return "other";
+    }
+    let leaked: &'static str = Box::leak(s.into());
+    table.insert(s.into(), leaked);
+    leaked
+}
+
+/// Whether `model` is the id of a model family Google serves (the `model` label's values).
+fn known_model(model: &str) -> bool {
+    const FAMILIES: &[&str] = &[
+        "gemini-",
+        "gemma-",
+        "imagen-",
+        "veo-",
+        "text-embedding-",
+        "embedding-",
+        "learnlm-",
+        "lyria-",
+        "aqa",
+    ];
+    model.len() <= 64
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && FAMILIES.iter().any(|f| model.starts_with(f))
+}
+
+/// The metrics the request path counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    shards: [Mutex<Shard>; SHARDS],
+    duration: [Histogram; 6],
+    ttfb: [Histogram; 6],
+    upstream: Histogram,
+    retries: AtomicU64,
+    /// (scope, reason) → cooldowns.
+    cooldowns: Mutex<HashMap<(&'static str, &'static str), u64>>,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+    interned: Interned,
+}
+
+/// One finished request, as counted.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub route: Route,
+    pub model: &'a str,
+    pub status: u16,
+    pub duration: Duration,
+    pub ttfb: Option<Duration>,
+}
+
+/// One upstream attempt, as counted.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    /// `None` when key labels are off.
+    pub key: Option<&'a str>,
+    pub model: &'a str,
+    /// `ok`, or the error class.
+    pub class: &'static str,
+    pub duration: Duration,
+    /// Prompt, output and thought tokens of a success.
+    pub tokens: [u64; 3],
+}
+
+/// Figures read at scrape time from where they are kept.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    /// Keys active, cooling, disabled.
+    pub keys: [usize; 3],
+    pub connections: usize,
+    /// (reason, count): requests refused before they were a client's.
+    pub rejected: Vec<(&'static str, u64)>,
+    pub log_records_dropped: u64,
+    /// (plugin, hook, failures).
+    pub plugin_errors: Vec<(String, String, u64)>,
+    /// `Some(up)` in a fleet.
+    pub cluster_up: Option<bool>,
+}
+
+impl Metrics {
+    fn model_label(&self, model: &str) -> &'static str {
+        let bare = crate::config::model_name(model);
+        if bare.is_empty() {
+            return "none";
+        }
+        if !known_model(bare) {
+            return "other";
+        }
+        intern(&self.interned.models, bare, MAX_MODELS)
+    }
+
+    fn shard(&self) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[shard::of_thread()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a finished request.
+    pub fn request(&self, r: Request<'_>) {
+        let model = self.model_label(r.model);
+        *self
+            .shard()
+            .requests
+            .entry((r.route, model, r.status))
+            .or_default() += 1;
+        let i = r.route as usize;
+        self.duration[i].observe(r.duration);
+        if let Some(t) = r.ttfb {
+            self.ttfb[i].observe(t);
+        }
+    }
+
+    /// Counts an upstream attempt (and the tokens of a success).
+    pub fn attempt(&self, a: Attempt<'_>) {
+        let model = self.model_label(a.model);
+        let key = match a.key {
+            Some(k) => intern(&self.interned.keys, k, MAX_KEYS),
+            None => "",
+        };
+        {
+            let mut shard = self.shard();
+            *shard.attempts.entry((key, model, a.class)).or_default() += 1;
+            if a.tokens != [0; 3] {
+                let t = shard.tokens.entry(model).or_default();
+                for (sum, n) in t.iter_mut().zip(a.tokens) {
+                    *sum = sum.saturating_add(n);
+                }
+            }
+        }
+        self.upstream.observe(a.duration);
+    }
+
+    /// Counts a retry on another key.
+    pub fn retry(&self) {
+        self.retries.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a cooldown of `scope` for `reason`.
+    pub fn cooldown(&self, scope: &'static str, reason: &'static str) {
+        *self
+            .cooldowns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((scope, reason))
+            .or_default() += 1;
+    }
+
+    /// Counts a reload.
+    pub fn reload(&self, ok: bool) {
+        let counter = if ok {
+            &self.reloads_ok
+        } else {
+            &self.reloads_failed
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// The exposition: Prometheus text 0.0.4, or OpenMetrics 1.0 (`openmetrics`).
+    pub fn render(&self, scrape: &Scrape, openmetrics: bool) -> String {
+        let mut requests: HashMap<(Route, &str, u16), u64> = HashMap::new();
+        let mut attempts: HashMap<(&str, &str, &str), u64> = HashMap::new();
+        let mut tokens: HashMap<&str, [u64; 3]> = HashMap::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, n) in &shard.requests {
+                *requests.entry(*k).or_default() += n;
+            }
+            for (k, n) in &shard.attempts {
+                *attempts.entry(*k).or_default() += n;
+            }
+            for (m, t) in &shard.tokens {
+                let sum = tokens.entry(m).or_default();
+                for (s, n) in sum.iter_mut().zip(t) {
+                    *s += n;
+                }
+            }
+        }
+        let mut out = Exposition::new(openmetrics);
+        out.family(
+            "gemgate_requests",
+            "counter",
+            "Requests answered, by route, model and status.",
+        );
+        let mut rows: Vec<_> = requests.into_iter().collect();
+        rows.sort();
+        for ((route, model, code), n) in rows {
+            out.sample(
+                "_total",
+                &[
+                    ("route", route.as_str()),
+                    ("model", model),
+                    ("code", &code.to_string()),
+                ],
+                n as f64,
+            );
+        }
+        for (name, help, hists) in [
+            (
+                "gemgate_request_duration_seconds",
+                "Time from a request's arrival to its answer's end.",
+                &self.duration,
+            ),
+            (
+                "gemgate_time_to_first_byte_seconds",
+                "Time from a request's arrival to its answer's first byte.",
+                &self.ttfb,
+            ),
+        ] {
+            out.family(name, "histogram", help);
+            for route in Route::ALL {
+                out.histogram(&[("route", route.as_str())], &hists[route as usize]);
+            }
+        }
+        out.family(
+            "gemgate_upstream_attempts",
+            "counter",
+            "Attempts sent to Google, by key, model and outcome.",
+        );
+        let mut rows: Vec<_> = attempts.into_iter().collect();
+        rows.sort();
+        for ((key, model, class), n) in rows {
+            let mut labels = vec![("model", model), ("class", class)];
+            if !key.is_empty() {
+                labels.insert(0, ("key", key));
+            }
+            out.sample("_total", &labels, n as f64);
+        }
+        out.family(
+            "gemgate_upstream_duration_seconds",
+            "histogram",
+            "Time of one attempt at Google.",
+        );
+        out.histogram(&[], &self.upstream);
+        out.family(
+            "gemgate_tokens",
+            "counter",
+            "Tokens Google reported, by model and kind.",
+        );
+        let mut rows: Vec<_> = tokens.into_iter().collect();
+        rows.sort();
+        for (model, t) in rows {
+            for (kind, n) in ["prompt", "output", "thoughts"].iter().zip(t) {
+                out.sample("_total", &[("model", model), ("kind", kind)], n as f64);
+            }
+        }
+        out.family("gemgate_keys", "gauge", "Keys of the pool, by state.");
+        for (state, n) in ["active", "cooling", "disabled"].iter().zip(scrape.keys) {
+            out.sample("", &[("state", state)], n as f64);
+        }
+        out.family(
+            "gemgate_cooldowns",
+            "counter",
+            "Cooldowns started, by scope and reason.",
+        );
+        let mut rows: Vec<_> = self
+            .cooldowns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect();
+        rows.sort();
+        for ((scope, reason), n) in rows {
+            out.sample("_total", &[("scope", scope), ("reason", reason)], n as f64);
+        }
+        out.family(
+            "gemgate_rejected_requests",
+            "counter",
+            "Requests refused before they were a client's, by reason.",
+        );
+        for (reason, n) in &scrape.rejected {
+            out.sample("_total", &[("reason", reason)], *n as f64);
+        }
+        out.family(
+            "gemgate_retries",
+            "counter",
+            "Attempts retried on another key.",
+        );
+        out.sample("_total", &[], self.retries.load(Relaxed) as f64);
+        out.family(
+            "gemgate_plugin_errors",
+            "counter",
+            "Plugin hook failures, by plugin and hook.",
+        );
+        for (plugin, hook, n) in &scrape.plugin_errors {
+            out.sample("_total", &[("plugin", plugin), ("hook", hook)], *n as f64);
+        }
+        out.family("gemgate_reloads", "counter", "Reloads, by result.");
+        out.sample(
+            "_total",
+            &[("result", "ok")],
+            self.reloads_ok.load(Relaxed) as f64,
+        );
+        out.sample(
+            "_total",
+            &[("result", "error")],
+            self.reloads_failed.load(Relaxed) as f64,
+        );
+        out.family(
+            "gemgate_log_records_dropped",
+            "counter",
+            "Log records dropped (queue full or data file at its limit).",
+        );
+        out.sample("_total", &[], scrape.log_records_dropped as f64);
+        out.family(
+            "gemgate_connections",
+            "gauge",
+            "Client connections open now.",
+        );
+        out.sample("", &[], scrape.connections as f64);
+        out.family(
+            "gemgate_build_info",
+            "gauge",
+            "Always 1: the version serving.",
+        );
+        out.sample("", &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+        if let Some(up) = scrape.cluster_up {
+            out.family(
+                "gemgate_cluster_up",
+                "gauge",
+                "1 while the fleet's Redis answers in time.",
+            );
+            out.sample("", &[], if up { 1.0 } else { 0.0 });
+        }
+        out.finish()
+    }
+}
+
+/// Writes one exposition: families, each with its samples.
+struct Exposition {
+    out: String,
+    openmetrics: bool,
+    /// The family being written.
+    name: &'static str,
+}
+
+impl Exposition {
+    fn new(openmetrics: bool) -> Exposition {
+        Exposition {
+            out: String::with_capacity(16 * 1024),
+            openmetrics,
+            name: "",
+        }
+    }
+
+    fn family(&mut self, name: &'static str, kind: &'static str, help: &str) {
+        self.name = name;
+        // Prometheus 0.0.4 names a counter's family by its samples' name (with `_total`);
+        // OpenMetrics by the name without it.
+        let shown = if kind == "counter" && !self.openmetrics {
+            format!("{name}_total")
+        } else {
+            name.to_owned()
+        };
+        let _ = writeln!(self.out, "# HELP {shown} {help}");
+        let _ = writeln!(self.out, "# TYPE {shown} {kind}");
+    }
+
+    fn sample(&mut self, suffix: &str, labels: &[(&str, &str)], value: f64) {
+        self.out.push_str(self.name);
+        self.out.push_str(suffix);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                self.out.push_str(k);
+                self.out.push_str("=\"");
+                for c in v.chars() {
+                    match c {
+                        '\\' => self.out.push_str("\\\\"),
+                        '"' => self.out.push_str("\\\""),
+                        '\n' => self.out.push_str("\\n"),
+                        c => self.out.push(c),
+                    }
+                }
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    fn histogram(&mut self, labels: &[(&str, &str)], h: &Histogram) {
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS
+            .iter()
+            .map(|b| b.to_string())
+            .chain(["+Inf".to_owned()])
+            .enumerate()
+        {
+            cumulative += h.buckets[i].load(Relaxed);
+            let mut with_le = labels.to_vec();
+            with_le.push(("le", &bound));
+            self.sample("_bucket", &with_le, cumulative as f64);
+        }
+        self.sample("_sum", labels, h.sum_micros.load(Relaxed) as f64 / 1e6);
+        self.sample("_count", labels, cumulative as f64);
+    }
+
+    fn finish(mut self) -> String {
+        if self.openmetrics {
+            self.out.push_str("# EOF\n");
+        }
+        self.out
+    }
+}
+
+/// The content type of [`Metrics::render`]'s output.
+pub fn content_type(openmetrics: bool) -> &'static str {
+    if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_render_in_both_formats_with_bounded_labels() {
+        let m = Metrics::default();
+        for model in [
+            "gemini-2.5-flash",
+            "models/gemini-2.5-flash",
+            "x\"}\n evil",
+            "",
+        ] {
+            m.request(Request {
+                route: Route::Gemini,
+                model,
+                status: 200,
+                duration: Duration::from_millis(30),
+                ttfb: Some(Duration::from_millis(3)),
+            });
+        }
+        m.attempt(Attempt {
+            key: Some("k123"),
+            model: "gemini-2.5-flash",
+            class: "ok",
+            duration: Duration::from_millis(20),
+            tokens: [5, 7, 0],
+        });
+        let text = m.render(&Scrape::default(), false);
+        assert!(
+            text.contains(
+                r#"gemgate_requests_total{route="gemini",model="gemini-2.5-flash",code="200"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gemgate_requests_total{route="gemini",model="other",code="200"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"model="none""#));
+        assert!(!text.contains("evil"));
+        assert!(text.contains("# TYPE gemgate_requests_total counter"));
+        assert!(
+            text.contains(r#"gemgate_request_duration_seconds_bucket{route="gemini",le="0.05"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"gemgate_request_duration_seconds_bucket{route="gemini",le="0.025"} 0"#
+            )
+        );
+        assert!(text.contains(r#"gemgate_request_duration_seconds_count{route="gemini"} 4"#));
+        assert!(text.contains(r#"gemgate_tokens_total{model="gemini-2.5-flash",kind="output"} 7"#));
+        assert!(text.contains(
+            r#"gemgate_upstream_attempts_total{key="k123",model="gemini-2.5-flash",class="ok"} 1"#
+        ));
+        assert!(!text.contains("# EOF"));
+        let open = m.render(&Scrape::default(), true);
+        assert!(open.contains("# TYPE gemgate_requests counter"));
+        assert!(open.ends_with("# EOF\n"));
+        // A client cannot grow the model label past its bound.
+        for i in 0..(MAX_MODELS + 50) {
+            m.request(Request {
+                route: Route::Gemini,
+                model: &format!("gemini-x-{i}"),
+                status: 200,
+                duration: Duration::ZERO,
+                ttfb: None,
+            });
+        }
+        let text = m.render(&Scrape::default(), false);
+        let models: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("gemgate_requests_total{"))
+            .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+            .collect();
+        assert!(models.len() <= MAX_MODELS + 2, "{}", models.len());
+    }
+}

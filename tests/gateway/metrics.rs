@@ -1,0 +1,164 @@
+//! `GET /metrics`: who may read it, what it counts, and that no secret or client-chosen string
+//! reaches it.
+
+use crate::common::*;
+
+async fn scrape(gate: &Gate, bearer: Option<&str>, accept: Option<&str>) -> (u16, String, String) {
+    let mut req = client().get(gate.url("/metrics"));
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let kind = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, kind, resp.text().await.unwrap())
+}
+
+/// The value of the sample that starts with `prefix` (a name and its labels).
+fn value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_need_the_admin_token_and_count_requests_attempts_and_tokens() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["minute-key-0001", "good-secret-key-0002"])
+        .admin()
+        .start()
+        .await;
+    assert_eq!(scrape(&gate, None, None).await.0, 401);
+    assert_eq!(scrape(&gate, Some("wrong"), None).await.0, 401);
+
+    for _ in 0..3 {
+        let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    // A model name of the client's choosing never becomes a label.
+    let junk = "/v1beta/models/evil-label-AIzaSyJUNK:generateContent";
+    post(&gate, junk, &ask("hi")).await;
+    let (status, _, _) = post_as(&gate, "sk-wrong", GENERATE, &ask("hi")).await;
+    assert_eq!(status, 401);
+
+    let (status, kind, text) = scrape(&gate, Some(ADMIN), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
+    assert_eq!(
+        value(
+            &text,
+            r#"gemgate_requests_total{route="gemini",model="gemini-2.5-flash",code="200"}"#
+        ),
+        3.0
+    );
+    assert!(text.contains(r#"model="other""#), "{text}");
+    assert!(!text.contains("evil"), "{text}");
+    let key = gemgate::config::stable_id("k", "minute-key-0001");
+    assert_eq!(
+        value(
+            &text,
+            &format!(
+                r#"gemgate_upstream_attempts_total{{key="{key}",model="gemini-2.5-flash",class="rate_limited"}}"#
+            )
+        ),
+        1.0
+    );
+    assert!(value(&text, "gemgate_retries_total") >= 1.0);
+    assert!(
+        value(
+            &text,
+            r#"gemgate_tokens_total{model="gemini-2.5-flash",kind="output"}"#
+        ) > 0.0
+    );
+    assert_eq!(value(&text, r#"gemgate_keys{state="cooling"}"#), 1.0);
+    assert_eq!(value(&text, r#"gemgate_keys{state="active"}"#), 1.0);
+    // One for gemini-2.5-flash, and one for the junk model if its call went to that key.
+    assert!(
+        value(
+            &text,
+            r#"gemgate_cooldowns_total{scope="key_model",reason="rate_limited"}"#
+        ) >= 1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"gemgate_rejected_requests_total{reason="unauthenticated"}"#
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &text,
+            r#"gemgate_request_duration_seconds_count{route="gemini"}"#
+        ) >= 3.0
+    );
+    assert!(
+        value(
+            &text,
+            r#"gemgate_request_duration_seconds_bucket{route="gemini",le="+Inf"}"#
+        ) >= 3.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!(
+                r#"gemgate_build_info{{version="{}"}}"#,
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    assert!(text.contains("# TYPE gemgate_requests_total counter"));
+    for secret in [
+        "minute-key-0001",
+        "good-secret-key-0002",
+        TOKEN,
+        ADMIN,
+        "sk-wrong",
+    ] {
+        assert!(!text.contains(secret), "{secret} is in the metrics");
+    }
+
+    let (status, kind, open) = scrape(
+        &gate,
+        Some(ADMIN),
+        Some("application/openmetrics-text; version=1.0.0"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    assert!(open.contains("# TYPE gemgate_requests counter"));
+    assert!(open.ends_with("# EOF\n"));
+}
+
+#[tokio::test]
+async fn metrics_are_off_without_an_admin_token_unless_public() {
+    let fake = fake().await;
+    let closed = gate().upstream(&fake, &["good-1"]).start().await;
+    assert_eq!(scrape(&closed, None, None).await.0, 403);
+    let public = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_METRICS_PUBLIC", "true")
+        .start()
+        .await;
+    let (status, _, text) = scrape(&public, None, None).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("gemgate_build_info"));
+    let off = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_METRICS_ENABLED", "false")
+        .env("GEMGATE_METRICS_PUBLIC", "true")
+        .start()
+        .await;
+    assert_eq!(scrape(&off, None, None).await.0, 404);
+}
