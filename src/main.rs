@@ -126,7 +126,7 @@ fn run(
         }
     }
     tune_allocator();
-    gemgate::telemetry::init(&config.log_level);
+    gemgate::telemetry::init(&config.log_level, config.file.server.log_format == "json");
     let result = gemgate::run(config, source);
     if let Err(e) = &result {
         tracing::error!("{e}");

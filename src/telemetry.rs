@@ -1,7 +1,8 @@
 //! Logging: `tracing` to stdout through an in-memory buffer that a background thread writes out
 //! every few milliseconds. A request never waits for a terminal or a pipe, and never wakes
 //! another thread per line (a per-line hand-off cost more than the rest of the access log).
-//! Pingora's own `log` lines are picked up too.
+//! Pingora's own `log` lines are picked up too. Lines are text, or with `LOG_FORMAT=json` one
+//! JSON object each (time, level, target, message, and every field as a field).
 
 use std::cell::Cell;
 use std::io::{IsTerminal, Write};
@@ -27,6 +28,14 @@ struct Shared {
 }
 
 static SHARED: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
+
+/// Lines are JSON objects (`LOG_FORMAT=json`).
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether lines are JSON objects: the access line then writes its parts as fields.
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
 
 #[derive(Clone)]
 struct BufferedStdout(Arc<Shared>);
@@ -88,8 +97,9 @@ impl<'a> MakeWriter<'a> for BufferedStdout {
     }
 }
 
-/// Starts logging at `level` (a level name or a tracing filter directive).
-pub fn init(level: &str) {
+/// Starts logging at `level` (a level name or a tracing filter directive), in JSON lines when
+/// `json`.
+pub fn init(level: &str, json: bool) {
     let directive = if level.contains(['=', ',']) {
         level.to_owned()
     } else {
@@ -99,12 +109,18 @@ pub fn init(level: &str) {
     let filter = EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("info"));
     let shared = Arc::new(Shared::default());
     *SHARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.clone());
-    let _ = tracing_subscriber::fmt()
+    JSON.store(json, Ordering::Relaxed);
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(BufferedStdout(shared.clone()))
-        .with_ansi(std::io::stdout().is_terminal())
-        .event_format(Compact)
-        .try_init();
+        .with_writer(BufferedStdout(shared.clone()));
+    let _ = if json {
+        builder.with_ansi(false).event_format(Json).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .event_format(Compact)
+            .try_init()
+    };
     let _ = std::thread::Builder::new()
         .name("gemgate-log".into())
         .spawn(move || {
@@ -191,6 +207,76 @@ where
         event.record(&mut fields);
         fields.result?;
         writeln!(w)
+    }
+}
+
+/// `{"time":"2026-11-26T06:46:02.121Z","level":"INFO","target":"gemgate::access",
+/// "message":"…","field":value,…}`: one object per line, for Loki, Elasticsearch or Cloud
+/// Logging. Numbers and booleans stay JSON numbers and booleans.
+struct Json;
+
+impl<S, N> FormatEvent<S, N> for Json
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let meta = event.metadata();
+        let mut object = serde_json::Map::new();
+        object.insert(
+            "time".into(),
+            format!(
+                "{}.{:03}Z",
+                crate::clock::utc_seconds(now.as_secs()),
+                now.subsec_millis()
+            )
+            .into(),
+        );
+        object.insert("level".into(), meta.level().as_str().into());
+        object.insert("target".into(), meta.target().into());
+        let mut fields = JsonFields(object);
+        event.record(&mut fields);
+        // serde_json escapes every control character: no value can forge a line.
+        let line = serde_json::Value::Object(fields.0).to_string();
+        w.write_str(&line)?;
+        writeln!(w)
+    }
+}
+
+struct JsonFields(serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
     }
 }
 

@@ -79,6 +79,7 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
     ("GEMGATE_INSTANCE", "cluster.instance", Kind::Str),
     ("GEMGATE_TEMPLATES_DIR", "server.templates_dir", Kind::Str),
     ("LOG_LEVEL", "server.log_level", Kind::Str),
+    ("LOG_FORMAT", "server.log_format", Kind::Str),
     ("TIMEZONE", "server.timezone", Kind::Str),
     // keys and tokens
     ("API_KEYS", "keys.api_keys", Kind::List),

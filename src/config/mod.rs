@@ -202,6 +202,8 @@ pub struct ServerSection {
     /// How long in-flight requests may run after SIGTERM.
     pub grace_period_s: u64,
     pub log_level: String,
+    /// `text` (the default) or `json`: one JSON object per line.
+    pub log_format: String,
     pub timezone: String,
     /// The admin page templates; relative paths are relative to the config file's folder.
     /// Unset: `templates/` beside the config file, else in the working directory, else the
@@ -231,6 +233,7 @@ impl Default for ServerSection {
             max_body_bytes: 20 * 1024 * 1024,
             grace_period_s: 30,
             log_level: "info".into(),
+            log_format: "text".into(),
             timezone: "UTC".into(),
             templates_dir: None,
             max_connections: 20_000,
@@ -856,6 +859,9 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let server = &file.server;
     let listen = listen_addr(&server.listen)?;
     let log_level = log_level(&server.log_level)?;
+    if !matches!(server.log_format.as_str(), "text" | "json") {
+        return Err(invalid("server.log_format", "text or json"));
+    }
     check_limits(&file)?;
     let durations = durations(&file)?;
     let up = &file.upstream;

@@ -49,6 +49,24 @@ impl Exchange {
         if !tracing::enabled!(target: "gemgate::access", tracing::Level::INFO) {
             return;
         }
+        if crate::telemetry::json() {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            tracing::info!(
+                target: "gemgate::access",
+                id = %self.meta.id,
+                client = self.meta.client.as_deref(),
+                model = %self.model,
+                action = %self.action,
+                key = self.key.as_deref(),
+                status = self.status,
+                class = self.class.map(Class::as_str),
+                attempts = self.attempts,
+                latency_ms = ms(self.meta.started.elapsed()),
+                ttfb_ms = self.ttfb.map(ms),
+                "request"
+            );
+            return;
+        }
         // One pre-formatted message rather than eleven tracing fields: field-by-field
         // formatting cost more than all of gemgate's own request handling.
         let mut line = String::with_capacity(224);

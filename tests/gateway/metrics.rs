@@ -162,3 +162,43 @@ async fn metrics_are_off_without_an_admin_token_unless_public() {
         .await;
     assert_eq!(scrape(&off, None, None).await.0, 404);
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_the_access_fields() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("LOG_FORMAT", "json")
+        .start()
+        .await;
+    let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 200, "{v}");
+    // A client's request id with quotes and backslashes stays inside its string.
+    let resp = client()
+        .post(gate.url(GENERATE))
+        .header("x-goog-api-key", TOKEN)
+        .header("x-request-id", r#"forged"},"level":"x\"#)
+        .json(&ask("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let logs = gate.wait_log("\"target\":\"gemgate::access\"").await;
+    let line = logs
+        .lines()
+        .find(|l| l.contains("\"target\":\"gemgate::access\""))
+        .unwrap();
+    let access: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(access["status"], 200, "{access}");
+    assert_eq!(access["model"], "gemini-2.5-flash");
+    assert_eq!(access["level"], "INFO");
+    assert_eq!(access["message"], "request");
+    assert!(access["latency_ms"].is_f64() && access["time"].as_str().unwrap().ends_with('Z'));
+    for line in gate.logs().lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for field in ["time", "level", "target", "message"] {
+            assert!(v.get(field).is_some(), "{field} missing: {line}");
+        }
+    }
+}
