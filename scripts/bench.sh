@@ -6,6 +6,7 @@
 #   - through nginx proxy_pass (when nginx is installed), the bar gemgate aims for,
 #   - through gemgate with no plugins ("bare"), for the cost of the shipped policy plugins,
 #   - through a fleet of one ("fleet"): gemgate sharing its state through a local redis-server,
+#   - through gemgate with metrics off ("nometrics"), for the cost of counting them,
 # all on loopback, in one run. Bounded: each measurement lasts $DURATION seconds (default 5);
 # at concurrency 64 each target is measured $RUNS times (default 3), in turn, and keeps its
 # median. The whole run takes about 32 × $DURATION seconds plus a minute of policy-layer runs
@@ -23,6 +24,7 @@ GATE_PORT=${GATE_PORT:-18100}
 BARE_PORT=${BARE_PORT:-18101}
 BASELINE_PORT=${BASELINE_PORT:-18102}
 FLEET_PORT=${FLEET_PORT:-18103}
+NOMETRICS_PORT=${NOMETRICS_PORT:-18104}
 REDIS_PORT=${REDIS_PORT:-16400}
 BASELINE_DIR=${BASELINE_DIR:-}
 NGINX_PORT=${NGINX_PORT:-18200}
@@ -65,6 +67,10 @@ pids+=($!)
 mkdir -p "$work/no-plugins"
 start_gemgate "$work/bare" "$BIN_DIR" "$BARE_PORT" "$FAKE_PORT" "$TOKEN" \
   GEMGATE_PLUGINS_DIR="$work/no-plugins"
+pids+=($!)
+# The same gateway counting no metrics.
+start_gemgate "$work/nometrics" "$BIN_DIR" "$NOMETRICS_PORT" "$FAKE_PORT" "$TOKEN" \
+  GEMGATE_METRICS_ENABLED=false
 pids+=($!)
 # A fleet of one: the same gateway, its state shared through a local Redis (persistence off).
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
@@ -112,6 +118,7 @@ wait_port "$FAKE_PORT" "the fake upstream"
 wait_port "$GATE_PORT" gemgate
 wait_port "$BARE_PORT" "gemgate without plugins"
 wait_port "$FLEET_PORT" "gemgate in a fleet of one" "$work/fleet.log"
+wait_port "$NOMETRICS_PORT" "gemgate without metrics" "$work/nometrics.log"
 [ -n "$BASELINE_DIR" ] && wait_port "$BASELINE_PORT" "the baseline gemgate"
 [ "$have_nginx" = 1 ] && wait_port "$NGINX_PORT" nginx
 
@@ -152,7 +159,7 @@ declare -A R EACH
 printf '\n%-9s %-8s %4s %10s %9s %9s   %s\n' target call conc 'req/s' 'p50 ms' 'p99 ms' 'req/s of each run'
 for mode in generate sse; do
   for conc in 1 64; do
-    targets="direct gemgate bare fleet"; [ "$have_nginx" = 1 ] && targets="$targets nginx"
+    targets="direct gemgate bare fleet nometrics"; [ "$have_nginx" = 1 ] && targets="$targets nginx"
     [ -n "$BASELINE_DIR" ] && targets="$targets baseline"
     runs=1; [ "$conc" -gt 1 ] && runs=$RUNS
     declare -A ALL=()
@@ -163,6 +170,7 @@ for mode in generate sse; do
           gemgate) port=$GATE_PORT; script="$work/$mode-gemgate.lua" ;;
           bare) port=$BARE_PORT; script="$work/$mode-gemgate.lua" ;;
           fleet) port=$FLEET_PORT; script="$work/$mode-gemgate.lua" ;;
+          nometrics) port=$NOMETRICS_PORT; script="$work/$mode-gemgate.lua" ;;
           baseline) port=$BASELINE_PORT; script="$work/$mode-gemgate.lua" ;;
           nginx) port=$NGINX_PORT; script="$work/$mode-direct.lua" ;;
         esac
@@ -222,6 +230,16 @@ for mode in generate sse; do
   awk -v m="$mode" -v f50="$f50" -v f99="$f99" -v g50="$g50" -v g99="$g99" -v r="$(ratio fleet gemgate "$mode")" 'BEGIN {
     printf "  %-8s added latency at c=1: p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %s%% of one instance\n",
       m, f50 - g50, f99 - g99, r }'
+done
+
+echo
+echo "metrics (gemgate counting them, compared with the same gateway with metrics.enabled = false):"
+for mode in generate sse; do
+  read -r _ m50 m99 <<<"${R[gemgate-$mode-1]}"
+  read -r _ n50 n99 <<<"${R[nometrics-$mode-1]}"
+  awk -v m="$mode" -v m50="$m50" -v m99="$m99" -v n50="$n50" -v n99="$n99" -v r="$(ratio gemgate nometrics "$mode")" 'BEGIN {
+    printf "  %-8s added latency at c=1: p50 %+.3f ms, p99 %+.3f ms; throughput at c=64: %s%% of metrics off\n",
+      m, m50 - n50, m99 - n99, r }'
 done
 
 echo

@@ -4,7 +4,8 @@
 # against gemgate, and the admin page in headless Chromium (Playwright). Their virtual
 # environment is made on first run, in target/sdk-venv; Chromium comes from the system's
 # package manager. The browser test's screenshots are kept in target/browser-shots/. The fleet
-# tests start their own redis-server (Debian's, installed when missing).
+# tests start their own redis-server (Debian's, installed when missing); promtool (Debian's
+# prometheus package) checks the alert rules.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -32,6 +33,10 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "test: installing Chromium for the admin page's browser test" >&2
   apt_install chromium fonts-liberation
 fi
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "test: installing Prometheus's promtool to check the alert rules" >&2
+  apt_install prometheus
+fi
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "test: installing redis-server for the fleet tests" >&2
   apt_install redis-server
@@ -40,4 +45,5 @@ export GEMGATE_SDK_PYTHON="$PWD/$venv/bin/python"
 export GEMGATE_BROWSER_PYTHON="$PWD/$venv/bin/python"
 export GEMGATE_CHROMIUM="$(command -v chromium)"
 export GEMGATE_REDIS_SERVER="$(command -v redis-server)"
+export GEMGATE_PROMTOOL="$(command -v promtool)"
 exec cargo test --locked --workspace "$@"

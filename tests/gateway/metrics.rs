@@ -202,3 +202,98 @@ async fn json_logs_are_one_object_per_line_with_the_access_fields() {
         }
     }
 }
+
+/// Every `gemgate_…` metric name in `text`.
+fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("gemgate_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end] == b'_') {
+            end += 1;
+        }
+        out.insert(text[start..end].to_owned());
+        i = end;
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_dashboard_and_the_alerts_name_only_metrics_that_exist() {
+    let fake = fake().await;
+    // A fleet member whose Redis never answers: `gemgate_cluster_up` is there, at 0.
+    let port = free_addr().port();
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env("GEMGATE_METRICS_PUBLIC", "true")
+        .env("GEMGATE_REDIS_URL", &format!("redis://127.0.0.1:{port}"))
+        .env("GEMGATE_CLUSTER_SECRET", "a-fleet-secret-of-some-length")
+        .start()
+        .await;
+    post(&gate, GENERATE, &ask("hi")).await;
+    let (_, _, exposition) = scrape(&gate, None, None).await;
+    // Every family is declared, with or without samples yet.
+    let mut served = std::collections::BTreeSet::new();
+    for line in exposition.lines() {
+        let mut parts = line.split(' ');
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        {
+            served.insert(name.to_owned());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    served.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    assert!(served.contains("gemgate_cluster_up"), "{exposition}");
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dashboard = std::fs::read_to_string(root.join("conf/grafana/gemgate.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("valid JSON");
+    let mut exprs = String::new();
+    for panel in parsed["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push_str(target["expr"].as_str().unwrap());
+            exprs.push('\n');
+        }
+    }
+    let alerts = std::fs::read_to_string(root.join("conf/prometheus/alerts.yml")).unwrap();
+    for (file, text) in [("dashboard", &exprs), ("alerts", &alerts)] {
+        let named = names_in(text);
+        assert!(named.len() >= 5, "{file} names {named:?}");
+        for name in named {
+            assert!(
+                served.contains(&name),
+                "{file} names {name}, which /metrics does not serve"
+            );
+        }
+    }
+    for family in [
+        "gemgate_keys",
+        "gemgate_requests_total",
+        "gemgate_time_to_first_byte_seconds_bucket",
+        "gemgate_tokens_total",
+        "gemgate_cooldowns_total",
+    ] {
+        assert!(exprs.contains(family), "the dashboard shows no {family}");
+    }
+
+    let Some(promtool) = needed_env("GEMGATE_PROMTOOL") else {
+        return;
+    };
+    let out = std::process::Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(root.join("conf/prometheus/alerts.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
