@@ -22,6 +22,7 @@ pub mod shard;
 pub mod store;
 pub mod telemetry;
 pub mod templates;
+pub mod traces;
 pub mod translate;
 pub mod upstream;
 
@@ -84,6 +85,7 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
     // Key health from the last run: a disabled key stays out, a cooling key waits.
     let store = Arc::new(store::Store::open(&config.data_dir, config.max_data_bytes)?);
     let mut lasting = restored(&store);
+    lasting.tracer = traces::Tracer::from_env(&source.vars());
     let fleet = match &config.cluster {
         Some(cluster) => Some(join_fleet(cluster, &mut lasting, &source, listen_addr)?),
         None => None,

@@ -115,6 +115,8 @@ pub struct Lasting {
     pub metrics: Arc<crate::store::metrics::Metrics>,
     /// What `GET /metrics` shows.
     pub prometheus: Arc<crate::metrics::Metrics>,
+    /// The trace exporter (`OTEL_EXPORTER_OTLP_ENDPOINT`), if any.
+    pub tracer: Option<Arc<crate::traces::Tracer>>,
     /// Admin page sessions and the failed-login throttle.
     pub sessions: Arc<session::Sessions>,
     /// What the request path changes that a fleet shares: see [`shared`].
@@ -144,6 +146,7 @@ impl Lasting {
             stats: Arc::default(),
             metrics: Arc::default(),
             prometheus: Arc::default(),
+            tracer: None,
             sessions: local.sessions.clone(),
             shared: Arc::new(local),
             instance: None,

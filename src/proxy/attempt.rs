@@ -76,14 +76,9 @@ impl Gateway {
                     tried.attempts,
                 )
                 .await;
-            self.count_attempt(
-                generation,
-                req,
-                index,
-                &outcome,
-                started.elapsed(),
-                tried.attempts,
-            );
+            let took = started.elapsed();
+            self.count_attempt(generation, req, index, &outcome, took, tried.attempts);
+            trace_attempt(generation, req, index, &outcome, took, meta);
             let failure = match outcome {
                 Ok((finished, done)) => {
                     let tried = Tried {
@@ -617,4 +612,59 @@ async fn read_to_end(up: &mut HttpSession, limit: usize) -> (Bytes, bool) {
             Err(_) => return (buf.freeze(), false),
         }
     }
+}
+
+/// Keeps an attempt's span for the request's trace (when traces are exported).
+fn trace_attempt(
+    generation: &Generation,
+    req: &UpstreamRequest,
+    index: usize,
+    outcome: &Result<(Finished, Tried), Failure>,
+    took: std::time::Duration,
+    meta: &Meta,
+) {
+    use crate::traces::{Span, Value};
+    let Some(ctx) = meta.trace else {
+        return;
+    };
+    let end = crate::traces::now_ns();
+    let (class, status) = match outcome {
+        Ok((_, done)) => (
+            match done.class {
+                Some(Class::Upstream(c)) => c.as_str(),
+                _ => "ok",
+            },
+            done.status,
+        ),
+        Err(f) => (f.class.as_str(), Some(f.status)),
+    };
+    let mut attributes = vec![
+        (
+            "gemgate.key_id",
+            Value::Str(generation.pool_for(req).get(index).spec.id.clone()),
+        ),
+        ("gen_ai.request.model", Value::Str(req.model.clone())),
+        ("gemgate.attempt.class", Value::Str(class.to_owned())),
+    ];
+    if let Some(status) = status {
+        attributes.push(("http.response.status_code", Value::Int(i64::from(status))));
+    }
+    if class != "ok" {
+        attributes.push(("error.type", Value::Str(class.to_owned())));
+    }
+    let span = Span {
+        trace_id: ctx.trace_id,
+        span_id: crate::traces::random(),
+        parent: Some(ctx.span_id),
+        name: format!("attempt {}", req.model),
+        server: false,
+        start_ns: end.saturating_sub(took.as_nanos() as u64),
+        end_ns: end,
+        attributes,
+        error: class != "ok",
+    };
+    meta.spans
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(span);
 }

@@ -33,6 +33,10 @@ pub(crate) struct Meta {
     /// What plugins share within this request (`ctx.shared`): each hook call takes it for
     /// the length of the call.
     pub shared: Mutex<PluginShared>,
+    /// The request's place in a trace, when traces are exported.
+    pub trace: Option<crate::traces::Context>,
+    /// Its finished attempts' spans, until the request's own span ends.
+    pub spans: Mutex<Vec<crate::traces::Span>>,
 }
 
 impl Meta {
@@ -146,6 +150,8 @@ impl Exchange {
                 peer: Peer::default(),
                 cors: req.headers.contains_key(header::ORIGIN),
                 shared: Mutex::default(),
+                trace: None,
+                spans: Mutex::default(),
             },
             kind: Kind::Call,
             model: String::new(),

@@ -192,6 +192,57 @@ impl Gateway {
         write_full(s, h, Bytes::from(body)).await
     }
 
+    /// Exports a finished client request's span, with its attempts' spans.
+    fn trace(&self, x: &Exchange) {
+        use crate::traces::{Span, Value};
+        let (Some(tracer), Some(ctx)) = (&self.state.lasting.tracer, x.meta.trace) else {
+            return;
+        };
+        if x.kind != Kind::Call {
+            return;
+        }
+        let end = crate::traces::now_ns();
+        let start = end.saturating_sub(x.meta.started.elapsed().as_nanos() as u64);
+        let operation = operation_of(&x.action);
+        let mut attributes = vec![
+            ("gen_ai.operation.name", Value::Str(operation.to_owned())),
+            ("gen_ai.provider.name", Value::Str("gcp.gemini".to_owned())),
+            ("gen_ai.request.model", Value::Str(x.model.clone())),
+            ("http.response.status_code", Value::Int(i64::from(x.status))),
+            ("gemgate.request_id", Value::Str(x.meta.id.clone())),
+            ("gemgate.attempts", Value::Int(i64::from(x.attempts))),
+        ];
+        if let Some(client) = &x.meta.client {
+            attributes.push(("gemgate.client", Value::Str(client.clone())));
+        }
+        if x.tokens.prompt > 0 || x.tokens.output > 0 {
+            attributes.push((
+                "gen_ai.usage.input_tokens",
+                Value::Int(x.tokens.prompt as i64),
+            ));
+            attributes.push((
+                "gen_ai.usage.output_tokens",
+                Value::Int(x.tokens.output as i64),
+            ));
+        }
+        if let Some(class) = x.class {
+            attributes.push(("error.type", Value::Str(class.as_str().to_owned())));
+        }
+        let request = Span {
+            trace_id: ctx.trace_id,
+            span_id: ctx.span_id,
+            parent: ctx.parent,
+            name: format!("{operation} {}", x.model).trim_end().to_owned(),
+            server: true,
+            start_ns: start,
+            end_ns: end,
+            attributes,
+            error: x.status >= 500,
+        };
+        let attempts = std::mem::take(&mut *x.meta.spans.lock().unwrap_or_else(|e| e.into_inner()));
+        tracer.record(std::iter::once(request).chain(attempts));
+    }
+
     /// Counts a finished request for `/metrics`.
     fn count(&self, x: &Exchange) {
         use crate::metrics::Route as R;
@@ -363,9 +414,16 @@ impl Gateway {
         s.set_close_on_response_before_downstream_finish(false);
         let _in_flight = InFlight::enter(&self.state.in_flight);
         let mut x = Exchange::new(s.req_header());
+        if self.state.lasting.tracer.is_some() {
+            let parent = s.req_header().headers.get("traceparent");
+            x.meta.trace = Some(crate::traces::Context::of(
+                parent.and_then(|v| v.to_str().ok()),
+            ));
+        }
         let outcome = self.handle(&mut s, &mut x).await;
         x.log();
         self.count(&x);
+        self.trace(&x);
         if x.kind == Kind::Call {
             // Only a known client's requests reach the logs and their indexes: anyone can send
             // the others, and would fill the disk with strings of their choosing.
@@ -414,6 +472,18 @@ impl Drop for InFlight<'_> {
 }
 
 /// Answers a CORS preflight: any origin may call with the methods and headers it asks for.
+/// The GenAI conventions' `gen_ai.operation.name` of an action.
+fn operation_of(action: &str) -> &str {
+    match action {
+        "generateContent" | "streamGenerateContent" | "chat" | "chat.completions" => {
+            "generate_content"
+        }
+        "embedContent" | "batchEmbedContents" | "embeddings" => "embeddings",
+        "" => "request",
+        other => other,
+    }
+}
+
 async fn preflight(s: &mut ServerSession, x: &mut Exchange) -> Outcome {
     x.own(Kind::Preflight, "preflight");
     let asked = s

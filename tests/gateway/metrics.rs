@@ -297,3 +297,123 @@ async fn the_dashboard_and_the_alerts_name_only_metrics_that_exist() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A small OTLP/HTTP receiver on loopback: the bodies of the requests it got.
+async fn otlp_receiver() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bodies = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let bodies = bodies.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    assert!(
+                        head.contains("content-type: application/x-protobuf"),
+                        "{head}"
+                    );
+                    assert!(head.starts_with("post /v1/traces "), "{head}");
+                    bodies
+                        .lock()
+                        .unwrap()
+                        .push(buf[end + 4..end + 4 + len].to_vec());
+                    buf.drain(..end + 4 + len);
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+#[tokio::test]
+async fn each_request_is_a_span_with_its_attempts_exported_over_otlp() {
+    let (collector, bodies) = otlp_receiver().await;
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["minute-key-0001", "good-key-0002"])
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            &format!("http://{collector}"),
+        )
+        .start()
+        .await;
+    // The minute key's 429 and a retry: two attempts, whichever key goes first.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    for _ in 0..2 {
+        let resp = client()
+            .post(gate.url(GENERATE))
+            .header("x-goog-api-key", TOKEN)
+            .header("traceparent", format!("00-{trace}-{parent}-01"))
+            .json(&ask("hi"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let bytes = |hex: &str| -> Vec<u8> {
+        (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let all = loop {
+        let all: Vec<u8> = bodies.lock().unwrap().concat();
+        let has = |needle: &[u8]| all.windows(needle.len()).any(|w| w == needle);
+        if has(b"gen_ai.request.model") && has(b"rate_limited") {
+            break all;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spans arrived:\n{}",
+            gate.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let has = |needle: &[u8]| all.windows(needle.len()).any(|w| w == needle);
+    assert!(has(&bytes(trace)), "the client's trace is continued");
+    assert!(has(&bytes(parent)), "the client's span is the parent");
+    for attribute in [
+        &b"gen_ai.usage.input_tokens"[..],
+        b"gen_ai.operation.name",
+        b"generate_content",
+        b"gemgate.key_id",
+        b"service.name",
+    ] {
+        assert!(has(attribute), "{}", String::from_utf8_lossy(attribute));
+    }
+    let key = gemgate::config::stable_id("k", "minute-key-0001");
+    assert!(has(key.as_bytes()));
+    for secret in ["minute-key-0001", "good-key-0002", TOKEN] {
+        assert!(!has(secret.as_bytes()), "{secret} was exported");
+    }
+}
