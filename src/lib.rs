@@ -78,6 +78,15 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
             addr: config.listen,
             source,
         })?;
+    // The metrics listener's, if any, as early.
+    let metrics_socket = match config.metrics_listen {
+        Some(addr) => {
+            let (addr, mut sockets) =
+                workers::bind_all(addr, 1).map_err(|source| RunError::Listen { addr, source })?;
+            Some((addr, sockets.remove(0)))
+        }
+        None => None,
+    };
     let grace = config.grace_period;
     let conf = server_conf(&config);
     log_start(&config, listen_addr);
@@ -113,6 +122,12 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
     let side = upstream::side_client();
     app::checks::start(state.clone());
     let draining = state.clone();
+    let workers = sockets.len();
+    if let Some((addr, socket)) = metrics_socket {
+        let metrics = Arc::new(Gateway::metrics_only(state.clone(), side.clone()));
+        server.add_service(Worker::new(workers, addr, socket, metrics));
+        tracing::info!(listen = %addr, "serving the metrics on a listener of their own");
+    }
     let gateway = Arc::new(Gateway::new(state, side));
     for (index, socket) in sockets.into_iter().enumerate() {
         server.add_service(Worker::new(index, listen_addr, socket, gateway.clone()));

@@ -174,6 +174,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.log_level != new.log_level {
         out.push("server.log_level (LOG_LEVEL)");
     }
+    if old.metrics_listen != new.metrics_listen {
+        out.push("metrics.listen (GEMGATE_METRICS_LISTEN)");
+    }
     if old.cluster != new.cluster {
         out.push("cluster (GEMGATE_REDIS_URL, GEMGATE_CLUSTER, GEMGATE_CLUSTER_SECRET, GEMGATE_INSTANCE)");
     }

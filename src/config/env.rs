@@ -74,6 +74,7 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
         "metrics.key_labels",
         Kind::Bool,
     ),
+    ("GEMGATE_METRICS_LISTEN", "metrics.listen", Kind::Str),
     ("GEMGATE_CLUSTER", "cluster.name", Kind::Str),
     ("GEMGATE_CLUSTER_SECRET", "cluster.secret", Kind::Str),
     ("GEMGATE_INSTANCE", "cluster.instance", Kind::Str),

@@ -165,6 +165,8 @@ pub struct MetricsSection {
     pub public: bool,
     /// A `key` label on upstream attempts (off for pools of thousands of keys).
     pub key_labels: bool,
+    /// Another address serving `/metrics` (and `/health`, `/ready`) alone; empty: none.
+    pub listen: String,
 }
 
 impl Default for MetricsSection {
@@ -173,6 +175,7 @@ impl Default for MetricsSection {
             enabled: true,
             public: false,
             key_labels: true,
+            listen: String::new(),
         }
     }
 }
@@ -640,6 +643,8 @@ pub struct Config {
     pub forward_headers: Vec<http::HeaderName>,
     /// Set when this instance is a member of a fleet (`[cluster]`).
     pub cluster: Option<ClusterConfig>,
+    /// `metrics.listen`: a listener serving the metrics alone.
+    pub metrics_listen: Option<SocketAddr>,
     /// Every section as read, for the features that consume them.
     pub file: FileConfig,
 }
@@ -877,6 +882,13 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let fetch = fetch_config(&file.fetch)?;
     let forward_headers = forward_headers(&up.forward_headers)?;
     let cluster = cluster(&file.cluster)?;
+    let metrics_listen = match file.metrics.listen.trim() {
+        "" => None,
+        addr => Some(
+            addr.parse::<SocketAddr>()
+                .map_err(|e| invalid("metrics.listen", format!("not an address: {e}")))?,
+        ),
+    };
     Ok(Config {
         path: None,
         listen,
@@ -905,6 +917,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         fetch,
         forward_headers,
         cluster,
+        metrics_listen,
         file,
     })
 }

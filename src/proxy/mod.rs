@@ -71,6 +71,8 @@ pub struct Gateway {
     connector: TransportConnector,
     /// For side calls (image hosts, image URLs).
     side: reqwest::Client,
+    /// Serves `/metrics`, `/health` and `/ready` alone (`metrics.listen`).
+    pub(crate) metrics_only: bool,
 }
 
 /// Whether the downstream connection may serve another request.
@@ -161,6 +163,16 @@ impl Gateway {
             // Only makes new connections: idle ones are kept by `Target`.
             connector: TransportConnector::new(None),
             side,
+            metrics_only: false,
+        }
+    }
+
+    /// The gateway of the metrics listener (`metrics.listen`): `/metrics`, `/health` and
+    /// `/ready`, nothing else.
+    pub fn metrics_only(state: Arc<State>, side: reqwest::Client) -> Gateway {
+        Gateway {
+            metrics_only: true,
+            ..Gateway::new(state, side)
         }
     }
 

@@ -73,7 +73,15 @@ impl Gateway {
                 .uri
                 .query()
                 .is_some_and(|q| auth::query_param(q, "key").is_some());
-        match route::route(&path, goog_credential) {
+        let route = route::route(&path, goog_credential);
+        if self.metrics_only && !matches!(route, Route::Metrics | Route::Health | Route::Ready) {
+            let e = GateError::new(
+                404,
+                "this listener serves /metrics, /health and /ready alone",
+            );
+            return send_gate(s, x, &e).await;
+        }
+        match route {
             Route::Health => {
                 x.own(Kind::Health, "health");
                 let keys = generation.pool.keys().len();

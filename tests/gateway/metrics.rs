@@ -417,3 +417,47 @@ async fn each_request_is_a_span_with_its_attempts_exported_over_otlp() {
         assert!(!has(secret.as_bytes()), "{secret} was exported");
     }
 }
+
+#[tokio::test]
+async fn a_metrics_listener_of_its_own_serves_the_metrics_alone() {
+    let fake = fake().await;
+    let metrics_addr = free_addr();
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .admin()
+        .env("GEMGATE_METRICS_LISTEN", &metrics_addr.to_string())
+        .start()
+        .await;
+    let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 200, "{v}");
+    let at = |path: &str| format!("http://{metrics_addr}{path}");
+    let resp = client()
+        .get(at("/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains(
+            r#"gemgate_requests_total{route="gemini",model="gemini-2.5-flash",code="200"} 1"#
+        ),
+        "{text}"
+    );
+    let resp = client().get(at("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 401, "the same rule as on the main port");
+    for path in [GENERATE, "/v1beta/models", "/admin/api/keys"] {
+        let resp = client()
+            .post(at(path))
+            .header("x-goog-api-key", TOKEN)
+            .bearer_auth(ADMIN)
+            .json(&ask("hi"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+    }
+    let resp = client().get(at("/health")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
