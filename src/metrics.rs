@@ -89,8 +89,8 @@ struct Shard {
     requests: HashMap<(Route, &'static str, u16), u64>,
     /// (key, model, class) → upstream attempts.
     attempts: HashMap<(&'static str, &'static str, &'static str), u64>,
-    /// model → prompt, output, thought tokens.
-    tokens: HashMap<&'static str, [u64; 3]>,
+    /// model → prompt, output, thought, cached tokens.
+    tokens: HashMap<&'static str, [u64; 4]>,
 }
 
 /// Label values seen, interned: a label set is a tuple of `&'static str` (bounded, so the
@@ -145,6 +145,8 @@ pub struct Metrics {
     ttfb: [Histogram; 6],
     upstream: Histogram,
     retries: AtomicU64,
+    /// Requests refused by a declared limit.
+    limited: AtomicU64,
     /// (scope, reason) → cooldowns.
     cooldowns: Mutex<HashMap<(&'static str, &'static str), u64>>,
     reloads_ok: AtomicU64,
@@ -171,8 +173,8 @@ pub struct Attempt<'a> {
     /// `ok`, or the error class.
     pub class: &'static str,
     pub duration: Duration,
-    /// Prompt, output and thought tokens of a success.
-    pub tokens: [u64; 3],
+    /// Prompt, output, thought and cached tokens of a success.
+    pub tokens: [u64; 4],
 }
 
 /// Figures read at scrape time from where they are kept.
@@ -233,7 +235,7 @@ impl Metrics {
         {
             let mut shard = self.shard();
             *shard.attempts.entry((key, model, a.class)).or_default() += 1;
-            if a.tokens != [0; 3] {
+            if a.tokens != [0; 4] {
                 let t = shard.tokens.entry(model).or_default();
                 for (sum, n) in t.iter_mut().zip(a.tokens) {
                     *sum = sum.saturating_add(n);
@@ -241,6 +243,11 @@ impl Metrics {
             }
         }
         self.upstream.observe(a.duration);
+    }
+
+    /// Counts a request refused by a declared limit.
+    pub fn limited(&self) {
+        self.limited.fetch_add(1, Relaxed);
     }
 
     /// Counts a retry on another key.
@@ -272,7 +279,7 @@ impl Metrics {
     pub fn render(&self, scrape: &Scrape, openmetrics: bool) -> String {
         let mut requests: HashMap<(Route, &str, u16), u64> = HashMap::new();
         let mut attempts: HashMap<(&str, &str, &str), u64> = HashMap::new();
-        let mut tokens: HashMap<&str, [u64; 3]> = HashMap::new();
+        let mut tokens: HashMap<&str, [u64; 4]> = HashMap::new();
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             for (k, n) in &shard.requests {
@@ -352,7 +359,7 @@ impl Metrics {
         let mut rows: Vec<_> = tokens.into_iter().collect();
         rows.sort();
         for (model, t) in rows {
-            for (kind, n) in ["prompt", "output", "thoughts"].iter().zip(t) {
+            for (kind, n) in ["prompt", "output", "thoughts", "cached"].iter().zip(t) {
                 out.sample("_total", &[("model", model), ("kind", kind)], n as f64);
             }
         }
@@ -379,11 +386,16 @@ impl Metrics {
         out.family(
             "gemgate_rejected_requests",
             "counter",
-            "Requests refused before they were a client's, by reason.",
+            "Requests refused: before they were a client's, or over a declared limit (limited).",
         );
         for (reason, n) in &scrape.rejected {
             out.sample("_total", &[("reason", reason)], *n as f64);
         }
+        out.sample(
+            "_total",
+            &[("reason", "limited")],
+            self.limited.load(Relaxed) as f64,
+        );
         out.family(
             "gemgate_retries",
             "counter",
@@ -555,7 +567,7 @@ mod tests {
             model: "gemini-2.5-flash",
             class: "ok",
             duration: Duration::from_millis(20),
-            tokens: [5, 7, 0],
+            tokens: [5, 7, 0, 0],
         });
         let text = m.render(&Scrape::default(), false);
         assert!(

@@ -131,9 +131,9 @@ impl Gateway {
                     Some(Class::Upstream(c)) => c.as_str(),
                     _ => "ok",
                 };
-                (class, [t.prompt, t.output, t.thoughts])
+                (class, [t.prompt, t.output, t.thoughts, t.cached])
             }
-            Err(failure) => (failure.class.as_str(), [0; 3]),
+            Err(failure) => (failure.class.as_str(), [0; 4]),
         };
         let key = &generation.pool_for(req).get(index).spec.id;
         metrics.attempt(crate::metrics::Attempt {

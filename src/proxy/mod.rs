@@ -270,6 +270,7 @@ impl Gateway {
             if let Admission::Denied { retry_after_s } =
                 self.state.lasting.shared.admit(check).await
             {
+                self.state.lasting.prometheus.limited();
                 let message = format!("rate limit: {max} requests per minute for {client}");
                 return Err(Refusal::Gate(
                     GateError::new(429, message).retry_after(Some(retry_after_s)),

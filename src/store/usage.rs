@@ -140,6 +140,7 @@ mod tests {
                     prompt: 1,
                     output: 2,
                     thoughts: 0,
+                    cached: 0,
                 },
             });
         }

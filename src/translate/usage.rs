@@ -7,6 +7,8 @@ pub struct Tokens {
     pub prompt: u64,
     pub output: u64,
     pub thoughts: u64,
+    /// Of the prompt, the tokens served from a cache (`cachedContentTokenCount`).
+    pub cached: u64,
 }
 
 /// Finds `usageMetadata` in a piece of a Gemini answer (a whole body or a stream event) and
@@ -62,6 +64,7 @@ fn counts_of(bytes: &[u8]) -> Option<Tokens> {
                         b"promptTokenCount" => &mut tokens.prompt,
                         b"candidatesTokenCount" => &mut tokens.output,
                         b"thoughtsTokenCount" => &mut tokens.thoughts,
+                        b"cachedContentTokenCount" => &mut tokens.cached,
                         _ => continue,
                     };
                     i = ws(i);
@@ -122,7 +125,8 @@ mod tests {
             Some(Tokens {
                 prompt: 3,
                 output: 5,
-                thoughts: 2
+                thoughts: 2,
+                cached: 0,
             })
         );
         assert_eq!(tokens_in(b"data: {\"candidates\":[]}"), None);
@@ -139,6 +143,8 @@ mod tests {
             candidates_token_count: u64,
             #[serde(default)]
             thoughts_token_count: u64,
+            #[serde(default)]
+            cached_content_token_count: u64,
         }
         let at = memchr::memmem::rfind(bytes, b"\"usageMetadata\"")?;
         let rest = &bytes[at + b"\"usageMetadata\"".len()..];
@@ -150,6 +156,7 @@ mod tests {
             prompt: c.prompt_token_count,
             output: c.candidates_token_count,
             thoughts: c.thoughts_token_count,
+            cached: c.cached_content_token_count,
         })
     }
 
@@ -162,6 +169,7 @@ mod tests {
                 "candidatesTokensDetails":[{"modality":"TEXT","promptTokenCount":99}],
                 "note":"a \"promptTokenCount\": 7, } ] {","candidatesTokenCount":6}}"#,
             r#"{"usageMetadata":{"toolUsePromptTokenCount":9,"promptTokenCount":1}}"#,
+            r#"{"usageMetadata":{"promptTokenCount":40,"cachedContentTokenCount":32,"candidatesTokenCount":2}}"#,
             r#"{"usageMetadata":{}}"#,
             r#"{"usageMetadata":{"promptTokenCount":null}}"#,
             r#"{"usageMetadata":{"promptTokenCount":"3"}}"#,

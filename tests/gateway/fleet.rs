@@ -367,6 +367,23 @@ async fn a_rate_limit_holds_across_three_instances() {
         "{v}"
     );
     assert_eq!(fake.state.total_requests(), 10);
+    // Counted as refused, over a limit, on the instances that refused them.
+    let mut limited = 0.0;
+    for gate in gates {
+        let resp = client()
+            .get(gate.url("/metrics"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        let text = resp.text().await.unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(r#"gemgate_rejected_requests_total{reason="limited"}"#))
+            .unwrap_or_else(|| panic!("{text}"));
+        limited += line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    }
+    assert_eq!(limited, 20.0);
 }
 
 #[tokio::test]
