@@ -174,6 +174,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.log_level != new.log_level {
         out.push("server.log_level (LOG_LEVEL)");
     }
+    if old.file.server.log_format != new.file.server.log_format {
+        out.push("server.log_format (LOG_FORMAT)");
+    }
     if old.metrics_listen != new.metrics_listen {
         out.push("metrics.listen (GEMGATE_METRICS_LISTEN)");
     }

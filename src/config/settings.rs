@@ -76,6 +76,8 @@ const RESTART: &[&str] = &[
     "server.data_dir",
     "server.threads",
     "server.timezone",
+    "server.log_format",
+    "metrics.listen",
     "cluster.redis_url",
     "cluster.name",
     "cluster.secret",
