@@ -522,7 +522,7 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
     let cooldowns: Vec<Value> = s
         .cooldowns(now)
         .into_iter()
-        .map(|c| json!({ "model": &*c.model, "until": rfc3339(c.until_ms), "class": c.class }))
+        .map(|c| json!({ "model": &*c.model, "until": rfc3339(c.until_ms), "class": c.class, "scope": c.scope }))
         .collect();
     let state = state_of(key, now);
     json!({
@@ -531,6 +531,8 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
         "label": key.spec.label,
         "tags": key.spec.tags,
         "weight": key.spec.weight,
+        "project": key.spec.project,
+        "tier": key.spec.tier,
         "source": key.spec.source,
         "state": state,
         "disabled_reason": detail.disabled_reason,

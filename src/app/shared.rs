@@ -20,7 +20,7 @@ use std::time::Duration;
 use super::session::Sessions;
 use crate::config;
 use crate::keys::owners::{FileOwners, FileRecord, Owner};
-use crate::keys::taxonomy::ErrorClass;
+use crate::keys::taxonomy::{ErrorClass, Scope};
 use crate::keys::{KeyPool, Penalty};
 use crate::policy::counters::{CounterStore, Counters};
 use crate::store::Store;
@@ -33,6 +33,8 @@ pub struct KeyFailure<'a> {
     pub class: ErrorClass,
     pub message: &'a str,
     pub now_ms: u64,
+    /// Whose quota a quota answer was: the key's, or its project's.
+    pub scope: Scope,
 }
 
 /// What one attempt used, for the usage counters.
@@ -243,7 +245,7 @@ impl SharedState for Local {
     }
 
     fn key_failed(&self, pool: &KeyPool, index: usize, f: KeyFailure<'_>) -> Penalty {
-        pool.record_failure(index, f.model, f.class, f.message, f.now_ms)
+        pool.record_failure_of(index, f.model, f.class, f.message, f.now_ms, f.scope)
     }
 
     fn cool_key(&self, pool: &KeyPool, index: usize, model: &str, seconds: f64, now_ms: u64) {

@@ -296,6 +296,12 @@ pub enum KeyEntry {
         tags: Vec<String>,
         #[serde(default)]
         weight: Option<u32>,
+        /// The Cloud project the key belongs to: its keys share one quota.
+        #[serde(default)]
+        project: Option<String>,
+        /// The project's quota tier (`free`, `tier1`, …).
+        #[serde(default)]
+        tier: Option<String>,
     },
 }
 
@@ -582,6 +588,9 @@ pub struct KeySpec {
     pub weight: u32,
     /// Where the key is configured: the file, the environment (`API_KEYS`), or both.
     pub source: KeySource,
+    /// The Cloud project it belongs to (`None`: its own).
+    pub project: Option<String>,
+    pub tier: Option<String>,
 }
 
 /// Where a key of the pool comes from.
@@ -978,6 +987,8 @@ fn paid_key(key: &str) -> Option<KeySpec> {
         tags: vec!["paid".into()],
         weight: 1,
         source: KeySource::File,
+        project: None,
+        tier: None,
     })
 }
 
@@ -1128,14 +1139,23 @@ fn keys(section: &KeysSection) -> Result<Vec<KeySpec>, ConfigError> {
     let mut keys = Vec::new();
     let mut seen = HashSet::new();
     for entry in &section.api_keys {
-        let (secret, label, tags, weight) = match entry {
-            KeyEntry::Plain(k) => (k.trim(), None, Vec::new(), None),
+        let (secret, label, tags, weight, project, tier) = match entry {
+            KeyEntry::Plain(k) => (k.trim(), None, Vec::new(), None, None, None),
             KeyEntry::Detailed {
                 key,
                 label,
                 tags,
                 weight,
-            } => (key.trim(), label.clone(), tags.clone(), *weight),
+                project,
+                tier,
+            } => (
+                key.trim(),
+                label.clone(),
+                tags.clone(),
+                *weight,
+                short_name(project.as_deref(), "project")?,
+                short_name(tier.as_deref(), "tier")?,
+            ),
         };
         if secret.is_empty() {
             continue;
@@ -1156,9 +1176,23 @@ fn keys(section: &KeysSection) -> Result<Vec<KeySpec>, ConfigError> {
             tags,
             weight: weight.unwrap_or(1),
             source: KeySource::File,
+            project,
+            tier,
         });
     }
     Ok(keys)
+}
+
+/// A key's `project` or `tier`: at most 128 visible characters (empty: none).
+fn short_name(name: Option<&str>, what: &str) -> Result<Option<String>, ConfigError> {
+    match name.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(n) if n.len() <= 128 && n.chars().all(|c| !c.is_control()) => Ok(Some(n.to_owned())),
+        Some(_) => Err(invalid(
+            "keys.api_keys",
+            format!("a key's {what} has at most 128 characters, none a control character"),
+        )),
+    }
 }
 
 /// The client tokens and the admin token, which may not be one of them.

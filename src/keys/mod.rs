@@ -18,15 +18,22 @@ use arc_swap::ArcSwap;
 
 use crate::clock;
 use crate::config::KeySpec;
-use taxonomy::{ErrorClass, KeyVerdict};
+use taxonomy::{ErrorClass, KeyVerdict, Scope};
 
 /// A (key, model) cooldown after a quota answer.
 #[derive(Debug, Clone)]
 pub struct Cooldown {
-    /// The model whose quota ran out (`""` for calls without a model).
+    /// The model whose quota ran out (`""` for calls without a model, `*` for every model).
     pub model: Box<str>,
     pub until_ms: u64,
     pub class: &'static str,
+    /// Whose quota it was (`Scope::as_str`): this key's, or its project's.
+    pub scope: &'static str,
+}
+
+/// A model of `cooldown_model` cools calls of `model`.
+fn covers(cooldown_model: &str, model: &str) -> bool {
+    cooldown_model == model || cooldown_model == "*"
 }
 
 /// A key's health as a fleet shares it (JSON in Redis, merged there by the same rules as
@@ -138,7 +145,13 @@ impl KeyState {
                     .cooling_until(model, now_ms)
                     .is_none_or(|u| u < *until_ms)
             {
-                self.put_cooldown(model, *until_ms, taxonomy::class_name(class), now_ms);
+                self.put_cooldown(
+                    model,
+                    *until_ms,
+                    taxonomy::class_name(class),
+                    "key_model",
+                    now_ms,
+                );
                 changed = true;
             }
         }
@@ -215,7 +228,7 @@ impl KeyState {
         self.cooldowns
             .load()
             .iter()
-            .filter(|c| &*c.model == model && c.until_ms > now_ms)
+            .filter(|c| covers(&c.model, model) && c.until_ms > now_ms)
             .map(|c| c.until_ms)
             .max()
     }
@@ -233,12 +246,31 @@ impl KeyState {
     /// Cools the key for `model` until `until_ms`; an existing longer cooldown (a daily quota
     /// answered by a concurrent request) is kept.
     fn cool(&self, model: &str, until_ms: u64, class: &'static str, now_ms: u64) {
+        self.cool_scoped(model, until_ms, class, Scope::KeyModel, now_ms);
+    }
+
+    /// [`KeyState::cool`] for a quota of `scope`.
+    fn cool_scoped(
+        &self,
+        model: &str,
+        until_ms: u64,
+        class: &'static str,
+        scope: Scope,
+        now_ms: u64,
+    ) {
         self.mark_dirty();
-        self.put_cooldown(model, until_ms, class, now_ms);
+        self.put_cooldown(model, until_ms, class, scope.as_str(), now_ms);
     }
 
     /// [`KeyState::cool`] without marking the state changed.
-    fn put_cooldown(&self, model: &str, until_ms: u64, class: &'static str, now_ms: u64) {
+    fn put_cooldown(
+        &self,
+        model: &str,
+        until_ms: u64,
+        class: &'static str,
+        scope: &'static str,
+        now_ms: u64,
+    ) {
         self.cooling_until_max.fetch_max(until_ms, Relaxed);
         self.cooldowns.rcu(|old| {
             let mut next: Vec<Cooldown> = old
@@ -253,12 +285,14 @@ impl KeyState {
                         model: model.into(),
                         until_ms,
                         class,
+                        scope,
                     }
                 }
                 None => next.push(Cooldown {
                     model: model.into(),
                     until_ms,
                     class,
+                    scope,
                 }),
             }
             next
@@ -409,6 +443,8 @@ pub enum Pick {
 pub struct KeyPool {
     keys: Vec<Key>,
     by_id: HashMap<String, usize, foldhash::fast::RandomState>,
+    /// The keys of each project named in the config (a key without one is its own project).
+    projects: HashMap<String, Vec<usize>, foldhash::fast::RandomState>,
     max_failures: u32,
 }
 
@@ -444,9 +480,17 @@ impl KeyPool {
             .enumerate()
             .map(|(i, s)| (s.id.clone(), i))
             .collect();
+        let mut projects: HashMap<String, Vec<usize>, foldhash::fast::RandomState> =
+            HashMap::default();
+        for (i, spec) in specs.iter().enumerate() {
+            if let Some(p) = &spec.project {
+                projects.entry(p.clone()).or_default().push(i);
+            }
+        }
         KeyPool {
             keys,
             by_id,
+            projects,
             max_failures: max_failures.max(1),
         }
     }
@@ -548,6 +592,20 @@ impl KeyPool {
         message: &str,
         now_ms: u64,
     ) -> Penalty {
+        self.record_failure_of(index, model, class, message, now_ms, Scope::KeyModel)
+    }
+
+    /// [`KeyPool::record_failure`] for a quota answer of `scope`: a project's quota cools
+    /// every key of the key's project (for `model`, or for every model).
+    pub fn record_failure_of(
+        &self,
+        index: usize,
+        model: &str,
+        class: ErrorClass,
+        message: &str,
+        now_ms: u64,
+        scope: Scope,
+    ) -> Penalty {
         let key = &self.keys[index];
         let state = &key.state;
         state.failures.fetch_add(1, Relaxed);
@@ -582,16 +640,50 @@ impl KeyPool {
             }
             KeyVerdict::CoolFor(d) => {
                 let until = now_ms.saturating_add(d.as_millis() as u64);
-                state.cool(model, until, class.as_str(), now_ms);
+                self.cool_for_quota(index, model, until, class, scope, now_ms);
                 Penalty::Cooled
             }
             KeyVerdict::CoolUntilDailyReset => {
                 let until = clock::next_pacific_midnight_ms(now_ms);
-                state.cool(model, until, class.as_str(), now_ms);
+                self.cool_for_quota(index, model, until, class, scope, now_ms);
                 Penalty::Cooled
             }
             KeyVerdict::Probe if state.claim_probe(now_ms) => Penalty::Confirm,
             KeyVerdict::Probe | KeyVerdict::NoPenalty => Penalty::None,
+        }
+    }
+}
+
+impl KeyPool {
+    /// Cools key `index` after a quota answer of `scope`, and with a project's quota every
+    /// key of its project (a key without a project is its own).
+    fn cool_for_quota(
+        &self,
+        index: usize,
+        model: &str,
+        until: u64,
+        class: ErrorClass,
+        scope: Scope,
+        now_ms: u64,
+    ) {
+        let key = &self.keys[index];
+        let members = match (scope, &key.spec.project) {
+            (Scope::KeyModel, _) | (_, None) => std::slice::from_ref(&index),
+            (_, Some(p)) => self
+                .projects
+                .get(p)
+                .map_or(std::slice::from_ref(&index), Vec::as_slice),
+        };
+        let model = if scope == Scope::Project { "*" } else { model };
+        let scope = if key.spec.project.is_none() {
+            Scope::KeyModel
+        } else {
+            scope
+        };
+        for &i in members {
+            self.keys[i]
+                .state
+                .cool_scoped(model, until, class.as_str(), scope, now_ms);
         }
     }
 }
@@ -627,6 +719,8 @@ mod tests {
                     tags: vec![],
                     weight: 1,
                     source: Default::default(),
+                    project: None,
+                    tier: None,
                 }
             })
             .collect();
@@ -726,6 +820,8 @@ mod tests {
             tags: vec![],
             weight: 1,
             source: Default::default(),
+            project: None,
+            tier: None,
         };
         let first = KeyPool::new(std::slice::from_ref(&spec), &registry, 1);
         first.record_failure(0, "m", ErrorClass::KeyInvalid, "", 0);

@@ -162,6 +162,48 @@ struct Violation {
     quota_id: String,
 }
 
+/// Whom a quota answer's cooldown is for, by the quota Google names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// The key, for the model (a per-key limit, or a 429 that names no quota).
+    #[default]
+    KeyModel,
+    /// Every key of the key's project, for the model (`…PerProjectPerModel…`).
+    ProjectModel,
+    /// Every key of the project, for every model (a per-project limit of no model: spend).
+    Project,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::KeyModel => "key_model",
+            Scope::ProjectModel => "project_model",
+            Scope::Project => "project",
+        }
+    }
+}
+
+/// The scope of a 429's cooldown, from its `QuotaFailure.violations[].quotaId`s.
+pub fn quota_scope(body: &[u8]) -> Scope {
+    let parsed: Envelope = serde_json::from_slice(body).unwrap_or_default();
+    let ids = || {
+        parsed
+            .error
+            .details
+            .iter()
+            .flat_map(|d| &d.violations)
+            .map(|v| v.quota_id.as_str())
+    };
+    if ids().any(|id| id.contains("PerProject") && !id.contains("PerModel")) {
+        Scope::Project
+    } else if ids().any(|id| id.contains("PerProject")) {
+        Scope::ProjectModel
+    } else {
+        Scope::KeyModel
+    }
+}
+
 /// Classifies an upstream answer with an error status from its status and body.
 pub fn classify(status: u16, body: &[u8]) -> ErrorClass {
     let parsed: Envelope = serde_json::from_slice(body).unwrap_or_default();
@@ -291,5 +333,27 @@ mod tests {
         assert!(!ErrorClass::Forbidden.retryable());
         assert_eq!(ErrorClass::Forbidden.verdict(), KeyVerdict::Probe);
         assert!(ErrorClass::Network.retryable());
+    }
+
+    #[test]
+    fn a_quota_answer_says_whose_quota_it_was() {
+        let with = |id: &str| {
+            format!(
+                r#"{{"error":{{"code":429,"details":[{{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{{"quotaId":"{id}"}}]}}]}}}}"#
+            )
+        };
+        let scope = |id: &str| quota_scope(with(id).as_bytes());
+        assert_eq!(
+            scope("GenerateRequestsPerMinutePerProjectPerModel-FreeTier"),
+            Scope::ProjectModel
+        );
+        assert_eq!(
+            scope("GenerateRequestsPerDayPerProjectPerModel"),
+            Scope::ProjectModel
+        );
+        assert_eq!(scope("GenerateContentSpendPerProject"), Scope::Project);
+        assert_eq!(scope("GenerateRequestsPerMinutePerUser"), Scope::KeyModel);
+        assert_eq!(quota_scope(br#"{"error":{"code":429}}"#), Scope::KeyModel);
+        assert_eq!(quota_scope(b"not json"), Scope::KeyModel);
     }
 }

@@ -168,13 +168,14 @@ impl Gateway {
                 class: failure.class,
                 message: &failure.message,
                 now_ms: now_ms(),
+                scope: failure.scope,
             },
         );
         if penalty == Penalty::Cooled {
             self.state
                 .lasting
                 .prometheus
-                .cooldown("key_model", failure.class.as_str());
+                .cooldown(cooldown_scope(key, failure.scope), failure.class.as_str());
         }
         if penalty == Penalty::Confirm {
             crate::app::checks::confirm(self.state.clone(), key.spec.id.clone());
@@ -524,6 +525,7 @@ impl Failure {
             class,
             status: 0,
             retry_delay_s: None,
+            scope: Default::default(),
             body: Bytes::new(),
             content_type: None,
             message: message.into(),
@@ -541,6 +543,11 @@ impl Failure {
         let class = classify(status, &body);
         Failure {
             class,
+            scope: if status == 429 {
+                crate::keys::taxonomy::quota_scope(&body)
+            } else {
+                Default::default()
+            },
             retry_delay_s: match class {
                 ErrorClass::RateLimited { retry_after } => Some(retry_after.as_secs_f64()),
                 _ => None,
@@ -667,4 +674,13 @@ fn trace_attempt(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(span);
+}
+
+/// The scope a quota answer's cooldown took for `key` (a key without a project is its own).
+fn cooldown_scope(key: &crate::keys::Key, scope: crate::keys::taxonomy::Scope) -> &'static str {
+    if key.spec.project.is_none() {
+        crate::keys::taxonomy::Scope::KeyModel.as_str()
+    } else {
+        scope.as_str()
+    }
 }

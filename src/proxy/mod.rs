@@ -90,6 +90,8 @@ pub(crate) struct Failure {
     status: u16,
     /// `RetryInfo.retryDelay` of a 429, for plugins.
     retry_delay_s: Option<f64>,
+    /// Whose quota a 429 was (`QuotaFailure.violations[].quotaId`).
+    scope: crate::keys::taxonomy::Scope,
     body: Bytes,
     content_type: Option<HeaderValue>,
     message: String,

@@ -82,6 +82,9 @@ pub struct SavedCooldown {
     pub model: String,
     pub until_ms: u64,
     pub class: String,
+    /// `key_model` in older files.
+    #[serde(default)]
+    pub scope: String,
 }
 
 /// The redb file.
@@ -437,6 +440,7 @@ pub fn snapshot(state: &KeyState, now_ms: u64) -> SavedKey {
                 model: c.model.into(),
                 until_ms: c.until_ms,
                 class: c.class.to_owned(),
+                scope: c.scope.to_owned(),
             })
             .collect(),
     }
@@ -454,6 +458,11 @@ pub fn restore(registry: &KeyRegistry, saved: Vec<(String, SavedKey)>, now_ms: u
                 model: c.model.as_str().into(),
                 until_ms: c.until_ms,
                 class: class_name(&c.class),
+                scope: match c.scope.as_str() {
+                    "project_model" => "project_model",
+                    "project" => "project",
+                    _ => "key_model",
+                },
             })
             .collect();
         if !s.disabled && cooldowns.is_empty() && s.consecutive_failures == 0 && s.epoch == 0 {
@@ -618,6 +627,7 @@ mod tests {
                 model: "m".into(),
                 until_ms: u64::MAX / 2,
                 class: "daily_quota".into(),
+                scope: "project_model".into(),
             }],
             epoch: 2,
         };

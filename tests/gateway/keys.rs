@@ -362,3 +362,63 @@ async fn flaky_keys_keep_serving() {
         "503s disable nothing, even at MAX_FAILURES=1"
     );
 }
+
+/// A 429 of a per-project quota cools every key of that project for that model, at once: the
+/// same request's next attempt goes to another project.
+#[tokio::test]
+async fn a_per_project_quota_cools_the_whole_project() {
+    let fake = fake().await;
+    let toml = r#"
+[keys]
+api_keys = [
+  { key = "minute-p1-a", project = "p1", tier = "free" },
+  { key = "good-p1-b", project = "p1", tier = "free" },
+  { key = "good-p2-c", project = "p2" },
+]
+"#;
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .toml(toml)
+        .admin()
+        .start()
+        .await;
+    // Until the minute key has been tried once (the fake's 429 names
+    // GenerateRequestsPerMinutePerProjectPerModel).
+    for _ in 0..6 {
+        let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+        assert_eq!(status, 200, "{v}");
+        if fake.state.key_stats("minute-p1-a").requests > 0 {
+            break;
+        }
+    }
+    assert_eq!(fake.state.key_stats("minute-p1-a").requests, 1);
+    let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    let key = |secret: &str| {
+        let id = gemgate::config::stable_id("k", secret);
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id.as_str())
+            .unwrap()
+            .clone()
+    };
+    let b = key("good-p1-b");
+    assert_eq!(b["state"], "cooling", "{b}");
+    assert_eq!(b["cooldowns"][0]["scope"], "project_model", "{b}");
+    assert_eq!(b["cooldowns"][0]["model"], "gemini-2.5-flash");
+    assert_eq!(
+        (b["project"].as_str(), b["tier"].as_str()),
+        (Some("p1"), Some("free"))
+    );
+    assert_eq!(key("good-p2-c")["state"], "active");
+    // The cooldown is for that model alone; its calls go to project p2 alone.
+    assert_eq!(b["cooldowns"].as_array().unwrap().len(), 1, "{b}");
+    let before = fake.state.key_stats("good-p1-b").requests;
+    for _ in 0..4 {
+        let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(fake.state.key_stats("good-p1-b").requests, before);
+    assert_eq!(fake.state.key_stats("minute-p1-a").requests, 1);
+}
