@@ -78,15 +78,7 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
             addr: config.listen,
             source,
         })?;
-    // The metrics listener's, if any, as early.
-    let metrics_socket = match config.metrics_listen {
-        Some(addr) => {
-            let (addr, mut sockets) =
-                workers::bind_all(addr, 1).map_err(|source| RunError::Listen { addr, source })?;
-            Some((addr, sockets.remove(0)))
-        }
-        None => None,
-    };
+    let metrics_socket = config.metrics_listen.map(bind_metrics).transpose()?;
     let grace = config.grace_period;
     let conf = server_conf(&config);
     log_start(&config, listen_addr);
@@ -156,6 +148,15 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
         .expect("spawn the server");
     let _ = finished.recv();
     Ok(())
+}
+
+/// The metrics listener's socket on `addr` (`metrics.listen`), bound as early as the others.
+fn bind_metrics(
+    addr: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, tokio::net::TcpSocket), RunError> {
+    let (addr, mut sockets) =
+        workers::bind_all(addr, 1).map_err(|source| RunError::Listen { addr, source })?;
+    Ok((addr, sockets.remove(0)))
 }
 
 /// Makes this instance a member of the fleet `cluster` names: its shared state goes through

@@ -277,42 +277,46 @@ impl Metrics {
 
     /// The exposition: Prometheus text 0.0.4, or OpenMetrics 1.0 (`openmetrics`).
     pub fn render(&self, scrape: &Scrape, openmetrics: bool) -> String {
-        let mut requests: HashMap<(Route, &str, u16), u64> = HashMap::new();
-        let mut attempts: HashMap<(&str, &str, &str), u64> = HashMap::new();
-        let mut tokens: HashMap<&str, [u64; 4]> = HashMap::new();
+        let mut out = Exposition::new(openmetrics);
+        let totals = self.totals();
+        self.write_requests(&mut out, &totals);
+        self.write_upstream(&mut out, &totals);
+        self.write_state(&mut out, scrape);
+        out.finish()
+    }
+
+    /// Every shard's counts added up.
+    fn totals(&self) -> Shard {
+        let mut all = Shard::default();
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             for (k, n) in &shard.requests {
-                *requests.entry(*k).or_default() += n;
+                *all.requests.entry(*k).or_default() += n;
             }
             for (k, n) in &shard.attempts {
-                *attempts.entry(*k).or_default() += n;
+                *all.attempts.entry(*k).or_default() += n;
             }
             for (m, t) in &shard.tokens {
-                let sum = tokens.entry(m).or_default();
+                let sum = all.tokens.entry(m).or_default();
                 for (s, n) in sum.iter_mut().zip(t) {
                     *s += n;
                 }
             }
         }
-        let mut out = Exposition::new(openmetrics);
+        all
+    }
+
+    /// Requests, and their latency and time to first byte.
+    fn write_requests(&self, out: &mut Exposition, totals: &Shard) {
         out.family(
             "gemgate_requests",
             "counter",
             "Requests answered, by route, model and status.",
         );
-        let mut rows: Vec<_> = requests.into_iter().collect();
-        rows.sort();
-        for ((route, model, code), n) in rows {
-            out.sample(
-                "_total",
-                &[
-                    ("route", route.as_str()),
-                    ("model", model),
-                    ("code", &code.to_string()),
-                ],
-                n as f64,
-            );
+        for ((route, model, code), n) in sorted(&totals.requests) {
+            let code = code.to_string();
+            let labels = [("route", route.as_str()), ("model", model), ("code", &code)];
+            out.sample("_total", &labels, n as f64);
         }
         for (name, help, hists) in [
             (
@@ -331,19 +335,24 @@ impl Metrics {
                 out.histogram(&[("route", route.as_str())], &hists[route as usize]);
             }
         }
+    }
+
+    /// Attempts at Google, their duration, tokens, retries and cooldowns.
+    fn write_upstream(&self, out: &mut Exposition, totals: &Shard) {
         out.family(
             "gemgate_upstream_attempts",
             "counter",
             "Attempts sent to Google, by key, model and outcome.",
         );
-        let mut rows: Vec<_> = attempts.into_iter().collect();
-        rows.sort();
-        for ((key, model, class), n) in rows {
-            let mut labels = vec![("model", model), ("class", class)];
-            if !key.is_empty() {
-                labels.insert(0, ("key", key));
-            }
-            out.sample("_total", &labels, n as f64);
+        for ((key, model, class), n) in sorted(&totals.attempts) {
+            let labels = [("key", key), ("model", model), ("class", class)];
+            // Without key labels, the key is "".
+            let labels = if key.is_empty() {
+                &labels[1..]
+            } else {
+                &labels[..]
+            };
+            out.sample("_total", labels, n as f64);
         }
         out.family(
             "gemgate_upstream_duration_seconds",
@@ -356,52 +365,42 @@ impl Metrics {
             "counter",
             "Tokens Google reported, by model and kind.",
         );
-        let mut rows: Vec<_> = tokens.into_iter().collect();
-        rows.sort();
-        for (model, t) in rows {
+        for (model, t) in sorted(&totals.tokens) {
             for (kind, n) in ["prompt", "output", "thoughts", "cached"].iter().zip(t) {
                 out.sample("_total", &[("model", model), ("kind", kind)], n as f64);
             }
         }
-        out.family("gemgate_keys", "gauge", "Keys of the pool, by state.");
-        for (state, n) in ["active", "cooling", "disabled"].iter().zip(scrape.keys) {
-            out.sample("", &[("state", state)], n as f64);
-        }
+        out.counter(
+            "gemgate_retries",
+            "Attempts retried on another key.",
+            &self.retries,
+        );
         out.family(
             "gemgate_cooldowns",
             "counter",
             "Cooldowns started, by scope and reason.",
         );
-        let mut rows: Vec<_> = self
-            .cooldowns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, n)| (*k, *n))
-            .collect();
-        rows.sort();
-        for ((scope, reason), n) in rows {
+        let cooldowns = self.cooldowns.lock().unwrap_or_else(|e| e.into_inner());
+        for ((scope, reason), n) in sorted(&cooldowns) {
             out.sample("_total", &[("scope", scope), ("reason", reason)], n as f64);
+        }
+    }
+
+    /// The pool, refusals, plugins, reloads, logs, connections, the build and the fleet.
+    fn write_state(&self, out: &mut Exposition, scrape: &Scrape) {
+        out.family("gemgate_keys", "gauge", "Keys of the pool, by state.");
+        for (state, n) in ["active", "cooling", "disabled"].iter().zip(scrape.keys) {
+            out.sample("", &[("state", state)], n as f64);
         }
         out.family(
             "gemgate_rejected_requests",
             "counter",
             "Requests refused: before they were a client's, or over a declared limit (limited).",
         );
-        for (reason, n) in &scrape.rejected {
+        let limited = ("limited", self.limited.load(Relaxed));
+        for (reason, n) in scrape.rejected.iter().chain([&limited]) {
             out.sample("_total", &[("reason", reason)], *n as f64);
         }
-        out.sample(
-            "_total",
-            &[("reason", "limited")],
-            self.limited.load(Relaxed) as f64,
-        );
-        out.family(
-            "gemgate_retries",
-            "counter",
-            "Attempts retried on another key.",
-        );
-        out.sample("_total", &[], self.retries.load(Relaxed) as f64);
         out.family(
             "gemgate_plugin_errors",
             "counter",
@@ -411,16 +410,9 @@ impl Metrics {
             out.sample("_total", &[("plugin", plugin), ("hook", hook)], *n as f64);
         }
         out.family("gemgate_reloads", "counter", "Reloads, by result.");
-        out.sample(
-            "_total",
-            &[("result", "ok")],
-            self.reloads_ok.load(Relaxed) as f64,
-        );
-        out.sample(
-            "_total",
-            &[("result", "error")],
-            self.reloads_failed.load(Relaxed) as f64,
-        );
+        for (result, n) in [("ok", &self.reloads_ok), ("error", &self.reloads_failed)] {
+            out.sample("_total", &[("result", result)], n.load(Relaxed) as f64);
+        }
         out.family(
             "gemgate_log_records_dropped",
             "counter",
@@ -447,8 +439,14 @@ impl Metrics {
             );
             out.sample("", &[], if up { 1.0 } else { 0.0 });
         }
-        out.finish()
     }
+}
+
+/// A map's entries in label order (a stable exposition).
+fn sorted<K: Ord + Copy, V: Copy>(map: &HashMap<K, V>) -> Vec<(K, V)> {
+    let mut rows: Vec<(K, V)> = map.iter().map(|(k, v)| (*k, *v)).collect();
+    rows.sort_by_key(|row| row.0);
+    rows
 }
 
 /// Writes one exposition: families, each with its samples.
@@ -505,6 +503,12 @@ impl Exposition {
             self.out.push('}');
         }
         let _ = writeln!(self.out, " {value}");
+    }
+
+    /// A family of one unlabelled counter.
+    fn counter(&mut self, name: &'static str, help: &str, value: &AtomicU64) {
+        self.family(name, "counter", help);
+        self.sample("_total", &[], value.load(Relaxed) as f64);
     }
 
     fn histogram(&mut self, labels: &[(&str, &str)], h: &Histogram) {

@@ -169,26 +169,8 @@ where
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        SECOND.with(|cache| {
-            let mut cache = cache.borrow_mut();
-            if cache.0 != now.as_secs() || cache.1.is_empty() {
-                *cache = (now.as_secs(), crate::clock::utc_seconds(now.as_secs()));
-            }
-            let ms = now.subsec_millis();
-            let digits = [
-                b'.',
-                b'0' + (ms / 100) as u8,
-                b'0' + (ms / 10 % 10) as u8,
-                b'0' + (ms % 10) as u8,
-                b'Z',
-                b' ',
-            ];
-            w.write_str(&cache.1)?;
-            w.write_str(std::str::from_utf8(&digits).expect("ASCII"))
-        })?;
+        write_time(&mut w)?;
+        w.write_str(" ")?;
         let meta = event.metadata();
         w.write_str(match *meta.level() {
             tracing::Level::ERROR => "ERROR ",
@@ -226,20 +208,11 @@ where
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
         let meta = event.metadata();
+        let mut time = String::with_capacity(24);
+        write_time(&mut time)?;
         let mut object = serde_json::Map::new();
-        object.insert(
-            "time".into(),
-            format!(
-                "{}.{:03}Z",
-                crate::clock::utc_seconds(now.as_secs()),
-                now.subsec_millis()
-            )
-            .into(),
-        );
+        object.insert("time".into(), time.into());
         object.insert("level".into(), meta.level().as_str().into());
         object.insert("target".into(), meta.target().into());
         let mut fields = JsonFields(object);
@@ -327,6 +300,30 @@ impl<W: std::fmt::Write> std::fmt::Write for NoControl<W> {
 
 thread_local! {
     static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+}
+
+/// Writes the time now, `2026-11-26T06:46:02.121Z`; the date and the second are formatted once
+/// per second per thread.
+fn write_time(w: &mut impl std::fmt::Write) -> std::fmt::Result {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != now.as_secs() || cache.1.is_empty() {
+            *cache = (now.as_secs(), crate::clock::utc_seconds(now.as_secs()));
+        }
+        let ms = now.subsec_millis();
+        let digits = [
+            b'.',
+            b'0' + (ms / 100) as u8,
+            b'0' + (ms / 10 % 10) as u8,
+            b'0' + (ms % 10) as u8,
+            b'Z',
+        ];
+        w.write_str(&cache.1)?;
+        w.write_str(std::str::from_utf8(&digits).expect("ASCII"))
+    })
 }
 
 #[cfg(test)]

@@ -505,16 +505,6 @@ impl StateCounts {
 }
 
 /// `active`, `cooling` (for some model) or `disabled`.
-pub(super) fn state_of(key: &Key, now: u64) -> &'static str {
-    if key.state.is_disabled() {
-        "disabled"
-    } else if key.state.cooldowns(now).is_empty() {
-        "active"
-    } else {
-        "cooling"
-    }
-}
-
 /// One key as the admin API shows it: masked, with its health.
 fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
     let s = &key.state;
@@ -524,7 +514,7 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
         .into_iter()
         .map(|c| json!({ "model": &*c.model, "until": rfc3339(c.until_ms), "class": c.class, "scope": c.scope }))
         .collect();
-    let state = state_of(key, now);
+    let state = key.state_name(now);
     json!({
         "id": key.spec.id,
         "key": key.spec.secret.masked(),
@@ -570,7 +560,7 @@ pub(super) fn keys_json(
     let mut tags = std::collections::BTreeSet::new();
     let mut matching = Vec::new();
     for key in generation.pool.keys() {
-        let state = state_of(key, now);
+        let state = key.state_name(now);
         counts.add(state);
         tags.extend(key.spec.tags.iter().map(String::as_str));
         let text_ok = q.is_empty()

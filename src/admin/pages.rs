@@ -13,7 +13,7 @@ use pingora::protocols::http::ServerSession;
 use serde_json::{Value, json};
 
 use super::Page;
-use super::api::{StateCounts, keys_json, state_of};
+use super::api::{StateCounts, keys_json};
 use crate::app::Generation;
 use crate::app::session::{self, Admin};
 use crate::clock::{now_ms, rfc3339};
@@ -403,7 +403,7 @@ impl Gateway {
         let day = metrics.summary(now, 1440, 48);
         let mut counts = StateCounts::default();
         for key in generation.pool.keys() {
-            counts.add(state_of(key, now));
+            counts.add(key.state_name(now));
         }
         let mut pool = counts.json();
         pool["total"] = json!(generation.pool.keys().len());

@@ -196,14 +196,22 @@ impl Refused {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    /// Each count, by name.
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::json!({
-            "unauthenticated": n(&self.unauthenticated),
-            "malformed": n(&self.malformed),
-            "connections": n(&self.connections),
-            "slow": n(&self.slow),
-        })
+        [
+            ("unauthenticated", n(&self.unauthenticated)),
+            ("malformed", n(&self.malformed)),
+            ("connections", n(&self.connections)),
+            ("slow", n(&self.slow)),
+        ]
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let counts = self
+            .counts()
+            .map(|(name, n)| (name.to_owned(), serde_json::Value::from(n)));
+        serde_json::Value::Object(counts.into_iter().collect())
     }
 }
 

@@ -407,6 +407,19 @@ pub struct Key {
     pub header: http::HeaderValue,
 }
 
+impl Key {
+    /// `active`, `cooling` (for some model) or `disabled`, at `now_ms`.
+    pub fn state_name(&self, now_ms: u64) -> &'static str {
+        if self.state.is_disabled() {
+            "disabled"
+        } else if self.state.cooldowns(now_ms).is_empty() {
+            "active"
+        } else {
+            "cooling"
+        }
+    }
+}
+
 /// What a failed attempt did to its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Penalty {

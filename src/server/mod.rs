@@ -84,22 +84,7 @@ impl Gateway {
         match route {
             Route::Health => {
                 x.own(Kind::Health, "health");
-                let keys = generation.pool.keys().len();
-                // Liveness: 200 while the process serves, a fleet's Redis away or not.
-                let body = match self.state.lasting.shared.fleet_status() {
-                    None => format!(r#"{{"status":"ok","keys":{keys}}}"#),
-                    Some(fleet) => serde_json::json!({
-                        "status": "ok",
-                        "keys": keys,
-                        "fleet": {
-                            "instance": fleet["instance"],
-                            "redis": fleet["status"],
-                            "degraded": fleet["degraded"],
-                            "members_live": fleet["members_live"],
-                        },
-                    })
-                    .to_string(),
-                };
+                let body = self.liveness(generation);
                 send(s, x, 200, Bytes::from(body)).await
             }
             Route::Metrics => {
@@ -140,6 +125,25 @@ impl Gateway {
     /// Whether this instance should get traffic (`/ready`): not while it drains after SIGTERM,
     /// nor without a key that could serve (none configured, or every one disabled). A key
     /// cooling down for one model still serves others: it counts as usable.
+    /// `/health`'s body: liveness, 200 while the process serves, a fleet's Redis away or not.
+    fn liveness(&self, generation: &Generation) -> String {
+        let keys = generation.pool.keys().len();
+        match self.state.lasting.shared.fleet_status() {
+            None => format!(r#"{{"status":"ok","keys":{keys}}}"#),
+            Some(fleet) => serde_json::json!({
+                "status": "ok",
+                "keys": keys,
+                "fleet": {
+                    "instance": fleet["instance"],
+                    "redis": fleet["status"],
+                    "degraded": fleet["degraded"],
+                    "members_live": fleet["members_live"],
+                },
+            })
+            .to_string(),
+        }
+    }
+
     /// `GET /metrics`: the exposition, in OpenMetrics when the client asks for it.
     async fn metrics(
         &self,
@@ -283,27 +287,17 @@ impl Gateway {
         let now = crate::clock::now_ms();
         let mut keys = [0; 3];
         for key in generation.pool.keys() {
-            let state = &key.state;
-            let i = if state.is_disabled() {
-                2
-            } else if state.cooldowns(now).is_empty() {
-                0
-            } else {
-                1
+            let i = match key.state_name(now) {
+                "active" => 0,
+                "cooling" => 1,
+                _ => 2,
             };
             keys[i] += 1;
         }
-        let refused = &self.state.refused;
-        let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         crate::metrics::Scrape {
             keys,
             connections: self.state.open_connections.load(Ordering::Relaxed),
-            rejected: vec![
-                ("unauthenticated", n(&refused.unauthenticated)),
-                ("malformed", n(&refused.malformed)),
-                ("connections", n(&refused.connections)),
-                ("slow", n(&refused.slow)),
-            ],
+            rejected: self.state.refused.counts().to_vec(),
             log_records_dropped: self.state.lasting.logs.dropped(),
             plugin_errors: generation.policy.stats.snapshot().into_iter().collect(),
             cluster_up: self

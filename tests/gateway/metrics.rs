@@ -461,3 +461,19 @@ async fn a_metrics_listener_of_its_own_serves_the_metrics_alone() {
     let resp = client().get(at("/health")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn guessing_the_metrics_token_is_throttled_like_the_admin_api() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).admin().start().await;
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        statuses.push(scrape(&gate, Some(&format!("guess-{i}")), None).await.0);
+    }
+    assert_eq!(&statuses[..3], &[401, 401, 401], "{statuses:?}");
+    assert!(statuses[3..].iter().all(|s| *s == 429), "{statuses:?}");
+    // The right token always passes (a guesser cannot lock the operator out).
+    let (status, _, body) = scrape(&gate, Some(ADMIN), None).await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("guess-"), "a presented token was echoed");
+}
