@@ -21,6 +21,31 @@ async fn scrape(gate: &Gate, bearer: Option<&str>, accept: Option<&str>) -> (u16
     (status, kind, resp.text().await.unwrap())
 }
 
+/// Waits until the exposition at `url` shows `sample`: a request is counted once its answer
+/// has gone out, so a scrape right after the answer may come first.
+async fn counted(url: &str, sample: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = client()
+            .get(url)
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(sample) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never counted {sample}:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The value of the sample that starts with `prefix` (a name and its labels).
 fn value(text: &str, prefix: &str) -> f64 {
     text.lines()
@@ -51,6 +76,12 @@ async fn metrics_need_the_admin_token_and_count_requests_attempts_and_tokens() {
     let (status, _, _) = post_as(&gate, "sk-wrong", GENERATE, &ask("hi")).await;
     assert_eq!(status, 401);
 
+    for sample in [
+        r#"gemgate_requests_total{route="gemini",model="other",code="#,
+        r#"gemgate_rejected_requests_total{reason="unauthenticated"} 1"#,
+    ] {
+        counted(&gate.url("/metrics"), sample).await;
+    }
     let (status, kind, text) = scrape(&gate, Some(ADMIN), None).await;
     assert_eq!(status, 200);
     assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
@@ -431,6 +462,7 @@ async fn a_metrics_listener_of_its_own_serves_the_metrics_alone() {
     let (status, _, v) = post(&gate, GENERATE, &ask("hi")).await;
     assert_eq!(status, 200, "{v}");
     let at = |path: &str| format!("http://{metrics_addr}{path}");
+    counted(&at("/metrics"), "gemgate_requests_total{").await;
     let resp = client()
         .get(at("/metrics"))
         .bearer_auth(ADMIN)
