@@ -50,7 +50,12 @@ fn main() -> ExitCode {
 
 /// `gemgate check`: compiles the plugins and templates of `config` and says what it found.
 fn check(config: &config::Config) -> ExitCode {
-    let pool = gemgate::keys::KeyPool::new(&config.keys, &Default::default(), config.max_failures);
+    let pool = gemgate::keys::KeyPool::new(
+        &config.keys,
+        &Default::default(),
+        config.max_failures,
+        &config.quota,
+    );
     let policy = match gemgate::policy::engine::Policy::compile(
         config,
         0,

@@ -147,6 +147,10 @@ pub struct Metrics {
     retries: AtomicU64,
     /// Requests refused by a declared limit.
     limited: AtomicU64,
+    /// Requests refused because every project was at a quota limit or cooling.
+    quota: AtomicU64,
+    /// Requests refused during a storm.
+    storm: AtomicU64,
     /// (scope, reason) → cooldowns.
     cooldowns: Mutex<HashMap<(&'static str, &'static str), u64>>,
     reloads_ok: AtomicU64,
@@ -190,6 +194,8 @@ pub struct Scrape {
     pub plugin_errors: Vec<(String, String, u64)>,
     /// `Some(up)` in a fleet.
     pub cluster_up: Option<bool>,
+    /// Whether a storm is on, and how many began.
+    pub storm: (bool, u64),
 }
 
 impl Metrics {
@@ -248,6 +254,16 @@ impl Metrics {
     /// Counts a request refused by a declared limit.
     pub fn limited(&self) {
         self.limited.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a request refused because no project had room (its quota limits, cooldowns).
+    pub fn quota_refused(&self) {
+        self.quota.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a request refused during a storm.
+    pub fn storm_refused(&self) {
+        self.storm.fetch_add(1, Relaxed);
     }
 
     /// Counts a retry on another key.
@@ -395,12 +411,24 @@ impl Metrics {
         out.family(
             "gemgate_rejected_requests",
             "counter",
-            "Requests refused: before they were a client's, or over a declared limit (limited).",
+            "Requests refused: before they were a client's, over a declared limit (limited), with every project at its quota or cooling (quota), or during a storm (storm).",
         );
-        let limited = ("limited", self.limited.load(Relaxed));
-        for (reason, n) in scrape.rejected.iter().chain([&limited]) {
+        let ours = [
+            ("limited", self.limited.load(Relaxed)),
+            ("quota", self.quota.load(Relaxed)),
+            ("storm", self.storm.load(Relaxed)),
+        ];
+        for (reason, n) in scrape.rejected.iter().chain(&ours) {
             out.sample("_total", &[("reason", reason)], *n as f64);
         }
+        out.family(
+            "gemgate_storm_active",
+            "gauge",
+            "1 while Google throttles this instance's address (bare 429s from several projects).",
+        );
+        out.sample("", &[], if scrape.storm.0 { 1.0 } else { 0.0 });
+        out.family("gemgate_storms", "counter", "Storms since the start.");
+        out.sample("_total", &[], scrape.storm.1 as f64);
         out.family(
             "gemgate_plugin_errors",
             "counter",

@@ -11,12 +11,22 @@
 //! `x-fake-delay-ms: N` (pause between chunks), `x-fake-hold: NAME` (hold the last chunk until
 //! `POST /_fake/release/NAME`), `x-fake-error: STATUS REASON` (answer with that error and
 //! `ErrorInfo.reason`).
+//!
+//! An optional quota model ([`QuotaModel`]; [`FakeState::set_quota`], `POST /_fake/quota`, or
+//! the binary's `--quota-file`) puts keys in Cloud projects and limits each (project, model) as
+//! Google does: requests per minute and input tokens per minute over a sliding 60-second
+//! window, requests per Pacific day. generateContent, streamGenerateContent, embedContent and
+//! batchEmbedContents calls over a limit answer Google's quota 429 (`QuotaFailure`, `Help`,
+//! `RetryInfo` for per-minute limits, `ErrorInfo` naming `projects/<number>`); keys in no
+//! project are unlimited. A global throttle ([`FakeState::set_throttle`], `POST
+//! /_fake/throttle`) answers every such call of every key a bare 429. `GET /_fake/quota` (and
+//! [`FakeState::quota_stats`]) counts the calls admitted and refused per project.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,6 +41,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
+
+mod quota;
+
+pub use quota::{ProjectQuotaStats, QuotaModel, QuotaProject, QuotaStats};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -151,9 +165,14 @@ pub struct FakeState {
     /// Files API: upload id → (key, display name, mime type); file id → (key, metadata).
     uploads: Mutex<HashMap<String, (String, String, String)>>,
     files: Mutex<HashMap<String, (String, Value)>>,
+    quota: Mutex<quota::Quota>,
+    throttle: AtomicBool,
+    throttled: AtomicU64,
 }
 
 const KEEP_RECEIVED: usize = 64;
+/// The largest body a control call (`/_fake/…`, image hosts aside) may carry.
+const CONTROL_BODY_LIMIT: usize = 1 << 20;
 
 impl FakeState {
     pub fn new(config: FakeConfig) -> FakeState {
@@ -218,11 +237,56 @@ impl FakeState {
         self.hold(name).notify_one();
     }
 
+    /// Forgets behaviours set at run time, counts and received requests; keeps the quota model
+    /// but empties its windows and counts, and turns the throttle off.
     pub fn reset(&self) {
         self.overrides.lock().unwrap().clear();
         self.keys.lock().unwrap().clear();
         self.received.lock().unwrap().clear();
         self.connections.store(0, Relaxed);
+        self.quota.lock().unwrap().clear_counts();
+        self.throttle.store(false, Relaxed);
+        self.throttled.store(0, Relaxed);
+    }
+
+    /// Replaces the quota model (its windows and counts start empty) and, if it says so, turns
+    /// the throttle on or off. `QuotaModel::default()` lifts every limit. Refused if a key is in
+    /// two projects.
+    pub fn set_quota(&self, model: QuotaModel) -> Result<(), String> {
+        let quota = quota::Quota::new(&model)?;
+        *self.quota.lock().unwrap() = quota;
+        if let Some(on) = model.throttle {
+            self.set_throttle(on);
+        }
+        Ok(())
+    }
+
+    /// While on, every generate or embed call of every key answers a bare 429.
+    pub fn set_throttle(&self, on: bool) {
+        self.throttle.store(on, Relaxed);
+    }
+
+    /// Calls admitted and refused per project, and calls throttled.
+    pub fn quota_stats(&self) -> QuotaStats {
+        let projects = self.quota.lock().unwrap().stats();
+        QuotaStats {
+            admitted: projects.values().map(|p| p.admitted).sum(),
+            limited: projects.values().map(|p| p.limited).sum(),
+            projects,
+            throttled: self.throttled.load(Relaxed),
+            throttle: self.throttle.load(Relaxed),
+        }
+    }
+
+    /// Counts a call of `key` to `model` with `tokens` prompt tokens against its project's
+    /// limits; the quota 429 if a limit refuses it.
+    fn admit(&self, key: &str, model: &str, tokens: usize) -> Option<Response<Body>> {
+        let day = quota::pacific_day_now();
+        let mut quota = self.quota.lock().unwrap();
+        let now = std::time::Instant::now();
+        let refused = quota.check(key, model, tokens as u64, now, day).err()?;
+        drop(quota);
+        Some(quota::refusal_response(&refused))
     }
 
     /// Closes every open connection, idle or not.
@@ -456,9 +520,28 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let body = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return full(StatusCode::BAD_REQUEST, "text/plain", "unreadable body"),
+    let control =
+        parts.uri.path().starts_with("/_fake/") && !parts.uri.path().starts_with("/_fake/upload/");
+    let body = if control {
+        match http_body_util::Limited::new(body, CONTROL_BODY_LIMIT)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return full(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "text/plain",
+                    "body too large",
+                );
+            }
+            Err(_) => return full(StatusCode::BAD_REQUEST, "text/plain", "unreadable body"),
+        }
+    } else {
+        match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return full(StatusCode::BAD_REQUEST, "text/plain", "unreadable body"),
+        }
     };
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or_default().to_owned();
@@ -587,6 +670,15 @@ async fn handle(
             json!([{ "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "googleapis.com" }]),
         );
     }
+    // The global throttle answers every generate or embed call, whatever the key.
+    let limited_call = matches!(
+        action.as_deref(),
+        Some("generateContent" | "streamGenerateContent" | "embedContent" | "batchEmbedContents")
+    );
+    if limited_call && state.throttle.load(Relaxed) {
+        state.throttled.fetch_add(1, Relaxed);
+        return bare_429();
+    }
     let behaviour = state.behaviour(&key);
     match behaviour {
         Behaviour::Invalid => {
@@ -622,14 +714,7 @@ async fn handle(
             return quota_error("Minute", &model, Some(state.config.retry_delay_s));
         }
         Behaviour::DayExhausted => return quota_error("Day", &model, None),
-        Behaviour::Bare429 => {
-            return google_error(
-                429,
-                "RESOURCE_EXHAUSTED",
-                "Resource has been exhausted (e.g. check quota).",
-                Value::Null,
-            );
-        }
+        Behaviour::Bare429 => return bare_429(),
         Behaviour::Overloaded => return overloaded(),
         Behaviour::Internal => {
             return google_error(
@@ -713,6 +798,9 @@ async fn handle(
                 }
             }
             let prompt = last_text(contents);
+            if let Some(refused) = state.admit(&key, &model, words(&prompt)) {
+                return refused;
+            }
             if let Some(call) = function_call(&request, contents) {
                 let mut resp = content_response(&model, "", true, words(&prompt), 1);
                 resp["candidates"][0]["content"]["parts"] = json!([call]);
@@ -775,6 +863,9 @@ async fn handle(
                 .and_then(Value::as_u64)
                 .unwrap_or(8) as usize;
             let text = request.get("content").map(parts_text).unwrap_or_default();
+            if let Some(refused) = state.admit(&key, &model, words(&text)) {
+                return refused;
+            }
             json_response(
                 StatusCode::OK,
                 &json!({ "embedding": { "values": embedding(&text, dims) } }),
@@ -789,6 +880,13 @@ async fn handle(
                     Value::Null,
                 );
             };
+            let tokens = requests
+                .iter()
+                .map(|r| words(&r.get("content").map(parts_text).unwrap_or_default()))
+                .sum();
+            if let Some(refused) = state.admit(&key, &model, tokens) {
+                return refused;
+            }
             let embeddings: Vec<Value> = requests
                 .iter()
                 .map(|r| {
@@ -816,6 +914,16 @@ async fn handle(
             Value::Null,
         ),
     }
+}
+
+/// A 429 with no details, as Google answers when it sheds load.
+fn bare_429() -> Response<Body> {
+    google_error(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "Resource has been exhausted (e.g. check quota).",
+        Value::Null,
+    )
 }
 
 fn overloaded() -> Response<Body> {
@@ -1209,6 +1317,29 @@ fn stream_response(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetThrottle {
+    on: bool,
+}
+
+/// `POST /_fake/quota`: a body with only `throttle` turns the throttle on or off; any other
+/// body replaces the quota model (`{}` lifts every limit).
+fn post_quota(state: &FakeState, body: &[u8]) -> Result<(), String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let Some(fields) = value.as_object() else {
+        return Err("the body is not a JSON object".to_owned());
+    };
+    let model: QuotaModel = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    match model.throttle {
+        Some(on) if fields.len() == 1 => {
+            state.set_throttle(on);
+            Ok(())
+        }
+        _ => state.set_quota(model),
+    }
+}
+
+#[derive(Deserialize)]
 struct SetBehaviour {
     key: String,
     behaviour: Behaviour,
@@ -1283,6 +1414,18 @@ fn control_call(
         ("POST", "behaviour") => match serde_json::from_slice::<SetBehaviour>(body) {
             Ok(b) => {
                 state.set_behaviour(&b.key, b.behaviour);
+                json_response(StatusCode::OK, &json!({ "ok": true }))
+            }
+            Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({ "error": e.to_string() })),
+        },
+        ("GET", "quota") => json_response(StatusCode::OK, &json!(state.quota_stats())),
+        ("POST", "quota") => match post_quota(state, body) {
+            Ok(()) => json_response(StatusCode::OK, &json!({ "ok": true })),
+            Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({ "error": e })),
+        },
+        ("POST", "throttle") => match serde_json::from_slice::<SetThrottle>(body) {
+            Ok(t) => {
+                state.set_throttle(t.on);
                 json_response(StatusCode::OK, &json!({ "ok": true }))
             }
             Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({ "error": e.to_string() })),

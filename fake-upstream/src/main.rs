@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use clap::Parser;
-use gemgate_fake_upstream::{FakeConfig, FakeUpstream};
+use gemgate_fake_upstream::{FakeConfig, FakeUpstream, QuotaModel};
 
 #[derive(Parser)]
 #[command(
     version,
-    about = "A fake Gemini API: key behaviours by prefix (invalid-, suspended-, leaked-, minute-, day-, flaky-, slow-, cut-…)"
+    about = "A fake Gemini API: key behaviours by prefix (invalid-, suspended-, leaked-, minute-, day-, flaky-, slow-, cut-…), and an optional quota model (keys in projects, per-model rpm/tpm/rpd limits answering Google's 429s; --quota-file or POST /_fake/quota)"
 )]
 struct Args {
     /// Address to listen on.
@@ -32,6 +32,10 @@ struct Args {
     /// RetryInfo delay of per-minute quota errors, in seconds.
     #[arg(long, default_value_t = 47)]
     retry_delay_s: u64,
+    /// A quota model, as JSON: `{"projects": {"p1": {"keys": [..], "number": 1001, "rpm": 10,
+    /// "tpm": 250000, "rpd": 250, "tier": "FreeTier"}}, "models": [..], "throttle": false}`.
+    #[arg(long, value_name = "PATH")]
+    quota_file: Option<std::path::PathBuf>,
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -47,12 +51,30 @@ fn main() -> std::io::Result<()> {
         slow: Duration::from_millis(args.slow_ms),
         retry_delay_s: args.retry_delay_s,
     };
+    let quota = match &args.quota_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)?;
+            let model: QuotaModel = serde_json::from_str(&text).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            Some(model)
+        }
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let fake = FakeUpstream::bind(args.listen, config).await?;
+        if let Some(model) = quota {
+            fake.state
+                .set_quota(model)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        }
         println!("fake Gemini API listening; BASE_URL={}", fake.base_url());
         tokio::signal::ctrl_c().await?;
         Ok(())

@@ -512,7 +512,7 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
     let cooldowns: Vec<Value> = s
         .cooldowns(now)
         .into_iter()
-        .map(|c| json!({ "model": &*c.model, "until": rfc3339(c.until_ms), "class": c.class, "scope": c.scope }))
+        .map(|c| json!({ "model": &*c.model, "until": rfc3339(c.until_ms), "class": c.class, "scope": c.scope, "quota_id": (!c.quota.is_empty()).then_some(&*c.quota) }))
         .collect();
     let state = key.state_name(now);
     json!({
@@ -523,6 +523,7 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
         "weight": key.spec.weight,
         "project": key.spec.project,
         "tier": key.spec.tier,
+        "learned_project": detail.consumer,
         "source": key.spec.source,
         "state": state,
         "disabled_reason": detail.disabled_reason,

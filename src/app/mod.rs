@@ -65,6 +65,7 @@ impl Generation {
             &config.keys,
             &parts.registry,
             config.max_failures,
+            &config.quota,
         ));
         let policy = Policy::compile(
             &config,
@@ -90,6 +91,7 @@ impl Generation {
                     std::slice::from_ref(spec),
                     &parts.registry,
                     config.max_failures,
+                    &config.quota,
                 )
             }),
             config: Arc::new(config),
@@ -123,6 +125,8 @@ pub struct Lasting {
     pub shared: Arc<dyn shared::SharedState>,
     /// This instance's id in its fleet (`None`: a single instance); its log rows carry it.
     pub instance: Option<Arc<str>>,
+    /// Storms: Google throttling this instance's address.
+    pub storms: Arc<crate::keys::storm::Storms>,
 }
 
 impl Lasting {
@@ -150,6 +154,7 @@ impl Lasting {
             sessions: local.sessions.clone(),
             shared: Arc::new(local),
             instance: None,
+            storms: Arc::default(),
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use super::session::Sessions;
 use crate::config;
 use crate::keys::owners::{FileOwners, FileRecord, Owner};
-use crate::keys::taxonomy::{ErrorClass, Scope};
+use crate::keys::taxonomy::{ErrorClass, Quota};
 use crate::keys::{KeyPool, Penalty};
 use crate::policy::counters::{CounterStore, Counters};
 use crate::store::Store;
@@ -33,8 +33,8 @@ pub struct KeyFailure<'a> {
     pub class: ErrorClass,
     pub message: &'a str,
     pub now_ms: u64,
-    /// Whose quota a quota answer was: the key's, or its project's.
-    pub scope: Scope,
+    /// The quota the answer named (whose it was), and the project it named.
+    pub quota: &'a Quota,
 }
 
 /// What one attempt used, for the usage counters.
@@ -245,7 +245,7 @@ impl SharedState for Local {
     }
 
     fn key_failed(&self, pool: &KeyPool, index: usize, f: KeyFailure<'_>) -> Penalty {
-        pool.record_failure_of(index, f.model, f.class, f.message, f.now_ms, f.scope)
+        pool.record_failure_of(index, f.model, f.class, f.message, f.now_ms, f.quota)
     }
 
     fn cool_key(&self, pool: &KeyPool, index: usize, model: &str, seconds: f64, now_ms: u64) {

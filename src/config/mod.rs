@@ -8,6 +8,7 @@
 pub mod edit;
 pub mod env;
 pub mod net;
+pub mod quota;
 pub mod settings;
 
 use std::collections::{BTreeMap, HashSet};
@@ -121,6 +122,7 @@ pub struct FileConfig {
     pub policy: PolicySection,
     pub cluster: ClusterSection,
     pub metrics: MetricsSection,
+    pub quota: quota::QuotaSection,
     /// `[plugins.<name>]`: each plugin's own config (`enabled` and `priority` are gemgate's).
     pub plugins: BTreeMap<String, toml::Table>,
 }
@@ -654,6 +656,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `metrics.listen`: a listener serving the metrics alone.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[quota]` over the shipped tiers.
+    pub quota: quota::QuotaLimits,
     /// Every section as read, for the features that consume them.
     pub file: FileConfig,
 }
@@ -885,7 +889,9 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let public_url = public_url(&server.public_url)?;
     let policy = validate_policy(&file.policy)?;
     let custom_headers = custom_headers(up)?;
+    let quota = quota::QuotaLimits::resolve(&file.quota).map_err(|m| invalid("quota", m))?;
     let keys = keys(&file.keys)?;
+    check_tiers(&keys, &quota)?;
     let trusted_proxies = parse_all(&server.trusted_proxies, net::Cidr::parse)
         .map_err(|m| invalid("server.trusted_proxies", m))?;
     let fetch = fetch_config(&file.fetch)?;
@@ -927,8 +933,28 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         forward_headers,
         cluster,
         metrics_listen,
+        quota,
         file,
     })
+}
+
+/// Every tier a key names is shipped or configured: a misspelt tier would silently lift its
+/// keys' limits.
+fn check_tiers(keys: &[KeySpec], quota: &quota::QuotaLimits) -> Result<(), ConfigError> {
+    match keys
+        .iter()
+        .filter_map(|k| k.tier.as_deref())
+        .find(|t| !quota.knows_tier(t))
+    {
+        Some(t) => Err(invalid(
+            "keys.api_keys",
+            format!(
+                "tier {t:?} is not defined: the tiers are {} (define others in [quota.tiers])",
+                quota.tier_names().join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `server.listen` as a socket address.

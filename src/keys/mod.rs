@@ -7,6 +7,9 @@
 //! [`KeyState`] is taken only when a key fails.
 
 pub mod owners;
+pub mod quota;
+pub mod ready;
+pub mod storm;
 pub mod taxonomy;
 
 use std::collections::HashMap;
@@ -18,7 +21,10 @@ use arc_swap::ArcSwap;
 
 use crate::clock;
 use crate::config::KeySpec;
-use taxonomy::{ErrorClass, KeyVerdict, Scope};
+use crate::config::quota::{Limit, QuotaLimits};
+use quota::{ProjectWindows, Ticket};
+use ready::{Candidates, Ready};
+use taxonomy::{ErrorClass, KeyVerdict, Quota, Scope};
 
 /// A (key, model) cooldown after a quota answer.
 #[derive(Debug, Clone)]
@@ -29,6 +35,8 @@ pub struct Cooldown {
     pub class: &'static str,
     /// Whose quota it was (`Scope::as_str`): this key's, or its project's.
     pub scope: &'static str,
+    /// The quota Google named (`QuotaFailure`'s quota id; empty: none).
+    pub quota: Box<str>,
 }
 
 /// A model of `cooldown_model` cools calls of `model`.
@@ -54,6 +62,9 @@ pub struct KeyHealth {
 pub struct KeyDetail {
     pub disabled_reason: Option<String>,
     pub last_error: Option<String>,
+    /// The project Google named in the key's last quota or permission answer
+    /// (`projects/123`).
+    pub consumer: Option<String>,
 }
 
 /// The health of one key. Survives config reloads.
@@ -132,6 +143,7 @@ impl KeyState {
             }
         }
         if remote.disabled && !self.is_disabled() {
+            ready::key_removed();
             self.disabled.store(true, Relaxed);
             self.detail
                 .lock()
@@ -146,10 +158,13 @@ impl KeyState {
                     .is_none_or(|u| u < *until_ms)
             {
                 self.put_cooldown(
-                    model,
-                    *until_ms,
-                    taxonomy::class_name(class),
-                    "key_model",
+                    Cooldown {
+                        model: model.as_str().into(),
+                        until_ms: *until_ms,
+                        class: taxonomy::class_name(class),
+                        scope: Scope::KeyModel.as_str(),
+                        quota: "".into(),
+                    },
                     now_ms,
                 );
                 changed = true;
@@ -172,6 +187,10 @@ impl KeyState {
         cooldowns: Vec<Cooldown>,
         epoch: u64,
     ) {
+        ready::key_returned();
+        for c in &cooldowns {
+            ready::model_cooled(&c.model);
+        }
         self.epoch.store(epoch, Relaxed);
         self.disabled.store(disabled, Relaxed);
         self.consecutive_failures
@@ -233,6 +252,19 @@ impl KeyState {
             .max()
     }
 
+    /// The cooldown that keeps the key from `model` at `now_ms` (the one ending last).
+    pub fn cooldown_for(&self, model: &str, now_ms: u64) -> Option<Cooldown> {
+        if self.cooling_until_max.load(Relaxed) <= now_ms {
+            return None;
+        }
+        self.cooldowns
+            .load()
+            .iter()
+            .filter(|c| covers(&c.model, model) && c.until_ms > now_ms)
+            .max_by_key(|c| c.until_ms)
+            .cloned()
+    }
+
     /// Every cooldown still running at `now_ms`.
     pub fn cooldowns(&self, now_ms: u64) -> Vec<Cooldown> {
         self.cooldowns
@@ -246,57 +278,55 @@ impl KeyState {
     /// Cools the key for `model` until `until_ms`; an existing longer cooldown (a daily quota
     /// answered by a concurrent request) is kept.
     fn cool(&self, model: &str, until_ms: u64, class: &'static str, now_ms: u64) {
-        self.cool_scoped(model, until_ms, class, Scope::KeyModel, now_ms);
-    }
-
-    /// [`KeyState::cool`] for a quota of `scope`.
-    fn cool_scoped(
-        &self,
-        model: &str,
-        until_ms: u64,
-        class: &'static str,
-        scope: Scope,
-        now_ms: u64,
-    ) {
         self.mark_dirty();
-        self.put_cooldown(model, until_ms, class, scope.as_str(), now_ms);
+        self.put_cooldown(
+            Cooldown {
+                model: model.into(),
+                until_ms,
+                class,
+                scope: Scope::KeyModel.as_str(),
+                quota: "".into(),
+            },
+            now_ms,
+        );
     }
 
-    /// [`KeyState::cool`] without marking the state changed.
-    fn put_cooldown(
-        &self,
-        model: &str,
-        until_ms: u64,
-        class: &'static str,
-        scope: &'static str,
-        now_ms: u64,
-    ) {
-        self.cooling_until_max.fetch_max(until_ms, Relaxed);
+    /// Puts `cooldown` in (without marking the state changed); an existing longer cooldown
+    /// for its model (a daily quota answered by a concurrent request) is kept.
+    fn put_cooldown(&self, cooldown: Cooldown, now_ms: u64) {
+        ready::model_cooled(&cooldown.model);
+        self.cooling_until_max.fetch_max(cooldown.until_ms, Relaxed);
         self.cooldowns.rcu(|old| {
             let mut next: Vec<Cooldown> = old
                 .iter()
                 .filter(|c| c.until_ms > now_ms)
                 .cloned()
                 .collect();
-            match next.iter_mut().find(|c| &*c.model == model) {
-                Some(c) if c.until_ms >= until_ms => {}
-                Some(c) => {
-                    *c = Cooldown {
-                        model: model.into(),
-                        until_ms,
-                        class,
-                        scope,
-                    }
-                }
-                None => next.push(Cooldown {
-                    model: model.into(),
-                    until_ms,
-                    class,
-                    scope,
-                }),
+            match next.iter_mut().find(|c| c.model == cooldown.model) {
+                Some(c) if c.until_ms >= cooldown.until_ms => {}
+                Some(c) => *c = cooldown.clone(),
+                None => next.push(cooldown.clone()),
             }
             next
         });
+    }
+
+    /// Ends the key's cooldown for `model` if a bare 429 (no quota named) caused it: it was
+    /// a storm's, not the key's.
+    pub fn lift_bare_cooldown(&self, model: &str, now_ms: u64) {
+        let bare =
+            |c: &Cooldown| &*c.model == model && c.quota.is_empty() && c.class == "rate_limited";
+        if !self.cooldowns.load().iter().any(bare) {
+            return;
+        }
+        self.cooldowns.rcu(|old| {
+            old.iter()
+                .filter(|c| c.until_ms > now_ms && !bare(c))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        self.mark_dirty();
+        ready::key_returned();
     }
 
     fn record_success(&self) {
@@ -311,6 +341,7 @@ impl KeyState {
     /// Marks the key disabled with `reason`.
     pub fn disable(&self, reason: impl Into<String>) {
         self.mark_dirty();
+        ready::key_removed();
         self.disabled.store(true, Relaxed);
         self.detail
             .lock()
@@ -345,6 +376,7 @@ impl KeyState {
 
     /// Not disabled, no failures, no cooldowns.
     fn reset(&self) {
+        ready::key_returned();
         self.disabled.store(false, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         self.cooldowns.store(Arc::new(Vec::new()));
@@ -360,9 +392,17 @@ impl KeyState {
 #[derive(Debug, Default)]
 pub struct KeyRegistry {
     states: Mutex<HashMap<String, Arc<KeyState>>>,
+    /// Each project's quota windows, by project name (`key:<id>` for a key's own).
+    windows: Mutex<HashMap<String, Arc<ProjectWindows>>>,
 }
 
 impl KeyRegistry {
+    /// The quota windows of project `name`, made on first sight.
+    pub fn windows(&self, name: &str) -> Arc<ProjectWindows> {
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        windows.entry(name.to_owned()).or_default().clone()
+    }
+
     /// The state of key `id`, created on first sight.
     pub fn state(&self, id: &str) -> Arc<KeyState> {
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
@@ -442,13 +482,28 @@ pub enum Pick {
     Key(usize),
     /// The pool has no key at all.
     Empty,
-    /// Every key is disabled, cooling for this model, or already tried for this request.
-    /// `retry_at_ms` is the earliest cooldown end, if any key is cooling.
+    /// Every key is disabled, cooling for this model, at its project's limit, or already
+    /// tried for this request. `retry_at_ms` is the earliest time one may serve again.
     Exhausted {
         retry_at_ms: Option<u64>,
         cooling: usize,
         disabled: usize,
+        /// Whether keys were left out because their projects are at a limit.
+        limited: bool,
     },
+}
+
+/// A Cloud project of the pool: keys that share one quota. A key without a project is a
+/// project of its own, named by the key's id.
+#[derive(Debug)]
+pub struct Project {
+    pub name: Box<str>,
+    /// Whether the config names it (else it is a key's own).
+    pub named: bool,
+    pub tier: Option<Box<str>>,
+    /// Pool indices of its keys.
+    pub keys: Vec<u32>,
+    pub windows: Arc<ProjectWindows>,
 }
 
 /// The keys of one configuration generation.
@@ -456,8 +511,16 @@ pub enum Pick {
 pub struct KeyPool {
     keys: Vec<Key>,
     by_id: HashMap<String, usize, foldhash::fast::RandomState>,
-    /// The keys of each project named in the config (a key without one is its own project).
-    projects: HashMap<String, Vec<usize>, foldhash::fast::RandomState>,
+    projects: Vec<Project>,
+    /// Each key's project (an index into `projects`).
+    project_of: Vec<u32>,
+    quota: QuotaLimits,
+    /// The models some project of the pool has a limit for: other models skip quota work.
+    limited_models: std::collections::HashSet<String, foldhash::fast::RandomState>,
+    /// The usable keys by model (see [`ready`]).
+    ready: Mutex<HashMap<Box<str>, Arc<Ready>, foldhash::fast::RandomState>>,
+    /// Where the choice by headroom starts looking, turning with each choice.
+    turn: AtomicU64,
     max_failures: u32,
 }
 
@@ -473,8 +536,16 @@ impl Drop for Lease {
     }
 }
 
+/// How many usable keys the choice by headroom compares.
+const HEADROOM_CHOICES: usize = 4;
+
 impl KeyPool {
-    pub fn new(specs: &[KeySpec], registry: &KeyRegistry, max_failures: u32) -> KeyPool {
+    pub fn new(
+        specs: &[KeySpec],
+        registry: &KeyRegistry,
+        max_failures: u32,
+        quota: &QuotaLimits,
+    ) -> KeyPool {
         let keys = specs
             .iter()
             .map(|spec| {
@@ -493,17 +564,20 @@ impl KeyPool {
             .enumerate()
             .map(|(i, s)| (s.id.clone(), i))
             .collect();
-        let mut projects: HashMap<String, Vec<usize>, foldhash::fast::RandomState> =
-            HashMap::default();
-        for (i, spec) in specs.iter().enumerate() {
-            if let Some(p) = &spec.project {
-                projects.entry(p.clone()).or_default().push(i);
-            }
-        }
+        let (projects, project_of) = projects(specs, registry);
+        let limited_models = quota
+            .limited_models(projects.iter().filter_map(|p| p.tier.as_deref()))
+            .into_iter()
+            .collect();
         KeyPool {
             keys,
             by_id,
             projects,
+            project_of,
+            quota: quota.clone(),
+            limited_models,
+            ready: Mutex::default(),
+            turn: AtomicU64::new(0),
             max_failures: max_failures.max(1),
         }
     }
@@ -525,55 +599,187 @@ impl KeyPool {
         self.by_id.get(id).copied()
     }
 
-    /// Whether key `index` may serve `model` at `now_ms`.
+    /// The projects of the pool, keys without one each their own.
+    pub fn projects(&self) -> &[Project] {
+        &self.projects
+    }
+
+    /// Key `index`'s project.
+    pub fn project(&self, index: usize) -> &Project {
+        &self.projects[self.project_of[index] as usize]
+    }
+
+    /// Whether key `index` may serve `model` at `now_ms` (disabled and cooling keys may not;
+    /// see [`KeyPool::room`] for its project's limits).
     pub fn usable(&self, index: usize, model: &str, now_ms: u64) -> bool {
         let state = &self.keys[index].state;
         !state.is_disabled() && state.cooling_until(model, now_ms).is_none()
     }
 
-    /// The built-in choice: the first usable key for `model` not in `tried`, in config order.
-    /// (Round-robin and the other strategies are plugins.)
-    pub fn pick(&self, model: &str, tried: &[usize], now_ms: u64) -> Pick {
-        if self.keys.is_empty() {
-            return Pick::Empty;
+    /// Key `index`'s project's limit for `model`, if it has one.
+    pub fn limit(&self, index: usize, model: &str) -> Option<Limit> {
+        if !self.limited_models.contains(model) {
+            return None;
         }
-        match (0..self.keys.len()).find(|&i| !tried.contains(&i) && self.usable(i, model, now_ms)) {
-            Some(index) => Pick::Key(index),
-            None => self.exhausted(model, now_ms),
-        }
+        self.quota.limit(self.project(index).tier.as_deref(), model)
     }
 
-    /// Every key that may serve `model` now and is not in `tried`, in config order.
-    pub fn candidates(&self, model: &str, tried: &[usize], now_ms: u64) -> Vec<u32> {
-        (0..self.keys.len())
-            .filter(|&i| !tried.contains(&i) && self.usable(i, model, now_ms))
-            .map(|i| i as u32)
-            .collect()
-    }
-
-    /// Why no key can serve `model`.
-    pub fn exhausted(&self, model: &str, now_ms: u64) -> Pick {
-        let (retry_at_ms, cooling, disabled) = self.unavailable(model, now_ms);
-        Pick::Exhausted {
-            retry_at_ms,
-            cooling,
-            disabled,
+    /// What is left of key `index`'s project's limit for `model` at `now_ms`: from 0 (at the
+    /// limit) to 1 (unused, or no limit).
+    pub fn headroom(&self, index: usize, model: &str, now_ms: u64) -> f64 {
+        match self.limit(index, model) {
+            Some(limit) => self.project(index).windows.headroom(model, &limit, now_ms),
+            None => 1.0,
         }
     }
 
-    /// Why keys cannot serve `model` now: the earliest cooldown end, how many keys are
-    /// cooling, and how many are disabled.
-    pub fn unavailable(&self, model: &str, now_ms: u64) -> (Option<u64>, usize, usize) {
-        let (mut retry_at_ms, mut cooling, mut disabled) = (None::<u64>, 0, 0);
-        for key in &self.keys {
+    /// Whether key `index`'s project may send one more request of `model` of about `tokens`
+    /// input tokens now: `Err` with the time it may.
+    pub fn room(&self, index: usize, model: &str, tokens: u64, now_ms: u64) -> Result<(), u64> {
+        match self.limit(index, model) {
+            Some(limit) => match self
+                .project(index)
+                .windows
+                .free_at(model, &limit, tokens, now_ms)
+            {
+                Some(at) => Err(at),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a request of about `tokens` input tokens for `model` against key `index`'s
+    /// project; `Ok(None)`: nothing limits it; `Err`: it does not fit until then.
+    pub fn admit(
+        &self,
+        index: usize,
+        model: &str,
+        tokens: u64,
+        now_ms: u64,
+    ) -> Result<Option<Ticket>, u64> {
+        match self.limit(index, model) {
+            Some(limit) => self
+                .project(index)
+                .windows
+                .admit(model, &limit, tokens, now_ms)
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The keys usable for `model`, as of a moment at most a little before `now_ms`.
+    fn ready(&self, model: &str, now_ms: u64) -> Arc<Ready> {
+        self.ready_list(model, now_ms, false)
+    }
+
+    /// [`KeyPool::ready`], made again if a key dropped out since (`exact`): for the counts of
+    /// an answer saying no key is usable.
+    fn ready_list(&self, model: &str, now_ms: u64, exact: bool) -> Arc<Ready> {
+        let list = ready::list_for(model);
+        let mut lists = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = lists
+            .get(list)
+            .filter(|r| r.fresh(now_ms) && (!exact || r.exact()))
+        {
+            return r.clone();
+        }
+        let made = Arc::new(self.make_ready(list, now_ms));
+        lists.insert(list.into(), made.clone());
+        made
+    }
+
+    /// One pass over the pool: the keys usable for `model` (a list's model) at `now_ms`.
+    fn make_ready(&self, model: &str, now_ms: u64) -> Ready {
+        let (mut keys, mut retry_at_ms, mut cooling, mut disabled) = (Vec::new(), None, 0, 0);
+        for (i, key) in self.keys.iter().enumerate() {
             if key.state.is_disabled() {
                 disabled += 1;
             } else if let Some(until) = key.state.cooling_until(model, now_ms) {
                 cooling += 1;
-                retry_at_ms = Some(retry_at_ms.map_or(until, |r| r.min(until)));
+                retry_at_ms = Some(retry_at_ms.map_or(until, |r: u64| r.min(until)));
+            } else {
+                keys.push(i as u32);
             }
         }
-        (retry_at_ms, cooling, disabled)
+        Ready::new(keys, retry_at_ms, cooling, disabled, now_ms)
+    }
+
+    /// The built-in choice: the first usable key for `model` not in `tried`, in config order;
+    /// when projects have limits for `model`, of the next few usable keys in turn the one
+    /// whose project has the most headroom. Keys whose projects are at a limit are passed
+    /// over. (Round-robin and the other strategies are plugins.)
+    pub fn pick(&self, model: &str, tried: &[usize], tokens: u64, now_ms: u64) -> Pick {
+        if self.keys.is_empty() {
+            return Pick::Empty;
+        }
+        let ready = self.ready(model, now_ms);
+        if let Some(at) = ready.full_until(now_ms) {
+            return exhausted_of(&ready, Some(at));
+        }
+        let limited = self.limited_models.contains(model);
+        let n = ready.keys.len();
+        let start = if limited && n > 0 {
+            (self.turn.fetch_add(1, Relaxed) % n as u64) as usize
+        } else {
+            0
+        };
+        let mut best: Option<(usize, f64)> = None;
+        let (mut compared, mut full_until, mut partial) = (0, None::<u64>, false);
+        for step in 0..n {
+            let i = ready.keys[(start + step) % n] as usize;
+            if tried.contains(&i) {
+                partial = true;
+                continue;
+            }
+            if !self.usable(i, model, now_ms) {
+                continue;
+            }
+            if !limited {
+                return Pick::Key(i);
+            }
+            if let Err(at) = self.room(i, model, tokens, now_ms) {
+                full_until = Some(full_until.map_or(at, |f| f.min(at)));
+                // Full for a request of any size, not only for one as large as this: then
+                // the next requests need not look again before it frees.
+                partial |= self.room(i, model, 0, now_ms).is_ok();
+                continue;
+            }
+            let h = self.headroom(i, model, now_ms);
+            if best.is_none_or(|(_, b)| h > b) {
+                best = Some((i, h));
+            }
+            compared += 1;
+            if compared == HEADROOM_CHOICES {
+                break;
+            }
+        }
+        if let Some((i, _)) = best {
+            return Pick::Key(i);
+        }
+        if let Some(at) = full_until
+            && !partial
+        {
+            ready.set_full_until(at);
+        }
+        exhausted_of(&self.ready_list(model, now_ms, true), full_until)
+    }
+
+    /// The keys a `select_key` plugin chooses from for `model`: those usable when the list
+    /// was made, less `tried`, in config order. Made without a pass over the pool.
+    pub fn candidates(&self, model: &str, tried: &[usize], now_ms: u64) -> Candidates {
+        Candidates::new(self.ready(model, now_ms).keys.clone(), tried)
+    }
+
+    /// The earliest end of a cooldown for `model` of any key (for a 429's `Retry-After`).
+    pub fn retry_at(&self, model: &str, now_ms: u64) -> Option<u64> {
+        self.ready(model, now_ms).retry_at_ms
+    }
+
+    /// Why no key can serve `model`; `limited_until`: keys were passed over because their
+    /// projects are at a limit until then.
+    pub fn exhausted(&self, model: &str, limited_until: Option<u64>, now_ms: u64) -> Pick {
+        exhausted_of(&self.ready_list(model, now_ms, true), limited_until)
     }
 
     /// Marks key `index` in use until the lease is dropped.
@@ -605,11 +811,12 @@ impl KeyPool {
         message: &str,
         now_ms: u64,
     ) -> Penalty {
-        self.record_failure_of(index, model, class, message, now_ms, Scope::KeyModel)
+        self.record_failure_of(index, model, class, message, now_ms, &Quota::default())
     }
 
-    /// [`KeyPool::record_failure`] for a quota answer of `scope`: a project's quota cools
-    /// every key of the key's project (for `model`, or for every model).
+    /// [`KeyPool::record_failure`] for an answer naming `quota`: a project's quota cools
+    /// every key of the key's project (for `model`, or for every model); the project Google
+    /// names is noted for the key.
     pub fn record_failure_of(
         &self,
         index: usize,
@@ -617,18 +824,20 @@ impl KeyPool {
         class: ErrorClass,
         message: &str,
         now_ms: u64,
-        scope: Scope,
+        quota: &Quota,
     ) -> Penalty {
         let key = &self.keys[index];
         let state = &key.state;
         state.failures.fetch_add(1, Relaxed);
         let verdict = class.verdict();
-        if verdict != KeyVerdict::NoPenalty {
-            state
-                .detail
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .last_error = Some(format!("{}: {}", class.as_str(), truncate(message, 300)));
+        if verdict != KeyVerdict::NoPenalty || quota.consumer.is_some() {
+            let mut detail = state.detail.lock().unwrap_or_else(|e| e.into_inner());
+            if verdict != KeyVerdict::NoPenalty {
+                detail.last_error = Some(format!("{}: {}", class.as_str(), truncate(message, 300)));
+            }
+            if let Some(c) = &quota.consumer {
+                detail.consumer = Some(c.to_string());
+            }
         }
         match verdict {
             KeyVerdict::Fault | KeyVerdict::Suspect => {
@@ -653,12 +862,12 @@ impl KeyPool {
             }
             KeyVerdict::CoolFor(d) => {
                 let until = now_ms.saturating_add(d.as_millis() as u64);
-                self.cool_for_quota(index, model, until, class, scope, now_ms);
+                self.cool_for_quota(index, model, until, class, quota, now_ms);
                 Penalty::Cooled
             }
             KeyVerdict::CoolUntilDailyReset => {
                 let until = clock::next_pacific_midnight_ms(now_ms);
-                self.cool_for_quota(index, model, until, class, scope, now_ms);
+                self.cool_for_quota(index, model, until, class, quota, now_ms);
                 Penalty::Cooled
             }
             KeyVerdict::Probe if state.claim_probe(now_ms) => Penalty::Confirm,
@@ -676,29 +885,80 @@ impl KeyPool {
         model: &str,
         until: u64,
         class: ErrorClass,
-        scope: Scope,
+        quota: &Quota,
         now_ms: u64,
     ) {
-        let key = &self.keys[index];
-        let members = match (scope, &key.spec.project) {
-            (Scope::KeyModel, _) | (_, None) => std::slice::from_ref(&index),
-            (_, Some(p)) => self
-                .projects
-                .get(p)
-                .map_or(std::slice::from_ref(&index), Vec::as_slice),
+        let scope = quota.scope;
+        let project = self.project(index);
+        let alone = [index as u32];
+        let (members, scope) = match scope {
+            Scope::KeyModel => (&alone[..], scope),
+            // A key's own project is the key alone.
+            _ if !project.named => (&alone[..], Scope::KeyModel),
+            _ => (project.keys.as_slice(), scope),
         };
-        let model = if scope == Scope::Project { "*" } else { model };
-        let scope = if key.spec.project.is_none() {
-            Scope::KeyModel
-        } else {
-            scope
+        let cooldown = Cooldown {
+            model: if scope == Scope::Project { "*" } else { model }.into(),
+            until_ms: until,
+            class: class.as_str(),
+            scope: scope.as_str(),
+            quota: quota.id.clone(),
         };
         for &i in members {
-            self.keys[i]
-                .state
-                .cool_scoped(model, until, class.as_str(), scope, now_ms);
+            let state = &self.keys[i as usize].state;
+            state.mark_dirty();
+            state.put_cooldown(cooldown.clone(), now_ms);
         }
     }
+}
+
+/// Why no key of `ready` can serve; `limited_until`: keys were passed over because their
+/// projects are at a limit, the first of which frees then.
+fn exhausted_of(ready: &Ready, limited_until: Option<u64>) -> Pick {
+    let retry_at_ms = match (ready.retry_at_ms, limited_until) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Pick::Exhausted {
+        retry_at_ms,
+        cooling: ready.cooling,
+        disabled: ready.disabled,
+        limited: limited_until.is_some(),
+    }
+}
+
+/// The projects of `specs` (a key without one is its own) and each key's project.
+fn projects(specs: &[KeySpec], registry: &KeyRegistry) -> (Vec<Project>, Vec<u32>) {
+    let mut projects: Vec<Project> = Vec::new();
+    let mut by_name: HashMap<&str, u32, foldhash::fast::RandomState> = HashMap::default();
+    let mut project_of = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let at = match spec.project.as_deref() {
+            Some(name) => *by_name.entry(name).or_insert_with(|| {
+                projects.push(Project {
+                    name: name.into(),
+                    named: true,
+                    tier: spec.tier.as_deref().map(Into::into),
+                    keys: Vec::new(),
+                    windows: registry.windows(name),
+                });
+                projects.len() as u32 - 1
+            }),
+            None => {
+                projects.push(Project {
+                    name: spec.id.as_str().into(),
+                    named: false,
+                    tier: spec.tier.as_deref().map(Into::into),
+                    keys: Vec::new(),
+                    windows: registry.windows(&format!("key:{}", spec.id)),
+                });
+                projects.len() as u32 - 1
+            }
+        };
+        projects[at as usize].keys.push(i as u32);
+        project_of.push(at);
+    }
+    (projects, project_of)
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -737,19 +997,29 @@ mod tests {
                 }
             })
             .collect();
-        KeyPool::new(&specs, &KeyRegistry::default(), max_failures)
+        KeyPool::new(
+            &specs,
+            &KeyRegistry::default(),
+            max_failures,
+            &QuotaLimits::default(),
+        )
     }
 
     #[test]
     fn the_built_in_choice_skips_tried_and_unusable_keys() {
         let p = pool(3, 1);
-        assert_eq!(p.pick("m", &[], 0), Pick::Key(0));
-        assert_eq!(p.pick("m", &[0], 0), Pick::Key(1));
+        assert_eq!(p.pick("m", &[], 0, 0), Pick::Key(0));
+        assert_eq!(p.pick("m", &[0], 0, 0), Pick::Key(1));
         p.record_failure(1, "m", ErrorClass::KeyInvalid, "bad", 0);
-        assert_eq!(p.pick("m", &[0], 0), Pick::Key(2));
-        assert_eq!(p.candidates("m", &[], 0), vec![0, 2]);
-        assert_eq!(p.pick("m", &[0, 1], 0), Pick::Key(2));
-        assert!(matches!(p.pick("m", &[0, 1, 2], 0), Pick::Exhausted { .. }));
+        assert_eq!(p.pick("m", &[0], 0, 0), Pick::Key(2));
+        // The plugins' list leaves a key out once it is made again (a little later).
+        let c = p.candidates("m", &[], 1_000);
+        assert_eq!((c.len(), c.get(0), c.get(1)), (2, Some(0), Some(2)));
+        assert_eq!(p.pick("m", &[0, 1], 0, 0), Pick::Key(2));
+        assert!(matches!(
+            p.pick("m", &[0, 1, 2], 0, 0),
+            Pick::Exhausted { .. }
+        ));
     }
 
     #[test]
@@ -765,15 +1035,16 @@ mod tests {
             1_000,
         );
         assert_eq!(
-            p.pick("flash", &[], 2_000),
+            p.pick("flash", &[], 0, 2_000),
             Pick::Exhausted {
                 retry_at_ms: Some(11_000),
                 cooling: 1,
-                disabled: 0
+                disabled: 0,
+                limited: false
             }
         );
-        assert_eq!(p.pick("pro", &[], 2_000), Pick::Key(0));
-        assert_eq!(p.pick("flash", &[], 11_000), Pick::Key(0));
+        assert_eq!(p.pick("pro", &[], 0, 2_000), Pick::Key(0));
+        assert_eq!(p.pick("flash", &[], 0, 11_000), Pick::Key(0));
     }
 
     #[test]
@@ -836,9 +1107,14 @@ mod tests {
             project: None,
             tier: None,
         };
-        let first = KeyPool::new(std::slice::from_ref(&spec), &registry, 1);
+        let first = KeyPool::new(
+            std::slice::from_ref(&spec),
+            &registry,
+            1,
+            &QuotaLimits::default(),
+        );
         first.record_failure(0, "m", ErrorClass::KeyInvalid, "", 0);
-        let second = KeyPool::new(&[spec], &registry, 1);
+        let second = KeyPool::new(&[spec], &registry, 1, &QuotaLimits::default());
         assert!(second.get(0).state.is_disabled());
     }
 

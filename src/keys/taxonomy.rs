@@ -148,6 +148,8 @@ struct Detail {
     #[serde(rename = "@type", default)]
     kind: String,
     #[serde(default)]
+    metadata: std::collections::HashMap<String, serde_json::Value>,
+    #[serde(default)]
     reason: String,
     #[serde(default)]
     violations: Vec<Violation>,
@@ -184,24 +186,74 @@ impl Scope {
     }
 }
 
-/// The scope of a 429's cooldown, from its `QuotaFailure.violations[].quotaId`s.
-pub fn quota_scope(body: &[u8]) -> Scope {
+/// What a quota answer (or a 403) says about the quota and the key's project.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Quota {
+    /// Whose quota ran out, by the quota Google names.
+    pub scope: Scope,
+    /// The first `QuotaFailure.violations[].quotaId` (empty: none named).
+    pub id: Box<str>,
+    /// The project Google says the key belongs to (`ErrorInfo.metadata.consumer`,
+    /// `projects/123`).
+    pub consumer: Option<Box<str>>,
+}
+
+/// The scope of one quota id: a limit per user (or key) is the key's; one per model is the
+/// project's for that model; any other named limit (spend) is the project's for every model.
+fn scope_of(id: &str) -> Scope {
+    if id.contains("PerUser") || id.contains("PerKey") {
+        Scope::KeyModel
+    } else if id.contains("PerModel") {
+        Scope::ProjectModel
+    } else {
+        Scope::Project
+    }
+}
+
+/// The quota an error answer names: its scope (the widest of its violations'), its first
+/// quota id, and the project it names.
+pub fn quota_of(body: &[u8]) -> Quota {
     let parsed: Envelope = serde_json::from_slice(body).unwrap_or_default();
+    let details = &parsed.error.details;
     let ids = || {
-        parsed
-            .error
-            .details
+        details
             .iter()
             .flat_map(|d| &d.violations)
             .map(|v| v.quota_id.as_str())
+            .filter(|id| !id.is_empty())
     };
-    if ids().any(|id| id.contains("PerProject") && !id.contains("PerModel")) {
-        Scope::Project
-    } else if ids().any(|id| id.contains("PerProject")) {
-        Scope::ProjectModel
-    } else {
-        Scope::KeyModel
+    let scope = ids().map(scope_of).fold(None, |wide, s| match (wide, s) {
+        (Some(Scope::Project), _) | (_, Scope::Project) => Some(Scope::Project),
+        (Some(Scope::ProjectModel), _) | (_, Scope::ProjectModel) => Some(Scope::ProjectModel),
+        _ => Some(Scope::KeyModel),
+    });
+    let consumer = details
+        .iter()
+        .filter_map(|d| d.metadata.get("consumer")?.as_str())
+        .find(|c| c.starts_with("projects/") && c.len() <= 64)
+        .map(Into::into);
+    Quota {
+        scope: scope.unwrap_or_default(),
+        id: ids()
+            .next()
+            .map(|id| id.chars().take(128).collect::<String>().into())
+            .unwrap_or_default(),
+        consumer,
     }
+}
+
+/// Whether an answer is a bare 429: no `QuotaFailure`, no `RetryInfo`, nothing that names
+/// a quota (Google throttling the caller, not a project's quota).
+pub fn is_bare_429(status: u16, body: &[u8]) -> bool {
+    if status != 429 {
+        return false;
+    }
+    let parsed: Envelope = serde_json::from_slice(body).unwrap_or_default();
+    parsed
+        .error
+        .details
+        .iter()
+        .all(|d| d.violations.is_empty() && d.retry_delay.is_none())
 }
 
 /// Classifies an upstream answer with an error status from its status and body.
@@ -342,7 +394,7 @@ mod tests {
                 r#"{{"error":{{"code":429,"details":[{{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{{"quotaId":"{id}"}}]}}]}}}}"#
             )
         };
-        let scope = |id: &str| quota_scope(with(id).as_bytes());
+        let scope = |id: &str| quota_of(with(id).as_bytes()).scope;
         assert_eq!(
             scope("GenerateRequestsPerMinutePerProjectPerModel-FreeTier"),
             Scope::ProjectModel
@@ -353,7 +405,27 @@ mod tests {
         );
         assert_eq!(scope("GenerateContentSpendPerProject"), Scope::Project);
         assert_eq!(scope("GenerateRequestsPerMinutePerUser"), Scope::KeyModel);
-        assert_eq!(quota_scope(br#"{"error":{"code":429}}"#), Scope::KeyModel);
-        assert_eq!(quota_scope(b"not json"), Scope::KeyModel);
+        assert_eq!(
+            scope("GenerateContentInputTokensPerModelPerMinute-FreeTier"),
+            Scope::ProjectModel
+        );
+        assert_eq!(quota_of(br#"{"error":{"code":429}}"#), Quota::default());
+        assert_eq!(quota_of(b"not json").scope, Scope::KeyModel);
+        let named = br#"{"error":{"code":429,"details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"RATE_LIMIT_EXCEEDED","metadata":{"consumer":"projects/1042","service":"generativelanguage.googleapis.com"}}]}}"#;
+        let q = quota_of(named);
+        assert_eq!(
+            (&*q.id, q.consumer.as_deref()),
+            (
+                "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                Some("projects/1042")
+            )
+        );
+        assert!(is_bare_429(
+            429,
+            br#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED"}}"#
+        ));
+        assert!(is_bare_429(429, b"<html>Too Many Requests</html>"));
+        assert!(!is_bare_429(429, named));
+        assert!(!is_bare_429(503, b""));
     }
 }

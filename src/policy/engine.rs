@@ -27,6 +27,7 @@ use super::{
 };
 use crate::config::{Config, OnError};
 use crate::keys::KeyPool;
+use crate::keys::ready::Candidates;
 
 /// How many generations' VMs a worker thread keeps: the current one and the one before it, for
 /// requests that started before a reload.
@@ -517,18 +518,21 @@ impl Policy {
     pub fn select_key(
         &self,
         model: &str,
-        candidates: Vec<u32>,
+        candidates: Candidates,
         client: &str,
         id: &str,
         shared: &mut Shared,
     ) -> Result<Option<usize>, Denial> {
         let out = self.with_engine(|engine| {
             let ctx = engine.ctx(client, id, shared);
-            engine
-                .pool_view
-                .borrow_mut::<PoolView>()
-                .map_err(|e| host_failure("select_key", &e))?
-                .candidates = candidates;
+            {
+                let mut view = engine
+                    .pool_view
+                    .borrow_mut::<PoolView>()
+                    .map_err(|e| host_failure("select_key", &e))?;
+                view.candidates = candidates;
+                *view.model.borrow_mut() = (model.into(), crate::clock::now_ms());
+            }
             let chosen = engine.each(
                 self,
                 "select_key",
@@ -554,7 +558,7 @@ impl Policy {
                         engine
                             .pool_view
                             .borrow::<PoolView>()
-                            .is_ok_and(|v| v.candidates.binary_search(&(i as u32)).is_ok())
+                            .is_ok_and(|v| v.candidates.contains(i))
                     };
                     let index = id.to_str().ok().and_then(|id| self.pool.index_of(&id));
                     match index {
@@ -674,8 +678,9 @@ function P.shared(ctx)
   if type(s) == "table" and next(s) ~= nil then return s end
   return nil
 end
-function P.key(meta, id, position, label, tags, weight)
-  return setmetatable({ id = id, position = position, label = label, tags = tags, weight = weight }, meta)
+function P.key(meta, id, position, label, tags, weight, project, tier)
+  return setmetatable({ id = id, position = position, label = label, tags = tags, weight = weight,
+                        project = project, tier = tier }, meta)
 end
 return P
 "#;
@@ -779,12 +784,15 @@ impl Engine {
             },
         )?;
         let current: CurrentRequest = Rc::default();
-        let (prelude, key_fn, key_meta) = Engine::prelude(&vm, current.clone(), &policy.pool)
-            .map_err(|e| PolicyError {
-                plugin: "-".into(),
-                hook: "prelude".into(),
-                message: e.to_string(),
-            })?;
+        let view_model: Rc<RefCell<(Box<str>, u64)>> = Rc::default();
+        let (prelude, key_fn, key_meta) =
+            Engine::prelude(&vm, current.clone(), &policy.pool, view_model.clone()).map_err(
+                |e| PolicyError {
+                    plugin: "-".into(),
+                    hook: "prelude".into(),
+                    message: e.to_string(),
+                },
+            )?;
         let mut live = Vec::with_capacity(policy.entries.len());
         for entry in &policy.entries {
             let mut plugin = vm.load(&entry.source)?;
@@ -832,7 +840,8 @@ impl Engine {
             .lua()
             .create_userdata(PoolView {
                 keys,
-                candidates: Vec::new(),
+                candidates: Candidates::default(),
+                model: view_model,
             })
             .map_err(host_error)?;
         Ok(Engine {
@@ -852,6 +861,7 @@ impl Engine {
         vm: &Vm,
         current: CurrentRequest,
         pool: &Arc<KeyPool>,
+        view_model: Rc<RefCell<(Box<str>, u64)>>,
     ) -> mlua::Result<(Prelude, mlua::Function, Table)> {
         let lua = vm.lua();
         let fetch = lua.create_function(move |lua, (req, field): (Table, mlua::String)| {
@@ -889,20 +899,28 @@ impl Engine {
         let meta = lua.create_table()?;
         meta.raw_set(
             "__index",
-            lua.create_function(move |_, (t, field): (Table, mlua::String)| {
+            lua.create_function(move |lua, (t, field): (Table, mlua::String)| {
                 let position: usize = t.raw_get("position")?;
-                let Some(key) = position.checked_sub(1).and_then(|i| pool.keys().get(i)) else {
-                    return Ok(None);
+                let Some(index) = position.checked_sub(1).filter(|&i| i < pool.keys().len()) else {
+                    return Ok(Value::Nil);
                 };
-                let s = &key.state;
-                Ok(Some(match &*field.as_bytes() {
-                    b"in_flight" => u64::from(s.in_flight()),
-                    b"successes" => s.successes(),
-                    b"failures" => s.failures(),
-                    b"consecutive_failures" => u64::from(s.consecutive_failures()),
-                    b"last_used_ms" => s.last_used_ms(),
-                    _ => return Ok(None),
-                }))
+                let s = &pool.get(index).state;
+                let (model, now) = &*view_model.borrow();
+                let number = |n: u64| Value::Number(n as f64);
+                Ok(match &*field.as_bytes() {
+                    b"in_flight" => number(u64::from(s.in_flight())),
+                    b"successes" => number(s.successes()),
+                    b"failures" => number(s.failures()),
+                    b"consecutive_failures" => number(u64::from(s.consecutive_failures())),
+                    b"last_used_ms" => number(s.last_used_ms()),
+                    b"headroom" => Value::Number(pool.headroom(index, model, *now)),
+                    b"at_limit" => Value::Boolean(pool.room(index, model, 0, *now).is_err()),
+                    b"cooldown_scope" => match s.cooldown_for(model, *now) {
+                        Some(c) => Value::String(lua.create_string(c.scope)?),
+                        None => Value::Nil,
+                    },
+                    _ => Value::Nil,
+                })
             })?,
         )?;
         let prelude = Prelude {
@@ -1083,6 +1101,7 @@ impl KeyTables {
         }
         let key = self.pool.get(index);
         let tags = lua.create_sequence_from(key.spec.tags.iter().map(String::as_str))?;
+        let project = self.pool.project(index);
         let t: Table = self.make.call((
             &self.meta,
             key.spec.id.as_str(),
@@ -1090,6 +1109,8 @@ impl KeyTables {
             key.spec.label.as_str(),
             tags,
             key.spec.weight,
+            &*project.name,
+            project.tier.as_deref(),
         ))?;
         if let Some(slot) = self.tables.borrow_mut().get_mut(index) {
             *slot = Some(t.clone());
@@ -1099,11 +1120,20 @@ impl KeyTables {
 }
 
 /// The candidate keys `select_key` sees: `#pool`, `pool[i]`, `ipairs(pool)`, `pool:size()`,
-/// `pool:from(position)` and `pool:next(counter)`.
+/// `pool:from(position)` and `pool:next(counter)`. The list is shared between requests and may
+/// hold keys that dropped out since it was made (`from` and `next` pass them over, as they do
+/// keys whose project is at its limit for the model).
 struct PoolView {
     keys: Rc<KeyTables>,
-    candidates: Vec<u32>,
+    candidates: Candidates,
+    /// The attempt's model and time, for each key's `headroom`, `at_limit` and `cooling`.
+    model: Rc<RefCell<(Box<str>, u64)>>,
 }
+
+/// How many candidates `from` and `next` look at past keys that are out before giving up, and
+/// how many in-turn candidates `next` compares by headroom.
+const VIEW_WALK: usize = 64;
+const VIEW_CHOICES: usize = 3;
 
 impl PoolView {
     /// How many keys the whole pool has (usable or not); at least 1, to count around.
@@ -1111,20 +1141,49 @@ impl PoolView {
         self.keys.pool.keys().len().max(1) as i64
     }
 
-    /// Where in `candidates` the first one at or after pool index `start` is, wrapping around
-    /// to the first candidate.
-    fn at_or_after(&self, start: i64) -> usize {
-        let found = self.candidates.partition_point(|&i| i64::from(i) < start);
-        if found < self.candidates.len() {
-            found
-        } else {
-            0
+    /// Whether key `index` may take the attempt now, and its headroom.
+    fn open(&self, index: u32) -> Option<f64> {
+        let (model, now) = &*self.model.borrow();
+        let pool = &self.keys.pool;
+        let i = index as usize;
+        (pool.usable(i, model, *now) && pool.room(i, model, 0, *now).is_ok())
+            .then(|| pool.headroom(i, model, *now))
+    }
+
+    /// From the first candidate at or after pool index `start` (wrapping around), the first
+    /// open one; with `choices` > 1, of the first `choices` open ones the one with the most
+    /// headroom (the first on a tie). Its position among the candidates.
+    fn open_from(&self, start: i64, choices: usize) -> Option<usize> {
+        let n = self.candidates.len();
+        if n == 0 {
+            return None;
         }
+        let first = self
+            .candidates
+            .at_or_after(u32::try_from(start).unwrap_or(0));
+        let mut best: Option<(usize, f64)> = None;
+        let mut open = 0;
+        for step in 0..n.min(VIEW_WALK) {
+            let at = (first + step) % n;
+            let Some(h) = self.candidates.get(at).and_then(|i| self.open(i)) else {
+                continue;
+            };
+            if best.is_none_or(|(_, b)| h > b) {
+                best = Some((at, h));
+            }
+            open += 1;
+            if open == choices || h >= 1.0 {
+                break;
+            }
+        }
+        // Every key looked at is out: the first candidate, which the attempt loop then
+        // finds out and replaces with the built-in choice.
+        Some(best.map_or(first, |(at, _)| at))
     }
 
     fn entry(&self, lua: &mlua::Lua, at: usize) -> mlua::Result<Value> {
         match self.candidates.get(at) {
-            Some(&index) => self.keys.get(lua, index as usize),
+            Some(index) => self.keys.get(lua, index as usize),
             None => Ok(Value::Nil),
         }
     }
@@ -1134,34 +1193,38 @@ impl UserData for PoolView {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         // How many keys the whole pool has (usable or not).
         methods.add_method("size", |_, this, ()| Ok(this.keys.pool.keys().len()));
-        // The first candidate at or after `position` in config order, wrapping around: a
-        // rotation over the whole pool that skips the keys that are out. Positions count
+        // The first open candidate at or after `position` in config order, wrapping around:
+        // a rotation over the whole pool that skips the keys that are out. Positions count
         // around the pool (`size() + 1` is 1 again), so a plain counter makes a rotation.
         methods.add_method("from", |lua, this, position: i64| {
-            this.entry(
-                lua,
-                this.at_or_after((position - 1).rem_euclid(this.size())),
-            )
+            match this.open_from((position - 1).rem_euclid(this.size()), 1) {
+                Some(at) => this.entry(lua, at),
+                None => Ok(Value::Nil),
+            }
         });
-        // Round robin over the usable keys: the first candidate after the key `counter` last
-        // gave (in config order, wrapping around); the counter then stands at the key given.
-        // Keys that are out are passed over without taking a turn, so each usable key serves
-        // as often as the others, and a retry walks on to the next key.
+        // Round robin over the open keys: the first open candidate after the key `counter`
+        // last gave (in config order, wrapping around), or of the next few the one whose
+        // project has the most headroom; the counter then stands at the key given. Keys that
+        // are out are passed over without taking a turn, so each usable key serves as often
+        // as the others, and a retry walks on to the next key.
         methods.add_method("next", |lua, this, counter: UserDataRef<CounterHandle>| {
             let size = this.size();
-            let mut at = 0;
+            let mut at = None;
             counter.with(|slot| {
                 slot.advance(&mut |turn| {
                     // `turn` counts positions walked; the search starts after the last one.
                     let start = turn.rem_euclid(size);
-                    at = this.at_or_after(start);
-                    match this.candidates.get(at) {
-                        Some(&index) => turn + (i64::from(index) - start).rem_euclid(size) + 1,
+                    at = this.open_from(start, VIEW_CHOICES);
+                    match at.and_then(|at| this.candidates.get(at)) {
+                        Some(index) => turn + (i64::from(index) - start).rem_euclid(size) + 1,
                         None => turn,
                     }
                 })
             })?;
-            this.entry(lua, at)
+            match at {
+                Some(at) => this.entry(lua, at),
+                None => Ok(Value::Nil),
+            }
         });
         methods.add_meta_method(MetaMethod::Len, |_, this, ()| Ok(this.candidates.len()));
         methods.add_meta_method(MetaMethod::Index, |lua, this, i: Value| {
@@ -1521,7 +1584,12 @@ mod tests {
     #[test]
     fn a_chain_that_unwinds_leaves_no_borrowed_request_behind() {
         let config = crate::config::from_str("", "t", &Default::default()).unwrap();
-        let pool = Arc::new(KeyPool::new(&config.keys, &Default::default(), 1));
+        let pool = Arc::new(KeyPool::new(
+            &config.keys,
+            &Default::default(),
+            1,
+            &config.quota,
+        ));
         let counters = Arc::new(crate::policy::counters::Counters::default());
         let policy = Policy::compile(&config, 7, pool, counters, Default::default()).unwrap();
         let headers = HeaderMap::new();

@@ -19,7 +19,10 @@ use super::{Failure, Finished, Gateway, Refusal, UpstreamRequest, denied};
 use crate::app::Generation;
 use crate::app::shared::{KeyFailure, Used};
 use crate::clock::now_ms;
-use crate::http::reply::{GateError, Protocol};
+use crate::http::reply::GateError;
+use crate::keys::quota::{Ticket, estimate_tokens};
+use crate::keys::storm::{Bare, PROBE_EVERY_MS};
+use crate::keys::taxonomy::is_bare_429;
 use crate::keys::taxonomy::{ErrorClass, classify, error_message, redact};
 use crate::keys::{Penalty, Pick, seconds_until};
 use crate::policy::engine::{AttemptDecision, AttemptInfo, Denial};
@@ -28,6 +31,9 @@ use crate::upstream::{Target, head};
 
 /// Largest upstream error body read for classification and relay.
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
+/// How many keys one attempt passes over when their projects turn out full as it takes them
+/// (each such key was open a moment before: another request took the last place).
+const MAX_PASSED: usize = 8;
 /// Largest upstream answer gemgate buffers itself (model lists).
 const COLLECT_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -52,11 +58,22 @@ impl Gateway {
         let mut tried = Tried::default();
         let mut used: Vec<usize> = Vec::with_capacity(max);
         let mut last: Option<Failure> = None;
+        let tokens = estimate_tokens(req.body.len());
         while used.len() < max {
             let now = now_ms();
-            let index = match self.choose_key(generation, req, &used, now, meta) {
-                Ok(Pick::Key(index)) => index,
-                Ok(pick) => return (exhausted(pick, last, req, meta.protocol, now), tried),
+            if let Err(wait_ms) = self.state.lasting.storms.admit(now) {
+                return (self.storm_refusal(wait_ms), tried);
+            }
+            let (index, ticket) = match self.admitted_key(generation, req, &used, tokens, meta) {
+                Ok(Ok(admitted)) => admitted,
+                Ok(Err(pick)) => {
+                    if last.is_none()
+                        && matches!(pick, Pick::Exhausted { cooling, limited, .. } if cooling > 0 || limited)
+                    {
+                        self.state.lasting.prometheus.quota_refused();
+                    }
+                    return (exhausted(pick, last, req, now), tried);
+                }
                 Err(d) => return (Finished::Refused(denied(d)), tried),
             };
             used.push(index);
@@ -81,6 +98,9 @@ impl Gateway {
             trace_attempt(generation, req, index, &outcome, took, meta);
             let failure = match outcome {
                 Ok((finished, done)) => {
+                    if let (Some(ticket), Some(t)) = (&ticket, done.tokens) {
+                        ticket.correct(t.prompt);
+                    }
                     let tried = Tried {
                         attempts: tried.attempts,
                         key: tried.key,
@@ -160,6 +180,9 @@ impl Gateway {
         let pool = generation.pool_for(req);
         let key = pool.get(index);
         self.count_usage(generation, req, index, Some(failure.class), None);
+        if self.in_a_storm(pool, index, req, &failure) {
+            return Err(self.storm_refusal(PROBE_EVERY_MS));
+        }
         let penalty = shared.key_failed(
             pool,
             index,
@@ -168,14 +191,14 @@ impl Gateway {
                 class: failure.class,
                 message: &failure.message,
                 now_ms: now_ms(),
-                scope: failure.scope,
+                quota: &failure.quota,
             },
         );
         if penalty == Penalty::Cooled {
-            self.state
-                .lasting
-                .prometheus
-                .cooldown(cooldown_scope(key, failure.scope), failure.class.as_str());
+            self.state.lasting.prometheus.cooldown(
+                cooldown_scope(key, failure.quota.scope),
+                failure.class.as_str(),
+            );
         }
         if penalty == Penalty::Confirm {
             crate::app::checks::confirm(self.state.clone(), key.spec.id.clone());
@@ -193,6 +216,39 @@ impl Gateway {
             return Err(Finished::Refused(Refusal::Upstream(Box::new(failure))));
         }
         Ok(failure)
+    }
+
+    /// Tells the storm detector of an answer: `true` when it is a bare 429 of a storm (which
+    /// blames no key and ends the request).
+    fn in_a_storm(
+        &self,
+        pool: &crate::keys::KeyPool,
+        index: usize,
+        req: &UpstreamRequest,
+        failure: &Failure,
+    ) -> bool {
+        let storms = &self.state.lasting.storms;
+        let now = now_ms();
+        if !is_bare_429(failure.status, &failure.body) {
+            if (200..500).contains(&failure.status) {
+                storms.calm(now);
+            }
+            return false;
+        }
+        let project = &pool.project(index).name;
+        let state = &pool.get(index).state;
+        storms.bare_429(project, state, &req.model, now) != Bare::Alone
+    }
+
+    /// The answer while Google throttles this instance: 429, retry once the next probe may go.
+    fn storm_refusal(&self, wait_ms: u64) -> Finished {
+        self.state.lasting.prometheus.storm_refused();
+        let e = GateError::new(
+            429,
+            "the Gemini API is throttling this gateway as a whole (bare 429s for several projects at once); gemgate sends one request a second until it stops",
+        )
+        .retry_after(Some(wait_ms.div_ceil(1000).max(1)));
+        Finished::Refused(Refusal::Gate(e))
     }
 
     /// Counts one attempt's usage (`failure`: its error class; `None` for a success, with the
@@ -214,13 +270,48 @@ impl Gateway {
         });
     }
 
-    /// The key for the next attempt: the first `select_key` plugin that names one, else the
-    /// built-in choice.
+    /// The key for the next attempt, counted against its project's limits: the choice of
+    /// [`Gateway::choose_key`], or while that one's project turns out to be full (another
+    /// request took the last place), the built-in choice among the others.
+    fn admitted_key(
+        &self,
+        generation: &Generation,
+        req: &UpstreamRequest,
+        used: &[usize],
+        tokens: u64,
+        meta: &Meta,
+    ) -> Result<Result<(usize, Option<Ticket>), Pick>, Denial> {
+        let pool = generation.pool_for(req);
+        let now = now_ms();
+        let mut pick = self.choose_key(generation, req, used, tokens, now, meta)?;
+        let mut passed: Vec<usize> = used.to_vec();
+        let mut limited_until: Option<u64> = None;
+        loop {
+            let Pick::Key(index) = pick else {
+                return Ok(Err(with_limit(pick, limited_until)));
+            };
+            match pool.admit(index, &req.model, tokens, now) {
+                Ok(ticket) => return Ok(Ok((index, ticket))),
+                Err(at) => {
+                    limited_until = Some(limited_until.map_or(at, |l| l.min(at)));
+                    passed.push(index);
+                }
+            }
+            if req.pinned.is_some() || passed.len() >= used.len() + MAX_PASSED {
+                return Ok(Err(pool.exhausted(&req.model, limited_until, now)));
+            }
+            pick = pool.pick(&req.model, &passed, tokens, now);
+        }
+    }
+
+    /// The key for the next attempt: the first `select_key` plugin that names one still open
+    /// (usable, its project not at a limit), else the built-in choice.
     fn choose_key(
         &self,
         generation: &Generation,
         req: &UpstreamRequest,
         tried: &[usize],
+        tokens: u64,
         now: u64,
         meta: &Meta,
     ) -> Result<Pick, Denial> {
@@ -229,22 +320,31 @@ impl Gateway {
             return Ok(if !tried.contains(&i) && pool.usable(i, &req.model, now) {
                 Pick::Key(i)
             } else {
-                pool.exhausted(&req.model, now)
+                pool.exhausted(&req.model, None, now)
             });
         }
         if req.paid || !generation.policy.has_select_key(&req.model) || pool.is_empty() {
-            return Ok(pool.pick(&req.model, tried, now));
+            return Ok(pool.pick(&req.model, tried, tokens, now));
         }
         let candidates = pool.candidates(&req.model, tried, now);
-        let Some(&first) = candidates.first() else {
-            return Ok(pool.exhausted(&req.model, now));
-        };
+        if candidates.is_empty() {
+            return Ok(pool.pick(&req.model, tried, tokens, now));
+        }
         let chosen = meta.with_shared(|shared| {
             generation
                 .policy
                 .select_key(&req.model, candidates, meta.client(), &meta.id, shared)
         })?;
-        Ok(Pick::Key(chosen.unwrap_or(first as usize)))
+        Ok(match chosen {
+            Some(i)
+                if pool.usable(i, &req.model, now)
+                    && pool.room(i, &req.model, tokens, now).is_ok() =>
+            {
+                Pick::Key(i)
+            }
+            // No choice, or one that dropped out since the plugin's list was made.
+            _ => pool.pick(&req.model, tried, tokens, now),
+        })
     }
 
     /// Tells `on_response` / `on_error` plugins how attempt number `attempt` went and applies
@@ -380,6 +480,7 @@ impl Gateway {
     ) -> Result<(Finished, Tried), Failure> {
         let (mut up, route) = self.exchange_head(generation, req, index).await?;
         let status = up.response_header().map_or(0, |h| h.status.as_u16());
+        self.state.lasting.storms.calm(now_ms());
         self.state
             .lasting
             .shared
@@ -465,17 +566,12 @@ impl Gateway {
 
 /// The loop's end when no key is left to try: the last failure as the upstream sent it, or
 /// why no key was usable.
-fn exhausted(
-    pick: Pick,
-    last: Option<Failure>,
-    req: &UpstreamRequest,
-    protocol: Protocol,
-    now: u64,
-) -> Finished {
+fn exhausted(pick: Pick, last: Option<Failure>, req: &UpstreamRequest, now: u64) -> Finished {
     let Pick::Exhausted {
         retry_at_ms,
         cooling,
         disabled,
+        limited,
     } = pick
     else {
         return Finished::Refused(Refusal::Gate(GateError::new(
@@ -491,20 +587,43 @@ fn exhausted(
     } else {
         format!(" for {}", req.model)
     };
-    // OpenAI clients expect a rate limit as 429; Gemini clients get 503.
-    let status = if protocol == Protocol::OpenAi && cooling > 0 {
-        429
+    let limits = if limited {
+        "every other at its project's limit, "
     } else {
-        503
+        ""
     };
+    // Keys that will serve again make a rate limit (429, with when); only a pool with no
+    // enabled key at all is unavailable (503).
+    let status = if cooling > 0 || limited { 429 } else { 503 };
     let e = GateError::new(
         status,
         format!(
-            "no usable Gemini API key{what}: {cooling} cooling down after quota errors, {disabled} disabled"
+            "no usable Gemini API key{what}: {limits}{cooling} cooling down after quota errors, {disabled} disabled"
         ),
     )
     .retry_after(retry_at_ms.map(|at| seconds_until(at, now)));
     Finished::Refused(Refusal::Gate(e))
+}
+
+/// `pick` with `limited_until` (keys passed over because their projects are full) folded in.
+fn with_limit(pick: Pick, limited_until: Option<u64>) -> Pick {
+    match (pick, limited_until) {
+        (
+            Pick::Exhausted {
+                retry_at_ms,
+                cooling,
+                disabled,
+                ..
+            },
+            Some(l),
+        ) => Pick::Exhausted {
+            retry_at_ms: Some(retry_at_ms.map_or(l, |r| r.min(l))),
+            cooling,
+            disabled,
+            limited: true,
+        },
+        (pick, _) => pick,
+    }
 }
 
 /// The upstream's `x-goog-upload-*` headers (the Files API's upload protocol).
@@ -525,7 +644,7 @@ impl Failure {
             class,
             status: 0,
             retry_delay_s: None,
-            scope: Default::default(),
+            quota: Default::default(),
             body: Bytes::new(),
             content_type: None,
             message: message.into(),
@@ -543,8 +662,8 @@ impl Failure {
         let class = classify(status, &body);
         Failure {
             class,
-            scope: if status == 429 {
-                crate::keys::taxonomy::quota_scope(&body)
+            quota: if matches!(status, 403 | 429) {
+                crate::keys::taxonomy::quota_of(&body)
             } else {
                 Default::default()
             },

@@ -91,7 +91,7 @@ pub(crate) struct Failure {
     /// `RetryInfo.retryDelay` of a 429, for plugins.
     retry_delay_s: Option<f64>,
     /// Whose quota a 429 was (`QuotaFailure.violations[].quotaId`).
-    scope: crate::keys::taxonomy::Scope,
+    quota: crate::keys::taxonomy::Quota,
     body: Bytes,
     content_type: Option<HeaderValue>,
     message: String,
@@ -464,8 +464,7 @@ impl Gateway {
                     e = e.retry_after(
                         generation
                             .pool
-                            .unavailable(&x.model, now)
-                            .0
+                            .retry_at(&x.model, now)
                             .map(|at| seconds_until(at, now)),
                     );
                 }
@@ -480,7 +479,7 @@ impl Gateway {
                 let _ = h.insert_header(header::CONTENT_TYPE, ct);
                 if f.status == 429 {
                     let now = now_ms();
-                    if let (Some(at), ..) = generation.pool.unavailable(&x.model, now) {
+                    if let Some(at) = generation.pool.retry_at(&x.model, now) {
                         let _ = h.insert_header(header::RETRY_AFTER, seconds_until(at, now));
                     }
                 }

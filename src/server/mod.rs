@@ -306,6 +306,10 @@ impl Gateway {
                 .shared
                 .fleet_status()
                 .map(|f| f["status"] == "ok"),
+            storm: (
+                self.state.lasting.storms.active(),
+                self.state.lasting.storms.count(),
+            ),
         }
     }
 

@@ -85,6 +85,9 @@ pub struct SavedCooldown {
     /// `key_model` in older files.
     #[serde(default)]
     pub scope: String,
+    /// The quota id Google named (none in older files).
+    #[serde(default)]
+    pub quota: String,
 }
 
 /// The redb file.
@@ -441,6 +444,7 @@ pub fn snapshot(state: &KeyState, now_ms: u64) -> SavedKey {
                 until_ms: c.until_ms,
                 class: c.class.to_owned(),
                 scope: c.scope.to_owned(),
+                quota: c.quota.into(),
             })
             .collect(),
     }
@@ -463,6 +467,7 @@ pub fn restore(registry: &KeyRegistry, saved: Vec<(String, SavedKey)>, now_ms: u
                     "project" => "project",
                     _ => "key_model",
                 },
+                quota: c.quota.as_str().into(),
             })
             .collect();
         if !s.disabled && cooldowns.is_empty() && s.consecutive_failures == 0 && s.epoch == 0 {
@@ -628,6 +633,7 @@ mod tests {
                 until_ms: u64::MAX / 2,
                 class: "daily_quota".into(),
                 scope: "project_model".into(),
+                quota: "GenerateRequestsPerMinutePerProjectPerModel".into(),
             }],
             epoch: 2,
         };

@@ -162,14 +162,18 @@ async fn minute_quota_cools_the_key_for_that_model_only() {
 }
 
 #[tokio::test]
-async fn no_usable_key_answers_503_with_retry_after() {
+async fn every_key_cooling_answers_429_with_retry_after() {
     let fake = fake().await;
     let gate = gate().upstream(&fake, &["minute-1"]).start().await;
     let (status, headers, v) = post(&gate, GENERATE, &ask("hi")).await;
     assert_eq!(status, 429, "the last upstream status: {v}");
     assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED");
     let (status, headers2, v) = post(&gate, GENERATE, &ask("hi")).await;
-    assert_eq!(status, 503, "{v}");
+    assert_eq!(
+        status, 429,
+        "gemgate's own: the key serves again later: {v}"
+    );
+    assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED");
     for h in [&headers, &headers2] {
         let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
         assert!(
@@ -187,7 +191,7 @@ async fn daily_quota_cools_until_midnight_pacific() {
     let (status, _, _) = post(&gate, GENERATE, &ask("hi")).await;
     assert_eq!(status, 429);
     let (status, headers, _) = post(&gate, GENERATE, &ask("hi")).await;
-    assert_eq!(status, 503);
+    assert_eq!(status, 429);
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(
         retry > 60 && retry <= 25 * 3600,
@@ -201,7 +205,7 @@ async fn bare_429_cools_for_a_minute() {
     let gate = gate().upstream(&fake, &["bare429-1"]).start().await;
     post(&gate, GENERATE, &ask("hi")).await;
     let (status, headers, _) = post(&gate, GENERATE, &ask("hi")).await;
-    assert_eq!(status, 503);
+    assert_eq!(status, 429);
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((55..=60).contains(&retry), "{retry}");
 }

@@ -15,6 +15,7 @@ mod openai;
 mod pages;
 mod plugins;
 mod proxying;
+mod quota;
 mod reload;
 mod sdk;
 mod state;

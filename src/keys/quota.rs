@@ -1,0 +1,277 @@
+//! Proactive quota: each project's requests and input tokens per model in sliding windows, so
+//! that gemgate sends no project over a limit it knows (`[quota]`, see `config::quota`).
+//!
+//! A window counts in one-second buckets and forgets a bucket 61 seconds after it began, so it
+//! never forgets a request less than a minute old: whatever window Google keeps, a project
+//! admitted here is under its limit there. Tokens are estimated from the request's size when it
+//! is admitted and corrected to `usageMetadata.promptTokenCount` when the answer says it.
+//!
+//! The windows of a project live as long as the process (a reload keeps them, like key state)
+//! and exist only for the models a project was asked for.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::clock;
+use crate::config::quota::Limit;
+
+/// Seconds a bucket is remembered: one more than a minute, so that a request is never
+/// forgotten before a full minute has passed.
+const SPAN_S: u64 = 61;
+const BUCKETS: usize = SPAN_S as usize;
+
+/// One second's admissions.
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    second: u64,
+    requests: u32,
+    tokens: u64,
+}
+
+/// A project's counts for one model.
+#[derive(Debug, Default)]
+struct Counts {
+    buckets: Vec<Bucket>,
+    /// Sums over the live buckets.
+    requests: u32,
+    tokens: u64,
+    /// The Pacific day counted in `day_requests`: the end of that day, in ms.
+    day_ends_ms: u64,
+    day_requests: u32,
+}
+
+impl Counts {
+    /// Forgets the buckets of seconds that fell out of the window at `now_s`, and yesterday.
+    fn advance(&mut self, now_ms: u64) {
+        if self.buckets.is_empty() {
+            self.buckets = vec![Bucket::default(); BUCKETS];
+        }
+        let now_s = now_ms / 1000;
+        for b in &mut self.buckets {
+            if b.requests != 0 && b.second + SPAN_S <= now_s {
+                self.requests -= b.requests;
+                self.tokens -= b.tokens;
+                *b = Bucket::default();
+            }
+        }
+        if now_ms >= self.day_ends_ms {
+            self.day_ends_ms = clock::next_pacific_midnight_ms(now_ms);
+            self.day_requests = 0;
+        }
+    }
+
+    /// The earliest time at which `requests` more requests and `tokens` more tokens fit the
+    /// window under `limit` (`None`: they fit now).
+    fn fits_at(&self, limit: &Limit, requests: u32, tokens: u64, now_ms: u64) -> Option<u64> {
+        if limit
+            .rpd
+            .is_some_and(|max| self.day_requests + requests > max)
+        {
+            return Some(self.day_ends_ms);
+        }
+        let over_requests = limit
+            .rpm
+            .map_or(0, |max| (self.requests + requests).saturating_sub(max));
+        // A request larger than the whole limit waits for an empty window, then goes alone.
+        let over_tokens = limit.tpm.map_or(0, |max| {
+            (self.tokens + tokens).saturating_sub(max.max(tokens))
+        });
+        if over_requests == 0 && over_tokens == 0 {
+            return None;
+        }
+        let mut by_age: Vec<&Bucket> = self.buckets.iter().filter(|b| b.requests > 0).collect();
+        by_age.sort_unstable_by_key(|b| b.second);
+        let (mut freed_requests, mut freed_tokens) = (0u32, 0u64);
+        for b in by_age {
+            freed_requests += b.requests;
+            freed_tokens += b.tokens;
+            if freed_requests >= over_requests && freed_tokens >= over_tokens {
+                return Some((b.second + SPAN_S) * 1000);
+            }
+        }
+        Some(now_ms + SPAN_S * 1000)
+    }
+
+    fn bucket(&mut self, now_s: u64) -> &mut Bucket {
+        let b = &mut self.buckets[(now_s % SPAN_S) as usize];
+        if b.second != now_s {
+            *b = Bucket {
+                second: now_s,
+                ..Bucket::default()
+            };
+        }
+        b
+    }
+}
+
+/// The windows of one project, by model.
+#[derive(Debug, Default)]
+pub struct ProjectWindows {
+    by_model: Mutex<HashMap<Box<str>, Counts, foldhash::fast::RandomState>>,
+}
+
+/// A request admitted under a limit: what to correct when its answer tells its tokens.
+#[derive(Debug)]
+pub struct Ticket {
+    windows: Arc<ProjectWindows>,
+    model: Box<str>,
+    second: u64,
+    estimate: u64,
+}
+
+impl Ticket {
+    /// Replaces the estimate with the tokens the answer reported (while the second it was
+    /// counted in is still in the window).
+    pub fn correct(&self, prompt_tokens: u64) {
+        let mut by_model = self.windows.lock();
+        let Some(counts) = by_model.get_mut(&self.model) else {
+            return;
+        };
+        let b = &mut counts.buckets[(self.second % SPAN_S) as usize];
+        if b.second != self.second {
+            return;
+        }
+        let corrected = b.tokens - self.estimate.min(b.tokens) + prompt_tokens;
+        counts.tokens = counts.tokens - b.tokens + corrected;
+        b.tokens = corrected;
+    }
+}
+
+impl ProjectWindows {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Counts, foldhash::fast::RandomState>> {
+        self.by_model.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one request of `tokens` estimated input tokens for `model` if it fits `limit`
+    /// at `now_ms`; else the time at which it would.
+    pub fn admit(
+        self: &Arc<Self>,
+        model: &str,
+        limit: &Limit,
+        tokens: u64,
+        now_ms: u64,
+    ) -> Result<Ticket, u64> {
+        let mut by_model = self.lock();
+        let counts = match by_model.get_mut(model) {
+            Some(c) => c,
+            None => by_model.entry(model.into()).or_default(),
+        };
+        counts.advance(now_ms);
+        if let Some(at) = counts.fits_at(limit, 1, tokens, now_ms) {
+            return Err(at.max(now_ms + 1));
+        }
+        let now_s = now_ms / 1000;
+        let b = counts.bucket(now_s);
+        b.requests += 1;
+        b.tokens += tokens;
+        counts.requests += 1;
+        counts.tokens += tokens;
+        counts.day_requests += 1;
+        Ok(Ticket {
+            windows: self.clone(),
+            model: model.into(),
+            second: now_s,
+            estimate: tokens,
+        })
+    }
+
+    /// What is left of `limit` for `model` at `now_ms`, from 0 (at the limit) to 1 (unused):
+    /// the smallest share left of any of its figures.
+    pub fn headroom(&self, model: &str, limit: &Limit, now_ms: u64) -> f64 {
+        let mut by_model = self.lock();
+        let Some(counts) = by_model.get_mut(model) else {
+            return 1.0;
+        };
+        counts.advance(now_ms);
+        let share = |used: u64, max: Option<u64>| {
+            max.map_or(1.0, |max| 1.0 - (used as f64 / max as f64).min(1.0))
+        };
+        share(counts.requests.into(), limit.rpm.map(u64::from))
+            .min(share(counts.tokens, limit.tpm))
+            .min(share(counts.day_requests.into(), limit.rpd.map(u64::from)))
+    }
+
+    /// When one more request of `model` of `tokens` input tokens fits `limit` (`None`: now).
+    pub fn free_at(&self, model: &str, limit: &Limit, tokens: u64, now_ms: u64) -> Option<u64> {
+        let mut by_model = self.lock();
+        let counts = by_model.get_mut(model)?;
+        counts.advance(now_ms);
+        counts.fits_at(limit, 1, tokens, now_ms)
+    }
+
+    /// Requests and tokens in the window, and requests today, for `model` (the admin page).
+    pub fn used(&self, model: &str, now_ms: u64) -> (u32, u64, u32) {
+        let mut by_model = self.lock();
+        let Some(counts) = by_model.get_mut(model) else {
+            return (0, 0, 0);
+        };
+        counts.advance(now_ms);
+        (counts.requests, counts.tokens, counts.day_requests)
+    }
+}
+
+/// The input tokens of a request estimated from its body's size: about four bytes a token,
+/// the JSON around the text included, so rather more than fewer.
+pub fn estimate_tokens(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_800_000_000_000;
+
+    fn limit(rpm: Option<u32>, tpm: Option<u64>, rpd: Option<u32>) -> Limit {
+        Limit { rpm, tpm, rpd }
+    }
+
+    #[test]
+    fn requests_wait_a_full_minute_for_their_place() {
+        let w = Arc::new(ProjectWindows::default());
+        let l = limit(Some(2), None, None);
+        w.admit("m", &l, 0, T0).unwrap();
+        w.admit("m", &l, 0, T0 + 30_000).unwrap();
+        let at = w.admit("m", &l, 0, T0 + 30_500).unwrap_err();
+        assert!((T0 + 60_000..=T0 + 61_000).contains(&at), "{}", at - T0);
+        assert!(w.admit("other", &l, 0, T0 + 30_500).is_ok(), "per model");
+        assert!(
+            w.admit("m", &l, 0, T0 + 59_999).is_err(),
+            "not before a minute"
+        );
+        assert!(w.admit("m", &l, 0, at).is_ok());
+        assert_eq!(w.headroom("m", &l, at), 0.0);
+        assert_eq!(w.used("m", at).0, 2);
+    }
+
+    #[test]
+    fn tokens_are_estimated_then_corrected() {
+        let w = Arc::new(ProjectWindows::default());
+        let l = limit(None, Some(1_000), None);
+        let t = w.admit("m", &l, 900, T0).unwrap();
+        assert!(w.admit("m", &l, 200, T0 + 10).is_err());
+        t.correct(100);
+        assert_eq!(w.used("m", T0 + 20).1, 100);
+        assert!(w.admit("m", &l, 200, T0 + 20).is_ok());
+        assert!((w.headroom("m", &l, T0 + 20) - 0.7).abs() < 1e-9);
+        // A request larger than the limit goes alone once the window is empty.
+        let at = w.admit("m", &l, 5_000, T0 + 30).unwrap_err();
+        assert!(w.admit("m", &l, 5_000, at).is_ok());
+    }
+
+    #[test]
+    fn a_daily_limit_waits_for_midnight_pacific() {
+        let w = Arc::new(ProjectWindows::default());
+        let l = limit(None, None, Some(1));
+        w.admit("m", &l, 0, T0).unwrap();
+        let at = w.admit("m", &l, 0, T0 + 120_000).unwrap_err();
+        assert_eq!(at, clock::next_pacific_midnight_ms(T0));
+        assert!(w.admit("m", &l, 0, at).is_ok(), "a new day");
+        assert_eq!(
+            w.free_at("m", &l, 0, at + 1),
+            Some(clock::next_pacific_midnight_ms(at))
+        );
+    }
+}
