@@ -76,6 +76,30 @@ impl LimitCheck<'_> {
     }
 }
 
+/// One request counted against its project's quota limit for a model (see `keys::quota`).
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaCheck<'a> {
+    /// The project's windows' name (`key:<id>` for a key's own).
+    pub project: &'a str,
+    pub model: &'a str,
+    pub limit: crate::config::quota::Limit,
+    /// Estimated input tokens.
+    pub tokens: u64,
+    pub now_ms: u64,
+}
+
+/// Where a request is counted against its project's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaVerdict {
+    /// Here, against this share of the limit (1: all of it; in a fleet whose Redis is away,
+    /// one instance's share).
+    Here { share: u32 },
+    /// The fleet counted it: it fits.
+    Admitted,
+    /// The fleet counted nothing: the project is at the limit until then (ms).
+    Denied { at_ms: u64 },
+}
+
 /// Whether a request may go on under a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -130,6 +154,19 @@ pub trait SharedState: Send + Sync {
     /// to. A fleet counts it atomically in Redis, never against a copy; while Redis is away or
     /// slow, against this instance's share of the limit.
     fn admit<'a>(&'a self, check: LimitCheck<'a>) -> Pending<'a, Admission>;
+
+    /// Counts one request against its project's quota limit. A single instance counts it in
+    /// its own windows; a fleet in Redis's, shared, while Redis answers in time.
+    fn admit_quota<'a>(&'a self, check: QuotaCheck<'a>) -> Pending<'a, QuotaVerdict> {
+        let _ = check;
+        Box::pin(std::future::ready(QuotaVerdict::Here { share: 1 }))
+    }
+
+    /// The answer of a request the fleet counted said its input tokens: `delta` more (or
+    /// fewer) than estimated, in the second it was counted in.
+    fn correct_quota(&self, project: &str, model: &str, second: u64, delta: i64) {
+        let _ = (project, model, second, delta);
+    }
 
     /// The fleet's state as `/health`, the admin page and the admin API show it (`None`: a
     /// single instance).

@@ -54,6 +54,16 @@ impl Limit {
         }
     }
 
+    /// One of `n` equal shares of this limit (at least 1 of each figure).
+    pub fn share(self, n: u32) -> Limit {
+        let n = n.max(1);
+        Limit {
+            rpm: self.rpm.map(|v| (v / n).max(1)),
+            tpm: self.tpm.map(|v| (v / u64::from(n)).max(1)),
+            rpd: self.rpd.map(|v| (v / n).max(1)),
+        }
+    }
+
     pub fn is_none(&self) -> bool {
         self.rpm.is_none() && self.tpm.is_none() && self.rpd.is_none()
     }

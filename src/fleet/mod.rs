@@ -12,6 +12,7 @@
 //! | key health              | `keys` hash, merged by a script           | channel, full sync  |
 //! | usage, today            | `usage:{day}:{instance}` (absolute)       | read every 3 s      |
 //! | declared limits         | `limit:{plugin}:{client}:{window}`        | counted in Redis    |
+//! | projects' quota windows | `quota:{project}:{model}` (see [`quota`]) | counted in Redis    |
 //! | files                   | `files` hash                              | channel, full sync  |
 //! | uploads, sessions       | `uploads`, `sessions` hashes, sealed, by  | channel (sealed),   |
 //! |                         | the digest of their id (a credential)     | full sync           |
@@ -29,6 +30,7 @@
 //! end of a cooldown wins, usage is written again whole.
 
 mod link;
+mod quota;
 mod seal;
 
 use std::collections::HashMap;
@@ -44,7 +46,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::State;
 use crate::app::shared::{
-    Admission, EditError, KeyFailure, LimitCheck, Local, Pending, SharedState, Used,
+    Admission, EditError, KeyFailure, LimitCheck, Local, Pending, QuotaCheck, QuotaVerdict,
+    SharedState, Used,
 };
 use crate::clock::now_ms;
 use crate::config::ClusterConfig;
@@ -518,6 +521,11 @@ impl Fleet {
         });
     }
 
+    /// The live members at the last heartbeat (at least 1: this one).
+    fn members_live(&self) -> usize {
+        self.members_seen.load(Ordering::Relaxed).max(1)
+    }
+
     /// Whether a declared limit should be counted here rather than wait on Redis: it is away,
     /// or was slow at the last heartbeat.
     fn count_here(&self) -> bool {
@@ -570,12 +578,20 @@ impl SharedState for Fleet {
                 return admission;
             }
             // Redis away or slow: this instance's share of the limit, counted here.
-            let members = self.members_seen.load(Ordering::Relaxed).max(1) as u64;
+            let members = self.members_live() as u64;
             self.local.admit_here(LimitCheck {
                 max: check.max.div_ceil(members),
                 ..check
             })
         })
+    }
+
+    fn admit_quota<'a>(&'a self, check: QuotaCheck<'a>) -> Pending<'a, QuotaVerdict> {
+        Box::pin(async move { self.admit_quota_shared(&check).await })
+    }
+
+    fn correct_quota(&self, project: &str, model: &str, second: u64, delta: i64) {
+        self.correct_quota_shared(project, model, second, delta);
     }
 
     fn fleet_status(&self) -> Option<serde_json::Value> {

@@ -17,7 +17,7 @@ use crate::config::quota::Limit;
 
 /// Seconds a bucket is remembered: one more than a minute, so that a request is never
 /// forgotten before a full minute has passed.
-const SPAN_S: u64 = 61;
+pub const SPAN_S: u64 = 61;
 const BUCKETS: usize = SPAN_S as usize;
 
 /// One second's admissions.
@@ -120,6 +120,16 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// The second it was counted in.
+    pub fn second(&self) -> u64 {
+        self.second
+    }
+
+    /// The input tokens it was counted with.
+    pub fn estimate(&self) -> u64 {
+        self.estimate
+    }
+
     /// Replaces the estimate with the tokens the answer reported (while the second it was
     /// counted in is still in the window).
     pub fn correct(&self, prompt_tokens: u64) {
@@ -162,6 +172,19 @@ impl ProjectWindows {
         if let Some(at) = counts.fits_at(limit, 1, tokens, now_ms) {
             return Err(at.max(now_ms + 1));
         }
+        drop(by_model);
+        Ok(self.count(model, tokens, now_ms))
+    }
+
+    /// Counts one request of `tokens` estimated input tokens for `model` at `now_ms`, without
+    /// a limit (the fleet admitted it).
+    pub fn count(self: &Arc<Self>, model: &str, tokens: u64, now_ms: u64) -> Ticket {
+        let mut by_model = self.lock();
+        let counts = match by_model.get_mut(model) {
+            Some(c) => c,
+            None => by_model.entry(model.into()).or_default(),
+        };
+        counts.advance(now_ms);
         let now_s = now_ms / 1000;
         let b = counts.bucket(now_s);
         b.requests += 1;
@@ -169,12 +192,12 @@ impl ProjectWindows {
         counts.requests += 1;
         counts.tokens += tokens;
         counts.day_requests += 1;
-        Ok(Ticket {
+        Ticket {
             windows: self.clone(),
             model: model.into(),
             second: now_s,
             estimate: tokens,
-        })
+        }
     }
 
     /// What is left of `limit` for `model` at `now_ms`, from 0 (at the limit) to 1 (unused):

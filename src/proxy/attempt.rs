@@ -17,20 +17,27 @@ use super::exchange::{Class, Meta, Tried};
 use super::relay::relay;
 use super::{Failure, Finished, Gateway, Refusal, UpstreamRequest, denied};
 use crate::app::Generation;
-use crate::app::shared::{KeyFailure, Used};
+use crate::app::shared::{KeyFailure, QuotaCheck, QuotaVerdict, Used};
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
 use crate::keys::quota::{Ticket, estimate_tokens};
 use crate::keys::storm::{Bare, PROBE_EVERY_MS};
 use crate::keys::taxonomy::is_bare_429;
 use crate::keys::taxonomy::{ErrorClass, classify, error_message, redact};
-use crate::keys::{Penalty, Pick, seconds_until};
+use crate::keys::{KeyPool, Penalty, Pick, seconds_until};
 use crate::policy::engine::{AttemptDecision, AttemptInfo, Denial};
 use crate::translate::usage::{Tokens, tokens_in};
 use crate::upstream::{Target, head};
 
 /// Largest upstream error body read for classification and relay.
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
+/// A request counted against its project's limit.
+struct Admitted {
+    ticket: Ticket,
+    /// Counted in the fleet's window too.
+    fleet: bool,
+}
+
 /// How many keys one attempt passes over when their projects turn out full as it takes them
 /// (each such key was open a moment before: another request took the last place).
 const MAX_PASSED: usize = 8;
@@ -64,7 +71,10 @@ impl Gateway {
             if let Err(wait_ms) = self.state.lasting.storms.admit(now) {
                 return (self.storm_refusal(wait_ms), tried);
             }
-            let (index, ticket) = match self.admitted_key(generation, req, &used, tokens, meta) {
+            let admitted = self
+                .admitted_key(generation, req, &used, tokens, meta)
+                .await;
+            let (index, ticket) = match admitted {
                 Ok(Ok(admitted)) => admitted,
                 Ok(Err(pick)) => {
                     if last.is_none()
@@ -99,7 +109,7 @@ impl Gateway {
             let failure = match outcome {
                 Ok((finished, done)) => {
                     if let (Some(ticket), Some(t)) = (&ticket, done.tokens) {
-                        ticket.correct(t.prompt);
+                        self.correct_tokens(generation.pool_for(req), index, req, ticket, t.prompt);
                     }
                     let tried = Tried {
                         attempts: tried.attempts,
@@ -273,14 +283,14 @@ impl Gateway {
     /// The key for the next attempt, counted against its project's limits: the choice of
     /// [`Gateway::choose_key`], or while that one's project turns out to be full (another
     /// request took the last place), the built-in choice among the others.
-    fn admitted_key(
+    async fn admitted_key(
         &self,
         generation: &Generation,
         req: &UpstreamRequest,
         used: &[usize],
         tokens: u64,
         meta: &Meta,
-    ) -> Result<Result<(usize, Option<Ticket>), Pick>, Denial> {
+    ) -> Result<Result<(usize, Option<Admitted>), Pick>, Denial> {
         let pool = generation.pool_for(req);
         let now = now_ms();
         let mut pick = self.choose_key(generation, req, used, tokens, now, meta)?;
@@ -290,8 +300,8 @@ impl Gateway {
             let Pick::Key(index) = pick else {
                 return Ok(Err(with_limit(pick, limited_until)));
             };
-            match pool.admit(index, &req.model, tokens, now) {
-                Ok(ticket) => return Ok(Ok((index, ticket))),
+            match self.count_quota(pool, index, &req.model, tokens, now).await {
+                Ok(admitted) => return Ok(Ok((index, admitted))),
                 Err(at) => {
                     limited_until = Some(limited_until.map_or(at, |l| l.min(at)));
                     passed.push(index);
@@ -301,6 +311,65 @@ impl Gateway {
                 return Ok(Err(pool.exhausted(&req.model, limited_until, now)));
             }
             pick = pool.pick(&req.model, &passed, tokens, now);
+        }
+    }
+
+    /// Counts a request of key `index` against its project's limit for `model`: in the fleet's
+    /// shared window when there is one, and in this instance's (which its choices read).
+    /// `Ok(None)`: no limit applies; `Err`: the project is full until then.
+    async fn count_quota(
+        &self,
+        pool: &KeyPool,
+        index: usize,
+        model: &str,
+        tokens: u64,
+        now: u64,
+    ) -> Result<Option<Admitted>, u64> {
+        let Some(limit) = pool.limit(index, model) else {
+            return Ok(None);
+        };
+        let project = pool.project(index);
+        let check = QuotaCheck {
+            project: &project.windows_name,
+            model,
+            limit,
+            tokens,
+            now_ms: now,
+        };
+        match self.state.lasting.shared.admit_quota(check).await {
+            QuotaVerdict::Here { share } => pool.admit(index, model, tokens, share, now).map(|t| {
+                t.map(|ticket| Admitted {
+                    ticket,
+                    fleet: false,
+                })
+            }),
+            QuotaVerdict::Admitted => Ok(Some(Admitted {
+                ticket: project.windows.count(model, tokens, now),
+                fleet: true,
+            })),
+            QuotaVerdict::Denied { at_ms } => Err(at_ms),
+        }
+    }
+
+    /// Replaces a counted request's estimated input tokens with the answer's count.
+    fn correct_tokens(
+        &self,
+        pool: &KeyPool,
+        index: usize,
+        req: &UpstreamRequest,
+        admitted: &Admitted,
+        prompt_tokens: u64,
+    ) {
+        let ticket = &admitted.ticket;
+        ticket.correct(prompt_tokens);
+        if admitted.fleet {
+            let delta = prompt_tokens as i64 - ticket.estimate() as i64;
+            self.state.lasting.shared.correct_quota(
+                &pool.project(index).windows_name,
+                &req.model,
+                ticket.second(),
+                delta,
+            );
         }
     }
 

@@ -386,6 +386,51 @@ async fn a_rate_limit_holds_across_three_instances() {
     assert_eq!(limited, 20.0);
 }
 
+/// Projects' quota windows are counted in Redis: two instances together send no project over
+/// its limit, and neither gets an upstream 429.
+#[tokio::test]
+async fn a_projects_quota_holds_across_the_fleet() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let fake = fake().await;
+    let model = gemgate_fake_upstream::QuotaModel {
+        projects: [(
+            "p1".to_owned(),
+            gemgate_fake_upstream::QuotaProject {
+                keys: vec!["q-1".into(), "q-2".into()],
+                rpm: Some(5),
+                ..Default::default()
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    fake.state.set_quota(model).unwrap();
+    let toml = r#"
+[keys]
+api_keys = [{ key = "q-1", project = "p1" }, { key = "q-2", project = "p1" }]
+[quota.limits."gemini-2.5-flash"]
+rpm = 5
+"#;
+    let a = member(&fake, &redis, "a", &[]).toml(toml).start().await;
+    let b = member(&fake, &redis, "b", &[]).toml(toml).start().await;
+    joined(&[&a, &b]).await;
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let gate = if i % 2 == 0 { &a } else { &b };
+        statuses.push(post(gate, GENERATE, &ask("hi")).await.0);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    let stats = fake.state.quota_stats();
+    assert_eq!((stats.admitted, stats.limited), (5, 0), "{stats:?}");
+}
+
 #[tokio::test]
 async fn admin_edits_and_sessions_apply_on_every_instance_and_secrets_stay_sealed() {
     let Some(redis) = Redis::start().await else {

@@ -18,5 +18,6 @@ mod proxying;
 mod quota;
 mod reload;
 mod sdk;
+mod simulation;
 mod state;
 mod streaming;
