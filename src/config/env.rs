@@ -75,6 +75,8 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
         Kind::Bool,
     ),
     ("GEMGATE_METRICS_LISTEN", "metrics.listen", Kind::Str),
+    ("GEMGATE_QUOTA_LIMITS", "quota.limits", Kind::Json),
+    ("GEMGATE_QUOTA_TIERS", "quota.tiers", Kind::Json),
     ("GEMGATE_CLUSTER", "cluster.name", Kind::Str),
     ("GEMGATE_CLUSTER_SECRET", "cluster.secret", Kind::Str),
     ("GEMGATE_INSTANCE", "cluster.instance", Kind::Str),

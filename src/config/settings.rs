@@ -49,6 +49,7 @@ const GROUPS: &[(&str, &[&str])] = &[
         ],
     ),
     ("Upstream", &["upstream."]),
+    ("Quota", &["quota."]),
     ("Logs", &["logs."]),
     ("Fetching URLs", &["fetch."]),
     ("Server", &["server.", "policy."]),

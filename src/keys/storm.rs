@@ -21,11 +21,14 @@ pub const STORM_PROJECTS: usize = 3;
 pub const STORM_WINDOW_MS: u64 = 2_000;
 /// Least time between two probes during a storm.
 pub const PROBE_EVERY_MS: u64 = 1_000;
+/// Keys a storm remembers as struck (so that probes try others first).
+const MAX_STRUCK: usize = 4_096;
 
 /// A bare 429 seen recently: when, from which project, and the cooldown it caused.
 struct Seen {
     at_ms: u64,
     project: Box<str>,
+    key_id: Box<str>,
     key: Arc<KeyState>,
     model: Box<str>,
 }
@@ -52,6 +55,18 @@ pub struct Storms {
     /// Storms so far.
     count: AtomicU64,
     recent: Mutex<VecDeque<Seen>>,
+    /// Ids of the keys that answered a bare 429 during the storm: probes try the others
+    /// first, so that keys broken on their own cannot keep a storm going.
+    struck: Mutex<Vec<Box<str>>>,
+}
+
+/// How a request may go upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// No storm.
+    Normal,
+    /// During a storm: this request is the second's probe.
+    Probe,
 }
 
 impl std::fmt::Debug for Storms {
@@ -80,9 +95,9 @@ impl Storms {
 
     /// Whether a request may go upstream at `now_ms`: always outside a storm; during one, one
     /// request a second (the probe). `Err`: milliseconds until the next probe may go.
-    pub fn admit(&self, now_ms: u64) -> Result<(), u64> {
+    pub fn admit(&self, now_ms: u64) -> Result<Pass, u64> {
         if !self.active() {
-            return Ok(());
+            return Ok(Pass::Normal);
         }
         let next = self.next_probe_ms.load(Relaxed);
         if now_ms >= next
@@ -91,7 +106,7 @@ impl Storms {
                 .compare_exchange(next, now_ms + PROBE_EVERY_MS, Relaxed, Relaxed)
                 .is_ok()
         {
-            return Ok(());
+            return Ok(Pass::Probe);
         }
         Err(self
             .next_probe_ms
@@ -101,8 +116,19 @@ impl Storms {
     }
 
     /// Notes a bare 429 of `key` (of `project`) for `model` at `now_ms`, and says what it is.
-    pub fn bare_429(&self, project: &str, key: &Arc<KeyState>, model: &str, now_ms: u64) -> Bare {
+    pub fn bare_429(
+        &self,
+        project: &str,
+        key: (&str, &Arc<KeyState>),
+        model: &str,
+        now_ms: u64,
+    ) -> Bare {
+        let (key_id, key) = key;
         if self.active() {
+            let mut struck = self.struck.lock().unwrap_or_else(|e| e.into_inner());
+            if struck.len() < MAX_STRUCK && !struck.iter().any(|k| &**k == key_id) {
+                struck.push(key_id.into());
+            }
             return Bare::During;
         }
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,6 +141,7 @@ impl Storms {
         recent.push_back(Seen {
             at_ms: now_ms,
             project: project.into(),
+            key_id: key_id.into(),
             key: key.clone(),
             model: model.into(),
         });
@@ -129,9 +156,15 @@ impl Storms {
             }
             return Bare::Alone;
         }
+        let mut struck = self.struck.lock().unwrap_or_else(|e| e.into_inner());
+        struck.clear();
         for seen in recent.drain(..) {
             seen.key.lift_bare_cooldown(&seen.model, now_ms);
+            if !struck.contains(&seen.key_id) {
+                struck.push(seen.key_id);
+            }
         }
+        drop(struck);
         self.since_ms.store(now_ms, Relaxed);
         self.next_probe_ms.store(now_ms + PROBE_EVERY_MS, Relaxed);
         self.count.fetch_add(1, Relaxed);
@@ -143,9 +176,26 @@ impl Storms {
         Bare::Began
     }
 
+    /// The keys that answered bare 429s during this storm (for a probe to pass over).
+    pub fn struck(&self) -> Vec<Box<str>> {
+        self.struck
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Forgets the struck keys: every key has been probed, each may be tried again.
+    pub fn forget_struck(&self) {
+        self.struck
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// An answer that is not a bare 429 came back: a storm going on is over.
     pub fn calm(&self, now_ms: u64) {
         if self.active.swap(false, Relaxed) {
+            self.forget_struck();
             let took = now_ms.saturating_sub(self.since_ms.load(Relaxed));
             tracing::warn!(took_ms = took, "storm over: serving normally");
         }
@@ -164,17 +214,26 @@ mod tests {
         for k in &keys {
             k.cool("m", t + 60_000, "rate_limited", t);
         }
-        assert_eq!(storms.bare_429("p1", &keys[0], "m", t), Bare::Alone);
+        assert_eq!(storms.bare_429("p1", ("k0", &keys[0]), "m", t), Bare::Alone);
         assert_eq!(
-            storms.bare_429("p1", &keys[1], "m", t + 100),
+            storms.bare_429("p1", ("k1", &keys[1]), "m", t + 100),
             Bare::Alone,
             "one project"
         );
         // Too late for the first to count.
-        assert_eq!(storms.bare_429("p2", &keys[2], "m", t + 2_500), Bare::Alone);
-        assert_eq!(storms.admit(t + 2_500), Ok(()));
-        assert_eq!(storms.bare_429("p1", &keys[1], "m", t + 2_600), Bare::Alone);
-        assert_eq!(storms.bare_429("p3", &keys[3], "m", t + 3_000), Bare::Began);
+        assert_eq!(
+            storms.bare_429("p2", ("k2", &keys[2]), "m", t + 2_500),
+            Bare::Alone
+        );
+        assert_eq!(storms.admit(t + 2_500), Ok(Pass::Normal));
+        assert_eq!(
+            storms.bare_429("p1", ("k1", &keys[1]), "m", t + 2_600),
+            Bare::Alone
+        );
+        assert_eq!(
+            storms.bare_429("p3", ("k3", &keys[3]), "m", t + 3_000),
+            Bare::Began
+        );
         assert!(storms.active() && storms.count() == 1);
         assert_eq!(keys[1].cooling_until("m", t + 3_000), None, "lifted");
         assert_eq!(keys[2].cooling_until("m", t + 3_000), None, "lifted");
@@ -185,14 +244,16 @@ mod tests {
         );
         // One probe a second.
         assert_eq!(storms.admit(t + 3_500), Err(500));
-        assert_eq!(storms.admit(t + 4_000), Ok(()));
+        assert_eq!(storms.admit(t + 4_000), Ok(Pass::Probe));
         assert!(storms.admit(t + 4_001).is_err());
         assert_eq!(
-            storms.bare_429("p9", &keys[0], "m", t + 4_100),
+            storms.bare_429("p9", ("k0", &keys[0]), "m", t + 4_100),
             Bare::During
         );
+        let struck: Vec<String> = storms.struck().iter().map(|k| k.to_string()).collect();
+        assert_eq!(struck, ["k2", "k1", "k3", "k0"], "probes try others first");
         storms.calm(t + 5_000);
-        assert!(!storms.active());
-        assert_eq!(storms.admit(t + 5_000), Ok(()));
+        assert!(!storms.active() && storms.struck().is_empty());
+        assert_eq!(storms.admit(t + 5_000), Ok(Pass::Normal));
     }
 }

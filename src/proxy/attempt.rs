@@ -11,6 +11,7 @@ use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
+use std::borrow::Cow;
 use std::time::Duration;
 
 use super::exchange::{Class, Meta, Tried};
@@ -21,7 +22,7 @@ use crate::app::shared::{KeyFailure, QuotaCheck, QuotaVerdict, Used};
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
 use crate::keys::quota::{Ticket, estimate_tokens};
-use crate::keys::storm::{Bare, PROBE_EVERY_MS};
+use crate::keys::storm::{Bare, PROBE_EVERY_MS, Pass};
 use crate::keys::taxonomy::is_bare_429;
 use crate::keys::taxonomy::{ErrorClass, classify, error_message, redact};
 use crate::keys::{KeyPool, Penalty, Pick, seconds_until};
@@ -68,11 +69,15 @@ impl Gateway {
         let tokens = estimate_tokens(req.body.len());
         while used.len() < max {
             let now = now_ms();
-            if let Err(wait_ms) = self.state.lasting.storms.admit(now) {
-                return (self.storm_refusal(wait_ms), tried);
-            }
+            let avoid = match self.state.lasting.storms.admit(now) {
+                Err(wait_ms) => return (self.storm_refusal(wait_ms), tried),
+                Ok(Pass::Normal) => Cow::Borrowed(&used[..]),
+                // A probe passes over the keys that answered bare 429s in this storm: keys
+                // broken on their own cannot keep it going.
+                Ok(Pass::Probe) => Cow::Owned(self.struck_and(generation.pool_for(req), &used)),
+            };
             let admitted = self
-                .admitted_key(generation, req, &used, tokens, meta)
+                .admitted_key(generation, req, &avoid, tokens, meta)
                 .await;
             let (index, ticket) = match admitted {
                 Ok(Ok(admitted)) => admitted,
@@ -246,8 +251,21 @@ impl Gateway {
             return false;
         }
         let project = &pool.project(index).name;
-        let state = &pool.get(index).state;
-        storms.bare_429(project, state, &req.model, now) != Bare::Alone
+        let key = pool.get(index);
+        storms.bare_429(project, (&key.spec.id, &key.state), &req.model, now) != Bare::Alone
+    }
+
+    /// `used` and the keys of `pool` a storm struck; when that is every key, the storm forgets
+    /// them and the probe may take any.
+    fn struck_and(&self, pool: &KeyPool, used: &[usize]) -> Vec<usize> {
+        let storms = &self.state.lasting.storms;
+        let mut avoid = used.to_vec();
+        avoid.extend(storms.struck().iter().filter_map(|id| pool.index_of(id)));
+        if avoid.len() >= pool.keys().len() {
+            storms.forget_struck();
+            avoid.truncate(used.len());
+        }
+        avoid
     }
 
     /// The answer while Google throttles this instance: 429, retry once the next probe may go.
@@ -657,7 +675,7 @@ fn exhausted(pick: Pick, last: Option<Failure>, req: &UpstreamRequest, now: u64)
         format!(" for {}", req.model)
     };
     let limits = if limited {
-        "every other at its project's limit, "
+        ", the others' projects at their quota limits"
     } else {
         ""
     };
@@ -667,7 +685,7 @@ fn exhausted(pick: Pick, last: Option<Failure>, req: &UpstreamRequest, now: u64)
     let e = GateError::new(
         status,
         format!(
-            "no usable Gemini API key{what}: {limits}{cooling} cooling down after quota errors, {disabled} disabled"
+            "no usable Gemini API key{what}: {cooling} cooling down after quota errors, {disabled} disabled{limits}"
         ),
     )
     .retry_after(retry_at_ms.map(|at| seconds_until(at, now)));

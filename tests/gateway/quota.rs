@@ -67,7 +67,7 @@ rpm = 3
         v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("at its project's limit"),
+            .contains("projects at their quota limits"),
         "{v}"
     );
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
@@ -189,6 +189,44 @@ async fn a_storm_backs_off_globally_and_blames_no_key() {
     }
     let (_, metrics) = metrics_text(&gate).await;
     assert!(metrics.contains("gemgate_storm_active 0"), "{metrics}");
+}
+
+/// Three keys that answer bare 429s on their own look like a storm, but cannot keep one going:
+/// the probes try the other keys first, and the first good answer ends it.
+#[tokio::test]
+async fn keys_broken_on_their_own_cannot_keep_a_storm_going() {
+    let fake = fake().await;
+    let keys = ["bare429-1", "bare429-2", "bare429-3", "good-4"];
+    let gate = gate()
+        .upstream(&fake, &keys)
+        .env("MAX_RETRIES", "3")
+        .start()
+        .await;
+    let (status, _, _) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 429, "three projects' bare 429s: a storm");
+    let started = Instant::now();
+    loop {
+        if post(&gate, GENERATE, &ask("hi")).await.0 == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the storm never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        fake.state.key_stats("good-4").requests,
+        1,
+        "the first probe"
+    );
+    for k in &keys[..3] {
+        assert_eq!(
+            fake.state.key_stats(k).requests,
+            1,
+            "{k} was not probed again"
+        );
+    }
 }
 
 /// Bare 429s of one project alone are that key's: it cools as before, and no storm begins.
