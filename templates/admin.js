@@ -39,6 +39,9 @@
     if (v.added) { return v.added.length + " added, " + v.duplicates.length + " already in the pool."; }
     if (v.done) { return v.done.length + " keys." + (v.env_only && v.env_only.length ? " " + v.env_only.length + " come from API_KEYS and stay." : ""); }
     if (v.deleted !== undefined) { return "deleted " + v.deleted + "."; }
+    if (v.project !== undefined) {
+      return v.id + ": " + (v.project ? "project " + v.project : "its own project") + (v.tier ? ", tier " + v.tier : ", no tier") + ".";
+    }
     return "";
   }
 
@@ -58,6 +61,27 @@
     return Promise.resolve();
   }
 
+  // The project dialog: which key it is for, filled from the key's row.
+  function openPlace(id, button) {
+    var dialog = document.getElementById("place-dialog");
+    if (!dialog) { return; }
+    dialog.setAttribute("data-id", id);
+    document.getElementById("place-key").textContent = id;
+    document.getElementById("place-project").value = button.getAttribute("data-project") || "";
+    document.getElementById("place-tier").value = button.getAttribute("data-tier") || "";
+    dialog.showModal();
+    document.getElementById("place-project").focus();
+  }
+
+  function savePlace() {
+    var dialog = document.getElementById("place-dialog");
+    var id = dialog.getAttribute("data-id");
+    var project = document.getElementById("place-project").value.trim();
+    var tier = document.getElementById("place-tier").value;
+    dialog.close();
+    thenReload(call("PATCH", "/admin/api/keys/" + id, { project: project || null, tier: tier || null }), "Project");
+  }
+
   document.addEventListener("click", function (ev) {
     var t = ev.target;
     if (!(t instanceof HTMLElement)) { return; }
@@ -67,6 +91,8 @@
       var id = row.getAttribute("data-id");
       if (act === "copy") {
         copy(t.getAttribute("data-copy")).then(function () { show("Copied " + id + " (masked: keys never leave the gateway in clear)."); });
+      } else if (act === "place") {
+        openPlace(id, t);
       } else if (act === "delete") {
         if (confirm("Delete key " + id + " from the config file?")) { thenReload(call("DELETE", "/admin/api/keys/" + id), "Delete"); }
       } else {
@@ -75,6 +101,12 @@
       return;
     }
     switch (t.id) {
+      case "place-save":
+        savePlace();
+        break;
+      case "place-cancel":
+        document.getElementById("place-dialog").close();
+        break;
       case "select-all":
         Array.prototype.forEach.call(document.querySelectorAll("input.pick"), function (c) { c.checked = t.checked; });
         break;
@@ -106,6 +138,14 @@
           thenReload(call("DELETE", "/admin/api/logs/" + t.getAttribute("data-log") + "?all=true"), "Delete");
         }
         break;
+    }
+  });
+
+  // Enter in the project field saves, as in a form.
+  document.addEventListener("keydown", function (ev) {
+    if (ev.key === "Enter" && ev.target instanceof HTMLElement && ev.target.id === "place-project") {
+      ev.preventDefault();
+      savePlace();
     }
   });
 })();

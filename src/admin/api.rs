@@ -1,6 +1,8 @@
-//! The admin JSON API under `/admin/api/`: the reload status, and the key pool (list, verify,
-//! reset, enable, disable). Every route needs `Authorization: Bearer <AUTH_TOKEN>`; without
-//! `AUTH_TOKEN` the API is off. No answer ever carries a key secret: keys show masked.
+//! The admin JSON API under `/admin/api/`: the reload status, and the key pool (list, by
+//! project, with suggestions to group keys; verify, reset, enable, disable; add, delete, and
+//! set a key's project and tier in the config file). Every route needs `Authorization: Bearer
+//! <AUTH_TOKEN>`; without `AUTH_TOKEN` the API is off. No answer ever carries a key secret:
+//! keys show masked.
 
 use std::collections::HashMap;
 
@@ -17,6 +19,7 @@ use crate::http::auth;
 use crate::http::peer::Peer;
 use crate::http::reply::GateError;
 use crate::keys::Key;
+use crate::keys::storm::Storms;
 use crate::proxy::{Gateway, Refusal, read_body};
 use crate::store::usage::Counts;
 
@@ -51,14 +54,18 @@ impl Gateway {
             AdminCall::Keys if method == http::Method::POST => {
                 self.paste_keys(generation, s).await?
             }
-            AdminCall::DeleteKey { id } => self.delete_key(generation, &id).await?,
+            AdminCall::Key { id } if method == http::Method::PATCH => {
+                let raw = admin_body(s).await?;
+                self.set_key_place(generation, &id, &raw).await?
+            }
+            AdminCall::Key { id } => self.delete_key(generation, &id).await?,
             AdminCall::BulkKeys => {
                 let raw = admin_body(s).await?;
                 self.bulk(generation, &raw).await?
             }
             AdminCall::Keys => {
                 let query = s.req_header().uri.query().unwrap_or_default().to_owned();
-                keys_json(generation, &query, &self.usage_today())
+                keys_json(generation, &query, &self.usage_today(), &self.state.lasting.storms)
             }
             AdminCall::VerifyKeys => self.verify_keys(generation, s).await?,
             AdminCall::Logs { log, row } => self.logs_call(s, &method, log, row).await?,
@@ -284,6 +291,63 @@ impl Gateway {
         }))
     }
 
+    /// `PATCH /admin/api/keys/{id}` with `{"project": "p1" | null, "tier": "free" | null}`:
+    /// sets the key's project and tier in the config file (`null` removes one, a field left
+    /// out stays as it is), then reloads. A key that only `API_KEYS` gives cannot be placed
+    /// here, and the answer says so.
+    async fn set_key_place(
+        &self,
+        generation: &Generation,
+        id: &str,
+        raw: &[u8],
+    ) -> Result<Value, GateError> {
+        use crate::config::KeySource;
+        use crate::config::edit;
+        let index = generation
+            .pool
+            .index_of(id)
+            .ok_or_else(|| GateError::new(404, format!("no key {id} in the pool")))?;
+        let spec = &generation.pool.get(index).spec;
+        if spec.source == KeySource::Env {
+            return Err(GateError::new(
+                409,
+                format!(
+                    "key {id} comes from API_KEYS in the environment, where a key has no \
+                     project: add it to the config file to give it one"
+                ),
+            ));
+        }
+        let change = PlaceChange::parse(raw, &generation.config.quota)?;
+        let secret = spec.secret.expose().to_owned();
+        let place = self
+            .edit_config(move |text| {
+                let Some(old) = edit::key_place(text, &secret)? else {
+                    return Ok((None, None));
+                };
+                let new = change.over(&old);
+                if new == old {
+                    return Ok((None, Some(new)));
+                }
+                let places = std::collections::BTreeMap::from([(secret, new.clone())]);
+                let (text, _) = edit::set_key_places(text, &places)?;
+                Ok((Some(text), Some(new)))
+            })
+            .await?
+            .ok_or_else(|| {
+                GateError::new(
+                    409,
+                    format!("key {id} is not in the config file's keys.api_keys: set its project where it is configured"),
+                )
+            })?;
+        tracing::info!(key = id, project = ?place.project, tier = ?place.tier, "admin: key placed");
+        Ok(json!({
+            "id": id,
+            "project": place.project,
+            "tier": place.tier,
+            "generation": self.state.current.load().id,
+        }))
+    }
+
     /// An edit of the config that writes what `change` makes of its text, then the reload
     /// that applies it.
     pub(super) async fn write_config(
@@ -427,7 +491,7 @@ fn admin_allows(call: &AdminCall, method: &http::Method) -> bool {
     match call {
         AdminCall::Reload => method == http::Method::GET || method == http::Method::POST,
         AdminCall::Keys => method == http::Method::GET || method == http::Method::POST,
-        AdminCall::DeleteKey { .. } => method == http::Method::DELETE,
+        AdminCall::Key { .. } => method == http::Method::DELETE || method == http::Method::PATCH,
         AdminCall::VerifyKeys | AdminCall::KeyAction { .. } | AdminCall::BulkKeys => {
             method == http::Method::POST
         }
@@ -471,6 +535,68 @@ fn keys_to_verify(
                     .ok_or_else(|| GateError::new(404, format!("no key {id}")))
             })
             .collect(),
+    }
+}
+
+/// What a `PATCH` of a key asks for its place: each field `None` to leave it, `Some(None)`
+/// to remove it, `Some(Some(name))` to set it.
+struct PlaceChange {
+    project: Option<Option<String>>,
+    tier: Option<Option<String>>,
+}
+
+impl PlaceChange {
+    /// `{"project": …, "tier": …}`, each a name (at most 128 characters, none a control
+    /// character), `null` or `""` for none, or left out; a tier must be one the config knows.
+    fn parse(raw: &[u8], quota: &crate::config::quota::QuotaLimits) -> Result<Self, GateError> {
+        const USAGE: &str = "send {\"project\": \"name\" or null, \"tier\": \"name\" or null}";
+        let v: Value = serde_json::from_slice(raw)
+            .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+        let fields = v.as_object().ok_or_else(|| bad(USAGE))?;
+        if fields.keys().any(|k| k != "project" && k != "tier") || fields.is_empty() {
+            return Err(bad(USAGE));
+        }
+        let change = PlaceChange {
+            project: place_name(fields, "project")?,
+            tier: place_name(fields, "tier")?,
+        };
+        if let Some(Some(t)) = &change.tier
+            && !quota.knows_tier(t)
+        {
+            return Err(bad(format!(
+                "tier {t:?} is not defined: the tiers are {} (define others in [quota.tiers])",
+                quota.tier_names().join(", ")
+            )));
+        }
+        Ok(change)
+    }
+
+    /// `old` with this change made.
+    fn over(&self, old: &crate::config::edit::KeyPlace) -> crate::config::edit::KeyPlace {
+        crate::config::edit::KeyPlace {
+            project: self.project.clone().unwrap_or_else(|| old.project.clone()),
+            tier: self.tier.clone().unwrap_or_else(|| old.tier.clone()),
+        }
+    }
+}
+
+/// Field `name` of a place change (see [`PlaceChange`]); the name is never repeated in an
+/// error, which may be any text.
+fn place_name(
+    fields: &serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<Option<String>>, GateError> {
+    match fields.get(name) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(s)) => match s.trim() {
+            "" => Ok(Some(None)),
+            n if n.len() <= 128 && !n.chars().any(char::is_control) => Ok(Some(Some(n.to_owned()))),
+            _ => Err(bad(format!(
+                "a key's {name} has at most 128 characters, none a control character"
+            ))),
+        },
+        Some(_) => Err(bad(format!("{name} is a name (a string) or null"))),
     }
 }
 
@@ -538,11 +664,14 @@ fn key_json(key: &Key, now: u64, usage_today: Option<&Counts>) -> Value {
     })
 }
 
-/// `GET /admin/api/keys?page=1&per_page=50&q=text&state=active|cooling|disabled&tag=t`.
+/// `GET /admin/api/keys?page=1&per_page=50&q=text&state=active|cooling|disabled&tag=t&project=p`
+/// (`project=` alone: the keys without a project): a page of keys, the pool's counts, its
+/// projects, the tiers a key may name, and suggestions to group keys Google counts together.
 pub(super) fn keys_json(
     generation: &Generation,
     query: &str,
     usage: &HashMap<String, Counts>,
+    storms: &Storms,
 ) -> Value {
     let param = |name: &str| auth::query_param(query, name).map(|v| v.into_owned());
     let page = param("page")
@@ -553,29 +682,22 @@ pub(super) fn keys_json(
         .and_then(|p| p.parse::<usize>().ok())
         .unwrap_or(PER_PAGE)
         .clamp(1, MAX_PER_PAGE);
-    let q = param("q").unwrap_or_default().to_ascii_lowercase();
-    let wanted_state = param("state").filter(|s| !s.is_empty());
-    let wanted_tag = param("tag").filter(|t| !t.is_empty());
+    let filter = KeyFilter {
+        q: param("q").unwrap_or_default().to_ascii_lowercase(),
+        state: param("state").filter(|s| !s.is_empty()),
+        tag: param("tag").filter(|t| !t.is_empty()),
+        project: param("project").map(|p| Some(p).filter(|p| !p.is_empty())),
+    };
     let now = now_ms();
+    let pool = &generation.pool;
+    let states: Vec<&str> = pool.keys().iter().map(|k| k.state_name(now)).collect();
     let mut counts = StateCounts::default();
     let mut tags = std::collections::BTreeSet::new();
     let mut matching = Vec::new();
-    for key in generation.pool.keys() {
-        let state = key.state_name(now);
+    for (key, &state) in pool.keys().iter().zip(&states) {
         counts.add(state);
         tags.extend(key.spec.tags.iter().map(String::as_str));
-        let text_ok = q.is_empty()
-            || key.spec.id.contains(&q)
-            || key.spec.label.to_ascii_lowercase().contains(&q)
-            || key
-                .spec
-                .tags
-                .iter()
-                .any(|t| t.to_ascii_lowercase().contains(&q));
-        let tag_ok = wanted_tag
-            .as_ref()
-            .is_none_or(|t| key.spec.tags.iter().any(|k| k == t));
-        if text_ok && tag_ok && wanted_state.as_ref().is_none_or(|w| w == state) {
+        if filter.matches(key, state) {
             matching.push(key);
         }
     }
@@ -585,11 +707,160 @@ pub(super) fn keys_json(
         .skip((page - 1).saturating_mul(per_page))
         .take(per_page)
         .map(|key| key_json(key, now, usage.get(&key.spec.id)))
+        .map(|mut key| {
+            // A storm holds every key back: a cooldown of the global scope.
+            if let (Some(c), true) = (key["cooldowns"].as_array_mut(), storms.active()) {
+                c.push(json!({ "model": "*", "until": rfc3339(storms.next_probe_ms()), "class": "storm", "scope": "global", "quota_id": null }));
+            }
+            key
+        })
         .collect();
     let counts = counts.json();
     json!({
         "total": total, "page": page, "per_page": per_page, "pages": total.div_ceil(per_page).max(1),
         "counts": counts, "tags": tags, "keys": keys,
+        "projects": projects_json(pool, &states),
+        "tiers": generation.config.quota.tier_names(),
+        "suggestions": suggestions(pool),
+        "storm": storm_json(storms),
+    })
+}
+
+/// A storm going on (Google throttling this instance's address), for the keys page, its API
+/// and the dashboard.
+pub(super) fn storm_json(storms: &Storms) -> Value {
+    json!({
+        "active": storms.active(),
+        "since": storms.since_ms().map(rfc3339),
+        "storms": storms.count(),
+    })
+}
+
+/// Which keys a key list shows.
+struct KeyFilter {
+    /// Lower case; empty: every key.
+    q: String,
+    state: Option<String>,
+    tag: Option<String>,
+    /// `Some(None)`: the keys without a project.
+    project: Option<Option<String>>,
+}
+
+impl KeyFilter {
+    fn matches(&self, key: &Key, state: &str) -> bool {
+        let q = &self.q;
+        let text_ok = q.is_empty()
+            || key.spec.id.contains(q)
+            || key.spec.label.to_ascii_lowercase().contains(q)
+            || key
+                .spec
+                .tags
+                .iter()
+                .any(|t| t.to_ascii_lowercase().contains(q));
+        let tag_ok = self
+            .tag
+            .as_ref()
+            .is_none_or(|t| key.spec.tags.iter().any(|k| k == t));
+        let project_ok = self.project.as_ref().is_none_or(|p| key.spec.project == *p);
+        text_ok && tag_ok && project_ok && self.state.as_ref().is_none_or(|w| w == state)
+    }
+}
+
+/// The pool by project: each project the config names, with its tier and its keys' states,
+/// then one entry (`"name": null`) for all the keys without a project (each its own).
+fn projects_json(pool: &crate::keys::KeyPool, states: &[&str]) -> Vec<Value> {
+    let summary = |keys: &mut dyn Iterator<Item = usize>| {
+        let mut counts = StateCounts::default();
+        let mut n = 0;
+        for i in keys {
+            counts.add(states[i]);
+            n += 1;
+        }
+        (n, counts.json())
+    };
+    let mut out = Vec::new();
+    for p in pool.projects().iter().filter(|p| p.named) {
+        let (n, mut v) = summary(&mut p.keys.iter().map(|&i| i as usize));
+        v["name"] = json!(p.name);
+        v["named"] = json!(true);
+        v["tier"] = json!(p.tier);
+        v["keys"] = json!(n);
+        out.push(v);
+    }
+    let unnamed = pool.projects().iter().filter(|p| !p.named);
+    let (n, mut v) = summary(&mut unnamed.flat_map(|p| p.keys.iter().map(|&i| i as usize)));
+    if n > 0 {
+        v["name"] = Value::Null;
+        v["named"] = json!(false);
+        v["tier"] = Value::Null;
+        v["keys"] = json!(n);
+        out.push(v);
+    }
+    out
+}
+
+/// Suggestions shown at most, and keys named in each.
+const MAX_SUGGESTIONS: usize = 20;
+const MAX_SUGGESTED_KEYS: usize = 50;
+
+/// Keys Google says belong to one project (the `consumer` of their last 429 or 403) that the
+/// config puts in several (a key without a project is one of its own): each such group, with
+/// a suggestion to give its keys one project, so that its limits count them together. Most
+/// keys first; gemgate never regroups keys on its own.
+fn suggestions(pool: &crate::keys::KeyPool) -> Vec<Value> {
+    let mut by_consumer: std::collections::BTreeMap<String, Vec<&Key>> = Default::default();
+    for key in pool.keys() {
+        if let Some(consumer) = key.state.detail().consumer {
+            by_consumer.entry(consumer).or_default().push(key);
+        }
+    }
+    let mut found: Vec<(String, Vec<&Key>)> = by_consumer
+        .into_iter()
+        .filter(|(_, keys)| {
+            let first = keys[0].spec.project.as_deref();
+            first.is_none() || keys.iter().any(|k| k.spec.project.as_deref() != first)
+        })
+        .filter(|(_, keys)| keys.len() > 1)
+        .collect();
+    found.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
+    found
+        .into_iter()
+        .take(MAX_SUGGESTIONS)
+        .map(|(consumer, keys)| suggestion(&consumer, &keys))
+        .collect()
+}
+
+/// One suggestion: the keys Google counts in project `consumer`, and the project to give them
+/// (the one most of them have, else the consumer's name).
+fn suggestion(consumer: &str, keys: &[&Key]) -> Value {
+    let mut named: std::collections::BTreeMap<&str, usize> = Default::default();
+    for k in keys {
+        if let Some(p) = k.spec.project.as_deref() {
+            *named.entry(p).or_default() += 1;
+        }
+    }
+    let alone = keys.iter().filter(|k| k.spec.project.is_none()).count();
+    let projects = named.len() + alone;
+    let project = named
+        .iter()
+        .max_by_key(|&(name, n)| (*n, std::cmp::Reverse(*name)))
+        .map_or(consumer, |(name, _)| name);
+    let without = match alone {
+        0 => String::new(),
+        1 => " (1 without a project)".to_owned(),
+        n => format!(" ({n} without a project)"),
+    };
+    let message = format!(
+        "{} keys answer for {consumer} but are in {projects} configured projects{without}: \
+         give them one project (for example {project:?}) so that its limits count them together",
+        keys.len()
+    );
+    json!({
+        "consumer": consumer,
+        "keys": keys.iter().take(MAX_SUGGESTED_KEYS).map(|k| k.spec.id.as_str()).collect::<Vec<_>>(),
+        "total": keys.len(),
+        "project": project,
+        "message": message,
     })
 }
 

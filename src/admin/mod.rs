@@ -12,8 +12,9 @@ pub enum AdminCall {
     /// `GET /admin/api/keys`: every key with its state (paginated, searchable);
     /// `POST`: add the keys found in `{"text": …}`.
     Keys,
-    /// `DELETE /admin/api/keys/{id}`.
-    DeleteKey { id: String },
+    /// `DELETE /admin/api/keys/{id}`; `PATCH`: set its project and tier
+    /// (`{"project": …, "tier": …}`).
+    Key { id: String },
     /// `POST /admin/api/keys/verify`: probe the keys named in the body (all disabled ones when
     /// none are named).
     VerifyKeys,

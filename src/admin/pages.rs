@@ -421,6 +421,7 @@ impl Gateway {
             "generation": generation.id,
             "dropped": self.state.lasting.logs.dropped(),
             "fleet": self.state.lasting.shared.fleet_status(),
+            "storm": super::api::storm_json(&self.state.lasting.storms),
         });
         ("dashboard", "Dashboard", data)
     }
@@ -430,44 +431,57 @@ impl Gateway {
         generation: &Generation,
         query: &str,
     ) -> (&'static str, &'static str, Value) {
-        let mut data = keys_json(generation, query, &self.usage_today());
+        let mut data = keys_json(
+            generation,
+            query,
+            &self.usage_today(),
+            &self.state.lasting.storms,
+        );
         let param = |n: &str| {
             auth::query_param(query, n)
                 .map(|v| v.into_owned())
                 .unwrap_or_default()
         };
         let (q, state, tag) = (param("q"), param("state"), param("tag"));
-        let page = data["page"].as_u64().unwrap_or(1);
-        let pages = data["pages"].as_u64().unwrap_or(1);
-        let link = |p: u64| {
-            format!(
-                "/admin/keys?q={}&state={}&tag={}&page={p}",
+        // `None`: every project; `Some("")`: the keys without one.
+        let project = auth::query_param(query, "project").map(|p| p.into_owned());
+        let link = |project: Option<&str>, p: u64| {
+            let mut link = format!(
+                "/admin/keys?q={}&state={}&tag={}",
                 encode_query_value(&q),
                 encode_query_value(&state),
                 encode_query_value(&tag)
-            )
+            );
+            if let Some(name) = project {
+                let _ = write!(link, "&project={}", encode_query_value(name));
+            }
+            let _ = write!(link, "&page={p}");
+            link
         };
-        data["filter"] = json!({ "q": q, "state": state, "tag": tag });
-        data["prev"] = json!((page > 1).then(|| link(page - 1)));
-        data["next"] = json!((page < pages).then(|| link(page + 1)));
-        for k in data["keys"].as_array_mut().into_iter().flatten() {
-            let text = k["cooldowns"]
-                .as_array()
-                .map(|c| {
-                    c.iter()
-                        .map(|c| {
-                            format!(
-                                "{} until {} ({})",
-                                c["model"].as_str().unwrap_or(""),
-                                c["until"].as_str().unwrap_or(""),
-                                c["class"].as_str().unwrap_or("")
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; ")
+        let page = data["page"].as_u64().unwrap_or(1);
+        let pages = data["pages"].as_u64().unwrap_or(1);
+        data["filter"] = json!({
+            "q": q, "state": state, "tag": tag,
+            "by_project": project.is_some(),
+            "project": project,
+            "every_project": link(None, 1),
+        });
+        data["prev"] = json!((page > 1).then(|| link(project.as_deref(), page - 1)));
+        data["next"] = json!((page < pages).then(|| link(project.as_deref(), page + 1)));
+        let projects = data["projects"].as_array_mut().map(std::mem::take);
+        let (shown, more) = shown_projects(projects.unwrap_or_default(), project.as_deref());
+        data["projects"] = json!(
+            shown
+                .into_iter()
+                .map(|mut p| {
+                    p["link"] = json!(link(Some(p["name"].as_str().unwrap_or("")), 1));
+                    p
                 })
-                .unwrap_or_default();
-            k["cooling_text"] = json!(text);
+                .collect::<Vec<_>>()
+        );
+        data["projects_more"] = json!(more);
+        for k in data["keys"].as_array_mut().into_iter().flatten() {
+            k["cooling_text"] = json!(cooling_text(k));
         }
         ("keys", "Keys", data)
     }
@@ -634,6 +648,56 @@ impl Gateway {
         );
         ("plugins", "Plugins", data)
     }
+}
+
+/// Projects the key page lists at most (the API lists every one).
+const PAGE_PROJECTS: usize = 100;
+
+/// The projects the key page lists (each with `here` when it is the one filtered on), and how
+/// many more there are.
+fn shown_projects(mut projects: Vec<Value>, filtered: Option<&str>) -> (Vec<Value>, usize) {
+    for p in &mut projects {
+        let name = p["name"].as_str().unwrap_or("");
+        p["here"] = json!(filtered == Some(name));
+    }
+    let more = projects.len().saturating_sub(PAGE_PROJECTS);
+    // The keys without a project come last: keep them in view.
+    if more > 0 && projects.last().is_some_and(|p| p["name"].is_null()) {
+        let unnamed = projects.pop();
+        projects.truncate(PAGE_PROJECTS - 1);
+        projects.extend(unnamed);
+    } else {
+        projects.truncate(PAGE_PROJECTS);
+    }
+    (projects, more)
+}
+
+/// A key's cooldowns in a line: `model until time (class)` (and the scope when it is wider than
+/// the key's own), `; ` between.
+fn cooling_text(key: &Value) -> String {
+    key["cooldowns"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .map(|c| {
+                    let scope = match c["scope"].as_str().unwrap_or("") {
+                        "" | "key_model" => "",
+                        "project_model" => ", the project's quota",
+                        "project" => ", the project's quota for every model",
+                        "global" => ", a global back-off",
+                        _ => ", wider than the key",
+                    };
+                    format!(
+                        "{} until {} ({}{scope})",
+                        c["model"].as_str().unwrap_or(""),
+                        c["until"].as_str().unwrap_or(""),
+                        c["class"].as_str().unwrap_or("")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default()
 }
 
 const CHART_W: f64 = 600.0;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use toml_edit::{Array, DocumentMut, Item, Table, Value};
+use toml_edit::{Array, DocumentMut, InlineTable, Item, Table, Value};
 
 /// Finds API keys in free text: `AIzaSy` + 33 characters, and the newer `AQ.` keys; each once,
 /// in order.
@@ -37,21 +37,129 @@ pub fn remove_keys(text: &str, secrets: &[String]) -> Result<(String, usize), St
     let text = edit_keys(text, |keys| {
         let before = keys.len();
         keys.retain(|v| {
-            let listed = match v {
-                Value::String(s) => s.value().trim(),
-                Value::InlineTable(t) => t
-                    .get("key")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .trim(),
-                _ => "",
-            };
+            let listed = entry_secret(v);
             !secrets.iter().any(|s| s == listed)
         });
         removed = before - keys.len();
         Ok(())
     })?;
     Ok((text, removed))
+}
+
+/// The key an entry of `[keys] api_keys` lists (a string, or a table's `key`), trimmed.
+fn entry_secret(v: &Value) -> &str {
+    match v {
+        Value::String(s) => s.value().trim(),
+        Value::InlineTable(t) => t
+            .get("key")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .trim(),
+        _ => "",
+    }
+}
+
+/// Where a key belongs: its Cloud project and the project's quota tier (`None`: not set).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPlace {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+}
+
+impl KeyPlace {
+    /// The place an entry of `[keys] api_keys` gives (an empty name is none, as the config
+    /// reads it).
+    fn of_entry(v: &Value) -> KeyPlace {
+        let field = |name: &str| match v {
+            Value::InlineTable(t) => t
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+            _ => None,
+        };
+        KeyPlace {
+            project: field("project"),
+            tier: field("tier"),
+        }
+    }
+}
+
+/// The place of key `secret` in `[keys] api_keys`, or `None` when the list does not have it.
+pub fn key_place(text: &str, secret: &str) -> Result<Option<KeyPlace>, String> {
+    Ok(listed_places(&parse_table(text)?).remove(secret))
+}
+
+/// `text` with each key of `places` put in its place in `[keys] api_keys` (`project` and
+/// `tier` set, or removed when `None`), and how many entries changed. A plain entry becomes a
+/// table; a table keeps its label, tags and weight. Keys the list does not have are skipped.
+pub fn set_key_places(
+    text: &str,
+    places: &BTreeMap<String, KeyPlace>,
+) -> Result<(String, usize), String> {
+    let mut changed = 0;
+    let new_text = edit_keys(text, |keys| {
+        for entry in keys.iter_mut() {
+            let secret = entry_secret(entry).to_owned();
+            if let Some(place) = places.get(&secret)
+                && KeyPlace::of_entry(entry) != *place
+            {
+                put_place(entry, &secret, place);
+                changed += 1;
+            }
+        }
+        Ok(())
+    })?;
+    // Nothing changed: the text stays exactly as it was.
+    Ok((
+        if changed == 0 {
+            text.to_owned()
+        } else {
+            new_text
+        },
+        changed,
+    ))
+}
+
+/// Sets `place` on one entry of `[keys] api_keys` (the key `secret`), keeping its comments.
+fn put_place(entry: &mut Value, secret: &str, place: &KeyPlace) {
+    let plain = matches!(entry, Value::String(_));
+    if plain {
+        let mut table = InlineTable::new();
+        table.insert("key", Value::from(secret));
+        let decor = entry.decor().clone();
+        *entry = Value::InlineTable(table);
+        *entry.decor_mut() = decor;
+    }
+    let Value::InlineTable(table) = entry else {
+        return;
+    };
+    // The space before `}` is the last value's: whichever value is last afterwards takes it.
+    let trailing = table.iter_mut().last().and_then(|(_, v)| {
+        let suffix = v.decor().suffix().cloned();
+        v.decor_mut().set_suffix("");
+        suffix
+    });
+    for (field, value) in [("project", &place.project), ("tier", &place.tier)] {
+        match value {
+            Some(v) => {
+                table.insert(field, Value::from(v.as_str()));
+            }
+            None => {
+                table.remove(field);
+            }
+        }
+    }
+    if let Some((_, last)) = table.iter_mut().last() {
+        last.decor_mut()
+            .set_suffix(trailing.unwrap_or_else(|| " ".into()));
+    }
+    if plain {
+        table.fmt();
+    }
 }
 
 /// Admin edits made in a fleet: kept in Redis and laid over every instance's own config file,
@@ -63,6 +171,9 @@ pub struct FleetEdits {
     /// Keys added, in order.
     pub keys_added: Vec<String>,
     pub keys_removed: Vec<String>,
+    /// Keys given a project or tier (or had theirs removed), by key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub key_places: BTreeMap<String, KeyPlace>,
     /// Counts the edits made: of two copies, the higher version is the newer.
     #[serde(default)]
     pub version: u64,
@@ -73,7 +184,10 @@ const INSTANCE_ONLY: &[&str] = &["cluster"];
 
 impl FleetEdits {
     pub fn is_empty(&self) -> bool {
-        self.settings.is_empty() && self.keys_added.is_empty() && self.keys_removed.is_empty()
+        self.settings.is_empty()
+            && self.keys_added.is_empty()
+            && self.keys_removed.is_empty()
+            && self.key_places.is_empty()
     }
 
     /// `text` with these edits made.
@@ -91,6 +205,9 @@ impl FleetEdits {
             .collect();
         if !missing.is_empty() {
             text = add_keys(&text, &missing)?;
+        }
+        if !self.key_places.is_empty() {
+            text = set_key_places(&text, &self.key_places)?.0;
         }
         for (path, value) in &self.settings {
             text = set_setting(&text, path, value.as_ref())?;
@@ -110,10 +227,12 @@ impl FleetEdits {
         }
         for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
             self.keys_added.retain(|a| a != k);
+            self.key_places.remove(k);
             if !self.keys_removed.contains(k) {
                 self.keys_removed.push(k.clone());
             }
         }
+        self.record_places(&old, &new);
         let sections = old
             .keys()
             .chain(new.keys())
@@ -143,6 +262,20 @@ impl FleetEdits {
         }
         Ok(())
     }
+
+    /// Records the keys whose project or tier an edit changed (`old` to `new`).
+    fn record_places(&mut self, old: &toml::Table, new: &toml::Table) {
+        let before = listed_places(old);
+        for (secret, place) in listed_places(new) {
+            let changed = match before.get(&secret) {
+                Some(was) => *was != place,
+                None => place != KeyPlace::default(),
+            };
+            if changed {
+                self.key_places.insert(secret, place);
+            }
+        }
+    }
 }
 
 fn parse_table(text: &str) -> Result<toml::Table, String> {
@@ -165,6 +298,37 @@ fn listed_keys(tree: &toml::Table) -> Vec<String> {
                 .get("key")
                 .and_then(toml::Value::as_str)
                 .map(|s| s.trim().to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The place of every key `[keys] api_keys` lists, by key.
+fn listed_places(tree: &toml::Table) -> BTreeMap<String, KeyPlace> {
+    let Some(list) = tree
+        .get("keys")
+        .and_then(|k| k.get("api_keys"))
+        .and_then(toml::Value::as_array)
+    else {
+        return BTreeMap::new();
+    };
+    let name = |t: &toml::Table, field: &str| {
+        t.get(field)
+            .and_then(toml::Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    list.iter()
+        .filter_map(|v| match v {
+            toml::Value::String(s) => Some((s.trim().to_owned(), KeyPlace::default())),
+            toml::Value::Table(t) => t.get("key").and_then(toml::Value::as_str).map(|k| {
+                let place = KeyPlace {
+                    project: name(t, "project"),
+                    tier: name(t, "tier"),
+                };
+                (k.trim().to_owned(), place)
+            }),
             _ => None,
         })
         .collect()
@@ -369,6 +533,60 @@ mod tests {
     }
 
     #[test]
+    fn a_keys_place_is_set_and_removed_keeping_its_entry_and_the_comments() {
+        let text = "# mine\n[keys]\napi_keys = [\n  # the first\n  \"k1\",\n  { key = \"k2\", label = \"two\", tags = [\"a\"], weight = 3, tier = \"free\" },\n  { key = \"k3\", weight = 2 },\n]\n";
+        let place = |p: Option<&str>, t: Option<&str>| KeyPlace {
+            project: p.map(str::to_owned),
+            tier: t.map(str::to_owned),
+        };
+        let places = BTreeMap::from([
+            ("k1".to_owned(), place(Some("p1"), Some("tier1"))),
+            ("k2".to_owned(), place(Some("p1"), None)),
+            ("k3".to_owned(), place(None, Some("free"))),
+            ("absent".to_owned(), place(Some("p9"), None)),
+        ]);
+        let (new, changed) = set_key_places(text, &places).unwrap();
+        assert_eq!(changed, 3);
+        assert!(
+            new.contains(r#"{ key = "k3", weight = 2, tier = "free" }"#),
+            "{new}"
+        );
+        assert!(
+            new.starts_with("# mine") && new.contains("# the first"),
+            "{new}"
+        );
+        assert_eq!(
+            key_place(&new, "k1").unwrap(),
+            Some(place(Some("p1"), Some("tier1")))
+        );
+        assert_eq!(
+            key_place(&new, "k2").unwrap(),
+            Some(place(Some("p1"), None))
+        );
+        assert_eq!(key_place(&new, "absent").unwrap(), None);
+        let tree: toml::Table = toml::from_str(&new).unwrap();
+        let k2 = &tree["keys"]["api_keys"][1];
+        assert_eq!(k2["label"].as_str(), Some("two"));
+        assert_eq!(k2["weight"].as_integer(), Some(3));
+        assert!(
+            new.contains(r#"{ key = "k1", project = "p1", tier = "tier1" }"#),
+            "{new}"
+        );
+        // The same places again change nothing, not even the layout.
+        assert_eq!(set_key_places(&new, &places).unwrap(), (new.clone(), 0));
+        let none = BTreeMap::from([("k2".to_owned(), KeyPlace::default())]);
+        let (cleared, _) = set_key_places(&new, &none).unwrap();
+        assert_eq!(
+            key_place(&cleared, "k2").unwrap(),
+            Some(KeyPlace::default())
+        );
+        assert!(
+            cleared.contains(r#"{ key = "k2", label = "two", tags = ["a"], weight = 3 }"#),
+            "{cleared}"
+        );
+    }
+
+    #[test]
     fn fleet_edits_record_what_an_edit_did_and_lay_it_over_another_file() {
         let a = "[keys]\napi_keys = [\"k-one\", \"k-two\"]\n[upstream]\nmax_retries = 3\n[cluster]\nname = \"a\"\n";
         let mut edits = FleetEdits::default();
@@ -412,5 +630,46 @@ mod tests {
                 .unwrap()
                 .contains("k-new")
         );
+    }
+
+    #[test]
+    fn fleet_edits_carry_a_keys_project_and_tier() {
+        let base = "[keys]\napi_keys = [\"k-one\", { key = \"k-two\", project = \"old\" }]\n";
+        let place = KeyPlace {
+            project: Some("p1".into()),
+            tier: Some("free".into()),
+        };
+        let after = set_key_places(
+            base,
+            &BTreeMap::from([
+                ("k-one".to_owned(), place.clone()),
+                ("k-two".to_owned(), KeyPlace::default()),
+            ]),
+        )
+        .unwrap()
+        .0;
+        let mut edits = FleetEdits::default();
+        edits.record(base, &after).unwrap();
+        assert!(edits.keys_added.is_empty() && edits.settings.is_empty());
+        assert_eq!(edits.key_places.len(), 2);
+        // Another instance's file with the same keys gets the same places.
+        let other = "# other\n[keys]\napi_keys = [\"k-two\", \"k-one\"]\n";
+        let laid = edits.apply(other).unwrap();
+        assert_eq!(key_place(&laid, "k-one").unwrap(), Some(place));
+        assert_eq!(
+            key_place(&laid, "k-two").unwrap(),
+            Some(KeyPlace::default())
+        );
+        assert_eq!(edits.apply(&laid).unwrap(), laid);
+        // A key removed later takes its place with it.
+        let removed = remove_keys(&laid, &["k-one".to_owned()]).unwrap().0;
+        edits.record(&laid, &removed).unwrap();
+        assert!(!edits.key_places.contains_key("k-one"));
+        // Edits saved by an instance that knew no places still read.
+        let old: FleetEdits = serde_json::from_str(
+            r#"{"settings":{},"keys_added":["k"],"keys_removed":[],"version":3}"#,
+        )
+        .unwrap();
+        assert!(old.key_places.is_empty() && old.version == 3);
     }
 }

@@ -241,19 +241,21 @@ impl KeyState {
 
     /// The end of this key's cooldown for `model`, if it is cooling at `now_ms`.
     pub fn cooling_until(&self, model: &str, now_ms: u64) -> Option<u64> {
-        if self.cooling_until_max.load(Relaxed) <= now_ms {
-            return None;
-        }
-        self.cooldowns
-            .load()
-            .iter()
-            .filter(|c| covers(&c.model, model) && c.until_ms > now_ms)
-            .map(|c| c.until_ms)
-            .max()
+        self.with_cooldown(model, now_ms, |c| c.until_ms)
     }
 
     /// The cooldown that keeps the key from `model` at `now_ms` (the one ending last).
     pub fn cooldown_for(&self, model: &str, now_ms: u64) -> Option<Cooldown> {
+        self.with_cooldown(model, now_ms, Cooldown::clone)
+    }
+
+    /// `read` of the cooldown for `model` ending last, if one runs at `now_ms`.
+    fn with_cooldown<T>(
+        &self,
+        model: &str,
+        now_ms: u64,
+        read: impl FnOnce(&Cooldown) -> T,
+    ) -> Option<T> {
         if self.cooling_until_max.load(Relaxed) <= now_ms {
             return None;
         }
@@ -262,7 +264,7 @@ impl KeyState {
             .iter()
             .filter(|c| covers(&c.model, model) && c.until_ms > now_ms)
             .max_by_key(|c| c.until_ms)
-            .cloned()
+            .map(read)
     }
 
     /// Every cooldown still running at `now_ms`.
@@ -992,7 +994,16 @@ mod tests {
     /// A pool of `projects` projects of `per_project` keys each, limited by `quota` (TOML of
     /// `[quota]`).
     fn projects_pool(projects: usize, per_project: usize, quota: &str) -> KeyPool {
-        let specs: Vec<KeySpec> = (0..projects * per_project)
+        let quota = QuotaLimits::resolve(&toml::from_str(quota).unwrap()).unwrap();
+        let specs = specs(projects * per_project, |i| {
+            Some(format!("p{}", i / per_project))
+        });
+        KeyPool::new(&specs, &KeyRegistry::default(), 3, &quota)
+    }
+
+    /// `n` keys, key `i` in project `project(i)`.
+    fn specs(n: usize, project: impl Fn(usize) -> Option<String>) -> Vec<KeySpec> {
+        (0..n)
             .map(|i| {
                 let secret = format!("key-{i}");
                 KeySpec {
@@ -1002,13 +1013,11 @@ mod tests {
                     tags: vec![],
                     weight: 1,
                     source: Default::default(),
-                    project: Some(format!("p{}", i / per_project)),
+                    project: project(i),
                     tier: None,
                 }
             })
-            .collect();
-        let quota = QuotaLimits::resolve(&toml::from_str(quota).unwrap()).unwrap();
-        KeyPool::new(&specs, &KeyRegistry::default(), 3, &quota)
+            .collect()
     }
 
     /// Google's daily quota, simulated over three days with an injected clock: requests
@@ -1081,21 +1090,7 @@ mod tests {
     }
 
     fn pool(n: usize, max_failures: u32) -> KeyPool {
-        let specs: Vec<KeySpec> = (0..n)
-            .map(|i| {
-                let secret = format!("key-{i}");
-                KeySpec {
-                    id: stable_id("k", &secret),
-                    secret: Secret::new(secret.clone()),
-                    label: secret,
-                    tags: vec![],
-                    weight: 1,
-                    source: Default::default(),
-                    project: None,
-                    tier: None,
-                }
-            })
-            .collect();
+        let specs = specs(n, |_| None);
         KeyPool::new(
             &specs,
             &KeyRegistry::default(),

@@ -88,6 +88,11 @@ impl Storms {
         self.active().then(|| self.since_ms.load(Relaxed))
     }
 
+    /// When the next probe may go (during a storm).
+    pub fn next_probe_ms(&self) -> u64 {
+        self.next_probe_ms.load(Relaxed)
+    }
+
     /// How many storms began since the start.
     pub fn count(&self) -> u64 {
         self.count.load(Relaxed)

@@ -81,14 +81,7 @@ impl Gateway {
                 .await;
             let (index, ticket) = match admitted {
                 Ok(Ok(admitted)) => admitted,
-                Ok(Err(pick)) => {
-                    if last.is_none()
-                        && matches!(pick, Pick::Exhausted { cooling, limited, .. } if cooling > 0 || limited)
-                    {
-                        self.state.lasting.prometheus.quota_refused();
-                    }
-                    return (exhausted(pick, last, req, now), tried);
-                }
+                Ok(Err(pick)) => return (self.exhausted(pick, last, req, now), tried),
                 Err(d) => return (Finished::Refused(denied(d)), tried),
             };
             used.push(index);
@@ -626,6 +619,58 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// The loop's end when no key is left to try: the last failure as the upstream sent it, or
+    /// why no key was usable.
+    fn exhausted(
+        &self,
+        pick: Pick,
+        last: Option<Failure>,
+        req: &UpstreamRequest,
+        now: u64,
+    ) -> Finished {
+        let Pick::Exhausted {
+            retry_at_ms,
+            cooling,
+            disabled,
+            limited,
+        } = pick
+        else {
+            return Finished::Refused(Refusal::Gate(GateError::new(
+                503,
+                "no Gemini API key is configured",
+            )));
+        };
+        if let Some(f) = last {
+            return Finished::Refused(Refusal::Upstream(Box::new(f)));
+        }
+        let what = if req.model.is_empty() {
+            String::new()
+        } else {
+            format!(" for {}", req.model)
+        };
+        let limits = if limited {
+            ", the others' projects at their quota limits"
+        } else {
+            ""
+        };
+        // Keys that will serve again make a rate limit (429, with when); only a pool with no
+        // enabled key at all is unavailable (503).
+        let status = if cooling > 0 || limited {
+            self.state.lasting.prometheus.quota_refused();
+            429
+        } else {
+            503
+        };
+        let e = GateError::new(
+            status,
+            format!(
+                "no usable Gemini API key{what}: {cooling} cooling down after quota errors, {disabled} disabled{limits}"
+            ),
+        )
+        .retry_after(retry_at_ms.map(|at| seconds_until(at, now)));
+        Finished::Refused(Refusal::Gate(e))
+    }
+
     /// Tells `on_response` plugins of a 2xx answer; returns what they made of it.
     fn on_success(
         &self,
@@ -649,47 +694,6 @@ impl Gateway {
             Err(d) => Verdict::Refuse(d),
         }
     }
-}
-
-/// The loop's end when no key is left to try: the last failure as the upstream sent it, or
-/// why no key was usable.
-fn exhausted(pick: Pick, last: Option<Failure>, req: &UpstreamRequest, now: u64) -> Finished {
-    let Pick::Exhausted {
-        retry_at_ms,
-        cooling,
-        disabled,
-        limited,
-    } = pick
-    else {
-        return Finished::Refused(Refusal::Gate(GateError::new(
-            503,
-            "no Gemini API key is configured",
-        )));
-    };
-    if let Some(f) = last {
-        return Finished::Refused(Refusal::Upstream(Box::new(f)));
-    }
-    let what = if req.model.is_empty() {
-        String::new()
-    } else {
-        format!(" for {}", req.model)
-    };
-    let limits = if limited {
-        ", the others' projects at their quota limits"
-    } else {
-        ""
-    };
-    // Keys that will serve again make a rate limit (429, with when); only a pool with no
-    // enabled key at all is unavailable (503).
-    let status = if cooling > 0 || limited { 429 } else { 503 };
-    let e = GateError::new(
-        status,
-        format!(
-            "no usable Gemini API key{what}: {cooling} cooling down after quota errors, {disabled} disabled{limits}"
-        ),
-    )
-    .retry_after(retry_at_ms.map(|at| seconds_until(at, now)));
-    Finished::Refused(Refusal::Gate(e))
 }
 
 /// `pick` with `limited_until` (keys passed over because their projects are full) folded in.

@@ -149,11 +149,9 @@ fn admin_route(call: &str) -> Route {
         "resources" => Route::Admin(AdminCall::Resources),
         "fleet" => Route::Admin(AdminCall::Fleet),
         logs if logs.starts_with("logs/") => logs_route(&logs["logs/".len()..]),
-        rest if rest.strip_prefix("keys/").is_some_and(is_key_id) => {
-            Route::Admin(AdminCall::DeleteKey {
-                id: rest["keys/".len()..].to_owned(),
-            })
-        }
+        rest if rest.strip_prefix("keys/").is_some_and(is_key_id) => Route::Admin(AdminCall::Key {
+            id: rest["keys/".len()..].to_owned(),
+        }),
         rest => key_action_route(rest),
     }
 }

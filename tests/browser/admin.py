@@ -2,7 +2,8 @@
 """The admin page in a real browser: headless Chromium driven by Playwright.
 
 Logs in, opens the key page, imports two keys by pasting text, sees them listed masked,
-disables one, opens the settings page, changes a value and sees it applied. Screenshots of
+disables one, puts the other in a project with the project dialog, opens the settings page,
+changes a value and sees it applied. Screenshots of
 every step go to $GEMGATE_SHOTS. Run by tests/gateway/browser.rs against a fresh gemgate:
 
     GEMGATE_URL=http://127.0.0.1:8000 GEMGATE_ADMIN_TOKEN=... GEMGATE_SHOTS=target/browser-shots \
@@ -107,6 +108,23 @@ def main():
             expect(other.locator(".state")).to_have_text("active")
             shot("04-key-disabled")
 
+        def set_project():
+            masked = KEYS[1][:6] + "…" + KEYS[1][-4:]
+            row = page.locator("tr[data-id]", has=page.locator("code.masked", has_text=masked))
+            row.locator("button[data-act=place]").click()
+            dialog = page.locator("#place-dialog")
+            expect(dialog).to_be_visible()
+            page.fill("#place-project", "team-a")
+            page.select_option("#place-tier", "free")
+            shot("04b-project-dialog")
+            page.click("#place-save")
+            expect(page.locator("#result")).to_contain_text("project team-a", timeout=STEP_MS)
+            page.wait_for_load_state("load")
+            expect(row.locator("td.project")).to_contain_text("team-a", timeout=STEP_MS)
+            expect(row.locator("td.project")).to_contain_text("free")
+            expect(page.locator("#projects")).to_contain_text("team-a")
+            shot("04c-project-set")
+
         def change_setting():
             page.click("header nav a[href='/admin/settings']")
             page.wait_for_url(re.compile(r".*/admin/settings$"))
@@ -131,6 +149,7 @@ def main():
         step("log in", log_in)
         step("import two keys by pasting text", import_keys)
         step("disable one", disable_one)
+        step("put the other in a project", set_project)
         step("change a setting", change_setting)
         step("see it applied", see_it_applied)
         context.close()

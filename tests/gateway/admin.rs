@@ -391,3 +391,357 @@ async fn keys_are_added_and_deleted_through_the_config_file() {
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     assert_eq!(gate.reload_status().await["generation"], 3);
 }
+
+/// The id of the key listed with `masked` in a key list.
+fn id_of(list: &Value, masked: &str) -> String {
+    list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key"] == masked)
+        .unwrap_or_else(|| panic!("no key {masked}: {list}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A `PATCH /admin/api/keys/{id}` with `body`.
+async fn place(gate: &Gate, id: &str, body: Value) -> (u16, Value) {
+    admin(
+        reqwest::Method::PATCH,
+        gate,
+        &format!("/admin/api/keys/{id}"),
+        Some(body),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_keys_project_and_tier_are_set_through_the_config_file_and_the_pool_shows_its_projects() {
+    let fake = fake().await;
+    let key = |c: char| format!("AIzaSy{}", c.to_string().repeat(33));
+    let (a, b, c, env_key) = (key('A'), key('B'), key('C'), key('E'));
+    let toml = format!(
+        "# keep me\n[keys]\napi_keys = [\n  \"{a}\", # the first\n  {{ key = \"{b}\", label = \"bee\", tags = [\"x\"], weight = 2 }},\n  \"{c}\",\n]\n"
+    );
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .env("API_KEYS", &env_key)
+        .toml(&toml)
+        .admin()
+        .start()
+        .await;
+    let (_, list) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    let masked = |k: &str| format!("{}…{}", &k[..6], &k[k.len() - 4..]);
+    let (id_a, id_b, id_c, id_env) = (
+        id_of(&list, &masked(&a)),
+        id_of(&list, &masked(&b)),
+        id_of(&list, &masked(&c)),
+        id_of(&list, &masked(&env_key)),
+    );
+    assert_eq!(
+        list["projects"],
+        json!([{ "name": null, "named": false, "tier": null, "keys": 4, "active": 4, "cooling": 0, "disabled": 0 }])
+    );
+    assert_eq!(list["tiers"], json!(["free", "tier1"]));
+
+    let (status, v) = place(&gate, &id_a, json!({ "project": "p1", "tier": "free" })).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["project"].clone(), v["tier"].clone()),
+        (json!("p1"), json!("free"))
+    );
+    // The tier left out stays as it is (none); label, tags and weight stay.
+    let (status, v) = place(&gate, &id_b, json!({ "project": "p1" })).await;
+    assert_eq!(status, 200, "{v}");
+    let file = std::fs::read_to_string(gate.config_path()).unwrap();
+    assert!(
+        file.contains("# keep me") && file.contains("# the first"),
+        "{file}"
+    );
+    assert!(
+        file.contains(&format!(
+            "{{ key = \"{a}\", project = \"p1\", tier = \"free\" }}"
+        )),
+        "{file}"
+    );
+    assert!(
+        file.contains(&format!(
+            "{{ key = \"{b}\", label = \"bee\", tags = [\"x\"], weight = 2, project = \"p1\" }}"
+        )),
+        "{file}"
+    );
+
+    // The reload applied it: the keys and the pool's projects say so.
+    let (_, list) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    let listed = |id: &str| {
+        list["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        (
+            listed(&id_a)["project"].clone(),
+            listed(&id_a)["tier"].clone()
+        ),
+        (json!("p1"), json!("free"))
+    );
+    let b_now = listed(&id_b);
+    assert_eq!(
+        (b_now["project"].clone(), b_now["tier"].clone()),
+        (json!("p1"), Value::Null)
+    );
+    assert_eq!(
+        (b_now["label"].clone(), b_now["weight"].clone()),
+        (json!("bee"), json!(2))
+    );
+    assert_eq!(
+        list["projects"],
+        json!([
+            { "name": "p1", "named": true, "tier": "free", "keys": 2, "active": 2, "cooling": 0, "disabled": 0 },
+            { "name": null, "named": false, "tier": null, "keys": 2, "active": 2, "cooling": 0, "disabled": 0 },
+        ])
+    );
+    // Filtered by project, and the keys without one.
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/keys?project=p1",
+        None,
+    )
+    .await;
+    assert_eq!(v["total"], 2, "{v}");
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/keys?project=",
+        None,
+    )
+    .await;
+    let ids: Vec<&str> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id_c.as_str(), id_env.as_str()]);
+
+    // null clears: the key is its own project again.
+    let (status, v) = place(&gate, &id_a, json!({ "project": null, "tier": null })).await;
+    assert_eq!(status, 200, "{v}");
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/keys?project=p1",
+        None,
+    )
+    .await;
+    assert_eq!(v["total"], 1, "{v}");
+    assert_eq!(v["keys"][0]["id"], json!(id_b));
+    let file = std::fs::read_to_string(gate.config_path()).unwrap();
+    assert!(file.contains(&format!("{{ key = \"{a}\" }}")), "{file}");
+    assert!(
+        !file.contains(&env_key),
+        "the environment's key stays there"
+    );
+}
+
+#[tokio::test]
+async fn placing_a_key_refuses_unknown_tiers_keys_and_names_and_environment_keys() {
+    let fake = fake().await;
+    let (file_key, env_key) = (
+        "file-key-AAAAAAAAAAAAAAAAAAAA1",
+        "env-key-BBBBBBBBBBBBBBBBBBBBB2",
+    );
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .env("API_KEYS", env_key)
+        .toml(&format!(
+            "[keys]\napi_keys = [\"{file_key}\"]\n[quota.tiers.gold.limits.\"gemini-2.5-flash\"]\nrpm = 5\n"
+        ))
+        .admin()
+        .start()
+        .await;
+    let (_, list) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    assert_eq!(list["tiers"], json!(["free", "gold", "tier1"]));
+    let file_id = list["keys"][0]["id"].as_str().unwrap().to_owned();
+    let env_id = list["keys"][1]["id"].as_str().unwrap().to_owned();
+    let before = std::fs::read_to_string(gate.config_path()).unwrap();
+    let mut answers = String::new();
+
+    let (status, v) = place(&gate, &file_id, json!({ "tier": "platinum" })).await;
+    assert_eq!(status, 400, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("tier \"platinum\" is not defined")
+            && message.contains("free, gold, tier1"),
+        "{message}"
+    );
+    answers.push_str(&v.to_string());
+    let (status, v) = place(&gate, "k000000000000", json!({ "project": "p1" })).await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = place(&gate, &env_id, json!({ "project": "p1" })).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("API_KEYS"),
+        "{v}"
+    );
+    answers.push_str(&v.to_string());
+    // Names with a control character or over 128 characters, wrong types and shapes.
+    let long = "p".repeat(200);
+    for body in [
+        json!({ "project": "p1\u{1}x" }),
+        json!({ "project": "line\nbreak" }),
+        json!({ "project": long }),
+        json!({ "tier": "t".repeat(129) }),
+        json!({ "project": 42 }),
+        json!({ "project": ["p1"] }),
+        json!({ "project": "p1", "key": "AIzaSy-sneaky" }),
+        json!({}),
+        json!(["p1"]),
+    ] {
+        let (status, v) = place(&gate, &file_id, body.clone()).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            !message.contains(&long) && !message.contains('\u{1}'),
+            "{message}"
+        );
+        answers.push_str(&v.to_string());
+    }
+    let resp = client()
+        .patch(gate.url(&format!("/admin/api/keys/{file_id}")))
+        .bearer_auth(ADMIN)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // Without the admin token, nothing.
+    let resp = client()
+        .patch(gate.url(&format!("/admin/api/keys/{file_id}")))
+        .json(&json!({ "project": "p1" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        std::fs::read_to_string(gate.config_path()).unwrap(),
+        before,
+        "no refused edit touched the file"
+    );
+    for secret in [file_key, env_key] {
+        assert!(!answers.contains(secret), "an answer shows {secret}");
+    }
+    // A configured tier is a tier.
+    let (status, v) = place(
+        &gate,
+        &file_id,
+        json!({ "project": " p9 ", "tier": "gold" }),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["project"].clone(), v["tier"].clone()),
+        (json!("p9"), json!("gold"))
+    );
+}
+
+#[tokio::test]
+async fn keys_google_counts_in_one_project_are_suggested_to_share_one() {
+    use gemgate_fake_upstream::{QuotaModel, QuotaProject};
+    let fake = fake().await;
+    let p1 = QuotaProject {
+        keys: vec!["a-1".into(), "a-2".into()],
+        number: Some(1042),
+        rpm: Some(1),
+        ..Default::default()
+    };
+    fake.state
+        .set_quota(QuotaModel {
+            projects: [("p1".into(), p1)].into(),
+            models: vec!["gemini-2.5-flash".into()],
+            throttle: None,
+        })
+        .unwrap();
+    // gemgate is not told that a-1 and a-2 share a project; b-1 is a project of its own.
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .toml("[keys]\napi_keys = [\"a-1\", \"a-2\", \"b-1\"]\n")
+        .admin()
+        .start()
+        .await;
+    let learned = |list: &Value| -> Vec<String> {
+        list["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["learned_project"] == "projects/1042")
+            .map(|k| k["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut list = Value::Null;
+    for _ in 0..10 {
+        post(&gate, GENERATE, &ask("hi")).await;
+        list = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None)
+            .await
+            .1;
+        if learned(&list).len() == 2 {
+            break;
+        }
+    }
+    let mut both = learned(&list);
+    both.sort();
+    assert_eq!(
+        both.len(),
+        2,
+        "both p1 keys answered a 429 naming their project: {list}"
+    );
+    let suggestions = list["suggestions"].as_array().unwrap();
+    assert_eq!(suggestions.len(), 1, "{list}");
+    let s = &suggestions[0];
+    assert_eq!(s["consumer"], "projects/1042");
+    let mut ids: Vec<String> = serde_json::from_value(s["keys"].clone()).unwrap();
+    ids.sort();
+    assert_eq!(ids, both);
+    let message = s["message"].as_str().unwrap();
+    assert!(
+        message.contains("2 keys answer for projects/1042") && message.contains("one project"),
+        "{message}"
+    );
+    // The keys page shows it, as text.
+    let html = client()
+        .get(gate.url("/admin/keys"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("id=\"suggestions\"") && html.contains("2 keys answer for projects/1042"),
+        "{html}"
+    );
+    // gemgate regrouped nothing on its own; once the operator does, the suggestion is gone.
+    let (_, v) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/keys?project=",
+        None,
+    )
+    .await;
+    assert_eq!(v["total"], 3);
+    for id in &both {
+        let (status, v) = place(&gate, id, json!({ "project": "p1", "tier": "free" })).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    assert_eq!(v["suggestions"], json!([]), "{v}");
+    assert_eq!(v["projects"][0]["name"], "p1");
+    assert_eq!(v["projects"][0]["keys"], 2);
+}

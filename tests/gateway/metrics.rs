@@ -3,7 +3,11 @@
 
 use crate::common::*;
 
-async fn scrape(gate: &Gate, bearer: Option<&str>, accept: Option<&str>) -> (u16, String, String) {
+pub async fn scrape(
+    gate: &Gate,
+    bearer: Option<&str>,
+    accept: Option<&str>,
+) -> (u16, String, String) {
     let mut req = client().get(gate.url("/metrics"));
     if let Some(b) = bearer {
         req = req.bearer_auth(b);

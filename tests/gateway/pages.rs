@@ -102,6 +102,7 @@ const API: &[(&str, &str)] = &[
     ("POST", "/admin/api/keys/bulk"),
     ("POST", "/admin/api/keys/k0123456789ab/disable"),
     ("DELETE", "/admin/api/keys/k0123456789ab"),
+    ("PATCH", "/admin/api/keys/k0123456789ab"),
     ("GET", "/admin/api/logs/errors"),
     ("DELETE", "/admin/api/logs/requests"),
     ("GET", "/admin/api/logs/errors/1-1"),
@@ -352,6 +353,81 @@ async fn the_key_page_pages_filters_and_searches_ten_thousand_keys() {
         html.contains("1 keys · page 1 of 1") && html.contains(&id),
         "{id}"
     );
+}
+
+#[tokio::test]
+async fn the_key_page_groups_keys_by_project_and_sets_a_keys_project_with_the_sessions_csrf_token()
+{
+    let (_fake, gate) = admin_gate(&[KEY_A, KEY_B]).await;
+    let session = login(&gate).await;
+    let (_, keys) = admin(Method::GET, &gate, "/admin/api/keys", None).await;
+    let id = keys["keys"][0]["id"].as_str().unwrap().to_owned();
+    let patch = |csrf: Option<&str>, body: Value| {
+        let mut req = browser()
+            .patch(gate.url(&format!("/admin/api/keys/{id}")))
+            .header("cookie", &session.cookie)
+            .json(&body);
+        if let Some(c) = csrf {
+            req = req.header("x-csrf-token", c);
+        }
+        req.send()
+    };
+    let body = json!({ "project": "team-<b>one</b>", "tier": "tier1" });
+    let resp = patch(None, body.clone()).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::FORBIDDEN,
+        "the CSRF token is needed"
+    );
+    let resp = patch(Some(&session.csrf), body).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let (status, html) = page(&gate, &session.cookie, "/admin/keys").await;
+    assert_eq!(status, 200);
+    // The pool by project (names escaped), each a link that filters on it.
+    assert!(html.contains("<table id=\"projects\">"), "{html}");
+    assert!(
+        html.contains("team-&lt;b&gt;one&lt;/b&gt;") && !html.contains("<b>one</b>"),
+        "{html}"
+    );
+    assert!(
+        html.contains(
+            "&amp;project&#x3D;team-%3Cb%3Eone%3C%2Fb%3E&amp;page&#x3D;1\">team-&lt;b&gt;"
+        ),
+        "{html}"
+    );
+    assert!(html.contains("without a project"), "{html}");
+    // Each key row has its project, and a button for the dialog, which offers the tiers.
+    assert!(html.contains("data-act=\"place\""), "{html}");
+    assert!(
+        html.contains("<dialog id=\"place-dialog\"")
+            && html.contains("<option value=\"tier1\">tier1</option>"),
+        "{html}"
+    );
+    assert!(!html.contains("id=\"suggestions\""), "nothing to suggest");
+    let (_, html) = page(
+        &gate,
+        &session.cookie,
+        "/admin/keys?project=team-%3Cb%3Eone%3C%2Fb%3E",
+    )
+    .await;
+    assert!(
+        html.contains("1 keys · page 1 of 1") && html.contains(&id),
+        "{html}"
+    );
+    assert!(
+        html.contains("<input type=\"hidden\" name=\"project\""),
+        "the filter form keeps the project: {html}"
+    );
+    let (_, html) = page(&gate, &session.cookie, "/admin/keys?project=").await;
+    assert!(
+        html.contains("1 keys · page 1 of 1") && !html.contains(&id),
+        "{html}"
+    );
+    assert!(html.contains("the keys without a project"), "{html}");
+    for secret in [KEY_A, KEY_B] {
+        assert!(!html.contains(secret));
+    }
 }
 
 #[tokio::test]

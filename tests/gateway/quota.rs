@@ -8,6 +8,7 @@ use gemgate_fake_upstream::{QuotaModel, QuotaProject};
 use serde_json::{Value, json};
 
 use crate::common::*;
+use crate::metrics::scrape;
 
 /// The fake's projects: each name with its keys and requests per minute.
 fn quota_model(projects: &[(&str, &[&str], u64)]) -> QuotaModel {
@@ -173,7 +174,17 @@ async fn a_storm_backs_off_globally_and_blames_no_key() {
     for (_, state) in key_states(&gate).await {
         assert_eq!(state, "active", "no key is cooled or disabled by a storm");
     }
-    let (_, metrics) = metrics_text(&gate).await;
+    let (_, v) = admin(reqwest::Method::GET, &gate, "/admin/api/keys", None).await;
+    assert_eq!(v["storm"]["active"], true, "{v}");
+    for key in v["keys"].as_array().unwrap() {
+        let c = key["cooldowns"].as_array().unwrap();
+        assert_eq!(c.len(), 1, "{key}");
+        assert_eq!(
+            (c[0]["scope"].as_str(), c[0]["class"].as_str()),
+            (Some("global"), Some("storm"))
+        );
+    }
+    let (_, _, metrics) = scrape(&gate, Some(ADMIN), None).await;
     assert!(metrics.contains("gemgate_storm_active 1"), "{metrics}");
     assert!(metrics.contains("gemgate_storms_total 1"), "{metrics}");
     assert!(metrics.contains(r#"gemgate_rejected_requests_total{reason="storm"}"#));
@@ -187,7 +198,7 @@ async fn a_storm_backs_off_globally_and_blames_no_key() {
         assert!(ended.elapsed() < Duration::from_secs(3), "still refused");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, metrics) = metrics_text(&gate).await;
+    let (_, _, metrics) = scrape(&gate, Some(ADMIN), None).await;
     assert!(metrics.contains("gemgate_storm_active 0"), "{metrics}");
 }
 
@@ -294,14 +305,4 @@ return {
     let logs = gate.wait_log(&format!("p1/free/{a}/0.50/false/nil")).await;
     let b = gemgate::config::stable_id("k", "b-1");
     assert!(logs.contains(&format!("/nil/{b}/")), "{logs}");
-}
-
-async fn metrics_text(gate: &Gate) -> (u16, String) {
-    let resp = client()
-        .get(gate.url("/metrics"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
 }
