@@ -11,7 +11,7 @@ pub mod net;
 pub mod quota;
 pub mod settings;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -938,9 +938,28 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     })
 }
 
-/// Every tier a key names is shipped or configured: a misspelt tier would silently lift its
-/// keys' limits.
+/// Every tier a key names is shipped or configured (a misspelt tier would silently lift its
+/// keys' limits), and the keys of one project name one tier.
 fn check_tiers(keys: &[KeySpec], quota: &quota::QuotaLimits) -> Result<(), ConfigError> {
+    let mut tiers: HashMap<&str, Option<&str>> = HashMap::new();
+    for k in keys {
+        let Some(project) = k.project.as_deref() else {
+            continue;
+        };
+        match tiers.insert(project, k.tier.as_deref()) {
+            Some(other) if other != k.tier.as_deref() => {
+                return Err(invalid(
+                    "keys.api_keys",
+                    format!(
+                        "the keys of project {project:?} name different tiers ({} and {}): a project has one",
+                        other.unwrap_or("none"),
+                        k.tier.as_deref().unwrap_or("none")
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
     match keys
         .iter()
         .filter_map(|k| k.tier.as_deref())
@@ -1532,6 +1551,28 @@ mod tests {
             assert_eq!(c.keys.len(), 1, "API_KEYS={empty:?}");
             assert_eq!(c.keys[0].source, KeySource::File);
         }
+    }
+
+    #[test]
+    fn a_key_names_a_known_tier_and_a_project_one_tier() {
+        let keys = |entries: &str| format!("[keys]\napi_keys = [{entries}]\n");
+        let err = |text: &str| from_str(text, "t", &vars(&[])).unwrap_err().to_string();
+        let e = err(&keys(r#"{ key = "k1", tier = "fre" }"#));
+        assert!(
+            e.contains("\"fre\" is not defined") && e.contains("free, tier1"),
+            "{e}"
+        );
+        let e = err(&keys(
+            r#"{ key = "k1", project = "p", tier = "free" }, { key = "k2", project = "p" }"#,
+        ));
+        assert!(e.contains("different tiers (free and none)"), "{e}");
+        let ok = keys(r#"{ key = "k1", project = "p", tier = "mine" }"#)
+            + "[quota.tiers.mine.limits.m]\nrpm = 3\n";
+        let c = from_str(&ok, "t", &vars(&[])).unwrap();
+        assert_eq!(c.quota.limit(Some("mine"), "m").unwrap().rpm, Some(3));
+        let env = vars(&[("GEMGATE_QUOTA_LIMITS", r#"{"m": {"rpm": 2}}"#)]);
+        let c = from_str("", "t", &env).unwrap();
+        assert_eq!(c.quota.limit(None, "m").unwrap().rpm, Some(2));
     }
 
     #[test]
