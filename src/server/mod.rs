@@ -738,6 +738,13 @@ mod tests {
         while let Some(answer) = pending.next().await {
             assert_eq!(answer.unwrap().status(), 400);
         }
+        // A request's record is queued after its answer went out: wait for the last ones.
+        let logs = &state.lasting.logs;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while logs.queued() as u64 + logs.dropped() < 1_100 {
+            assert!(std::time::Instant::now() < deadline, "records never queued");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let status: serde_json::Value = client
             .get(format!("http://{addr}/admin/api/reload"))
             .bearer_auth("admin-test-token-0123456789")

@@ -183,6 +183,16 @@ impl LogQueue {
         taken.records.into()
     }
 
+    /// Records waiting for the flusher.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .records
+            .len()
+    }
+
     /// Records dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
