@@ -319,26 +319,36 @@ impl Gateway {
         }
         let change = PlaceChange::parse(raw, &generation.config.quota)?;
         let secret = spec.secret.expose().to_owned();
+        let vars = self.state.source.vars();
+        let owned_id = id.to_owned();
+        let not_in_file = move || {
+            let id = &owned_id;
+            GateError::new(
+                409,
+                format!(
+                    "key {id} is not in the config file's keys.api_keys: set its project where it is configured"
+                ),
+            )
+        };
         let place = self
             .edit_config(move |text| {
                 let Some(old) = edit::key_place(text, &secret)? else {
-                    return Ok((None, None));
+                    return Ok((None, Err(not_in_file())));
                 };
                 let new = change.over(&old);
                 if new == old {
-                    return Ok((None, Some(new)));
+                    return Ok((None, Ok(new)));
                 }
                 let places = std::collections::BTreeMap::from([(secret, new.clone())]);
                 let (text, _) = edit::set_key_places(text, &places)?;
-                Ok((Some(text), Some(new)))
+                // Refused before it is written (two tiers in one project): a reload would
+                // refuse it, and the file would keep it.
+                if let Err(e) = crate::config::from_str(&text, "the edited config", &vars) {
+                    return Ok((None, Err(bad(e.to_string()))));
+                }
+                Ok((Some(text), Ok(new)))
             })
-            .await?
-            .ok_or_else(|| {
-                GateError::new(
-                    409,
-                    format!("key {id} is not in the config file's keys.api_keys: set its project where it is configured"),
-                )
-            })?;
+            .await??;
         tracing::info!(key = id, project = ?place.project, tier = ?place.tier, "admin: key placed");
         Ok(json!({
             "id": id,

@@ -939,21 +939,20 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
 }
 
 /// Every tier a key names is shipped or configured (a misspelt tier would silently lift its
-/// keys' limits), and the keys of one project name one tier.
+/// keys' limits), and the keys of one project that name a tier name the same one (a key
+/// naming none has its project's).
 fn check_tiers(keys: &[KeySpec], quota: &quota::QuotaLimits) -> Result<(), ConfigError> {
-    let mut tiers: HashMap<&str, Option<&str>> = HashMap::new();
+    let mut tiers: HashMap<&str, &str> = HashMap::new();
     for k in keys {
-        let Some(project) = k.project.as_deref() else {
+        let (Some(project), Some(tier)) = (k.project.as_deref(), k.tier.as_deref()) else {
             continue;
         };
-        match tiers.insert(project, k.tier.as_deref()) {
-            Some(other) if other != k.tier.as_deref() => {
+        match tiers.insert(project, tier) {
+            Some(other) if other != tier => {
                 return Err(invalid(
                     "keys.api_keys",
                     format!(
-                        "the keys of project {project:?} name different tiers ({} and {}): a project has one",
-                        other.unwrap_or("none"),
-                        k.tier.as_deref().unwrap_or("none")
+                        "the keys of project {project:?} name different tiers ({other} and {tier}): a project has one"
                     ),
                 ));
             }
@@ -1563,9 +1562,9 @@ mod tests {
             "{e}"
         );
         let e = err(&keys(
-            r#"{ key = "k1", project = "p", tier = "free" }, { key = "k2", project = "p" }"#,
+            r#"{ key = "k1", project = "p", tier = "free" }, { key = "k2", project = "p", tier = "tier1" }"#,
         ));
-        assert!(e.contains("different tiers (free and none)"), "{e}");
+        assert!(e.contains("different tiers (free and tier1)"), "{e}");
         let ok = keys(r#"{ key = "k1", project = "p", tier = "mine" }"#)
             + "[quota.tiers.mine.limits.m]\nrpm = 3\n";
         let c = from_str(&ok, "t", &vars(&[])).unwrap();

@@ -965,7 +965,12 @@ fn projects(specs: &[KeySpec], registry: &KeyRegistry) -> (Vec<Project>, Vec<u32
                 projects.len() as u32 - 1
             }
         };
-        projects[at as usize].keys.push(i as u32);
+        let project = &mut projects[at as usize];
+        project.keys.push(i as u32);
+        // A key naming no tier has its project's (config validation keeps them to one).
+        if project.tier.is_none() {
+            project.tier = spec.tier.as_deref().map(Into::into);
+        }
         project_of.push(at);
     }
     (projects, project_of)

@@ -506,6 +506,18 @@ async fn a_keys_project_and_tier_are_set_through_the_config_file_and_the_pool_sh
             { "name": null, "named": false, "tier": null, "keys": 2, "active": 2, "cooling": 0, "disabled": 0 },
         ])
     );
+    // A project has one tier: another tier in p1 is refused, and the file stays as it was.
+    let before = std::fs::read_to_string(gate.config_path()).unwrap();
+    let (status, v) = place(&gate, &id_c, json!({ "project": "p1", "tier": "tier1" })).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("different tiers (free and tier1)"),
+        "{v}"
+    );
+    assert_eq!(std::fs::read_to_string(gate.config_path()).unwrap(), before);
     // Filtered by project, and the keys without one.
     let (_, v) = admin(
         reqwest::Method::GET,
