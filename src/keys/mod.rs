@@ -522,8 +522,8 @@ pub struct KeyPool {
     quota: QuotaLimits,
     /// The models some project of the pool has a limit for: other models skip quota work.
     limited_models: std::collections::HashSet<String, foldhash::fast::RandomState>,
-    /// The usable keys by model (see [`ready`]).
-    ready: Mutex<HashMap<Box<str>, Arc<Ready>, foldhash::fast::RandomState>>,
+    /// The usable keys by model (see [`ready`]); read without a lock by every request.
+    ready: ArcSwap<HashMap<Box<str>, Arc<Ready>, foldhash::fast::RandomState>>,
     /// Where the choice by headroom starts looking, turning with each choice.
     turn: AtomicU64,
     max_failures: u32,
@@ -581,7 +581,7 @@ impl KeyPool {
             project_of,
             quota: quota.clone(),
             limited_models,
-            ready: Mutex::default(),
+            ready: ArcSwap::default(),
             turn: AtomicU64::new(0),
             max_failures: max_failures.max(1),
         }
@@ -623,7 +623,7 @@ impl KeyPool {
 
     /// Key `index`'s project's limit for `model`, if it has one.
     pub fn limit(&self, index: usize, model: &str) -> Option<Limit> {
-        if !self.limited_models.contains(model) {
+        if self.limited_models.is_empty() || !self.limited_models.contains(model) {
             return None;
         }
         self.quota.limit(self.project(index).tier.as_deref(), model)
@@ -684,15 +684,21 @@ impl KeyPool {
     /// an answer saying no key is usable.
     fn ready_list(&self, model: &str, now_ms: u64, exact: bool) -> Arc<Ready> {
         let list = ready::list_for(model);
-        let mut lists = self.ready.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = lists
+        if let Some(r) = self
+            .ready
+            .load()
             .get(list)
             .filter(|r| r.fresh(now_ms) && (!exact || r.exact()))
         {
             return r.clone();
         }
+        // Two requests may both make it; the later one's stays.
         let made = Arc::new(self.make_ready(list, now_ms));
-        lists.insert(list.into(), made.clone());
+        self.ready.rcu(|lists| {
+            let mut next = HashMap::clone(lists);
+            next.insert(list.into(), made.clone());
+            next
+        });
         made
     }
 
@@ -724,7 +730,7 @@ impl KeyPool {
         if let Some(at) = ready.full_until(now_ms) {
             return exhausted_of(&ready, Some(at));
         }
-        let limited = self.limited_models.contains(model);
+        let limited = !self.limited_models.is_empty() && self.limited_models.contains(model);
         let n = ready.keys.len();
         let start = if limited && n > 0 {
             (self.turn.fetch_add(1, Relaxed) % n as u64) as usize

@@ -12,14 +12,17 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
+
+use arc_swap::ArcSwap;
 
 /// Bumped when a key may have become usable again (enabled, reset, merged, restored).
 static RETURNED: AtomicU64 = AtomicU64::new(0);
 /// Bumped when a key stopped being usable (cooled, disabled).
 static REMOVED: AtomicU64 = AtomicU64::new(0);
 /// The models some key has cooled for (a list of their own is kept for each).
-static COOLED: LazyLock<Mutex<HashSet<Box<str>>>> = LazyLock::new(Mutex::default);
+/// Read by every request, changed when a model first cools: read without a lock.
+static COOLED: LazyLock<ArcSwap<HashSet<Box<str>>>> = LazyLock::new(ArcSwap::default);
 /// More models than this with cooldowns (only a plugin's `gemgate.cool` can make that many)
 /// share the list of every other model, and the per-key check keeps the choice right.
 const MAX_COOLED_MODELS: usize = 256;
@@ -44,16 +47,23 @@ pub fn model_cooled(model: &str) {
     if model == "*" {
         return;
     }
-    let mut cooled = COOLED.lock().unwrap_or_else(|e| e.into_inner());
-    if cooled.len() < MAX_COOLED_MODELS && !cooled.contains(model) {
-        cooled.insert(model.into());
+    let known = |c: &HashSet<Box<str>>| c.contains(model) || c.len() >= MAX_COOLED_MODELS;
+    if known(&COOLED.load()) {
+        return;
     }
+    COOLED.rcu(|cooled| {
+        let mut next = HashSet::clone(cooled);
+        if !known(&next) {
+            next.insert(model.into());
+        }
+        next
+    });
 }
 
 /// The list `model` is served from: its own, or [`ANY_MODEL`]'s.
 pub fn list_for(model: &str) -> &str {
-    let cooled = COOLED.lock().unwrap_or_else(|e| e.into_inner());
-    if cooled.contains(model) {
+    let cooled = COOLED.load();
+    if !cooled.is_empty() && cooled.contains(model) {
         model
     } else {
         ANY_MODEL
