@@ -88,6 +88,19 @@ pub struct QuotaCheck<'a> {
     pub now_ms: u64,
 }
 
+/// A counted request moved to the second its attempt ended in, with its tokens as the answer
+/// said them.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaSettle<'a> {
+    pub project: &'a str,
+    pub model: &'a str,
+    pub from_second: u64,
+    pub to_second: u64,
+    /// The tokens it was counted with, and those it is counted with now.
+    pub estimate: u64,
+    pub tokens: u64,
+}
+
 /// Where a request is counted against its project's limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaVerdict {
@@ -162,10 +175,9 @@ pub trait SharedState: Send + Sync {
         Box::pin(std::future::ready(QuotaVerdict::Here { share: 1 }))
     }
 
-    /// The answer of a request the fleet counted said its input tokens: `delta` more (or
-    /// fewer) than estimated, in the second it was counted in.
-    fn correct_quota(&self, project: &str, model: &str, second: u64, delta: i64) {
-        let _ = (project, model, second, delta);
+    /// A request the fleet counted ended its attempt (see `keys::quota::Ticket::settle`).
+    fn settle_quota(&self, settle: QuotaSettle<'_>) {
+        let _ = settle;
     }
 
     /// The fleet's state as `/health`, the admin page and the admin API show it (`None`: a

@@ -46,8 +46,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::State;
 use crate::app::shared::{
-    Admission, EditError, KeyFailure, LimitCheck, Local, Pending, QuotaCheck, QuotaVerdict,
-    SharedState, Used,
+    Admission, EditError, KeyFailure, LimitCheck, Local, Pending, QuotaCheck, QuotaSettle,
+    QuotaVerdict, SharedState, Used,
 };
 use crate::clock::now_ms;
 use crate::config::ClusterConfig;
@@ -590,8 +590,8 @@ impl SharedState for Fleet {
         Box::pin(async move { self.admit_quota_shared(&check).await })
     }
 
-    fn correct_quota(&self, project: &str, model: &str, second: u64, delta: i64) {
-        self.correct_quota_shared(project, model, second, delta);
+    fn settle_quota(&self, settle: QuotaSettle<'_>) {
+        self.settle_quota_shared(&settle);
     }
 
     fn fleet_status(&self) -> Option<serde_json::Value> {

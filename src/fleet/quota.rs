@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 use redis::Script;
 
 use super::{Fleet, LIMIT_WAIT};
-use crate::app::shared::{QuotaCheck, QuotaVerdict};
+use crate::app::shared::{QuotaCheck, QuotaSettle, QuotaVerdict};
 use crate::clock;
 
 /// KEYS: the window's hash. ARGV: now (s), rpm, tpm, rpd (0: none), tokens, the day's end
@@ -101,29 +101,42 @@ impl Fleet {
         }
     }
 
-    /// Corrects a counted request's tokens, off the request path.
-    pub(super) fn correct_quota_shared(&self, project: &str, model: &str, second: u64, delta: i64) {
-        let Some(conn) = self.conn.load_full() else {
+    /// Moves a counted request to the second its attempt ended in, with its reported tokens,
+    /// off the request path.
+    pub(super) fn settle_quota_shared(&self, settle: &QuotaSettle<'_>) {
+        if settle.from_second == settle.to_second && settle.estimate == settle.tokens {
+            return;
+        }
+        let (Some(conn), Ok(runtime)) =
+            (self.conn.load_full(), tokio::runtime::Handle::try_current())
+        else {
             return;
         };
         let mut conn = (*conn).clone();
-        let name = window_name(self, project, model);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            let field = format!("t{second}");
-            let done: Result<redis::RedisResult<i64>, _> = tokio::time::timeout(
-                LIMIT_WAIT * 10,
-                redis::cmd("HINCRBY")
-                    .arg(&name)
-                    .arg(field)
-                    .arg(delta)
-                    .query_async(&mut conn),
+        let name = window_name(self, settle.project, settle.model);
+        let mut moves = redis::pipe();
+        moves
+            .hincr(&name, format!("r{}", settle.from_second), -1)
+            .ignore()
+            .hincr(&name, format!("r{}", settle.to_second), 1)
+            .ignore()
+            .hincr(
+                &name,
+                format!("t{}", settle.from_second),
+                -(settle.estimate as i64),
             )
-            .await;
+            .ignore()
+            .hincr(
+                &name,
+                format!("t{}", settle.to_second),
+                settle.tokens as i64,
+            )
+            .ignore();
+        runtime.spawn(async move {
+            let done: Result<redis::RedisResult<()>, _> =
+                tokio::time::timeout(LIMIT_WAIT * 10, moves.query_async(&mut conn)).await;
             if let Ok(Err(e)) = done {
-                tracing::debug!("fleet: a quota correction was lost: {e}");
+                tracing::debug!("fleet: a quota settlement was lost: {e}");
             }
         });
     }

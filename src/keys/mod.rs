@@ -1069,6 +1069,32 @@ mod tests {
         assert!(google.values().all(|&n| n == RPD), "{google:?}");
     }
 
+    /// A client naming models at random makes no list of its own for each: only models that
+    /// had a cooldown get one.
+    #[test]
+    fn random_model_names_make_no_new_lists() {
+        let p = pool(3, 3);
+        for i in 0..10_000 {
+            assert_eq!(p.pick(&format!("random-{i}"), &[], 0, 1_000), Pick::Key(0));
+        }
+        assert_eq!(
+            p.ready.load().len(),
+            1,
+            "one list for every model without cooldowns"
+        );
+        p.record_failure(
+            0,
+            "cooled-model",
+            ErrorClass::RateLimited {
+                retry_after: Duration::from_secs(10),
+            },
+            "",
+            1_000,
+        );
+        assert_eq!(p.pick("cooled-model", &[], 0, 1_000), Pick::Key(1));
+        assert_eq!(p.ready.load().len(), 2);
+    }
+
     /// What choosing a key costs at 10, 1,000 and 100,000 keys: the list of usable keys, the
     /// choice by headroom, the admission. Run with
     /// `cargo test --release --lib -- --ignored --nocapture choice_cost`.

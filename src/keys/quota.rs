@@ -48,7 +48,7 @@ impl Counts {
         }
         let now_s = now_ms / 1000;
         for b in &mut self.buckets {
-            if b.requests != 0 && b.second + SPAN_S <= now_s {
+            if (b.requests != 0 || b.tokens != 0) && b.second + SPAN_S <= now_s {
                 self.requests -= b.requests;
                 self.tokens -= b.tokens;
                 *b = Bucket::default();
@@ -130,20 +130,30 @@ impl Ticket {
         self.estimate
     }
 
-    /// Replaces the estimate with the tokens the answer reported (while the second it was
-    /// counted in is still in the window).
-    pub fn correct(&self, prompt_tokens: u64) {
+    /// The attempt is over at `now_ms`: the request moves to the second it ended in (Google
+    /// saw it before that, so the window keeps it at least a minute after Google counted it,
+    /// however long it took to get there), with the input tokens the answer reported (`None`:
+    /// the estimate stays).
+    pub fn settle(&self, prompt_tokens: Option<u64>, now_ms: u64) {
         let mut by_model = self.windows.lock();
         let Some(counts) = by_model.get_mut(&self.model) else {
             return;
         };
-        let b = &mut counts.buckets[(self.second % SPAN_S) as usize];
-        if b.second != self.second {
-            return;
+        counts.advance(now_ms);
+        let old = &mut counts.buckets[(self.second % SPAN_S) as usize];
+        if old.second == self.second && old.requests > 0 {
+            let tokens = self.estimate.min(old.tokens);
+            old.requests -= 1;
+            old.tokens -= tokens;
+            counts.requests -= 1;
+            counts.tokens -= tokens;
         }
-        let corrected = b.tokens - self.estimate.min(b.tokens) + prompt_tokens;
-        counts.tokens = counts.tokens - b.tokens + corrected;
-        b.tokens = corrected;
+        let tokens = prompt_tokens.unwrap_or(self.estimate);
+        let new = counts.bucket(now_ms / 1000);
+        new.requests += 1;
+        new.tokens += tokens;
+        counts.requests += 1;
+        counts.tokens += tokens;
     }
 }
 
@@ -275,13 +285,29 @@ mod tests {
         let l = limit(None, Some(1_000), None);
         let t = w.admit("m", &l, 900, T0).unwrap();
         assert!(w.admit("m", &l, 200, T0 + 10).is_err());
-        t.correct(100);
+        t.settle(Some(100), T0 + 15);
         assert_eq!(w.used("m", T0 + 20).1, 100);
         assert!(w.admit("m", &l, 200, T0 + 20).is_ok());
         assert!((w.headroom("m", &l, T0 + 20) - 0.7).abs() < 1e-9);
         // A request larger than the limit goes alone once the window is empty.
         let at = w.admit("m", &l, 5_000, T0 + 30).unwrap_err();
         assert!(w.admit("m", &l, 5_000, at).is_ok());
+    }
+
+    /// A request Google saw late (a slow connection, a long stream) is kept a minute after its
+    /// attempt ended, not after it was admitted.
+    #[test]
+    fn a_request_is_kept_a_minute_after_its_attempt_ended() {
+        let w = Arc::new(ProjectWindows::default());
+        let l = limit(Some(1), None, None);
+        let t = w.admit("m", &l, 0, T0).unwrap();
+        t.settle(None, T0 + 5_000);
+        assert!(
+            w.admit("m", &l, 0, T0 + 61_500).is_err(),
+            "Google may still count it"
+        );
+        assert!(w.admit("m", &l, 0, T0 + 66_000).is_ok());
+        assert_eq!(w.used("m", T0 + 66_000).2, 2, "counted once a day each");
     }
 
     #[test]

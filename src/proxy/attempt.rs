@@ -18,7 +18,7 @@ use super::exchange::{Class, Meta, Tried};
 use super::relay::relay;
 use super::{Failure, Finished, Gateway, Refusal, UpstreamRequest, denied};
 use crate::app::Generation;
-use crate::app::shared::{KeyFailure, QuotaCheck, QuotaVerdict, Used};
+use crate::app::shared::{KeyFailure, QuotaCheck, QuotaSettle, QuotaVerdict, Used};
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
 use crate::keys::quota::{Ticket, estimate_tokens};
@@ -102,13 +102,17 @@ impl Gateway {
                 )
                 .await;
             let took = started.elapsed();
+            if let Some(ticket) = &ticket {
+                let prompt = match &outcome {
+                    Ok((_, done)) => done.tokens.map(|t| t.prompt),
+                    Err(_) => None,
+                };
+                self.settle(generation.pool_for(req), index, req, ticket, prompt);
+            }
             self.count_attempt(generation, req, index, &outcome, took, tried.attempts);
             trace_attempt(generation, req, index, &outcome, took, meta);
             let failure = match outcome {
                 Ok((finished, done)) => {
-                    if let (Some(ticket), Some(t)) = (&ticket, done.tokens) {
-                        self.correct_tokens(generation.pool_for(req), index, req, ticket, t.prompt);
-                    }
                     let tried = Tried {
                         attempts: tried.attempts,
                         key: tried.key,
@@ -362,25 +366,29 @@ impl Gateway {
         }
     }
 
-    /// Replaces a counted request's estimated input tokens with the answer's count.
-    fn correct_tokens(
+    /// Ends a counted request's attempt: it moves to the second the attempt ended in, with
+    /// the answer's input tokens when it said them (see [`Ticket::settle`]); in the fleet's
+    /// window too when the fleet counted it.
+    fn settle(
         &self,
         pool: &KeyPool,
         index: usize,
         req: &UpstreamRequest,
         admitted: &Admitted,
-        prompt_tokens: u64,
+        prompt_tokens: Option<u64>,
     ) {
+        let now = now_ms();
         let ticket = &admitted.ticket;
-        ticket.correct(prompt_tokens);
+        ticket.settle(prompt_tokens, now);
         if admitted.fleet {
-            let delta = prompt_tokens as i64 - ticket.estimate() as i64;
-            self.state.lasting.shared.correct_quota(
-                &pool.project(index).windows_name,
-                &req.model,
-                ticket.second(),
-                delta,
-            );
+            self.state.lasting.shared.settle_quota(QuotaSettle {
+                project: &pool.project(index).windows_name,
+                model: &req.model,
+                from_second: ticket.second(),
+                to_second: now / 1000,
+                estimate: ticket.estimate(),
+                tokens: prompt_tokens.unwrap_or(ticket.estimate()),
+            });
         }
     }
 
