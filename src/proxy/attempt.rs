@@ -103,11 +103,7 @@ impl Gateway {
                 .await;
             let took = started.elapsed();
             if let Some(ticket) = &ticket {
-                let prompt = match &outcome {
-                    Ok((_, done)) => done.tokens.map(|t| t.prompt),
-                    Err(_) => None,
-                };
-                self.settle(generation.pool_for(req), index, req, ticket, prompt);
+                self.settle(generation.pool_for(req), index, req, ticket, &outcome);
             }
             self.count_attempt(generation, req, index, &outcome, took, tried.attempts);
             trace_attempt(generation, req, index, &outcome, took, meta);
@@ -375,8 +371,12 @@ impl Gateway {
         index: usize,
         req: &UpstreamRequest,
         admitted: &Admitted,
-        prompt_tokens: Option<u64>,
+        outcome: &Result<(Finished, Tried), Failure>,
     ) {
+        let prompt_tokens = match outcome {
+            Ok((_, done)) => done.tokens.map(|t| t.prompt),
+            Err(_) => None,
+        };
         let now = now_ms();
         let ticket = &admitted.ticket;
         ticket.settle(prompt_tokens, now);
