@@ -118,6 +118,9 @@ const USAGE_EVERY: u64 = 3;
 const PRUNE_EVERY: u64 = 60;
 /// An upload not finished within a day is forgotten.
 const UPLOAD_GONE_MS: u64 = 86_400_000;
+/// How long the fleet remembers that a session or an upload was closed (longer than either
+/// lives), so that no instance's sync brings it back.
+const CLOSED_TTL_S: i64 = 25 * 3_600;
 
 /// Runs the link for the life of the process.
 pub(super) async fn run(fleet: Arc<Fleet>, mut ops: Receiver<Op>) {
@@ -459,8 +462,32 @@ fn sealed_into<T: serde::Serialize>(
             let sealed = fleet.seal.seal(&name, &plain);
             pipe.hset(name, field, sealed).ignore()
         }
-        None => pipe.hdel(name, field).ignore(),
+        None => {
+            // Closed for good: an instance that still has it (it missed the news while Redis
+            // was away) must not push it back at its next sync.
+            let closed = fleet.names.of(&format!("{hash}-closed"));
+            pipe.hdel(name, &field)
+                .ignore()
+                .hset(&closed, &field, now_ms())
+                .ignore()
+                .expire(&closed, CLOSED_TTL_S)
+                .ignore()
+        }
     };
+}
+
+/// The digests of the entries of sealed hash `hash` closed anywhere in the fleet.
+async fn closed_in(
+    fleet: &Fleet,
+    conn: &mut MultiplexedConnection,
+    hash: &str,
+) -> RedisResult<std::collections::HashSet<String>> {
+    conn.hkeys(fleet.names.of(&format!("{hash}-closed"))).await
+}
+
+/// Whether the entry with id `id` is among `closed` (digests).
+fn is_closed(closed: &std::collections::HashSet<String>, id: &str) -> bool {
+    !closed.is_empty() && closed.contains(&super::hex(&crate::app::session::digest(id)))
 }
 
 /// The live entries of the sealed hash `hash` (see [`sealed_into`]); the ones `live` says are
@@ -473,9 +500,14 @@ async fn pull_sealed<T: serde::de::DeserializeOwned>(
     live: impl Fn(&T) -> bool,
 ) -> RedisResult<Vec<T>> {
     let name = fleet.names.of(hash);
+    let closed = closed_in(fleet, conn, hash).await?;
     let entries: HashMap<String, Vec<u8>> = conn.hgetall(&name).await?;
     let (mut out, mut gone, mut unreadable) = (Vec::new(), Vec::new(), 0);
     for (field, sealed) in entries {
+        if closed.contains(&field) {
+            gone.push(field);
+            continue;
+        }
         let Ok(plain) = fleet.seal.open(&name, &sealed) else {
             unreadable += 1;
             continue;
@@ -570,7 +602,15 @@ async fn push_all(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResul
     for (id, record) in fleet.local.files.all() {
         file_into(&mut pipe, fleet, &id, Some(&FileWire::of(&record)));
     }
+    let (closed_sessions, closed_uploads) = (
+        closed_in(fleet, conn, "sessions").await?,
+        closed_in(fleet, conn, "uploads").await?,
+    );
     for (id, csrf, admin, left) in fleet.local.sessions.all() {
+        if is_closed(&closed_sessions, &id) {
+            fleet.local.sessions.close(&id);
+            continue;
+        }
         let wire = SessionWire {
             id: id.clone(),
             csrf,
@@ -580,6 +620,10 @@ async fn push_all(fleet: &Fleet, conn: &mut MultiplexedConnection) -> RedisResul
         sealed_into(&mut pipe, fleet, "sessions", &id, Some(&wire));
     }
     for (id, owner) in fleet.local.files.uploads() {
+        if is_closed(&closed_uploads, &id) {
+            fleet.local.files.finish_upload(&id);
+            continue;
+        }
         let wire = UploadWire {
             id: id.clone(),
             key: owner.key,
