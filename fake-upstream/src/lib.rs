@@ -1,8 +1,9 @@
 //! A fake Gemini API for tests, benchmarks and offline demos.
 //!
 //! It serves the shapes of Google's REST API (models, generateContent, streamGenerateContent in
-//! SSE and JSON-array form, countTokens, embedContent, batchEmbedContents, Imagen `:predict`)
-//! and answers from the request, so a test can check what came back. Each API key behaves as
+//! SSE and JSON-array form, countTokens, embedContent, batchEmbedContents, Imagen `:predict`,
+//! the Files API, cached contents, and the OpenAI-compatible chat completions in brief) and
+//! answers from the request, so a test can check what came back. Each API key behaves as
 //! its prefix says ([`Behaviour::from_key`]), or as set at run time through `POST
 //! /_fake/behaviour`. It counts requests and TCP connections per key, and keeps the last
 //! requests it received (`GET /_fake/stats`, `GET /_fake/requests`).
@@ -21,6 +22,15 @@
 //! project are unlimited. A global throttle ([`FakeState::set_throttle`], `POST
 //! /_fake/throttle`) answers every such call of every key a bare 429. `GET /_fake/quota` (and
 //! [`FakeState::quota_stats`]) counts the calls admitted and refused per project.
+//!
+//! Cached contents (`POST`/`GET /v1beta/cachedContents`, `GET`/`PATCH`/`DELETE
+//! /v1beta/cachedContents/{id}`, and `generateContent`'s `"cachedContent":
+//! "cachedContents/<id>"`, which adds `usageMetadata.cachedContentTokenCount`) belong, as at
+//! Google, to the Cloud project of the key that created them: its quota-model project, or the
+//! key alone if it is in none. A call about a cache of another project, or an unknown or
+//! expired one, answers 403 `PERMISSION_DENIED` with no `ErrorInfo`. At most [`MAX_CACHES`]
+//! are kept; [`FakeState::cache_owner`] names the key that created one. Files belong to the
+//! key that uploaded them. [`FakeState::reset`] keeps both.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -42,8 +52,10 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
+mod cache;
 mod quota;
 
+pub use cache::MAX_CACHES;
 pub use quota::{ProjectQuotaStats, QuotaModel, QuotaProject, QuotaStats};
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -165,6 +177,8 @@ pub struct FakeState {
     /// Files API: upload id → (key, display name, mime type); file id → (key, metadata).
     uploads: Mutex<HashMap<String, (String, String, String)>>,
     files: Mutex<HashMap<String, (String, Value)>>,
+    /// Cached contents, owned by projects.
+    caches: Mutex<cache::Caches>,
     quota: Mutex<quota::Quota>,
     throttle: AtomicBool,
     throttled: AtomicU64,
@@ -238,7 +252,8 @@ impl FakeState {
     }
 
     /// Forgets behaviours set at run time, counts and received requests; keeps the quota model
-    /// but empties its windows and counts, and turns the throttle off.
+    /// but empties its windows and counts, and turns the throttle off. Files and cached
+    /// contents stay.
     pub fn reset(&self) {
         self.overrides.lock().unwrap().clear();
         self.keys.lock().unwrap().clear();
@@ -287,6 +302,20 @@ impl FakeState {
         let refused = quota.check(key, model, tokens as u64, now, day).err()?;
         drop(quota);
         Some(quota::refusal_response(&refused))
+    }
+
+    /// The key that created cached content `name` (`cachedContents/<id>` or `<id>`), while the
+    /// cache lives.
+    pub fn cache_owner(&self, name: &str) -> Option<String> {
+        self.caches.lock().unwrap().creator(name, cache::now_ns())
+    }
+
+    /// The owner of what `key` creates: its quota-model project, or else the key itself.
+    fn owner_of(&self, key: &str) -> cache::Owner {
+        match self.quota.lock().unwrap().project_of(key) {
+            Some(project) => cache::Owner::Project(project.to_owned()),
+            None => cache::Owner::Key(key.to_owned()),
+        }
     }
 
     /// Closes every open connection, idle or not.
@@ -637,7 +666,13 @@ async fn handle(
         }
         return openai_compat(call, &body);
     }
+    // `cachedContents` or `cachedContents/{id}`: the id, or "" for the collection.
+    let cache_id = rest.strip_prefix("cachedContents").and_then(|r| match r {
+        "" => Some(""),
+        r => r.strip_prefix('/'),
+    });
     let (model, action) = match rest.strip_prefix("models/") {
+        _ if cache_id.is_some() => (String::new(), None),
         Some(name) => match name.split_once(':') {
             Some((m, a)) => (m.to_owned(), Some(a.to_owned())),
             None => (name.to_owned(), None),
@@ -737,6 +772,9 @@ async fn handle(
         _ => {}
     }
 
+    if let Some(id) = cache_id {
+        return cache::call(&state, &key, &parts.method, id, &query, &body);
+    }
     if model.is_empty() {
         return list_models(&state, &query);
     }
@@ -782,27 +820,24 @@ async fn handle(
                     Value::Null,
                 );
             };
-            // A file belongs to the key that uploaded it, as at Google.
-            for uri in file_uris(contents) {
-                let id = uri.rsplit("/files/").next().unwrap_or_default();
-                let owner = state.files.lock().unwrap().get(id).map(|(k, _)| k.clone());
-                if owner.as_deref() != Some(key.as_str()) {
-                    return google_error(
-                        403,
-                        "PERMISSION_DENIED",
-                        &format!(
-                            "You do not have permission to access the File {id} or it may not exist."
-                        ),
-                        Value::Null,
-                    );
-                }
+            if let Some(refused) = foreign_file(&state, &key, contents) {
+                return refused;
             }
+            // A cache belongs to the project of the key that created it, as at Google.
+            let cached = match cache::tokens_for(&state, &key, &request) {
+                Ok(n) => n,
+                Err(refused) => return *refused,
+            };
             let prompt = last_text(contents);
             if let Some(refused) = state.admit(&key, &model, words(&prompt)) {
                 return refused;
             }
+            let usage = Usage {
+                prompt: words(&prompt) + cached,
+                cached,
+            };
             if let Some(call) = function_call(&request, contents) {
-                let mut resp = content_response(&model, "", true, words(&prompt), 1);
+                let mut resp = content_response(&model, "", true, usage, 1);
                 resp["candidates"][0]["content"]["parts"] = json!([call]);
                 if action == "generateContent" {
                     return json_response(StatusCode::OK, &resp);
@@ -823,7 +858,7 @@ async fn handle(
                     .flat_map(|i| (((i % 24) as i16 - 12) * 1000).to_le_bytes())
                     .collect();
                 let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pcm);
-                let mut resp = content_response(&model, "", true, words(&prompt), 0);
+                let mut resp = content_response(&model, "", true, usage, 0);
                 resp["candidates"][0]["content"]["parts"] = json!([{
                     "inlineData": { "mimeType": "audio/L16;codec=pcm;rate=24000", "data": data }
                 }]);
@@ -831,7 +866,7 @@ async fn handle(
             }
             let answer = format!("echo: {prompt}");
             if action == "generateContent" {
-                let resp = content_response(&model, &answer, true, words(&prompt), words(&answer));
+                let resp = content_response(&model, &answer, true, usage, words(&answer));
                 return json_response(StatusCode::OK, &resp);
             }
             let chunks = header("x-fake-chunks")
@@ -846,7 +881,7 @@ async fn handle(
                 .map(|n| state.hold(n));
             let sse = query_value(&query, "alt") == Some("sse");
             let cut = behaviour == Behaviour::CutStream;
-            stream_response(model, prompt, answer, chunks, delay, hold, sse, cut)
+            stream_response(model, usage, answer, chunks, delay, hold, sse, cut)
         }
         "countTokens" => {
             let n = request
@@ -1006,6 +1041,24 @@ fn file_uris(contents: &[Value]) -> Vec<String> {
         .flatten()
         .filter_map(|p| p.pointer("/fileData/fileUri")?.as_str().map(str::to_owned))
         .collect()
+}
+
+/// Google's 403 if `contents` name a file (`fileData.fileUri`) that is not `key`'s: a file
+/// belongs to the key that uploaded it, as at Google.
+fn foreign_file(state: &FakeState, key: &str, contents: &[Value]) -> Option<Response<Body>> {
+    let files = state.files.lock().unwrap();
+    file_uris(contents).into_iter().find_map(|uri| {
+        let id = uri.rsplit("/files/").next().unwrap_or_default();
+        let owned = files.get(id).is_some_and(|(k, _)| k == key);
+        (!owned).then(|| {
+            google_error(
+                403,
+                "PERMISSION_DENIED",
+                &format!("You do not have permission to access the File {id} or it may not exist."),
+                Value::Null,
+            )
+        })
+    })
 }
 
 /// The resumable upload protocol of the Files API: `start` answers with an upload URL (on this
@@ -1217,23 +1270,27 @@ fn embedding(text: &str, dims: usize) -> Vec<f64> {
         .collect()
 }
 
-fn content_response(
-    model: &str,
-    text: &str,
-    last: bool,
-    prompt_tokens: usize,
-    out_tokens: usize,
-) -> Value {
+/// The prompt's tokens of a generation: all of them, and those of them a cache served.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    prompt: usize,
+    cached: usize,
+}
+
+fn content_response(model: &str, text: &str, last: bool, usage: Usage, out_tokens: usize) -> Value {
     let mut candidate =
         json!({ "content": { "role": "model", "parts": [{ "text": text }] }, "index": 0 });
     let mut resp = json!({ "candidates": [], "modelVersion": model, "responseId": format!("fake-{:08x}", fastrand::u32(..)) });
     if last {
         candidate["finishReason"] = json!("STOP");
         resp["usageMetadata"] = json!({
-            "promptTokenCount": prompt_tokens,
+            "promptTokenCount": usage.prompt,
             "candidatesTokenCount": out_tokens,
-            "totalTokenCount": prompt_tokens + out_tokens,
+            "totalTokenCount": usage.prompt + out_tokens,
         });
+        if usage.cached > 0 {
+            resp["usageMetadata"]["cachedContentTokenCount"] = json!(usage.cached);
+        }
     }
     resp["candidates"] = json!([candidate]);
     resp
@@ -1259,7 +1316,7 @@ impl hyper::body::Body for ChannelBody {
 #[allow(clippy::too_many_arguments)]
 fn stream_response(
     model: String,
-    prompt: String,
+    usage: Usage,
     answer: String,
     chunks: usize,
     delay: Duration,
@@ -1290,8 +1347,7 @@ fn stream_response(
             if last && let Some(hold) = &hold {
                 let _ = tokio::time::timeout(Duration::from_secs(30), hold.notified()).await;
             }
-            let event =
-                content_response(&model, piece, last, words(&prompt), words(&answer)).to_string();
+            let event = content_response(&model, piece, last, usage, words(&answer)).to_string();
             let frame = match (sse, i, last) {
                 (true, ..) => format!("data: {event}\r\n\r\n"),
                 (false, 0, true) => format!("[{event}]"),

@@ -276,6 +276,12 @@ impl Quota {
         Ok(())
     }
 
+    /// The name of the project `key` is in, if any.
+    pub(crate) fn project_of(&self, key: &str) -> Option<&str> {
+        let &i = self.by_key.get(key)?;
+        Some(&self.projects[i].name)
+    }
+
     pub(crate) fn stats(&self) -> BTreeMap<String, ProjectQuotaStats> {
         self.projects
             .iter()
@@ -400,7 +406,7 @@ fn year_of(days: i64) -> i64 {
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+pub(crate) fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;

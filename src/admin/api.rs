@@ -456,27 +456,37 @@ impl Gateway {
     /// gemgate, with the key that holds it and the client that owns it (`null` for records
     /// from before owners were kept, which no client sees).
     fn resources_json(&self, kind: Option<&str>) -> Result<Value, GateError> {
-        match kind {
-            Some("files") => {
-                let files: Vec<Value> = self
-                    .state
-                    .lasting
-                    .files
-                    .all()
-                    .into_iter()
-                    .map(|(id, f)| {
-                        json!({
-                            "id": format!("files/{id}"),
-                            "key": f.owner.key,
-                            "client": f.owner.client,
-                            "expires": rfc3339(f.expires_ms),
-                        })
-                    })
-                    .collect();
-                Ok(json!({ "kind": "files", "resources": files }))
+        // Files and cached contents share one registry; a cache's record is `cache:<id>`.
+        let (kind, prefix) = match kind {
+            Some("files") => ("files", None),
+            Some("cachedContents") => ("cachedContents", Some("cache:")),
+            _ => {
+                return Err(bad(
+                    "name the kind of resource: ?kind=files or ?kind=cachedContents",
+                ));
             }
-            _ => Err(bad("name the kind of resource: ?kind=files")),
-        }
+        };
+        let resources: Vec<Value> = self
+            .state
+            .lasting
+            .files
+            .all()
+            .into_iter()
+            .filter_map(|(id, f)| {
+                let id = match prefix {
+                    Some(p) => id.strip_prefix(p)?.to_owned(),
+                    None if id.starts_with("cache:") => return None,
+                    None => id,
+                };
+                Some(json!({
+                    "id": format!("{kind}/{id}"),
+                    "key": f.owner.key,
+                    "client": f.owner.client,
+                    "expires": rfc3339(f.expires_ms),
+                }))
+            })
+            .collect();
+        Ok(json!({ "kind": kind, "resources": resources }))
     }
 
     /// Probes one key now; a key that answers well is returned to the pool.

@@ -54,6 +54,21 @@ pub fn named_files(body: &[u8]) -> BTreeSet<String> {
     names
 }
 
+/// The cached content a request names (`"cachedContent": "cachedContents/ID"` at its top).
+fn named_cache(body: &[u8]) -> Option<String> {
+    static CACHE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"cachedContents/"));
+    CACHE.find(body)?;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Named {
+        cached_content: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body)
+        .ok()?
+        .cached_content
+        .filter(|c| c.starts_with("cachedContents/"))
+}
+
 /// The ID in `files/ID` or `…/files/ID` (up to a `:` method, `?` or `#`).
 fn file_id(s: &str) -> Option<&str> {
     let rest = match s.strip_prefix("files/") {
@@ -184,17 +199,12 @@ impl Gateway {
     ) -> Result<Outcome, Refusal> {
         let method = s.req_header().method.clone();
         let allowed = method == http::Method::GET || id.is_some() && method == http::Method::DELETE;
-        self.admit(
-            generation,
-            s,
-            if allowed {
-                method.clone()
-            } else {
-                http::Method::GET
-            },
-            &x.meta.peer,
-        )
-        .map(|client| x.meta.client = Some(client))?;
+        let checked = if allowed {
+            method.clone()
+        } else {
+            http::Method::GET
+        };
+        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
         x.action = match (&id, &method) {
             (None, _) => "files.list",
             (Some(_), &http::Method::DELETE) => "files.delete",
@@ -220,8 +230,10 @@ impl Gateway {
         let Some(id) = id else {
             let mut all = Vec::new();
             for (key, mine) in self.state.lasting.shared.files_of(&client) {
-                // A key whose files are all gone from the pool is skipped, not an error.
-                let Ok(up) = request(&format!("{base}/files"), &key) else {
+                // A key holding only cached contents (`caches`), or gone from the pool: skipped.
+                let Some(Ok(up)) = (mine.iter().any(|m| !m.starts_with("cache:")))
+                    .then(|| request(&format!("{base}/files"), &key))
+                else {
                     continue;
                 };
                 let page = self.collect(generation, &up, x).await?;
@@ -296,6 +308,15 @@ impl Gateway {
             return Ok(None);
         }
         let mut pin = None;
+        let shared = &self.state.lasting.shared;
+        if let Some(cache) = named_cache(body)
+            && let Some(record) = shared.file(&super::caches::record_id(&cache))
+        {
+            if record.owner.client.is_none() || record.owner.client.as_deref() != client {
+                return Err(super::caches::no_such_cache());
+            }
+            pin = Some(self.resource_key(generation, &record.owner.key, "cached content")?);
+        }
         for id in named_files(body) {
             let Some(file) = self.state.lasting.shared.file(&id) else {
                 continue;

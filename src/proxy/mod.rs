@@ -12,6 +12,7 @@
 
 mod answer;
 mod attempt;
+pub mod caches;
 pub mod calls;
 pub mod exchange;
 pub mod files;

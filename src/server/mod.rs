@@ -360,6 +360,10 @@ impl Gateway {
                 x.action = "files".into();
                 Box::pin(self.files(generation, s, id, x)).await
             }
+            Route::Caches(id) => {
+                x.action = "cachedContents".into();
+                Box::pin(self.caches(generation, s, id, x)).await
+            }
             Route::GoogleOpenAi(rest) => {
                 x.meta.protocol = Protocol::GoogleOpenAi;
                 x.action = format!("openai/{rest}");

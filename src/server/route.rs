@@ -32,6 +32,9 @@ pub enum Route {
     Upload,
     /// `GET /v1beta/files` (`None`), `GET` or `DELETE /v1beta/files/{id}`.
     Files(Option<String>),
+    /// `GET` or `POST /v1beta/cachedContents` (`None`), `GET`, `PATCH` or `DELETE
+    /// /v1beta/cachedContents/{id}`.
+    Caches(Option<String>),
     Native(NativeCall),
     Page(Page),
     /// A path gemgate does not serve.
@@ -92,6 +95,8 @@ fn is_google_v1(rest: &str, goog_credential: bool) -> bool {
         || models == "models" && goog_credential
         || models == "files"
         || models.starts_with("files/")
+        || models == "cachedContents"
+        || models.starts_with("cachedContents/")
 }
 
 /// Whether the path is the Files API's upload.
@@ -237,6 +242,21 @@ fn native_route(rest: &str) -> Route {
         let valid = !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         return if valid {
             Route::Files(Some(id.to_owned()))
+        } else {
+            Route::NotFound
+        };
+    }
+    if rest == "cachedContents" {
+        return Route::Caches(None);
+    }
+    if let Some(id) = rest.strip_prefix("cachedContents/") {
+        let valid = !id.is_empty()
+            && id.len() <= MAX_NAME
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        return if valid {
+            Route::Caches(Some(id.to_owned()))
         } else {
             Route::NotFound
         };

@@ -3,6 +3,7 @@
 
 mod admin;
 mod browser;
+mod caches;
 mod common;
 mod egress;
 mod files;

@@ -1,0 +1,236 @@
+//! Cached contents (`/v1beta/cachedContents`): each belongs to the Cloud project of the key
+//! that created it, so gemgate remembers that key (with the client that made it and when the
+//! cache expires) and sends every later call about the cache — or naming it in a
+//! `generateContent`'s `cachedContent` — with that key.
+//!
+//! The records live with the files' (see `keys::owners`), under `cache:<id>`: kept in the
+//! store across restarts and shared by a fleet. A client sees and uses only its own caches;
+//! another's is answered 404 without a call to Google.
+
+use bytes::Bytes;
+use pingora::protocols::http::ServerSession;
+use serde_json::Value;
+
+use super::{
+    Exchange, Gateway, Generation, Outcome, Refusal, UpstreamRequest, client_query, read_body,
+    send, upstream_header,
+};
+use crate::clock::now_ms;
+use crate::http::reply::GateError;
+use crate::keys::owners::{FileRecord, Owner};
+
+/// How long Google keeps a cached content that does not say (its default TTL).
+const DEFAULT_TTL_MS: u64 = 3_600_000;
+/// Pages of one key's list read at most (of 1,000 caches each).
+const MAX_PAGES: usize = 20;
+
+/// The registry's id of cached content `id` (`cachedContents/abc` or `abc`).
+pub fn record_id(id: &str) -> String {
+    format!("cache:{}", id.trim_start_matches("cachedContents/"))
+}
+
+/// The answer to a client asking about a cache that is not its own (or not there).
+pub(super) fn no_such_cache() -> Refusal {
+    Refusal::Gate(GateError::new(
+        404,
+        "no such cached content made through this gateway",
+    ))
+}
+
+/// The action of a call (on one cache, or on the collection) and the method its credentials
+/// are checked for (one the route does not take is checked as a `GET`, then refused).
+fn action_of(one: bool, method: &http::Method) -> (&'static str, http::Method) {
+    use http::Method as M;
+    let action = match (one, method) {
+        (false, &M::POST) => "cachedContents.create",
+        (false, &M::GET) => "cachedContents.list",
+        (true, &M::GET) => "cachedContents.get",
+        (true, &M::PATCH) => "cachedContents.patch",
+        (true, &M::DELETE) => "cachedContents.delete",
+        _ => {
+            return (
+                if one {
+                    "cachedContents.get"
+                } else {
+                    "cachedContents.list"
+                },
+                M::GET,
+            );
+        }
+    };
+    (action, method.clone())
+}
+
+impl Gateway {
+    /// `POST /v1beta/cachedContents` (create, on any key, or the key of the files it names),
+    /// `GET` (the client's own, from every key that holds some); `GET`, `PATCH` or `DELETE
+    /// /v1beta/cachedContents/{id}` with the key that owns it.
+    pub(crate) async fn caches(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+        id: Option<String>,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let method = s.req_header().method.clone();
+        let (action, checked) = action_of(id.is_some(), &method);
+        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
+        x.action = action.into();
+        let action = x.action.clone();
+        let rewrite = self
+            .on_request(generation, s, "", &action, false, &x.meta)
+            .await?;
+        let body = match method {
+            http::Method::POST | http::Method::PATCH => {
+                read_body(s, generation.config.max_body_bytes).await?
+            }
+            _ => Bytes::new(),
+        };
+        let query = client_query(s);
+        let base = &generation.target.base.path;
+        let path = match &id {
+            Some(id) => format!("{base}/cachedContents/{id}"),
+            None => format!("{base}/cachedContents"),
+        };
+        let mut header = upstream_header(generation, s.req_header(), &path, &query)?;
+        for (name, value) in rewrite.headers {
+            let _ = header.insert_header(name, value);
+        }
+        let client = x.meta.client().to_owned();
+        let mut up = UpstreamRequest::new(header, body);
+        match (&id, &method) {
+            (None, &http::Method::POST) => {
+                up.pinned = self.file_pin(generation, &up.body, Some(&client))?;
+                let answer = self.collect(generation, &up, x).await?;
+                let owner = Owner {
+                    key: x.key.clone().unwrap_or_default(),
+                    client: Some(client),
+                };
+                self.record_cache(&answer, owner);
+                Ok(send(s, x, 200, answer).await)
+            }
+            (None, _) => {
+                let list = self.list_caches(generation, &up, &client, x).await?;
+                Ok(send(s, x, 200, list).await)
+            }
+            (Some(id), _) => {
+                let record = self
+                    .state
+                    .lasting
+                    .files
+                    .file(&record_id(id))
+                    .filter(|f| f.owner.client.as_deref() == Some(client.as_str()))
+                    .ok_or_else(no_such_cache)?;
+                up.pinned =
+                    Some(self.resource_key(generation, &record.owner.key, "cached content")?);
+                let answer = self.collect(generation, &up, x).await?;
+                if method == http::Method::DELETE {
+                    self.state.lasting.shared.remove_file(&record_id(id));
+                } else if method == http::Method::PATCH {
+                    self.record_cache(&answer, record.owner);
+                }
+                Ok(send(s, x, 200, answer).await)
+            }
+        }
+    }
+
+    /// The client's caches, all in one answer: each key that holds some is asked for its
+    /// list (every page), and only the client's are kept (the key's others are other
+    /// clients').
+    async fn list_caches(
+        &self,
+        generation: &Generation,
+        template: &UpstreamRequest,
+        client: &str,
+        x: &mut Exchange,
+    ) -> Result<Bytes, Refusal> {
+        let mut all = Vec::new();
+        for (key, ids) in self.state.lasting.shared.files_of(client) {
+            let mine: Vec<&str> = ids
+                .iter()
+                .filter_map(|id| id.strip_prefix("cache:"))
+                .collect();
+            // A key whose caches are all gone from the pool is skipped, not an error.
+            let Some(index) = generation.pool.index_of(&key).filter(|_| !mine.is_empty()) else {
+                continue;
+            };
+            let mut token: Option<String> = None;
+            for _ in 0..MAX_PAGES {
+                let mut header = template.header.clone();
+                let path = header.uri.path().to_owned();
+                let uri = match &token {
+                    Some(t) => format!(
+                        "{path}?pageSize=1000&pageToken={}",
+                        super::request::encode_query_value(t)
+                    ),
+                    None => format!("{path}?pageSize=1000"),
+                };
+                let Ok(uri) = uri.parse::<http::Uri>() else {
+                    break;
+                };
+                header.set_uri(uri);
+                let mut up = UpstreamRequest::new(header, Bytes::new());
+                up.pinned = Some(index);
+                let page = self.collect(generation, &up, x).await?;
+                let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&page) else {
+                    break;
+                };
+                if let Some(Value::Array(caches)) = v.remove("cachedContents") {
+                    all.extend(caches.into_iter().filter(|c| {
+                        c["name"]
+                            .as_str()
+                            .and_then(|n| n.strip_prefix("cachedContents/"))
+                            .is_some_and(|n| mine.contains(&n))
+                    }));
+                }
+                token = v
+                    .remove("nextPageToken")
+                    .and_then(|t| t.as_str().map(str::to_owned))
+                    .filter(|t| !t.is_empty());
+                if token.is_none() {
+                    break;
+                }
+            }
+        }
+        Ok(Bytes::from(
+            serde_json::json!({ "cachedContents": all }).to_string(),
+        ))
+    }
+
+    /// Records the cache Google's answer describes (made or updated), with its owner and its
+    /// expiry.
+    fn record_cache(&self, answer: &[u8], owner: Owner) {
+        let cache = serde_json::from_slice::<Value>(answer).unwrap_or_default();
+        let Some(name) = cache["name"]
+            .as_str()
+            .filter(|n| n.starts_with("cachedContents/"))
+        else {
+            return;
+        };
+        let expires_ms = cache["expireTime"]
+            .as_str()
+            .and_then(crate::clock::parse_rfc3339)
+            .unwrap_or_else(|| now_ms() + DEFAULT_TTL_MS);
+        tracing::info!(cache = %name, key = %owner.key, "cached content recorded");
+        let record = FileRecord { owner, expires_ms };
+        self.state.lasting.shared.add_file(record_id(name), record);
+    }
+
+    /// The pool index of the key that owns a resource; a key that left the pool is a 410
+    /// naming it (the resource cannot be reached any more).
+    pub(super) fn resource_key(
+        &self,
+        generation: &Generation,
+        key_id: &str,
+        what: &str,
+    ) -> Result<usize, Refusal> {
+        generation.pool.index_of(key_id).ok_or_else(|| {
+            Refusal::Gate(GateError::new(
+                410,
+                format!(
+                    "this {what}'s key {key_id} has left the pool: it cannot be reached any more"
+                ),
+            ))
+        })
+    }
+}

@@ -1,0 +1,90 @@
+//! Cached contents: pinned to the key that made them, the client's own, and clear answers when
+//! their key is gone.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+async fn call(
+    gate: &Gate,
+    method: Method,
+    token: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = client()
+        .request(method, gate.url(path))
+        .header("x-goog-api-key", token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A cache whose key left the pool answers 410 naming the key, never another key's 403; an
+/// id that is not a cache name is not routed at all.
+#[tokio::test]
+async fn a_cache_whose_key_left_the_pool_is_gone() {
+    let fake = fake().await;
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .toml("[keys]\napi_keys = [\"only-key-1\", \"other-key-2\"]\n")
+        .env(
+            "ALLOWED_TOKENS",
+            &format!(r#"["{TOKEN}", "sk-other-client"]"#),
+        )
+        .admin()
+        .start()
+        .await;
+    let (status, cache) = call(
+        &gate,
+        Method::POST,
+        TOKEN,
+        "/v1beta/cachedContents",
+        Some(json!({ "model": "models/gemini-2.5-flash", "contents": [{ "role": "user", "parts": [{ "text": "shared" }] }] })),
+    )
+    .await;
+    assert_eq!(status, 200, "{cache}");
+    let name = cache["name"].as_str().unwrap().to_owned();
+    let path = format!("/v1beta/{name}");
+    assert_eq!(call(&gate, Method::GET, TOKEN, &path, None).await.0, 200);
+    let (status, v) = call(&gate, Method::GET, "sk-other-client", &path, None).await;
+    assert_eq!(status, 404, "another client's: {v}");
+    let (_, v) = admin(
+        Method::GET,
+        &gate,
+        "/admin/api/resources?kind=cachedContents",
+        None,
+    )
+    .await;
+    assert_eq!(v["resources"][0]["id"], name.as_str(), "{v}");
+    let (_, v) = admin(Method::GET, &gate, "/admin/api/resources?kind=files", None).await;
+    assert_eq!(v["resources"], json!([]), "caches are not files: {v}");
+    // The operator removes the key: the cache cannot be reached any more.
+    let id = gemgate::config::stable_id("k", "only-key-1");
+    let before = gate.reload_status().await;
+    let (status, v) = admin(
+        Method::DELETE,
+        &gate,
+        &format!("/admin/api/keys/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    gate.wait_reloads(&before).await;
+    let (status, v) = call(&gate, Method::GET, TOKEN, &path, None).await;
+    assert_eq!(status, 410, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains(&id), "{v}");
+    let (status, _) = call(
+        &gate,
+        Method::GET,
+        TOKEN,
+        "/v1beta/cachedContents/..%2Fx",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+}
