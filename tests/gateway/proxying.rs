@@ -1,6 +1,7 @@
 //! Native calls, auth, model filtering, request ids and logs.
 
 use crate::common::*;
+use serde_json::{Value, json};
 
 fn model_names(list: &Value) -> Vec<String> {
     list["models"]
@@ -129,13 +130,26 @@ async fn every_native_call_on_both_prefixes() {
 async fn bodies_and_answers_pass_through_untouched() {
     let fake = fake().await;
     let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    // A cache the key made at Google directly (gemgate has no record of it).
+    let cache: Value = client()
+        .post(format!("{}/cachedContents?key=good-1", fake.base_url()))
+        .json(&json!({ "model": "models/gemini-2.5-flash" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cache = cache["name"].as_str().unwrap();
     // Odd spacing, unknown fields, and the client's own settings all reach Google as sent.
-    let body = "{ \"contents\":[{\"role\":\"user\",\"parts\":[{\"text\":\"hi\"}]}],\n  \"cachedContent\":\"cachedContents/x\", \"toolConfig\":{\"functionCallingConfig\":{\"mode\":\"ANY\"}},\"safetySettings\":[{\"category\":\"HARM_CATEGORY_HARASSMENT\",\"threshold\":\"OFF\"}],\"futureField\":[1,2,3] }";
+    let body = format!(
+        "{{ \"contents\":[{{\"role\":\"user\",\"parts\":[{{\"text\":\"hi\"}}]}}],\n  \"cachedContent\":\"{cache}\", \"toolConfig\":{{\"functionCallingConfig\":{{\"mode\":\"ANY\"}}}},\"safetySettings\":[{{\"category\":\"HARM_CATEGORY_HARASSMENT\",\"threshold\":\"OFF\"}}],\"futureField\":[1,2,3] }}"
+    );
     let resp = client()
         .post(gate.url(&format!("{GENERATE}?key={TOKEN}")))
         .header("content-type", "application/json")
         .header("x-custom-client-header", "kept")
-        .body(body)
+        .body(body.clone())
         .send()
         .await
         .unwrap();
