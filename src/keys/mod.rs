@@ -484,6 +484,13 @@ pub enum Pick {
     Key(usize),
     /// The pool has no key at all.
     Empty,
+    /// The one key that may serve (it holds the resource the request is about) is out: key
+    /// `key` (its id) is cooling until `until_ms`, or disabled (`None`) for `why`.
+    Held {
+        key: String,
+        why: String,
+        until_ms: Option<u64>,
+    },
     /// Every key is disabled, cooling for this model, at its project's limit, or already
     /// tried for this request. `retry_at_ms` is the earliest time one may serve again.
     Exhausted {

@@ -405,10 +405,22 @@ impl Gateway {
     ) -> Result<Pick, Denial> {
         let pool = generation.pool_for(req);
         if let Some(i) = req.pinned {
-            return Ok(if !tried.contains(&i) && pool.usable(i, &req.model, now) {
-                Pick::Key(i)
-            } else {
+            let key = pool.get(i);
+            let held = |why: String, until_ms| Pick::Held {
+                key: key.spec.id.clone(),
+                why,
+                until_ms,
+            };
+            return Ok(if tried.contains(&i) {
                 pool.exhausted(&req.model, None, now)
+            } else if key.state.is_disabled() {
+                let reason = key.state.detail().disabled_reason.unwrap_or_default();
+                held(format!("disabled ({reason})"), None)
+            } else if let Some(c) = key.state.cooldown_for(&req.model, now) {
+                let why = format!("cooling down after {} ({} scope)", c.class, c.scope);
+                held(why, Some(c.until_ms))
+            } else {
+                Pick::Key(i)
             });
         }
         if req.paid || !generation.policy.has_select_key(&req.model) || pool.is_empty() {
@@ -636,17 +648,20 @@ impl Gateway {
         req: &UpstreamRequest,
         now: u64,
     ) -> Finished {
-        let Pick::Exhausted {
-            retry_at_ms,
-            cooling,
-            disabled,
-            limited,
-        } = pick
-        else {
-            return Finished::Refused(Refusal::Gate(GateError::new(
-                503,
-                "no Gemini API key is configured",
-            )));
+        let (retry_at_ms, cooling, disabled, limited) = match pick {
+            Pick::Exhausted {
+                retry_at_ms,
+                cooling,
+                disabled,
+                limited,
+            } => (retry_at_ms, cooling, disabled, limited),
+            Pick::Held { key, why, until_ms } => return held(&key, &why, until_ms, now),
+            Pick::Key(_) | Pick::Empty => {
+                return Finished::Refused(Refusal::Gate(GateError::new(
+                    503,
+                    "no Gemini API key is configured",
+                )));
+            }
         };
         if let Some(f) = last {
             return Finished::Refused(Refusal::Upstream(Box::new(f)));
@@ -702,6 +717,20 @@ impl Gateway {
             Err(d) => Verdict::Refuse(d),
         }
     }
+}
+
+/// The answer when the key that holds a request's resource (a file, a cached content) is
+/// out: 503 naming the key and why, with `Retry-After` — the end of its cooldown, or a
+/// minute for a disabled key (an operator or a key check may bring it back). Another key
+/// would only get Google's 403.
+fn held(key: &str, why: &str, until_ms: Option<u64>, now: u64) -> Finished {
+    let retry = until_ms.map_or(60, |until| seconds_until(until, now));
+    let e = GateError::new(
+        503,
+        format!("what this request is about belongs to key {key}, which is {why}: no other key can reach it"),
+    )
+    .retry_after(Some(retry));
+    Finished::Refused(Refusal::Gate(e))
 }
 
 /// `pick` with `limited_until` (keys passed over because their projects are full) folded in.

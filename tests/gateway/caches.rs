@@ -24,8 +24,9 @@ async fn call(
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-/// A cache whose key left the pool answers 410 naming the key, never another key's 403; an
-/// id that is not a cache name is not routed at all.
+/// A cache whose key is disabled answers 503 naming the key (with `Retry-After`), one whose key
+/// left the pool 410 naming it — never another key's 403; an id that is not a cache name is
+/// not routed at all.
 #[tokio::test]
 async fn a_cache_whose_key_left_the_pool_is_gone() {
     let fake = fake().await;
@@ -63,8 +64,25 @@ async fn a_cache_whose_key_left_the_pool_is_gone() {
     assert_eq!(v["resources"][0]["id"], name.as_str(), "{v}");
     let (_, v) = admin(Method::GET, &gate, "/admin/api/resources?kind=files", None).await;
     assert_eq!(v["resources"], json!([]), "caches are not files: {v}");
-    // The operator removes the key: the cache cannot be reached any more.
+    // Its key disabled: 503 naming the key and why, with Retry-After; never another key.
     let id = gemgate::config::stable_id("k", "only-key-1");
+    let disable = format!("/admin/api/keys/{id}/disable");
+    assert_eq!(admin(Method::POST, &gate, &disable, None).await.0, 200);
+    let resp = client()
+        .get(gate.url(&path))
+        .header("x-goog-api-key", TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "60");
+    let v: Value = resp.json().await.unwrap();
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&id) && message.contains("disabled"), "{v}");
+    let enable = format!("/admin/api/keys/{id}/enable");
+    assert_eq!(admin(Method::POST, &gate, &enable, None).await.0, 200);
+    assert_eq!(call(&gate, Method::GET, TOKEN, &path, None).await.0, 200);
+    // The operator removes the key: the cache cannot be reached any more.
     let before = gate.reload_status().await;
     let (status, v) = admin(
         Method::DELETE,
