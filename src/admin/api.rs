@@ -843,11 +843,82 @@ fn suggestions(pool: &crate::keys::KeyPool) -> Vec<Value> {
         .filter(|(_, keys)| keys.len() > 1)
         .collect();
     found.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
-    found
-        .into_iter()
+    let named: std::collections::HashSet<&str> = found
+        .iter()
+        .flat_map(|(_, keys)| keys.iter().map(|k| k.spec.id.as_str()))
+        .collect();
+    let mut out: Vec<Value> = found
+        .iter()
         .take(MAX_SUGGESTIONS)
-        .map(|(consumer, keys)| suggestion(&consumer, &keys))
-        .collect()
+        .map(|(consumer, keys)| suggestion(consumer, keys))
+        .collect();
+    let room = MAX_SUGGESTIONS.saturating_sub(out.len());
+    out.extend(quota_twins(pool, &named).into_iter().take(room));
+    out
+}
+
+/// Keys the config keeps apart whose cooldowns come from one per-project quota ending within a
+/// second of each other: Google answered them as one project (identical 429s at once), though
+/// it did not name the project. Keys already suggested by name (`named`) are left out.
+fn quota_twins(pool: &crate::keys::KeyPool, named: &std::collections::HashSet<&str>) -> Vec<Value> {
+    let now = now_ms();
+    // (model, quota id) → (end of the cooldown, key), for keys cooling alone.
+    let mut by_quota: std::collections::BTreeMap<(String, String), Vec<(u64, &Key)>> =
+        Default::default();
+    for key in pool
+        .keys()
+        .iter()
+        .filter(|k| !named.contains(k.spec.id.as_str()))
+    {
+        for c in key.state.cooldowns(now) {
+            if c.scope == "key_model" && c.quota.contains("PerProject") {
+                let at = (c.model.to_string(), c.quota.to_string());
+                by_quota.entry(at).or_default().push((c.until_ms, key));
+            }
+        }
+    }
+    let mut twins = Vec::new();
+    for ((model, quota), mut ends) in by_quota {
+        ends.sort_by_key(|(until, _)| *until);
+        // Runs of ends less than a second apart.
+        let mut runs: Vec<Vec<&Key>> = Vec::new();
+        let mut last_end = None;
+        for (until, key) in ends {
+            match (runs.last_mut(), last_end) {
+                (Some(run), Some(last)) if until - last <= 1_000 => run.push(key),
+                _ => runs.push(vec![key]),
+            }
+            last_end = Some(until);
+        }
+        // Only keys the config keeps apart (since grouped, they need no suggestion).
+        let apart = |keys: &Vec<&Key>| {
+            let mut projects: Vec<&str> = keys
+                .iter()
+                .map(|k| k.spec.project.as_deref().unwrap_or(&k.spec.id))
+                .collect();
+            projects.sort_unstable();
+            projects.dedup();
+            projects.len() > 1
+        };
+        for keys in runs.into_iter().filter(apart) {
+            let message = format!(
+                "{} keys answered identical per-project 429s ({quota} for {model}) within a \
+                 second: Google counts them as one Cloud project; give them one project so that \
+                 its limits count them together",
+                keys.len()
+            );
+            twins.push(json!({
+                "consumer": null,
+                "quota_id": quota,
+                "model": model,
+                "keys": keys.iter().take(MAX_SUGGESTED_KEYS).map(|k| k.spec.id.as_str()).collect::<Vec<_>>(),
+                "total": keys.len(),
+                "project": null,
+                "message": message,
+            }));
+        }
+    }
+    twins
 }
 
 /// One suggestion: the keys Google counts in project `consumer`, and the project to give them
@@ -986,4 +1057,54 @@ fn delete_logs(
         crate::store::logs::delete(store.db(), log, before, &rows).map_err(store_error)?;
     tracing::info!(?log, deleted, "admin: log rows deleted");
     Ok(json!({ "deleted": deleted }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::quota::QuotaLimits;
+    use crate::config::{KeySpec, Secret, stable_id};
+    use crate::keys::taxonomy::{ErrorClass, Quota, Scope};
+    use crate::keys::{KeyPool, KeyRegistry};
+
+    /// Keys without a project that Google answers with identical per-project 429s within a
+    /// second are suggested as one project, even when Google names none; one a minute later
+    /// is not.
+    #[test]
+    fn identical_project_429s_at_once_suggest_one_project() {
+        let specs: Vec<KeySpec> = (0..3)
+            .map(|i| KeySpec {
+                id: stable_id("k", &format!("twin-{i}")),
+                secret: Secret::new(format!("twin-{i}")),
+                label: format!("twin-{i}"),
+                tags: vec![],
+                weight: 1,
+                source: Default::default(),
+                project: None,
+                tier: None,
+            })
+            .collect();
+        let pool = KeyPool::new(&specs, &KeyRegistry::default(), 3, &QuotaLimits::default());
+        let quota = Quota {
+            scope: Scope::ProjectModel,
+            id: "GenerateRequestsPerMinutePerProjectPerModel-FreeTier".into(),
+            consumer: None,
+        };
+        let now = now_ms();
+        let limited = |retry_s: u64| ErrorClass::RateLimited {
+            retry_after: std::time::Duration::from_secs(retry_s),
+        };
+        pool.record_failure_of(0, "m", limited(40), "", now, &quota);
+        pool.record_failure_of(1, "m", limited(40), "", now + 300, &quota);
+        pool.record_failure_of(2, "m", limited(100), "", now, &quota);
+        let found = suggestions(&pool);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0]["keys"], json!([specs[0].id, specs[1].id]));
+        assert!(
+            found[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("within a second")
+        );
+    }
 }
