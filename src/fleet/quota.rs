@@ -65,7 +65,7 @@ impl Fleet {
         match self.admit_quota_in_redis(check).await {
             Some(verdict) => verdict,
             None => QuotaVerdict::Here {
-                share: self.members_live().max(1) as u32,
+                share: self.members_live() as u32,
             },
         }
     }

@@ -135,6 +135,10 @@ impl Ticket {
     /// however long it took to get there), with the input tokens the answer reported (`None`:
     /// the estimate stays).
     pub fn settle(&self, prompt_tokens: Option<u64>, now_ms: u64) {
+        let tokens = prompt_tokens.unwrap_or(self.estimate);
+        if now_ms / 1000 == self.second && tokens == self.estimate {
+            return; // nothing moves
+        }
         let mut by_model = self.windows.lock();
         let Some(counts) = by_model.get_mut(&self.model) else {
             return;
@@ -148,7 +152,6 @@ impl Ticket {
             counts.requests -= 1;
             counts.tokens -= tokens;
         }
-        let tokens = prompt_tokens.unwrap_or(self.estimate);
         let new = counts.bucket(now_ms / 1000);
         new.requests += 1;
         new.tokens += tokens;
@@ -165,7 +168,8 @@ impl ProjectWindows {
     }
 
     /// Counts one request of `tokens` estimated input tokens for `model` if it fits `limit`
-    /// at `now_ms`; else the time at which it would.
+    /// at `now_ms`; else the time at which it would. The check and the count are one step
+    /// under the lock: two requests at once cannot both take the last place.
     pub fn admit(
         self: &Arc<Self>,
         model: &str,
@@ -173,28 +177,37 @@ impl ProjectWindows {
         tokens: u64,
         now_ms: u64,
     ) -> Result<Ticket, u64> {
-        let mut by_model = self.lock();
-        let counts = match by_model.get_mut(model) {
-            Some(c) => c,
-            None => by_model.entry(model.into()).or_default(),
-        };
-        counts.advance(now_ms);
-        if let Some(at) = counts.fits_at(limit, 1, tokens, now_ms) {
-            return Err(at.max(now_ms + 1));
-        }
-        drop(by_model);
-        Ok(self.count(model, tokens, now_ms))
+        self.count_if(model, tokens, now_ms, |counts| {
+            counts.fits_at(limit, 1, tokens, now_ms)
+        })
     }
 
     /// Counts one request of `tokens` estimated input tokens for `model` at `now_ms`, without
     /// a limit (the fleet admitted it).
     pub fn count(self: &Arc<Self>, model: &str, tokens: u64, now_ms: u64) -> Ticket {
+        match self.count_if(model, tokens, now_ms, |_| None) {
+            Ok(ticket) => ticket,
+            Err(_) => unreachable!("counted without a limit"),
+        }
+    }
+
+    /// Counts the request unless `full` says when it would fit instead.
+    fn count_if(
+        self: &Arc<Self>,
+        model: &str,
+        tokens: u64,
+        now_ms: u64,
+        full: impl FnOnce(&Counts) -> Option<u64>,
+    ) -> Result<Ticket, u64> {
         let mut by_model = self.lock();
         let counts = match by_model.get_mut(model) {
             Some(c) => c,
             None => by_model.entry(model.into()).or_default(),
         };
         counts.advance(now_ms);
+        if let Some(at) = full(counts) {
+            return Err(at.max(now_ms + 1));
+        }
         let now_s = now_ms / 1000;
         let b = counts.bucket(now_s);
         b.requests += 1;
@@ -202,12 +215,12 @@ impl ProjectWindows {
         counts.requests += 1;
         counts.tokens += tokens;
         counts.day_requests += 1;
-        Ticket {
+        Ok(Ticket {
             windows: self.clone(),
             model: model.into(),
             second: now_s,
             estimate: tokens,
-        }
+        })
     }
 
     /// What is left of `limit` for `model` at `now_ms`, from 0 (at the limit) to 1 (unused):
@@ -277,6 +290,20 @@ mod tests {
         assert!(w.admit("m", &l, 0, at).is_ok());
         assert_eq!(w.headroom("m", &l, at), 0.0);
         assert_eq!(w.used("m", at).0, 2);
+    }
+
+    /// Requests at the same moment on several threads never take more places than there are.
+    #[test]
+    fn concurrent_admissions_never_exceed_the_limit() {
+        let w = Arc::new(ProjectWindows::default());
+        let l = limit(Some(100), None, None);
+        let admitted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| (0..50).filter(|_| w.admit("m", &l, 0, T0).is_ok()).count()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 100);
     }
 
     #[test]

@@ -305,7 +305,8 @@ impl Gateway {
         let pool = generation.pool_for(req);
         let now = now_ms();
         let mut pick = self.choose_key(generation, req, used, tokens, now, meta)?;
-        let mut passed: Vec<usize> = used.to_vec();
+        // Made only when a key's project turns out full (most requests take the first key).
+        let mut passed: Vec<usize> = Vec::new();
         let mut limited_until: Option<u64> = None;
         loop {
             let Pick::Key(index) = pick else {
@@ -315,6 +316,9 @@ impl Gateway {
                 Ok(admitted) => return Ok(Ok((index, admitted))),
                 Err(at) => {
                     limited_until = Some(limited_until.map_or(at, |l| l.min(at)));
+                    if passed.is_empty() {
+                        passed.extend_from_slice(used);
+                    }
                     passed.push(index);
                 }
             }
