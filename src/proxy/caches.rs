@@ -21,8 +21,10 @@ use crate::keys::owners::{FileRecord, Owner};
 
 /// How long Google keeps a cached content that does not say (its default TTL).
 const DEFAULT_TTL_MS: u64 = 3_600_000;
-/// Pages of one key's list read at most (of 1,000 caches each).
-const MAX_PAGES: usize = 20;
+/// Upstream calls one list may make in all (pages of 1,000 caches, over every key that holds
+/// some of the client's): a client spreading caches over many keys cannot make one request
+/// cost more.
+const MAX_LIST_CALLS: usize = 32;
 
 /// The registry's id of cached content `id` (`cachedContents/abc` or `abc`).
 pub fn record_id(id: &str) -> String {
@@ -121,8 +123,12 @@ impl Gateway {
                     .file(&record_id(id))
                     .filter(|f| f.owner.client.as_deref() == Some(client.as_str()))
                     .ok_or_else(no_such_cache)?;
-                up.pinned =
-                    Some(self.resource_key(generation, &record.owner.key, "cached content")?);
+                up.pinned = Some(super::files::owner_key(
+                    generation,
+                    &record.owner.key,
+                    410,
+                    "cached content",
+                )?);
                 let answer = self.collect(generation, &up, x).await?;
                 if method == http::Method::DELETE {
                     self.state.lasting.shared.remove_file(&record_id(id));
@@ -145,6 +151,7 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Bytes, Refusal> {
         let mut all = Vec::new();
+        let mut calls = 0;
         for (key, ids) in self.state.lasting.shared.files_of(client) {
             let mine: Vec<&str> = ids
                 .iter()
@@ -155,7 +162,8 @@ impl Gateway {
                 continue;
             };
             let mut token: Option<String> = None;
-            for _ in 0..MAX_PAGES {
+            while calls < MAX_LIST_CALLS {
+                calls += 1;
                 let mut header = template.header.clone();
                 let path = header.uri.path().to_owned();
                 let uri = match &token {
@@ -192,6 +200,12 @@ impl Gateway {
                 }
             }
         }
+        if calls >= MAX_LIST_CALLS {
+            tracing::warn!(
+                client,
+                "a cached-contents list stopped at {MAX_LIST_CALLS} upstream calls"
+            );
+        }
         Ok(Bytes::from(
             serde_json::json!({ "cachedContents": all }).to_string(),
         ))
@@ -214,23 +228,5 @@ impl Gateway {
         tracing::info!(cache = %name, key = %owner.key, "cached content recorded");
         let record = FileRecord { owner, expires_ms };
         self.state.lasting.shared.add_file(record_id(name), record);
-    }
-
-    /// The pool index of the key that owns a resource; a key that left the pool is a 410
-    /// naming it (the resource cannot be reached any more).
-    pub(super) fn resource_key(
-        &self,
-        generation: &Generation,
-        key_id: &str,
-        what: &str,
-    ) -> Result<usize, Refusal> {
-        generation.pool.index_of(key_id).ok_or_else(|| {
-            Refusal::Gate(GateError::new(
-                410,
-                format!(
-                    "this {what}'s key {key_id} has left the pool: it cannot be reached any more"
-                ),
-            ))
-        })
     }
 }

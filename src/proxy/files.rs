@@ -286,12 +286,7 @@ impl Gateway {
 
     /// The pool index of the key that owns an upload or a file.
     fn owner_index(&self, generation: &Generation, key_id: &str) -> Result<usize, Refusal> {
-        generation.pool.index_of(key_id).ok_or_else(|| {
-            Refusal::Gate(GateError::new(
-                404,
-                "this file's key has left the pool: the file cannot be reached any more",
-            ))
-        })
+        owner_key(generation, key_id, 404, "file")
     }
 
     /// The key a request must use because it names a file uploaded through gemgate; `None`
@@ -315,7 +310,12 @@ impl Gateway {
             if record.owner.client.is_none() || record.owner.client.as_deref() != client {
                 return Err(super::caches::no_such_cache());
             }
-            pin = Some(self.resource_key(generation, &record.owner.key, "cached content")?);
+            pin = Some(owner_key(
+                generation,
+                &record.owner.key,
+                410,
+                "cached content",
+            )?);
         }
         for id in named_files(body) {
             let Some(file) = self.state.lasting.shared.file(&id) else {
@@ -328,6 +328,22 @@ impl Gateway {
         }
         Ok(pin)
     }
+}
+
+/// The pool index of key `key_id`, which owns a resource (a `what`); a key that left the pool
+/// is answered `status` naming it: the resource cannot be reached any more.
+pub(super) fn owner_key(
+    generation: &Generation,
+    key_id: &str,
+    status: u16,
+    what: &str,
+) -> Result<usize, Refusal> {
+    generation.pool.index_of(key_id).ok_or_else(|| {
+        Refusal::Gate(GateError::new(
+            status,
+            format!("this {what}'s key {key_id} has left the pool: it cannot be reached any more"),
+        ))
+    })
 }
 
 /// Where clients reach this gateway, for the links it hands out: `server.public_url` when set;

@@ -106,3 +106,43 @@ async fn a_cache_whose_key_left_the_pool_is_gone() {
     .await;
     assert_eq!(status, 404);
 }
+
+/// A client that spreads caches over many keys cannot make one list cost more than a bounded
+/// number of upstream calls.
+#[tokio::test]
+async fn a_cache_list_makes_a_bounded_number_of_upstream_calls() {
+    let fake = fake().await;
+    let keys: Vec<String> = (0..40).map(|i| format!("spread-{i:02}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let gate = gate()
+        .upstream(&fake, &refs)
+        .shipped_plugins()
+        .start()
+        .await;
+    let create = json!({ "model": "models/gemini-2.5-flash" });
+    for _ in 0..40 {
+        let (status, v) = call(
+            &gate,
+            Method::POST,
+            TOKEN,
+            "/v1beta/cachedContents",
+            Some(create.clone()),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let holders = refs
+        .iter()
+        .filter(|k| fake.state.key_stats(k).requests > 0)
+        .count();
+    assert!(
+        holders > 32,
+        "round robin spread the caches over {holders} keys"
+    );
+    let before = fake.state.total_requests();
+    let (status, v) = call(&gate, Method::GET, TOKEN, "/v1beta/cachedContents", None).await;
+    assert_eq!(status, 200, "{v}");
+    let calls = fake.state.total_requests() - before;
+    assert_eq!(calls, 32, "one list, at most 32 upstream calls");
+    assert_eq!(v["cachedContents"].as_array().unwrap().len(), 32);
+}
