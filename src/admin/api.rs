@@ -722,15 +722,18 @@ pub(super) fn keys_json(
         }
     }
     let total = matching.len();
+    // A storm holds every key back: a cooldown of the global scope.
+    let storm = storms.active().then(|| {
+        json!({ "model": "*", "until": rfc3339(storms.next_probe_ms()), "class": "storm", "scope": "global", "quota_id": null })
+    });
     let keys: Vec<Value> = matching
         .into_iter()
         .skip((page - 1).saturating_mul(per_page))
         .take(per_page)
-        .map(|key| key_json(key, now, usage.get(&key.spec.id)))
-        .map(|mut key| {
-            // A storm holds every key back: a cooldown of the global scope.
-            if let (Some(c), true) = (key["cooldowns"].as_array_mut(), storms.active()) {
-                c.push(json!({ "model": "*", "until": rfc3339(storms.next_probe_ms()), "class": "storm", "scope": "global", "quota_id": null }));
+        .map(|key| {
+            let mut key = key_json(key, now, usage.get(&key.spec.id));
+            if let (Some(c), Some(storm)) = (key["cooldowns"].as_array_mut(), &storm) {
+                c.push(storm.clone());
             }
             key
         })

@@ -122,9 +122,6 @@ impl Gateway {
         }
     }
 
-    /// Whether this instance should get traffic (`/ready`): not while it drains after SIGTERM,
-    /// nor without a key that could serve (none configured, or every one disabled). A key
-    /// cooling down for one model still serves others: it counts as usable.
     /// `/health`'s body: liveness, 200 while the process serves, a fleet's Redis away or not.
     fn liveness(&self, generation: &Generation) -> String {
         let keys = generation.pool.keys().len();
@@ -313,6 +310,9 @@ impl Gateway {
         }
     }
 
+    /// Whether this instance should get traffic (`/ready`): not while it drains after SIGTERM,
+    /// nor without a key that could serve (none configured, or every one disabled). A key
+    /// cooling down for one model still serves others: it counts as usable.
     fn readiness(&self, generation: &Generation) -> (u16, serde_json::Value) {
         let keys = generation.pool.keys();
         let usable = keys.iter().filter(|k| !k.state.is_disabled()).count();
@@ -481,7 +481,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Answers a CORS preflight: any origin may call with the methods and headers it asks for.
 /// The GenAI conventions' `gen_ai.operation.name` of an action.
 fn operation_of(action: &str) -> &str {
     match action {
@@ -494,6 +493,7 @@ fn operation_of(action: &str) -> &str {
     }
 }
 
+/// Answers a CORS preflight: any origin may call with the methods and headers it asks for.
 async fn preflight(s: &mut ServerSession, x: &mut Exchange) -> Outcome {
     x.own(Kind::Preflight, "preflight");
     let asked = s

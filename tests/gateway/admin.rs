@@ -726,15 +726,7 @@ async fn keys_google_counts_in_one_project_are_suggested_to_share_one() {
         "{message}"
     );
     // The keys page shows it, as text.
-    let html = client()
-        .get(gate.url("/admin/keys"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = admin_page(&gate, "/admin/keys").await;
     assert!(
         html.contains("id=\"suggestions\"") && html.contains("2 keys answer for projects/1042"),
         "{html}"

@@ -423,6 +423,12 @@ pub async fn admin(
     (status, resp.json().await.unwrap())
 }
 
+/// An admin page's HTML, asked for with the admin token ([`ADMIN`]).
+pub async fn admin_page(gate: &Gate, path: &str) -> String {
+    let resp = client().get(gate.url(path)).bearer_auth(ADMIN).send().await;
+    resp.unwrap().text().await.unwrap()
+}
+
 /// Waits until the request log shows `n` requests (gemgate started with [`GateBuilder::admin`]).
 /// The store's flusher writes them within a second on an idle machine; it runs at idle
 /// priority, so a busy one may take longer. A readable row also means the key state and usage

@@ -1213,15 +1213,7 @@ async fn request_logging_can_be_sampled_or_off_and_the_dashboard_counts_everythi
     )
     .await;
     assert_eq!(v["rows"], json!([]), "{v}");
-    let html = client()
-        .get(gate.url("/admin"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = admin_page(&gate, "/admin").await;
     assert!(
         html.contains("13 in the last hour"),
         "the dashboard counts every request"
