@@ -19,6 +19,7 @@ use crate::http::auth;
 use crate::http::peer::Peer;
 use crate::http::reply::GateError;
 use crate::keys::Key;
+use crate::keys::owners::Kind;
 use crate::keys::storm::Storms;
 use crate::proxy::{Gateway, Refusal, read_body};
 use crate::store::usage::Counts;
@@ -452,20 +453,19 @@ impl Gateway {
         })
     }
 
-    /// `GET /admin/api/resources?kind=files`: every resource of that kind clients made through
-    /// gemgate, with the key that holds it and the client that owns it (`null` for records
-    /// from before owners were kept, which no client sees).
+    /// `GET /admin/api/resources?kind=files`: every resource of that kind (`files`,
+    /// `cachedContents`, `batches`, `interactions`, `auth_tokens`) clients made through gemgate,
+    /// with the key that holds it and the client that owns it (`null` for records from before
+    /// owners were kept, which no client sees).
     fn resources_json(&self, kind: Option<&str>) -> Result<Value, GateError> {
-        // Files and cached contents share one registry; a cache's record is `cache:<id>`.
-        let (kind, prefix) = match kind {
-            Some("files") => ("files", None),
-            Some("cachedContents") => ("cachedContents", Some("cache:")),
-            _ => {
-                return Err(bad(
-                    "name the kind of resource: ?kind=files or ?kind=cachedContents",
-                ));
-            }
+        let Some(kind) = kind.and_then(Kind::from_collection) else {
+            let names: Vec<&str> = Kind::ALL.iter().map(|k| k.collection()).collect();
+            return Err(bad(format!(
+                "name the kind of resource: ?kind= one of {}",
+                names.join(", ")
+            )));
         };
+        let collection = kind.collection();
         let resources: Vec<Value> = self
             .state
             .lasting
@@ -473,20 +473,18 @@ impl Gateway {
             .all()
             .into_iter()
             .filter_map(|(id, f)| {
-                let id = match prefix {
-                    Some(p) => id.strip_prefix(p)?.to_owned(),
-                    None if id.starts_with("cache:") => return None,
-                    None => id,
-                };
-                Some(json!({
-                    "id": format!("{kind}/{id}"),
-                    "key": f.owner.key,
-                    "client": f.owner.client,
-                    "expires": rfc3339(f.expires_ms),
-                }))
+                let (of, id) = Kind::of_record(&id);
+                (of == kind).then(|| {
+                    json!({
+                        "id": format!("{collection}/{id}"),
+                        "key": f.owner.key,
+                        "client": f.owner.client,
+                        "expires": rfc3339(f.expires_ms),
+                    })
+                })
             })
             .collect();
-        Ok(json!({ "kind": kind, "resources": resources }))
+        Ok(json!({ "kind": collection, "resources": resources }))
     }
 
     /// Probes one key now; a key that answers well is returned to the pool.

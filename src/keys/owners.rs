@@ -10,6 +10,79 @@ use crate::clock::now_ms;
 /// How long Google keeps a file that does not say.
 pub const DEFAULT_LIFETIME_MS: u64 = 48 * 3_600_000;
 
+/// The kinds of resource the registry keeps. Each lives at Google in the Cloud project of the
+/// key that made it; a record's id is the kind's prefix and the resource's own id (`cache:abc`),
+/// files keeping their bare ids from before there were other kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Cache,
+    Batch,
+    Interaction,
+    /// An ephemeral token for the Live API (`auth_tokens/…`).
+    Token,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::File,
+        Kind::Cache,
+        Kind::Batch,
+        Kind::Interaction,
+        Kind::Token,
+    ];
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Kind::File => "",
+            Kind::Cache => "cache:",
+            Kind::Batch => "batch:",
+            Kind::Interaction => "interaction:",
+            Kind::Token => "token:",
+        }
+    }
+
+    /// The collection's name in Google's API (`files`, `cachedContents`, …).
+    pub fn collection(self) -> &'static str {
+        match self {
+            Kind::File => "files",
+            Kind::Cache => "cachedContents",
+            Kind::Batch => "batches",
+            Kind::Interaction => "interactions",
+            Kind::Token => "auth_tokens",
+        }
+    }
+
+    /// What one is called in an error message.
+    pub fn what(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Cache => "cached content",
+            Kind::Batch => "batch",
+            Kind::Interaction => "interaction",
+            Kind::Token => "ephemeral token",
+        }
+    }
+
+    pub fn from_collection(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.collection() == name)
+    }
+
+    /// The record id of resource `id` (`batches/abc` or `abc`).
+    pub fn record_id(self, id: &str) -> String {
+        let id = id.rsplit('/').next().unwrap_or(id);
+        format!("{}{id}", self.prefix())
+    }
+
+    /// The kind and the resource's own id of a record id.
+    pub fn of_record(record_id: &str) -> (Kind, &str) {
+        Kind::ALL[1..]
+            .iter()
+            .find_map(|&k| Some((k, record_id.strip_prefix(k.prefix())?)))
+            .unwrap_or((Kind::File, record_id))
+    }
+}
+
 /// Who a file or an upload belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {

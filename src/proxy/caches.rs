@@ -3,8 +3,8 @@
 //! cache expires) and sends every later call about the cache — or naming it in a
 //! `generateContent`'s `cachedContent` — with that key.
 //!
-//! The records live with the files' (see `keys::owners`), under `cache:<id>`: kept in the
-//! store across restarts and shared by a fleet. A client sees and uses only its own caches;
+//! The records are the owner registry's (`keys::owners`, kind `Cache`): kept in the store
+//! across restarts and shared by a fleet. A client sees and uses only its own caches;
 //! another's is answered 404 without a call to Google.
 
 use bytes::Bytes;
@@ -15,9 +15,7 @@ use super::{
     Exchange, Gateway, Generation, Outcome, Refusal, UpstreamRequest, client_query, read_body,
     send, upstream_header,
 };
-use crate::clock::now_ms;
-use crate::http::reply::GateError;
-use crate::keys::owners::{FileRecord, Owner};
+use crate::keys::owners::{Kind, Owner};
 
 /// How long Google keeps a cached content that does not say (its default TTL).
 const DEFAULT_TTL_MS: u64 = 3_600_000;
@@ -25,19 +23,6 @@ const DEFAULT_TTL_MS: u64 = 3_600_000;
 /// some of the client's): a client spreading caches over many keys cannot make one request
 /// cost more.
 const MAX_LIST_CALLS: usize = 32;
-
-/// The registry's id of cached content `id` (`cachedContents/abc` or `abc`).
-pub fn record_id(id: &str) -> String {
-    format!("cache:{}", id.trim_start_matches("cachedContents/"))
-}
-
-/// The answer to a client asking about a cache that is not its own (or not there).
-pub(super) fn no_such_cache() -> Refusal {
-    Refusal::Gate(GateError::new(
-        404,
-        "no such cached content made through this gateway",
-    ))
-}
 
 /// The action of a call (on one cache, or on the collection) and the method its credentials
 /// are checked for (one the route does not take is checked as a `GET`, then refused).
@@ -116,22 +101,11 @@ impl Gateway {
                 Ok(send(s, x, 200, list).await)
             }
             (Some(id), _) => {
-                let record = self
-                    .state
-                    .lasting
-                    .files
-                    .file(&record_id(id))
-                    .filter(|f| f.owner.client.as_deref() == Some(client.as_str()))
-                    .ok_or_else(no_such_cache)?;
-                up.pinned = Some(super::files::owner_key(
-                    generation,
-                    &record.owner.key,
-                    410,
-                    "cached content",
-                )?);
+                let (record, index) = self.owned(generation, Kind::Cache, id, Some(&client))?;
+                up.pinned = Some(index);
                 let answer = self.collect(generation, &up, x).await?;
                 if method == http::Method::DELETE {
-                    self.state.lasting.shared.remove_file(&record_id(id));
+                    self.forget_owned(Kind::Cache, id);
                 } else if method == http::Method::PATCH {
                     self.record_cache(&answer, record.owner);
                 }
@@ -155,7 +129,10 @@ impl Gateway {
         for (key, ids) in self.state.lasting.shared.files_of(client) {
             let mine: Vec<&str> = ids
                 .iter()
-                .filter_map(|id| id.strip_prefix("cache:"))
+                .filter_map(|id| match Kind::of_record(id) {
+                    (Kind::Cache, id) => Some(id),
+                    _ => None,
+                })
                 .collect();
             // A key whose caches are all gone from the pool is skipped, not an error.
             let Some(index) = generation.pool.index_of(&key).filter(|_| !mine.is_empty()) else {
@@ -223,10 +200,7 @@ impl Gateway {
         };
         let expires_ms = cache["expireTime"]
             .as_str()
-            .and_then(crate::clock::parse_rfc3339)
-            .unwrap_or_else(|| now_ms() + DEFAULT_TTL_MS);
-        tracing::info!(cache = %name, key = %owner.key, "cached content recorded");
-        let record = FileRecord { owner, expires_ms };
-        self.state.lasting.shared.add_file(record_id(name), record);
+            .and_then(crate::clock::parse_rfc3339);
+        self.record_owned(Kind::Cache, name, owner, expires_ms, DEFAULT_TTL_MS);
     }
 }

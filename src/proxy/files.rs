@@ -26,7 +26,7 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
-use crate::keys::owners::{DEFAULT_LIFETIME_MS, FileRecord, Owner};
+use crate::keys::owners::{DEFAULT_LIFETIME_MS, FileRecord, Kind, Owner};
 
 /// The files a Gemini request names, wherever it names them: `fileData.fileUri` in
 /// `contents`, but also in a `countTokens` request's `generateContentRequest`, a batch's input
@@ -82,10 +82,7 @@ fn file_id(s: &str) -> Option<&str> {
 /// The answer to a client asking about a file that is not its own (or not there): the same as
 /// for a file that does not exist, so a client cannot learn another's file names.
 fn no_such_file() -> Refusal {
-    Refusal::Gate(GateError::new(
-        404,
-        "no such file or upload through this gateway",
-    ))
+    super::owned::not_found(Kind::File)
 }
 
 impl Gateway {
@@ -231,7 +228,7 @@ impl Gateway {
             let mut all = Vec::new();
             for (key, mine) in self.state.lasting.shared.files_of(&client) {
                 // A key holding only cached contents (`caches`), or gone from the pool: skipped.
-                let Some(Ok(up)) = (mine.iter().any(|m| !m.starts_with("cache:")))
+                let Some(Ok(up)) = (mine.iter().any(|m| Kind::of_record(m).0 == Kind::File))
                     .then(|| request(&format!("{base}/files"), &key))
                 else {
                     continue;
@@ -286,7 +283,7 @@ impl Gateway {
 
     /// The pool index of the key that owns an upload or a file.
     fn owner_index(&self, generation: &Generation, key_id: &str) -> Result<usize, Refusal> {
-        owner_key(generation, key_id, 404, "file")
+        super::owned::owner_key(generation, key_id, Kind::File)
     }
 
     /// The key a request must use because it names a file uploaded through gemgate; `None`
@@ -305,17 +302,9 @@ impl Gateway {
         let mut pin = None;
         let shared = &self.state.lasting.shared;
         if let Some(cache) = named_cache(body)
-            && let Some(record) = shared.file(&super::caches::record_id(&cache))
+            && shared.file(&Kind::Cache.record_id(&cache)).is_some()
         {
-            if record.owner.client.is_none() || record.owner.client.as_deref() != client {
-                return Err(super::caches::no_such_cache());
-            }
-            pin = Some(owner_key(
-                generation,
-                &record.owner.key,
-                410,
-                "cached content",
-            )?);
+            pin = Some(self.owned(generation, Kind::Cache, &cache, client)?.1);
         }
         for id in named_files(body) {
             let Some(file) = self.state.lasting.shared.file(&id) else {
@@ -328,22 +317,6 @@ impl Gateway {
         }
         Ok(pin)
     }
-}
-
-/// The pool index of key `key_id`, which owns a resource (a `what`); a key that left the pool
-/// is answered `status` naming it: the resource cannot be reached any more.
-pub(super) fn owner_key(
-    generation: &Generation,
-    key_id: &str,
-    status: u16,
-    what: &str,
-) -> Result<usize, Refusal> {
-    generation.pool.index_of(key_id).ok_or_else(|| {
-        Refusal::Gate(GateError::new(
-            status,
-            format!("this {what}'s key {key_id} has left the pool: it cannot be reached any more"),
-        ))
-    })
 }
 
 /// Where clients reach this gateway, for the links it hands out: `server.public_url` when set;

@@ -16,6 +16,7 @@ pub mod caches;
 pub mod calls;
 pub mod exchange;
 pub mod files;
+mod owned;
 mod openai;
 mod relay;
 mod request;

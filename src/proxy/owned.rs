@@ -1,0 +1,88 @@
+//! Resources pinned to the key that made them — files, cached contents, batches, interactions,
+//! ephemeral tokens — looked up and recorded through one registry (`keys::owners`).
+//!
+//! Every such resource lives at Google in the Cloud project of the key that created it, so a
+//! call about it with another key gets Google's 403. gemgate answers instead, without a call to
+//! Google: 404 to a client asking about a resource that is not its own (or not there, the same
+//! answer so names cannot be probed), 410 naming the key when the key has left the pool. A key
+//! disabled or cooling down is answered 503 with `Retry-After` by the attempt loop, which a
+//! pinned request never leaves for another key.
+
+use super::{Gateway, Generation, Refusal};
+use crate::clock::now_ms;
+use crate::http::reply::GateError;
+use crate::keys::owners::{FileRecord, Kind, Owner};
+
+/// The answer to a client asking about a resource that is not its own (or not there).
+pub(super) fn not_found(kind: Kind) -> Refusal {
+    Refusal::Gate(GateError::new(
+        404,
+        format!("no such {} made through this gateway", kind.what()),
+    ))
+}
+
+/// The pool index of key `key_id`, which owns a resource of `kind`; a key that left the pool
+/// is answered 410 naming it: the resource cannot be reached any more.
+pub(super) fn owner_key(generation: &Generation, key_id: &str, kind: Kind) -> Result<usize, Refusal> {
+    generation.pool.index_of(key_id).ok_or_else(|| {
+        Refusal::Gate(GateError::new(
+            410,
+            format!(
+                "this {}'s key {key_id} has left the pool: it cannot be reached any more",
+                kind.what()
+            ),
+        ))
+    })
+}
+
+impl Gateway {
+    /// Resource `id` of `kind` (`batches/abc` or `abc`) when `client` owns it: its record and
+    /// the pool index of its key.
+    pub(super) fn owned(
+        &self,
+        generation: &Generation,
+        kind: Kind,
+        id: &str,
+        client: Option<&str>,
+    ) -> Result<(FileRecord, usize), Refusal> {
+        let record = self
+            .state
+            .lasting
+            .shared
+            .file(&kind.record_id(id))
+            .filter(|r| r.owner.client.is_some() && r.owner.client.as_deref() == client)
+            .ok_or_else(|| not_found(kind))?;
+        let index = owner_key(generation, &record.owner.key, kind)?;
+        Ok((record, index))
+    }
+
+    /// Records resource `name` (`interactions/abc` or `abc`) of `kind`, made with `owner`'s key,
+    /// until `expires_ms` (or `lifetime_ms` from now when Google did not say).
+    pub(super) fn record_owned(
+        &self,
+        kind: Kind,
+        name: &str,
+        owner: Owner,
+        expires_ms: Option<u64>,
+        lifetime_ms: u64,
+    ) {
+        if name.is_empty() || owner.key.is_empty() {
+            return;
+        }
+        let expires_ms = expires_ms.unwrap_or_else(|| now_ms() + lifetime_ms);
+        tracing::info!(kind = kind.what(), id = %name, key = %owner.key, "resource recorded");
+        let record = FileRecord { owner, expires_ms };
+        self.state
+            .lasting
+            .shared
+            .add_file(kind.record_id(name), record);
+    }
+
+    /// Forgets a deleted resource.
+    pub(super) fn forget_owned(&self, kind: Kind, id: &str) {
+        self.state
+            .lasting
+            .shared
+            .remove_file(&kind.record_id(id));
+    }
+}
