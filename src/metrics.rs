@@ -36,16 +36,25 @@ pub enum Route {
     OpenAi,
     OpenAiPassthrough,
     Files,
+    /// The Interactions API.
+    Interactions,
+    /// The Batch API (batch jobs and their results).
+    Batch,
+    /// The Live API (sessions and ephemeral tokens).
+    Live,
     Admin,
     Other,
 }
 
 impl Route {
-    const ALL: [Route; 6] = [
+    const ALL: [Route; 9] = [
         Route::Gemini,
         Route::OpenAi,
         Route::OpenAiPassthrough,
         Route::Files,
+        Route::Interactions,
+        Route::Batch,
+        Route::Live,
         Route::Admin,
         Route::Other,
     ];
@@ -56,6 +65,9 @@ impl Route {
             Route::OpenAi => "openai",
             Route::OpenAiPassthrough => "openai_passthrough",
             Route::Files => "files",
+            Route::Interactions => "interactions",
+            Route::Batch => "batch",
+            Route::Live => "live",
             Route::Admin => "admin",
             Route::Other => "other",
         }
@@ -141,8 +153,8 @@ fn known_model(model: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct Metrics {
     shards: [Mutex<Shard>; SHARDS],
-    duration: [Histogram; 6],
-    ttfb: [Histogram; 6],
+    duration: [Histogram; Route::ALL.len()],
+    ttfb: [Histogram; Route::ALL.len()],
     upstream: Histogram,
     retries: AtomicU64,
     /// Requests refused by a declared limit.

@@ -33,7 +33,7 @@ use crate::upstream::{Target, head};
 /// Largest upstream error body read for classification and relay.
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
 /// A request counted against its project's limit.
-struct Admitted {
+pub(super) struct Admitted {
     ticket: Ticket,
     /// Counted in the fleet's window too.
     fleet: bool,
@@ -175,7 +175,7 @@ impl Gateway {
 
     /// Records a failed attempt (usage, key health, `on_error` plugins); `Ok`: another key may
     /// try, `Err`: the loop ends with this.
-    fn after_failure(
+    pub(super) fn after_failure(
         &self,
         generation: &Generation,
         req: &UpstreamRequest,
@@ -188,20 +188,30 @@ impl Gateway {
         let pool = generation.pool_for(req);
         let key = pool.get(index);
         self.count_usage(generation, req, index, Some(failure.class), None);
-        if self.in_a_storm(pool, index, req, &failure) {
+        // A batch job's quota is its own: its 429s say nothing of the key's interactive quota.
+        let batch_quota = req.surface == super::Surface::Batch
+            && matches!(
+                failure.class,
+                ErrorClass::RateLimited { .. } | ErrorClass::DailyQuota
+            );
+        if !batch_quota && self.in_a_storm(pool, index, req, &failure) {
             return Err(self.storm_refusal(PROBE_EVERY_MS));
         }
-        let penalty = shared.key_failed(
-            pool,
-            index,
-            KeyFailure {
-                model: &req.model,
-                class: failure.class,
-                message: &failure.message,
-                now_ms: now_ms(),
-                quota: &failure.quota,
-            },
-        );
+        let penalty = if batch_quota {
+            Penalty::None
+        } else {
+            shared.key_failed(
+                pool,
+                index,
+                KeyFailure {
+                    model: &req.model,
+                    class: failure.class,
+                    message: &failure.message,
+                    now_ms: now_ms(),
+                    quota: &failure.quota,
+                },
+            )
+        };
         if penalty == Penalty::Cooled {
             self.state.lasting.prometheus.cooldown(
                 cooldown_scope(key, failure.quota.scope),
@@ -294,7 +304,7 @@ impl Gateway {
     /// The key for the next attempt, counted against its project's limits: the choice of
     /// [`Gateway::choose_key`], or while that one's project turns out to be full (another
     /// request took the last place), the built-in choice among the others.
-    async fn admitted_key(
+    pub(super) async fn admitted_key(
         &self,
         generation: &Generation,
         req: &UpstreamRequest,
@@ -645,7 +655,7 @@ impl Gateway {
 impl Gateway {
     /// The loop's end when no key is left to try: the last failure as the upstream sent it, or
     /// why no key was usable.
-    fn exhausted(
+    pub(super) fn exhausted(
         &self,
         pick: Pick,
         last: Option<Failure>,
@@ -784,7 +794,7 @@ impl Failure {
     }
 
     /// The upstream's error answer, classified; the key's secret is cut from its body.
-    fn of_answer(
+    pub(super) fn of_answer(
         status: u16,
         body: Bytes,
         content_type: Option<http::HeaderValue>,

@@ -19,10 +19,6 @@ use crate::keys::owners::{Kind, Owner};
 
 /// How long Google keeps a cached content that does not say (its default TTL).
 const DEFAULT_TTL_MS: u64 = 3_600_000;
-/// Upstream calls one list may make in all (pages of 1,000 caches, over every key that holds
-/// some of the client's): a client spreading caches over many keys cannot make one request
-/// cost more.
-const MAX_LIST_CALLS: usize = 32;
 
 /// The action of a call (on one cache, or on the collection) and the method its credentials
 /// are checked for (one the route does not take is checked as a `GET`, then refused).
@@ -97,7 +93,7 @@ impl Gateway {
                 Ok(send(s, x, 200, answer).await)
             }
             (None, _) => {
-                let list = self.list_caches(generation, &up, &client, x).await?;
+                let list = self.list_owned(generation, &up, &client, Kind::Cache, x).await?;
                 Ok(send(s, x, 200, list).await)
             }
             (Some(id), _) => {
@@ -112,80 +108,6 @@ impl Gateway {
                 Ok(send(s, x, 200, answer).await)
             }
         }
-    }
-
-    /// The client's caches, all in one answer: each key that holds some is asked for its
-    /// list (every page), and only the client's are kept (the key's others are other
-    /// clients').
-    async fn list_caches(
-        &self,
-        generation: &Generation,
-        template: &UpstreamRequest,
-        client: &str,
-        x: &mut Exchange,
-    ) -> Result<Bytes, Refusal> {
-        let mut all = Vec::new();
-        let mut calls = 0;
-        for (key, ids) in self.state.lasting.shared.files_of(client) {
-            let mine: Vec<&str> = ids
-                .iter()
-                .filter_map(|id| match Kind::of_record(id) {
-                    (Kind::Cache, id) => Some(id),
-                    _ => None,
-                })
-                .collect();
-            // A key whose caches are all gone from the pool is skipped, not an error.
-            let Some(index) = generation.pool.index_of(&key).filter(|_| !mine.is_empty()) else {
-                continue;
-            };
-            let mut token: Option<String> = None;
-            while calls < MAX_LIST_CALLS {
-                calls += 1;
-                let mut header = template.header.clone();
-                let path = header.uri.path().to_owned();
-                let uri = match &token {
-                    Some(t) => format!(
-                        "{path}?pageSize=1000&pageToken={}",
-                        super::request::encode_query_value(t)
-                    ),
-                    None => format!("{path}?pageSize=1000"),
-                };
-                let Ok(uri) = uri.parse::<http::Uri>() else {
-                    break;
-                };
-                header.set_uri(uri);
-                let mut up = UpstreamRequest::new(header, Bytes::new());
-                up.pinned = Some(index);
-                let page = self.collect(generation, &up, x).await?;
-                let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&page) else {
-                    break;
-                };
-                if let Some(Value::Array(caches)) = v.remove("cachedContents") {
-                    all.extend(caches.into_iter().filter(|c| {
-                        c["name"]
-                            .as_str()
-                            .and_then(|n| n.strip_prefix("cachedContents/"))
-                            .is_some_and(|n| mine.contains(&n))
-                    }));
-                }
-                token = v
-                    .remove("nextPageToken")
-                    .and_then(|t| t.as_str().map(str::to_owned))
-                    .filter(|t| !t.is_empty());
-                if token.is_none() {
-                    break;
-                }
-            }
-        }
-        if calls >= MAX_LIST_CALLS {
-            tracing::warn!(
-                client,
-                "a cached-contents list stopped at {MAX_LIST_CALLS} upstream calls"
-            );
-        }
-        Ok(Bytes::from(
-            serde_json::json!({ "cachedContents": all }).to_string(),
-        ))
     }
 
     /// Records the cache Google's answer describes (made or updated), with its owner and its

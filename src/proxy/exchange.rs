@@ -122,6 +122,8 @@ pub(crate) struct Exchange {
     pub body: Option<Bytes>,
     /// The upstream's `x-goog-upload-*` headers of a collected answer (the Files API).
     pub upload_headers: Vec<(String, String)>,
+    /// A Live session whose handshake both sides accepted, for the server to join.
+    pub tunnel: Option<super::live::Tunnel>,
 }
 
 /// 16 random hex digits: the id of a request that brought none.
@@ -165,6 +167,7 @@ impl Exchange {
             upstream: None,
             body: None,
             upload_headers: Vec::new(),
+            tunnel: None,
         }
     }
 

@@ -225,29 +225,10 @@ impl Gateway {
             Ok(up)
         };
         let Some(id) = id else {
-            let mut all = Vec::new();
-            for (key, mine) in self.state.lasting.shared.files_of(&client) {
-                // A key holding only cached contents (`caches`), or gone from the pool: skipped.
-                let Some(Ok(up)) = (mine.iter().any(|m| Kind::of_record(m).0 == Kind::File))
-                    .then(|| request(&format!("{base}/files"), &key))
-                else {
-                    continue;
-                };
-                let page = self.collect(generation, &up, x).await?;
-                if let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&page)
-                    && let Some(Value::Array(files)) = v.remove("files")
-                {
-                    // The key's other files are other clients'.
-                    all.extend(files.into_iter().filter(|f| {
-                        f["name"]
-                            .as_str()
-                            .and_then(|n| n.strip_prefix("files/"))
-                            .is_some_and(|n| mine.iter().any(|m| m == n))
-                    }));
-                }
-            }
-            let body = serde_json::json!({ "files": all });
-            return Ok(send(s, x, 200, Bytes::from(body.to_string())).await);
+            let header = upstream_header(generation, s.req_header(), &format!("{base}/files"), "")?;
+            let template = UpstreamRequest::new(header, Bytes::new());
+            let list = self.list_owned(generation, &template, &client, Kind::File, x).await?;
+            return Ok(send(s, x, 200, list).await);
         };
         let record = self
             .state

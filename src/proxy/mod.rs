@@ -16,6 +16,9 @@ pub mod caches;
 pub mod calls;
 pub mod exchange;
 pub mod files;
+mod batches;
+mod interactions;
+pub(crate) mod live;
 mod owned;
 mod openai;
 mod relay;
@@ -131,7 +134,23 @@ pub(crate) struct UpstreamRequest {
     paid: bool,
     /// Only this key may serve it (the Files API: a file belongs to the key that uploaded it).
     pinned: Option<usize>,
+    /// Which of Google's surfaces it is for: batch jobs have their own quotas, and their 429s
+    /// never cool a key for interactive traffic.
+    surface: Surface,
 }
+
+/// The surfaces of Google's API whose quotas are kept apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Surface {
+    /// Requests answered at once: `generateContent`, interactions, …
+    #[default]
+    Interactive,
+    /// The Batch API.
+    Batch,
+    /// The Live API's sessions.
+    Live,
+}
+
 
 /// The answer as it comes, or for a stream (`sse`: of server-sent events) reframed on event
 /// boundaries.
@@ -155,6 +174,7 @@ impl UpstreamRequest {
             bearer: false,
             paid: false,
             pinned: None,
+            surface: Surface::Interactive,
         }
     }
 }
@@ -361,6 +381,9 @@ impl Gateway {
             let page = self.collect(generation, &up, x).await?;
             let page = filter_page(generation, page, &x.meta)?;
             return Ok(send(s, x, 200, page).await);
+        }
+        if call.action() == "batchGenerateContent" {
+            return self.create_batch(generation, s, up, x).await;
         }
         self.relay_or_send(generation, &up, s, x).await
     }

@@ -8,10 +8,26 @@
 //! disabled or cooling down is answered 503 with `Retry-After` by the attempt loop, which a
 //! pinned request never leaves for another key.
 
-use super::{Gateway, Generation, Refusal};
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::{Exchange, Gateway, Generation, Refusal, UpstreamRequest};
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
 use crate::keys::owners::{FileRecord, Kind, Owner};
+
+/// Upstream calls one list may make in all (pages of 1,000, over every key that holds some of
+/// the client's): a client spreading its resources over many keys cannot make one request cost
+/// more.
+const MAX_LIST_CALLS: usize = 32;
+
+/// The field of a list answer that holds the resources (a batch list is of operations).
+fn list_field(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Batch => "operations",
+        kind => kind.collection(),
+    }
+}
 
 /// The answer to a client asking about a resource that is not its own (or not there).
 pub(super) fn not_found(kind: Kind) -> Refusal {
@@ -84,5 +100,81 @@ impl Gateway {
             .lasting
             .shared
             .remove_file(&kind.record_id(id));
+    }
+
+    /// The client's resources of `kind`, all in one answer: each key that holds some is asked
+    /// for its list (`template`'s path, every page), and only the client's are kept (the key's
+    /// others are other clients').
+    pub(super) async fn list_owned(
+        &self,
+        generation: &Generation,
+        template: &UpstreamRequest,
+        client: &str,
+        kind: Kind,
+        x: &mut Exchange,
+    ) -> Result<Bytes, Refusal> {
+        let field = list_field(kind);
+        let collection = kind.collection();
+        let mut all = Vec::new();
+        let mut calls = 0;
+        for (key, ids) in self.state.lasting.shared.files_of(client) {
+            let mine: Vec<&str> = ids
+                .iter()
+                .filter_map(|id| match Kind::of_record(id) {
+                    (k, id) if k == kind => Some(id),
+                    _ => None,
+                })
+                .collect();
+            // A key holding none of this kind, or gone from the pool, is skipped.
+            let Some(index) = generation.pool.index_of(&key).filter(|_| !mine.is_empty()) else {
+                continue;
+            };
+            let mut token: Option<String> = None;
+            while calls < MAX_LIST_CALLS {
+                calls += 1;
+                let mut header = template.header.clone();
+                let path = header.uri.path().to_owned();
+                let uri = match &token {
+                    Some(t) => format!(
+                        "{path}?pageSize=1000&pageToken={}",
+                        super::request::encode_query_value(t)
+                    ),
+                    None => format!("{path}?pageSize=1000"),
+                };
+                let Ok(uri) = uri.parse::<http::Uri>() else {
+                    break;
+                };
+                header.set_uri(uri);
+                let mut up = UpstreamRequest::new(header, Bytes::new());
+                up.pinned = Some(index);
+                up.surface = template.surface;
+                let page = self.collect(generation, &up, x).await?;
+                let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&page) else {
+                    break;
+                };
+                if let Some(Value::Array(items)) = v.remove(field) {
+                    all.extend(items.into_iter().filter(|item| {
+                        item["name"]
+                            .as_str()
+                            .and_then(|n| n.strip_prefix(collection)?.strip_prefix('/'))
+                            .is_some_and(|n| mine.contains(&n))
+                    }));
+                }
+                token = v
+                    .remove("nextPageToken")
+                    .and_then(|t| t.as_str().map(str::to_owned))
+                    .filter(|t| !t.is_empty());
+                if token.is_none() {
+                    break;
+                }
+            }
+        }
+        if calls >= MAX_LIST_CALLS {
+            tracing::warn!(
+                client,
+                "a list of {collection} stopped at {MAX_LIST_CALLS} upstream calls"
+            );
+        }
+        Ok(Bytes::from(serde_json::json!({ field: all }).to_string()))
     }
 }

@@ -252,6 +252,27 @@ impl Gateway {
         tracer.record(std::iter::once(request).chain(attempts));
     }
 
+    /// Keeps a finished call's record in the request log.
+    fn push_log(&self, x: Exchange) {
+        if x.kind != Kind::Call {
+            return;
+        }
+        // Only a known client's requests reach the logs and their indexes: anyone can send
+        // the others, and would fill the disk with strings of their choosing.
+        match x.meta.client {
+            Some(_) => {
+                let sample = self.state.current.load().config.file.logs.request_sample;
+                let unsampled = sample < 1.0 && fastrand::f64() >= sample;
+                let instance = self.state.lasting.instance.as_deref();
+                self.state
+                    .lasting
+                    .logs
+                    .push(x.into_record(unsampled, instance));
+            }
+            None => self.state.refused.count_request(x.status),
+        }
+    }
+
     /// Counts a finished request for `/metrics`.
     fn count(&self, x: &Exchange) {
         use crate::metrics::Route as R;
@@ -262,6 +283,10 @@ impl Gateway {
             (Kind::Admin, _) => R::Admin,
             (Kind::Preflight, _) => R::Other,
             (_, _) if x.action.is_empty() => R::Other,
+            (_, _) if x.action.starts_with("interactions") => R::Interactions,
+            (_, _) if x.action.starts_with("batches") || x.model.starts_with("batch/") => R::Batch,
+            (_, _) if x.action == "files.download" => R::Batch,
+            (_, _) if x.action.starts_with("live") || x.action.starts_with("auth_tokens") => R::Live,
             (_, _) if x.action.starts_with("files") => R::Files,
             (_, Protocol::Gemini) => R::Gemini,
             (_, Protocol::OpenAi) => R::OpenAi,
@@ -364,6 +389,16 @@ impl Gateway {
                 x.action = "cachedContents".into();
                 Box::pin(self.caches(generation, s, id, x)).await
             }
+            Route::Interactions(id, verb) => {
+                Box::pin(self.interactions(generation, s, id, verb, x)).await
+            }
+            Route::Batches(id, verb) => Box::pin(self.batches(generation, s, id, verb, x)).await,
+            Route::Download(id) => Box::pin(self.download(generation, s, &id, x)).await,
+            Route::AuthTokens => Box::pin(self.auth_tokens(generation, s, x)).await,
+            Route::Live {
+                version,
+                constrained,
+            } => Box::pin(self.live(generation, s, &version, constrained, x)).await,
             Route::GoogleOpenAi(rest) => {
                 x.meta.protocol = Protocol::GoogleOpenAi;
                 x.action = format!("openai/{rest}");
@@ -431,25 +466,19 @@ impl Gateway {
             ));
         }
         let outcome = self.handle(&mut s, &mut x).await;
+        if let Some(tunnel) = x.tunnel.take() {
+            // A Live session: logged once it ends.
+            let (sent, received) = tunnel.join(s).await;
+            tracing::info!(id = %x.meta.id, sent, received, seconds = x.meta.started.elapsed().as_secs(), "live session closed");
+            x.log();
+            self.count(&x);
+            self.push_log(x);
+            return None;
+        }
         x.log();
         self.count(&x);
         self.trace(&x);
-        if x.kind == Kind::Call {
-            // Only a known client's requests reach the logs and their indexes: anyone can send
-            // the others, and would fill the disk with strings of their choosing.
-            match x.meta.client {
-                Some(_) => {
-                    let sample = self.state.current.load().config.file.logs.request_sample;
-                    let unsampled = sample < 1.0 && fastrand::f64() >= sample;
-                    let instance = self.state.lasting.instance.as_deref();
-                    self.state
-                        .lasting
-                        .logs
-                        .push(x.into_record(unsampled, instance));
-                }
-                None => self.state.refused.count_request(x.status),
-            }
-        }
+        self.push_log(x);
         if outcome == Outcome::Close {
             return None;
         }

@@ -8,7 +8,7 @@ use crate::proxy::calls::{NativeCall, OpenAiCall};
 /// The protocol a path belongs to, for errors answered before a request is routed.
 pub fn protocol_of(path: &str) -> Protocol {
     match route(path, false) {
-        Route::Native(_) | Route::Files(_) | Route::Upload => Protocol::Gemini,
+        Route::Native(_) | Route::Files(_) | Route::Upload | Route::Download(_) => Protocol::Gemini,
         _ if path.starts_with("/openai/") => Protocol::GoogleOpenAi,
         _ if path.starts_with("/v1/") || path.starts_with("/hf/v1/") => Protocol::OpenAi,
         _ => Protocol::Gemini,
@@ -35,12 +35,34 @@ pub enum Route {
     /// `GET` or `POST /v1beta/cachedContents` (`None`), `GET`, `PATCH` or `DELETE
     /// /v1beta/cachedContents/{id}`.
     Caches(Option<String>),
+    /// `POST /v1beta/interactions` (`None`); `GET` or `DELETE /v1beta/interactions/{id}`,
+    /// `POST …/{id}/cancel`.
+    Interactions(Option<String>, Verb),
+    /// `GET /v1beta/batches` (`None`); `GET` or `DELETE /v1beta/batches/{id}`, `POST
+    /// …/{id}:cancel`. (A batch is made by `models/{model}:batchGenerateContent`.)
+    Batches(Option<String>, Verb),
+    /// `GET /download/v1beta/files/{id}:download` or `/v1beta/files/{id}:download`: a file's
+    /// bytes (a batch's results).
+    Download(String),
+    /// `POST /v1alpha/auth_tokens`: an ephemeral token for the Live API.
+    AuthTokens,
+    /// The Live API's WebSocket, `/ws/google.ai.generativelanguage.{version}.GenerativeService.
+    /// BidiGenerateContent[Constrained]`.
+    Live { version: String, constrained: bool },
     Native(NativeCall),
     Page(Page),
     /// A path gemgate does not serve.
     NotFound,
     /// A path gemgate serves, but with a part it refuses: answered 400 with this reason.
     Invalid(&'static str),
+}
+
+/// A method on one resource, named in its path after the id (`/cancel`, `:cancel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// The resource (or the collection) itself.
+    None,
+    Cancel,
 }
 
 /// Longest model or action name in a path.
@@ -69,6 +91,24 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
     if is_upload(path) {
         return Route::Upload;
     }
+    if let Some(route) = live_route(path) {
+        return route;
+    }
+    if let Some(rest) = ["/download/v1beta/", "/gemini/download/v1beta/", "/download/v1/"]
+        .iter()
+        .find_map(|p| path.strip_prefix(p))
+    {
+        return match native_route(rest) {
+            route @ Route::Download(_) => route,
+            _ => Route::NotFound,
+        };
+    }
+    if let Some(rest) = path
+        .strip_prefix("/v1alpha/")
+        .or_else(|| path.strip_prefix("/gemini/v1alpha/"))
+    {
+        return native_route(rest);
+    }
     if let Some(route) = openai_route(path) {
         return route;
     }
@@ -95,8 +135,66 @@ fn is_google_v1(rest: &str, goog_credential: bool) -> bool {
         || models == "models" && goog_credential
         || models == "files"
         || models.starts_with("files/")
-        || models == "cachedContents"
-        || models.starts_with("cachedContents/")
+        || ["cachedContents", "interactions", "batches", "auth_tokens"]
+            .iter()
+            .any(|c| models.strip_prefix(c).is_some_and(|r| r.is_empty() || r.starts_with('/')))
+}
+
+/// The Live API's WebSocket paths (`/ws/google.ai.generativelanguage.v1beta.GenerativeService.
+/// BidiGenerateContent`, its `v1alpha` and `v1` twins, and `…Constrained` for ephemeral
+/// tokens), also under `/gemini`. The SDK joins its base URL and the path with a `/` even when
+/// the base URL ends in one: `//ws/…` is the same path.
+fn live_route(path: &str) -> Option<Route> {
+    let rest = path.strip_prefix("/gemini").unwrap_or(path);
+    let rest = rest.trim_start_matches('/').strip_prefix("ws/google.ai.generativelanguage.")?;
+    let (version, method) = rest.split_once(".GenerativeService.")?;
+    let constrained = match method {
+        "BidiGenerateContent" => false,
+        "BidiGenerateContentConstrained" => true,
+        _ => return Some(Route::NotFound),
+    };
+    if !matches!(version, "v1" | "v1beta" | "v1alpha") {
+        return Some(Route::NotFound);
+    }
+    Some(Route::Live {
+        version: version.to_owned(),
+        constrained,
+    })
+}
+
+/// An id of a resource in a path: letters, digits, `-` and `_`, at most [`MAX_NAME`] bytes.
+fn resource_id(id: &str) -> Option<String> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_NAME
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    valid.then(|| id.to_owned())
+}
+
+/// `interactions[/{id}[/cancel]]` or `batches[/{id}[:cancel]]`, from after the version.
+fn owned_route(rest: &str) -> Option<Route> {
+    type Make = fn(Option<String>, Verb) -> Route;
+    let kinds: [(&str, char, Make); 2] = [
+        ("interactions", '/', Route::Interactions),
+        ("batches", ':', Route::Batches),
+    ];
+    for (name, separator, make) in kinds {
+        let Some(tail) = rest.strip_prefix(name) else {
+            continue;
+        };
+        if tail.is_empty() {
+            return Some(make(None, Verb::None));
+        }
+        let one = tail.strip_prefix('/')?;
+        let (id, verb) = match one.split_once(separator) {
+            None => (one, Verb::None),
+            Some((id, "cancel")) => (id, Verb::Cancel),
+            Some(_) => return Some(Route::NotFound),
+        };
+        return Some(resource_id(id).map_or(Route::NotFound, |id| make(Some(id), verb)));
+    }
+    None
 }
 
 /// Whether the path is the Files API's upload.
@@ -238,6 +336,12 @@ fn native_route(rest: &str) -> Route {
     if rest == "files" {
         return Route::Files(None);
     }
+    if let Some(id) = rest.strip_prefix("files/").and_then(|r| r.strip_suffix(":download")) {
+        return match resource_id(id) {
+            Some(id) => Route::Download(id),
+            None => Route::NotFound,
+        };
+    }
     if let Some(id) = rest.strip_prefix("files/") {
         let valid = !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         return if valid {
@@ -245,6 +349,12 @@ fn native_route(rest: &str) -> Route {
         } else {
             Route::NotFound
         };
+    }
+    if let Some(route) = owned_route(rest) {
+        return route;
+    }
+    if rest == "auth_tokens" {
+        return Route::AuthTokens;
     }
     if rest == "cachedContents" {
         return Route::Caches(None);
@@ -370,6 +480,42 @@ mod tests {
             Route::GoogleOpenAi("chat/completions".into())
         );
         assert_eq!(route_of("/openai/v1/../x"), Route::NotFound);
+        assert_eq!(
+            route_of("/v1beta/interactions/"),
+            Route::Interactions(None, Verb::None)
+        );
+        assert_eq!(
+            route_of("/gemini/v1beta/interactions/v1_abc-D/cancel"),
+            Route::Interactions(Some("v1_abc-D".into()), Verb::Cancel)
+        );
+        assert_eq!(route_of("/v1beta/interactions/a.b"), Route::NotFound);
+        assert_eq!(route_of("/v1beta/interactions/a/b"), Route::NotFound);
+        assert_eq!(
+            route("/v1/batches/b1:cancel", false),
+            Route::Batches(Some("b1".into()), Verb::Cancel)
+        );
+        assert_eq!(route_of("/v1beta/batches/b1:delete"), Route::NotFound);
+        assert_eq!(
+            route_of("/download/v1beta/files/batch-1:download"),
+            Route::Download("batch-1".into())
+        );
+        assert_eq!(
+            route("/v1/files/batch-1:download", false),
+            Route::Download("batch-1".into())
+        );
+        assert_eq!(route_of("/download/v1beta/models"), Route::NotFound);
+        assert_eq!(route_of("/v1alpha/auth_tokens"), Route::AuthTokens);
+        assert_eq!(
+            route_of("//ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained"),
+            Route::Live {
+                version: "v1alpha".into(),
+                constrained: true
+            }
+        );
+        assert_eq!(
+            route_of("/ws/google.ai.generativelanguage.v9.GenerativeService.BidiGenerateContent"),
+            Route::NotFound
+        );
         let long = "m".repeat(MAX_NAME + 1);
         for path in [
             format!("/v1beta/models/{long}:generateContent"),
