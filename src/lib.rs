@@ -65,6 +65,37 @@ impl RunError {
     }
 }
 
+/// One worker per socket bound on `addr`, serving `gateway` (over TLS with `tls`).
+fn add_workers(
+    server: &mut Server,
+    gateway: &Arc<Gateway>,
+    addr: std::net::SocketAddr,
+    sockets: Vec<tokio::net::TcpSocket>,
+    tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+) {
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let worker = Worker::new(index, addr, socket, gateway.clone()).with_tls(tls.clone());
+        server.add_service(worker);
+    }
+}
+
+/// The listener's TLS acceptor, when `server.tls_cert_file` is set. The files were checked when
+/// the configuration was read: only a file changed since can fail here.
+fn tls_acceptor(
+    config: &Config,
+    addr: std::net::SocketAddr,
+) -> Result<Option<Arc<pingora::listeners::tls::Acceptor>>, RunError> {
+    let Some((cert, key)) = &config.tls else {
+        return Ok(None);
+    };
+    config::tls::acceptor(&cert.to_string_lossy(), &key.to_string_lossy())
+        .map(Some)
+        .map_err(|m| RunError::Listen {
+            addr,
+            source: std::io::Error::other(m),
+        })
+}
+
 /// Runs gemgate until SIGTERM or SIGINT, and returns once it has drained.
 ///
 /// On SIGTERM the listener stops accepting, requests in flight run to their end (at most
@@ -80,6 +111,7 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
         })?;
     let metrics_socket = config.metrics_listen.map(bind_metrics).transpose()?;
     let grace = config.grace_period;
+    let tls = tls_acceptor(&config, listen_addr)?;
     let conf = server_conf(&config);
     log_start(&config, listen_addr);
 
@@ -121,9 +153,7 @@ pub fn run(config: Config, source: Source) -> Result<(), RunError> {
         tracing::info!(listen = %addr, "serving the metrics on a listener of their own");
     }
     let gateway = Arc::new(Gateway::new(state, side));
-    for (index, socket) in sockets.into_iter().enumerate() {
-        server.add_service(Worker::new(index, listen_addr, socket, gateway.clone()));
-    }
+    add_workers(&mut server, &gateway, listen_addr, sockets, tls);
 
     let phases = server.watch_execution_phase();
     // NOTE: pingora's `run` sleeps the whole grace period after SIGTERM, even with nothing in

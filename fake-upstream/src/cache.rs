@@ -161,11 +161,11 @@ fn denied() -> Response<Body> {
     )
 }
 
-fn invalid(message: &str) -> Response<Body> {
+pub(crate) fn invalid(message: &str) -> Response<Body> {
     google_error(400, "INVALID_ARGUMENT", message, Value::Null)
 }
 
-fn parse_body(body: &[u8]) -> Result<Value, String> {
+pub(crate) fn parse_body(body: &[u8]) -> Result<Value, String> {
     match serde_json::from_slice::<Value>(body) {
         Ok(v) if v.is_object() => Ok(v),
         Ok(_) => Err("Invalid JSON payload received. Expected an object.".to_owned()),
@@ -174,7 +174,7 @@ fn parse_body(body: &[u8]) -> Result<Value, String> {
 }
 
 /// A field of a JSON object, `null` counting as absent.
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+pub(crate) fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
     v.get(name).filter(|f| !f.is_null())
 }
 

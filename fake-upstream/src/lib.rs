@@ -30,7 +30,20 @@
 //! key alone if it is in none. A call about a cache of another project, or an unknown or
 //! expired one, answers 403 `PERMISSION_DENIED` with no `ErrorInfo`. At most [`MAX_CACHES`]
 //! are kept; [`FakeState::cache_owner`] names the key that created one. Files belong to the
-//! key that uploaded them. [`FakeState::reset`] keeps both.
+//! key that uploaded them (their bytes are kept, up to [`MAX_FILE_BYTES`] each, for batch
+//! inputs and `GET [/download]/v1beta/files/{id}:download`, which any key of the uploader's
+//! project may use). [`FakeState::reset`] keeps both.
+//!
+//! Interactions (`POST /v1beta/interactions`, whole or streamed, `GET`/`DELETE
+//! /v1beta/interactions/{id}`, `POST …/{id}/cancel`; see the `interactions` module) and batches
+//! (`POST /v1beta/models/{m}:batchGenerateContent`, `GET /v1beta/batches[/{id}]`, `POST
+//! …/{id}:cancel`, `DELETE …/{id}`) belong to projects as cached contents do, with the same
+//! 403 for another project's; at most [`MAX_INTERACTIONS`] and [`MAX_BATCHES`] are kept
+//! ([`FakeState::interaction_owner`], [`FakeState::batch_owner`]). `POST
+//! /v1alpha/auth_tokens` mints ephemeral tokens ([`FakeState::auth_token_owner`]) for the Live
+//! API's WebSocket (`…/ws/google.ai.generativelanguage.{version}.GenerativeService.
+//! BidiGenerateContent[Constrained]`), which echoes texts; its upgrade answers a key's
+//! behaviour as any call does. [`FakeState::reset`] forgets interactions, batches and tokens.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -52,10 +65,17 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
+mod batches;
 mod cache;
+mod interactions;
+mod live;
 mod quota;
+mod store;
 
+pub use batches::{MAX_BATCHES, MAX_FILE_BYTES, MAX_KEPT_BYTES};
 pub use cache::MAX_CACHES;
+pub use interactions::{BREAK, MAX_INTERACTIONS};
+pub use live::{MAX_AUTH_TOKENS, MAX_MESSAGE, MAX_SESSION};
 pub use quota::{ProjectQuotaStats, QuotaModel, QuotaProject, QuotaStats};
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -177,14 +197,26 @@ pub struct FakeState {
     /// Files API: upload id → (key, display name, mime type); file id → (key, metadata).
     uploads: Mutex<HashMap<String, (String, String, String)>>,
     files: Mutex<HashMap<String, (String, Value)>>,
+    /// The bytes of files (and of uploads in progress).
+    file_bytes: Mutex<batches::FileBytes>,
     /// Cached contents, owned by projects.
     caches: Mutex<cache::Caches>,
+    /// Interactions, owned by projects.
+    interactions: Mutex<interactions::Interactions>,
+    /// Batches, owned by projects.
+    batches: Mutex<batches::Batches>,
+    /// Ephemeral tokens → the keys that minted them.
+    auth_tokens: Mutex<live::AuthTokens>,
+    /// `interactions/<id>` and `batches/<id>` → the key that created it, deleted or not.
+    creators: Mutex<store::Store<String, MAX_CREATORS>>,
     quota: Mutex<quota::Quota>,
     throttle: AtomicBool,
     throttled: AtomicU64,
 }
 
 const KEEP_RECEIVED: usize = 64;
+/// The most creators of interactions and batches remembered.
+const MAX_CREATORS: usize = MAX_INTERACTIONS + MAX_BATCHES;
 /// The largest body a control call (`/_fake/…`, image hosts aside) may carry.
 const CONTROL_BODY_LIMIT: usize = 1 << 20;
 
@@ -251,10 +283,14 @@ impl FakeState {
         self.hold(name).notify_one();
     }
 
-    /// Forgets behaviours set at run time, counts and received requests; keeps the quota model
-    /// but empties its windows and counts, and turns the throttle off. Files and cached
-    /// contents stay.
+    /// Forgets behaviours set at run time, counts and received requests, interactions, batches
+    /// and ephemeral tokens; keeps the quota model but empties its windows and counts, and
+    /// turns the throttle off. Files (their bytes too) and cached contents stay.
     pub fn reset(&self) {
+        self.interactions.lock().unwrap().clear();
+        self.batches.lock().unwrap().clear();
+        self.auth_tokens.lock().unwrap().clear();
+        self.creators.lock().unwrap().clear();
         self.overrides.lock().unwrap().clear();
         self.keys.lock().unwrap().clear();
         self.received.lock().unwrap().clear();
@@ -308,6 +344,55 @@ impl FakeState {
     /// cache lives.
     pub fn cache_owner(&self, name: &str) -> Option<String> {
         self.caches.lock().unwrap().creator(name, cache::now_ns())
+    }
+
+    /// The key that created interaction `id` (`v1_…` or `interactions/v1_…`): remembered
+    /// after the interaction is deleted or cancelled, until [`FakeState::reset`] (at most
+    /// `MAX_INTERACTIONS + MAX_BATCHES` creators of interactions and batches, the oldest
+    /// forgotten first). Interactions created with `"store": false` have none.
+    pub fn interaction_owner(&self, id: &str) -> Option<String> {
+        let id = id.strip_prefix("interactions/").unwrap_or(id);
+        self.creator(&format!("interactions/{id}"))
+    }
+
+    /// The key that created batch `name` (`batches/<id>` or `<id>`), remembered as
+    /// [`FakeState::interaction_owner`] remembers.
+    pub fn batch_owner(&self, name: &str) -> Option<String> {
+        let id = name.strip_prefix("batches/").unwrap_or(name);
+        self.creator(&format!("batches/{id}"))
+    }
+
+    /// The key that minted ephemeral token `name` (`auth_tokens/<id>` or `<id>`), until
+    /// [`FakeState::reset`].
+    pub fn auth_token_owner(&self, name: &str) -> Option<String> {
+        let tokens = self.auth_tokens.lock().unwrap();
+        match name.strip_prefix("auth_tokens/") {
+            Some(_) => tokens.get(name).cloned(),
+            None => tokens.get(&format!("auth_tokens/{name}")).cloned(),
+        }
+    }
+
+    /// [`FakeState::auth_token_owner`], by another name.
+    pub fn token_owner(&self, name: &str) -> Option<String> {
+        self.auth_token_owner(name)
+    }
+
+    fn creator(&self, name: &str) -> Option<String> {
+        self.creators.lock().unwrap().get(name).cloned()
+    }
+
+    /// Remembers that `key` created `name` (`interactions/<id>`, `batches/<id>`).
+    fn created(&self, name: String, key: &str) {
+        self.creators.lock().unwrap().insert(name, key.to_owned());
+    }
+
+    /// Whether the global throttle refuses a call (then counted).
+    fn throttled(&self) -> bool {
+        let on = self.throttle.load(Relaxed);
+        if on {
+            self.throttled.fetch_add(1, Relaxed);
+        }
+        on
     }
 
     /// The owner of what `key` creates: its quota-model project, or else the key itself.
@@ -401,7 +486,8 @@ async fn serve(listener: TcpListener, state: Arc<FakeState>) {
             });
             let mut closed = state_closer.closed_signal();
             let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::select! {
                 _ = conn => {}
                 _ = closed.changed() => {}
@@ -543,11 +629,44 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// What is not under `models/` or `cachedContents/`, in any of `v1`, `v1beta`, `v1alpha`.
+enum Extra<'a> {
+    /// `interactions[/…]`: what follows `interactions/`, or "".
+    Interactions(&'a str),
+    /// `batches[/…]`: what follows `batches/`, or "".
+    Batches(&'a str),
+    AuthTokens,
+    /// The Live API's WebSocket, constrained (ephemeral tokens) or not.
+    Live,
+}
+
+fn extra_route(path: &str) -> Option<Extra<'_>> {
+    if live::ws_kind(path).is_some() {
+        return Some(Extra::Live);
+    }
+    let rest = ["/v1beta/", "/v1/", "/v1alpha/"]
+        .iter()
+        .find_map(|p| path.strip_prefix(p))?;
+    let sub = |name: &str| match rest.strip_prefix(name)? {
+        "" => Some(""),
+        r => r.strip_prefix('/'),
+    };
+    if let Some(r) = sub("interactions") {
+        return Some(Extra::Interactions(r));
+    }
+    if let Some(r) = sub("batches") {
+        return Some(Extra::Batches(r));
+    }
+    (rest == "auth_tokens").then_some(Extra::AuthTokens)
+}
+
 async fn handle(
     state: Arc<FakeState>,
     seen: Arc<Mutex<HashSet<String>>>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
+    let ws = live::ws_kind(req.uri().path());
+    let on_upgrade = ws.map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let control =
         parts.uri.path().starts_with("/_fake/") && !parts.uri.path().starts_with("/_fake/upload/");
@@ -586,17 +705,22 @@ async fn handle(
         }
         return control_call(&state, &parts.method, control, &body);
     }
-    let key = parts
-        .headers
-        .get("x-goog-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| query_value(&query, "key").map(str::to_owned))
-        .or_else(|| {
-            // Google's OpenAI-compatible API takes the key as a bearer token.
-            let auth = parts.headers.get("authorization")?.to_str().ok()?;
-            auth.strip_prefix("Bearer ").map(str::to_owned)
-        });
+    // The constrained Live API takes an ephemeral token, which stands for the key that minted it.
+    let token = (ws == Some(true)).then(|| live::token_of(&parts.headers, &query));
+    let key = match &token {
+        Some(token) => token.as_deref().and_then(|t| state.auth_token_owner(t)),
+        None => parts
+            .headers
+            .get("x-goog-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| query_value(&query, "key").map(str::to_owned))
+            .or_else(|| {
+                // Google's OpenAI-compatible API takes the key as a bearer token.
+                let auth = parts.headers.get("authorization")?.to_str().ok()?;
+                auth.strip_prefix("Bearer ").map(str::to_owned)
+            }),
+    };
     {
         let mut received = state.received.lock().unwrap();
         if received.len() == KEEP_RECEIVED {
@@ -622,6 +746,14 @@ async fn handle(
         });
     }
     let Some(key) = key else {
+        if token.is_some() {
+            return google_error(
+                403,
+                "PERMISSION_DENIED",
+                "The auth token is not valid, or it expired.",
+                Value::Null,
+            );
+        }
         return google_error(
             403,
             "PERMISSION_DENIED",
@@ -641,17 +773,33 @@ async fn handle(
     if path == "/upload/v1beta/files" {
         return upload(&state, &key, &parts.headers, &query, &body, &authority);
     }
+    // Downloads: `/download/v1beta/files/{id}:download` and `/v1beta/files/{id}:download`.
+    if let Some(id) = path
+        .strip_prefix("/download/v1beta/files/")
+        .or_else(|| path.strip_prefix("/v1beta/files/"))
+        .and_then(|r| r.strip_suffix(":download"))
+    {
+        if parts.method != http::Method::GET {
+            return google_error(405, "UNIMPLEMENTED", "Method not allowed", Value::Null);
+        }
+        return batches::download(&state, &key, id);
+    }
     if let Some(rest) = path.strip_prefix("/v1beta/files") {
         return files_call(&state, &key, &parts.method, rest.trim_start_matches('/'));
     }
 
-    let Some(rest) = path.strip_prefix("/v1beta/") else {
-        return google_error(
-            404,
-            "NOT_FOUND",
-            &format!("{path} is not found"),
-            Value::Null,
-        );
+    let extra = extra_route(&path);
+    let rest = match (&extra, path.strip_prefix("/v1beta/")) {
+        (Some(_), _) => "",
+        (None, Some(rest)) => rest,
+        (None, None) => {
+            return google_error(
+                404,
+                "NOT_FOUND",
+                &format!("{path} is not found"),
+                Value::Null,
+            );
+        }
     };
     let header = |name: &str| {
         parts
@@ -672,7 +820,7 @@ async fn handle(
         r => r.strip_prefix('/'),
     });
     let (model, action) = match rest.strip_prefix("models/") {
-        _ if cache_id.is_some() => (String::new(), None),
+        _ if cache_id.is_some() || extra.is_some() => (String::new(), None),
         Some(name) => match name.split_once(':') {
             Some((m, a)) => (m.to_owned(), Some(a.to_owned())),
             None => (name.to_owned(), None),
@@ -688,88 +836,32 @@ async fn handle(
         }
     };
 
-    // `x-fake-error: 403 REASON` answers this one request with that error (ErrorInfo reason
-    // included), whatever the key: a key fault the request provokes, not the key.
-    if let Some((code, reason)) = parts
-        .headers
-        .get("x-fake-error")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-    {
-        let code: u16 = code.parse().unwrap_or(400);
-        let status = grpc_status(code);
-        return google_error(
-            code,
-            status,
-            &format!("refused: {reason}"),
-            json!([{ "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "googleapis.com" }]),
-        );
+    if let Some(refused) = fake_error(&parts.headers) {
+        return refused;
     }
     // The global throttle answers every generate or embed call, whatever the key.
     let limited_call = matches!(
         action.as_deref(),
         Some("generateContent" | "streamGenerateContent" | "embedContent" | "batchEmbedContents")
     );
-    if limited_call && state.throttle.load(Relaxed) {
-        state.throttled.fetch_add(1, Relaxed);
+    if limited_call && state.throttled() {
         return bare_429();
     }
+    if let Some(refused) = key_refusal(&state, &key, &model).await {
+        return refused;
+    }
     let behaviour = state.behaviour(&key);
-    match behaviour {
-        Behaviour::Invalid => {
-            return google_error(
-                400,
-                "INVALID_ARGUMENT",
-                "API key not valid. Please pass a valid API key.",
-                json!([{
-                    "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-                    "domain": "googleapis.com", "metadata": { "service": "generativelanguage.googleapis.com" }
-                }]),
-            );
+
+    match extra {
+        Some(Extra::Live) => return live::upgrade(state.clone(), &parts, on_upgrade),
+        Some(Extra::AuthTokens) => return live::mint(&state, &key, &parts.method, &body),
+        Some(Extra::Interactions(rest)) => {
+            return interactions::call(&state, &key, &parts.method, rest, &query, &body);
         }
-        Behaviour::Leaked => {
-            return google_error(
-                403,
-                "PERMISSION_DENIED",
-                "Your API key was reported as leaked. Please use another API key.",
-                json!([]),
-            );
+        Some(Extra::Batches(rest)) => {
+            return batches::call(&state, &key, &parts.method, rest, &query);
         }
-        Behaviour::Suspended => {
-            return google_error(
-                403,
-                "PERMISSION_DENIED",
-                &format!("Permission denied: Consumer 'api_key:{key}' has been suspended."),
-                json!([{
-                    "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "CONSUMER_SUSPENDED", "domain": "googleapis.com"
-                }]),
-            );
-        }
-        Behaviour::MinuteExhausted => {
-            return quota_error("Minute", &model, Some(state.config.retry_delay_s));
-        }
-        Behaviour::DayExhausted => return quota_error("Day", &model, None),
-        Behaviour::Bare429 => return bare_429(),
-        Behaviour::Overloaded => return overloaded(),
-        Behaviour::Internal => {
-            return google_error(
-                500,
-                "INTERNAL",
-                "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting",
-                Value::Null,
-            );
-        }
-        Behaviour::Deadline => {
-            return google_error(
-                504,
-                "DEADLINE_EXCEEDED",
-                "Deadline expired before operation could complete.",
-                Value::Null,
-            );
-        }
-        Behaviour::Flaky if fastrand::f64() < state.config.flaky_rate => return overloaded(),
-        Behaviour::Slow => tokio::time::sleep(state.config.slow).await,
-        _ => {}
+        None => {}
     }
 
     if let Some(id) = cache_id {
@@ -931,6 +1023,7 @@ async fn handle(
                 .collect();
             json_response(StatusCode::OK, &json!({ "embeddings": embeddings }))
         }
+        "batchGenerateContent" => batches::create(&state, &key, &model, &request),
         "predict" => {
             let n = request
                 .pointer("/parameters/sampleCount")
@@ -949,6 +1042,108 @@ async fn handle(
             Value::Null,
         ),
     }
+}
+
+/// `x-fake-error: 403 REASON` answers this one request with that error (ErrorInfo reason
+/// included), whatever the key: a key fault the request provokes, not the key. A status
+/// that is not one (outside 100–999) reads as 400.
+fn fake_error(headers: &http::HeaderMap) -> Option<Response<Body>> {
+    let (code, reason) = headers
+        .get("x-fake-error")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))?;
+    let code: u16 = code
+        .parse()
+        .ok()
+        .filter(|c| (100..1000).contains(c))
+        .unwrap_or(400);
+    let status = grpc_status(code);
+    Some(google_error(
+        code,
+        status,
+        &format!("refused: {reason}"),
+        json!([{ "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "googleapis.com" }]),
+    ))
+}
+
+/// What the behaviour of `key` answers a call about `model` with (`None`: serve it, after
+/// the slow key's pause).
+async fn key_refusal(state: &FakeState, key: &str, model: &str) -> Option<Response<Body>> {
+    let refusal = match state.behaviour(key) {
+        Behaviour::Invalid => google_error(
+            400,
+            "INVALID_ARGUMENT",
+            "API key not valid. Please pass a valid API key.",
+            json!([{
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com", "metadata": { "service": "generativelanguage.googleapis.com" }
+            }]),
+        ),
+        Behaviour::Leaked => google_error(
+            403,
+            "PERMISSION_DENIED",
+            "Your API key was reported as leaked. Please use another API key.",
+            json!([]),
+        ),
+        Behaviour::Suspended => google_error(
+            403,
+            "PERMISSION_DENIED",
+            &format!("Permission denied: Consumer 'api_key:{key}' has been suspended."),
+            json!([{
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "CONSUMER_SUSPENDED", "domain": "googleapis.com"
+            }]),
+        ),
+        Behaviour::MinuteExhausted => {
+            quota_error("Minute", model, Some(state.config.retry_delay_s))
+        }
+        Behaviour::DayExhausted => quota_error("Day", model, None),
+        Behaviour::Bare429 => bare_429(),
+        Behaviour::Overloaded => overloaded(),
+        Behaviour::Internal => google_error(
+            500,
+            "INTERNAL",
+            "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting",
+            Value::Null,
+        ),
+        Behaviour::Deadline => google_error(
+            504,
+            "DEADLINE_EXCEEDED",
+            "Deadline expired before operation could complete.",
+            Value::Null,
+        ),
+        Behaviour::Flaky if fastrand::f64() < state.config.flaky_rate => overloaded(),
+        Behaviour::Slow => {
+            tokio::time::sleep(state.config.slow).await;
+            return None;
+        }
+        _ => return None,
+    };
+    Some(refusal)
+}
+
+/// A streamed body that sends `frames`, then breaks the connection off (no end of stream).
+fn broken_stream(frames: Vec<Bytes>) -> Response<Body> {
+    let (tx, rx) = mpsc::channel(frames.len().max(1));
+    tokio::spawn(async move {
+        for frame in frames {
+            if tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+        }
+        // Let hyper write out what was sent before breaking the connection off.
+        while tx.capacity() < tx.max_capacity() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = tx
+            .send(Err(std::io::Error::other("broken on purpose")))
+            .await;
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .body(BodyExt::boxed(ChannelBody(rx)))
+        .expect("valid response")
 }
 
 /// A 429 with no details, as Google answers when it sheds load.
@@ -1121,6 +1316,9 @@ fn upload(
     }
     // As Google does, say whether the upload is still open or done.
     if !command.contains("finalize") {
+        if command.contains("upload") {
+            state.file_bytes.lock().unwrap().append(id, body);
+        }
         let mut resp = json_response(StatusCode::OK, &json!({}));
         resp.headers_mut().insert(
             "x-goog-upload-status",
@@ -1128,16 +1326,20 @@ fn upload(
         );
         return resp;
     }
+    let (size, data) = state.file_bytes.lock().unwrap().finish(id, body);
     let file_id = format!("f{:08x}", fastrand::u32(..));
     let file = json!({
         "name": format!("files/{file_id}"),
         "displayName": name,
         "mimeType": mime,
-        "sizeBytes": body.len().to_string(),
+        "sizeBytes": size.to_string(),
         "uri": format!("http://{authority}/v1beta/files/{file_id}"),
         "state": "ACTIVE",
         "expirationTime": "2099-01-01T00:00:00Z",
     });
+    if let Some(data) = data {
+        state.file_bytes.lock().unwrap().keep(&file_id, data);
+    }
     state
         .files
         .lock()
@@ -1173,6 +1375,7 @@ fn files_call(state: &FakeState, key: &str, method: &http::Method, id: &str) -> 
     }
     if *method == http::Method::DELETE {
         files.remove(id);
+        state.file_bytes.lock().unwrap().forget(id);
         return json_response(StatusCode::OK, &json!({}));
     }
     json_response(StatusCode::OK, &files[id].1)

@@ -8,7 +8,7 @@ use gemgate_fake_upstream::{FakeConfig, FakeUpstream, QuotaModel};
 #[derive(Parser)]
 #[command(
     version,
-    about = "A fake Gemini API: key behaviours by prefix (invalid-, suspended-, leaked-, minute-, day-, flaky-, slow-, cut-…), an optional quota model (keys in projects, per-model rpm/tpm/rpd limits answering Google's 429s; --quota-file or POST /_fake/quota), and cached contents owned by the project of the key that made them"
+    about = "A fake Gemini API: key behaviours by prefix (invalid-, suspended-, leaked-, minute-, day-, flaky-, slow-, cut-…), an optional quota model (keys in projects, per-model rpm/tpm/rpd limits answering Google's 429s; --quota-file or POST /_fake/quota), cached contents, interactions and batches owned by the project of the key that made them, and the Live API's WebSocket (echo)"
 )]
 struct Args {
     /// Address to listen on.

@@ -51,6 +51,8 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
         Kind::List,
     ),
     ("GEMGATE_PUBLIC_URL", "server.public_url", Kind::Str),
+    ("GEMGATE_TLS_CERT_FILE", "server.tls_cert_file", Kind::Str),
+    ("GEMGATE_TLS_KEY_FILE", "server.tls_key_file", Kind::Str),
     ("GEMGATE_MAX_DATA_BYTES", "server.max_data_bytes", Kind::Int),
     ("GEMGATE_FETCH_ENABLED", "fetch.enabled", Kind::Bool),
     ("GEMGATE_FETCH_ALLOW", "fetch.allow", Kind::List),

@@ -10,6 +10,7 @@ pub mod env;
 pub mod net;
 pub mod quota;
 pub mod settings;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -227,6 +228,11 @@ pub struct ServerSection {
     /// The data file's size limit: past it, the oldest log blocks are deleted (key state and
     /// usage never are).
     pub max_data_bytes: u64,
+    /// PEM files of a certificate chain and its private key: with both, the listener speaks
+    /// HTTPS (and `wss://` for the Live API, which Google's SDKs reach only over TLS). Read at
+    /// start; changing them needs a restart.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 impl Default for ServerSection {
@@ -246,6 +252,8 @@ impl Default for ServerSection {
             trusted_proxies: Vec::new(),
             public_url: String::new(),
             max_data_bytes: 1 << 30,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -648,6 +656,8 @@ pub struct Config {
     pub trusted_proxies: Vec<net::Cidr>,
     /// `server.public_url` without a trailing slash.
     pub public_url: Option<String>,
+    /// `server.tls_cert_file` and `server.tls_key_file`, checked to load.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub max_data_bytes: u64,
     pub fetch: FetchConfig,
     /// Client headers forwarded although gemgate drops them by default.
@@ -887,6 +897,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     check_proxies(&up.proxies)?;
     let (tokens, auth_token) = tokens(&file.auth)?;
     let public_url = public_url(&server.public_url)?;
+    let tls = tls_files(server)?;
     let policy = validate_policy(&file.policy)?;
     let custom_headers = custom_headers(up)?;
     let quota = quota::QuotaLimits::resolve(&file.quota).map_err(|m| invalid("quota", m))?;
@@ -928,6 +939,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         header_timeout: durations.header,
         trusted_proxies,
         public_url,
+        tls,
         max_data_bytes: server.max_data_bytes,
         fetch,
         forward_headers,
@@ -999,6 +1011,23 @@ fn check_proxies(proxies: &[String]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// The TLS certificate and key files, when both are set, once they load.
+fn tls_files(server: &ServerSection) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    let (cert, key) = (server.tls_cert_file.trim(), server.tls_key_file.trim());
+    match (cert.is_empty(), key.is_empty()) {
+        (true, true) => return Ok(None),
+        (false, false) => {}
+        _ => {
+            return Err(invalid(
+                "server.tls_cert_file",
+                "set both tls_cert_file and tls_key_file, or neither",
+            ));
+        }
+    }
+    tls::acceptor(cert, key).map_err(|m| invalid("server.tls_cert_file", m))?;
+    Ok(Some((cert.into(), key.into())))
 }
 
 /// `server.public_url` without a trailing slash (`None` when unset).

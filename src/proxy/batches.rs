@@ -12,12 +12,12 @@ use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
+use super::calls::Verb;
 use super::{
     Exchange, Gateway, Generation, Outcome, Refusal, Surface, UpstreamRequest, client_query,
     framing, read_body, send, upstream_header,
 };
 use crate::keys::owners::{Kind, Owner};
-use crate::server::route::Verb;
 
 /// How long a batch is remembered: Google runs one for up to 48 hours, and keeps it (and its
 /// results) for a while after.
@@ -124,7 +124,10 @@ impl Gateway {
         let client = x.meta.client.clone();
         let (_, index) = self.owned(generation, Kind::File, id, client.as_deref())?;
         let query = client_query(s);
-        let path = format!("/download{}/files/{id}:download", generation.target.base.path);
+        let path = format!(
+            "/download{}/files/{id}:download",
+            generation.target.base.path
+        );
         let mut header = upstream_header(generation, s.req_header(), &path, &query)?;
         for (name, value) in rewrite.headers {
             let _ = header.insert_header(name, value);

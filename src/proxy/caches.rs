@@ -93,7 +93,9 @@ impl Gateway {
                 Ok(send(s, x, 200, answer).await)
             }
             (None, _) => {
-                let list = self.list_owned(generation, &up, &client, Kind::Cache, x).await?;
+                let list = self
+                    .list_owned(generation, &up, &client, Kind::Cache, x)
+                    .await?;
                 Ok(send(s, x, 200, list).await)
             }
             (Some(id), _) => {

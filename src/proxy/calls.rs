@@ -2,6 +2,17 @@
 
 use http::Method;
 
+/// Longest model, action or resource name in a path.
+pub const MAX_NAME: usize = 128;
+
+/// A method on one resource, named in its path after the id (`/cancel`, `:cancel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// The resource (or the collection) itself.
+    None,
+    Cancel,
+}
+
 /// A Gemini-native call, with the path prefix (`/v1beta` or `/gemini/v1beta`) removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NativeCall {

@@ -227,7 +227,9 @@ impl Gateway {
         let Some(id) = id else {
             let header = upstream_header(generation, s.req_header(), &format!("{base}/files"), "")?;
             let template = UpstreamRequest::new(header, Bytes::new());
-            let list = self.list_owned(generation, &template, &client, Kind::File, x).await?;
+            let list = self
+                .list_owned(generation, &template, &client, Kind::File, x)
+                .await?;
             return Ok(send(s, x, 200, list).await);
         };
         let record = self

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
+use super::calls::{MAX_NAME, Verb};
 use super::relay::{Piece, Reframe, SseEvents};
 use super::{
     Exchange, Gateway, Generation, Meta, Outcome, Refusal, UpstreamRequest, auth, client_query,
@@ -21,7 +22,6 @@ use super::{
 };
 use crate::http::reply::{GateError, Protocol};
 use crate::keys::owners::Kind;
-use crate::server::route::Verb;
 use crate::translate::usage::Tokens;
 
 /// How long Google keeps a stored interaction (the paid tier's 55 days; the free tier's is
@@ -59,12 +59,12 @@ impl Create {
         let name = |field: &str| -> Result<Option<String>, Refusal> {
             match &v[field] {
                 Value::Null => Ok(None),
-                Value::String(s) if !s.is_empty() && s.len() <= crate::server::route::MAX_NAME => {
+                Value::String(s) if !s.is_empty() && s.len() <= MAX_NAME => {
                     Ok(Some(s.trim_start_matches("models/").to_owned()))
                 }
                 _ => Err(bad(&format!(
                     "`{field}` must be a name of at most {} bytes",
-                    crate::server::route::MAX_NAME
+                    MAX_NAME
                 ))),
             }
         };
@@ -151,12 +151,10 @@ impl Gateway {
         let create = Create::of(&up.body)?;
         let client = x.meta.client.clone();
         up.pinned = match &create.previous {
-            Some(previous) => {
-                Some(
-                    self.owned(generation, Kind::Interaction, previous, client.as_deref())?
-                        .1,
-                )
-            }
+            Some(previous) => Some(
+                self.owned(generation, Kind::Interaction, previous, client.as_deref())?
+                    .1,
+            ),
             None => self.file_pin(generation, &up.body, client.as_deref())?,
         };
         x.model.clone_from(&create.model);
@@ -183,7 +181,10 @@ impl Gateway {
 
 /// How an interaction's answer reaches the client: a stream as whole events (noting the new
 /// interaction's id in `made` when it is a create), else as it comes.
-fn interaction_events(stream: bool, made: Option<Arc<Mutex<Option<String>>>>) -> super::MakeReframe {
+fn interaction_events(
+    stream: bool,
+    made: Option<Arc<Mutex<Option<String>>>>,
+) -> super::MakeReframe {
     if !stream {
         return framing(false, false);
     }
@@ -256,7 +257,10 @@ mod tests {
     fn the_created_event_names_the_interaction() {
         let events = b"event: interaction.created\r\ndata: {\"event_type\":\"interaction.created\",\"event_id\":\"e1\",\"interaction\":{\"id\":\"v1_x\",\"status\":\"in_progress\"}}\r\n\r\n";
         assert_eq!(created_id(events).as_deref(), Some("v1_x"));
-        assert_eq!(created_id(b"data: {\"event_type\":\"step.delta\"}\n\n"), None);
+        assert_eq!(
+            created_id(b"data: {\"event_type\":\"step.delta\"}\n\n"),
+            None
+        );
         assert_eq!(created_id(b"data: [DONE]\n\n"), None);
     }
 

@@ -29,8 +29,8 @@ use super::{
 };
 use crate::clock::{now_ms, parse_rfc3339};
 use crate::http::reply::GateError;
-use crate::keys::taxonomy::ErrorClass;
 use crate::keys::owners::Kind;
+use crate::keys::taxonomy::ErrorClass;
 
 /// The model name Live sessions are accounted under (the session's own model is in its first
 /// frame, which gemgate does not read): `[quota.limits.live]` limits sessions per minute.
@@ -114,7 +114,14 @@ impl Gateway {
         x.meta.client = Some(self.admit(generation, s, http::Method::POST, &x.meta.peer)?);
         x.action = "auth_tokens.create".into();
         let rewrite = self
-            .on_request(generation, s, LIVE_MODEL, "auth_tokens.create", false, &x.meta)
+            .on_request(
+                generation,
+                s,
+                LIVE_MODEL,
+                "auth_tokens.create",
+                false,
+                &x.meta,
+            )
             .await?;
         let body = read_body(s, generation.config.max_body_bytes).await?;
         let expires = serde_json::from_slice::<serde_json::Value>(&body)
@@ -141,7 +148,13 @@ impl Gateway {
         if let Some(name) = name.filter(|n| n.starts_with("auth_tokens/")) {
             let longest = now_ms() + TOKEN_LONGEST_MS;
             let expires = expires.map(|e| e.min(longest));
-            self.record_owned(Kind::Token, &name, self.owner_of(x), expires, TOKEN_DEFAULT_MS);
+            self.record_owned(
+                Kind::Token,
+                &name,
+                self.owner_of(x),
+                expires,
+                TOKEN_DEFAULT_MS,
+            );
         }
         Ok(send(s, x, 200, answer).await)
     }
@@ -159,31 +172,7 @@ impl Gateway {
     ) -> Result<Outcome, Refusal> {
         x.action = "live.connect".into();
         x.model = LIVE_MODEL.into();
-        let token = if constrained {
-            let token = presented_token(s).ok_or_else(|| {
-                Refusal::Gate(GateError::new(
-                    401,
-                    "a Constrained Live session needs an ephemeral token (Authorization: Token auth_tokens/…)",
-                ))
-            })?;
-            let record = self
-                .state
-                .lasting
-                .shared
-                .file(&Kind::Token.record_id(&token))
-                .filter(|r| r.owner.client.is_some())
-                .ok_or_else(|| {
-                    Refusal::Gate(GateError::new(
-                        401,
-                        "this ephemeral token was not made through this gateway, or has expired",
-                    ))
-                })?;
-            x.meta.client = record.owner.client.clone();
-            Some(token)
-        } else {
-            x.meta.client = Some(self.admit(generation, s, http::Method::GET, &x.meta.peer)?);
-            None
-        };
+        let token = self.live_credential(generation, s, constrained, x)?;
         let upgrade = s
             .req_header()
             .headers
@@ -211,9 +200,14 @@ impl Gateway {
         };
         if let Some(token) = &token {
             let client = x.meta.client.clone();
-            up.pinned = Some(self.owned(generation, Kind::Token, token, client.as_deref())?.1);
+            up.pinned = Some(
+                self.owned(generation, Kind::Token, token, client.as_deref())?
+                    .1,
+            );
         }
-        let (index, answer, tunnel) = self.live_attempts(generation, &up, token.as_deref(), x).await?;
+        let (index, answer, tunnel) = self
+            .live_attempts(generation, &up, token.as_deref(), x)
+            .await?;
         let mut head = ResponseHeader::build(101, Some(6)).map_err(internal)?;
         let _ = head.insert_header(header::UPGRADE, "websocket");
         let _ = head.insert_header(header::CONNECTION, "Upgrade");
@@ -228,6 +222,36 @@ impl Gateway {
         tracing::info!(id = %x.meta.id, key = %generation.pool.get(index).spec.id, "live session opened");
         x.tunnel = Some(tunnel);
         Ok(Outcome::Close)
+    }
+
+    /// Who opens a session: a client by its token, or (`constrained`) the client of the
+    /// ephemeral token presented, which is returned.
+    fn live_credential(
+        &self,
+        generation: &Generation,
+        s: &ServerSession,
+        constrained: bool,
+        x: &mut Exchange,
+    ) -> Result<Option<String>, Refusal> {
+        if !constrained {
+            x.meta.client = Some(self.admit(generation, s, http::Method::GET, &x.meta.peer)?);
+            return Ok(None);
+        }
+        let refuse = |m: &str| Refusal::Gate(GateError::new(401, m));
+        let token = presented_token(s).ok_or_else(|| {
+            refuse("a Constrained Live session needs an ephemeral token (Authorization: Token auth_tokens/…)")
+        })?;
+        let record = self
+            .state
+            .lasting
+            .shared
+            .file(&Kind::Token.record_id(&token))
+            .filter(|r| r.owner.client.is_some())
+            .ok_or_else(|| {
+                refuse("this ephemeral token was not made through this gateway, or has expired")
+            })?;
+        x.meta.client = record.owner.client;
+        Ok(Some(token))
     }
 
     /// Google's handshake on one key after another until one accepts: the key's index, the

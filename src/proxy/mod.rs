@@ -12,15 +12,15 @@
 
 mod answer;
 mod attempt;
+mod batches;
 pub mod caches;
 pub mod calls;
 pub mod exchange;
 pub mod files;
-mod batches;
 mod interactions;
 pub(crate) mod live;
-mod owned;
 mod openai;
+mod owned;
 mod relay;
 mod request;
 
@@ -150,7 +150,6 @@ pub(crate) enum Surface {
     /// The Live API's sessions.
     Live,
 }
-
 
 /// The answer as it comes, or for a stream (`sse`: of server-sent events) reframed on event
 /// boundaries.

@@ -39,7 +39,11 @@ pub(super) fn not_found(kind: Kind) -> Refusal {
 
 /// The pool index of key `key_id`, which owns a resource of `kind`; a key that left the pool
 /// is answered 410 naming it: the resource cannot be reached any more.
-pub(super) fn owner_key(generation: &Generation, key_id: &str, kind: Kind) -> Result<usize, Refusal> {
+pub(super) fn owner_key(
+    generation: &Generation,
+    key_id: &str,
+    kind: Kind,
+) -> Result<usize, Refusal> {
     generation.pool.index_of(key_id).ok_or_else(|| {
         Refusal::Gate(GateError::new(
             410,
@@ -96,10 +100,7 @@ impl Gateway {
 
     /// Forgets a deleted resource.
     pub(super) fn forget_owned(&self, kind: Kind, id: &str) {
-        self.state
-            .lasting
-            .shared
-            .remove_file(&kind.record_id(id));
+        self.state.lasting.shared.remove_file(&kind.record_id(id));
     }
 
     /// The client's resources of `kind`, all in one answer: each key that holds some is asked

@@ -286,7 +286,9 @@ impl Gateway {
             (_, _) if x.action.starts_with("interactions") => R::Interactions,
             (_, _) if x.action.starts_with("batches") || x.model.starts_with("batch/") => R::Batch,
             (_, _) if x.action == "files.download" => R::Batch,
-            (_, _) if x.action.starts_with("live") || x.action.starts_with("auth_tokens") => R::Live,
+            (_, _) if x.action.starts_with("live") || x.action.starts_with("auth_tokens") => {
+                R::Live
+            }
             (_, _) if x.action.starts_with("files") => R::Files,
             (_, Protocol::Gemini) => R::Gemini,
             (_, Protocol::OpenAi) => R::OpenAi,
@@ -730,7 +732,12 @@ mod tests {
             let _stop = stop;
             while let Ok((tcp, _)) = listener.accept().await {
                 let stream = pingora::protocols::l4::stream::Stream::from(tcp);
-                tokio::spawn(workers::serve(gateway.clone(), stream, shutdown.clone()));
+                tokio::spawn(workers::serve(
+                    gateway.clone(),
+                    stream,
+                    None,
+                    shutdown.clone(),
+                ));
             }
         });
         (addr, state)

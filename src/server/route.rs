@@ -48,7 +48,10 @@ pub enum Route {
     AuthTokens,
     /// The Live API's WebSocket, `/ws/google.ai.generativelanguage.{version}.GenerativeService.
     /// BidiGenerateContent[Constrained]`.
-    Live { version: String, constrained: bool },
+    Live {
+        version: String,
+        constrained: bool,
+    },
     Native(NativeCall),
     Page(Page),
     /// A path gemgate does not serve.
@@ -57,16 +60,7 @@ pub enum Route {
     Invalid(&'static str),
 }
 
-/// A method on one resource, named in its path after the id (`/cancel`, `:cancel`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verb {
-    /// The resource (or the collection) itself.
-    None,
-    Cancel,
-}
-
-/// Longest model or action name in a path.
-pub const MAX_NAME: usize = 128;
+pub use crate::proxy::calls::{MAX_NAME, Verb};
 
 /// Maps a request path (without the query) to a route.
 ///
@@ -94,9 +88,13 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
     if let Some(route) = live_route(path) {
         return route;
     }
-    if let Some(rest) = ["/download/v1beta/", "/gemini/download/v1beta/", "/download/v1/"]
-        .iter()
-        .find_map(|p| path.strip_prefix(p))
+    if let Some(rest) = [
+        "/download/v1beta/",
+        "/gemini/download/v1beta/",
+        "/download/v1/",
+    ]
+    .iter()
+    .find_map(|p| path.strip_prefix(p))
     {
         return match native_route(rest) {
             route @ Route::Download(_) => route,
@@ -137,7 +135,11 @@ fn is_google_v1(rest: &str, goog_credential: bool) -> bool {
         || models.starts_with("files/")
         || ["cachedContents", "interactions", "batches", "auth_tokens"]
             .iter()
-            .any(|c| models.strip_prefix(c).is_some_and(|r| r.is_empty() || r.starts_with('/')))
+            .any(|c| {
+                models
+                    .strip_prefix(c)
+                    .is_some_and(|r| r.is_empty() || r.starts_with('/'))
+            })
 }
 
 /// The Live API's WebSocket paths (`/ws/google.ai.generativelanguage.v1beta.GenerativeService.
@@ -146,7 +148,9 @@ fn is_google_v1(rest: &str, goog_credential: bool) -> bool {
 /// the base URL ends in one: `//ws/…` is the same path.
 fn live_route(path: &str) -> Option<Route> {
     let rest = path.strip_prefix("/gemini").unwrap_or(path);
-    let rest = rest.trim_start_matches('/').strip_prefix("ws/google.ai.generativelanguage.")?;
+    let rest = rest
+        .trim_start_matches('/')
+        .strip_prefix("ws/google.ai.generativelanguage.")?;
     let (version, method) = rest.split_once(".GenerativeService.")?;
     let constrained = match method {
         "BidiGenerateContent" => false,
@@ -172,8 +176,15 @@ fn resource_id(id: &str) -> Option<String> {
     valid.then(|| id.to_owned())
 }
 
-/// `interactions[/{id}[/cancel]]` or `batches[/{id}[:cancel]]`, from after the version.
+/// `interactions[/{id}[/cancel]]`, `batches[/{id}[:cancel]]` or `files/{id}:download`, from
+/// after the version.
 fn owned_route(rest: &str) -> Option<Route> {
+    if let Some(id) = rest
+        .strip_prefix("files/")
+        .and_then(|r| r.strip_suffix(":download"))
+    {
+        return Some(resource_id(id).map_or(Route::NotFound, Route::Download));
+    }
     type Make = fn(Option<String>, Verb) -> Route;
     let kinds: [(&str, char, Make); 2] = [
         ("interactions", '/', Route::Interactions),
@@ -333,14 +344,11 @@ fn page_route(path: &str) -> Option<Page> {
 /// calls go to the `BASE_URL` version too, which serves all of them.
 fn native_route(rest: &str) -> Route {
     let rest = rest.trim_end_matches('/');
+    if let Some(route) = owned_route(rest) {
+        return route;
+    }
     if rest == "files" {
         return Route::Files(None);
-    }
-    if let Some(id) = rest.strip_prefix("files/").and_then(|r| r.strip_suffix(":download")) {
-        return match resource_id(id) {
-            Some(id) => Route::Download(id),
-            None => Route::NotFound,
-        };
     }
     if let Some(id) = rest.strip_prefix("files/") {
         let valid = !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
@@ -349,9 +357,6 @@ fn native_route(rest: &str) -> Route {
         } else {
             Route::NotFound
         };
-    }
-    if let Some(route) = owned_route(rest) {
-        return route;
     }
     if rest == "auth_tokens" {
         return Route::AuthTokens;
@@ -506,7 +511,9 @@ mod tests {
         assert_eq!(route_of("/download/v1beta/models"), Route::NotFound);
         assert_eq!(route_of("/v1alpha/auth_tokens"), Route::AuthTokens);
         assert_eq!(
-            route_of("//ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained"),
+            route_of(
+                "//ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained"
+            ),
             Route::Live {
                 version: "v1alpha".into(),
                 constrained: true

@@ -20,6 +20,8 @@ use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
 use tokio::net::TcpSocket;
 
+use pingora::listeners::tls::Acceptor;
+
 use crate::http::wire::Gathered;
 use crate::proxy::Gateway;
 
@@ -33,6 +35,8 @@ pub struct Worker {
     /// Bound by [`bind_all`]; listening from the worker's start.
     socket: Option<TcpSocket>,
     app: Arc<Gateway>,
+    /// Its connections speak TLS (`server.tls_cert_file`).
+    tls: Option<Arc<Acceptor>>,
 }
 
 impl Worker {
@@ -44,7 +48,14 @@ impl Worker {
             listen,
             socket: Some(socket),
             app,
+            tls: None,
         }
+    }
+
+    /// The worker's connections speak TLS with `acceptor`.
+    pub fn with_tls(mut self, acceptor: Option<Arc<Acceptor>>) -> Worker {
+        self.tls = acceptor;
+        self
     }
 }
 
@@ -85,11 +96,21 @@ pub(super) const KEEPALIVE: Duration = Duration::from_secs(75);
 /// Each request has `server.header_timeout_s` from its first byte to the end of its head (a
 /// client sending a head byte by byte holds a connection no longer than that); the wait for
 /// that first byte is the keep-alive's (the head timeout's for a new connection).
-pub(super) async fn serve(app: Arc<Gateway>, mut stream: L4Stream, mut shutdown: ShutdownWatch) {
+pub(super) async fn serve(
+    app: Arc<Gateway>,
+    mut stream: L4Stream,
+    tls: Option<Arc<Acceptor>>,
+    mut shutdown: ShutdownWatch,
+) {
     if let Err(e) = stream.set_nodelay() {
         tracing::debug!("TCP_NODELAY: {e}");
     }
-    let mut conn = Box::new(Gathered::new(Box::new(stream)));
+    let Some(stream) =
+        crate::config::tls::accept(tls.as_deref(), stream, app.header_timeout()).await
+    else {
+        return;
+    };
+    let mut conn = Box::new(Gathered::new(stream));
     let mut idle = app.header_timeout();
     loop {
         let arrived = tokio::select! {
@@ -177,9 +198,10 @@ impl Service for Worker {
                         };
                         let app = self.app.clone();
                         let shutdown = shutdown.clone();
+                        let tls = self.tls.clone();
                         tokio::spawn(async move {
                             let _open = open;
-                            serve(app, stream, shutdown).await;
+                            serve(app, stream, tls, shutdown).await;
                         });
                     }
                     Err(e) => {

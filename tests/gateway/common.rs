@@ -21,6 +21,21 @@ pub struct Gate {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// Where `GET /health` is asked: the listener, or with TLS the plain metrics listener.
+    health: SocketAddr,
+    tls: bool,
+}
+
+const TLS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+
+/// The test certificate (for `127.0.0.1` and `localhost`) and its key.
+pub fn tls_files() -> (String, String) {
+    (format!("{TLS_DIR}/cert.pem"), format!("{TLS_DIR}/key.pem"))
+}
+
+/// The authority that signed the test certificate, which clients trust.
+pub fn test_ca() -> String {
+    format!("{TLS_DIR}/ca.pem")
 }
 
 /// How to start gemgate: config text, environment, and an optional `.env` file.
@@ -97,6 +112,15 @@ impl GateBuilder {
         self
     }
 
+    /// Serves HTTPS with the test certificate ([`tls_files`]), and the metrics (and
+    /// `/health`) on a plain listener of their own.
+    pub fn tls(self) -> Self {
+        let (cert, key) = tls_files();
+        self.env("GEMGATE_TLS_CERT_FILE", &cert)
+            .env("GEMGATE_TLS_KEY_FILE", &key)
+            .env("GEMGATE_METRICS_LISTEN", &free_addr().to_string())
+    }
+
     /// Turns the admin API on with [`ADMIN`].
     pub fn admin(self) -> Self {
         self.env("AUTH_TOKEN", ADMIN)
@@ -114,11 +138,20 @@ impl GateBuilder {
                 std::fs::write(dir.path().join(format!("plugins/{name}.lua")), code).unwrap();
             }
         }
+        let addr = free_addr();
+        let metrics = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "GEMGATE_METRICS_LISTEN")
+            .and_then(|(_, v)| v.parse().ok());
+        let tls = self.env.iter().any(|(k, _)| k == "GEMGATE_TLS_CERT_FILE");
         let mut gate = Gate {
-            addr: free_addr(),
+            addr,
             dir,
             child: None,
             env: self.env,
+            health: metrics.filter(|_| tls).unwrap_or(addr),
+            tls,
         };
         gate.spawn().await;
         gate
@@ -217,7 +250,7 @@ impl Gate {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("gemgate exited early ({status}):\n{}", self.logs());
             }
-            if answers_health(self.addr).await {
+            if answers_health(self.health).await {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -226,7 +259,8 @@ impl Gate {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.addr, path)
     }
 
     pub fn logs(&self) -> String {
@@ -328,8 +362,10 @@ impl Drop for Gate {
 }
 
 pub fn client() -> reqwest::Client {
+    let ca = std::fs::read(test_ca()).unwrap();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
         .build()
         .unwrap()
 }

@@ -22,3 +22,4 @@ mod sdk;
 mod simulation;
 mod state;
 mod streaming;
+mod surfaces;

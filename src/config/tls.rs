@@ -1,0 +1,52 @@
+//! HTTPS on the listener (`server.tls_cert_file`, `server.tls_key_file`): the certificate,
+//! checked when the configuration is read, and each accepted connection's TLS handshake, within
+//! the request head's time.
+
+use std::sync::Arc;
+
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::Stream;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::tls::ServerConfig;
+
+/// The acceptor of the certificate chain and key in PEM files `cert` and `key` (HTTP/1.1
+/// only), or why they do not load.
+pub fn acceptor(cert: &str, key: &str) -> Result<Arc<Acceptor>, String> {
+    let loaded = pingora::tls::load_certs_and_key_files(cert, key)
+        .map_err(|e| format!("cannot read {cert} or {key}: {e}"))?;
+    let Some((certs, key)) = loaded else {
+        return Err(format!(
+            "{cert} holds no certificate, or {key} no private key (PEM)"
+        ));
+    };
+    pingora::tls::install_default_crypto_provider();
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key do not go together: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(Acceptor::from_server_config(Arc::new(config))))
+}
+
+/// The connection as gemgate speaks over it: as accepted, or after the TLS handshake (`None`
+/// when the handshake failed or took longer than `within`).
+pub async fn accept(
+    acceptor: Option<&Acceptor>,
+    stream: L4Stream,
+    within: std::time::Duration,
+) -> Option<Stream> {
+    let Some(acceptor) = acceptor else {
+        return Some(Box::new(stream));
+    };
+    match tokio::time::timeout(within, acceptor.tls_handshake(stream)).await {
+        Ok(Ok(tls)) => Some(Box::new(tls)),
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("a TLS handshake did not finish in time");
+            None
+        }
+    }
+}
