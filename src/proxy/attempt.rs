@@ -284,7 +284,7 @@ impl Gateway {
 
     /// Counts one attempt's usage (`failure`: its error class; `None` for a success, with the
     /// tokens the answer reported).
-    fn count_usage(
+    pub(super) fn count_usage(
         &self,
         generation: &Generation,
         req: &UpstreamRequest,

@@ -196,8 +196,8 @@ fn interaction_events(
     })
 }
 
-/// An interaction's server-sent events, relayed whole; the first `interaction.created` event
-/// names the interaction. An interrupted stream ends with the API's own `error` event.
+/// An interaction's server-sent events, relayed whole; the `interaction.created` event that
+/// opens a create's stream names the interaction. An interrupted stream ends with the API's own `error` event.
 struct InteractionEvents {
     events: SseEvents,
     /// Where the created interaction's id goes (`None` once found, or for a get).
@@ -212,13 +212,12 @@ impl Reframe for InteractionEvents {
     fn push(&mut self, chunk: Bytes, out: &mut Vec<Piece>) {
         let from = out.len();
         self.events.push(chunk, out);
-        if self.made.is_none() {
-            return;
-        }
-        if let Some(id) = out[from..].iter().find_map(|p| created_id(&p.bytes))
+        // The created event comes first: only the first events are read.
+        if out.len() > from
             && let Some(made) = self.made.take()
         {
-            *made.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+            *made.lock().unwrap_or_else(|e| e.into_inner()) =
+                out[from..].iter().find_map(|p| created_id(&p.bytes));
         }
     }
 

@@ -248,7 +248,10 @@ impl Gateway {
             .file(&Kind::Token.record_id(&token))
             .filter(|r| r.owner.client.is_some())
             .ok_or_else(|| {
-                refuse("this ephemeral token was not made through this gateway, or has expired")
+                self.wrong_credential(
+                    &x.meta.peer,
+                    "this ephemeral token was not made through this gateway, or has expired",
+                )
             })?;
         x.meta.client = record.owner.client;
         Ok(Some(token))
@@ -288,6 +291,7 @@ impl Gateway {
             match self.handshake(generation, up, index, token).await {
                 Ok((answer, upstream, early)) => {
                     self.state.lasting.shared.key_succeeded(pool, index);
+                    self.count_usage(generation, up, index, None, None);
                     let tunnel = Tunnel {
                         upstream,
                         early,

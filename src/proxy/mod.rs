@@ -48,6 +48,7 @@ use crate::http::reply::{GateError, Protocol};
 use crate::keys::taxonomy::ErrorClass;
 use crate::keys::{KeyPool, seconds_until};
 use crate::policy::engine::{Denial, RequestInfo, Rewrite};
+pub(crate) use crate::store::logs::Surface;
 use calls::NativeCall;
 
 /// Header names gemgate reads or writes on every request, made once instead of parsed per use.
@@ -137,18 +138,6 @@ pub(crate) struct UpstreamRequest {
     /// Which of Google's surfaces it is for: batch jobs have their own quotas, and their 429s
     /// never cool a key for interactive traffic.
     surface: Surface,
-}
-
-/// The surfaces of Google's API whose quotas are kept apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Surface {
-    /// Requests answered at once: `generateContent`, interactions, …
-    #[default]
-    Interactive,
-    /// The Batch API.
-    Batch,
-    /// The Live API's sessions.
-    Live,
 }
 
 /// The answer as it comes, or for a stream (`sse`: of server-sent events) reframed on event
@@ -250,22 +239,28 @@ impl Gateway {
             req.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
         )
         .ok_or_else(|| deny("missing API key: pass your gemgate token as ?key=, x-goog-api-key or Authorization: Bearer"))?;
-        let shared = &self.state.lasting.shared;
         if let Some(name) = generation.tokens.check(&presented) {
-            shared.client_succeeded(peer.ip);
+            self.state.lasting.shared.client_succeeded(peer.ip);
             return Ok(name);
         }
-        match shared.client_failed(peer.ip) {
-            Some(wait) => Err(Refusal::Gate(
+        Err(self.wrong_credential(
+            peer,
+            "API key not valid. Please pass a valid gemgate token.",
+        ))
+    }
+
+    /// The answer to a wrong credential (a client token, an ephemeral token), counted for the
+    /// client's address: 401 with `why`, or past a few, 429 with the time to wait.
+    fn wrong_credential(&self, peer: &Peer, why: &str) -> Refusal {
+        match self.state.lasting.shared.client_failed(peer.ip) {
+            Some(wait) => Refusal::Gate(
                 GateError::new(
                     429,
                     "too many wrong API keys from this address: wait before trying again",
                 )
                 .retry_after(Some(wait.as_secs().max(1))),
-            )),
-            None => Err(deny(
-                "API key not valid. Please pass a valid gemgate token.",
-            )),
+            ),
+            None => Refusal::Gate(GateError::new(401, why)),
         }
     }
 

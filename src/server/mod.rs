@@ -276,6 +276,7 @@ impl Gateway {
     /// Counts a finished request for `/metrics`.
     fn count(&self, x: &Exchange) {
         use crate::metrics::Route as R;
+        use crate::store::logs::Surface;
         if x.kind == Kind::Health || !self.state.current.load().config.file.metrics.enabled {
             return;
         }
@@ -284,11 +285,8 @@ impl Gateway {
             (Kind::Preflight, _) => R::Other,
             (_, _) if x.action.is_empty() => R::Other,
             (_, _) if x.action.starts_with("interactions") => R::Interactions,
-            (_, _) if x.action.starts_with("batches") || x.model.starts_with("batch/") => R::Batch,
-            (_, _) if x.action == "files.download" => R::Batch,
-            (_, _) if x.action.starts_with("live") || x.action.starts_with("auth_tokens") => {
-                R::Live
-            }
+            (_, _) if Surface::of(&x.action, &x.model) == Surface::Batch => R::Batch,
+            (_, _) if Surface::of(&x.action, &x.model) == Surface::Live => R::Live,
             (_, _) if x.action.starts_with("files") => R::Files,
             (_, Protocol::Gemini) => R::Gemini,
             (_, Protocol::OpenAi) => R::OpenAi,

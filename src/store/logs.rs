@@ -37,6 +37,45 @@ const BLOCK_BYTES: usize = 192 * 1024;
 /// The `meta` entry that holds the bytes of every stored block, of both logs.
 const LOG_BYTES: &str = "log_bytes";
 
+/// The surfaces of Google's API whose quotas are kept apart, and whose traffic is told apart
+/// (dashboard, metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Surface {
+    /// Calls answered at once: `generateContent`, interactions, files, …
+    #[default]
+    Interactive,
+    /// Batch jobs and their results.
+    Batch,
+    /// Live sessions and their ephemeral tokens.
+    Live,
+}
+
+impl Surface {
+    pub const ALL: [Surface; 3] = [Surface::Interactive, Surface::Batch, Surface::Live];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Surface::Interactive => "interactive",
+            Surface::Batch => "batch",
+            Surface::Live => "live",
+        }
+    }
+
+    /// The surface of a call with this action and model (as logged).
+    pub fn of(action: &str, model: &str) -> Surface {
+        if action.starts_with("batches")
+            || action == "files.download"
+            || model.starts_with("batch/")
+        {
+            Surface::Batch
+        } else if action.starts_with("live") || action.starts_with("auth_tokens") {
+            Surface::Live
+        } else {
+            Surface::Interactive
+        }
+    }
+}
+
 /// One finished request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Record {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::store::logs::Record;
+use crate::store::logs::{Record, Surface};
 
 /// Minutes kept: one day.
 const MINUTES: usize = 24 * 60;
@@ -28,6 +28,8 @@ struct Minute {
     prompt_tokens: u64,
     output_tokens: u64,
     errors: BTreeMap<String, u64>,
+    /// Requests by surface, in [`Surface::ALL`]'s order.
+    surfaces: [u64; Surface::ALL.len()],
     latency: Box<[u32; BUCKETS]>,
     ttfb: Box<[u32; BUCKETS]>,
 }
@@ -41,6 +43,7 @@ impl Minute {
             prompt_tokens: 0,
             output_tokens: 0,
             errors: BTreeMap::new(),
+            surfaces: [0; Surface::ALL.len()],
             latency: Box::new([0; BUCKETS]),
             ttfb: Box::new([0; BUCKETS]),
         }
@@ -88,6 +91,8 @@ pub struct Summary {
     pub output_tokens: u64,
     /// Errors by class, most frequent first.
     pub errors: Vec<(String, u64)>,
+    /// Requests by surface (`interactive`, `batch`, `live`), those with any.
+    pub surfaces: Vec<(&'static str, u64)>,
     /// The window cut into spans for charts.
     pub points: Vec<Point>,
 }
@@ -134,6 +139,7 @@ impl Metrics {
                 *slot = Minute::new(at);
             }
             slot.requests += 1;
+            slot.surfaces[Surface::of(&r.action, &r.model) as usize] += 1;
             if r.failed() {
                 let class = r
                     .class
@@ -164,6 +170,7 @@ impl Metrics {
         let mut latency = [0u64; BUCKETS];
         let mut ttfb = [0u64; BUCKETS];
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        let mut surfaces = [0u64; Surface::ALL.len()];
         let mut point_hist = [0u64; BUCKETS];
         let mut point = Point::default();
         for (n, at) in (first..=now).enumerate() {
@@ -187,6 +194,9 @@ impl Metrics {
             s.output_tokens = s.output_tokens.saturating_add(m.output_tokens);
             point.requests += m.requests;
             point.errors += m.requests - m.successes;
+            for (total, n) in surfaces.iter_mut().zip(m.surfaces) {
+                *total += n;
+            }
             for (class, n) in &m.errors {
                 *errors.entry(class.clone()).or_default() += n;
             }
@@ -208,6 +218,12 @@ impl Metrics {
         s.ttfb_p50_ms = percentile(&ttfb, 0.5);
         s.ttfb_p99_ms = percentile(&ttfb, 0.99);
         s.errors = errors.into_iter().collect();
+        s.surfaces = Surface::ALL
+            .into_iter()
+            .zip(surfaces)
+            .filter(|(_, n)| *n > 0)
+            .map(|(surface, n)| (surface.as_str(), n))
+            .collect();
         s.errors.sort_by_key(|e| std::cmp::Reverse(e.1));
         s
     }
@@ -237,6 +253,31 @@ mod tests {
     }
 
     #[test]
+    fn requests_are_told_apart_by_surface() {
+        let m = Metrics::default();
+        let now = 1_800_000_000_000u64;
+        let of = |action: &str, model: &str| Record {
+            action: action.into(),
+            model: model.into(),
+            ..record(now, 200, 1.0)
+        };
+        m.add(&[
+            of("generateContent", "gemini-2.5-flash"),
+            of("interactions.create", "gemini-2.5-flash"),
+            of("batchGenerateContent", "batch/gemini-2.5-flash"),
+            of("batches.get", ""),
+            of("files.download", ""),
+            of("live.connect", "live"),
+            of("auth_tokens.create", "live"),
+        ]);
+        let hour = m.summary(now, 60, 12);
+        assert_eq!(
+            hour.surfaces,
+            vec![("interactive", 2), ("batch", 3), ("live", 2)]
+        );
+    }
+
+    #[test]
     fn windows_count_rates_percentiles_and_errors() {
         let m = Metrics::default();
         let now = 1_800_000_000_000u64;
@@ -251,6 +292,7 @@ mod tests {
         assert!((9.0..=11.5).contains(&hour.p50_ms), "{}", hour.p50_ms);
         assert!((9.0..=11.5).contains(&hour.p99_ms), "{}", hour.p99_ms);
         assert_eq!(hour.errors, vec![("rate_limited".to_owned(), 1)]);
+        assert_eq!(hour.surfaces, vec![("interactive", 100)]);
         assert_eq!(hour.prompt_tokens, 300);
         assert_eq!(hour.points.len(), 12);
         assert_eq!(hour.points.iter().map(|p| p.requests).sum::<u64>(), 100);

@@ -189,6 +189,13 @@ async fn live_sessions_and_ephemeral_tokens_with_the_sdk() {
         fake.state.token_owner(token).as_deref(),
         Some(minted.as_str())
     );
+    // The browser's session went with the token's key.
+    let constrained: Vec<_> = upgrades
+        .iter()
+        .filter(|r| r.path.ends_with("Constrained"))
+        .collect();
+    assert_eq!(constrained.len(), 1, "{report}");
+    assert_eq!(constrained[0].key.as_deref(), Some(minted.as_str()));
     let (_, v) = admin(
         Method::GET,
         &gate,
