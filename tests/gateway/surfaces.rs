@@ -464,3 +464,144 @@ async fn the_new_surfaces_refuse_what_they_should() {
     let states = key_states(&gate).await;
     assert!(states.iter().any(|(_, s)| s == "cooling"), "{states:?}");
 }
+
+/// Live sessions and batch jobs count against limits of their own (`live`, `batch/{model}`),
+/// apart from the model's interactive limit and from each other.
+#[tokio::test]
+async fn live_sessions_and_batches_have_limits_of_their_own() {
+    let fake = fake().await;
+    let toml = r#"
+[keys]
+api_keys = [{ key = "only-1", project = "p1" }]
+[quota.limits.live]
+rpm = 2
+[quota.limits."batch/gemini-2.5-flash"]
+rpm = 1
+[quota.limits."gemini-2.5-flash"]
+rpm = 100
+"#;
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .toml(toml)
+        .start()
+        .await;
+    let auth = [("x-goog-api-key", TOKEN)];
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut ws = Ws::open(gate.addr, LIVE, &auth).await.unwrap();
+        setup(&mut ws).await;
+        open.push(ws);
+    }
+    let Err((status, body)) = Ws::open(gate.addr, LIVE, &auth).await else {
+        panic!("a third session in the minute opened");
+    };
+    assert_eq!(status, 429, "{body}");
+    let batch = json!({ "batch": { "inputConfig": { "requests": { "requests": [
+        { "request": { "contents": [{ "parts": [{ "text": "b" }] }] } }
+    ] } } } });
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let resp = client()
+            .post(gate.url("/v1beta/models/gemini-2.5-flash:batchGenerateContent"))
+            .header("x-goog-api-key", TOKEN)
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 429]);
+    // Interactive traffic still flows: its limit is its own.
+    for _ in 0..3 {
+        let resp = client()
+            .post(gate.url("/v1beta/models/gemini-2.5-flash:generateContent"))
+            .header("x-goog-api-key", TOKEN)
+            .json(&ask("still here"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    // The sessions opened before are untouched.
+    for (n, ws) in open.iter_mut().enumerate() {
+        one_turn(ws, &format!("open {n}")).await;
+    }
+}
+
+/// The owner registry outlives a restart; an interaction whose key is disabled answers 503
+/// naming it (with `Retry-After`), one whose key left the pool 410 — never another key's 403.
+#[tokio::test]
+async fn pinned_resources_outlive_a_restart_and_answer_for_their_key() {
+    let fake = fake().await;
+    let mut gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .toml("[keys]\napi_keys = [\"kept-1\", \"other-2\"]\n")
+        .admin()
+        .start()
+        .await;
+    let post = |gate: &Gate, body: Value| {
+        client()
+            .post(gate.url("/v1beta/interactions"))
+            .header("x-goog-api-key", TOKEN)
+            .json(&body)
+            .send()
+    };
+    let made: Value = post(
+        &gate,
+        json!({ "model": "gemini-2.5-flash", "input": "remember me" }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = made["id"].as_str().unwrap().to_owned();
+    let owner = fake.state.interaction_owner(&id).unwrap();
+    gate.restart("TERM").await;
+    let path = format!("/v1beta/interactions/{id}");
+    let get = || {
+        client()
+            .get(gate.url(&path))
+            .header("x-goog-api-key", TOKEN)
+            .send()
+    };
+    for _ in 0..4 {
+        assert_eq!(get().await.unwrap().status(), 200);
+    }
+    let followed: Value = post(
+        &gate,
+        json!({ "model": "gemini-2.5-flash", "input": "and then", "previous_interaction_id": id }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        fake.state
+            .interaction_owner(followed["id"].as_str().unwrap()),
+        Some(owner.clone())
+    );
+    let key_id = gemgate::config::stable_id("k", &owner);
+    let disable = format!("/admin/api/keys/{key_id}/disable");
+    assert_eq!(admin(Method::POST, &gate, &disable, None).await.0, 200);
+    let resp = get().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(&key_id),
+        "{v}"
+    );
+    let before = gate.reload_status().await;
+    let remove = format!("/admin/api/keys/{key_id}");
+    assert_eq!(admin(Method::DELETE, &gate, &remove, None).await.0, 200);
+    gate.wait_reloads(&before).await;
+    let resp = get().await.unwrap();
+    assert_eq!(resp.status(), 410);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(&key_id),
+        "{v}"
+    );
+}
