@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::calls::Verb;
 use super::{
     Exchange, Gateway, Generation, Outcome, Refusal, Surface, UpstreamRequest, client_query,
-    framing, read_body, send, upstream_header,
+    framing, send, upstream_header,
 };
 use crate::keys::owners::{Kind, Owner};
 
@@ -67,29 +67,18 @@ impl Gateway {
             (Some(_), Verb::None, &M::DELETE) => ("batches.delete", M::DELETE),
             (Some(_), Verb::None, _) => ("batches.get", M::GET),
         };
-        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
-        x.action = action.into();
-        let rewrite = self
-            .on_request(generation, s, "", action, false, &x.meta)
-            .await?;
-        if method == M::POST {
-            // A cancel's body is empty; whatever came is not sent on.
-            read_body(s, generation.config.max_body_bytes).await?;
-        }
-        let query = client_query(s);
-        let base = &generation.target.base.path;
         let path = match (&id, verb) {
-            (None, _) => format!("{base}/batches"),
-            (Some(id), Verb::None) => format!("{base}/batches/{id}"),
-            (Some(id), Verb::Cancel) => format!("{base}/batches/{id}:cancel"),
+            (None, _) => "batches".to_owned(),
+            (Some(id), Verb::None) => format!("batches/{id}"),
+            (Some(id), Verb::Cancel) => format!("batches/{id}:cancel"),
         };
-        let mut header = upstream_header(generation, s.req_header(), &path, &query)?;
-        for (name, value) in rewrite.headers {
-            let _ = header.insert_header(name, value);
-        }
-        let client = x.meta.client().to_owned();
-        let mut up = UpstreamRequest::new(header, Bytes::new());
+        let mut up = self
+            .resource_call(generation, s, (action, checked), &path, x)
+            .await?;
+        // A cancel's body is empty; whatever came is not sent on.
+        up.body = Bytes::new();
         up.surface = Surface::Batch;
+        let client = x.meta.client().to_owned();
         let Some(id) = id else {
             let list = self
                 .list_owned(generation, &up, &client, Kind::Batch, x)

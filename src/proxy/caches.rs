@@ -7,14 +7,10 @@
 //! across restarts and shared by a fleet. A client sees and uses only its own caches;
 //! another's is answered 404 without a call to Google.
 
-use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
-use super::{
-    Exchange, Gateway, Generation, Outcome, Refusal, UpstreamRequest, client_query, read_body,
-    send, upstream_header,
-};
+use super::{Exchange, Gateway, Generation, Outcome, Refusal, send};
 use crate::keys::owners::{Kind, Owner};
 
 /// How long Google keeps a cached content that does not say (its default TTL).
@@ -56,31 +52,13 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
         let method = s.req_header().method.clone();
-        let (action, checked) = action_of(id.is_some(), &method);
-        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
-        x.action = action.into();
-        let action = x.action.clone();
-        let rewrite = self
-            .on_request(generation, s, "", &action, false, &x.meta)
-            .await?;
-        let body = match method {
-            http::Method::POST | http::Method::PATCH => {
-                read_body(s, generation.config.max_body_bytes).await?
-            }
-            _ => Bytes::new(),
-        };
-        let query = client_query(s);
-        let base = &generation.target.base.path;
+        let action = action_of(id.is_some(), &method);
         let path = match &id {
-            Some(id) => format!("{base}/cachedContents/{id}"),
-            None => format!("{base}/cachedContents"),
+            Some(id) => format!("cachedContents/{id}"),
+            None => "cachedContents".to_owned(),
         };
-        let mut header = upstream_header(generation, s.req_header(), &path, &query)?;
-        for (name, value) in rewrite.headers {
-            let _ = header.insert_header(name, value);
-        }
+        let mut up = self.resource_call(generation, s, action, &path, x).await?;
         let client = x.meta.client().to_owned();
-        let mut up = UpstreamRequest::new(header, body);
         match (&id, &method) {
             (None, &http::Method::POST) => {
                 up.pinned = self.file_pin(generation, &up.body, Some(&client))?;

@@ -18,7 +18,7 @@ use super::calls::{MAX_NAME, Verb};
 use super::relay::{Piece, Reframe, SseEvents};
 use super::{
     Exchange, Gateway, Generation, Meta, Outcome, Refusal, UpstreamRequest, auth, client_query,
-    framing, read_body, send, upstream_header,
+    framing, send,
 };
 use crate::http::reply::{GateError, Protocol};
 use crate::keys::owners::Kind;
@@ -94,40 +94,25 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
         let method = s.req_header().method.clone();
-        let (action, checked) = action_of(id.as_deref(), verb, &method);
-        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
-        x.action = action.into();
-        let rewrite = self
-            .on_request(generation, s, "", action, false, &x.meta)
-            .await?;
-        let body = match method {
-            http::Method::POST => read_body(s, generation.config.max_body_bytes).await?,
-            _ => Bytes::new(),
-        };
-        let query = client_query(s);
-        let base = &generation.target.base.path;
+        let action = action_of(id.as_deref(), verb, &method);
         let path = match (&id, verb) {
-            (None, _) => format!("{base}/interactions"),
-            (Some(id), Verb::None) => format!("{base}/interactions/{id}"),
-            (Some(id), Verb::Cancel) => format!("{base}/interactions/{id}/cancel"),
+            (None, _) => "interactions".to_owned(),
+            (Some(id), Verb::None) => format!("interactions/{id}"),
+            (Some(id), Verb::Cancel) => format!("interactions/{id}/cancel"),
         };
-        let mut header = upstream_header(generation, s.req_header(), &path, &query)?;
-        for (name, value) in rewrite.headers {
-            let _ = header.insert_header(name, value);
-        }
+        let up = self.resource_call(generation, s, action, &path, x).await?;
         let client = x.meta.client().to_owned();
         let Some(id) = id else {
-            return self
-                .create_interaction(generation, s, UpstreamRequest::new(header, body), x)
-                .await;
+            return self.create_interaction(generation, s, up, x).await;
         };
+        let query = client_query(s);
         let (_, index) = self.owned(generation, Kind::Interaction, &id, Some(&client))?;
         let stream = method == http::Method::GET
             && auth::query_param(&query, "stream").is_some_and(|v| v == "true");
         let up = UpstreamRequest {
             pinned: Some(index),
             reframe: interaction_events(stream, None),
-            ..UpstreamRequest::new(header, body)
+            ..up
         };
         if stream {
             return self.relay_or_send(generation, &up, s, x).await;

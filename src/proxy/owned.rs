@@ -9,9 +9,13 @@
 //! pinned request never leaves for another key.
 
 use bytes::Bytes;
+use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 
-use super::{Exchange, Gateway, Generation, Refusal, UpstreamRequest};
+use super::{
+    Exchange, Gateway, Generation, Refusal, UpstreamRequest, client_query, read_body,
+    upstream_header,
+};
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
 use crate::keys::owners::{FileRecord, Kind, Owner};
@@ -56,6 +60,37 @@ pub(super) fn owner_key(
 }
 
 impl Gateway {
+    /// The start of a call on resources: the client admitted (its token checked, the method
+    /// `checked`), the `on_request` plugins asked about `action`, the body read (of a `POST` or
+    /// `PATCH`), and the upstream request made for `path` (under the base URL's version) with
+    /// the client's query.
+    pub(super) async fn resource_call(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+        (action, checked): (&'static str, http::Method),
+        path: &str,
+        x: &mut Exchange,
+    ) -> Result<UpstreamRequest, Refusal> {
+        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
+        x.action = action.into();
+        let rewrite = self
+            .on_request(generation, s, "", action, false, &x.meta)
+            .await?;
+        let body = match s.req_header().method {
+            http::Method::POST | http::Method::PATCH => {
+                read_body(s, generation.config.max_body_bytes).await?
+            }
+            _ => Bytes::new(),
+        };
+        let path = format!("{}/{path}", generation.target.base.path);
+        let mut header = upstream_header(generation, s.req_header(), &path, &client_query(s))?;
+        for (name, value) in rewrite.headers {
+            let _ = header.insert_header(name, value);
+        }
+        Ok(UpstreamRequest::new(header, body))
+    }
+
     /// Resource `id` of `kind` (`batches/abc` or `abc`) when `client` owns it: its record and
     /// the pool index of its key.
     pub(super) fn owned(

@@ -43,6 +43,27 @@ async fn projects_and_gate(
     (fake, builder.start().await)
 }
 
+/// Runs an SDK script against a gemgate (over TLS with `tls`, the script trusting the test
+/// authority) in front of a fake whose keys each hold a project of their own; `None` when the
+/// SDK is not installed (outside `scripts/test.sh`).
+async fn sdk_run(
+    script: &str,
+    keys: &[&str],
+    tls: bool,
+) -> Option<(gemgate_fake_upstream::FakeUpstream, Gate, String)> {
+    let python = needed_env("GEMGATE_SDK_PYTHON")?;
+    let (fake, gate) = projects_and_gate(keys, tls).await;
+    let (url, ca) = (gate.url(""), test_ca());
+    let env = [
+        ("GEMGATE_URL", url.as_str()),
+        ("GEMGATE_TOKEN", TOKEN),
+        ("GEMGATE_OTHER_TOKEN", OTHER),
+        ("SSL_CERT_FILE", ca.as_str()),
+    ];
+    let report = run_python(&python, script, &env, &gate).await;
+    Some((fake, gate, report))
+}
+
 /// How many requests each key served, for the keys that served any.
 fn served(fake: &gemgate_fake_upstream::FakeUpstream, keys: &[&str]) -> Vec<(String, u64)> {
     keys.iter()
@@ -85,18 +106,11 @@ fn each_call_on_its_owner(
 
 #[tokio::test]
 async fn interactions_follow_the_key_that_made_them_with_the_sdk() {
-    let Some(python) = needed_env("GEMGATE_SDK_PYTHON") else {
+    let keys = ["talk-1", "talk-2", "talk-3"];
+    let Some((fake, _gate, report)) = sdk_run("sdk/genai_interactions.py", &keys, false).await
+    else {
         return;
     };
-    let keys = ["talk-1", "talk-2", "talk-3"];
-    let (fake, gate) = projects_and_gate(&keys, false).await;
-    let url = gate.url("");
-    let env = [
-        ("GEMGATE_URL", url.as_str()),
-        ("GEMGATE_TOKEN", TOKEN),
-        ("GEMGATE_OTHER_TOKEN", OTHER),
-    ];
-    let report = run_python(&python, "sdk/genai_interactions.py", &env, &gate).await;
     assert!(report.contains("ok   deleted"), "{report}");
     // Round robin spread the new interactions; every call about one went to its key.
     assert!(served(&fake, &keys).len() > 1, "{:?}", served(&fake, &keys));
@@ -110,18 +124,10 @@ async fn interactions_follow_the_key_that_made_them_with_the_sdk() {
 
 #[tokio::test]
 async fn batches_and_their_results_stay_on_their_key_with_the_sdk() {
-    let Some(python) = needed_env("GEMGATE_SDK_PYTHON") else {
+    let keys = ["batch-1", "batch-2", "batch-3"];
+    let Some((fake, gate, report)) = sdk_run("sdk/genai_batches.py", &keys, false).await else {
         return;
     };
-    let keys = ["batch-1", "batch-2", "batch-3"];
-    let (fake, gate) = projects_and_gate(&keys, false).await;
-    let url = gate.url("");
-    let env = [
-        ("GEMGATE_URL", url.as_str()),
-        ("GEMGATE_TOKEN", TOKEN),
-        ("GEMGATE_OTHER_TOKEN", OTHER),
-    ];
-    let report = run_python(&python, "sdk/genai_batches.py", &env, &gate).await;
     assert!(report.contains("ok   deleted"), "{report}");
     let checked = each_call_on_its_owner(&fake, "batches", |id| fake.state.batch_owner(id));
     assert!(checked >= 8, "{checked} calls about batches: {report}");
@@ -150,19 +156,10 @@ async fn batches_and_their_results_stay_on_their_key_with_the_sdk() {
 
 #[tokio::test]
 async fn live_sessions_and_ephemeral_tokens_with_the_sdk() {
-    let Some(python) = needed_env("GEMGATE_SDK_PYTHON") else {
+    let keys = ["live-1", "live-2", "live-3"];
+    let Some((fake, gate, report)) = sdk_run("sdk/genai_live.py", &keys, true).await else {
         return;
     };
-    let keys = ["live-1", "live-2", "live-3"];
-    let (fake, gate) = projects_and_gate(&keys, true).await;
-    let url = gate.url("");
-    let ca = test_ca();
-    let env = [
-        ("GEMGATE_URL", url.as_str()),
-        ("GEMGATE_TOKEN", TOKEN),
-        ("SSL_CERT_FILE", ca.as_str()),
-    ];
-    let report = run_python(&python, "sdk/genai_live.py", &env, &gate).await;
     assert!(report.contains("ok   forged token refused"), "{report}");
     // Six sessions spread over the keys, each one upgrade; the ephemeral token's session went
     // with the key that minted it.
