@@ -53,6 +53,11 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
     ("GEMGATE_PUBLIC_URL", "server.public_url", Kind::Str),
     ("GEMGATE_TLS_CERT_FILE", "server.tls_cert_file", Kind::Str),
     ("GEMGATE_TLS_KEY_FILE", "server.tls_key_file", Kind::Str),
+    (
+        "GEMGATE_LIVE_SESSIONS_PER_CLIENT",
+        "server.live_sessions_per_client",
+        Kind::Int,
+    ),
     ("GEMGATE_MAX_DATA_BYTES", "server.max_data_bytes", Kind::Int),
     ("GEMGATE_FETCH_ENABLED", "fetch.enabled", Kind::Bool),
     ("GEMGATE_FETCH_ALLOW", "fetch.allow", Kind::List),

@@ -233,6 +233,8 @@ pub struct ServerSection {
     /// start; changing them needs a restart.
     pub tls_cert_file: String,
     pub tls_key_file: String,
+    /// Live API sessions one client may have open at once on this instance.
+    pub live_sessions_per_client: usize,
 }
 
 impl Default for ServerSection {
@@ -254,6 +256,7 @@ impl Default for ServerSection {
             max_data_bytes: 1 << 30,
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            live_sessions_per_client: 10,
         }
     }
 }
@@ -658,6 +661,7 @@ pub struct Config {
     pub public_url: Option<String>,
     /// `server.tls_cert_file` and `server.tls_key_file`, checked to load.
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub live_sessions_per_client: usize,
     pub max_data_bytes: u64,
     pub fetch: FetchConfig,
     /// Client headers forwarded although gemgate drops them by default.
@@ -940,6 +944,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         trusted_proxies,
         public_url,
         tls,
+        live_sessions_per_client: server.live_sessions_per_client.max(1),
         max_data_bytes: server.max_data_bytes,
         fetch,
         forward_headers,

@@ -68,9 +68,16 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.collection() == name)
     }
 
-    /// The record id of resource `id` (`batches/abc` or `abc`).
+    /// The record id of resource `id` (`batches/abc` or `abc`). An ephemeral token is its own
+    /// credential: it is kept (and logged, and shown) only as a SHA-256 of it.
     pub fn record_id(self, id: &str) -> String {
         let id = id.rsplit('/').next().unwrap_or(id);
+        if self == Kind::Token {
+            use sha2::{Digest, Sha256};
+            let digest = Sha256::digest(id.as_bytes());
+            let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+            return format!("{}{hex}", self.prefix());
+        }
         format!("{}{id}", self.prefix())
     }
 

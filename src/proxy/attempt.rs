@@ -188,7 +188,8 @@ impl Gateway {
         let pool = generation.pool_for(req);
         let key = pool.get(index);
         self.count_usage(generation, req, index, Some(failure.class), None);
-        // A batch job's quota is its own: its 429s say nothing of the key's interactive quota.
+        // A batch job's quota is its own: its 429s cool the key for the batch model alone
+        // (`batch/{model}`; nothing for a call about a batch), never for interactive traffic.
         let batch_quota = req.surface == super::Surface::Batch
             && matches!(
                 failure.class,
@@ -197,7 +198,17 @@ impl Gateway {
         if !batch_quota && self.in_a_storm(pool, index, req, &failure) {
             return Err(self.storm_refusal(PROBE_EVERY_MS));
         }
-        let penalty = if batch_quota {
+        let forced;
+        let quota = if batch_quota {
+            forced = crate::keys::taxonomy::Quota {
+                scope: crate::keys::taxonomy::Scope::KeyModel,
+                ..failure.quota.clone()
+            };
+            &forced
+        } else {
+            &failure.quota
+        };
+        let penalty = if batch_quota && req.model.is_empty() {
             Penalty::None
         } else {
             shared.key_failed(
@@ -208,7 +219,7 @@ impl Gateway {
                     class: failure.class,
                     message: &failure.message,
                     now_ms: now_ms(),
-                    quota: &failure.quota,
+                    quota,
                 },
             )
         };
@@ -222,7 +233,9 @@ impl Gateway {
             crate::app::checks::confirm(self.state.clone(), key.spec.id.clone());
         }
         tracing::debug!(id = %meta.id, key = %key.spec.id, attempt, status = failure.status, class = failure.class.as_str(), ?penalty, message = %failure.message, "attempt failed");
-        let mut retry = failure.class.retryable();
+        // A create that timed out may have been made: another key would make a second.
+        let mut retry =
+            failure.class.retryable() && (req.idempotent || failure.class != ErrorClass::Timeout);
         if generation.policy.has_attempt_hook(false, &req.model) {
             match self.after_attempt(generation, index, req, &failure, meta, attempt) {
                 Ok(Some(AttemptDecision::Retry)) => retry = true,

@@ -42,6 +42,7 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
         up.surface = Surface::Batch;
+        up.idempotent = false;
         up.model = batch_model(&up.model);
         x.model.clone_from(&up.model);
         let answer = self.collect(generation, &up, x).await?;
@@ -75,6 +76,8 @@ impl Gateway {
         let mut up = self
             .resource_call(generation, s, (action, checked), &path, x)
             .await?;
+        self.ask_plugins(generation, s, "", false, &mut up, x)
+            .await?;
         // A cancel's body is empty; whatever came is not sent on.
         up.body = Bytes::new();
         up.surface = Surface::Batch;
@@ -83,6 +86,7 @@ impl Gateway {
             let list = self
                 .list_owned(generation, &up, &client, Kind::Batch, x)
                 .await?;
+            self.record_listed(&list);
             return Ok(send(s, x, 200, list).await);
         };
         let (record, index) = self.owned(generation, Kind::Batch, &id, Some(&client))?;
@@ -138,19 +142,37 @@ impl Gateway {
         }
     }
 
+    /// Records the results files of the batches a list shows (each with its batch's owner).
+    fn record_listed(&self, list: &[u8]) {
+        let Ok(list) = serde_json::from_slice::<Value>(list) else {
+            return;
+        };
+        for batch in list["operations"].as_array().into_iter().flatten() {
+            let owner = batch["name"]
+                .as_str()
+                .and_then(|n| self.state.lasting.shared.file(&Kind::Batch.record_id(n)));
+            if let Some(record) = owner {
+                self.record_batch_value(batch, record.owner);
+            }
+        }
+    }
+
     /// Records the batch Google's answer describes (an operation named `batches/…`) and, once
     /// it has one, its results file, both with `owner`.
     fn record_batch(&self, answer: &[u8], owner: Owner) {
-        let Ok(batch) = serde_json::from_slice::<Value>(answer) else {
-            return;
-        };
+        if let Ok(batch) = serde_json::from_slice::<Value>(answer) {
+            self.record_batch_value(&batch, owner);
+        }
+    }
+
+    fn record_batch_value(&self, batch: &Value, owner: Owner) {
         let Some(name) = batch["name"].as_str().filter(|n| n.starts_with("batches/")) else {
             return;
         };
-        if let Some(file) = batch
-            .pointer("/metadata/output/responsesFile")
-            .and_then(Value::as_str)
-            .filter(|f| f.starts_with("files/"))
+        let results = ["/metadata/output/responsesFile", "/response/responsesFile"]
+            .iter()
+            .find_map(|p| batch.pointer(p).and_then(Value::as_str));
+        if let Some(file) = results.filter(|f| f.starts_with("files/"))
             && self.state.lasting.shared.file(file).is_none()
         {
             self.record_owned(Kind::File, file, owner.clone(), None, RESULTS_LIFETIME_MS);

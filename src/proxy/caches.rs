@@ -58,10 +58,13 @@ impl Gateway {
             None => "cachedContents".to_owned(),
         };
         let mut up = self.resource_call(generation, s, action, &path, x).await?;
+        self.ask_plugins(generation, s, "", false, &mut up, x)
+            .await?;
         let client = x.meta.client().to_owned();
         match (&id, &method) {
             (None, &http::Method::POST) => {
                 up.pinned = self.file_pin(generation, &up.body, Some(&client))?;
+                up.idempotent = false;
                 let answer = self.collect(generation, &up, x).await?;
                 let owner = Owner {
                     key: x.key.clone().unwrap_or_default(),

@@ -296,7 +296,14 @@ impl Gateway {
             if file.owner.client.is_none() || file.owner.client.as_deref() != client {
                 return Err(no_such_file());
             }
-            pin = pin.or_else(|| generation.pool.index_of(&file.owner.key));
+            let index = super::owned::owner_key(generation, &file.owner.key, Kind::File)?;
+            if pin.is_some_and(|p| p != index) {
+                return Err(Refusal::Gate(GateError::new(
+                    400,
+                    "this request names files or cached contents held by different keys' projects: no key can use them together",
+                )));
+            }
+            pin = Some(index);
         }
         Ok(pin)
     }

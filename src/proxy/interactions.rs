@@ -100,11 +100,13 @@ impl Gateway {
             (Some(id), Verb::None) => format!("interactions/{id}"),
             (Some(id), Verb::Cancel) => format!("interactions/{id}/cancel"),
         };
-        let up = self.resource_call(generation, s, action, &path, x).await?;
+        let mut up = self.resource_call(generation, s, action, &path, x).await?;
         let client = x.meta.client().to_owned();
         let Some(id) = id else {
             return self.create_interaction(generation, s, up, x).await;
         };
+        self.ask_plugins(generation, s, "", false, &mut up, x)
+            .await?;
         let query = client_query(s);
         let (_, index) = self.owned(generation, Kind::Interaction, &id, Some(&client))?;
         let stream = method == http::Method::GET
@@ -134,6 +136,9 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
         let create = Create::of(&up.body)?;
+        // Policy is per model (or agent): the plugins are asked about the one named.
+        self.ask_plugins(generation, s, &create.model, create.stream, &mut up, x)
+            .await?;
         let client = x.meta.client.clone();
         up.pinned = match &create.previous {
             Some(previous) => Some(
@@ -144,6 +149,7 @@ impl Gateway {
         };
         x.model.clone_from(&create.model);
         up.model = create.model;
+        up.idempotent = false;
         let made: Arc<Mutex<Option<String>>> = Arc::default();
         up.reframe = interaction_events(create.stream, Some(made.clone()));
         let outcome = if create.stream {
@@ -177,6 +183,7 @@ fn interaction_events(
         Box::new(InteractionEvents {
             events: SseEvents::new(Protocol::Gemini),
             made: made.clone(),
+            looked: 0,
         }) as Box<dyn Reframe>
     })
 }
@@ -187,7 +194,12 @@ struct InteractionEvents {
     events: SseEvents,
     /// Where the created interaction's id goes (`None` once found, or for a get).
     made: Option<Arc<Mutex<Option<String>>>>,
+    /// Pieces looked at for the created event.
+    looked: usize,
 }
+
+/// Pieces of a stream looked at for the event that names a new interaction.
+const LOOK_AT: usize = 4;
 
 impl Reframe for InteractionEvents {
     fn is_stream(&self) -> bool {
@@ -197,12 +209,15 @@ impl Reframe for InteractionEvents {
     fn push(&mut self, chunk: Bytes, out: &mut Vec<Piece>) {
         let from = out.len();
         self.events.push(chunk, out);
-        // The created event comes first: only the first events are read.
-        if out.len() > from
+        // The created event comes first: only the first pieces are read.
+        if out.len() == from || self.made.is_none() || self.looked >= LOOK_AT {
+            return;
+        }
+        self.looked += out.len() - from;
+        if let Some(id) = out[from..].iter().find_map(|p| created_id(&p.bytes))
             && let Some(made) = self.made.take()
         {
-            *made.lock().unwrap_or_else(|e| e.into_inner()) =
-                out[from..].iter().find_map(|p| created_id(&p.bytes));
+            *made.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
         }
     }
 
@@ -229,7 +244,9 @@ fn created_id(events: &[u8]) -> Option<String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("data:"))
         .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
-        .find(|v| v["event_type"] == "interaction.created")
+        .find(|v| {
+            v["event_type"] == "interaction.created" || v["event_type"] == "interaction.start"
+        })
         .and_then(|v| v.pointer("/interaction/id")?.as_str().map(str::to_owned))
 }
 

@@ -14,6 +14,8 @@
 //! (the owner registry, kind `Token`), and relays a session opened with it
 //! (`…BidiGenerateContentConstrained`, `Authorization: Token auth_tokens/…`) on that key.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -21,6 +23,7 @@ use http::header;
 use pingora::http::ResponseHeader;
 use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
@@ -31,6 +34,7 @@ use crate::clock::{now_ms, parse_rfc3339};
 use crate::http::reply::GateError;
 use crate::keys::owners::Kind;
 use crate::keys::taxonomy::ErrorClass;
+use crate::upstream::head;
 
 /// The model name Live sessions are accounted under (the session's own model is in its first
 /// frame, which gemgate does not read): `[quota.limits.live]` limits sessions per minute.
@@ -41,6 +45,9 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_REFUSAL: usize = 64 * 1024;
 /// Each direction's copy buffer.
 const BUFFER: usize = 16 * 1024;
+/// The longest a session is relayed. Google ends its own long before (a connection lasts
+/// minutes; a client resumes the session on a new one).
+const LONGEST_SESSION: Duration = Duration::from_secs(3600);
 /// Google's default lifetime of an ephemeral token, and its longest.
 const TOKEN_DEFAULT_MS: u64 = 30 * 60_000;
 const TOKEN_LONGEST_MS: u64 = 20 * 3_600_000;
@@ -66,6 +73,8 @@ pub(crate) struct Tunnel {
     early: Bytes,
     /// Counts the session among its key's requests in flight.
     _lease: crate::keys::Lease,
+    /// Counts it among its client's sessions.
+    slot: Option<LiveSlot>,
 }
 
 /// The upstream path of a Live call: the base URL's origin and any path before its version.
@@ -92,14 +101,16 @@ fn presented_token(s: &ServerSession) -> Option<String> {
     let req = s.req_header();
     let header = |name| req.headers.get(name).and_then(|v| v.to_str().ok());
     let query = req.uri.query().unwrap_or_default();
+    let param = |name| crate::http::auth::query_param(query, name).map(|v| v.into_owned());
+    let token = |t: &str| {
+        let t = t.trim();
+        (t.starts_with("auth_tokens/") && t.len() <= 512).then(|| t.to_owned())
+    };
     header(header::AUTHORIZATION)
-        .and_then(|a| a.strip_prefix("Token "))
-        .map(str::to_owned)
-        .or_else(|| header(X_GOOG_API_KEY).map(str::to_owned))
-        .or_else(|| crate::http::auth::query_param(query, "access_token").map(|v| v.into_owned()))
-        .or_else(|| crate::http::auth::query_param(query, "key").map(|v| v.into_owned()))
-        .map(|t| t.trim().to_owned())
-        .filter(|t| t.starts_with("auth_tokens/") && t.len() <= 512)
+        .and_then(|a| token(a.strip_prefix("Token ")?))
+        .or_else(|| token(header(X_GOOG_API_KEY)?))
+        .or_else(|| token(&param("access_token")?))
+        .or_else(|| token(&param("key")?))
 }
 
 impl Gateway {
@@ -124,9 +135,12 @@ impl Gateway {
             )
             .await?;
         let body = read_body(s, generation.config.max_body_bytes).await?;
-        let expires = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["expireTime"].as_str().and_then(parse_rfc3339));
+        let expire_time = |json: &[u8]| {
+            serde_json::from_slice::<serde_json::Value>(json)
+                .ok()
+                .and_then(|v| v["expireTime"].as_str().and_then(parse_rfc3339))
+        };
+        let asked = expire_time(&body);
         let path = format!(
             "{}/v1alpha/auth_tokens",
             base_prefix(&generation.target.base.path)
@@ -138,6 +152,7 @@ impl Gateway {
         let up = UpstreamRequest {
             model: LIVE_MODEL.into(),
             surface: Surface::Live,
+            idempotent: false,
             ..UpstreamRequest::new(header, body)
         };
         x.model = LIVE_MODEL.into();
@@ -146,8 +161,10 @@ impl Gateway {
             .ok()
             .and_then(|v| v["name"].as_str().map(str::to_owned));
         if let Some(name) = name.filter(|n| n.starts_with("auth_tokens/")) {
+            // Google's word on the expiry, else what the client asked for, at most Google's
+            // longest.
             let longest = now_ms() + TOKEN_LONGEST_MS;
-            let expires = expires.map(|e| e.min(longest));
+            let expires = expire_time(&answer).or(asked).map(|e| e.min(longest));
             self.record_owned(
                 Kind::Token,
                 &name,
@@ -173,41 +190,34 @@ impl Gateway {
         x.action = "live.connect".into();
         x.model = LIVE_MODEL.into();
         let token = self.live_credential(generation, s, constrained, x)?;
-        let upgrade = s
-            .req_header()
-            .headers
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-        if s.req_header().method != http::Method::GET || !upgrade {
-            return Err(Refusal::Gate(GateError::new(
-                400,
-                "this is the Live API's WebSocket: connect with a WebSocket client",
-            )));
-        }
-        self.on_request(generation, s, LIVE_MODEL, "live.connect", true, &x.meta)
+        check_upgrade(s.req_header())?;
+        let slot = self.live_slot(generation, x.meta.client())?;
+        let rewrite = self
+            .on_request(generation, s, LIVE_MODEL, "live.connect", true, &x.meta)
             .await?;
         let path = ws_path(generation, version, constrained);
         let mut header = upstream_header(generation, s.req_header(), &path, "")?;
+        for (name, value) in rewrite.headers {
+            let _ = header.insert_header(name, value);
+        }
         for name in HANDSHAKE {
             if let Some(v) = s.req_header().headers.get(name) {
                 let _ = header.insert_header(name, v.clone());
             }
         }
-        let mut up = UpstreamRequest {
+        let _ = header.insert_header(header::CONNECTION, "Upgrade");
+        let _ = header.insert_header(header::UPGRADE, "websocket");
+        let up = UpstreamRequest {
             model: LIVE_MODEL.into(),
             surface: Surface::Live,
+            pinned: token.as_ref().map(|(_, index)| *index),
             ..UpstreamRequest::new(header, Bytes::new())
         };
-        if let Some(token) = &token {
-            let client = x.meta.client.clone();
-            up.pinned = Some(
-                self.owned(generation, Kind::Token, token, client.as_deref())?
-                    .1,
-            );
-        }
-        let (index, answer, tunnel) = self
+        let token = token.map(|(t, _)| t);
+        let (index, answer, mut tunnel) = self
             .live_attempts(generation, &up, token.as_deref(), x)
             .await?;
+        tunnel.slot = Some(slot);
         let mut head = ResponseHeader::build(101, Some(6)).map_err(internal)?;
         let _ = head.insert_header(header::UPGRADE, "websocket");
         let _ = head.insert_header(header::CONNECTION, "Upgrade");
@@ -225,21 +235,23 @@ impl Gateway {
     }
 
     /// Who opens a session: a client by its token, or (`constrained`) the client of the
-    /// ephemeral token presented, which is returned.
+    /// ephemeral token presented, which is returned with its key's index.
     fn live_credential(
         &self,
         generation: &Generation,
         s: &ServerSession,
         constrained: bool,
         x: &mut Exchange,
-    ) -> Result<Option<String>, Refusal> {
+    ) -> Result<Option<(String, usize)>, Refusal> {
         if !constrained {
             x.meta.client = Some(self.admit(generation, s, http::Method::GET, &x.meta.peer)?);
             return Ok(None);
         }
-        let refuse = |m: &str| Refusal::Gate(GateError::new(401, m));
         let token = presented_token(s).ok_or_else(|| {
-            refuse("a Constrained Live session needs an ephemeral token (Authorization: Token auth_tokens/…)")
+            Refusal::Gate(GateError::new(
+                401,
+                "a Constrained Live session needs an ephemeral token (Authorization: Token auth_tokens/…)",
+            ))
         })?;
         let record = self
             .state
@@ -254,11 +266,35 @@ impl Gateway {
                 )
             })?;
         x.meta.client = record.owner.client;
-        Ok(Some(token))
+        let index = super::owned::owner_key(generation, &record.owner.key, Kind::Token)?;
+        Ok(Some((token, index)))
+    }
+
+    /// A place for one more Live session of `client`, held until the session ends; 429 when
+    /// the client has `server.live_sessions_per_client` open on this instance.
+    fn live_slot(&self, generation: &Generation, client: &str) -> Result<LiveSlot, Refusal> {
+        let max = generation.config.live_sessions_per_client;
+        let mut open = self.live_sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(client.to_owned()).or_default();
+        if *n >= max {
+            return Err(Refusal::Gate(
+                GateError::new(
+                    429,
+                    format!("{max} Live sessions of this client are open: close one first"),
+                )
+                .retry_after(Some(1)),
+            ));
+        }
+        *n += 1;
+        Ok(LiveSlot {
+            sessions: self.live_sessions.clone(),
+            client: client.to_owned(),
+        })
     }
 
     /// Google's handshake on one key after another until one accepts: the key's index, the
-    /// handshake headers for the client, and the open tunnel.
+    /// handshake headers for the client, and the open tunnel. A session opened with an
+    /// ephemeral token has its key, and a refusal of the token says nothing of the key.
     async fn live_attempts(
         &self,
         generation: &Generation,
@@ -284,11 +320,10 @@ impl Gateway {
             };
             used.push(index);
             let pool = generation.pool_for(up);
-            let key = pool.get(index);
             x.attempts += 1;
-            x.key = Some(key.spec.id.clone());
+            x.key = Some(pool.get(index).spec.id.clone());
             let lease = pool.lease(index, now);
-            match self.handshake(generation, up, index, token).await {
+            let failure = match self.handshake(generation, up, index, token).await {
                 Ok((answer, upstream, early)) => {
                     self.state.lasting.shared.key_succeeded(pool, index);
                     self.count_usage(generation, up, index, None, None);
@@ -296,17 +331,20 @@ impl Gateway {
                         upstream,
                         early,
                         _lease: lease,
+                        slot: None,
                     };
                     return Ok((index, answer, tunnel));
                 }
-                Err(failure) => {
-                    let attempt = x.attempts;
-                    match self.after_failure(generation, up, index, failure, &x.meta, attempt) {
-                        Ok(failure) => last = Some(failure),
-                        Err(Finished::Refused(r)) => return Err(r),
-                        Err(_) => return Err(internal("the handshake ended oddly")),
-                    }
+                Err(failure) if token.is_some() => {
+                    return Err(Refusal::Upstream(Box::new(failure)));
                 }
+                Err(failure) => failure,
+            };
+            let attempt = x.attempts;
+            match self.after_failure(generation, up, index, failure, &x.meta, attempt) {
+                Ok(failure) => last = Some(failure),
+                Err(Finished::Refused(r)) => return Err(r),
+                Err(_) => return Err(internal("the handshake ended oddly")),
             }
         }
         Err(match last {
@@ -335,7 +373,15 @@ impl Gateway {
             .connection(&self.connector, &peer, route, false)
             .await
             .map_err(Failure::from_pingora)?;
-        let head = handshake_head(&up.header, &target.base.authority, key, token);
+        let credential = match token {
+            Some(token) => head::Credential::Token(token),
+            None => head::Credential::GoogApiKey(key.header.as_bytes()),
+        };
+        let forwarding = target.forwarding(route).map(|proxy| head::Forwarding {
+            authority: target.base.authority.as_str(),
+            authorization: proxy.proxy_authorization(),
+        });
+        let head = head::request_head(&up.header, 0, credential, forwarding);
         let timeout = generation.config.timeout;
         let io = async {
             conn.write_all(&head).await?;
@@ -353,93 +399,158 @@ impl Gateway {
                 .collect();
             return Ok((answer, conn, rest));
         }
-        let length = headers
-            .iter()
-            .find(|(n, _)| n == "content-length")
-            .and_then(|(_, v)| v.parse::<usize>().ok())
-            .unwrap_or(MAX_REFUSAL)
-            .min(MAX_REFUSAL);
-        let mut body = BytesMut::from(&rest[..rest.len().min(length)]);
-        let read = async {
-            let mut buf = [0u8; 4096];
-            while body.len() < length {
-                let n = conn.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                body.extend_from_slice(&buf[..n.min(length - body.len())]);
-            }
-            Ok::<_, std::io::Error>(())
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+        let body = refusal_body(&mut conn, &headers, rest).await;
         let content_type = headers
             .iter()
             .find(|(n, _)| n == "content-type")
             .and_then(|(_, v)| http::HeaderValue::from_str(v).ok());
         Err(Failure::of_answer(
             status,
-            body.freeze(),
+            body,
             content_type,
             key.spec.secret.expose(),
         ))
     }
 }
 
-impl Tunnel {
-    /// Joins the client's connection and Google's until either side closes; returns the bytes
-    /// copied each way (client to Google, Google to client).
-    pub async fn join(self, client: ServerSession) -> (u64, u64) {
-        let ServerSession::H1(session) = client else {
-            return (0, 0);
-        };
-        let mut client = session.into_inner();
-        let mut upstream = self.upstream;
-        if !self.early.is_empty() && client.write_all(&self.early).await.is_err() {
-            return (0, 0);
-        }
-        if client.flush().await.is_err() {
-            return (0, 0);
-        }
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER)
-            .await
-            .unwrap_or((0, 0))
+/// Refuses what is not a WebSocket handshake gemgate can relay: a `GET` over HTTP/1.1 asking to
+/// upgrade to `websocket`, with no body.
+fn check_upgrade(req: &pingora::http::RequestHeader) -> Result<(), Refusal> {
+    let has = |name, token: &[u8]| {
+        req.headers.get_all(name).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    let body = req
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers.contains_key(header::TRANSFER_ENCODING);
+    let handshake = req.method == http::Method::GET
+        && req.version == http::Version::HTTP_11
+        && has(header::CONNECTION, b"upgrade")
+        && has(header::UPGRADE, b"websocket")
+        && !body;
+    if handshake {
+        Ok(())
+    } else {
+        Err(Refusal::Gate(GateError::new(
+            400,
+            "this is the Live API's WebSocket: connect with a WebSocket client (GET, HTTP/1.1, Upgrade: websocket)",
+        )))
     }
 }
 
-/// The upgrade request to Google: the client's handshake headers, the key (or the ephemeral
-/// token, as Google's SDK sends it).
-fn handshake_head(
-    header: &pingora::http::RequestHeader,
-    authority: &str,
-    key: &crate::keys::Key,
-    token: Option<&str>,
-) -> Vec<u8> {
-    let mut head = Vec::with_capacity(512);
-    head.extend_from_slice(b"GET ");
-    head.extend_from_slice(header.raw_path());
-    head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    head.extend_from_slice(authority.as_bytes());
-    head.extend_from_slice(b"\r\nconnection: Upgrade\r\nupgrade: websocket\r\n");
-    for name in HANDSHAKE {
-        if let Some(v) = header.headers.get(name) {
-            head.extend_from_slice(name.as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(v.as_bytes());
-            head.extend_from_slice(b"\r\n");
+/// The body of Google's refusal of a handshake: what came with its head, and what follows up to
+/// its length (at most [`MAX_REFUSAL`] bytes, for at most 5 seconds).
+async fn refusal_body(conn: &mut Stream, headers: &[(String, String)], rest: Bytes) -> Bytes {
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(MAX_REFUSAL)
+        .min(MAX_REFUSAL);
+    let mut body = BytesMut::from(&rest[..rest.len().min(length)]);
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while body.len() < length {
+            let n = conn.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&buf[..n.min(length - body.len())]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    body.freeze()
+}
+
+/// Holds one of a client's Live sessions (see `Gateway::live_slot`).
+pub(crate) struct LiveSlot {
+    sessions: Arc<Mutex<HashMap<String, usize>>>,
+    client: String,
+}
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        let mut open = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.client);
+            }
         }
     }
-    match token {
-        Some(token) => {
-            head.extend_from_slice(b"authorization: Token ");
-            head.extend_from_slice(token.as_bytes());
+}
+
+/// How a joined session ended.
+pub(crate) struct Ended {
+    /// Bytes from the client to Google, and from Google to the client.
+    pub sent: u64,
+    pub received: u64,
+    pub why: &'static str,
+}
+
+impl Tunnel {
+    /// Joins the client's connection and Google's until either side closes (the session is
+    /// over: the other side is closed too), the instance shuts down, or the session has lasted
+    /// [`LONGEST_SESSION`].
+    pub async fn join(self, client: ServerSession, shutdown: &ShutdownWatch) -> Ended {
+        let mut ended = Ended {
+            sent: 0,
+            received: 0,
+            why: "",
+        };
+        let ServerSession::H1(session) = client else {
+            ended.why = "not HTTP/1";
+            return ended;
+        };
+        let mut client = session.into_inner();
+        let mut upstream = self.upstream;
+        if client.write_all(&self.early).await.is_err() || client.flush().await.is_err() {
+            ended.why = "the client left";
+            return ended;
         }
-        None => {
-            head.extend_from_slice(b"x-goog-api-key: ");
-            head.extend_from_slice(key.header.as_bytes());
-        }
+        let (mut client_in, mut client_out) = tokio::io::split(client);
+        let (mut google_in, mut google_out) = tokio::io::split(upstream);
+        let mut shutdown = shutdown.clone();
+        ended.why = tokio::select! {
+            _ = pump(&mut client_in, &mut google_out, &mut ended.sent) => "the client closed",
+            _ = pump(&mut google_in, &mut client_out, &mut ended.received) => "Google closed",
+            _ = shutdown.changed() => "the instance shuts down",
+            _ = tokio::time::sleep(LONGEST_SESSION) => "the session lasted the longest allowed",
+        };
+        upstream = google_in.unsplit(google_out);
+        let mut client = client_in.unsplit(client_out);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = client.shutdown().await;
+            let _ = upstream.shutdown().await;
+        })
+        .await;
+        ended
     }
-    head.extend_from_slice(b"\r\n\r\n");
-    head
+}
+
+/// Copies `from` to `to` as it comes, counting the bytes, until `from` ends or either fails.
+async fn pump(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    count: &mut u64,
+) {
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
+            return;
+        }
+        *count += n as u64;
+    }
 }
 
 /// Reads an HTTP/1 answer head (at most [`MAX_HEAD`] bytes): its status, its headers (names in

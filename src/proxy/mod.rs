@@ -79,6 +79,8 @@ pub struct Gateway {
     side: reqwest::Client,
     /// Serves `/metrics`, `/health` and `/ready` alone (`metrics.listen`).
     pub(crate) metrics_only: bool,
+    /// Live sessions open, by client.
+    live_sessions: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 /// Whether the downstream connection may serve another request.
@@ -138,6 +140,9 @@ pub(crate) struct UpstreamRequest {
     /// Which of Google's surfaces it is for: batch jobs have their own quotas, and their 429s
     /// never cool a key for interactive traffic.
     surface: Surface,
+    /// Sending it twice does no harm. A create (a batch, an interaction, a token) is not: one
+    /// that timed out may have been made, and is not tried again on another key.
+    idempotent: bool,
 }
 
 /// The answer as it comes, or for a stream (`sse`: of server-sent events) reframed on event
@@ -163,6 +168,7 @@ impl UpstreamRequest {
             paid: false,
             pinned: None,
             surface: Surface::Interactive,
+            idempotent: true,
         }
     }
 }
@@ -176,6 +182,7 @@ impl Gateway {
             connector: TransportConnector::new(None),
             side,
             metrics_only: false,
+            live_sessions: Arc::default(),
         }
     }
 
@@ -376,7 +383,10 @@ impl Gateway {
             let page = filter_page(generation, page, &x.meta)?;
             return Ok(send(s, x, 200, page).await);
         }
-        if call.action() == "batchGenerateContent" {
+        if matches!(
+            call.action(),
+            "batchGenerateContent" | "asyncBatchEmbedContent"
+        ) {
             return self.create_batch(generation, s, up, x).await;
         }
         self.relay_or_send(generation, &up, s, x).await

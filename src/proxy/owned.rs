@@ -61,9 +61,8 @@ pub(super) fn owner_key(
 
 impl Gateway {
     /// The start of a call on resources: the client admitted (its token checked, the method
-    /// `checked`), the `on_request` plugins asked about `action`, the body read (of a `POST` or
-    /// `PATCH`), and the upstream request made for `path` (under the base URL's version) with
-    /// the client's query.
+    /// `checked`), the body read (of a `POST` or `PATCH`), and the upstream request made for
+    /// `path` (under the base URL's version) with the client's query. Then [`Gateway::ask_plugins`].
     pub(super) async fn resource_call(
         &self,
         generation: &Generation,
@@ -74,9 +73,6 @@ impl Gateway {
     ) -> Result<UpstreamRequest, Refusal> {
         x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
         x.action = action.into();
-        let rewrite = self
-            .on_request(generation, s, "", action, false, &x.meta)
-            .await?;
         let body = match s.req_header().method {
             http::Method::POST | http::Method::PATCH => {
                 read_body(s, generation.config.max_body_bytes).await?
@@ -84,11 +80,38 @@ impl Gateway {
             _ => Bytes::new(),
         };
         let path = format!("{}/{path}", generation.target.base.path);
-        let mut header = upstream_header(generation, s.req_header(), &path, &client_query(s))?;
-        for (name, value) in rewrite.headers {
-            let _ = header.insert_header(name, value);
-        }
+        let header = upstream_header(generation, s.req_header(), &path, &client_query(s))?;
         Ok(UpstreamRequest::new(header, body))
+    }
+
+    /// The `on_request` plugins' verdict on a call on resources (`model` is `""` but for a
+    /// create): their headers go with it; they may not rewrite its model or body, which gemgate
+    /// sends as they came.
+    pub(super) async fn ask_plugins(
+        &self,
+        generation: &Generation,
+        s: &ServerSession,
+        model: &str,
+        stream: bool,
+        up: &mut UpstreamRequest,
+        x: &Exchange,
+    ) -> Result<(), Refusal> {
+        let rewrite = self
+            .on_request(generation, s, model, &x.action, stream, &x.meta)
+            .await?;
+        if rewrite.model.is_some() || rewrite.touches_body() {
+            return Err(Refusal::Gate(GateError::new(
+                500,
+                format!(
+                    "a plugin rewrote the model or body of {}, which gemgate sends unchanged",
+                    x.action
+                ),
+            )));
+        }
+        for (name, value) in rewrite.headers {
+            let _ = up.header.insert_header(name, value);
+        }
+        Ok(())
     }
 
     /// Resource `id` of `kind` (`batches/abc` or `abc`) when `client` owns it: its record and
@@ -125,12 +148,10 @@ impl Gateway {
             return;
         }
         let expires_ms = expires_ms.unwrap_or_else(|| now_ms() + lifetime_ms);
-        tracing::info!(kind = kind.what(), id = %name, key = %owner.key, "resource recorded");
+        let id = kind.record_id(name);
+        tracing::info!(kind = kind.what(), %id, key = %owner.key, "resource recorded");
         let record = FileRecord { owner, expires_ms };
-        self.state
-            .lasting
-            .shared
-            .add_file(kind.record_id(name), record);
+        self.state.lasting.shared.add_file(id, record);
     }
 
     /// Forgets a deleted resource.

@@ -466,19 +466,19 @@ impl Gateway {
             ));
         }
         let outcome = self.handle(&mut s, &mut x).await;
-        if let Some(tunnel) = x.tunnel.take() {
-            // A Live session: logged once it ends.
-            let (sent, received) = tunnel.join(s).await;
-            tracing::info!(id = %x.meta.id, sent, received, seconds = x.meta.started.elapsed().as_secs(), "live session closed");
-            x.log();
-            self.count(&x);
-            self.push_log(x);
-            return None;
-        }
+        let tunnel = x.tunnel.take().map(|t| (t, x.meta.id.clone()));
         x.log();
         self.count(&x);
         self.trace(&x);
         self.push_log(x);
+        if let Some((tunnel, id)) = tunnel {
+            // A Live session, logged above as its handshake; its end has a line of its own.
+            let started = std::time::Instant::now();
+            let ended = tunnel.join(s, shutdown).await;
+            let seconds = started.elapsed().as_secs();
+            tracing::info!(id = %id, sent = ended.sent, received = ended.received, seconds, why = ended.why, "live session ended");
+            return None;
+        }
         if outcome == Outcome::Close {
             return None;
         }

@@ -237,8 +237,16 @@ fn openai_route(path: &str) -> Option<Route> {
 }
 
 /// A path of Google's OpenAI-compatible API, from after `/openai/v1/`: passed through when
-/// it is a plain relative path.
+/// it is a plain relative path. Its files and batches are not: they live in the project of the
+/// key that made them, which only the native APIs keep track of (passed through, they would
+/// reach whatever another client left in a random key's project).
 fn google_openai_route(rest: &str) -> Route {
+    let first = rest.split(['/', ':']).next().unwrap_or_default();
+    if matches!(first, "files" | "batches" | "uploads") {
+        return Route::Invalid(
+            "files and batches of Google's OpenAI-compatible API are not passed through: use the native Files and Batch APIs (/v1beta/files, /v1beta/batches)",
+        );
+    }
     let valid = !rest.is_empty()
         && rest
             .split('/')
@@ -485,6 +493,12 @@ mod tests {
             Route::GoogleOpenAi("chat/completions".into())
         );
         assert_eq!(route_of("/openai/v1/../x"), Route::NotFound);
+        for held in ["files", "files/f1/content", "batches/b1/cancel", "uploads"] {
+            assert!(
+                matches!(route_of(&format!("/openai/v1/{held}")), Route::Invalid(_)),
+                "{held}"
+            );
+        }
         assert_eq!(
             route_of("/v1beta/interactions/"),
             Route::Interactions(None, Verb::None)

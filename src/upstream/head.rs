@@ -10,6 +10,8 @@ pub enum Credential<'a> {
     GoogApiKey(&'a [u8]),
     /// `Authorization: Bearer <secret>`: Google's OpenAI-compatible API.
     Bearer(&'a str),
+    /// `Authorization: Token <token>`: a Live session opened with an ephemeral token.
+    Token(&'a str),
 }
 
 /// An HTTP proxy that forwards plain-HTTP requests: it is sent the target in absolute form.
@@ -49,7 +51,7 @@ pub fn request_head(
     head.extend_from_slice(b" HTTP/1.1\r\n");
     let own = match credential {
         Credential::GoogApiKey(_) => "x-goog-api-key",
-        Credential::Bearer(_) => "authorization",
+        Credential::Bearer(_) | Credential::Token(_) => "authorization",
     };
     let proxy_auth = forwarding.and_then(|f| f.authorization);
     for (name, value) in &header.headers {
@@ -69,17 +71,21 @@ pub fn request_head(
     }
     match credential {
         Credential::GoogApiKey(key) => field(&mut head, own, key),
-        Credential::Bearer(secret) => {
-            head.extend_from_slice(b"authorization: Bearer ");
-            head.extend_from_slice(secret.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
+        Credential::Bearer(secret) => authorization(&mut head, "Bearer ", secret),
+        Credential::Token(token) => authorization(&mut head, "Token ", token),
     }
     if let Some(auth) = proxy_auth {
         field(&mut head, "proxy-authorization", auth.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
     head
+}
+
+fn authorization(head: &mut Vec<u8>, scheme: &str, secret: &str) {
+    head.extend_from_slice(b"authorization: ");
+    head.extend_from_slice(scheme.as_bytes());
+    head.extend_from_slice(secret.as_bytes());
+    head.extend_from_slice(b"\r\n");
 }
 
 fn field(head: &mut Vec<u8>, name: &str, value: &[u8]) {

@@ -200,7 +200,19 @@ async fn live_sessions_and_ephemeral_tokens_with_the_sdk() {
         None,
     )
     .await;
-    assert_eq!(v["resources"][0]["id"], token, "{v}");
+    // The token is a credential: kept, shown and logged only as a hash of it.
+    let listed = v["resources"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{v}");
+    assert!(
+        listed[0]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("auth_tokens/"),
+        "{v}"
+    );
+    let secret = token.trim_start_matches("auth_tokens/");
+    assert!(!v.to_string().contains(secret), "{v}");
+    assert!(!gate.logs().contains(secret), "the token is in the log");
     assert!(served(&fake, &keys).len() > 1, "{:?}", served(&fake, &keys));
 }
 
@@ -406,9 +418,20 @@ async fn the_new_surfaces_refuse_what_they_should() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    assert!(fake.state.key_stats("minute-quota-1").requests > 0);
-    let states = key_states(&gate).await;
-    assert!(states.iter().all(|(_, s)| s == "active"), "{states:?}");
+    // The key out of quota cooled for batches of the model alone (the next batches went
+    // straight to the other key), not for the model's interactive calls.
+    assert_eq!(fake.state.key_stats("minute-quota-1").requests, 1);
+    let cooldowns = |v: &Value| -> Vec<String> {
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|k| k["cooldowns"].as_array().unwrap().clone())
+            .map(|c| c["model"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, keys) = admin(Method::GET, &gate, "/admin/api/keys", None).await;
+    assert_eq!(cooldowns(&keys), ["batch/gemini-2.5-flash"], "{keys}");
     // An interaction is its client's alone.
     let create = json!({ "model": "gemini-2.5-flash", "input": "mine" });
     let made: Value = client()
@@ -458,8 +481,11 @@ async fn the_new_surfaces_refuse_what_they_should() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    let states = key_states(&gate).await;
-    assert!(states.iter().any(|(_, s)| s == "cooling"), "{states:?}");
+    let (_, keys) = admin(Method::GET, &gate, "/admin/api/keys", None).await;
+    assert!(
+        cooldowns(&keys).contains(&"gemini-2.5-flash".to_owned()),
+        "{keys}"
+    );
 }
 
 /// Live sessions and batch jobs count against limits of their own (`live`, `batch/{model}`),
@@ -600,5 +626,150 @@ async fn pinned_resources_outlive_a_restart_and_answer_for_their_key() {
     assert!(
         v["error"]["message"].as_str().unwrap().contains(&key_id),
         "{v}"
+    );
+}
+
+/// A client holds at most `server.live_sessions_per_client` sessions at once; a session ends
+/// for both sides when either closes, and its place is free again.
+#[tokio::test]
+async fn live_sessions_are_bounded_and_end_with_either_side() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["only-1"])
+        .env("GEMGATE_LIVE_SESSIONS_PER_CLIENT", "2")
+        .start()
+        .await;
+    let auth = [("x-goog-api-key", TOKEN)];
+    let mut first = Ws::open(gate.addr, LIVE, &auth).await.unwrap();
+    let mut second = Ws::open(gate.addr, LIVE, &auth).await.unwrap();
+    setup(&mut first).await;
+    setup(&mut second).await;
+    let Err((status, body)) = Ws::open(gate.addr, LIVE, &auth).await else {
+        panic!("a third session opened");
+    };
+    assert_eq!(status, 429, "{body}");
+    // Google ends the sessions: the clients' connections end too, though they say nothing.
+    fake.state.drop_connections();
+    for ws in [&mut first, &mut second] {
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), ws.recv()).await;
+        assert!(matches!(end, Ok(None)), "{end:?}");
+    }
+    // Their places are free again (the slot is given back as the session is torn down).
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(ws) = Ws::open(gate.addr, LIVE, &auth).await {
+            again = Some(ws);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut again = again.expect("no session opened after the others ended");
+    setup(&mut again).await;
+    one_turn(&mut again, "after").await;
+    gate.wait_log("live session ended").await;
+
+    // What is not a handshake gemgate can relay is refused before any key is used.
+    let before = fake.state.total_requests();
+    for head in [
+        format!(
+            "GET {LIVE} HTTP/1.0\r\nupgrade: websocket\r\nconnection: upgrade\r\nx-goog-api-key: {TOKEN}\r\n\r\n"
+        ),
+        format!(
+            "POST {LIVE} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\nx-goog-api-key: {TOKEN}\r\ncontent-length: 2\r\n\r\n{{}}"
+        ),
+        // Not `Connection: upgrade`.
+        format!(
+            "GET {LIVE} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nx-goog-api-key: {TOKEN}\r\n\r\n"
+        ),
+        // A body on the handshake.
+        format!(
+            "GET {LIVE} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\nx-goog-api-key: {TOKEN}\r\ncontent-length: 2\r\n\r\n{{}}"
+        ),
+    ] {
+        let mut conn = TcpStream::connect(gate.addr).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = [0u8; 12];
+        conn.read_exact(&mut answer).await.unwrap();
+        // 400, or 405 for the POST.
+        assert!(
+            answer.ends_with(b" 400") || head.starts_with("POST") && answer.ends_with(b" 405"),
+            "{}: {head}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(fake.state.total_requests(), before);
+    // Google's OpenAI-compatible files and batches are not passed through to a random key.
+    for path in ["/openai/v1/files", "/openai/v1/batches/b1"] {
+        let resp = client()
+            .get(gate.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+    }
+    assert_eq!(fake.state.total_requests(), before);
+}
+
+/// Policy applies to the new surfaces as to any call: plugins see an interaction's model or
+/// agent (and may refuse it), a Live session's upgrade, and may not rewrite what gemgate sends
+/// unchanged.
+#[tokio::test]
+async fn plugins_see_interactions_and_live_sessions() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .plugin(
+            "policy",
+            r#"
+return {
+  name = "policy",
+  priority = 10,
+  on_request = function(req, ctx)
+    if req.model == "deep-research-pro" then return gemgate.deny(403, "no agents for " .. req.client) end
+    if req.action == "live.connect" and req.headers["x-team"] == "none" then
+      return gemgate.deny(451, "no live sessions for this team")
+    end
+    if req.model == "rewritten" then return gemgate.rewrite { model = "gemini-2.5-flash" } end
+  end,
+}
+"#,
+        )
+        .start()
+        .await;
+    let create = |body: Value| {
+        client()
+            .post(gate.url("/v1beta/interactions"))
+            .header("x-goog-api-key", TOKEN)
+            .json(&body)
+            .send()
+    };
+    let resp = create(json!({ "agent": "deep-research-pro", "input": "x", "background": true }))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = create(json!({ "model": "rewritten", "input": "x" }))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 500);
+    let resp = create(json!({ "model": "gemini-2.5-flash", "input": "fine" }))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let refused = Ws::open(
+        gate.addr,
+        LIVE,
+        &[("x-goog-api-key", TOKEN), ("x-team", "none")],
+    )
+    .await;
+    assert!(matches!(refused, Err((451, _))));
+    let mut ws = Ws::open(gate.addr, LIVE, &[("x-goog-api-key", TOKEN)])
+        .await
+        .unwrap();
+    setup(&mut ws).await;
+    assert_eq!(
+        fake.state.total_requests(),
+        2,
+        "one interaction, one session"
     );
 }
