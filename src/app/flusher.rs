@@ -80,6 +80,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                 if last_retention.elapsed() >= RETENTION_EVERY {
                     last_retention = std::time::Instant::now();
                     retire_logs(&store, &config.file.logs);
+                    forget_expired(&store, &state.lasting);
                 }
             }
         });
@@ -100,6 +101,19 @@ fn lower_priority() {
         if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
             libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
         }
+    }
+}
+
+/// Forgets the owner registry's expired records (files, caches, batches, interactions,
+/// tokens), in memory and in the store.
+fn forget_expired(store: &Store, lasting: &Lasting) {
+    let gone = lasting.files.prune(crate::clock::now_ms());
+    if gone.is_empty() {
+        return;
+    }
+    match store.forget_files(&gone) {
+        Ok(()) => tracing::info!(records = gone.len(), "expired resource records forgotten"),
+        Err(e) => tracing::warn!("cannot forget expired resource records: {e}"),
     }
 }
 

@@ -28,25 +28,33 @@ pub fn acceptor(cert: &str, key: &str) -> Result<Arc<Acceptor>, String> {
     Ok(Arc::new(Acceptor::from_server_config(Arc::new(config))))
 }
 
-/// The connection as gemgate speaks over it: as accepted, or after the TLS handshake (`None`
-/// when the handshake failed or took longer than `within`).
+/// Why a connection was not accepted.
+pub enum Refused {
+    /// The TLS handshake failed.
+    Handshake,
+    /// It did not finish in time.
+    Slow,
+}
+
+/// The connection as gemgate speaks over it: as accepted, or after the TLS handshake (which
+/// must finish `within`).
 pub async fn accept(
     acceptor: Option<&Acceptor>,
     stream: L4Stream,
     within: std::time::Duration,
-) -> Option<Stream> {
+) -> Result<Stream, Refused> {
     let Some(acceptor) = acceptor else {
-        return Some(Box::new(stream));
+        return Ok(Box::new(stream));
     };
     match tokio::time::timeout(within, acceptor.tls_handshake(stream)).await {
-        Ok(Ok(tls)) => Some(Box::new(tls)),
+        Ok(Ok(tls)) => Ok(Box::new(tls)),
         Ok(Err(e)) => {
             tracing::debug!("TLS handshake: {e}");
-            None
+            Err(Refused::Handshake)
         }
         Err(_) => {
             tracing::debug!("a TLS handshake did not finish in time");
-            None
+            Err(Refused::Slow)
         }
     }
 }

@@ -183,6 +183,20 @@ impl FileOwners {
             .remove(id);
     }
 
+    /// Forgets the records that expired before `now`; returns their ids.
+    pub fn prune(&self, now: u64) -> Vec<String> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<String> = files
+            .iter()
+            .filter(|(_, f)| f.expires_ms <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            files.remove(id);
+        }
+        gone
+    }
+
     /// Every live file, by id: the admin API's view.
     pub fn all(&self) -> Vec<(String, FileRecord)> {
         let now = now_ms();
@@ -205,5 +219,43 @@ impl FileOwners {
             }
         }
         by_key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_have_their_own_record_ids_and_tokens_are_hashed() {
+        assert_eq!(Kind::File.record_id("files/abc"), "abc");
+        assert_eq!(Kind::Cache.record_id("cachedContents/abc"), "cache:abc");
+        assert_eq!(Kind::of_record("batch:b1"), (Kind::Batch, "b1"));
+        assert_eq!(Kind::of_record("abc"), (Kind::File, "abc"));
+        let token = Kind::Token.record_id("auth_tokens/secret-value");
+        assert!(
+            token.starts_with("token:") && !token.contains("secret"),
+            "{token}"
+        );
+        assert_eq!(token, Kind::Token.record_id("secret-value"));
+    }
+
+    #[test]
+    fn expired_records_are_pruned() {
+        let owners = FileOwners::default();
+        let owner = Owner {
+            key: "k".into(),
+            client: Some("c".into()),
+        };
+        for (id, expires_ms) in [("old", 10), ("new", u64::MAX)] {
+            let record = FileRecord {
+                owner: owner.clone(),
+                expires_ms,
+            };
+            owners.insert(id.into(), record);
+        }
+        assert_eq!(owners.prune(100), ["old"]);
+        assert!(owners.file("new").is_some());
+        assert!(owners.prune(100).is_empty());
     }
 }

@@ -20,7 +20,7 @@ use crate::clock::now_ms;
 use crate::http::reply::GateError;
 use crate::keys::owners::{FileRecord, Kind, Owner};
 
-/// Upstream calls one list may make in all (pages of 1,000, over every key that holds some of
+/// Upstream calls one list may make in all (pages of up to 1,000, over every key that holds some of
 /// the client's): a client spreading its resources over many keys cannot make one request cost
 /// more.
 const MAX_LIST_CALLS: usize = 32;
@@ -171,6 +171,8 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Bytes, Refusal> {
         let field = list_field(kind);
+        // Google's largest page: 100 files, 1,000 of the others.
+        let page = if kind == Kind::File { 100 } else { 1000 };
         let collection = kind.collection();
         let mut all = Vec::new();
         let mut calls = 0;
@@ -193,10 +195,10 @@ impl Gateway {
                 let path = header.uri.path().to_owned();
                 let uri = match &token {
                     Some(t) => format!(
-                        "{path}?pageSize=1000&pageToken={}",
+                        "{path}?pageSize={page}&pageToken={}",
                         super::request::encode_query_value(t)
                     ),
-                    None => format!("{path}?pageSize=1000"),
+                    None => format!("{path}?pageSize={page}"),
                 };
                 let Ok(uri) = uri.parse::<http::Uri>() else {
                     break;

@@ -92,6 +92,7 @@ pub fn route(path: &str, goog_credential: bool) -> Route {
         "/download/v1beta/",
         "/gemini/download/v1beta/",
         "/download/v1/",
+        "/gemini/download/v1/",
     ]
     .iter()
     .find_map(|p| path.strip_prefix(p))

@@ -105,10 +105,19 @@ pub(super) async fn serve(
     if let Err(e) = stream.set_nodelay() {
         tracing::debug!("TCP_NODELAY: {e}");
     }
-    let Some(stream) =
-        crate::config::tls::accept(tls.as_deref(), stream, app.header_timeout()).await
-    else {
-        return;
+    let accepted = crate::config::tls::accept(tls.as_deref(), stream, app.header_timeout()).await;
+    let stream = match accepted {
+        Ok(stream) => stream,
+        Err(why) => {
+            // Counted as a refused connection: a broken client, a scanner, or a slowloris.
+            let refused = &app.state.refused;
+            let counter = match why {
+                crate::config::tls::Refused::Handshake => &refused.malformed,
+                crate::config::tls::Refused::Slow => &refused.slow,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
     };
     let mut conn = Box::new(Gathered::new(stream));
     let mut idle = app.header_timeout();

@@ -299,6 +299,18 @@ impl Store {
         tx.commit().map_err(io)
     }
 
+    /// Deletes the records of these files (or other resources), in one transaction.
+    pub fn forget_files(&self, ids: &[String]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut table = tx.open_table(FILES).map_err(io)?;
+            for id in ids {
+                table.remove(id.as_str()).map_err(io)?;
+            }
+        }
+        tx.commit().map_err(io)
+    }
+
     /// Every file saved. Files saved before their clients were kept have no client.
     pub fn load_files(&self) -> Result<Vec<(String, crate::keys::owners::FileRecord)>, StoreError> {
         use crate::keys::owners::{FileRecord, Owner};

@@ -773,3 +773,36 @@ return {
         "one interaction, one session"
     );
 }
+
+/// With a certificate the listener speaks HTTPS alone: a request over TLS is served, plain
+/// HTTP and a handshake that never comes are closed (and counted as refused connections).
+#[tokio::test]
+async fn the_listener_speaks_tls_with_a_certificate() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).tls().start().await;
+    assert!(gate.url("").starts_with("https://"));
+    let resp = client()
+        .post(gate.url("/v1beta/models/gemini-2.5-flash:generateContent"))
+        .header("x-goog-api-key", TOKEN)
+        .json(&ask("over tls"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut plain = TcpStream::connect(gate.addr).await.unwrap();
+    plain
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        plain.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the plain connection was not closed");
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "plain HTTP was served"
+    );
+}
