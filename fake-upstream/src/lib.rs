@@ -547,6 +547,16 @@ fn quota_error(per: &str, model: &str, retry_delay_s: Option<u64>) -> Response<B
 
 const MODELS: &[(&str, &str, &[&str])] = &[
     (
+        "gemini-3-pro-preview",
+        "Gemini 3 Pro Preview",
+        &["generateContent", "countTokens"],
+    ),
+    (
+        "gemini-3-flash-preview",
+        "Gemini 3 Flash Preview",
+        &["generateContent", "countTokens"],
+    ),
+    (
         "gemini-2.5-flash",
         "Gemini 2.5 Flash",
         &["generateContent", "countTokens"],
@@ -913,6 +923,9 @@ async fn handle(
                 );
             };
             if let Some(refused) = foreign_file(&state, &key, contents) {
+                return refused;
+            }
+            if let Some(refused) = gemini_3_rules(&model, &request, contents) {
                 return refused;
             }
             // A cache belongs to the project of the key that created it, as at Google.
@@ -1410,6 +1423,47 @@ fn openai_error(status: u16, message: &str) -> Response<Body> {
         StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
         &body,
     )
+}
+
+/// What Gemini 3 refuses that older models take: a model turn whose first function call lost
+/// its thought signature, and a thinking config with both a level and a budget.
+fn gemini_3_rules(model: &str, request: &Value, contents: &[Value]) -> Option<Response<Body>> {
+    let thinking = request.pointer("/generationConfig/thinkingConfig");
+    if thinking
+        .is_some_and(|t| t.get("thinkingLevel").is_some() && t.get("thinkingBudget").is_some())
+    {
+        return Some(google_error(
+            400,
+            "INVALID_ARGUMENT",
+            "You can only set only one of thinking budget and thinking level.",
+            Value::Null,
+        ));
+    }
+    if !model.starts_with("gemini-3") {
+        return None;
+    }
+    for (i, turn) in contents.iter().enumerate() {
+        if turn["role"] != "model" {
+            continue;
+        }
+        let first_call = turn["parts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p.get("functionCall").is_some());
+        if first_call.is_some_and(|p| p.get("thoughtSignature").is_none()) {
+            return Some(google_error(
+                400,
+                "INVALID_ARGUMENT",
+                &format!(
+                    "Function call is missing a thought_signature in functionCall parts. This is required for tools to work correctly, and missing thought_signature may lead to degraded model performance. Additional data, function call `default_api:f` , position {}. Please refer to https://ai.google.dev/gemini-api/docs/thought-signatures for more details.",
+                    i + 1
+                ),
+                Value::Null,
+            ));
+        }
+    }
+    None
 }
 
 /// Google's OpenAI-compatible API (`/v1beta/openai/...`), in brief: models and chat

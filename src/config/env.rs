@@ -124,6 +124,7 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
         "models.thinking_budget_map",
         Kind::Json,
     ),
+    ("MODEL_ALIASES", "models.aliases", Kind::Json),
     ("SHOW_SEARCH_LINK", "models.show_search_link", Kind::Bool),
     (
         "SHOW_THINKING_PROCESS",

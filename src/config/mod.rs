@@ -373,6 +373,9 @@ pub struct ModelsSection {
     pub image: Vec<String>,
     pub thinking: Vec<String>,
     pub thinking_budget_map: BTreeMap<String, i64>,
+    /// Other names of models (`"gpt-4o" = "gemini-2.5-flash"`, `"claude-*" = …`), which the
+    /// shipped `model_alias` plugin applies.
+    pub aliases: BTreeMap<String, String>,
     pub show_search_link: bool,
     pub show_thinking_process: bool,
     pub code_execution: bool,
@@ -389,6 +392,7 @@ impl Default for ModelsSection {
             image: vec!["gemini-2.0-flash-exp".into()],
             thinking: Vec::new(),
             thinking_budget_map: BTreeMap::new(),
+            aliases: BTreeMap::new(),
             show_search_link: true,
             show_thinking_process: true,
             code_execution: false,
@@ -895,6 +899,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         return Err(invalid("server.log_format", "text or json"));
     }
     check_limits(&file)?;
+    check_aliases(&file.models.aliases)?;
     let durations = durations(&file)?;
     let up = &file.upstream;
     let base_url = BaseUrl::parse(&up.base_url).map_err(|m| invalid("upstream.base_url", m))?;
@@ -1098,6 +1103,32 @@ fn parse_all<T>(
 }
 
 /// The limits and counts that have a floor or a range.
+/// Every alias a model name (`*` for any run of characters), every target a model name.
+fn check_aliases(aliases: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    let name_ok = |s: &str, wildcard: bool| {
+        let s = model_name(s);
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b) || wildcard && b == b'*')
+    };
+    for (alias, target) in aliases {
+        if !name_ok(alias, true) {
+            return Err(invalid(
+                "models.aliases",
+                format!("{alias:?} is not a model name (letters, digits, - . _ and * only)"),
+            ));
+        }
+        if !name_ok(target, false) {
+            return Err(invalid(
+                "models.aliases",
+                format!("{alias:?} stands for {target:?}, which is not a model name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_limits(file: &FileConfig) -> Result<(), ConfigError> {
     let server = &file.server;
     if server.max_body_bytes < 1024 {

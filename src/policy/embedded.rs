@@ -14,6 +14,7 @@ macro_rules! shipped {
 /// (name, code) of every plugin in `plugins/`.
 const SHIPPED: &[(&str, &str)] = shipped!(
     "least_loaded",
+    "model_alias",
     "model_allowlist",
     "model_filter",
     "model_suffixes",

@@ -1569,6 +1569,9 @@ fn settings(config: &Config) -> serde_json::Value {
         "image_models": m.image,
         "thinking_models": m.thinking,
         "thinking_budget_map": m.thinking_budget_map,
+        "model_aliases": m.aliases.iter()
+            .map(|(alias, target)| (alias.clone(), crate::config::model_name(target)))
+            .collect::<std::collections::BTreeMap<_, _>>(),
         "show_search_link": m.show_search_link,
         "show_thinking_process": m.show_thinking_process,
         "code_execution": m.code_execution,

@@ -37,6 +37,8 @@ pub(crate) struct Meta {
     pub trace: Option<crate::traces::Context>,
     /// Its finished attempts' spans, until the request's own span ends.
     pub spans: Mutex<Vec<crate::traces::Span>>,
+    /// The model the client asked for, when a plugin (an alias) made it another.
+    pub asked_model: std::sync::OnceLock<String>,
 }
 
 impl Meta {
@@ -154,6 +156,7 @@ impl Exchange {
                 shared: Mutex::default(),
                 trace: None,
                 spans: Mutex::default(),
+                asked_model: std::sync::OnceLock::new(),
             },
             kind: Kind::Call,
             model: String::new(),

@@ -317,8 +317,14 @@ impl Gateway {
             client: meta.client(),
             headers: &req.headers,
         };
-        meta.with_shared(|shared| generation.policy.on_request(&info, shared))
-            .map_err(denied)
+        let rewrite = meta
+            .with_shared(|shared| generation.policy.on_request(&info, shared))
+            .map_err(denied)?;
+        // An alias (or any other rename): the logs keep the name the client asked for.
+        if rewrite.model.as_deref().is_some_and(|m| m != model) {
+            let _ = meta.asked_model.set(model.to_owned());
+        }
+        Ok(rewrite)
     }
 
     /// A Gemini-native call: checks, then the attempt loop.

@@ -198,6 +198,13 @@ impl Gateway {
     ) -> Result<Outcome, Refusal> {
         let raw = read_body(s, generation.config.max_body_bytes).await?;
         let mut request = chat::request(&json_body(&raw)?).map_err(bad)?;
+        if request.placeholder_signatures > 0 {
+            tracing::info!(
+                id = %x.meta.id,
+                calls = request.placeholder_signatures,
+                "tool calls came back without their thought signature: sent Google's placeholder"
+            );
+        }
         inline_remote_files(generation, &mut request.body).await?;
         let action = if request.stream {
             "streamGenerateContent"

@@ -36,6 +36,7 @@ impl Exchange {
                 String::from_utf8_lossy(kept).into_owned()
             }),
             unsampled,
+            asked_model: self.meta.asked_model.into_inner(),
             instance: instance.map(str::to_owned),
         }
     }
@@ -56,6 +57,7 @@ impl Exchange {
                 id = %self.meta.id,
                 client = self.meta.client.as_deref(),
                 model = %self.model,
+                asked_model = self.meta.asked_model.get().map(String::as_str),
                 action = %self.action,
                 key = self.key.as_deref(),
                 status = self.status,
@@ -79,6 +81,9 @@ impl Exchange {
         field("id", &self.meta.id);
         field("client", self.meta.client.as_deref().unwrap_or("-"));
         field("model", &self.model);
+        if let Some(asked) = self.meta.asked_model.get() {
+            field("asked_model", asked);
+        }
         field("action", &self.action);
         field("key", self.key.as_deref().unwrap_or("-"));
         field("status", itoa::Buffer::new().format(self.status));

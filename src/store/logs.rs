@@ -103,6 +103,9 @@ pub struct Record {
     /// failed request, and the dashboard counts every request.
     #[serde(skip)]
     pub unsampled: bool,
+    /// The model the client asked for, when an alias made it `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked_model: Option<String>,
     /// The fleet instance that served it (`None`: a single instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
@@ -125,6 +128,7 @@ impl Record {
             + opt(&self.class)
             + opt(&self.upstream_message)
             + opt(&self.request_body)
+            + opt(&self.asked_model)
     }
 
     /// The record as stored: serde's JSON for it, byte for byte (the queries match on it), but
@@ -164,6 +168,9 @@ impl Record {
         };
         value(&mut out, ",\"upstream_message\":", message);
         value(&mut out, ",\"request_body\":", body);
+        if let Some(asked) = &self.asked_model {
+            value(&mut out, ",\"asked_model\":", asked);
+        }
         if let Some(instance) = &self.instance {
             value(&mut out, ",\"instance\":", instance);
         }
@@ -1014,6 +1021,7 @@ mod tests {
             upstream_message: Some("Quota exceeded\t".into()),
             request_body: Some("{\"contents\":[]}".into()),
             unsampled: false,
+            asked_model: Some("gpt-4o".into()),
             instance: Some("pod-1:8000".into()),
         };
         let odd = Record {

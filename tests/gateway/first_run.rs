@@ -49,6 +49,11 @@ async fn check_names_the_bad_field() {
         ("[server]\nlisten = \"localhost\"\n", &[], "server.listen"),
         ("", &[("BASE_URL", "ftp://example.com")], "BASE_URL"),
         ("", &[("MAX_FAILURES", "lots")], "MAX_FAILURES"),
+        (
+            "",
+            &[("MODEL_ALIASES", r#"{"gpt 4o": "gemini-2.5-flash"}"#)],
+            "models.aliases",
+        ),
     ];
     for (text, env, field) in cases {
         std::fs::write(&path, text).unwrap();

@@ -15,6 +15,7 @@ mod metrics;
 mod openai;
 mod pages;
 mod plugins;
+mod protocols;
 mod proxying;
 mod quota;
 mod reload;

@@ -27,6 +27,17 @@ pub struct ChatCall {
     pub include_usage: bool,
     /// The `generateContent` body.
     pub body: Value,
+    /// Tool calls that came back without their thought signature, sent with Google's
+    /// placeholder in its place (Gemini 3 refuses a model turn's call without one).
+    pub placeholder_signatures: usize,
+}
+
+/// Google's documented stand-in for a thought signature a client did not keep.
+pub const PLACEHOLDER_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// Whether `model` is of the Gemini 3 family: thinking levels, mandatory thought signatures.
+pub fn is_gemini_3(model: &str) -> bool {
+    model.starts_with("gemini-3")
 }
 
 /// Translates an OpenAI chat request into a Gemini request.
@@ -40,7 +51,7 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
         .and_then(Value::as_array)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| BadRequest::new("messages", "`messages` must be a non-empty list"))?;
-    let turns = Turns::of(messages)?;
+    let turns = Turns::of(messages, is_gemini_3(&model))?;
 
     let mut out = Map::new();
     out.insert("contents".into(), Value::Array(turns.contents));
@@ -49,7 +60,7 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
     }
     // One budget for every schema of the request: many tools cannot multiply it.
     let mut budget = schema::Budget::default();
-    let config = generation_config(obj, &mut budget)?;
+    let config = generation_config(obj, &model, &mut budget)?;
     if !config.is_empty() {
         out.insert("generationConfig".into(), Value::Object(config));
     }
@@ -72,6 +83,7 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         body: Value::Object(out),
+        placeholder_signatures: turns.placeholders,
     })
 }
 
@@ -84,12 +96,19 @@ struct Turns {
     contents: Vec<Value>,
     /// Tool call ids → function names, for `tool` messages (which name only the id).
     call_names: HashMap<String, String>,
+    /// Every model turn's first tool call must carry a thought signature (Gemini 3).
+    signatures_required: bool,
+    /// Signatures put in for tool calls that came back without theirs.
+    placeholders: usize,
 }
 
 impl Turns {
     /// Reads every message, in order; there must be at least one user or assistant turn.
-    fn of(messages: &[Value]) -> Result<Turns, BadRequest> {
-        let mut turns = Turns::default();
+    fn of(messages: &[Value], signatures_required: bool) -> Result<Turns, BadRequest> {
+        let mut turns = Turns {
+            signatures_required,
+            ..Turns::default()
+        };
         for (i, m) in messages.iter().enumerate() {
             turns.add(i, m)?;
         }
@@ -148,6 +167,14 @@ impl Turns {
             .enumerate()
         {
             p.push(self.function_call(call, &format!("messages[{i}].tool_calls[{j}]"))?);
+        }
+        // Of parallel calls only the first carries the signature: that one must be there.
+        if self.signatures_required
+            && let Some(first) = p.iter_mut().find(|part| part.get("functionCall").is_some())
+            && first.get("thoughtSignature").is_none()
+        {
+            first["thoughtSignature"] = json!(PLACEHOLDER_SIGNATURE);
+            self.placeholders += 1;
         }
         Ok(p)
     }
@@ -428,6 +455,7 @@ pub fn inline_files(body: &mut Value, fetched: Vec<(String, String)>) {
 /// Sampling and output settings → `generationConfig`; only what the client sent.
 fn generation_config(
     obj: &Map<String, Value>,
+    model: &str,
     budget: &mut schema::Budget,
 ) -> Result<Map<String, Value>, BadRequest> {
     let mut c = Map::new();
@@ -439,7 +467,7 @@ fn generation_config(
         response_format(format, budget, &mut c)?;
     }
     if let Some(effort) = obj.get("reasoning_effort").and_then(Value::as_str) {
-        c.insert("thinkingConfig".into(), thinking_config(effort)?);
+        c.insert("thinkingConfig".into(), thinking_config(effort, model)?);
     }
     Ok(c)
 }
@@ -516,21 +544,36 @@ fn response_format(
     Ok(())
 }
 
-/// `reasoning_effort` → `thinkingConfig`.
-fn thinking_config(effort: &str) -> Result<Value, BadRequest> {
+/// `reasoning_effort` → `thinkingConfig`: a `thinkingLevel` for the models that take one
+/// (Gemini 3: Flash has minimal, low, medium and high, Pro low and high, and neither turns
+/// thinking off), a `thinkingBudget` for the others; never both.
+fn thinking_config(effort: &str, model: &str) -> Result<Value, BadRequest> {
+    if is_gemini_3(model) {
+        let flash = model.contains("flash");
+        let level = match effort {
+            "none" | "minimal" if flash => "minimal",
+            "medium" if flash => "medium",
+            "none" | "minimal" | "low" => "low",
+            "medium" | "high" => "high",
+            other => return Err(bad_effort(other)),
+        };
+        return Ok(json!({ "thinkingLevel": level, "includeThoughts": true }));
+    }
     let budget = match effort {
         "none" | "minimal" => 0,
         "low" => 1024,
         "medium" => 8192,
         "high" => 24576,
-        other => {
-            return Err(BadRequest::new(
-                "reasoning_effort",
-                format!("{other:?} is not none, minimal, low, medium or high"),
-            ));
-        }
+        other => return Err(bad_effort(other)),
     };
     Ok(json!({ "thinkingBudget": budget, "includeThoughts": budget > 0 }))
+}
+
+fn bad_effort(effort: &str) -> BadRequest {
+    BadRequest::new(
+        "reasoning_effort",
+        format!("{effort:?} is not none, minimal, low, medium or high"),
+    )
 }
 
 /// Gemini's `finishReason` → OpenAI's `finish_reason`.
@@ -1016,6 +1059,81 @@ impl ChatStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chat of two assistant turns with tool calls (the second with two parallel calls), as
+    /// a client that kept (`kept`) or dropped the thought signatures sends it back.
+    fn two_tool_turns(model: &str, kept: bool) -> Value {
+        let call = |id: &str, sig: Option<&str>| {
+            let mut c = json!({ "id": id, "type": "function", "function": { "name": "f", "arguments": "{}" } });
+            if let Some(sig) = sig.filter(|_| kept) {
+                c["extra_content"] = json!({ "google": { "thought_signature": sig } });
+            }
+            c
+        };
+        json!({
+            "model": model,
+            "messages": [
+                { "role": "user", "content": "go" },
+                { "role": "assistant", "content": null, "tool_calls": [call("a", Some("s1"))] },
+                { "role": "tool", "tool_call_id": "a", "content": "1" },
+                { "role": "assistant", "content": null, "tool_calls": [call("b", Some("s2")), call("c", None)] },
+                { "role": "tool", "tool_call_id": "b", "content": "2" },
+                { "role": "tool", "tool_call_id": "c", "content": "3" }
+            ]
+        })
+    }
+
+    #[test]
+    fn gemini_3_signatures_go_back_and_dropped_ones_are_stood_in_for() {
+        let signature = |call: &ChatCall, turn: usize, part: usize| {
+            call.body["contents"][turn]["parts"][part]["thoughtSignature"].clone()
+        };
+        let kept = request(&two_tool_turns("gemini-3-pro-preview", true)).unwrap();
+        assert_eq!(signature(&kept, 1, 0), "s1");
+        assert_eq!(signature(&kept, 3, 0), "s2");
+        assert_eq!(
+            signature(&kept, 3, 1),
+            Value::Null,
+            "only the first of parallel calls"
+        );
+        assert_eq!(kept.placeholder_signatures, 0);
+        let dropped = request(&two_tool_turns("gemini-3-pro-preview", false)).unwrap();
+        assert_eq!(signature(&dropped, 1, 0), PLACEHOLDER_SIGNATURE);
+        assert_eq!(signature(&dropped, 3, 0), PLACEHOLDER_SIGNATURE);
+        assert_eq!(signature(&dropped, 3, 1), Value::Null);
+        assert_eq!(dropped.placeholder_signatures, 2);
+        // Older models need none: nothing is made up for them.
+        let older = request(&two_tool_turns("gemini-2.5-flash", false)).unwrap();
+        assert_eq!(signature(&older, 1, 0), Value::Null);
+        assert_eq!(older.placeholder_signatures, 0);
+    }
+
+    #[test]
+    fn reasoning_effort_is_a_level_for_gemini_3_and_a_budget_before() {
+        let thinking = |model: &str, effort: &str| {
+            let call = request(&json!({
+                "model": model, "reasoning_effort": effort,
+                "messages": [{ "role": "user", "content": "hi" }]
+            }))
+            .unwrap();
+            call.body["generationConfig"]["thinkingConfig"].clone()
+        };
+        for (model, effort, level) in [
+            ("gemini-3-pro-preview", "low", "low"),
+            ("gemini-3-pro-preview", "minimal", "low"),
+            ("gemini-3-pro-preview", "medium", "high"),
+            ("gemini-3-flash-preview", "minimal", "minimal"),
+            ("gemini-3-flash-preview", "medium", "medium"),
+            ("gemini-3-flash-preview", "high", "high"),
+        ] {
+            let t = thinking(model, effort);
+            assert_eq!(t["thinkingLevel"], level, "{model} {effort}");
+            assert!(t.get("thinkingBudget").is_none(), "never both: {t}");
+        }
+        let t = thinking("gemini-2.5-flash", "low");
+        assert_eq!(t["thinkingBudget"], 1024);
+        assert!(t.get("thinkingLevel").is_none(), "{t}");
+    }
 
     #[test]
     fn messages_become_contents() {

@@ -1,0 +1,128 @@
+//! Every client speaks to it: Gemini 3 through the OpenAI API (thought signatures, thinking
+//! levels) and model aliases for every protocol.
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+/// Gemini 3 tool calls with the `openai` SDK through three turns and a stream: the fake, like
+/// Google, refuses a model turn whose call lost its signature, so every turn passing means the
+/// signatures went back; a client that dropped them gets Google's placeholder, and the log
+/// says so.
+#[tokio::test]
+async fn gemini_3_tool_calls_keep_their_signatures_with_the_openai_sdk() {
+    let Some(python) = needed_env("GEMGATE_SDK_PYTHON") else {
+        return;
+    };
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1", "good-2"]).start().await;
+    let url = gate.url("");
+    let env = [("GEMGATE_URL", url.as_str()), ("GEMGATE_TOKEN", TOKEN)];
+    let report = run_python(&python, "sdk/openai_gemini3.py", &env, &gate).await;
+    assert!(
+        report.contains("ok   dropped signature still works"),
+        "{report}"
+    );
+    gate.wait_log("sent Google's placeholder").await;
+    // reasoning_effort went as a level, never with a budget.
+    let thinking: Vec<Value> = fake
+        .state
+        .received()
+        .into_iter()
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .filter_map(|b| b.pointer("/generationConfig/thinkingConfig").cloned())
+        .collect();
+    assert!(!thinking.is_empty());
+    assert!(
+        thinking
+            .iter()
+            .all(|t| t["thinkingLevel"] == "low" && t.get("thinkingBudget").is_none()),
+        "{thinking:?}"
+    );
+}
+
+/// `[models] aliases` (here `MODEL_ALIASES`): an exact alias and a pattern reach Google as their
+/// models, over the native and the OpenAI APIs; model lists show the exact ones; the logs keep
+/// the name the client asked for.
+#[tokio::test]
+async fn model_aliases_work_for_every_protocol() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env(
+            "MODEL_ALIASES",
+            r#"{"gpt-4o": "gemini-2.5-flash", "claude-*": "gemini-2.5-pro", "claude-haiku-*": "gemini-2.5-flash-lite"}"#,
+        )
+        .admin()
+        .start()
+        .await;
+    let chat = |model: &'static str| {
+        client()
+            .post(gate.url("/v1/chat/completions"))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "model": model, "messages": [{ "role": "user", "content": "hi" }] }))
+            .send()
+    };
+    for (asked, sent) in [
+        ("gpt-4o", "gemini-2.5-flash"),
+        ("claude-sonnet-4-5", "gemini-2.5-pro"),
+        ("claude-haiku-4-5", "gemini-2.5-flash-lite"),
+    ] {
+        let resp = chat(asked).await.unwrap();
+        assert_eq!(resp.status(), 200, "{asked}");
+        let path = fake.state.last_received().unwrap().path;
+        assert!(
+            path.contains(&format!("/models/{sent}:")),
+            "{asked}: {path}"
+        );
+        gate.wait_log(&format!("model={sent} asked_model={asked} "))
+            .await;
+    }
+    let resp = client()
+        .post(gate.url("/v1beta/models/gpt-4o:generateContent"))
+        .header("x-goog-api-key", TOKEN)
+        .json(&ask("native"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        fake.state
+            .last_received()
+            .unwrap()
+            .path
+            .contains("/models/gemini-2.5-flash:")
+    );
+    let models: Value = client()
+        .get(gate.url("/v1/models"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"gpt-4o") && ids.contains(&"gemini-2.5-flash"),
+        "{ids:?}"
+    );
+    // The request log keeps both names.
+    wait_logged(&gate, 5).await;
+    let (_, logs) = admin(
+        reqwest::Method::GET,
+        &gate,
+        "/admin/api/logs/requests?limit=10",
+        None,
+    )
+    .await;
+    assert!(
+        logs.to_string().contains(r#""asked_model":"gpt-4o""#),
+        "{logs}"
+    );
+}
