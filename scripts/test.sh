@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, and the integration tests that start gemgate and the fake Gemini
-# upstream on loopback ports, including the official openai and google-genai Python SDKs
+# upstream on loopback ports, including the official openai, anthropic and google-genai Python SDKs
 # against gemgate, and the admin page in headless Chromium (Playwright). Their virtual
 # environment is made on first run, in target/sdk-venv; Chromium comes from the system's
 # package manager. The browser test's screenshots are kept in target/browser-shots/. The fleet
@@ -12,6 +12,7 @@ scripts/bootstrap.sh
 
 OPENAI_SDK_VERSION=3.57.0
 GENAI_SDK_VERSION=3.6.1
+ANTHROPIC_SDK_VERSION=2.17.0
 # Playwright drives the system's Chromium; it never downloads a browser of its own.
 PLAYWRIGHT_VERSION=1.64.1
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -22,12 +23,12 @@ apt_install() {
 }
 
 venv=target/sdk-venv
-if ! "$venv/bin/python" -c "import openai, google.genai as g, playwright, importlib.metadata as m, sys; sys.exit(openai.__version__ != '$OPENAI_SDK_VERSION' or g.__version__ != '$GENAI_SDK_VERSION' or m.version('playwright') != '$PLAYWRIGHT_VERSION')" 2>/dev/null; then
-  echo "test: installing openai $OPENAI_SDK_VERSION, google-genai $GENAI_SDK_VERSION and playwright $PLAYWRIGHT_VERSION into $venv" >&2
+if ! "$venv/bin/python" -c "import openai, anthropic, google.genai as g, playwright, importlib.metadata as m, sys; sys.exit(openai.__version__ != '$OPENAI_SDK_VERSION' or g.__version__ != '$GENAI_SDK_VERSION' or anthropic.__version__ != '$ANTHROPIC_SDK_VERSION' or m.version('playwright') != '$PLAYWRIGHT_VERSION')" 2>/dev/null; then
+  echo "test: installing openai $OPENAI_SDK_VERSION, google-genai $GENAI_SDK_VERSION, anthropic $ANTHROPIC_SDK_VERSION and playwright $PLAYWRIGHT_VERSION into $venv" >&2
   mkdir -p target
   python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
   "$venv/bin/pip" install -q "openai==$OPENAI_SDK_VERSION" "google-genai==$GENAI_SDK_VERSION" \
-    "playwright==$PLAYWRIGHT_VERSION"
+    "anthropic==$ANTHROPIC_SDK_VERSION" "playwright==$PLAYWRIGHT_VERSION"
 fi
 if ! command -v chromium >/dev/null 2>&1; then
   echo "test: installing Chromium for the admin page's browser test" >&2

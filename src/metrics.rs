@@ -35,6 +35,8 @@ pub enum Route {
     Gemini,
     OpenAi,
     OpenAiPassthrough,
+    /// Anthropic's Messages API.
+    Anthropic,
     Files,
     /// The Interactions API.
     Interactions,
@@ -47,10 +49,11 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 9] = [
+    const ALL: [Route; 10] = [
         Route::Gemini,
         Route::OpenAi,
         Route::OpenAiPassthrough,
+        Route::Anthropic,
         Route::Files,
         Route::Interactions,
         Route::Batch,
@@ -64,6 +67,7 @@ impl Route {
             Route::Gemini => "gemini",
             Route::OpenAi => "openai",
             Route::OpenAiPassthrough => "openai_passthrough",
+            Route::Anthropic => "anthropic",
             Route::Files => "files",
             Route::Interactions => "interactions",
             Route::Batch => "batch",

@@ -989,8 +989,10 @@ async fn handle(
             stream_response(model, usage, answer, chunks, delay, hold, sse, cut)
         }
         "countTokens" => {
+            // `contents`, or a whole `generateContentRequest`, as Google takes either.
             let n = request
                 .get("contents")
+                .or_else(|| request.pointer("/generateContentRequest/contents"))
                 .and_then(Value::as_array)
                 .map_or(0, |c| {
                     c.iter().map(|c| words(&parts_text(c))).sum::<usize>()

@@ -12,6 +12,8 @@ pub enum Protocol {
     OpenAi,
     /// Google's own OpenAI-compatible API, passed through (`/openai/v1`).
     GoogleOpenAi,
+    /// Anthropic's Messages API, translated by gemgate (`/v1/messages`).
+    Anthropic,
 }
 
 impl Protocol {
@@ -20,6 +22,7 @@ impl Protocol {
         match self {
             Protocol::Gemini => "gemini",
             Protocol::OpenAi | Protocol::GoogleOpenAi => "openai",
+            Protocol::Anthropic => "anthropic",
         }
     }
 }
@@ -65,6 +68,14 @@ impl GateError {
                 )
                 .to_string(),
             ),
+            Protocol::Anthropic => {
+                let kind = crate::translate::anthropic::error_type(self.status);
+                let body = serde_json::json!({
+                    "type": "error",
+                    "error": { "type": kind, "message": self.message },
+                });
+                Bytes::from(body.to_string())
+            }
         }
     }
 

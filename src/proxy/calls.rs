@@ -54,6 +54,22 @@ impl NativeCall {
     }
 }
 
+/// A route of Anthropic's Messages API, which gemgate translates (`/v1/messages…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnthropicCall {
+    Messages,
+    CountTokens,
+}
+
+impl AnthropicCall {
+    pub fn action(self) -> &'static str {
+        match self {
+            AnthropicCall::Messages => "messages",
+            AnthropicCall::CountTokens => "messages.count_tokens",
+        }
+    }
+}
+
 /// A route of the OpenAI-compatible API gemgate translates (`/v1`, `/hf/v1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenAiCall {

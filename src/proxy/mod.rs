@@ -11,6 +11,7 @@
 //! any size.
 
 mod answer;
+mod anthropic;
 mod attempt;
 mod batches;
 pub mod caches;
@@ -242,7 +243,11 @@ impl Gateway {
         }
         let presented = auth::credential(
             req.uri.query(),
-            req.headers.get(X_GOOG_API_KEY).map(HeaderValue::as_bytes),
+            // Anthropic's clients send theirs as `x-api-key`.
+            req.headers
+                .get(X_GOOG_API_KEY)
+                .or_else(|| req.headers.get("x-api-key"))
+                .map(HeaderValue::as_bytes),
             req.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
         )
         .ok_or_else(|| deny("missing API key: pass your gemgate token as ?key=, x-goog-api-key or Authorization: Bearer"))?;
@@ -488,9 +493,11 @@ impl Gateway {
         }
         match refusal {
             Refusal::Gate(e) => send_gate(s, x, &e).await,
-            // OpenAI clients get Google's status and message in OpenAI's shape.
+            // OpenAI and Anthropic clients get Google's status and message in their shape.
             Refusal::Upstream(f)
-                if x.meta.protocol == Protocol::OpenAi && f.status != 0 && !f.body.is_empty() =>
+                if matches!(x.meta.protocol, Protocol::OpenAi | Protocol::Anthropic)
+                    && f.status != 0
+                    && !f.body.is_empty() =>
             {
                 x.class = Some(Class::Upstream(f.class));
                 let mut e = GateError::new(f.status, f.message.clone());

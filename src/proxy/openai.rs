@@ -104,7 +104,7 @@ impl Reframe for ChatChunks {
 }
 
 /// Fetches the files a chat request names by URL (within the body limit) and inlines them.
-async fn inline_remote_files(generation: &Generation, body: &mut Value) -> Result<(), Refusal> {
+pub(super) async fn inline_remote_files(generation: &Generation, body: &mut Value) -> Result<(), Refusal> {
     let urls = chat::remote_files(body);
     if urls.is_empty() {
         return Ok(());
@@ -147,7 +147,7 @@ struct Whole<'a> {
 }
 
 /// Parses a JSON request body, or says what is wrong with it.
-fn json_body(raw: &[u8]) -> Result<Value, Refusal> {
+pub(super) fn json_body(raw: &[u8]) -> Result<Value, Refusal> {
     serde_json::from_slice(raw).map_err(|e| {
         Refusal::Gate(GateError::new(
             400,
@@ -156,7 +156,7 @@ fn json_body(raw: &[u8]) -> Result<Value, Refusal> {
     })
 }
 
-fn bad(e: openai::BadRequest) -> Refusal {
+pub(super) fn bad(e: openai::BadRequest) -> Refusal {
     Refusal::Gate(GateError::bad_request(e))
 }
 
@@ -590,7 +590,7 @@ impl Gateway {
 
     /// An upstream request for a translated call: `path` and `query` on the Gemini API, `body`
     /// as gemgate made it, with the plugins' headers.
-    fn gemini_call(
+    pub(super) fn gemini_call(
         &self,
         generation: &Generation,
         s: &ServerSession,
@@ -680,7 +680,7 @@ impl Gateway {
 /// execution tool (`TOOLS_CODE_EXECUTION_ENABLED`, when the client declared no functions, which
 /// Gemini does not mix with it) and the URL context tool (`URL_CONTEXT_ENABLED` for
 /// `URL_CONTEXT_MODELS`). The client's own values win.
-fn operator_settings(body: &mut Value, model: &str, generation: &Generation) {
+pub(super) fn operator_settings(body: &mut Value, model: &str, generation: &Generation) {
     let m = &generation.config.file.models;
     let Some(obj) = body.as_object_mut() else {
         return;
@@ -734,7 +734,7 @@ fn model_in_path(path: &str) -> String {
 }
 
 /// Google's answer as JSON, or a 502 saying it was not.
-fn json_answer(body: &[u8]) -> Result<Value, Refusal> {
+pub(super) fn json_answer(body: &[u8]) -> Result<Value, Refusal> {
     serde_json::from_slice(body).map_err(|e| {
         Refusal::Gate(GateError::new(
             502,

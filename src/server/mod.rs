@@ -291,6 +291,7 @@ impl Gateway {
             (_, Protocol::Gemini) => R::Gemini,
             (_, Protocol::OpenAi) => R::OpenAi,
             (_, Protocol::GoogleOpenAi) => R::OpenAiPassthrough,
+            (_, Protocol::Anthropic) => R::Anthropic,
         };
         self.state
             .lasting
@@ -379,6 +380,11 @@ impl Gateway {
                 x.meta.protocol = Protocol::OpenAi;
                 x.action = call.action().to_owned();
                 Box::pin(self.openai(generation, s, call, x)).await
+            }
+            Route::Anthropic(call) => {
+                x.meta.protocol = Protocol::Anthropic;
+                x.action = call.action().to_owned();
+                Box::pin(self.anthropic(generation, s, call, x)).await
             }
             Route::Upload => Box::pin(self.file_upload(generation, s, x)).await,
             Route::Files(id) => {

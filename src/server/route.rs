@@ -3,12 +3,13 @@
 
 use crate::admin::{AdminCall, KeyAction, Page, parse_row};
 use crate::http::reply::Protocol;
-use crate::proxy::calls::{NativeCall, OpenAiCall};
+use crate::proxy::calls::{AnthropicCall, NativeCall, OpenAiCall};
 
 /// The protocol a path belongs to, for errors answered before a request is routed.
 pub fn protocol_of(path: &str) -> Protocol {
     match route(path, false) {
         Route::Native(_) | Route::Files(_) | Route::Upload | Route::Download(_) => Protocol::Gemini,
+        Route::Anthropic(_) => Protocol::Anthropic,
         _ if path.starts_with("/openai/") => Protocol::GoogleOpenAi,
         _ if path.starts_with("/v1/") || path.starts_with("/hf/v1/") => Protocol::OpenAi,
         _ => Protocol::Gemini,
@@ -26,6 +27,8 @@ pub enum Route {
     Metrics,
     Admin(AdminCall),
     OpenAi(OpenAiCall),
+    /// `POST /v1/messages` and `/v1/messages/count_tokens`: Anthropic's Messages API.
+    Anthropic(AnthropicCall),
     /// `/openai/v1/{rest}`: Google's OpenAI-compatible API, passed through.
     GoogleOpenAi(String),
     /// `POST /upload/v1beta/files`: the Files API's resumable upload.
@@ -230,6 +233,8 @@ fn openai_route(path: &str) -> Option<Route> {
                 "embeddings" => Route::OpenAi(OpenAiCall::Embeddings),
                 "images/generations" => Route::OpenAi(OpenAiCall::Images),
                 "audio/speech" => Route::OpenAi(OpenAiCall::Speech),
+                "messages" => Route::Anthropic(AnthropicCall::Messages),
+                "messages/count_tokens" => Route::Anthropic(AnthropicCall::CountTokens),
                 _ => Route::NotFound,
             });
         }

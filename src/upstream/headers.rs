@@ -53,6 +53,8 @@ pub fn skip_request_header(name: &str) -> bool {
             | "content-length"
             | "authorization"
             | "x-goog-api-key"
+            // Anthropic clients send their (gemgate) token here.
+            | "x-api-key"
             | "cookie"
             // The answer must stay readable by gemgate (error classification, usage).
             | "accept-encoding"

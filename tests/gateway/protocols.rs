@@ -126,3 +126,69 @@ async fn model_aliases_work_for_every_protocol() {
         "{logs}"
     );
 }
+
+/// Anthropic's Messages API with the `anthropic` SDK: plain, streamed, tools through two turns
+/// (on Gemini 3 too, whose signatures the SDK's own content blocks carry back), count_tokens,
+/// and a wrong token answered in Anthropic's shape.
+#[tokio::test]
+async fn the_anthropic_python_sdk_works_end_to_end() {
+    let Some(python) = needed_env("GEMGATE_SDK_PYTHON") else {
+        return;
+    };
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1", "good-2"]).start().await;
+    let url = gate.url("");
+    let env = [("GEMGATE_URL", url.as_str()), ("GEMGATE_TOKEN", TOKEN)];
+    let report = run_python(&python, "sdk/anthropic_client.py", &env, &gate).await;
+    assert!(report.contains("ok   wrong token"), "{report}");
+    // The token came as `x-api-key`, and none went on to Google.
+    for r in fake.state.received() {
+        assert!(
+            !r.headers.iter().any(|(k, _)| k == "x-api-key"),
+            "{:?}",
+            r.headers
+        );
+    }
+    assert!(
+        !gate.logs().contains("sent Google's placeholder"),
+        "the signatures came back"
+    );
+}
+
+/// Anthropic clients get Anthropic's errors: a bad request names what is wrong, in
+/// `{"type":"error","error":{"type":…}}`.
+#[tokio::test]
+async fn anthropic_errors_have_anthropic_shape() {
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1"]).start().await;
+    for (body, status, kind) in [
+        (
+            json!({ "model": "gemini-2.5-flash", "messages": [{ "role": "user", "content": "x" }] }),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            json!({ "model": "gemini-2.5-flash", "max_tokens": 5, "messages": [] }),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            json!({ "model": "no-such-model", "max_tokens": 5, "messages": [{ "role": "user", "content": "x" }] }),
+            404,
+            "not_found_error",
+        ),
+    ] {
+        let resp = client()
+            .post(gate.url("/v1/messages"))
+            .header("x-api-key", TOKEN)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], kind, "{v}");
+    }
+}

@@ -29,7 +29,7 @@ async fn every_native_call_on_both_prefixes() {
         let names = model_names(&models);
         assert_eq!(
             names.iter().filter(|n| !is_derived(n)).count(),
-            13,
+            15,
             "all pages of the fake (5 per page)"
         );
         // The model_suffixes plugin lists the derived models of SEARCH_MODELS.
@@ -218,7 +218,7 @@ async fn filtered_models_are_hidden_and_refused() {
         .await;
     let (_, models) = get(&gate, "/v1beta/models").await;
     let names = model_names(&models);
-    assert_eq!(names.iter().filter(|n| !is_derived(n)).count(), 11);
+    assert_eq!(names.iter().filter(|n| !is_derived(n)).count(), 13);
     for gone in [
         "models/gemini-2.5-pro",
         "models/gemini-1.5-pro",
