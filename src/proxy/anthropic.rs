@@ -112,6 +112,16 @@ impl Gateway {
         let path = format!("{}/models/{model}:{action}", generation.target.base.path);
         let query = if stream { "alt=sse" } else { "" };
         let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
+        // Fetched files made it larger than what a client may send.
+        if body.len() as u64 > generation.config.max_body_bytes {
+            return Err(Refusal::Gate(GateError::new(
+                413,
+                format!(
+                    "the request with its fetched files is larger than the limit of {} bytes",
+                    generation.config.max_body_bytes
+                ),
+            )));
+        }
         let mut up = self.gemini_call(generation, s, &path, query, body, &rewrite)?;
         up.pinned = self.file_pin(generation, &up.body, x.meta.client.as_deref())?;
         if stream {

@@ -104,7 +104,10 @@ impl Reframe for ChatChunks {
 }
 
 /// Fetches the files a chat request names by URL (within the body limit) and inlines them.
-pub(super) async fn inline_remote_files(generation: &Generation, body: &mut Value) -> Result<(), Refusal> {
+pub(super) async fn inline_remote_files(
+    generation: &Generation,
+    body: &mut Value,
+) -> Result<(), Refusal> {
     let urls = chat::remote_files(body);
     if urls.is_empty() {
         return Ok(());
