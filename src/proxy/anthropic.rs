@@ -9,7 +9,9 @@ use pingora::protocols::http::ServerSession;
 
 use super::calls::AnthropicCall;
 use super::exchange::{Exchange, Meta};
-use super::openai::{bad, inline_remote_files, json_answer, json_body, operator_settings};
+use super::openai::{
+    bad, inline_remote_files, json_answer, json_body, operator_settings, within_body_limit,
+};
 use super::relay::{Piece, Reframe, SseEvents};
 use super::{Gateway, Generation, Outcome, Refusal, read_body, rewrite_value, send};
 use crate::http::reply::{GateError, Protocol};
@@ -112,16 +114,7 @@ impl Gateway {
         let path = format!("{}/models/{model}:{action}", generation.target.base.path);
         let query = if stream { "alt=sse" } else { "" };
         let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
-        // Fetched files made it larger than what a client may send.
-        if body.len() as u64 > generation.config.max_body_bytes {
-            return Err(Refusal::Gate(GateError::new(
-                413,
-                format!(
-                    "the request with its fetched files is larger than the limit of {} bytes",
-                    generation.config.max_body_bytes
-                ),
-            )));
-        }
+        within_body_limit(generation, &body)?;
         let mut up = self.gemini_call(generation, s, &path, query, body, &rewrite)?;
         up.pinned = self.file_pin(generation, &up.body, x.meta.client.as_deref())?;
         if stream {

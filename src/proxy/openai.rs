@@ -103,6 +103,19 @@ impl Reframe for ChatChunks {
     }
 }
 
+/// Refuses (413) a translated body that its fetched files made larger than what a client may
+/// send.
+pub(super) fn within_body_limit(generation: &Generation, body: &[u8]) -> Result<(), Refusal> {
+    let limit = generation.config.max_body_bytes;
+    if body.len() as u64 > limit {
+        return Err(Refusal::Gate(GateError::new(
+            413,
+            format!("the request with its fetched files is larger than the limit of {limit} bytes"),
+        )));
+    }
+    Ok(())
+}
+
 /// Fetches the files a chat request names by URL (within the body limit) and inlines them.
 pub(super) async fn inline_remote_files(
     generation: &Generation,
@@ -233,16 +246,7 @@ impl Gateway {
         let path = format!("{}/models/{model}:{action}", generation.target.base.path);
         let query = if request.stream { "alt=sse" } else { "" };
         let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
-        // Fetched files made it larger than what a client may send.
-        if body.len() as u64 > generation.config.max_body_bytes {
-            return Err(Refusal::Gate(GateError::new(
-                413,
-                format!(
-                    "the request with its fetched files is larger than the limit of {} bytes",
-                    generation.config.max_body_bytes
-                ),
-            )));
-        }
+        within_body_limit(generation, &body)?;
         let pinned = self.file_pin(generation, &body, x.meta.client.as_deref())?;
         let mut up = self.gemini_call(generation, s, &path, query, body, &rewrite)?;
         up.pinned = pinned;

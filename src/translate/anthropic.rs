@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
-use super::openai::chat::{PLACEHOLDER_SIGNATURE, is_gemini_3};
+use super::openai::chat::{PLACEHOLDER_SIGNATURE, is_gemini_3, push};
 use super::openai::{BadRequest, model_of, schema};
 use super::usage::Tokens;
 
@@ -369,22 +369,6 @@ fn mime_of(url: &str) -> Option<&'static str> {
         "pdf" => "application/pdf",
         _ => return None,
     })
-}
-
-/// Appends parts as a turn of `role`, joining a turn of the same role before it (Gemini wants
-/// a function's responses together, after the call).
-fn push(contents: &mut Vec<Value>, role: &str, parts: Vec<Value>) {
-    if parts.is_empty() {
-        return;
-    }
-    if let Some(last) = contents.last_mut()
-        && last["role"] == role
-        && let Some(p) = last["parts"].as_array_mut()
-    {
-        p.extend(parts);
-        return;
-    }
-    contents.push(json!({ "role": role, "parts": parts }));
 }
 
 /// Gives each model turn's first call that came back without its thought signature Google's

@@ -310,7 +310,7 @@ fn keep_google_settings(body: &Value, obj: &Map<String, Value>, out: &mut Map<St
 
 /// Appends parts as a turn of `role`, joining a turn of the same role before it (Gemini wants
 /// a function's responses together, after the call).
-fn push(contents: &mut Vec<Value>, role: &str, parts: Vec<Value>) {
+pub(crate) fn push(contents: &mut Vec<Value>, role: &str, parts: Vec<Value>) {
     if parts.is_empty() {
         return;
     }
