@@ -105,9 +105,16 @@ fn lower_priority() {
 }
 
 /// Forgets the owner registry's expired records (files, caches, batches, interactions,
-/// tokens), in memory and in the store.
+/// tokens), in memory and in the store, and the kept Responses API answers past their
+/// retention.
 fn forget_expired(store: &Store, lasting: &Lasting) {
-    let gone = lasting.files.prune(crate::clock::now_ms());
+    let now = crate::clock::now_ms();
+    match store.forget_expired_responses(now) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(responses = n, "expired Responses API answers forgotten"),
+        Err(e) => tracing::warn!("cannot forget expired Responses API answers: {e}"),
+    }
+    let gone = lasting.files.prune(now);
     if gone.is_empty() {
         return;
     }

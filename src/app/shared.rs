@@ -24,6 +24,7 @@ use crate::keys::taxonomy::{ErrorClass, Quota};
 use crate::keys::{KeyPool, Penalty};
 use crate::policy::counters::{CounterStore, Counters};
 use crate::store::Store;
+pub use crate::store::responses::StoredResponse;
 use crate::store::usage::{Event, Tokens, Usage, day_of};
 
 /// One attempt's failure, as key health records it.
@@ -237,6 +238,13 @@ pub trait SharedState: Send + Sync {
     /// Forgets a finished upload.
     fn finish_upload(&self, upload_id: &str);
 
+    /// Kept response `id` of the Responses API, if it is kept and not expired (see
+    /// `store::responses`).
+    fn response<'a>(&'a self, id: &'a str) -> Pending<'a, Option<StoredResponse>>;
+
+    /// Keeps (or with `None`, forgets) response `id`; done when the future is.
+    fn save_response<'a>(&'a self, id: &'a str, stored: Option<StoredResponse>) -> Pending<'a, ()>;
+
     /// A wrong client token from `ip`: how long that address must wait, once past the free
     /// tries.
     fn client_failed(&self, ip: Option<IpAddr>) -> Option<Duration>;
@@ -287,6 +295,34 @@ pub struct Local {
 impl SharedState for Local {
     fn admit<'a>(&'a self, check: LimitCheck<'a>) -> Pending<'a, Admission> {
         Box::pin(std::future::ready(self.admit_here(check)))
+    }
+
+    fn response<'a>(&'a self, id: &'a str) -> Pending<'a, Option<StoredResponse>> {
+        let found = self.store.as_ref().and_then(|store| {
+            store
+                .load_response(id, crate::clock::now_ms())
+                .unwrap_or_else(|e| {
+                    tracing::error!(response = %id, "cannot read a kept response: {e}");
+                    None
+                })
+        });
+        Box::pin(std::future::ready(found))
+    }
+
+    fn save_response<'a>(&'a self, id: &'a str, stored: Option<StoredResponse>) -> Pending<'a, ()> {
+        let store = self.store.clone();
+        let id = id.to_owned();
+        Box::pin(async move {
+            let Some(store) = store else {
+                return;
+            };
+            let saved =
+                tokio::task::spawn_blocking(move || store.save_response(&id, stored.as_ref()))
+                    .await;
+            if let Ok(Err(e)) = saved {
+                tracing::error!("cannot keep a response: {e}");
+            }
+        })
     }
 
     fn key_succeeded(&self, pool: &KeyPool, index: usize) {

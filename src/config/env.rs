@@ -125,6 +125,11 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
         Kind::Json,
     ),
     ("MODEL_ALIASES", "models.aliases", Kind::Json),
+    (
+        "RESPONSES_RETENTION_DAYS",
+        "responses.retention_days",
+        Kind::Int,
+    ),
     ("SHOW_SEARCH_LINK", "models.show_search_link", Kind::Bool),
     (
         "SHOW_THINKING_PROCESS",

@@ -124,8 +124,24 @@ pub struct FileConfig {
     pub cluster: ClusterSection,
     pub metrics: MetricsSection,
     pub quota: quota::QuotaSection,
+    pub responses: ResponsesSection,
     /// `[plugins.<name>]`: each plugin's own config (`enabled` and `priority` are gemgate's).
     pub plugins: BTreeMap<String, toml::Table>,
+}
+
+/// `[responses]`: OpenAI's Responses API.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponsesSection {
+    /// Days a kept response (`store`, the default) can be fetched, deleted or continued
+    /// (`previous_response_id`).
+    pub retention_days: u32,
+}
+
+impl Default for ResponsesSection {
+    fn default() -> Self {
+        ResponsesSection { retention_days: 30 }
+    }
 }
 
 /// `[policy]`: where plugins live and what a failing plugin does.

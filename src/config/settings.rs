@@ -35,6 +35,7 @@ const GROUPS: &[(&str, &[&str])] = &[
         ],
     ),
     ("Models", &["models."]),
+    ("Responses API", &["responses."]),
     ("Images", &["images."]),
     ("Streaming", &["stream."]),
     ("Speech", &["tts."]),

@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::app::State;
 use crate::app::shared::{
     Admission, EditError, KeyFailure, LimitCheck, Local, Pending, QuotaCheck, QuotaSettle,
-    QuotaVerdict, SharedState, Used,
+    QuotaVerdict, SharedState, StoredResponse, Used,
 };
 use crate::clock::now_ms;
 use crate::config::ClusterConfig;
@@ -60,6 +60,8 @@ use crate::store::usage::Counts;
 /// The longest wait for Redis on the request path (a declared limit's count): past it, the
 /// instance counts the limit itself.
 const LIMIT_WAIT: Duration = Duration::from_millis(100);
+/// How long a kept response is waited for from Redis (read or written).
+const RESPONSE_WAIT: Duration = Duration::from_secs(1);
 /// How long an admin edit waits for the fleet's lock and Redis: longer than the lock's own
 /// wait and a command's timeout together, so no lock is taken after the edit gave up.
 const EDIT_WAIT: Duration = Duration::from_secs(9);
@@ -588,6 +590,63 @@ impl SharedState for Fleet {
 
     fn admit_quota<'a>(&'a self, check: QuotaCheck<'a>) -> Pending<'a, QuotaVerdict> {
         Box::pin(async move { self.admit_quota_shared(&check).await })
+    }
+
+    fn response<'a>(&'a self, id: &'a str) -> Pending<'a, Option<StoredResponse>> {
+        Box::pin(async move {
+            if let Some(kept) = self.local.response(id).await {
+                return Some(kept);
+            }
+            // Kept by another instance: Redis has it (sealed), while it answers.
+            let mut conn = (*self.conn.load_full()?).clone();
+            let name = self.names.of(&format!("response:{id}"));
+            let mut get = redis::cmd("GET");
+            get.arg(&name);
+            let read = get.query_async::<Option<Vec<u8>>>(&mut conn);
+            let sealed = tokio::time::timeout(RESPONSE_WAIT, read)
+                .await
+                .ok()?
+                .ok()??;
+            let plain = self.seal.open(&name, &sealed).ok()?;
+            let kept: StoredResponse = serde_json::from_slice(&plain).ok()?;
+            (kept.expires_ms > now_ms()).then_some(kept)
+        })
+    }
+
+    fn save_response<'a>(&'a self, id: &'a str, stored: Option<StoredResponse>) -> Pending<'a, ()> {
+        Box::pin(async move {
+            self.local.save_response(id, stored.clone()).await;
+            let Some(conn) = self.conn.load_full() else {
+                return; // Redis away: this instance alone keeps it.
+            };
+            let mut conn = (*conn).clone();
+            let name = self.names.of(&format!("response:{id}"));
+            let cmd = match &stored {
+                Some(kept) => {
+                    let plain = serde_json::to_vec(kept).expect("a response serialises");
+                    let ttl = kept
+                        .expires_ms
+                        .saturating_sub(now_ms())
+                        .div_ceil(1000)
+                        .max(1);
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(&name)
+                        .arg(self.seal.seal(&name, &plain))
+                        .arg("EX")
+                        .arg(ttl);
+                    cmd
+                }
+                None => {
+                    let mut cmd = redis::cmd("DEL");
+                    cmd.arg(&name);
+                    cmd
+                }
+            };
+            let sent = tokio::time::timeout(RESPONSE_WAIT, cmd.query_async::<()>(&mut conn)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::warn!(response = %id, "fleet: a kept response was not shared (Redis did not answer)");
+            }
+        })
     }
 
     fn settle_quota(&self, settle: QuotaSettle<'_>) {

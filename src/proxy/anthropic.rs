@@ -9,11 +9,9 @@ use pingora::protocols::http::ServerSession;
 
 use super::calls::AnthropicCall;
 use super::exchange::{Exchange, Meta};
-use super::openai::{
-    bad, inline_remote_files, json_answer, json_body, operator_settings, within_body_limit,
-};
+use super::openai::{bad, json_answer, json_body};
 use super::relay::{Piece, Reframe, SseEvents};
-use super::{Gateway, Generation, Outcome, Refusal, read_body, rewrite_value, send};
+use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
 use crate::http::reply::{GateError, Protocol};
 use crate::translate::anthropic::{self, MessageStream};
 use crate::translate::usage::Tokens;
@@ -77,7 +75,7 @@ impl Gateway {
             x.body = Some(raw.clone());
         }
         let json = json_body(&raw)?;
-        let (model, mut body, stream) = match call {
+        let (model, body, stream) = match call {
             AnthropicCall::CountTokens => {
                 let (model, body) = anthropic::count_tokens_request(&json).map_err(bad)?;
                 (model, body, false)
@@ -99,24 +97,11 @@ impl Gateway {
             (_, true) => "streamGenerateContent",
             (_, false) => "generateContent",
         };
-        // Images and documents by URL are fetched by gemgate, as for OpenAI clients.
-        inline_remote_files(generation, &mut body).await?;
-        x.model.clone_from(&model);
-        let rewrite = self
-            .on_request(generation, s, &model, action, stream, &x.meta)
+        let generate = call == AnthropicCall::Messages;
+        let mut up = self
+            .translated_call(generation, s, x, (&model, action, stream), generate, body)
             .await?;
-        let model = rewrite.model.clone().unwrap_or(model);
-        x.model.clone_from(&model);
-        if call == AnthropicCall::Messages {
-            operator_settings(&mut body, &model, generation);
-            rewrite_value(&mut body, &rewrite)?;
-        }
-        let path = format!("{}/models/{model}:{action}", generation.target.base.path);
-        let query = if stream { "alt=sse" } else { "" };
-        let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
-        within_body_limit(generation, &body)?;
-        let mut up = self.gemini_call(generation, s, &path, query, body, &rewrite)?;
-        up.pinned = self.file_pin(generation, &up.body, x.meta.client.as_deref())?;
+        let model = x.model.clone();
         if stream {
             let id = x.meta.id.clone();
             up.reframe = Box::new(move |_: &Meta| {

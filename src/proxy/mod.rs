@@ -24,6 +24,7 @@ mod openai;
 mod owned;
 mod relay;
 mod request;
+mod responses;
 
 use crate::app::shared::{Admission, LimitCheck};
 use std::sync::Arc;

@@ -595,6 +595,39 @@ impl Gateway {
         Ok((answer, model))
     }
 
+    /// The upstream call of a request translated into Gemini's `body`: the plugins asked
+    /// (their model and headers applied), files named by URL fetched, and for a generation
+    /// (`generate`) the operator's settings and the plugins' body rewrites added; `x.model` is
+    /// the model it goes to.
+    pub(super) async fn translated_call(
+        &self,
+        generation: &Generation,
+        s: &ServerSession,
+        x: &mut Exchange,
+        (model, action, stream): (&str, &str, bool),
+        generate: bool,
+        mut body: Value,
+    ) -> Result<UpstreamRequest, Refusal> {
+        x.model = model.to_owned();
+        let rewrite = self
+            .on_request(generation, s, model, action, stream, &x.meta)
+            .await?;
+        let model = rewrite.model.clone().unwrap_or_else(|| model.to_owned());
+        x.model.clone_from(&model);
+        inline_remote_files(generation, &mut body).await?;
+        if generate {
+            operator_settings(&mut body, &model, generation);
+            rewrite_value(&mut body, &rewrite)?;
+        }
+        let path = format!("{}/models/{model}:{action}", generation.target.base.path);
+        let query = if stream { "alt=sse" } else { "" };
+        let body = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
+        within_body_limit(generation, &body)?;
+        let mut up = self.gemini_call(generation, s, &path, query, body, &rewrite)?;
+        up.pinned = self.file_pin(generation, &up.body, x.meta.client.as_deref())?;
+        Ok(up)
+    }
+
     /// An upstream request for a translated call: `path` and `query` on the Gemini API, `body`
     /// as gemgate made it, with the plugins' headers.
     pub(super) fn gemini_call(

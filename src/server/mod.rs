@@ -381,6 +381,11 @@ impl Gateway {
                 x.action = call.action().to_owned();
                 Box::pin(self.openai(generation, s, call, x)).await
             }
+            Route::Responses(id) => {
+                x.meta.protocol = Protocol::OpenAi;
+                x.action = "responses".into();
+                Box::pin(self.responses(generation, s, id, x)).await
+            }
             Route::Anthropic(call) => {
                 x.meta.protocol = Protocol::Anthropic;
                 x.action = call.action().to_owned();
@@ -647,6 +652,20 @@ mod tests {
         }
         fn holds_files(&self) -> bool {
             self.local.holds_files()
+        }
+        fn response<'a>(
+            &'a self,
+            id: &'a str,
+        ) -> Pending<'a, Option<crate::app::shared::StoredResponse>> {
+            self.local.response(id)
+        }
+        fn save_response<'a>(
+            &'a self,
+            id: &'a str,
+            stored: Option<crate::app::shared::StoredResponse>,
+        ) -> Pending<'a, ()> {
+            self.note(format!("save_response {id}"));
+            self.local.save_response(id, stored)
         }
         fn file(&self, id: &str) -> Option<FileRecord> {
             self.local.file(id)

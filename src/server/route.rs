@@ -27,6 +27,9 @@ pub enum Route {
     Metrics,
     Admin(AdminCall),
     OpenAi(OpenAiCall),
+    /// `POST /v1/responses` (`None`), `GET` or `DELETE /v1/responses/{id}`: OpenAI's
+    /// Responses API.
+    Responses(Option<String>),
     /// `POST /v1/messages` and `/v1/messages/count_tokens`: Anthropic's Messages API.
     Anthropic(AnthropicCall),
     /// `/openai/v1/{rest}`: Google's OpenAI-compatible API, passed through.
@@ -234,6 +237,9 @@ fn openai_route(path: &str) -> Option<Route> {
                 "images/generations" => Route::OpenAi(OpenAiCall::Images),
                 "audio/speech" => Route::OpenAi(OpenAiCall::Speech),
                 "messages" => Route::Anthropic(AnthropicCall::Messages),
+                "responses" => Route::Responses(None),
+                one if one.starts_with("responses/") => resource_id(&one["responses/".len()..])
+                    .map_or(Route::NotFound, |id| Route::Responses(Some(id))),
                 "messages/count_tokens" => Route::Anthropic(AnthropicCall::CountTokens),
                 _ => Route::NotFound,
             });

@@ -10,6 +10,7 @@
 
 pub mod logs;
 pub mod metrics;
+pub mod responses;
 pub mod usage;
 
 use std::path::{Path, PathBuf};

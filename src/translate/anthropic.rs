@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
-use super::openai::chat::{PLACEHOLDER_SIGNATURE, is_gemini_3, push};
+use super::openai::chat::{is_gemini_3, push, stand_in_signatures};
 use super::openai::{BadRequest, model_of, schema};
 use super::usage::Tokens;
 
@@ -369,25 +369,6 @@ fn mime_of(url: &str) -> Option<&'static str> {
         "pdf" => "application/pdf",
         _ => return None,
     })
-}
-
-/// Gives each model turn's first call that came back without its thought signature Google's
-/// placeholder (Gemini 3 refuses it otherwise; of parallel calls only the first carries one).
-/// Returns how many it gave.
-fn stand_in_signatures(contents: &mut [Value]) -> usize {
-    let mut given = 0;
-    for turn in contents.iter_mut().filter(|t| t["role"] == "model") {
-        let first = turn["parts"]
-            .as_array_mut()
-            .and_then(|p| p.iter_mut().find(|p| p.get("functionCall").is_some()));
-        if let Some(first) = first
-            && first.get("thoughtSignature").is_none()
-        {
-            first["thoughtSignature"] = json!(PLACEHOLDER_SIGNATURE);
-            given += 1;
-        }
-    }
-    given
 }
 
 /// `system`: a string or a list of text blocks → the parts of the system instruction.
@@ -1025,6 +1006,7 @@ impl MessageStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::translate::openai::chat::PLACEHOLDER_SIGNATURE;
 
     /// A request for `model` with `messages` and whatever `extra` adds.
     fn ask(model: &str, messages: Value, extra: Value) -> Value {

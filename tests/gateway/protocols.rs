@@ -192,3 +192,48 @@ async fn anthropic_errors_have_anthropic_shape() {
         assert_eq!(v["error"]["type"], kind, "{v}");
     }
 }
+
+/// OpenAI's Responses API with the `openai` SDK: plain, streamed, tools, a conversation
+/// continued with `previous_response_id` (its history reaching Google), retrieve, delete, and
+/// another client's id answered 404.
+#[tokio::test]
+async fn the_responses_api_works_with_the_openai_sdk() {
+    let Some(python) = needed_env("GEMGATE_SDK_PYTHON") else {
+        return;
+    };
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1", "good-2"])
+        .env(
+            "ALLOWED_TOKENS",
+            &format!(r#"["{TOKEN}", "sk-other-client"]"#),
+        )
+        .start()
+        .await;
+    let url = gate.url("");
+    let env = [
+        ("GEMGATE_URL", url.as_str()),
+        ("GEMGATE_TOKEN", TOKEN),
+        ("GEMGATE_OTHER_TOKEN", "sk-other-client"),
+    ];
+    let report = run_python(&python, "sdk/openai_responses.py", &env, &gate).await;
+    assert!(report.contains("ok   deleted"), "{report}");
+    // The last turn of the conversation reached Google with everything before it.
+    let turn = fake
+        .state
+        .received()
+        .into_iter()
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .find(|b| b.to_string().contains("turn 2"))
+        .unwrap();
+    let history = turn["contents"].to_string();
+    for earlier in [
+        "weather in Paris",
+        "sunny",
+        "turn 0",
+        "turn 1",
+        "echo: turn 1",
+    ] {
+        assert!(history.contains(earlier), "{earlier}: {history}");
+    }
+}

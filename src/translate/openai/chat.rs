@@ -35,6 +35,25 @@ pub struct ChatCall {
 /// Google's documented stand-in for a thought signature a client did not keep.
 pub const PLACEHOLDER_SIGNATURE: &str = "skip_thought_signature_validator";
 
+/// Gives each model turn's first call that came back without its thought signature Google's
+/// placeholder (Gemini 3 refuses it otherwise; of parallel calls only the first carries one).
+/// Returns how many it gave.
+pub(crate) fn stand_in_signatures(contents: &mut [Value]) -> usize {
+    let mut given = 0;
+    for turn in contents.iter_mut().filter(|t| t["role"] == "model") {
+        let first = turn["parts"]
+            .as_array_mut()
+            .and_then(|p| p.iter_mut().find(|p| p.get("functionCall").is_some()));
+        if let Some(first) = first
+            && first.get("thoughtSignature").is_none()
+        {
+            first["thoughtSignature"] = json!(PLACEHOLDER_SIGNATURE);
+            given += 1;
+        }
+    }
+    given
+}
+
 /// Whether `model` is of the Gemini 3 family: thinking levels, mandatory thought signatures.
 pub fn is_gemini_3(model: &str) -> bool {
     model.starts_with("gemini-3")
@@ -51,7 +70,12 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
         .and_then(Value::as_array)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| BadRequest::new("messages", "`messages` must be a non-empty list"))?;
-    let turns = Turns::of(messages, is_gemini_3(&model))?;
+    let mut turns = Turns::of(messages)?;
+    let placeholder_signatures = if is_gemini_3(&model) {
+        stand_in_signatures(&mut turns.contents)
+    } else {
+        0
+    };
 
     let mut out = Map::new();
     out.insert("contents".into(), Value::Array(turns.contents));
@@ -83,7 +107,7 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         body: Value::Object(out),
-        placeholder_signatures: turns.placeholders,
+        placeholder_signatures,
     })
 }
 
@@ -96,19 +120,12 @@ struct Turns {
     contents: Vec<Value>,
     /// Tool call ids → function names, for `tool` messages (which name only the id).
     call_names: HashMap<String, String>,
-    /// Every model turn's first tool call must carry a thought signature (Gemini 3).
-    signatures_required: bool,
-    /// Signatures put in for tool calls that came back without theirs.
-    placeholders: usize,
 }
 
 impl Turns {
     /// Reads every message, in order; there must be at least one user or assistant turn.
-    fn of(messages: &[Value], signatures_required: bool) -> Result<Turns, BadRequest> {
-        let mut turns = Turns {
-            signatures_required,
-            ..Turns::default()
-        };
+    fn of(messages: &[Value]) -> Result<Turns, BadRequest> {
+        let mut turns = Turns::default();
         for (i, m) in messages.iter().enumerate() {
             turns.add(i, m)?;
         }
@@ -167,14 +184,6 @@ impl Turns {
             .enumerate()
         {
             p.push(self.function_call(call, &format!("messages[{i}].tool_calls[{j}]"))?);
-        }
-        // Of parallel calls only the first carries the signature: that one must be there.
-        if self.signatures_required
-            && let Some(first) = p.iter_mut().find(|part| part.get("functionCall").is_some())
-            && first.get("thoughtSignature").is_none()
-        {
-            first["thoughtSignature"] = json!(PLACEHOLDER_SIGNATURE);
-            self.placeholders += 1;
         }
         Ok(p)
     }
@@ -267,7 +276,7 @@ fn function_declaration(
 }
 
 /// `tool_choice` → Gemini's `functionCallingConfig`.
-fn function_calling_config(choice: &Value) -> Result<Value, BadRequest> {
+pub(crate) fn function_calling_config(choice: &Value) -> Result<Value, BadRequest> {
     Ok(match choice {
         Value::String(s) if s == "none" => json!({ "mode": "NONE" }),
         Value::String(s) if s == "auto" => json!({ "mode": "AUTO" }),
@@ -287,7 +296,11 @@ fn function_calling_config(choice: &Value) -> Result<Value, BadRequest> {
 
 /// Gemini's own settings, which OpenAI clients send as extra body fields (top level, or in
 /// `extra_body.google` as Google's OpenAI-compatible API takes them): kept, never dropped.
-fn keep_google_settings(body: &Value, obj: &Map<String, Value>, out: &mut Map<String, Value>) {
+pub(crate) fn keep_google_settings(
+    body: &Value,
+    obj: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+) {
     let google = body.pointer("/extra_body/google");
     for (names, to) in [
         (["safety_settings", "safetySettings"], "safetySettings"),
@@ -394,7 +407,7 @@ fn part(p: &Value, field: &str) -> Result<Value, BadRequest> {
 }
 
 /// `data:<mime>;base64,<data>` → `inlineData`. Other URLs are refused with a clear message.
-fn data_url_part(url: &str, field: &str) -> Result<Value, BadRequest> {
+pub(crate) fn data_url_part(url: &str, field: &str) -> Result<Value, BadRequest> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
@@ -547,7 +560,7 @@ fn response_format(
 /// `reasoning_effort` → `thinkingConfig`: a `thinkingLevel` for the models that take one
 /// (Gemini 3: Flash has minimal, low, medium and high, Pro low and high, and neither turns
 /// thinking off), a `thinkingBudget` for the others; never both.
-fn thinking_config(effort: &str, model: &str) -> Result<Value, BadRequest> {
+pub(crate) fn thinking_config(effort: &str, model: &str) -> Result<Value, BadRequest> {
     if is_gemini_3(model) {
         let flash = model.contains("flash");
         let level = match effort {

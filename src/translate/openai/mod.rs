@@ -8,6 +8,7 @@
 pub mod chat;
 pub mod embeddings;
 pub mod images;
+pub mod responses;
 pub mod schema;
 pub mod speech;
 

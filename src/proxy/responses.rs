@@ -1,0 +1,264 @@
+//! OpenAI's Responses API (`/v1/responses`, also under `/hf/v1`): a request translated to
+//! Gemini's native call by [`crate::translate::openai::responses`], answered whole or as the
+//! Responses event stream; `GET` and `DELETE /v1/responses/{id}`.
+//!
+//! A response the client asks to keep (`store`, the default) is kept with its turn's items
+//! and the response it follows, through the shared state (`SharedState::save_response`), so
+//! any instance of a fleet continues a conversation (`previous_response_id`) for
+//! `responses.retention_days`. Another client's response is answered 404.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use pingora::protocols::http::ServerSession;
+use serde_json::{Value, json};
+
+use super::exchange::{Exchange, Meta};
+use super::openai::{bad, json_answer, json_body};
+use super::relay::{Piece, Reframe, SseEvents};
+use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
+use crate::app::shared::StoredResponse;
+use crate::clock::now_ms;
+use crate::http::reply::{GateError, Protocol};
+use crate::translate::openai::responses::{self, ResponseStream};
+use crate::translate::usage::Tokens;
+
+/// Responses a conversation may go back through (`previous_response_id`, then theirs).
+const MAX_CHAIN: usize = 100;
+/// Looks at a `previous_response_id` not (yet) kept, 50 ms apart, before answering 404.
+const FRESH_TRIES: usize = 10;
+
+fn no_such_response() -> Refusal {
+    Refusal::Gate(GateError::new(
+        404,
+        "no such response kept through this gateway",
+    ))
+}
+
+/// A Responses event stream made from Gemini's server-sent events as they pass; the completed
+/// response goes to `done` for keeping.
+struct ResponseEvents {
+    events: SseEvents,
+    stream: ResponseStream,
+    produced: bool,
+    done: Arc<Mutex<Option<Value>>>,
+}
+
+impl ResponseEvents {
+    fn note_done(&self) {
+        if let Some(completed) = self.stream.completed() {
+            *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(completed.clone());
+        }
+    }
+}
+
+impl Reframe for ResponseEvents {
+    fn own_content_type(&self) -> Option<&'static str> {
+        Some("text/event-stream")
+    }
+
+    fn is_stream(&self) -> bool {
+        true
+    }
+
+    fn push(&mut self, chunk: Bytes, out: &mut Vec<Piece>) {
+        let events = self.events.events(chunk);
+        let translated = self.stream.push(&events);
+        if !translated.is_empty() {
+            self.produced = true;
+            out.push(Piece::now(Bytes::from(translated)));
+        }
+        self.note_done();
+    }
+
+    fn finish(&mut self) -> Option<Bytes> {
+        let rest = self.events.rest();
+        let translated = self.stream.push(&rest);
+        if !self.produced && translated.is_empty() {
+            return None;
+        }
+        let end = translated + &self.stream.finish();
+        self.note_done();
+        Some(Bytes::from(end))
+    }
+
+    fn interrupted(&mut self, error: &GateError) -> Option<Bytes> {
+        Some(Bytes::from(
+            self.stream.failed("server_error", &error.message),
+        ))
+    }
+
+    fn tokens(&self) -> Tokens {
+        self.events.tokens()
+    }
+}
+
+impl Gateway {
+    /// `POST /v1/responses`; `GET` or `DELETE /v1/responses/{id}`.
+    pub(crate) async fn responses(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+        id: Option<String>,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let method = s.req_header().method.clone();
+        let checked = match (&id, &method) {
+            (Some(_), &http::Method::DELETE) => http::Method::DELETE,
+            (Some(_), _) => http::Method::GET,
+            (None, _) => http::Method::POST,
+        };
+        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
+        let client = x.meta.client().to_owned();
+        let Some(id) = id else {
+            x.action = "responses.create".into();
+            return self.create_response(generation, s, x).await;
+        };
+        let shared = &self.state.lasting.shared;
+        let kept = shared
+            .response(&id)
+            .await
+            .filter(|k| k.client == client)
+            .ok_or_else(no_such_response)?;
+        if method == http::Method::DELETE {
+            x.action = "responses.delete".into();
+            shared.save_response(&id, None).await;
+            let body = json!({ "id": id, "object": "response.deleted", "deleted": true });
+            return Ok(send(s, x, 200, Bytes::from(body.to_string())).await);
+        }
+        x.action = "responses.get".into();
+        Ok(send(s, x, 200, Bytes::from(kept.response.to_string())).await)
+    }
+
+    /// The items of the conversation `previous` ends, oldest first: every kept response it
+    /// follows must be the client's.
+    async fn conversation(&self, previous: &str, client: &str) -> Result<Vec<Value>, Refusal> {
+        let shared = &self.state.lasting.shared;
+        let mut turns = Vec::new();
+        let mut next = Some(previous.to_owned());
+        while let Some(id) = next.take() {
+            if turns.len() == MAX_CHAIN {
+                return Err(Refusal::Gate(GateError::new(
+                    400,
+                    format!(
+                        "a conversation goes back through at most {MAX_CHAIN} responses: start a new one with the history as input"
+                    ),
+                )));
+            }
+            let mut kept = shared.response(&id).await;
+            // A streamed response is kept as its stream ends, when its client may already be
+            // asking to continue it: the newest one is waited for a little.
+            for _ in 0..FRESH_TRIES {
+                if kept.is_some() || !turns.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                kept = shared.response(&id).await;
+            }
+            let kept = kept
+                .filter(|k| k.client == client)
+                .ok_or_else(no_such_response)?;
+            next = kept.previous.clone();
+            turns.push(kept.items);
+        }
+        Ok(turns.into_iter().rev().flatten().collect())
+    }
+
+    /// A create: translated with its conversation, through the plugins, answered whole or as
+    /// a stream, and kept when asked.
+    async fn create_response(
+        &self,
+        generation: &Generation,
+        s: &mut ServerSession,
+        x: &mut Exchange,
+    ) -> Result<Outcome, Refusal> {
+        let raw = read_body(s, generation.config.max_body_bytes).await?;
+        if generation.config.file.logs.error_log_record_request_body {
+            x.body = Some(raw.clone());
+        }
+        let json = json_body(&raw)?;
+        let client = x.meta.client().to_owned();
+        let previous = json["previous_response_id"].as_str().map(str::to_owned);
+        let history = match &previous {
+            Some(previous) => self.conversation(previous, &client).await?,
+            None => Vec::new(),
+        };
+        let mut request = responses::request(&json, &history).map_err(bad)?;
+        if request.placeholder_signatures > 0 {
+            tracing::info!(
+                id = %x.meta.id,
+                calls = request.placeholder_signatures,
+                "tool calls came back without their thought signature: sent Google's placeholder"
+            );
+        }
+        let action = if request.stream {
+            "streamGenerateContent"
+        } else {
+            "generateContent"
+        };
+        let asked = (request.model.as_str(), action, request.stream);
+        let body = std::mem::take(&mut request.body);
+        let mut up = self
+            .translated_call(generation, s, x, asked, true, body)
+            .await?;
+        let model = x.model.clone();
+        let created = now_ms() / 1000;
+        let (outcome, answered) = if request.stream {
+            let done: Arc<Mutex<Option<Value>>> = Arc::default();
+            let (spec, id, kept) = (json.clone(), x.meta.id.clone(), done.clone());
+            let shown = model.clone();
+            up.reframe = Box::new(move |_: &Meta| {
+                Box::new(ResponseEvents {
+                    events: SseEvents::new(Protocol::OpenAi),
+                    stream: ResponseStream::new(&spec, &shown, &id, created),
+                    produced: false,
+                    done: kept.clone(),
+                }) as Box<dyn Reframe>
+            });
+            let outcome = self.relay_or_send(generation, &up, s, x).await?;
+            let answered = done.lock().unwrap_or_else(|e| e.into_inner()).take();
+            (outcome, answered)
+        } else {
+            let answer = json_answer(&self.collect(generation, &up, x).await?)?;
+            let out = responses::response(&answer, &json, &model, &x.meta.id, created);
+            // Kept before it is answered: the client's next call may continue it at once.
+            self.keep_response(generation, &request, previous, &client, &out)
+                .await;
+            return Ok(send(s, x, 200, Bytes::from(out.to_string())).await);
+        };
+        if let Some(out) = answered {
+            self.keep_response(generation, &request, previous, &client, &out)
+                .await;
+        }
+        Ok(outcome)
+    }
+
+    /// Keeps a response when its request asked for it (`store`).
+    async fn keep_response(
+        &self,
+        generation: &Generation,
+        request: &responses::ResponsesCall,
+        previous: Option<String>,
+        client: &str,
+        out: &Value,
+    ) {
+        let Some(id) = out["id"].as_str().filter(|_| request.store) else {
+            return;
+        };
+        let days = u64::from(generation.config.file.responses.retention_days.max(1));
+        let mut items = request.input_items.clone();
+        items.extend(responses::output_items(out));
+        let kept = StoredResponse {
+            client: client.to_owned(),
+            expires_ms: now_ms() + days * 86_400_000,
+            previous,
+            items,
+            response: out.clone(),
+        };
+        self.state
+            .lasting
+            .shared
+            .save_response(id, Some(kept))
+            .await;
+    }
+}
