@@ -62,6 +62,8 @@ use crate::store::usage::Counts;
 const LIMIT_WAIT: Duration = Duration::from_millis(100);
 /// How long a kept response is waited for from Redis (read or written).
 const RESPONSE_WAIT: Duration = Duration::from_secs(1);
+/// How long a deleted response's tombstone stays: longer than any retention gemgate keeps.
+const RESPONSE_TOMBSTONE: Duration = Duration::from_secs(400 * 86_400);
 /// How long an admin edit waits for the fleet's lock and Redis: longer than the lock's own
 /// wait and a command's timeout together, so no lock is taken after the edit gave up.
 const EDIT_WAIT: Duration = Duration::from_secs(9);
@@ -377,6 +379,22 @@ impl Fleet {
             .map_err(|_| "the fleet's Redis did not answer in time".to_owned())
     }
 
+    /// Kept response `id` as Redis has it: `None` when Redis did not answer (or has no entry),
+    /// `Some(None)` for a deleted one.
+    async fn response_in_redis(&self, id: &str) -> Option<Option<StoredResponse>> {
+        let mut conn = (*self.conn.load_full()?).clone();
+        let name = self.names.of(&format!("response:{id}"));
+        let mut get = redis::cmd("GET");
+        get.arg(&name);
+        let read = get.query_async::<Option<Vec<u8>>>(&mut conn);
+        let sealed = tokio::time::timeout(RESPONSE_WAIT, read)
+            .await
+            .ok()?
+            .ok()??;
+        let plain = self.seal.open(&name, &sealed).ok()?;
+        serde_json::from_slice(&plain).ok()
+    }
+
     /// Counts `check` in Redis: `None` when Redis did not answer in time.
     async fn admit_in_redis(&self, check: &LimitCheck<'_>) -> Option<Admission> {
         if self.count_here() {
@@ -592,24 +610,16 @@ impl SharedState for Fleet {
         Box::pin(async move { self.admit_quota_shared(&check).await })
     }
 
+    /// Redis's copy (sealed) when it answers: a response kept or deleted by any instance;
+    /// this instance's own when Redis is away, or has none (kept while it was away).
     fn response<'a>(&'a self, id: &'a str) -> Pending<'a, Option<StoredResponse>> {
         Box::pin(async move {
-            if let Some(kept) = self.local.response(id).await {
-                return Some(kept);
+            match self.response_in_redis(id).await {
+                Some(Some(kept)) => Some(kept).filter(|k| k.expires_ms > now_ms()),
+                // A tombstone: deleted.
+                Some(None) => None,
+                None => self.local.response(id).await,
             }
-            // Kept by another instance: Redis has it (sealed), while it answers.
-            let mut conn = (*self.conn.load_full()?).clone();
-            let name = self.names.of(&format!("response:{id}"));
-            let mut get = redis::cmd("GET");
-            get.arg(&name);
-            let read = get.query_async::<Option<Vec<u8>>>(&mut conn);
-            let sealed = tokio::time::timeout(RESPONSE_WAIT, read)
-                .await
-                .ok()?
-                .ok()??;
-            let plain = self.seal.open(&name, &sealed).ok()?;
-            let kept: StoredResponse = serde_json::from_slice(&plain).ok()?;
-            (kept.expires_ms > now_ms()).then_some(kept)
         })
     }
 
@@ -621,27 +631,21 @@ impl SharedState for Fleet {
             };
             let mut conn = (*conn).clone();
             let name = self.names.of(&format!("response:{id}"));
-            let cmd = match &stored {
-                Some(kept) => {
-                    let plain = serde_json::to_vec(kept).expect("a response serialises");
-                    let ttl = kept
-                        .expires_ms
-                        .saturating_sub(now_ms())
-                        .div_ceil(1000)
-                        .max(1);
-                    let mut cmd = redis::cmd("SET");
-                    cmd.arg(&name)
-                        .arg(self.seal.seal(&name, &plain))
-                        .arg("EX")
-                        .arg(ttl);
-                    cmd
-                }
-                None => {
-                    let mut cmd = redis::cmd("DEL");
-                    cmd.arg(&name);
-                    cmd
-                }
+            // A deletion leaves a tombstone (`null`), so no instance's own copy comes back.
+            let plain = serde_json::to_vec(&stored).expect("a response serialises");
+            let ttl = match &stored {
+                Some(kept) => kept
+                    .expires_ms
+                    .saturating_sub(now_ms())
+                    .div_ceil(1000)
+                    .max(1),
+                None => RESPONSE_TOMBSTONE.as_secs(),
             };
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(&name)
+                .arg(self.seal.seal(&name, &plain))
+                .arg("EX")
+                .arg(ttl);
             let sent = tokio::time::timeout(RESPONSE_WAIT, cmd.query_async::<()>(&mut conn)).await;
             if !matches!(sent, Ok(Ok(()))) {
                 tracing::warn!(response = %id, "fleet: a kept response was not shared (Redis did not answer)");

@@ -955,3 +955,78 @@ async fn admin_edits_outlive_redis_losing_them_while_every_instance_is_down() {
     })
     .await;
 }
+
+/// A Responses API conversation made on one instance is continued, fetched and deleted on
+/// another: kept responses travel through Redis, sealed (the conversation is never there in
+/// clear).
+#[tokio::test]
+async fn a_response_kept_by_one_instance_is_continued_on_another() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let fake = fake().await;
+    let keys = ["good-1", "good-2"];
+    let (a, b) = pair(&fake, &redis, &keys).await;
+    let create = |gate: &Gate, body: Value| {
+        client()
+            .post(gate.url("/v1/responses"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+    };
+    let first: Value = create(
+        &a,
+        json!({ "model": "gemini-2.5-flash", "input": "a secret plan" }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = first["id"].as_str().unwrap().to_owned();
+    let resp = create(
+        &b,
+        json!({ "model": "gemini-2.5-flash", "input": "go on", "previous_response_id": id }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let next: Value = resp.json().await.unwrap();
+    assert_eq!(
+        next["output"][0]["content"][0]["text"], "echo: go on",
+        "{next}"
+    );
+    let sent = fake.state.last_received().unwrap();
+    assert!(
+        String::from_utf8_lossy(&sent.body).contains("a secret plan"),
+        "B sent the conversation A kept"
+    );
+    for v in redis.everything().await {
+        assert!(
+            !String::from_utf8_lossy(&v).contains("a secret plan"),
+            "a conversation is in Redis in clear"
+        );
+    }
+    let path = format!("/v1/responses/{id}");
+    let got = client()
+        .get(b.url(&path))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let gone = client()
+        .delete(b.url(&path))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 200);
+    let resp = create(
+        &a,
+        json!({ "model": "gemini-2.5-flash", "input": "again", "previous_response_id": id }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 404, "deleted on B, gone on A too");
+}
