@@ -7,11 +7,12 @@
 #   - through gemgate with no plugins ("bare"), for the cost of the shipped policy plugins,
 #   - through a fleet of one ("fleet"): gemgate sharing its state through a local redis-server,
 #   - through gemgate with metrics off ("nometrics"), for the cost of counting them,
-# and, at the end, the same question as an OpenAI chat and an Anthropic message through gemgate
-# (translation's cost, against the native path), all on loopback, in one run. Bounded: each
-# measurement lasts $DURATION seconds (default 5); at concurrency 64 (and 32 for the translated
-# protocols) each target is measured $RUNS times (default 3), in turn, and keeps its median. The
-# whole run takes about 41 × $DURATION seconds plus a minute of policy-layer runs and the build.
+# and, at the end, the same question as an OpenAI chat, an Anthropic message and an OpenAI
+# response through gemgate (translation's cost, against the native path), all on loopback, in
+# one run. Bounded: each measurement lasts $DURATION seconds (default 5); at concurrency 64 (and
+# 32 for the translated protocols) each target is measured $RUNS times (default 3), in turn,
+# and keeps its median. The whole run takes about 44 × $DURATION seconds plus a minute of
+# policy-layer runs and the build.
 #
 #   scripts/bench.sh            # DURATION=10 scripts/bench.sh for steadier figures
 #   BIN_DIR=/some/dir scripts/bench.sh   # measure binaries built elsewhere (no build)
@@ -263,8 +264,8 @@ for mode in generate sse; do
 done
 
 echo
-# Translation's cost: the same question asked natively, as an OpenAI chat and as an Anthropic
-# message, through gemgate at 32 connections, each protocol in turn ($RUNS rounds). Target:
+# Translation's cost: the same question asked natively, as an OpenAI chat, an Anthropic
+# message and an OpenAI response (not kept), through gemgate at 32 connections, each protocol in turn ($RUNS rounds). Target:
 # each translated protocol keeps at least 80% of the native path's throughput.
 cat >"$work/t-native.lua" <<LUA
 wrk.method = "POST"
@@ -288,17 +289,24 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["x-api-key"] = "$TOKEN"
 wrk.headers["anthropic-version"] = "2023-06-01"
 LUA
+cat >"$work/t-responses.lua" <<LUA
+wrk.method = "POST"
+wrk.path = "/v1/responses"
+wrk.body = '{"model":"gemini-2.5-flash","store":false,"input":"Say hello to the benchmark"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $TOKEN"
+LUA
 echo "translated protocols through gemgate at c=32 (median of $RUNS rounds, in turn):"
 declare -A T=()
 for _ in $(seq "$RUNS"); do
-  for proto in native chat messages; do
+  for proto in native chat messages responses; do
     out=$(measure "$GATE_PORT" "$work/t-$proto.lua" 32)
     case $out in ERROR*) echo "$proto: $out" >&2; exit 1 ;; esac
     T[$proto]+="$out"$'\n'
   done
 done
 read -r native_rps _ <<<"$(printf '%s' "${T[native]}" | median_run)"
-for proto in native chat messages; do
+for proto in native chat messages responses; do
   read -r rps p50 p99 <<<"$(printf '%s' "${T[$proto]}" | median_run)"
   awk -v p="$proto" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v n="$native_rps" 'BEGIN {
     r = 100 * rps / n
