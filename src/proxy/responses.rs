@@ -13,7 +13,7 @@ use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use serde_json::{Value, json};
 
-use super::exchange::{Exchange, Meta};
+use super::exchange::{Exchange, Meta, new_request_id};
 use super::openai::{bad, json_answer, json_body};
 use super::relay::{Piece, Reframe, SseEvents};
 use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
@@ -131,10 +131,17 @@ impl Gateway {
     }
 
     /// The items of the conversation `previous` ends, oldest first: every kept response it
-    /// follows must be the client's.
-    async fn conversation(&self, previous: &str, client: &str) -> Result<Vec<Value>, Refusal> {
+    /// follows must be the client's, and all of them together no larger than a request may be
+    /// (`limit` bytes).
+    async fn conversation(
+        &self,
+        previous: &str,
+        client: &str,
+        limit: u64,
+    ) -> Result<Vec<Value>, Refusal> {
         let shared = &self.state.lasting.shared;
         let mut turns = Vec::new();
+        let mut bytes = 0u64;
         let mut next = Some(previous.to_owned());
         while let Some(id) = next.take() {
             if turns.len() == MAX_CHAIN {
@@ -159,6 +166,19 @@ impl Gateway {
                 .filter(|k| k.client == client)
                 .ok_or_else(no_such_response)?;
             next = kept.previous.clone();
+            bytes += kept
+                .items
+                .iter()
+                .map(|item| item.to_string().len() as u64)
+                .sum::<u64>();
+            if bytes > limit {
+                return Err(Refusal::Gate(GateError::new(
+                    413,
+                    format!(
+                        "the conversation is larger than the limit of {limit} bytes: start a new one"
+                    ),
+                )));
+            }
             turns.push(kept.items);
         }
         Ok(turns.into_iter().rev().flatten().collect())
@@ -180,7 +200,10 @@ impl Gateway {
         let client = x.meta.client().to_owned();
         let previous = json["previous_response_id"].as_str().map(str::to_owned);
         let history = match &previous {
-            Some(previous) => self.conversation(previous, &client).await?,
+            Some(previous) => {
+                let limit = generation.config.max_body_bytes;
+                self.conversation(previous, &client, limit).await?
+            }
             None => Vec::new(),
         };
         let mut request = responses::request(&json, &history).map_err(bad)?;
@@ -203,9 +226,12 @@ impl Gateway {
             .await?;
         let model = x.model.clone();
         let created = now_ms() / 1000;
+        // Not the request's id, which a client may choose (`X-Request-Id`): a kept response's
+        // id must be unguessable and its own.
+        let response_id = format!("{}{}", new_request_id(), new_request_id());
         let (outcome, answered) = if request.stream {
             let done: Arc<Mutex<Option<Value>>> = Arc::default();
-            let (spec, id, kept) = (json.clone(), x.meta.id.clone(), done.clone());
+            let (spec, id, kept) = (json.clone(), response_id.clone(), done.clone());
             let shown = model.clone();
             up.reframe = Box::new(move |_: &Meta| {
                 Box::new(ResponseEvents {
@@ -220,7 +246,7 @@ impl Gateway {
             (outcome, answered)
         } else {
             let answer = json_answer(&self.collect(generation, &up, x).await?)?;
-            let out = responses::response(&answer, &json, &model, &x.meta.id, created);
+            let out = responses::response(&answer, &json, &model, &response_id, created);
             // Kept before it is answered: the client's next call may continue it at once.
             self.keep_response(generation, &request, previous, &client, &out)
                 .await;

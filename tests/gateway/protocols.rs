@@ -237,3 +237,75 @@ async fn the_responses_api_works_with_the_openai_sdk() {
         assert!(history.contains(earlier), "{earlier}: {history}");
     }
 }
+
+/// A kept response's id is gemgate's own, not the request id a client may choose: two clients
+/// sending the same `X-Request-Id` keep two responses, each its own; a conversation larger
+/// than a request may be is refused.
+#[tokio::test]
+async fn kept_responses_cannot_be_taken_over() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["good-1"])
+        .env(
+            "ALLOWED_TOKENS",
+            &format!(r#"["{TOKEN}", "sk-other-client"]"#),
+        )
+        .env("GEMGATE_MAX_BODY_BYTES", "4000")
+        .start()
+        .await;
+    let create = |token: &'static str, body: Value| {
+        client()
+            .post(gate.url("/v1/responses"))
+            .bearer_auth(token)
+            .header("x-request-id", "chosen-by-the-client")
+            .json(&body)
+            .send()
+    };
+    let mut ids = Vec::new();
+    for token in [TOKEN, "sk-other-client"] {
+        let v: Value = create(
+            token,
+            json!({ "model": "gemini-2.5-flash", "input": token }),
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    assert_ne!(ids[0], ids[1]);
+    assert!(!ids[0].contains("chosen-by-the-client"), "{ids:?}");
+    let mine: Value = client()
+        .get(gate.url(&format!("/v1/responses/{}", ids[0])))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        mine["output"][0]["content"][0]["text"],
+        format!("echo: {TOKEN}")
+    );
+    // Each turn is small; together they outgrow what one request may carry.
+    let mut previous = ids[0].clone();
+    let mut last = 200;
+    for n in 0..40 {
+        let text = format!("turn {n} {}", "x".repeat(200));
+        let resp = create(
+            TOKEN,
+            json!({ "model": "gemini-2.5-flash", "input": text, "previous_response_id": previous }),
+        )
+        .await
+        .unwrap();
+        last = resp.status().as_u16();
+        if last != 200 {
+            break;
+        }
+        let v: Value = resp.json().await.unwrap();
+        previous = v["id"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(last, 413, "the conversation kept growing");
+}
