@@ -799,7 +799,11 @@ async fn handle(
     }
 
     let extra = extra_route(&path);
-    let rest = match (&extra, path.strip_prefix("/v1beta/")) {
+    // Vertex AI express mode: `/v1/publishers/google/models/{model}:{action}`, the same calls.
+    let vertex = path
+        .strip_prefix("/v1/publishers/google/")
+        .filter(|r| r.starts_with("models/"));
+    let rest = match (&extra, vertex.or_else(|| path.strip_prefix("/v1beta/"))) {
         (Some(_), _) => "",
         (None, Some(rest)) => rest,
         (None, None) => {

@@ -1083,6 +1083,7 @@ mod tests {
                 source: Default::default(),
                 project: None,
                 tier: None,
+                vertex: false,
             })
             .collect();
         let pool = KeyPool::new(&specs, &KeyRegistry::default(), 3, &QuotaLimits::default());

@@ -33,6 +33,8 @@ pub struct Generation {
     pub pool: Arc<KeyPool>,
     pub tokens: Tokens,
     pub target: Arc<Target>,
+    /// Where keys of kind `vertex_express` are called (`None`: the pool has none).
+    pub vertex: Option<Arc<Target>>,
     pub policy: Arc<Policy>,
     pub templates: Arc<Templates>,
     /// `PAID_KEY`, alone, for image generation.
@@ -75,14 +77,23 @@ impl Generation {
             parts.stats.clone(),
         )?;
         let target = match previous {
-            Some(p) if p.target.serves(&config) => p.target.clone(),
+            Some(p) if p.target.serves(&config, &config.base_url) => p.target.clone(),
             _ => Arc::new(Target::new(&config)),
         };
+        // Vertex AI express keys are called at their own base URL, with its own connections.
+        let vertex = config.keys.iter().any(|k| k.vertex).then(|| {
+            let base = &config.vertex_base_url;
+            match previous.and_then(|p| p.vertex.clone()) {
+                Some(v) if v.serves(&config, base) => v,
+                _ => Arc::new(Target::of(&config, base)),
+            }
+        });
         Ok(Generation {
             id,
             pool,
             tokens: Tokens::new(&config.tokens),
             target,
+            vertex,
             policy: Arc::new(policy),
             templates: Arc::new(templates),
             fetcher: fetch::Fetcher::new(&config.fetch),

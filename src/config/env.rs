@@ -105,6 +105,7 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
     ("AUTH_TOKEN", "auth.auth_token", Kind::Str),
     // upstream
     ("BASE_URL", "upstream.base_url", Kind::Str),
+    ("VERTEX_BASE_URL", "upstream.vertex_base_url", Kind::Str),
     ("MAX_RETRIES", "upstream.max_retries", Kind::Int),
     ("TIME_OUT", "upstream.timeout_s", Kind::Float),
     ("PROXIES", "upstream.proxies", Kind::List),

@@ -281,6 +281,9 @@ impl Default for ServerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
     pub base_url: String,
+    /// Where keys of kind `vertex_express` are called: `{vertex_base_url}/publishers/google/
+    /// models/{model}:{action}`.
+    pub vertex_base_url: String,
     /// Seconds to wait for the upstream's answer to start, and between two of its reads.
     pub timeout_s: f64,
     pub connect_timeout_s: f64,
@@ -300,6 +303,7 @@ impl Default for UpstreamSection {
     fn default() -> Self {
         UpstreamSection {
             base_url: "https://generativelanguage.googleapis.com/v1beta".into(),
+            vertex_base_url: "https://aiplatform.googleapis.com/v1".into(),
             timeout_s: 300.0,
             connect_timeout_s: 10.0,
             max_retries: 3,
@@ -331,6 +335,10 @@ pub enum KeyEntry {
         /// The project's quota tier (`free`, `tier1`, …).
         #[serde(default)]
         tier: Option<String>,
+        /// `gemini` (the default: a Gemini API key) or `vertex_express` (a Vertex AI express
+        /// mode key, called at `upstream.vertex_base_url`).
+        #[serde(default)]
+        kind: Option<String>,
     },
 }
 
@@ -624,6 +632,9 @@ pub struct KeySpec {
     /// The Cloud project it belongs to (`None`: its own).
     pub project: Option<String>,
     pub tier: Option<String>,
+    /// A Vertex AI express mode key (`kind = "vertex_express"`): it serves generation, token
+    /// counts and embeddings, at `upstream.vertex_base_url`, and nothing else.
+    pub vertex: bool,
 }
 
 /// Where a key of the pool comes from.
@@ -662,6 +673,7 @@ pub struct Config {
     pub grace_period: Duration,
     pub log_level: String,
     pub base_url: BaseUrl,
+    pub vertex_base_url: BaseUrl,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub max_retries: u32,
@@ -919,6 +931,8 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let durations = durations(&file)?;
     let up = &file.upstream;
     let base_url = BaseUrl::parse(&up.base_url).map_err(|m| invalid("upstream.base_url", m))?;
+    let vertex_base_url =
+        BaseUrl::parse(&up.vertex_base_url).map_err(|m| invalid("upstream.vertex_base_url", m))?;
     check_proxies(&up.proxies)?;
     let (tokens, auth_token) = tokens(&file.auth)?;
     let public_url = public_url(&server.public_url)?;
@@ -949,6 +963,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         grace_period: Duration::from_secs(server.grace_period_s),
         log_level,
         base_url,
+        vertex_base_url,
         timeout: durations.timeout,
         connect_timeout: durations.connect,
         max_retries: up.max_retries,
@@ -1088,6 +1103,7 @@ fn paid_key(key: &str) -> Option<KeySpec> {
         source: KeySource::File,
         project: None,
         tier: None,
+        vertex: false,
     })
 }
 
@@ -1264,8 +1280,8 @@ fn keys(section: &KeysSection) -> Result<Vec<KeySpec>, ConfigError> {
     let mut keys = Vec::new();
     let mut seen = HashSet::new();
     for entry in &section.api_keys {
-        let (secret, label, tags, weight, project, tier) = match entry {
-            KeyEntry::Plain(k) => (k.trim(), None, Vec::new(), None, None, None),
+        let (secret, label, tags, weight, project, tier, vertex) = match entry {
+            KeyEntry::Plain(k) => (k.trim(), None, Vec::new(), None, None, None, false),
             KeyEntry::Detailed {
                 key,
                 label,
@@ -1273,6 +1289,7 @@ fn keys(section: &KeysSection) -> Result<Vec<KeySpec>, ConfigError> {
                 weight,
                 project,
                 tier,
+                kind,
             } => (
                 key.trim(),
                 label.clone(),
@@ -1280,6 +1297,16 @@ fn keys(section: &KeysSection) -> Result<Vec<KeySpec>, ConfigError> {
                 *weight,
                 short_name(project.as_deref(), "project")?,
                 short_name(tier.as_deref(), "tier")?,
+                match kind.as_deref().map(str::trim) {
+                    None | Some("" | "gemini") => false,
+                    Some("vertex_express") => true,
+                    Some(other) => {
+                        return Err(invalid(
+                            "keys.api_keys",
+                            format!("kind {other:?}: a key is of kind gemini or vertex_express"),
+                        ));
+                    }
+                },
             ),
         };
         if secret.is_empty() {
@@ -1303,6 +1330,7 @@ fn keys(section: &KeysSection) -> Result<Vec<KeySpec>, ConfigError> {
             source: KeySource::File,
             project,
             tier,
+            vertex,
         });
     }
     Ok(keys)

@@ -534,6 +534,8 @@ pub struct KeyPool {
     /// Where the choice by headroom starts looking, turning with each choice.
     turn: AtomicU64,
     max_failures: u32,
+    /// The Vertex AI express keys (`kind = "vertex_express"`), which only some calls may use.
+    vertex: Vec<usize>,
 }
 
 /// Holds a key "in flight" until dropped.
@@ -591,11 +593,17 @@ impl KeyPool {
             ready: ArcSwap::default(),
             turn: AtomicU64::new(0),
             max_failures: max_failures.max(1),
+            vertex: (0..specs.len()).filter(|&i| specs[i].vertex).collect(),
         }
     }
 
     pub fn keys(&self) -> &[Key] {
         &self.keys
+    }
+
+    /// The indices of the Vertex AI express keys.
+    pub fn vertex_keys(&self) -> &[usize] {
+        &self.vertex
     }
 
     pub fn get(&self, index: usize) -> &Key {
@@ -1033,6 +1041,7 @@ mod tests {
                     source: Default::default(),
                     project: project(i),
                     tier: None,
+                    vertex: false,
                 }
             })
             .collect()
@@ -1244,6 +1253,7 @@ mod tests {
             source: Default::default(),
             project: None,
             tier: None,
+            vertex: false,
         };
         let first = KeyPool::new(
             std::slice::from_ref(&spec),

@@ -76,6 +76,7 @@ impl Gateway {
                 // broken on their own cannot keep it going.
                 Ok(Pass::Probe) => Cow::Owned(self.struck_and(generation.pool_for(req), &used)),
             };
+            let avoid = without_vertex(generation.pool_for(req), req, avoid);
             let admitted = self
                 .admitted_key(generation, req, &avoid, tokens, meta)
                 .await;
@@ -533,7 +534,17 @@ impl Gateway {
         index: usize,
     ) -> Result<(HttpSession, usize), Failure> {
         let key = generation.pool_for(req).get(index);
-        let target = &generation.target;
+        let target = generation.target_of(key);
+        let vertex_header = match &generation.vertex {
+            Some(vertex) if key.spec.vertex => {
+                let header = vertex_header(generation, vertex, req).ok_or_else(|| {
+                    Failure::network(ErrorClass::Client, "not a call a Vertex AI key serves")
+                })?;
+                Some(header)
+            }
+            _ => None,
+        };
+        let header = vertex_header.as_ref().unwrap_or(&req.header);
         let route = target.route(&key.spec.id);
         let peer = target
             .peer(route)
@@ -548,7 +559,7 @@ impl Gateway {
             authority: target.base.authority.as_str(),
             authorization: proxy.proxy_authorization(),
         });
-        let head = head::request_head(&req.header, req.body.len(), credential, forwarding);
+        let head = head::request_head(header, req.body.len(), credential, forwarding);
         let mut reuse_idle = true;
         let mut up = loop {
             let (conn, reused) = target
@@ -606,6 +617,8 @@ impl Gateway {
         attempt: u32,
     ) -> Result<(Finished, Tried), Failure> {
         let (mut up, route) = self.exchange_head(generation, req, index).await?;
+        // Its connection goes back to the pool it came from (Vertex AI's for its keys).
+        let target = generation.target_of(generation.pool_for(req).get(index));
         let status = up.response_header().map_or(0, |h| h.status.as_u16());
         self.state.lasting.storms.calm(now_ms());
         self.state
@@ -626,7 +639,7 @@ impl Gateway {
                 ));
             }
             Verdict::Refuse(d) => {
-                generation.target.release(up, route).await;
+                target.release(up, route).await;
                 return Ok((Finished::Refused(denied(d)), done));
             }
         }
@@ -649,7 +662,7 @@ impl Gateway {
                 let relayed = match relayed {
                     Ok(relayed) => relayed,
                     Err(failure) => {
-                        generation.target.release(up, route).await;
+                        target.release(up, route).await;
                         return Err(failure);
                     }
                 };
@@ -659,7 +672,7 @@ impl Gateway {
                 Finished::Relayed(relayed.outcome)
             }
         };
-        generation.target.release(up, route).await;
+        target.release(up, route).await;
         self.count_usage(generation, req, index, None, done.tokens);
         Ok((finished, done))
     }
@@ -750,6 +763,41 @@ impl Gateway {
 /// out: 503 naming the key and why, with `Retry-After` — the end of its cooldown, or a
 /// minute for a disabled key (an operator or a key check may bring it back). Another key
 /// would only get Google's 403.
+/// The request as a Vertex AI express key sends it: `{base}/models/{model}:{action}` becomes
+/// `{vertex base}/publishers/google/models/{model}:{action}`, to Vertex's host (`None`: not a
+/// call of that shape).
+fn vertex_header(
+    generation: &Generation,
+    vertex: &crate::upstream::Target,
+    req: &UpstreamRequest,
+) -> Option<pingora::http::RequestHeader> {
+    let mut header = req.header.clone();
+    let target = String::from_utf8_lossy(header.raw_path()).into_owned();
+    let rest = target
+        .strip_prefix(&generation.target.base.path)?
+        .strip_prefix("/models/")?;
+    let path = format!("{}/publishers/google/models/{rest}", vertex.base.path);
+    header.set_raw_path(path.as_bytes()).ok()?;
+    if let Some(host) = &vertex.host {
+        let _ = header.insert_header(header::HOST, host.clone());
+    }
+    Some(header)
+}
+
+/// `avoid` and, for a call a Vertex AI express key cannot serve, every such key.
+pub(super) fn without_vertex<'a>(
+    pool: &KeyPool,
+    req: &UpstreamRequest,
+    avoid: Cow<'a, [usize]>,
+) -> Cow<'a, [usize]> {
+    if req.vertex_ok || pool.vertex_keys().is_empty() {
+        return avoid;
+    }
+    let mut all = avoid.into_owned();
+    all.extend_from_slice(pool.vertex_keys());
+    Cow::Owned(all)
+}
+
 fn held(key: &str, why: &str, until_ms: Option<u64>, now: u64) -> Finished {
     let retry = until_ms.map_or(60, |until| seconds_until(until, now));
     let e = GateError::new(

@@ -307,7 +307,9 @@ impl Gateway {
         let mut last = None;
         while used.len() < max {
             let now = now_ms();
-            let admitted = self.admitted_key(generation, up, &used, 0, &x.meta).await;
+            let pool = generation.pool_for(up);
+            let avoid = super::attempt::without_vertex(pool, up, std::borrow::Cow::Borrowed(&used));
+            let admitted = self.admitted_key(generation, up, &avoid, 0, &x.meta).await;
             let index = match admitted {
                 Ok(Ok((index, _ticket))) => index,
                 Ok(Err(pick)) => {

@@ -62,7 +62,23 @@ pub(crate) const MAX_TARGET: usize = 8 * 1024;
 /// Upper bound on model-list pages walked for one request.
 const MAX_MODEL_PAGES: usize = 50;
 
+/// The actions a Vertex AI express key serves (`models/{model}:{action}`).
+fn vertex_serves(action: &str) -> bool {
+    matches!(
+        action,
+        "generateContent" | "streamGenerateContent" | "countTokens" | "embedContent"
+    )
+}
+
 impl Generation {
+    /// Where key `key` is called: Vertex AI's base URL for a Vertex AI express key.
+    fn target_of(&self, key: &crate::keys::Key) -> &Arc<crate::upstream::Target> {
+        match &self.vertex {
+            Some(vertex) if key.spec.vertex => vertex,
+            _ => &self.target,
+        }
+    }
+
     /// The keys an upstream request may use: `PAID_KEY` for paid calls when it is set, else
     /// the pool.
     fn pool_for(&self, req: &UpstreamRequest) -> &KeyPool {
@@ -145,6 +161,9 @@ pub(crate) struct UpstreamRequest {
     /// Sending it twice does no harm. A create (a batch, an interaction, a token) is not: one
     /// that timed out may have been made, and is not tried again on another key.
     idempotent: bool,
+    /// A Vertex AI express key may serve it (a generation, a token count, an embedding of a
+    /// model: `{base}/models/{model}:{action}`); no other call ever gets one.
+    vertex_ok: bool,
 }
 
 /// The answer as it comes, or for a stream (`sse`: of server-sent events) reframed on event
@@ -171,6 +190,7 @@ impl UpstreamRequest {
             pinned: None,
             surface: Surface::Interactive,
             idempotent: true,
+            vertex_ok: false,
         }
     }
 }
@@ -380,6 +400,7 @@ impl Gateway {
         }
         let pinned = self.file_pin(generation, &body, x.meta.client.as_deref())?;
         let mut up = UpstreamRequest {
+            vertex_ok: vertex_serves(call.action()),
             pinned,
             model,
             reframe: framing(call.is_stream(), sse),

@@ -646,8 +646,10 @@ impl Gateway {
         for (name, value) in &rewrite.headers {
             let _ = header.insert_header(name.clone(), value.clone());
         }
+        let action = path.rsplit_once(':').map_or("", |(_, action)| action);
         Ok(UpstreamRequest {
             model: model_in_path(path),
+            vertex_ok: super::vertex_serves(action),
             ..UpstreamRequest::new(header, body)
         })
     }

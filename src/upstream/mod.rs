@@ -74,6 +74,12 @@ pub struct Target {
 impl Target {
     /// The target of `config`. Its proxies were checked by the config's validation.
     pub fn new(config: &Config) -> Target {
+        Target::of(config, &config.base_url)
+    }
+
+    /// The target at `base` (the base URL, or the Vertex AI one) with `config`'s proxies and
+    /// timeouts.
+    pub fn of(config: &Config, base: &crate::config::BaseUrl) -> Target {
         let up = &config.file.upstream;
         let routes: Vec<Route> = if up.proxies.is_empty() {
             vec![Route::new(None)]
@@ -81,16 +87,9 @@ impl Target {
             up.proxies
                 .iter()
                 .filter_map(|url| {
-                    let tunnel = Tunnel::new(
-                        url,
-                        &config.base_url.host,
-                        config.base_url.port,
-                        config.connect_timeout,
-                    );
+                    let tunnel = Tunnel::new(url, &base.host, base.port, config.connect_timeout);
                     match tunnel {
-                        Ok(t) => Some(Route::new(Some(Arc::new(
-                            t.with_plain_upstream(!config.base_url.tls),
-                        )))),
+                        Ok(t) => Some(Route::new(Some(Arc::new(t.with_plain_upstream(!base.tls))))),
                         Err(e) => {
                             tracing::error!("PROXIES entry left out: {e}");
                             None
@@ -100,8 +99,8 @@ impl Target {
                 .collect()
         };
         let target = Target {
-            base: config.base_url.clone(),
-            host: http::HeaderValue::from_str(&config.base_url.authority).ok(),
+            base: base.clone(),
+            host: http::HeaderValue::from_str(&base.authority).ok(),
             connect_timeout: config.connect_timeout,
             resolved: ArcSwapOption::empty(),
             routes,
@@ -116,9 +115,9 @@ impl Target {
     }
 
     /// Whether `config` would make the same target (so its connections can be kept).
-    pub fn serves(&self, config: &Config) -> bool {
+    pub fn serves(&self, config: &Config, base: &crate::config::BaseUrl) -> bool {
         let up = &config.file.upstream;
-        self.base == config.base_url
+        self.base == *base
             && self.connect_timeout == config.connect_timeout
             && self.pool_size == config.pool_size.max(1)
             && self.by_key == up.proxies_use_consistency_hash_by_api_key

@@ -309,3 +309,93 @@ async fn kept_responses_cannot_be_taken_over() {
     }
     assert_eq!(last, 413, "the conversation kept growing");
 }
+
+/// Keys of kind `vertex_express` are called at `VERTEX_BASE_URL/publishers/google/models/…` for
+/// generation, token counts and embeddings, native and translated; the calls they cannot serve
+/// (model lists, files, cached contents, interactions, Google's OpenAI API) never get one.
+#[tokio::test]
+async fn vertex_express_keys_serve_generation_alone() {
+    let fake = fake().await;
+    let vertex_base = fake.base_url().replace("/v1beta", "/v1");
+    let gate = gate()
+        .env("BASE_URL", &fake.base_url())
+        .env("VERTEX_BASE_URL", &vertex_base)
+        .toml(
+            "[keys]\napi_keys = [\"gemini-1\", { key = \"vertex-2\", kind = \"vertex_express\" }]\n",
+        )
+        .start()
+        .await;
+    let native = |action: &'static str, body: Value| {
+        client()
+            .post(gate.url(&format!("/v1beta/models/gemini-2.5-flash:{action}")))
+            .header("x-goog-api-key", TOKEN)
+            .json(&body)
+            .send()
+    };
+    for _ in 0..3 {
+        for (action, body) in [
+            ("generateContent", ask("hi")),
+            ("countTokens", ask("count me")),
+            (
+                "embedContent",
+                json!({ "content": { "parts": [{ "text": "embed" }] } }),
+            ),
+        ] {
+            assert_eq!(
+                native(action, body).await.unwrap().status(),
+                200,
+                "{action}"
+            );
+        }
+        let chat = client()
+            .post(gate.url("/v1/chat/completions"))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "model": "gemini-2.5-flash", "messages": [{ "role": "user", "content": "hi" }] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(chat.status(), 200);
+    }
+    let by_vertex: Vec<String> = fake
+        .state
+        .received()
+        .into_iter()
+        .filter(|r| r.key.as_deref() == Some("vertex-2"))
+        .map(|r| r.path)
+        .collect();
+    assert!(by_vertex.len() >= 4, "{by_vertex:?}");
+    assert!(
+        by_vertex
+            .iter()
+            .all(|p| p.starts_with("/v1/publishers/google/models/gemini-2.5-flash:")),
+        "{by_vertex:?}"
+    );
+    // The calls a Vertex AI key cannot serve go to the Gemini API key, every time.
+    let before = fake.state.received().len();
+    for _ in 0..4 {
+        for (method, path, body) in [
+            (reqwest::Method::GET, "/v1beta/models", None),
+            (reqwest::Method::GET, "/v1beta/files", None),
+            (
+                reqwest::Method::POST,
+                "/v1beta/interactions",
+                Some(json!({ "model": "gemini-2.5-flash", "input": "hi" })),
+            ),
+        ] {
+            let mut req = client()
+                .request(method, gate.url(path))
+                .header("x-goog-api-key", TOKEN);
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            assert!(req.send().await.unwrap().status().is_success(), "{path}");
+        }
+    }
+    let others = &fake.state.received()[before..];
+    assert!(!others.is_empty());
+    assert!(
+        others.iter().all(|r| r.key.as_deref() == Some("gemini-1")),
+        "{:?}",
+        others.iter().map(|r| (&r.path, &r.key)).collect::<Vec<_>>()
+    );
+}
