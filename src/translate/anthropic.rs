@@ -900,6 +900,8 @@ impl MessageStream {
                 "usage": usage,
             },
         })));
+        // Anthropic's streams say `ping` early on; clients wait for nothing in it.
+        out.push_str(&self.ping());
     }
 
     /// What one part says: text and thoughts continue an open block of their kind; a call is
@@ -1610,6 +1612,7 @@ mod tests {
                 "id": "msg_s1", "type": "message", "role": "assistant", "model": "gemini-2.5-flash",
                 "content": [], "stop_reason": null, "stop_sequence": null,
                 "usage": { "input_tokens": 9, "output_tokens": 0 } } }),
+            json!({ "type": "ping" }),
             json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "thinking", "thinking": "", "signature": "" } }),
             json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "thinking_delta", "thinking": "Hmm" } }),
             json!({ "type": "content_block_stop", "index": 0 }),
@@ -1638,6 +1641,7 @@ mod tests {
             names,
             [
                 "message_start",
+                "ping",
                 "content_block_start",
                 "content_block_delta"
             ]
@@ -1659,7 +1663,10 @@ mod tests {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        assert_eq!(names, ["message_start", "message_delta", "message_stop"]);
+        assert_eq!(
+            names,
+            ["message_start", "ping", "message_delta", "message_stop"]
+        );
     }
 
     #[test]
@@ -1667,8 +1674,8 @@ mod tests {
         let mut s = MessageStream::new("m", "s4");
         let out = s.push(b"data: {\"promptFeedback\":{\"blockReason\":\"PROHIBITED_CONTENT\"},\"usageMetadata\":{\"promptTokenCount\":4}}\n\n");
         let got = events(&out);
-        assert_eq!(got.len(), 3);
-        assert_eq!(got[1].1["delta"]["stop_reason"], "refusal");
+        assert_eq!(got.len(), 4, "start, ping, delta, stop");
+        assert_eq!(got[2].1["delta"]["stop_reason"], "refusal");
         assert_eq!(s.ping(), "event: ping\ndata: {\"type\": \"ping\"}\n\n");
         let e = events(&s.error("overloaded_error", "Overloaded"));
         assert_eq!(e.len(), 1);
