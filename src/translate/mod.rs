@@ -3,4 +3,5 @@
 
 pub mod anthropic;
 pub mod openai;
+pub mod parts;
 pub mod usage;

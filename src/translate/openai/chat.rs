@@ -37,8 +37,11 @@ pub const PLACEHOLDER_SIGNATURE: &str = "skip_thought_signature_validator";
 
 /// Gives each model turn's first call that came back without its thought signature Google's
 /// placeholder (Gemini 3 refuses it otherwise; of parallel calls only the first carries one).
-/// Returns how many it gave.
-pub(crate) fn stand_in_signatures(contents: &mut [Value]) -> usize {
+/// Returns how many it gave (none for models before Gemini 3, which need no signature).
+pub(crate) fn stand_in_signatures(model: &str, contents: &mut [Value]) -> usize {
+    if !is_gemini_3(model) {
+        return 0;
+    }
     let mut given = 0;
     for turn in contents.iter_mut().filter(|t| t["role"] == "model") {
         let first = turn["parts"]
@@ -71,11 +74,7 @@ pub fn request(body: &Value) -> Result<ChatCall, BadRequest> {
         .filter(|m| !m.is_empty())
         .ok_or_else(|| BadRequest::new("messages", "`messages` must be a non-empty list"))?;
     let mut turns = Turns::of(messages)?;
-    let placeholder_signatures = if is_gemini_3(&model) {
-        stand_in_signatures(&mut turns.contents)
-    } else {
-        0
-    };
+    let placeholder_signatures = stand_in_signatures(&model, &mut turns.contents);
 
     let mut out = Map::new();
     out.insert("contents".into(), Value::Array(turns.contents));
@@ -641,28 +640,8 @@ fn read_parts(candidate: &Value, options: Options, next_call: &mut usize, id: &s
             }
             *next_call += 1;
             said.tool_calls.push(tc);
-        } else if let Some(data) = p.get("inlineData") {
-            let mime = data
-                .get("mimeType")
-                .and_then(Value::as_str)
-                .unwrap_or("image/png");
-            let b64 = data.get("data").and_then(Value::as_str).unwrap_or_default();
-            said.content
-                .push_str(&format!("\n\n![image](data:{mime};base64,{b64})\n\n"));
-        } else if let Some(code) = p.get("executableCode") {
-            let lang = code
-                .get("language")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_ascii_lowercase();
-            let src = code.get("code").and_then(Value::as_str).unwrap_or_default();
-            said.content.push_str(&format!("\n```{lang}\n{src}\n```\n"));
-        } else if let Some(result) = p.get("codeExecutionResult") {
-            let out = result
-                .get("output")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            said.content.push_str(&format!("\n```\n{out}\n```\n"));
+        } else if let Some(text) = crate::translate::parts::markdown_of(p) {
+            said.content.push_str(&text);
         }
     }
     if options.show_search_link {

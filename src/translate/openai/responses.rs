@@ -15,10 +15,11 @@ use std::collections::HashMap;
 use serde_json::{Map, Value, json};
 
 use super::chat::{
-    data_url_part, function_calling_config, is_gemini_3, keep_google_settings, push,
-    stand_in_signatures, thinking_config,
+    data_url_part, function_calling_config, keep_google_settings, push, stand_in_signatures,
+    thinking_config,
 };
 use super::{BadRequest, model_of, schema};
+use crate::translate::parts::{Said, read_parts};
 
 /// A translated Responses request.
 #[derive(Debug)]
@@ -80,11 +81,7 @@ pub fn request(body: &Value, history: &[Value]) -> Result<ResponsesCall, BadRequ
             "`input` needs at least one user or assistant message",
         ));
     }
-    let placeholders = if is_gemini_3(&model) {
-        stand_in_signatures(&mut turns.contents)
-    } else {
-        0
-    };
+    let placeholders = stand_in_signatures(&model, &mut turns.contents);
 
     let mut out = Map::new();
     out.insert("contents".into(), Value::Array(turns.contents));
@@ -606,78 +603,6 @@ fn tool_choice(choice: &Value) -> Result<Value, BadRequest> {
             "must be none, auto, required, a function or allowed_tools",
         )),
     }
-}
-
-/// What one part of a candidate says, in Responses' terms.
-enum Said<'a> {
-    Thought {
-        text: &'a str,
-        signature: Option<&'a str>,
-    },
-    Text(String),
-    Call {
-        name: &'a str,
-        args: Option<&'a Value>,
-        signature: Option<&'a str>,
-    },
-}
-
-/// Reads the parts of one candidate. Code and its results, and images, become text as in chat
-/// answers (an output message holds only text).
-fn read_parts(candidate: &Value) -> Vec<Said<'_>> {
-    let parts = candidate
-        .pointer("/content/parts")
-        .and_then(Value::as_array);
-    parts
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            let signature = p
-                .get("thoughtSignature")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty());
-            if let Some(call) = p.get("functionCall") {
-                return Some(Said::Call {
-                    name: call.get("name").and_then(Value::as_str).unwrap_or_default(),
-                    args: call.get("args").filter(|a| !a.is_null()),
-                    signature,
-                });
-            }
-            let text = p.get("text").and_then(Value::as_str);
-            if p.get("thought").and_then(Value::as_bool) == Some(true) {
-                let text = text.unwrap_or_default();
-                return (!text.is_empty() || signature.is_some())
-                    .then_some(Said::Thought { text, signature });
-            }
-            let text = if let Some(text) = text {
-                text.to_owned()
-            } else if let Some(data) = p.get("inlineData") {
-                let mime = data
-                    .get("mimeType")
-                    .and_then(Value::as_str)
-                    .unwrap_or("image/png");
-                let b64 = data.get("data").and_then(Value::as_str).unwrap_or_default();
-                format!("\n\n![image](data:{mime};base64,{b64})\n\n")
-            } else if let Some(code) = p.get("executableCode") {
-                let lang = code
-                    .get("language")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_ascii_lowercase();
-                let src = code.get("code").and_then(Value::as_str).unwrap_or_default();
-                format!("\n```{lang}\n{src}\n```\n")
-            } else if let Some(result) = p.get("codeExecutionResult") {
-                let out = result
-                    .get("output")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                format!("\n```\n{out}\n```\n")
-            } else {
-                return None;
-            };
-            (!text.is_empty()).then_some(Said::Text(text))
-        })
-        .collect()
 }
 
 /// Adds what a part says to the output items: a thought joins the reasoning item before it,
