@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
-use super::openai::chat::{is_gemini_3, push, stand_in_signatures};
+use super::openai::chat::{declaration, is_gemini_3, push, stand_in_signatures};
 use super::openai::{BadRequest, model_of, schema};
 use super::parts::{Said, read_parts};
 use super::usage::Tokens;
@@ -481,9 +481,19 @@ fn tools(tools: Option<&Value>) -> Result<Vec<Value>, BadRequest> {
     let mut search = false;
     for (i, t) in list.iter().enumerate() {
         match t.get("type") {
-            None | Some(Value::Null) => decls.push(function_declaration(i, t, &mut budget)?),
+            None | Some(Value::Null) => decls.push(declaration(
+                t,
+                &format!("tools[{i}]"),
+                "input_schema",
+                &mut budget,
+            )?),
             Some(Value::String(kind)) if kind == "custom" => {
-                decls.push(function_declaration(i, t, &mut budget)?);
+                decls.push(declaration(
+                    t,
+                    &format!("tools[{i}]"),
+                    "input_schema",
+                    &mut budget,
+                )?);
             }
             Some(Value::String(kind)) if kind.starts_with("web_search_") => search = true,
             Some(kind) => {
@@ -504,28 +514,6 @@ fn tools(tools: Option<&Value>) -> Result<Vec<Value>, BadRequest> {
         out.push(json!({ "googleSearch": {} }));
     }
     Ok(out)
-}
-
-/// Client tool `i` as a function declaration.
-fn function_declaration(
-    i: usize,
-    t: &Value,
-    budget: &mut schema::Budget,
-) -> Result<Value, BadRequest> {
-    let name = t
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| BadRequest::new(&format!("tools[{i}].name"), "is required"))?;
-    let mut d = json!({ "name": name });
-    if let Some(desc) = t.get("description").filter(|d| !d.is_null()) {
-        d["description"] = desc.clone();
-    }
-    if let Some(s) = t.get("input_schema").filter(|s| !s.is_null()) {
-        let field = format!("tools[{i}].input_schema");
-        d["parameters"] =
-            schema::clean(s, budget).map_err(|e| BadRequest::new(&field, e.to_string()))?;
-    }
-    Ok(d)
 }
 
 /// `tool_choice` → Gemini's `functionCallingConfig`.

@@ -258,18 +258,29 @@ fn function_declaration(
     let f = t
         .get("function")
         .ok_or_else(|| BadRequest::new(&format!("tools[{i}]"), "needs a function"))?;
+    declaration(f, &format!("tools[{i}].function"), "parameters", budget)
+}
+
+/// A client's function `f` (its `name`, `description`, and JSON schema under `schema_key`)
+/// as a Gemini function declaration; `field` names it in errors (`tools[0]`).
+pub(crate) fn declaration(
+    f: &Value,
+    field: &str,
+    schema_key: &str,
+    budget: &mut schema::Budget,
+) -> Result<Value, BadRequest> {
     let name = f
         .get("name")
         .and_then(Value::as_str)
-        .ok_or_else(|| BadRequest::new(&format!("tools[{i}].function.name"), "is required"))?;
+        .ok_or_else(|| BadRequest::new(&format!("{field}.name"), "is required"))?;
     let mut d = json!({ "name": name });
-    if let Some(desc) = f.get("description") {
+    if let Some(desc) = f.get("description").filter(|d| !d.is_null()) {
         d["description"] = desc.clone();
     }
-    if let Some(p) = f.get("parameters") {
-        let field = format!("tools[{i}].function.parameters");
+    if let Some(s) = f.get(schema_key).filter(|s| !s.is_null()) {
+        let field = format!("{field}.{schema_key}");
         d["parameters"] =
-            schema::clean(p, budget).map_err(|e| BadRequest::new(&field, e.to_string()))?;
+            schema::clean(s, budget).map_err(|e| BadRequest::new(&field, e.to_string()))?;
     }
     Ok(d)
 }

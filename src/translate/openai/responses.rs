@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use serde_json::{Map, Value, json};
 
 use super::chat::{
-    data_url_part, function_calling_config, keep_google_settings, push, stand_in_signatures,
-    thinking_config,
+    data_url_part, declaration, function_calling_config, keep_google_settings, push,
+    stand_in_signatures, thinking_config,
 };
 use super::{BadRequest, model_of, schema};
 use crate::translate::parts::{Said, read_parts};
@@ -515,7 +515,12 @@ fn tools(tools: Option<&Value>, budget: &mut schema::Budget) -> Result<Vec<Value
     let mut search = false;
     for (i, t) in list.iter().enumerate() {
         match t.get("type").and_then(Value::as_str) {
-            Some("function") => decls.push(function_declaration(i, t, budget)?),
+            Some("function") => decls.push(declaration(
+                t,
+                &format!("tools[{i}]"),
+                "parameters",
+                budget,
+            )?),
             Some(kind) if kind == "web_search" || kind.starts_with("web_search_") => search = true,
             kind => {
                 return Err(BadRequest::new(
@@ -539,28 +544,6 @@ fn tools(tools: Option<&Value>, budget: &mut schema::Budget) -> Result<Vec<Value
         out.push(json!({ "googleSearch": {} }));
     }
     Ok(out)
-}
-
-/// Function tool `i` (flat: `name`, `description`, `parameters`) as a function declaration.
-fn function_declaration(
-    i: usize,
-    t: &Value,
-    budget: &mut schema::Budget,
-) -> Result<Value, BadRequest> {
-    let name = t
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| BadRequest::new(&format!("tools[{i}].name"), "is required"))?;
-    let mut d = json!({ "name": name });
-    if let Some(desc) = t.get("description").filter(|d| !d.is_null()) {
-        d["description"] = desc.clone();
-    }
-    if let Some(p) = t.get("parameters").filter(|p| !p.is_null()) {
-        let field = format!("tools[{i}].parameters");
-        d["parameters"] =
-            schema::clean(p, budget).map_err(|e| BadRequest::new(&field, e.to_string()))?;
-    }
-    Ok(d)
 }
 
 /// `tool_choice` → Gemini's `functionCallingConfig`: a mode as chat's (`none`, `auto`,
