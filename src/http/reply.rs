@@ -74,7 +74,7 @@ impl GateError {
                     "type": "error",
                     "error": { "type": kind, "message": self.message },
                 });
-                Bytes::from(body.to_string())
+                Bytes::from(crate::translate::json_text(&body))
             }
         }
     }
@@ -89,7 +89,7 @@ impl GateError {
         let body = serde_json::json!({
             "error": { "code": self.status, "message": self.message, "status": grpc_status(self.status) }
         });
-        Bytes::from(body.to_string())
+        Bytes::from(crate::translate::json_text(&body))
     }
 }
 

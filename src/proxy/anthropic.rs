@@ -14,6 +14,7 @@ use super::relay::{Piece, Reframe, SseEvents};
 use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
 use crate::http::reply::{GateError, Protocol};
 use crate::translate::anthropic::{self, MessageStream};
+use crate::translate::json_bytes;
 use crate::translate::usage::Tokens;
 
 /// An Anthropic message stream made from Gemini's server-sent events as they pass.
@@ -118,6 +119,6 @@ impl Gateway {
             AnthropicCall::CountTokens => anthropic::count_tokens_response(&answer),
             AnthropicCall::Messages => anthropic::response(&answer, &model, &x.meta.id),
         };
-        Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
+        Ok(send(s, x, 200, json_bytes(&out)).await)
     }
 }

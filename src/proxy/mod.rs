@@ -409,7 +409,7 @@ impl Gateway {
         if call == NativeCall::ListModels && auth::query_param(&query, "pageToken").is_none() {
             let models = self.all_models(generation, &mut up, &path, x).await?;
             let body = serde_json::json!({ "models": models });
-            return Ok(send(s, x, 200, Bytes::from(body.to_string())).await);
+            return Ok(send(s, x, 200, crate::translate::json_bytes(&body)).await);
         }
         if call == NativeCall::ListModels {
             let page = self.collect(generation, &up, x).await?;
@@ -600,5 +600,5 @@ fn filter_page(generation: &Generation, page: Bytes, meta: &Meta) -> Result<Byte
         return Ok(page);
     };
     v["models"] = serde_json::Value::Array(filter_models(generation, models, meta)?);
-    Ok(Bytes::from(v.to_string()))
+    Ok(crate::translate::json_bytes(&v))
 }

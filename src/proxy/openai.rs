@@ -20,6 +20,7 @@ use super::{
 use crate::clock::now_ms;
 use crate::http::reply::{GateError, Protocol};
 use crate::translate::openai::{self, chat, embeddings, images, speech};
+use crate::translate::json_bytes;
 use crate::translate::usage::Tokens;
 
 /// What a translated stream needs to know before it starts.
@@ -297,7 +298,7 @@ impl Gateway {
         }
         let answer = json_answer(&self.collect(generation, &up, x).await?)?;
         let out = chat::response(&answer, &model, &x.meta.id, created, options);
-        Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
+        Ok(send(s, x, 200, json_bytes(&out)).await)
     }
 
     /// `FAKE_STREAM_ENABLED`: a streaming request answered from a whole `generateContent`
@@ -416,7 +417,7 @@ impl Gateway {
         let (answer, model) = self.whole(generation, s, whole, x).await?;
         call.model = model;
         let out = embeddings::response(&call, &answer);
-        Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
+        Ok(send(s, x, 200, json_bytes(&out)).await)
     }
 
     /// Imagen through `:predict`, with `PAID_KEY` when it is set; `url` answers are uploaded to
@@ -464,7 +465,7 @@ impl Gateway {
             )));
         }
         let out = images::response(now_ms() / 1000, data);
-        Ok(send(s, x, 200, Bytes::from(out.to_string())).await)
+        Ok(send(s, x, 200, json_bytes(&out)).await)
     }
 
     /// Text to speech with `TTS_MODEL` and `TTS_VOICE_NAME`, answered as WAV (or raw PCM).

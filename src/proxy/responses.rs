@@ -21,6 +21,7 @@ use crate::app::shared::StoredResponse;
 use crate::clock::now_ms;
 use crate::http::reply::{GateError, Protocol};
 use crate::translate::openai::responses::{self, ResponseStream};
+use crate::translate::json_bytes;
 use crate::translate::usage::Tokens;
 
 /// Responses a conversation may go back through (`previous_response_id`, then theirs).
@@ -124,10 +125,10 @@ impl Gateway {
             x.action = "responses.delete".into();
             shared.save_response(&id, None).await;
             let body = json!({ "id": id, "object": "response.deleted", "deleted": true });
-            return Ok(send(s, x, 200, Bytes::from(body.to_string())).await);
+            return Ok(send(s, x, 200, json_bytes(&body)).await);
         }
         x.action = "responses.get".into();
-        Ok(send(s, x, 200, Bytes::from(kept.response.to_string())).await)
+        Ok(send(s, x, 200, json_bytes(&kept.response)).await)
     }
 
     /// The items of the conversation `previous` ends, oldest first: every kept response it
@@ -250,7 +251,7 @@ impl Gateway {
             // Kept before it is answered: the client's next call may continue it at once.
             self.keep_response(generation, &request, previous, &client, &out)
                 .await;
-            return Ok(send(s, x, 200, Bytes::from(out.to_string())).await);
+            return Ok(send(s, x, 200, json_bytes(&out)).await);
         };
         if let Some(out) = answered {
             self.keep_response(generation, &request, previous, &client, &out)

@@ -692,8 +692,10 @@ fn empty_thinking() -> Value {
 
 /// One server-sent event of Anthropic's: named after its data's `type`.
 fn sse(data: Value) -> String {
-    let name = data["type"].as_str().unwrap_or("message").to_owned();
-    format!("event: {name}\ndata: {data}\n\n")
+    let mut event = String::new();
+    let name = data["type"].as_str().unwrap_or("message");
+    crate::translate::push_event(&mut event, Some(name), &data);
+    event
 }
 
 /// Translates a `streamGenerateContent?alt=sse` stream into Anthropic's server-sent events:

@@ -5,3 +5,28 @@ pub mod anthropic;
 pub mod openai;
 pub mod parts;
 pub mod usage;
+
+use serde_json::Value;
+
+/// A JSON value as text, by serde_json's writer: several times cheaper than `Value`'s
+/// `Display` (`to_string()`, `format!("{v}")`), which goes through a formatter for every token.
+pub fn json_text(v: &Value) -> String {
+    serde_json::to_string(v).expect("a JSON value serialises")
+}
+
+/// The same as bytes, for an answer's body.
+pub fn json_bytes(v: &Value) -> bytes::Bytes {
+    bytes::Bytes::from(serde_json::to_vec(v).expect("a JSON value serialises"))
+}
+
+/// Appends one server-sent event, `event: {name}` (when named) and `data: {data}`.
+pub fn push_event(out: &mut String, name: Option<&str>, data: &Value) {
+    if let Some(name) = name {
+        out.push_str("event: ");
+        out.push_str(name);
+        out.push('\n');
+    }
+    out.push_str("data: ");
+    out.push_str(&json_text(data));
+    out.push_str("\n\n");
+}

@@ -869,7 +869,9 @@ impl ChatStream {
         if let Some(u) = usage {
             c["usage"] = u;
         }
-        format!("data: {c}\n\n")
+        let mut event = String::new();
+        crate::translate::push_event(&mut event, None, &c);
+        event
     }
 
     /// Complete SSE events from Gemini → the OpenAI events they make.

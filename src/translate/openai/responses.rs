@@ -904,8 +904,8 @@ impl ResponseStream {
     fn emit(&mut self, mut data: Value, out: &mut String) {
         data["sequence_number"] = json!(self.sequence);
         self.sequence += 1;
-        let name = data["type"].as_str().unwrap_or_default().to_owned();
-        out.push_str(&format!("event: {name}\ndata: {data}\n\n"));
+        let name = data["type"].as_str().unwrap_or_default();
+        crate::translate::push_event(out, Some(name), &data);
     }
 
     /// `response.created` and `response.in_progress`, once.
