@@ -20,7 +20,7 @@ use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
 use crate::app::shared::StoredResponse;
 use crate::clock::now_ms;
 use crate::http::reply::{GateError, Protocol};
-use crate::translate::openai::responses::{self, ResponseStream};
+use crate::translate::openai::responses::{self, ResponseObject, ResponseStream};
 use crate::translate::json_bytes;
 use crate::translate::usage::Tokens;
 
@@ -42,7 +42,7 @@ struct ResponseEvents {
     events: SseEvents,
     stream: ResponseStream,
     produced: bool,
-    done: Arc<Mutex<Option<Value>>>,
+    done: Arc<Mutex<Option<ResponseObject>>>,
 }
 
 impl ResponseEvents {
@@ -231,7 +231,7 @@ impl Gateway {
         // id must be unguessable and its own.
         let response_id = format!("{}{}", new_request_id(), new_request_id());
         let (outcome, answered) = if request.stream {
-            let done: Arc<Mutex<Option<Value>>> = Arc::default();
+            let done: Arc<Mutex<Option<ResponseObject>>> = Arc::default();
             let (spec, id, kept) = (json.clone(), response_id.clone(), done.clone());
             let shown = model.clone();
             up.reframe = Box::new(move |_: &Meta| {
@@ -267,25 +267,25 @@ impl Gateway {
         request: &responses::ResponsesCall,
         previous: Option<String>,
         client: &str,
-        out: &Value,
+        out: &ResponseObject,
     ) {
-        let Some(id) = out["id"].as_str().filter(|_| request.store) else {
+        if !request.store {
             return;
-        };
+        }
         let days = u64::from(generation.config.file.responses.retention_days.max(1));
         let mut items = request.input_items.clone();
-        items.extend(responses::output_items(out));
+        items.extend(out.output.iter().cloned());
         let kept = StoredResponse {
             client: client.to_owned(),
             expires_ms: now_ms() + days * 86_400_000,
             previous,
             items,
-            response: out.clone(),
+            response: serde_json::to_value(out).expect("a response serialises"),
         };
         self.state
             .lasting
             .shared
-            .save_response(id, Some(kept))
+            .save_response(&out.id, Some(kept))
             .await;
     }
 }

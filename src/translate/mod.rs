@@ -8,14 +8,14 @@ pub mod usage;
 
 use serde_json::Value;
 
-/// A JSON value as text, by serde_json's writer: several times cheaper than `Value`'s
+/// A JSON value (or anything serialisable) as text, by serde_json's writer: several times cheaper than `Value`'s
 /// `Display` (`to_string()`, `format!("{v}")`), which goes through a formatter for every token.
-pub fn json_text(v: &Value) -> String {
+pub fn json_text(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).expect("a JSON value serialises")
 }
 
 /// The same as bytes, for an answer's body.
-pub fn json_bytes(v: &Value) -> bytes::Bytes {
+pub fn json_bytes(v: &impl serde::Serialize) -> bytes::Bytes {
     bytes::Bytes::from(serde_json::to_vec(v).expect("a JSON value serialises"))
 }
 

@@ -696,51 +696,91 @@ fn usage(meta: Option<&Value>) -> Value {
     })
 }
 
-/// A Response object in progress, without output: what the client asked for echoed as OpenAI
-/// echoes it.
-fn in_progress(request: &Value, model: &str, id: &str, created: u64) -> Value {
-    let given = |k: &str| request.get(k).filter(|v| !v.is_null()).cloned();
-    let or_null = |k: &str| given(k).unwrap_or(Value::Null);
-    json!({
-        "id": format!("resp_{id}"),
-        "object": "response",
-        "created_at": created,
-        "status": "in_progress",
-        "error": null,
-        "incomplete_details": null,
-        "instructions": or_null("instructions"),
-        "max_output_tokens": or_null("max_output_tokens"),
-        "model": model,
-        "output": [],
-        "parallel_tool_calls": given("parallel_tool_calls").unwrap_or(json!(true)),
-        "previous_response_id": or_null("previous_response_id"),
-        "reasoning": given("reasoning").unwrap_or(json!({ "effort": null, "summary": null })),
-        "store": given("store").unwrap_or(json!(true)),
-        "temperature": or_null("temperature"),
-        "text": given("text").unwrap_or(json!({ "format": { "type": "text" } })),
-        "tool_choice": given("tool_choice").unwrap_or(json!("auto")),
-        "tools": given("tools").unwrap_or(json!([])),
-        "top_p": or_null("top_p"),
-        "usage": null,
-        "metadata": given("metadata").unwrap_or(json!({})),
-    })
+/// A Response object: gemgate's own fields typed, and what the client asked for echoed as
+/// OpenAI echoes it. Serialised as it is (no map of values is built for an answer).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ResponseObject {
+    /// `resp_{id}`.
+    pub id: String,
+    object: &'static str,
+    created_at: u64,
+    /// `in_progress`, `completed`, `incomplete` or `failed`.
+    status: &'static str,
+    error: Option<Value>,
+    incomplete_details: Option<Value>,
+    instructions: Value,
+    max_output_tokens: Value,
+    model: String,
+    /// The output items.
+    pub output: Vec<Value>,
+    parallel_tool_calls: Value,
+    previous_response_id: Value,
+    reasoning: Value,
+    store: Value,
+    temperature: Value,
+    text: Value,
+    tool_choice: Value,
+    tools: Value,
+    top_p: Value,
+    usage: Option<Value>,
+    metadata: Value,
 }
 
-/// Sets a response's end: `completed`, or `incomplete` with the reason.
-fn conclude(response: &mut Value, incomplete: Option<&str>, output: Vec<Value>, usage: Value) {
-    response["status"] = json!(if incomplete.is_some() {
-        "incomplete"
-    } else {
-        "completed"
-    });
-    response["incomplete_details"] = incomplete.map_or(Value::Null, |r| json!({ "reason": r }));
-    response["output"] = Value::Array(output);
-    response["usage"] = usage;
+impl ResponseObject {
+    /// A response in progress, without output, answering `request` (the client's body).
+    fn in_progress(request: &Value, model: &str, id: &str, created: u64) -> Self {
+        let given = |k: &str| request.get(k).filter(|v| !v.is_null()).cloned();
+        let or_null = |k: &str| given(k).unwrap_or(Value::Null);
+        ResponseObject {
+            id: format!("resp_{id}"),
+            object: "response",
+            created_at: created,
+            status: "in_progress",
+            error: None,
+            incomplete_details: None,
+            instructions: or_null("instructions"),
+            max_output_tokens: or_null("max_output_tokens"),
+            model: model.to_owned(),
+            output: Vec::new(),
+            parallel_tool_calls: given("parallel_tool_calls").unwrap_or(Value::Bool(true)),
+            previous_response_id: or_null("previous_response_id"),
+            reasoning: given("reasoning").unwrap_or_else(|| json!({ "effort": null, "summary": null })),
+            store: given("store").unwrap_or(Value::Bool(true)),
+            temperature: or_null("temperature"),
+            text: given("text").unwrap_or_else(|| json!({ "format": { "type": "text" } })),
+            tool_choice: given("tool_choice").unwrap_or_else(|| json!("auto")),
+            tools: given("tools").unwrap_or_else(|| json!([])),
+            top_p: or_null("top_p"),
+            usage: None,
+            metadata: given("metadata").unwrap_or_else(|| json!({})),
+        }
+    }
+
+    /// This response ended: `completed`, or `incomplete` with the reason.
+    fn concluded(self, incomplete: Option<&str>, output: Vec<Value>, usage: Value) -> Self {
+        ResponseObject {
+            status: if incomplete.is_some() {
+                "incomplete"
+            } else {
+                "completed"
+            },
+            incomplete_details: incomplete.map(|r| json!({ "reason": r })),
+            output,
+            usage: Some(usage),
+            ..self
+        }
+    }
 }
 
 /// A whole `generateContent` answer → a Response object. `request` is the client's body
 /// (echoed as OpenAI does); `id` is gemgate's request id.
-pub fn response(answer: &Value, request: &Value, model: &str, id: &str, created: u64) -> Value {
+pub fn response(
+    answer: &Value,
+    request: &Value,
+    model: &str,
+    id: &str,
+    created: u64,
+) -> ResponseObject {
     let mut output = Vec::new();
     let incomplete = match answer.pointer("/candidates/0") {
         Some(c) => {
@@ -752,23 +792,11 @@ pub fn response(answer: &Value, request: &Value, model: &str, id: &str, created:
         // No candidate: Gemini blocked the prompt (`promptFeedback.blockReason`).
         None => Some("content_filter"),
     };
-    let mut r = in_progress(request, model, id, created);
-    conclude(
-        &mut r,
+    ResponseObject::in_progress(request, model, id, created).concluded(
         incomplete,
         output,
         usage(answer.get("usageMetadata")),
-    );
-    r
-}
-
-/// The output items of a Response object (to store).
-pub fn output_items(response: &Value) -> Vec<Value> {
-    response
-        .get("output")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
+    )
 }
 
 /// An item as `response.output_item.added` shows it: nothing said yet.
@@ -798,7 +826,7 @@ pub struct ResponseStream {
     /// gemgate's request id.
     id: String,
     /// The response so far, without its output (which is in `output`).
-    response: Value,
+    response: ResponseObject,
     /// The output items so far; the last may be open.
     output: Vec<Value>,
     /// The index of the open item: text or thoughts may continue it.
@@ -812,7 +840,7 @@ pub struct ResponseStream {
     /// The last event has been sent: the stream says nothing more.
     done: bool,
     /// The response as it ended, completed or incomplete.
-    completed: Option<Value>,
+    completed: Option<ResponseObject>,
 }
 
 impl ResponseStream {
@@ -820,7 +848,7 @@ impl ResponseStream {
     pub fn new(request: &Value, model: &str, id: &str, created: u64) -> Self {
         ResponseStream {
             id: id.to_owned(),
-            response: in_progress(request, model, id, created),
+            response: ResponseObject::in_progress(request, model, id, created),
             output: Vec::new(),
             open: None,
             usage: None,
@@ -874,9 +902,6 @@ impl ResponseStream {
             return out;
         }
         self.start(&mut out);
-        let mut r = self.response.clone();
-        r["status"] = json!("failed");
-        r["error"] = json!({ "code": code, "message": message });
         let mut output = self.output.clone();
         // An item cut off mid-way did not complete.
         if let Some(open) = self.open.and_then(|i| output.get_mut(i))
@@ -884,8 +909,13 @@ impl ResponseStream {
         {
             open["status"] = json!("incomplete");
         }
-        r["output"] = Value::Array(output);
-        r["usage"] = self.usage.as_ref().map_or(Value::Null, |u| usage(Some(u)));
+        let r = ResponseObject {
+            status: "failed",
+            error: Some(json!({ "code": code, "message": message })),
+            output,
+            usage: self.usage.as_ref().map(|u| usage(Some(u))),
+            ..self.response.clone()
+        };
         self.emit(
             json!({ "type": "response.failed", "response": r }),
             &mut out,
@@ -896,7 +926,7 @@ impl ResponseStream {
 
     /// The Response object as it ended (completed or incomplete), once it has; `None` while
     /// it streams and after `response.failed`.
-    pub fn completed(&self) -> Option<&Value> {
+    pub fn completed(&self) -> Option<&ResponseObject> {
         self.completed.as_ref()
     }
 
@@ -1110,9 +1140,7 @@ impl ResponseStream {
     fn end(&mut self, incomplete: Option<&str>, out: &mut String) {
         self.start(out);
         self.close(out);
-        let mut r = self.response.clone();
-        conclude(
-            &mut r,
+        let r = self.response.clone().concluded(
             incomplete,
             self.output.clone(),
             usage(self.usage.as_ref()),
@@ -1131,6 +1159,16 @@ impl ResponseStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole answer's Response object, as JSON.
+    fn answered(answer: &Value, request: &Value, model: &str, id: &str, created: u64) -> Value {
+        serde_json::to_value(response(answer, request, model, id, created)).unwrap()
+    }
+
+    /// The stream's completed response, as JSON.
+    fn completed(s: &ResponseStream) -> Option<Value> {
+        s.completed().map(|r| serde_json::to_value(r).unwrap())
+    }
     use crate::translate::openai::chat::PLACEHOLDER_SIGNATURE;
 
     /// A request for `model` with `input` and whatever `extra` adds.
@@ -1439,7 +1477,7 @@ mod tests {
         let req = json!({ "model": "gemini-2.5-flash", "input": "weather?", "instructions": "be brief",
                           "temperature": 0.3, "tools": [{ "type": "function", "name": "weather" }],
                           "reasoning": { "effort": "low" }, "metadata": { "k": "v" } });
-        let r = response(&thinking_answer(), &req, "gemini-2.5-flash", "r1", 1700);
+        let r = answered(&thinking_answer(), &req, "gemini-2.5-flash", "r1", 1700);
         assert_eq!(
             r,
             json!({
@@ -1480,15 +1518,13 @@ mod tests {
                 "metadata": { "k": "v" }
             })
         );
-        assert_eq!(output_items(&r), r["output"].as_array().unwrap().clone());
-        assert_eq!(output_items(&json!({})), Vec::<Value>::new());
     }
 
     #[test]
     fn cut_off_and_blocked_answers_are_incomplete() {
         let req = json!({ "model": "m", "input": "x", "max_output_tokens": 5 });
         let cut = json!({ "candidates": [{ "content": { "parts": [{ "text": "Once upon" }] }, "finishReason": "MAX_TOKENS" }] });
-        let r = response(&cut, &req, "m", "r2", 1);
+        let r = answered(&cut, &req, "m", "r2", 1);
         assert_eq!(r["status"], "incomplete");
         assert_eq!(
             r["incomplete_details"],
@@ -1499,7 +1535,7 @@ mod tests {
         assert_eq!(r["usage"]["total_tokens"], 0);
 
         let blocked = json!({ "promptFeedback": { "blockReason": "SAFETY" }, "usageMetadata": { "promptTokenCount": 4 } });
-        let r = response(&blocked, &req, "m", "r3", 1);
+        let r = answered(&blocked, &req, "m", "r3", 1);
         assert_eq!(r["status"], "incomplete");
         assert_eq!(
             r["incomplete_details"],
@@ -1509,7 +1545,7 @@ mod tests {
         assert_eq!(r["usage"]["input_tokens"], 4);
 
         let unsafe_ = json!({ "candidates": [{ "finishReason": "SAFETY" }] });
-        let r = response(&unsafe_, &req, "m", "r4", 1);
+        let r = answered(&unsafe_, &req, "m", "r4", 1);
         assert_eq!(r["incomplete_details"]["reason"], "content_filter");
         assert_eq!(r["output"], json!([]));
     }
@@ -1518,9 +1554,9 @@ mod tests {
     fn calls_and_outputs_go_back_through_history_with_names_and_signatures() {
         // The first response, stored with its input, is the history of the next request.
         let first = request(&ask("gemini-2.5-flash", json!("weather?"), json!({})), &[]).unwrap();
-        let answer = response(&thinking_answer(), &json!({}), "gemini-2.5-flash", "r1", 1);
+        let answer = answered(&thinking_answer(), &json!({}), "gemini-2.5-flash", "r1", 1);
         let mut history = first.input_items.clone();
-        history.extend(output_items(&answer));
+        history.extend(answer["output"].as_array().unwrap().clone());
         let input = json!([
             { "type": "function_call_output", "call_id": "call_r1_2", "output": "{\"temp\":21}" },
             { "type": "function_call_output", "call_id": "call_r1_3", "output": [
@@ -1881,7 +1917,7 @@ mod tests {
             json!({}),
             json!({}),
         ));
-        assert_eq!(s.completed(), None);
+        assert_eq!(completed(&s), None);
         out += &s.push(&gemini_event(
             json!([{ "functionCall": { "name": "weather", "args": { "city": "Paris" } }, "thoughtSignature": "sig" }]),
             json!({ "finishReason": "STOP" }),
@@ -1976,7 +2012,7 @@ mod tests {
             done["output"],
             json!([got[7]["item"], got[14]["item"], got[18]["item"]])
         );
-        assert_eq!(s.completed(), Some(done));
+        assert_eq!(completed(&s).as_ref(), Some(done));
 
         // The same answer whole is the same response.
         let whole = json!({
@@ -1986,7 +2022,7 @@ mod tests {
             ]}, "finishReason": "STOP" }],
             "usageMetadata": { "promptTokenCount": 9, "candidatesTokenCount": 6, "thoughtsTokenCount": 3 }
         });
-        assert_eq!(&response(&whole, &req, "gemini-2.5-flash", "s1", 9), done);
+        assert_eq!(&answered(&whole, &req, "gemini-2.5-flash", "s1", 9), done);
     }
 
     #[test]
@@ -2021,7 +2057,7 @@ mod tests {
         assert_eq!(end[3]["response"]["usage"]["total_tokens"], 3);
         assert_eq!(s.finish(), "", "finished once");
         assert_eq!(
-            s.completed().unwrap()["output"][0]["content"][0]["text"],
+            completed(&s).unwrap()["output"][0]["content"][0]["text"],
             "Hi"
         );
 
@@ -2035,7 +2071,7 @@ mod tests {
                 "response.completed"
             ]
         );
-        assert_eq!(empty.completed().unwrap()["output"], json!([]));
+        assert_eq!(completed(&empty).unwrap()["output"], json!([]));
     }
 
     #[test]
@@ -2054,7 +2090,7 @@ mod tests {
             last["response"]["incomplete_details"]["reason"],
             "max_output_tokens"
         );
-        assert_eq!(s.completed(), Some(&last["response"]));
+        assert_eq!(completed(&s).as_ref(), Some(&last["response"]));
 
         let mut s = ResponseStream::new(&json!({}), "m", "s5", 1);
         let out =
@@ -2096,7 +2132,7 @@ mod tests {
         assert_eq!(r["instructions"], "x");
         assert_eq!(r["output"][0]["status"], "incomplete", "cut off mid-way");
         assert_eq!(r["output"][0]["content"][0]["text"], "Hi");
-        assert_eq!(s.completed(), None);
+        assert_eq!(completed(&s), None);
         assert_eq!(s.finish(), "");
         assert_eq!(
             s.push(&gemini_event(
