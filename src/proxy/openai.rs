@@ -19,8 +19,8 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::http::reply::{GateError, Protocol};
-use crate::translate::openai::{self, chat, embeddings, images, speech};
 use crate::translate::json_bytes;
+use crate::translate::openai::{self, chat, embeddings, images, speech};
 use crate::translate::usage::Tokens;
 
 /// What a translated stream needs to know before it starts.

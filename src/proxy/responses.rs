@@ -20,8 +20,8 @@ use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
 use crate::app::shared::StoredResponse;
 use crate::clock::now_ms;
 use crate::http::reply::{GateError, Protocol};
-use crate::translate::openai::responses::{self, ResponseObject, ResponseStream};
 use crate::translate::json_bytes;
+use crate::translate::openai::responses::{self, ResponseObject, ResponseStream};
 use crate::translate::usage::Tokens;
 
 /// Responses a conversation may go back through (`previous_response_id`, then theirs).

@@ -106,6 +106,8 @@ pub struct Store {
     /// Held from taking the dirty keys' snapshots to saving them: of two flushes (the
     /// committer's and the last one at shutdown), the one that looked later writes later.
     saving_keys: std::sync::Mutex<()>,
+    /// The data file's cap (`storage.max_bytes`), as last given.
+    max_bytes: AtomicU64,
 }
 
 impl Store {
@@ -133,6 +135,7 @@ impl Store {
             trim_said_ms: AtomicU64::new(0),
             flushed_ms: AtomicU64::new(crate::clock::now_ms()),
             saving_keys: std::sync::Mutex::new(()),
+            max_bytes: AtomicU64::new(max_bytes),
         };
         store.migrate()?;
         if store.file_bytes() > over_cap(max_bytes) {
@@ -167,6 +170,11 @@ impl Store {
         self.flushed_ms.load(Ordering::Relaxed)
     }
 
+    /// The data file's cap, as last given (at opening, or to [`Store::keep_within`]).
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.load(Ordering::Relaxed)
+    }
+
     /// The data file's size.
     pub fn file_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
@@ -196,6 +204,7 @@ impl Store {
 
     /// [`Store::keep_within`], with room for `incoming` more bytes of log blocks.
     fn make_room(&self, max_bytes: u64, incoming: u64) {
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
         let budget = self.log_room(max_bytes);
         let stored = match crate::store::logs::stored_bytes(&self.db) {
             Ok(n) => n,

@@ -744,7 +744,8 @@ impl ResponseObject {
             output: Vec::new(),
             parallel_tool_calls: given("parallel_tool_calls").unwrap_or(Value::Bool(true)),
             previous_response_id: or_null("previous_response_id"),
-            reasoning: given("reasoning").unwrap_or_else(|| json!({ "effort": null, "summary": null })),
+            reasoning: given("reasoning")
+                .unwrap_or_else(|| json!({ "effort": null, "summary": null })),
             store: given("store").unwrap_or(Value::Bool(true)),
             temperature: or_null("temperature"),
             text: given("text").unwrap_or_else(|| json!({ "format": { "type": "text" } })),
