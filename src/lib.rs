@@ -8,6 +8,7 @@
 //! [`config::Config`], so tests and the binary take the same path.
 
 pub mod admin;
+pub mod alloc;
 pub mod app;
 pub mod clock;
 pub mod config;

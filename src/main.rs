@@ -28,6 +28,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    gemgate::alloc::no_huge_pages();
     let cli = Cli::parse();
     let explicit = cli.config.is_some();
     let path = cli
@@ -130,7 +131,7 @@ fn run(
             );
         }
     }
-    tune_allocator();
+    gemgate::alloc::tune();
     gemgate::telemetry::init(&config.log_level, config.file.server.log_format == "json");
     let result = gemgate::run(config, source);
     if let Err(e) = &result {
@@ -145,22 +146,3 @@ fn run(
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// How long mimalloc keeps freed memory before giving it back to the system, unless
-/// `MIMALLOC_PURGE_DELAY` says otherwise. Its default, 10 ms, returns the memory of every
-/// finished request at once and takes it back (with page faults) for the next: under steady
-/// load the resident size swung by 14 MiB within a minute. A second smooths that to the load's
-/// real need and saves the faults; an idle gateway still shrinks a second after its last call.
-const PURGE_DELAY_MS: std::ffi::c_long = 1000;
-
-/// Sets mimalloc's defaults (see [`PURGE_DELAY_MS`]) before the first thread is started.
-fn tune_allocator() {
-    /// `mi_option_purge_delay` in `mi_option_t` (mimalloc 2 and 3 alike).
-    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-    unsafe extern "C" {
-        fn mi_option_set_default(option: std::ffi::c_int, value: std::ffi::c_long);
-    }
-    // SAFETY: mimalloc (linked in by the `mimalloc` crate) defines this function; it checks the
-    // option's range and only stores the value, which the environment still overrides.
-    unsafe { mi_option_set_default(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) }
-}

@@ -54,6 +54,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                     if ready.send(take(&state.lasting)).is_err() {
                         return;
                     }
+                    crate::alloc::tidy();
                 }
             })
     };
@@ -77,6 +78,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                 let generation = state.current.load_full();
                 let config = &generation.config;
                 batch.commit(&store, &state.lasting.registry, config.max_data_bytes);
+                crate::alloc::tidy();
                 if last_retention.elapsed() >= RETENTION_EVERY {
                     last_retention = std::time::Instant::now();
                     retire_logs(&store, &config.file.logs);

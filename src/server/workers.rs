@@ -27,6 +27,8 @@ use crate::proxy::Gateway;
 
 /// Pending connections a worker's socket queues before the kernel refuses more.
 const BACKLOG: u32 = 65535;
+/// How often a worker gives back the memory it freed (see [`crate::alloc::tidy`]).
+const TIDY_EVERY: Duration = Duration::from_secs(1);
 
 /// One worker thread: its own listening socket, its own connections.
 pub struct Worker {
@@ -195,8 +197,10 @@ impl Service for Worker {
                 return;
             }
         };
+        let mut tidy = tokio::time::interval(TIDY_EVERY);
         loop {
             tokio::select! {
+                _ = tidy.tick() => crate::alloc::tidy(),
                 accepted = listener.accept() => match accepted {
                     Ok(stream) => {
                         // Past the cap, a new connection is closed at once: the ones open are

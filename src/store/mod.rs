@@ -32,8 +32,10 @@ pub const SCHEMA_VERSION: u64 = 2;
 /// the logs grow, and is memory the gateway holds for pages it rarely reads again (the
 /// kernel's page cache keeps the file's hot pages anyway).
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
-/// How often dirty key state, usage and logs are committed.
-pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How often dirty key state, usage and logs are committed. What waits in memory for a flush
+/// is what a busy gateway holds: at 30,000 requests a second, a second of log records took its
+/// peak to 160-180 MiB; a quarter second, to 80-110 MiB, at the same throughput.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 /// Layout version and counters: `schema_version`, `log_bytes` (see `logs`).
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
