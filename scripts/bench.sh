@@ -8,11 +8,14 @@
 #   - through a fleet of one ("fleet"): gemgate sharing its state through a local redis-server,
 #   - through gemgate with metrics off ("nometrics"), for the cost of counting them,
 # and, at the end, the same question as an OpenAI chat, an Anthropic message and an OpenAI
-# response through gemgate (translation's cost, against the native path), all on loopback, in
-# one run. Bounded: each measurement lasts $DURATION seconds (default 5); at concurrency 64 (and
-# 32 for the translated protocols) each target is measured $RUNS times (default 3), in turn,
-# and keeps its median. The whole run takes about 44 × $DURATION seconds plus a minute of
-# policy-layer runs and the build.
+# response through gemgate (translation's cost, against the native path); last, the
+# side-by-side table: the fake, gemgate and nginx at 1, 32, 256 and 1,024 connections
+# ($MATRIX_CONNS), with peak RSS and CPU per request, $MATRIX_RUNS rounds (default 5) in turn,
+# and the translated protocols at the same connections. All on loopback, in one run. Bounded:
+# each measurement lasts $DURATION seconds (default 5); at concurrency 64 (and 32 for the
+# translated protocols) each target is measured $RUNS times (default 3), in turn, and keeps its
+# median. The whole run takes about (44 + 35 × $MATRIX_RUNS) × $DURATION seconds plus a minute
+# of policy-layer runs and the build (MATRIX_RUNS=1 MATRIX_CONNS="32 256" for a quick look).
 #
 #   scripts/bench.sh            # DURATION=10 scripts/bench.sh for steadier figures
 #   BIN_DIR=/some/dir scripts/bench.sh   # measure binaries built elsewhere (no build)
@@ -43,6 +46,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 fi
+if ! command -v nginx >/dev/null 2>&1 && [ -z "${NO_NGINX:-}" ]; then
+  echo "bench: installing nginx (the reference the side-by-side table compares with)" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx-light >/dev/null ||
+    echo "bench: nginx could not be installed; its rows are left out" >&2
+fi
+# 1,024 connections need more descriptors than a shell's usual 1,024: the bench raises its own
+# limit (and its children's) to the hard limit; gemgate's defaults are left as they are.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 BIN_DIR=${BIN_DIR:-}
 if [ -z "$BIN_DIR" ]; then
   cargo build --release --locked --workspace --bins -q
@@ -63,8 +75,10 @@ trap cleanup EXIT
 
 "$BIN_DIR/gemgate-fake-upstream" --listen "127.0.0.1:$FAKE_PORT" --threads 2 >"$work/fake.log" 2>&1 &
 pids+=($!)
+echo $! >"$work/fake.pid"
 start_gemgate "$work/gemgate" "$BIN_DIR" "$GATE_PORT" "$FAKE_PORT" "$TOKEN"
 pids+=($!)
+echo $! >"$work/gemgate.pid"
 # The same gateway with an empty plugins folder: the built-in behaviour, no Lua at all.
 mkdir -p "$work/no-plugins"
 start_gemgate "$work/bare" "$BIN_DIR" "$BARE_PORT" "$FAKE_PORT" "$TOKEN" \
@@ -312,4 +326,81 @@ for proto in native chat messages responses; do
     r = 100 * rps / n
     printf "  %-9s %8.0f req/s  p50 %.3f ms  p99 %.3f ms  %3.0f%% of native%s\n", p, rps, p50, p99, r,
       (p == "native" ? "" : (r >= 80 ? " (target 80%: ok)" : " (target 80%: MISSED)")) }'
+done
+
+echo
+# Side by side: the fake directly, gemgate (defaults: plugins, metrics, request log) and nginx
+# (proxy_pass, upstream keep-alive, buffering off), at each of $MATRIX_CONNS connections, each
+# target in turn, $MATRIX_RUNS rounds; and the translated protocols through gemgate. Each cell
+# is the median round: req/s, p50, p99, the target's peak RSS during the run (nginx: master
+# and workers together) and its CPU per request (user + system).
+MATRIX_CONNS=${MATRIX_CONNS:-1 32 256 1024}
+MATRIX_RUNS=${MATRIX_RUNS:-5}
+tick=$(getconf CLK_TCK)
+gate_pid=$(cat "$work/gemgate.pid" 2>/dev/null || true)
+fake_pid=$(cat "$work/fake.pid" 2>/dev/null || true)
+pids_of() { # target
+  case $1 in
+    direct) echo "$fake_pid" ;;
+    gemgate) echo "$gate_pid" ;;
+    nginx) local m; m=$(cat "$work/nginx.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')" ;;
+  esac
+}
+rss_kb() { local t=0 p; for p in "$@"; do t=$((t + $(awk '/^VmRSS/ { print $2 }' "/proc/$p/status" 2>/dev/null || echo 0))); done; echo "$t"; }
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+# Prints "req/s p50_ms p99_ms peak_rss_kB cpu_us_per_request" for one wrk run against PIDS.
+measure_full() { # port script connections pids...
+  local port=$1 script=$2 conc=$3; shift 3
+  local threads=1; [ "$conc" -gt 1 ] && threads=2
+  local before; before=$(cpu_ticks "$@")
+  wrk -t"$threads" -c"$conc" -d"${DURATION}s" --latency -s "$script" "http://127.0.0.1:$port" >"$work/wrk.out" 2>&1 &
+  local wrk_pid=$! peak=0 r
+  while kill -0 "$wrk_pid" 2>/dev/null; do
+    r=$(rss_kb "$@"); [ "$r" -gt "$peak" ] && peak=$r
+    sleep 0.2
+  done
+  wait "$wrk_pid" || true
+  local after; after=$(cpu_ticks "$@")
+  awk -v peak="$peak" -v cpu="$((after - before))" -v tick="$tick" '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
+    / requests in / { n = $1 } /Non-2xx/ { bad = $NF } /Socket errors/ { errs = $0 }
+    END {
+      if (bad) printf "ERROR: %s non-2xx answers\n", bad
+      if (errs ~ /(connect|read|write) [1-9]/) printf "ERROR: %s\n", errs
+      printf "%.0f %.3f %.3f %d %.1f\n", rps, p50, p99, peak, (n ? cpu / tick * 1e6 / n : 0) }' "$work/wrk.out"
+}
+printf '%-8s %-9s %5s %9s %9s %9s %9s %9s\n' call target conc 'req/s' 'p50 ms' 'p99 ms' 'peak MiB' 'CPU us/req'
+matrix() { # call targets...
+  local call=$1; shift
+  for conc in $MATRIX_CONNS; do
+    declare -A CELL=()
+    for _ in $(seq "$MATRIX_RUNS"); do
+      for who in "$@"; do
+        case $who in
+          direct) port=$FAKE_PORT; script="$work/$call-direct.lua" ;;
+          nginx) port=$NGINX_PORT; script="$work/$call-direct.lua" ;;
+          *) port=$GATE_PORT; script="$work/$call-gemgate.lua" ;;
+        esac
+        # shellcheck disable=SC2046
+        out=$(measure_full "$port" "$script" "$conc" $(pids_of "$who"))
+        case $out in ERROR*) echo "$call $who c=$conc: $out" >&2; exit 1 ;; esac
+        CELL[$who]+="$out"$'\n'
+      done
+    done
+    for who in "$@"; do
+      read -r rps p50 p99 peak cpu <<<"$(printf '%s' "${CELL[$who]}" | median_run)"
+      awk -v c="$call" -v w="$who" -v n="$conc" -v r="$rps" -v a="$p50" -v b="$p99" -v m="$peak" -v u="$cpu" \
+        'BEGIN { printf "%-8s %-9s %5s %9.0f %9.3f %9.3f %9.1f %9.1f\n", c, w, n, r, a, b, m / 1024, u }'
+    done
+  done
+}
+targets="direct gemgate"; [ "$have_nginx" = 1 ] && targets="direct gemgate nginx"
+for call in generate sse; do
+  # shellcheck disable=SC2086
+  matrix "$call" $targets
+done
+for proto in chat messages responses; do
+  cp "$work/t-$proto.lua" "$work/$proto-gemgate.lua"
+  matrix "$proto" gemgate
 done
