@@ -1041,7 +1041,7 @@ mod tests {
                 .into(),
             action: "generateContent".into(),
             key_id: Some(format!("k-{:08x}", n % 40)),
-            status: if n % 50 == 0 { 429 } else { 200 },
+            status: if n.is_multiple_of(50) { 429 } else { 200 },
             attempts: 1,
             latency_ms: 100.0 + (n % 997) as f64 * 1.37,
             ttfb_ms: Some(90.0 + (n % 991) as f64 * 1.11),
