@@ -1142,10 +1142,14 @@ async fn the_data_file_stays_under_its_cap_and_keeps_key_state() {
     }
     let file = gate.dir.path().join("data/gemgate.redb");
     let size = || std::fs::metadata(&file).map_or(0, |m| m.len());
-    // Each failed request keeps 48 KB of its body in the error log: 19 MB in all.
-    let bad = json!({ "padding": "x".repeat(48 * 1024) });
+    // Each failed request keeps 48 KB of its body in the error log: 19 MB in all, random so
+    // that the log's compression cannot make it small.
     let mut largest = 0;
     for i in 0..400 {
+        let padding: String = std::iter::repeat_with(fastrand::alphanumeric)
+            .take(48 * 1024)
+            .collect();
+        let bad = json!({ "padding": padding });
         let (status, ..) = post(&gate, GENERATE, &bad).await;
         assert_eq!(status, 400);
         if i % 20 == 0 {
