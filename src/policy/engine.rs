@@ -1602,11 +1602,9 @@ fn settings(config: &Config) -> serde_json::Value {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_vm_keeps_a_bounded_number_of_key_tables() {
-        let keys: Vec<String> = (0..3000).map(|i| format!("\"k-{i:05}\"")).collect();
-        let toml = format!("[keys]\napi_keys = [{}]\n", keys.join(","));
-        let config = crate::config::from_str(&toml, "t", &Default::default()).unwrap();
+    /// The policy of a config given as TOML (the shipped plugins, the config's keys).
+    fn policy_of(toml: &str) -> Policy {
+        let config = crate::config::from_str(toml, "t", &Default::default()).unwrap();
         let pool = Arc::new(KeyPool::new(
             &config.keys,
             &Default::default(),
@@ -1614,7 +1612,14 @@ mod tests {
             &config.quota,
         ));
         let counters = Arc::new(crate::policy::counters::Counters::default());
-        let policy = Policy::compile(&config, 7, pool, counters, Default::default()).unwrap();
+        Policy::compile(&config, 7, pool, counters, Default::default()).unwrap()
+    }
+
+    #[test]
+    fn a_vm_keeps_a_bounded_number_of_key_tables() {
+        let keys: Vec<String> = (0..3000).map(|i| format!("\"k-{i:05}\"")).collect();
+        let toml = format!("[keys]\napi_keys = [{}]\n", keys.join(","));
+        let policy = policy_of(&toml);
         policy
             .with_engine(|engine| -> Result<(), Denial> {
                 let lua = engine.vm.lua();
@@ -1644,15 +1649,7 @@ mod tests {
 
     #[test]
     fn a_chain_that_unwinds_leaves_no_borrowed_request_behind() {
-        let config = crate::config::from_str("", "t", &Default::default()).unwrap();
-        let pool = Arc::new(KeyPool::new(
-            &config.keys,
-            &Default::default(),
-            1,
-            &config.quota,
-        ));
-        let counters = Arc::new(crate::policy::counters::Counters::default());
-        let policy = Policy::compile(&config, 7, pool, counters, Default::default()).unwrap();
+        let policy = policy_of("");
         let headers = HeaderMap::new();
         let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let id = String::from("a request that is gone when this returns");
