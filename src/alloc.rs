@@ -24,7 +24,7 @@ const MI_OPTION_PURGE_DELAY: c_int = 15;
 /// `MIMALLOC_PURGE_DELAY` says otherwise. Its default, 10 ms, returns the memory of every
 /// finished request at once and takes it back (with page faults) for the next: under steady
 /// load the resident size swung by 14 MiB within a minute, and at 256 connections throughput
-/// fell by a quarter. A second smooths that to the load's real need and saves the faults.
+/// fell by nearly a third. A second smooths that to the load's real need and saves the faults.
 const PURGE_DELAY_MS: c_long = 1000;
 
 /// Sets mimalloc's defaults before the first thread is started; the environment still
