@@ -4,60 +4,28 @@
 //! call. The client's token may come as `x-api-key`, as Anthropic's clients send it; errors
 //! answer in Anthropic's shape (see `http::reply`).
 
-use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 
 use super::calls::AnthropicCall;
 use super::exchange::{Exchange, Meta};
 use super::openai::{bad, json_answer, json_body};
-use super::relay::{Piece, Reframe, SseEvents};
+use super::relay::{Reframe, StreamTranslator, Translated};
 use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
 use crate::http::reply::{GateError, Protocol};
 use crate::translate::anthropic::{self, MessageStream};
 use crate::translate::json_bytes;
-use crate::translate::usage::Tokens;
 
-/// An Anthropic message stream made from Gemini's server-sent events as they pass.
-struct MessageEvents {
-    events: SseEvents,
-    stream: MessageStream,
-    produced: bool,
-}
-
-impl Reframe for MessageEvents {
-    fn own_content_type(&self) -> Option<&'static str> {
-        Some("text/event-stream")
+impl StreamTranslator for MessageStream {
+    fn push(&mut self, events: &[u8]) -> String {
+        MessageStream::push(self, events)
     }
 
-    fn is_stream(&self) -> bool {
-        true
+    fn finish(&mut self) -> String {
+        MessageStream::finish(self)
     }
 
-    fn push(&mut self, chunk: Bytes, out: &mut Vec<Piece>) {
-        let events = self.events.events(chunk);
-        let translated = self.stream.push(&events);
-        if !translated.is_empty() {
-            self.produced = true;
-            out.push(Piece::now(Bytes::from(translated)));
-        }
-    }
-
-    fn finish(&mut self) -> Option<Bytes> {
-        let rest = self.events.rest();
-        let translated = self.stream.push(&rest);
-        if !self.produced && translated.is_empty() {
-            return None;
-        }
-        Some(Bytes::from(translated + &self.stream.finish()))
-    }
-
-    fn interrupted(&mut self, error: &GateError) -> Option<Bytes> {
-        let kind = anthropic::error_type(error.status);
-        Some(Bytes::from(self.stream.error(kind, &error.message)))
-    }
-
-    fn tokens(&self) -> Tokens {
-        self.events.tokens()
+    fn interrupted(&mut self, error: &GateError) -> String {
+        self.error(anthropic::error_type(error.status), &error.message)
     }
 }
 
@@ -106,11 +74,10 @@ impl Gateway {
         if stream {
             let id = x.meta.id.clone();
             up.reframe = Box::new(move |_: &Meta| {
-                Box::new(MessageEvents {
-                    events: SseEvents::new(Protocol::Anthropic),
-                    stream: MessageStream::new(&model, &id),
-                    produced: false,
-                }) as Box<dyn Reframe>
+                Box::new(Translated::new(
+                    Protocol::Anthropic,
+                    MessageStream::new(&model, &id),
+                )) as Box<dyn Reframe>
             });
             return self.relay_or_send(generation, &up, s, x).await;
         }

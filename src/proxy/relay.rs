@@ -106,6 +106,71 @@ impl Reframe for Raw {
     }
 }
 
+/// A translation of Gemini's server-sent events into another protocol's, fed whole events.
+pub(crate) trait StreamTranslator: Send {
+    /// Whole Gemini events → the client's events they make (maybe none).
+    fn push(&mut self, events: &[u8]) -> String;
+    /// The events that end the client's stream.
+    fn finish(&mut self) -> String;
+    /// The events that end a stream broken off by `error`.
+    fn interrupted(&mut self, error: &GateError) -> String;
+}
+
+/// A stream translated event by event ([`StreamTranslator`]), the events framed by
+/// [`SseEvents`].
+pub(crate) struct Translated<T> {
+    events: SseEvents,
+    stream: T,
+    produced: bool,
+}
+
+impl<T: StreamTranslator> Translated<T> {
+    /// `protocol` shapes the error event of a stream broken before the translation began.
+    pub fn new(protocol: Protocol, stream: T) -> Self {
+        Translated {
+            events: SseEvents::new(protocol),
+            stream,
+            produced: false,
+        }
+    }
+}
+
+impl<T: StreamTranslator> Reframe for Translated<T> {
+    fn own_content_type(&self) -> Option<&'static str> {
+        Some("text/event-stream")
+    }
+
+    fn is_stream(&self) -> bool {
+        true
+    }
+
+    fn push(&mut self, chunk: Bytes, out: &mut Vec<Piece>) {
+        let events = self.events.events(chunk);
+        let translated = self.stream.push(&events);
+        if !translated.is_empty() {
+            self.produced = true;
+            out.push(Piece::now(Bytes::from(translated)));
+        }
+    }
+
+    fn finish(&mut self) -> Option<Bytes> {
+        let rest = self.events.rest();
+        let translated = self.stream.push(&rest);
+        if !self.produced && translated.is_empty() {
+            return None;
+        }
+        Some(Bytes::from(translated + &self.stream.finish()))
+    }
+
+    fn interrupted(&mut self, error: &GateError) -> Option<Bytes> {
+        Some(Bytes::from(self.stream.interrupted(error)))
+    }
+
+    fn tokens(&self) -> Tokens {
+        self.events.tokens()
+    }
+}
+
 /// Server-sent events, relayed whole: a client never holds half an event.
 pub(crate) struct SseEvents {
     framer: EventFramer,

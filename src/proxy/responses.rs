@@ -9,20 +9,18 @@
 
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use serde_json::{Value, json};
 
 use super::exchange::{Exchange, Meta, new_request_id};
 use super::openai::{bad, json_answer, json_body};
-use super::relay::{Piece, Reframe, SseEvents};
+use super::relay::{Reframe, StreamTranslator, Translated};
 use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
 use crate::app::shared::StoredResponse;
 use crate::clock::now_ms;
 use crate::http::reply::{GateError, Protocol};
 use crate::translate::json_bytes;
 use crate::translate::openai::responses::{self, ResponseObject, ResponseStream};
-use crate::translate::usage::Tokens;
 
 /// Responses a conversation may go back through (`previous_response_id`, then theirs).
 const MAX_CHAIN: usize = 100;
@@ -36,16 +34,13 @@ fn no_such_response() -> Refusal {
     ))
 }
 
-/// A Responses event stream made from Gemini's server-sent events as they pass; the completed
-/// response goes to `done` for keeping.
-struct ResponseEvents {
-    events: SseEvents,
+/// A Responses stream whose completed response goes to `done` for keeping.
+struct KeptStream {
     stream: ResponseStream,
-    produced: bool,
     done: Arc<Mutex<Option<ResponseObject>>>,
 }
 
-impl ResponseEvents {
+impl KeptStream {
     fn note_done(&self) {
         if let Some(completed) = self.stream.completed() {
             *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(completed.clone());
@@ -53,44 +48,21 @@ impl ResponseEvents {
     }
 }
 
-impl Reframe for ResponseEvents {
-    fn own_content_type(&self) -> Option<&'static str> {
-        Some("text/event-stream")
-    }
-
-    fn is_stream(&self) -> bool {
-        true
-    }
-
-    fn push(&mut self, chunk: Bytes, out: &mut Vec<Piece>) {
-        let events = self.events.events(chunk);
-        let translated = self.stream.push(&events);
-        if !translated.is_empty() {
-            self.produced = true;
-            out.push(Piece::now(Bytes::from(translated)));
-        }
+impl StreamTranslator for KeptStream {
+    fn push(&mut self, events: &[u8]) -> String {
+        let out = self.stream.push(events);
         self.note_done();
+        out
     }
 
-    fn finish(&mut self) -> Option<Bytes> {
-        let rest = self.events.rest();
-        let translated = self.stream.push(&rest);
-        if !self.produced && translated.is_empty() {
-            return None;
-        }
-        let end = translated + &self.stream.finish();
+    fn finish(&mut self) -> String {
+        let out = self.stream.finish();
         self.note_done();
-        Some(Bytes::from(end))
+        out
     }
 
-    fn interrupted(&mut self, error: &GateError) -> Option<Bytes> {
-        Some(Bytes::from(
-            self.stream.failed("server_error", &error.message),
-        ))
-    }
-
-    fn tokens(&self) -> Tokens {
-        self.events.tokens()
+    fn interrupted(&mut self, error: &GateError) -> String {
+        self.stream.failed("server_error", &error.message)
     }
 }
 
@@ -235,12 +207,11 @@ impl Gateway {
             let (spec, id, kept) = (json.clone(), response_id.clone(), done.clone());
             let shown = model.clone();
             up.reframe = Box::new(move |_: &Meta| {
-                Box::new(ResponseEvents {
-                    events: SseEvents::new(Protocol::OpenAi),
+                let stream = KeptStream {
                     stream: ResponseStream::new(&spec, &shown, &id, created),
-                    produced: false,
                     done: kept.clone(),
-                }) as Box<dyn Reframe>
+                };
+                Box::new(Translated::new(Protocol::OpenAi, stream)) as Box<dyn Reframe>
             });
             let outcome = self.relay_or_send(generation, &up, s, x).await?;
             let answered = done.lock().unwrap_or_else(|e| e.into_inner()).take();
