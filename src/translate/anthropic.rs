@@ -738,19 +738,13 @@ impl MessageStream {
     /// Anthropic events they make. Nothing once the message has stopped.
     pub fn push(&mut self, events: &[u8]) -> String {
         let mut out = String::new();
-        let text = String::from_utf8_lossy(events);
-        for line in text.lines() {
-            if self.done {
-                break;
-            }
-            let Some(data) = line.strip_prefix("data:") else {
-                continue;
-            };
-            let Ok(answer @ Value::Object(_)) = serde_json::from_str::<Value>(data.trim()) else {
-                continue;
-            };
-            self.event(&answer, &mut out);
+        if self.done {
+            return out;
         }
+        crate::translate::each_event(events, |answer| {
+            self.event(answer, &mut out);
+            !self.done
+        });
         out
     }
 

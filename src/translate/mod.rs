@@ -19,6 +19,23 @@ pub fn json_bytes(v: &impl serde::Serialize) -> bytes::Bytes {
     bytes::Bytes::from(serde_json::to_vec(v).expect("a JSON value serialises"))
 }
 
+/// Each JSON object of complete Gemini server-sent events (`data: {json}` lines, CRLF or LF;
+/// anything else is passed over), until `each` answers `false`.
+pub fn each_event(events: &[u8], mut each: impl FnMut(&Value) -> bool) {
+    let text = String::from_utf8_lossy(events);
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let Ok(answer @ Value::Object(_)) = serde_json::from_str::<Value>(data.trim()) else {
+            continue;
+        };
+        if !each(&answer) {
+            break;
+        }
+    }
+}
+
 /// Appends one server-sent event, `event: {name}` (when named) and `data: {data}`.
 pub fn push_event(out: &mut String, name: Option<&str>, data: &Value) {
     if let Some(name) = name {

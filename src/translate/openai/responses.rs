@@ -869,19 +869,10 @@ impl ResponseStream {
             return out;
         }
         self.start(&mut out);
-        let text = String::from_utf8_lossy(events);
-        for line in text.lines() {
-            if self.done {
-                break;
-            }
-            let Some(data) = line.strip_prefix("data:") else {
-                continue;
-            };
-            let Ok(answer @ Value::Object(_)) = serde_json::from_str::<Value>(data.trim()) else {
-                continue;
-            };
-            self.event(&answer, &mut out);
-        }
+        crate::translate::each_event(events, |answer| {
+            self.event(answer, &mut out);
+            !self.done
+        });
         out
     }
 
