@@ -485,6 +485,19 @@ pub async fn wait_logged(gate: &Gate, n: usize) {
     }
 }
 
+/// Runs `tests/sdk/{script}` with the SDKs' interpreter (`GEMGATE_SDK_PYTHON`) against a
+/// fresh gemgate on two good keys (`GEMGATE_URL`, `GEMGATE_TOKEN`): the fake, the gateway
+/// (still up, to look at) and the script's report, or `None` when skipped (see [`needed_env`]).
+pub async fn run_sdk(script: &str) -> Option<(FakeUpstream, Gate, String)> {
+    let python = needed_env("GEMGATE_SDK_PYTHON")?;
+    let fake = fake().await;
+    let gate = gate().upstream(&fake, &["good-1", "good-2"]).start().await;
+    let url = gate.url("");
+    let env = [("GEMGATE_URL", url.as_str()), ("GEMGATE_TOKEN", TOKEN)];
+    let report = run_python(&python, &format!("sdk/{script}"), &env, &gate).await;
+    Some((fake, gate, report))
+}
+
 /// Runs `tests/{script}` with `python` and `env` beside `gate` and asserts it succeeded: its
 /// output (stdout, then stderr).
 pub async fn run_python(python: &str, script: &str, env: &[(&str, &str)], gate: &Gate) -> String {

@@ -11,14 +11,9 @@ use crate::common::*;
 /// says so.
 #[tokio::test]
 async fn gemini_3_tool_calls_keep_their_signatures_with_the_openai_sdk() {
-    let Some(python) = needed_env("GEMGATE_SDK_PYTHON") else {
+    let Some((fake, gate, report)) = run_sdk("openai_gemini3.py").await else {
         return;
     };
-    let fake = fake().await;
-    let gate = gate().upstream(&fake, &["good-1", "good-2"]).start().await;
-    let url = gate.url("");
-    let env = [("GEMGATE_URL", url.as_str()), ("GEMGATE_TOKEN", TOKEN)];
-    let report = run_python(&python, "sdk/openai_gemini3.py", &env, &gate).await;
     assert!(
         report.contains("ok   dropped signature still works"),
         "{report}"
@@ -132,14 +127,9 @@ async fn model_aliases_work_for_every_protocol() {
 /// and a wrong token answered in Anthropic's shape.
 #[tokio::test]
 async fn the_anthropic_python_sdk_works_end_to_end() {
-    let Some(python) = needed_env("GEMGATE_SDK_PYTHON") else {
+    let Some((fake, gate, report)) = run_sdk("anthropic_client.py").await else {
         return;
     };
-    let fake = fake().await;
-    let gate = gate().upstream(&fake, &["good-1", "good-2"]).start().await;
-    let url = gate.url("");
-    let env = [("GEMGATE_URL", url.as_str()), ("GEMGATE_TOKEN", TOKEN)];
-    let report = run_python(&python, "sdk/anthropic_client.py", &env, &gate).await;
     assert!(report.contains("ok   wrong token"), "{report}");
     // The token came as `x-api-key`, and none went on to Google.
     for r in fake.state.received() {

@@ -9,13 +9,7 @@ use crate::common::*;
 
 /// Runs `script` against a fresh gemgate; returns its report, or `None` when skipped.
 async fn run_sdk_script(script: &str) -> Option<String> {
-    let python = needed_env("GEMGATE_SDK_PYTHON")?;
-    let fake = fake().await;
-    let gate = gate().upstream(&fake, &["good-1", "good-2"]).start().await;
-    let url = gate.url("");
-    let env = [("GEMGATE_URL", url.as_str()), ("GEMGATE_TOKEN", TOKEN)];
-    let report = run_python(&python, &format!("sdk/{script}"), &env, &gate).await;
-    Some(report)
+    run_sdk(script).await.map(|(.., report)| report)
 }
 
 #[tokio::test]
