@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
-use super::openai::chat::{declaration, is_gemini_3, push, stand_in_signatures};
+use super::openai::chat::{declaration, gemini_tools, is_gemini_3, push, stand_in_signatures};
 use super::openai::{BadRequest, model_of, schema};
 use super::parts::{Said, read_parts};
 use super::usage::Tokens;
@@ -506,14 +506,7 @@ fn tools(tools: Option<&Value>) -> Result<Vec<Value>, BadRequest> {
             }
         }
     }
-    let mut out = Vec::new();
-    if !decls.is_empty() {
-        out.push(json!({ "functionDeclarations": decls }));
-    }
-    if search {
-        out.push(json!({ "googleSearch": {} }));
-    }
-    Ok(out)
+    Ok(gemini_tools(decls, search))
 }
 
 /// `tool_choice` → Gemini's `functionCallingConfig`.

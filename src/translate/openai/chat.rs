@@ -261,6 +261,19 @@ fn function_declaration(
     declaration(f, &format!("tools[{i}].function"), "parameters", budget)
 }
 
+/// Gemini's `tools`: the function declarations (when there are any), then Google Search when
+/// asked for (as the Messages and Responses APIs can).
+pub(crate) fn gemini_tools(decls: Vec<Value>, search: bool) -> Vec<Value> {
+    let mut out = Vec::new();
+    if !decls.is_empty() {
+        out.push(json!({ "functionDeclarations": decls }));
+    }
+    if search {
+        out.push(json!({ "googleSearch": {} }));
+    }
+    out
+}
+
 /// A client's function `f` (its `name`, `description`, and JSON schema under `schema_key`)
 /// as a Gemini function declaration; `field` names it in errors (`tools[0]`).
 pub(crate) fn declaration(

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value, json};
 
 use super::chat::{
-    data_url_part, declaration, function_calling_config, keep_google_settings, push,
+    data_url_part, declaration, function_calling_config, gemini_tools, keep_google_settings, push,
     stand_in_signatures, thinking_config,
 };
 use super::{BadRequest, model_of, schema};
@@ -536,14 +536,7 @@ fn tools(tools: Option<&Value>, budget: &mut schema::Budget) -> Result<Vec<Value
             }
         }
     }
-    let mut out = Vec::new();
-    if !decls.is_empty() {
-        out.push(json!({ "functionDeclarations": decls }));
-    }
-    if search {
-        out.push(json!({ "googleSearch": {} }));
-    }
-    Ok(out)
+    Ok(gemini_tools(decls, search))
 }
 
 /// `tool_choice` → Gemini's `functionCallingConfig`: a mode as chat's (`none`, `auto`,
