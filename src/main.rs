@@ -24,7 +24,25 @@ enum Command {
     /// Run the gateway (the default).
     Run,
     /// Validate the config (file, `.env` and environment) and exit.
-    Check,
+    Check {
+        /// Also run the plugin tests (`*_test.lua` in the plugins folder).
+        #[arg(long)]
+        with_tests: bool,
+    },
+    /// Work with the Lua plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run the plugin tests (`*_test.lua`) of the plugins folder in use, or of DIR.
+    Test {
+        /// A plugins folder; its plugins are the ones tested.
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,7 +62,16 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(&config),
+        Command::Check { with_tests } => {
+            let checked = check(&config);
+            if checked != ExitCode::SUCCESS || !with_tests {
+                return checked;
+            }
+            plugin_test(&config, config.plugin_dir())
+        }
+        Command::Plugin {
+            command: PluginCommand::Test { dir },
+        } => plugin_test(&config, dir.or_else(|| config.plugin_dir())),
         Command::Run => run(config, source, &vars),
     }
 }
@@ -115,6 +142,25 @@ fn check(config: &config::Config) -> ExitCode {
         config.base_url.path,
     );
     ExitCode::SUCCESS
+}
+
+/// `gemgate plugin test`: runs the plugin tests of `dir` (`None`: the built-in plugins') and
+/// prints a line per test; fails if any test does.
+fn plugin_test(config: &config::Config, dir: Option<PathBuf>) -> ExitCode {
+    match gemgate::policy::testing::test_folder(config, dir.as_deref()) {
+        Ok(report) => {
+            print!("{}", report.text());
+            if report.failed() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("gemgate: invalid plugin: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// `gemgate run`: serves until SIGTERM; the exit status says why it stopped.

@@ -636,6 +636,35 @@ impl KeyPool {
         !state.is_disabled() && state.cooling_until(model, now_ms).is_none()
     }
 
+    /// Why key `index` would be passed over for an attempt of about `tokens` input tokens of
+    /// `model` at `now_ms` (`None`: it may serve), for a trace of the choice.
+    pub fn passed_over(
+        &self,
+        index: usize,
+        model: &str,
+        tried: &[usize],
+        tokens: u64,
+        now_ms: u64,
+    ) -> Option<String> {
+        let state = &self.keys[index].state;
+        if tried.contains(&index) {
+            return Some("tried".into());
+        }
+        if state.is_disabled() {
+            let reason = state.detail().disabled_reason.unwrap_or_default();
+            return Some(format!("disabled ({reason})"));
+        }
+        if let Some(c) = state.cooldown_for(model, now_ms) {
+            let left_s = c.until_ms.saturating_sub(now_ms).div_ceil(1000);
+            return Some(format!("cooling {left_s}s after {} ({})", c.class, c.scope));
+        }
+        if let Err(at) = self.room(index, model, tokens, now_ms) {
+            let left_s = at.saturating_sub(now_ms).div_ceil(1000);
+            return Some(format!("project at its limit for {left_s}s"));
+        }
+        None
+    }
+
     /// Key `index`'s project's limit for `model`, if it has one.
     pub fn limit(&self, index: usize, model: &str) -> Option<Limit> {
         if self.limited_models.is_empty() || !self.limited_models.contains(model) {

@@ -11,6 +11,12 @@ macro_rules! shipped {
     };
 }
 
+macro_rules! shipped_tests {
+    ($($name:literal),* $(,)?) => {
+        &[$((concat!($name, "_test"), include_str!(concat!("../../plugins/", $name, "_test.lua")))),*]
+    };
+}
+
 /// (name, code) of every plugin in `plugins/`.
 const SHIPPED: &[(&str, &str)] = shipped!(
     "least_loaded",
@@ -25,8 +31,31 @@ const SHIPPED: &[(&str, &str)] = shipped!(
     "weighted_tags",
 );
 
+/// (name, code) of every test file in `plugins/`: each shipped plugin has one.
+const SHIPPED_TESTS: &[(&str, &str)] = shipped_tests!(
+    "least_loaded",
+    "model_alias",
+    "model_allowlist",
+    "model_filter",
+    "model_suffixes",
+    "rate_limit",
+    "round_robin",
+    "sticky_key",
+    "thinking_budget",
+    "weighted_tags",
+);
+
 pub fn sources() -> Vec<PluginSource> {
-    SHIPPED
+    built_in(SHIPPED)
+}
+
+/// The shipped plugins' tests.
+pub fn tests() -> Vec<PluginSource> {
+    built_in(SHIPPED_TESTS)
+}
+
+fn built_in(files: &[(&str, &str)]) -> Vec<PluginSource> {
+    files
         .iter()
         .map(|(name, code)| PluginSource {
             name: (*name).to_owned(),
@@ -49,5 +78,12 @@ mod tests {
             .collect();
         let embedded: Vec<&str> = super::SHIPPED.iter().map(|(n, _)| *n).collect();
         assert_eq!(on_disk, embedded);
+        let tests: Vec<String> = crate::policy::testing::test_sources(Some(&dir))
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        let embedded: Vec<&str> = super::SHIPPED_TESTS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(tests, embedded);
     }
 }

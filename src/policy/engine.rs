@@ -21,6 +21,8 @@ use mlua::{
 };
 
 use super::counters::CounterStore;
+pub use super::rewrite::{Rewrite, merge};
+use super::trace::{HookTiming, Timings, Trace, summarize};
 use super::{
     CounterHandle, HOOKS, Host, Limits, Plugin, PluginSource, PolicyError, Vm, embedded,
     matches_any, read_dir,
@@ -46,10 +48,12 @@ pub struct PluginInfo {
     pub file: String,
 }
 
-/// Plugin failures by (plugin, hook), for the admin page; kept across reloads.
+/// Plugin failures and hook timings by (plugin, hook), for the admin page and the metrics;
+/// kept across reloads.
 #[derive(Debug, Default)]
 pub struct PolicyStats {
     errors: Mutex<BTreeMap<(String, String), u64>>,
+    pub timings: Timings,
 }
 
 impl PolicyStats {
@@ -131,8 +135,8 @@ pub struct Policy {
     pub plugins: Vec<PluginInfo>,
     pub on_error: OnError,
     entries: Vec<Entry>,
-    settings: serde_json::Value,
-    limits: Limits,
+    /// What it was made of, for a rehearsal.
+    parts: Parts,
     /// The limits enabled plugins declare, in run order (see [`super::DeclaredLimit`]).
     declared: Vec<PluginLimit>,
     hooks: HookSet,
@@ -140,6 +144,35 @@ pub struct Policy {
     pool: Arc<KeyPool>,
     counters: Arc<dyn CounterStore>,
     pub stats: Arc<PolicyStats>,
+}
+
+/// What a policy is made of: the plugin files as read, their settings and the host's.
+#[derive(Clone)]
+struct Parts {
+    sources: Vec<PluginSource>,
+    dir: Option<PathBuf>,
+    /// `[plugins.<name>]`.
+    plugins: BTreeMap<String, toml::Table>,
+    /// `gemgate.settings`.
+    settings: serde_json::Value,
+    on_error: OnError,
+    limits: Limits,
+}
+
+/// Changes a rehearsal makes to a policy's settings (see [`Policy::rehearsal`]).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Merged over `[plugins.<name>]`, field by field (`enabled` and `priority` too).
+    pub plugins: BTreeMap<String, toml::Table>,
+    /// Merged over `gemgate.settings`.
+    pub settings: Option<serde_json::Value>,
+}
+
+/// Rehearsals' generation ids: far above any reload's, so that a worker thread's VMs of the
+/// live policy and of a rehearsal never mix.
+fn next_rehearsal_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 48);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A limit a plugin declares, for the calls of the models it takes.
@@ -151,9 +184,39 @@ pub struct PluginLimit {
     models: Option<Vec<String>>,
 }
 
-/// What plugins shared within one request (`ctx.shared`), carried between hooks.
+/// What plugins shared within one request (`ctx.shared`), carried between hooks; and, for a
+/// traced request, the [`Trace`] of its hooks.
 #[derive(Debug, Default)]
-pub struct Shared(Option<serde_json::Value>);
+pub struct Shared {
+    value: Option<serde_json::Value>,
+    trace: Option<Box<RefCell<Trace>>>,
+}
+
+impl Shared {
+    /// A request's plugins will be traced.
+    pub fn traced() -> Shared {
+        Shared {
+            value: None,
+            trace: Some(Box::default()),
+        }
+    }
+
+    /// Adds to the trace, if the request is traced.
+    pub fn trace(&self, f: impl FnOnce(&mut Trace)) {
+        if let Some(t) = &self.trace {
+            f(&mut t.borrow_mut());
+        }
+    }
+
+    pub fn is_traced(&self) -> bool {
+        self.trace.is_some()
+    }
+
+    /// The trace so far (`None`: the request is not traced).
+    pub fn trace_so_far(&self) -> Option<Trace> {
+        self.trace.as_ref().map(|t| t.borrow().clone())
+    }
+}
 
 /// The facts `on_request` sees.
 pub struct RequestInfo<'a> {
@@ -167,28 +230,6 @@ pub struct RequestInfo<'a> {
     pub stream: bool,
     pub client: &'a str,
     pub headers: &'a HeaderMap,
-}
-
-/// The changes `on_request` plugins asked for, merged in priority order.
-#[derive(Debug, Default)]
-pub struct Rewrite {
-    pub model: Option<String>,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Merged over the request's `generationConfig` (the plugin wins).
-    pub generation_config: Option<serde_json::Value>,
-    /// Merged under the request's `generationConfig` (the client wins).
-    pub generation_config_defaults: Option<serde_json::Value>,
-    /// Added to the request's `tools` (a tool of the same kind is not added twice).
-    pub tools: Vec<serde_json::Value>,
-}
-
-impl Rewrite {
-    /// Whether the request body must change.
-    pub fn touches_body(&self) -> bool {
-        self.generation_config.is_some()
-            || self.generation_config_defaults.is_some()
-            || !self.tools.is_empty()
-    }
 }
 
 /// A request refused by policy: answer with this status and message.
@@ -229,30 +270,91 @@ impl Policy {
         counters: Arc<dyn CounterStore>,
         stats: Arc<PolicyStats>,
     ) -> Result<Policy, PolicyError> {
-        let dir = config.plugin_dir();
-        let sources = plugin_sources(dir.as_deref())?;
-        let settings = settings(config);
+        Policy::compile_from(config, config.plugin_dir(), id, pool, counters, stats)
+    }
+
+    /// [`Policy::compile`] with the plugins of `dir` (`None`: those built into gemgate).
+    pub fn compile_from(
+        config: &Config,
+        dir: Option<PathBuf>,
+        id: u64,
+        pool: Arc<KeyPool>,
+        counters: Arc<dyn CounterStore>,
+        stats: Arc<PolicyStats>,
+    ) -> Result<Policy, PolicyError> {
+        let parts = Parts {
+            sources: plugin_sources(dir.as_deref())?,
+            dir,
+            plugins: config.file.plugins.clone(),
+            settings: settings(config),
+            on_error: config.policy.on_error,
+            limits: config.policy.limits,
+        };
+        for name in parts.plugins.keys() {
+            if !parts.sources.iter().any(|s| &s.name == name) {
+                tracing::warn!(plugin = %name, "[plugins.{name}] is set, but there is no such plugin");
+            }
+        }
+        Policy::from_parts(parts, id, pool, counters, stats)
+    }
+
+    /// This policy's plugins again, as they were read, over `pool`, with their settings
+    /// changed by `overrides`: for a dry run or a plugin test. It counts in its own memory and
+    /// times its hooks apart, so nothing it runs reaches the live counters or statistics.
+    pub fn rehearsal(
+        &self,
+        pool: Arc<KeyPool>,
+        overrides: &Overrides,
+    ) -> Result<Policy, PolicyError> {
+        let mut parts = self.parts.clone();
+        for (name, table) in &overrides.plugins {
+            let conf = parts.plugins.entry(name.clone()).or_default();
+            conf.extend(table.clone());
+        }
+        if let Some(over) = &overrides.settings {
+            merge(&mut parts.settings, over.clone());
+        }
+        Policy::from_parts(
+            parts,
+            next_rehearsal_id(),
+            pool,
+            Arc::new(super::counters::Counters::default()),
+            Arc::default(),
+        )
+    }
+
+    fn from_parts(
+        parts: Parts,
+        id: u64,
+        pool: Arc<KeyPool>,
+        counters: Arc<dyn CounterStore>,
+        stats: Arc<PolicyStats>,
+    ) -> Result<Policy, PolicyError> {
         let scratch = Vm::with_host(
-            config.policy.limits,
+            parts.limits,
             Host {
                 counters: counters.clone(),
-                settings: settings.clone(),
+                settings: parts.settings.clone(),
             },
         )?;
         let mut found = Vec::new();
-        for source in sources {
-            found.push(configure(config, &scratch, dir.is_some(), source)?);
+        for source in &parts.sources {
+            let from_dir = parts.dir.is_some();
+            found.push(configure(
+                &parts.plugins,
+                &scratch,
+                from_dir,
+                source.clone(),
+            )?);
         }
-        warn_unknown_plugins(config, &found);
         let (plugins, entries) = in_run_order(found);
         let mut policy = Policy {
             id,
-            dir,
+            dir: parts.dir.clone(),
             plugins,
-            on_error: config.policy.on_error,
+            on_error: parts.on_error,
             entries,
-            settings,
-            limits: config.policy.limits,
+            parts,
             declared: Vec::new(),
             hooks: HookSet::default(),
             pool,
@@ -264,6 +366,11 @@ impl Policy {
         let engine = Engine::build(&policy)?;
         policy.take_hooks(&engine);
         Ok(policy)
+    }
+
+    /// The key pool `select_key` sees.
+    pub fn pool(&self) -> &Arc<KeyPool> {
+        &self.pool
     }
 
     /// Notes the hooks each plugin has after its `init`: which calls enter the VM, and what
@@ -512,9 +619,9 @@ impl Policy {
         Ok(out.flatten().unwrap_or(models))
     }
 
-    /// `select_key` of every plugin, in order, until one names a key. `candidates` are indices
-    /// into the pool of the keys that may serve this attempt, in order. `None`: the built-in
-    /// choice.
+    /// `select_key` of every plugin, in order, until one names a key: its index in the pool,
+    /// and the plugin. `candidates` are indices into the pool of the keys that may serve this
+    /// attempt, in order. `None`: the built-in choice.
     pub fn select_key(
         &self,
         model: &str,
@@ -522,7 +629,7 @@ impl Policy {
         client: &str,
         id: &str,
         shared: &mut Shared,
-    ) -> Result<Option<usize>, Denial> {
+    ) -> Result<Option<(usize, Rc<str>)>, Denial> {
         let out = self.with_engine(|engine| {
             let ctx = engine.ctx(client, id, shared);
             {
@@ -562,7 +669,7 @@ impl Policy {
                     };
                     let index = id.to_str().ok().and_then(|id| self.pool.index_of(&id));
                     match index {
-                        Some(i) if candidate(i) => Ok(Some(i)),
+                        Some(i) if candidate(i) => Ok(Some((i, live.plugin.name.clone()))),
                         found => Err(PolicyError {
                             plugin: live.plugin.name.to_string(),
                             hook: "select_key".into(),
@@ -716,6 +823,7 @@ const HIDDEN_HEADERS: &[&str] = &[
     "x-goog-api-key",
     "x-api-key",
     "cookie",
+    "x-gemgate-admin",
 ];
 
 /// Interned strings kept per VM: a model, client or action name pushed as a kept Lua string
@@ -740,6 +848,8 @@ struct Live {
 struct Hook {
     name: &'static str,
     f: mlua::Function,
+    /// Where its calls' durations are counted.
+    timing: Arc<HookTiming>,
     /// Whether the function names a second parameter (`ctx`, or `...`): one that does not
     /// is called without one, and a chain of such hooks makes no `ctx` at all.
     takes_ctx: bool,
@@ -777,10 +887,10 @@ struct Engine {
 impl Engine {
     fn build(policy: &Policy) -> Result<Engine, PolicyError> {
         let vm = Vm::with_host(
-            policy.limits,
+            policy.parts.limits,
             Host {
                 counters: policy.counters.clone(),
-                settings: policy.settings.clone(),
+                settings: policy.parts.settings.clone(),
             },
         )?;
         let current: CurrentRequest = Rc::default();
@@ -816,7 +926,13 @@ impl Engine {
                     let f = plugin.hook(name)?;
                     let info = f.info();
                     let takes_ctx = info.num_params >= 2 || info.is_vararg;
-                    Some(Hook { name, f, takes_ctx })
+                    let timing = policy.stats.timings.of(&plugin.name, name);
+                    Some(Hook {
+                        name,
+                        f,
+                        timing,
+                        takes_ctx,
+                    })
                 })
                 .collect();
             live.push(Live {
@@ -959,6 +1075,7 @@ impl Engine {
                 continue;
             }
             let name = &live.plugin.name;
+            let started = std::time::Instant::now();
             let called = if h.takes_ctx {
                 let args = (&h.f, &live.conf, arg(), ctx.get(self)?);
                 self.vm
@@ -966,6 +1083,15 @@ impl Engine {
             } else {
                 self.vm.invoke::<Value>(name, hook, &h.f, arg())
             };
+            let took = started.elapsed();
+            h.timing.observe(took);
+            ctx.shared.trace(|t| {
+                let result = match &called {
+                    Ok(v) => summarize(v),
+                    Err(e) => format!("error: {}", e.message),
+                };
+                t.step(name, h.name, result, took);
+            });
             let result = called.and_then(|value| answer(live, value));
             match result {
                 Ok(Some(t)) => return Ok(Some(t)),
@@ -1022,7 +1148,7 @@ impl Engine {
     }
 
     fn restore_shared(&self, ctx: &Table, shared: &Shared) {
-        if let Some(v) = &shared.0
+        if let Some(v) = &shared.value
             && let Ok(t) = self.vm.lua().to_value(v)
         {
             let _ = ctx.raw_set("shared", t);
@@ -1035,10 +1161,10 @@ impl Engine {
         let Some(ctx) = ctx else { return };
         // `ctx.shared` is made when first read: usually it was not.
         if let Ok(Value::Nil) = ctx.raw_get::<Value>(&self.shared_key) {
-            shared.0 = None;
+            shared.value = None;
             return;
         }
-        shared.0 = match self.prelude.shared.call::<Value>(&ctx) {
+        shared.value = match self.prelude.shared.call::<Value>(&ctx) {
             Ok(Value::Nil) | Err(_) => None,
             Ok(t) => self.vm.lua().from_value(t).ok(),
         };
@@ -1430,23 +1556,6 @@ fn read_attempt_decision(
     }
 }
 
-/// Merges `over` into `base`, objects field by field, `over` winning.
-pub fn merge(base: &mut serde_json::Value, over: serde_json::Value) {
-    match (base, over) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(&k) {
-                    Some(slot) => merge(slot, v),
-                    None => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (slot, v) => *slot = v,
-    }
-}
-
 /// The plugin files of `dir`, or the plugins built into gemgate when there is none.
 fn plugin_sources(dir: Option<&Path>) -> Result<Vec<PluginSource>, PolicyError> {
     Ok(match dir {
@@ -1462,18 +1571,13 @@ fn plugin_sources(dir: Option<&Path>) -> Result<Vec<PluginSource>, PolicyError> 
 /// Loads a plugin into the scratch VM and reads its `[plugins.<name>]` section, checked
 /// against its schema; `from_dir` says whether it came from the plugins folder.
 fn configure(
-    config: &Config,
+    plugins: &BTreeMap<String, toml::Table>,
     scratch: &Vm,
     from_dir: bool,
     source: PluginSource,
 ) -> Result<(PluginInfo, Entry), PolicyError> {
     let plugin = scratch.load(&source)?;
-    let mut conf = config
-        .file
-        .plugins
-        .get(&*plugin.name)
-        .cloned()
-        .unwrap_or_default();
+    let mut conf = plugins.get(&*plugin.name).cloned().unwrap_or_default();
     let fail = |message: String| PolicyError {
         plugin: plugin.name.to_string(),
         hook: "config".into(),
@@ -1515,15 +1619,6 @@ fn switches(
         Some(_) => return Err(fail("`priority` must be an integer".into())),
     };
     Ok((enabled, priority))
-}
-
-/// Warns of each `[plugins.<name>]` section that names no plugin.
-fn warn_unknown_plugins(config: &Config, found: &[(PluginInfo, Entry)]) {
-    for name in config.file.plugins.keys() {
-        if !found.iter().any(|(info, _)| &info.name == name) {
-            tracing::warn!(plugin = %name, "[plugins.{name}] is set, but there is no such plugin");
-        }
-    }
 }
 
 /// Every plugin, enabled ones first in the order they run, and the entries of the enabled ones.

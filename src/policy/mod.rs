@@ -11,6 +11,10 @@
 pub mod counters;
 pub mod embedded;
 pub mod engine;
+pub mod harness;
+pub mod rewrite;
+pub mod testing;
+pub mod trace;
 
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
@@ -60,10 +64,11 @@ pub struct PluginSource {
     pub code: String,
 }
 
-/// Reads every `*.lua` file of `dir`, in name order.
+/// Reads every plugin of `dir`: its `*.lua` files but the tests (`*_test.lua`), in name order.
 pub fn read_dir(dir: &Path) -> std::io::Result<Vec<PluginSource>> {
     Ok(crate::config::read_folder(dir, "lua")?
         .into_iter()
+        .filter(|(name, _, _)| !testing::is_test(name))
         .map(|(name, path, code)| PluginSource { name, path, code })
         .collect())
 }
@@ -421,6 +426,34 @@ impl Vm {
             limits,
             table,
         })
+    }
+
+    /// Runs a script that is not a plugin (a plugin test file) in an environment of its own,
+    /// with `globals` added to it, under the limits; returns what it returns.
+    pub fn script(
+        &self,
+        src: &PluginSource,
+        globals: &[(&str, Value)],
+    ) -> Result<Value, PolicyError> {
+        let fail = |message: String| PolicyError {
+            plugin: src.name.clone(),
+            hook: "load".into(),
+            message,
+        };
+        let env: Table = self
+            .make_env
+            .call(())
+            .map_err(|e: mlua::Error| fail(e.to_string()))?;
+        for (name, value) in globals {
+            env.raw_set(*name, value.clone())
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let chunk = self
+            .lua
+            .load(&src.code)
+            .set_name(format!("@{}", src.path.display()))
+            .set_environment(env);
+        self.guarded(|| chunk.eval()).map_err(|e| fail(clean(&e)))
     }
 
     /// Calls `hook` of `plugin` under the limits.

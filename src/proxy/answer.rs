@@ -7,7 +7,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 
 use super::Outcome;
-use super::exchange::{Exchange, Meta, X_REQUEST_ID};
+use super::exchange::{Exchange, Meta, X_GEMGATE_TRACE, X_REQUEST_ID};
 use crate::http::reply::GateError;
 
 /// The head of an answer with `status`, recorded as the request's status.
@@ -28,6 +28,12 @@ pub(crate) fn response_parts(status: u16, meta: &Meta) -> http::response::Parts 
     if let Ok(id) = HeaderValue::from_str(&meta.id) {
         h.insert(X_REQUEST_ID, id);
     }
+    if meta.traced
+        && let Some(trace) = meta.with_shared(|s| s.trace_so_far())
+        && let Ok(v) = HeaderValue::from_str(&trace.header())
+    {
+        h.insert(X_GEMGATE_TRACE, v);
+    }
     if meta.cors {
         // Browser-based clients call gemgate from their own origin, as they could gemini-balance.
         h.insert(
@@ -36,7 +42,7 @@ pub(crate) fn response_parts(status: u16, meta: &Meta) -> http::response::Parts 
         );
         h.insert(
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static("x-request-id, retry-after"),
+            HeaderValue::from_static("x-request-id, retry-after, x-gemgate-trace"),
         );
     }
     parts

@@ -27,6 +27,7 @@ use crate::keys::taxonomy::is_bare_429;
 use crate::keys::taxonomy::{ErrorClass, classify, error_message, redact};
 use crate::keys::{KeyPool, Penalty, Pick, seconds_until};
 use crate::policy::engine::{AttemptDecision, AttemptInfo, Denial};
+use crate::policy::trace::key_notes;
 use crate::translate::usage::{Tokens, tokens_in};
 use crate::upstream::{Target, head};
 
@@ -451,28 +452,37 @@ impl Gateway {
                 Pick::Key(i)
             });
         }
+        let built_in = || {
+            let pick = pool.pick(&req.model, tried, tokens, now);
+            let chosen = picked(&pick).map(|i| (i, "built-in"));
+            trace_choice(meta, pool, &req.model, tried, tokens, now, chosen);
+            Ok(pick)
+        };
         if req.paid || !generation.policy.has_select_key(&req.model) || pool.is_empty() {
-            return Ok(pool.pick(&req.model, tried, tokens, now));
+            return built_in();
         }
         let candidates = pool.candidates(&req.model, tried, now);
         if candidates.is_empty() {
-            return Ok(pool.pick(&req.model, tried, tokens, now));
+            return built_in();
         }
         let chosen = meta.with_shared(|shared| {
             generation
                 .policy
                 .select_key(&req.model, candidates, meta.client(), &meta.id, shared)
         })?;
-        Ok(match chosen {
-            Some(i)
+        let (pick, by) = match chosen {
+            Some((i, plugin))
                 if pool.usable(i, &req.model, now)
                     && pool.room(i, &req.model, tokens, now).is_ok() =>
             {
-                Pick::Key(i)
+                (Pick::Key(i), Some(plugin))
             }
             // No choice, or one that dropped out since the plugin's list was made.
-            _ => pool.pick(&req.model, tried, tokens, now),
-        })
+            _ => (pool.pick(&req.model, tried, tokens, now), None),
+        };
+        let chosen = picked(&pick).map(|i| (i, by.as_deref().unwrap_or("built-in")));
+        trace_choice(meta, pool, &req.model, tried, tokens, now, chosen);
+        Ok(pick)
     }
 
     /// Tells `on_response` / `on_error` plugins how attempt number `attempt` went and applies
@@ -1005,4 +1015,36 @@ fn cooldown_scope(key: &crate::keys::Key, scope: crate::keys::taxonomy::Scope) -
     } else {
         scope.as_str()
     }
+}
+
+/// The key a pick took, if it took one.
+fn picked(pick: &Pick) -> Option<usize> {
+    match pick {
+        Pick::Key(i) => Some(*i),
+        _ => None,
+    }
+}
+
+/// Notes, for a traced request, the keys an attempt's choice looked at, and the one it took
+/// (with who chose it: a plugin, or `built-in`).
+fn trace_choice(
+    meta: &Meta,
+    pool: &KeyPool,
+    model: &str,
+    tried: &[usize],
+    tokens: u64,
+    now: u64,
+    chosen: Option<(usize, &str)>,
+) {
+    if !meta.traced {
+        return;
+    }
+    meta.with_shared(|shared| {
+        shared.trace(|t| {
+            let index = chosen.map(|(i, _)| i);
+            let (notes, more) = key_notes(pool, model, tried, tokens, now, index);
+            let id = index.map(|i| pool.get(i).spec.id.as_str());
+            t.choice(notes, more, id, chosen.map_or("", |(_, by)| by));
+        })
+    });
 }

@@ -16,6 +16,10 @@ use crate::policy::engine::Shared as PluginShared;
 use crate::translate::usage::Tokens;
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Asks for a trace of the plugins' decisions (with [`X_GEMGATE_ADMIN`]); the answer's header
+/// of the same name carries it.
+pub(crate) const X_GEMGATE_TRACE: HeaderName = HeaderName::from_static("x-gemgate-trace");
+pub(crate) const X_GEMGATE_ADMIN: HeaderName = HeaderName::from_static("x-gemgate-admin");
 
 /// Who asked, and how to answer them: set while the request is routed and authenticated, then
 /// only read.
@@ -31,8 +35,10 @@ pub(crate) struct Meta {
     /// The request came from a browser page (it has an `Origin`): answers carry CORS headers.
     pub cors: bool,
     /// What plugins share within this request (`ctx.shared`): each hook call takes it for
-    /// the length of the call.
+    /// the length of the call. It holds the request's plugin trace, when one was asked for.
     pub shared: Mutex<PluginShared>,
+    /// Whether the plugins' decisions are traced (see [`Exchange::trace_if_asked`]).
+    pub traced: bool,
     /// The request's place in a trace, when traces are exported.
     pub trace: Option<crate::traces::Context>,
     /// Its finished attempts' spans, until the request's own span ends.
@@ -154,6 +160,7 @@ impl Exchange {
                 peer: Peer::default(),
                 cors: req.headers.contains_key(header::ORIGIN),
                 shared: Mutex::default(),
+                traced: false,
                 trace: None,
                 spans: Mutex::default(),
                 asked_model: std::sync::OnceLock::new(),
@@ -171,6 +178,25 @@ impl Exchange {
             body: None,
             upload_headers: Vec::new(),
             tunnel: None,
+        }
+    }
+
+    /// Traces the plugins' decisions for this request if it asks (`x-gemgate-trace: 1`) with
+    /// the admin token (`x-gemgate-admin`); a client token alone never gets a trace.
+    pub fn trace_if_asked(&mut self, req: &RequestHeader, admin_token: Option<&str>) {
+        let asked = req
+            .headers
+            .get(X_GEMGATE_TRACE)
+            .is_some_and(|v| v.as_bytes() == b"1");
+        let admin = req
+            .headers
+            .get(X_GEMGATE_ADMIN)
+            .and_then(|v| v.to_str().ok());
+        if let (true, Some(presented), Some(token)) = (asked, admin, admin_token)
+            && crate::http::auth::same_secret(presented, token)
+        {
+            self.meta.shared = Mutex::new(PluginShared::traced());
+            self.meta.traced = true;
         }
     }
 

@@ -188,89 +188,14 @@ pub(super) fn rewrite_body(body: &[u8], rewrite: &Rewrite) -> Result<Bytes, Refu
 /// Applies a plugin rewrite (`generation_config`, `generation_config_defaults`, `tools`) to a
 /// Gemini request.
 pub(super) fn rewrite_value(v: &mut serde_json::Value, rewrite: &Rewrite) -> Result<(), Refusal> {
-    if !rewrite.touches_body() {
-        return Ok(());
-    }
-    let bad = |m: &str| Refusal::Gate(GateError::new(400, m));
-    let obj = v
-        .as_object_mut()
-        .ok_or_else(|| bad("the request body must be a JSON object"))?;
-    if rewrite.generation_config.is_some() || rewrite.generation_config_defaults.is_some() {
-        let slot = obj
-            .entry("generationConfig")
-            .or_insert_with(|| serde_json::json!({}));
-        if let Some(defaults) = &rewrite.generation_config_defaults {
-            let client = slot.take();
-            let mut merged = defaults.clone();
-            crate::policy::engine::merge(&mut merged, client.clone());
-            *slot = merged;
-            one_thinking_setting(slot, &client);
-        }
-        if let Some(over) = &rewrite.generation_config {
-            crate::policy::engine::merge(slot, over.clone());
-            one_thinking_setting(slot, over);
-        }
-    }
-    if !rewrite.tools.is_empty() {
-        let tools = obj.entry("tools").or_insert_with(|| serde_json::json!([]));
-        let list = tools
-            .as_array_mut()
-            .ok_or_else(|| bad("`tools` in the request body must be a list"))?;
-        for tool in &rewrite.tools {
-            // A tool of the same kind (`googleSearch`, `codeExecution`, …) is not added twice.
-            let kind = tool.as_object().and_then(|t| t.keys().next());
-            let present = list.iter().any(|t| {
-                t.as_object()
-                    .is_some_and(|t| kind.is_some_and(|k| t.contains_key(k)))
-            });
-            if !present {
-                list.push(tool.clone());
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Google refuses a `thinkingConfig` with both a `thinkingLevel` (Gemini 3) and a
-/// `thinkingBudget`: when a merge made both, the one `kept` (the client's config, or a
-/// plugin's override) set stays.
-fn one_thinking_setting(config: &mut serde_json::Value, kept: &serde_json::Value) {
-    let Some(thinking) = config
-        .get_mut("thinkingConfig")
-        .and_then(serde_json::Value::as_object_mut)
-    else {
-        return;
-    };
-    if thinking.contains_key("thinkingLevel") && thinking.contains_key("thinkingBudget") {
-        let keep_level = kept.pointer("/thinkingConfig/thinkingLevel").is_some();
-        thinking.remove(if keep_level {
-            "thinkingBudget"
-        } else {
-            "thinkingLevel"
-        });
-    }
+    rewrite
+        .apply(v)
+        .map_err(|m| Refusal::Gate(GateError::new(400, m)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_thinking_config_never_has_both_a_level_and_a_budget() {
-        let level = serde_json::json!({ "thinkingConfig": { "thinkingLevel": "high" } });
-        let budget = serde_json::json!({ "thinkingConfig": { "thinkingBudget": 1024 } });
-        let mut merged = budget.clone();
-        crate::policy::engine::merge(&mut merged, level.clone());
-        one_thinking_setting(&mut merged, &level);
-        assert_eq!(merged, level, "the client's level over a default budget");
-        let mut merged = level.clone();
-        crate::policy::engine::merge(&mut merged, budget.clone());
-        one_thinking_setting(&mut merged, &budget);
-        assert_eq!(
-            merged, budget,
-            "an override's budget over the client's level"
-        );
-    }
 
     #[test]
     fn page_tokens_are_encoded() {

@@ -13,6 +13,12 @@ impl Exchange {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let failed = self.status >= 400 || self.class.is_some();
         let (upstream_status, upstream_message) = self.upstream.unzip();
+        let trace = self
+            .meta
+            .traced
+            .then(|| self.meta.with_shared(|s| s.trace_so_far()))
+            .flatten()
+            .and_then(|t| serde_json::to_value(t).ok());
         Record {
             ts_ms: now_ms(),
             id: self.meta.id,
@@ -36,6 +42,7 @@ impl Exchange {
                 String::from_utf8_lossy(kept).into_owned()
             }),
             unsampled,
+            trace,
             asked_model: self.meta.asked_model.into_inner(),
             instance: instance.map(str::to_owned),
         }

@@ -76,6 +76,9 @@ impl Surface {
     }
 }
 
+/// What a record's trace is reckoned to weigh (at most 64 steps and 32 keys: a few kB).
+const TRACE_WEIGHT: usize = 4096;
+
 /// One finished request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Record {
@@ -109,6 +112,9 @@ pub struct Record {
     /// The fleet instance that served it (`None`: a single instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// What the plugins did, for a request that asked for a trace with the admin token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<serde_json::Value>,
 }
 
 impl Record {
@@ -129,6 +135,7 @@ impl Record {
             + opt(&self.upstream_message)
             + opt(&self.request_body)
             + opt(&self.asked_model)
+            + self.trace.as_ref().map_or(0, |_| TRACE_WEIGHT)
     }
 
     /// The record as stored: serde's JSON for it, byte for byte (the queries match on it), but
@@ -173,6 +180,9 @@ impl Record {
         }
         if let Some(instance) = &self.instance {
             value(&mut out, ",\"instance\":", instance);
+        }
+        if let Some(trace) = &self.trace {
+            value(&mut out, ",\"trace\":", trace);
         }
         out.push(b'}');
         out

@@ -56,6 +56,9 @@ pub fn skip_request_header(name: &str) -> bool {
             // Anthropic clients send their (gemgate) token here.
             | "x-api-key"
             | "cookie"
+            // gemgate's own: the admin token and the trace request.
+            | "x-gemgate-admin"
+            | "x-gemgate-trace"
             // The answer must stay readable by gemgate (error classification, usage).
             | "accept-encoding"
         )

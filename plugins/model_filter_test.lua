@@ -1,0 +1,32 @@
+-- Tests of model_filter.lua (FILTERED_MODELS).
+-- No derived models (model_suffixes) in model lists, to see only what this plugin does.
+local settings = {
+  filtered_models = { "gemini-1.5-pro" },
+  search_models = {}, image_models = {}, thinking_models = {},
+}
+
+test("a filtered model is refused with 404", function()
+  local r = run { request = { model = "gemini-1.5-pro" }, settings = settings }
+  expect.denied(r, 404, "FILTERED_MODELS")
+  expect.eq(r.key, nil, "no key is chosen for a refused request")
+end)
+
+test("a filtered model's derived models are refused too", function()
+  local r = run { request = { model = "gemini-1.5-pro-search" }, settings = settings }
+  expect.denied(r, 404)
+end)
+
+test("other models pass", function()
+  local r = run { request = { model = "gemini-2.5-flash" }, settings = settings }
+  expect.allowed(r)
+  expect.key(r, "k1")
+end)
+
+test("model lists leave filtered models out", function()
+  local r = run {
+    request = { model = "", action = "models.list", method = "GET" },
+    settings = settings,
+    models = { { name = "models/gemini-1.5-pro" }, { name = "models/gemini-2.5-flash" } },
+  }
+  expect.eq(r.models, { { name = "models/gemini-2.5-flash" } })
+end)

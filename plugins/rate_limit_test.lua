@@ -1,0 +1,23 @@
+-- Tests of rate_limit.lua (off by default). The limit is declared, not counted in a hook:
+-- the verdict lists it, with the rate for the client.
+local on = { rate_limit = { enabled = true, requests_per_minute = 30, clients = { batch = 600 } } }
+
+test("every client's calls count against the declared limit", function()
+  local r = run { request = { client = "alice" }, plugins = on }
+  expect.eq(r.limits, { { plugin = "rate_limit", per_minute = 30 } })
+end)
+
+test("a client may have a rate of its own", function()
+  local r = run { request = { client = "batch" }, plugins = on }
+  expect.eq(r.limits[1].per_minute, 600)
+end)
+
+test("switched off, nothing is limited", function()
+  expect.eq(run({}).limits, {})
+end)
+
+test("a rate below 1 is refused when the plugin loads", function()
+  expect.error(function()
+    run { plugins = { rate_limit = { enabled = true, requests_per_minute = 0 } } }
+  end, "at least 1")
+end)

@@ -1,0 +1,337 @@
+//! Plugin tests: `gemgate plugin test`, `gemgate check --with-tests` and
+//! `policy.require_tests`.
+//!
+//! A test file is a `*_test.lua` file in the plugins folder. It runs in a sandbox like a
+//! plugin's, with three more globals: `test(name, fn)` declares a test, `run(scenario)` runs
+//! the enabled plugin chain on a request (see [`super::harness`]) and answers what it did, and
+//! `expect` holds the assertions. A failed assertion names the file and line.
+//!
+//! ```lua
+//! test("gpt-4o is served by gemini-2.5-flash", function()
+//!   local r = run { request = { model = "gpt-4o" },
+//!                   settings = { model_aliases = { ["gpt-4o"] = "gemini-2.5-flash" } } }
+//!   expect.eq(r.model, "gemini-2.5-flash")
+//! end)
+//! ```
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlua::{LuaSerdeExt, SerializeOptions, Value};
+
+use super::engine::{Overrides, Policy};
+use super::harness::{Scenario, ScenarioKey, simulate, test_pool};
+use super::{Host, Limits, PluginSource, PolicyError, Vm, embedded};
+
+/// What one test file may use: far more than a hook, since each `run` loads the plugins anew.
+const TEST_LIMITS: Limits = Limits {
+    instructions: 200_000_000,
+    time: Duration::from_secs(20),
+    memory_bytes: 64 * 1024 * 1024,
+};
+
+/// Tests one file may declare, at most.
+const MAX_TESTS: usize = 1000;
+
+/// The assertions, in Lua: each raises its error at the caller's line.
+const EXPECT: &str = r#"
+local function show(v, depth)
+  depth = depth or 0
+  if type(v) == "string" then return string.format("%q", v) end
+  if type(v) ~= "table" then return tostring(v) end
+  if depth > 3 then return "{...}" end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  local parts = {}
+  for i, k in ipairs(keys) do
+    if i > 20 then parts[#parts + 1] = "..." break end
+    local name = (type(k) == "number") and "" or (tostring(k) .. " = ")
+    parts[#parts + 1] = name .. show(v[k], depth + 1)
+  end
+  return "{" .. table.concat(parts, ", ") .. "}"
+end
+local function equal(a, b)
+  if a == b then return true end
+  if type(a) ~= "table" or type(b) ~= "table" then return false end
+  for k, v in pairs(a) do if not equal(v, b[k]) then return false end end
+  for k in pairs(b) do if a[k] == nil then return false end end
+  return true
+end
+local function fail(what, message)
+  error((what and (what .. ": ") or "") .. message, 3)
+end
+local expect = {}
+function expect.eq(actual, expected, what)
+  if not equal(actual, expected) then
+    fail(what, "expected " .. show(expected) .. ", got " .. show(actual))
+  end
+end
+function expect.ne(actual, unexpected, what)
+  if equal(actual, unexpected) then fail(what, "expected anything but " .. show(unexpected)) end
+end
+function expect.truthy(v, what)
+  if not v then fail(what, "expected a true value, got " .. show(v)) end
+end
+function expect.falsy(v, what)
+  if v then fail(what, "expected false or nil, got " .. show(v)) end
+end
+function expect.matches(s, pattern, what)
+  if type(s) ~= "string" or not s:find(pattern) then
+    fail(what, "expected a string matching " .. show(pattern) .. ", got " .. show(s))
+  end
+end
+function expect.denied(r, status, pattern)
+  if not r.denied then fail(nil, "expected a denial, but the request went on (model " .. show(r.model) .. ")") end
+  if status and r.denied.status ~= status then
+    fail(nil, "expected a denial with status " .. status .. ", got " .. show(r.denied))
+  end
+  if pattern and not r.denied.message:find(pattern) then
+    fail(nil, "expected a denial matching " .. show(pattern) .. ", got " .. show(r.denied.message))
+  end
+end
+function expect.allowed(r)
+  if r.denied then fail(nil, "expected no denial, got " .. show(r.denied)) end
+end
+function expect.key(r, id)
+  if r.key ~= id then
+    fail(nil, "expected key " .. show(id) .. ", got " .. show(r.key) .. (r.no_key and (" (" .. r.no_key .. ")") or ""))
+  end
+end
+function expect.error(f, pattern)
+  local ok, e = pcall(f)
+  if ok then fail(nil, "expected an error" .. (pattern and (" matching " .. show(pattern)) or "")) end
+  if pattern and not tostring(e):find(pattern) then
+    fail(nil, "expected an error matching " .. show(pattern) .. ", got " .. show(tostring(e)))
+  end
+end
+return expect
+"#;
+
+/// One test's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TestResult {
+    pub file: String,
+    pub name: String,
+    /// The failure, with the file and line of the assertion; `None`: passed.
+    pub failure: Option<String>,
+}
+
+/// Every test's outcome, in file and declaration order.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub results: Vec<TestResult>,
+}
+
+impl Report {
+    pub fn passed(&self) -> usize {
+        self.results.iter().filter(|r| r.failure.is_none()).count()
+    }
+
+    pub fn failed(&self) -> usize {
+        self.results.len() - self.passed()
+    }
+
+    /// The first failure, as `file: test: message`.
+    pub fn first_failure(&self) -> Option<String> {
+        self.results.iter().find_map(|r| {
+            r.failure
+                .as_ref()
+                .map(|f| format!("{}: {}: {f}", r.file, r.name))
+        })
+    }
+
+    /// The report as a test runner prints it: a line per test, then `N passed, N failed`.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let mut file = "";
+        for r in &self.results {
+            if r.file != file {
+                file = &r.file;
+                out.push_str(file);
+                out.push('\n');
+            }
+            match &r.failure {
+                None => out.push_str(&format!("  ok    {}\n", r.name)),
+                Some(f) => out.push_str(&format!("  FAIL  {}\n        {f}\n", r.name)),
+            }
+        }
+        out.push_str(&format!(
+            "{} passed, {} failed\n",
+            self.passed(),
+            self.failed()
+        ));
+        out
+    }
+}
+
+/// The test files of the plugins folder `dir` (`*_test.lua`, in name order), or of the
+/// plugins built into gemgate.
+pub fn test_sources(dir: Option<&Path>) -> std::io::Result<Vec<PluginSource>> {
+    match dir {
+        Some(d) => Ok(crate::config::read_folder(d, "lua")?
+            .into_iter()
+            .filter(|(name, _, _)| is_test(name))
+            .map(|(name, path, code)| PluginSource { name, path, code })
+            .collect()),
+        None => Ok(embedded::tests()),
+    }
+}
+
+/// Whether a `.lua` file (by its name without `.lua`) is a test rather than a plugin.
+pub fn is_test(name: &str) -> bool {
+    name.ends_with("_test")
+}
+
+/// Runs the tests of the plugins folder `dir` (`None`: the built-in plugins and their tests)
+/// against its plugins, with `config`'s settings. `Err`: the plugins themselves do not load.
+pub fn test_folder(
+    config: &crate::config::Config,
+    dir: Option<&Path>,
+) -> Result<Report, PolicyError> {
+    let files = test_sources(dir).map_err(|e| PolicyError {
+        plugin: "-".into(),
+        hook: "test".into(),
+        message: format!("cannot read the test files: {e}"),
+    })?;
+    let pool = crate::keys::KeyPool::new(&[], &Default::default(), 1, &config.quota);
+    let base = Policy::compile_from(
+        config,
+        dir.map(Path::to_path_buf),
+        0,
+        Arc::new(pool),
+        Arc::new(super::counters::Counters::default()),
+        Default::default(),
+    )?;
+    Ok(run_tests(&base, &config.quota, &files))
+}
+
+/// Runs every test of `files` against `base`'s plugins (each `run` a rehearsal of them).
+pub fn run_tests(
+    base: &Policy,
+    quota: &crate::config::quota::QuotaLimits,
+    files: &[PluginSource],
+) -> Report {
+    let mut report = Report::default();
+    for file in files {
+        run_file(base, quota, file, &mut report);
+    }
+    report
+}
+
+fn run_file(
+    base: &Policy,
+    quota: &crate::config::quota::QuotaLimits,
+    file: &PluginSource,
+    report: &mut Report,
+) {
+    let shown = file.path.display().to_string();
+    let mut failed = |name: &str, message: String| {
+        report.results.push(TestResult {
+            file: shown.clone(),
+            name: name.to_owned(),
+            failure: Some(message),
+        });
+    };
+    let vm = match Vm::with_host(TEST_LIMITS, Host::default()) {
+        Ok(vm) => vm,
+        Err(e) => return failed("(load)", e.message),
+    };
+    let lua = vm.lua();
+    let declared: Rc<RefCell<Vec<(String, mlua::Function)>>> = Rc::default();
+    let scoped = lua.scope(|scope| {
+        let test = {
+            let declared = declared.clone();
+            scope.create_function(move |_, (name, f): (String, mlua::Function)| {
+                let mut declared = declared.borrow_mut();
+                if declared.len() >= MAX_TESTS {
+                    return Err(mlua::Error::runtime(format!(
+                        "a file declares at most {MAX_TESTS} tests"
+                    )));
+                }
+                declared.push((name, f));
+                Ok(())
+            })?
+        };
+        let run = scope.create_function(|lua, scenario: Value| {
+            let verdict = rehearse(lua, base, quota, scenario).map_err(mlua::Error::runtime)?;
+            let options = SerializeOptions::new()
+                .serialize_none_to_null(false)
+                .serialize_unit_to_null(false);
+            lua.to_value_with(&verdict, options)
+        })?;
+        let expect: Value = lua.load(EXPECT).set_name("=expect").call(())?;
+        let globals = [
+            ("test", Value::Function(test)),
+            ("run", Value::Function(run)),
+            ("expect", expect),
+        ];
+        if let Err(e) = vm.script(file, &globals) {
+            return Ok(Err(e));
+        }
+        let name: Rc<str> = Rc::from(file.name.as_str());
+        let mut results = Vec::new();
+        for (test, f) in declared.borrow_mut().drain(..) {
+            let outcome = vm.invoke::<()>(&name, "test", &f, ());
+            let failure = outcome.err().map(|e| {
+                let m = e.message;
+                m.strip_prefix("runtime error: ")
+                    .map_or(m.clone(), str::to_owned)
+            });
+            results.push((test, failure));
+        }
+        Ok(Ok(results))
+    });
+    match scoped {
+        Ok(Ok(results)) => {
+            if results.is_empty() {
+                return failed(
+                    "(file)",
+                    "declares no test: call test(name, function)".into(),
+                );
+            }
+            for (name, failure) in results {
+                report.results.push(TestResult {
+                    file: shown.clone(),
+                    name,
+                    failure,
+                });
+            }
+        }
+        Ok(Err(e)) => failed("(load)", e.message),
+        Err(e) => failed("(load)", e.to_string()),
+    }
+}
+
+/// `run(scenario)`: the scenario's pool (three active keys `k1`..`k3` unless it says), the
+/// base policy rehearsed over it with the scenario's settings, and what it did.
+fn rehearse(
+    lua: &mlua::Lua,
+    base: &Policy,
+    quota: &crate::config::quota::QuotaLimits,
+    scenario: Value,
+) -> Result<super::harness::Verdict, String> {
+    let scenario: Scenario = lua
+        .from_value(scenario)
+        .map_err(|e| format!("run: not a scenario: {e}"))?;
+    let keys = scenario.pool.clone().unwrap_or_else(|| {
+        (1..=3)
+            .map(|i| ScenarioKey {
+                id: format!("k{i}"),
+                ..ScenarioKey::default()
+            })
+            .collect()
+    });
+    let (pool, _leases) = test_pool(&keys, quota).map_err(|e| format!("run: {e}"))?;
+    let overrides = Overrides {
+        plugins: scenario.plugins.clone(),
+        settings: scenario.settings.clone(),
+    };
+    let policy = base
+        .rehearsal(Arc::clone(&pool), &overrides)
+        .map_err(|e: PolicyError| format!("run: the plugins do not load: {e}"))?;
+    simulate(&policy, &scenario).map_err(|e| format!("run: {e}"))
+}
