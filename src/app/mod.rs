@@ -76,6 +76,9 @@ impl Generation {
             parts.shared.counters(),
             parts.stats.clone(),
         )?;
+        if config.policy.require_tests {
+            crate::policy::testing::require_passing(&policy, &config.quota)?;
+        }
         let target = match previous {
             Some(p) if p.target.serves(&config, &config.base_url) => p.target.clone(),
             _ => Arc::new(Target::new(&config)),

@@ -160,6 +160,8 @@ pub struct PolicySection {
     pub time_limit_ms: u64,
     /// Memory all plugins of one worker thread's VM may hold.
     pub memory_limit_mb: u64,
+    /// Refuse plugins (at start and on reload) whose tests (`*_test.lua`) fail.
+    pub require_tests: bool,
 }
 
 impl Default for PolicySection {
@@ -170,6 +172,7 @@ impl Default for PolicySection {
             instruction_limit: 1_000_000,
             time_limit_ms: 50,
             memory_limit_mb: 16,
+            require_tests: false,
         }
     }
 }
@@ -1402,6 +1405,7 @@ pub struct PolicyConfig {
     pub dir: Option<PathBuf>,
     pub on_error: OnError,
     pub limits: Limits,
+    pub require_tests: bool,
 }
 
 impl Config {
@@ -1456,6 +1460,7 @@ fn validate_policy(p: &PolicySection) -> Result<PolicyConfig, ConfigError> {
     }
     Ok(PolicyConfig {
         dir: p.dir.clone(),
+        require_tests: p.require_tests,
         on_error,
         limits: Limits {
             instructions: p.instruction_limit,

@@ -135,12 +135,15 @@ impl Report {
         self.results.len() - self.passed()
     }
 
-    /// The first failure, as `file: test: message`.
+    /// The first failure, as `file:line: message (test "name")`.
     pub fn first_failure(&self) -> Option<String> {
         self.results.iter().find_map(|r| {
-            r.failure
-                .as_ref()
-                .map(|f| format!("{}: {}: {f}", r.file, r.name))
+            let f = r.failure.as_ref()?;
+            Some(if f.contains(".lua:") {
+                format!("{f} (test {:?})", r.name)
+            } else {
+                format!("{}: {f} (test {:?})", r.file, r.name)
+            })
         })
     }
 
@@ -207,6 +210,35 @@ pub fn test_folder(
         Default::default(),
     )?;
     Ok(run_tests(&base, &config.quota, &files))
+}
+
+/// With `policy.require_tests`: the tests of `policy`'s folder must all pass, or the policy
+/// is refused with the first failure (its file and line).
+pub fn require_passing(
+    policy: &Policy,
+    quota: &crate::config::quota::QuotaLimits,
+) -> Result<(), PolicyError> {
+    let files = test_sources(policy.dir.as_deref()).map_err(|e| PolicyError {
+        plugin: "-".into(),
+        hook: "test".into(),
+        message: format!("cannot read the test files: {e}"),
+    })?;
+    let report = run_tests(policy, quota, &files);
+    match report.first_failure() {
+        None => {
+            tracing::info!(passed = report.passed(), "plugin tests passed");
+            Ok(())
+        }
+        Some(first) => Err(PolicyError {
+            plugin: "tests".into(),
+            hook: "test".into(),
+            message: format!(
+                "{} of {} plugin tests failed (policy.require_tests); first: {first}",
+                report.failed(),
+                report.results.len()
+            ),
+        }),
+    }
 }
 
 /// Runs every test of `files` against `base`'s plugins (each `run` a rehearsal of them).
@@ -334,4 +366,144 @@ fn rehearse(
         .rehearsal(Arc::clone(&pool), &overrides)
         .map_err(|e: PolicyError| format!("run: the plugins do not load: {e}"))?;
     simulate(&policy, &scenario).map_err(|e| format!("run: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> crate::config::Config {
+        crate::config::from_str("", "t", &Default::default()).unwrap()
+    }
+
+    /// A plugins folder with the shipped plugins and `tests` (name → code) as its test files.
+    fn folder(tests: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for p in embedded::sources() {
+            std::fs::write(dir.path().join(format!("{}.lua", p.name)), p.code).unwrap();
+        }
+        for (name, code) in tests {
+            std::fs::write(dir.path().join(format!("{name}_test.lua")), code).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn the_shipped_plugins_pass_their_tests() {
+        for dir in [
+            None,
+            Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins")),
+        ] {
+            let report = test_folder(&config(), dir.as_deref()).unwrap();
+            assert_eq!(report.failed(), 0, "{}", report.text());
+            assert!(report.passed() >= 30, "{}", report.text());
+        }
+    }
+
+    #[test]
+    fn failures_name_the_file_and_line_and_the_others_still_run() {
+        let dir = folder(&[
+            (
+                "a",
+                "test('passes', function() expect.eq(run({}).model, 'gemini-2.5-flash') end)\n\
+                 test('fails', function()\n  expect.eq(run({}).model, 'gemini-9')\nend)\n\
+                 test('raises', function() error('boom') end)",
+            ),
+            (
+                "b",
+                "test('loops', function() while true do end end)\ntest('after', function() end)",
+            ),
+            ("c", "this is not lua"),
+            ("d", "-- nothing declared"),
+            (
+                "e",
+                "test('bad scenario', function() run { request = { model = string.rep('m', 300) } } end)\n\
+                 test('unknown field', function() run { requests = {} } end)\n\
+                 test('too many keys', function() local p = {} for i = 1, 1001 do p[i] = {} end run { pool = p } end)",
+            ),
+        ]);
+        let report = test_folder(&config(), Some(dir.path())).unwrap();
+        let text = report.text();
+        let failure = |name: &str| {
+            report
+                .results
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap_or_else(|| panic!("{name}: {text}"))
+                .failure
+                .clone()
+        };
+        assert_eq!(failure("passes"), None, "{text}");
+        let fails = failure("fails").unwrap();
+        assert!(
+            fails.contains("a_test.lua:3: expected \"gemini-9\", got \"gemini-2.5-flash\""),
+            "{fails}"
+        );
+        assert!(failure("raises").unwrap().contains("a_test.lua:5: boom"));
+        assert!(failure("loops").unwrap().contains("instruction budget"));
+        assert_eq!(
+            failure("after"),
+            None,
+            "a runaway test does not stop the rest"
+        );
+        assert!(failure("bad scenario").unwrap().contains("longer than"));
+        assert!(failure("unknown field").unwrap().contains("unknown field"));
+        assert!(
+            failure("too many keys")
+                .unwrap()
+                .contains("at most 1000 keys")
+        );
+        let loads: Vec<_> = report
+            .results
+            .iter()
+            .filter(|r| r.name.starts_with('('))
+            .map(|r| {
+                (
+                    r.file.rsplit('/').next().unwrap(),
+                    r.failure.clone().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(loads.len(), 2, "{text}");
+        assert!(loads[0].0 == "c_test.lua" && loads[0].1.contains("c_test.lua:1:"));
+        assert!(loads[1].0 == "d_test.lua" && loads[1].1.contains("declares no test"));
+        assert!(text.ends_with(&format!(
+            "{} passed, {} failed\n",
+            report.passed(),
+            report.failed()
+        )));
+        assert_eq!(report.failed(), 8, "{text}");
+    }
+
+    #[test]
+    fn required_tests_refuse_the_policy_with_the_first_failure() {
+        let dir = folder(&[(
+            "z",
+            "test('t', function()\n  expect.truthy(false, 'z')\nend)",
+        )]);
+        let config = config();
+        let pool = Arc::new(crate::keys::KeyPool::new(
+            &[],
+            &Default::default(),
+            1,
+            &config.quota,
+        ));
+        let policy = Policy::compile_from(
+            &config,
+            Some(dir.path().to_path_buf()),
+            1,
+            pool,
+            Arc::new(super::super::counters::Counters::default()),
+            Default::default(),
+        )
+        .unwrap();
+        let e = require_passing(&policy, &config.quota).unwrap_err();
+        assert!(e.message.contains("1 of "), "{e}");
+        assert!(
+            e.message.contains("z_test.lua:2: z: expected a true value"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.path().join("z_test.lua")).unwrap();
+        require_passing(&policy, &config.quota).unwrap();
+    }
 }

@@ -1161,6 +1161,7 @@ mod tests {
             unsampled: false,
             asked_model: Some("gpt-4o".into()),
             instance: Some("pod-1:8000".into()),
+            trace: Some(serde_json::json!({ "steps": [{ "plugin": "p", "us": 3 }], "key": "k1" })),
         };
         let odd = Record {
             latency_ms: f64::NAN,
