@@ -197,6 +197,17 @@ pub struct Attempt<'a> {
     pub tokens: [u64; 4],
 }
 
+/// One plugin hook's call durations: calls per bucket (not cumulative; the last is `+Inf`) of
+/// `bounds`, in seconds, and their sum.
+#[derive(Debug, Default)]
+pub struct HookDurations {
+    pub plugin: String,
+    pub hook: &'static str,
+    pub bounds: &'static [f64],
+    pub counts: Vec<u64>,
+    pub sum_s: f64,
+}
+
 /// Figures read at scrape time from where they are kept.
 #[derive(Debug, Default)]
 pub struct Scrape {
@@ -208,6 +219,8 @@ pub struct Scrape {
     pub log_records_dropped: u64,
     /// (plugin, hook, failures).
     pub plugin_errors: Vec<(String, String, u64)>,
+    /// Each plugin hook's call durations.
+    pub plugin_durations: Vec<HookDurations>,
     /// `Some(up)` in a fleet.
     pub cluster_up: Option<bool>,
     /// Whether a storm is on, and how many began.
@@ -453,6 +466,15 @@ impl Metrics {
         for (plugin, hook, n) in &scrape.plugin_errors {
             out.sample("_total", &[("plugin", plugin), ("hook", hook)], *n as f64);
         }
+        out.family(
+            "gemgate_plugin_duration_seconds",
+            "histogram",
+            "Time of one plugin hook call, by plugin and hook.",
+        );
+        for d in &scrape.plugin_durations {
+            let labels = [("plugin", d.plugin.as_str()), ("hook", d.hook)];
+            out.buckets(&labels, d.bounds, &d.counts, d.sum_s);
+        }
         out.family("gemgate_reloads", "counter", "Reloads, by result.");
         for (result, n) in [("ok", &self.reloads_ok), ("error", &self.reloads_failed)] {
             out.sample("_total", &[("result", result)], n.load(Relaxed) as f64);
@@ -556,19 +578,26 @@ impl Exposition {
     }
 
     fn histogram(&mut self, labels: &[(&str, &str)], h: &Histogram) {
+        let counts: Vec<u64> = h.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let sum = h.sum_micros.load(Relaxed) as f64 / 1e6;
+        self.buckets(labels, &BUCKETS, &counts, sum);
+    }
+
+    /// A histogram's samples from its calls per bucket of `bounds` (the last count is `+Inf`).
+    fn buckets(&mut self, labels: &[(&str, &str)], bounds: &[f64], counts: &[u64], sum: f64) {
         let mut cumulative = 0;
-        for (i, bound) in BUCKETS
+        for (bound, n) in bounds
             .iter()
             .map(|b| b.to_string())
             .chain(["+Inf".to_owned()])
-            .enumerate()
+            .zip(counts)
         {
-            cumulative += h.buckets[i].load(Relaxed);
+            cumulative += n;
             let mut with_le = labels.to_vec();
             with_le.push(("le", &bound));
             self.sample("_bucket", &with_le, cumulative as f64);
         }
-        self.sample("_sum", labels, h.sum_micros.load(Relaxed) as f64 / 1e6);
+        self.sample("_sum", labels, sum);
         self.sample("_count", labels, cumulative as f64);
     }
 

@@ -141,6 +141,112 @@
     }
   });
 
+  // The plugin editor: a textarea with a line-number gutter; the failing lines of a check are
+  // marked in the gutter.
+  function gutter(bad) {
+    var code = document.getElementById("editor-code");
+    var g = document.getElementById("editor-gutter");
+    if (!code || !g) { return; }
+    var n = code.value.split("\n").length;
+    g.textContent = "";
+    for (var i = 1; i <= n; i++) {
+      var line = document.createElement("span");
+      line.textContent = i + "\n";
+      if (bad && bad[i]) { line.className = "bad"; line.title = bad[i]; }
+      g.appendChild(line);
+    }
+    code.rows = Math.max(24, n + 1);
+  }
+
+  function fileName() { return document.getElementById("editor-file").value; }
+
+  function openFile(name) {
+    var select = document.getElementById("editor-file");
+    if (name) { select.value = name; }
+    call("GET", "/admin/api/plugins/" + encodeURIComponent(fileName())).then(function (v) {
+      document.getElementById("editor-code").value = v.code;
+      gutter();
+      editorSays((v.file || "built in") + (v.editable ? "" : " (read only)"), false);
+      document.getElementById("editor-section").scrollIntoView();
+    }).catch(function (e) { editorSays("Open failed: " + e.message, true); });
+  }
+
+  function editorSays(text, failed) {
+    var out = document.getElementById("editor-result");
+    out.textContent = text;
+    out.className = failed ? "result error" : "result";
+  }
+
+  // What a check or save found: whether the plugins load (with the error's line), and every
+  // failing test with its file and line.
+  function checked(v) {
+    var bad = {}, lines = [], mine = fileName() + ".lua:";
+    if (!v.loads) {
+      lines.push("Does not load: " + v.error);
+      if (v.line) { bad[v.line] = v.error; }
+    } else {
+      lines.push("Loads. Tests: " + v.passed + " passed, " + v.failed + " failed.");
+    }
+    (v.tests && v.tests.results || []).forEach(function (r) {
+      if (!r.failure) { return; }
+      lines.push("FAIL " + r.name + ": " + r.failure);
+      var at = r.failure.indexOf(mine);
+      if (at >= 0) {
+        var n = parseInt(r.failure.slice(at + mine.length), 10);
+        if (n) { bad[n] = r.failure; }
+      }
+    });
+    if (v.saved !== undefined) {
+      lines.push(v.saved ? "Saved; reload " + (v.reload && v.reload.ok ? "done (generation " + v.reload.generation + ")." : "failed: " + JSON.stringify(v.reload && v.reload.error)) : "Not saved.");
+    }
+    gutter(bad);
+    editorSays(lines.join("\n"), !v.loads || v.failed > 0 || v.saved === false);
+  }
+
+  function dryRun() {
+    var request = {
+      model: document.getElementById("dry-model").value,
+      action: document.getElementById("dry-action").value,
+      protocol: document.getElementById("dry-protocol").value,
+      client: document.getElementById("dry-client").value,
+      stream: document.getElementById("dry-stream").checked
+    };
+    var out = document.getElementById("dry-result");
+    try {
+      request.headers = JSON.parse(document.getElementById("dry-headers").value || "{}");
+      var body = document.getElementById("dry-body").value.trim();
+      if (body) { request.body = JSON.parse(body); }
+    } catch (e) { out.textContent = "Not JSON: " + e.message; out.className = "result error"; return; }
+    call("POST", "/admin/api/policy/dry-run", { request: request }).then(function (v) {
+      var head = v.denied ? "Denied " + v.denied.status + ": " + v.denied.message
+        : "Model " + v.model + ", key " + (v.key ? v.key + " (by " + v.chosen_by + ")" : "none: " + v.no_key);
+      out.textContent = head + "\n\n" + JSON.stringify(v, null, 2);
+      out.className = "result";
+    }).catch(function (e) { out.textContent = "Dry run failed: " + e.message; out.className = "result error"; });
+  }
+
+  document.addEventListener("click", function (ev) {
+    var t = ev.target;
+    if (!(t instanceof HTMLElement)) { return; }
+    if (t.classList.contains("open-file")) { openFile(t.getAttribute("data-file")); return; }
+    var code = document.getElementById("editor-code");
+    switch (t.id) {
+      case "editor-open": openFile(); break;
+      case "editor-check":
+        call("POST", "/admin/api/plugins/" + encodeURIComponent(fileName()) + "/check", { code: code.value })
+          .then(checked).catch(function (e) { editorSays("Check failed: " + e.message, true); });
+        break;
+      case "editor-save":
+        call("PUT", "/admin/api/plugins/" + encodeURIComponent(fileName()), { code: code.value })
+          .then(checked).catch(function (e) { editorSays("Save failed: " + e.message, true); });
+        break;
+      case "dry-run": dryRun(); break;
+    }
+  });
+  document.addEventListener("input", function (ev) {
+    if (ev.target instanceof HTMLElement && ev.target.id === "editor-code") { gutter(); }
+  });
+
   // Enter in the project field saves, as in a form.
   document.addEventListener("keydown", function (ev) {
     if (ev.key === "Enter" && ev.target instanceof HTMLElement && ev.target.id === "place-project") {

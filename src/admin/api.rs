@@ -75,6 +75,21 @@ impl Gateway {
                 self.resources_json(auth::query_param(query, "kind").as_deref())?
             }
             AdminCall::KeyAction { id, action } => self.key_action(generation, &id, action).await?,
+            AdminCall::DryRun => {
+                let raw = admin_body(s).await?;
+                self.dry_run(generation, &raw).await?
+            }
+            AdminCall::PluginFile { name } if method == http::Method::GET => {
+                self.plugin_file(generation, &name)?
+            }
+            AdminCall::PluginFile { name } => {
+                let raw = admin_body(s).await?;
+                self.save_plugin(generation, &name, &raw).await?
+            }
+            AdminCall::PluginCheck { name } => {
+                let raw = admin_body(s).await?;
+                self.check_plugin(generation, &name, &raw).await?
+            }
             AdminCall::Fleet => self
                 .state
                 .lasting
@@ -450,6 +465,18 @@ impl Gateway {
             "plugin_errors": self.state.lasting.stats.snapshot().into_iter()
                 .map(|(plugin, hook, count)| json!({ "plugin": plugin, "hook": hook, "count": count }))
                 .collect::<Vec<_>>(),
+            // Each hook's calls since the start, and their p50 and p99 in microseconds
+            // (estimated within the histogram's buckets).
+            "plugin_timings": self.state.lasting.stats.timings.snapshot().into_iter()
+                .filter_map(|(plugin, hook, t)| {
+                    let calls: u64 = t.snapshot().0.iter().sum();
+                    let us = |q| t.quantile(q).map(|s| (s * 1e6).round());
+                    (calls > 0).then(|| json!({
+                        "plugin": plugin, "hook": hook, "calls": calls,
+                        "p50_us": us(0.5), "p99_us": us(0.99),
+                    }))
+                })
+                .collect::<Vec<_>>(),
         })
     }
 
@@ -517,6 +544,8 @@ fn admin_allows(call: &AdminCall, method: &http::Method) -> bool {
             method == http::Method::GET || row.is_none() && method == http::Method::DELETE
         }
         AdminCall::Resources | AdminCall::Fleet => method == http::Method::GET,
+        AdminCall::DryRun | AdminCall::PluginCheck { .. } => method == http::Method::POST,
+        AdminCall::PluginFile { .. } => method == http::Method::GET || method == http::Method::PUT,
     }
 }
 
@@ -619,7 +648,7 @@ fn place_name(
 }
 
 /// An admin request's body, bounded.
-async fn admin_body(s: &mut ServerSession) -> Result<Bytes, GateError> {
+pub(super) async fn admin_body(s: &mut ServerSession) -> Result<Bytes, GateError> {
     read_body(s, ADMIN_BODY_LIMIT).await.map_err(|r| match r {
         Refusal::Gate(e) => e,
         Refusal::Upstream(_) => GateError::new(400, "cannot read the body"),
@@ -956,7 +985,7 @@ fn suggestion(consumer: &str, keys: &[&Key]) -> Value {
     })
 }
 
-fn bad(m: impl Into<String>) -> GateError {
+pub(super) fn bad(m: impl Into<String>) -> GateError {
     GateError::new(400, m)
 }
 

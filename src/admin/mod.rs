@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod pages;
+mod plugins;
 
 /// A route of the admin JSON API (`/admin/api/...`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,15 @@ pub enum AdminCall {
         log: crate::store::logs::Log,
         row: Option<(u64, u64)>,
     },
+    /// `POST /admin/api/policy/dry-run`: what the plugin chain would do with a request, against
+    /// the live pool, without calling Google.
+    DryRun,
+    /// `GET /admin/api/plugins/{name}`: a plugin's (or a `*_test` file's) code; `PUT
+    /// {"code"}`: checks and saves it (then reloads).
+    PluginFile { name: String },
+    /// `POST /admin/api/plugins/{name}/check` `{"code"}`: what saving it would do (the plugins
+    /// load, the tests pass), without saving.
+    PluginCheck { name: String },
 }
 
 /// An admin web page (HTML), or what the pages need.

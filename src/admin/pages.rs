@@ -639,6 +639,19 @@ impl Gateway {
     fn plugins_page(&self, generation: &Generation) -> (&'static str, &'static str, Value) {
         let mut data = self.reload_json();
         data["config"] = json!(self.state.source.path.display().to_string());
+        // The files the editor opens: every plugin, then every test file.
+        let policy = &generation.policy;
+        let mut files: Vec<String> = policy.plugins.iter().map(|p| p.name.clone()).collect();
+        files.sort();
+        files.extend(
+            crate::policy::testing::test_sources(policy.dir.as_deref())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| t.name),
+        );
+        data["files"] = json!(files);
+        data["editable"] = json!(policy.dir.is_some());
+        data["fleet"] = json!(self.state.lasting.shared.fleet_status().is_some());
         data["templates_dir"] = json!(
             generation
                 .templates

@@ -323,6 +323,31 @@ impl Policy {
         )
     }
 
+    /// This policy with one plugin file's code replaced (or added): to check an edit before
+    /// it is saved. Counts and times apart, like a rehearsal.
+    pub fn edited(&self, source: PluginSource) -> Result<Policy, PolicyError> {
+        let mut parts = self.parts.clone();
+        match parts.sources.iter_mut().find(|s| s.name == source.name) {
+            Some(s) => *s = source,
+            None => {
+                parts.sources.push(source);
+                parts.sources.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+        }
+        Policy::from_parts(
+            parts,
+            next_rehearsal_id(),
+            self.pool.clone(),
+            Arc::new(super::counters::Counters::default()),
+            Arc::default(),
+        )
+    }
+
+    /// The code of plugin `name` as this policy read it.
+    pub fn source(&self, name: &str) -> Option<&PluginSource> {
+        self.parts.sources.iter().find(|s| s.name == name)
+    }
+
     fn from_parts(
         parts: Parts,
         id: u64,

@@ -73,6 +73,15 @@ pub fn read_dir(dir: &Path) -> std::io::Result<Vec<PluginSource>> {
         .collect())
 }
 
+/// Whether `name` may name a plugin file (`name.lua`): 1 to 64 lower-case letters, digits and
+/// `_`. What the admin page may read and write is held to this: no path, no dot.
+pub fn is_plugin_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// Whether `model` matches `pattern`: a model name in which `*` stands for any run of
 /// characters (`"*-search"`, `"gemini-2.5-*"`).
 pub fn model_matches(pattern: &str, model: &str) -> bool {

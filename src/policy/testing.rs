@@ -241,6 +241,58 @@ pub fn require_passing(
     }
 }
 
+/// What checking an edited plugin or test file found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EditCheck {
+    /// Whether the plugins load with the edit (every `init` passing): what a reload needs.
+    pub loads: bool,
+    /// Why they do not, and at which line of the edited file.
+    pub error: Option<String>,
+    pub line: Option<u32>,
+    /// The folder's tests, run with the edit.
+    pub tests: Report,
+    pub passed: usize,
+    pub failed: usize,
+}
+
+/// Checks `edited` (a plugin, or a `*_test.lua` file) against `policy`'s folder: the plugins
+/// load with it, and the folder's tests pass with it. Nothing is written.
+pub fn check_edit(
+    policy: &Policy,
+    quota: &crate::config::quota::QuotaLimits,
+    edited: PluginSource,
+) -> EditCheck {
+    let mut files = test_sources(policy.dir.as_deref()).unwrap_or_default();
+    let (loaded, test) = if is_test(&edited.name) {
+        (Ok(None), Some(edited.clone()))
+    } else {
+        (policy.edited(edited.clone()).map(Some), None)
+    };
+    if let Some(test) = test {
+        match files.iter_mut().find(|f| f.name == test.name) {
+            Some(f) => *f = test,
+            None => files.push(test),
+        }
+    }
+    let (error, tests) = match loaded {
+        Ok(p) => (None, run_tests(p.as_ref().unwrap_or(policy), quota, &files)),
+        Err(e) => (Some(e.to_string()), Report::default()),
+    };
+    let marker = format!("{}.lua:", edited.name);
+    let line = error.as_deref().and_then(|e| {
+        let rest = &e[e.find(&marker)? + marker.len()..];
+        rest.split(':').next()?.parse().ok()
+    });
+    EditCheck {
+        loads: error.is_none(),
+        line,
+        error,
+        passed: tests.passed(),
+        failed: tests.failed(),
+        tests,
+    }
+}
+
 /// Runs every test of `files` against `base`'s plugins (each `run` a rehearsal of them).
 pub fn run_tests(
     base: &Policy,

@@ -324,6 +324,23 @@ impl Gateway {
             rejected: self.state.refused.counts().to_vec(),
             log_records_dropped: self.state.lasting.logs.dropped(),
             plugin_errors: generation.policy.stats.snapshot().into_iter().collect(),
+            plugin_durations: generation
+                .policy
+                .stats
+                .timings
+                .snapshot()
+                .into_iter()
+                .map(|(plugin, hook, t)| {
+                    let (counts, sum_s) = t.snapshot();
+                    crate::metrics::HookDurations {
+                        plugin,
+                        hook,
+                        bounds: &crate::policy::trace::BUCKETS,
+                        counts,
+                        sum_s,
+                    }
+                })
+                .collect(),
             cluster_up: self
                 .state
                 .lasting

@@ -282,12 +282,32 @@ fn admin_route(call: &str) -> Route {
         "keys/bulk" => Route::Admin(AdminCall::BulkKeys),
         "resources" => Route::Admin(AdminCall::Resources),
         "fleet" => Route::Admin(AdminCall::Fleet),
+        "policy/dry-run" => Route::Admin(AdminCall::DryRun),
+        rest if rest.starts_with("plugins/") => plugin_route(&rest["plugins/".len()..]),
         logs if logs.starts_with("logs/") => logs_route(&logs["logs/".len()..]),
         rest if rest.strip_prefix("keys/").is_some_and(is_key_id) => Route::Admin(AdminCall::Key {
             id: rest["keys/".len()..].to_owned(),
         }),
         rest => key_action_route(rest),
     }
+}
+
+/// A plugin file's route, from the path after `plugins/`: `{name}` or `{name}/check`, where a
+/// name is what a plugin file may be called (no path, no dots).
+fn plugin_route(rest: &str) -> Route {
+    let (name, check) = match rest.strip_suffix("/check") {
+        Some(name) => (name, true),
+        None => (rest, false),
+    };
+    if !crate::policy::is_plugin_name(name) {
+        return Route::NotFound;
+    }
+    let name = name.to_owned();
+    Route::Admin(if check {
+        AdminCall::PluginCheck { name }
+    } else {
+        AdminCall::PluginFile { name }
+    })
 }
 
 /// A log's route, from the path after `logs/`: `{requests|errors}` (a page) or `{log}/{ts}-{seq}`

@@ -1,0 +1,165 @@
+//! The admin API's policy authoring: the dry run, and reading, checking and saving a plugin
+//! file from the browser.
+//!
+//! Saving writes the file atomically into the plugins folder and reloads, as saving it in an
+//! editor would; a plugin that does not load is not saved. The folder is this instance's own:
+//! in a fleet every instance reads its own files.
+
+use serde_json::{Value, json};
+
+use super::api::bad;
+use crate::app::{Generation, reload};
+use crate::http::reply::GateError;
+use crate::policy::PluginSource;
+use crate::policy::engine::Overrides;
+use crate::policy::harness::{Scenario, simulate};
+use crate::policy::testing::{self, check_edit};
+use crate::proxy::Gateway;
+
+/// Longest plugin file the admin page saves.
+const MAX_SOURCE: usize = 256 * 1024;
+
+impl Gateway {
+    /// `POST /admin/api/policy/dry-run`: the request in the body (a scenario without `pool`,
+    /// `plugins` or `settings`: it runs against the live pool and config) through a rehearsal
+    /// of the live plugins.
+    pub(super) async fn dry_run(
+        &self,
+        generation: &Generation,
+        raw: &[u8],
+    ) -> Result<Value, GateError> {
+        let scenario: Scenario = serde_json::from_slice(raw)
+            .map_err(|e| bad(format!("the body is not a dry-run request: {e}")))?;
+        if scenario.pool.is_some() || !scenario.plugins.is_empty() || scenario.settings.is_some()
+        {
+            return Err(bad(
+                "a dry run uses the live pool and settings: leave out pool, plugins and settings \
+                 (a plugin test may set them)",
+            ));
+        }
+        let policy = generation.policy.clone();
+        let pool = generation.pool.clone();
+        // Loading the plugins again is blocking work.
+        let verdict = tokio::task::spawn_blocking(move || {
+            let rehearsal = policy
+                .rehearsal(pool, &Overrides::default())
+                .map_err(|e| GateError::new(500, format!("the plugins do not load: {e}")))?;
+            simulate(&rehearsal, &scenario).map_err(|e| bad(e.to_string()))
+        })
+        .await
+        .map_err(|_| GateError::new(500, "the dry run failed"))??;
+        Ok(serde_json::to_value(verdict).unwrap_or_default())
+    }
+
+    /// `GET /admin/api/plugins/{name}`: the file's code, as the serving plugins were read (or
+    /// from the folder, for a test file).
+    pub(super) fn plugin_file(
+        &self,
+        generation: &Generation,
+        name: &str,
+    ) -> Result<Value, GateError> {
+        let policy = &generation.policy;
+        let code = match policy.source(name) {
+            Some(s) => s.code.clone(),
+            None => testing::test_sources(policy.dir.as_deref())
+                .ok()
+                .and_then(|files| files.into_iter().find(|f| f.name == name))
+                .map(|f| f.code)
+                .ok_or_else(|| GateError::new(404, format!("there is no plugin file {name}.lua")))?,
+        };
+        Ok(json!({
+            "name": name,
+            "code": code,
+            "editable": policy.dir.is_some(),
+            "file": policy.dir.as_ref().map(|d| d.join(format!("{name}.lua")).display().to_string()),
+            "fleet": self.state.lasting.shared.fleet_status().is_some(),
+        }))
+    }
+
+    /// `POST /admin/api/plugins/{name}/check`: whether the plugins load with `{"code"}` as
+    /// `{name}.lua`, and the folder's tests with it.
+    pub(super) async fn check_plugin(
+        &self,
+        generation: &Generation,
+        name: &str,
+        raw: &[u8],
+    ) -> Result<Value, GateError> {
+        let source = edited_source(generation, name, raw)?;
+        let policy = generation.policy.clone();
+        let quota = generation.config.quota.clone();
+        let checked = tokio::task::spawn_blocking(move || check_edit(&policy, &quota, source))
+            .await
+            .map_err(|_| GateError::new(500, "the check failed"))?;
+        Ok(serde_json::to_value(checked).unwrap_or_default())
+    }
+
+    /// `PUT /admin/api/plugins/{name}` `{"code"}`: checks the file, and if the plugins load with
+    /// it (and, with `policy.require_tests`, its tests pass) writes it and reloads.
+    pub(super) async fn save_plugin(
+        &self,
+        generation: &Generation,
+        name: &str,
+        raw: &[u8],
+    ) -> Result<Value, GateError> {
+        let source = edited_source(generation, name, raw)?;
+        let path = source.path.clone();
+        let code = source.code.clone();
+        let policy = generation.policy.clone();
+        let quota = generation.config.quota.clone();
+        let require_tests = generation.config.policy.require_tests;
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let checked = check_edit(&policy, &quota, source);
+            if !checked.loads || (require_tests && checked.failed > 0) {
+                let mut answer = serde_json::to_value(&checked).unwrap_or_default();
+                answer["saved"] = json!(false);
+                return Ok(answer);
+            }
+            crate::config::edit::write_atomic(&path, &code)
+                .map_err(|e| GateError::new(500, e))?;
+            tracing::info!(file = %path.display(), "plugin file saved from the admin page");
+            let reloaded = reload::reload(&state);
+            let mut answer = serde_json::to_value(&checked).unwrap_or_default();
+            answer["saved"] = json!(true);
+            answer["reload"] = match reloaded {
+                Ok(generation) => json!({ "ok": true, "generation": generation }),
+                Err(e) => json!({ "ok": false, "error": e }),
+            };
+            Ok(answer)
+        })
+        .await
+        .map_err(|_| GateError::new(500, "saving failed"))?
+    }
+}
+
+/// The plugin file `{name}.lua` of the plugins folder with the body's `{"code"}`.
+fn edited_source(
+    generation: &Generation,
+    name: &str,
+    raw: &[u8],
+) -> Result<PluginSource, GateError> {
+    let Some(dir) = generation.policy.dir.as_ref() else {
+        return Err(GateError::new(
+            409,
+            "the plugins are the ones built into gemgate: set [policy] dir (or make a plugins/ \
+             folder beside the config) to edit them",
+        ));
+    };
+    let v: Value = serde_json::from_slice(raw)
+        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+    let code = v
+        .get("code")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("send the file as {\"code\": \"…\"}"))?;
+    if code.len() > MAX_SOURCE {
+        return Err(GateError::new(
+            413,
+            format!("a plugin file has at most {MAX_SOURCE} bytes"),
+        ));
+    }
+    Ok(PluginSource {
+        name: name.to_owned(),
+        path: dir.join(format!("{name}.lua")),
+        code: code.to_owned(),
+    })
+}
