@@ -21,3 +21,10 @@ test("a rate below 1 is refused when the plugin loads", function()
     run { plugins = { rate_limit = { enabled = true, requests_per_minute = 0 } } }
   end, "at least 1")
 end)
+
+test("the call past the limit within a minute is refused with 429", function()
+  local limited = { rate_limit = { enabled = true, requests_per_minute = 3 } }
+  expect.allowed(run { request = { client = "alice" }, plugins = limited, times = 3 })
+  local r = run { request = { client = "alice" }, plugins = limited, times = 4 }
+  expect.denied(r, 429, "3 requests per minute for alice")
+end)

@@ -30,8 +30,7 @@ impl Gateway {
     ) -> Result<Value, GateError> {
         let scenario: Scenario = serde_json::from_slice(raw)
             .map_err(|e| bad(format!("the body is not a dry-run request: {e}")))?;
-        if scenario.pool.is_some() || !scenario.plugins.is_empty() || scenario.settings.is_some()
-        {
+        if scenario.pool.is_some() || !scenario.plugins.is_empty() || scenario.settings.is_some() {
             return Err(bad(
                 "a dry run uses the live pool and settings: leave out pool, plugins and settings \
                  (a plugin test may set them)",
@@ -65,7 +64,9 @@ impl Gateway {
                 .ok()
                 .and_then(|files| files.into_iter().find(|f| f.name == name))
                 .map(|f| f.code)
-                .ok_or_else(|| GateError::new(404, format!("there is no plugin file {name}.lua")))?,
+                .ok_or_else(|| {
+                    GateError::new(404, format!("there is no plugin file {name}.lua"))
+                })?,
         };
         Ok(json!({
             "name": name,
@@ -115,8 +116,7 @@ impl Gateway {
                 answer["saved"] = json!(false);
                 return Ok(answer);
             }
-            crate::config::edit::write_atomic(&path, &code)
-                .map_err(|e| GateError::new(500, e))?;
+            crate::config::edit::write_atomic(&path, &code).map_err(|e| GateError::new(500, e))?;
             tracing::info!(file = %path.display(), "plugin file saved from the admin page");
             let reloaded = reload::reload(&state);
             let mut answer = serde_json::to_value(&checked).unwrap_or_default();
@@ -145,8 +145,8 @@ fn edited_source(
              folder beside the config) to edit them",
         ));
     };
-    let v: Value = serde_json::from_slice(raw)
-        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(raw).map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
     let code = v
         .get("code")
         .and_then(Value::as_str)

@@ -39,7 +39,14 @@ pub struct Scenario {
     pub plugins: BTreeMap<String, toml::Table>,
     /// Test only: changes to `gemgate.settings` (`filtered_models`, `model_aliases`, …).
     pub settings: Option<serde_json::Value>,
+    /// How many times the request is made, one after the other (at most [`MAX_TIMES`]): the
+    /// verdict is the last one's. Counters (`gemgate.counter`) and the limits plugins declare
+    /// count across them, as for one client's requests within a minute.
+    pub times: Option<u32>,
 }
+
+/// The most requests one scenario makes.
+pub const MAX_TIMES: u32 = 1000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -256,8 +263,26 @@ pub fn test_pool(
     Ok((pool, leases))
 }
 
-/// Runs `policy`'s hooks on `scenario`, against the policy's pool.
+/// Runs `policy`'s hooks on `scenario`, against the policy's pool, as many times as it says.
 pub fn simulate(policy: &Policy, scenario: &Scenario) -> Result<Verdict, BadScenario> {
+    let times = scenario.times.unwrap_or(1);
+    if !(1..=MAX_TIMES).contains(&times) {
+        return Err(BadScenario(format!("times is 1 to {MAX_TIMES}")));
+    }
+    let mut counted = BTreeMap::new();
+    let mut verdict = simulate_once(policy, scenario, &mut counted)?;
+    for _ in 1..times {
+        verdict = simulate_once(policy, scenario, &mut counted)?;
+    }
+    Ok(verdict)
+}
+
+/// One pass of [`simulate`]; `counted` holds the calls each declared limit has counted.
+fn simulate_once(
+    policy: &Policy,
+    scenario: &Scenario,
+    counted: &mut BTreeMap<String, u64>,
+) -> Result<Verdict, BadScenario> {
     let req = &scenario.request;
     check_request(req)?;
     let headers = header_map(&req.headers)?;
@@ -300,6 +325,21 @@ pub fn simulate(policy: &Policy, scenario: &Scenario) -> Result<Verdict, BadScen
         client: &req.client,
         headers: &headers,
     };
+    // The declared limits, counted as the request path counts them (before `on_request`).
+    for limit in &verdict.limits {
+        let n = counted.entry(limit.plugin.clone()).or_default();
+        *n += 1;
+        if *n > limit.per_minute {
+            verdict.denied = Some(Denied {
+                status: 429,
+                message: format!(
+                    "rate limit: {} requests per minute for {}",
+                    limit.per_minute, req.client
+                ),
+            });
+            return Ok(verdict);
+        }
+    }
     let rewrite = if policy.has_on_request(&req.model) {
         policy.on_request(&info, &mut shared)
     } else {

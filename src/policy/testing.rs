@@ -452,6 +452,19 @@ mod tests {
         }
     }
 
+    /// The worked example of plugins/README.md, as it is shipped.
+    #[test]
+    fn the_worked_example_passes_its_tests() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plugins");
+        let report = test_folder(&config(), Some(&dir)).unwrap();
+        assert_eq!(
+            (report.passed(), report.failed()),
+            (5, 0),
+            "{}",
+            report.text()
+        );
+    }
+
     #[test]
     fn failures_name_the_file_and_line_and_the_others_still_run() {
         let dir = folder(&[

@@ -3,7 +3,9 @@
 
 Logs in, opens the key page, imports two keys by pasting text, sees them listed masked,
 disables one, puts the other in a project with the project dialog, opens the settings page,
-changes a value and sees it applied. Screenshots of
+changes a value and sees it applied; on the plugins page, opens a plugin in the editor, checks
+a broken edit (its line marked beside the code), saves a good one, and dry-runs a request.
+Screenshots of
 every step go to $GEMGATE_SHOTS. Run by tests/gateway/browser.rs against a fresh gemgate:
 
     GEMGATE_URL=http://127.0.0.1:8000 GEMGATE_ADMIN_TOKEN=... GEMGATE_SHOTS=target/browser-shots \
@@ -146,12 +148,42 @@ def main():
             expect(page.locator("body")).to_contain_text("1 active · 0 cooling · 1 disabled")
             shot("07-dashboard")
 
+        def edit_plugin():
+            page.click("header nav a[href='/admin/plugins']")
+            page.click("button.open-file[data-file=round_robin]")
+            code = page.locator("#editor-code")
+            expect(code).to_have_value(re.compile(r'name = "round_robin"'))
+            original = code.input_value()
+            target = "return pool:next(cursor).id"
+            line = original[: original.index(target)].count("\n") + 1
+            code.fill(original.replace(target, target + " +"))
+            page.click("#editor-check")
+            expect(page.locator("#editor-result")).to_contain_text("Does not load", timeout=STEP_MS)
+            expect(page.locator("#editor-gutter span.bad")).to_have_text(f"{line + 1}\n")
+            shot("08-plugin-check-failed")
+            page.click("#editor-save")
+            expect(page.locator("#editor-result")).to_contain_text("Not saved", timeout=STEP_MS)
+            code.fill(original.replace(target, "-- edited in the browser\n    " + target))
+            page.click("#editor-save")
+            expect(page.locator("#editor-result")).to_contain_text("Saved; reload done", timeout=STEP_MS)
+            expect(page.locator("#editor-result")).to_contain_text("0 failed")
+            expect(page.locator("#editor-gutter span.bad")).to_have_count(0)
+            shot("09-plugin-saved")
+
+        def dry_run():
+            page.fill("#dry-model", "gemini-2.5-flash")
+            page.click("#dry-run")
+            expect(page.locator("#dry-result")).to_contain_text("(by round_robin)", timeout=STEP_MS)
+            shot("10-dry-run")
+
         step("log in", log_in)
         step("import two keys by pasting text", import_keys)
         step("disable one", disable_one)
         step("put the other in a project", set_project)
         step("change a setting", change_setting)
         step("see it applied", see_it_applied)
+        step("edit a plugin", edit_plugin)
+        step("dry-run a request", dry_run)
         context.close()
         browser.close()
     signal.alarm(0)

@@ -1,5 +1,6 @@
 //! The admin page in headless Chromium (tests/browser/admin.py, Playwright): log in, import two
-//! keys by pasting text, see them masked, disable one, change a setting and see it applied.
+//! keys by pasting text, see them masked, disable one, change a setting and see it applied,
+//! edit a plugin (a failed check, then a save) and dry-run a request.
 //!
 //! `scripts/test.sh` installs Chromium and Playwright and names the interpreter in
 //! `GEMGATE_BROWSER_PYTHON`; without it a bare `cargo test` says so and skips it, and under
@@ -19,6 +20,7 @@ async fn an_operator_runs_the_gateway_from_the_admin_page_in_a_real_browser() {
         .without_env("API_KEYS")
         .admin()
         .toml("[keys]\napi_keys = []\n")
+        .shipped_plugins()
         .start()
         .await;
     let shots = format!("{}/target/browser-shots", env!("CARGO_MANIFEST_DIR"));
@@ -37,8 +39,13 @@ async fn an_operator_runs_the_gateway_from_the_admin_page_in_a_real_browser() {
     assert_eq!(keys["counts"]["disabled"], 1, "{keys}");
     let config = std::fs::read_to_string(gate.config_path()).unwrap();
     assert!(config.contains("max_failures = 7"), "{config}");
+    let plugin = std::fs::read_to_string(gate.dir.path().join("plugins/round_robin.lua")).unwrap();
+    assert!(plugin.contains("-- edited in the browser"), "{plugin}");
     for shot in [
         "01-login",
+        "08-plugin-check-failed",
+        "09-plugin-saved",
+        "10-dry-run",
         "03-keys-imported",
         "04-key-disabled",
         "06-settings-saved",

@@ -550,3 +550,46 @@ pub async fn key_states(gate: &Gate) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// A client that shows redirects instead of following them, as the admin login answers.
+pub fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Logs in to `gate`'s admin page: the session cookie and its CSRF token.
+pub async fn admin_login(gate: &Gate) -> (String, String) {
+    let resp = no_redirects()
+        .post(gate.url("/admin/login"))
+        .form(&[("token", ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = no_redirects()
+        .get(gate.url("/admin"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
+    (cookie, csrf)
+}

@@ -475,7 +475,7 @@ async fn admin_edits_and_sessions_apply_on_every_instance_and_secrets_stay_seale
     .await;
 
     // A login on A is valid on B; logging out on A ends it on B.
-    let (cookie, csrf) = login(&a).await;
+    let (cookie, csrf) = admin_login(&a).await;
     within(Duration::from_secs(5), "B takes A's session", || async {
         with_cookie(&b, &cookie, "/admin/api/fleet").await == 200
     })
@@ -530,7 +530,7 @@ async fn redis_killed_mid_load_and_restarted_empty_loses_nothing() {
     let keys = ["good-1", "good-2", "good-3"];
     let (a, b) = pair(&fake, &redis, &keys).await;
     let good3 = key_id("good-3");
-    let (cookie, csrf) = login(&a).await;
+    let (cookie, csrf) = admin_login(&a).await;
     within(Duration::from_secs(5), "B takes A's session", || async {
         with_cookie(&b, &cookie, "/admin/api/fleet").await == 200
     })
@@ -747,40 +747,6 @@ async fn an_instance_without_redis_serves_and_says_so() {
     );
 }
 
-/// Logs in to `gate`'s admin page: the session cookie and its CSRF token.
-async fn login(gate: &Gate) -> (String, String) {
-    let resp = no_redirects()
-        .post(gate.url("/admin/login"))
-        .form(&[("token", ADMIN)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 303);
-    let cookie = resp.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let page = no_redirects()
-        .get(gate.url("/admin"))
-        .header("cookie", cookie.clone())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = page
-        .split("name=\"csrf-token\" content=\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap()
-        .to_owned();
-    (cookie, csrf)
-}
-
 async fn logout(gate: &Gate, cookie: &str, csrf: &str) {
     let resp = no_redirects()
         .post(gate.url("/admin/logout"))
@@ -802,14 +768,6 @@ async fn with_cookie(gate: &Gate, cookie: &str, path: &str) -> u16 {
         .unwrap()
         .status()
         .as_u16()
-}
-
-fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! in front of the fake Gemini upstream (in-process), both on loopback.
 
 mod admin;
+mod authoring;
 mod browser;
 mod caches;
 mod common;
