@@ -21,14 +21,22 @@ const MAX_SOURCE: usize = 256 * 1024;
 
 impl Gateway {
     /// `POST /admin/api/policy/dry-run`: the request in the body (a scenario without `pool`,
-    /// `plugins` or `settings`: it runs against the live pool and config) through a rehearsal
-    /// of the live plugins.
+    /// `plugins` or `settings`: it runs against the live pool and config; or the bare request)
+    /// through a rehearsal of the live plugins.
     pub(super) async fn dry_run(
         &self,
         generation: &Generation,
         raw: &[u8],
     ) -> Result<Value, GateError> {
-        let scenario: Scenario = serde_json::from_slice(raw)
+        let mut body: Value = serde_json::from_slice(raw)
+            .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+        // `{"model": …}` alone is taken as `{"request": {"model": …}}`.
+        if body.get("request").is_none()
+            && body.get("model").is_some_and(Value::is_string)
+        {
+            body = json!({ "request": body });
+        }
+        let scenario: Scenario = serde_json::from_value(body)
             .map_err(|e| bad(format!("the body is not a dry-run request: {e}")))?;
         if scenario.pool.is_some() || !scenario.plugins.is_empty() || scenario.settings.is_some() {
             return Err(bad(

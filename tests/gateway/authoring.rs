@@ -267,6 +267,15 @@ async fn a_dry_run_answers_what_the_chain_would_do_without_calling_google() {
     assert_eq!(status, 200);
     assert_eq!(v["denied"]["status"], 410, "{v}");
     assert!(v["key"].is_null());
+    // The request alone will do.
+    let (status, v) = admin(
+        Method::POST,
+        &gate,
+        "/admin/api/policy/dry-run",
+        Some(serde_json::json!({ "model": "gemini-1.0-pro" })),
+    )
+    .await;
+    assert_eq!((status, v["denied"]["status"].clone()), (200, 410.into()), "{v}");
     assert_eq!(fake.state.received().len(), calls, "nothing went upstream");
     // Abuse: not the admin, a made-up pool, an unknown field, a huge model name.
     let resp = client()
