@@ -306,7 +306,7 @@ fn log_plugins(state: &State) {
         .map(|p| p.name.as_str())
         .collect();
     tracing::info!(
-        dir = %generation.policy.dir.as_ref().map_or("built-in".into(), |d| d.display().to_string()),
+        dir = %generation.policy.dir().map_or("built-in".into(), |d| d.display().to_string()),
         plugins = %names.join(","),
         "policy plugins loaded"
     );

@@ -125,8 +125,7 @@ fn check(config: &config::Config) -> ExitCode {
         "plugins OK: {} from {}",
         plugins.join(", "),
         policy
-            .dir
-            .as_ref()
+            .dir()
             .map_or("built-in".into(), |d| d.display().to_string())
     );
     println!(

@@ -180,7 +180,7 @@
   // What a check or save found: whether the plugins load (with the error's line), and every
   // failing test with its file and line.
   function checked(v) {
-    var bad = {}, lines = [], mine = fileName() + ".lua:";
+    var bad = {}, lines = [], mine = "/" + fileName() + ".lua:";
     if (!v.loads) {
       lines.push("Does not load: " + v.error);
       if (v.line) { bad[v.line] = v.error; }

@@ -644,13 +644,13 @@ impl Gateway {
         let mut files: Vec<String> = policy.plugins.iter().map(|p| p.name.clone()).collect();
         files.sort();
         files.extend(
-            crate::policy::testing::test_sources(policy.dir.as_deref())
+            crate::policy::testing::test_sources(policy.dir())
                 .unwrap_or_default()
                 .into_iter()
                 .map(|t| t.name),
         );
         data["files"] = json!(files);
-        data["editable"] = json!(policy.dir.is_some());
+        data["editable"] = json!(policy.dir().is_some());
         data["fleet"] = json!(self.state.lasting.shared.fleet_status().is_some());
         data["templates_dir"] = json!(
             generation

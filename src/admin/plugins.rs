@@ -16,6 +16,9 @@ use crate::policy::harness::{Scenario, simulate};
 use crate::policy::testing::{self, check_edit};
 use crate::proxy::Gateway;
 
+/// How long a dry run's requests (`times`) may go on.
+const DRY_RUN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Longest plugin file the admin page saves.
 const MAX_SOURCE: usize = 256 * 1024;
 
@@ -31,9 +34,7 @@ impl Gateway {
         let mut body: Value = serde_json::from_slice(raw)
             .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
         // `{"model": …}` alone is taken as `{"request": {"model": …}}`.
-        if body.get("request").is_none()
-            && body.get("model").is_some_and(Value::is_string)
-        {
+        if body.get("request").is_none() && body.get("model").is_some_and(Value::is_string) {
             body = json!({ "request": body });
         }
         let scenario: Scenario = serde_json::from_value(body)
@@ -51,7 +52,8 @@ impl Gateway {
             let rehearsal = policy
                 .rehearsal(pool, &Overrides::default())
                 .map_err(|e| GateError::new(500, format!("the plugins do not load: {e}")))?;
-            simulate(&rehearsal, &scenario).map_err(|e| bad(e.to_string()))
+            let deadline = std::time::Instant::now() + DRY_RUN_TIME;
+            simulate(&rehearsal, &scenario, deadline).map_err(|e| bad(e.to_string()))
         })
         .await
         .map_err(|_| GateError::new(500, "the dry run failed"))??;
@@ -68,7 +70,7 @@ impl Gateway {
         let policy = &generation.policy;
         let code = match policy.source(name) {
             Some(s) => s.code.clone(),
-            None => testing::test_sources(policy.dir.as_deref())
+            None => testing::test_sources(policy.dir())
                 .ok()
                 .and_then(|files| files.into_iter().find(|f| f.name == name))
                 .map(|f| f.code)
@@ -79,8 +81,8 @@ impl Gateway {
         Ok(json!({
             "name": name,
             "code": code,
-            "editable": policy.dir.is_some(),
-            "file": policy.dir.as_ref().map(|d| d.join(format!("{name}.lua")).display().to_string()),
+            "editable": policy.dir().is_some(),
+            "file": policy.dir().map(|d| d.join(format!("{name}.lua")).display().to_string()),
             "fleet": self.state.lasting.shared.fleet_status().is_some(),
         }))
     }
@@ -118,21 +120,24 @@ impl Gateway {
         let require_tests = generation.config.policy.require_tests;
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            let checked = check_edit(&policy, &quota, source);
-            if !checked.loads || (require_tests && checked.failed > 0) {
+            let before = state.reload_status().last_reload_ms;
+            let mut answer = {
+                // One edit at a time, each checked against the folder as the one before left
+                // it: two saves at once cannot make a folder that does not load.
+                let _edit = state.edits.lock().unwrap_or_else(|e| e.into_inner());
+                let checked = check_edit(&policy, &quota, source);
                 let mut answer = serde_json::to_value(&checked).unwrap_or_default();
-                answer["saved"] = json!(false);
-                return Ok(answer);
-            }
-            crate::config::edit::write_atomic(&path, &code).map_err(|e| GateError::new(500, e))?;
-            tracing::info!(file = %path.display(), "plugin file saved from the admin page");
-            let reloaded = reload::reload(&state);
-            let mut answer = serde_json::to_value(&checked).unwrap_or_default();
-            answer["saved"] = json!(true);
-            answer["reload"] = match reloaded {
-                Ok(generation) => json!({ "ok": true, "generation": generation }),
-                Err(e) => json!({ "ok": false, "error": e }),
+                if !checked.loads || (require_tests && checked.failed > 0) {
+                    answer["saved"] = json!(false);
+                    return Ok(answer);
+                }
+                crate::config::edit::write_atomic(&path, &code)
+                    .map_err(|e| GateError::new(500, e))?;
+                tracing::info!(file = %path.display(), "plugin file saved from the admin page");
+                answer["saved"] = json!(true);
+                answer
             };
+            answer["reload"] = reload_after(&state, before);
             Ok(answer)
         })
         .await
@@ -140,13 +145,37 @@ impl Gateway {
     }
 }
 
+/// The reload that applies a saved file: the watcher's (the usual reload, within a second of
+/// the save), or, when none came (the watcher is off), one made here.
+fn reload_after(state: &crate::app::State, before: Option<u64>) -> Value {
+    let deadline = std::time::Instant::now() + WATCHER_WAIT;
+    while std::time::Instant::now() < deadline {
+        let status = state.reload_status();
+        if status.last_reload_ms != before {
+            return json!({
+                "ok": status.last_result == Some("ok"),
+                "generation": status.generation,
+                "error": status.last_error,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    match reload::reload(state) {
+        Ok(generation) => json!({ "ok": true, "generation": generation }),
+        Err(e) => json!({ "ok": false, "error": e }),
+    }
+}
+
+/// How long a save waits for the watcher's reload.
+const WATCHER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The plugin file `{name}.lua` of the plugins folder with the body's `{"code"}`.
 fn edited_source(
     generation: &Generation,
     name: &str,
     raw: &[u8],
 ) -> Result<PluginSource, GateError> {
-    let Some(dir) = generation.policy.dir.as_ref() else {
+    let Some(dir) = generation.policy.dir() else {
         return Err(GateError::new(
             409,
             "the plugins are the ones built into gemgate: set [policy] dir (or make a plugins/ \

@@ -77,7 +77,8 @@ impl Generation {
             parts.stats.clone(),
         )?;
         if config.policy.require_tests {
-            crate::policy::testing::require_passing(&policy, &config.quota)?;
+            let before = previous.map(|p| &*p.policy);
+            crate::policy::testing::require_passing(&policy, &config.quota, before)?;
         }
         let target = match previous {
             Some(p) if p.target.serves(&config, &config.base_url) => p.target.clone(),

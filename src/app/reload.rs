@@ -299,7 +299,7 @@ fn folders(state: &State) -> Vec<PathBuf> {
         dirs.push(parent.join("templates"));
     }
     dirs.push(PathBuf::from("templates"));
-    dirs.extend(generation.policy.dir.clone());
+    dirs.extend(generation.policy.dir().map(Path::to_path_buf));
     dirs.extend(generation.templates.dir.clone());
     // The folders plugins and templates would be read from, once they are created.
     dirs.extend(generation.config.plugin_dir());

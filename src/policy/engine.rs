@@ -129,14 +129,14 @@ impl Takes {
 pub struct Policy {
     /// The generation this policy belongs to.
     pub id: u64,
-    /// The plugins folder (`None`: the plugins built into gemgate).
-    pub dir: Option<PathBuf>,
     /// Every plugin found, enabled ones first in the order they run.
     pub plugins: Vec<PluginInfo>,
-    pub on_error: OnError,
     entries: Vec<Entry>,
     /// What it was made of, for a rehearsal.
     parts: Parts,
+    /// The fingerprint of its plugins, settings and tests, once its tests passed
+    /// (`policy.require_tests`): a reload that changes none of them needs no new run.
+    pub tests_passed: std::sync::OnceLock<[u8; 32]>,
     /// The limits enabled plugins declare, in run order (see [`super::DeclaredLimit`]).
     declared: Vec<PluginLimit>,
     hooks: HookSet,
@@ -170,9 +170,24 @@ pub struct Overrides {
 
 /// Rehearsals' generation ids: far above any reload's, so that a worker thread's VMs of the
 /// live policy and of a rehearsal never mix.
+const REHEARSAL_IDS: u64 = 1 << 48;
+
 fn next_rehearsal_id() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 48);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(REHEARSAL_IDS);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn is_rehearsal(id: u64) -> bool {
+    id >= REHEARSAL_IDS
+}
+
+impl Drop for Policy {
+    /// A rehearsal's VM goes with it (it is made, used and dropped on one thread).
+    fn drop(&mut self) {
+        if is_rehearsal(self.id) {
+            let _ = REHEARSALS.try_with(|r| r.borrow_mut().retain(|e| e.id != self.id));
+        }
+    }
 }
 
 /// A limit a plugin declares, for the calls of the models it takes.
@@ -208,13 +223,9 @@ impl Shared {
         }
     }
 
-    pub fn is_traced(&self) -> bool {
-        self.trace.is_some()
-    }
-
-    /// The trace so far (`None`: the request is not traced).
-    pub fn trace_so_far(&self) -> Option<Trace> {
-        self.trace.as_ref().map(|t| t.borrow().clone())
+    /// `f` of the trace so far (`None`: the request is not traced).
+    pub fn with_trace<R>(&self, f: impl FnOnce(&Trace) -> R) -> Option<R> {
+        self.trace.as_ref().map(|t| f(&t.borrow()))
     }
 }
 
@@ -308,6 +319,14 @@ impl Policy {
     ) -> Result<Policy, PolicyError> {
         let mut parts = self.parts.clone();
         for (name, table) in &overrides.plugins {
+            // A misspelt name would leave the plugin it meant untouched, and a test passing.
+            if !parts.sources.iter().any(|s| &s.name == name) {
+                return Err(PolicyError {
+                    plugin: name.clone(),
+                    hook: "config".into(),
+                    message: format!("there is no plugin {name} to set"),
+                });
+            }
             let conf = parts.plugins.entry(name.clone()).or_default();
             conf.extend(table.clone());
         }
@@ -323,10 +342,11 @@ impl Policy {
         )
     }
 
-    /// This policy with one plugin file's code replaced (or added): to check an edit before
-    /// it is saved. Counts and times apart, like a rehearsal.
+    /// This policy's folder as it is on disk now, with one plugin file's code replaced (or
+    /// added): to check an edit before it is saved. Counts and times apart, like a rehearsal.
     pub fn edited(&self, source: PluginSource) -> Result<Policy, PolicyError> {
         let mut parts = self.parts.clone();
+        parts.sources = plugin_sources(parts.dir.as_deref())?;
         match parts.sources.iter_mut().find(|s| s.name == source.name) {
             Some(s) => *s = source,
             None => {
@@ -375,10 +395,9 @@ impl Policy {
         let (plugins, entries) = in_run_order(found);
         let mut policy = Policy {
             id,
-            dir: parts.dir.clone(),
             plugins,
-            on_error: parts.on_error,
             entries,
+            tests_passed: std::sync::OnceLock::new(),
             parts,
             declared: Vec::new(),
             hooks: HookSet::default(),
@@ -390,7 +409,31 @@ impl Policy {
         // hooks its settings make needless: what is left after it is what runs.
         let engine = Engine::build(&policy)?;
         policy.take_hooks(&engine);
+        if is_rehearsal(id) {
+            // Its VM serves its calls, on this thread (see `with_engine`).
+            REHEARSALS.with(|r| r.borrow_mut().push(engine));
+        }
         Ok(policy)
+    }
+
+    /// A fingerprint of what the policy runs and how: its plugin files, their settings, the
+    /// host's settings, and `tests` (the test files).
+    pub fn fingerprint(&self, tests: &[PluginSource]) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for s in self.parts.sources.iter().chain(tests) {
+            for part in [s.name.as_bytes(), b"\0", s.code.as_bytes(), b"\0"] {
+                h.update(part);
+            }
+        }
+        h.update(toml::to_string(&self.parts.plugins).unwrap_or_default());
+        h.update(self.parts.settings.to_string());
+        h.finalize().into()
+    }
+
+    /// The plugins folder (`None`: the plugins built into gemgate).
+    pub fn dir(&self) -> Option<&Path> {
+        self.parts.dir.as_deref()
     }
 
     /// The key pool `select_key` sees.
@@ -486,7 +529,7 @@ impl Policy {
     fn failed(&self, e: &PolicyError) -> Option<Denial> {
         tracing::warn!(plugin = %e.plugin, hook = %e.hook, "plugin failed: {}", e.message);
         self.stats.count(e);
-        (self.on_error == OnError::Deny).then(|| Denial {
+        (self.parts.on_error == OnError::Deny).then(|| Denial {
             status: 500,
             message: format!("policy plugin {} failed in {}", e.plugin, e.hook),
         })
@@ -498,7 +541,12 @@ impl Policy {
         &self,
         f: impl FnOnce(&Engine) -> Result<R, Denial>,
     ) -> Result<Option<R>, Denial> {
-        ENGINES.with(|cell| {
+        let engines = if is_rehearsal(self.id) {
+            &REHEARSALS
+        } else {
+            &ENGINES
+        };
+        engines.with(|cell| {
             let mut engines = cell.borrow_mut();
             let at = match engines.iter().position(|e| e.id == self.id) {
                 Some(at) => at,
@@ -769,7 +817,11 @@ impl Policy {
 }
 
 thread_local! {
+    /// This thread's VMs of the live policy: the current generation's and the one before.
     static ENGINES: RefCell<Vec<Engine>> = const { RefCell::new(Vec::new()) };
+    /// This thread's VMs of rehearsals (dry runs, plugin tests): kept apart, so that one never
+    /// pushes a live generation's VM out, and dropped with their rehearsal.
+    static REHEARSALS: RefCell<Vec<Engine>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The host side of every VM, in Lua: building a request's tables and calling a hook with its
@@ -1100,15 +1152,13 @@ impl Engine {
                 continue;
             }
             let name = &live.plugin.name;
-            let started = std::time::Instant::now();
-            let called = if h.takes_ctx {
+            let (called, took) = if h.takes_ctx {
                 let args = (&h.f, &live.conf, arg(), ctx.get(self)?);
                 self.vm
-                    .invoke::<Value>(name, hook, &self.prelude.invoke, args)
+                    .invoke_timed::<Value>(name, hook, &self.prelude.invoke, args)
             } else {
-                self.vm.invoke::<Value>(name, hook, &h.f, arg())
+                self.vm.invoke_timed::<Value>(name, hook, &h.f, arg())
             };
-            let took = started.elapsed();
             h.timing.observe(took);
             ctx.shared.trace(|t| {
                 let result = match &called {

@@ -17,10 +17,11 @@ use super::trace::{KeyNote, Trace, key_notes};
 use crate::config::{KeySpec, Secret};
 use crate::keys::{KeyPool, KeyRegistry, Lease, Pick};
 
-/// At most this many headers, keys, models: a scenario comes from an admin or a test file,
-/// but is still bounded.
+/// At most this many headers, keys, models, requests in flight: a scenario comes from an admin
+/// or a test file, but is still bounded.
 const MAX_HEADERS: usize = 100;
 pub const MAX_KEYS: usize = 1000;
+const MAX_IN_FLIGHT: u64 = 10_000;
 const MAX_MODELS: usize = 10_000;
 const MAX_NAME: usize = 256;
 
@@ -218,6 +219,11 @@ pub fn test_pool(
     if keys.len() > MAX_KEYS {
         return Err(BadScenario(format!("a pool has at most {MAX_KEYS} keys")));
     }
+    if keys.iter().map(|k| u64::from(k.in_flight)).sum::<u64>() > MAX_IN_FLIGHT {
+        return Err(BadScenario(format!(
+            "a pool has at most {MAX_IN_FLIGHT} requests in flight"
+        )));
+    }
     let mut specs = Vec::with_capacity(keys.len());
     for (i, k) in keys.iter().enumerate() {
         let id = if k.id.is_empty() {
@@ -256,22 +262,32 @@ pub fn test_pool(
                 )));
             }
         }
-        for _ in 0..k.in_flight.min(10_000) {
+        for _ in 0..k.in_flight {
             leases.push(pool.lease(i, now));
         }
     }
     Ok((pool, leases))
 }
 
-/// Runs `policy`'s hooks on `scenario`, against the policy's pool, as many times as it says.
-pub fn simulate(policy: &Policy, scenario: &Scenario) -> Result<Verdict, BadScenario> {
+/// Runs `policy`'s hooks on `scenario`, against the policy's pool, as many times as it says,
+/// until `deadline` (each hook call is under the policy's own limits).
+pub fn simulate(
+    policy: &Policy,
+    scenario: &Scenario,
+    deadline: std::time::Instant,
+) -> Result<Verdict, BadScenario> {
     let times = scenario.times.unwrap_or(1);
     if !(1..=MAX_TIMES).contains(&times) {
         return Err(BadScenario(format!("times is 1 to {MAX_TIMES}")));
     }
     let mut counted = BTreeMap::new();
     let mut verdict = simulate_once(policy, scenario, &mut counted)?;
-    for _ in 1..times {
+    for done in 1..times {
+        if std::time::Instant::now() > deadline {
+            return Err(BadScenario(format!(
+                "the scenario ran out of time after {done} of {times} requests"
+            )));
+        }
         verdict = simulate_once(policy, scenario, &mut counted)?;
     }
     Ok(verdict)
@@ -405,7 +421,7 @@ fn simulate_once(
             after_attempt(policy, &mut verdict, req, attempt, &mut shared)?;
         }
     }
-    verdict.trace = shared.trace_so_far().unwrap_or_default();
+    verdict.trace = shared.with_trace(Trace::clone).unwrap_or_default();
     Ok(verdict)
 }
 
@@ -423,7 +439,10 @@ fn choose(policy: &Policy, verdict: &mut Verdict, req: &ScenarioRequest, shared:
     let mut chosen = None;
     if policy.has_select_key(&model) && !candidates.is_empty() {
         match policy.select_key(&model, candidates, &req.client, &req.id, shared) {
-            Ok(Some((i, plugin))) if pool.usable(i, &model, now) => {
+            // As the request path takes a plugin's choice: open, its project not at a limit.
+            Ok(Some((i, plugin)))
+                if pool.usable(i, &model, now) && pool.room(i, &model, 0, now).is_ok() =>
+            {
                 chosen = Some(i);
                 by = plugin.to_string();
             }

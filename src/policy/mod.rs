@@ -66,9 +66,14 @@ pub struct PluginSource {
 
 /// Reads every plugin of `dir`: its `*.lua` files but the tests (`*_test.lua`), in name order.
 pub fn read_dir(dir: &Path) -> std::io::Result<Vec<PluginSource>> {
+    read_lua(dir, false)
+}
+
+/// The `*.lua` files of `dir` that are tests (`tests`) or plugins, in name order.
+fn read_lua(dir: &Path, tests: bool) -> std::io::Result<Vec<PluginSource>> {
     Ok(crate::config::read_folder(dir, "lua")?
         .into_iter()
-        .filter(|(name, _, _)| !testing::is_test(name))
+        .filter(|(name, _, _)| testing::is_test(name) == tests)
         .map(|(name, path, code)| PluginSource { name, path, code })
         .collect())
 }
@@ -488,27 +493,48 @@ impl Vm {
         f: &mlua::Function,
         args: impl mlua::IntoLuaMulti,
     ) -> Result<R, PolicyError> {
+        self.invoke_timed(name, hook, f, args).0
+    }
+
+    /// [`Vm::invoke`], and how long the call took.
+    pub fn invoke_timed<R: mlua::FromLuaMulti>(
+        &self,
+        name: &Rc<str>,
+        hook: &str,
+        f: &mlua::Function,
+        args: impl mlua::IntoLuaMulti,
+    ) -> (Result<R, PolicyError>, Duration) {
         if !Rc::ptr_eq(&self.current.borrow(), name) {
             *self.current.borrow_mut() = name.clone();
         }
-        self.guarded(|| f.call(args)).map_err(|e| PolicyError {
+        let (result, took) = self.guarded_timed(|| f.call(args));
+        let result = result.map_err(|e| PolicyError {
             plugin: name.to_string(),
             hook: hook.into(),
             message: clean(&e),
-        })
+        });
+        (result, took)
     }
 
     /// Runs `f` with a fresh budget; after a failure, frees what the call left behind.
     fn guarded<T>(&self, f: impl FnOnce() -> mlua::Result<T>) -> mlua::Result<T> {
+        self.guarded_timed(f).0
+    }
+
+    /// [`Vm::guarded`], and how long `f` took (the clock read for the budget's deadline is
+    /// its start: a hook call reads the clock twice in all).
+    fn guarded_timed<T>(&self, f: impl FnOnce() -> mlua::Result<T>) -> (mlua::Result<T>, Duration) {
+        let started = Instant::now();
         self.budget.set(Budget {
             left: self.limits.instructions as i64,
-            deadline: Instant::now() + self.limits.time,
+            deadline: started + self.limits.time,
         });
         let result = f();
+        let took = started.elapsed();
         if result.is_err() {
             let _ = self.lua.gc_collect();
         }
-        result
+        (result, took)
     }
 }
 

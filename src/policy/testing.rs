@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mlua::{LuaSerdeExt, SerializeOptions, Value};
 
@@ -173,13 +173,13 @@ impl Report {
 
 /// The test files of the plugins folder `dir` (`*_test.lua`, in name order), or of the
 /// plugins built into gemgate.
-pub fn test_sources(dir: Option<&Path>) -> std::io::Result<Vec<PluginSource>> {
+pub fn test_sources(dir: Option<&Path>) -> Result<Vec<PluginSource>, PolicyError> {
     match dir {
-        Some(d) => Ok(crate::config::read_folder(d, "lua")?
-            .into_iter()
-            .filter(|(name, _, _)| is_test(name))
-            .map(|(name, path, code)| PluginSource { name, path, code })
-            .collect()),
+        Some(d) => super::read_lua(d, true).map_err(|e| PolicyError {
+            plugin: "-".into(),
+            hook: "test".into(),
+            message: format!("cannot read the test files of {}: {e}", d.display()),
+        }),
         None => Ok(embedded::tests()),
     }
 }
@@ -195,11 +195,7 @@ pub fn test_folder(
     config: &crate::config::Config,
     dir: Option<&Path>,
 ) -> Result<Report, PolicyError> {
-    let files = test_sources(dir).map_err(|e| PolicyError {
-        plugin: "-".into(),
-        hook: "test".into(),
-        message: format!("cannot read the test files: {e}"),
-    })?;
+    let files = test_sources(dir)?;
     let pool = crate::keys::KeyPool::new(&[], &Default::default(), 1, &config.quota);
     let base = Policy::compile_from(
         config,
@@ -213,20 +209,24 @@ pub fn test_folder(
 }
 
 /// With `policy.require_tests`: the tests of `policy`'s folder must all pass, or the policy
-/// is refused with the first failure (its file and line).
+/// is refused with the first failure (its file and line). Not run again when `previous`
+/// passed them with the same plugins, settings and tests (a reload of the keys, say).
 pub fn require_passing(
     policy: &Policy,
     quota: &crate::config::quota::QuotaLimits,
+    previous: Option<&Policy>,
 ) -> Result<(), PolicyError> {
-    let files = test_sources(policy.dir.as_deref()).map_err(|e| PolicyError {
-        plugin: "-".into(),
-        hook: "test".into(),
-        message: format!("cannot read the test files: {e}"),
-    })?;
+    let files = test_sources(policy.dir())?;
+    let fingerprint = policy.fingerprint(&files);
+    if previous.and_then(|p| p.tests_passed.get()) == Some(&fingerprint) {
+        let _ = policy.tests_passed.set(fingerprint);
+        return Ok(());
+    }
     let report = run_tests(policy, quota, &files);
     match report.first_failure() {
         None => {
             tracing::info!(passed = report.passed(), "plugin tests passed");
+            let _ = policy.tests_passed.set(fingerprint);
             Ok(())
         }
         Some(first) => Err(PolicyError {
@@ -262,7 +262,7 @@ pub fn check_edit(
     quota: &crate::config::quota::QuotaLimits,
     edited: PluginSource,
 ) -> EditCheck {
-    let mut files = test_sources(policy.dir.as_deref()).unwrap_or_default();
+    let mut files = test_sources(policy.dir()).unwrap_or_default();
     let (loaded, test) = if is_test(&edited.name) {
         (Ok(None), Some(edited.clone()))
     } else {
@@ -278,7 +278,8 @@ pub fn check_edit(
         Ok(p) => (None, run_tests(p.as_ref().unwrap_or(policy), quota, &files)),
         Err(e) => (Some(e.to_string()), Report::default()),
     };
-    let marker = format!("{}.lua:", edited.name);
+    // `/name.lua:`, not a longer name ending the same.
+    let marker = format!("/{}.lua:", edited.name);
     let line = error.as_deref().and_then(|e| {
         let rest = &e[e.find(&marker)? + marker.len()..];
         rest.split(':').next()?.parse().ok()
@@ -326,10 +327,17 @@ fn run_file(
     };
     let lua = vm.lua();
     let declared: Rc<RefCell<Vec<(String, mlua::Function)>>> = Rc::default();
+    let loading = Rc::new(RefCell::new(true));
     let scoped = lua.scope(|scope| {
         let test = {
             let declared = declared.clone();
+            let loading = loading.clone();
             scope.create_function(move |_, (name, f): (String, mlua::Function)| {
+                if !*loading.borrow() {
+                    return Err(mlua::Error::runtime(
+                        "test() declares a test when the file loads, not inside a test",
+                    ));
+                }
                 let mut declared = declared.borrow_mut();
                 if declared.len() >= MAX_TESTS {
                     return Err(mlua::Error::runtime(format!(
@@ -341,13 +349,25 @@ fn run_file(
             })?
         };
         let run = scope.create_function(|lua, scenario: Value| {
-            let verdict = rehearse(lua, base, quota, scenario).map_err(mlua::Error::runtime)?;
+            // Rust's part of a run is not under the VM's clock: it gets one of its own.
+            let deadline = Instant::now() + TEST_LIMITS.time;
+            let verdict =
+                rehearse(lua, base, quota, scenario, deadline).map_err(mlua::Error::runtime)?;
             let options = SerializeOptions::new()
                 .serialize_none_to_null(false)
                 .serialize_unit_to_null(false);
             lua.to_value_with(&verdict, options)
         })?;
-        let expect: Value = lua.load(EXPECT).set_name("=expect").call(())?;
+        // In the sandbox too: its `pcall` (in `expect.error`) must not catch a spent budget.
+        let assertions = PluginSource {
+            name: "expect".into(),
+            path: "expect".into(),
+            code: EXPECT.into(),
+        };
+        let expect = match vm.script(&assertions, &[]) {
+            Ok(expect) => expect,
+            Err(e) => return Ok(Err(e)),
+        };
         let globals = [
             ("test", Value::Function(test)),
             ("run", Value::Function(run)),
@@ -358,7 +378,10 @@ fn run_file(
         }
         let name: Rc<str> = Rc::from(file.name.as_str());
         let mut results = Vec::new();
-        for (test, f) in declared.borrow_mut().drain(..) {
+        // Taken whole: a test that declares another (an error, see `test`) finds it empty.
+        let tests = std::mem::take(&mut *declared.borrow_mut());
+        *loading.borrow_mut() = false;
+        for (test, f) in tests {
             let outcome = vm.invoke::<()>(&name, "test", &f, ());
             let failure = outcome.err().map(|e| {
                 let m = e.message;
@@ -397,6 +420,7 @@ fn rehearse(
     base: &Policy,
     quota: &crate::config::quota::QuotaLimits,
     scenario: Value,
+    deadline: Instant,
 ) -> Result<super::harness::Verdict, String> {
     let scenario: Scenario = lua
         .from_value(scenario)
@@ -417,7 +441,7 @@ fn rehearse(
     let policy = base
         .rehearsal(Arc::clone(&pool), &overrides)
         .map_err(|e: PolicyError| format!("run: the plugins do not load: {e}"))?;
-    simulate(&policy, &scenario).map_err(|e| format!("run: {e}"))
+    simulate(&policy, &scenario, deadline).map_err(|e| format!("run: {e}"))
 }
 
 #[cfg(test)]
@@ -476,7 +500,11 @@ mod tests {
             ),
             (
                 "b",
-                "test('loops', function() while true do end end)\ntest('after', function() end)",
+                "test('loops', function() while true do end end)\n\
+                 test('catches the budget', function() while true do expect.error(function() while true do end end) end end)\n\
+                 test('nests', function() test('inner', function() end) end)\n\
+                 test('misspells', function() run { plugins = { round_robn = { enabled = true } } } end)\n\
+                 test('after', function() end)",
             ),
             ("c", "this is not lua"),
             ("d", "-- nothing declared"),
@@ -506,6 +534,18 @@ mod tests {
         );
         assert!(failure("raises").unwrap().contains("a_test.lua:5: boom"));
         assert!(failure("loops").unwrap().contains("instruction budget"));
+        assert!(
+            failure("catches the budget")
+                .unwrap()
+                .contains("instruction budget"),
+            "a test cannot catch its own budget"
+        );
+        assert!(failure("nests").unwrap().contains("not inside a test"));
+        assert!(
+            failure("misspells")
+                .unwrap()
+                .contains("no plugin round_robn")
+        );
         assert_eq!(
             failure("after"),
             None,
@@ -537,7 +577,7 @@ mod tests {
             report.passed(),
             report.failed()
         )));
-        assert_eq!(report.failed(), 8, "{text}");
+        assert_eq!(report.failed(), 11, "{text}");
     }
 
     #[test]
@@ -562,13 +602,13 @@ mod tests {
             Default::default(),
         )
         .unwrap();
-        let e = require_passing(&policy, &config.quota).unwrap_err();
+        let e = require_passing(&policy, &config.quota, None).unwrap_err();
         assert!(e.message.contains("1 of "), "{e}");
         assert!(
             e.message.contains("z_test.lua:2: z: expected a true value"),
             "{e}"
         );
         std::fs::remove_file(dir.path().join("z_test.lua")).unwrap();
-        require_passing(&policy, &config.quota).unwrap();
+        require_passing(&policy, &config.quota, None).unwrap();
     }
 }

@@ -144,8 +144,11 @@ fn is_zero(n: &usize) -> bool {
 const STEPS_MAX: usize = 64;
 /// Keys listed at most per choice.
 pub const KEYS_MAX: usize = 32;
-/// Longest result kept per step.
+/// Longest result kept per step, and reason per key.
 const RESULT_MAX: usize = 160;
+/// A trace's largest size as JSON, about: [`STEPS_MAX`] steps and [`KEYS_MAX`] keys of at most
+/// [`RESULT_MAX`] bytes each, with their names.
+pub const TRACE_MAX_BYTES: usize = (STEPS_MAX + KEYS_MAX) * (RESULT_MAX + 2 * 64 + 48);
 /// Longest `x-gemgate-trace` header value.
 const HEADER_MAX: usize = 2048;
 
@@ -162,7 +165,12 @@ impl Trace {
     }
 
     /// Notes the keys of a choice (replacing an earlier attempt's) and the key chosen.
-    pub fn choice(&mut self, keys: Vec<KeyNote>, more: usize, key: Option<&str>, by: &str) {
+    pub fn choice(&mut self, mut keys: Vec<KeyNote>, more: usize, key: Option<&str>, by: &str) {
+        keys.truncate(KEYS_MAX);
+        for k in &mut keys {
+            // A reason may be a plugin's own words (`gemgate.disable(reason)`).
+            k.why = clip(std::mem::take(&mut k.why), RESULT_MAX);
+        }
         self.keys = keys;
         self.more_keys = more;
         self.key = key.map(str::to_owned);

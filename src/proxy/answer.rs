@@ -9,6 +9,7 @@ use pingora::protocols::http::ServerSession;
 use super::Outcome;
 use super::exchange::{Exchange, Meta, X_GEMGATE_TRACE, X_REQUEST_ID};
 use crate::http::reply::GateError;
+use crate::policy::trace::Trace;
 
 /// The head of an answer with `status`, recorded as the request's status.
 pub(crate) fn response_header(status: u16, x: &mut Exchange) -> ResponseHeader {
@@ -29,8 +30,8 @@ pub(crate) fn response_parts(status: u16, meta: &Meta) -> http::response::Parts 
         h.insert(X_REQUEST_ID, id);
     }
     if meta.traced
-        && let Some(trace) = meta.with_shared(|s| s.trace_so_far())
-        && let Ok(v) = HeaderValue::from_str(&trace.header())
+        && let Some(trace) = meta.with_shared(|s| s.with_trace(Trace::header))
+        && let Ok(v) = HeaderValue::from_str(&trace)
     {
         h.insert(X_GEMGATE_TRACE, v);
     }

@@ -38,7 +38,7 @@ impl Gateway {
         call: AnthropicCall,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        x.meta.client = Some(self.admit(generation, s, http::Method::POST, &x.meta.peer)?);
+        self.admit(generation, s, http::Method::POST, &mut x.meta)?;
         let raw = read_body(s, generation.config.max_body_bytes).await?;
         if generation.config.file.logs.error_log_record_request_body {
             x.body = Some(raw.clone());

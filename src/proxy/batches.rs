@@ -109,7 +109,7 @@ impl Gateway {
         id: &str,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        x.meta.client = Some(self.admit(generation, s, http::Method::GET, &x.meta.peer)?);
+        self.admit(generation, s, http::Method::GET, &mut x.meta)?;
         x.action = "files.download".into();
         let rewrite = self
             .on_request(generation, s, "", "files.download", false, &x.meta)

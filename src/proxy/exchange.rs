@@ -37,7 +37,7 @@ pub(crate) struct Meta {
     /// What plugins share within this request (`ctx.shared`): each hook call takes it for
     /// the length of the call. It holds the request's plugin trace, when one was asked for.
     pub shared: Mutex<PluginShared>,
-    /// Whether the plugins' decisions are traced (see [`Exchange::trace_if_asked`]).
+    /// Whether the plugins' decisions are traced (`x-gemgate-trace` with the admin token).
     pub traced: bool,
     /// The request's place in a trace, when traces are exported.
     pub trace: Option<crate::traces::Context>,
@@ -51,6 +51,12 @@ impl Meta {
     /// The client's name, or `""` before authentication.
     pub fn client(&self) -> &str {
         self.client.as_deref().unwrap_or_default()
+    }
+
+    /// From now on, the plugins' decisions for this request are traced.
+    pub fn trace_plugins(&mut self) {
+        self.shared = Mutex::new(PluginShared::traced());
+        self.traced = true;
     }
 
     /// Runs `f` over what plugins share within this request.
@@ -178,25 +184,6 @@ impl Exchange {
             body: None,
             upload_headers: Vec::new(),
             tunnel: None,
-        }
-    }
-
-    /// Traces the plugins' decisions for this request if it asks (`x-gemgate-trace: 1`) with
-    /// the admin token (`x-gemgate-admin`); a client token alone never gets a trace.
-    pub fn trace_if_asked(&mut self, req: &RequestHeader, admin_token: Option<&str>) {
-        let asked = req
-            .headers
-            .get(X_GEMGATE_TRACE)
-            .is_some_and(|v| v.as_bytes() == b"1");
-        let admin = req
-            .headers
-            .get(X_GEMGATE_ADMIN)
-            .and_then(|v| v.to_str().ok());
-        if let (true, Some(presented), Some(token)) = (asked, admin, admin_token)
-            && crate::http::auth::same_secret(presented, token)
-        {
-            self.meta.shared = Mutex::new(PluginShared::traced());
-            self.meta.traced = true;
         }
     }
 

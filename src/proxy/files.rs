@@ -167,7 +167,7 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Option<usize>, Refusal> {
         let Some(id) = upload_id else {
-            x.meta.client = Some(self.admit(generation, s, http::Method::POST, &x.meta.peer)?);
+            self.admit(generation, s, http::Method::POST, &mut x.meta)?;
             return Ok(None);
         };
         // As at Google, an upload URL is its own credential (SDKs send no key with it): its
@@ -201,7 +201,7 @@ impl Gateway {
         } else {
             http::Method::GET
         };
-        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
+        self.admit(generation, s, checked, &mut x.meta)?;
         x.action = match (&id, &method) {
             (None, _) => "files.list",
             (Some(_), &http::Method::DELETE) => "files.delete",

@@ -122,7 +122,7 @@ impl Gateway {
         s: &mut ServerSession,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        x.meta.client = Some(self.admit(generation, s, http::Method::POST, &x.meta.peer)?);
+        self.admit(generation, s, http::Method::POST, &mut x.meta)?;
         x.action = "auth_tokens.create".into();
         let rewrite = self
             .on_request(
@@ -244,7 +244,7 @@ impl Gateway {
         x: &mut Exchange,
     ) -> Result<Option<(String, usize)>, Refusal> {
         if !constrained {
-            x.meta.client = Some(self.admit(generation, s, http::Method::GET, &x.meta.peer)?);
+            self.admit(generation, s, http::Method::GET, &mut x.meta)?;
             return Ok(None);
         }
         let token = presented_token(s).ok_or_else(|| {

@@ -37,7 +37,7 @@ use pingora::http::RequestHeader;
 use pingora::protocols::http::ServerSession;
 
 pub(crate) use answer::{response_header, response_parts, send, send_gate, write_full};
-use exchange::{Class, Exchange, Meta};
+use exchange::{Class, Exchange, Meta, X_GEMGATE_ADMIN, X_GEMGATE_TRACE};
 use relay::{Raw, Reframe, SseEvents};
 use request::{client_query, rewrite_body, rewrite_value, upstream_header};
 pub(crate) use request::{encode_query_value, read_body};
@@ -228,8 +228,8 @@ impl Gateway {
         generation: &Generation,
         s: &ServerSession,
         method: http::Method,
-        peer: &Peer,
-    ) -> Result<String, Refusal> {
+        meta: &mut Meta,
+    ) -> Result<(), Refusal> {
         let req = s.req_header();
         if generation.pool.is_empty() {
             return Err(Refusal::Gate(GateError::new(
@@ -237,14 +237,47 @@ impl Gateway {
                 "no Gemini API key is configured: set API_KEYS (or [keys] api_keys in gemgate.toml)",
             )));
         }
-        let client = self.authenticate(generation, req, peer)?.to_owned();
+        let client = self.authenticate(generation, req, &meta.peer)?.to_owned();
         if req.method != method {
             return Err(Refusal::Gate(GateError::new(
                 405,
                 format!("{} is not allowed here; use {method}", req.method),
             )));
         }
-        Ok(client)
+        meta.client = Some(client);
+        if req.headers.contains_key(X_GEMGATE_TRACE) {
+            self.trace_if_asked(generation, req, meta)?;
+        }
+        Ok(())
+    }
+
+    /// Traces the plugins' decisions for a client's request that asks (`x-gemgate-trace: 1`)
+    /// with the admin token (`x-gemgate-admin`). A wrong admin token is refused and counted as
+    /// one (see `session::login`); a client token alone never gets a trace.
+    fn trace_if_asked(
+        &self,
+        generation: &Generation,
+        req: &RequestHeader,
+        meta: &mut Meta,
+    ) -> Result<(), Refusal> {
+        let asked = req
+            .headers
+            .get(X_GEMGATE_TRACE)
+            .is_some_and(|v| v.as_bytes() == b"1");
+        let presented = req
+            .headers
+            .get(X_GEMGATE_ADMIN)
+            .map(|v| v.to_str().unwrap_or_default());
+        let (true, Some(presented), Some(token)) =
+            (asked, presented, generation.config.auth_token.as_ref())
+        else {
+            return Ok(());
+        };
+        let shared = &*self.state.lasting.shared;
+        crate::app::session::login(shared, presented, token.expose(), meta.peer.ip)
+            .map_err(Refusal::Gate)?;
+        meta.trace_plugins();
+        Ok(())
     }
 
     /// Checks the client's token; returns its name. Wrong tokens are counted per client
@@ -361,7 +394,7 @@ impl Gateway {
         call: NativeCall,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        x.meta.client = Some(self.admit(generation, s, call.method(), &x.meta.peer)?);
+        self.admit(generation, s, call.method(), &mut x.meta)?;
         let rewrite = self
             .on_request(
                 generation,

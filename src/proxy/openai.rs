@@ -186,7 +186,7 @@ impl Gateway {
         call: OpenAiCall,
         x: &mut Exchange,
     ) -> Result<Outcome, Refusal> {
-        x.meta.client = Some(self.admit(generation, s, call.method(), &x.meta.peer)?);
+        self.admit(generation, s, call.method(), &mut x.meta)?;
         match call {
             OpenAiCall::Models => {
                 let rewrite = self
@@ -671,7 +671,7 @@ impl Gateway {
                 format!("{method} is not allowed here; use GET or POST"),
             )));
         }
-        x.meta.client = Some(self.admit(generation, s, method.clone(), &x.meta.peer)?);
+        self.admit(generation, s, method.clone(), &mut x.meta)?;
         let body = if method == http::Method::POST {
             read_body(s, generation.config.max_body_bytes).await?
         } else {

@@ -71,7 +71,7 @@ impl Gateway {
         path: &str,
         x: &mut Exchange,
     ) -> Result<UpstreamRequest, Refusal> {
-        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
+        self.admit(generation, s, checked, &mut x.meta)?;
         x.action = action.into();
         let body = match s.req_header().method {
             http::Method::POST | http::Method::PATCH => {

@@ -81,7 +81,7 @@ impl Gateway {
             (Some(_), _) => http::Method::GET,
             (None, _) => http::Method::POST,
         };
-        x.meta.client = Some(self.admit(generation, s, checked, &x.meta.peer)?);
+        self.admit(generation, s, checked, &mut x.meta)?;
         let client = x.meta.client().to_owned();
         let Some(id) = id else {
             x.action = "responses.create".into();

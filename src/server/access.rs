@@ -16,9 +16,12 @@ impl Exchange {
         let trace = self
             .meta
             .traced
-            .then(|| self.meta.with_shared(|s| s.trace_so_far()))
+            .then(|| {
+                self.meta
+                    .with_shared(|s| s.with_trace(|t| serde_json::to_value(t)))
+            })
             .flatten()
-            .and_then(|t| serde_json::to_value(t).ok());
+            .and_then(Result::ok);
         Record {
             ts_ms: now_ms(),
             id: self.meta.id,

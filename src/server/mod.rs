@@ -488,11 +488,6 @@ impl Gateway {
         s.set_close_on_response_before_downstream_finish(false);
         let _in_flight = InFlight::enter(&self.state.in_flight);
         let mut x = Exchange::new(s.req_header());
-        if s.req_header().headers.contains_key("x-gemgate-trace") {
-            let generation = self.state.current.load();
-            let admin_token = generation.config.auth_token.as_ref();
-            x.trace_if_asked(s.req_header(), admin_token.map(|t| t.expose()));
-        }
         if self.state.lasting.tracer.is_some() {
             let parent = s.req_header().headers.get("traceparent");
             x.meta.trace = Some(crate::traces::Context::of(

@@ -76,9 +76,6 @@ impl Surface {
     }
 }
 
-/// What a record's trace is reckoned to weigh (at most 64 steps and 32 keys: a few kB).
-const TRACE_WEIGHT: usize = 4096;
-
 /// One finished request.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Record {
@@ -135,7 +132,10 @@ impl Record {
             + opt(&self.upstream_message)
             + opt(&self.request_body)
             + opt(&self.asked_model)
-            + self.trace.as_ref().map_or(0, |_| TRACE_WEIGHT)
+            + self
+                .trace
+                .as_ref()
+                .map_or(0, |_| crate::policy::trace::TRACE_MAX_BYTES)
     }
 
     /// The record as stored: serde's JSON for it, byte for byte (the queries match on it), but
