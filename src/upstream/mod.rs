@@ -272,7 +272,10 @@ impl Target {
                 }
             }
         }
-        let stream = connector.new_stream(peer).await?;
+        // Boxed: connecting (TCP, TLS) is an 8 KB future, and every future that awaits this
+        // one would hold that much for as long as its request lasts, connecting or not — each
+        // open stream's task with it. Reusing an idle connection allocates nothing.
+        let stream = Box::pin(connector.new_stream(peer)).await?;
         Ok((Box::new(crate::http::wire::Gathered::new(stream)), false))
     }
 
