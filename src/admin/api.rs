@@ -426,13 +426,9 @@ impl Gateway {
         if let Some(fleet) = self.state.lasting.shared.fleet_usage_today() {
             return fleet;
         }
+        let lasting = &self.state.lasting;
         let today = crate::store::usage::day_of(now_ms());
-        self.state
-            .lasting
-            .store
-            .as_ref()
-            .and_then(|store| store.usage_of_day(today).ok())
-            .unwrap_or_default()
+        crate::store::usage::of_day(lasting.store.as_deref(), &lasting.usage, today)
     }
 
     /// The store that keeps the logs, or the answer for a gateway that keeps none.

@@ -4,14 +4,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::{Lasting, State};
+use crate::store::usage::SAVE_EVERY;
 use crate::store::{Batch, FLUSH_EVERY, Store, retire_logs};
 
 /// Takes what the request path queued, and does a flush's CPU work: encoding the records, and
-/// adding them to the dashboard's figures.
-fn take(lasting: &Lasting) -> Batch {
+/// adding them to the dashboard's figures. Usage is taken every [`SAVE_EVERY`], or with
+/// `all_usage`.
+fn take(lasting: &Lasting, all_usage: bool) -> Batch {
+    static USAGE_TAKEN_MS: AtomicU64 = AtomicU64::new(0);
     let records = lasting.logs.take();
-    let usage = lasting.usage.drain();
+    let now = crate::clock::now_ms();
+    let due =
+        now.saturating_sub(USAGE_TAKEN_MS.load(Ordering::Relaxed)) >= SAVE_EVERY.as_millis() as u64;
+    let usage = if all_usage || due {
+        USAGE_TAKEN_MS.store(now, Ordering::Relaxed);
+        lasting.usage.drain()
+    } else {
+        Default::default()
+    };
     lasting.metrics.add(&records);
     Batch::new(records, usage)
 }
@@ -51,7 +64,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                 }
                 loop {
                     std::thread::sleep(FLUSH_EVERY);
-                    if ready.send(take(&state.lasting)).is_err() {
+                    if ready.send(take(&state.lasting, false)).is_err() {
                         return;
                     }
                     crate::alloc::tidy();
@@ -71,7 +84,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                         if since <= late.as_millis() as u64 {
                             continue;
                         }
-                        take(&state.lasting)
+                        take(&state.lasting, false)
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 };
@@ -136,5 +149,5 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// were taken: a request's log row, once it can be read, says that the key state and usage
 /// its request changed are saved too (a request changes them before its record is queued).
 pub fn flush(store: &Store, lasting: &Lasting, max_bytes: u64) {
-    take(lasting).commit(store, &lasting.registry, max_bytes);
+    take(lasting, true).commit(store, &lasting.registry, max_bytes);
 }

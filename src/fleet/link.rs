@@ -839,12 +839,11 @@ async fn read_fleet_usage(
     Ok(())
 }
 
-/// This instance's usage of `day` by key id, from its store.
+/// This instance's usage of `day` by key id: saved in its store, and counted since.
 async fn own_usage(fleet: &Fleet, day: u32) -> HashMap<String, Counts> {
-    let Some(store) = fleet.local.store.clone() else {
-        return HashMap::new();
-    };
-    tokio::task::spawn_blocking(move || store.usage_of_day(day).unwrap_or_default())
+    let store = fleet.local.store.clone();
+    let usage = fleet.local.usage.clone();
+    tokio::task::spawn_blocking(move || crate::store::usage::of_day(store.as_deref(), &usage, day))
         .await
         .unwrap_or_default()
 }

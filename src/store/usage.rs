@@ -3,7 +3,14 @@
 //!
 //! The request path adds each event to in-memory counts at once (a short lock on its worker
 //! thread's shard, never a queue that could fill); the store's flusher takes the counts and adds
-//! them to redb once a second. Memory is bounded by the keys × models × days seen since.
+//! them to redb every [`SAVE_EVERY`]. Memory is bounded by the keys × models × days seen since.
+
+/// How often counts are saved. Each save rewrites one row per key × model × day counted since
+/// the last: with a row per request (a pool of thousands of keys, taken in turn), saving as
+/// often as the logs (every 250 ms) made a request cost 40 µs of CPU with 1,000 keys against
+/// 28 with 10. What is not saved yet is still shown (see [`Usage::pending_of_day`]), and
+/// saved at shutdown.
+pub const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -98,6 +105,21 @@ impl Usage {
         days.entry(e.day).or_default().add(e.failure, e.tokens);
     }
 
+    /// The counts of `day` not yet saved (taken by [`Usage::drain`]), by key id, every model
+    /// added up: what the store's counts lack until the next save.
+    pub fn pending_of_day(&self, day: u32) -> HashMap<String, Counts> {
+        let mut out: HashMap<String, Counts> = HashMap::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (key_id, models) in shard.iter() {
+                for c in models.values().filter_map(|days| days.get(&day)) {
+                    out.entry(key_id.clone()).or_default().merge(c);
+                }
+            }
+        }
+        out
+    }
+
     /// Everything counted since the last call, added up by (day, key id, model).
     pub fn drain(&self) -> Tally {
         let mut out = Tally::new();
@@ -118,6 +140,21 @@ impl Usage {
     }
 }
 
+/// Usage of `day` by key id: what `store` saved, with what `pending` holds not saved yet.
+pub fn of_day(
+    store: Option<&crate::store::Store>,
+    pending: &Usage,
+    day: u32,
+) -> HashMap<String, Counts> {
+    let mut usage = store
+        .and_then(|s| s.usage_of_day(day).ok())
+        .unwrap_or_default();
+    for (key, counts) in pending.pending_of_day(day) {
+        usage.entry(key).or_default().merge(&counts);
+    }
+    usage
+}
+
 /// Days since the epoch for `now_ms`.
 pub fn day_of(now_ms: u64) -> u32 {
     (now_ms / 86_400_000) as u32
@@ -126,6 +163,32 @@ pub fn day_of(now_ms: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_not_yet_saved_are_seen_until_they_are_taken() {
+        let u = Usage::default();
+        for (key, model, day) in [
+            ("k1", "a", 7),
+            ("k1", "b", 7),
+            ("k2", "a", 7),
+            ("k1", "a", 8),
+        ] {
+            u.record(Event {
+                key_id: key,
+                model,
+                day,
+                failure: None,
+                tokens: Tokens::default(),
+            });
+        }
+        let pending = u.pending_of_day(7);
+        assert_eq!(pending["k1"].requests, 2, "both models of day 7");
+        assert_eq!(pending["k2"].requests, 1);
+        assert_eq!(u.pending_of_day(8)["k1"].requests, 1);
+        assert_eq!(of_day(None, &u, 7)["k1"].requests, 2);
+        assert_eq!(u.drain().len(), 4);
+        assert!(u.pending_of_day(7).is_empty());
+    }
 
     #[test]
     fn events_add_up_per_key_model_and_day() {
