@@ -1,10 +1,11 @@
--- Tests of least_loaded.lua (off by default: each test switches it on).
-local on = { least_loaded = { enabled = true } }
+-- Tests of least_loaded.lua (off by default), run alone: `only` switches it on and the others
+-- off.
+local only = { "least_loaded" }
 
 test("takes the key serving the fewest requests", function()
   local r = run {
     request = { model = "gemini-2.5-flash" },
-    plugins = on,
+    only = only,
     pool = { { id = "busy", in_flight = 5 }, { id = "idle" }, { id = "busier", in_flight = 9 } },
   }
   expect.key(r, "idle")
@@ -13,6 +14,6 @@ end)
 
 test("a sample below 1 is refused when the plugin loads", function()
   expect.error(function()
-    run { plugins = { least_loaded = { enabled = true, sample = 0 } } }
+    run { plugins = { least_loaded = { sample = 0 } }, only = only }
   end, "sample must be at least 1")
 end)

@@ -1,26 +1,29 @@
--- Tests of model_alias.lua: `gemgate plugin test` runs them (see README.md, "Testing").
+-- Tests of model_alias.lua: `gemgate plugin test` runs them (see README.md, "The loop").
+-- Each runs this plugin alone (`only`), with the aliases it names: whatever else the config
+-- enables or sets, the tests hold.
 local aliases = { ["gpt-4o"] = "gemini-2.5-flash", ["claude-*"] = "gemini-2.5-pro" }
+local only = { "model_alias" }
 
 test("an exact alias is sent as its model", function()
-  local r = run { request = { model = "gpt-4o" }, settings = { model_aliases = aliases } }
+  local r = run { request = { model = "gpt-4o" }, settings = { model_aliases = aliases }, only = only }
   expect.allowed(r)
   expect.eq(r.model, "gemini-2.5-flash")
   expect.eq(r.rewrite.model, "gemini-2.5-flash")
 end)
 
 test("a pattern alias takes every model it matches", function()
-  local r = run { request = { model = "claude-sonnet-4" }, settings = { model_aliases = aliases } }
+  local r = run { request = { model = "claude-sonnet-4" }, settings = { model_aliases = aliases }, only = only }
   expect.eq(r.model, "gemini-2.5-pro")
 end)
 
 test("a model that is no alias is left alone", function()
-  local r = run { request = { model = "gemini-2.5-flash-lite" }, settings = { model_aliases = aliases } }
+  local r = run { request = { model = "gemini-2.5-flash-lite" }, settings = { model_aliases = aliases }, only = only }
   expect.eq(r.model, "gemini-2.5-flash-lite")
   expect.eq(r.rewrite, nil)
 end)
 
 test("without aliases the plugin has no hook at all", function()
-  local r = run { request = { model = "gpt-4o" } }
+  local r = run { request = { model = "gpt-4o" }, settings = { model_aliases = {} }, only = only }
   expect.eq(r.model, "gpt-4o")
   for _, step in ipairs(r.trace.steps) do expect.ne(step.plugin, "model_alias") end
 end)
@@ -28,8 +31,8 @@ end)
 test("an exact alias is listed beside its model", function()
   local r = run {
     request = { model = "", action = "models.list", method = "GET" },
-    -- No derived models (model_suffixes) in the list, only the alias.
-    settings = { model_aliases = aliases, search_models = {}, image_models = {}, thinking_models = {} },
+    settings = { model_aliases = aliases },
+    only = only,
     models = { { name = "models/gemini-2.5-flash", displayName = "Gemini 2.5 Flash" } },
   }
   expect.eq(#r.models, 2)

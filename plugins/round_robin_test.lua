@@ -1,7 +1,8 @@
--- Tests of round_robin.lua.
+-- Tests of round_robin.lua, run alone (`only`): whatever else the config enables, they hold.
+local only = { "round_robin" }
 
 test("takes a usable key, and says so", function()
-  local r = run { request = { model = "gemini-2.5-flash" } }
+  local r = run { request = { model = "gemini-2.5-flash" }, only = only }
   expect.allowed(r)
   expect.truthy(r.key, "a key is chosen")
   expect.eq(r.chosen_by, "round_robin")
@@ -10,6 +11,7 @@ end)
 test("passes over disabled and cooling keys", function()
   local r = run {
     request = { model = "gemini-2.5-flash" },
+    only = only,
     pool = {
       { id = "dead", state = "disabled" },
       { id = "hot", state = "cooling", cooldown_s = 30 },
@@ -25,6 +27,7 @@ end)
 test("a cooldown for another model does not keep a key out", function()
   local r = run {
     request = { model = "gemini-2.5-flash" },
+    only = only,
     pool = { { id = "a", state = "cooling", cooldown_model = "gemini-2.5-pro" } },
   }
   expect.key(r, "a")
@@ -33,6 +36,7 @@ end)
 test("with every key out there is no key, and why", function()
   local r = run {
     request = { model = "gemini-2.5-flash" },
+    only = only,
     pool = { { id = "a", state = "disabled" }, { id = "b", state = "cooling" } },
   }
   expect.key(r, nil)

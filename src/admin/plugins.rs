@@ -39,10 +39,14 @@ impl Gateway {
         }
         let scenario: Scenario = serde_json::from_value(body)
             .map_err(|e| bad(format!("the body is not a dry-run request: {e}")))?;
-        if scenario.pool.is_some() || !scenario.plugins.is_empty() || scenario.settings.is_some() {
+        if scenario.pool.is_some()
+            || !scenario.plugins.is_empty()
+            || scenario.settings.is_some()
+            || scenario.only.is_some()
+        {
             return Err(bad(
-                "a dry run uses the live pool and settings: leave out pool, plugins and settings \
-                 (a plugin test may set them)",
+                "a dry run uses the live pool, plugins and settings: leave out pool, plugins, \
+                 settings and only (a plugin test may set them)",
             ));
         }
         let policy = generation.policy.clone();

@@ -162,10 +162,14 @@ struct Parts {
 /// Changes a rehearsal makes to a policy's settings (see [`Policy::rehearsal`]).
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// Merged over `[plugins.<name>]`, field by field (`enabled` and `priority` too).
+    /// `[plugins.<name>]` replaced, each whole (`enabled` and `priority` too: unset, the
+    /// plugin's own).
     pub plugins: BTreeMap<String, toml::Table>,
-    /// Merged over `gemgate.settings`.
-    pub settings: Option<serde_json::Value>,
+    /// Settings of `gemgate.settings` replaced, each whole (`model_aliases = {}`: none).
+    pub settings: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Only these plugins run (each switched on), the others are switched off: a test of one
+    /// plugin that holds whatever else the config enables.
+    pub only: Option<Vec<String>>,
 }
 
 /// Rehearsals' generation ids: far above any reload's, so that a worker thread's VMs of the
@@ -318,20 +322,40 @@ impl Policy {
         overrides: &Overrides,
     ) -> Result<Policy, PolicyError> {
         let mut parts = self.parts.clone();
-        for (name, table) in &overrides.plugins {
-            // A misspelt name would leave the plugin it meant untouched, and a test passing.
-            if !parts.sources.iter().any(|s| &s.name == name) {
-                return Err(PolicyError {
+        // A misspelt name would leave the plugin it meant untouched, and a test passing.
+        let known = |name: &String| {
+            if parts.sources.iter().any(|s| &s.name == name) {
+                Ok(())
+            } else {
+                Err(PolicyError {
                     plugin: name.clone(),
                     hook: "config".into(),
-                    message: format!("there is no plugin {name} to set"),
-                });
+                    message: format!("there is no plugin {name}"),
+                })
             }
-            let conf = parts.plugins.entry(name.clone()).or_default();
-            conf.extend(table.clone());
+        };
+        for name in overrides
+            .plugins
+            .keys()
+            .chain(overrides.only.iter().flatten())
+        {
+            known(name)?;
         }
-        if let Some(over) = &overrides.settings {
-            merge(&mut parts.settings, over.clone());
+        for (name, table) in &overrides.plugins {
+            parts.plugins.insert(name.clone(), table.clone());
+        }
+        if let Some(only) = &overrides.only {
+            for source in &parts.sources {
+                let on = only.contains(&source.name);
+                let conf = parts.plugins.entry(source.name.clone()).or_default();
+                conf.insert("enabled".into(), toml::Value::Boolean(on));
+            }
+        }
+        if let (Some(over), Some(settings)) = (&overrides.settings, parts.settings.as_object_mut())
+        {
+            for (k, v) in over {
+                settings.insert(k.clone(), v.clone());
+            }
         }
         Policy::from_parts(
             parts,

@@ -36,10 +36,14 @@ pub struct Scenario {
     pub models: Option<Vec<serde_json::Value>>,
     /// An attempt's outcome to pass to `on_response` (a 2xx `status`) or `on_error`.
     pub attempt: Option<ScenarioAttempt>,
-    /// Test only: changes to `[plugins.<name>]` (`enabled = true` switches a plugin on).
+    /// Test only: `[plugins.<name>]` replaced, each whole (`enabled = true` switches a plugin
+    /// on).
     pub plugins: BTreeMap<String, toml::Table>,
-    /// Test only: changes to `gemgate.settings` (`filtered_models`, `model_aliases`, …).
-    pub settings: Option<serde_json::Value>,
+    /// Test only: settings of `gemgate.settings` replaced, each whole (`filtered_models`,
+    /// `model_aliases`, …).
+    pub settings: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Test only: run only these plugins (each switched on); the others are switched off.
+    pub only: Option<Vec<String>>,
     /// How many times the request is made, one after the other (at most [`MAX_TIMES`]): the
     /// verdict is the last one's. Counters (`gemgate.counter`) and the limits plugins declare
     /// count across them, as for one client's requests within a minute.

@@ -437,6 +437,7 @@ fn rehearse(
     let overrides = Overrides {
         plugins: scenario.plugins.clone(),
         settings: scenario.settings.clone(),
+        only: scenario.only.clone(),
     };
     let policy = base
         .rehearsal(Arc::clone(&pool), &overrides)
@@ -474,6 +475,34 @@ mod tests {
             assert_eq!(report.failed(), 0, "{}", report.text());
             assert!(report.passed() >= 30, "{}", report.text());
         }
+    }
+
+    /// The shipped tests hold whatever the config sets or switches on: an operator's
+    /// `require_tests` must not fail on them for a setting the plugin does not read.
+    #[test]
+    fn the_shipped_tests_hold_under_any_config() {
+        let toml = r#"
+            [models]
+            aliases = { "gpt-4o" = "gemini-2.5-flash", "*" = "gemini-2.5-pro" }
+            filtered = ["gemini-2.5-flash", "gemini-2.5-pro"]
+            search = ["gemini-2.5-pro"]
+            thinking_budget_map = { "gemini-2.5-flash" = 7 }
+            [plugins.sticky_key]
+            enabled = true
+            priority = 1000
+            [plugins.rate_limit]
+            enabled = true
+            requests_per_minute = 1
+            [plugins.model_allowlist]
+            enabled = true
+            default = ["nothing"]
+        "#;
+        let config = crate::config::from_str(toml, "t", &Default::default()).unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
+        let report = test_folder(&config, Some(&dir)).unwrap();
+        assert_eq!(report.failed(), 0, "{}", report.text());
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plugins");
+        assert_eq!(test_folder(&config, Some(&example)).unwrap().failed(), 0);
     }
 
     /// The worked example of plugins/README.md, as it is shipped.
