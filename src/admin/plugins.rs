@@ -25,7 +25,7 @@ const MAX_SOURCE: usize = 256 * 1024;
 impl Gateway {
     /// `POST /admin/api/policy/dry-run`: the request in the body (a scenario without `pool`,
     /// `plugins` or `settings`: it runs against the live pool and config; or the bare request)
-    /// through a rehearsal of the live plugins.
+    /// through a rehearsal of the live plugins, their counters as the live ones are.
     pub(super) async fn dry_run(
         &self,
         generation: &Generation,
@@ -53,8 +53,12 @@ impl Gateway {
         let pool = generation.pool.clone();
         // Loading the plugins again is blocking work.
         let verdict = tokio::task::spawn_blocking(move || {
+            let live = Overrides {
+                live_counters: true,
+                ..Overrides::default()
+            };
             let rehearsal = policy
-                .rehearsal(pool, &Overrides::default())
+                .rehearsal(pool, &live)
                 .map_err(|e| GateError::new(500, format!("the plugins do not load: {e}")))?;
             let deadline = std::time::Instant::now() + DRY_RUN_TIME;
             simulate(&rehearsal, &scenario, deadline).map_err(|e| bad(e.to_string()))

@@ -39,6 +39,13 @@ pub trait CounterStore: Send + Sync {
 
     /// The counter's value now (0 if it does not exist or its window has ended).
     fn get(&self, plugin: &str, name: &str, now_ms: u64) -> i64;
+
+    /// The counter's value and the end of its window (0: none), if it exists and its window
+    /// is open.
+    fn peek(&self, plugin: &str, name: &str, now_ms: u64) -> Option<(i64, u64)> {
+        let value = self.get(plugin, name, now_ms);
+        (value != 0).then_some((value, 0))
+    }
 }
 
 /// One counter. A plugin's handle keeps it, so counting takes no lookup by name.
@@ -155,12 +162,71 @@ impl CounterStore for Counters {
     }
 
     fn get(&self, plugin: &str, name: &str, now_ms: u64) -> i64 {
+        self.peek(plugin, name, now_ms)
+            .map_or(0, |(value, _)| value)
+    }
+
+    fn peek(&self, plugin: &str, name: &str, now_ms: u64) -> Option<(i64, u64)> {
+        let cell = *self
+            .find(plugin, name)?
+            .cell
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        cell.live(now_ms)
+            .then_some((cell.value, cell.window_end_ms))
+    }
+}
+
+impl Counters {
+    /// The counter `name` of `plugin`, if it was made.
+    fn find(&self, plugin: &str, name: &str) -> Option<Arc<Slot>> {
         let cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
-        cells
-            .by_plugin
-            .get(plugin)
-            .and_then(|m| m.get(name))
-            .map_or(0, |slot| slot.get(now_ms))
+        cells.by_plugin.get(plugin)?.get(name).cloned()
+    }
+}
+
+/// Counters that start as copies of another store's and keep their changes to themselves: a
+/// dry run sees what the live counters hold, and changes none of them.
+pub struct Shadow {
+    live: Arc<dyn CounterStore>,
+    own: Counters,
+}
+
+impl Shadow {
+    pub fn over(live: Arc<dyn CounterStore>) -> Shadow {
+        Shadow {
+            live,
+            own: Counters::default(),
+        }
+    }
+}
+
+impl CounterStore for Shadow {
+    fn slot(
+        &self,
+        plugin: &str,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<Arc<dyn CounterSlot>, &'static str> {
+        let fresh = self.own.find(plugin, name).is_none();
+        let slot = self.own.slot(plugin, name, now_ms)?;
+        if fresh
+            && let Some((value, window_end_ms)) = self.live.peek(plugin, name, now_ms)
+            && let Some(own) = self.own.find(plugin, name)
+        {
+            *own.cell.lock().unwrap_or_else(|e| e.into_inner()) = Cell {
+                value,
+                window_end_ms,
+            };
+        }
+        Ok(slot)
+    }
+
+    fn get(&self, plugin: &str, name: &str, now_ms: u64) -> i64 {
+        match self.own.peek(plugin, name, now_ms) {
+            Some((value, _)) => value,
+            None => self.live.get(plugin, name, now_ms),
+        }
     }
 }
 
@@ -182,6 +248,32 @@ mod tests {
                 .slot(plugin, name, now_ms)?
                 .incr(n, window_s, &|| now_ms))
         }
+    }
+
+    #[test]
+    fn a_shadow_starts_from_the_live_counters_and_leaves_them_alone() {
+        let live = Arc::new(Counters::default());
+        live.incr("p", "day", 5, Some(60.0), 1000).unwrap();
+        let shadow = Shadow::over(live.clone());
+        let slot = shadow.slot("p", "day", 2000).unwrap();
+        assert_eq!(
+            slot.incr(1, Some(60.0), &|| 2000),
+            6,
+            "the live value, and its window"
+        );
+        assert_eq!(shadow.get("p", "day", 2000), 6);
+        assert_eq!(
+            live.get("p", "day", 2000),
+            5,
+            "the live counter is untouched"
+        );
+        assert_eq!(
+            slot.incr(1, Some(60.0), &|| 61_000),
+            1,
+            "the live window ended"
+        );
+        assert_eq!(shadow.slot("p", "new", 0).unwrap().incr(1, None, &|| 0), 1);
+        assert_eq!(live.get("p", "new", 0), 0);
     }
 
     #[test]

@@ -170,6 +170,9 @@ pub struct Overrides {
     /// Only these plugins run (each switched on), the others are switched off: a test of one
     /// plugin that holds whatever else the config enables.
     pub only: Option<Vec<String>>,
+    /// Counters start as the live ones are (a dry run), rather than at zero (a test); either
+    /// way the live ones are never changed.
+    pub live_counters: bool,
 }
 
 /// Rehearsals' generation ids: far above any reload's, so that a worker thread's VMs of the
@@ -357,13 +360,12 @@ impl Policy {
                 settings.insert(k.clone(), v.clone());
             }
         }
-        Policy::from_parts(
-            parts,
-            next_rehearsal_id(),
-            pool,
-            Arc::new(super::counters::Counters::default()),
-            Arc::default(),
-        )
+        let counters: Arc<dyn CounterStore> = if overrides.live_counters {
+            Arc::new(super::counters::Shadow::over(self.counters.clone()))
+        } else {
+            Arc::new(super::counters::Counters::default())
+        };
+        Policy::from_parts(parts, next_rehearsal_id(), pool, counters, Arc::default())
     }
 
     /// This policy's folder as it is on disk now, with one plugin file's code replaced (or
@@ -956,6 +958,28 @@ struct Hook {
     takes_ctx: bool,
 }
 
+impl Hook {
+    /// The per-call hooks `plugin` has, each timed in `timings`.
+    fn all_of(plugin: &Plugin, timings: &Timings) -> Vec<Hook> {
+        HOOKS
+            .iter()
+            .filter(|&&h| h != "init")
+            .filter_map(|&name| {
+                let f = plugin.hook(name)?;
+                let info = f.info();
+                let takes_ctx = info.num_params >= 2 || info.is_vararg;
+                let timing = timings.of(&plugin.name, name);
+                Some(Hook {
+                    name,
+                    f,
+                    timing,
+                    takes_ctx,
+                })
+            })
+            .collect()
+    }
+}
+
 impl Live {
     fn hook(&self, hook: &str) -> Option<&Hook> {
         self.hooks.iter().find(|h| h.name == hook)
@@ -1020,22 +1044,7 @@ impl Engine {
                 plugin.reread_models()?;
             }
             // Read after `init`, which may have removed some.
-            let hooks = HOOKS
-                .iter()
-                .filter(|&&h| h != "init")
-                .filter_map(|&name| {
-                    let f = plugin.hook(name)?;
-                    let info = f.info();
-                    let takes_ctx = info.num_params >= 2 || info.is_vararg;
-                    let timing = policy.stats.timings.of(&plugin.name, name);
-                    Some(Hook {
-                        name,
-                        f,
-                        timing,
-                        takes_ctx,
-                    })
-                })
-                .collect();
+            let hooks = Hook::all_of(&plugin, &policy.stats.timings);
             live.push(Live {
                 plugin,
                 conf,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::engine::{AttemptDecision, AttemptInfo, Policy, RequestInfo, Shared};
+use super::engine::{AttemptDecision, AttemptInfo, Denial, Policy, RequestInfo, Shared};
 use super::trace::{KeyNote, Trace, key_notes};
 use crate::config::{KeySpec, Secret};
 use crate::keys::{KeyPool, KeyRegistry, Lease, Pick};
@@ -305,6 +305,76 @@ fn simulate_once(
 ) -> Result<Verdict, BadScenario> {
     let req = &scenario.request;
     check_request(req)?;
+    let mut shared = Shared::traced();
+    let mut verdict = Verdict {
+        model: req.model.clone(),
+        limits: policy
+            .limits_for(&req.model)
+            .map(|l| LimitView {
+                plugin: l.plugin.clone(),
+                per_minute: l.limit.rpm_for(&req.client),
+            })
+            .collect(),
+        ..Verdict::default()
+    };
+    verdict.denied = over_limit(&verdict.limits, counted, &req.client);
+    if verdict.denied.is_none() {
+        on_request(policy, req, &mut verdict, &mut shared)?;
+    }
+    if verdict.denied.is_none() {
+        choose(policy, &mut verdict, req, &mut shared);
+        if let Some(models) = &scenario.models {
+            if models.len() > MAX_MODELS {
+                return Err(BadScenario(format!("at most {MAX_MODELS} models")));
+            }
+            match policy.filter_models(models.clone(), &req.client, &req.id, &mut shared) {
+                Ok(list) => verdict.models = Some(list),
+                Err(d) => verdict.denied = Some(d.into()),
+            }
+        }
+        if let Some(attempt) = &scenario.attempt {
+            after_attempt(policy, &mut verdict, req, attempt, &mut shared)?;
+        }
+    }
+    verdict.trace = shared.with_trace(Trace::clone).unwrap_or_default();
+    Ok(verdict)
+}
+
+/// The declared limits, counted as the request path counts them (before `on_request`): the
+/// refusal of the first one past its rate.
+fn over_limit(
+    limits: &[LimitView],
+    counted: &mut BTreeMap<String, u64>,
+    client: &str,
+) -> Option<Denied> {
+    for limit in limits {
+        let n = counted.entry(limit.plugin.clone()).or_default();
+        *n += 1;
+        if *n > limit.per_minute {
+            return Some(Denied {
+                status: 429,
+                message: format!(
+                    "rate limit: {} requests per minute for {client}",
+                    limit.per_minute
+                ),
+            });
+        }
+    }
+    None
+}
+
+/// `on_request` over the scenario's request: its refusal, or the rewrite (and the body with
+/// it) in `verdict`.
+fn on_request(
+    policy: &Policy,
+    req: &ScenarioRequest,
+    verdict: &mut Verdict,
+    shared: &mut Shared,
+) -> Result<(), BadScenario> {
+    if !policy.has_on_request(&req.model) {
+        verdict.body.clone_from(&req.body);
+        return Ok(());
+    }
     let headers = header_map(&req.headers)?;
     let path = req.path.clone().unwrap_or_else(|| {
         if req.model.is_empty() {
@@ -322,18 +392,6 @@ fn simulate_once(
             )));
         }
     };
-    let mut shared = Shared::traced();
-    let mut verdict = Verdict {
-        model: req.model.clone(),
-        limits: policy
-            .limits_for(&req.model)
-            .map(|l| LimitView {
-                plugin: l.plugin.clone(),
-                per_minute: l.limit.rpm_for(&req.client),
-            })
-            .collect(),
-        ..Verdict::default()
-    };
     let info = RequestInfo {
         id: &req.id,
         method: &req.method,
@@ -345,88 +403,51 @@ fn simulate_once(
         client: &req.client,
         headers: &headers,
     };
-    // The declared limits, counted as the request path counts them (before `on_request`).
-    for limit in &verdict.limits {
-        let n = counted.entry(limit.plugin.clone()).or_default();
-        *n += 1;
-        if *n > limit.per_minute {
-            verdict.denied = Some(Denied {
-                status: 429,
-                message: format!(
-                    "rate limit: {} requests per minute for {}",
-                    limit.per_minute, req.client
-                ),
-            });
-            return Ok(verdict);
-        }
-    }
-    let rewrite = if policy.has_on_request(&req.model) {
-        policy.on_request(&info, &mut shared)
-    } else {
-        Ok(Default::default())
-    };
-    match rewrite {
+    let rewrite = match policy.on_request(&info, shared) {
+        Ok(rewrite) => rewrite,
         Err(d) => {
-            verdict.denied = Some(Denied {
-                status: d.status,
-                message: d.message,
-            });
+            verdict.denied = Some(d.into());
+            return Ok(());
         }
-        Ok(rewrite) => {
-            if let Some(m) = &rewrite.model {
-                verdict.model.clone_from(m);
-            }
-            if let Some(body) = &req.body {
-                let mut body = body.clone();
-                match rewrite.apply(&mut body) {
-                    Ok(()) => verdict.body = Some(body),
-                    Err(m) => {
-                        verdict.denied = Some(Denied {
-                            status: 400,
-                            message: m.into(),
-                        });
-                    }
-                }
-            }
-            let changed =
-                rewrite.model.is_some() || !rewrite.headers.is_empty() || rewrite.touches_body();
-            if changed {
-                verdict.rewrite = Some(RewriteView {
-                    model: rewrite.model,
-                    headers: rewrite
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
-                        .collect(),
-                    generation_config: rewrite.generation_config,
-                    generation_config_defaults: rewrite.generation_config_defaults,
-                    tools: rewrite.tools,
+    };
+    if let Some(m) = &rewrite.model {
+        verdict.model.clone_from(m);
+    }
+    if let Some(body) = &req.body {
+        let mut body = body.clone();
+        match rewrite.apply(&mut body) {
+            Ok(()) => verdict.body = Some(body),
+            Err(m) => {
+                verdict.denied = Some(Denied {
+                    status: 400,
+                    message: m.into(),
                 });
             }
         }
     }
-    if verdict.denied.is_none() {
-        choose(policy, &mut verdict, req, &mut shared);
-        if let Some(models) = &scenario.models {
-            if models.len() > MAX_MODELS {
-                return Err(BadScenario(format!("at most {MAX_MODELS} models")));
-            }
-            match policy.filter_models(models.clone(), &req.client, &req.id, &mut shared) {
-                Ok(list) => verdict.models = Some(list),
-                Err(d) => {
-                    verdict.denied = Some(Denied {
-                        status: d.status,
-                        message: d.message,
-                    });
-                }
-            }
-        }
-        if let Some(attempt) = &scenario.attempt {
-            after_attempt(policy, &mut verdict, req, attempt, &mut shared)?;
+    if rewrite.model.is_some() || !rewrite.headers.is_empty() || rewrite.touches_body() {
+        verdict.rewrite = Some(RewriteView {
+            headers: rewrite
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
+                .collect(),
+            model: rewrite.model,
+            generation_config: rewrite.generation_config,
+            generation_config_defaults: rewrite.generation_config_defaults,
+            tools: rewrite.tools,
+        });
+    }
+    Ok(())
+}
+
+impl From<Denial> for Denied {
+    fn from(d: Denial) -> Denied {
+        Denied {
+            status: d.status,
+            message: d.message,
         }
     }
-    verdict.trace = shared.with_trace(Trace::clone).unwrap_or_default();
-    Ok(verdict)
 }
 
 /// The key choice for the scenario's (rewritten) model: `select_key` plugins, else the
@@ -452,10 +473,7 @@ fn choose(policy: &Policy, verdict: &mut Verdict, req: &ScenarioRequest, shared:
             }
             Ok(_) => {}
             Err(d) => {
-                verdict.denied = Some(Denied {
-                    status: d.status,
-                    message: d.message,
-                });
+                verdict.denied = Some(d.into());
                 return;
             }
         }
@@ -537,12 +555,7 @@ fn after_attempt(
                 },
             });
         }
-        Err(d) => {
-            verdict.denied = Some(Denied {
-                status: d.status,
-                message: d.message,
-            });
-        }
+        Err(d) => verdict.denied = Some(d.into()),
     }
     Ok(())
 }

@@ -14,7 +14,7 @@
 //! end)
 //! ```
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -325,29 +325,8 @@ fn run_file(
         Ok(vm) => vm,
         Err(e) => return failed("(load)", e.message),
     };
-    let lua = vm.lua();
-    let declared: Rc<RefCell<Vec<(String, mlua::Function)>>> = Rc::default();
-    let loading = Rc::new(RefCell::new(true));
-    let scoped = lua.scope(|scope| {
-        let test = {
-            let declared = declared.clone();
-            let loading = loading.clone();
-            scope.create_function(move |_, (name, f): (String, mlua::Function)| {
-                if !*loading.borrow() {
-                    return Err(mlua::Error::runtime(
-                        "test() declares a test when the file loads, not inside a test",
-                    ));
-                }
-                let mut declared = declared.borrow_mut();
-                if declared.len() >= MAX_TESTS {
-                    return Err(mlua::Error::runtime(format!(
-                        "a file declares at most {MAX_TESTS} tests"
-                    )));
-                }
-                declared.push((name, f));
-                Ok(())
-            })?
-        };
+    let declared = Declared::default();
+    let scoped = vm.lua().scope(|scope| {
         let run = scope.create_function(|lua, scenario: Value| {
             // Rust's part of a run is not under the VM's clock: it gets one of its own.
             let deadline = Instant::now() + TEST_LIMITS.time;
@@ -358,48 +337,22 @@ fn run_file(
                 .serialize_unit_to_null(false);
             lua.to_value_with(&verdict, options)
         })?;
-        // In the sandbox too: its `pcall` (in `expect.error`) must not catch a spent budget.
-        let assertions = PluginSource {
-            name: "expect".into(),
-            path: "expect".into(),
-            code: EXPECT.into(),
-        };
-        let expect = match vm.script(&assertions, &[]) {
-            Ok(expect) => expect,
-            Err(e) => return Ok(Err(e)),
-        };
-        let globals = [
-            ("test", Value::Function(test)),
-            ("run", Value::Function(run)),
-            ("expect", expect),
-        ];
-        if let Err(e) = vm.script(file, &globals) {
-            return Ok(Err(e));
-        }
-        let name: Rc<str> = Rc::from(file.name.as_str());
-        let mut results = Vec::new();
-        // Taken whole: a test that declares another (an error, see `test`) finds it empty.
-        let tests = std::mem::take(&mut *declared.borrow_mut());
-        *loading.borrow_mut() = false;
-        for (test, f) in tests {
-            let outcome = vm.invoke::<()>(&name, "test", &f, ());
-            let failure = outcome.err().map(|e| {
-                let m = e.message;
-                m.strip_prefix("runtime error: ")
-                    .map_or(m.clone(), str::to_owned)
-            });
-            results.push((test, failure));
-        }
-        Ok(Ok(results))
+        let loaded = assertions(&vm).and_then(|expect| {
+            let globals = [
+                ("test", Value::Function(declared.function(vm.lua())?)),
+                ("run", Value::Function(run)),
+                ("expect", expect),
+            ];
+            vm.script(file, &globals)
+        });
+        Ok(loaded.map(|_| run_declared(&vm, &file.name, &declared)))
     });
     match scoped {
+        Ok(Ok(results)) if results.is_empty() => failed(
+            "(file)",
+            "declares no test: call test(name, function)".into(),
+        ),
         Ok(Ok(results)) => {
-            if results.is_empty() {
-                return failed(
-                    "(file)",
-                    "declares no test: call test(name, function)".into(),
-                );
-            }
             for (name, failure) in results {
                 report.results.push(TestResult {
                     file: shown.clone(),
@@ -410,6 +363,76 @@ fn run_file(
         }
         Ok(Err(e)) => failed("(load)", e.message),
         Err(e) => failed("(load)", e.to_string()),
+    }
+}
+
+/// The tests a file declares with `test(name, function)` while it loads.
+#[derive(Default)]
+struct Declared {
+    tests: Rc<RefCell<Vec<(String, mlua::Function)>>>,
+    /// Cleared once the file has loaded: a test may not declare another.
+    loading: Rc<Cell<bool>>,
+}
+
+impl Declared {
+    /// The file's `test` function.
+    fn function(&self, lua: &mlua::Lua) -> Result<mlua::Function, PolicyError> {
+        let (tests, loading) = (self.tests.clone(), self.loading.clone());
+        loading.set(true);
+        lua.create_function(move |_, (name, f): (String, mlua::Function)| {
+            if !loading.get() {
+                return Err(mlua::Error::runtime(
+                    "test() declares a test when the file loads, not inside a test",
+                ));
+            }
+            let mut tests = tests.borrow_mut();
+            if tests.len() >= MAX_TESTS {
+                return Err(mlua::Error::runtime(format!(
+                    "a file declares at most {MAX_TESTS} tests"
+                )));
+            }
+            tests.push((name, f));
+            Ok(())
+        })
+        .map_err(|e| host_error(&e))
+    }
+}
+
+/// Runs the tests `declared`, each under the limits: its name, and its failure.
+fn run_declared(vm: &Vm, file: &str, declared: &Declared) -> Vec<(String, Option<String>)> {
+    let name: Rc<str> = Rc::from(file);
+    // Taken whole: a test that declares another (an error, see `Declared`) finds none here.
+    let tests = std::mem::take(&mut *declared.tests.borrow_mut());
+    declared.loading.set(false);
+    tests
+        .into_iter()
+        .map(|(test, f)| {
+            let failure = vm.invoke::<()>(&name, "test", &f, ()).err().map(|e| {
+                let m = e.message;
+                m.strip_prefix("runtime error: ")
+                    .map_or(m.clone(), str::to_owned)
+            });
+            (test, failure)
+        })
+        .collect()
+}
+
+/// The `expect` table, made in the sandbox too: its `pcall` (in `expect.error`) must not
+/// catch a spent budget.
+fn assertions(vm: &Vm) -> Result<Value, PolicyError> {
+    let source = PluginSource {
+        name: "expect".into(),
+        path: "expect".into(),
+        code: EXPECT.into(),
+    };
+    vm.script(&source, &[])
+}
+
+fn host_error(e: &mlua::Error) -> PolicyError {
+    PolicyError {
+        plugin: "-".into(),
+        hook: "test".into(),
+        message: e.to_string(),
     }
 }
 
@@ -438,6 +461,7 @@ fn rehearse(
         plugins: scenario.plugins.clone(),
         settings: scenario.settings.clone(),
         only: scenario.only.clone(),
+        live_counters: false,
     };
     let policy = base
         .rehearsal(Arc::clone(&pool), &overrides)

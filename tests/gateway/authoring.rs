@@ -493,3 +493,52 @@ async fn the_built_in_plugins_are_read_only() {
     .await;
     assert_eq!(status, 409, "{v}");
 }
+
+/// Two calls a client, counted in a plugin counter.
+const BUDGET: &str = r#"
+return {
+  name = "budget",
+  on_request = function(req)
+    if gemgate.counter("c:" .. req.client):incr() > 2 then return gemgate.deny(429, "budget") end
+  end,
+}
+"#;
+
+#[tokio::test]
+async fn a_dry_run_sees_the_live_counters_and_changes_none() {
+    let fake = fake().await;
+    let gate = gate()
+        .upstream(&fake, &["key-1"])
+        .plugin("budget", BUDGET)
+        .admin()
+        .start()
+        .await;
+    let (status, _, _) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 200);
+    wait_logged(&gate, 1).await;
+    let (_, logs) = admin(Method::GET, &gate, "/admin/api/logs/requests", None).await;
+    let client = logs["rows"][0]["record"]["client"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dry = || {
+        admin(
+            Method::POST,
+            &gate,
+            "/admin/api/policy/dry-run",
+            Some(serde_json::json!({ "request": { "client": client } })),
+        )
+    };
+    for _ in 0..3 {
+        let (status, v) = dry().await;
+        assert_eq!((status, v["denied"].clone()), (200, Value::Null), "{v}");
+    }
+    // The dry runs counted nothing: the second call is still within the budget.
+    let (status, _, _) = post(&gate, GENERATE, &ask("hi")).await;
+    assert_eq!(status, 200);
+    let (_, v) = dry().await;
+    assert_eq!(
+        v["denied"]["status"], 429,
+        "the third would be refused: {v}"
+    );
+}
