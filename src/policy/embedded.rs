@@ -5,34 +5,20 @@ use std::path::PathBuf;
 
 use super::PluginSource;
 
+/// The shipped plugins and their tests, by name: `SHIPPED` and `SHIPPED_TESTS`, (name, code)
+/// of every `plugins/<name>.lua` and `plugins/<name>_test.lua` (each shipped plugin has one).
 macro_rules! shipped {
     ($($name:literal),* $(,)?) => {
-        &[$(($name, include_str!(concat!("../../plugins/", $name, ".lua")))),*]
+        const SHIPPED: &[(&str, &str)] =
+            &[$(($name, include_str!(concat!("../../plugins/", $name, ".lua")))),*];
+        const SHIPPED_TESTS: &[(&str, &str)] = &[$((
+            concat!($name, "_test"),
+            include_str!(concat!("../../plugins/", $name, "_test.lua")),
+        )),*];
     };
 }
 
-macro_rules! shipped_tests {
-    ($($name:literal),* $(,)?) => {
-        &[$((concat!($name, "_test"), include_str!(concat!("../../plugins/", $name, "_test.lua")))),*]
-    };
-}
-
-/// (name, code) of every plugin in `plugins/`.
-const SHIPPED: &[(&str, &str)] = shipped!(
-    "least_loaded",
-    "model_alias",
-    "model_allowlist",
-    "model_filter",
-    "model_suffixes",
-    "rate_limit",
-    "round_robin",
-    "sticky_key",
-    "thinking_budget",
-    "weighted_tags",
-);
-
-/// (name, code) of every test file in `plugins/`: each shipped plugin has one.
-const SHIPPED_TESTS: &[(&str, &str)] = shipped_tests!(
+shipped!(
     "least_loaded",
     "model_alias",
     "model_allowlist",

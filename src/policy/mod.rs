@@ -389,18 +389,7 @@ impl Vm {
             hook: "load".into(),
             message,
         };
-        // Each plugin has its own globals and its own read-only views of the libraries and
-        // the host table: nothing one plugin does to them reaches another.
-        let env: Table = self
-            .make_env
-            .call(())
-            .map_err(|e: mlua::Error| fail(e.to_string()))?;
-        let chunk = self
-            .lua
-            .load(&src.code)
-            .set_name(format!("@{}", src.path.display()))
-            .set_environment(env);
-        let value: Value = self.guarded(|| chunk.eval()).map_err(|e| fail(clean(&e)))?;
+        let value = self.script(src, &[])?;
         let Value::Table(table) = value else {
             return Err(fail("the file must return a table".into()));
         };
@@ -442,8 +431,10 @@ impl Vm {
         })
     }
 
-    /// Runs a script that is not a plugin (a plugin test file) in an environment of its own,
-    /// with `globals` added to it, under the limits; returns what it returns.
+    /// Runs a file (a plugin's, a plugin test's) in an environment of its own, with `globals`
+    /// added to it, under the limits; returns what it returns. Each file has its own globals
+    /// and its own read-only views of the libraries and the host table: nothing one does to
+    /// them reaches another.
     pub fn script(
         &self,
         src: &PluginSource,

@@ -334,15 +334,7 @@ async fn each_hooks_cost_is_in_the_metrics_and_on_the_plugins_page() {
         let (status, _, _) = post(&gate, GENERATE, &ask("hi")).await;
         assert_eq!(status, 200);
     }
-    let metrics = client()
-        .get(gate.url("/metrics"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gate).await;
     let count = metrics
         .lines()
         .find(|l| {

@@ -459,6 +459,16 @@ pub async fn admin(
     (status, resp.json().await.unwrap())
 }
 
+/// `/metrics`, asked for with the admin token ([`ADMIN`]).
+pub async fn metrics_text(gate: &Gate) -> String {
+    let resp = client()
+        .get(gate.url("/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await;
+    resp.unwrap().text().await.unwrap()
+}
+
 /// An admin page's HTML, asked for with the admin token ([`ADMIN`]).
 pub async fn admin_page(gate: &Gate, path: &str) -> String {
     let resp = client().get(gate.url(path)).bearer_auth(ADMIN).send().await;

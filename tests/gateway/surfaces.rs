@@ -142,15 +142,7 @@ async fn batches_and_their_results_stay_on_their_key_with_the_sdk() {
     let holders: std::collections::HashSet<_> = downloads.iter().map(|r| r.key.clone()).collect();
     assert_eq!(holders.len(), 1, "{holders:?}");
     // Batch traffic is counted apart.
-    let metrics = client()
-        .get(gate.url("/metrics"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gate).await;
     assert!(metrics.contains(r#"route="batch""#), "{metrics}");
 }
 
