@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,47 +20,18 @@ pub const BUCKETS: [f64; 14] = [
     2e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
 ];
 
-/// The durations of one plugin's one hook, since the start: counted in shards by worker
-/// thread (each shard a cache line of its own), so that threads calling the same hook do not
-/// pass its counts' cache line to and fro on every call.
+/// The durations of one plugin's one hook, since the start.
 #[derive(Debug, Default)]
-pub struct HookTiming {
-    shards: [TimingShard; crate::shard::SHARDS],
-}
-
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct TimingShard {
-    /// Calls per bucket (not cumulative); the last is `+Inf`.
-    buckets: [AtomicU64; BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
-}
+pub struct HookTiming(crate::metrics::Buckets<{ BUCKETS.len() + 1 }>);
 
 impl HookTiming {
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = BUCKETS
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(BUCKETS.len());
-        let shard = &self.shards[crate::shard::of_thread()];
-        shard.buckets[i].fetch_add(1, Relaxed);
-        shard
-            .sum_nanos
-            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        self.0.observe(&BUCKETS, d);
     }
 
     /// Calls per bucket (the last is `+Inf`), and the sum of their durations in seconds.
     pub fn snapshot(&self) -> (Vec<u64>, f64) {
-        let mut counts = vec![0; BUCKETS.len() + 1];
-        let mut nanos = 0u64;
-        for shard in &self.shards {
-            for (c, b) in counts.iter_mut().zip(&shard.buckets) {
-                *c += b.load(Relaxed);
-            }
-            nanos = nanos.saturating_add(shard.sum_nanos.load(Relaxed));
-        }
-        (counts, nanos as f64 / 1e9)
+        self.0.snapshot()
     }
 
     /// The `q` quantile (0 < q < 1) in seconds, by linear interpolation within its bucket
