@@ -561,6 +561,17 @@ pub async fn key_states(gate: &Gate) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The status and HTML of admin page `path`, with the session cookie `cookie` (may be empty).
+pub async fn session_page(gate: &Gate, cookie: &str, path: &str) -> (u16, String) {
+    let resp = no_redirects()
+        .get(gate.url(path))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
 /// A client that shows redirects instead of following them, as the admin login answers.
 pub fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder()
@@ -586,15 +597,7 @@ pub async fn admin_login(gate: &Gate) -> (String, String) {
         .next()
         .unwrap()
         .to_owned();
-    let page = no_redirects()
-        .get(gate.url("/admin"))
-        .header("cookie", cookie.clone())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, page) = session_page(gate, &cookie, "/admin").await;
     let csrf = page
         .split("name=\"csrf-token\" content=\"")
         .nth(1)

@@ -480,15 +480,7 @@ async fn admin_edits_and_sessions_apply_on_every_instance_and_secrets_stay_seale
         with_cookie(&b, &cookie, "/admin/api/fleet").await == 200
     })
     .await;
-    let page = no_redirects()
-        .get(a.url("/admin"))
-        .header("cookie", cookie.clone())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, page) = session_page(&a, &cookie, "/admin").await;
     assert!(
         page.contains("Fleet: this is a"),
         "the dashboard shows the fleet"

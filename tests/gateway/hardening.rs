@@ -1271,16 +1271,7 @@ async fn no_secret_reaches_an_answer_or_the_log() {
         );
     }
     for page in ["/admin/settings", "/admin/keys"] {
-        let html = client()
-            .get(gate.url(page))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        answers.push_str(&html);
+        answers.push_str(&admin_page(&gate, page).await);
     }
     let logs = gate.logs();
     for secret in [

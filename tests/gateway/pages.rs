@@ -6,18 +6,10 @@ use std::time::Instant;
 use reqwest::{Method, StatusCode};
 
 use crate::common::*;
+use crate::common::{no_redirects as browser, session_page as page};
 
 const KEY_A: &str = "AIzaSyAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 const KEY_B: &str = "AIzaSyBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB";
-
-/// A client that shows redirects instead of following them.
-fn browser() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
 
 /// Posts `form` to `path` as a browser would, with the session cookie `cookie` (may be empty).
 async fn submit(gate: &Gate, path: &str, cookie: &str, form: &[(&str, &str)]) -> reqwest::Response {
@@ -61,16 +53,6 @@ async fn login(gate: &Gate) -> Session {
         .to_owned();
     assert_eq!(csrf.len(), 64);
     Session { cookie, csrf }
-}
-
-async fn page(gate: &Gate, cookie: &str, path: &str) -> (u16, String) {
-    let resp = browser()
-        .get(gate.url(path))
-        .header("cookie", cookie)
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
 async fn admin_gate(keys: &[&str]) -> (FakeUpstream, Gate) {
