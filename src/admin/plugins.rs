@@ -103,10 +103,8 @@ impl Gateway {
         name: &str,
         raw: &[u8],
     ) -> Result<Value, GateError> {
-        let source = edited_source(generation, name, raw)?;
-        let policy = generation.policy.clone();
-        let quota = generation.config.quota.clone();
-        let checked = tokio::task::spawn_blocking(move || check_edit(&policy, &quota, source))
+        let edit = Edit::of(generation, name, raw)?;
+        let checked = tokio::task::spawn_blocking(move || edit.check())
             .await
             .map_err(|_| GateError::new(500, "the check failed"))?;
         Ok(serde_json::to_value(checked).unwrap_or_default())
@@ -120,11 +118,7 @@ impl Gateway {
         name: &str,
         raw: &[u8],
     ) -> Result<Value, GateError> {
-        let source = edited_source(generation, name, raw)?;
-        let path = source.path.clone();
-        let code = source.code.clone();
-        let policy = generation.policy.clone();
-        let quota = generation.config.quota.clone();
+        let edit = Edit::of(generation, name, raw)?;
         let require_tests = generation.config.policy.require_tests;
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
@@ -133,13 +127,14 @@ impl Gateway {
                 // One edit at a time, each checked against the folder as the one before left
                 // it: two saves at once cannot make a folder that does not load.
                 let _edit = state.edits.lock().unwrap_or_else(|e| e.into_inner());
-                let checked = check_edit(&policy, &quota, source);
+                let checked = edit.check();
                 let mut answer = serde_json::to_value(&checked).unwrap_or_default();
                 if !checked.loads || (require_tests && checked.failed > 0) {
                     answer["saved"] = json!(false);
                     return Ok(answer);
                 }
-                crate::config::edit::write_atomic(&path, &code)
+                let path = &edit.source.path;
+                crate::config::edit::write_atomic(path, &edit.source.code)
                     .map_err(|e| GateError::new(500, e))?;
                 tracing::info!(file = %path.display(), "plugin file saved from the admin page");
                 answer["saved"] = json!(true);
@@ -176,6 +171,29 @@ fn reload_after(state: &crate::app::State, before: Option<u64>) -> Value {
 
 /// How long a save waits for the watcher's reload.
 const WATCHER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// An edit of the plugin file `{name}.lua`, with what checking it needs.
+struct Edit {
+    source: PluginSource,
+    policy: std::sync::Arc<crate::policy::engine::Policy>,
+    quota: crate::config::quota::QuotaLimits,
+}
+
+impl Edit {
+    /// The body's `{"code"}` as `{name}.lua` of the serving generation's plugins folder.
+    fn of(generation: &Generation, name: &str, raw: &[u8]) -> Result<Edit, GateError> {
+        Ok(Edit {
+            source: edited_source(generation, name, raw)?,
+            policy: generation.policy.clone(),
+            quota: generation.config.quota.clone(),
+        })
+    }
+
+    /// Whether the plugins load with it, and the folder's tests (blocking work).
+    fn check(&self) -> crate::policy::testing::EditCheck {
+        check_edit(&self.policy, &self.quota, &self.source)
+    }
+}
 
 /// The plugin file `{name}.lua` of the plugins folder with the body's `{"code"}`.
 fn edited_source(

@@ -260,20 +260,19 @@ pub struct EditCheck {
 pub fn check_edit(
     policy: &Policy,
     quota: &crate::config::quota::QuotaLimits,
-    edited: PluginSource,
+    edited: &PluginSource,
 ) -> EditCheck {
     let mut files = test_sources(policy.dir()).unwrap_or_default();
-    let (loaded, test) = if is_test(&edited.name) {
-        (Ok(None), Some(edited.clone()))
-    } else {
-        (policy.edited(edited.clone()).map(Some), None)
-    };
-    if let Some(test) = test {
-        match files.iter_mut().find(|f| f.name == test.name) {
-            Some(f) => *f = test,
-            None => files.push(test),
+    // An edited test runs in its file's place; an edited plugin, in a policy of its own.
+    let loaded = if is_test(&edited.name) {
+        match files.iter_mut().find(|f| f.name == edited.name) {
+            Some(f) => *f = edited.clone(),
+            None => files.push(edited.clone()),
         }
-    }
+        Ok(None)
+    } else {
+        policy.edited(edited.clone()).map(Some)
+    };
     let (error, tests) = match loaded {
         Ok(p) => (None, run_tests(p.as_ref().unwrap_or(policy), quota, &files)),
         Err(e) => (Some(e.to_string()), Report::default()),
