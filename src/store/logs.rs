@@ -7,11 +7,13 @@
 //!
 //! A record is named by its row, (time, sequence). Records are stored in blocks of up to
 //! 256 (`BLOCK`): one redb row per block, keyed by its first row, holding its records in row order;
-//! blocks never overlap. Index tables by key, model, status and error class hold (value, block)
-//! for every value a block has, so a query on any of them reads only the blocks that can
-//! match. A request costs the flusher one JSON encoding and a share of one insert, rather than
-//! five B-tree inserts: at thousands of requests a second that is the difference between a
-//! flusher that keeps up on a spare moment and one that competes with the requests.
+//! blocks never overlap. The blocks one flush writes form a group, and index tables by key,
+//! model, status and error class hold (value, group) → the group's blocks that have the value,
+//! so a query on any of them reads only the blocks that can match. A request costs the flusher
+//! one JSON encoding and a share of one insert, rather than five B-tree inserts, and an index
+//! costs an entry per distinct value per flush rather than per block: a pool of a thousand keys
+//! used in turn gave every block 200-odd key entries, one B-tree insert per request, which took
+//! the store's thread from 4% to 17% of gemgate's CPU.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
@@ -285,30 +287,59 @@ pub type Row = (u64, u64);
 
 /// One page of a log: the rows, and where the next page starts.
 pub type Page = (Vec<(Row, Record)>, Option<Row>);
+/// An index entry: (value, the group's first block); its value is the group's blocks that have
+/// the value ([`rows_bytes`]).
 type Index = (&'static str, u64, u64);
+type StatusIndex = (u16, u64, u64);
 
 struct Tables {
     blocks: TableDefinition<'static, Row, &'static [u8]>,
-    by_key: TableDefinition<'static, Index, ()>,
-    by_model: TableDefinition<'static, Index, ()>,
-    by_class: TableDefinition<'static, Index, ()>,
-    by_status: TableDefinition<'static, (u16, u64, u64), ()>,
+    /// A group's first block → its last block and its values ([`group_row`]).
+    groups: TableDefinition<'static, Row, &'static [u8]>,
+    by_key: TableDefinition<'static, Index, &'static [u8]>,
+    by_model: TableDefinition<'static, Index, &'static [u8]>,
+    by_class: TableDefinition<'static, Index, &'static [u8]>,
+    by_status: TableDefinition<'static, StatusIndex, &'static [u8]>,
 }
 
 const REQUESTS: Tables = Tables {
     blocks: TableDefinition::new("request_log"),
-    by_key: TableDefinition::new("request_log_by_key"),
-    by_model: TableDefinition::new("request_log_by_model"),
-    by_class: TableDefinition::new("request_log_by_class"),
-    by_status: TableDefinition::new("request_log_by_status"),
+    groups: TableDefinition::new("request_log_groups"),
+    by_key: TableDefinition::new("request_log_key_groups"),
+    by_model: TableDefinition::new("request_log_model_groups"),
+    by_class: TableDefinition::new("request_log_class_groups"),
+    by_status: TableDefinition::new("request_log_status_groups"),
 };
 const ERRORS: Tables = Tables {
     blocks: TableDefinition::new("error_log"),
-    by_key: TableDefinition::new("error_log_by_key"),
-    by_model: TableDefinition::new("error_log_by_model"),
-    by_class: TableDefinition::new("error_log_by_class"),
-    by_status: TableDefinition::new("error_log_by_status"),
+    groups: TableDefinition::new("error_log_groups"),
+    by_key: TableDefinition::new("error_log_key_groups"),
+    by_model: TableDefinition::new("error_log_model_groups"),
+    by_class: TableDefinition::new("error_log_class_groups"),
+    by_status: TableDefinition::new("error_log_status_groups"),
 };
+
+/// Data layout 2 indexed every block on its own, in these tables; [`create`] reindexes.
+const BLOCK_INDEXES: [(Log, [&str; 4]); 2] = [
+    (
+        Log::Requests,
+        [
+            "request_log_by_key",
+            "request_log_by_model",
+            "request_log_by_class",
+            "request_log_by_status",
+        ],
+    ),
+    (
+        Log::Errors,
+        [
+            "error_log_by_key",
+            "error_log_by_model",
+            "error_log_by_class",
+            "error_log_by_status",
+        ],
+    ),
+];
 
 /// Data layout 1 kept one row per record, under these names; [`create`] converts them.
 const OLD_ROWS: [(Log, TableDefinition<'static, Row, &'static [u8]>); 2] = [
@@ -520,23 +551,29 @@ pub fn write_encoded(
     let sampled: Vec<usize> = (0..records.len())
         .filter(|&i| !records[i].unsampled)
         .collect();
+    let mut group = Postings::default();
     for block in blocks(&sampled, |i| encoded[i].lean().len()) {
         requests.put_block(
             block
                 .iter()
                 .map(|&i| (rows[i], encoded[i].lean(), &records[i])),
+            &mut group,
         )?;
     }
+    requests.index(group)?;
     let failed: Vec<usize> = (0..records.len())
         .filter(|&i| records[i].failed())
         .collect();
+    let mut group = Postings::default();
     for block in blocks(&failed, |i| encoded[i].full.len()) {
         errors.put_block(
             block
                 .iter()
                 .map(|&i| (rows[i], &encoded[i].full[..], &records[i])),
+            &mut group,
         )?;
     }
+    errors.index(group)?;
     let grown = requests.grown + errors.grown;
     drop((requests, errors));
     account(&tx, grown)?;
@@ -602,21 +639,16 @@ pub fn trim(db: &Database, at_least: u64) -> Result<usize, StoreError> {
                 (None, Some(_)) => &mut errors,
                 (None, None) => break,
             };
-            let Some((key, bytes)) = open
-                .blocks
-                .first()
-                .map_err(io)?
-                .map(|(k, v)| (k.value(), v.value().to_vec()))
-            else {
+            let Some(key) = open.blocks.first().map_err(io)?.map(|(k, _)| k.value()) else {
                 break;
             };
-            let records: Vec<Record> = decode(&unpack(&bytes))
-                .into_iter()
-                .filter_map(|(_, json)| serde_json::from_slice(json).ok())
-                .collect();
-            deleted += records.len();
-            open.remove_block(key, records.iter())?;
+            if let Some(gone) = open.blocks.remove(key).map_err(io)? {
+                deleted += decode(&unpack(gone.value())).len();
+                open.grown -= gone.value().len() as i64;
+            }
         }
+        requests.retire_groups()?;
+        errors.retire_groups()?;
         grown = requests.grown + errors.grown;
     }
     account(&tx, grown)?;
@@ -629,36 +661,141 @@ struct Open<'tx> {
     /// Bytes of blocks added less bytes of blocks removed, in this transaction.
     grown: i64,
     blocks: redb::Table<'tx, Row, &'static [u8]>,
-    by_key: redb::Table<'tx, Index, ()>,
-    by_model: redb::Table<'tx, Index, ()>,
-    by_class: redb::Table<'tx, Index, ()>,
-    by_status: redb::Table<'tx, (u16, u64, u64), ()>,
+    groups: redb::Table<'tx, Row, &'static [u8]>,
+    by_key: redb::Table<'tx, Index, &'static [u8]>,
+    by_model: redb::Table<'tx, Index, &'static [u8]>,
+    by_class: redb::Table<'tx, Index, &'static [u8]>,
+    by_status: redb::Table<'tx, StatusIndex, &'static [u8]>,
 }
 
-/// The distinct values of a block's records, by index.
+/// The index entries of a group of blocks: for each value, the blocks that have it.
 #[derive(Default)]
-struct Values<'a> {
-    keys: BTreeSet<&'a str>,
-    models: BTreeSet<&'a str>,
-    classes: BTreeSet<&'a str>,
-    statuses: BTreeSet<u16>,
+struct Postings<'a> {
+    keys: BTreeMap<&'a str, Vec<Row>>,
+    models: BTreeMap<&'a str, Vec<Row>>,
+    classes: BTreeMap<&'a str, Vec<Row>>,
+    statuses: BTreeMap<u16, Vec<Row>>,
+    /// The group's first and last block.
+    span: Option<(Row, Row)>,
 }
 
-impl<'a> Values<'a> {
-    fn of(records: impl Iterator<Item = &'a Record>) -> Values<'a> {
-        let mut v = Values::default();
+impl<'a> Postings<'a> {
+    /// Adds block `block`, which holds `records` (blocks are added in row order).
+    fn add(&mut self, block: Row, records: impl Iterator<Item = &'a Record>) {
+        fn post<V: Ord>(map: &mut BTreeMap<V, Vec<Row>>, value: V, block: Row) {
+            let blocks = map.entry(value).or_default();
+            if blocks.last() != Some(&block) {
+                blocks.push(block);
+            }
+        }
         for r in records {
             if let Some(k) = &r.key_id {
-                v.keys.insert(k);
+                post(&mut self.keys, k.as_str(), block);
             }
-            v.models.insert(&r.model);
+            post(&mut self.models, r.model.as_str(), block);
             if let Some(c) = &r.class {
-                v.classes.insert(c);
+                post(&mut self.classes, c.as_str(), block);
             }
-            v.statuses.insert(r.status);
+            post(&mut self.statuses, r.status, block);
         }
-        v
+        self.span = Some((self.span.map_or(block, |(first, _)| first), block));
     }
+
+    fn of(block: Row, records: impl Iterator<Item = &'a Record>) -> Postings<'a> {
+        let mut p = Postings::default();
+        p.add(block, records);
+        p
+    }
+}
+
+/// Rows as an index entry stores them: 16 bytes each.
+fn rows_bytes(rows: &[Row]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 * rows.len());
+    for row in rows {
+        out.extend_from_slice(&row.0.to_le_bytes());
+        out.extend_from_slice(&row.1.to_le_bytes());
+    }
+    out
+}
+
+fn rows_of(bytes: &[u8]) -> Vec<Row> {
+    bytes
+        .chunks_exact(16)
+        .filter_map(|c| Some((u64_at(c, 0)?, u64_at(c, 8)?)))
+        .collect()
+}
+
+/// The tags of a group's values in its row.
+const KEY: u8 = 0;
+const MODEL: u8 = 1;
+const CLASS: u8 = 2;
+const STATUS: u8 = 3;
+
+/// A group's row: its last block, then each value it has entries for, as (tag, length as
+/// `u16`, bytes); a status is its two bytes. Read back to delete the entries with the group.
+fn group_row(last: Row, p: &Postings) -> Vec<u8> {
+    let mut out = rows_bytes(&[last]);
+    let mut put = |tag: u8, bytes: &[u8]| {
+        // Keys, models and classes are gemgate's own short names; a longer one is cut.
+        let bytes = &bytes[..bytes.len().min(u16::MAX as usize)];
+        out.push(tag);
+        out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    p.keys.keys().for_each(|k| put(KEY, k.as_bytes()));
+    p.models.keys().for_each(|m| put(MODEL, m.as_bytes()));
+    p.classes.keys().for_each(|c| put(CLASS, c.as_bytes()));
+    p.statuses
+        .keys()
+        .for_each(|s| put(STATUS, &s.to_le_bytes()));
+    out
+}
+
+/// A group's row read back: its last block and its (tag, value) pairs.
+fn group_values(bytes: &[u8]) -> (Row, Vec<(u8, &[u8])>) {
+    let last = rows_of(bytes.get(..16).unwrap_or_default())
+        .first()
+        .copied()
+        .unwrap_or((0, 0));
+    let mut values = Vec::new();
+    let mut at = 16;
+    while let (Some(&tag), Some(len)) = (bytes.get(at), bytes.get(at + 1..at + 3)) {
+        let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+        let Some(value) = bytes.get(at + 3..at + 3 + len) else {
+            break;
+        };
+        values.push((tag, value));
+        at += 3 + len;
+    }
+    (last, values)
+}
+
+/// Takes `gone` out of the blocks of index entry `entry`, and puts `new` in (a block rewritten
+/// under a new first row); an entry left with no block goes.
+fn relist<'k, K: redb::Key + 'static>(
+    table: &mut redb::Table<K, &'static [u8]>,
+    entry: K::SelfType<'k>,
+    gone: Row,
+    new: Option<Row>,
+) -> Result<(), StoreError>
+where
+    K::SelfType<'k>: Copy,
+{
+    let Some(mut rows) = table.get(entry).map_err(io)?.map(|v| rows_of(v.value())) else {
+        return Ok(());
+    };
+    rows.retain(|r| *r != gone);
+    rows.extend(new);
+    rows.sort_unstable();
+    rows.dedup();
+    if rows.is_empty() {
+        table.remove(entry).map_err(io)?;
+    } else {
+        table
+            .insert(entry, rows_bytes(&rows).as_slice())
+            .map_err(io)?;
+    }
+    Ok(())
 }
 
 impl<'tx> Open<'tx> {
@@ -667,6 +804,7 @@ impl<'tx> Open<'tx> {
         Ok(Open {
             grown: 0,
             blocks: tx.open_table(t.blocks).map_err(io)?,
+            groups: tx.open_table(t.groups).map_err(io)?,
             by_key: tx.open_table(t.by_key).map_err(io)?,
             by_model: tx.open_table(t.by_model).map_err(io)?,
             by_class: tx.open_table(t.by_class).map_err(io)?,
@@ -683,10 +821,12 @@ impl<'tx> Open<'tx> {
             .map_or((0, 0), |(_, v)| last_row(v.value())))
     }
 
-    /// Stores records (in row order) as one block, with its index entries.
+    /// Stores records (in row order) as one block, and adds it to `group`, whose entries
+    /// [`Open::index`] writes.
     fn put_block<'r>(
         &mut self,
         entries: impl Iterator<Item = (Row, &'r [u8], &'r Record)> + Clone,
+        group: &mut Postings<'r>,
     ) -> Result<(), StoreError> {
         let Some((key, ..)) = entries.clone().next() else {
             return Ok(());
@@ -694,55 +834,177 @@ impl<'tx> Open<'tx> {
         let bytes = encode(entries.clone().map(|(row, json, _)| (row, json)));
         self.blocks.insert(key, bytes.as_slice()).map_err(io)?;
         self.grown += bytes.len() as i64;
-        self.index(key, Values::of(entries.map(|(.., r)| r)), true)
+        group.add(key, entries.map(|(.., r)| r));
+        Ok(())
     }
 
-    /// Removes block `key`, whose records are `records`, with its index entries.
-    fn remove_block<'r>(
+    /// Writes the index entries of the blocks `group` has, as one group.
+    fn index(&mut self, group: Postings) -> Result<(), StoreError> {
+        let Some((first, last)) = group.span else {
+            return Ok(());
+        };
+        let (t, s) = (first.0, first.1);
+        for (k, rows) in &group.keys {
+            let rows = rows_bytes(rows);
+            self.by_key
+                .insert((*k, t, s), rows.as_slice())
+                .map_err(io)?;
+        }
+        for (m, rows) in &group.models {
+            let rows = rows_bytes(rows);
+            self.by_model
+                .insert((*m, t, s), rows.as_slice())
+                .map_err(io)?;
+        }
+        for (c, rows) in &group.classes {
+            let rows = rows_bytes(rows);
+            self.by_class
+                .insert((*c, t, s), rows.as_slice())
+                .map_err(io)?;
+        }
+        for (status, rows) in &group.statuses {
+            let rows = rows_bytes(rows);
+            self.by_status
+                .insert((*status, t, s), rows.as_slice())
+                .map_err(io)?;
+        }
+        let row = group_row(last, &group);
+        self.groups.insert(first, row.as_slice()).map_err(io)?;
+        Ok(())
+    }
+
+    /// Replaces block `key`, whose records are `old`, by the records `kept` (a new block
+    /// named by its first row; none: the block goes), and mends its group's entries.
+    fn rewrite_block<'r>(
         &mut self,
         key: Row,
-        records: impl Iterator<Item = &'r Record>,
+        old: impl Iterator<Item = &'r Record>,
+        kept: impl Iterator<Item = (Row, &'r [u8], &'r Record)> + Clone,
     ) -> Result<(), StoreError> {
         if let Some(gone) = self.blocks.remove(key).map_err(io)? {
             self.grown -= gone.value().len() as i64;
         }
-        self.index(key, Values::of(records), false)
-    }
-
-    /// Adds (or removes) the index entries of block `key` for its values `v`.
-    fn index(&mut self, key: Row, v: Values, add: bool) -> Result<(), StoreError> {
-        fn set<K: redb::Key + 'static>(
-            table: &mut redb::Table<K, ()>,
-            entry: K::SelfType<'_>,
-            add: bool,
-        ) -> Result<(), StoreError> {
-            if add {
-                table.insert(entry, ()).map_err(io)?;
-            } else {
-                table.remove(entry).map_err(io)?;
-            }
-            Ok(())
+        let mut now = Postings::default();
+        self.put_block(kept, &mut now)?;
+        let new = now.span.map(|(first, _)| first);
+        if new == Some(key) {
+            // Same name: its entries still find it (values it lost are checked by the query).
+            return Ok(());
         }
-        for k in v.keys {
-            set(&mut self.by_key, (k, key.0, key.1), add)?;
+        let group = self.groups.range(..=key).map_err(io)?.next_back();
+        let Some((group, row)) = group
+            .transpose()
+            .map_err(io)?
+            .map(|(k, v)| (k.value(), v.value().to_vec()))
+        else {
+            return Ok(());
+        };
+        let (t, s) = group;
+        let before = Postings::of(key, old);
+        let moved = |has: bool| new.filter(|_| has);
+        for k in before.keys.keys() {
+            relist(
+                &mut self.by_key,
+                (*k, t, s),
+                key,
+                moved(now.keys.contains_key(k)),
+            )?;
         }
-        for m in v.models {
-            set(&mut self.by_model, (m, key.0, key.1), add)?;
+        for m in before.models.keys() {
+            let has = now.models.contains_key(m);
+            relist(&mut self.by_model, (*m, t, s), key, moved(has))?;
         }
-        for c in v.classes {
-            set(&mut self.by_class, (c, key.0, key.1), add)?;
+        for c in before.classes.keys() {
+            let has = now.classes.contains_key(c);
+            relist(&mut self.by_class, (*c, t, s), key, moved(has))?;
         }
-        for s in v.statuses {
-            set(&mut self.by_status, (s, key.0, key.1), add)?;
+        for st in before.statuses.keys() {
+            let has = now.statuses.contains_key(st);
+            relist(&mut self.by_status, (*st, t, s), key, moved(has))?;
+        }
+        // The group's last block moved on: its entries go only once that one is gone too.
+        if let Some(new) = new.filter(|_| group_values(&row).0 == key) {
+            let mut row = row;
+            row[..16].copy_from_slice(&rows_bytes(&[new]));
+            self.groups.insert(group, row.as_slice()).map_err(io)?;
         }
         Ok(())
     }
+
+    /// Deletes the groups none of whose blocks are left, with their index entries.
+    fn retire_groups(&mut self) -> Result<(), StoreError> {
+        let first_block = self.blocks.first().map_err(io)?.map(|(k, _)| k.value());
+        loop {
+            let oldest = self.groups.first().map_err(io)?;
+            let Some((group, row)) = oldest.map(|(k, v)| (k.value(), v.value().to_vec())) else {
+                return Ok(());
+            };
+            let (last, values) = group_values(&row);
+            if first_block.is_some_and(|first| last >= first) {
+                return Ok(());
+            }
+            let (t, s) = group;
+            for (tag, value) in values {
+                let text = std::str::from_utf8(value).unwrap_or_default();
+                match tag {
+                    KEY => self.by_key.remove((text, t, s)).map_err(io)?,
+                    MODEL => self.by_model.remove((text, t, s)).map_err(io)?,
+                    CLASS => self.by_class.remove((text, t, s)).map_err(io)?,
+                    _ => {
+                        let status = u16::from_le_bytes(value.try_into().unwrap_or_default());
+                        self.by_status.remove((status, t, s)).map_err(io)?
+                    }
+                };
+            }
+            self.groups.remove(group).map_err(io)?;
+        }
+    }
+
+    /// Indexes every block anew, groups of [`REINDEX_GROUP`] blocks at a time (data layout 2
+    /// indexed each block on its own).
+    fn reindex(&mut self) -> Result<(), StoreError> {
+        let mut from = (0, 0);
+        loop {
+            let chunk: Vec<(Row, Vec<u8>)> = self
+                .blocks
+                .range(from..)
+                .map_err(io)?
+                .take(REINDEX_GROUP)
+                .map(|e| e.map(|(k, v)| (k.value(), v.value().to_vec())))
+                .collect::<Result<_, _>>()
+                .map_err(io)?;
+            let Some(&(last, _)) = chunk.last() else {
+                return Ok(());
+            };
+            let parsed: Vec<(Row, Vec<Record>)> = chunk
+                .iter()
+                .map(|(key, bytes)| {
+                    let records = decode(&unpack(bytes))
+                        .into_iter()
+                        .filter_map(|(_, json)| serde_json::from_slice(json).ok())
+                        .collect();
+                    (*key, records)
+                })
+                .collect();
+            let mut group = Postings::default();
+            for (key, records) in &parsed {
+                group.add(*key, records.iter());
+            }
+            self.index(group)?;
+            from = (last.0, last.1 + 1);
+        }
+    }
 }
 
-/// Creates the tables, and converts the one-row-per-record tables of data layout 1.
+/// Blocks per group when a data file of layout 2 is reindexed.
+const REINDEX_GROUP: usize = 64;
+
+/// Creates the tables, and converts the one-row-per-record tables of data layout 1 and the
+/// block-by-block indexes of layout 2.
 pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     for t in [&REQUESTS, &ERRORS] {
         tx.open_table(t.blocks).map_err(io)?;
+        tx.open_table(t.groups).map_err(io)?;
         tx.open_table(t.by_key).map_err(io)?;
         tx.open_table(t.by_model).map_err(io)?;
         tx.open_table(t.by_class).map_err(io)?;
@@ -753,6 +1015,17 @@ pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .map_err(io)?
         .map(|t| t.name().to_owned())
         .collect();
+    for (log, names) in BLOCK_INDEXES {
+        if !names.iter().any(|n| existing.contains(*n)) {
+            continue;
+        }
+        Open::new(tx, log)?.reindex()?;
+        for name in names.into_iter().filter(|n| existing.contains(*n)) {
+            // Deleting a table needs only its name, whatever its key type.
+            tx.delete_table(TableDefinition::<&str, ()>::new(name))
+                .map_err(io)?;
+        }
+    }
     for (log, old) in OLD_ROWS {
         if !existing.contains(old.name()) {
             continue;
@@ -762,9 +1035,14 @@ pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
             let mut open = Open::new(tx, log)?;
             let mut batch: Vec<(Row, Vec<u8>, Record)> = Vec::with_capacity(BLOCK);
             let mut put = |batch: &mut Vec<(Row, Vec<u8>, Record)>| {
-                let result = open.put_block(batch.iter().map(|(row, j, r)| (*row, &j[..], r)));
+                let mut group = Postings::default();
+                open.put_block(
+                    batch.iter().map(|(row, j, r)| (*row, &j[..], r)),
+                    &mut group,
+                )?;
+                open.index(group)?;
                 batch.clear();
-                result
+                Ok::<_, StoreError>(())
             };
             for e in table.iter().map_err(io)? {
                 let (k, v) = e.map_err(io)?;
@@ -866,7 +1144,11 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
         walk_index!(tx, t.by_status, s, upper, &mut take);
     } else {
         let range = blocks.range(..upper).map_err(io)?;
-        walk(range.rev().map(|e| e.map(|(k, _)| k.value())), &mut take)?;
+        walk(
+            range.rev().map(|e| e.map(|(k, _)| vec![k.value()])),
+            upper,
+            &mut take,
+        )?;
     }
     Ok((out, next))
 }
@@ -882,21 +1164,28 @@ macro_rules! walk_index {
         walk(
             range
                 .rev()
-                .map(|e| e.map(|(k, _)| (k.value().1, k.value().2))),
+                .map(|e| e.map(|(_, rows)| rows_of(rows.value()))),
+            $upper,
             $take,
         )?;
     }};
 }
 use walk_index;
 
-/// Feeds blocks to `take` until it says stop.
+/// Feeds blocks before `upper` to `take`, newest first, until it says stop; `groups` are
+/// groups' blocks, newest group first (groups never overlap).
 fn walk(
-    blocks: impl Iterator<Item = Result<Row, redb::StorageError>>,
+    groups: impl Iterator<Item = Result<Vec<Row>, redb::StorageError>>,
+    upper: Row,
     take: &mut dyn FnMut(Row) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
-    for key in blocks {
-        if !take(key.map_err(io)?)? {
-            break;
+    for blocks in groups {
+        let mut blocks = blocks.map_err(io)?;
+        blocks.sort_unstable_by(|a, b| b.cmp(a));
+        for key in blocks.into_iter().filter(|b| *b < upper) {
+            if !take(key)? {
+                return Ok(());
+            }
         }
     }
     Ok(())
@@ -1009,14 +1298,16 @@ pub fn delete(
                 continue;
             }
             deleted += gone;
-            open.remove_block(key, records.iter().map(|(.., r)| r))?;
-            open.put_block(
+            open.rewrite_block(
+                key,
+                records.iter().map(|(.., r)| r),
                 records
                     .iter()
                     .filter(|(row, ..)| !goes(row))
                     .map(|(row, json, r)| (*row, *json, r)),
             )?;
         }
+        open.retire_groups()?;
         grown = open.grown;
     }
     account(&tx, grown)?;
@@ -1027,6 +1318,7 @@ pub fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redb::ReadableTableMetadata;
 
     fn record(ts: u64, status: u16, key: &str, class: Option<&str>) -> Record {
         Record {
@@ -1197,6 +1489,155 @@ mod tests {
         create(&tx).unwrap();
         tx.commit().unwrap();
         db
+    }
+
+    /// How many entries a log's index tables hold: (groups, keys, models, classes, statuses).
+    fn entries(db: &Database, log: Log) -> [u64; 5] {
+        let t = tables(log);
+        let tx = db.begin_read().unwrap();
+        [
+            tx.open_table(t.groups).unwrap().len().unwrap(),
+            tx.open_table(t.by_key).unwrap().len().unwrap(),
+            tx.open_table(t.by_model).unwrap().len().unwrap(),
+            tx.open_table(t.by_class).unwrap().len().unwrap(),
+            tx.open_table(t.by_status).unwrap().len().unwrap(),
+        ]
+    }
+
+    #[test]
+    fn a_flush_indexes_each_value_once_however_many_blocks_have_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(dir.path());
+        let seq = AtomicU64::new(0);
+        // A thousand keys in turn: every block has a quarter of them.
+        let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+        let all: Vec<Record> = (0..4096u64)
+            .map(|i| record(1_000 + i, 200, &keys[(i % 1000) as usize], None))
+            .collect();
+        write(&db, &all[..2048], &seq).unwrap();
+        write(&db, &all[2048..], &seq).unwrap();
+        // Two flushes of 8 blocks each: a thousand key entries each, not 2,000 per block.
+        assert_eq!(entries(&db, Log::Requests), [2, 2000, 2, 0, 2]);
+        assert_eq!(entries(&db, Log::Errors), [0; 5]);
+        // A key's records, newest first, across both flushes' blocks.
+        let found = requests_of(&db, Some("k7"), 100);
+        let want: Vec<u64> = (0..4096u64).rev().filter(|i| i % 1000 == 7).collect();
+        assert_eq!(
+            found
+                .iter()
+                .map(|(row, _)| row.0 - 1_000)
+                .collect::<Vec<_>>(),
+            want
+        );
+
+        // Trimming the first flush's blocks retires its entries; the second keeps its own.
+        let first_flush: u64 = {
+            let tx = db.begin_read().unwrap();
+            let blocks = tx.open_table(REQUESTS.blocks).unwrap();
+            blocks
+                .range(..(1_000 + 2048, 0))
+                .unwrap()
+                .map(|e| e.unwrap().1.value().len() as u64)
+                .sum()
+        };
+        assert_eq!(trim(&db, first_flush).unwrap(), 2048);
+        assert_eq!(entries(&db, Log::Requests), [1, 1000, 1, 0, 1]);
+        assert_eq!(requests_of(&db, Some("k7"), 100).len(), 2);
+        trim(&db, u64::MAX).unwrap();
+        assert_eq!(entries(&db, Log::Requests), [0; 5]);
+        assert!(requests_of(&db, Some("k7"), 100).is_empty());
+    }
+
+    #[test]
+    fn a_block_rewritten_under_a_new_name_is_still_found_by_its_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(dir.path());
+        let seq = AtomicU64::new(0);
+        let all: Vec<Record> = (0..600u64)
+            .map(|i| record(1_000 + i, 200, ["a", "b"][(i % 2) as usize], None))
+            .collect();
+        write(&db, &all, &seq).unwrap();
+        // The first row of every block goes (and with it the block's name), then the rest of
+        // the first block: the flush's last block is renamed, its first is gone.
+        let firsts: Vec<Row> = {
+            let tx = db.begin_read().unwrap();
+            let blocks = tx.open_table(REQUESTS.blocks).unwrap();
+            blocks
+                .iter()
+                .unwrap()
+                .map(|e| e.unwrap().0.value())
+                .collect()
+        };
+        assert_eq!(firsts.len(), 3);
+        assert_eq!(delete(&db, Log::Requests, None, &firsts).unwrap(), 3);
+        // The blocks' first rows (0, 256, 512) were all "a" records.
+        assert_eq!(requests_of(&db, Some("a"), 1000).len(), 297);
+        assert_eq!(requests_of(&db, Some("b"), 1000).len(), 300);
+        assert_eq!(delete(&db, Log::Requests, Some(1_256), &[]).unwrap(), 255);
+        assert_eq!(requests_of(&db, None, 1000).len(), 342);
+        assert_eq!(
+            requests_of(&db, Some("a"), 1000).len() + requests_of(&db, Some("b"), 1000).len(),
+            342
+        );
+        // Once every block that was written with the group is gone, so is the group.
+        delete(&db, Log::Requests, Some(u64::MAX), &[]).unwrap();
+        assert_eq!(entries(&db, Log::Requests), [0; 5]);
+    }
+
+    #[test]
+    fn layout_2_block_indexes_are_rebuilt_as_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(dir.path());
+        let seq = AtomicU64::new(0);
+        let all: Vec<Record> = (0..1000u64)
+            .map(|i| {
+                record(
+                    1_000 + i,
+                    429,
+                    ["k1", "k2", "k3"][(i % 3) as usize],
+                    Some("rate_limited"),
+                )
+            })
+            .collect();
+        write(&db, &all, &seq).unwrap();
+        // As layout 2 left it: its per-block tables, no groups.
+        {
+            let tx = db.begin_write().unwrap();
+            for t in [&REQUESTS, &ERRORS] {
+                tx.delete_table(t.groups).unwrap();
+                tx.delete_table(t.by_key).unwrap();
+                tx.delete_table(t.by_model).unwrap();
+                tx.delete_table(t.by_class).unwrap();
+                tx.delete_table(t.by_status).unwrap();
+            }
+            for (_, names) in BLOCK_INDEXES {
+                let def = TableDefinition::<Index, ()>::new(names[0]);
+                tx.open_table(def)
+                    .unwrap()
+                    .insert(("k1", 1_000, 0), ())
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let tx = db.begin_write().unwrap();
+        create(&tx).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(entries(&db, Log::Requests), [1, 3, 1, 1, 1]);
+        for log in [Log::Requests, Log::Errors] {
+            let q = Query {
+                key_id: Some("k2".into()),
+                limit: 1000,
+                ..Query::default()
+            };
+            assert_eq!(query(&db, log, &q).unwrap().0.len(), 333);
+        }
+        let tx = db.begin_read().unwrap();
+        let names: Vec<String> = tx
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.ends_with("_by_key")), "{names:?}");
     }
 
     #[test]

@@ -27,7 +27,8 @@ use crate::store::usage::Counts;
 
 /// The layout version this gemgate writes; older files are migrated, newer ones refused.
 /// 2: the logs are stored in blocks of records (layout 1 had a row per record).
-pub const SCHEMA_VERSION: u64 = 2;
+/// 3: the logs' indexes have an entry per value per group of blocks (2: per block).
+pub const SCHEMA_VERSION: u64 = 3;
 /// redb's page cache: enough for the indexes the admin pages walk. Kept small: it fills as
 /// the logs grow, and is memory the gateway holds for pages it rarely reads again (the
 /// kernel's page cache keeps the file's hot pages anyway).
