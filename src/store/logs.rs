@@ -414,7 +414,18 @@ fn encode<'a>(entries: impl Iterator<Item = (Row, &'a [u8])> + Clone) -> Vec<u8>
         out.extend_from_slice(json);
     }
     let records = &out[16..];
-    match zstd::bulk::compress(records, COMPRESSION_LEVEL) {
+    // One compressor per thread: making one allocates and clears its tables, for every block.
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let packed = COMPRESSOR.with_borrow_mut(|c| {
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(COMPRESSION_LEVEL)?);
+        }
+        c.as_mut().map_or(Ok(Vec::new()), |c| c.compress(records))
+    });
+    match packed {
         Ok(packed) if packed.len() + 4 < records.len() => {
             let mut block = Vec::with_capacity(20 + packed.len());
             block.extend_from_slice(&(last.0 | COMPRESSED).to_le_bytes());
