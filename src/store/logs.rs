@@ -781,6 +781,19 @@ fn group_values(bytes: &[u8]) -> (Row, Vec<(u8, &[u8])>) {
     (last, values)
 }
 
+/// Inserts the index entry of each value `postings` has, named by `entry(value)`.
+fn insert_all<'k, K: redb::Key + 'static, V: Copy>(
+    table: &mut redb::Table<K, &'static [u8]>,
+    postings: &BTreeMap<V, Vec<Row>>,
+    entry: impl Fn(V) -> K::SelfType<'k>,
+) -> Result<(), StoreError> {
+    for (value, blocks) in postings {
+        let blocks = rows_bytes(blocks);
+        table.insert(entry(*value), blocks.as_slice()).map_err(io)?;
+    }
+    Ok(())
+}
+
 /// Takes `gone` out of the blocks of index entry `entry`, and puts `new` in (a block rewritten
 /// under a new first row); an entry left with no block goes.
 fn relist<'k, K: redb::Key + 'static>(
@@ -855,30 +868,12 @@ impl<'tx> Open<'tx> {
             return Ok(());
         };
         let (t, s) = (first.0, first.1);
-        for (k, rows) in &group.keys {
-            let rows = rows_bytes(rows);
-            self.by_key
-                .insert((*k, t, s), rows.as_slice())
-                .map_err(io)?;
-        }
-        for (m, rows) in &group.models {
-            let rows = rows_bytes(rows);
-            self.by_model
-                .insert((*m, t, s), rows.as_slice())
-                .map_err(io)?;
-        }
-        for (c, rows) in &group.classes {
-            let rows = rows_bytes(rows);
-            self.by_class
-                .insert((*c, t, s), rows.as_slice())
-                .map_err(io)?;
-        }
-        for (status, rows) in &group.statuses {
-            let rows = rows_bytes(rows);
-            self.by_status
-                .insert((*status, t, s), rows.as_slice())
-                .map_err(io)?;
-        }
+        insert_all(&mut self.by_key, &group.keys, |k| (k, t, s))?;
+        insert_all(&mut self.by_model, &group.models, |m| (m, t, s))?;
+        insert_all(&mut self.by_class, &group.classes, |c| (c, t, s))?;
+        insert_all(&mut self.by_status, &group.statuses, |status| {
+            (status, t, s)
+        })?;
         let row = group_row(last, &group);
         self.groups.insert(first, row.as_slice()).map_err(io)?;
         Ok(())
