@@ -458,7 +458,14 @@ impl Vm {
             .load(&src.code)
             .set_name(format!("@{}", src.path.display()))
             .set_environment(env);
-        self.guarded(|| chunk.eval()).map_err(|e| fail(clean(&e)))
+        // Loading runs off the request path, at start and reload: the instruction budget
+        // bounds its work, and the clock only a stall. A plugin's 50 ms were a load's whole
+        // allowance, which a busy machine's scheduler alone could take (a reload refused
+        // for a plugin that had done nothing wrong).
+        let time = self.limits.time.max(LOAD_TIME);
+        self.guarded_for(time, || chunk.eval())
+            .0
+            .map_err(|e| fail(clean(&e)))
     }
 
     /// Calls `hook` of `plugin` under the limits.
@@ -507,18 +514,23 @@ impl Vm {
         (result, took)
     }
 
-    /// Runs `f` with a fresh budget; after a failure, frees what the call left behind.
-    fn guarded<T>(&self, f: impl FnOnce() -> mlua::Result<T>) -> mlua::Result<T> {
-        self.guarded_timed(f).0
+    /// Runs `f` with a fresh budget, and says how long it took (the clock read for the
+    /// budget's deadline is its start: a hook call reads the clock twice in all); after a
+    /// failure, frees what the call left behind.
+    fn guarded_timed<T>(&self, f: impl FnOnce() -> mlua::Result<T>) -> (mlua::Result<T>, Duration) {
+        self.guarded_for(self.limits.time, f)
     }
 
-    /// [`Vm::guarded`], and how long `f` took (the clock read for the budget's deadline is
-    /// its start: a hook call reads the clock twice in all).
-    fn guarded_timed<T>(&self, f: impl FnOnce() -> mlua::Result<T>) -> (mlua::Result<T>, Duration) {
+    /// [`Vm::guarded_timed`], with `time` as the time limit.
+    fn guarded_for<T>(
+        &self,
+        time: Duration,
+        f: impl FnOnce() -> mlua::Result<T>,
+    ) -> (mlua::Result<T>, Duration) {
         let started = Instant::now();
         self.budget.set(Budget {
             left: self.limits.instructions as i64,
-            deadline: started + self.limits.time,
+            deadline: started + time,
         });
         let result = f();
         let took = started.elapsed();
@@ -528,6 +540,9 @@ impl Vm {
         (result, took)
     }
 }
+
+/// The least time limit of loading a script (its top-level code).
+const LOAD_TIME: Duration = Duration::from_secs(2);
 
 /// The sandbox, in Lua: called once per VM with the host table and a function saying whether
 /// the running call's budget is spent; returns the function that makes each plugin's
@@ -1112,6 +1127,27 @@ mod tests {
         let err = vm.call::<()>(&p, "on_request", ()).unwrap_err();
         assert!(err.message.contains("time limit"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    /// Loading is bounded by the instruction budget; its clock allows a busy machine's
+    /// stalls, which a hook's few milliseconds do not.
+    #[test]
+    fn loading_has_more_time_than_a_hook_call() {
+        let vm = Vm::new(Limits {
+            instructions: 50_000_000,
+            time: Duration::from_millis(1),
+            ..Limits::default()
+        })
+        .unwrap();
+        let busy = "local n = 0 for i = 1, 2000000 do n = n + i end";
+        let p = vm
+            .load(&source(
+                "busy",
+                &format!("{busy} return {{ name = 'busy', on_request = function() {busy} end }}"),
+            ))
+            .unwrap();
+        let err = vm.call::<()>(&p, "on_request", ()).unwrap_err();
+        assert!(err.message.contains("time limit"), "{err}");
     }
 
     #[test]
