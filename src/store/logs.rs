@@ -1,7 +1,7 @@
 //! The request log and the error log, in redb.
 //!
-//! Each finished request becomes a [`Record`], queued in memory (a full queue drops the oldest
-//! record and counts the drop: the request path never waits) and committed by the store's
+//! Each finished request becomes a [`Record`], queued in memory ([`LogQueue`]: a full queue drops
+//! the oldest records and counts the drop: the request path never waits) and committed by the store's
 //! flusher. Every request goes to the request log; a failed one also to the error log, with
 //! the upstream's status and message (and the request body, if `ERROR_LOG_RECORD_REQUEST_BODY`).
 //!
@@ -15,19 +15,15 @@
 //! used in turn gave every block 200-odd key entries, one B-tree insert per request, which took
 //! the store's thread from 4% to 17% of gemgate's CPU.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 use crate::store::StoreError;
+pub use crate::store::queue::LogQueue;
 
-/// Records queued at most before the oldest are dropped.
-const QUEUE: usize = 100_000;
-/// Bytes of records queued at most (by their strings' lengths) before the oldest are dropped.
-const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// Most of a request body the error log keeps.
 pub const BODY_KEPT: usize = 64 * 1024;
 
@@ -121,25 +117,6 @@ impl Record {
         self.status >= 400 || self.class.is_some()
     }
 
-    /// Roughly the memory the record holds, and the bytes it takes stored: what bounds the
-    /// queue and the data file.
-    pub fn weight(&self) -> usize {
-        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-        160 + self.id.len()
-            + self.model.len()
-            + self.action.len()
-            + opt(&self.client)
-            + opt(&self.key_id)
-            + opt(&self.class)
-            + opt(&self.upstream_message)
-            + opt(&self.request_body)
-            + opt(&self.asked_model)
-            + self
-                .trace
-                .as_ref()
-                .map_or(0, |_| crate::policy::trace::TRACE_MAX_BYTES)
-    }
-
     /// The record as stored: serde's JSON for it, byte for byte (the queries match on it), but
     /// written field by field: serde_json escapes every key too, and this runs for every
     /// request. `lean` leaves out the error-log-only fields, as the request log keeps them.
@@ -188,72 +165,6 @@ impl Record {
         }
         out.push(b'}');
         out
-    }
-}
-
-/// The queue between the request path and the flusher.
-#[derive(Default)]
-pub struct LogQueue {
-    queue: Mutex<Queued>,
-    dropped: AtomicU64,
-    last_taken: AtomicUsize,
-}
-
-/// The queued records, and their weight.
-#[derive(Default)]
-struct Queued {
-    records: VecDeque<Record>,
-    bytes: usize,
-}
-
-impl LogQueue {
-    /// Queues a record; past [`QUEUE`] records or [`QUEUE_BYTES`] the oldest are dropped.
-    pub fn push(&self, r: Record) {
-        let weight = r.weight();
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        while !q.records.is_empty() && (q.records.len() >= QUEUE || q.bytes + weight > QUEUE_BYTES)
-        {
-            if let Some(old) = q.records.pop_front() {
-                q.bytes -= old.weight();
-            }
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        q.bytes += weight;
-        q.records.push_back(r);
-    }
-
-    pub fn take(&self) -> Vec<Record> {
-        // NOTE: the flusher runs at idle priority; a lock it holds can be held for as long as
-        // the busy workers keep it off a CPU, and a worker waiting for it stalls for as long.
-        // So the lock is held for a swap only, never for work proportional to the queue.
-        // The new queue is as large as the last one taken, so that workers do not grow it (and
-        // copy its records) step by step again before each flush.
-        let fresh = Queued {
-            records: VecDeque::with_capacity(self.last_taken.load(Ordering::Relaxed)),
-            bytes: 0,
-        };
-        let taken = std::mem::replace(
-            &mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()),
-            fresh,
-        );
-        self.last_taken
-            .store(taken.records.len().min(QUEUE), Ordering::Relaxed);
-        taken.records.into()
-    }
-
-    /// Records waiting for the flusher.
-    #[cfg(test)]
-    pub fn queued(&self) -> usize {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .records
-            .len()
-    }
-
-    /// Records dropped because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -1417,23 +1328,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(page.0.len(), (n / 50) as usize);
-    }
-
-    #[test]
-    fn the_queue_is_bounded_in_bytes_as_well_as_records() {
-        let q = LogQueue::default();
-        let big = Record {
-            request_body: Some("x".repeat(BODY_KEPT)),
-            ..Record::default()
-        };
-        let fit = QUEUE_BYTES / big.weight();
-        for _ in 0..fit + 10 {
-            q.push(big.clone());
-        }
-        assert_eq!(q.dropped(), 10);
-        let taken = q.take();
-        assert_eq!(taken.len(), fit);
-        assert!(taken.iter().map(Record::weight).sum::<usize>() <= QUEUE_BYTES);
     }
 
     #[test]

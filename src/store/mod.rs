@@ -10,6 +10,7 @@
 
 pub mod logs;
 pub mod metrics;
+mod queue;
 pub mod responses;
 pub mod usage;
 

@@ -1,0 +1,293 @@
+//! The queue between the request path and the store's flusher.
+//!
+//! A finished request's [`Record`] is packed into bytes as it is queued: its fields one after
+//! the other, appended to a chunk of the queue. A queued record then costs its fields' bytes
+//! (about 150 for a plain request) and no allocation of its own, where a queued `Record` held
+//! 360 bytes and five strings; and the strings are freed at once by the worker that made them,
+//! not a flush later by the flusher's thread, which the allocator hands back to their owner
+//! only when that one next tidies. The flusher unpacks what it takes.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::store::logs::Record;
+
+/// Records queued at most before the oldest are dropped.
+const QUEUE: usize = 100_000;
+/// Bytes of packed records queued at most before the oldest are dropped.
+const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// A chunk's size: records are appended to the newest chunk while it has room (a larger record
+/// has a chunk of its own), and a full queue drops its oldest chunk.
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Default)]
+pub struct LogQueue {
+    queue: Mutex<Queued>,
+    dropped: AtomicU64,
+}
+
+/// The queued chunks, with their records and bytes counted.
+#[derive(Default)]
+struct Queued {
+    chunks: VecDeque<Chunk>,
+    records: usize,
+    bytes: usize,
+}
+
+struct Chunk {
+    packed: Vec<u8>,
+    records: usize,
+}
+
+impl LogQueue {
+    /// Queues a record; past [`QUEUE`] records or [`QUEUE_BYTES`] the oldest chunks of records
+    /// are dropped, and counted.
+    pub fn push(&self, r: Record) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with_borrow_mut(|packed| {
+            packed.clear();
+            pack(&r, packed);
+            drop(r);
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            while q.records > 0 && (q.records >= QUEUE || q.bytes + packed.len() > QUEUE_BYTES) {
+                let Some(old) = q.chunks.pop_front() else {
+                    break;
+                };
+                q.records -= old.records;
+                q.bytes -= old.packed.len();
+                self.dropped
+                    .fetch_add(old.records as u64, Ordering::Relaxed);
+            }
+            let fits = q
+                .chunks
+                .back()
+                .is_some_and(|c| c.packed.len() + packed.len() <= CHUNK);
+            if !fits {
+                q.chunks.push_back(Chunk {
+                    packed: Vec::with_capacity(CHUNK.max(packed.len())),
+                    records: 0,
+                });
+            }
+            if let Some(chunk) = q.chunks.back_mut() {
+                chunk.packed.extend_from_slice(packed);
+                chunk.records += 1;
+            }
+            q.records += 1;
+            q.bytes += packed.len();
+        });
+        // A record with a large body leaves the scratch buffer large: let it go.
+        SCRATCH.with_borrow_mut(|packed| {
+            if packed.capacity() > CHUNK {
+                *packed = Vec::new();
+            }
+        });
+    }
+
+    /// Takes every queued record, oldest first.
+    pub fn take(&self) -> Vec<Record> {
+        // NOTE: the flusher runs at idle priority; a lock it holds can be held for as long as
+        // the busy workers keep it off a CPU, and a worker waiting for it stalls for as long.
+        // So the lock is held for a swap only; the records are unpacked after.
+        let taken = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = Vec::with_capacity(taken.records);
+        for chunk in taken.chunks {
+            let mut at = &chunk.packed[..];
+            while !at.is_empty() {
+                match unpack(&mut at) {
+                    Some(r) => out.push(r),
+                    None => {
+                        tracing::error!(
+                            "a queued log record does not unpack; its chunk's rest is lost"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Records waiting for the flusher.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).records
+    }
+
+    /// Records dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// `None` as a packed string's length.
+const NONE: u32 = u32::MAX;
+
+/// Appends `r`, packed: its numbers little-endian, then its strings, each its length as `u32`
+/// (`NONE` for none) and its bytes; the trace as its JSON.
+fn pack(r: &Record, out: &mut Vec<u8>) {
+    out.extend_from_slice(&r.ts_ms.to_le_bytes());
+    out.extend_from_slice(&r.status.to_le_bytes());
+    out.extend_from_slice(&r.attempts.to_le_bytes());
+    out.extend_from_slice(&r.latency_ms.to_le_bytes());
+    out.extend_from_slice(&r.ttfb_ms.unwrap_or(f64::NAN).to_le_bytes());
+    out.push(u8::from(r.ttfb_ms.is_some()) | (u8::from(r.unsampled) << 1));
+    for n in [r.prompt_tokens, r.output_tokens, r.thought_tokens] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out.extend_from_slice(&r.upstream_status.map_or(u32::MAX, u32::from).to_le_bytes());
+    let mut text = |s: Option<&[u8]>| match s {
+        Some(s) => {
+            // A record's strings are bounded (a body is cut at `BODY_KEPT`) far below 4 GiB.
+            let s = &s[..s.len().min(NONE as usize - 1)];
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s);
+        }
+        None => out.extend_from_slice(&NONE.to_le_bytes()),
+    };
+    fn bytes(s: &Option<String>) -> Option<&[u8]> {
+        s.as_deref().map(str::as_bytes)
+    }
+    text(Some(r.id.as_bytes()));
+    text(bytes(&r.client));
+    text(Some(r.model.as_bytes()));
+    text(Some(r.action.as_bytes()));
+    text(bytes(&r.key_id));
+    text(bytes(&r.class));
+    text(bytes(&r.upstream_message));
+    text(bytes(&r.request_body));
+    text(bytes(&r.asked_model));
+    text(bytes(&r.instance));
+    let trace = r.trace.as_ref().and_then(|t| serde_json::to_vec(t).ok());
+    text(trace.as_deref());
+}
+
+/// Reads one record [`pack`] wrote at the start of `at`, and moves `at` past it.
+fn unpack(at: &mut &[u8]) -> Option<Record> {
+    fn take<'a>(at: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = at.split_at_checked(n)?;
+        *at = rest;
+        Some(head)
+    }
+    fn array<const N: usize>(at: &mut &[u8]) -> Option<[u8; N]> {
+        take(at, N)?.try_into().ok()
+    }
+    fn text(at: &mut &[u8]) -> Option<Option<String>> {
+        match u32::from_le_bytes(array(at)?) {
+            NONE => Some(None),
+            n => Some(Some(
+                String::from_utf8(take(at, n as usize)?.to_vec()).ok()?,
+            )),
+        }
+    }
+    let ts_ms = u64::from_le_bytes(array(at)?);
+    let status = u16::from_le_bytes(array(at)?);
+    let attempts = u32::from_le_bytes(array(at)?);
+    let latency_ms = f64::from_le_bytes(array(at)?);
+    let ttfb_ms = f64::from_le_bytes(array(at)?);
+    let [flags] = array(at)?;
+    let [prompt_tokens, output_tokens, thought_tokens] =
+        [(); 3].map(|_| array(at).map(u64::from_le_bytes));
+    let upstream_status = u32::from_le_bytes(array(at)?);
+    Some(Record {
+        ts_ms,
+        status,
+        attempts,
+        latency_ms,
+        ttfb_ms: (flags & 1 != 0).then_some(ttfb_ms),
+        unsampled: flags & 2 != 0,
+        prompt_tokens: prompt_tokens?,
+        output_tokens: output_tokens?,
+        thought_tokens: thought_tokens?,
+        upstream_status: u16::try_from(upstream_status).ok(),
+        id: text(at)?.unwrap_or_default(),
+        client: text(at)?,
+        model: text(at)?.unwrap_or_default(),
+        action: text(at)?.unwrap_or_default(),
+        key_id: text(at)?,
+        class: text(at)?,
+        upstream_message: text(at)?,
+        request_body: text(at)?,
+        asked_model: text(at)?,
+        instance: text(at)?,
+        trace: text(at)?.and_then(|t| serde_json::from_str(&t).ok()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::logs::BODY_KEPT;
+
+    fn packed_len(r: &Record) -> usize {
+        let mut out = Vec::new();
+        pack(r, &mut out);
+        out.len()
+    }
+
+    #[test]
+    fn records_come_out_as_they_went_in() {
+        let full = Record {
+            ts_ms: u64::MAX,
+            id: "r-\"1\"\\\n\u{1}é😀".into(),
+            client: Some("team a".into()),
+            model: "gemini-2.5-flash".into(),
+            action: "streamGenerateContent".into(),
+            key_id: Some("k0123".into()),
+            status: 429,
+            class: Some("rate_limited".into()),
+            attempts: 3,
+            latency_ms: 12.345,
+            ttfb_ms: Some(0.5),
+            prompt_tokens: 1,
+            output_tokens: u64::MAX,
+            thought_tokens: 7,
+            upstream_status: Some(429),
+            upstream_message: Some(String::new()),
+            request_body: Some("{\"contents\":[]}".into()),
+            unsampled: true,
+            asked_model: Some("fast".into()),
+            instance: Some("gw-1".into()),
+            trace: Some(serde_json::json!({"steps": [{"hook": "on_request", "us": 7}]})),
+        };
+        let q = LogQueue::default();
+        let plain = Record::default();
+        for r in [&full, &plain, &full] {
+            q.push(r.clone());
+        }
+        assert_eq!(q.queued(), 3);
+        assert_eq!(q.take(), vec![full.clone(), plain, full]);
+        assert_eq!(q.queued(), 0);
+        assert!(q.take().is_empty());
+        // Cut short, a packed record is refused rather than misread.
+        let mut out = Vec::new();
+        pack(&Record::default(), &mut out);
+        assert!(unpack(&mut &out[..out.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_as_well_as_records() {
+        let q = LogQueue::default();
+        let big = Record {
+            request_body: Some("x".repeat(BODY_KEPT)),
+            ..Record::default()
+        };
+        let fit = QUEUE_BYTES / packed_len(&big);
+        for _ in 0..fit + 10 {
+            q.push(big.clone());
+        }
+        assert_eq!(q.dropped(), 10);
+        assert_eq!(q.take().len(), fit);
+
+        // Small records: past the count, the oldest chunk goes, and is counted.
+        let small = Record::default();
+        let per_chunk = CHUNK / packed_len(&small);
+        for _ in 0..QUEUE + 1 {
+            q.push(small.clone());
+        }
+        assert_eq!(q.dropped(), 10 + per_chunk as u64);
+        assert_eq!(q.take().len(), QUEUE + 1 - per_chunk);
+    }
+}
