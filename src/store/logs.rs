@@ -936,6 +936,10 @@ pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         if !names.iter().any(|n| existing.contains(*n)) {
             continue;
         }
+        tracing::info!(
+            log = log.name(),
+            "indexing the log by groups of blocks (data layout 3), once"
+        );
         Open::new(tx, log)?.reindex()?;
         for name in names.into_iter().filter(|n| existing.contains(*n)) {
             // Deleting a table needs only its name, whatever its key type.
