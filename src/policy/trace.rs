@@ -133,9 +133,6 @@ const STEPS_MAX: usize = 64;
 pub const KEYS_MAX: usize = 32;
 /// Longest result kept per step, and reason per key.
 const RESULT_MAX: usize = 160;
-/// A trace's largest size as JSON, about: [`STEPS_MAX`] steps and [`KEYS_MAX`] keys of at most
-/// [`RESULT_MAX`] bytes each, with their names.
-pub const TRACE_MAX_BYTES: usize = (STEPS_MAX + KEYS_MAX) * (RESULT_MAX + 2 * 64 + 48);
 /// Longest `x-gemgate-trace` header value.
 const HEADER_MAX: usize = 2048;
 
