@@ -2,8 +2,8 @@
 //!
 //! A finished request's [`Record`] is packed into bytes as it is queued: its fields one after
 //! the other, appended to a chunk of the queue. A queued record then costs its fields' bytes
-//! (about 150 for a plain request) and no allocation of its own, where a queued `Record` held
-//! 360 bytes and five strings; and the strings are freed at once by the worker that made them,
+//! (under 200 for a plain request) and no allocation of its own, where a queued `Record` held
+//! 340 bytes and five strings; and the strings are freed at once by the worker that made them,
 //! not a flush later by the flusher's thread, which the allocator hands back to their owner
 //! only when that one next tidies. The flusher unpacks what it takes.
 
