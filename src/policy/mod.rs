@@ -505,7 +505,13 @@ impl Vm {
         if !Rc::ptr_eq(&self.current.borrow(), name) {
             *self.current.borrow_mut() = name.clone();
         }
-        let (result, took) = self.guarded_timed(|| f.call(args));
+        // `init` runs as the plugin loads: it has a load's time (see `Vm::script`).
+        let time = if hook == "init" {
+            self.limits.time.max(LOAD_TIME)
+        } else {
+            self.limits.time
+        };
+        let (result, took) = self.guarded_for(time, || f.call(args));
         let result = result.map_err(|e| PolicyError {
             plugin: name.to_string(),
             hook: hook.into(),
@@ -514,14 +520,9 @@ impl Vm {
         (result, took)
     }
 
-    /// Runs `f` with a fresh budget, and says how long it took (the clock read for the
-    /// budget's deadline is its start: a hook call reads the clock twice in all); after a
-    /// failure, frees what the call left behind.
-    fn guarded_timed<T>(&self, f: impl FnOnce() -> mlua::Result<T>) -> (mlua::Result<T>, Duration) {
-        self.guarded_for(self.limits.time, f)
-    }
-
-    /// [`Vm::guarded_timed`], with `time` as the time limit.
+    /// Runs `f` with a fresh budget and `time` as its time limit, and says how long it took
+    /// (the clock read for the budget's deadline is its start: a hook call reads the clock
+    /// twice in all); after a failure, frees what the call left behind.
     fn guarded_for<T>(
         &self,
         time: Duration,
@@ -1129,8 +1130,8 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 
-    /// Loading is bounded by the instruction budget; its clock allows a busy machine's
-    /// stalls, which a hook's few milliseconds do not.
+    /// Loading (and `init`) is bounded by the instruction budget; its clock allows a busy
+    /// machine's stalls, which a hook's few milliseconds do not.
     #[test]
     fn loading_has_more_time_than_a_hook_call() {
         let vm = Vm::new(Limits {
@@ -1143,9 +1144,14 @@ mod tests {
         let p = vm
             .load(&source(
                 "busy",
-                &format!("{busy} return {{ name = 'busy', on_request = function() {busy} end }}"),
+                &format!(
+                    "{busy} return {{ name = 'busy', init = function() {busy} end, \
+                     on_request = function() {busy} end }}"
+                ),
             ))
             .unwrap();
+        // `init` runs as the plugin loads, with a load's time.
+        vm.call::<()>(&p, "init", ()).unwrap();
         let err = vm.call::<()>(&p, "on_request", ()).unwrap_err();
         assert!(err.message.contains("time limit"), "{err}");
     }
