@@ -1237,6 +1237,36 @@ pub fn delete(
 }
 
 #[cfg(test)]
+impl Record {
+    /// A record with every field set, odd characters in its strings (tests).
+    pub(crate) fn every_field() -> Record {
+        Record {
+            ts_ms: u64::MAX,
+            id: "r-\"1\"\\\n\u{1}é😀".into(),
+            client: Some("team a".into()),
+            model: "gemini-2.5-flash".into(),
+            action: "generateContent".into(),
+            key_id: Some("k1".into()),
+            status: 429,
+            class: Some("rate_limited".into()),
+            attempts: 3,
+            latency_ms: 12.345_678,
+            ttfb_ms: Some(0.1),
+            prompt_tokens: 7,
+            output_tokens: 0,
+            thought_tokens: 1 << 40,
+            upstream_status: Some(429),
+            upstream_message: Some("Quota exceeded\t".into()),
+            request_body: Some("{\"contents\":[]}".into()),
+            unsampled: false,
+            asked_model: Some("gpt-4o".into()),
+            instance: Some("pod-1:8000".into()),
+            trace: Some(serde_json::json!({ "steps": [{ "plugin": "p", "us": 3 }], "key": "k1" })),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use redb::ReadableTableMetadata;
@@ -1336,29 +1366,7 @@ mod tests {
 
     #[test]
     fn a_record_is_stored_as_serde_writes_it() {
-        let full = Record {
-            ts_ms: u64::MAX,
-            id: "r-\"1\"\\\n\u{1}é😀".into(),
-            client: Some("team a".into()),
-            model: "gemini-2.5-flash".into(),
-            action: "generateContent".into(),
-            key_id: Some("k1".into()),
-            status: 429,
-            class: Some("rate_limited".into()),
-            attempts: 3,
-            latency_ms: 12.345_678,
-            ttfb_ms: Some(0.1),
-            prompt_tokens: 7,
-            output_tokens: 0,
-            thought_tokens: 1 << 40,
-            upstream_status: Some(429),
-            upstream_message: Some("Quota exceeded\t".into()),
-            request_body: Some("{\"contents\":[]}".into()),
-            unsampled: false,
-            asked_model: Some("gpt-4o".into()),
-            instance: Some("pod-1:8000".into()),
-            trace: Some(serde_json::json!({ "steps": [{ "plugin": "p", "us": 3 }], "key": "k1" })),
-        };
+        let full = Record::every_field();
         let odd = Record {
             latency_ms: f64::NAN,
             ttfb_ms: Some(f64::INFINITY),
