@@ -21,6 +21,7 @@ const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// has a chunk of its own), and a full queue drops its oldest chunk.
 const CHUNK: usize = 64 * 1024;
 
+/// The log queue: records packed in chunks, the drops counted.
 #[derive(Default)]
 pub struct LogQueue {
     queue: Mutex<Queued>,
