@@ -4,27 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use super::{Lasting, State};
-use crate::store::usage::SAVE_EVERY;
 use crate::store::{Batch, FLUSH_EVERY, Store, retire_logs};
 
 /// Takes what the request path queued, and does a flush's CPU work: encoding the records, and
-/// adding them to the dashboard's figures. Usage is taken every [`SAVE_EVERY`], or with
-/// `all_usage`.
+/// adding them to the dashboard's figures. Usage is taken when due
+/// ([`crate::store::usage::Usage::drain_due`]), or with `all_usage`.
 fn take(lasting: &Lasting, all_usage: bool) -> Batch {
-    static USAGE_TAKEN_MS: AtomicU64 = AtomicU64::new(0);
     let records = lasting.logs.take();
-    let now = crate::clock::now_ms();
-    let due =
-        now.saturating_sub(USAGE_TAKEN_MS.load(Ordering::Relaxed)) >= SAVE_EVERY.as_millis() as u64;
-    let usage = if all_usage || due {
-        USAGE_TAKEN_MS.store(now, Ordering::Relaxed);
-        lasting.usage.drain()
-    } else {
-        Default::default()
-    };
+    let usage = lasting.usage.drain_due(crate::clock::now_ms(), all_usage);
     lasting.metrics.add(&records);
     Batch::new(records, usage)
 }

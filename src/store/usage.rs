@@ -78,12 +78,15 @@ type Shard = HashMap<String, HashMap<String, HashMap<u32, Counts>>>;
 /// Counts not yet saved, by (day, key id, model), in shards by worker thread.
 pub struct Usage {
     shards: [Mutex<Shard>; SHARDS],
+    /// When [`Usage::drain_due`] last took the counts (ms since the epoch).
+    drained_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Usage {
     fn default() -> Self {
         Usage {
             shards: std::array::from_fn(|_| Mutex::default()),
+            drained_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -118,6 +121,18 @@ impl Usage {
             }
         }
         out
+    }
+
+    /// [`Usage::drain`] when [`SAVE_EVERY`] has passed since it last did (or whenever
+    /// `force`); else nothing.
+    pub fn drain_due(&self, now_ms: u64, force: bool) -> Tally {
+        use std::sync::atomic::Ordering::Relaxed;
+        let since = now_ms.saturating_sub(self.drained_ms.load(Relaxed));
+        if !force && since < SAVE_EVERY.as_millis() as u64 {
+            return Tally::new();
+        }
+        self.drained_ms.store(now_ms, Relaxed);
+        self.drain()
     }
 
     /// Everything counted since the last call, added up by (day, key id, model).
@@ -163,6 +178,29 @@ pub fn day_of(now_ms: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_are_drained_when_due_or_forced() {
+        let u = Usage::default();
+        let count = |key_id| {
+            u.record(Event {
+                key_id,
+                model: "a",
+                day: 1,
+                failure: None,
+                tokens: Tokens::default(),
+            })
+        };
+        let every = SAVE_EVERY.as_millis() as u64;
+        count("k1");
+        assert_eq!(u.drain_due(every, false).len(), 1, "due at first");
+        count("k2");
+        assert!(u.drain_due(every + 1, false).is_empty(), "not due yet");
+        assert_eq!(u.drain_due(every + 2, true).len(), 1, "forced");
+        count("k3");
+        assert!(u.drain_due(2 * every, false).is_empty());
+        assert_eq!(u.drain_due(2 * every + 2, false).len(), 1);
+    }
 
     #[test]
     fn counts_not_yet_saved_are_seen_until_they_are_taken() {
