@@ -1,9 +1,10 @@
-//! Wall-clock helpers: milliseconds since the epoch, RFC 3339 times, and the next daily quota
-//! reset (midnight in America/Los_Angeles). Dates, time zones and their daylight-saving rules
-//! are `jiff`'s, with its time-zone database built in: a slim container needs no tzdata.
+//! Wall-clock helpers: milliseconds since the epoch, how far the wall clock has been stepped
+//! since the process began, RFC 3339 times, and the next daily quota reset (midnight in
+//! America/Los_Angeles). Dates, time zones and their daylight-saving rules are `jiff`'s, with
+//! its time-zone database built in: a slim container needs no tzdata.
 
 use std::sync::LazyLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -18,6 +19,26 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The wall clock and the monotonic clock read together when the process began.
+static ORIGIN: LazyLock<(u64, Instant)> = LazyLock::new(|| (now_ms(), Instant::now()));
+
+/// How far the wall clock has been stepped since the process began, in whole seconds (as ms;
+/// positive: set forward). Both clocks run at the same rate (NTP slews them alike), so this
+/// moves only when the wall clock is set: by NTP correcting a large error, or by a virtual
+/// machine restored from a snapshot. The two clocks are read one after the other; rounding to
+/// whole seconds keeps the microseconds between the readings out of the answer.
+pub fn wall_steps_ms() -> i64 {
+    let (wall0, start) = *ORIGIN;
+    let steady = i128::from(wall0) + start.elapsed().as_millis() as i128;
+    whole_seconds(i128::from(now_ms()) - steady)
+}
+
+/// `ms` rounded to the nearest whole second (half a second away from zero), as ms.
+fn whole_seconds(ms: i128) -> i64 {
+    let rounded = ms.saturating_add(ms.signum() * 500) / 1000 * 1000;
+    i64::try_from(rounded).unwrap_or(if ms > 0 { i64::MAX } else { i64::MIN })
 }
 
 /// The instant `ms` milliseconds after the epoch, within what `jiff` represents (year 9999).
@@ -83,6 +104,23 @@ mod tests {
             "the last time jiff holds"
         );
         assert_eq!(utc_seconds(1795683680), "2026-11-26T09:01:20");
+    }
+
+    #[test]
+    fn steps_of_the_wall_clock_count_in_whole_seconds() {
+        for (offset, steps) in [
+            (0, 0),
+            (3, 0),
+            (-499, 0),
+            (499, 0),
+            (500, 1000),
+            (-120_400, -120_000),
+            (86_400_700, 86_401_000),
+            (i128::MAX, i64::MAX),
+            (i128::MIN, i64::MIN),
+        ] {
+            assert_eq!(whole_seconds(offset), steps, "{offset}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use crate::clock;
 use crate::config::KeySpec;
 use crate::config::quota::{Limit, QuotaLimits};
-use quota::{ProjectWindows, Ticket};
+use quota::{Moment, ProjectWindows, Ticket};
 use ready::{Candidates, Ready};
 use taxonomy::{ErrorClass, KeyVerdict, Quota, Scope};
 
@@ -677,7 +677,10 @@ impl KeyPool {
     /// limit) to 1 (unused, or no limit).
     pub fn headroom(&self, index: usize, model: &str, now_ms: u64) -> f64 {
         match self.limit(index, model) {
-            Some(limit) => self.project(index).windows.headroom(model, &limit, now_ms),
+            Some(limit) => {
+                let windows = &self.project(index).windows;
+                windows.headroom(model, &limit, Moment::of(now_ms))
+            }
             None => 1.0,
         }
     }
@@ -686,14 +689,16 @@ impl KeyPool {
     /// input tokens now: `Err` with the time it may.
     pub fn room(&self, index: usize, model: &str, tokens: u64, now_ms: u64) -> Result<(), u64> {
         match self.limit(index, model) {
-            Some(limit) => match self
-                .project(index)
-                .windows
-                .free_at(model, &limit, tokens, now_ms)
-            {
-                Some(at) => Err(at),
-                None => Ok(()),
-            },
+            Some(limit) => {
+                match self
+                    .project(index)
+                    .windows
+                    .free_at(model, &limit, tokens, Moment::of(now_ms))
+                {
+                    Some(at) => Err(at),
+                    None => Ok(()),
+                }
+            }
             None => Ok(()),
         }
     }
@@ -713,7 +718,7 @@ impl KeyPool {
             Some(limit) => self
                 .project(index)
                 .windows
-                .admit(model, &limit.share(share), tokens, now_ms)
+                .admit(model, &limit.share(share), tokens, Moment::of(now_ms))
                 .map(Some),
             None => Ok(None),
         }

@@ -21,7 +21,7 @@ use crate::app::Generation;
 use crate::app::shared::{KeyFailure, QuotaCheck, QuotaSettle, QuotaVerdict, Used};
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
-use crate::keys::quota::{Ticket, estimate_tokens};
+use crate::keys::quota::{Moment, Ticket, estimate_tokens};
 use crate::keys::storm::{Bare, PROBE_EVERY_MS, Pass};
 use crate::keys::taxonomy::is_bare_429;
 use crate::keys::taxonomy::{ErrorClass, classify, error_message, redact};
@@ -384,7 +384,7 @@ impl Gateway {
                 })
             }),
             QuotaVerdict::Admitted => Ok(Some(Admitted {
-                ticket: project.windows.count(model, tokens, now),
+                ticket: project.windows.count(model, tokens, Moment::of(now)),
                 fleet: true,
             })),
             QuotaVerdict::Denied { at_ms } => Err(at_ms),
@@ -408,12 +408,12 @@ impl Gateway {
         };
         let now = now_ms();
         let ticket = &admitted.ticket;
-        ticket.settle(prompt_tokens, now);
+        ticket.settle(prompt_tokens, Moment::of(now));
         if admitted.fleet {
             self.state.lasting.shared.settle_quota(QuotaSettle {
                 project: &pool.project(index).windows_name,
                 model: &req.model,
-                from_second: ticket.second(),
+                from_second: ticket.wall_second(),
                 to_second: now / 1000,
                 estimate: ticket.estimate(),
                 tokens: prompt_tokens.unwrap_or(ticket.estimate()),
