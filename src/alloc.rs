@@ -35,7 +35,8 @@ pub fn tune() {
     unsafe { mi_option_set_default(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) }
 }
 
-/// Turns transparent huge pages off for this process, before anything much is allocated.
+/// Turns transparent huge pages off for this process (the binary does it as it loads, before
+/// anything is allocated).
 ///
 /// mimalloc reserves its arenas with `madvise(MADV_HUGEPAGE)`, so on a system whose THP setting
 /// is `madvise` (the common default) every 2 MiB of heap touched at all is resident whole: an

@@ -46,7 +46,6 @@ enum PluginCommand {
 }
 
 fn main() -> ExitCode {
-    gemgate::alloc::no_huge_pages();
     let cli = Cli::parse();
     let explicit = cli.config.is_some();
     let path = cli
@@ -191,3 +190,18 @@ fn run(
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Turns transparent huge pages off as the binary loads: before `main`, before the allocator's
+/// own constructor (constructors of a lower priority number run first; 0 to 100 are the C
+/// library's) and before the first allocation, whose touch of a fresh arena would otherwise
+/// make a whole 2 MiB page resident for the life of the process (idle RSS 19.2 MiB with it,
+/// 18.4-18.6 without).
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array.00101")]
+static NO_HUGE_PAGES: extern "C" fn() = {
+    extern "C" fn at_load() {
+        gemgate::alloc::no_huge_pages();
+    }
+    at_load
+};
