@@ -449,8 +449,17 @@ impl FakeUpstream {
         Self::bind("127.0.0.1:0".parse().expect("literal address"), config).await
     }
 
+    /// Listens on `addr` with an accept queue as deep as a real frontend's: with the default
+    /// (128), a gateway opening a few hundred upstream connections at once overflowed it, and
+    /// every connection the kernel dropped waited a second for its SYN to be sent again.
     pub async fn bind(addr: SocketAddr, config: FakeConfig) -> std::io::Result<FakeUpstream> {
-        let listener = TcpListener::bind(addr).await?;
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(FakeState::new(config));
         let task = tokio::spawn(serve(listener, state.clone()));
