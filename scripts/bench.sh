@@ -117,7 +117,9 @@ http {
   proxy_temp_path $work/nginx-proxy;
   upstream fake { server 127.0.0.1:$FAKE_PORT; keepalive 128; }
   server {
-    listen 127.0.0.1:$NGINX_PORT;
+    # An accept queue as deep as gemgate's and the fake's: nginx's default (511) overflows
+    # at 1,024 connections, and every connect the kernel drops waits a second.
+    listen 127.0.0.1:$NGINX_PORT backlog=4096;
     location / {
       proxy_pass http://fake;
       proxy_http_version 1.1;
