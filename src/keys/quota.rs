@@ -131,9 +131,14 @@ impl Counts {
         Some(now.wall_ms + SPAN_S * 1000)
     }
 
+    /// The bucket of second `now_s`, made anew if it held another second (which
+    /// [`Counts::advance`] has emptied, unless the clock went back: its counts then leave the
+    /// sums with it, which must always be the buckets' sums).
     fn bucket(&mut self, now_s: u64) -> &mut Bucket {
         let b = &mut self.buckets[(now_s % SPAN_S) as usize];
         if b.second != now_s {
+            self.requests -= b.requests;
+            self.tokens -= b.tokens;
             *b = Bucket {
                 second: now_s,
                 ..Bucket::default()
@@ -415,6 +420,22 @@ mod tests {
         assert!(w.admit("m", &l, 0, back(T0 + 30_000)).is_err());
         assert!(w.admit("m", &l, 0, back(T0 + 61_000)).is_ok());
         assert_eq!(w.used("m", back(T0 + 61_000)).0, 1);
+    }
+
+    /// Should the windows' clock ever go back a minute or more, a second's slot taken anew
+    /// takes its old counts off the sums: the window empties as its buckets do.
+    #[test]
+    fn a_clock_gone_back_leaves_no_count_behind() {
+        let w = Arc::new(ProjectWindows::default());
+        let l = limit(Some(2), None, None);
+        w.admit("m", &l, 0, m(T0 + 61_000)).unwrap();
+        w.admit("m", &l, 0, m(T0)).unwrap();
+        assert_eq!(
+            w.used("m", m(T0)).0,
+            1,
+            "the later second's slot was taken anew"
+        );
+        assert_eq!(w.used("m", m(T0 + 61_000)).0, 0);
     }
 
     #[test]
