@@ -21,10 +21,11 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The wall clock and the monotonic clock read together when the process began.
+/// The wall clock and the monotonic clock, read together the first time they are compared
+/// (the process's first quota decision: a step before it moves nothing already counted).
 static ORIGIN: LazyLock<(u64, Instant)> = LazyLock::new(|| (now_ms(), Instant::now()));
 
-/// How far the wall clock has been stepped since the process began, in whole seconds (as ms;
+/// How far the wall clock has been stepped since [`ORIGIN`], in whole seconds (as ms;
 /// positive: set forward). Both clocks run at the same rate (NTP slews them alike), so this
 /// moves only when the wall clock is set: by NTP correcting a large error, or by a virtual
 /// machine restored from a snapshot. The two clocks are read one after the other; rounding to

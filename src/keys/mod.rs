@@ -690,14 +690,10 @@ impl KeyPool {
     pub fn room(&self, index: usize, model: &str, tokens: u64, now_ms: u64) -> Result<(), u64> {
         match self.limit(index, model) {
             Some(limit) => {
-                match self
-                    .project(index)
-                    .windows
+                let windows = &self.project(index).windows;
+                windows
                     .free_at(model, &limit, tokens, Moment::of(now_ms))
-                {
-                    Some(at) => Err(at),
-                    None => Ok(()),
-                }
+                    .map_or(Ok(()), Err)
             }
             None => Ok(()),
         }

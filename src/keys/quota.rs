@@ -22,10 +22,10 @@ pub const SPAN_S: u64 = 61;
 const BUCKETS: usize = SPAN_S as usize;
 
 /// A moment as the windows read it. A window's minute is counted on the steady clock: the wall
-/// clock as it read when the process began, advanced by the monotonic clock. A step of the wall
-/// clock (NTP correcting a large error, a virtual machine restored from a snapshot) does not
-/// move it; counted on the wall clock, a step forward would empty every window at once and
-/// gemgate would send a minute's worth of requests Google still counts, a step back would
+/// clock as it read at the first quota decision, advanced by the monotonic clock. A step of
+/// the wall clock (NTP correcting a large error, a virtual machine restored from a snapshot)
+/// does not move it; counted on the wall clock, a step forward would empty every window at once
+/// and gemgate would send a minute's worth of requests Google still counts, a step back would
 /// freeze them. The Pacific day, and every time the windows hand back, are the wall clock's.
 #[derive(Debug, Clone, Copy)]
 pub struct Moment {
