@@ -1,9 +1,10 @@
 //! The request log and the error log, in redb.
 //!
-//! Each finished request becomes a [`Record`], queued in memory ([`LogQueue`]: a full queue drops
-//! the oldest records and counts the drop: the request path never waits) and committed by the store's
-//! flusher. Every request goes to the request log; a failed one also to the error log, with
-//! the upstream's status and message (and the request body, if `ERROR_LOG_RECORD_REQUEST_BODY`).
+//! Each finished request becomes a [`Record`], queued in memory ([`LogQueue`]: a full queue
+//! drops the oldest records and counts the drop: the request path never waits) and committed by
+//! the store's flusher. Every request goes to the request log; a failed one also to the error
+//! log, with the upstream's status and message (and the request body, if
+//! `ERROR_LOG_RECORD_REQUEST_BODY`).
 //!
 //! A record is named by its row, (time, sequence). Records are stored in blocks of up to
 //! 256 (`BLOCK`): one redb row per block, keyed by its first row, holding its records in row order;

@@ -78,9 +78,8 @@ impl LogQueue {
             }
             q.records += 1;
             q.bytes += packed.len();
-        });
-        // A record with a large body leaves the scratch buffer large: let it go.
-        SCRATCH.with_borrow_mut(|packed| {
+            drop(q);
+            // A record with a large body leaves the scratch buffer large: let it go.
             if packed.capacity() > CHUNK {
                 *packed = Vec::new();
             }
