@@ -35,8 +35,23 @@ pub struct Moment {
 
 impl Moment {
     /// The wall-clock time `wall_ms`, a moment ago at most (the time a decision was taken).
+    ///
+    /// A decision reads the wall clock once and asks for its moment for every key it weighs
+    /// (the choice by headroom, a plugin's `next`): the steps are read once per reading, the
+    /// thread remembering the last.
     pub fn of(wall_ms: u64) -> Moment {
-        Moment::stepped(wall_ms, clock::wall_steps_ms())
+        thread_local! {
+            static LAST: std::cell::Cell<Option<(u64, i64)>> = const { std::cell::Cell::new(None) };
+        }
+        let steps = LAST.with(|last| match last.get() {
+            Some((at, steps)) if at == wall_ms => steps,
+            _ => {
+                let steps = clock::wall_steps_ms();
+                last.set(Some((wall_ms, steps)));
+                steps
+            }
+        });
+        Moment::stepped(wall_ms, steps)
     }
 
     /// `wall_ms` on a wall clock stepped by `steps_ms` since the process began.
