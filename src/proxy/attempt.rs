@@ -9,8 +9,6 @@ use http::header;
 use pingora::ErrorType;
 use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::http::client::HttpSession;
-use pingora::upstreams::peer::HttpPeer;
 use std::borrow::Cow;
 use std::time::Duration;
 
@@ -29,7 +27,8 @@ use crate::keys::{KeyPool, Penalty, Pick, seconds_until};
 use crate::policy::engine::{AttemptDecision, AttemptInfo, Denial};
 use crate::policy::trace::key_notes;
 use crate::translate::usage::{Tokens, tokens_in};
-use crate::upstream::{Target, head};
+use crate::upstream::head;
+use crate::upstream::response::Response;
 
 /// Largest upstream error body read for classification and relay.
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
@@ -542,7 +541,7 @@ impl Gateway {
         generation: &Generation,
         req: &UpstreamRequest,
         index: usize,
-    ) -> Result<(HttpSession, usize), Failure> {
+    ) -> Result<(Response, usize), Failure> {
         let key = generation.pool_for(req).get(index);
         let target = generation.target_of(key);
         let vertex_header = match &generation.vertex {
@@ -570,13 +569,15 @@ impl Gateway {
             authorization: proxy.proxy_authorization(),
         });
         let head = head::request_head(header, req.body.len(), credential, forwarding);
+        let head_request = header.method == http::Method::HEAD;
         let mut reuse_idle = true;
         let mut up = loop {
             let (conn, reused) = target
                 .connection(&self.connector, &peer, route, reuse_idle)
                 .await
                 .map_err(Failure::from_pingora)?;
-            match send_request(conn, &peer, &head, &req.body, generation.config.timeout).await {
+            let timeout = generation.config.timeout;
+            match send_request(conn, &head, &req.body, head_request, timeout).await {
                 Ok(up) => break up,
                 // An idle connection the server closed meanwhile: not the key's fault, and not an
                 // attempt. The other idle ones are likely closed too (an upstream restart, an
@@ -588,7 +589,7 @@ impl Gateway {
                 Err(e) => return Err(Failure::from_pingora(e)),
             }
         };
-        let status = up.response_header().map_or(0, |h| h.status.as_u16());
+        let status = up.status();
         if status == 407
             && let Some(proxy) = target.forwarding(route)
         {
@@ -600,10 +601,8 @@ impl Gateway {
         }
         if !(200..300).contains(&status) {
             let (body, _) = read_to_end(&mut up, ERROR_BODY_LIMIT).await;
-            let content_type = up
-                .response_header()
-                .and_then(|h| h.headers.get(header::CONTENT_TYPE).cloned());
-            target.release(up, route).await;
+            let content_type = up.head().headers.get(header::CONTENT_TYPE).cloned();
+            target.release(up, route);
             return Err(Failure::of_answer(
                 status,
                 body,
@@ -629,7 +628,7 @@ impl Gateway {
         let (mut up, route) = self.exchange_head(generation, req, index).await?;
         // Its connection goes back to the pool it came from (Vertex AI's for its keys).
         let target = generation.target_of(generation.pool_for(req).get(index));
-        let status = up.response_header().map_or(0, |h| h.status.as_u16());
+        let status = up.status();
         self.state.lasting.storms.calm(now_ms());
         self.state
             .lasting
@@ -649,7 +648,7 @@ impl Gateway {
                 ));
             }
             Verdict::Refuse(d) => {
-                target.release(up, route).await;
+                target.release(up, route);
                 return Ok((Finished::Refused(denied(d)), done));
             }
         }
@@ -672,7 +671,7 @@ impl Gateway {
                 let relayed = match relayed {
                     Ok(relayed) => relayed,
                     Err(failure) => {
-                        target.release(up, route).await;
+                        target.release(up, route);
                         return Err(failure);
                     }
                 };
@@ -682,7 +681,7 @@ impl Gateway {
                 Finished::Relayed(relayed.outcome)
             }
         };
-        target.release(up, route).await;
+        target.release(up, route);
         self.count_usage(generation, req, index, None, done.tokens);
         Ok((finished, done))
     }
@@ -840,11 +839,9 @@ fn with_limit(pick: Pick, limited_until: Option<u64>) -> Pick {
 }
 
 /// The upstream's `x-goog-upload-*` headers (the Files API's upload protocol).
-fn upload_headers(up: &HttpSession) -> Vec<(String, String)> {
-    let Some(h) = up.response_header() else {
-        return Vec::new();
-    };
-    h.headers
+fn upload_headers(up: &Response) -> Vec<(String, String)> {
+    up.head()
+        .headers
         .iter()
         .filter(|(n, _)| n.as_str().starts_with("x-goog-upload-"))
         .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_owned())))
@@ -905,14 +902,14 @@ impl Failure {
 }
 
 /// Sends a request's head and body on `conn` (in one write when they fit one), then reads the
-/// answer's header with pingora's client; each step within `timeout`.
+/// answer's head; each step within `timeout`.
 async fn send_request(
     mut conn: Stream,
-    peer: &HttpPeer,
     head: &[u8],
     body: &[u8],
+    head_request: bool,
     timeout: Duration,
-) -> pingora::Result<HttpSession> {
+) -> pingora::Result<Response> {
     use tokio::io::AsyncWriteExt;
     let write = async {
         conn.write_all(head).await?;
@@ -930,17 +927,14 @@ async fn send_request(
         .map_err(|e| {
             pingora::Error::because(ErrorType::WriteError, "while writing the request", e)
         })?;
-    let mut up = Target::session(conn, peer);
-    up.set_read_timeout(Some(timeout));
-    up.read_response_header().await?;
-    Ok(up)
+    Response::read(conn, head_request, timeout).await
 }
 
 /// Reads an upstream body up to `limit` bytes; the flag says whether it was read to its end.
-async fn read_to_end(up: &mut HttpSession, limit: usize) -> (Bytes, bool) {
+async fn read_to_end(up: &mut Response, limit: usize) -> (Bytes, bool) {
     let mut buf = BytesMut::new();
     loop {
-        match up.read_response_body().await {
+        match up.body().await {
             Ok(Some(chunk)) => {
                 if buf.len() + chunk.len() > limit {
                     return (buf.freeze(), false);

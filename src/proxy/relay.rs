@@ -8,7 +8,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::http::client::HttpSession;
 
 use super::{Class, Failure, Meta, Outcome, response_parts};
 use crate::http::reply::{GateError, Protocol};
@@ -18,6 +17,7 @@ use crate::keys::taxonomy::ErrorClass;
 use crate::translate::usage::{Tokens, tokens_in};
 use crate::upstream::BodyBatches;
 use crate::upstream::headers::{connection_listed, is_hop_by_hop};
+use crate::upstream::response::Response;
 
 /// One piece of an answer for the client, and how long to wait after writing it (pacing).
 pub(crate) struct Piece {
@@ -300,11 +300,11 @@ impl Answer<'_> {
 /// retried on another key (`Err`).
 pub(crate) async fn relay(
     s: &mut ServerSession,
-    up: &mut HttpSession,
+    up: &mut Response,
     reframe: &mut dyn Reframe,
     meta: &Meta,
 ) -> Result<Relayed, Failure> {
-    let upstream = up.response_header().expect("the response header was read");
+    let upstream = up.head();
     let status = upstream.status.as_u16();
     let mut head = response_parts(status, meta);
     let own = reframe.own_content_type();
@@ -314,7 +314,12 @@ pub(crate) async fn relay(
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         }
-        None => relayed_headers(upstream, reframe.is_stream(), meta.cors, &mut head.headers),
+        None => relayed_headers(
+            &upstream.headers,
+            reframe.is_stream(),
+            meta.cors,
+            &mut head.headers,
+        ),
     }
     let has_body = !matches!(status, 204 | 304);
     // NOTE: pingora falls back to a close-delimited body when a response has neither length
@@ -348,9 +353,14 @@ pub(crate) async fn relay(
 }
 
 /// The upstream's headers that go on to the client.
-fn relayed_headers(upstream: &ResponseHeader, stream: bool, cors: bool, out: &mut http::HeaderMap) {
-    let listed = connection_listed(&upstream.headers);
-    for (name, value) in upstream.headers.iter() {
+fn relayed_headers(
+    upstream: &http::HeaderMap,
+    stream: bool,
+    cors: bool,
+    out: &mut http::HeaderMap,
+) {
+    let listed = connection_listed(upstream);
+    for (name, value) in upstream.iter() {
         let n = name.as_str();
         let hop = is_hop_by_hop(n) || listed.iter().any(|l| l == n);
         if !(hop
@@ -368,7 +378,7 @@ fn relayed_headers(upstream: &ResponseHeader, stream: bool, cors: bool, out: &mu
 /// share its send with the end of the answer.
 async fn pump(
     answer: &mut Answer<'_>,
-    up: &mut HttpSession,
+    up: &mut Response,
     reframe: &mut dyn Reframe,
     immediate: bool,
 ) -> Result<(Outcome, Option<Class>), Failure> {

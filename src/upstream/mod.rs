@@ -5,6 +5,7 @@ pub mod egress;
 pub mod fetch;
 pub mod head;
 pub mod headers;
+pub mod response;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
@@ -14,14 +15,13 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::TransportConnector;
-use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::protocols::{ALPN, Stream};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{BaseUrl, Config};
 use crate::shard::{self, SHARDS};
 use egress::Tunnel;
+use response::Response;
 
 /// How long a DNS answer is used before it is looked up again (in the background).
 const DNS_TTL: Duration = Duration::from_secs(60);
@@ -279,11 +279,6 @@ impl Target {
         Ok((Box::new(crate::http::wire::Gathered::new(stream)), false))
     }
 
-    /// The session that reads the answer to a request written on `stream`.
-    pub fn session(stream: Stream, peer: &HttpPeer) -> HttpSession {
-        HttpSession::H1(Http1Session::new_with_options(stream, peer))
-    }
-
     /// Closes every idle connection of `route`.
     pub fn drop_idle(&self, route: usize) {
         for idle in &self.routes[route].idle {
@@ -291,14 +286,10 @@ impl Target {
         }
     }
 
-    /// Takes a session of `route` back once its answer was read to the end; anything else is
-    /// closed.
-    pub async fn release(&self, session: HttpSession, route: usize) {
-        let HttpSession::H1(mut h1) = session else {
-            return;
-        };
-        h1.respect_keepalive();
-        let Some(stream) = h1.reuse().await else {
+    /// Takes the connection of an answer from `route` back once the answer was read to its
+    /// end and the connection may carry another request; anything else is closed.
+    pub fn release(&self, response: Response, route: usize) {
+        let Some(stream) = response.reuse() else {
             return;
         };
         let mut idle = self.routes[route].idle[shard::of_thread()]
@@ -350,21 +341,20 @@ impl BodyBatches {
         self.ended && self.error.is_none()
     }
 
-    pub async fn next(&mut self, up: &mut HttpSession) -> pingora::Result<Option<Bytes>> {
+    pub async fn next(&mut self, up: &mut Response) -> pingora::Result<Option<Bytes>> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
         if self.ended {
             return Ok(None);
         }
-        let Some(first) = up.read_response_body().await? else {
+        let Some(first) = up.body().await? else {
             return Ok(None);
         };
         let mut batch: Option<BytesMut> = None;
         while batch.as_ref().map_or(first.len(), BytesMut::len) < BATCH_LIMIT {
-            // NOTE: reading is cancel-safe (pingora's own proxy selects over it), so a read
-            // that is not ready yet is simply dropped.
-            match poll_once(up.read_response_body()) {
+            // NOTE: reading is cancel-safe, so a read that is not ready yet is simply dropped.
+            match poll_once(up.body()) {
                 None => break,
                 Some(Ok(Some(more))) => batch
                     .get_or_insert_with(|| BytesMut::from(&first[..]))
