@@ -28,6 +28,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Writes are gathered up to this many bytes; a larger one is sent at once, together with
 /// what was gathered before it.
 const GATHER_LIMIT: usize = 16 * 1024;
+/// The room gathering starts with.
+const FIRST_GATHER: usize = 2 * 1024;
 
 /// A stream whose writes are kept until a flush (or until [`GATHER_LIMIT`] bytes).
 #[derive(Debug)]
@@ -91,6 +93,9 @@ impl Gathered {
             }
             self.pending.drain(..n);
         }
+        // Sent: the buffer goes too. A connection that waits (a stream held open, a client
+        // between requests, an upstream connection idle in its pool) keeps none.
+        self.pending = Vec::new();
         Poll::Ready(Ok(()))
     }
 }
@@ -123,6 +128,10 @@ impl AsyncWrite for Gathered {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.pending.len() + buf.len() <= GATHER_LIMIT {
+            if this.pending.capacity() == 0 {
+                // Room for a typical message's head and body at once.
+                this.pending.reserve(FIRST_GATHER.max(buf.len()));
+            }
             this.pending.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
         }
@@ -274,6 +283,17 @@ mod tests {
         near.write_all(b"body").await.unwrap();
         near.flush().await.unwrap();
         assert_eq!(arrived(&mut far).await, b"header\r\n\r\nbody");
+    }
+
+    #[tokio::test]
+    async fn a_connection_keeps_no_buffer_once_its_writes_are_sent() {
+        let (mut near, mut far) = pair().await;
+        near.write_all(&[b'x'; 3000]).await.unwrap();
+        assert!(near.pending.capacity() >= 3000);
+        near.flush().await.unwrap();
+        assert_eq!(arrived(&mut far).await.len(), 3000);
+        // A stream held open, or a connection waiting for its next request, holds nothing.
+        assert_eq!(near.pending.capacity(), 0);
     }
 
     #[tokio::test]

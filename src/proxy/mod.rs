@@ -440,12 +440,14 @@ impl Gateway {
             ..UpstreamRequest::new(header, body)
         };
         if call == NativeCall::ListModels && auth::query_param(&query, "pageToken").is_none() {
-            let models = self.all_models(generation, &mut up, &path, x).await?;
+            // Boxed, as the other calls below that are not a model's answer: the future of
+            // every request (each open stream's included) is as large as its largest branch.
+            let models = Box::pin(self.all_models(generation, &mut up, &path, x)).await?;
             let body = serde_json::json!({ "models": models });
             return Ok(send(s, x, 200, crate::translate::json_bytes(&body)).await);
         }
         if call == NativeCall::ListModels {
-            let page = self.collect(generation, &up, x).await?;
+            let page = Box::pin(self.collect(generation, &up, x)).await?;
             let page = filter_page(generation, page, &x.meta)?;
             return Ok(send(s, x, 200, page).await);
         }
@@ -453,7 +455,7 @@ impl Gateway {
             call.action(),
             "batchGenerateContent" | "asyncBatchEmbedContent"
         ) {
-            return self.create_batch(generation, s, up, x).await;
+            return Box::pin(self.create_batch(generation, s, up, x)).await;
         }
         self.relay_or_send(generation, &up, s, x).await
     }

@@ -4,7 +4,7 @@
 //! an open stream: it allocates a 64 KiB body buffer for every answer (heaptrack, 2,000 held
 //! streams: 64 of the ~90 KiB allocated per stream), keeps the head's 4 KiB read buffer for the
 //! answer's life, and copies every body chunk out of its buffer. Here the buffer grows with
-//! what arrives (4 KiB first, doubling while reads fill it, up to 64 KiB) and body pieces are
+//! what arrives (2 KiB first, doubling while reads fill it, up to 64 KiB) and body pieces are
 //! handed on as slices of it, without a copy.
 //!
 //! Framing follows RFC 9112, section 6.3. An answer whose framing is ambiguous (both
@@ -33,7 +33,7 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// The largest trailer section.
 const MAX_TRAILERS: usize = 16 * 1024;
 /// The first read's room, and the most one read may take.
-const FIRST_READ: usize = 4 * 1024;
+const FIRST_READ: usize = 2 * 1024;
 const MAX_READ: usize = 64 * 1024;
 /// A read gets fresh room when less than this is left (pieces handed on keep theirs).
 const MIN_ROOM: usize = 1024;
