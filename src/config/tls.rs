@@ -46,7 +46,10 @@ pub async fn accept(
     let Some(acceptor) = acceptor else {
         return Ok(Box::new(stream));
     };
-    match tokio::time::timeout(within, acceptor.tls_handshake(stream)).await {
+    // Boxed: the handshake's future (about 7 KB) would otherwise size every connection's
+    // task, TLS or not, for as long as the connection lasts.
+    let handshake = Box::pin(acceptor.tls_handshake(stream));
+    match tokio::time::timeout(within, handshake).await {
         Ok(Ok(tls)) => Ok(Box::new(tls)),
         Ok(Err(e)) => {
             tracing::debug!("TLS handshake: {e}");

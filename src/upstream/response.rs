@@ -24,8 +24,8 @@ use tokio::io::AsyncReadExt;
 
 /// The largest answer head.
 const MAX_HEAD: usize = 64 * 1024;
-/// The most header fields in one head.
-const MAX_FIELDS: usize = 128;
+/// The most header fields in one head (as pingora allowed).
+const MAX_FIELDS: usize = 256;
 /// The most informational (1xx) heads before the final one.
 const MAX_INFORMATIONAL: usize = 8;
 /// The longest chunk-size line (the size and its extensions).
