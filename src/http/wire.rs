@@ -61,8 +61,12 @@ impl Gathered {
             return Ok(true);
         }
         std::future::poll_fn(|cx| self.poll_send_pending(cx)).await?;
-        self.early.reserve(1024);
-        Ok(self.inner.read_buf(&mut self.early).await? > 0)
+        // Read into the waiting task's own memory (its future is larger for other reasons):
+        // a connection waiting for its next request keeps no buffer on the heap.
+        let mut first = [0u8; 1024];
+        let n = self.inner.read(&mut first).await?;
+        self.early = BytesMut::from(&first[..n]);
+        Ok(n > 0)
     }
 
     /// Lets the next flush pass without sending (one more each call), for a writer (pingora's
@@ -114,6 +118,9 @@ impl AsyncRead for Gathered {
         if !this.early.is_empty() {
             let n = this.early.len().min(buf.remaining());
             buf.put_slice(&this.early.split_to(n));
+            if this.early.is_empty() {
+                this.early = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
@@ -294,6 +301,23 @@ mod tests {
         assert_eq!(arrived(&mut far).await.len(), 3000);
         // A stream held open, or a connection waiting for its next request, holds nothing.
         assert_eq!(near.pending.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn bytes_read_ahead_by_arrival_go_to_the_next_read_and_leave_no_buffer() {
+        let (mut near, mut far) = pair().await;
+        far.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(near.arrival().await.unwrap());
+        assert!(
+            near.arrival().await.unwrap(),
+            "still there for the next read"
+        );
+        let mut got = [0u8; 18];
+        near.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(near.early.capacity(), 0);
+        drop(far);
+        assert!(!near.arrival().await.unwrap(), "closed before a request");
     }
 
     #[tokio::test]
