@@ -40,15 +40,15 @@ pub enum Refused {
 /// must finish `within`).
 pub async fn accept(
     acceptor: Option<&Acceptor>,
-    stream: L4Stream,
+    stream: Box<L4Stream>,
     within: std::time::Duration,
 ) -> Result<Stream, Refused> {
     let Some(acceptor) = acceptor else {
-        return Ok(Box::new(stream));
+        return Ok(stream);
     };
     // Boxed: the handshake's future (about 7 KB) would otherwise size every connection's
     // task, TLS or not, for as long as the connection lasts.
-    let handshake = Box::pin(acceptor.tls_handshake(stream));
+    let handshake = Box::pin(acceptor.tls_handshake(*stream));
     match tokio::time::timeout(within, handshake).await {
         Ok(Ok(tls)) => Ok(Box::new(tls)),
         Ok(Err(e)) => {

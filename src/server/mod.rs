@@ -457,63 +457,68 @@ impl Gateway {
     /// NOTE: the worker's own keep-alive loop calls this rather than pingora's
     /// `HttpServerApp::process_new_http`, whose boxed future (about 12 KB, copied onto the heap
     /// for every request) cost more than reading the request.
-    pub(crate) async fn serve_request(
+    #[allow(clippy::manual_async_fn)] // See the NOTE in its body.
+    pub(crate) fn serve_request(
         &self,
         mut s: ServerSession,
         shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        // Set before reading (the wait for this request) and again after it, in case the
-        // shutdown began meanwhile (whether the connection stays open after the answer).
-        let keepalive = || (!*shutdown.borrow()).then_some(workers::KEEPALIVE.as_secs());
-        s.set_keepalive(keepalive());
-        match tokio::time::timeout(self.header_timeout(), s.read_request()).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return None,
-            Ok(Err(e)) => {
-                tracing::debug!("bad request from client: {e}");
-                self.state.refused.malformed.fetch_add(1, Ordering::Relaxed);
+    ) -> impl Future<Output = Option<Stream>> {
+        // NOTE: not an `async fn`, which moves its arguments into locals of its own: its future
+        // held the session (680 bytes) twice, for the whole request.
+        async move {
+            // Set before reading (the wait for this request) and again after it, in case the
+            // shutdown began meanwhile (whether the connection stays open after the answer).
+            let keepalive = || (!*shutdown.borrow()).then_some(workers::KEEPALIVE.as_secs());
+            s.set_keepalive(keepalive());
+            match tokio::time::timeout(self.header_timeout(), s.read_request()).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return None,
+                Ok(Err(e)) => {
+                    tracing::debug!("bad request from client: {e}");
+                    self.state.refused.malformed.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                Err(_) => {
+                    tracing::debug!("a request head did not arrive in time");
+                    self.state.refused.slow.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+            s.set_keepalive(keepalive());
+            // A body left unread by an early answer is drained for a bounded time only.
+            s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
+            // NOTE: by default pingora closes a connection answered before its request body was
+            // read, so a client still uploading gets a broken pipe instead of our 413 or 401.
+            s.set_close_on_response_before_downstream_finish(false);
+            let _in_flight = InFlight::enter(&self.state.in_flight);
+            let mut x = Exchange::new(s.req_header());
+            if self.state.lasting.tracer.is_some() {
+                let parent = s.req_header().headers.get("traceparent");
+                x.meta.trace = Some(crate::traces::Context::of(
+                    parent.and_then(|v| v.to_str().ok()),
+                ));
+            }
+            let outcome = self.handle(&mut s, &mut x).await;
+            let tunnel = x.tunnel.take().map(|t| (t, x.meta.id.clone()));
+            x.log();
+            self.count(&x);
+            self.trace(&x);
+            self.push_log(x);
+            if let Some((tunnel, id)) = tunnel {
+                // A Live session, logged above as its handshake; its end has a line of its own.
+                let started = std::time::Instant::now();
+                let ended = tunnel.join(s, shutdown).await;
+                let seconds = started.elapsed().as_secs();
+                tracing::info!(id = %id, sent = ended.sent, received = ended.received, seconds, why = ended.why, "live session ended");
                 return None;
             }
-            Err(_) => {
-                tracing::debug!("a request head did not arrive in time");
-                self.state.refused.slow.fetch_add(1, Ordering::Relaxed);
+            if outcome == Outcome::Close {
                 return None;
             }
-        }
-        s.set_keepalive(keepalive());
-        // A body left unread by an early answer is drained for a bounded time only.
-        s.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
-        // NOTE: by default pingora closes a connection answered before its request body was
-        // read, so a client still uploading gets a broken pipe instead of our 413 or 401.
-        s.set_close_on_response_before_downstream_finish(false);
-        let _in_flight = InFlight::enter(&self.state.in_flight);
-        let mut x = Exchange::new(s.req_header());
-        if self.state.lasting.tracer.is_some() {
-            let parent = s.req_header().headers.get("traceparent");
-            x.meta.trace = Some(crate::traces::Context::of(
-                parent.and_then(|v| v.to_str().ok()),
-            ));
-        }
-        let outcome = self.handle(&mut s, &mut x).await;
-        let tunnel = x.tunnel.take().map(|t| (t, x.meta.id.clone()));
-        x.log();
-        self.count(&x);
-        self.trace(&x);
-        self.push_log(x);
-        if let Some((tunnel, id)) = tunnel {
-            // A Live session, logged above as its handshake; its end has a line of its own.
-            let started = std::time::Instant::now();
-            let ended = tunnel.join(s, shutdown).await;
-            let seconds = started.elapsed().as_secs();
-            tracing::info!(id = %id, sent = ended.sent, received = ended.received, seconds, why = ended.why, "live session ended");
-            return None;
-        }
-        if outcome == Outcome::Close {
-            return None;
-        }
-        match s.finish().await {
-            Ok(reusable) => reusable.map(|r| r.into_parts().0),
-            Err(_) => None,
+            match s.finish().await {
+                Ok(reusable) => reusable.map(|r| r.into_parts().0),
+                Err(_) => None,
+            }
         }
     }
 
@@ -772,7 +777,7 @@ mod tests {
         tokio::spawn(async move {
             let _stop = stop;
             while let Ok((tcp, _)) = listener.accept().await {
-                let stream = pingora::protocols::l4::stream::Stream::from(tcp);
+                let stream = Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
                 tokio::spawn(workers::serve(
                     gateway.clone(),
                     stream,

@@ -100,7 +100,7 @@ pub(super) const KEEPALIVE: Duration = Duration::from_secs(75);
 /// that first byte is the keep-alive's (the head timeout's for a new connection).
 pub(super) async fn serve(
     app: Arc<Gateway>,
-    mut stream: L4Stream,
+    mut stream: Box<L4Stream>,
     tls: Option<Arc<Acceptor>>,
     mut shutdown: ShutdownWatch,
 ) {
@@ -212,6 +212,11 @@ impl Service for Worker {
                         let app = self.app.clone();
                         let shutdown = shutdown.clone();
                         let tls = self.tls.clone();
+                        // Boxed at once: the connection's task would otherwise hold the
+                        // socket's state (376 bytes) in each future that takes it along, for
+                        // the connection's life, long after the TLS layer or the gathering
+                        // writer took it over.
+                        let stream = Box::new(stream);
                         tokio::spawn(async move {
                             let _open = open;
                             serve(app, stream, tls, shutdown).await;
