@@ -11,7 +11,9 @@
 # response through gemgate (translation's cost, against the native path); last, the
 # side-by-side table: the fake, gemgate and nginx at 1, 32, 256 and 1,024 connections
 # ($MATRIX_CONNS), with peak RSS and CPU per request, $MATRIX_RUNS rounds (default 5) in turn,
-# and the translated protocols at the same connections. All on loopback, in one run. Bounded:
+# and the translated protocols at the same connections; then $HELD_STREAMS open streams (SSE
+# answers the fake holds) through gemgate and nginx, for memory per open stream. All on
+# loopback, in one run. Bounded:
 # each measurement lasts $DURATION seconds (default 5); at concurrency 64 (and 32 for the
 # translated protocols) each target is measured $RUNS times (default 3), in turn, and keeps its
 # median. The whole run takes about (44 + 35 × $MATRIX_RUNS) × $DURATION seconds plus a minute
@@ -406,3 +408,26 @@ for proto in chat messages responses; do
   cp "$work/t-$proto.lua" "$work/$proto-gemgate.lua"
   matrix "$proto" gemgate
 done
+
+# Open streams: $HELD_STREAMS (default 2,000; 0 to skip) SSE answers the fake holds open
+# (`x-fake-hold`), through gemgate and through nginx: the proxy's resident memory per open
+# stream, a new request's latency meanwhile, and every stream ending whole once released. Each
+# open stream takes a client and an upstream connection at the proxy, so 10,000 need a hard
+# descriptor limit over 20,000 (`ulimit -Hn`; raising it takes root). nginx is left out past
+# 3,500 streams: its workers have 4,096 connections each, as configured above.
+HELD_STREAMS=${HELD_STREAMS:-2000}
+if [ "$HELD_STREAMS" -gt 0 ]; then
+  echo
+  echo "open streams ($HELD_STREAMS held by the upstream; descriptor limit $(ulimit -n)):"
+  for who in gemgate nginx; do
+    port=$GATE_PORT key=$TOKEN
+    if [ "$who" = nginx ]; then
+      [ "$have_nginx" = 1 ] && [ "$HELD_STREAMS" -le 3500 ] || continue
+      port=$NGINX_PORT key=bench-1
+    fi
+    printf '  %-8s ' "$who"
+    # shellcheck disable=SC2046
+    python3 scripts/held_streams.py "$HELD_STREAMS" "$port" "$FAKE_PORT" "$key" "held-$who" \
+      $(pids_of "$who") || echo "  $who: streams failed" >&2
+  done
+fi
