@@ -570,13 +570,13 @@ impl Gateway {
         });
         let head = head::request_head(header, req.body.len(), credential, forwarding);
         let head_request = header.method == http::Method::HEAD;
+        let timeout = generation.config.timeout;
         let mut reuse_idle = true;
         let mut up = loop {
             let (conn, reused) = target
                 .connection(&self.connector, &peer, route, reuse_idle)
                 .await
                 .map_err(Failure::from_pingora)?;
-            let timeout = generation.config.timeout;
             match send_request(conn, &head, &req.body, head_request, timeout).await {
                 Ok(up) => break up,
                 // An idle connection the server closed meanwhile: not the key's fault, and not an

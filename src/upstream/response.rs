@@ -22,6 +22,8 @@ use pingora::protocols::Stream;
 use pingora::{Error, ErrorType, Result};
 use tokio::io::AsyncReadExt;
 
+use super::headers::connection_listed;
+
 /// The largest answer head.
 const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields in one head (as pingora allowed).
@@ -39,7 +41,7 @@ const MAX_READ: usize = 64 * 1024;
 const MIN_ROOM: usize = 1024;
 
 /// An answer's head.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
@@ -93,11 +95,7 @@ impl Response {
             stream,
             buf: BytesMut::new(),
             read_size: FIRST_READ,
-            head: Head {
-                status: StatusCode::OK,
-                version: Version::HTTP_11,
-                headers: HeaderMap::new(),
-            },
+            head: Head::default(),
             body: Body::Done,
             reusable: false,
             timeout,
@@ -184,12 +182,7 @@ impl Response {
     /// Settles how the body after `head` is framed, and whether the connection stays open.
     fn frame(&mut self, head: Head, head_request: bool) -> Result<()> {
         let h = &head.headers;
-        let listed = |token: &str| {
-            h.get_all(header::CONNECTION)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-        };
+        let listed = |token: &str| connection_listed(h).iter().any(|t| t == token);
         self.reusable = match head.version {
             Version::HTTP_11 => !listed("close"),
             _ => listed("keep-alive"),
@@ -249,20 +242,15 @@ impl Response {
                 Body::Done => return Ok(None),
                 Body::UntilClose if self.buf.is_empty() => return Ok(None),
                 Body::UntilClose => return Ok(Some(self.buf.split().freeze())),
+                Body::Length(_) if self.buf.is_empty() => return Ok(None),
                 Body::Length(left) => {
-                    if self.buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let n = usize::try_from(left)
-                        .unwrap_or(usize::MAX)
-                        .min(self.buf.len());
-                    let left = left - n as u64;
+                    let (piece, left) = self.split_off(left);
                     self.body = if left == 0 {
                         Body::Done
                     } else {
                         Body::Length(left)
                     };
-                    return Ok(Some(self.buf.split_to(n).freeze()));
+                    return Ok(Some(piece));
                 }
                 Body::Chunked(chunk) => match self.step(chunk)? {
                     Step::Piece(piece) => return Ok(Some(piece)),
@@ -271,6 +259,12 @@ impl Response {
                 },
             }
         }
+    }
+
+    /// Up to `left` of the buffered bytes (there are some), and how many are left to come.
+    fn split_off(&mut self, left: u64) -> (Bytes, u64) {
+        let n = usize::try_from(left).map_or(self.buf.len(), |l| l.min(self.buf.len()));
+        (self.buf.split_to(n).freeze(), left - n as u64)
     }
 
     /// One step through a chunked body, in state `chunk`.
@@ -294,16 +288,13 @@ impl Response {
             },
             Chunk::Data(_) if self.buf.is_empty() => Ok(Step::More),
             Chunk::Data(left) => {
-                let n = usize::try_from(left)
-                    .unwrap_or(usize::MAX)
-                    .min(self.buf.len());
-                let left = left - n as u64;
+                let (piece, left) = self.split_off(left);
                 self.body = Body::Chunked(if left == 0 {
                     Chunk::DataEnd
                 } else {
                     Chunk::Data(left)
                 });
-                Ok(Step::Piece(self.buf.split_to(n).freeze()))
+                Ok(Step::Piece(piece))
             }
             Chunk::DataEnd if self.buf.len() < 2 => Ok(Step::More),
             Chunk::DataEnd if self.buf.starts_with(b"\r\n") => {
