@@ -587,6 +587,11 @@ impl Batch {
         }
     }
 
+    /// The log records it holds.
+    pub fn records(&self) -> usize {
+        self.records.len()
+    }
+
     /// Writes the batch: the dirty keys' state as it is now, usage, then the log records, in
     /// steps of a quarter of the logs' room, each made room for first (a burst larger than the
     /// room left would otherwise grow the file before any trimming could free space).
@@ -712,7 +717,7 @@ mod tests {
                         ..Default::default()
                     });
                 }
-                Batch::new(queue.take(), HashMap::new()).commit(&store, &registry, cap);
+                Batch::new(queue.take(usize::MAX), HashMap::new()).commit(&store, &registry, cap);
                 largest = largest.max(store.file_bytes());
             }
             assert!(

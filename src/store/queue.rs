@@ -86,12 +86,26 @@ impl LogQueue {
         });
     }
 
-    /// Takes every queued record, oldest first.
-    pub fn take(&self) -> Vec<Record> {
+    /// Takes the oldest queued records: whole chunks, until at least `max` records or the
+    /// queue is empty (a chunk holds a few hundred records).
+    pub fn take(&self, max: usize) -> Vec<Record> {
         // NOTE: the flusher runs at idle priority; a lock it holds can be held for as long as
         // the busy workers keep it off a CPU, and a worker waiting for it stalls for as long.
-        // So the lock is held for a swap only; the records are unpacked after.
-        let taken = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        // So the lock is held to move chunks only; the records are unpacked after.
+        let taken = {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut taken = Queued::default();
+            while taken.records < max {
+                let Some(chunk) = q.chunks.pop_front() else {
+                    break;
+                };
+                q.records -= chunk.records;
+                q.bytes -= chunk.packed.len();
+                taken.records += chunk.records;
+                taken.chunks.push_back(chunk);
+            }
+            taken
+        };
         let mut out = Vec::with_capacity(taken.records);
         for chunk in taken.chunks {
             let mut at = &chunk.packed[..];
@@ -111,7 +125,6 @@ impl LogQueue {
     }
 
     /// Records waiting for the flusher.
-    #[cfg(test)]
     pub fn queued(&self) -> usize {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).records
     }
@@ -242,9 +255,9 @@ mod tests {
             q.push(r.clone());
         }
         assert_eq!(q.queued(), 3);
-        assert_eq!(q.take(), vec![full, plain, sampled_out]);
+        assert_eq!(q.take(usize::MAX), vec![full, plain, sampled_out]);
         assert_eq!(q.queued(), 0);
-        assert!(q.take().is_empty());
+        assert!(q.take(usize::MAX).is_empty());
         // Cut short, a packed record is refused rather than misread.
         let mut out = Vec::new();
         pack(&Record::default(), &mut out);
@@ -263,7 +276,7 @@ mod tests {
             q.push(big.clone());
         }
         assert_eq!(q.dropped(), 10);
-        assert_eq!(q.take().len(), fit);
+        assert_eq!(q.take(usize::MAX).len(), fit);
 
         // Small records: past the count, the oldest chunk goes, and is counted.
         let small = Record::default();
@@ -272,6 +285,29 @@ mod tests {
             q.push(small.clone());
         }
         assert_eq!(q.dropped(), 10 + per_chunk as u64);
-        assert_eq!(q.take().len(), QUEUE + 1 - per_chunk);
+        assert_eq!(q.take(usize::MAX).len(), QUEUE + 1 - per_chunk);
+    }
+
+    #[test]
+    fn a_take_is_whole_chunks_oldest_first_up_to_its_size() {
+        let q = LogQueue::default();
+        let per_chunk = CHUNK / packed_len(&Record::default());
+        for i in 0..3 * per_chunk as u64 {
+            q.push(Record {
+                ts_ms: i,
+                ..Record::default()
+            });
+        }
+        // One record asked: its whole chunk comes.
+        let first = q.take(1);
+        assert_eq!(first.len(), per_chunk);
+        assert!(first.iter().enumerate().all(|(i, r)| r.ts_ms == i as u64));
+        assert_eq!(q.queued(), 2 * per_chunk);
+        // A chunk and one more asked: two chunks come; nothing is left.
+        let rest = q.take(per_chunk + 1);
+        assert_eq!(rest.len(), 2 * per_chunk);
+        assert_eq!(rest[0].ts_ms, per_chunk as u64);
+        assert_eq!(q.queued(), 0);
+        assert!(q.take(1).is_empty());
     }
 }
