@@ -38,8 +38,6 @@ pub struct Gathered {
     pending: Vec<u8>,
     /// How many of the next flushes send nothing: more of the same message follows at once.
     hold: AtomicU32,
-    /// Bytes [`Gathered::arrival`] read ahead, given to the next read.
-    early: BytesMut,
 }
 
 impl Gathered {
@@ -48,25 +46,24 @@ impl Gathered {
             inner,
             pending: Vec::new(),
             hold: AtomicU32::new(0),
-            early: BytesMut::new(),
         }
     }
 
-    /// Waits for the client's next bytes (the start of its next request) and keeps them for
-    /// the next read: `false` when the connection closed first. The wait for a request to
-    /// begin (keep-alive idleness) is then timed apart from the wait for its head to end.
-    pub async fn arrival(&mut self) -> io::Result<bool> {
+    /// Waits for the client's next bytes (the start of its next request) and returns them, in
+    /// a buffer of their size: none when the connection closed first. The wait for a request
+    /// to begin (keep-alive idleness) is then timed apart from the wait for its head to end.
+    ///
+    /// The bytes go to the request's session as the start of its parse buffer
+    /// (`set_pipelined_prefix`), which then grows only as the head needs: pingora's own
+    /// starts at 4 KiB and is kept for as long as the request lasts (a stream held open).
+    pub async fn arrival(&mut self) -> io::Result<BytesMut> {
         use tokio::io::AsyncReadExt;
-        if !self.early.is_empty() {
-            return Ok(true);
-        }
         std::future::poll_fn(|cx| self.poll_send_pending(cx)).await?;
         // Read into the waiting task's own memory (its future is larger for other reasons):
         // a connection waiting for its next request keeps no buffer on the heap.
         let mut first = [0u8; 1024];
         let n = self.inner.read(&mut first).await?;
-        self.early = BytesMut::from(&first[..n]);
-        Ok(n > 0)
+        Ok(BytesMut::from(&first[..n]))
     }
 
     /// Lets the next flush pass without sending (one more each call), for a writer (pingora's
@@ -115,14 +112,6 @@ impl AsyncRead for Gathered {
         // gathered (or held) then, whatever the writer's flushes did.
         this.hold.store(0, Ordering::Relaxed);
         ready!(this.poll_send_pending(cx))?;
-        if !this.early.is_empty() {
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early.split_to(n));
-            if this.early.is_empty() {
-                this.early = BytesMut::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
         Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
@@ -304,20 +293,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bytes_read_ahead_by_arrival_go_to_the_next_read_and_leave_no_buffer() {
+    async fn arrival_returns_the_first_bytes_in_a_buffer_of_their_size() {
         let (mut near, mut far) = pair().await;
         far.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        assert!(near.arrival().await.unwrap());
-        assert!(
-            near.arrival().await.unwrap(),
-            "still there for the next read"
-        );
-        let mut got = [0u8; 18];
-        near.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
-        assert_eq!(near.early.capacity(), 0);
+        let first = near.arrival().await.unwrap();
+        assert_eq!(&first[..], b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(first.capacity(), first.len());
+        // More than one read's worth: the rest stays on the connection for the next read.
+        far.write_all(&[b'x'; 3000]).await.unwrap();
+        assert_eq!(near.arrival().await.unwrap().len(), 1024);
+        let mut rest = [0u8; 3000 - 1024];
+        near.read_exact(&mut rest).await.unwrap();
         drop(far);
-        assert!(!near.arrival().await.unwrap(), "closed before a request");
+        assert!(
+            near.arrival().await.unwrap().is_empty(),
+            "closed before a request"
+        );
     }
 
     #[tokio::test]

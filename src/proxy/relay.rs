@@ -321,6 +321,7 @@ pub(crate) async fn relay(
             &mut head.headers,
         ),
     }
+    up.forget_headers();
     let has_body = !matches!(status, 204 | 304);
     // NOTE: pingora falls back to a close-delimited body when a response has neither length
     // nor chunking; say chunked so the connection stays reusable. (HTTP/1.0 clients get the

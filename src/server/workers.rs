@@ -124,15 +124,16 @@ pub(super) async fn serve(
     let mut conn = Box::new(Gathered::new(stream));
     let mut idle = app.header_timeout();
     loop {
-        let arrived = tokio::select! {
-            arrived = tokio::time::timeout(idle, conn.arrival()) => matches!(arrived, Ok(Ok(true))),
+        let first = tokio::select! {
+            arrived = tokio::time::timeout(idle, conn.arrival()) => match arrived {
+                Ok(Ok(first)) if !first.is_empty() => first,
+                _ => return,
+            },
             // An idle connection ends with the shutdown; one mid-request finishes first.
-            _ = shutdown.changed() => false,
+            _ = shutdown.changed() => return,
         };
-        if !arrived {
-            return;
-        }
-        let session = ServerSession::new_http1(conn);
+        let mut session = ServerSession::new_http1(conn);
+        session.set_pipelined_prefix(first);
         let Some(stream) = app.serve_request(session, &shutdown).await else {
             return;
         };

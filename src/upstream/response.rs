@@ -145,6 +145,12 @@ impl Response {
         &self.head
     }
 
+    /// Lets the head's header fields go: a relay has taken what it needs of them, and a
+    /// streamed answer may stay open for minutes.
+    pub fn forget_headers(&mut self) {
+        self.head.headers = HeaderMap::new();
+    }
+
     /// The answer's status code.
     pub fn status(&self) -> u16 {
         self.head.status.as_u16()
