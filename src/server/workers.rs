@@ -132,8 +132,13 @@ pub(super) async fn serve(
             // An idle connection ends with the shutdown; one mid-request finishes first.
             _ = shutdown.changed() => return,
         };
-        let mut session = ServerSession::new_http1(conn);
-        session.set_pipelined_prefix(first);
+        // NOTE: made in a block of its own: a local that was ever borrowed keeps its room in
+        // the future until its scope ends, and the session (680 bytes) moves on at once.
+        let session = {
+            let mut session = ServerSession::new_http1(conn);
+            session.set_pipelined_prefix(first);
+            session
+        };
         let Some(stream) = app.serve_request(session, &shutdown).await else {
             return;
         };
