@@ -4,8 +4,9 @@
 //! an open stream: it allocates a 64 KiB body buffer for every answer (heaptrack, 2,000 held
 //! streams: 64 of the ~90 KiB allocated per stream), keeps the head's 4 KiB read buffer for the
 //! answer's life, and copies every body chunk out of its buffer. Here the buffer grows with
-//! what arrives (2 KiB first, doubling while reads fill it, up to 64 KiB) and body pieces are
-//! handed on as slices of it, without a copy.
+//! what arrives (2 KiB first, doubling while reads fill it, up to 64 KiB), is let go while a
+//! read waits with nothing in it, and body pieces are handed on as slices of it, without a
+//! copy.
 //!
 //! Framing follows RFC 9112, section 6.3. An answer whose framing is ambiguous (both
 //! `Transfer-Encoding` and `Content-Length`) or ends with the connection is read, but its
@@ -21,6 +22,7 @@ use http::{StatusCode, Version};
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType, Result};
 use tokio::io::AsyncReadExt;
+use tokio_util::io::poll_read_buf;
 
 use super::headers::connection_listed;
 
@@ -223,15 +225,25 @@ impl Response {
 
     /// Reads what has arrived into the buffer (waiting for something to arrive): the number
     /// of bytes read, 0 at the connection's end.
+    ///
+    /// An empty buffer is let go while the read waits: a stream's answer spends most of its
+    /// life waiting for its next event, and keeps no buffer meanwhile. Room is made again on
+    /// each poll, which costs an allocation once per wait.
     async fn fill(&mut self, when: &'static str) -> Result<usize> {
-        if self.buf.capacity() - self.buf.len() < MIN_ROOM {
-            self.buf.reserve(self.read_size);
-        }
-        // The buffer may have more room than asked for (it grows as a vector does).
-        let room = (self.buf.capacity() - self.buf.len()).min(self.read_size);
-        let mut limited = (&mut self.stream).take(room as u64);
-        let read = limited.read_buf(&mut self.buf);
-        let n = match tokio::time::timeout(self.timeout, read).await {
+        let read = std::future::poll_fn(|cx| {
+            if self.buf.capacity() - self.buf.len() < MIN_ROOM {
+                self.buf.reserve(self.read_size);
+            }
+            // The buffer may have more room than asked for (it grows as a vector does).
+            let room = (self.buf.capacity() - self.buf.len()).min(self.read_size);
+            let mut limited = std::pin::pin!((&mut self.stream).take(room as u64));
+            let poll = poll_read_buf(limited.as_mut(), cx, &mut self.buf);
+            if poll.is_pending() && self.buf.is_empty() {
+                self.buf = BytesMut::new();
+            }
+            poll.map_ok(|n| (n, room))
+        });
+        let (n, room) = match tokio::time::timeout(self.timeout, read).await {
             Ok(read) => read.map_err(|e| Error::because(ErrorType::ReadError, when, e))?,
             Err(_) => return Err(Error::explain(ErrorType::ReadTimedout, when)),
         };
@@ -654,7 +666,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_read_given_up_while_waiting_loses_nothing() {
+    async fn a_waiting_body_read_holds_no_buffer_and_given_up_loses_nothing() {
         let (near, mut far) = pair().await;
         far.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab")
             .await
@@ -665,6 +677,11 @@ mod tests {
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
         assert!(std::pin::pin!(r.body()).poll(&mut cx).is_pending());
+        assert_eq!(
+            r.buf.capacity(),
+            0,
+            "a stream waiting for its next event keeps no buffer"
+        );
         far.write_all(b"c\r\n0\r\n\r\n").await.unwrap();
         assert_eq!(&r.body().await.unwrap().unwrap()[..], b"c");
         assert!(r.body().await.unwrap().is_none());
