@@ -419,15 +419,25 @@ HELD_STREAMS=${HELD_STREAMS:-2000}
 if [ "$HELD_STREAMS" -gt 0 ]; then
   echo
   echo "open streams ($HELD_STREAMS held by the upstream; descriptor limit $(ulimit -n)):"
+  # Fresh processes: after the load above, each keeps memory its allocator freed, which the
+  # streams would reuse, and memory per stream would read low. A new gemgate with the same
+  # defaults; nginx replaces its workers on SIGHUP.
+  HELD_PORT=${HELD_PORT:-18105}
+  start_gemgate "$work/held" "$BIN_DIR" "$HELD_PORT" "$FAKE_PORT" "$TOKEN"
+  pids+=($!)
+  held_pid=$!
+  wait_port "$HELD_PORT" gemgate "$work/held.log"
+  [ "$have_nginx" = 1 ] && kill -HUP "$(cat "$work/nginx.pid")"
+  sleep 3
   for who in gemgate nginx; do
-    port=$GATE_PORT key=$TOKEN
+    port=$HELD_PORT key=$TOKEN watched=$held_pid
     if [ "$who" = nginx ]; then
       [ "$have_nginx" = 1 ] && [ "$HELD_STREAMS" -le 3500 ] || continue
-      port=$NGINX_PORT key=bench-1
+      port=$NGINX_PORT key=bench-1 watched=$(pids_of nginx)
     fi
     printf '  %-8s ' "$who"
-    # shellcheck disable=SC2046
+    # shellcheck disable=SC2086
     python3 scripts/held_streams.py "$HELD_STREAMS" "$port" "$FAKE_PORT" "$key" "held-$who" \
-      $(pids_of "$who") || echo "  $who: streams failed" >&2
+      $watched || echo "  $who: streams failed" >&2
   done
 fi
