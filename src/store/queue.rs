@@ -41,6 +41,16 @@ struct Chunk {
     records: usize,
 }
 
+impl Queued {
+    /// Takes the oldest chunk out of the queue and its counts.
+    fn pop_oldest(&mut self) -> Option<Chunk> {
+        let chunk = self.chunks.pop_front()?;
+        self.records -= chunk.records;
+        self.bytes -= chunk.packed.len();
+        Some(chunk)
+    }
+}
+
 impl LogQueue {
     /// Queues a record; past [`QUEUE`] records or [`QUEUE_BYTES`] the oldest chunks of records
     /// are dropped, and counted.
@@ -54,11 +64,9 @@ impl LogQueue {
             drop(r);
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             while q.records > 0 && (q.records >= QUEUE || q.bytes + packed.len() > QUEUE_BYTES) {
-                let Some(old) = q.chunks.pop_front() else {
+                let Some(old) = q.pop_oldest() else {
                     break;
                 };
-                q.records -= old.records;
-                q.bytes -= old.packed.len();
                 self.dropped
                     .fetch_add(old.records as u64, Ordering::Relaxed);
             }
@@ -92,22 +100,19 @@ impl LogQueue {
         // NOTE: the flusher runs at idle priority; a lock it holds can be held for as long as
         // the busy workers keep it off a CPU, and a worker waiting for it stalls for as long.
         // So the lock is held to move chunks only; the records are unpacked after.
-        let taken = {
+        let (mut taken, mut records) = (Vec::new(), 0);
+        {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            let mut taken = Queued::default();
-            while taken.records < max {
-                let Some(chunk) = q.chunks.pop_front() else {
+            while records < max {
+                let Some(chunk) = q.pop_oldest() else {
                     break;
                 };
-                q.records -= chunk.records;
-                q.bytes -= chunk.packed.len();
-                taken.records += chunk.records;
-                taken.chunks.push_back(chunk);
+                records += chunk.records;
+                taken.push(chunk);
             }
-            taken
-        };
-        let mut out = Vec::with_capacity(taken.records);
-        for chunk in taken.chunks {
+        }
+        let mut out = Vec::with_capacity(records);
+        for chunk in taken {
             let mut at = &chunk.packed[..];
             while !at.is_empty() {
                 match unpack(&mut at) {
