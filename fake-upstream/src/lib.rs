@@ -59,7 +59,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -173,6 +173,8 @@ pub struct KeyStats {
 /// One request as the fake received it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Received {
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     pub method: String,
     pub path: String,
     pub query: String,
@@ -494,14 +496,26 @@ async fn serve(listener: TcpListener, state: Arc<FakeState>) {
                 async move { Ok::<_, Infallible>(handle(state, seen, req).await) }
             });
             let mut closed = state_closer.closed_signal();
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
+            // HTTP/1.1, or HTTP/2 when the connection opens with its preface.
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
                 _ = closed.changed() => {}
             }
         });
+    }
+}
+
+/// The host a request was sent to: its `Host` field (HTTP/1.1), or its URI's (HTTP/2).
+fn authority(parts: &http::request::Parts) -> String {
+    match parts.headers.get("host").and_then(|v| v.to_str().ok()) {
+        Some(host) => host.to_owned(),
+        None => parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -746,6 +760,7 @@ async fn handle(
             received.pop_front();
         }
         received.push_back(Received {
+            version: format!("{:?}", parts.version),
             method: parts.method.to_string(),
             path: path.clone(),
             query: query.clone(),
@@ -783,12 +798,7 @@ async fn handle(
     let first_on_connection = seen.lock().unwrap().insert(key.clone());
     state.count(&key, first_on_connection);
 
-    let authority = parts
-        .headers
-        .get("host")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let authority = authority(&parts);
     if path == "/upload/v1beta/files" {
         return upload(&state, &key, &parts.headers, &query, &body, &authority);
     }
@@ -1690,7 +1700,7 @@ fn image_host(
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
     };
-    let authority = header("host").to_owned();
+    let authority = authority(parts);
     let field_present = |field: &str| {
         let needle = format!("name=\"{field}\"");
         memchr::memmem::find(body, needle.as_bytes()).is_some()

@@ -115,6 +115,7 @@ pub const OVERRIDES: &[(&str, &str, Kind)] = &[
         Kind::Bool,
     ),
     ("CUSTOM_HEADERS", "upstream.custom_headers", Kind::Json),
+    ("GEMGATE_UPSTREAM_HTTP2", "upstream.http2", Kind::Bool),
     // models
     ("FILTERED_MODELS", "models.filtered", Kind::List),
     ("SEARCH_MODELS", "models.search", Kind::List),

@@ -300,6 +300,10 @@ pub struct UpstreamSection {
     /// Client headers forwarded to Google although gemgate drops them by default
     /// (`x-goog-user-project`, the method-override headers).
     pub forward_headers: Vec<String>,
+    /// Calls go to the upstream over HTTP/2, many on one connection: negotiated by TLS (an
+    /// upstream that declines is spoken to in HTTP/1.1), with prior knowledge over plain HTTP
+    /// (the upstream must speak HTTP/2). Not through a proxy that forwards plain HTTP.
+    pub http2: bool,
 }
 
 impl Default for UpstreamSection {
@@ -315,6 +319,7 @@ impl Default for UpstreamSection {
             custom_headers: BTreeMap::new(),
             pool_size: 256,
             forward_headers: Vec::new(),
+            http2: false,
         }
     }
 }

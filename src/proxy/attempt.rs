@@ -9,6 +9,7 @@ use http::header;
 use pingora::ErrorType;
 use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
+use pingora::upstreams::peer::HttpPeer;
 use std::borrow::Cow;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use crate::app::Generation;
 use crate::app::shared::{KeyFailure, QuotaCheck, QuotaSettle, QuotaVerdict, Used};
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
+use crate::http::wire::Gathered;
 use crate::keys::quota::{Moment, Ticket, estimate_tokens};
 use crate::keys::storm::{Bare, PROBE_EVERY_MS, Pass};
 use crate::keys::taxonomy::is_bare_429;
@@ -27,8 +29,9 @@ use crate::keys::{KeyPool, Penalty, Pick, seconds_until};
 use crate::policy::engine::{AttemptDecision, AttemptInfo, Denial};
 use crate::policy::trace::key_notes;
 use crate::translate::usage::{Tokens, tokens_in};
-use crate::upstream::head;
+use crate::upstream::http2::{self, Called};
 use crate::upstream::response::Response;
+use crate::upstream::{Target, head};
 
 /// Largest upstream error body read for classification and relay.
 const ERROR_BODY_LIMIT: usize = 256 * 1024;
@@ -564,29 +567,39 @@ impl Gateway {
         } else {
             head::Credential::GoogApiKey(key.header.as_bytes())
         };
-        let forwarding = target.forwarding(route).map(|proxy| head::Forwarding {
-            authority: target.base.authority.as_str(),
-            authorization: proxy.proxy_authorization(),
-        });
-        let head = head::request_head(header, req.body.len(), credential, forwarding);
-        let head_request = header.method == http::Method::HEAD;
         let timeout = generation.config.timeout;
-        let mut reuse_idle = true;
-        let mut up = loop {
-            let (conn, reused) = target
-                .connection(&self.connector, &peer, route, reuse_idle)
-                .await
-                .map_err(Failure::from_pingora)?;
-            match send_request(conn, &head, &req.body, head_request, timeout).await {
-                Ok(up) => break up,
-                // An idle connection the server closed meanwhile: not the key's fault, and not an
-                // attempt. The other idle ones are likely closed too (an upstream restart, an
-                // idle timeout): drop them all and try once more on a new connection.
-                Err(e) if reused && e.etype() != &ErrorType::ReadTimedout => {
-                    target.drop_idle(route);
-                    reuse_idle = false;
+        let sent = match target.http2(route) {
+            Some(pool) => {
+                let call = http2::Call {
+                    head: http2::request_head(&target.base, header, req.body.len(), credential)
+                        .map_err(Failure::from_pingora)?,
+                    body: &req.body,
+                };
+                // Boxed: opening a connection and its handshake make a large future, which
+                // would otherwise take room in every request's task for its whole life.
+                match Box::pin(pool.call(&self.connector, &peer, call, timeout)).await {
+                    Ok(Called::Answer(up)) => Ok(up),
+                    Ok(Called::Declined(opened)) => Err(Some(opened)),
+                    Err(e) => return Err(Failure::from_pingora(e)),
                 }
-                Err(e) => return Err(Failure::from_pingora(e)),
+            }
+            None => Err(None),
+        };
+        let mut up = match sent {
+            Ok(up) => up,
+            Err(opened) => {
+                let forwarding = target.forwarding(route).map(|proxy| head::Forwarding {
+                    authority: target.base.authority.as_str(),
+                    authorization: proxy.proxy_authorization(),
+                });
+                let head = head::request_head(header, req.body.len(), credential, forwarding);
+                let call = Http1Call {
+                    head: &head,
+                    body: &req.body,
+                    head_request: header.method == http::Method::HEAD,
+                    timeout,
+                };
+                self.send_http1(target, &peer, route, call, opened).await?
             }
         };
         let status = up.status();
@@ -611,6 +624,39 @@ impl Gateway {
             ));
         }
         Ok((up, route))
+    }
+
+    /// Sends `call` over HTTP/1.1 on `opened` if given (a connection just opened), else on an
+    /// idle connection or a new one, and reads the answer's head.
+    async fn send_http1(
+        &self,
+        target: &Target,
+        peer: &HttpPeer,
+        route: usize,
+        call: Http1Call<'_>,
+        mut opened: Option<pingora::protocols::Stream>,
+    ) -> Result<Response, Failure> {
+        let mut reuse_idle = true;
+        loop {
+            let (conn, reused) = match opened.take() {
+                Some(stream) => (Box::new(Gathered::new(stream)) as _, false),
+                None => target
+                    .connection(&self.connector, peer, route, reuse_idle)
+                    .await
+                    .map_err(Failure::from_pingora)?,
+            };
+            match send_request(conn, &call).await {
+                Ok(up) => return Ok(up),
+                // An idle connection the server closed meanwhile: not the key's fault, and not an
+                // attempt. The other idle ones are likely closed too (an upstream restart, an
+                // idle timeout): drop them all and try once more on a new connection.
+                Err(e) if reused && e.etype() != &ErrorType::ReadTimedout => {
+                    target.drop_idle(route);
+                    reuse_idle = false;
+                }
+                Err(e) => return Err(Failure::from_pingora(e)),
+            }
+        }
     }
 
     /// One attempt with key `index`: how it ended, and what it did (status, tokens, time to
@@ -901,16 +947,26 @@ impl Failure {
     }
 }
 
-/// Sends a request's head and body on `conn` (in one write when they fit one), then reads the
-/// answer's head; each step within `timeout`.
-async fn send_request(
-    mut conn: Stream,
-    head: &[u8],
-    body: &[u8],
+/// A request as it goes over HTTP/1.1.
+struct Http1Call<'a> {
+    /// Its head as written on the wire.
+    head: &'a [u8],
+    body: &'a [u8],
     head_request: bool,
+    /// How long each step may take.
     timeout: Duration,
-) -> pingora::Result<Response> {
+}
+
+/// Sends a request's head and body on `conn` (in one write when they fit one), then reads the
+/// answer's head; each step within the call's timeout.
+async fn send_request(mut conn: Stream, call: &Http1Call<'_>) -> pingora::Result<Response> {
     use tokio::io::AsyncWriteExt;
+    let Http1Call {
+        head,
+        body,
+        head_request,
+        timeout,
+    } = *call;
     let write = async {
         conn.write_all(head).await?;
         conn.write_all(body).await?;

@@ -5,6 +5,7 @@ pub mod egress;
 pub mod fetch;
 pub mod head;
 pub mod headers;
+pub mod http2;
 pub mod response;
 
 use std::net::{IpAddr, SocketAddr};
@@ -52,6 +53,9 @@ struct Route {
     /// connection stays registered with the runtime that opened it; taken up by another
     /// thread, every read and write of it would cost a cross-thread wake-up.
     idle: [Mutex<Vec<(Stream, Instant)>>; SHARDS],
+    /// Its HTTP/2 connections, when calls go over HTTP/2 (`upstream.http2`; never through a
+    /// proxy that forwards plain HTTP).
+    http2: Option<http2::Pool>,
     /// For side calls (key checks) over the same route.
     client: reqwest::Client,
 }
@@ -69,6 +73,8 @@ pub struct Target {
     by_key: bool,
     turn: AtomicUsize,
     pool_size: usize,
+    /// `upstream.http2`.
+    http2: bool,
 }
 
 impl Target {
@@ -82,14 +88,17 @@ impl Target {
     pub fn of(config: &Config, base: &crate::config::BaseUrl) -> Target {
         let up = &config.file.upstream;
         let routes: Vec<Route> = if up.proxies.is_empty() {
-            vec![Route::new(None)]
+            vec![Route::new(None, up.http2)]
         } else {
             up.proxies
                 .iter()
                 .filter_map(|url| {
                     let tunnel = Tunnel::new(url, &base.host, base.port, config.connect_timeout);
                     match tunnel {
-                        Ok(t) => Some(Route::new(Some(Arc::new(t.with_plain_upstream(!base.tls))))),
+                        Ok(t) => Some(Route::new(
+                            Some(Arc::new(t.with_plain_upstream(!base.tls))),
+                            up.http2,
+                        )),
                         Err(e) => {
                             tracing::error!("PROXIES entry left out: {e}");
                             None
@@ -107,6 +116,7 @@ impl Target {
             by_key: up.proxies_use_consistency_hash_by_api_key,
             turn: AtomicUsize::new(0),
             pool_size: config.pool_size.max(1),
+            http2: up.http2,
         };
         if let Ok(ip) = target.base.host.parse::<IpAddr>() {
             target.store(SocketAddr::new(ip, target.base.port));
@@ -120,6 +130,7 @@ impl Target {
         self.base == *base
             && self.connect_timeout == config.connect_timeout
             && self.pool_size == config.pool_size.max(1)
+            && self.http2 == up.http2
             && self.by_key == up.proxies_use_consistency_hash_by_api_key
             && self.routes.len() == up.proxies.len().max(1)
             && self
@@ -145,6 +156,11 @@ impl Target {
             .tunnel
             .as_deref()
             .filter(|t| t.forwards())
+    }
+
+    /// The HTTP/2 connections of `route`, when its calls go over HTTP/2.
+    pub fn http2(&self, route: usize) -> Option<&http2::Pool> {
+        self.routes[route].http2.as_ref().filter(|p| p.speaks())
     }
 
     /// An HTTP client for side calls (key checks) that go the way `route` goes.
@@ -235,7 +251,7 @@ impl Target {
 }
 
 impl Route {
-    fn new(tunnel: Option<Arc<Tunnel>>) -> Route {
+    fn new(tunnel: Option<Arc<Tunnel>>, http2: bool) -> Route {
         let mut client = side_client_builder();
         if let Some(t) = &tunnel {
             match reqwest::Proxy::all(&t.url) {
@@ -245,9 +261,11 @@ impl Route {
                 }
             }
         }
+        let forwards = tunnel.as_ref().is_some_and(|t| t.forwards());
         Route {
             tunnel,
             idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            http2: (http2 && !forwards).then(http2::Pool::default),
             client: client.build().expect("an HTTP client with these settings"),
         }
     }

@@ -1,4 +1,5 @@
-//! Reading an upstream's HTTP/1.1 answer: its head, then its body as it arrives.
+//! An upstream's answer: its head, then its body as it arrives. An HTTP/1.1 answer is read here
+//! from its connection; an HTTP/2 one comes on its stream (see [`super::http2`]).
 //!
 //! NOTE: answers were read with pingora's HTTP/1 client until it showed as the largest cost of
 //! an open stream: it allocates a 64 KiB body buffer for every answer (heaptrack, 2,000 held
@@ -75,17 +76,29 @@ enum Chunk {
 
 /// An answer being read from an upstream connection.
 pub struct Response {
+    head: Head,
+    /// How long one read may wait.
+    timeout: Duration,
+    from: Source,
+}
+
+/// Where an answer's body comes from.
+enum Source {
+    H1(H1),
+    /// A stream of an HTTP/2 connection, which other calls share.
+    H2(super::http2::Body),
+}
+
+/// An HTTP/1.1 connection an answer is read from.
+struct H1 {
     stream: Stream,
     /// Bytes read and not yet handed on.
     buf: BytesMut,
     /// The room the next read gets when the buffer is full.
     read_size: usize,
-    head: Head,
     body: Body,
     /// Whether the connection may carry another request once the body is read.
     reusable: bool,
-    /// How long one read may wait.
-    timeout: Duration,
 }
 
 impl Response {
@@ -93,14 +106,12 @@ impl Response {
     /// heads are skipped); `head_request` says whether it was a `HEAD` request (an answer
     /// without a body, whatever its head says). Each read waits at most `timeout`.
     pub async fn read(stream: Stream, head_request: bool, timeout: Duration) -> Result<Response> {
-        let mut r = Response {
+        let mut r = H1 {
             stream,
             buf: BytesMut::new(),
             read_size: FIRST_READ,
-            head: Head::default(),
             body: Body::Done,
             reusable: false,
-            timeout,
         };
         let mut informational = 0;
         loop {
@@ -121,8 +132,12 @@ impl Response {
                         ));
                     }
                     _ => {
-                        r.frame(head, head_request)?;
-                        return Ok(r);
+                        r.frame(&head, head_request)?;
+                        return Ok(Response {
+                            head,
+                            timeout,
+                            from: Source::H1(r),
+                        });
                     }
                 }
                 continue;
@@ -133,12 +148,21 @@ impl Response {
                     format!("the answer's head is over {MAX_HEAD} bytes"),
                 ));
             }
-            if r.fill("while reading the answer's head").await? == 0 {
+            if r.fill(timeout, "while reading the answer's head").await? == 0 {
                 return Err(Error::explain(
                     ErrorType::ConnectionClosed,
                     "the upstream closed the connection before answering",
                 ));
             }
+        }
+    }
+
+    /// An answer whose head came on an HTTP/2 stream, its body to be read from `body`.
+    pub(super) fn of_h2(head: Head, body: super::http2::Body, timeout: Duration) -> Response {
+        Response {
+            head,
+            timeout,
+            from: Source::H2(body),
         }
     }
 
@@ -162,6 +186,26 @@ impl Response {
     ///
     /// Cancel-safe: a call dropped while it waits loses nothing, the next one goes on.
     pub async fn body(&mut self) -> Result<Option<Bytes>> {
+        match &mut self.from {
+            Source::H1(h1) => h1.body(self.timeout).await,
+            Source::H2(h2) => h2.next(self.timeout).await,
+        }
+    }
+
+    /// The connection back, if it is HTTP/1.1, the whole answer was read and it may carry
+    /// another request. (An HTTP/2 connection stays with its pool.)
+    pub fn reuse(self) -> Option<Stream> {
+        match self.from {
+            Source::H1(h1) => {
+                (h1.body == Body::Done && h1.reusable && h1.buf.is_empty()).then_some(h1.stream)
+            }
+            Source::H2(_) => None,
+        }
+    }
+}
+
+impl H1 {
+    async fn body(&mut self, timeout: Duration) -> Result<Option<Bytes>> {
         loop {
             if let Some(piece) = self.take()? {
                 return Ok(Some(piece));
@@ -169,7 +213,11 @@ impl Response {
             if self.body == Body::Done {
                 return Ok(None);
             }
-            if self.fill("while reading the answer's body").await? == 0 {
+            if self
+                .fill(timeout, "while reading the answer's body")
+                .await?
+                == 0
+            {
                 if self.body == Body::UntilClose {
                     self.body = Body::Done;
                     return Ok(None);
@@ -182,13 +230,8 @@ impl Response {
         }
     }
 
-    /// The connection back, if the whole answer was read and it may carry another request.
-    pub fn reuse(self) -> Option<Stream> {
-        (self.body == Body::Done && self.reusable && self.buf.is_empty()).then_some(self.stream)
-    }
-
     /// Settles how the body after `head` is framed, and whether the connection stays open.
-    fn frame(&mut self, head: Head, head_request: bool) -> Result<()> {
+    fn frame(&mut self, head: &Head, head_request: bool) -> Result<()> {
         let h = &head.headers;
         let listed = |token: &str| connection_listed(h).iter().any(|t| t == token);
         self.reusable = match head.version {
@@ -219,7 +262,6 @@ impl Response {
             self.reusable = false;
             Body::UntilClose
         };
-        self.head = head;
         Ok(())
     }
 
@@ -229,7 +271,7 @@ impl Response {
     /// An empty buffer is let go while the read waits: a stream's answer spends most of its
     /// life waiting for its next event, and keeps no buffer meanwhile. Room is made again on
     /// each poll, which costs an allocation once per wait.
-    async fn fill(&mut self, when: &'static str) -> Result<usize> {
+    async fn fill(&mut self, timeout: Duration, when: &'static str) -> Result<usize> {
         let read = std::future::poll_fn(|cx| {
             if self.buf.capacity() - self.buf.len() < MIN_ROOM {
                 self.buf.reserve(self.read_size);
@@ -243,7 +285,7 @@ impl Response {
             }
             poll.map_ok(|n| (n, room))
         });
-        let (n, room) = match tokio::time::timeout(self.timeout, read).await {
+        let (n, room) = match tokio::time::timeout(timeout, read).await {
             Ok(read) => read.map_err(|e| Error::because(ErrorType::ReadError, when, e))?,
             Err(_) => return Err(Error::explain(ErrorType::ReadTimedout, when)),
         };
@@ -678,7 +720,7 @@ mod tests {
         let mut cx = std::task::Context::from_waker(waker);
         assert!(std::pin::pin!(r.body()).poll(&mut cx).is_pending());
         assert_eq!(
-            r.buf.capacity(),
+            buffered(&r),
             0,
             "a stream waiting for its next event keeps no buffer"
         );
@@ -686,6 +728,14 @@ mod tests {
         assert_eq!(&r.body().await.unwrap().unwrap()[..], b"c");
         assert!(r.body().await.unwrap().is_none());
         assert!(r.reuse().is_some());
+    }
+
+    /// The room an HTTP/1.1 answer's read buffer holds.
+    fn buffered(r: &Response) -> usize {
+        match &r.from {
+            Source::H1(h1) => h1.buf.capacity(),
+            Source::H2(_) => unreachable!("an HTTP/1.1 answer"),
+        }
     }
 
     #[tokio::test]
@@ -701,7 +751,7 @@ mod tests {
         });
         let mut r = Response::read(near, false, WAIT).await.unwrap();
         // Waiting for the body, the answer holds no more than the first read's room.
-        assert!(r.buf.capacity() <= FIRST_READ, "{}", r.buf.capacity());
+        assert!(buffered(&r) <= FIRST_READ, "{}", buffered(&r));
         let (mut total, mut largest) = (0, 0);
         while let Some(piece) = r.body().await.unwrap() {
             total += piece.len();

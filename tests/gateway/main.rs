@@ -11,6 +11,7 @@ mod files;
 mod first_run;
 mod fleet;
 mod hardening;
+mod http2;
 mod keys;
 mod metrics;
 mod openai;

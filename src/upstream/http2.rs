@@ -1,0 +1,436 @@
+//! Calls to the upstream over HTTP/2 (`upstream.http2`): many on one connection.
+//!
+//! Over HTTP/1.1 every call in flight holds a connection of its own, so a gateway holding
+//! 10,000 open streams holds 20,000 descriptors (the clients' and the upstream's). Over HTTP/2
+//! a connection carries up to [`MAX_STREAMS`] calls (fewer if the upstream says so), and the
+//! upstream side costs a descriptor per hundred streams.
+//!
+//! As with HTTP/1.1 connections, each worker thread keeps its own connections per route (a
+//! connection stays registered with the runtime that opened it). A call takes the first of
+//! them with room for another stream, or opens a new one; of the connections that carry
+//! nothing, one is kept. Over TLS, HTTP/2 is offered in the handshake and an upstream that
+//! declines it is spoken to in HTTP/1.1 from then on; over plain HTTP it is spoken with prior
+//! knowledge.
+//!
+//! Flow control bounds what an answer may have in flight unread: [`STREAM_WINDOW`] per call,
+//! [`CONNECTION_WINDOW`] per connection. What a call has read is given back to the upstream as
+//! it is handed on, so a client that reads slowly slows its own call down, no other.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Version};
+use pingora::connectors::TransportConnector;
+use pingora::protocols::{ALPN, Stream};
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::{Error, ErrorType, Result};
+
+use super::head::Credential;
+use super::response::{Head, Response};
+use crate::config::BaseUrl;
+use crate::shard::{self, SHARDS};
+
+/// The most calls one connection carries.
+pub const MAX_STREAMS: usize = 100;
+/// The most of one answer in flight, unread.
+const STREAM_WINDOW: u32 = 256 * 1024;
+/// The most of all a connection's answers in flight, unread: room for every stream's window,
+/// so that calls whose clients stop reading cannot hold up the others on their connection.
+const CONNECTION_WINDOW: u32 = MAX_STREAMS as u32 * STREAM_WINDOW;
+/// The largest answer head (as over HTTP/1.1).
+const MAX_HEAD: u32 = 64 * 1024;
+
+/// Request fields that belong to an HTTP/1.1 connection, not to a call (RFC 9113, 8.2.2), or
+/// that gemgate sets itself.
+const LEFT_OUT: [HeaderName; 8] = [
+    header::HOST,
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::CONTENT_LENGTH,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+];
+
+/// One connection's state, shared by the calls it carries.
+#[derive(Default)]
+struct Shared {
+    /// Calls under way on it.
+    open: AtomicUsize,
+    /// Its driver ended, or a call on it failed: it takes no new call.
+    closed: AtomicBool,
+}
+
+/// One connection.
+struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    shared: Arc<Shared>,
+}
+
+impl Conn {
+    /// How many calls it may carry at once.
+    fn room(&self) -> usize {
+        self.send.current_max_send_streams().min(MAX_STREAMS)
+    }
+}
+
+/// A call's hold on its connection, let go when its answer is.
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The HTTP/2 connections of one route.
+#[derive(Default)]
+pub struct Pool {
+    conns: [Mutex<Vec<Conn>>; SHARDS],
+    /// Held while a connection opens: calls that arrive together and find no room wait for
+    /// it rather than each opening its own.
+    opening: [tokio::sync::Mutex<()>; SHARDS],
+    /// The upstream declined HTTP/2 in a TLS handshake: calls go over HTTP/1.1.
+    declined: AtomicBool,
+}
+
+/// What a call over HTTP/2 came to.
+pub enum Called {
+    Answer(Response),
+    /// The upstream declined HTTP/2: the connection opened, to be used for HTTP/1.1.
+    Declined(Stream),
+}
+
+/// A call: its request head (without a body) and its body.
+pub struct Call<'a> {
+    pub head: Request<()>,
+    pub body: &'a Bytes,
+}
+
+impl Pool {
+    /// Whether calls over this route go over HTTP/2 (it was not declined).
+    pub fn speaks(&self) -> bool {
+        !self.declined.load(Relaxed)
+    }
+
+    /// Makes `call` on a connection with room for it (a new one if none has), and reads the
+    /// answer's head; each step within `timeout`. A call that fails on a connection that was
+    /// already open is made once more on a new one (the upstream may have closed it).
+    pub async fn call(
+        &self,
+        connector: &TransportConnector,
+        peer: &HttpPeer,
+        call: Call<'_>,
+        timeout: Duration,
+    ) -> Result<Called> {
+        let mut retrying = false;
+        if let Some((send, slot)) = self.take() {
+            let shared = slot.0.clone();
+            match exchange(send, slot, &call, timeout).await {
+                Err(e) if e.etype() != &ErrorType::ReadTimedout => {
+                    // Closing or gone (a GOAWAY, a reset connection): no new call goes on it.
+                    shared.closed.store(true, Relaxed);
+                    retrying = true;
+                }
+                answered => return answered.map(Called::Answer),
+            }
+        }
+        // Waiting for another call's connection is bounded by how long opening one may take
+        // (an upstream that does not answer would otherwise line every call up behind it).
+        let wait = peer.options.total_connection_timeout.unwrap_or(timeout);
+        let opening = tokio::time::timeout(wait, self.opening[shard::of_thread()].lock())
+            .await
+            .ok();
+        if !retrying && let Some((send, slot)) = self.take() {
+            drop(opening);
+            return exchange(send, slot, &call, timeout)
+                .await
+                .map(Called::Answer);
+        }
+        let opened = self.open(connector, peer, timeout).await;
+        drop(opening);
+        let (send, slot) = match opened? {
+            Ok(opened) => opened,
+            Err(stream) => return Ok(Called::Declined(stream)),
+        };
+        exchange(send, slot, &call, timeout)
+            .await
+            .map(Called::Answer)
+    }
+
+    /// A connection of this thread's with room for another call, counted as carrying it.
+    /// Connections that closed are let go, and every connection carrying nothing but one.
+    fn take(&self) -> Option<(h2::client::SendRequest<Bytes>, Slot)> {
+        let mut conns = self.conns[shard::of_thread()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut idle_kept = false;
+        conns.retain(|c| {
+            !c.shared.closed.load(Relaxed)
+                && (c.shared.open.load(Relaxed) > 0 || !std::mem::replace(&mut idle_kept, true))
+        });
+        let conn = conns
+            .iter()
+            .find(|c| c.shared.open.load(Relaxed) < c.room())?;
+        conn.shared.open.fetch_add(1, Relaxed);
+        Some((conn.send.clone(), Slot(conn.shared.clone())))
+    }
+
+    /// Opens a connection and adds it to this thread's, counted as carrying one call; `Err`:
+    /// the upstream declined HTTP/2, and the connection is for HTTP/1.1.
+    async fn open(
+        &self,
+        connector: &TransportConnector,
+        peer: &HttpPeer,
+        timeout: Duration,
+    ) -> Result<std::result::Result<(h2::client::SendRequest<Bytes>, Slot), Stream>> {
+        let mut offer = peer.clone();
+        offer.options.alpn = ALPN::H2H1;
+        // Boxed, as over HTTP/1.1: connecting is a large future.
+        let stream = Box::pin(connector.new_stream(&offer)).await?;
+        if peer.tls() && stream.selected_alpn_proto() != Some(ALPN::H2) {
+            tracing::warn!("the upstream declined HTTP/2: calls to it go over HTTP/1.1");
+            self.declined.store(true, Relaxed);
+            return Ok(Err(stream));
+        }
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEAD)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream);
+        let (send, connection) = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| Error::explain(ErrorType::ConnectTimedout, "HTTP/2 handshake (timeout)"))?
+            .map_err(|e| h2_error(ErrorType::ConnectError, "HTTP/2 handshake", e))?;
+        let shared = Arc::new(Shared {
+            open: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
+        });
+        let ended = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("an upstream HTTP/2 connection ended: {e}");
+            }
+            ended.closed.store(true, Relaxed);
+        });
+        let slot = Slot(shared.clone());
+        self.conns[shard::of_thread()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Conn {
+                send: send.clone(),
+                shared,
+            });
+        Ok(Ok((send, slot)))
+    }
+}
+
+/// Sends `call` on `send` and waits for the answer's head.
+async fn exchange(
+    send: h2::client::SendRequest<Bytes>,
+    slot: Slot,
+    call: &Call<'_>,
+    timeout: Duration,
+) -> Result<Response> {
+    let exchange = async {
+        let mut send = send
+            .ready()
+            .await
+            .map_err(|e| h2_error(ErrorType::WriteError, "while writing the request", e))?;
+        let (answer, mut body) = send
+            .send_request(call.head.clone(), call.body.is_empty())
+            .map_err(|e| h2_error(ErrorType::WriteError, "while writing the request", e))?;
+        if !call.body.is_empty() {
+            // Sent as the upstream's window allows; the body is bounded (the request's limit)
+            // and already in memory.
+            body.send_data(call.body.clone(), true)
+                .map_err(|e| h2_error(ErrorType::WriteError, "while writing the request", e))?;
+        }
+        answer
+            .await
+            .map_err(|e| h2_error(ErrorType::ReadError, "while reading the answer's head", e))
+    };
+    let answer = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| {
+            Error::explain(ErrorType::ReadTimedout, "while reading the answer's head")
+        })??;
+    let (parts, recv) = answer.into_parts();
+    let head = Head {
+        status: parts.status,
+        version: Version::HTTP_2,
+        headers: parts.headers,
+    };
+    Ok(Response::of_h2(head, Body { recv, _slot: slot }, timeout))
+}
+
+/// An answer's body, arriving on its stream.
+pub struct Body {
+    recv: h2::RecvStream,
+    _slot: Slot,
+}
+
+impl Body {
+    /// The next piece of the body; `None` once it has ended. Cancel-safe.
+    pub(super) async fn next(&mut self, timeout: Duration) -> Result<Option<Bytes>> {
+        const WHEN: &str = "while reading the answer's body";
+        loop {
+            let piece = match tokio::time::timeout(timeout, self.recv.data()).await {
+                Err(_) => return Err(Error::explain(ErrorType::ReadTimedout, WHEN)),
+                Ok(None) => return Ok(None),
+                Ok(Some(piece)) => piece.map_err(|e| h2_error(ErrorType::ReadError, WHEN, e))?,
+            };
+            if piece.is_empty() {
+                continue;
+            }
+            // The upstream may send as much again: this piece is handed on.
+            let _ = self.recv.flow_control().release_capacity(piece.len());
+            return Ok(Some(piece));
+        }
+    }
+}
+
+/// The head of a call to `base` over HTTP/2: `header`'s method, path and fields (less those of
+/// [`LEFT_OUT`], and the one the key goes in), the body's length and the attempt's key.
+pub fn request_head(
+    base: &BaseUrl,
+    header: &pingora::http::RequestHeader,
+    body_len: usize,
+    credential: Credential<'_>,
+) -> Result<Request<()>> {
+    let invalid = |what: &str| Error::explain(ErrorType::InvalidHTTPHeader, what.to_string());
+    let path = header
+        .uri
+        .path_and_query()
+        .cloned()
+        .ok_or_else(|| invalid("a request without a path"))?;
+    let uri = http::Uri::builder()
+        .scheme(if base.tls { "https" } else { "http" })
+        .authority(base.authority.as_str())
+        .path_and_query(path)
+        .build()
+        .map_err(|_| invalid("the upstream's address is not a valid authority"))?;
+    let (own, key) = match credential {
+        Credential::GoogApiKey(key) => (
+            HeaderName::from_static("x-goog-api-key"),
+            HeaderValue::from_bytes(key),
+        ),
+        Credential::Bearer(secret) => (
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {secret}")),
+        ),
+        Credential::Token(token) => (
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Token {token}")),
+        ),
+    };
+    let mut key = key.map_err(|_| invalid("a key that is not a valid header value"))?;
+    // Never in HPACK's table, where a later field's size could tell it.
+    key.set_sensitive(true);
+    let mut head = Request::new(());
+    *head.method_mut() = header.method.clone();
+    *head.uri_mut() = uri;
+    *head.version_mut() = Version::HTTP_2;
+    let fields = head.headers_mut();
+    for (name, value) in &header.headers {
+        if *name != own && !LEFT_OUT.contains(name) {
+            fields.append(name.clone(), value.clone());
+        }
+    }
+    if body_len > 0 || header.method == Method::POST {
+        fields.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    }
+    fields.insert(own, key);
+    Ok(head)
+}
+
+/// An HTTP/2 failure as the call's error; one that gemgate's side raised against what the
+/// upstream sent says what is the likely cause.
+fn h2_error(etype: ErrorType, when: &'static str, e: h2::Error) -> Box<Error> {
+    let malformed = [h2::Reason::PROTOCOL_ERROR, h2::Reason::FRAME_SIZE_ERROR];
+    if !e.is_remote() && e.reason().is_some_and(|r| malformed.contains(&r)) {
+        let why = format!(
+            "{when} over HTTP/2: {e} (does the upstream speak HTTP/2? GEMGATE_UPSTREAM_HTTP2 is on)"
+        );
+        return Error::explain(etype, why);
+    }
+    Error::because(etype, format!("{when} over HTTP/2"), e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(tls: bool) -> BaseUrl {
+        BaseUrl {
+            tls,
+            host: "upstream.test".into(),
+            port: if tls { 443 } else { 8080 },
+            path: "/v1beta".into(),
+            authority: if tls {
+                "upstream.test".into()
+            } else {
+                "upstream.test:8080".into()
+            },
+        }
+    }
+
+    #[test]
+    fn a_call_head_carries_the_key_and_none_of_the_connections_fields() {
+        let mut header = pingora::http::RequestHeader::build(
+            "POST",
+            b"/v1beta/models/m:generateContent?alt=sse",
+            None,
+        )
+        .unwrap();
+        for (name, value) in [
+            ("host", "client.example"),
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("content-length", "999"),
+            ("x-goog-api-key", "the client's own"),
+            ("content-type", "application/json"),
+        ] {
+            header.append_header(name, value).unwrap();
+        }
+        let head = request_head(
+            &base(false),
+            &header,
+            12,
+            Credential::GoogApiKey(b"AIzaKEY"),
+        )
+        .unwrap();
+        assert_eq!(
+            head.uri().to_string(),
+            "http://upstream.test:8080/v1beta/models/m:generateContent?alt=sse"
+        );
+        assert_eq!(head.method(), Method::POST);
+        let fields = head.headers();
+        let names: Vec<&str> = fields.keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["content-type", "content-length", "x-goog-api-key"],
+            "{fields:?}"
+        );
+        assert_eq!(fields["content-length"], "12");
+        assert_eq!(fields["x-goog-api-key"], "AIzaKEY");
+        assert!(fields["x-goog-api-key"].is_sensitive());
+
+        let header = pingora::http::RequestHeader::build("GET", b"/v1beta/models", None).unwrap();
+        let head = request_head(&base(true), &header, 0, Credential::Bearer("s3")).unwrap();
+        assert_eq!(
+            head.uri().to_string(),
+            "https://upstream.test/v1beta/models"
+        );
+        assert!(head.headers().get("content-length").is_none());
+        assert_eq!(head.headers()["authorization"], "Bearer s3");
+    }
+}
