@@ -22,10 +22,21 @@ pub(crate) fn response_header(status: u16, x: &mut Exchange) -> ResponseHeader {
 /// NOTE: filled as `http` parts, then made a [`ResponseHeader`]: see
 /// `request::upstream_header`.
 pub(crate) fn response_parts(status: u16, meta: &Meta) -> http::response::Parts {
+    response_parts_with_room(status, meta, 4)
+}
+
+/// [`response_parts`] with room for `room` more fields. pingora keeps an answer's head for as
+/// long as the answer lasts (a stream's for minutes), and a map never shrinks: a relay that
+/// knows how many fields it adds makes room for those.
+pub(crate) fn response_parts_with_room(
+    status: u16,
+    meta: &Meta,
+    room: usize,
+) -> http::response::Parts {
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = http::StatusCode::from_u16(status).expect("valid status");
     let h = &mut parts.headers;
-    h.reserve(8);
+    h.reserve(1 + usize::from(meta.traced) + if meta.cors { 2 } else { 0 } + room);
     if let Ok(id) = HeaderValue::from_str(&meta.id) {
         h.insert(X_REQUEST_ID, id);
     }

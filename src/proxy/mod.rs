@@ -36,7 +36,7 @@ use pingora::connectors::TransportConnector;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::ServerSession;
 
-pub(crate) use answer::{response_header, response_parts, send, send_gate, write_full};
+pub(crate) use answer::{response_header, response_parts_with_room, send, send_gate, write_full};
 use exchange::{Class, Exchange, Meta, X_GEMGATE_ADMIN, X_GEMGATE_TRACE};
 use relay::{Raw, Reframe, SseEvents};
 use request::{client_query, rewrite_body, rewrite_value, upstream_header};

@@ -9,7 +9,7 @@ use http::header::{self, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 
-use super::{Class, Failure, Meta, Outcome, response_parts};
+use super::{Class, Failure, Meta, Outcome, response_parts_with_room};
 use crate::http::reply::{GateError, Protocol};
 use crate::http::sse::EventFramer;
 use crate::http::wire;
@@ -306,8 +306,15 @@ pub(crate) async fn relay(
 ) -> Result<Relayed, Failure> {
     let upstream = up.head();
     let status = upstream.status.as_u16();
-    let mut head = response_parts(status, meta);
     let own = reframe.own_content_type();
+    // The fields added below: a content type and cache control, or the upstream's; and the
+    // transfer coding.
+    let room = if own.is_some() {
+        2
+    } else {
+        upstream.headers.len()
+    } + 1;
+    let mut head = response_parts_with_room(status, meta, room);
     match own {
         Some(content_type) => {
             let h = &mut head.headers;
