@@ -410,32 +410,47 @@ for proto in chat messages responses; do
 done
 
 # Open streams: $HELD_STREAMS (default 2,000; 0 to skip) SSE answers the fake holds open
-# (`x-fake-hold`), through gemgate and through nginx: the proxy's resident memory per open
-# stream, a new request's latency meanwhile, and every stream ending whole once released. Each
-# open stream takes a client and an upstream connection at the proxy, so 10,000 need a hard
-# descriptor limit over 20,000 (`ulimit -Hn`; raising it takes root). nginx is left out past
-# 3,500 streams: its workers have 4,096 connections each, as configured above.
+# (`x-fake-hold`), through gemgate (calling the upstream over HTTP/1.1, its default, then over
+# HTTP/2: GEMGATE_UPSTREAM_HTTP2) and through nginx: the proxy's resident memory per open
+# stream, a new request's latency meanwhile, and every stream ending whole once released. Over
+# HTTP/1.1 each open stream takes a client and an upstream connection at the proxy, so 10,000
+# need a descriptor limit over 20,000 (`ulimit -Hn`; raising it takes root) and that row is left
+# out when the limit is short; over HTTP/2 they need a little over 10,000. nginx is left out
+# past 3,500 streams: its workers have 4,096 connections each, as configured above.
 HELD_STREAMS=${HELD_STREAMS:-2000}
 if [ "$HELD_STREAMS" -gt 0 ]; then
   echo
   echo "open streams ($HELD_STREAMS held by the upstream; descriptor limit $(ulimit -n)):"
   # Fresh processes: after the load above, each keeps memory its allocator freed, which the
-  # streams would reuse, and memory per stream would read low. A new gemgate with the same
+  # streams would reuse, and memory per stream would read low. New gemgates with the same
   # defaults; nginx replaces its workers on SIGHUP.
   HELD_PORT=${HELD_PORT:-18105}
+  HELD_H2_PORT=${HELD_H2_PORT:-18106}
   start_gemgate "$work/held" "$BIN_DIR" "$HELD_PORT" "$FAKE_PORT" "$TOKEN"
   pids+=($!)
   held_pid=$!
+  start_gemgate "$work/held-h2" "$BIN_DIR" "$HELD_H2_PORT" "$FAKE_PORT" "$TOKEN" \
+    GEMGATE_UPSTREAM_HTTP2=true
+  pids+=($!)
+  held_h2_pid=$!
   wait_port "$HELD_PORT" gemgate "$work/held.log"
+  wait_port "$HELD_H2_PORT" gemgate "$work/held-h2.log"
   [ "$have_nginx" = 1 ] && kill -HUP "$(cat "$work/nginx.pid")"
   sleep 3
-  for who in gemgate nginx; do
+  for who in gemgate gemgate-h2 nginx; do
     port=$HELD_PORT key=$TOKEN watched=$held_pid
-    if [ "$who" = nginx ]; then
-      [ "$have_nginx" = 1 ] && [ "$HELD_STREAMS" -le 3500 ] || continue
-      port=$NGINX_PORT key=bench-1 watched=$(pids_of nginx)
-    fi
-    printf '  %-8s ' "$who"
+    case $who in
+      gemgate)
+        if [ $((2 * HELD_STREAMS + 64)) -gt "$(ulimit -n)" ]; then
+          echo "  gemgate  (HTTP/1.1 upstream) left out: needs $((2 * HELD_STREAMS + 64)) descriptors"
+          continue
+        fi ;;
+      gemgate-h2) port=$HELD_H2_PORT watched=$held_h2_pid ;;
+      nginx)
+        [ "$have_nginx" = 1 ] && [ "$HELD_STREAMS" -le 3500 ] || continue
+        port=$NGINX_PORT key=bench-1 watched=$(pids_of nginx) ;;
+    esac
+    printf '  %-10s ' "$who"
     # shellcheck disable=SC2086
     python3 scripts/held_streams.py "$HELD_STREAMS" "$port" "$FAKE_PORT" "$key" "held-$who" \
       $watched || echo "  $who: streams failed" >&2
