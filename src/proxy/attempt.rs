@@ -567,41 +567,13 @@ impl Gateway {
         } else {
             head::Credential::GoogApiKey(key.header.as_bytes())
         };
-        let timeout = generation.config.timeout;
-        let sent = match target.http2(route) {
-            Some(pool) => {
-                let call = http2::Call {
-                    head: http2::request_head(&target.base, header, req.body.len(), credential)
-                        .map_err(Failure::from_pingora)?,
-                    body: &req.body,
-                };
-                // Boxed: opening a connection and its handshake make a large future, which
-                // would otherwise take room in every request's task for its whole life.
-                match Box::pin(pool.call(&self.connector, &peer, call, timeout)).await {
-                    Ok(Called::Answer(up)) => Ok(up),
-                    Ok(Called::Declined(opened)) => Err(Some(opened)),
-                    Err(e) => return Err(Failure::from_pingora(e)),
-                }
-            }
-            None => Err(None),
+        let out = Outgoing {
+            header,
+            body: &req.body,
+            credential,
+            timeout: generation.config.timeout,
         };
-        let mut up = match sent {
-            Ok(up) => up,
-            Err(opened) => {
-                let forwarding = target.forwarding(route).map(|proxy| head::Forwarding {
-                    authority: target.base.authority.as_str(),
-                    authorization: proxy.proxy_authorization(),
-                });
-                let head = head::request_head(header, req.body.len(), credential, forwarding);
-                let call = Http1Call {
-                    head: &head,
-                    body: &req.body,
-                    head_request: header.method == http::Method::HEAD,
-                    timeout,
-                };
-                self.send_http1(target, &peer, route, call, opened).await?
-            }
-        };
+        let mut up = self.send(target, &peer, route, out).await?;
         let status = up.status();
         if status == 407
             && let Some(proxy) = target.forwarding(route)
@@ -624,6 +596,46 @@ impl Gateway {
             ));
         }
         Ok((up, route))
+    }
+
+    /// Sends `out` over `route` (over HTTP/2 when the route speaks it) and reads the answer's
+    /// head.
+    async fn send(
+        &self,
+        target: &Target,
+        peer: &HttpPeer,
+        route: usize,
+        out: Outgoing<'_>,
+    ) -> Result<Response, Failure> {
+        let mut opened = None;
+        if let Some(pool) = target.http2(route) {
+            let call = http2::Call {
+                head: http2::request_head(&target.base, out.header, out.body.len(), out.credential)
+                    .map_err(Failure::from_pingora)?,
+                body: out.body,
+            };
+            // Boxed: opening a connection and its handshake make a large future, which would
+            // otherwise take room in every request's task for its whole life.
+            let called = Box::pin(pool.call(&self.connector, peer, call, out.timeout)).await;
+            match called.map_err(Failure::from_pingora)? {
+                Called::Answer(up) => return Ok(up),
+                // The upstream declined HTTP/2: this connection and every call after it speak
+                // HTTP/1.1.
+                Called::Declined(stream) => opened = Some(stream),
+            }
+        }
+        let forwarding = target.forwarding(route).map(|proxy| head::Forwarding {
+            authority: target.base.authority.as_str(),
+            authorization: proxy.proxy_authorization(),
+        });
+        let head = head::request_head(out.header, out.body.len(), out.credential, forwarding);
+        let call = Http1Call {
+            head: &head,
+            body: out.body,
+            head_request: out.header.method == http::Method::HEAD,
+            timeout: out.timeout,
+        };
+        self.send_http1(target, peer, route, call, opened).await
     }
 
     /// Sends `call` over HTTP/1.1 on `opened` if given (a connection just opened), else on an
@@ -945,6 +957,15 @@ impl Failure {
             _ => Failure::network(class, e.to_string().trim()),
         }
     }
+}
+
+/// A request to send upstream with one attempt's key.
+struct Outgoing<'a> {
+    header: &'a pingora::http::RequestHeader,
+    body: &'a Bytes,
+    credential: head::Credential<'a>,
+    /// How long each step may take.
+    timeout: Duration,
 }
 
 /// A request as it goes over HTTP/1.1.
