@@ -5,16 +5,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
+use crate::streaming::sse_events;
 
 const GENERATE: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
 const STREAM_SSE: &str = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
 
 fn streamed_text(text: &str) -> String {
-    text.split("\r\n\r\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| serde_json::from_str::<Value>(e.trim().strip_prefix("data: ").unwrap()).unwrap())
-        .map(|v| answer_text(&v))
-        .collect()
+    sse_events(text).iter().map(answer_text).collect()
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use crate::common::*;
 
 const STREAM_SSE: &str = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
 
-fn sse_events(text: &str) -> Vec<Value> {
+pub(crate) fn sse_events(text: &str) -> Vec<Value> {
     text.split("\r\n\r\n")
         .filter(|e| !e.trim().is_empty())
         .map(|e| serde_json::from_str(e.trim().strip_prefix("data: ").unwrap()).unwrap())
