@@ -16,7 +16,7 @@
 //! [`CONNECTION_WINDOW`] per connection. What a call has read is given back to the upstream as
 //! it is handed on, so a client that reads slowly slows its own call down, no other.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use pingora::protocols::{ALPN, Stream};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorType, Result};
 
+use super::IDLE_TIMEOUT;
 use super::head::Credential;
 use super::response::{Head, Response};
 use crate::config::BaseUrl;
@@ -61,6 +62,8 @@ const LEFT_OUT: [HeaderName; 8] = [
 struct Shared {
     /// Calls under way on it.
     open: AtomicUsize,
+    /// When its last call ended (ms since the epoch).
+    idle_since_ms: AtomicU64,
     /// Its driver ended, or a call on it failed: it takes no new call.
     closed: AtomicBool,
 }
@@ -83,6 +86,7 @@ struct Slot(Arc<Shared>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.0.idle_since_ms.store(crate::clock::now_ms(), Relaxed);
         self.0.open.fetch_sub(1, Relaxed);
     }
 }
@@ -163,15 +167,26 @@ impl Pool {
     }
 
     /// A connection of this thread's with room for another call, counted as carrying it.
-    /// Connections that closed are let go, and every connection carrying nothing but one.
+    /// Connections that closed are let go, and every connection carrying nothing but one, and
+    /// that one too once it has carried nothing for [`IDLE_TIMEOUT`] (as idle HTTP/1.1
+    /// connections are: an upstream or a middlebox may have dropped it unsaid).
     fn take(&self) -> Option<(h2::client::SendRequest<Bytes>, Slot)> {
         let mut conns = self.conns[shard::of_thread()]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let stale = crate::clock::now_ms().saturating_sub(IDLE_TIMEOUT.as_millis() as u64);
         let mut idle_kept = false;
         conns.retain(|c| {
-            !c.shared.closed.load(Relaxed)
-                && (c.shared.open.load(Relaxed) > 0 || !std::mem::replace(&mut idle_kept, true))
+            let s = &c.shared;
+            if s.closed.load(Relaxed) {
+                return false;
+            }
+            if s.open.load(Relaxed) > 0 {
+                return true;
+            }
+            let keep = !idle_kept && s.idle_since_ms.load(Relaxed) > stale;
+            idle_kept |= keep;
+            keep
         });
         let conn = conns
             .iter()
@@ -207,10 +222,7 @@ impl Pool {
             .await
             .map_err(|_| Error::explain(ErrorType::ConnectTimedout, "HTTP/2 handshake (timeout)"))?
             .map_err(|e| h2_error(ErrorType::ConnectError, "HTTP/2 handshake", e))?;
-        let shared = Arc::new(Shared {
-            open: AtomicUsize::new(1),
-            closed: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::default());
         let ended = shared.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -218,15 +230,19 @@ impl Pool {
             }
             ended.closed.store(true, Relaxed);
         });
+        let slot = self.adopt(send.clone(), shared);
+        Ok(Ok((send, slot)))
+    }
+
+    /// Adds a connection to this thread's, counted as carrying one call.
+    fn adopt(&self, send: h2::client::SendRequest<Bytes>, shared: Arc<Shared>) -> Slot {
+        shared.open.fetch_add(1, Relaxed);
         let slot = Slot(shared.clone());
         self.conns[shard::of_thread()]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Conn {
-                send: send.clone(),
-                shared,
-            });
-        Ok(Ok((send, slot)))
+            .push(Conn { send, shared });
+        slot
     }
 }
 
@@ -378,6 +394,50 @@ mod tests {
                 "upstream.test:8080".into()
             },
         }
+    }
+
+    /// A connection over an in-memory pipe to an HTTP/2 server that accepts and drops calls.
+    async fn connection() -> h2::client::SendRequest<Bytes> {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut server = h2::server::handshake(far).await.unwrap();
+            while let Some(Ok(_call)) = server.accept().await {}
+        });
+        let (send, connection) = h2::client::handshake(near).await.unwrap();
+        tokio::spawn(connection);
+        send
+    }
+
+    #[tokio::test]
+    async fn calls_share_a_connection_and_idle_ones_are_let_go() {
+        let pool = Pool::default();
+        assert!(pool.take().is_none(), "no connection yet");
+        let first = pool.adopt(connection().await, Arc::default());
+        // Room for another call: the same connection.
+        let (_, second) = pool.take().expect("room on the connection");
+        assert!(Arc::ptr_eq(&first.0, &second.0));
+        assert_eq!(first.0.open.load(Relaxed), 2);
+        drop((first, second));
+        // Carrying nothing, it stays (one such is kept) until it has idled past the timeout.
+        let (_, again) = pool.take().expect("an idle connection is kept");
+        drop(again);
+        let shared = pool.conns[shard::of_thread()].lock().unwrap()[0]
+            .shared
+            .clone();
+        let long_ago = crate::clock::now_ms() - IDLE_TIMEOUT.as_millis() as u64 - 1;
+        shared.idle_since_ms.store(long_ago, Relaxed);
+        assert!(
+            pool.take().is_none(),
+            "a connection idle past the timeout is let go"
+        );
+        assert!(pool.conns[shard::of_thread()].lock().unwrap().is_empty());
+        // Closed connections are let go too, and full ones are passed over.
+        let closed = pool.adopt(connection().await, Arc::default());
+        closed.0.closed.store(true, Relaxed);
+        let full = pool.adopt(connection().await, Arc::default());
+        full.0.open.store(MAX_STREAMS, Relaxed);
+        assert!(pool.take().is_none());
+        assert_eq!(pool.conns[shard::of_thread()].lock().unwrap().len(), 1);
     }
 
     #[test]
