@@ -133,3 +133,43 @@ async fn a_plain_upstream_that_does_not_speak_http2_is_a_clear_error() {
     assert!(message.contains("does the upstream speak HTTP/2?"), "{v}");
     server.abort();
 }
+
+#[tokio::test]
+async fn failures_over_http2_are_told_apart_as_over_http11() {
+    let quota_fake = fake().await;
+    let quota_gate = gate()
+        .upstream(&quota_fake, &["minute-1", "good-2"])
+        .env("GEMGATE_UPSTREAM_HTTP2", "true")
+        .start()
+        .await;
+    // A key at its quota: its error body is read and classified, and the call goes on another.
+    let (status, _, v) = post(&quota_gate, GENERATE, &ask("once")).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(answer_text(&v), "echo: once");
+    assert_eq!(quota_fake.state.key_stats("minute-1").requests, 1);
+    assert_eq!(quota_fake.state.key_stats("good-2").requests, 1);
+
+    // A stream the upstream breaks off after its first chunks ends with an error event, never
+    // as if it were whole, and is not started again on another key.
+    let cut_fake = fake().await;
+    let cut_gate = gate()
+        .upstream(&cut_fake, &["cut-1", "good-2"])
+        .env("GEMGATE_UPSTREAM_HTTP2", "true")
+        .start()
+        .await;
+    let resp = client()
+        .post(cut_gate.url(STREAM_SSE))
+        .header("x-goog-api-key", TOKEN)
+        .header("x-fake-chunks", "4")
+        .json(&ask("a b c d e f g h"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let events = sse_events(&text);
+    let (last, data) = events.split_last().unwrap();
+    assert_eq!(data.len(), 2, "the two chunks sent before the cut: {text}");
+    assert_eq!(last["error"]["code"], 502, "{text}");
+    assert_eq!(cut_fake.state.key_stats("good-2").requests, 0);
+}
