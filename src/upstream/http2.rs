@@ -8,7 +8,7 @@
 //! As with HTTP/1.1 connections, each worker thread keeps its own connections per route (a
 //! connection stays registered with the runtime that opened it). A call takes the first of
 //! them with room for another stream, or opens a new one; of the connections that carry
-//! nothing, one is kept. Over TLS, HTTP/2 is offered in the handshake and an upstream that
+//! nothing, one is kept, for [`IDLE_TIMEOUT`] at most. Over TLS, HTTP/2 is offered in the handshake and an upstream that
 //! declines it is spoken to in HTTP/1.1 from then on; over plain HTTP it is spoken with prior
 //! knowledge.
 //!
