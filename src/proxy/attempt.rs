@@ -20,7 +20,6 @@ use crate::app::Generation;
 use crate::app::shared::{KeyFailure, QuotaCheck, QuotaSettle, QuotaVerdict, Used};
 use crate::clock::now_ms;
 use crate::http::reply::GateError;
-use crate::http::wire::Gathered;
 use crate::keys::quota::{Moment, Ticket, estimate_tokens};
 use crate::keys::storm::{Bare, PROBE_EVERY_MS, Pass};
 use crate::keys::taxonomy::is_bare_429;
@@ -651,7 +650,7 @@ impl Gateway {
         let mut reuse_idle = true;
         loop {
             let (conn, reused) = match opened.take() {
-                Some(stream) => (Box::new(Gathered::new(stream)) as _, false),
+                Some(stream) => (stream, false),
                 None => target
                     .connection(&self.connector, peer, route, reuse_idle)
                     .await

@@ -14,6 +14,25 @@ pub enum Credential<'a> {
     Token(&'a str),
 }
 
+impl<'a> Credential<'a> {
+    /// The field the key goes in.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Credential::GoogApiKey(_) => "x-goog-api-key",
+            Credential::Bearer(_) | Credential::Token(_) => "authorization",
+        }
+    }
+
+    /// The field's value in two parts: its scheme (none for a bare key) and the secret.
+    pub fn value(&self) -> (&'static str, &'a [u8]) {
+        match *self {
+            Credential::GoogApiKey(key) => ("", key),
+            Credential::Bearer(secret) => ("Bearer ", secret.as_bytes()),
+            Credential::Token(token) => ("Token ", token.as_bytes()),
+        }
+    }
+}
+
 /// An HTTP proxy that forwards plain-HTTP requests: it is sent the target in absolute form.
 #[derive(Clone, Copy)]
 pub struct Forwarding<'a> {
@@ -49,10 +68,7 @@ pub fn request_head(
     }
     head.extend_from_slice(target);
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    let own = match credential {
-        Credential::GoogApiKey(_) => "x-goog-api-key",
-        Credential::Bearer(_) | Credential::Token(_) => "authorization",
-    };
+    let own = credential.name();
     let proxy_auth = forwarding.and_then(|f| f.authorization);
     for (name, value) in &header.headers {
         let name = name.as_str();
@@ -69,23 +85,17 @@ pub fn request_head(
         let mut n = itoa::Buffer::new();
         field(&mut head, "content-length", n.format(body_len).as_bytes());
     }
-    match credential {
-        Credential::GoogApiKey(key) => field(&mut head, own, key),
-        Credential::Bearer(secret) => authorization(&mut head, "Bearer ", secret),
-        Credential::Token(token) => authorization(&mut head, "Token ", token),
-    }
+    let (scheme, secret) = credential.value();
+    head.extend_from_slice(own.as_bytes());
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(scheme.as_bytes());
+    head.extend_from_slice(secret);
+    head.extend_from_slice(b"\r\n");
     if let Some(auth) = proxy_auth {
         field(&mut head, "proxy-authorization", auth.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
     head
-}
-
-fn authorization(head: &mut Vec<u8>, scheme: &str, secret: &str) {
-    head.extend_from_slice(b"authorization: ");
-    head.extend_from_slice(scheme.as_bytes());
-    head.extend_from_slice(secret.as_bytes());
-    head.extend_from_slice(b"\r\n");
 }
 
 fn field(head: &mut Vec<u8>, name: &str, value: &[u8]) {

@@ -112,7 +112,15 @@ pub struct Pool {
 /// What a call over HTTP/2 came to.
 pub enum Called {
     Answer(Response),
-    /// The upstream declined HTTP/2: the connection opened, to be used for HTTP/1.1.
+    /// The upstream declined HTTP/2: the connection it opened, ready for HTTP/1.1.
+    Declined(Stream),
+}
+
+/// A connection just opened.
+enum Opened {
+    /// Over HTTP/2, carrying one call (its slot).
+    Http2(h2::client::SendRequest<Bytes>, Slot),
+    /// The upstream declined HTTP/2: ready for HTTP/1.1.
     Declined(Stream),
 }
 
@@ -165,8 +173,8 @@ impl Pool {
         let opened = self.open(connector, peer, timeout).await;
         drop(opening);
         let (send, slot) = match opened? {
-            Ok(opened) => opened,
-            Err(stream) => return Ok(Called::Declined(stream)),
+            Opened::Http2(send, slot) => (send, slot),
+            Opened::Declined(stream) => return Ok(Called::Declined(stream)),
         };
         exchange(send, slot, &call, timeout)
             .await
@@ -202,14 +210,14 @@ impl Pool {
         Some((conn.send.clone(), Slot(conn.shared.clone())))
     }
 
-    /// Opens a connection and adds it to this thread's, counted as carrying one call; `Err`:
-    /// the upstream declined HTTP/2, and the connection is for HTTP/1.1.
+    /// Opens a connection and adds it to this thread's, counted as carrying one call, unless
+    /// the upstream declines HTTP/2.
     async fn open(
         &self,
         connector: &TransportConnector,
         peer: &HttpPeer,
         timeout: Duration,
-    ) -> Result<std::result::Result<(h2::client::SendRequest<Bytes>, Slot), Stream>> {
+    ) -> Result<Opened> {
         let mut offer = peer.clone();
         offer.options.alpn = ALPN::H2H1;
         // Boxed, as over HTTP/1.1: connecting is a large future.
@@ -217,7 +225,7 @@ impl Pool {
         if peer.tls() && stream.selected_alpn_proto() != Some(ALPN::H2) {
             tracing::warn!("the upstream declined HTTP/2: calls to it go over HTTP/1.1");
             self.declined.store(true, Relaxed);
-            return Ok(Err(stream));
+            return Ok(Opened::Declined(super::for_http1(stream)));
         }
         let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -238,7 +246,7 @@ impl Pool {
             ended.closed.store(true, Relaxed);
         });
         let slot = self.adopt(send.clone(), shared);
-        Ok(Ok((send, slot)))
+        Ok(Opened::Http2(send, slot))
     }
 
     /// Adds a connection to this thread's, counted as carrying one call.
@@ -338,21 +346,10 @@ pub fn request_head(
         .path_and_query(path)
         .build()
         .map_err(|_| invalid("the upstream's address is not a valid authority"))?;
-    let (own, key) = match credential {
-        Credential::GoogApiKey(key) => (
-            HeaderName::from_static("x-goog-api-key"),
-            HeaderValue::from_bytes(key),
-        ),
-        Credential::Bearer(secret) => (
-            header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {secret}")),
-        ),
-        Credential::Token(token) => (
-            header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Token {token}")),
-        ),
-    };
-    let mut key = key.map_err(|_| invalid("a key that is not a valid header value"))?;
+    let own = HeaderName::from_static(credential.name());
+    let (scheme, secret) = credential.value();
+    let mut key = HeaderValue::from_maybe_shared(Bytes::from([scheme.as_bytes(), secret].concat()))
+        .map_err(|_| invalid("a key that is not a valid header value"))?;
     // Never in HPACK's table, where a later field's size could tell it.
     key.set_sensitive(true);
     let mut head = Request::new(());

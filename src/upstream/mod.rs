@@ -294,7 +294,7 @@ impl Target {
         // one would hold that much for as long as its request lasts, connecting or not — each
         // open stream's task with it. Reusing an idle connection allocates nothing.
         let stream = Box::pin(connector.new_stream(peer)).await?;
-        Ok((Box::new(crate::http::wire::Gathered::new(stream)), false))
+        Ok((for_http1(stream), false))
     }
 
     /// Closes every idle connection of `route`.
@@ -323,6 +323,12 @@ impl Target {
             idle.push((stream, Instant::now()));
         }
     }
+}
+
+/// A new upstream connection made ready to carry HTTP/1.1 calls: a request's head and body
+/// leave in one send (see [`crate::http::wire::Gathered`]).
+fn for_http1(stream: Stream) -> Stream {
+    Box::new(crate::http::wire::Gathered::new(stream))
 }
 
 /// The HTTP client for side calls (image hosts, image URLs, key checks): bounded in time, few

@@ -10,6 +10,11 @@ use crate::streaming::sse_events;
 const GENERATE: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
 const STREAM_SSE: &str = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
 
+/// A gemgate that calls its upstream over HTTP/2.
+fn http2_gate() -> GateBuilder {
+    gate().env("GEMGATE_UPSTREAM_HTTP2", "true")
+}
+
 fn streamed_text(text: &str) -> String {
     sse_events(text).iter().map(answer_text).collect()
 }
@@ -17,11 +22,7 @@ fn streamed_text(text: &str) -> String {
 #[tokio::test]
 async fn many_open_streams_share_a_few_upstream_connections() {
     let fake = fake().await;
-    let gate = gate()
-        .upstream(&fake, &["good-1"])
-        .env("GEMGATE_UPSTREAM_HTTP2", "true")
-        .start()
-        .await;
+    let gate = http2_gate().upstream(&fake, &["good-1"]).start().await;
     let (status, _, v) = post(&gate, GENERATE, &ask("over two")).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(answer_text(&v), "echo: over two");
@@ -84,11 +85,10 @@ async fn an_upstream_that_declines_http2_in_its_tls_handshake_is_called_over_htt
     let fake = fake().await;
     // A gemgate serving HTTPS, which offers HTTP/1.1 only, is the other's upstream.
     let front = gate().upstream(&fake, &["good-1"]).tls().start().await;
-    let gate = gate()
+    let gate = http2_gate()
         .env("BASE_URL", &front.url("/v1beta"))
         .env("API_KEYS", &format!("[\"{TOKEN}\"]"))
         .env("SSL_CERT_FILE", &test_ca())
-        .env("GEMGATE_UPSTREAM_HTTP2", "true")
         .start()
         .await;
     for text in ["first", "second"] {
@@ -116,10 +116,9 @@ async fn a_plain_upstream_that_does_not_speak_http2_is_a_clear_error() {
             });
         }
     });
-    let gate = gate()
+    let gate = http2_gate()
         .env("BASE_URL", &format!("http://{addr}/v1beta"))
         .env("API_KEYS", "[\"k-1\",\"k-2\"]")
-        .env("GEMGATE_UPSTREAM_HTTP2", "true")
         .start()
         .await;
     let answer = tokio::time::timeout(
@@ -138,9 +137,8 @@ async fn a_plain_upstream_that_does_not_speak_http2_is_a_clear_error() {
 #[tokio::test]
 async fn failures_over_http2_are_told_apart_as_over_http11() {
     let quota_fake = fake().await;
-    let quota_gate = gate()
+    let quota_gate = http2_gate()
         .upstream(&quota_fake, &["minute-1", "good-2"])
-        .env("GEMGATE_UPSTREAM_HTTP2", "true")
         .start()
         .await;
     // A key at its quota: its error body is read and classified, and the call goes on another.
@@ -153,9 +151,8 @@ async fn failures_over_http2_are_told_apart_as_over_http11() {
     // A stream the upstream breaks off after its first chunks ends with an error event, never
     // as if it were whole, and is not started again on another key.
     let cut_fake = fake().await;
-    let cut_gate = gate()
+    let cut_gate = http2_gate()
         .upstream(&cut_fake, &["cut-1", "good-2"])
-        .env("GEMGATE_UPSTREAM_HTTP2", "true")
         .start()
         .await;
     let resp = client()
