@@ -8,13 +8,20 @@
 //!
 //! A record is named by its row, (time, sequence). Records are stored in blocks of up to
 //! 256 (`BLOCK`): one redb row per block, keyed by its first row, holding its records in row order;
-//! blocks never overlap. The blocks one flush writes form a group, and index tables by key,
-//! model, status and error class hold (value, group) → the group's blocks that have the value,
-//! so a query on any of them reads only the blocks that can match. A request costs the flusher
-//! one JSON encoding and a share of one insert, rather than five B-tree inserts, and an index
-//! costs an entry per distinct value per flush rather than per block: a pool of a thousand keys
-//! used in turn gave every block 200-odd key entries, one B-tree insert per request, which took
-//! the store's thread from 4% to 17% of gemgate's CPU.
+//! blocks never overlap. The blocks one flush writes form a group, and index tables by model,
+//! status and error class hold (value, group) → the group's blocks that have the value, so a
+//! query on any of them reads only the blocks that can match. A request costs the flusher one
+//! JSON encoding and a share of one insert, rather than five B-tree inserts, and an index costs
+//! an entry per distinct value per flush rather than per block: a pool of a thousand keys used
+//! in turn gave every block 200-odd key entries, one B-tree insert per request, which took the
+//! store's thread from 4% to 17% of gemgate's CPU.
+//!
+//! Keys are too many for that: with a pool of 100,000 keys taken in turn, nearly every request
+//! of a flush has a key of its own, and an entry per key per flush, spread over the whole index,
+//! made each flush rewrite most of the index's pages: 4 KB written to disk per request, and the
+//! store's thread 30% of gemgate's CPU. A group has a key filter instead ([`KeyFilter`]): one
+//! row, written at the end of its table, that names the group's blocks that have each key's
+//! hash. A query by key reads the filters newest first, and only the blocks they name.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,7 +216,8 @@ struct Tables {
     blocks: TableDefinition<'static, Row, &'static [u8]>,
     /// A group's first block → its last block and its values ([`group_row`]).
     groups: TableDefinition<'static, Row, &'static [u8]>,
-    by_key: TableDefinition<'static, Index, &'static [u8]>,
+    /// A group's first block → its key filter ([`KeyFilter`]).
+    key_filters: TableDefinition<'static, Row, &'static [u8]>,
     by_model: TableDefinition<'static, Index, &'static [u8]>,
     by_class: TableDefinition<'static, Index, &'static [u8]>,
     by_status: TableDefinition<'static, StatusIndex, &'static [u8]>,
@@ -218,7 +226,7 @@ struct Tables {
 const REQUESTS: Tables = Tables {
     blocks: TableDefinition::new("request_log"),
     groups: TableDefinition::new("request_log_groups"),
-    by_key: TableDefinition::new("request_log_key_groups"),
+    key_filters: TableDefinition::new("request_log_key_filters"),
     by_model: TableDefinition::new("request_log_model_groups"),
     by_class: TableDefinition::new("request_log_class_groups"),
     by_status: TableDefinition::new("request_log_status_groups"),
@@ -226,11 +234,17 @@ const REQUESTS: Tables = Tables {
 const ERRORS: Tables = Tables {
     blocks: TableDefinition::new("error_log"),
     groups: TableDefinition::new("error_log_groups"),
-    by_key: TableDefinition::new("error_log_key_groups"),
+    key_filters: TableDefinition::new("error_log_key_filters"),
     by_model: TableDefinition::new("error_log_model_groups"),
     by_class: TableDefinition::new("error_log_class_groups"),
     by_status: TableDefinition::new("error_log_status_groups"),
 };
+
+/// Data layout 3 indexed keys as it does models, in these tables; [`create`] reindexes.
+const KEY_GROUPS: [(Log, &str); 2] = [
+    (Log::Requests, "request_log_key_groups"),
+    (Log::Errors, "error_log_key_groups"),
+];
 
 /// Data layout 2 indexed every block on its own, in these tables; [`create`] reindexes.
 const BLOCK_INDEXES: [(Log, [&str; 4]); 2] = [
@@ -586,7 +600,7 @@ struct Open<'tx> {
     grown: i64,
     blocks: redb::Table<'tx, Row, &'static [u8]>,
     groups: redb::Table<'tx, Row, &'static [u8]>,
-    by_key: redb::Table<'tx, Index, &'static [u8]>,
+    key_filters: redb::Table<'tx, Row, &'static [u8]>,
     by_model: redb::Table<'tx, Index, &'static [u8]>,
     by_class: redb::Table<'tx, Index, &'static [u8]>,
     by_status: redb::Table<'tx, StatusIndex, &'static [u8]>,
@@ -599,8 +613,8 @@ struct Postings<'a> {
     models: BTreeMap<&'a str, Vec<Row>>,
     classes: BTreeMap<&'a str, Vec<Row>>,
     statuses: BTreeMap<u16, Vec<Row>>,
-    /// The group's first and last block.
-    span: Option<(Row, Row)>,
+    /// The group's blocks, in row order.
+    blocks: Vec<Row>,
 }
 
 impl<'a> Postings<'a> {
@@ -622,7 +636,14 @@ impl<'a> Postings<'a> {
             }
             post(&mut self.statuses, r.status, block);
         }
-        self.span = Some((self.span.map_or(block, |(first, _)| first), block));
+        if self.blocks.last() != Some(&block) {
+            self.blocks.push(block);
+        }
+    }
+
+    /// The group's first and last block.
+    fn span(&self) -> Option<(Row, Row)> {
+        Some((*self.blocks.first()?, *self.blocks.last()?))
     }
 
     fn of(block: Row, records: impl Iterator<Item = &'a Record>) -> Postings<'a> {
@@ -649,8 +670,75 @@ fn rows_of(bytes: &[u8]) -> Vec<Row> {
         .collect()
 }
 
-/// The tags of a group's values in its row.
-const KEY: u8 = 0;
+/// A key's hash in a key filter: FNV-1a, fixed, as it is stored.
+fn key_hash(key: &str) -> u32 {
+    key.bytes().fold(0x811c_9dc5, |h: u32, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// A group's key filter: the number of its blocks (`u32`), the blocks ([`rows_bytes`]), then,
+/// for each key and block that has it, the key's hash and the block's place in that list (two
+/// `u32`), sorted. 8 bytes per key per block, appended with the group, where an index entry per
+/// key lands anywhere in its table. Keys that share a hash find each other's blocks too: the
+/// query checks every record it reads.
+fn key_filter(p: &Postings) -> Vec<u8> {
+    let mut pairs: Vec<(u32, u32)> = p
+        .keys
+        .iter()
+        .flat_map(|(key, blocks)| {
+            let hash = key_hash(key);
+            let places = blocks.iter().filter_map(|b| p.blocks.binary_search(b).ok());
+            places.map(move |place| (hash, place as u32))
+        })
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let mut out = Vec::with_capacity(4 + 16 * p.blocks.len() + 8 * pairs.len());
+    out.extend_from_slice(&(p.blocks.len() as u32).to_le_bytes());
+    out.extend_from_slice(&rows_bytes(&p.blocks));
+    for (hash, place) in pairs {
+        out.extend_from_slice(&hash.to_le_bytes());
+        out.extend_from_slice(&place.to_le_bytes());
+    }
+    out
+}
+
+/// A key filter's blocks, and its (hash, place) pairs.
+fn filter_parts(filter: &[u8]) -> (&[u8], &[u8]) {
+    let n = filter
+        .get(..4)
+        .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()));
+    let end = (4 + 16 * n as usize).min(filter.len());
+    (filter.get(4..end).unwrap_or_default(), &filter[end..])
+}
+
+/// The blocks key filter `filter` names for `key`.
+fn filtered_blocks(filter: &[u8], key: &str) -> Vec<Row> {
+    let (blocks, pairs) = filter_parts(filter);
+    let blocks = rows_of(blocks);
+    let hash = key_hash(key).to_le_bytes();
+    pairs
+        .chunks_exact(8)
+        .filter(|pair| pair[..4] == hash)
+        .filter_map(|pair| {
+            let place = u32::from_le_bytes(pair[4..].try_into().unwrap());
+            blocks.get(place as usize).copied()
+        })
+        .collect()
+}
+
+/// Key filter `filter` with block `from` renamed `to` (a block rewritten under a new first row).
+fn filter_renamed(filter: &[u8], from: Row, to: Row) -> Vec<u8> {
+    let (blocks, _) = filter_parts(filter);
+    let mut out = filter.to_vec();
+    if let Some(i) = rows_of(blocks).iter().position(|b| *b == from) {
+        out[4 + 16 * i..4 + 16 * (i + 1)].copy_from_slice(&rows_bytes(&[to]));
+    }
+    out
+}
+
+/// The tags of a group's values in its row (0 was a key's, in data layout 3).
 const MODEL: u8 = 1;
 const CLASS: u8 = 2;
 const STATUS: u8 = 3;
@@ -666,7 +754,6 @@ fn group_row(last: Row, p: &Postings) -> Vec<u8> {
         out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
         out.extend_from_slice(bytes);
     };
-    p.keys.keys().for_each(|k| put(KEY, k.as_bytes()));
     p.models.keys().for_each(|m| put(MODEL, m.as_bytes()));
     p.classes.keys().for_each(|c| put(CLASS, c.as_bytes()));
     p.statuses
@@ -742,7 +829,7 @@ impl<'tx> Open<'tx> {
             grown: 0,
             blocks: tx.open_table(t.blocks).map_err(io)?,
             groups: tx.open_table(t.groups).map_err(io)?,
-            by_key: tx.open_table(t.by_key).map_err(io)?,
+            key_filters: tx.open_table(t.key_filters).map_err(io)?,
             by_model: tx.open_table(t.by_model).map_err(io)?,
             by_class: tx.open_table(t.by_class).map_err(io)?,
             by_status: tx.open_table(t.by_status).map_err(io)?,
@@ -777,11 +864,14 @@ impl<'tx> Open<'tx> {
 
     /// Writes the index entries of the blocks `group` has, as one group.
     fn index(&mut self, group: Postings) -> Result<(), StoreError> {
-        let Some((first, last)) = group.span else {
+        let Some((first, last)) = group.span() else {
             return Ok(());
         };
         let (t, s) = (first.0, first.1);
-        insert_all(&mut self.by_key, &group.keys, |k| (k, t, s))?;
+        let filter = key_filter(&group);
+        self.key_filters
+            .insert(first, filter.as_slice())
+            .map_err(io)?;
         insert_all(&mut self.by_model, &group.models, |m| (m, t, s))?;
         insert_all(&mut self.by_class, &group.classes, |c| (c, t, s))?;
         insert_all(&mut self.by_status, &group.statuses, |status| {
@@ -805,7 +895,7 @@ impl<'tx> Open<'tx> {
         }
         let mut now = Postings::default();
         self.put_block(kept, &mut now)?;
-        let new = now.span.map(|(first, _)| first);
+        let new = now.span().map(|(first, _)| first);
         if new == Some(key) {
             // Same name: its entries still find it (values it lost are checked by the query).
             return Ok(());
@@ -821,13 +911,14 @@ impl<'tx> Open<'tx> {
         let (t, s) = group;
         let before = Postings::of(key, old);
         let moved = |has: bool| new.filter(|_| has);
-        for k in before.keys.keys() {
-            relist(
-                &mut self.by_key,
-                (*k, t, s),
-                key,
-                moved(now.keys.contains_key(k)),
-            )?;
+        // The key filter names the block by its new name (keys it lost: the query checks).
+        if let Some(new) = new {
+            let filter = self.key_filters.get(group).map_err(io)?;
+            if let Some(renamed) = filter.map(|f| filter_renamed(f.value(), key, new)) {
+                self.key_filters
+                    .insert(group, renamed.as_slice())
+                    .map_err(io)?;
+            }
         }
         for m in before.models.keys() {
             let has = now.models.contains_key(m);
@@ -866,15 +957,16 @@ impl<'tx> Open<'tx> {
             for (tag, value) in values {
                 let text = std::str::from_utf8(value).unwrap_or_default();
                 match tag {
-                    KEY => self.by_key.remove((text, t, s)).map_err(io)?,
                     MODEL => self.by_model.remove((text, t, s)).map_err(io)?,
                     CLASS => self.by_class.remove((text, t, s)).map_err(io)?,
-                    _ => {
+                    STATUS => {
                         let status = u16::from_le_bytes(value.try_into().unwrap_or_default());
                         self.by_status.remove((status, t, s)).map_err(io)?
                     }
+                    _ => None,
                 };
             }
+            self.key_filters.remove(group).map_err(io)?;
             self.groups.remove(group).map_err(io)?;
         }
     }
@@ -918,13 +1010,13 @@ impl<'tx> Open<'tx> {
 /// Blocks per group when a data file of layout 2 is reindexed.
 const REINDEX_GROUP: usize = 64;
 
-/// Creates the tables, and converts the one-row-per-record tables of data layout 1 and the
-/// block-by-block indexes of layout 2.
+/// Creates the tables, and converts the one-row-per-record tables of data layout 1, the
+/// block-by-block indexes of layout 2 and the key entries of layout 3.
 pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     for t in [&REQUESTS, &ERRORS] {
         tx.open_table(t.blocks).map_err(io)?;
         tx.open_table(t.groups).map_err(io)?;
-        tx.open_table(t.by_key).map_err(io)?;
+        tx.open_table(t.key_filters).map_err(io)?;
         tx.open_table(t.by_model).map_err(io)?;
         tx.open_table(t.by_class).map_err(io)?;
         tx.open_table(t.by_status).map_err(io)?;
@@ -934,6 +1026,25 @@ pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .map_err(io)?
         .map(|t| t.name().to_owned())
         .collect();
+    for (log, old) in KEY_GROUPS
+        .into_iter()
+        .filter(|(_, old)| existing.contains(*old))
+    {
+        tracing::info!(
+            log = log.name(),
+            "indexing the log's keys by key filters (data layout 4), once"
+        );
+        let t = tables(log);
+        tx.delete_table(t.groups).map_err(io)?;
+        tx.delete_table(t.key_filters).map_err(io)?;
+        tx.delete_table(t.by_model).map_err(io)?;
+        tx.delete_table(t.by_class).map_err(io)?;
+        tx.delete_table(t.by_status).map_err(io)?;
+        // Deleting a table needs only its name, whatever its key type.
+        tx.delete_table(TableDefinition::<&str, ()>::new(old))
+            .map_err(io)?;
+        Open::new(tx, log)?.reindex()?;
+    }
     for (log, names) in BLOCK_INDEXES {
         if !names.iter().any(|n| existing.contains(*n)) {
             continue;
@@ -1054,8 +1165,17 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
         Ok(true)
     };
     // Each branch walks one table's blocks newest first.
-    if let Some((def, value)) = [
-        (t.by_key, q.key_id.as_deref()),
+    if let Some(key) = q.key_id.as_deref() {
+        let filters = tx.open_table(t.key_filters).map_err(io)?;
+        let range = filters.range(..upper).map_err(io)?;
+        walk(
+            range
+                .rev()
+                .map(|e| e.map(|(_, filter)| filtered_blocks(filter.value(), key))),
+            upper,
+            &mut take,
+        )?;
+    } else if let Some((def, value)) = [
         (t.by_class, q.class.as_deref()),
         (t.by_model, q.model.as_deref()),
     ]
@@ -1405,13 +1525,14 @@ mod tests {
         db
     }
 
-    /// How many entries a log's index tables hold: (groups, keys, models, classes, statuses).
+    /// How many entries a log's index tables hold: (groups, key filters, models, classes,
+    /// statuses).
     fn entries(db: &Database, log: Log) -> [u64; 5] {
         let t = tables(log);
         let tx = db.begin_read().unwrap();
         [
             tx.open_table(t.groups).unwrap().len().unwrap(),
-            tx.open_table(t.by_key).unwrap().len().unwrap(),
+            tx.open_table(t.key_filters).unwrap().len().unwrap(),
             tx.open_table(t.by_model).unwrap().len().unwrap(),
             tx.open_table(t.by_class).unwrap().len().unwrap(),
             tx.open_table(t.by_status).unwrap().len().unwrap(),
@@ -1430,8 +1551,9 @@ mod tests {
             .collect();
         write(&db, &all[..2048], &seq).unwrap();
         write(&db, &all[2048..], &seq).unwrap();
-        // Two flushes of 8 blocks each: a thousand key entries each, not 2,000 per block.
-        assert_eq!(entries(&db, Log::Requests), [2, 2000, 2, 0, 2]);
+        // Two flushes of 8 blocks each: an entry per model and status each, not one per block,
+        // and a key filter each, not an entry per key.
+        assert_eq!(entries(&db, Log::Requests), [2, 2, 2, 0, 2]);
         assert_eq!(entries(&db, Log::Errors), [0; 5]);
         // A key's records, newest first, across both flushes' blocks.
         let found = requests_of(&db, Some("k7"), 100);
@@ -1455,7 +1577,7 @@ mod tests {
                 .sum()
         };
         assert_eq!(trim(&db, first_flush).unwrap(), 2048);
-        assert_eq!(entries(&db, Log::Requests), [1, 1000, 1, 0, 1]);
+        assert_eq!(entries(&db, Log::Requests), [1, 1, 1, 0, 1]);
         assert_eq!(requests_of(&db, Some("k7"), 100).len(), 2);
         trim(&db, u64::MAX).unwrap();
         assert_eq!(entries(&db, Log::Requests), [0; 5]);
@@ -1519,7 +1641,7 @@ mod tests {
             let tx = db.begin_write().unwrap();
             for t in [&REQUESTS, &ERRORS] {
                 tx.delete_table(t.groups).unwrap();
-                tx.delete_table(t.by_key).unwrap();
+                tx.delete_table(t.key_filters).unwrap();
                 tx.delete_table(t.by_model).unwrap();
                 tx.delete_table(t.by_class).unwrap();
                 tx.delete_table(t.by_status).unwrap();
@@ -1536,7 +1658,7 @@ mod tests {
         let tx = db.begin_write().unwrap();
         create(&tx).unwrap();
         tx.commit().unwrap();
-        assert_eq!(entries(&db, Log::Requests), [1, 3, 1, 1, 1]);
+        assert_eq!(entries(&db, Log::Requests), [1, 1, 1, 1, 1]);
         for log in [Log::Requests, Log::Errors] {
             let q = Query {
                 key_id: Some("k2".into()),
@@ -1552,6 +1674,86 @@ mod tests {
             .map(|t| t.name().to_owned())
             .collect();
         assert!(!names.iter().any(|n| n.ends_with("_by_key")), "{names:?}");
+    }
+
+    #[test]
+    fn layout_3_key_entries_are_rebuilt_as_key_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(dir.path());
+        let seq = AtomicU64::new(0);
+        let all: Vec<Record> = (0..1000u64)
+            .map(|i| {
+                record(
+                    1_000 + i,
+                    500,
+                    ["k1", "k2"][(i % 2) as usize],
+                    Some("upstream"),
+                )
+            })
+            .collect();
+        write(&db, &all[..600], &seq).unwrap();
+        write(&db, &all[600..], &seq).unwrap();
+        // As layout 3 left it: an entry per key per group, no key filters.
+        {
+            let tx = db.begin_write().unwrap();
+            for ((_, old), t) in KEY_GROUPS.into_iter().zip([&REQUESTS, &ERRORS]) {
+                tx.delete_table(t.key_filters).unwrap();
+                let def = TableDefinition::<Index, &[u8]>::new(old);
+                let mut table = tx.open_table(def).unwrap();
+                table
+                    .insert(("k1", 1_000, 0), rows_bytes(&[(1_000, 0)]).as_slice())
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let tx = db.begin_write().unwrap();
+        create(&tx).unwrap();
+        tx.commit().unwrap();
+        // Reindexed in groups of up to 64 blocks: the 4 blocks are one group now.
+        assert_eq!(entries(&db, Log::Requests), [1, 1, 1, 1, 1]);
+        for log in [Log::Requests, Log::Errors] {
+            for key in ["k1", "k2"] {
+                let q = Query {
+                    key_id: Some(key.into()),
+                    limit: 1000,
+                    ..Query::default()
+                };
+                assert_eq!(query(&db, log, &q).unwrap().0.len(), 500);
+            }
+        }
+        let tx = db.begin_read().unwrap();
+        let mut names = tx.list_tables().unwrap().map(|t| t.name().to_owned());
+        assert!(!names.any(|n| n.ends_with("_key_groups")));
+    }
+
+    #[test]
+    fn a_key_filter_names_its_keys_blocks_and_survives_damage() {
+        let (a, b, c) = ((1, 0), (2, 0), (3, 0));
+        let mut p = Postings::default();
+        let record = |key: &str| Record {
+            key_id: Some(key.into()),
+            ..Record::default()
+        };
+        let (ra, rb) = (record("a"), record("b"));
+        p.add(a, [&ra].into_iter());
+        p.add(b, [&rb, &rb].into_iter());
+        p.add(c, [&rb, &ra].into_iter());
+        let filter = key_filter(&p);
+        // The block count, three blocks, then (hash, place) for a in 2 blocks and b in 2.
+        assert_eq!(filter.len(), 4 + 3 * 16 + 4 * 8);
+        assert_eq!(filtered_blocks(&filter, "a"), [a, c]);
+        assert_eq!(filtered_blocks(&filter, "b"), [b, c]);
+        assert!(filtered_blocks(&filter, "z").is_empty());
+        let renamed = filter_renamed(&filter, c, (3, 7));
+        assert_eq!(filtered_blocks(&renamed, "a"), [a, (3, 7)]);
+        // A filter read back damaged names fewer blocks, never panics.
+        for cut in 0..filter.len() {
+            assert!(filtered_blocks(&filter[..cut], "a").len() <= 2);
+            let _ = filter_renamed(&filter[..cut], a, c);
+        }
+        let mut lying = filter.clone();
+        lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(filtered_blocks(&lying, "a").is_empty());
     }
 
     #[test]
