@@ -3,7 +3,8 @@
 //!
 //! The request path adds each event to in-memory counts at once (a short lock on its worker
 //! thread's shard, never a queue that could fill); the store's flusher takes the counts and adds
-//! them to redb every [`SAVE_EVERY`]. Memory is bounded by the keys × models × days seen since.
+//! them to redb every [`SAVE_EVERY`]. Memory is bounded by the keys × models × days seen in the
+//! last few saves ([`Usage::drain`]).
 
 /// How often counts are saved. Each save rewrites one row per key × model × day counted since
 /// the last: with a row per request (a pool of thousands of keys, taken in turn), saving as
@@ -71,13 +72,33 @@ impl Counts {
 
 type Tally = HashMap<(u32, String, String), Counts>;
 
-/// A shard's counts by key id, then model, then day: looked up with borrowed names, so that
-/// counting an attempt allocates nothing once its key and model have been seen.
-type Shard = HashMap<String, HashMap<String, HashMap<u32, Counts>>>;
+/// A shard's counts by key id, then (model, day) in a short list (a key serves few models a
+/// day): looked up with borrowed names, so that counting an attempt allocates nothing once its
+/// key and model have been seen. A map per key of maps per model took about twice the memory
+/// with a pool of 100,000 keys.
+type Shard = HashMap<Box<str>, Vec<Counted>>;
+
+/// Most models × days a key counts apart between two saves; the rest are counted as
+/// [`OTHER_MODEL`].
+const MODELS_A_KEY: usize = 64;
+const OTHER_MODEL: &str = "other";
+
+/// One model × day of a key's counts.
+struct Counted {
+    model: Box<str>,
+    day: u32,
+    counts: Counts,
+}
 
 /// Counts not yet saved, by (day, key id, model), in shards by worker thread.
 pub struct Usage {
     shards: [Mutex<Shard>; SHARDS],
+    /// Each shard's map as the last drain left it: its entries kept, their counts zero. The
+    /// next drain swaps it in, so that the keys counted since go on counting without a new
+    /// entry or the map growing again (with 100,000 keys in turn, a map emptied at each save
+    /// was rebuilt by the request path: a rehash, and fresh pages faulted in, a key at a
+    /// time).
+    spares: [Mutex<Shard>; SHARDS],
     /// When [`Usage::drain_due`] last took the counts (ms since the epoch).
     drained_ms: std::sync::atomic::AtomicU64,
 }
@@ -86,6 +107,7 @@ impl Default for Usage {
     fn default() -> Self {
         Usage {
             shards: std::array::from_fn(|_| Mutex::default()),
+            spares: std::array::from_fn(|_| Mutex::default()),
             drained_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -97,15 +119,32 @@ impl Usage {
         let mut shard = self.shards[shard::of_thread()]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let models = match shard.get_mut(e.key_id) {
-            Some(models) => models,
-            None => shard.entry(e.key_id.to_owned()).or_default(),
+        let counted = match shard.get_mut(e.key_id) {
+            Some(counted) => counted,
+            None => shard.entry(e.key_id.into()).or_default(),
         };
-        let days = match models.get_mut(e.model) {
-            Some(days) => days,
-            None => models.entry(e.model.to_owned()).or_default(),
+        let find = |counted: &[Counted], model: &str| {
+            counted
+                .iter()
+                .position(|c| c.day == e.day && *c.model == *model)
         };
-        days.entry(e.day).or_default().add(e.failure, e.tokens);
+        // The model is the client's to name: past a key's first few, each counts as "other".
+        let at = find(counted, e.model).unwrap_or_else(|| {
+            let model = if counted.len() < MODELS_A_KEY {
+                e.model
+            } else {
+                OTHER_MODEL
+            };
+            find(counted, model).unwrap_or_else(|| {
+                counted.push(Counted {
+                    model: model.into(),
+                    day: e.day,
+                    counts: Counts::default(),
+                });
+                counted.len() - 1
+            })
+        });
+        counted[at].counts.add(e.failure, e.tokens);
     }
 
     /// The counts of `day` not yet saved (taken by [`Usage::drain`]), by key id, every model
@@ -114,9 +153,13 @@ impl Usage {
         let mut out: HashMap<String, Counts> = HashMap::new();
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            for (key_id, models) in shard.iter() {
-                for c in models.values().filter_map(|days| days.get(&day)) {
-                    out.entry(key_id.clone()).or_default().merge(c);
+            for (key_id, counted) in shard.iter() {
+                // Entries a drain left in place count nothing till they count again.
+                let of_day = counted
+                    .iter()
+                    .filter(|c| c.day == day && c.counts.requests > 0);
+                for c in of_day {
+                    out.entry(key_id.to_string()).or_default().merge(&c.counts);
                 }
             }
         }
@@ -135,21 +178,31 @@ impl Usage {
         self.drain()
     }
 
-    /// Everything counted since the last call, added up by (day, key id, model).
+    /// Everything counted since the last call, added up by (day, key id, model). An entry
+    /// that counted nothing since its map was last drained is forgotten: memory is bounded by
+    /// what was counted in the last three intervals.
     pub fn drain(&self) -> Tally {
+        fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
+            m.lock().unwrap_or_else(|e| e.into_inner())
+        }
         let mut out = Tally::new();
-        for shard in &self.shards {
-            // The lock is held for a swap only (see `LogQueue::take`).
-            let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
-            for (key_id, models) in taken {
-                for (model, days) in models {
-                    for (day, c) in days {
-                        out.entry((day, key_id.clone(), model.clone()))
-                            .or_default()
-                            .merge(&c);
+        for (shard, spare) in self.shards.iter().zip(&self.spares) {
+            let mut taken = std::mem::take(&mut *lock(spare));
+            // The shard's lock is held for a swap only (see `LogQueue::take`).
+            std::mem::swap(&mut *lock(shard), &mut taken);
+            taken.retain(|key_id, counted| {
+                counted.retain_mut(|c| {
+                    if c.counts.requests == 0 {
+                        return false;
                     }
-                }
-            }
+                    out.entry((c.day, key_id.to_string(), c.model.to_string()))
+                        .or_default()
+                        .merge(&std::mem::take(&mut c.counts));
+                    true
+                });
+                !counted.is_empty()
+            });
+            *lock(spare) = taken;
         }
         out
     }
@@ -271,5 +324,60 @@ mod tests {
             (3, 2, 1, 6)
         );
         assert!(u.drain().is_empty());
+    }
+
+    #[test]
+    fn a_drained_entry_counts_on_in_place_and_is_forgotten_once_idle() {
+        let u = Usage::default();
+        let count = |key_id| {
+            u.record(Event {
+                key_id,
+                model: "m",
+                day: 7,
+                failure: None,
+                tokens: Tokens::default(),
+            })
+        };
+        let entries = || -> usize {
+            let shards = u.shards.iter().chain(&u.spares);
+            shards.map(|s| s.lock().unwrap().len()).sum()
+        };
+        count("k1");
+        count("k2");
+        assert_eq!(u.drain().len(), 2);
+        count("k1");
+        let counts = u.drain();
+        assert_eq!(counts.len(), 1, "k2 counted nothing since");
+        assert_eq!(counts[&(7, "k1".to_owned(), "m".to_owned())].requests, 1);
+        assert!(entries() > 0, "entries kept, to count on in place");
+        assert!(
+            u.pending_of_day(7).is_empty(),
+            "k1's kept entry counts nothing"
+        );
+        count("k1");
+        assert_eq!(u.pending_of_day(7)["k1"].requests, 1);
+        assert_eq!(u.drain().len(), 1);
+        assert!(u.drain().is_empty());
+        assert!(u.drain().is_empty());
+        assert_eq!(entries(), 0);
+    }
+
+    #[test]
+    fn a_client_naming_endless_models_costs_a_key_a_bounded_list() {
+        let u = Usage::default();
+        let names: Vec<String> = (0..1000).map(|i| format!("made-up-{i}")).collect();
+        for model in &names {
+            u.record(Event {
+                key_id: "k1",
+                model,
+                day: 7,
+                failure: None,
+                tokens: Tokens::default(),
+            });
+        }
+        let counts = u.drain();
+        assert_eq!(counts.len(), MODELS_A_KEY + 1);
+        let other = &counts[&(7, "k1".to_owned(), OTHER_MODEL.to_owned())];
+        assert_eq!(other.requests, 1000 - MODELS_A_KEY as u64);
     }
 }
