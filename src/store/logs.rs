@@ -1026,25 +1026,7 @@ pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .map_err(io)?
         .map(|t| t.name().to_owned())
         .collect();
-    for (log, old) in KEY_GROUPS
-        .into_iter()
-        .filter(|(_, old)| existing.contains(*old))
-    {
-        tracing::info!(
-            log = log.name(),
-            "indexing the log's keys by key filters (data layout 4), once"
-        );
-        let t = tables(log);
-        tx.delete_table(t.groups).map_err(io)?;
-        tx.delete_table(t.key_filters).map_err(io)?;
-        tx.delete_table(t.by_model).map_err(io)?;
-        tx.delete_table(t.by_class).map_err(io)?;
-        tx.delete_table(t.by_status).map_err(io)?;
-        // Deleting a table needs only its name, whatever its key type.
-        tx.delete_table(TableDefinition::<&str, ()>::new(old))
-            .map_err(io)?;
-        Open::new(tx, log)?.reindex()?;
-    }
+    reindex_key_groups(tx, &existing)?;
     for (log, names) in BLOCK_INDEXES {
         if !names.iter().any(|n| existing.contains(*n)) {
             continue;
@@ -1110,6 +1092,34 @@ pub fn create(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Indexes anew the logs whose keys data layout 3 indexed by entries (`existing`: the file's
+/// tables).
+fn reindex_key_groups(
+    tx: &redb::WriteTransaction,
+    existing: &BTreeSet<String>,
+) -> Result<(), StoreError> {
+    for (log, old) in KEY_GROUPS
+        .into_iter()
+        .filter(|(_, old)| existing.contains(*old))
+    {
+        tracing::info!(
+            log = log.name(),
+            "indexing the log's keys by key filters (data layout 4), once"
+        );
+        let t = tables(log);
+        tx.delete_table(t.groups).map_err(io)?;
+        tx.delete_table(t.key_filters).map_err(io)?;
+        tx.delete_table(t.by_model).map_err(io)?;
+        tx.delete_table(t.by_class).map_err(io)?;
+        tx.delete_table(t.by_status).map_err(io)?;
+        // Deleting a table needs only its name, whatever its key type.
+        tx.delete_table(TableDefinition::<&str, ()>::new(old))
+            .map_err(io)?;
+        Open::new(tx, log)?.reindex()?;
+    }
+    Ok(())
+}
+
 /// Rows of `log` matching `q`, newest first, and the cursor of the next page. The most
 /// selective index the query names is walked newest first; each block it yields is read
 /// newest first and its records checked against the filters, and the walk stops as soon as
@@ -1164,7 +1174,19 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
         }
         Ok(true)
     };
-    // Each branch walks one table's blocks newest first.
+    walk_matching(&tx, t, q, upper, &mut take)?;
+    Ok((out, next))
+}
+
+/// Feeds `take` the blocks that may hold records matching `q`, before `upper`, newest first:
+/// from the most selective index `q` names, or every block.
+fn walk_matching(
+    tx: &redb::ReadTransaction,
+    t: &Tables,
+    q: &Query,
+    upper: Row,
+    take: &mut dyn FnMut(Row) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
     if let Some(key) = q.key_id.as_deref() {
         let filters = tx.open_table(t.key_filters).map_err(io)?;
         let range = filters.range(..upper).map_err(io)?;
@@ -1173,7 +1195,7 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
                 .rev()
                 .map(|e| e.map(|(_, filter)| filtered_blocks(filter.value(), key))),
             upper,
-            &mut take,
+            take,
         )?;
     } else if let Some((def, value)) = [
         (t.by_class, q.class.as_deref()),
@@ -1182,18 +1204,19 @@ pub fn query(db: &Database, log: Log, q: &Query) -> Result<Page, StoreError> {
     .into_iter()
     .find_map(|(def, v)| Some((def, v?)))
     {
-        walk_index!(tx, def, value, upper, &mut take);
+        walk_index!(tx, def, value, upper, take);
     } else if let Some(s) = q.status {
-        walk_index!(tx, t.by_status, s, upper, &mut take);
+        walk_index!(tx, t.by_status, s, upper, take);
     } else {
+        let blocks = tx.open_table(t.blocks).map_err(io)?;
         let range = blocks.range(..upper).map_err(io)?;
         walk(
             range.rev().map(|e| e.map(|(k, _)| vec![k.value()])),
             upper,
-            &mut take,
+            take,
         )?;
     }
-    Ok((out, next))
+    Ok(())
 }
 
 /// Walks the blocks index `$def` names for `$value`, up to row `$upper`, newest first. (A
