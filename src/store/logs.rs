@@ -19,7 +19,7 @@
 //! Keys are too many for that: with a pool of 100,000 keys taken in turn, nearly every request
 //! of a flush has a key of its own, and an entry per key per flush, spread over the whole index,
 //! made each flush rewrite most of the index's pages: 4 KB written to disk per request, and the
-//! store's thread 30% of gemgate's CPU. A group has a key filter instead ([`KeyFilter`]): one
+//! store's thread 30% of gemgate's CPU. A group has a key filter instead ([`key_filter`]): one
 //! row, written at the end of its table, that names the group's blocks that have each key's
 //! hash. A query by key reads the filters newest first, and only the blocks they name.
 
@@ -216,7 +216,7 @@ struct Tables {
     blocks: TableDefinition<'static, Row, &'static [u8]>,
     /// A group's first block → its last block and its values ([`group_row`]).
     groups: TableDefinition<'static, Row, &'static [u8]>,
-    /// A group's first block → its key filter ([`KeyFilter`]).
+    /// A group's first block → its key filter ([`key_filter`]).
     key_filters: TableDefinition<'static, Row, &'static [u8]>,
     by_model: TableDefinition<'static, Index, &'static [u8]>,
     by_class: TableDefinition<'static, Index, &'static [u8]>,
