@@ -489,51 +489,77 @@ pub fn write_encoded(
     let sampled: Vec<usize> = (0..records.len())
         .filter(|&i| !records[i].unsampled)
         .collect();
-    let mut group = Postings::default();
-    for block in blocks(&sampled, |i| encoded[i].lean().len()) {
-        requests.put_block(
-            block
-                .iter()
-                .map(|&i| (rows[i], encoded[i].lean(), &records[i])),
-            &mut group,
-        )?;
-    }
-    requests.index(group)?;
+    requests.put_group(&sampled, |i| (rows[i], encoded[i].lean(), &records[i]))?;
     let failed: Vec<usize> = (0..records.len())
         .filter(|&i| records[i].failed())
         .collect();
-    let mut group = Postings::default();
-    for block in blocks(&failed, |i| encoded[i].full.len()) {
-        errors.put_block(
-            block
-                .iter()
-                .map(|&i| (rows[i], &encoded[i].full[..], &records[i])),
-            &mut group,
-        )?;
-    }
-    errors.index(group)?;
+    errors.put_group(&failed, |i| (rows[i], &encoded[i].full[..], &records[i]))?;
     let grown = requests.grown + errors.grown;
     drop((requests, errors));
     account(&tx, grown)?;
     tx.commit().map_err(io)
 }
 
-/// `records` (indices) cut into blocks of at most [`BLOCK`] records and [`BLOCK_BYTES`].
-fn blocks(records: &[usize], size: impl Fn(usize) -> usize) -> Vec<&[usize]> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (at, &i) in records.iter().enumerate() {
-        let n = 20 + size(i);
-        if at > start && (at - start == BLOCK || bytes + n > BLOCK_BYTES) {
-            out.push(&records[start..at]);
-            (start, bytes) = (at, 0);
-        }
-        bytes += n;
+/// How many of `records` (indices, `size` giving each one's JSON length) the next block takes:
+/// at most `most`, and at most [`BLOCK_BYTES`] (but at least one).
+fn block_len(records: &[usize], size: impl Fn(usize) -> usize, most: usize) -> usize {
+    let mut bytes = 0;
+    let fits = records.iter().take(most).take_while(|&&i| {
+        bytes += 20 + size(i);
+        bytes <= BLOCK_BYTES
+    });
+    fits.count().max(1).min(records.len())
+}
+
+/// redb stores a block in a page of 4 KiB times a power of two, with about this much of its
+/// own beside the value.
+const PAGE_OVERHEAD: f64 = 128.0;
+/// How full a block may make its page by estimate: blocks vary, and one that spills past a
+/// page takes one twice the size.
+const PAGE_FILL: f64 = 0.94;
+/// Least share of its page a block of [`BLOCK`] records must fill; below it, blocks are cut
+/// to fill the page below.
+const MIN_FILL: f64 = 0.8;
+
+thread_local! {
+    /// What a record of each log took in the blocks this thread wrote last (compressed bytes;
+    /// 0: none yet). The store's committer writes the logs.
+    static PER_RECORD: std::cell::Cell<[f64; 2]> = const { std::cell::Cell::new([0.0; 2]) };
+}
+
+/// Records for the next block of `log`: [`BLOCK`], or fewer if that many would fill their
+/// redb page (a power of two of 4 KiB) poorly or nearly spill past it: then as many as nearly
+/// fill the page below. With 100,000 keys, 256 records compressed to 8.7 KB and took pages of
+/// 16: 44% of the log's bytes were padding.
+fn records_per_block(log: Log) -> usize {
+    let per = PER_RECORD.get()[log as usize];
+    if per <= 0.0 {
+        return BLOCK;
     }
-    if start < records.len() {
-        out.push(&records[start..]);
+    let full = per * BLOCK as f64 + PAGE_OVERHEAD;
+    let page = (full as usize).next_power_of_two().max(4096) as f64;
+    if (MIN_FILL..=PAGE_FILL).contains(&(full / page)) || page <= 4096.0 {
+        return BLOCK;
     }
-    out
+    let below = page / 2.0 * PAGE_FILL - PAGE_OVERHEAD;
+    ((below / per) as usize).clamp(1, BLOCK)
+}
+
+/// Notes what a block of `records` records of `log` compressed to (`bytes`), for
+/// [`records_per_block`]. Blocks too small to tell (a flush's last) are left out.
+fn observe_block(log: Log, records: usize, bytes: usize) {
+    if records < BLOCK / 8 {
+        return;
+    }
+    let mut per = PER_RECORD.get();
+    let now = bytes as f64 / records as f64;
+    let last = &mut per[log as usize];
+    *last = if *last > 0.0 {
+        (*last + now) / 2.0
+    } else {
+        now
+    };
+    PER_RECORD.set(per);
 }
 
 /// Adds `grown` (negative: what was removed) to the bytes of stored blocks.
@@ -596,6 +622,7 @@ pub fn trim(db: &Database, at_least: u64) -> Result<usize, StoreError> {
 
 /// The tables of one log, open in a write transaction.
 struct Open<'tx> {
+    log: Log,
     /// Bytes of blocks added less bytes of blocks removed, in this transaction.
     grown: i64,
     blocks: redb::Table<'tx, Row, &'static [u8]>,
@@ -826,6 +853,7 @@ impl<'tx> Open<'tx> {
     fn new(tx: &'tx redb::WriteTransaction, log: Log) -> Result<Open<'tx>, StoreError> {
         let t = tables(log);
         Ok(Open {
+            log,
             grown: 0,
             blocks: tx.open_table(t.blocks).map_err(io)?,
             groups: tx.open_table(t.groups).map_err(io)?,
@@ -846,20 +874,41 @@ impl<'tx> Open<'tx> {
     }
 
     /// Stores records (in row order) as one block, and adds it to `group`, whose entries
-    /// [`Open::index`] writes.
+    /// [`Open::index`] writes. Returns the block's bytes.
     fn put_block<'r>(
         &mut self,
         entries: impl Iterator<Item = (Row, &'r [u8], &'r Record)> + Clone,
         group: &mut Postings<'r>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let Some((key, ..)) = entries.clone().next() else {
-            return Ok(());
+            return Ok(0);
         };
         let bytes = encode(entries.clone().map(|(row, json, _)| (row, json)));
         self.blocks.insert(key, bytes.as_slice()).map_err(io)?;
         self.grown += bytes.len() as i64;
         group.add(key, entries.map(|(.., r)| r));
-        Ok(())
+        Ok(bytes.len())
+    }
+
+    /// Stores records `chosen` (in row order; `entry(i)` is record `i`'s row, JSON and
+    /// record) as blocks sized to fill their pages ([`records_per_block`]), and indexes them
+    /// as one group.
+    fn put_group<'r>(
+        &mut self,
+        chosen: &[usize],
+        entry: impl Fn(usize) -> (Row, &'r [u8], &'r Record),
+    ) -> Result<(), StoreError> {
+        let mut group = Postings::default();
+        let mut rest = chosen;
+        while !rest.is_empty() {
+            let most = records_per_block(self.log);
+            let n = block_len(rest, |i| entry(i).1.len(), most);
+            let (block, after) = rest.split_at(n);
+            let bytes = self.put_block(block.iter().map(|&i| entry(i)), &mut group)?;
+            observe_block(self.log, n, bytes);
+            rest = after;
+        }
+        self.index(group)
     }
 
     /// Writes the index entries of the blocks `group` has, as one group.
@@ -1507,6 +1556,50 @@ mod tests {
         )
         .unwrap();
         assert_eq!(page.0.len(), (n / 50) as usize);
+    }
+
+    #[test]
+    fn blocks_are_cut_to_fill_the_pages_they_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(dir.path());
+        let seq = AtomicU64::new(0);
+        // Keys of a pool of 100,000 taken in turn: records compress less, and 256 of them
+        // spill past a page of 8 KiB.
+        let spread = |n: u64| Record {
+            key_id: Some(format!("k{:012x}", n.wrapping_mul(0x9e37_79b9) % 100_000)),
+            ..realistic(n)
+        };
+        let sizes = |from: Row| -> Vec<(usize, usize)> {
+            let tx = db.begin_read().unwrap();
+            let blocks = tx.open_table(REQUESTS.blocks).unwrap();
+            let range = blocks.range(from..).unwrap();
+            range
+                .map(|e| {
+                    let v = e.unwrap().1;
+                    (decode(&unpack(v.value())).len(), v.value().len())
+                })
+                .collect()
+        };
+        PER_RECORD.set([0.0; 2]);
+        let all: Vec<Record> = (0..4096).map(spread).collect();
+        write(&db, &all, &seq).unwrap();
+        let sizes = sizes((0, 0));
+        // The first block, before anything was known, spilled past a page of 8 KiB; the
+        // rest (but the last, what was left) fill one.
+        assert!(sizes[0].0 == BLOCK && sizes[0].1 > 8192, "{sizes:?}");
+        let cut = &sizes[1..sizes.len() - 1];
+        assert!(
+            cut.iter()
+                .all(|&(n, bytes)| n < BLOCK && bytes + 128 <= 8192 && bytes > 7000),
+            "{sizes:?}"
+        );
+        assert_eq!(sizes.iter().map(|&(n, _)| n).sum::<usize>(), 4096);
+        // Records that compress well fill blocks of BLOCK as before.
+        PER_RECORD.set([29.0, 0.0]);
+        assert_eq!(records_per_block(Log::Requests), BLOCK);
+        PER_RECORD.set([34.0, 0.0]);
+        let n = records_per_block(Log::Requests);
+        assert!((200..BLOCK).contains(&n), "{n}");
     }
 
     #[test]
