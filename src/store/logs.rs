@@ -19,9 +19,9 @@
 //! Keys are too many for that: with a pool of 100,000 keys taken in turn, nearly every request
 //! of a flush has a key of its own, and an entry per key per flush, spread over the whole index,
 //! made each flush rewrite most of the index's pages: 4 KB written to disk per request, and the
-//! store's thread 30% of gemgate's CPU. A group has a key filter instead ([`key_filter`]): one
-//! row, written at the end of its table, that names the group's blocks that have each key's
-//! hash. A query by key reads the filters newest first, and only the blocks they name.
+//! store's thread 30% of gemgate's CPU. A block has a key filter instead ([`key_filter`]): the
+//! hashes of its keys, a row of a few hundred bytes written at the end of its table. A query by
+//! key reads the filters newest first, and only the blocks whose filter has the key's hash.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -216,7 +216,7 @@ struct Tables {
     blocks: TableDefinition<'static, Row, &'static [u8]>,
     /// A group's first block → its last block and its values ([`group_row`]).
     groups: TableDefinition<'static, Row, &'static [u8]>,
-    /// A group's first block → its key filter ([`key_filter`]).
+    /// A block's first row → its key filter ([`key_filter`]).
     key_filters: TableDefinition<'static, Row, &'static [u8]>,
     by_model: TableDefinition<'static, Index, &'static [u8]>,
     by_class: TableDefinition<'static, Index, &'static [u8]>,
@@ -606,9 +606,8 @@ pub fn trim(db: &Database, at_least: u64) -> Result<usize, StoreError> {
             let Some(key) = open.blocks.first().map_err(io)?.map(|(k, _)| k.value()) else {
                 break;
             };
-            if let Some(gone) = open.blocks.remove(key).map_err(io)? {
-                deleted += decode(&unpack(gone.value())).len();
-                open.grown -= gone.value().len() as i64;
+            if let Some(gone) = open.remove_block(key)? {
+                deleted += decode(&unpack(&gone)).len();
             }
         }
         requests.retire_groups()?;
@@ -636,7 +635,6 @@ struct Open<'tx> {
 /// The index entries of a group of blocks: for each value, the blocks that have it.
 #[derive(Default)]
 struct Postings<'a> {
-    keys: BTreeMap<&'a str, Vec<Row>>,
     models: BTreeMap<&'a str, Vec<Row>>,
     classes: BTreeMap<&'a str, Vec<Row>>,
     statuses: BTreeMap<u16, Vec<Row>>,
@@ -654,9 +652,6 @@ impl<'a> Postings<'a> {
             }
         }
         for r in records {
-            if let Some(k) = &r.key_id {
-                post(&mut self.keys, k.as_str(), block);
-            }
             post(&mut self.models, r.model.as_str(), block);
             if let Some(c) = &r.class {
                 post(&mut self.classes, c.as_str(), block);
@@ -704,65 +699,22 @@ fn key_hash(key: &str) -> u32 {
     })
 }
 
-/// A group's key filter: the number of its blocks (`u32`), the blocks ([`rows_bytes`]), then,
-/// for each key and block that has it, the key's hash and the block's place in that list (two
-/// `u32`), sorted. 8 bytes per key per block, appended with the group, where an index entry per
-/// key lands anywhere in its table. Keys that share a hash find each other's blocks too: the
+/// A block's key filter: the hashes ([`key_hash`]) of the keys its records have, each once,
+/// sorted (`u32`, little-endian). Keys that share a hash find each other's blocks too: the
 /// query checks every record it reads.
-fn key_filter(p: &Postings) -> Vec<u8> {
-    let mut pairs: Vec<(u32, u32)> = p
-        .keys
-        .iter()
-        .flat_map(|(key, blocks)| {
-            let hash = key_hash(key);
-            let places = blocks.iter().filter_map(|b| p.blocks.binary_search(b).ok());
-            places.map(move |place| (hash, place as u32))
-        })
+fn key_filter<'r>(records: impl Iterator<Item = &'r Record>) -> Vec<u8> {
+    let mut hashes: Vec<u32> = records
+        .filter_map(|r| r.key_id.as_deref().map(key_hash))
         .collect();
-    pairs.sort_unstable();
-    pairs.dedup();
-    let mut out = Vec::with_capacity(4 + 16 * p.blocks.len() + 8 * pairs.len());
-    out.extend_from_slice(&(p.blocks.len() as u32).to_le_bytes());
-    out.extend_from_slice(&rows_bytes(&p.blocks));
-    for (hash, place) in pairs {
-        out.extend_from_slice(&hash.to_le_bytes());
-        out.extend_from_slice(&place.to_le_bytes());
-    }
-    out
+    hashes.sort_unstable();
+    hashes.dedup();
+    hashes.iter().flat_map(|h| h.to_le_bytes()).collect()
 }
 
-/// A key filter's blocks, and its (hash, place) pairs.
-fn filter_parts(filter: &[u8]) -> (&[u8], &[u8]) {
-    let n = filter
-        .get(..4)
-        .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()));
-    let end = (4 + 16 * n as usize).min(filter.len());
-    (filter.get(4..end).unwrap_or_default(), &filter[end..])
-}
-
-/// The blocks key filter `filter` names for `key`.
-fn filtered_blocks(filter: &[u8], key: &str) -> Vec<Row> {
-    let (blocks, pairs) = filter_parts(filter);
-    let blocks = rows_of(blocks);
+/// Whether key filter `filter` has `key`'s hash (a damaged filter is read as far as it goes).
+fn filter_has(filter: &[u8], key: &str) -> bool {
     let hash = key_hash(key).to_le_bytes();
-    pairs
-        .chunks_exact(8)
-        .filter(|pair| pair[..4] == hash)
-        .filter_map(|pair| {
-            let place = u32::from_le_bytes(pair[4..].try_into().unwrap());
-            blocks.get(place as usize).copied()
-        })
-        .collect()
-}
-
-/// Key filter `filter` with block `from` renamed `to` (a block rewritten under a new first row).
-fn filter_renamed(filter: &[u8], from: Row, to: Row) -> Vec<u8> {
-    let (blocks, _) = filter_parts(filter);
-    let mut out = filter.to_vec();
-    if let Some(i) = rows_of(blocks).iter().position(|b| *b == from) {
-        out[4 + 16 * i..4 + 16 * (i + 1)].copy_from_slice(&rows_bytes(&[to]));
-    }
-    out
+    filter.chunks_exact(4).any(|h| h == hash)
 }
 
 /// The tags of a group's values in its row (0 was a key's, in data layout 3).
@@ -886,8 +838,31 @@ impl<'tx> Open<'tx> {
         let bytes = encode(entries.clone().map(|(row, json, _)| (row, json)));
         self.blocks.insert(key, bytes.as_slice()).map_err(io)?;
         self.grown += bytes.len() as i64;
+        self.put_filter(key, entries.clone().map(|(.., r)| r))?;
         group.add(key, entries.map(|(.., r)| r));
         Ok(bytes.len())
+    }
+
+    /// Writes the key filter of block `key`, which holds `records`.
+    fn put_filter<'r>(
+        &mut self,
+        key: Row,
+        records: impl Iterator<Item = &'r Record>,
+    ) -> Result<(), StoreError> {
+        let filter = key_filter(records);
+        self.key_filters
+            .insert(key, filter.as_slice())
+            .map_err(io)?;
+        Ok(())
+    }
+
+    /// Removes block `key` with its key filter; returns its bytes.
+    fn remove_block(&mut self, key: Row) -> Result<Option<Vec<u8>>, StoreError> {
+        self.key_filters.remove(key).map_err(io)?;
+        let gone = self.blocks.remove(key).map_err(io)?;
+        let gone = gone.map(|v| v.value().to_vec());
+        self.grown -= gone.as_ref().map_or(0, Vec::len) as i64;
+        Ok(gone)
     }
 
     /// Stores records `chosen` (in row order; `entry(i)` is record `i`'s row, JSON and
@@ -917,10 +892,6 @@ impl<'tx> Open<'tx> {
             return Ok(());
         };
         let (t, s) = (first.0, first.1);
-        let filter = key_filter(&group);
-        self.key_filters
-            .insert(first, filter.as_slice())
-            .map_err(io)?;
         insert_all(&mut self.by_model, &group.models, |m| (m, t, s))?;
         insert_all(&mut self.by_class, &group.classes, |c| (c, t, s))?;
         insert_all(&mut self.by_status, &group.statuses, |status| {
@@ -939,9 +910,7 @@ impl<'tx> Open<'tx> {
         old: impl Iterator<Item = &'r Record>,
         kept: impl Iterator<Item = (Row, &'r [u8], &'r Record)> + Clone,
     ) -> Result<(), StoreError> {
-        if let Some(gone) = self.blocks.remove(key).map_err(io)? {
-            self.grown -= gone.value().len() as i64;
-        }
+        self.remove_block(key)?;
         let mut now = Postings::default();
         self.put_block(kept, &mut now)?;
         let new = now.span().map(|(first, _)| first);
@@ -960,15 +929,6 @@ impl<'tx> Open<'tx> {
         let (t, s) = group;
         let before = Postings::of(key, old);
         let moved = |has: bool| new.filter(|_| has);
-        // The key filter names the block by its new name (keys it lost: the query checks).
-        if let Some(new) = new {
-            let filter = self.key_filters.get(group).map_err(io)?;
-            if let Some(renamed) = filter.map(|f| filter_renamed(f.value(), key, new)) {
-                self.key_filters
-                    .insert(group, renamed.as_slice())
-                    .map_err(io)?;
-            }
-        }
         for m in before.models.keys() {
             let has = now.models.contains_key(m);
             relist(&mut self.by_model, (*m, t, s), key, moved(has))?;
@@ -1015,7 +975,6 @@ impl<'tx> Open<'tx> {
                     _ => None,
                 };
             }
-            self.key_filters.remove(group).map_err(io)?;
             self.groups.remove(group).map_err(io)?;
         }
     }
@@ -1048,6 +1007,7 @@ impl<'tx> Open<'tx> {
                 .collect();
             let mut group = Postings::default();
             for (key, records) in &parsed {
+                self.put_filter(*key, records.iter())?;
                 group.add(*key, records.iter());
             }
             self.index(group)?;
@@ -1239,13 +1199,11 @@ fn walk_matching(
     if let Some(key) = q.key_id.as_deref() {
         let filters = tx.open_table(t.key_filters).map_err(io)?;
         let range = filters.range(..upper).map_err(io)?;
-        walk(
-            range
-                .rev()
-                .map(|e| e.map(|(_, filter)| filtered_blocks(filter.value(), key))),
-            upper,
-            take,
-        )?;
+        let has = |(block, filter): (redb::AccessGuard<Row>, redb::AccessGuard<&[u8]>)| {
+            let has = filter_has(filter.value(), key);
+            has.then(|| block.value()).into_iter().collect()
+        };
+        walk(range.rev().map(|e| e.map(has)), upper, take)?;
     } else if let Some((def, value)) = [
         (t.by_class, q.class.as_deref()),
         (t.by_model, q.model.as_deref()),
@@ -1668,8 +1626,8 @@ mod tests {
         write(&db, &all[..2048], &seq).unwrap();
         write(&db, &all[2048..], &seq).unwrap();
         // Two flushes of 8 blocks each: an entry per model and status each, not one per block,
-        // and a key filter each, not an entry per key.
-        assert_eq!(entries(&db, Log::Requests), [2, 2, 2, 0, 2]);
+        // and a key filter per block, not an entry per key.
+        assert_eq!(entries(&db, Log::Requests), [2, 16, 2, 0, 2]);
         assert_eq!(entries(&db, Log::Errors), [0; 5]);
         // A key's records, newest first, across both flushes' blocks.
         let found = requests_of(&db, Some("k7"), 100);
@@ -1693,7 +1651,7 @@ mod tests {
                 .sum()
         };
         assert_eq!(trim(&db, first_flush).unwrap(), 2048);
-        assert_eq!(entries(&db, Log::Requests), [1, 1, 1, 0, 1]);
+        assert_eq!(entries(&db, Log::Requests), [1, 8, 1, 0, 1]);
         assert_eq!(requests_of(&db, Some("k7"), 100).len(), 2);
         trim(&db, u64::MAX).unwrap();
         assert_eq!(entries(&db, Log::Requests), [0; 5]);
@@ -1774,7 +1732,7 @@ mod tests {
         let tx = db.begin_write().unwrap();
         create(&tx).unwrap();
         tx.commit().unwrap();
-        assert_eq!(entries(&db, Log::Requests), [1, 1, 1, 1, 1]);
+        assert_eq!(entries(&db, Log::Requests), [1, 4, 1, 1, 1]);
         for log in [Log::Requests, Log::Errors] {
             let q = Query {
                 key_id: Some("k2".into()),
@@ -1825,8 +1783,9 @@ mod tests {
         let tx = db.begin_write().unwrap();
         create(&tx).unwrap();
         tx.commit().unwrap();
-        // Reindexed in groups of up to 64 blocks: the 4 blocks are one group now.
-        assert_eq!(entries(&db, Log::Requests), [1, 1, 1, 1, 1]);
+        // Reindexed in groups of up to 64 blocks: the 5 blocks are one group now, each with
+        // its key filter.
+        assert_eq!(entries(&db, Log::Requests), [1, 5, 1, 1, 1]);
         for log in [Log::Requests, Log::Errors] {
             for key in ["k1", "k2"] {
                 let q = Query {
@@ -1843,33 +1802,26 @@ mod tests {
     }
 
     #[test]
-    fn a_key_filter_names_its_keys_blocks_and_survives_damage() {
-        let (a, b, c) = ((1, 0), (2, 0), (3, 0));
-        let mut p = Postings::default();
-        let record = |key: &str| Record {
-            key_id: Some(key.into()),
+    fn a_key_filter_holds_its_blocks_keys_once_and_survives_damage() {
+        let record = |key: Option<&str>| Record {
+            key_id: key.map(str::to_owned),
             ..Record::default()
         };
-        let (ra, rb) = (record("a"), record("b"));
-        p.add(a, [&ra].into_iter());
-        p.add(b, [&rb, &rb].into_iter());
-        p.add(c, [&rb, &ra].into_iter());
-        let filter = key_filter(&p);
-        // The block count, three blocks, then (hash, place) for a in 2 blocks and b in 2.
-        assert_eq!(filter.len(), 4 + 3 * 16 + 4 * 8);
-        assert_eq!(filtered_blocks(&filter, "a"), [a, c]);
-        assert_eq!(filtered_blocks(&filter, "b"), [b, c]);
-        assert!(filtered_blocks(&filter, "z").is_empty());
-        let renamed = filter_renamed(&filter, c, (3, 7));
-        assert_eq!(filtered_blocks(&renamed, "a"), [a, (3, 7)]);
-        // A filter read back damaged names fewer blocks, never panics.
+        let records = [
+            record(Some("b")),
+            record(None),
+            record(Some("a")),
+            record(Some("b")),
+        ];
+        let filter = key_filter(records.iter());
+        assert_eq!(filter.len(), 2 * 4, "a and b, once each");
+        assert!(filter_has(&filter, "a") && filter_has(&filter, "b"));
+        assert!(!filter_has(&filter, "c"));
+        // A filter read back damaged has fewer keys, never panics.
         for cut in 0..filter.len() {
-            assert!(filtered_blocks(&filter[..cut], "a").len() <= 2);
-            let _ = filter_renamed(&filter[..cut], a, c);
+            let _ = filter_has(&filter[..cut], "a");
         }
-        let mut lying = filter.clone();
-        lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(filtered_blocks(&lying, "a").is_empty());
+        assert!(!filter_has(&filter[..3], "a"));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::store::usage::Counts;
 /// The layout version this gemgate writes; older files are migrated, newer ones refused.
 /// 2: the logs are stored in blocks of records (layout 1 had a row per record).
 /// 3: the logs' indexes have an entry per value per group of blocks (2: per block).
-/// 4: the logs' keys are indexed by a key filter per group (3: an entry per key per group).
+/// 4: the logs' keys are indexed by a key filter per block (3: an entry per key per group).
 pub const SCHEMA_VERSION: u64 = 4;
 /// redb's page cache: enough for the indexes the admin pages walk. Kept small: it fills as
 /// the logs grow, and is memory the gateway holds for pages it rarely reads again (the
