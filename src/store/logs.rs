@@ -638,8 +638,8 @@ struct Postings<'a> {
     models: BTreeMap<&'a str, Vec<Row>>,
     classes: BTreeMap<&'a str, Vec<Row>>,
     statuses: BTreeMap<u16, Vec<Row>>,
-    /// The group's blocks, in row order.
-    blocks: Vec<Row>,
+    /// The group's first and last block.
+    span: Option<(Row, Row)>,
 }
 
 impl<'a> Postings<'a> {
@@ -658,14 +658,7 @@ impl<'a> Postings<'a> {
             }
             post(&mut self.statuses, r.status, block);
         }
-        if self.blocks.last() != Some(&block) {
-            self.blocks.push(block);
-        }
-    }
-
-    /// The group's first and last block.
-    fn span(&self) -> Option<(Row, Row)> {
-        Some((*self.blocks.first()?, *self.blocks.last()?))
+        self.span = Some((self.span.map_or(block, |(first, _)| first), block));
     }
 
     fn of(block: Row, records: impl Iterator<Item = &'a Record>) -> Postings<'a> {
@@ -888,7 +881,7 @@ impl<'tx> Open<'tx> {
 
     /// Writes the index entries of the blocks `group` has, as one group.
     fn index(&mut self, group: Postings) -> Result<(), StoreError> {
-        let Some((first, last)) = group.span() else {
+        let Some((first, last)) = group.span else {
             return Ok(());
         };
         let (t, s) = (first.0, first.1);
@@ -913,7 +906,7 @@ impl<'tx> Open<'tx> {
         self.remove_block(key)?;
         let mut now = Postings::default();
         self.put_block(kept, &mut now)?;
-        let new = now.span().map(|(first, _)| first);
+        let new = now.span.map(|(first, _)| first);
         if new == Some(key) {
             // Same name: its entries still find it (values it lost are checked by the query).
             return Ok(());
