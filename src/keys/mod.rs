@@ -100,7 +100,7 @@ pub struct KeyState {
 /// walk every key: with 100,000 keys, walking them at each of the store's four saves a second
 /// took more CPU than the saves.
 #[derive(Debug, Default)]
-pub struct Changed {
+struct Changed {
     unsaved: Mutex<Vec<Arc<str>>>,
     unshared: Mutex<Vec<Arc<str>>>,
 }

@@ -1574,21 +1574,31 @@ mod tests {
         assert_eq!(back, full);
     }
 
-    /// The first page of the request log's records (of key `key`, if given).
-    fn requests_of(db: &Database, key: Option<&str>, limit: usize) -> Vec<(Row, Record)> {
+    /// The first page of `log`'s records (of key `key`, if given).
+    fn page_of(db: &Database, log: Log, key: Option<&str>, limit: usize) -> Vec<(Row, Record)> {
         let q = Query {
             key_id: key.map(str::to_owned),
             limit,
             ..Query::default()
         };
-        query(db, Log::Requests, &q).unwrap().0
+        query(db, log, &q).unwrap().0
+    }
+
+    /// The first page of the request log's records (of key `key`, if given).
+    fn requests_of(db: &Database, key: Option<&str>, limit: usize) -> Vec<(Row, Record)> {
+        page_of(db, Log::Requests, key, limit)
+    }
+
+    /// Creates the tables, converting what an older layout left.
+    fn open_tables(db: &Database) {
+        let tx = db.begin_write().unwrap();
+        create(&tx).unwrap();
+        tx.commit().unwrap();
     }
 
     fn new_db(dir: &std::path::Path) -> Database {
         let db = Database::create(dir.join("t.redb")).unwrap();
-        let tx = db.begin_write().unwrap();
-        create(&tx).unwrap();
-        tx.commit().unwrap();
+        open_tables(&db);
         db
     }
 
@@ -1722,17 +1732,10 @@ mod tests {
             }
             tx.commit().unwrap();
         }
-        let tx = db.begin_write().unwrap();
-        create(&tx).unwrap();
-        tx.commit().unwrap();
+        open_tables(&db);
         assert_eq!(entries(&db, Log::Requests), [1, 4, 1, 1, 1]);
         for log in [Log::Requests, Log::Errors] {
-            let q = Query {
-                key_id: Some("k2".into()),
-                limit: 1000,
-                ..Query::default()
-            };
-            assert_eq!(query(&db, log, &q).unwrap().0.len(), 333);
+            assert_eq!(page_of(&db, log, Some("k2"), 1000).len(), 333);
         }
         let tx = db.begin_read().unwrap();
         let names: Vec<String> = tx
@@ -1773,20 +1776,13 @@ mod tests {
             }
             tx.commit().unwrap();
         }
-        let tx = db.begin_write().unwrap();
-        create(&tx).unwrap();
-        tx.commit().unwrap();
+        open_tables(&db);
         // Reindexed in groups of up to 64 blocks: the 5 blocks are one group now, each with
         // its key filter.
         assert_eq!(entries(&db, Log::Requests), [1, 5, 1, 1, 1]);
         for log in [Log::Requests, Log::Errors] {
             for key in ["k1", "k2"] {
-                let q = Query {
-                    key_id: Some(key.into()),
-                    limit: 1000,
-                    ..Query::default()
-                };
-                assert_eq!(query(&db, log, &q).unwrap().0.len(), 500);
+                assert_eq!(page_of(&db, log, Some(key), 1000).len(), 500);
             }
         }
         let tx = db.begin_read().unwrap();

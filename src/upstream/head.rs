@@ -78,30 +78,31 @@ pub fn request_head(
         {
             continue;
         }
-        field(&mut head, name, value.as_bytes());
+        field(&mut head, name, &[value.as_bytes()]);
     }
     // A POST always says how long its body is, even when it has none.
     if body_len > 0 || header.method == http::Method::POST {
         let mut n = itoa::Buffer::new();
-        field(&mut head, "content-length", n.format(body_len).as_bytes());
+        field(
+            &mut head,
+            "content-length",
+            &[n.format(body_len).as_bytes()],
+        );
     }
     let (scheme, secret) = credential.value();
-    head.extend_from_slice(own.as_bytes());
-    head.extend_from_slice(b": ");
-    head.extend_from_slice(scheme.as_bytes());
-    head.extend_from_slice(secret);
-    head.extend_from_slice(b"\r\n");
+    field(&mut head, own, &[scheme.as_bytes(), secret]);
     if let Some(auth) = proxy_auth {
-        field(&mut head, "proxy-authorization", auth.as_bytes());
+        field(&mut head, "proxy-authorization", &[auth.as_bytes()]);
     }
     head.extend_from_slice(b"\r\n");
     head
 }
 
-fn field(head: &mut Vec<u8>, name: &str, value: &[u8]) {
+/// Writes field `name` with its value, given in parts.
+fn field(head: &mut Vec<u8>, name: &str, value: &[&[u8]]) {
     head.extend_from_slice(name.as_bytes());
     head.extend_from_slice(b": ");
-    head.extend_from_slice(value);
+    value.iter().for_each(|part| head.extend_from_slice(part));
     head.extend_from_slice(b"\r\n");
 }
 

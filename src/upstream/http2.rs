@@ -8,9 +8,9 @@
 //! As with HTTP/1.1 connections, each worker thread keeps its own connections per route (a
 //! connection stays registered with the runtime that opened it). A call takes the first of
 //! them with room for another stream, or opens a new one; of the connections that carry
-//! nothing, one is kept, for [`IDLE_TIMEOUT`] at most. Over TLS, HTTP/2 is offered in the handshake and an upstream that
-//! declines it is spoken to in HTTP/1.1 from then on; over plain HTTP it is spoken with prior
-//! knowledge.
+//! nothing, one is kept, for [`IDLE_TIMEOUT`] at most. Over TLS, HTTP/2 is offered in the
+//! handshake and an upstream that declines it is spoken to in HTTP/1.1 from then on; over plain
+//! HTTP it is spoken with prior knowledge.
 //!
 //! Flow control bounds what an answer may have in flight unread: [`STREAM_WINDOW`] per call,
 //! [`CONNECTION_WINDOW`] per connection. What a call has read is given back to the upstream as

@@ -5,10 +5,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
-use crate::streaming::sse_events;
-
-const GENERATE: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
-const STREAM_SSE: &str = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
+use crate::streaming::{STREAM_SSE, sse_events, stream};
 
 /// A gemgate that calls its upstream over HTTP/2.
 fn http2_gate() -> GateBuilder {
@@ -155,16 +152,8 @@ async fn failures_over_http2_are_told_apart_as_over_http11() {
         .upstream(&cut_fake, &["cut-1", "good-2"])
         .start()
         .await;
-    let resp = client()
-        .post(cut_gate.url(STREAM_SSE))
-        .header("x-goog-api-key", TOKEN)
-        .header("x-fake-chunks", "4")
-        .json(&ask("a b c d e f g h"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
+    let (status, text) = stream(&cut_gate, STREAM_SSE, 4, "a b c d e f g h").await;
+    assert_eq!(status, 200);
     let events = sse_events(&text);
     let (last, data) = events.split_last().unwrap();
     assert_eq!(data.len(), 2, "the two chunks sent before the cut: {text}");

@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 
 use crate::common::*;
 
-const STREAM_SSE: &str = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
+pub(crate) const STREAM_SSE: &str = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
 
 pub(crate) fn sse_events(text: &str) -> Vec<Value> {
     text.split("\r\n\r\n")
@@ -15,7 +15,8 @@ pub(crate) fn sse_events(text: &str) -> Vec<Value> {
         .collect()
 }
 
-async fn stream(gate: &Gate, path: &str, chunks: u32, text: &str) -> (u16, String) {
+/// A streamed call the fake answers in `chunks` chunks: its status and its body as read.
+pub(crate) async fn stream(gate: &Gate, path: &str, chunks: u32, text: &str) -> (u16, String) {
     let resp = client()
         .post(gate.url(path))
         .header("x-goog-api-key", TOKEN)
