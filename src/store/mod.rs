@@ -358,25 +358,17 @@ impl Store {
     }
 
     /// Adds usage to the stored counts, in one transaction.
-    pub fn add_usage(
-        &self,
-        usage: &HashMap<(u32, String, String), Counts>,
-    ) -> Result<(), StoreError> {
+    pub fn add_usage(&self, usage: &usage::Tally) -> Result<(), StoreError> {
         if usage.is_empty() {
             return Ok(());
         }
         let tx = self.db.begin_write().map_err(io)?;
         {
             let mut table = tx.open_table(USAGE).map_err(io)?;
-            // In the table's order: each page is read and rewritten once, where rows in a
-            // hash map's order (100,000 keys counted since the last save) came to a page at a
-            // time from all over the table, past redb's cache.
-            let mut rows: Vec<(String, &Counts)> = usage
-                .iter()
-                .map(|((day, key, model), add)| (format!("{day:06}|{key}|{model}"), add))
-                .collect();
-            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            for (row, add) in rows {
+            // The rows come in the table's order (`Usage::drain`): each page is read and
+            // rewritten once, where rows in a hash map's order (100,000 keys counted since the
+            // last save) came to a page at a time from all over the table, past redb's cache.
+            for (row, add) in usage {
                 let mut counts: Counts = table
                     .get(row.as_str())
                     .map_err(io)?
@@ -394,7 +386,7 @@ impl Store {
     pub fn usage_of_day(&self, day: u32) -> Result<HashMap<String, Counts>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
         let table = tx.open_table(USAGE).map_err(io)?;
-        let prefix = format!("{day:06}|");
+        let prefix = usage::day_prefix(day);
         let mut out: HashMap<String, Counts> = HashMap::new();
         for row in table.range(prefix.as_str()..).map_err(io)? {
             let (k, v) = row.map_err(io)?;
@@ -573,17 +565,14 @@ pub fn retire_logs(store: &Store, logs: &crate::config::LogsSection) {
 /// committer may take a newer batch meanwhile), and an older snapshot must never be written
 /// over a newer one, so the keys are looked at when the batch is written.
 pub struct Batch {
-    usage: HashMap<(u32, String, String), Counts>,
+    usage: usage::Tally,
     records: Vec<crate::store::logs::Record>,
     encoded: Vec<crate::store::logs::Encoded>,
 }
 
 impl Batch {
     /// A batch of the queued `records` and `usage`, encoded (the CPU work of a flush).
-    pub fn new(
-        records: Vec<crate::store::logs::Record>,
-        usage: HashMap<(u32, String, String), Counts>,
-    ) -> Batch {
+    pub fn new(records: Vec<crate::store::logs::Record>, usage: usage::Tally) -> Batch {
         let encoded = records
             .iter()
             .map(crate::store::logs::Encoded::of)
@@ -725,7 +714,7 @@ mod tests {
                         ..Default::default()
                     });
                 }
-                Batch::new(queue.take(usize::MAX), HashMap::new()).commit(&store, &registry, cap);
+                Batch::new(queue.take(usize::MAX), Vec::new()).commit(&store, &registry, cap);
                 largest = largest.max(store.file_bytes());
             }
             assert!(

@@ -70,7 +70,19 @@ impl Counts {
     }
 }
 
-type Tally = HashMap<(u32, String, String), Counts>;
+/// Counts taken for a save: one per stored row ([`row`]), in the rows' order, each row once.
+pub type Tally = Vec<(String, Counts)>;
+
+/// The stored row of `key_id`'s counts of `model` on `day`: the day first, zero-padded, so
+/// that a day's rows are a range of the table ([`crate::store::Store::usage_of_day`]).
+pub fn row(day: u32, key_id: &str, model: &str) -> String {
+    format!("{day:06}|{key_id}|{model}")
+}
+
+/// The first row of `day`'s, and the prefix of all of them.
+pub fn day_prefix(day: u32) -> String {
+    format!("{day:06}|")
+}
 
 /// A shard's counts by key id, then (model, day) in a short list (a key serves few models a
 /// day): looked up with borrowed names, so that counting an attempt allocates nothing once its
@@ -178,7 +190,8 @@ impl Usage {
         self.drain()
     }
 
-    /// Everything counted since the last call, added up by (day, key id, model). An entry
+    /// Everything counted since the last call, added up by row (day, key id, model), in the
+    /// rows' order (a save then reads and rewrites each page of the table once). An entry
     /// that counted nothing since its map was last drained is forgotten: memory is bounded by
     /// what was counted in the last three intervals.
     pub fn drain(&self) -> Tally {
@@ -195,15 +208,22 @@ impl Usage {
                     if c.counts.requests == 0 {
                         return false;
                     }
-                    out.entry((c.day, key_id.to_string(), c.model.to_string()))
-                        .or_default()
-                        .merge(&std::mem::take(&mut c.counts));
+                    out.push((row(c.day, key_id, &c.model), std::mem::take(&mut c.counts)));
                     true
                 });
                 !counted.is_empty()
             });
             *lock(spare) = taken;
         }
+        // A key counted on several worker threads has a row from each shard.
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1.merge(&later.1);
+            }
+            same
+        });
         out
     }
 }
@@ -231,6 +251,14 @@ pub fn day_of(now_ms: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The counts of one row of a tally; each row is there once, in order.
+    fn counted<'a>(tally: &'a Tally, day: u32, key_id: &str, model: &str) -> &'a Counts {
+        assert!(tally.windows(2).all(|w| w[0].0 < w[1].0), "in order, once");
+        let row = row(day, key_id, model);
+        let found = tally.iter().find(|(r, _)| *r == row);
+        &found.unwrap_or_else(|| panic!("no row {row}")).1
+    }
 
     #[test]
     fn counts_are_drained_when_due_or_forced() {
@@ -310,10 +338,10 @@ mod tests {
         let counts = u.drain();
         assert_eq!(counts.len(), 4);
         for other in [(7, "k2", "m"), (7, "k1", "n"), (8, "k1", "m")] {
-            let c = &counts[&(other.0, other.1.to_owned(), other.2.to_owned())];
+            let c = counted(&counts, other.0, other.1, other.2);
             assert_eq!((c.requests, c.successes), (1, 1), "{other:?}");
         }
-        let c = &counts[&(7, "k1".to_owned(), "m".to_owned())];
+        let c = counted(&counts, 7, "k1", "m");
         assert_eq!(
             (
                 c.requests,
@@ -348,7 +376,7 @@ mod tests {
         count("k1");
         let counts = u.drain();
         assert_eq!(counts.len(), 1, "k2 counted nothing since");
-        assert_eq!(counts[&(7, "k1".to_owned(), "m".to_owned())].requests, 1);
+        assert_eq!(counted(&counts, 7, "k1", "m").requests, 1);
         assert!(entries() > 0, "entries kept, to count on in place");
         assert!(
             u.pending_of_day(7).is_empty(),
@@ -360,6 +388,29 @@ mod tests {
         assert!(u.drain().is_empty());
         assert!(u.drain().is_empty());
         assert_eq!(entries(), 0);
+    }
+
+    #[test]
+    fn a_key_counted_on_several_threads_is_one_row() {
+        let u = Usage::default();
+        std::thread::scope(|s| {
+            for model in ["m", "m", "n"] {
+                // Each thread takes a shard of its own.
+                s.spawn(|| {
+                    u.record(Event {
+                        key_id: "k1",
+                        model,
+                        day: 7,
+                        failure: None,
+                        tokens: Tokens::default(),
+                    })
+                });
+            }
+        });
+        let counts = u.drain();
+        assert_eq!(counts.len(), 2);
+        assert_eq!(counted(&counts, 7, "k1", "m").requests, 2);
+        assert_eq!(counted(&counts, 7, "k1", "n").requests, 1);
     }
 
     #[test]
@@ -377,7 +428,7 @@ mod tests {
         }
         let counts = u.drain();
         assert_eq!(counts.len(), MODELS_A_KEY + 1);
-        let other = &counts[&(7, "k1".to_owned(), OTHER_MODEL.to_owned())];
+        let other = counted(&counts, 7, "k1", OTHER_MODEL);
         assert_eq!(other.requests, 1000 - MODELS_A_KEY as u64);
     }
 }
