@@ -11,13 +11,15 @@
 # response through gemgate (translation's cost, against the native path); last, the
 # side-by-side table: the fake, gemgate and nginx at 1, 32, 256 and 1,024 connections
 # ($MATRIX_CONNS), with peak RSS and CPU per request, $MATRIX_RUNS rounds (default 5) in turn,
-# and the translated protocols at the same connections; then $HELD_STREAMS open streams (SSE
-# answers the fake holds) through gemgate and nginx, for memory per open stream. All on
+# and the translated protocols at the same connections; then the cost of a request against
+# the pool's size ($POOL_SIZES keys: 10, 1,000 and 100,000); then $HELD_STREAMS open streams
+# (SSE answers the fake holds) through gemgate and nginx, for memory per open stream. All on
 # loopback, in one run. Bounded:
 # each measurement lasts $DURATION seconds (default 5); at concurrency 64 (and 32 for the
 # translated protocols) each target is measured $RUNS times (default 3), in turn, and keeps its
-# median. The whole run takes about (44 + 35 × $MATRIX_RUNS) × $DURATION seconds plus a minute
-# of policy-layer runs and the build (MATRIX_RUNS=1 MATRIX_CONNS="32 256" for a quick look).
+# median. The whole run takes about (44 + 35 × $MATRIX_RUNS + 3 × $POOL_RUNS) × $DURATION
+# seconds plus a minute of policy-layer runs and the build (MATRIX_RUNS=1 MATRIX_CONNS="32 256"
+# for a quick look).
 #
 #   scripts/bench.sh            # DURATION=10 scripts/bench.sh for steadier figures
 #   BIN_DIR=/some/dir scripts/bench.sh   # measure binaries built elsewhere (no build)
@@ -408,6 +410,49 @@ for proto in chat messages responses; do
   cp "$work/t-$proto.lua" "$work/$proto-gemgate.lua"
   matrix "$proto" gemgate
 done
+
+# Cost against the pool's size: a gemgate for each of $POOL_SIZES keys (default 10, 1,000 and
+# 100,000; empty to skip), the shipped plugins' round robin taking every key in turn, generate
+# at 32 connections, each pool in turn for $POOL_RUNS rounds (default 3): req/s, p99, CPU per
+# request, and resident memory idle (after a warm-up) and at its peak. Each gateway holds its
+# keys in its own conf/gemgate.toml, and only those.
+POOL_SIZES=${POOL_SIZES-10 1000 100000}
+POOL_RUNS=${POOL_RUNS:-3}
+if [ -n "$POOL_SIZES" ]; then
+  echo
+  echo "cost against the pool's size (round robin over every key, generate at 32 connections, median of $POOL_RUNS rounds in turn):"
+  declare -A POOL_PORT_OF=() POOL_PID_OF=() POOL_IDLE=() POOL_CELL=()
+  port=${POOL_PORT:-18110}
+  for n in $POOL_SIZES; do
+    mkdir -p "$work/pool-$n/conf"
+    python3 -c 'import sys; n = int(sys.argv[1]); print("[keys]\napi_keys = [" + ",".join("\"bench-pool-%07d\"" % i for i in range(n)) + "]")' \
+      "$n" >"$work/pool-$n/conf/gemgate.toml"
+    start_gemgate "$work/pool-$n" "$BIN_DIR" "$port" "$FAKE_PORT" "$TOKEN" API_KEYS=
+    pids+=($!)
+    POOL_PID_OF[$n]=$!
+    POOL_PORT_OF[$n]=$port
+    port=$((port + 1))
+  done
+  for n in $POOL_SIZES; do
+    wait_port "${POOL_PORT_OF[$n]}" "gemgate with $n keys" "$work/pool-$n.log"
+    DURATION=2 measure "${POOL_PORT_OF[$n]}" "$work/generate-gemgate.lua" 32 >/dev/null
+  done
+  sleep 2
+  for n in $POOL_SIZES; do POOL_IDLE[$n]=$(rss_kb "${POOL_PID_OF[$n]}"); done
+  for _ in $(seq "$POOL_RUNS"); do
+    for n in $POOL_SIZES; do
+      out=$(measure_full "${POOL_PORT_OF[$n]}" "$work/generate-gemgate.lua" 32 "${POOL_PID_OF[$n]}")
+      case $out in ERROR*) echo "pool of $n keys: $out" >&2; exit 1 ;; esac
+      POOL_CELL[$n]+="$out"$'\n'
+    done
+  done
+  printf '  %7s %9s %9s %11s %9s %9s\n' keys 'req/s' 'p99 ms' 'CPU us/req' 'idle MiB' 'peak MiB'
+  for n in $POOL_SIZES; do
+    read -r rps _ p99 peak cpu <<<"$(printf '%s' "${POOL_CELL[$n]}" | median_run)"
+    awk -v n="$n" -v r="$rps" -v b="$p99" -v u="$cpu" -v i="${POOL_IDLE[$n]}" -v m="$peak" \
+      'BEGIN { printf "  %7d %9.0f %9.3f %11.1f %9.1f %9.1f\n", n, r, b, u, i / 1024, m / 1024 }'
+  done
+fi
 
 # Open streams: $HELD_STREAMS (default 2,000; 0 to skip) SSE answers the fake holds open
 # (`x-fake-hold`), through gemgate (calling the upstream over HTTP/1.1, its default, then over

@@ -1391,14 +1391,15 @@ impl KeyTables {
         ];
         let tags = &key.spec.tags;
         // SAFETY: runs inside `exec_raw`'s protected call with the metatable, its one argument,
-        // at stack index 1. A Lua error (out of memory) unwinds by `longjmp` past this closure,
-        // which owns nothing with a destructor: it reads borrowed strings only. Every push is
-        // matched: the stack ends holding the new table alone, the call's one result.
+        // at stack index 1 (a C function has 20 free slots; this takes 3). A Lua error (out of
+        // memory) unwinds by `longjmp` past this closure, which holds nothing with a destructor:
+        // borrowed strings, and iterators over slices. Every push is matched: the stack ends
+        // holding the new table alone, the call's one result.
         unsafe {
             lua.exec_raw(&self.meta, |state| {
                 let tags_len = i32::try_from(tags.len()).unwrap_or(i32::MAX);
                 ffi::lua_createtable(state, 0, 7);
-                for (field, value) in strings {
+                for (field, value) in &strings {
                     if let Some(v) = value {
                         ffi::lua_pushlstring(state, v.as_ptr().cast(), v.len());
                         ffi::lua_setfield(state, -2, field.as_ptr());

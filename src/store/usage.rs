@@ -79,7 +79,7 @@ pub fn row(day: u32, key_id: &str, model: &str) -> String {
     format!("{day:06}|{key_id}|{model}")
 }
 
-/// The first row of `day`'s, and the prefix of all of them.
+/// The prefix of `day`'s rows.
 pub fn day_prefix(day: u32) -> String {
     format!("{day:06}|")
 }
