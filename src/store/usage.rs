@@ -252,6 +252,17 @@ pub fn day_of(now_ms: u64) -> u32 {
 mod tests {
     use super::*;
 
+    /// Counts one successful attempt without tokens.
+    fn success(u: &Usage, key_id: &str, model: &str, day: u32) {
+        u.record(Event {
+            key_id,
+            model,
+            day,
+            failure: None,
+            tokens: Tokens::default(),
+        });
+    }
+
     /// The counts of one row of a tally; each row is there once, in order.
     fn counted<'a>(tally: &'a Tally, day: u32, key_id: &str, model: &str) -> &'a Counts {
         assert!(tally.windows(2).all(|w| w[0].0 < w[1].0), "in order, once");
@@ -263,15 +274,7 @@ mod tests {
     #[test]
     fn counts_are_drained_when_due_or_forced() {
         let u = Usage::default();
-        let count = |key_id| {
-            u.record(Event {
-                key_id,
-                model: "a",
-                day: 1,
-                failure: None,
-                tokens: Tokens::default(),
-            })
-        };
+        let count = |key_id| success(&u, key_id, "a", 1);
         let every = SAVE_EVERY.as_millis() as u64;
         count("k1");
         assert_eq!(u.drain_due(every, false).len(), 1, "due at first");
@@ -292,13 +295,7 @@ mod tests {
             ("k2", "a", 7),
             ("k1", "a", 8),
         ] {
-            u.record(Event {
-                key_id: key,
-                model,
-                day,
-                failure: None,
-                tokens: Tokens::default(),
-            });
+            success(&u, key, model, day);
         }
         let pending = u.pending_of_day(7);
         assert_eq!(pending["k1"].requests, 2, "both models of day 7");
@@ -327,13 +324,7 @@ mod tests {
             });
         }
         for (key_id, model, day) in [("k2", "m", 7), ("k1", "n", 7), ("k1", "m", 8)] {
-            u.record(Event {
-                key_id,
-                model,
-                day,
-                failure: None,
-                tokens: Tokens::default(),
-            });
+            success(&u, key_id, model, day);
         }
         let counts = u.drain();
         assert_eq!(counts.len(), 4);
@@ -357,15 +348,7 @@ mod tests {
     #[test]
     fn a_drained_entry_counts_on_in_place_and_is_forgotten_once_idle() {
         let u = Usage::default();
-        let count = |key_id| {
-            u.record(Event {
-                key_id,
-                model: "m",
-                day: 7,
-                failure: None,
-                tokens: Tokens::default(),
-            })
-        };
+        let count = |key_id| success(&u, key_id, "m", 7);
         let entries = || -> usize {
             let shards = u.shards.iter().chain(&u.spares);
             shards.map(|s| s.lock().unwrap().len()).sum()
@@ -396,15 +379,7 @@ mod tests {
         std::thread::scope(|s| {
             for model in ["m", "m", "n"] {
                 // Each thread takes a shard of its own.
-                s.spawn(|| {
-                    u.record(Event {
-                        key_id: "k1",
-                        model,
-                        day: 7,
-                        failure: None,
-                        tokens: Tokens::default(),
-                    })
-                });
+                s.spawn(|| success(&u, "k1", model, 7));
             }
         });
         let counts = u.drain();
@@ -418,13 +393,7 @@ mod tests {
         let u = Usage::default();
         let names: Vec<String> = (0..1000).map(|i| format!("made-up-{i}")).collect();
         for model in &names {
-            u.record(Event {
-                key_id: "k1",
-                model,
-                day: 7,
-                failure: None,
-                tokens: Tokens::default(),
-            });
+            success(&u, "k1", model, 7);
         }
         let counts = u.drain();
         assert_eq!(counts.len(), MODELS_A_KEY + 1);
