@@ -452,6 +452,8 @@ if [ -n "$POOL_SIZES" ]; then
     awk -v n="$n" -v r="$rps" -v b="$p99" -v u="$cpu" -v i="${POOL_IDLE[$n]}" -v m="$peak" \
       'BEGIN { printf "  %7d %9.0f %9.3f %11.1f %9.1f %9.1f\n", n, r, b, u, i / 1024, m / 1024 }'
   done
+  # Out of the way of what follows (the largest holds a few hundred MiB).
+  for n in $POOL_SIZES; do kill "${POOL_PID_OF[$n]}" 2>/dev/null || true; done
 fi
 
 # Open streams: $HELD_STREAMS (default 2,000; 0 to skip) SSE answers the fake holds open
