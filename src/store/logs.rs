@@ -607,7 +607,7 @@ pub fn trim(db: &Database, at_least: u64) -> Result<usize, StoreError> {
                 break;
             };
             if let Some(gone) = open.remove_block(key)? {
-                deleted += decode(&unpack(&gone)).len();
+                deleted += decode(&unpack(gone.value())).len();
             }
         }
         requests.retire_groups()?;
@@ -704,10 +704,13 @@ fn key_filter<'r>(records: impl Iterator<Item = &'r Record>) -> Vec<u8> {
     hashes.iter().flat_map(|h| h.to_le_bytes()).collect()
 }
 
-/// Whether key filter `filter` has `key`'s hash (a damaged filter is read as far as it goes).
+/// Whether key filter `filter` has `key`'s hash, by a binary search of its sorted hashes (a
+/// damaged filter is read as far as it goes).
 fn filter_has(filter: &[u8], key: &str) -> bool {
-    let hash = key_hash(key).to_le_bytes();
-    filter.chunks_exact(4).any(|h| h == hash)
+    let (hashes, _) = filter.as_chunks::<4>();
+    hashes
+        .binary_search_by_key(&key_hash(key), |h| u32::from_le_bytes(*h))
+        .is_ok()
 }
 
 /// The tags of a group's values in its row (0 was a key's, in data layout 3).
@@ -849,12 +852,15 @@ impl<'tx> Open<'tx> {
         Ok(())
     }
 
-    /// Removes block `key` with its key filter; returns its bytes.
-    fn remove_block(&mut self, key: Row) -> Result<Option<Vec<u8>>, StoreError> {
+    /// Removes block `key` with its key filter; returns its bytes (read in place: a caller
+    /// that only removes it copies nothing).
+    fn remove_block(
+        &mut self,
+        key: Row,
+    ) -> Result<Option<redb::AccessGuard<'_, &'static [u8]>>, StoreError> {
         self.key_filters.remove(key).map_err(io)?;
         let gone = self.blocks.remove(key).map_err(io)?;
-        let gone = gone.map(|v| v.value().to_vec());
-        self.grown -= gone.as_ref().map_or(0, Vec::len) as i64;
+        self.grown -= gone.as_ref().map_or(0, |v| v.value().len()) as i64;
         Ok(gone)
     }
 
