@@ -443,9 +443,20 @@ pub struct Encoded {
 }
 
 impl Encoded {
+    /// What each log keeps of `r`: nothing for a success the request log samples out (an
+    /// operator samples to spare the flusher's CPU), the lean form for the request log only
+    /// when it is kept there.
     pub fn of(r: &Record) -> Encoded {
+        let failed = r.failed();
+        if r.unsampled && !failed {
+            return Encoded {
+                full: Vec::new(),
+                lean: None,
+            };
+        }
         let full = r.json(false);
-        let lean = (r.upstream_message.is_some() || r.request_body.is_some()).then(|| r.json(true));
+        let differs = r.upstream_message.is_some() || r.request_body.is_some();
+        let lean = (!r.unsampled && differs).then(|| r.json(true));
         Encoded { full, lean }
     }
 
@@ -455,6 +466,9 @@ impl Encoded {
 
     /// What storing it takes, at most.
     pub fn bytes(&self) -> usize {
+        if self.full.is_empty() {
+            return 0;
+        }
         20 + self.full.len() + self.lean.as_ref().map_or(0, Vec::len)
     }
 }
@@ -1578,6 +1592,36 @@ mod tests {
         assert_eq!(full.json(true), serde_json::to_vec(&lean).unwrap());
         let back: Record = serde_json::from_slice(&full.json(false)).unwrap();
         assert_eq!(back, full);
+    }
+
+    #[test]
+    fn records_sampled_out_are_stored_only_when_they_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(dir.path());
+        let out = |r: Record| Record {
+            unsampled: true,
+            ..r
+        };
+        let records = [
+            out(record(1, 200, "k1", None)),
+            out(record(2, 429, "k1", Some("rate_limited"))),
+            record(3, 200, "k2", None),
+            record(4, 429, "k2", Some("rate_limited")),
+        ];
+        // A success sampled out is encoded for neither log.
+        let encoded: Vec<Encoded> = records.iter().map(Encoded::of).collect();
+        assert_eq!(encoded[0].bytes(), 0);
+        assert!(encoded[1].lean.is_none(), "not for the request log");
+        assert!(encoded[3].lean.is_some());
+        write_encoded(&db, &records, &encoded, &AtomicU64::new(0)).unwrap();
+        let ts = |log| {
+            let page = page_of(&db, log, None, 10);
+            page.iter().map(|(_, r)| r.ts_ms).collect::<Vec<_>>()
+        };
+        assert_eq!(ts(Log::Requests), [4, 3]);
+        assert_eq!(ts(Log::Errors), [4, 2]);
+        let kept = page_of(&db, Log::Errors, None, 10);
+        assert_eq!(kept[1].1.upstream_message.as_deref(), Some("quota"));
     }
 
     /// The first page of `log`'s records (of key `key`, if given).
