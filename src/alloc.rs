@@ -63,8 +63,8 @@ pub fn tidy() {
 pub const TIDY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// [`tidy`], unless the calling thread did less than [`TIDY_EVERY`] ago. For a thread that
-/// allocates a batch at a time, several times a second (the store's preparer): a tidy after
-/// each handed the batch's pages back, and the next batch faulted them in again.
+/// frees a batch at a time, several times a second (the store's flusher): each tidy hands the
+/// batch's pages back, and the next batch takes them again, a page fault each.
 pub fn tidy_now_and_then() {
     thread_local! {
         static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
