@@ -58,23 +58,3 @@ pub fn tidy() {
     // SAFETY: defined by mimalloc; acts on the calling thread's heap and the shared arenas.
     unsafe { mi_collect(true) }
 }
-
-/// How often a thread gives back the memory it freed.
-pub const TIDY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// [`tidy`], unless the calling thread did less than [`TIDY_EVERY`] ago. For a thread that
-/// frees a batch at a time, several times a second (the store's flusher): each tidy hands the
-/// batch's pages back, and the next batch takes them again, a page fault each.
-pub fn tidy_now_and_then() {
-    thread_local! {
-        static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
-    }
-    let now = std::time::Instant::now();
-    if LAST
-        .get()
-        .is_none_or(|last| now.duration_since(last) >= TIDY_EVERY)
-    {
-        LAST.set(Some(now));
-        tidy();
-    }
-}

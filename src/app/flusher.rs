@@ -69,7 +69,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                         if ready.send(take(&state.lasting, false)).is_err() {
                             return;
                         }
-                        crate::alloc::tidy_now_and_then();
+                        crate::alloc::tidy();
                         if state.lasting.logs.queued() < BATCH_RECORDS {
                             break;
                         }
@@ -97,7 +97,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                 let generation = state.current.load_full();
                 let config = &generation.config;
                 batch.commit(&store, &state.lasting.registry, config.max_data_bytes);
-                crate::alloc::tidy_now_and_then();
+                crate::alloc::tidy();
                 if last_retention.elapsed() >= RETENTION_EVERY {
                     last_retention = std::time::Instant::now();
                     retire_logs(&store, &config.file.logs);
