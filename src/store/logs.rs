@@ -447,8 +447,7 @@ impl Encoded {
     /// operator samples to spare the flusher's CPU), the lean form for the request log only
     /// when it is kept there.
     pub fn of(r: &Record) -> Encoded {
-        let failed = r.failed();
-        if r.unsampled && !failed {
+        if r.unsampled && !r.failed() {
             return Encoded {
                 full: Vec::new(),
                 lean: None,
@@ -480,7 +479,14 @@ pub fn write_encoded(
     encoded: &[Encoded],
     seq: &AtomicU64,
 ) -> Result<(), StoreError> {
-    if records.is_empty() {
+    let sampled: Vec<usize> = (0..records.len())
+        .filter(|&i| !records[i].unsampled)
+        .collect();
+    let failed: Vec<usize> = (0..records.len())
+        .filter(|&i| records[i].failed())
+        .collect();
+    // Successes all sampled out: nothing to write (not even an empty commit, synced to disk).
+    if sampled.is_empty() && failed.is_empty() {
         return Ok(());
     }
     let tx = db.begin_write().map_err(io)?;
@@ -500,13 +506,7 @@ pub fn write_encoded(
             row
         })
         .collect();
-    let sampled: Vec<usize> = (0..records.len())
-        .filter(|&i| !records[i].unsampled)
-        .collect();
     requests.put_group(&sampled, |i| (rows[i], encoded[i].lean(), &records[i]))?;
-    let failed: Vec<usize> = (0..records.len())
-        .filter(|&i| records[i].failed())
-        .collect();
     errors.put_group(&failed, |i| (rows[i], &encoded[i].full[..], &records[i]))?;
     let grown = requests.grown + errors.grown;
     drop((requests, errors));
