@@ -27,8 +27,6 @@ use crate::proxy::Gateway;
 
 /// Pending connections a worker's socket queues before the kernel refuses more.
 const BACKLOG: u32 = 65535;
-/// How often a worker gives back the memory it freed (see [`crate::alloc::tidy`]).
-const TIDY_EVERY: Duration = Duration::from_secs(1);
 
 /// One worker thread: its own listening socket, its own connections.
 pub struct Worker {
@@ -203,7 +201,7 @@ impl Service for Worker {
                 return;
             }
         };
-        let mut tidy = tokio::time::interval(TIDY_EVERY);
+        let mut tidy = tokio::time::interval(crate::alloc::TIDY_EVERY);
         loop {
             tokio::select! {
                 _ = tidy.tick() => crate::alloc::tidy(),
