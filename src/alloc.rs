@@ -4,9 +4,9 @@
 //! allocates or frees again after the purge delay; memory freed by another thread (a request's
 //! log record, freed by the flusher) waits for its owner. A worker that went idle after a burst
 //! kept what the burst took: 128 MiB ten seconds after a 10 s run at 256 connections, against
-//! 19 MiB idle. So each worker and the store's flusher call [`tidy`] about once a second
-//! ([`TIDY_EVERY`]): 25 MiB ten seconds after, and a peak of 65 MiB rather than 90-180, at
-//! the same throughput.
+//! 19 MiB idle. So each worker and the store's preparer call [`tidy`] about once a second
+//! ([`TIDY_EVERY`]), and the store's committer after each commit: 25 MiB ten seconds after,
+//! and a peak of 65 MiB rather than 90-180, at the same throughput.
 
 use std::ffi::{c_int, c_long};
 use std::time::Duration;
@@ -54,8 +54,7 @@ pub fn no_huge_pages() {
 }
 
 /// Collects what other threads freed of the calling thread's memory and gives back to the
-/// system what is free (a walk over the thread's pages: tens of microseconds). Called about
-/// once a second ([`TIDY_EVERY`]) by each thread that allocates much.
+/// system what is free (a walk over the thread's pages: tens of microseconds).
 pub fn tidy() {
     // SAFETY: defined by mimalloc; acts on the calling thread's heap and the shared arenas.
     unsafe { mi_collect(true) }
@@ -64,7 +63,7 @@ pub fn tidy() {
 /// How often a thread that allocates much calls [`tidy`]. More often gives back memory the
 /// thread's next round of work takes again, with a page fault for every page: the store's
 /// preparer, tidying after each batch (25 a second at 45,000 requests a second), faulted
-/// 6,000 pages a second back in, and the store's CPU per request was a fifth higher.
+/// 6,000 pages a second back in, and the store's CPU per request was a sixth higher.
 pub const TIDY_EVERY: Duration = Duration::from_secs(1);
 
 /// Collects what other threads freed of the calling thread's memory, for its next allocations;

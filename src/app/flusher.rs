@@ -106,7 +106,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                 let config = &generation.config;
                 batch.commit(&store, &state.lasting.registry, config.max_data_bytes);
                 // After every batch: what a commit takes (redb's pages, the encoded blocks)
-                // given back at once kept gemgate's peak at 256 connections 4-6 MiB lower
+                // given back at once kept gemgate's peak at 256 connections 2-5 MiB lower
                 // than giving it back once a second, for a few hundred page faults a batch.
                 crate::alloc::tidy();
                 if last_retention.elapsed() >= RETENTION_EVERY {
