@@ -9,7 +9,7 @@
 //! and a peak of 65 MiB rather than 90-180, at the same throughput.
 
 use std::ffi::{c_int, c_long};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 // Linked in whole: the binary's allocator, and the functions below.
 use mimalloc as _;
@@ -66,9 +66,15 @@ pub fn tidy() {
 /// 6,000 pages a second back in, and the store's CPU per request was a sixth higher.
 pub const TIDY_EVERY: Duration = Duration::from_secs(1);
 
-/// Collects what other threads freed of the calling thread's memory, for its next allocations;
-/// unlike [`tidy`], gives nothing back before mimalloc's purge delay.
-pub fn collect() {
-    // SAFETY: as in `tidy`.
-    unsafe { mi_collect(false) }
+/// For a thread with a loop of its own, after each round of work: [`tidy`] if the last time
+/// (`last`, updated) was [`TIDY_EVERY`] ago or more; otherwise only collects what other threads
+/// freed of its memory, for its next round, giving nothing back before mimalloc's purge delay.
+pub fn tidy_when_due(last: &mut Instant) {
+    if last.elapsed() >= TIDY_EVERY {
+        tidy();
+        *last = Instant::now();
+    } else {
+        // SAFETY: as in `tidy`.
+        unsafe { mi_collect(false) }
+    }
 }

@@ -72,12 +72,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                         }
                         // What the committer freed of the last batches is this thread's
                         // again at once; it goes back to the system once a second.
-                        if tidied.elapsed() >= crate::alloc::TIDY_EVERY {
-                            crate::alloc::tidy();
-                            tidied = std::time::Instant::now();
-                        } else {
-                            crate::alloc::collect();
-                        }
+                        crate::alloc::tidy_when_due(&mut tidied);
                         if state.lasting.logs.queued() < BATCH_RECORDS {
                             break;
                         }
