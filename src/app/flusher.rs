@@ -206,4 +206,42 @@ mod tests {
             (1_000_000..1_000_000 + n as u64).collect::<Vec<_>>()
         );
     }
+    #[test]
+    fn a_kept_response_reaches_the_disk_with_the_next_flush() {
+        use crate::store::responses::StoredResponse;
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 64 << 20;
+        let store = Store::open(dir.path(), cap).unwrap();
+        let kept = StoredResponse {
+            client: "c".into(),
+            expires_ms: u64::MAX / 2,
+            previous: None,
+            items: vec![serde_json::json!({ "type": "message", "content": "hi" })],
+            response: serde_json::json!({ "id": "resp_1" }),
+        };
+        assert!(
+            !store.queue_response("resp_1", Some(&kept)),
+            "past the queue's room"
+        );
+        // Readable at once.
+        assert_eq!(
+            store.load_response("resp_1", 0).unwrap(),
+            Some(kept.clone())
+        );
+        // What a crash would leave: the file as written so far, opened as it is.
+        let after_a_crash = || {
+            let copy = tempfile::tempdir().unwrap();
+            std::fs::copy(
+                dir.path().join("gemgate.redb"),
+                copy.path().join("gemgate.redb"),
+            )
+            .unwrap();
+            let reopened = Store::open(copy.path(), cap).unwrap();
+            reopened.load_response("resp_1", 0).unwrap()
+        };
+        assert_eq!(after_a_crash(), None, "on the disk before any flush");
+        // A flush with nothing else to write still writes it.
+        flush(&store, &Lasting::default(), cap);
+        assert_eq!(after_a_crash(), Some(kept));
+    }
 }

@@ -310,17 +310,17 @@ impl SharedState for Local {
     }
 
     fn save_response<'a>(&'a self, id: &'a str, stored: Option<StoredResponse>) -> Pending<'a, ()> {
-        let store = self.store.clone();
-        let id = id.to_owned();
+        let Some(store) = self.store.clone() else {
+            return Box::pin(std::future::ready(()));
+        };
+        if !store.queue_response(id, stored.as_ref()) {
+            return Box::pin(std::future::ready(()));
+        }
+        // The flusher is behind: this call writes the queue, off the worker thread.
         Box::pin(async move {
-            let Some(store) = store else {
-                return;
-            };
-            let saved =
-                tokio::task::spawn_blocking(move || store.save_response(&id, stored.as_ref()))
-                    .await;
-            if let Ok(Err(e)) = saved {
-                tracing::error!("cannot keep a response: {e}");
+            let written = tokio::task::spawn_blocking(move || store.write_queued_responses()).await;
+            if let Ok(Err(e)) = written {
+                tracing::error!("cannot keep responses: {e}");
             }
         })
     }

@@ -198,10 +198,13 @@ impl Gateway {
             .translated_call(generation, s, x, asked, true, body)
             .await?;
         let model = x.model.clone();
-        let created = now_ms() / 1000;
+        let now = now_ms();
+        let created = now / 1000;
         // Not the request's id, which a client may choose (`X-Request-Id`): a kept response's
-        // id must be unguessable and its own.
-        let response_id = format!("{}{}", new_request_id(), new_request_id());
+        // id must be unguessable and its own. The time first (milliseconds, 12 hex digits):
+        // kept responses are then added at the end of their table, not all over it, which made
+        // each cost several times as much to write.
+        let response_id = format!("{now:012x}{}{}", new_request_id(), new_request_id());
         let (outcome, answered) = if request.stream {
             let done: Arc<Mutex<Option<ResponseObject>>> = Arc::default();
             let (spec, id, kept) = (json.clone(), response_id.clone(), done.clone());

@@ -3,7 +3,8 @@
 //!
 //! The request path never touches the file. A key whose state changes marks itself dirty; a
 //! background thread writes the dirty keys in one transaction every [`FLUSH_EVERY`], and once
-//! more on shutdown, so a crash loses at most the last second (see `app::flusher`).
+//! more on shutdown, so a crash loses at most the last second (see `app::flusher`). Kept
+//! Responses API answers wait for that flush too, readable meanwhile ([`responses`]).
 //!
 //! Beside key state the file holds the request and error logs ([`logs`]) and the usage counts
 //! ([`usage`]); [`metrics`] keeps the dashboard's figures in memory.
@@ -113,6 +114,8 @@ pub struct Store {
     saving_keys: std::sync::Mutex<()>,
     /// The data file's cap (`storage.max_bytes`), as last given.
     max_bytes: AtomicU64,
+    /// Kept responses not yet written: the next flush writes them.
+    queued_responses: responses::Queued,
 }
 
 impl Store {
@@ -141,6 +144,7 @@ impl Store {
             flushed_ms: AtomicU64::new(crate::clock::now_ms()),
             saving_keys: std::sync::Mutex::new(()),
             max_bytes: AtomicU64::new(max_bytes),
+            queued_responses: responses::Queued::default(),
         };
         store.migrate()?;
         if store.file_bytes() > over_cap(max_bytes) {
@@ -636,6 +640,9 @@ impl Batch {
                 tracing::error!("cannot save log records: {e}");
             }
             at = end;
+        }
+        if let Err(e) = store.write_queued_responses() {
+            tracing::error!("cannot keep responses: {e}");
         }
         store
             .flushed_ms

@@ -83,6 +83,62 @@ async fn a_crash_loses_at_most_the_last_second() {
     );
 }
 
+/// Kept Responses API answers wait in memory for the next flush: one kept just before a
+/// restart is written on the way out, and one kept a flush before a `kill -9` survives it.
+#[tokio::test]
+async fn kept_responses_survive_a_restart_and_a_crash_after_a_flush() {
+    let fake = fake().await;
+    let mut gate = gate().upstream(&fake, &["good-1"]).start().await;
+    let keep = |gate: &Gate, text: &str| {
+        let (url, text) = (gate.url("/v1/responses"), text.to_owned());
+        async move {
+            let v: serde_json::Value = client()
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&serde_json::json!({ "model": "gemini-2.5-flash", "input": text }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let fetch = |gate: &Gate, id: &str| {
+        let url = gate.url(&format!("/v1/responses/{id}"));
+        async move {
+            let resp = client().get(url).bearer_auth(TOKEN).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let v: serde_json::Value = resp.json().await.unwrap();
+            (status, v["output"][0]["content"][0]["text"].clone())
+        }
+    };
+    let before_term = keep(&gate, "kept before a restart").await;
+    // Readable at once, before any flush.
+    assert_eq!(
+        fetch(&gate, &before_term).await,
+        (200, "echo: kept before a restart".into())
+    );
+    gate.restart("TERM").await;
+    assert_eq!(
+        fetch(&gate, &before_term).await,
+        (200, "echo: kept before a restart".into()),
+        "{}",
+        gate.logs()
+    );
+    let before_kill = keep(&gate, "kept before a crash").await;
+    // Four flushes a second: a second later it is on the disk.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gate.restart("KILL").await;
+    assert_eq!(
+        fetch(&gate, &before_kill).await,
+        (200, "echo: kept before a crash".into()),
+        "{}",
+        gate.logs()
+    );
+}
+
 #[tokio::test]
 async fn a_data_file_from_a_newer_gemgate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
