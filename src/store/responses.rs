@@ -114,13 +114,22 @@ impl Store {
         }
         // In the order of their ids (which begin with the time): added at the table's end.
         taken.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        self.write_responses(
+        let written = self.write_responses(
             taken
                 .iter()
                 .map(|(id, _, value)| (id.as_str(), value.as_deref())),
-        )?;
+        );
         let mut rows = queued.rows.lock().unwrap_or_else(|e| e.into_inner());
         let rows = &mut *rows;
+        if written.is_err() && rows.bytes > QUEUED_ROOM {
+            // A file that cannot be written must not make the queue grow without end.
+            tracing::error!(
+                responses = rows.by_id.len(),
+                "the data file cannot be written: the queued responses are dropped"
+            );
+            *rows = QueuedRows::default();
+        }
+        written?;
         for (id, seq, _) in taken {
             if rows.by_id.get(&id).is_some_and(|(now, _)| *now == seq) {
                 let (_, value) = rows.by_id.remove(&id).expect("just seen");
