@@ -87,33 +87,18 @@ async fn a_crash_loses_at_most_the_last_second() {
 /// restart is written on the way out, and one kept a flush before a `kill -9` survives it.
 #[tokio::test]
 async fn kept_responses_survive_a_restart_and_a_crash_after_a_flush() {
+    async fn keep(gate: &Gate, text: &str) -> String {
+        let body = serde_json::json!({ "model": "gemini-2.5-flash", "input": text });
+        let (status, _, v) = post(gate, "/v1/responses", &body).await;
+        assert_eq!(status, 200, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+    async fn fetch(gate: &Gate, id: &str) -> (u16, serde_json::Value) {
+        let (status, v) = get(gate, &format!("/v1/responses/{id}")).await;
+        (status, v["output"][0]["content"][0]["text"].clone())
+    }
     let fake = fake().await;
     let mut gate = gate().upstream(&fake, &["good-1"]).start().await;
-    let keep = |gate: &Gate, text: &str| {
-        let (url, text) = (gate.url("/v1/responses"), text.to_owned());
-        async move {
-            let v: serde_json::Value = client()
-                .post(url)
-                .bearer_auth(TOKEN)
-                .json(&serde_json::json!({ "model": "gemini-2.5-flash", "input": text }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["id"].as_str().unwrap().to_owned()
-        }
-    };
-    let fetch = |gate: &Gate, id: &str| {
-        let url = gate.url(&format!("/v1/responses/{id}"));
-        async move {
-            let resp = client().get(url).bearer_auth(TOKEN).send().await.unwrap();
-            let status = resp.status().as_u16();
-            let v: serde_json::Value = resp.json().await.unwrap();
-            (status, v["output"][0]["content"][0]["text"].clone())
-        }
-    };
     let before_term = keep(&gate, "kept before a restart").await;
     // Readable at once, before any flush.
     assert_eq!(
