@@ -206,6 +206,7 @@ mod tests {
             (1_000_000..1_000_000 + n as u64).collect::<Vec<_>>()
         );
     }
+
     #[test]
     fn a_kept_response_reaches_the_disk_with_the_next_flush() {
         use crate::store::responses::StoredResponse;

@@ -202,8 +202,8 @@ impl Gateway {
         let created = now / 1000;
         // Not the request's id, which a client may choose (`X-Request-Id`): a kept response's
         // id must be unguessable and its own. The time first (milliseconds, 12 hex digits):
-        // kept responses are then added at the end of their table, not all over it, which made
-        // each cost several times as much to write.
+        // kept responses are then added at the end of their table, not all over it (at 32
+        // connections, a call that keeps its answer took a quarter more CPU with random ids).
         let response_id = format!("{now:012x}{}{}", new_request_id(), new_request_id());
         let (outcome, answered) = if request.stream {
             let done: Arc<Mutex<Option<ResponseObject>>> = Arc::default();
