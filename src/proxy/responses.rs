@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use pingora::protocols::http::ServerSession;
 use serde_json::{Value, json};
 
-use super::exchange::{Exchange, Meta, new_request_id};
+use super::exchange::{Exchange, Meta};
 use super::openai::{bad, json_answer, json_body};
 use super::relay::{Reframe, StreamTranslator, Translated};
 use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
@@ -26,6 +26,22 @@ use crate::translate::openai::responses::{self, ResponseObject, ResponseStream};
 const MAX_CHAIN: usize = 100;
 /// Looks at a `previous_response_id` not (yet) kept, 50 ms apart, before answering 404.
 const FRESH_TRIES: usize = 10;
+
+/// A new kept response's id (without `resp_`): not the request's id, which a client may choose
+/// (`X-Request-Id`), but its own and unguessable, 128 bits from the system's random source.
+/// The time first (milliseconds, 12 hex digits): kept responses are then added at the end of
+/// their table, not all over it (at 32 connections, a call that keeps its answer took a
+/// quarter more CPU with ids wholly random).
+fn response_id(now_ms: u64) -> String {
+    use std::fmt::Write;
+    let mut random = [0u8; 16];
+    getrandom::getrandom(&mut random).expect("the system's random source");
+    let mut id = format!("{now_ms:012x}");
+    for b in random {
+        let _ = write!(id, "{b:02x}");
+    }
+    id
+}
 
 fn no_such_response() -> Refusal {
     Refusal::Gate(GateError::new(
@@ -200,11 +216,7 @@ impl Gateway {
         let model = x.model.clone();
         let now = now_ms();
         let created = now / 1000;
-        // Not the request's id, which a client may choose (`X-Request-Id`): a kept response's
-        // id must be unguessable and its own. The time first (milliseconds, 12 hex digits):
-        // kept responses are then added at the end of their table, not all over it (at 32
-        // connections, a call that keeps its answer took a quarter more CPU with random ids).
-        let response_id = format!("{now:012x}{}{}", new_request_id(), new_request_id());
+        let response_id = response_id(now);
         let (outcome, answered) = if request.stream {
             let done: Arc<Mutex<Option<ResponseObject>>> = Arc::default();
             let (spec, id, kept) = (json.clone(), response_id.clone(), done.clone());
@@ -261,5 +273,22 @@ impl Gateway {
             .shared
             .save_response(&out.id, Some(kept))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_ids_begin_with_the_time_and_end_unguessable() {
+        let (a, b, later) = (response_id(1), response_id(1), response_id(2));
+        assert_eq!(a.len(), 44);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert!(a.starts_with("000000000001"), "{a}");
+        assert_ne!(a, b);
+        assert!(a < later && b < later);
+        // 32 random hex digits: not a repeat of one 64-bit draw.
+        assert_ne!(a[12..28], a[28..]);
     }
 }
