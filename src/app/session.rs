@@ -189,7 +189,12 @@ pub fn digest(token: &str) -> [u8; 32] {
 
 /// 32 random bytes, hex-encoded.
 pub fn random_token() -> String {
-    let mut bytes = [0u8; 32];
+    random_hex::<32>()
+}
+
+/// `N` bytes from the system's random source, hex-encoded.
+pub fn random_hex<const N: usize>() -> String {
+    let mut bytes = [0u8; N];
     getrandom::getrandom(&mut bytes).expect("the system's random source");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -16,6 +16,7 @@ use super::exchange::{Exchange, Meta};
 use super::openai::{bad, json_answer, json_body};
 use super::relay::{Reframe, StreamTranslator, Translated};
 use super::{Gateway, Generation, Outcome, Refusal, read_body, send};
+use crate::app::session::random_hex;
 use crate::app::shared::StoredResponse;
 use crate::clock::now_ms;
 use crate::http::reply::{GateError, Protocol};
@@ -33,14 +34,7 @@ const FRESH_TRIES: usize = 10;
 /// their table, not all over it (at 32 connections, a call that keeps its answer took a
 /// quarter more CPU with ids wholly random).
 fn response_id(now_ms: u64) -> String {
-    use std::fmt::Write;
-    let mut random = [0u8; 16];
-    getrandom::getrandom(&mut random).expect("the system's random source");
-    let mut id = format!("{now_ms:012x}");
-    for b in random {
-        let _ = write!(id, "{b:02x}");
-    }
-    id
+    format!("{now_ms:012x}{}", random_hex::<16>())
 }
 
 fn no_such_response() -> Refusal {

@@ -93,35 +93,28 @@ async fn kept_responses_survive_a_restart_and_a_crash_after_a_flush() {
         assert_eq!(status, 200, "{v}");
         v["id"].as_str().unwrap().to_owned()
     }
-    async fn fetch(gate: &Gate, id: &str) -> (u16, serde_json::Value) {
+    /// Asserts that response `id` is kept, with the answer to `text`.
+    async fn expect_kept(gate: &Gate, id: &str, text: &str) {
         let (status, v) = get(gate, &format!("/v1/responses/{id}")).await;
-        (status, v["output"][0]["content"][0]["text"].clone())
+        assert_eq!(
+            (status, &v["output"][0]["content"][0]["text"]),
+            (200, &serde_json::json!(format!("echo: {text}"))),
+            "{}",
+            gate.logs()
+        );
     }
     let fake = fake().await;
     let mut gate = gate().upstream(&fake, &["good-1"]).start().await;
     let before_term = keep(&gate, "kept before a restart").await;
     // Readable at once, before any flush.
-    assert_eq!(
-        fetch(&gate, &before_term).await,
-        (200, "echo: kept before a restart".into())
-    );
+    expect_kept(&gate, &before_term, "kept before a restart").await;
     gate.restart("TERM").await;
-    assert_eq!(
-        fetch(&gate, &before_term).await,
-        (200, "echo: kept before a restart".into()),
-        "{}",
-        gate.logs()
-    );
+    expect_kept(&gate, &before_term, "kept before a restart").await;
     let before_kill = keep(&gate, "kept before a crash").await;
     // Four flushes a second: a second later it is on the disk.
     tokio::time::sleep(Duration::from_secs(1)).await;
     gate.restart("KILL").await;
-    assert_eq!(
-        fetch(&gate, &before_kill).await,
-        (200, "echo: kept before a crash".into()),
-        "{}",
-        gate.logs()
-    );
+    expect_kept(&gate, &before_kill, "kept before a crash").await;
 }
 
 #[tokio::test]
