@@ -36,6 +36,9 @@ pub struct GateError {
     pub retry_after_s: Option<u64>,
     /// The request field at fault (OpenAI's `param`).
     pub param: Option<String>,
+    /// OpenAI's machine-readable `code`, where the cause has one its status does not say
+    /// (`model_not_found` for a 404 about a model, not for a missing path or resource).
+    pub code: Option<&'static str>,
 }
 
 impl GateError {
@@ -45,6 +48,15 @@ impl GateError {
             message: message.into(),
             retry_after_s: None,
             param: None,
+            code: None,
+        }
+    }
+
+    /// A 404 for a model the client named that cannot be served: OpenAI's `model_not_found`.
+    pub fn model_not_found(message: impl Into<String>) -> Self {
+        GateError {
+            code: Some("model_not_found"),
+            ..GateError::new(404, message)
         }
     }
 
@@ -65,6 +77,7 @@ impl GateError {
                     self.status,
                     &self.message,
                     self.param.as_deref(),
+                    self.code,
                 )
                 .to_string(),
             ),

@@ -562,7 +562,11 @@ impl Gateway {
                     && !f.body.is_empty() =>
             {
                 x.class = Some(Class::Upstream(f.class));
-                let mut e = GateError::new(f.status, f.message.clone());
+                // Google answers 404 to a model call when the model is not one it serves.
+                let mut e = match f.status {
+                    404 => GateError::model_not_found(f.message.clone()),
+                    status => GateError::new(status, f.message.clone()),
+                };
                 if f.status == 429 {
                     let now = now_ms();
                     e = e.retry_after(
@@ -605,9 +609,13 @@ impl Gateway {
     }
 }
 
-/// A policy refusal as the client's error.
+/// A policy refusal as the client's error. A plugin refuses with 404 a model it will not
+/// serve (`model_filter`): the one resource of a request a policy judges.
 fn denied(d: Denial) -> Refusal {
-    Refusal::Gate(GateError::new(d.status, d.message))
+    Refusal::Gate(match d.status {
+        404 => GateError::model_not_found(d.message),
+        status => GateError::new(status, d.message),
+    })
 }
 
 /// The model list as `filter_models` plugins leave it.

@@ -288,6 +288,36 @@ async fn errors_come_in_openai_shape() {
             .unwrap()
             .contains("no-such-model")
     );
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    // A 404 about anything but a model has no code: a missing path, a missing kept response.
+    for path in ["/v1/no-such-thing", "/v1/responses/resp_0123456789ab"] {
+        let resp = client()
+            .get(gate.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{path}: {v}");
+        assert_eq!(v["error"]["code"], Value::Null, "{path}: {v}");
+    }
+    // A model the operator filters out is a model not found, as Google's own 404 is.
+    let filtering = crate::common::gate()
+        .upstream(&fake, &["good-1"])
+        .env("FILTERED_MODELS", "gemini-2.5-pro")
+        .start()
+        .await;
+    let (status, _, v) = chat(
+        &filtering,
+        &json!({ "model": "gemini-2.5-pro", "messages": [{ "role": "user", "content": "x" }] }),
+    )
+    .await;
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (404, &json!("model_not_found")),
+        "{v}"
+    );
 
     // minute-1 answers 429 and cools: then every key is cooling.
     let gate = crate::common::gate()

@@ -30,17 +30,23 @@ impl BadRequest {
     }
 }
 
-/// OpenAI's error body: `{"error":{"message","type","param","code"}}`.
-pub fn error_body(status: u16, message: &str, param: Option<&str>) -> Value {
-    let (kind, code) = match status {
-        400 | 413 | 422 => ("invalid_request_error", Value::Null),
-        401 => ("invalid_request_error", json!("invalid_api_key")),
-        403 => ("permission_error", Value::Null),
-        404 => ("invalid_request_error", json!("model_not_found")),
-        429 => ("rate_limit_exceeded", json!("rate_limit_exceeded")),
-        500..=599 => ("api_error", Value::Null),
-        _ => ("invalid_request_error", Value::Null),
+/// OpenAI's error body: `{"error":{"message","type","param","code"}}`. `code` is the cause's
+/// own (`model_not_found`), else the one OpenAI gives the status, if any: a 404 has none of its
+/// own, since a missing path or response is not a missing model.
+pub fn error_body(
+    status: u16,
+    message: &str,
+    param: Option<&str>,
+    code: Option<&'static str>,
+) -> Value {
+    let (kind, by_status) = match status {
+        401 => ("invalid_request_error", Some("invalid_api_key")),
+        403 => ("permission_error", None),
+        429 => ("rate_limit_exceeded", Some("rate_limit_exceeded")),
+        500..=599 => ("api_error", None),
+        _ => ("invalid_request_error", None),
     };
+    let code = code.or(by_status);
     json!({ "error": { "message": message, "type": kind, "param": param, "code": code } })
 }
 
@@ -97,7 +103,7 @@ mod tests {
         let list = models_list(&[json!({"name": "models/gemini-2.5-flash"})]);
         assert_eq!(list["data"][0]["id"], "gemini-2.5-flash");
         assert_eq!(list["object"], "list");
-        let e = error_body(401, "no", None);
+        let e = error_body(401, "no", None, None);
         assert_eq!(e["error"]["code"], "invalid_api_key");
         assert!(model_of(&json!({"model": "../x"})).is_err());
         assert_eq!(
