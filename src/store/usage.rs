@@ -95,8 +95,9 @@ pub fn day_prefix(day: u32) -> String {
 /// A shard's counts by key id, then (model, day) in a short list (a key serves few models a
 /// day): looked up with borrowed names, so that counting an attempt allocates nothing once its
 /// key and model have been seen. A map per key of maps per model took about twice the memory
-/// with a pool of 100,000 keys.
-type Shard = HashMap<Box<str>, Vec<Counted>>;
+/// with a pool of 100,000 keys. Hashed with foldhash, as the metrics' maps are (seeded; the
+/// ids are the operator's).
+type Shard = HashMap<Box<str>, Vec<Counted>, foldhash::fast::RandomState>;
 
 /// Most models × days a key counts apart between two saves; the rest are counted as
 /// [`OTHER_MODEL`].
