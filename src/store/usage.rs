@@ -26,7 +26,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::shard::{self, SHARDS};
+use crate::shard::Sharded;
 pub use crate::translate::usage::Tokens;
 
 /// What happened to one attempt.
@@ -113,13 +113,13 @@ struct Counted {
 
 /// Counts not yet saved, by (day, key id, model), in shards by worker thread.
 pub struct Usage {
-    shards: [Mutex<Shard>; SHARDS],
+    shards: Sharded<Mutex<Shard>>,
     /// Each shard's map as the last drain left it: its entries kept, their counts zero. The
     /// next drain swaps it in, so that the keys counted since go on counting without a new
     /// entry or the map growing again (with 100,000 keys in turn, a map emptied at each save
     /// was rebuilt by the request path: a rehash, and fresh pages faulted in, a key at a
     /// time).
-    spares: [Mutex<Shard>; SHARDS],
+    spares: Sharded<Mutex<Shard>>,
     /// When [`Usage::drain_due`] takes the counts next (ms since the epoch).
     due_ms: std::sync::atomic::AtomicU64,
 }
@@ -127,8 +127,8 @@ pub struct Usage {
 impl Default for Usage {
     fn default() -> Self {
         Usage {
-            shards: std::array::from_fn(|_| Mutex::default()),
-            spares: std::array::from_fn(|_| Mutex::default()),
+            shards: Sharded::default(),
+            spares: Sharded::default(),
             due_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -137,9 +137,7 @@ impl Default for Usage {
 impl Usage {
     /// Adds an event to the counts.
     pub fn record(&self, e: Event) {
-        let mut shard = self.shards[shard::of_thread()]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut shard = self.shards.mine().lock().unwrap_or_else(|e| e.into_inner());
         let counted = match shard.get_mut(e.key_id) {
             Some(counted) => counted,
             None => shard.entry(e.key_id.into()).or_default(),
@@ -172,7 +170,7 @@ impl Usage {
     /// added up: what the store's counts lack until the next save.
     pub fn pending_of_day(&self, day: u32) -> HashMap<String, Counts> {
         let mut out: HashMap<String, Counts> = HashMap::new();
-        for shard in &self.shards {
+        for shard in self.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             for (key_id, counted) in shard.iter() {
                 // Entries a drain left in place count nothing till they count again.
@@ -212,7 +210,7 @@ impl Usage {
             m.lock().unwrap_or_else(|e| e.into_inner())
         }
         let mut out = Tally::new();
-        for (shard, spare) in self.shards.iter().zip(&self.spares) {
+        for (shard, spare) in self.shards.iter().zip(self.spares.iter()) {
             let mut taken = std::mem::take(&mut *lock(spare));
             // The shard's lock is held for a swap only (see `LogQueue::take`).
             std::mem::swap(&mut *lock(shard), &mut taken);
@@ -391,7 +389,7 @@ mod tests {
         let u = Usage::default();
         let count = |key_id| success(&u, key_id, "m", 7);
         let entries = || -> usize {
-            let shards = u.shards.iter().chain(&u.spares);
+            let shards = u.shards.iter().chain(u.spares.iter());
             shards.map(|s| s.lock().unwrap().len()).sum()
         };
         count("k1");

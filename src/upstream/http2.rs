@@ -32,7 +32,7 @@ use super::IDLE_TIMEOUT;
 use super::head::Credential;
 use super::response::{Head, Response};
 use crate::config::BaseUrl;
-use crate::shard::{self, SHARDS};
+use crate::shard::Sharded;
 
 /// The most calls one connection carries.
 ///
@@ -101,10 +101,10 @@ impl Drop for Slot {
 /// The HTTP/2 connections of one route.
 #[derive(Default)]
 pub struct Pool {
-    conns: [Mutex<Vec<Conn>>; SHARDS],
+    conns: Sharded<Mutex<Vec<Conn>>>,
     /// Held while a connection opens: calls that arrive together and find no room wait for
     /// it rather than each opening its own.
-    opening: [tokio::sync::Mutex<()>; SHARDS],
+    opening: Sharded<tokio::sync::Mutex<()>>,
     /// The upstream declined HTTP/2 in a TLS handshake: calls go over HTTP/1.1.
     declined: AtomicBool,
 }
@@ -161,7 +161,7 @@ impl Pool {
         // Waiting for another call's connection is bounded by how long opening one may take
         // (an upstream that does not answer would otherwise line every call up behind it).
         let wait = peer.options.total_connection_timeout.unwrap_or(timeout);
-        let opening = tokio::time::timeout(wait, self.opening[shard::of_thread()].lock())
+        let opening = tokio::time::timeout(wait, self.opening.mine().lock())
             .await
             .ok();
         if !retrying && let Some((send, slot)) = self.take() {
@@ -186,9 +186,7 @@ impl Pool {
     /// that one too once it has carried nothing for [`IDLE_TIMEOUT`] (as idle HTTP/1.1
     /// connections are: an upstream or a middlebox may have dropped it unsaid).
     fn take(&self) -> Option<(h2::client::SendRequest<Bytes>, Slot)> {
-        let mut conns = self.conns[shard::of_thread()]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut conns = self.conns.mine().lock().unwrap_or_else(|e| e.into_inner());
         let stale = crate::clock::now_ms().saturating_sub(IDLE_TIMEOUT.as_millis() as u64);
         let mut idle_kept = false;
         conns.retain(|c| {
@@ -253,7 +251,8 @@ impl Pool {
     fn adopt(&self, send: h2::client::SendRequest<Bytes>, shared: Arc<Shared>) -> Slot {
         shared.open.fetch_add(1, Relaxed);
         let slot = Slot(shared.clone());
-        self.conns[shard::of_thread()]
+        self.conns
+            .mine()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Conn { send, shared });
@@ -425,23 +424,21 @@ mod tests {
         // Carrying nothing, it stays (one such is kept) until it has idled past the timeout.
         let (_, again) = pool.take().expect("an idle connection is kept");
         drop(again);
-        let shared = pool.conns[shard::of_thread()].lock().unwrap()[0]
-            .shared
-            .clone();
+        let shared = pool.conns.mine().lock().unwrap()[0].shared.clone();
         let long_ago = crate::clock::now_ms() - IDLE_TIMEOUT.as_millis() as u64 - 1;
         shared.idle_since_ms.store(long_ago, Relaxed);
         assert!(
             pool.take().is_none(),
             "a connection idle past the timeout is let go"
         );
-        assert!(pool.conns[shard::of_thread()].lock().unwrap().is_empty());
+        assert!(pool.conns.mine().lock().unwrap().is_empty());
         // Closed connections are let go too, and full ones are passed over.
         let closed = pool.adopt(connection().await, Arc::default());
         closed.0.closed.store(true, Relaxed);
         let full = pool.adopt(connection().await, Arc::default());
         full.0.open.store(MAX_STREAMS, Relaxed);
         assert!(pool.take().is_none());
-        assert_eq!(pool.conns[shard::of_thread()].lock().unwrap().len(), 1);
+        assert_eq!(pool.conns.mine().lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use pingora::protocols::{ALPN, Stream};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{BaseUrl, Config};
-use crate::shard::{self, SHARDS};
+use crate::shard::Sharded;
 use egress::Tunnel;
 use response::Response;
 
@@ -52,7 +52,7 @@ struct Route {
     /// One stack per worker thread ([`shard`]): each worker thread runs its own runtime, and a
     /// connection stays registered with the runtime that opened it; taken up by another
     /// thread, every read and write of it would cost a cross-thread wake-up.
-    idle: [Mutex<Vec<(Stream, Instant)>>; SHARDS],
+    idle: Sharded<Mutex<Vec<(Stream, Instant)>>>,
     /// Its HTTP/2 connections, when calls go over HTTP/2 (`upstream.http2`; never through a
     /// proxy that forwards plain HTTP).
     http2: Option<http2::Pool>,
@@ -264,7 +264,7 @@ impl Route {
         let forwards = tunnel.as_ref().is_some_and(|t| t.forwards());
         Route {
             tunnel,
-            idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            idle: Sharded::default(),
             http2: (http2 && !forwards).then(http2::Pool::default),
             client: client.build().expect("an HTTP client with these settings"),
         }
@@ -282,7 +282,7 @@ impl Target {
         reuse_idle: bool,
     ) -> pingora::Result<(Stream, bool)> {
         if reuse_idle {
-            let idle = &self.routes[route].idle[shard::of_thread()];
+            let idle = self.routes[route].idle.mine();
             while let Some((stream, since)) = idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
                 // One idle past IDLE_TIMEOUT is dropped (closed) and the next one tried.
                 if since.elapsed() < IDLE_TIMEOUT {
@@ -299,7 +299,7 @@ impl Target {
 
     /// Closes every idle connection of `route`.
     pub fn drop_idle(&self, route: usize) {
-        for idle in &self.routes[route].idle {
+        for idle in self.routes[route].idle.iter() {
             idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
     }
@@ -310,7 +310,9 @@ impl Target {
         let Some(stream) = response.reuse() else {
             return;
         };
-        let mut idle = self.routes[route].idle[shard::of_thread()]
+        let mut idle = self.routes[route]
+            .idle
+            .mine()
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if idle
