@@ -210,27 +210,30 @@ impl Labels {
         if let Some(v) = near.get(s) {
             return v;
         }
-        let v = self.intern_all(s);
-        if v != "other" && near.len() < NEAR {
+        let Some(v) = self.intern_all(s) else {
+            return "other";
+        };
+        if near.len() < NEAR {
             near.insert(v);
         }
         v
     }
 
-    fn intern_all(&self, s: &str) -> &'static str {
+    /// `s` interned in `all`; `None` once `max` values are.
+    fn intern_all(&self, s: &str) -> Option<&'static str> {
         if let Some(v) = self.all.read().unwrap_or_else(|e| e.into_inner()).get(s) {
-            return v;
+            return Some(v);
         }
         let mut all = self.all.write().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = all.get(s) {
-            return v;
+            return Some(v);
         }
         if all.len() >= self.max {
-            return "other";
+            return None;
         }
         let leaked: &'static str = Box::leak(s.into());
         all.insert(s.into(), leaked);
-        leaked
+        Some(leaked)
     }
 }
 
