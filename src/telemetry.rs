@@ -1,6 +1,9 @@
-//! Logging: `tracing` to stdout through an in-memory buffer that a background thread writes out
-//! every few milliseconds. A request never waits for a terminal or a pipe, and never wakes
-//! another thread per line (a per-line hand-off cost more than the rest of the access log).
+//! Logging: `tracing` to stdout through in-memory buffers, one per thread, that a background
+//! thread writes out every few milliseconds. A request never waits for a terminal or a pipe,
+//! never wakes another thread per line (a per-line hand-off cost more than the rest of the
+//! access log), and never writes memory another worker thread writes (one shared buffer moved
+//! its lock and its end between the cores on every line). Each thread's lines come out in
+//! their order; lines of different threads within one write-out come thread after thread.
 //! Pingora's own `log` lines are picked up too. Lines are text, or with `LOG_FORMAT=json` one
 //! JSON object each (time, level, target, message, and every field as a field).
 
@@ -21,13 +24,29 @@ const FLUSH_EVERY: Duration = Duration::from_millis(20);
 /// Past this many buffered bytes (stdout is stuck), new lines are dropped and counted.
 const MAX_BUFFERED: usize = 8 * 1024 * 1024;
 
+/// Past this many bytes buffered by one thread (stdout is stuck), its new lines are dropped
+/// and counted.
+const MAX_BUFFERED_PER_THREAD: usize = MAX_BUFFERED / 4;
+
+/// The lines waiting to be written out: each thread appends to a buffer of its own (the
+/// request path's threads never touch one another's memory for a line), and the writing thread
+/// takes them all.
 #[derive(Default)]
 struct Shared {
-    buf: Mutex<Vec<u8>>,
+    threads: Mutex<Vec<Arc<Mutex<Vec<u8>>>>>,
     dropped: AtomicU64,
 }
 
-static SHARED: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
+static SHARED: std::sync::LazyLock<Shared> = std::sync::LazyLock::new(Shared::default);
+
+thread_local! {
+    /// This thread's buffer of lines, registered with [`SHARED`] on the thread's first line.
+    static BUFFER: Arc<Mutex<Vec<u8>>> = {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        SHARED.threads.lock().unwrap_or_else(|e| e.into_inner()).push(buffer.clone());
+        buffer
+    };
+}
 
 /// Lines are JSON objects (`LOG_FORMAT=json`).
 static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -37,12 +56,10 @@ pub fn json() -> bool {
     JSON.load(Ordering::Relaxed)
 }
 
-#[derive(Clone)]
-struct BufferedStdout(Arc<Shared>);
+struct BufferedStdout;
 
-/// One event's bytes, appended to the shared buffer in one piece when dropped.
+/// One event's bytes, appended to its thread's buffer in one piece when dropped.
 struct Line {
-    shared: Arc<Shared>,
     bytes: Vec<u8>,
 }
 
@@ -59,19 +76,22 @@ impl Write for Line {
 
 impl Drop for Line {
     fn drop(&mut self) {
-        {
-            let mut buf = self.shared.buf.lock().unwrap_or_else(|e| e.into_inner());
-            if buf.len() + self.bytes.len() > MAX_BUFFERED {
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            } else {
-                buf.extend_from_slice(&self.bytes);
+        let kept = BUFFER.try_with(|buffer| {
+            let mut buf = buffer.lock().unwrap_or_else(|e| e.into_inner());
+            if buf.len() + self.bytes.len() > MAX_BUFFERED_PER_THREAD {
+                return false;
             }
+            buf.extend_from_slice(&self.bytes);
+            true
+        });
+        // (A line logged as the thread exits finds its buffer gone: it is dropped, counted.)
+        if kept != Ok(true) {
+            SHARED.dropped.fetch_add(1, Ordering::Relaxed);
         }
         // The thread's next line reuses this buffer, unless a rare huge line grew it.
         if self.bytes.capacity() <= SPARE_CAPACITY {
             self.bytes.clear();
             let bytes = std::mem::take(&mut self.bytes);
-            // (A line logged as the thread exits finds the spare gone: it is simply freed.)
             let _ = SPARE.try_with(|spare| spare.set(bytes));
         }
     }
@@ -91,7 +111,6 @@ impl<'a> MakeWriter<'a> for BufferedStdout {
 
     fn make_writer(&'a self) -> Line {
         Line {
-            shared: self.0.clone(),
             bytes: SPARE.try_with(Cell::take).unwrap_or_default(),
         }
     }
@@ -107,12 +126,10 @@ pub fn init(level: &str, json: bool) {
         format!("{level},pingora=warn,pingora_core=warn,pingora_proxy=warn")
     };
     let filter = EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("info"));
-    let shared = Arc::new(Shared::default());
-    *SHARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.clone());
     JSON.store(json, Ordering::Relaxed);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(BufferedStdout(shared.clone()));
+        .with_writer(BufferedStdout);
     let _ = if json {
         builder.with_ansi(false).event_format(Json).try_init()
     } else {
@@ -126,18 +143,30 @@ pub fn init(level: &str, json: bool) {
         .spawn(move || {
             loop {
                 std::thread::sleep(FLUSH_EVERY);
-                write_out(&shared);
+                write_out();
             }
         });
 }
 
-fn write_out(shared: &Shared) {
-    let pending = std::mem::take(&mut *shared.buf.lock().unwrap_or_else(|e| e.into_inner()));
+/// Writes out every thread's buffered lines (each thread's in order; threads one after the
+/// other), and forgets the buffers of threads that ended.
+fn write_out() {
+    let pending: Vec<Vec<u8>> = {
+        let mut threads = SHARED.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = threads
+            .iter()
+            .map(|b| std::mem::take(&mut *b.lock().unwrap_or_else(|e| e.into_inner())))
+            .filter(|lines| !lines.is_empty())
+            .collect();
+        // A buffer held here alone belongs to a thread that ended (and was emptied above).
+        threads.retain(|b| Arc::strong_count(b) > 1);
+        pending
+    };
     let mut out = std::io::stdout().lock();
-    if !pending.is_empty() {
-        let _ = out.write_all(&pending);
+    for lines in &pending {
+        let _ = out.write_all(lines);
     }
-    let dropped = shared.dropped.swap(0, Ordering::Relaxed);
+    let dropped = SHARED.dropped.swap(0, Ordering::Relaxed);
     if dropped > 0 {
         let _ = writeln!(
             out,
@@ -149,9 +178,7 @@ fn write_out(shared: &Shared) {
 
 /// Writes out buffered log lines; call before the process exits.
 pub fn flush() {
-    if let Some(shared) = SHARED.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        write_out(shared);
-    }
+    write_out();
 }
 
 /// `2026-11-26T06:46:02.121Z  INFO gemgate::access: message field=value …`, like tracing's
