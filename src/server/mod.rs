@@ -842,12 +842,15 @@ mod tests {
             .unwrap();
         let dropped = status["dropped"]["log_records"].as_u64().unwrap();
         assert!((50..=100).contains(&dropped), "{status}");
-        assert_eq!(dropped, state.lasting.logs.dropped());
         assert_eq!(
             status["dropped"]["trimmed_for_size"], 0,
             "no data file here"
         );
+        // Taking them moves the records each worker thread was packing into the queue, which
+        // may drop one more each.
         let kept = state.lasting.logs.take(usize::MAX);
+        let dropped = state.lasting.logs.dropped();
+        assert!((50..=100).contains(&dropped), "{dropped}");
         assert_eq!(
             kept.len() as u64 + dropped,
             1_100,
