@@ -331,10 +331,10 @@ fn wait_drained(
     let started = Instant::now();
     // Let the listeners close before counting.
     std::thread::sleep(Duration::from_millis(100));
-    while in_flight.load(Ordering::Acquire) > 0 && started.elapsed() < grace {
+    while in_flight.sum() > 0 && started.elapsed() < grace {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let left = in_flight.load(Ordering::Acquire);
+    let left = in_flight.sum();
     if left > 0 {
         tracing::warn!(
             left,

@@ -54,6 +54,32 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Sharded<T> {
     }
 }
 
+/// A count that threads raise and lower on their own shard (no line moves between cores when
+/// two threads count at once), read as the sum of the shards. A shard may wrap below zero (a
+/// count raised on one thread and lowered on another): the sum, in wrapping arithmetic, is
+/// exact all the same.
+#[derive(Debug, Default)]
+pub struct Counter(Sharded<AtomicUsize>);
+
+impl Counter {
+    /// Adds one.
+    pub fn raise(&self) {
+        self.0.mine().fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes one away.
+    pub fn lower(&self) {
+        self.0.mine().fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The count now.
+    pub fn sum(&self) -> usize {
+        self.0
+            .iter()
+            .fold(0usize, |sum, n| sum.wrapping_add(n.load(Ordering::Acquire)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +91,17 @@ mod tests {
         assert!(at.iter().all(|a| a % 128 == 0), "{at:?}");
         assert!(at.windows(2).all(|w| w[1] - w[0] >= 128), "{at:?}");
         assert!(std::ptr::eq(s.mine(), s.iter().nth(of_thread()).unwrap()));
+    }
+
+    #[test]
+    fn a_count_lowered_on_another_thread_still_sums_right() {
+        let count = std::sync::Arc::new(Counter::default());
+        count.raise();
+        count.raise();
+        let other = count.clone();
+        std::thread::spawn(move || other.lower()).join().unwrap();
+        assert_eq!(count.sum(), 1);
+        count.lower();
+        assert_eq!(count.sum(), 0);
     }
 }

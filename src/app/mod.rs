@@ -244,7 +244,8 @@ pub struct State {
     pub refused: Refused,
     /// Client connections open now (`server.max_connections` at most).
     pub open_connections: Arc<AtomicUsize>,
-    pub(crate) in_flight: Arc<AtomicUsize>,
+    /// Requests being served now (counted per worker thread: every request writes it).
+    pub(crate) in_flight: crate::shard::Counter,
     generations: AtomicU64,
     /// When the gateway started (the dashboard's uptime).
     pub started: Instant,
@@ -270,7 +271,7 @@ impl State {
             source,
             refused: Refused::default(),
             open_connections: Arc::default(),
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            in_flight: crate::shard::Counter::default(),
             generations: AtomicU64::new(1),
             started: Instant::now(),
             config_fingerprint: AtomicU64::new(0),
@@ -282,6 +283,30 @@ impl State {
                 ..ReloadStatus::default()
             }),
         }))
+    }
+
+    /// The generation serving now, for a request to hold until it ends: through a handle of
+    /// this thread's own.
+    ///
+    /// NOTE: holding the generation itself (`current.load_full()`) raised and lowered its
+    /// count on every request, one word that every worker thread wrote, moved between their
+    /// cores twice a request. The thread's handle is counted on the thread alone; a new one is
+    /// made when a reload put another generation in place. (An idle thread keeps its handle on
+    /// the generation it last served until its next request.)
+    // The outer `Arc` is the thread's handle: counted apart from the generation's own.
+    #[allow(clippy::redundant_allocation)]
+    pub fn serving(&self) -> Arc<Arc<Generation>> {
+        thread_local! {
+            static NEAR: std::cell::RefCell<Option<Arc<Arc<Generation>>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let current = self.current.load();
+        NEAR.with_borrow_mut(|near| match near {
+            Some(handle) if Arc::ptr_eq(handle.as_ref(), &current) => handle.clone(),
+            _ => near
+                .insert(Arc::new(arc_swap::Guard::into_inner(current)))
+                .clone(),
+        })
     }
 
     pub fn next_generation(&self) -> u64 {

@@ -199,7 +199,9 @@ impl Storms {
 
     /// An answer that is not a bare 429 came back: a storm going on is over.
     pub fn calm(&self, now_ms: u64) {
-        if self.active.swap(false, Relaxed) {
+        // Read first: every answer calls this, and a swap would write the flag's line on
+        // every one, moving it between the cores serving them.
+        if self.active.load(Relaxed) && self.active.swap(false, Relaxed) {
             self.forget_struck();
             let took = now_ms.saturating_sub(self.since_ms.load(Relaxed));
             tracing::warn!(took_ms = took, "storm over: serving normally");

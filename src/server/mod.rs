@@ -6,7 +6,7 @@ pub mod route;
 pub mod workers;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -529,18 +529,18 @@ impl Gateway {
 }
 
 /// Counts a request in flight until dropped, however the request ends.
-struct InFlight<'a>(&'a AtomicUsize);
+struct InFlight<'a>(&'a crate::shard::Counter);
 
 impl<'a> InFlight<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
+    fn enter(count: &'a crate::shard::Counter) -> Self {
+        count.raise();
         InFlight(count)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.lower();
     }
 }
 
