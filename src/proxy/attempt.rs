@@ -686,7 +686,10 @@ impl Gateway {
         // Its connection goes back to the pool it came from (Vertex AI's for its keys).
         let target = generation.target_of(generation.pool_for(req).get(index));
         let status = up.status();
-        self.state.lasting.storms.calm(now_ms());
+        // (Asked first: every answer comes here, and reading the clock for nothing costs.)
+        if self.state.lasting.storms.active() {
+            self.state.lasting.storms.calm(now_ms());
+        }
         self.state
             .lasting
             .shared

@@ -138,6 +138,9 @@ pub(crate) struct Exchange {
     pub upload_headers: Vec<(String, String)>,
     /// A Live session whose handshake both sides accepted, for the server to join.
     pub tunnel: Option<super::live::Tunnel>,
+    /// How long the request took to answer, read once when it was ([`Exchange::answered`]):
+    /// the access line, the metrics, the log record and `on_log` say the same.
+    latency: Option<Duration>,
 }
 
 /// 16 random hex digits: the id of a request that brought none.
@@ -184,7 +187,18 @@ impl Exchange {
             body: None,
             upload_headers: Vec::new(),
             tunnel: None,
+            latency: None,
         }
+    }
+
+    /// Notes that the request was answered: its latency is now.
+    pub fn answered(&mut self) {
+        self.latency = Some(self.meta.started.elapsed());
+    }
+
+    /// How long the request took to answer (until now, if it was not yet).
+    pub fn latency(&self) -> Duration {
+        self.latency.unwrap_or_else(|| self.meta.started.elapsed())
     }
 
     /// Marks the request as one of gemgate's own (health, preflight, admin), logged as `action`.
@@ -225,7 +239,7 @@ impl Exchange {
             "status": self.status,
             "class": self.class.map(Class::as_str),
             "attempts": self.attempts,
-            "latency_ms": self.meta.started.elapsed().as_secs_f64() * 1000.0,
+            "latency_ms": self.latency().as_secs_f64() * 1000.0,
             "ttfb_ms": self.ttfb.map(|d| d.as_secs_f64() * 1000.0),
         })
     }

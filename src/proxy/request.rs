@@ -49,7 +49,8 @@ pub(crate) async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes
     }
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
-    let started = Instant::now();
+    // When the body's first bytes came, read only for a body that takes more than one read.
+    let mut started: Option<Instant> = None;
     let mut got: u64 = 0;
     loop {
         // A body that trickles in holds a connection (and, for long, a worker's memory): each
@@ -66,10 +67,6 @@ pub(crate) async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes
         match read {
             Ok(Some(chunk)) => {
                 got += chunk.len() as u64;
-                let elapsed = started.elapsed();
-                if elapsed > BODY_GRACE && (got as f64) < MIN_BODY_RATE * elapsed.as_secs_f64() {
-                    return Err(slow(s));
-                }
                 let have = first.as_ref().map_or(0, Bytes::len) + buf.len();
                 if (have + chunk.len()) as u64 > limit {
                     return Err(too_large());
@@ -81,6 +78,14 @@ pub(crate) async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes
                         buf.extend_from_slice(&chunk);
                     }
                     None => buf.extend_from_slice(&chunk),
+                }
+                // The whole body (most often in the head's first read): no read more.
+                if s.is_body_done() {
+                    break;
+                }
+                let elapsed = started.get_or_insert_with(Instant::now).elapsed();
+                if elapsed > BODY_GRACE && (got as f64) < MIN_BODY_RATE * elapsed.as_secs_f64() {
+                    return Err(slow(s));
                 }
             }
             Ok(None) => break,

@@ -12,6 +12,7 @@ impl Exchange {
     pub(crate) fn into_record(self, unsampled: bool, instance: Option<&str>) -> Record {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let failed = self.status >= 400 || self.class.is_some();
+        let latency_ms = ms(self.latency());
         let (upstream_status, upstream_message) = self.upstream.unzip();
         let trace = self
             .meta
@@ -32,7 +33,7 @@ impl Exchange {
             status: self.status,
             class: self.class.map(|c| c.as_str().to_owned()),
             attempts: self.attempts,
-            latency_ms: ms(self.meta.started.elapsed()),
+            latency_ms,
             ttfb_ms: self.ttfb.map(ms),
             prompt_tokens: self.tokens.prompt,
             output_tokens: self.tokens.output,
@@ -73,7 +74,7 @@ impl Exchange {
                 status = self.status,
                 class = self.class.map(Class::as_str),
                 attempts = self.attempts,
-                latency_ms = ms(self.meta.started.elapsed()),
+                latency_ms = ms(self.latency()),
                 ttfb_ms = self.ttfb.map(ms),
                 "request"
             );
@@ -100,7 +101,7 @@ impl Exchange {
         field("class", self.class.map_or("-", Class::as_str));
         field("attempts", itoa::Buffer::new().format(self.attempts));
         line.push_str("latency_ms=");
-        push_millis(&mut line, Some(self.meta.started.elapsed()));
+        push_millis(&mut line, Some(self.latency()));
         line.push_str(" ttfb_ms=");
         push_millis(&mut line, self.ttfb);
         tracing::info!(target: "gemgate::access", "{line}");

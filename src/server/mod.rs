@@ -30,8 +30,9 @@ use route::Route;
 impl Gateway {
     /// Serves one request, then hands its record to `on_log` plugins.
     async fn handle(&self, s: &mut ServerSession, x: &mut Exchange) -> Outcome {
-        let generation = self.state.current.load_full();
+        let generation = self.state.serving();
         let outcome = self.serve(&generation, s, x).await;
+        x.answered();
         let hooked = matches!(x.kind, Kind::Call | Kind::Admin);
         if hooked && generation.policy.has_on_log(&x.model) {
             let entry = x.entry();
@@ -211,7 +212,7 @@ impl Gateway {
             return;
         }
         let end = crate::traces::now_ns();
-        let start = end.saturating_sub(x.meta.started.elapsed().as_nanos() as u64);
+        let start = end.saturating_sub(x.latency().as_nanos() as u64);
         let operation = operation_of(&x.action);
         let mut attributes = vec![
             ("gen_ai.operation.name", Value::Str(operation.to_owned())),
@@ -301,7 +302,7 @@ impl Gateway {
                 route,
                 model: &x.model,
                 status: x.status,
-                duration: x.meta.started.elapsed(),
+                duration: x.latency(),
                 ttfb: x.ttfb,
             });
     }
