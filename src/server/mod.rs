@@ -211,8 +211,9 @@ impl Gateway {
         if x.kind != Kind::Call {
             return;
         }
-        let end = crate::traces::now_ns();
-        let start = end.saturating_sub(x.latency().as_nanos() as u64);
+        let now = crate::traces::now_ns();
+        let start = now.saturating_sub(x.meta.started.elapsed().as_nanos() as u64);
+        let end = start.saturating_add(x.latency().as_nanos() as u64);
         let operation = operation_of(&x.action);
         let mut attributes = vec![
             ("gen_ai.operation.name", Value::Str(operation.to_owned())),
