@@ -196,8 +196,10 @@ impl Ssl for Gathered {
 }
 
 impl GetTimingDigest for Gathered {
+    /// None: gemgate reads no connection timings, and pingora asks for them (a list made on the
+    /// heap) with every request's session on a client connection.
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
+        Vec::new()
     }
 
     fn get_read_pending_time(&self) -> Duration {
