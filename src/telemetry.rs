@@ -21,12 +21,9 @@ use tracing_subscriber::registry::LookupSpan;
 
 /// How often buffered lines are written out.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
-/// Past this many buffered bytes (stdout is stuck), new lines are dropped and counted.
-const MAX_BUFFERED: usize = 8 * 1024 * 1024;
-
 /// Past this many bytes buffered by one thread (stdout is stuck), its new lines are dropped
 /// and counted.
-const MAX_BUFFERED_PER_THREAD: usize = MAX_BUFFERED / 4;
+const MAX_BUFFERED_PER_THREAD: usize = 2 * 1024 * 1024;
 
 /// The lines waiting to be written out: each thread appends to a buffer of its own (the
 /// request path's threads never touch one another's memory for a line), and the writing thread

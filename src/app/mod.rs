@@ -293,8 +293,7 @@ impl State {
     /// cores twice a request. The thread's handle is counted on the thread alone; a new one is
     /// made when a reload put another generation in place. (An idle thread keeps its handle on
     /// the generation it last served until its next request.)
-    // The outer `Arc` is the thread's handle: counted apart from the generation's own.
-    #[allow(clippy::redundant_allocation)]
+    #[allow(clippy::redundant_allocation)] // The outer `Arc` is the thread's handle.
     pub fn serving(&self) -> Arc<Arc<Generation>> {
         thread_local! {
             static NEAR: std::cell::RefCell<Option<Arc<Arc<Generation>>>> =

@@ -79,7 +79,7 @@ pub(crate) async fn read_body(s: &mut ServerSession, limit: u64) -> Result<Bytes
                     }
                     None => buf.extend_from_slice(&chunk),
                 }
-                // The whole body (most often in the head's first read): no read more.
+                // The whole body came (most often with the head): nothing more to read.
                 if s.is_body_done() {
                     break;
                 }

@@ -1,11 +1,11 @@
 //! The queue between the request path and the store's flusher.
 //!
 //! A finished request's [`Record`] is packed into bytes as it is queued: when it was queued,
-//! then its fields one after the other, appended to a chunk of the queue. A queued record then costs its fields' bytes
-//! (under 200 for a plain request) and no allocation of its own, where a queued `Record` held
-//! 340 bytes and five strings; and the strings are freed at once by the worker that made them,
-//! not a flush later by the flusher's thread, which the allocator hands back to their owner
-//! only when that one next tidies. The flusher unpacks what it takes.
+//! then its fields one after the other, appended to a chunk of the queue. A queued record then
+//! costs its fields' bytes (under 200 for a plain request) and no allocation of its own, where
+//! a queued `Record` held 340 bytes and five strings; and the strings are freed at once by the
+//! worker that made them, not a flush later by the flusher's thread, which the allocator hands
+//! back to their owner only when that one next tidies. The flusher unpacks what it takes.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -139,12 +139,10 @@ impl LogQueue {
 
     /// Moves the chunks the threads are filling into the shared queue.
     fn queue_filling(&self) {
-        let filled = self.filling.iter().filter_map(|f| {
-            f.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .filter(|c| c.records > 0)
-        });
+        let filled = self
+            .filling
+            .iter()
+            .filter_map(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
         self.queue_chunks(filled.collect::<Vec<_>>());
     }
 
