@@ -198,20 +198,28 @@ mod tests {
     use super::*;
     use crate::store::logs::{Log, Record};
 
-    #[test]
-    fn a_flush_writes_every_queued_record_batch_by_batch() {
+    /// The data file's size bound in these tests.
+    const CAP: u64 = 64 << 20;
+
+    /// A store in a new folder, and `n` log records queued (at 1,000,000 ms and on, a ms apart).
+    fn queued(n: usize) -> (tempfile::TempDir, Store, Lasting) {
         let dir = tempfile::tempdir().unwrap();
-        let cap = 64 << 20;
-        let store = Store::open(dir.path(), cap).unwrap();
+        let store = Store::open(dir.path(), CAP).unwrap();
         let lasting = Lasting::default();
-        let n = 2 * BATCH_RECORDS + 7;
         for i in 0..n as u64 {
             lasting.logs.push(Record {
                 ts_ms: 1_000_000 + i,
                 ..Record::default()
             });
         }
-        flush(&store, &lasting, cap);
+        (dir, store, lasting)
+    }
+
+    #[test]
+    fn a_flush_writes_every_queued_record_batch_by_batch() {
+        let n = 2 * BATCH_RECORDS + 7;
+        let (_dir, store, lasting) = queued(n);
+        flush(&store, &lasting, CAP);
         assert_eq!(lasting.logs.queued(), 0);
         let mut stored = Vec::new();
         store
@@ -227,17 +235,8 @@ mod tests {
 
     #[test]
     fn standing_in_for_the_preparer_takes_all_that_waits() {
-        let dir = tempfile::tempdir().unwrap();
-        let cap = 64 << 20;
-        let store = Store::open(dir.path(), cap).unwrap();
-        let lasting = Lasting::default();
-        for i in 0..3 * BATCH_RECORDS as u64 {
-            lasting.logs.push(Record {
-                ts_ms: 1_000_000 + i,
-                ..Record::default()
-            });
-        }
-        stand_in(&store, &lasting, cap);
+        let (_dir, store, lasting) = queued(3 * BATCH_RECORDS);
+        stand_in(&store, &lasting, CAP);
         assert!(
             lasting.logs.queued() < BATCH_RECORDS,
             "{}",
@@ -254,8 +253,7 @@ mod tests {
     fn a_kept_response_reaches_the_disk_with_the_next_flush() {
         use crate::store::responses::StoredResponse;
         let dir = tempfile::tempdir().unwrap();
-        let cap = 64 << 20;
-        let store = Store::open(dir.path(), cap).unwrap();
+        let store = Store::open(dir.path(), CAP).unwrap();
         let kept = StoredResponse {
             client: "c".into(),
             expires_ms: u64::MAX / 2,
@@ -280,12 +278,12 @@ mod tests {
                 copy.path().join("gemgate.redb"),
             )
             .unwrap();
-            let reopened = Store::open(copy.path(), cap).unwrap();
+            let reopened = Store::open(copy.path(), CAP).unwrap();
             reopened.load_response("resp_1", 0).unwrap()
         };
         assert_eq!(after_a_crash(), None, "on the disk before any flush");
         // A flush with nothing else to write still writes it.
-        flush(&store, &Lasting::default(), cap);
+        flush(&store, &Lasting::default(), CAP);
         assert_eq!(after_a_crash(), Some(kept));
     }
 }
