@@ -427,6 +427,20 @@ mod tests {
         assert!(q.take(1).is_empty());
     }
 
+    /// A plain request's record, finished at `ts_ms`.
+    fn plain(ts_ms: u64) -> Record {
+        Record {
+            ts_ms,
+            id: "0199c3e1a2b4-5f0d3c1e9a7b6d4c".into(),
+            client: Some("token-1a7674eb4ee7".into()),
+            model: "gemini-2.5-flash".into(),
+            action: "generateContent".into(),
+            key_id: Some("kab29e27f94d7".into()),
+            status: 200,
+            ..Record::default()
+        }
+    }
+
     /// What queueing a plain request's record costs, on one thread and then on two at once (as
     /// two workers do). Run with
     /// `cargo test --release --lib -- --ignored --nocapture queueing_cost`.
@@ -434,14 +448,7 @@ mod tests {
     #[ignore]
     fn queueing_cost() {
         let q = LogQueue::default();
-        let record = Record {
-            client: Some("token-1a7674eb4ee7".into()),
-            model: "gemini-2.5-flash".into(),
-            action: "generateContent".into(),
-            key_id: Some("kab29e27f94d7".into()),
-            status: 200,
-            ..Record::default()
-        };
+        let record = plain(0);
         let rounds = 1_000_000;
         let run = || {
             let t = std::time::Instant::now();
@@ -466,22 +473,12 @@ mod tests {
     #[ignore]
     fn taking_cost() {
         let q = LogQueue::default();
-        let record = |ts_ms| Record {
-            ts_ms,
-            id: "0199c3e1a2b4-5f0d3c1e9a7b6d4c".into(),
-            client: Some("token-1a7674eb4ee7".into()),
-            model: "gemini-2.5-flash".into(),
-            action: "generateContent".into(),
-            key_id: Some("kab29e27f94d7".into()),
-            status: 200,
-            ..Record::default()
-        };
         let (rounds, each) = (5, 100_000);
         let mut spent = std::time::Duration::ZERO;
         for _ in 0..rounds {
             std::thread::scope(|s| {
-                s.spawn(|| (0..each).for_each(|i| q.push(record(i))));
-                (0..each).for_each(|i| q.push(record(i)));
+                s.spawn(|| (0..each).for_each(|i| q.push(plain(i))));
+                (0..each).for_each(|i| q.push(plain(i)));
             });
             let t = std::time::Instant::now();
             while !q.take(2048).is_empty() {}
