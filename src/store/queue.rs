@@ -98,7 +98,7 @@ impl LogQueue {
             packed.extend_from_slice(&[0; 4]);
             pack(&r, packed);
             drop(r);
-            // `pack` bounds a record's strings, its whole far below 4 GiB.
+            // A record's strings are bounded (a body is cut at `BODY_KEPT`): far below 4 GiB.
             let len = (packed.len() - HEAD) as u32;
             packed[8..HEAD].copy_from_slice(&len.to_le_bytes());
             let mut filling = self
