@@ -90,11 +90,7 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
                 let generation = state.current.load_full();
                 let config = &generation.config;
                 match received {
-                    Ok(batch) => {
-                        batch.commit(&store, &state.lasting.registry, config.max_data_bytes);
-                        // (Memory given back after every batch: see `stand_in`.)
-                        crate::alloc::tidy();
-                    }
+                    Ok(batch) => write(batch, &store, &state.lasting, config.max_data_bytes),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 }
@@ -134,15 +130,19 @@ const BEHIND_RECORDS: usize = 2 * BATCH_RECORDS;
 /// [`behind`] watching the queue too, 43-46 in 6-s runs.)
 fn stand_in(store: &Store, lasting: &Lasting, max_bytes: u64) {
     loop {
-        take(lasting, false).commit(store, &lasting.registry, max_bytes);
-        // After every batch: what a commit takes (redb's pages, the encoded blocks) given
-        // back at once kept gemgate's peak at 256 connections 2-5 MiB lower than giving it
-        // back once a second, for a few hundred page faults a batch.
-        crate::alloc::tidy();
+        write(take(lasting, false), store, lasting, max_bytes);
         if lasting.logs.queued() < BATCH_RECORDS {
             return;
         }
     }
+}
+
+/// The committer's writing of a batch: the commit, then what it took (redb's pages, the
+/// encoded blocks) given back at once, which kept gemgate's peak at 256 connections 2-5 MiB
+/// lower than giving it back once a second, for a few hundred page faults a batch.
+fn write(batch: Batch, store: &Store, lasting: &Lasting, max_bytes: u64) {
+    batch.commit(store, &lasting.registry, max_bytes);
+    crate::alloc::tidy();
 }
 
 /// Asks the kernel to run this thread only when a core would otherwise idle (`SCHED_IDLE`):
