@@ -291,8 +291,8 @@ pub struct Request<'a> {
 /// One upstream attempt, as counted.
 #[derive(Debug, Clone, Copy)]
 pub struct Attempt<'a> {
-    /// `None` when key labels are off.
-    pub key: Option<&'a str>,
+    /// The key's label, from [`Metrics::key_label`]; `None` when key labels are off.
+    pub key: Option<&'static str>,
     pub model: &'a str,
     /// `ok`, or the error class.
     pub class: &'static str,
@@ -362,13 +362,16 @@ impl Metrics {
         }
     }
 
+    /// Key `id`'s `key` label: interned, or `other` once [`MAX_KEYS`] are. A caller keeps it
+    /// with the key (`KeyState::metric_label`) rather than look it up for each attempt.
+    pub fn key_label(&self, id: &str) -> &'static str {
+        self.interned.keys.intern(id)
+    }
+
     /// Counts an upstream attempt (and the tokens of a success).
     pub fn attempt(&self, a: Attempt<'_>) {
         let model = self.model_label(a.model);
-        let key = match a.key {
-            Some(k) => self.interned.keys.intern(k),
-            None => "",
-        };
+        let key = a.key.unwrap_or_default();
         {
             let mut shard = self.shard();
             *shard.attempts.entry((key, model, a.class)).or_default() += 1;
@@ -741,7 +744,7 @@ mod tests {
             });
         }
         m.attempt(Attempt {
-            key: Some("k123"),
+            key: Some(m.key_label("k123")),
             model: "gemini-2.5-flash",
             class: "ok",
             duration: Duration::from_millis(20),
@@ -810,9 +813,14 @@ mod tests {
         for n in [10, 1_000, 100_000] {
             let ids: Vec<String> = (0..n).map(|i| format!("bench-pool-{i:07}")).collect();
             let (m, usage) = (Metrics::default(), Usage::default());
-            let count = |id: &str| {
+            // Each key's label is interned once and kept with the key, as the request path does.
+            let keys: Vec<(&str, &'static str)> = ids
+                .iter()
+                .map(|id| (id.as_str(), m.key_label(id)))
+                .collect();
+            let count = |&(id, label): &(&str, &'static str)| {
                 m.attempt(Attempt {
-                    key: Some(id),
+                    key: Some(label),
                     model: "gemini-2.5-flash",
                     class: "ok",
                     duration: Duration::from_millis(20),
@@ -830,11 +838,11 @@ mod tests {
             let run = |first: usize| {
                 let t = std::time::Instant::now();
                 for r in 0..rounds {
-                    count(&ids[(first + r) % n]);
+                    count(&keys[(first + r) % n]);
                 }
                 t.elapsed().as_nanos() as f64 / rounds as f64
             };
-            ids.iter().for_each(|id| count(id));
+            keys.iter().for_each(count);
             let alone = run(0);
             let both = std::thread::scope(|s| {
                 let other = s.spawn(|| run(n / 2));

@@ -93,6 +93,9 @@ pub struct KeyState {
     /// The registry's lists of changed keys, and this key's id in them (`None`: a state of
     /// its own, as tests make).
     listed: Option<(Arc<str>, Arc<Changed>)>,
+    /// The key's `key` label in `/metrics`, interned on its first attempt: looking its id up
+    /// for each attempt missed the cache in a pool of 100,000 keys taken in turn.
+    metric_label: std::sync::OnceLock<&'static str>,
 }
 
 /// The ids of the keys whose state changed since the store saved it, and since the fleet
@@ -237,6 +240,11 @@ impl KeyState {
 
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Relaxed)
+    }
+
+    /// The key's `key` label in `/metrics`: `intern` gives it the first time.
+    pub fn metric_label(&self, intern: impl FnOnce() -> &'static str) -> &'static str {
+        self.metric_label.get_or_init(intern)
     }
 
     pub fn in_flight(&self) -> u32 {

@@ -166,9 +166,12 @@ impl Gateway {
             }
             Err(failure) => (failure.class.as_str(), [0; 4]),
         };
-        let key = &generation.pool_for(req).get(index).spec.id;
+        let key = generation.pool_for(req).get(index);
+        let key = config
+            .key_labels
+            .then(|| key.state.metric_label(|| metrics.key_label(&key.spec.id)));
         metrics.attempt(crate::metrics::Attempt {
-            key: config.key_labels.then_some(key.as_str()),
+            key,
             model: &req.model,
             class,
             duration: took,
