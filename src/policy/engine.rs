@@ -1356,6 +1356,13 @@ impl KeyTables {
             .or_else(|| self.pool.index_of(id))
     }
 
+    /// Key `index`'s id, as a string (its table is not made).
+    fn id(&self, lua: &mlua::Lua, index: usize) -> mlua::Result<Value> {
+        self.last.set(Some(index));
+        let id = &self.pool.get(index).spec.id;
+        Ok(Value::String(lua.create_string(id)?))
+    }
+
     fn get(&self, lua: &mlua::Lua, index: usize) -> mlua::Result<Value> {
         self.last.set(Some(index));
         let slot = index % KEY_TABLES;
@@ -1424,7 +1431,7 @@ impl KeyTables {
 }
 
 /// The candidate keys `select_key` sees: `#pool`, `pool[i]`, `ipairs(pool)`, `pool:size()`,
-/// `pool:from(position)` and `pool:next(counter)`. The list is shared between requests and may
+/// `pool:from(position)`, `pool:next(counter)` and `pool:next_id(counter)`. The list is shared between requests and may
 /// hold keys that dropped out since it was made (`from` and `next` pass them over, as they do
 /// keys whose project is at its limit for the model).
 struct PoolView {
@@ -1485,6 +1492,25 @@ impl PoolView {
         Some(best.map_or(first, |(at, _)| at))
     }
 
+    /// `pool:next(counter)`: the first open candidate after the key `counter` last gave (see
+    /// [`PoolView::open_from`]), the counter moved on to it; its position among the candidates.
+    fn next(&self, counter: &CounterHandle) -> mlua::Result<Option<usize>> {
+        let size = self.size();
+        let mut at = None;
+        counter.with(|slot| {
+            slot.advance(&mut |turn| {
+                // `turn` counts positions walked; the search starts after the last one.
+                let start = turn.rem_euclid(size);
+                at = self.open_from(start, VIEW_CHOICES);
+                match at.and_then(|at| self.candidates.get(at)) {
+                    Some(index) => turn + (i64::from(index) - start).rem_euclid(size) + 1,
+                    None => turn,
+                }
+            })
+        })?;
+        Ok(at)
+    }
+
     fn entry(&self, lua: &mlua::Lua, at: usize) -> mlua::Result<Value> {
         match self.candidates.get(at) {
             Some(index) => self.keys.get(lua, index as usize),
@@ -1511,25 +1537,26 @@ impl UserData for PoolView {
         // project has the most headroom; the counter then stands at the key given. Keys that
         // are out are passed over without taking a turn, so each usable key serves as often
         // as the others, and a retry walks on to the next key.
-        methods.add_method("next", |lua, this, counter: UserDataRef<CounterHandle>| {
-            let size = this.size();
-            let mut at = None;
-            counter.with(|slot| {
-                slot.advance(&mut |turn| {
-                    // `turn` counts positions walked; the search starts after the last one.
-                    let start = turn.rem_euclid(size);
-                    at = this.open_from(start, VIEW_CHOICES);
-                    match at.and_then(|at| this.candidates.get(at)) {
-                        Some(index) => turn + (i64::from(index) - start).rem_euclid(size) + 1,
-                        None => turn,
-                    }
-                })
-            })?;
-            match at {
+        methods.add_method(
+            "next",
+            |lua, this, counter: UserDataRef<CounterHandle>| match this.next(&counter)? {
                 Some(at) => this.entry(lua, at),
                 None => Ok(Value::Nil),
-            }
-        });
+            },
+        );
+        // The id of the key `next` would give, without making the key's table: for a plugin
+        // that needs nothing else (a round robin over a large pool makes a table for nearly
+        // every attempt otherwise).
+        methods.add_method(
+            "next_id",
+            |lua, this, counter: UserDataRef<CounterHandle>| match this
+                .next(&counter)?
+                .and_then(|at| this.candidates.get(at))
+            {
+                Some(index) => this.keys.id(lua, index as usize),
+                None => Ok(Value::Nil),
+            },
+        );
         methods.add_meta_method(MetaMethod::Len, |_, this, ()| Ok(this.candidates.len()));
         methods.add_meta_method(MetaMethod::Index, |lua, this, i: Value| {
             match i.as_integer().and_then(|i| usize::try_from(i - 1).ok()) {

@@ -154,7 +154,7 @@ def main():
             code = page.locator("#editor-code")
             expect(code).to_have_value(re.compile(r'name = "round_robin"'))
             original = code.input_value()
-            target = "return pool:next(cursor).id"
+            target = "return pool:next_id(cursor)"
             line = original[: original.index(target)].count("\n") + 1
             code.fill(original.replace(target, target + " +"))
             page.click("#editor-check")

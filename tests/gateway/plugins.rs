@@ -483,7 +483,7 @@ return {
 }
 
 #[tokio::test]
-async fn pool_from_counts_positions_and_pool_next_takes_usable_keys_in_turn() {
+async fn pool_from_counts_positions_and_pool_next_and_next_id_take_usable_keys_in_turn() {
     let fake = fake().await;
     let gate = gate()
         .upstream(&fake, &["good-1", "invalid-2", "good-3"])
@@ -507,6 +507,14 @@ return {
       turns[#turns + 1] = pool:next(cursor).position
     end
     gemgate.log.info("turns " .. table.concat(turns, ",") .. " at " .. cursor:get())
+    -- `next_id` walks as `next` does, each on a counter of its own.
+    local by_id, by_table, same = gemgate.counter("ids"), gemgate.counter("tables"), 0
+    for _ = 1, 5 do
+      if pool:next_id(by_id) == pool:next(by_table).id then same = same + 1 end
+    end
+    gemgate.log.info("ids " .. same .. " alike at " .. by_id:get() .. "=" .. by_table:get())
+    -- Not a counter: the plugin's error (the built-in choice applies).
+    pool:next_id({})
   end,
 }
 "#,
@@ -516,6 +524,8 @@ return {
     assert_eq!(post(&gate, GENERATE, &ask("x")).await.0, 200);
     gate.wait_log("positions 3,3,1,3,1,3,3").await;
     gate.wait_log("turns 1,3,1,3,1 at 7").await;
+    gate.wait_log("ids 5 alike at 7=7").await;
+    gate.wait_log("bad argument").await;
 }
 
 #[tokio::test]
