@@ -5,8 +5,8 @@
 -- request), and `pool:next_id(cursor)` gives the id of the first of them after the key the
 -- cursor last gave, in config order: every usable key serves as often as the others, and a
 -- retry walks on to the next key. (`pool:next(cursor)` gives the same key as a table, with its
--- health; making it costs more than the id alone.) Remove this file and the built-in choice applies: the first usable key in
--- config order.
+-- health; making it costs more than the id alone.) Remove this file and the built-in choice
+-- applies: the first usable key in config order.
 --
 --   curl -s localhost:8000/v1beta/models/gemini-2.5-flash:generateContent \
 --     -H "x-goog-api-key: $TOKEN" -d '{"contents":[{"parts":[{"text":"hi"}]}]}'

@@ -1431,9 +1431,9 @@ impl KeyTables {
 }
 
 /// The candidate keys `select_key` sees: `#pool`, `pool[i]`, `ipairs(pool)`, `pool:size()`,
-/// `pool:from(position)`, `pool:next(counter)` and `pool:next_id(counter)`. The list is shared between requests and may
-/// hold keys that dropped out since it was made (`from` and `next` pass them over, as they do
-/// keys whose project is at its limit for the model).
+/// `pool:from(position)`, `pool:next(counter)` and `pool:next_id(counter)`. The list is shared
+/// between requests and may hold keys that dropped out since it was made (`from` and `next`
+/// pass them over, as they do keys whose project is at its limit for the model).
 struct PoolView {
     keys: Rc<KeyTables>,
     candidates: Candidates,
