@@ -13,14 +13,15 @@
 # side-by-side table: the fake, gemgate and nginx at 1, 32, 256 and 1,024 connections
 # ($MATRIX_CONNS), with peak RSS and CPU per request, $MATRIX_RUNS rounds (default 5) in turn,
 # and the translated protocols at the same connections; then the cost of a request against
-# the pool's size ($POOL_SIZES keys: 10, 1,000 and 100,000); then $HELD_STREAMS open streams
-# (SSE answers the fake holds) through gemgate and nginx, for memory per open stream. All on
-# loopback, in one run. Bounded:
+# the pool's size ($POOL_SIZES keys: 10, 1,000 and 100,000); then a fresh gemgate's memory
+# idle, under load and 10 seconds after it ($AFTER_LOAD_SECONDS of load); then $HELD_STREAMS
+# open streams (SSE answers the fake holds) through gemgate and nginx, for memory per open
+# stream. All on loopback, in one run. Bounded:
 # each measurement lasts $DURATION seconds (default 5); at concurrency 64 (and 32 for the
 # translated protocols) each target is measured $RUNS times (default 3), in turn, and keeps its
 # median. The whole run takes about (44 + 35 × $MATRIX_RUNS + 3 × $POOL_RUNS) × $DURATION
-# seconds plus a minute of policy-layer runs and the build (MATRIX_RUNS=1 MATRIX_CONNS="32 256"
-# for a quick look).
+# seconds plus a minute of policy-layer runs, half a minute of memory after load, and the
+# build (MATRIX_RUNS=1 MATRIX_CONNS="32 256" for a quick look).
 #
 #   scripts/bench.sh            # DURATION=10 scripts/bench.sh for steadier figures
 #   BIN_DIR=/some/dir scripts/bench.sh   # measure binaries built elsewhere (no build)
@@ -457,6 +458,33 @@ if [ -n "$POOL_SIZES" ]; then
   done
   # Out of the way of what follows (the largest holds a few hundred MiB).
   for n in $POOL_SIZES; do kill "${POOL_PID_OF[$n]}" 2>/dev/null || true; done
+fi
+
+# Memory idle and after load: a fresh gemgate (the defaults) idle for 3 seconds, then generate
+# at 256 connections for $AFTER_LOAD_SECONDS (default 10; 0 to skip), then idle for 10 seconds:
+# its resident memory at each point. What the load took should go back to the system once the
+# load ends, not stay with the process.
+AFTER_LOAD_SECONDS=${AFTER_LOAD_SECONDS:-10}
+if [ "$AFTER_LOAD_SECONDS" -gt 0 ]; then
+  echo
+  AFTER_PORT=${AFTER_PORT:-18107}
+  start_gemgate "$work/after" "$BIN_DIR" "$AFTER_PORT" "$FAKE_PORT" "$TOKEN"
+  pids+=($!)
+  after_pid=$!
+  wait_port "$AFTER_PORT" gemgate "$work/after.log"
+  sleep 3
+  idle=$(rss_kb "$after_pid")
+  wrk -t2 -c256 -d"${AFTER_LOAD_SECONDS}s" -s "$work/generate-gemgate.lua" \
+    "http://127.0.0.1:$AFTER_PORT" >"$work/after-wrk.out" 2>&1
+  loaded=$(rss_kb "$after_pid")
+  sleep 10
+  rested=$(rss_kb "$after_pid")
+  peak=$(awk '/^VmHWM/ { print $2 }' "/proc/$after_pid/status")
+  rps=$(awk '/^Requests\/sec/ { print $2 }' "$work/after-wrk.out")
+  awk -v i="$idle" -v p="$peak" -v l="$loaded" -v r="$rested" -v rps="$rps" -v d="$AFTER_LOAD_SECONDS" 'BEGIN {
+    printf "memory (a fresh gemgate, generate at 256 connections for %d s, %.0f req/s): idle %.1f MiB, peak %.1f, at the end of the load %.1f, 10 s after %.1f (%+.1f over idle)\n",
+      d, rps, i / 1024, p / 1024, l / 1024, r / 1024, (r - i) / 1024 }'
+  kill "$after_pid" 2>/dev/null || true
 fi
 
 # Open streams: $HELD_STREAMS (default 2,000; 0 to skip) SSE answers the fake holds open
