@@ -477,6 +477,10 @@ if [ "$AFTER_LOAD_SECONDS" -gt 0 ]; then
   wrk -t2 -c256 -d"${AFTER_LOAD_SECONDS}s" -s "$work/generate-gemgate.lua" \
     "http://127.0.0.1:$AFTER_PORT" >"$work/after-wrk.out" 2>&1
   loaded=$(rss_kb "$after_pid")
+  if grep -q "Non-2xx" "$work/after-wrk.out"; then
+    echo "memory after load: $(grep Non-2xx "$work/after-wrk.out")" >&2
+    exit 1
+  fi
   sleep 10
   rested=$(rss_kb "$after_pid")
   peak=$(awk '/^VmHWM/ { print $2 }' "/proc/$after_pid/status")
