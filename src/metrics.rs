@@ -189,10 +189,9 @@ struct Labels {
     near: Sharded<Mutex<std::collections::HashSet<&'static str, foldhash::fast::RandomState>>>,
 }
 
-/// Values a shard keeps near at most, the first it interns: every label of a pool this size
-/// or smaller. A larger pool's other keys are found in `all`, as before (emptying a full
-/// `near` to fill it again would cost a round robin over such a pool an allocation for each
-/// attempt).
+/// Values a shard keeps near at most, the first it interns (the models a request names; a
+/// key's label is interned once and kept with the key: [`Metrics::key_label`]). Others are
+/// found in `all` (emptying a full `near` to fill it again would cost an allocation each).
 const NEAR: usize = 1024;
 
 impl Labels {
@@ -365,7 +364,7 @@ impl Metrics {
     /// Key `id`'s `key` label: interned, or `other` once [`MAX_KEYS`] are. A caller keeps it
     /// with the key (`KeyState::metric_label`) rather than look it up for each attempt.
     pub fn key_label(&self, id: &str) -> &'static str {
-        self.interned.keys.intern(id)
+        self.interned.keys.intern_all(id).unwrap_or("other")
     }
 
     /// Counts an upstream attempt (and the tokens of a success).

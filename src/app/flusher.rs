@@ -110,14 +110,16 @@ pub fn start(store: Arc<Store>, state: Arc<State>) {
 }
 
 /// Whether the preparer is behind, and the committer is to stand in for it: no batch written
-/// for half an interval past its time, or more than [`BEHIND_RECORDS`] waiting. (Lateness
+/// for [`LATE_MS`], or more than [`BEHIND_RECORDS`] waiting. (Lateness
 /// alone let the queue grow to 26,000 records, most of a second's, at 30,000 requests a
 /// second: a preparer that the busy workers let through now and then writes one batch and
 /// resets it, whatever waits.)
 fn behind(store: &Store, lasting: &Lasting, now_ms: u64) -> bool {
-    let late = (FLUSH_EVERY * 3 / 2).as_millis() as u64;
-    now_ms.saturating_sub(store.flushed_ms()) > late || lasting.logs.queued() > BEHIND_RECORDS
+    now_ms.saturating_sub(store.flushed_ms()) > LATE_MS || lasting.logs.queued() > BEHIND_RECORDS
 }
+
+/// How long after the last batch written the preparer is late: half an interval past its time.
+const LATE_MS: u64 = FLUSH_EVERY.as_millis() as u64 * 3 / 2;
 
 /// Log records waiting past which the committer takes them itself: two batches (the preparer
 /// takes one a flush when it keeps up, and may have one ready).
@@ -269,8 +271,7 @@ mod tests {
             !behind(&store, &lasting, now),
             "just written, two batches waiting"
         );
-        let late = (FLUSH_EVERY * 3 / 2).as_millis() as u64 + 1;
-        assert!(behind(&store, &lasting, now + late), "late");
+        assert!(behind(&store, &lasting, now + LATE_MS + 1), "late");
         lasting.logs.push(Record::default());
         assert!(
             behind(&store, &lasting, now),

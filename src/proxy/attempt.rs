@@ -167,11 +167,11 @@ impl Gateway {
             Err(failure) => (failure.class.as_str(), [0; 4]),
         };
         let key = generation.pool_for(req).get(index);
-        let key = config
+        let label = config
             .key_labels
             .then(|| key.state.metric_label(|| metrics.key_label(&key.spec.id)));
         metrics.attempt(crate::metrics::Attempt {
-            key,
+            key: label,
             model: &req.model,
             class,
             duration: took,

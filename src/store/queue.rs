@@ -223,12 +223,10 @@ const HEAD: usize = 12;
 
 /// The record at the start of `at`: when it was queued, its packed fields, and what follows.
 fn next_record(at: &[u8]) -> Option<(u64, &[u8], &[u8])> {
-    let (head, rest) = at.split_first_chunk::<HEAD>()?;
-    let (queued, len) = head.split_at(8);
-    let queued = u64::from_le_bytes(queued.try_into().ok()?);
-    let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
-    let (record, rest) = rest.split_at_checked(len)?;
-    Some((queued, record, rest))
+    let (queued, rest) = at.split_first_chunk::<8>()?;
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let (record, rest) = rest.split_at_checked(u32::from_le_bytes(*len) as usize)?;
+    Some((u64::from_le_bytes(*queued), record, rest))
 }
 
 /// `None` as a packed string's length.
@@ -466,6 +464,7 @@ mod tests {
         });
         println!("{alone:>5.0} ns a record on one thread, {both:>5.0} on each of two");
     }
+
     /// What the flusher's taking costs a record: records queued by two threads, taken in
     /// batches as the flusher takes them. Run with
     /// `cargo test --release --lib -- --ignored --nocapture taking_cost`.
