@@ -463,7 +463,7 @@ fn choose(policy: &Policy, verdict: &mut Verdict, req: &ScenarioRequest, shared:
     let mut by = "built-in".to_owned();
     let mut chosen = None;
     if policy.has_select_key(&model) && !candidates.is_empty() {
-        match policy.select_key(&model, candidates, &req.client, &req.id, shared) {
+        match policy.select_key(&model, candidates, &req.client, &req.id, now, shared) {
             // As the request path takes a plugin's choice: open, its project not at a limit.
             Ok(Some((i, plugin)))
                 if pool.usable(i, &model, now) && pool.room(i, &model, 0, now).is_ok() =>

@@ -470,9 +470,14 @@ impl Gateway {
             return built_in();
         }
         let chosen = meta.with_shared(|shared| {
-            generation
-                .policy
-                .select_key(&req.model, candidates, meta.client(), &meta.id, shared)
+            generation.policy.select_key(
+                &req.model,
+                candidates,
+                meta.client(),
+                &meta.id,
+                now,
+                shared,
+            )
         })?;
         let (pick, by) = match chosen {
             Some((i, plugin))
