@@ -100,7 +100,7 @@ pub(super) async fn serve(
     app: Arc<Gateway>,
     mut stream: Box<L4Stream>,
     tls: Option<Arc<Acceptor>>,
-    mut shutdown: ShutdownWatch,
+    shutdown: ShutdownWatch,
 ) {
     if let Err(e) = stream.set_nodelay() {
         tracing::debug!("TCP_NODELAY: {e}");
@@ -120,15 +120,23 @@ pub(super) async fn serve(
         }
     };
     let mut conn = Box::new(Gathered::new(stream));
-    let mut idle = app.header_timeout();
+    // One timer and one wait for the shutdown for the connection's life, the timer reset for
+    // each request: made anew for every request, they took locks in tokio's timer wheel and in
+    // the shutdown's list of waiters, twice a request. (A later deadline moves without a lock.)
+    let idle = tokio::time::sleep(app.header_timeout());
+    let mut stop = shutdown.clone();
+    let stopped = stop.changed();
+    tokio::pin!(idle, stopped);
     loop {
         let first = tokio::select! {
-            arrived = tokio::time::timeout(idle, conn.arrival()) => match arrived {
-                Ok(Ok(first)) if !first.is_empty() => first,
+            biased;
+            arrived = conn.arrival() => match arrived {
+                Ok(first) if !first.is_empty() => first,
                 _ => return,
             },
+            () = &mut idle => return,
             // An idle connection ends with the shutdown; one mid-request finishes first.
-            _ = shutdown.changed() => return,
+            _ = &mut stopped => return,
         };
         // NOTE: made in a block of its own: a local that was ever borrowed keeps its room in
         // the future until its scope ends, and the session (680 bytes) moves on at once.
@@ -145,7 +153,7 @@ pub(super) async fn serve(
             Ok(gathered) => conn = gathered,
             Err(_) => return,
         }
-        idle = KEEPALIVE;
+        idle.as_mut().reset(tokio::time::Instant::now() + KEEPALIVE);
     }
 }
 

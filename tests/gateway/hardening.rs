@@ -943,6 +943,24 @@ async fn slow_heads_and_bodies_are_cut_off() {
     assert!(refused(&gate, "slow").await >= 1);
     let (status, ..) = post(&gate, GENERATE, &ask("a whole head")).await;
     assert_eq!(status, 200);
+    // A connection kept alive waits for its next request past the head timeout (the
+    // keep-alive's wait is longer), and each request has the head timeout anew.
+    use tokio::io::AsyncWriteExt;
+    let health = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut kept = raw(&gate, health).await;
+    for round in 0..3 {
+        let answer = answered(&mut kept, Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{round}: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        kept.write_all(health.as_bytes()).await.unwrap();
+    }
+    let answer = answered(&mut kept, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    // Then a head begun and left unfinished on it is cut off as on a new connection.
+    kept.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    let started = Instant::now();
+    assert!(closed_within(&mut kept, Duration::from_secs(5)).await.0);
+    assert!(started.elapsed() < Duration::from_secs(3));
 }
 
 #[tokio::test]
