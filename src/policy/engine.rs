@@ -1369,33 +1369,38 @@ impl KeyTables {
 
     /// Key `index`'s id, as a string (its table is not made).
     fn id(&self, lua: &mlua::Lua, index: usize) -> mlua::Result<Value> {
-        self.last.set(Some(index));
-        let slot = index % KEY_TABLES;
-        if let Some(Some((at, id))) = self.ids.borrow().get(slot)
-            && *at == index
-        {
-            return Ok(Value::String(id.clone()));
-        }
-        let id = lua.create_string(&self.pool.get(index).spec.id)?;
-        if let Some(kept) = self.ids.borrow_mut().get_mut(slot) {
-            *kept = Some((index, id.clone()));
-        }
+        let id = self.kept(&self.ids, index, || {
+            lua.create_string(&self.pool.get(index).spec.id)
+        })?;
         Ok(Value::String(id))
     }
 
     fn get(&self, lua: &mlua::Lua, index: usize) -> mlua::Result<Value> {
+        Ok(Value::Table(
+            self.kept(&self.tables, index, || self.make(lua, index))?,
+        ))
+    }
+
+    /// Key `index`'s value in `cache` (the tables or the ids), made and kept in the slot of
+    /// its index modulo [`KEY_TABLES`] when that slot holds another key's.
+    fn kept<T: Clone>(
+        &self,
+        cache: &RefCell<Vec<Option<(usize, T)>>>,
+        index: usize,
+        make: impl FnOnce() -> mlua::Result<T>,
+    ) -> mlua::Result<T> {
         self.last.set(Some(index));
         let slot = index % KEY_TABLES;
-        if let Some(Some((at, t))) = self.tables.borrow().get(slot)
+        if let Some(Some((at, v))) = cache.borrow().get(slot)
             && *at == index
         {
-            return Ok(Value::Table(t.clone()));
+            return Ok(v.clone());
         }
-        let t = self.make(lua, index)?;
-        if let Some(kept) = self.tables.borrow_mut().get_mut(slot) {
-            *kept = Some((index, t.clone()));
+        let v = make()?;
+        if let Some(kept) = cache.borrow_mut().get_mut(slot) {
+            *kept = Some((index, v.clone()));
         }
-        Ok(Value::Table(t))
+        Ok(v)
     }
 
     /// Makes key `index`'s table with the C API, in one protected call: a round robin over a

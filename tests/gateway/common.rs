@@ -606,3 +606,41 @@ pub async fn admin_login(gate: &Gate) -> (String, String) {
         .to_owned();
     (cookie, csrf)
 }
+
+/// A raw connection to `gate` that has sent `head` (often only part of one).
+pub async fn raw(gate: &Gate, head: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn
+}
+
+/// Reads until the connection closes (or `within` passes): whether it closed, and what came.
+pub async fn closed_within(conn: &mut tokio::net::TcpStream, within: Duration) -> (bool, String) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return (false, String::from_utf8_lossy(&got).into_owned()),
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, String::from_utf8_lossy(&got).into_owned()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Reads one small JSON answer on a connection that stays open (its body ends in `}`).
+pub async fn answered(conn: &mut tokio::net::TcpStream, within: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    while !got.ends_with(b"}") {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}

@@ -868,44 +868,6 @@ async fn plugins_never_see_the_clients_credentials_nor_escape_their_budget() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-/// A raw connection to `gate` that has sent `head` (often only part of one).
-async fn raw(gate: &Gate, head: &str) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let mut conn = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
-    conn.write_all(head.as_bytes()).await.unwrap();
-    conn
-}
-
-/// Reads until the connection closes (or `within` passes): whether it closed, and what came.
-async fn closed_within(conn: &mut tokio::net::TcpStream, within: Duration) -> (bool, String) {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
-            Err(_) => return (false, String::from_utf8_lossy(&got).into_owned()),
-            Ok(Ok(0)) | Ok(Err(_)) => return (true, String::from_utf8_lossy(&got).into_owned()),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
-/// Reads one small JSON answer on a connection that stays open (its body ends in `}`).
-async fn answered(conn: &mut tokio::net::TcpStream, within: Duration) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    while !got.ends_with(b"}") {
-        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
-}
-
 #[tokio::test]
 async fn slow_heads_and_bodies_are_cut_off() {
     let fake = fake().await;

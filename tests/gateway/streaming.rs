@@ -271,27 +271,16 @@ async fn sigterm_lets_requests_in_flight_finish() {
         .await;
     let in_flight = held_stream(&gate, &fake, "term-test", "still here").await;
     // A connection kept alive and idle between requests is closed at the signal.
-    let mut idle = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        let n = idle.read(&mut buf).await.unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    }
+    let mut idle = raw(&gate, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let answer = answered(&mut idle, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     gate.signal("TERM");
-    {
-        use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 4096];
-        let read = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
-        assert!(
-            matches!(read, Ok(Ok(0) | Err(_))),
-            "an idle connection outlived the signal: {read:?}"
-        );
-    }
+    let (closed, got) = closed_within(&mut idle, Duration::from_secs(5)).await;
+    assert!(
+        closed && got.is_empty(),
+        "an idle connection outlived the signal: {got:?}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         tokio::net::TcpStream::connect(gate.addr).await.is_err(),
